@@ -1,0 +1,125 @@
+"""Backend selection: Triton on GPUs, the C++ extension on CPUs, the PyTorch reference otherwise.
+
+``HBKERNELS_BACKEND=triton|cpp|torch`` (or :func:`use_backend`) forces one. ``TRITON_INTERPRET=1``
+lets the Triton backend run on CPU tensors, which is how CI exercises the Triton code.
+"""
+import contextlib
+import functools
+import importlib.util
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("triton", "cpp", "torch")
+_forced: list = []  # stack of use_backend() overrides
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(None)
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+@functools.lru_cache(None)
+def cpp_available() -> bool:
+    try:
+        from hbkernels import cpp  # noqa: F401  (registers torch.ops.hbkernels.*)
+    except (ImportError, OSError) as err:
+        warnings.warn(
+            f"hbkernels: C++ CPU backend unavailable ({err}); falling back to the PyTorch reference backend. "
+            "Reinstall with a C++ compiler present (pip install --no-build-isolation -e .) to build it.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
+    return True
+
+
+def _requested() -> str | None:
+    name = _forced[-1] if _forced else os.environ.get("HBKERNELS_BACKEND") or None
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"HBKERNELS_BACKEND must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def select(device: torch.device) -> str:
+    """The backend that runs an op whose tensors live on ``device``."""
+    name = _requested()
+    if name == "triton":
+        if not triton_available():
+            raise RuntimeError("backend 'triton' requested but triton is not installed")
+        if device.type == "cpu" and not interpreting():
+            raise RuntimeError("backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before import")
+        return name
+    if name == "cpp":
+        if device.type != "cpu":
+            raise RuntimeError(f"backend 'cpp' runs on CPU tensors only, got device {device}")
+        if not cpp_available():
+            raise RuntimeError("backend 'cpp' requested but the C++ extension hbkernels._C is not built")
+        return name
+    if name == "torch":
+        return name
+    if device.type == "cuda" and triton_available():  # ROCm builds report "cuda" too
+        return "triton"
+    if device.type == "cpu" and cpp_available():
+        return "cpp"
+    return "torch"
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Force ``name`` for ops called inside the block (overrides ``HBKERNELS_BACKEND``)."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    _forced.append(name)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def poisoning() -> bool:
+    """``HBKERNELS_POISON=1`` fills every output buffer with NaN before a kernel runs, so tests see
+    any element a kernel forgot to write."""
+    return os.environ.get("HBKERNELS_POISON", "0") not in ("", "0")
+
+
+def empty(*args, **kwargs) -> torch.Tensor:
+    """``torch.empty`` for kernel outputs (NaN-filled under ``HBKERNELS_POISON=1``)."""
+    out = torch.empty(*args, **kwargs)
+    if poisoning():
+        out.fill_(float("nan"))
+    return out
+
+
+def empty_strided(size, stride, **kwargs) -> torch.Tensor:
+    out = torch.empty_strided(size, stride, **kwargs)
+    if poisoning():
+        out.fill_(float("nan"))
+    return out
+
+
+def empty_like(t: torch.Tensor, **kwargs) -> torch.Tensor:
+    """``torch.empty_like`` (same memory format where ``t`` is dense), NaN-filled when poisoning."""
+    out = torch.empty_like(t, **kwargs)
+    if poisoning():
+        out.fill_(float("nan"))
+    return out
+
+
+def primitives(name: str):
+    """The module holding backend ``name``'s kernel launchers (``triton`` or ``cpp``).
+
+    Each exposes the same out-parameter primitives: ``attn_fwd``, ``attn_bwd``, ``gn_fwd``,
+    ``gn_bwd``, ``copy_add``, ``geglu_fwd``, ``geglu_bwd`` (signatures in hbkernels/ops/*.py)."""
+    if name == "triton":
+        from hbkernels import triton as mod
+    elif name == "cpp":
+        from hbkernels import cpp as mod
+    else:
+        raise ValueError(f"backend {name!r} has no kernel primitives")
+    return mod

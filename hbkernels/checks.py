@@ -1,0 +1,44 @@
+"""Argument checks shared by the ops: bad input raises ValueError/TypeError naming the argument,
+before any kernel sees it."""
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def tensor(name: str, t, *, ndim=None, dtypes=FLOAT_DTYPES) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if t.dim() not in allowed:
+            want = " or ".join(f"{n}D" for n in allowed)
+            raise ValueError(f"{name} must be {want}, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+
+
+def same_device(**tensors) -> None:
+    items = [(n, t) for n, t in tensors.items() if t is not None]
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")
+
+
+def same_dtype(**tensors) -> None:
+    items = [(n, t) for n, t in tensors.items() if t is not None]
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.dtype != first.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}")
+
+
+def channel_vector(name: str, t, channels: int, like: torch.Tensor) -> None:
+    """An optional per-channel affine parameter (GroupNorm weight/bias)."""
+    if t is None:
+        return
+    tensor(name, t, ndim=1)
+    if t.numel() != channels:
+        raise ValueError(f"{name} must have {channels} elements (one per channel), got {t.numel()}")
+    if t.device != like.device:
+        raise ValueError(f"{name} is on {t.device} but the input is on {like.device}")

@@ -1,0 +1,42 @@
+"""GEGLU: ``hidden, gate = x.chunk(2, -1); hidden * gelu(gate)`` in one pass.
+
+Eager PyTorch materialises gelu(gate) and then the product (read 2F + write F, read 2F + write F
+per row); the fused kernel reads the 2F inputs once and writes F outputs once.
+"""
+import torch
+
+from hbkernels import backend, checks, reference
+
+
+class GEGLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, backend_name):
+        x2 = x.reshape(-1, x.shape[-1])
+        x2 = x2 if x2.stride(-1) == 1 and x2.stride(0) == x2.shape[1] else x2.contiguous()
+        out = backend.empty((x2.shape[0], x2.shape[1] // 2), dtype=x.dtype, device=x.device)
+        backend.primitives(backend_name).geglu_fwd(x2, out)
+        ctx.save_for_backward(x2)
+        ctx.shape, ctx.backend_name = x.shape, backend_name
+        return out.view(*x.shape[:-1], x.shape[-1] // 2)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x2,) = ctx.saved_tensors
+        dy = grad_out.reshape(x2.shape[0], -1).contiguous()
+        dx = backend.empty(x2.shape, dtype=x2.dtype, device=x2.device)
+        backend.primitives(ctx.backend_name).geglu_bwd(dy, x2, dx)
+        return dx.view(ctx.shape), None
+
+
+def geglu(x):
+    """(..., 2F) -> (..., F): first half times exact (erf) GELU of the second half, as in
+    diffusers' GEGLU and VideoCrafter2's feed-forward."""
+    checks.tensor("x", x)
+    if x.dim() < 1 or x.shape[-1] % 2:
+        raise ValueError(f"x's last dim must be even (value and gate halves), got shape {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"x must be non-empty, got shape {tuple(x.shape)}")
+    name = backend.select(x.device)
+    if name == "torch":
+        return reference.geglu(x)
+    return GEGLUFunction.apply(x, name)

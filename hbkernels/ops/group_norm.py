@@ -1,0 +1,128 @@
+"""GroupNorm (+ optional fused SiLU) over 4D/5D video tensors, in any dense layout, and its fusion
+with the (N, C, T, H, W) -> (N*H*W, T, C) token layout that temporal transformers consume.
+
+The kernels see every tensor as a strided (N, C, T, S) view (S = H*W), so contiguous,
+channels-last and token layouts share one kernel; the fused token output saves the permute copy
+(one full read + write of the activation) that diffusers and VideoCrafter2 pay after the norm.
+"""
+import torch
+
+from hbkernels import backend, checks, reference
+
+ACTIVATIONS = (None, "silu")
+
+
+def video_view(t: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) or (N, C, T, H, W) -> a (N, C, T, H*W) view (T = 1 for 4D)."""
+    if t.dim() == 4:
+        t = t.unsqueeze(2)
+    n, c, f, h, w = t.shape
+    return t.view(n, c, f, h * w)
+
+
+def _as_video(t: torch.Tensor) -> torch.Tensor:
+    """Like :func:`video_view`, copying first when H and W cannot be merged without one."""
+    try:
+        return video_view(t)
+    except RuntimeError:
+        return video_view(t.contiguous())
+
+
+def empty_video_like(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An output shaped like ``t`` (its layout where H and W merge, else contiguous) and its
+    (N, C, T, H*W) view."""
+    out = backend.empty_like(t)
+    try:
+        return out, video_view(out)
+    except RuntimeError:
+        out = backend.empty_like(t, memory_format=torch.contiguous_format)
+        return out, video_view(out)
+
+
+def _tokens_as_video(tokens: torch.Tensor, n: int, c: int, f: int, hw: int) -> torch.Tensor:
+    """tokens (N*H*W, T, C) -> the (N, C, T, H*W) view of the same memory."""
+    return tokens.reshape(n, hw, f, c).permute(0, 3, 2, 1)
+
+
+class GroupNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, num_groups, eps, silu, to_tokens, backend_name):
+        impl = backend.primitives(backend_name)
+        n, c = x.shape[:2]
+        x4 = _as_video(x)
+        f, hw = x4.shape[2:]
+        if to_tokens:
+            out = backend.empty((n * hw, f, c), dtype=x.dtype, device=x.device)
+            out4 = _tokens_as_video(out, n, c, f, hw)
+        else:
+            out, out4 = empty_video_like(x)
+        mean = backend.empty((n, num_groups), dtype=torch.float32, device=x.device)
+        rstd = backend.empty((n, num_groups), dtype=torch.float32, device=x.device)
+        impl.gn_fwd(x4, weight, bias, out4, mean, rstd, num_groups, eps, silu)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.cfg = (num_groups, silu, to_tokens, backend_name)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        num_groups, silu, to_tokens, backend_name = ctx.cfg
+        n, c = x.shape[:2]
+        x4 = _as_video(x)
+        f, hw = x4.shape[2:]
+        dy4 = _tokens_as_video(grad_out, n, c, f, hw) if to_tokens else _as_video(grad_out)
+        dx, dx4 = empty_video_like(x)
+        want_w = weight is not None and ctx.needs_input_grad[1]
+        want_b = bias is not None and ctx.needs_input_grad[2]
+        dw = backend.empty((c,), dtype=torch.float32, device=x.device) if want_w else None
+        db = backend.empty((c,), dtype=torch.float32, device=x.device) if want_b else None
+        backend.primitives(backend_name).gn_bwd(
+            dy4, x4, weight, bias, mean, rstd, dx4, dw, db, num_groups, silu
+        )
+        dw = dw.to(weight.dtype) if dw is not None else None
+        db = db.to(bias.dtype) if db is not None else None
+        return dx, dw, db, None, None, None, None, None
+
+
+def _check(x, num_groups, weight, bias, eps, activation, ndim):
+    checks.tensor("x", x, ndim=ndim)
+    c = x.shape[1]
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+        raise TypeError(f"num_groups must be a positive int, got {num_groups!r}")
+    if c % num_groups:
+        raise ValueError(f"num_groups ({num_groups}) must divide the channel count C={c} of x")
+    checks.channel_vector("weight", weight, c, x)
+    checks.channel_vector("bias", bias, c, x)
+    if not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if x.numel() == 0:
+        raise ValueError(f"x must be non-empty, got shape {tuple(x.shape)}")
+
+
+def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None):
+    """GroupNorm of (N, C, H, W) or (N, C, T, H, W), optionally followed by SiLU in the same pass.
+
+    Contiguous and channels-last inputs keep their layout in the output; statistics are accumulated
+    in fp32 with a Welford/Chan merge, so low-precision inputs with a large mean stay accurate.
+    """
+    _check(x, num_groups, weight, bias, eps, activation, (4, 5))
+    silu = activation == "silu"
+    name = backend.select(x.device)
+    if name == "torch":
+        return reference.group_norm(x, num_groups, weight, bias, float(eps), silu)
+    return GroupNormFunction.apply(x, weight, bias, num_groups, float(eps), silu, False, name)
+
+
+def group_norm_to_tokens(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None):
+    """GroupNorm of a video (N, C, T, H, W), written directly as tokens (N*H*W, T, C).
+
+    Equals ``rearrange(group_norm(x), "n c t h w -> (n h w) t c")`` without the permute copy.
+    """
+    _check(x, num_groups, weight, bias, eps, activation, 5)
+    silu = activation == "silu"
+    name = backend.select(x.device)
+    if name == "torch":
+        return reference.group_norm_to_tokens(x, num_groups, weight, bias, float(eps), silu)
+    return GroupNormFunction.apply(x, weight, bias, num_groups, float(eps), silu, True, name)

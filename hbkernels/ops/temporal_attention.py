@@ -1,0 +1,68 @@
+"""Attention along the frame axis of video tokens, read straight from (N, T, H, D) views.
+
+Diffusers and VideoCrafter2 reshape ``to_q/to_k/to_v`` outputs to (N*H, T, D) with a copy each, then
+run SDPA, whose flash/efficient kernels fail once N*H >= 65,536. The kernels here take the
+projections' strided views as they are (only the last dim must be contiguous) and put N*H on the
+grid axis that has no such limit.
+"""
+import math
+
+import torch
+
+from hbkernels import backend, checks, reference
+
+MAX_HEAD_DIM = 256
+
+
+class TemporalAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale, causal, backend_name):
+        n, t, h, _ = q.shape
+        out = backend.empty(q.shape, dtype=q.dtype, device=q.device)
+        lse = backend.empty((n, h, t), dtype=torch.float32, device=q.device)
+        backend.primitives(backend_name).attn_fwd(q, k, v, out, lse, scale, causal)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale, ctx.causal, ctx.backend_name = scale, causal, backend_name
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        grad_out = _last_dim_contiguous(grad_out)
+        dq, dk, dv = (backend.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+        backend.primitives(ctx.backend_name).attn_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, ctx.scale, ctx.causal)
+        return dq, dk, dv, None, None, None
+
+
+def _last_dim_contiguous(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def temporal_attention(q, k, v, *, scale=None, causal=False):
+    """softmax(q k^T * scale) v over frames. q, k, v: (N, T, H, D) -> (N, T, H, D).
+
+    Any strides work as long as the last dim is contiguous (other layouts are copied once).
+    ``scale`` defaults to 1/sqrt(D); ``causal`` masks later frames.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        checks.tensor(name, t, ndim=4)
+    if k.shape != q.shape:
+        raise ValueError(f"k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if v.shape != q.shape:
+        raise ValueError(f"v must have the shape of q {tuple(q.shape)}, got {tuple(v.shape)}")
+    checks.same_dtype(q=q, k=k, v=v)
+    checks.same_device(q=q, k=k, v=v)
+    n, t, h, d = q.shape
+    if d > MAX_HEAD_DIM:
+        raise ValueError(f"q head dim (last dim) must be at most {MAX_HEAD_DIM}, got {d}")
+    if q.numel() == 0:
+        raise ValueError(f"q must be non-empty, got shape {tuple(q.shape)}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    elif not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TypeError(f"scale must be a finite float or None, got {scale!r}")
+    name = backend.select(q.device)
+    if name == "torch":
+        return reference.temporal_attention(q, k, v, float(scale), bool(causal))
+    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    return TemporalAttentionFunction.apply(q, k, v, float(scale), bool(causal), name)

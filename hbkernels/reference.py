@@ -1,0 +1,40 @@
+"""Pure-PyTorch reference backend: the fallback where no kernel backend runs, differentiable
+through ordinary autograd. Plain and obviously correct rather than fast."""
+import torch
+import torch.nn.functional as F
+
+
+def temporal_attention(q, k, v, scale: float, causal: bool) -> torch.Tensor:
+    """q, k, v: (N, T, H, D) -> (N, T, H, D), softmax(q k^T * scale) v over the frame axis."""
+    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # (N, H, T, D)
+    scores = torch.matmul(qh, kh.transpose(-1, -2)).float() * scale
+    if causal:
+        t_q, t_k = scores.shape[-2:]
+        keep = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    probs = scores.softmax(-1).to(v.dtype)
+    return torch.matmul(probs, vh).transpose(1, 2).contiguous()
+
+
+def group_norm(x, num_groups: int, weight, bias, eps: float, silu: bool) -> torch.Tensor:
+    y = F.group_norm(x, num_groups, weight, bias, eps)
+    return F.silu(y) if silu else y
+
+
+def group_norm_to_tokens(x, num_groups: int, weight, bias, eps: float, silu: bool) -> torch.Tensor:
+    """(N, C, T, H, W) -> GroupNorm -> tokens (N*H*W, T, C)."""
+    n, c, t, h, w = x.shape
+    y = group_norm(x, num_groups, weight, bias, eps, silu)
+    return y.permute(0, 3, 4, 2, 1).reshape(n * h * w, t, c)
+
+
+def tokens_to_video(tokens, shape, residual) -> torch.Tensor:
+    """tokens (N*H*W, T, C) -> (N, C, T, H, W), plus ``residual`` when given."""
+    n, c, t, h, w = shape
+    video = tokens.reshape(n, h, w, t, c).permute(0, 4, 3, 1, 2)
+    return video + residual if residual is not None else video.contiguous()
+
+
+def geglu(x) -> torch.Tensor:
+    hidden, gate = x.chunk(2, dim=-1)
+    return hidden * F.gelu(gate)
