@@ -1,5 +1,6 @@
 """hbkernels: fused video-diffusion ops (temporal attention, GroupNorm+SiLU, layout fusions,
 GEGLU) with Triton (GPU), C++ (CPU) and pure-PyTorch reference backends."""
+from hbkernels import nn
 from hbkernels.backend import use_backend
 from hbkernels.ops.geglu import geglu
 from hbkernels.ops.group_norm import group_norm, group_norm_to_tokens
@@ -9,6 +10,7 @@ from hbkernels.ops.temporal_attention import temporal_attention
 __version__ = "0.1.0"
 __all__ = [
     "geglu",
+    "nn",
     "group_norm",
     "group_norm_to_tokens",
     "temporal_attention",

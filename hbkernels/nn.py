@@ -1,0 +1,71 @@
+"""Drop-in modules whose state_dict keys match torch.nn / diffusers, running on hbkernels ops."""
+import torch
+from torch import nn
+
+from hbkernels.ops.geglu import geglu
+from hbkernels.ops.group_norm import group_norm
+from hbkernels.ops.temporal_attention import temporal_attention
+
+
+class GroupNorm(nn.GroupNorm):
+    """``torch.nn.GroupNorm`` (same parameters and keys) with an optional fused SiLU.
+
+    Inputs of any rank >= 2 are accepted like torch's, as (N, C, *spatial)."""
+
+    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, activation=None, device=None, dtype=None):
+        super().__init__(num_groups, num_channels, eps=eps, affine=affine, device=device, dtype=dtype)
+        self.activation = activation
+
+    def forward(self, x):
+        if x.dim() in (4, 5):
+            return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.activation)
+        if x.dim() < 2:
+            raise ValueError(f"x must be (N, C, *spatial), got shape {tuple(x.shape)}")
+        flat = x.reshape(x.shape[0], x.shape[1], -1, 1)  # (N, C, L) and (N, C) as 4D
+        return group_norm(flat, self.num_groups, self.weight, self.bias, self.eps, self.activation).view(x.shape)
+
+    def extra_repr(self):
+        return super().extra_repr() + (f", activation={self.activation!r}" if self.activation else "")
+
+    @classmethod
+    def from_torch(cls, norm: nn.GroupNorm, activation=None) -> "GroupNorm":
+        """A copy of ``norm`` sharing its parameters."""
+        new = cls.__new__(cls)
+        new.__dict__.update(norm.__dict__)
+        new.activation = activation
+        return new
+
+
+class GEGLU(nn.Module):
+    """diffusers' ``GEGLU`` (``proj`` Linear to 2 * dim_out, then value * gelu(gate)), fused."""
+
+    def __init__(self, dim_in: int, dim_out: int, bias: bool = True):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2, bias=bias)
+
+    def forward(self, x):
+        return geglu(self.proj(x))
+
+
+class TemporalAttention(nn.Module):
+    """Self-attention over frames of tokens (B, T, C), with diffusers ``Attention`` key names
+    (``to_q``, ``to_k``, ``to_v``, ``to_out.0``). The per-head views of the projections go to the
+    kernel without the head-split copies diffusers makes."""
+
+    def __init__(self, query_dim: int, heads: int = 8, dim_head: int = 64, bias: bool = False,
+                 out_bias: bool = True, dropout: float = 0.0, causal: bool = False):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads, self.dim_head, self.causal = heads, dim_head, causal
+        self.to_q = nn.Linear(query_dim, inner, bias=bias)
+        self.to_k = nn.Linear(query_dim, inner, bias=bias)
+        self.to_v = nn.Linear(query_dim, inner, bias=bias)
+        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim, bias=out_bias), nn.Dropout(dropout)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3:
+            raise ValueError(f"x must be tokens (B, T, C), got shape {tuple(x.shape)}")
+        b, t, _ = x.shape
+        q, k, v = (proj(x).view(b, t, self.heads, self.dim_head) for proj in (self.to_q, self.to_k, self.to_v))
+        out = temporal_attention(q, k, v, causal=self.causal).reshape(b, t, -1)
+        return self.to_out[1](self.to_out[0](out))
