@@ -46,9 +46,11 @@ def _requested() -> str | None:
     return name
 
 
-def select(device: torch.device) -> str:
-    """The backend that runs an op whose tensors live on ``device``."""
+def select(device: torch.device, dtype: torch.dtype) -> str:
+    """The backend that runs an op on ``dtype`` tensors living on ``device``."""
     name = _requested()
+    if dtype == torch.float64:  # kernels cover fp32/fp16/bf16; float64 is the reference's job
+        return "torch"
     if name == "triton":
         if not triton_available():
             raise RuntimeError("backend 'triton' requested but triton is not installed")

@@ -2,7 +2,8 @@
 before any kernel sees it."""
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# float64 is accepted and always runs the PyTorch reference (it is what tests compare against).
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def tensor(name: str, t, *, ndim=None, dtypes=FLOAT_DTYPES) -> None:

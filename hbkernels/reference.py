@@ -17,7 +17,10 @@ def temporal_attention(q, k, v, scale: float, causal: bool) -> torch.Tensor:
 
 
 def group_norm(x, num_groups: int, weight, bias, eps: float, silu: bool) -> torch.Tensor:
-    y = F.group_norm(x, num_groups, weight, bias, eps)
+    if weight is None and bias is not None:  # torch's group_norm backward fails on bias without weight
+        y = F.group_norm(x, num_groups, None, None, eps) + bias.view(-1, *[1] * (x.dim() - 2))
+    else:
+        y = F.group_norm(x, num_groups, weight, bias, eps)
     return F.silu(y) if silu else y
 
 
@@ -32,7 +35,9 @@ def tokens_to_video(tokens, shape, residual) -> torch.Tensor:
     """tokens (N*H*W, T, C) -> (N, C, T, H, W), plus ``residual`` when given."""
     n, c, t, h, w = shape
     video = tokens.reshape(n, h, w, t, c).permute(0, 4, 3, 1, 2)
-    return video + residual if residual is not None else video.contiguous()
+    if residual is None:
+        return video.contiguous()
+    return torch.empty_like(residual).copy_(video).add_(residual)  # in the residual's memory layout
 
 
 def geglu(x) -> torch.Tensor:

@@ -36,7 +36,7 @@ def geglu(x):
         raise ValueError(f"x's last dim must be even (value and gate halves), got shape {tuple(x.shape)}")
     if x.numel() == 0:
         raise ValueError(f"x must be non-empty, got shape {tuple(x.shape)}")
-    name = backend.select(x.device)
+    name = backend.select(x.device, x.dtype)
     if name == "torch":
         return reference.geglu(x)
     return GEGLUFunction.apply(x, name)

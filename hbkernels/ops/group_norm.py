@@ -109,7 +109,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None)
     """
     _check(x, num_groups, weight, bias, eps, activation, (4, 5))
     silu = activation == "silu"
-    name = backend.select(x.device)
+    name = backend.select(x.device, x.dtype)
     if name == "torch":
         return reference.group_norm(x, num_groups, weight, bias, float(eps), silu)
     return GroupNormFunction.apply(x, weight, bias, num_groups, float(eps), silu, False, name)
@@ -122,7 +122,7 @@ def group_norm_to_tokens(x, num_groups, weight=None, bias=None, eps=1e-5, activa
     """
     _check(x, num_groups, weight, bias, eps, activation, 5)
     silu = activation == "silu"
-    name = backend.select(x.device)
+    name = backend.select(x.device, x.dtype)
     if name == "torch":
         return reference.group_norm_to_tokens(x, num_groups, weight, bias, float(eps), silu)
     return GroupNormFunction.apply(x, weight, bias, num_groups, float(eps), silu, True, name)

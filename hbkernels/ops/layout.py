@@ -59,7 +59,7 @@ def tokens_to_video(tokens, residual=None, *, shape=None):
     n, c, f, h, w = shape
     if tuple(tokens.shape) != (n * h * w, f, c):
         raise ValueError(f"tokens must have shape (N*H*W, T, C) = {(n * h * w, f, c)} for video {shape}, got {tuple(tokens.shape)}")
-    name = backend.select(tokens.device)
+    name = backend.select(tokens.device, tokens.dtype)
     if name == "torch":
         return reference.tokens_to_video(tokens, shape, residual)
     return TokensToVideoFunction.apply(tokens, residual, shape, name)

@@ -61,7 +61,7 @@ def temporal_attention(q, k, v, *, scale=None, causal=False):
         scale = 1.0 / math.sqrt(d)
     elif not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise TypeError(f"scale must be a finite float or None, got {scale!r}")
-    name = backend.select(q.device)
+    name = backend.select(q.device, q.dtype)
     if name == "torch":
         return reference.temporal_attention(q, k, v, float(scale), bool(causal))
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))

@@ -1,0 +1,221 @@
+"""Flash-style temporal attention over (N, T, H, D) views (Triton).
+
+Memory traffic: the kernels index q/k/v/do with their own strides, so the (N, T, H, D) -> (N*H, T, D)
+permute copies that diffusers makes for q, k, v (and back for the output) never happen: each input
+byte is read once per program that needs it and each output byte is written once. Softmax rows are
+never stored: the forward keeps only lse (4 bytes per query row), the backward recomputes P from it
+and computes delta_i = sum_d do_id * out_id inline instead of a separate preprocessing pass (when all
+keys fit one block, delta_i = sum_j P_ij dP_ij from the tile instead, so out is not read at all).
+
+Grid: axis 0 = N*H (limit 2^31-1, so N*H >= 65,536 works), axis 1 = T blocks (small).
+Forward: one program per (n*h, query block), online softmax over key blocks (one iteration for
+T <= BLOCK_N). Backward: one program per (n*h, key block) accumulates dk/dv over query blocks; when
+T fits in one key block (the common video case) that program also writes dq, so the whole backward is
+one kernel reading q, k, v, do once. Otherwise a second kernel per (n*h, query block) makes dq.
+Scores are kept in the log2 domain (qk_scale = scale * log2(e)) so the kernels use exp2.
+"""
+import contextlib
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from hbkernels import backend
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _rows(ptr, offs_t, stride_t, offs_d, T, D, UPCAST: tl.constexpr):
+    """Load a (len(offs_t), BLOCK_D) tile of rows t of one (n, h) slice; zero outside T x D."""
+    mask = (offs_t < T)[:, None] & (offs_d < D)[None, :]
+    x = tl.load(ptr + offs_t.to(tl.int64)[:, None] * stride_t + offs_d[None, :], mask=mask, other=0.0)
+    return x.to(tl.float32) if UPCAST else x
+
+
+@triton.jit
+def _store_rows(ptr, x, offs_t, stride_t, offs_d, T, D):
+    mask = (offs_t < T)[:, None] & (offs_d < D)[None, :]
+    tl.store(ptr + offs_t.to(tl.int64)[:, None] * stride_t + offs_d[None, :], x.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _probs(q, k, lse2, offs_m, offs_n, T, qk_scale, CAUSAL: tl.constexpr):
+    """P = exp(S - lse) for a (query block, key block) tile; exactly 0 where masked or padded."""
+    s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+    valid = (offs_m < T)[:, None] & (offs_n < T)[None, :]
+    if CAUSAL:
+        valid = valid & (offs_n[None, :] <= offs_m[:, None])
+    return tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
+
+
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, O, LSE, H, T, D, qk_scale,
+                     sq_n, sq_t, sq_h, sk_n, sk_t, sk_h, sv_n, sv_t, sv_h, so_n, so_t, so_h,
+                     CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    bh = tl.program_id(0).to(tl.int64)
+    n, h = bh // H, bh % H
+    start_m = tl.program_id(1) * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    Q += n * sq_n + h * sq_h
+    K += n * sk_n + h * sk_h
+    V += n * sv_n + h * sv_h
+
+    q = _rows(Q, offs_m, sq_t, offs_d, T, D, UPCAST)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    hi = tl.minimum(T, start_m + BLOCK_M) if CAUSAL else T
+    # Key 0 is valid for every row (padded ones too), so m_i is finite after the first block.
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _rows(K, offs_n, sk_t, offs_d, T, D, UPCAST)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+        valid = (offs_n < T)[None, :]
+        if CAUSAL:
+            valid = valid & (offs_n[None, :] <= offs_m[:, None])
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _rows(V, offs_n, sv_t, offs_d, T, D, UPCAST)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        m_i = m_new
+
+    _store_rows(O + n * so_n + h * so_h, acc / l_i[:, None], offs_m, so_t, offs_d, T, D)
+    tl.store(LSE + bh * T + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=offs_m < T)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(Q, K, V, O, DO, LSE, DQ, DK, DV, H, T, D, scale, qk_scale,
+                          sq_n, sq_t, sq_h, sk_n, sk_t, sk_h, sv_n, sv_t, sv_h, so_n, so_t, so_h,
+                          sdo_n, sdo_t, sdo_h, sg_n, sg_t, sg_h,
+                          CAUSAL: tl.constexpr, UPCAST: tl.constexpr, FUSE_DQ: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dk, dv for one key block, looping over query blocks (dq too when there is one key block)."""
+    bh = tl.program_id(0).to(tl.int64)
+    n, h = bh // H, bh % H
+    start_n = tl.program_id(1) * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    Q += n * sq_n + h * sq_h
+    O += n * so_n + h * so_h
+    DO += n * sdo_n + h * sdo_h
+    LSE += bh * T
+    g_off = n * sg_n + h * sg_h  # dq, dk, dv are contiguous (N, T, H, D): shared strides
+
+    k = _rows(K + n * sk_n + h * sk_h, offs_n, sk_t, offs_d, T, D, UPCAST)
+    v = _rows(V + n * sv_n + h * sv_h, offs_n, sv_t, offs_d, T, D, UPCAST)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    lo = (start_n // BLOCK_M) * BLOCK_M if CAUSAL else 0  # earlier queries never see these keys
+    for start_m in range(lo, T, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = _rows(Q, offs_m, sq_t, offs_d, T, D, UPCAST)
+        do = _rows(DO, offs_m, sdo_t, offs_d, T, D, UPCAST)
+        lse2 = tl.load(LSE + offs_m, mask=offs_m < T, other=0.0) * 1.4426950408889634
+        p = _probs(q, k, lse2, offs_m, offs_n, T, qk_scale, CAUSAL)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee")
+        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+        if FUSE_DQ:  # this tile holds every key: delta_i = sum_j P_ij dP_ij, out is never read
+            delta = tl.sum(p * dp, 1)
+        else:
+            o = _rows(O, offs_m, so_t, offs_d, T, D, UPCAST)
+            delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
+        if FUSE_DQ:
+            dq = tl.dot(ds.to(k.dtype), k, input_precision="ieee") * scale
+            _store_rows(DQ + g_off, dq, offs_m, sg_t, offs_d, T, D)
+
+    _store_rows(DK + g_off, dk * scale, offs_n, sg_t, offs_d, T, D)
+    _store_rows(DV + g_off, dv, offs_n, sg_t, offs_d, T, D)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(Q, K, V, O, DO, LSE, DQ, H, T, D, scale, qk_scale,
+                        sq_n, sq_t, sq_h, sk_n, sk_t, sk_h, sv_n, sv_t, sv_h, so_n, so_t, so_h,
+                        sdo_n, sdo_t, sdo_h, sg_n, sg_t, sg_h,
+                        CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dq for one query block, looping over key blocks (only used when T > BLOCK_N)."""
+    bh = tl.program_id(0).to(tl.int64)
+    n, h = bh // H, bh % H
+    start_m = tl.program_id(1) * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    K += n * sk_n + h * sk_h
+    V += n * sv_n + h * sv_h
+
+    q = _rows(Q + n * sq_n + h * sq_h, offs_m, sq_t, offs_d, T, D, UPCAST)
+    do = _rows(DO + n * sdo_n + h * sdo_h, offs_m, sdo_t, offs_d, T, D, UPCAST)
+    o = _rows(O + n * so_n + h * so_h, offs_m, so_t, offs_d, T, D, UPCAST)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    lse2 = tl.load(LSE + bh * T + offs_m, mask=offs_m < T, other=0.0) * 1.4426950408889634
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    hi = tl.minimum(T, start_m + BLOCK_M) if CAUSAL else T
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _rows(K, offs_n, sk_t, offs_d, T, D, UPCAST)
+        v = _rows(V, offs_n, sv_t, offs_d, T, D, UPCAST)
+        p = _probs(q, k, lse2, offs_m, offs_n, T, qk_scale, CAUSAL)
+        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
+    _store_rows(DQ + n * sg_n + h * sg_h, dq * scale, offs_m, sg_t, offs_d, T, D)
+
+
+def _config(t: int, d: int, elem_size: int):
+    """BLOCK_M = BLOCK_N = min(64, next_pow2(T)) (>= 16 for tl.dot), halved until one (BLOCK, BLOCK_D)
+    tile is <= 16 KiB so k/v (fwd) or q/do/out (bwd) tiles x 2 stages fit H100/MI300 shared memory
+    (fp16 D=256 -> 32, fp32 D=256 -> 16)."""
+    block_d = max(16, triton.next_power_of_2(d))
+    block = min(64, max(16, triton.next_power_of_2(t)))
+    while block > 16 and block * block_d * elem_size > 16384:
+        block //= 2
+    num_warps = 8 if block * block_d >= 64 * 128 else 4
+    return block, block_d, dict(num_warps=num_warps, num_stages=2)
+
+
+def _strides(x):
+    assert x.stride(-1) == 1, "last dim must be contiguous"
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _device(x):
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def attn_fwd(q, k, v, out, lse, scale: float, causal: bool) -> None:
+    n, t, h, d = q.shape
+    assert lse.is_contiguous() and lse.shape == (n, h, t) and lse.dtype == torch.float32
+    block, block_d, opts = _config(t, d, q.element_size())
+    grid = (n * h, triton.cdiv(t, block))
+    with _device(q):
+        _attn_fwd_kernel[grid](
+            q, k, v, out, lse, h, t, d, scale * LOG2E,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+            CAUSAL=bool(causal), UPCAST=backend.interpreting(),
+            BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, **opts)
+
+
+def attn_bwd(do, q, k, v, out, lse, dq, dk, dv, scale: float, causal: bool) -> None:
+    n, t, h, d = q.shape
+    assert dq.is_contiguous() and dk.is_contiguous() and dv.is_contiguous()
+    block, block_d, opts = _config(t, d, q.element_size())
+    fuse_dq = t <= block
+    common = (h, t, d, scale, scale * LOG2E,
+              *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(do), *_strides(dq))
+    meta = dict(CAUSAL=bool(causal), UPCAST=backend.interpreting(),
+                BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, **opts)
+    with _device(q):
+        _attn_bwd_dkdv_kernel[(n * h, triton.cdiv(t, block))](
+            q, k, v, out, do, lse, dq, dk, dv, *common, FUSE_DQ=fuse_dq, **meta)
+        if not fuse_dq:
+            _attn_bwd_dq_kernel[(n * h, triton.cdiv(t, block))](
+                q, k, v, out, do, lse, dq, *common, **meta)

@@ -1,0 +1,102 @@
+"""Shared test machinery: which backends run here, and the float64-reference error bound."""
+import os
+
+import pytest
+import torch
+
+from hbkernels import backend
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ON_GPU = DEVICE.type == "cuda"
+
+
+def _backend_params():
+    params = [pytest.param("torch", id="torch")]
+    cpp_ok = DEVICE.type == "cpu" and backend.cpp_available()
+    params.append(pytest.param("cpp", id="cpp", marks=pytest.mark.skipif(not cpp_ok, reason="C++ backend not built / not CPU")))
+    triton_ok = backend.triton_available() and (ON_GPU or backend.interpreting())
+    params.append(pytest.param("triton", id="triton", marks=pytest.mark.skipif(not triton_ok, reason="no triton")))
+    return params
+
+
+BACKENDS = _backend_params()
+KERNEL_BACKENDS = BACKENDS[1:]
+DTYPES = [torch.float32, torch.float16]
+if ON_GPU:
+    DTYPES.append(torch.bfloat16)
+
+
+def shapes(quick, full):
+    """Quick shape list on CPU (the Triton interpreter is slow), the full one on a GPU."""
+    return full if ON_GPU else quick
+
+
+def skip_unsupported(name: str, dtype: torch.dtype):
+    """bf16 arithmetic is garbage in the Triton interpreter; fp16 matmul is missing on some CPU builds."""
+    if name == "triton" and not ON_GPU and dtype == torch.bfloat16:
+        pytest.skip("bf16 is not emulated by the Triton interpreter")
+
+
+def rand(*shape, dtype=torch.float32, mean=0.0, device=DEVICE, requires_grad=False):
+    t = (torch.randn(*shape, dtype=torch.float64, device=device) + mean).to(dtype)
+    return t.requires_grad_(requires_grad)
+
+
+def assert_within_torch_error(name, out, ref64, torch_out, factor=2.0):
+    """|out - ref64| must be at most ``factor`` x |torch_out - ref64| (PyTorch's own error in that
+    dtype), with a floor of a few ulps so exact cases don't demand bit-equality."""
+    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
+    assert torch.isfinite(out).all(), f"{name}: non-finite values (unwritten output?)"
+    ref64 = ref64.double()
+    err = (out.double() - ref64).abs().max().item()
+    torch_err = (torch_out.double() - ref64).abs().max().item()
+    floor = 4 * torch.finfo(out.dtype).eps * max(1.0, ref64.abs().max().item())
+    assert err <= factor * torch_err + floor, (
+        f"{name}: max error {err:.3g} vs float64 exceeds {factor}x PyTorch's own {torch_err:.3g} (+ floor {floor:.2g})"
+    )
+
+
+def grads(fn, inputs, grad_out):
+    """Output and gradients of fn(*inputs) (inputs needing grad) for a given output gradient."""
+    out = fn(*inputs)
+    wrt = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    return (out, *torch.autograd.grad(out, wrt, grad_out))
+
+
+def clone_inputs(inputs, dtype=None):
+    """Detached copies (optionally cast) that keep requires_grad, for a fresh autograd graph."""
+    out = []
+    for t in inputs:
+        if isinstance(t, torch.Tensor):
+            c = t.detach().to(dtype or t.dtype).requires_grad_(t.requires_grad)
+            out.append(c)
+        else:
+            out.append(t)
+    return out
+
+
+def require(name: str):
+    """CI sets HBKERNELS_REQUIRE=cpp,triton so a backend that silently failed to build fails loudly."""
+    return name in os.environ.get("HBKERNELS_REQUIRE", "").split(",")
+
+
+def check_against_float64(fn, inputs, backend_name, dtype, factor=2.0):
+    """Run ``fn(*inputs)`` forward and backward on ``backend_name`` in ``dtype`` and hold the output
+    and every input gradient to ``factor`` x the error of the PyTorch reference run in ``dtype``,
+    both measured against the reference in float64. ``inputs`` are float64 tensors (requires_grad
+    marks the ones to differentiate); other arguments pass through."""
+    from hbkernels import use_backend
+
+    skip_unsupported(backend_name, dtype)
+    with use_backend("torch"):
+        with torch.no_grad():
+            grad_out = torch.randn_like(fn(*clone_inputs(inputs)))
+        ref = grads(fn, clone_inputs(inputs), grad_out)
+    runs = {}
+    for name in (backend_name, "torch"):
+        with use_backend(name):
+            runs[name] = grads(fn, clone_inputs(inputs, dtype), grad_out.to(dtype))
+    labels = ["output"] + [f"grad[{i}]" for i, t in enumerate(inputs) if isinstance(t, torch.Tensor) and t.requires_grad]
+    for label, got, want, own in zip(labels, runs[backend_name], ref, runs["torch"]):
+        assert got.dtype == dtype, f"{label}: dtype {got.dtype}, expected {dtype}"
+        assert_within_torch_error(f"{backend_name}/{dtype}/{label}", got, want, own, factor)

@@ -1,0 +1,28 @@
+import pytest
+import torch
+
+import hbkernels
+from helpers import BACKENDS, DTYPES, check_against_float64, rand, shapes
+
+QUICK = [(7, 10), (2, 3, 40), (1, 160)]
+FULL = QUICK + [(2560 * 16, 2560), (640 * 26, 10240), (77, 8192)]
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", shapes(QUICK, FULL))
+@pytest.mark.parametrize("strided", [False, True])
+def test_geglu(backend_name, dtype, shape, strided):
+    x = rand(*shape, dtype=torch.float64, requires_grad=True)
+
+    def fn(x):
+        return hbkernels.geglu(x.transpose(0, -1).contiguous().transpose(0, -1) if strided else x)
+
+    check_against_float64(fn, [x], backend_name, dtype)
+
+
+def test_geglu_bad_input():
+    with pytest.raises(ValueError, match="last dim must be even"):
+        hbkernels.geglu(rand(3, 5))
+    with pytest.raises(TypeError, match="x must have dtype"):
+        hbkernels.geglu(torch.ones(3, 4, dtype=torch.int32))

@@ -1,0 +1,109 @@
+import pytest
+import torch
+
+import hbkernels
+from helpers import BACKENDS, DEVICE, DTYPES, check_against_float64, rand, shapes
+
+# (shape, num_groups): C not a multiple of 8, T = 1/16/25, N = 1 and 2.
+QUICK = [((1, 12, 3, 5), 4), ((2, 30, 1, 4, 3), 3), ((1, 12, 16, 2, 3), 4), ((2, 8, 25, 2, 2), 2)]
+FULL = QUICK + [((1, 320, 16, 40, 64), 32), ((2, 640, 26, 20, 32), 32), ((1, 1280, 25, 9, 16), 32), ((2, 96, 64, 64), 32)]
+LAYOUTS = ["contiguous", "channels_last", "strided"]
+
+
+def to_layout(x, layout):
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    if layout == "strided":  # a non-dense view: every other element of the last dim
+        return torch.cat([x, x], dim=-1)[..., ::2]
+    return x
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,groups", shapes(QUICK, FULL))
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_group_norm(backend_name, dtype, shape, groups, layout, activation):
+    c = shape[1]
+    x = rand(*shape, dtype=torch.float64, mean=3.0, requires_grad=True)  # mean 3 tests stable variance
+    w = rand(c, dtype=torch.float64, mean=1.0, requires_grad=True)
+    b = rand(c, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, w, b):
+        return hbkernels.group_norm(to_layout(x, layout), groups, w, b, eps=1e-5, activation=activation)
+
+    check_against_float64(fn, [x, w, b], backend_name, dtype)
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("affine", ["none", "weight", "bias"])
+def test_group_norm_optional_affine(backend_name, affine):
+    x = rand(2, 12, 3, 4, 5, dtype=torch.float64, mean=-2.0, requires_grad=True)
+    p = rand(12, dtype=torch.float64, requires_grad=True)
+    fns = {
+        "none": lambda x: hbkernels.group_norm(x, 4, activation="silu"),
+        "weight": lambda x, p: hbkernels.group_norm(x, 4, weight=p, activation="silu"),
+        "bias": lambda x, p: hbkernels.group_norm(x, 4, bias=p, activation="silu"),
+    }
+    check_against_float64(fns[affine], [x] if affine == "none" else [x, p], backend_name, torch.float32)
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,groups", [(s, g) for s, g in shapes(QUICK, FULL) if len(s) == 5])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_group_norm_to_tokens(backend_name, dtype, shape, groups, layout):
+    c = shape[1]
+    x = rand(*shape, dtype=torch.float64, mean=1.0, requires_grad=True)
+    w = rand(c, dtype=torch.float64, requires_grad=True)
+    b = rand(c, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, w, b):
+        return hbkernels.group_norm_to_tokens(to_layout(x, layout), groups, w, b, eps=1e-6)
+
+    check_against_float64(fn, [x, w, b], backend_name, dtype)
+
+
+def test_group_norm_to_tokens_layout_matches_einops():
+    from einops import rearrange
+
+    x = rand(2, 8, 3, 4, 5)
+    with hbkernels.use_backend("torch"):
+        want = rearrange(torch.nn.functional.group_norm(x, 2), "n c t h w -> (n h w) t c")
+    assert torch.allclose(hbkernels.group_norm_to_tokens(x, 2), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_group_norm_keeps_memory_format(backend_name):
+    x = rand(2, 16, 6, 4).contiguous(memory_format=torch.channels_last)
+    with hbkernels.use_backend(backend_name):
+        y = hbkernels.group_norm(x, 4, activation="silu")
+    assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_group_norm_bad_input():
+    x = rand(2, 12, 3, 4)
+    with pytest.raises(ValueError, match="num_groups"):
+        hbkernels.group_norm(x, 5)
+    with pytest.raises(TypeError, match="num_groups"):
+        hbkernels.group_norm(x, 2.0)
+    with pytest.raises(ValueError, match="x must be 4D or 5D"):
+        hbkernels.group_norm(x[0], 4)
+    with pytest.raises(ValueError, match="x must be 5D"):
+        hbkernels.group_norm_to_tokens(x, 4)
+    with pytest.raises(TypeError, match="x must have dtype"):
+        hbkernels.group_norm(x.long(), 4)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        hbkernels.group_norm(x.numpy(), 4)
+    with pytest.raises(ValueError, match="weight must have 12 elements"):
+        hbkernels.group_norm(x, 4, weight=torch.ones(8))
+    with pytest.raises(ValueError, match="bias must be 1D"):
+        hbkernels.group_norm(x, 4, bias=torch.ones(12, 1))
+    with pytest.raises(ValueError, match="activation"):
+        hbkernels.group_norm(x, 4, activation="gelu")
+    with pytest.raises(ValueError, match="eps"):
+        hbkernels.group_norm(x, 4, eps=0.0)
+    if DEVICE.type == "cpu":
+        meta_w = torch.ones(12, device="meta")
+        with pytest.raises(ValueError, match="weight is on meta"):
+            hbkernels.group_norm(x, 4, weight=meta_w)

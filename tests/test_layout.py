@@ -1,0 +1,63 @@
+import pytest
+import torch
+from einops import rearrange
+
+import hbkernels
+from helpers import BACKENDS, DTYPES, check_against_float64, rand, shapes
+
+QUICK = [(1, 12, 16, 2, 3), (2, 5, 1, 3, 2), (1, 8, 25, 2, 2)]
+FULL = QUICK + [(1, 320, 16, 40, 64), (2, 640, 26, 20, 32), (1, 1280, 25, 9, 16)]
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", shapes(QUICK, FULL))
+@pytest.mark.parametrize("residual_layout", [None, "contiguous", "channels_last", "frames_major"])
+def test_tokens_to_video(backend_name, dtype, shape, residual_layout):
+    n, c, t, h, w = shape
+    tokens = rand(n * h * w, t, c, dtype=torch.float64, requires_grad=True)
+    if residual_layout is None:
+        def fn(tokens):
+            return hbkernels.tokens_to_video(tokens, shape=shape)
+
+        check_against_float64(fn, [tokens], backend_name, dtype)
+        return
+    res = rand(*shape, dtype=torch.float64, requires_grad=True)
+
+    def fn(tokens, res):
+        if residual_layout == "channels_last":
+            res = res.contiguous(memory_format=torch.channels_last_3d)
+        elif residual_layout == "frames_major":  # diffusers' (B*T, C, H, W) activations seen as 5D
+            res = res.transpose(1, 2).contiguous().transpose(1, 2)
+        return hbkernels.tokens_to_video(tokens, res)
+
+    check_against_float64(fn, [tokens, res], backend_name, dtype)
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_tokens_to_video_inverts_group_norm_to_tokens_layout(backend_name):
+    x = rand(2, 6, 3, 4, 5)
+    tokens = rearrange(x, "n c t h w -> (n h w) t c")
+    with hbkernels.use_backend(backend_name):
+        back = hbkernels.tokens_to_video(tokens, shape=x.shape)
+        res = rand(*x.shape).transpose(1, 2).contiguous().transpose(1, 2)
+        summed = hbkernels.tokens_to_video(tokens, res)
+    assert torch.equal(back, x)
+    assert torch.equal(summed, x + res)
+    assert summed.stride() == res.stride()  # the residual's memory order is kept
+
+
+def test_tokens_to_video_bad_input():
+    tokens = rand(24, 3, 6)
+    with pytest.raises(ValueError, match="shape=\\(N, C, T, H, W\\) is required"):
+        hbkernels.tokens_to_video(tokens)
+    with pytest.raises(ValueError, match="tokens must have shape"):
+        hbkernels.tokens_to_video(tokens, shape=(2, 6, 3, 4, 4))
+    with pytest.raises(ValueError, match="tokens must be 3D"):
+        hbkernels.tokens_to_video(tokens[0], shape=(2, 6, 3, 4, 3))
+    with pytest.raises(ValueError, match="residual must be 5D"):
+        hbkernels.tokens_to_video(tokens, rand(2, 6, 3, 12))
+    with pytest.raises(TypeError, match="residual has dtype"):
+        hbkernels.tokens_to_video(tokens, rand(2, 6, 3, 4, 3).half())
+    with pytest.raises(ValueError, match="disagrees with residual"):
+        hbkernels.tokens_to_video(tokens, rand(2, 6, 3, 4, 3), shape=(2, 6, 3, 3, 4))

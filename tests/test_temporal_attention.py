@@ -1,0 +1,82 @@
+import pytest
+import torch
+
+import hbkernels
+from helpers import BACKENDS, DEVICE, DTYPES, ON_GPU, check_against_float64, rand, shapes
+
+# (N, T, H, D): T = 1/16/25/26, D = 40/64/80, N = 1; tiny N*H keeps the interpreter fast.
+QUICK = [(1, 16, 2, 64), (2, 25, 1, 40), (1, 26, 2, 80), (3, 1, 1, 32), (1, 5, 1, 96)]
+FULL = QUICK + [(2560, 16, 5, 64), (640, 26, 10, 64), (160, 16, 20, 64), (64, 25, 8, 40), (32, 128, 8, 80),
+                (16, 16, 8, 160), (8, 77, 4, 128), (4, 200, 2, 64)]
+LAYOUTS = ["contiguous", "packed_qkv", "projection_views"]
+
+
+def qkv_views(base, layout, heads):
+    """q, k, v as a model produces them: separate tensors, one fused qkv projection unbound, or
+    (N, T, H*D) projection outputs viewed per head (no copy)."""
+    if layout == "packed_qkv":  # base: (N, T, 3, H, D)
+        return base.unbind(2)
+    if layout == "projection_views":  # base: (3, N, T, H*D)
+        return [t.unflatten(-1, (heads, -1)) for t in base.unbind(0)]
+    return base.unbind(0)  # base: (3, N, T, H, D)
+
+
+def make_base(n, t, h, d, layout):
+    shape = {"packed_qkv": (n, t, 3, h, d), "projection_views": (3, n, t, h * d)}.get(layout, (3, n, t, h, d))
+    return rand(*shape, dtype=torch.float64, requires_grad=True)
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,t,h,d", shapes(QUICK, FULL))
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_temporal_attention(backend_name, dtype, n, t, h, d, layout, causal):
+    if not ON_GPU and layout != "contiguous" and (t, d) not in ((16, 64), (25, 40)):
+        pytest.skip("quick list: strided layouts on two shapes")
+
+    def fn(base):
+        return hbkernels.temporal_attention(*qkv_views(base, layout, h), causal=causal)
+
+    check_against_float64(fn, [make_base(n, t, h, d, layout)], backend_name, dtype)
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_temporal_attention_scale(backend_name):
+    def fn(base):
+        return hbkernels.temporal_attention(*base.unbind(0), scale=0.3)
+
+    check_against_float64(fn, [rand(3, 2, 7, 2, 40, dtype=torch.float64, requires_grad=True)], backend_name, torch.float32)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="65,536 heads need a GPU")
+def test_temporal_attention_beyond_sdpa_grid_limit():
+    q, k, v = rand(3, 16384, 16, 5, 64, dtype=torch.float16).unbind(0)  # N*H = 81,920
+    out = hbkernels.temporal_attention(q, k, v)
+    ref = torch.nn.functional.scaled_dot_product_attention(*(t[:4096].transpose(1, 2) for t in (q, k, v)))
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[:4096], ref.transpose(1, 2), atol=2e-3, rtol=2e-3)
+
+
+def test_temporal_attention_bad_input():
+    q = rand(2, 16, 2, 64)
+    with pytest.raises(ValueError, match="q must be 4D"):
+        hbkernels.temporal_attention(q[0], q[0], q[0])
+    with pytest.raises(ValueError, match="k must have the shape of q"):
+        hbkernels.temporal_attention(q, q[:, :8], q)
+    with pytest.raises(ValueError, match="v must have the shape of q"):
+        hbkernels.temporal_attention(q, q, q[..., :32])
+    with pytest.raises(TypeError, match="k has dtype"):
+        hbkernels.temporal_attention(q, q.half(), q)
+    with pytest.raises(TypeError, match="v must have dtype"):
+        hbkernels.temporal_attention(q, q, q.int())
+    with pytest.raises(TypeError, match="q must be a torch.Tensor"):
+        hbkernels.temporal_attention(None, q, q)
+    with pytest.raises(ValueError, match="head dim"):
+        big = rand(1, 4, 1, 512)
+        hbkernels.temporal_attention(big, big, big)
+    with pytest.raises(TypeError, match="scale"):
+        hbkernels.temporal_attention(q, q, q, scale=float("nan"))
+    if DEVICE.type == "cpu":
+        with pytest.raises(ValueError, match="v is on meta"):
+            hbkernels.temporal_attention(q, q, torch.empty_like(q, device="meta"))
