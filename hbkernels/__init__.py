@@ -6,9 +6,11 @@ from hbkernels.ops.geglu import geglu
 from hbkernels.ops.group_norm import group_norm, group_norm_to_tokens
 from hbkernels.ops.layout import tokens_to_video
 from hbkernels.ops.temporal_attention import temporal_attention
+from hbkernels.patch import apply_to
 
 __version__ = "0.1.0"
 __all__ = [
+    "apply_to",
     "geglu",
     "nn",
     "group_norm",

@@ -36,7 +36,12 @@ def _rows(ptr, offs_t, stride_t, offs_d, T, D, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _store_rows(ptr, x, offs_t, stride_t, offs_d, T, D):
+def _store_rows(ptr, x, offs_t, stride_t, offs_d, T, D, UPCAST: tl.constexpr):
+    if UPCAST and ptr.dtype.element_ty == tl.bfloat16:
+        # The interpreter truncates fp32 -> bf16; round to nearest even by hand, as GPUs do.
+        b = x.to(tl.uint32, bitcast=True)
+        b = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16
+        x = b.to(tl.float32, bitcast=True)
     mask = (offs_t < T)[:, None] & (offs_d < D)[None, :]
     tl.store(ptr + offs_t.to(tl.int64)[:, None] * stride_t + offs_d[None, :], x.to(ptr.dtype.element_ty), mask=mask)
 
@@ -87,7 +92,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, H, T, D, qk_scale,
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         m_i = m_new
 
-    _store_rows(O + n * so_n + h * so_h, acc / l_i[:, None], offs_m, so_t, offs_d, T, D)
+    _store_rows(O + n * so_n + h * so_h, acc / l_i[:, None], offs_m, so_t, offs_d, T, D, UPCAST)
     tl.store(LSE + bh * T + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=offs_m < T)
 
 
@@ -131,10 +136,10 @@ def _attn_bwd_dkdv_kernel(Q, K, V, O, DO, LSE, DQ, DK, DV, H, T, D, scale, qk_sc
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
         if FUSE_DQ:
             dq = tl.dot(ds.to(k.dtype), k, input_precision="ieee") * scale
-            _store_rows(DQ + g_off, dq, offs_m, sg_t, offs_d, T, D)
+            _store_rows(DQ + g_off, dq, offs_m, sg_t, offs_d, T, D, UPCAST)
 
-    _store_rows(DK + g_off, dk * scale, offs_n, sg_t, offs_d, T, D)
-    _store_rows(DV + g_off, dv, offs_n, sg_t, offs_d, T, D)
+    _store_rows(DK + g_off, dk * scale, offs_n, sg_t, offs_d, T, D, UPCAST)
+    _store_rows(DV + g_off, dv, offs_n, sg_t, offs_d, T, D, UPCAST)
 
 
 @triton.jit
@@ -167,7 +172,7 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, LSE, DQ, H, T, D, scale, qk_scale,
         dp = tl.dot(do, tl.trans(v), input_precision="ieee")
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
-    _store_rows(DQ + n * sg_n + h * sg_h, dq * scale, offs_m, sg_t, offs_d, T, D)
+    _store_rows(DQ + n * sg_n + h * sg_h, dq * scale, offs_m, sg_t, offs_d, T, D, UPCAST)
 
 
 def _config(t: int, d: int, elem_size: int):

@@ -1,0 +1,140 @@
+"""Benchmark plumbing shared by the suites: timing, device facts, and result files."""
+import datetime
+import json
+import os
+import platform
+import subprocess
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch.utils import benchmark
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"{platform.processor() or platform.machine()} CPU x{torch.get_num_threads()} threads"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def median_seconds(fn, min_run_time: float = 0.3) -> float:
+    """Median wall time of ``fn()`` via torch.utils.benchmark (synchronises CUDA, uses every CPU
+    thread torch uses)."""
+    fn()  # warm-up: compiles Triton kernels / torch.compile graphs outside the measurement
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def copy_bandwidth(dev: torch.device) -> float:
+    """Measured device copy bandwidth in bytes/s (read + write), the 100% mark for memory-bound ops."""
+    numel = (256 if dev.type == "cuda" else 32) * 2**20 // 4
+    src = torch.randn(numel, device=dev)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * src.element_size() / median_seconds(lambda: dst.copy_(src))
+
+
+@dataclass
+class Row:
+    suite: str
+    case: str
+    impl: str
+    median_ms: float
+    bytes_moved: int = 0  # minimum traffic of the op (inputs read once, outputs written once)
+    gbps: float = 0.0
+    pct_copy_bw: float = 0.0
+    speedup_vs_eager: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Report:
+    device: str
+    date: str = field(default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    commit: str = field(default_factory=git_commit)
+    torch: str = torch.__version__
+    copy_gbps: float = 0.0
+    rows: list = field(default_factory=list)
+
+    def add(self, suite, case, impl, seconds, bytes_moved=0, **extra):
+        gbps = bytes_moved / seconds / 1e9 if bytes_moved else 0.0
+        self.rows.append(Row(suite, case, impl, seconds * 1e3, bytes_moved, gbps,
+                             100 * gbps / self.copy_gbps if self.copy_gbps and gbps else 0.0, extra=extra))
+
+    def finish(self):
+        """Fill each row's speedup against the eager row of the same case."""
+        eager = {(r.suite, r.case): r.median_ms for r in self.rows if r.impl == "eager"}
+        for r in self.rows:
+            if (r.suite, r.case) in eager:
+                r.speedup_vs_eager = eager[(r.suite, r.case)] / r.median_ms
+
+    def write(self, out_dir: str, stem: str) -> list:
+        self.finish()
+        os.makedirs(out_dir, exist_ok=True)
+        base = os.path.join(out_dir, stem)
+        _atomic_write(base + ".json", json.dumps(asdict(self), indent=1))
+        _atomic_write(base + ".md", self.markdown())
+        paths = [base + ".json", base + ".md"]
+        if self.plot(base + ".png"):
+            paths.append(base + ".png")
+        return paths
+
+    def markdown(self) -> str:
+        lines = [f"# hbkernels benchmark — {self.device}", "",
+                 f"date {self.date}, commit {self.commit}, torch {self.torch}, copy bandwidth {self.copy_gbps:.1f} GB/s", "",
+                 "| suite | case | impl | median ms | GB/s | % copy BW | speedup vs eager |",
+                 "|---|---|---|---:|---:|---:|---:|"]
+        for r in self.rows:
+            lines.append(f"| {r.suite} | {r.case} | {r.impl} | {r.median_ms:.3f} | {r.gbps:.1f} | "
+                         f"{r.pct_copy_bw:.0f} | {r.speedup_vs_eager:.2f}x |")
+        return "\n".join(lines) + "\n"
+
+    def plot(self, path: str) -> bool:
+        """Speedup of every non-eager implementation per case (skipped without matplotlib)."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return False
+        rows = [r for r in self.rows if r.impl != "eager" and r.speedup_vs_eager]
+        if not rows:
+            return False
+        cases = list(dict.fromkeys(f"{r.suite}: {r.case}" for r in rows))
+        impls = list(dict.fromkeys(r.impl for r in rows))
+        fig, ax = plt.subplots(figsize=(10, 0.35 * len(cases) * len(impls) + 1.5))
+        height = 0.8 / len(impls)
+        for i, impl in enumerate(impls):
+            vals = {f"{r.suite}: {r.case}": r.speedup_vs_eager for r in rows if r.impl == impl}
+            ys = [j + i * height for j, c in enumerate(cases) if c in vals]
+            ax.barh(ys, [vals[c] for c in cases if c in vals], height=height, label=impl)
+        ax.set_yticks([j + 0.4 - height / 2 for j in range(len(cases))], cases, fontsize=7)
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_xlabel("speedup vs PyTorch eager (higher is better)")
+        ax.set_title(f"{self.device} — {self.commit}")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return True
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

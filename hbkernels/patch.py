@@ -1,0 +1,339 @@
+"""``apply_to(model)``: route a diffusers video model's GroupNorm(+SiLU), temporal self-attention and
+GEGLU paths through hbkernels, in place, keeping parameters and state_dict keys.
+
+Patches are chosen by exact module type and by what the owning module's forward is known to do
+with it (read from diffusers' source), so subclasses that may override a forward are left alone:
+
+* every ``torch.nn.GroupNorm`` becomes :class:`hbkernels.nn.GroupNorm`; SiLU is fused into it where
+  it is applied straight to the norm's output (``ResnetBlock2D``, ``TemporalResnetBlock``, the
+  U-Nets' ``conv_norm_out``/``conv_act``, ``nn.Sequential(GroupNorm, SiLU, ...)`` as in
+  ``TemporalConvLayer``);
+* self-attention inside temporal transformers (frames as the sequence axis) gets
+  :class:`TemporalAttnProcessor`;
+* diffusers' ``GEGLU`` becomes :class:`hbkernels.nn.GEGLU` (sharing ``proj``);
+* ``TransformerTemporalModel`` / ``AnimateDiffTransformer3D`` get a forward whose norm writes the
+  token layout directly and whose output permute is fused with the residual add.
+
+Patch before adding accelerate offload hooks: replaced modules do not carry hooks over.
+"""
+import importlib
+import logging
+import warnings
+
+import torch.nn.functional as F
+from torch import nn
+
+from hbkernels import checks
+from hbkernels import nn as hbnn
+from hbkernels.ops.group_norm import group_norm_to_tokens
+from hbkernels.ops.layout import tokens_to_video
+from hbkernels.ops.temporal_attention import MAX_HEAD_DIM, temporal_attention
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TemporalAttnProcessor", "apply_to"]
+
+
+def _find(module: str, name: str):
+    """A diffusers class, or None where this diffusers version (or no diffusers) lacks it."""
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# GroupNorm (+ SiLU)
+
+
+class _TaggedSiLUGroupNorm(hbnn.GroupNorm):
+    """GroupNorm with SiLU fused, marking its output so the owner's :class:`_SiLUUnlessFused`
+    passes exactly that tensor through. The owner's forward stays diffusers' own: the SiLU module
+    is also applied to other tensors (``ResnetBlock2D`` runs it on ``temb``), so it cannot simply
+    become an identity."""
+
+    def forward(self, x):
+        out = super().forward(x)
+        out._hbkernels_silu_applied = True
+        return out
+
+
+class _SiLUUnlessFused(nn.SiLU):
+    """SiLU, except on a tensor that a fused GroupNorm+SiLU just produced."""
+
+    def forward(self, x):
+        return x if getattr(x, "_hbkernels_silu_applied", False) else F.silu(x, inplace=self.inplace)
+
+
+def _silu_after_norms(module, d):
+    """(activation attribute, [norm attributes]) where, in the forward of ``module``'s exact class,
+    that activation runs directly on each of those norms' outputs; None for other modules."""
+    cls = type(module)
+    if cls is d["ResnetBlock2D"]:
+        # norm2 feeds the activation directly only in "default" mode ("scale_shift" modulates first)
+        return "nonlinearity", ["norm1"] + (["norm2"] if module.time_embedding_norm == "default" else [])
+    if cls is d["TemporalResnetBlock"]:
+        return "nonlinearity", ["norm1", "norm2"]
+    if cls in d["unets"]:
+        return "conv_act", ["conv_norm_out"]
+    return None
+
+
+def _fuse_silu(model, d) -> None:
+    for owner in list(model.modules()):
+        if type(owner) is nn.Sequential:
+            # the order is the data flow: GroupNorm then SiLU fuse, the SiLU becomes Identity
+            for i in range(len(owner) - 1):
+                if type(owner[i]) is nn.GroupNorm and type(owner[i + 1]) is nn.SiLU:
+                    owner[i] = hbnn.GroupNorm.from_torch(owner[i], activation="silu")
+                    owner[i + 1] = nn.Identity()
+            continue
+        found = _silu_after_norms(owner, d)
+        if found is None or type(getattr(owner, found[0], None)) is not nn.SiLU:
+            continue  # only SiLU (diffusers' "silu"/"swish") is fused
+        act_name, norm_names = found
+        norm_names = [n for n in norm_names if type(getattr(owner, n, None)) is nn.GroupNorm]
+        for name in norm_names:
+            setattr(owner, name, _TaggedSiLUGroupNorm.from_torch(getattr(owner, name), activation="silu"))
+        if norm_names:
+            setattr(owner, act_name, _SiLUUnlessFused(inplace=getattr(owner, act_name).inplace))
+
+
+def _swap_group_norms(model) -> None:
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.GroupNorm:
+                setattr(parent, name, hbnn.GroupNorm.from_torch(child))
+
+
+# ---------------------------------------------------------------------------------------------
+# Temporal self-attention
+
+
+class TemporalAttnProcessor:
+    """diffusers attention processor for self-attention over frames, tokens (N, T, C).
+
+    The ``to_q/to_k/to_v`` outputs go to :func:`hbkernels.temporal_attention` as (N, T, heads,
+    head_dim) views, without the head-split copies. Calls the fast path cannot reproduce exactly
+    (cross-attention, a mask, spatial/group/q-k norms, residual or rescaled output, 4D input, head
+    dim over the kernel limit) run ``fallback``, the processor this one replaced.
+    """
+
+    def __init__(self, fallback=None):
+        from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+        self.fallback = AttnProcessor2_0() if fallback is None else fallback
+        # AttnProcessor2_0 leaves the scale to SDPA (1/sqrt(head_dim)); AttnProcessor uses attn.scale
+        self._use_attn_scale = type(self.fallback) is AttnProcessor
+
+    def _fast_path_ok(self, attn, hidden_states, encoder_hidden_states, attention_mask) -> bool:
+        q_dim = getattr(attn.to_q, "out_features", None)
+        return (
+            encoder_hidden_states is None
+            and attention_mask is None
+            and hidden_states.dim() == 3
+            and hidden_states.numel() > 0
+            and hidden_states.dtype in checks.FLOAT_DTYPES
+            and attn.spatial_norm is None
+            and attn.group_norm is None
+            and attn.norm_q is None
+            and attn.norm_k is None
+            and not attn.residual_connection
+            and attn.rescale_output_factor == 1.0
+            and attn.to_k is not None
+            and attn.to_v is not None
+            and attn.to_out is not None
+            and q_dim is not None
+            and q_dim % attn.heads == 0
+            and q_dim // attn.heads <= MAX_HEAD_DIM
+            and getattr(attn.to_k, "out_features", None) == q_dim
+            and getattr(attn.to_v, "out_features", None) == q_dim
+        )
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        if not self._fast_path_ok(attn, hidden_states, encoder_hidden_states, attention_mask):
+            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        n, t, _ = hidden_states.shape
+        q, k, v = (proj(hidden_states) for proj in (attn.to_q, attn.to_k, attn.to_v))
+        head_dim = q.shape[-1] // attn.heads
+        q, k, v = (x.view(n, t, attn.heads, head_dim) for x in (q, k, v))
+        # upcast_attention/upcast_softmax need nothing: the kernels keep scores and softmax in fp32
+        out = temporal_attention(q, k, v, scale=attn.scale if self._use_attn_scale else None)
+        out = out.reshape(n, t, attn.heads * head_dim)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def _install_attention(model, d) -> None:
+    default_procs = tuple(c for c in (d["AttnProcessor"], d["AttnProcessor2_0"]) if c is not None)
+    for container in list(model.modules()):
+        if type(container) not in d["temporal"]:
+            continue
+        for attn in container.modules():
+            # self-attention only (cross-attention runs over text/image tokens, not frames), and
+            # only over diffusers' default processors, whose semantics the fast path reproduces
+            if (
+                isinstance(attn, d["Attention"])
+                and not attn.is_cross_attention
+                and not attn.only_cross_attention
+                and attn.added_kv_proj_dim is None
+                and type(attn.processor) in default_procs
+            ):
+                attn.set_processor(TemporalAttnProcessor(attn.processor))
+
+
+# ---------------------------------------------------------------------------------------------
+# GEGLU
+
+
+def _swap_geglu(model, d) -> None:
+    # diffusers' GEGLU always uses exact (erf) GELU, like hbkernels.geglu; the tanh variant is a
+    # different class (ApproximateGELU) and is left alone.
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is d["GEGLU"]:
+                fused = hbnn.GEGLU.__new__(hbnn.GEGLU)
+                fused.__dict__.update(child.__dict__)  # the same proj, hooks and training flag
+                setattr(parent, name, fused)
+
+
+# ---------------------------------------------------------------------------------------------
+# Temporal transformer layout (norm -> tokens, tokens -> video + residual)
+
+
+def _temporal_tokens_forward(self, hidden_states, encoder_hidden_states, timestep, class_labels, num_frames, cross_attention_kwargs):
+    """The forward of diffusers' ``TransformerTemporalModel`` / ``AnimateDiffTransformer3D`` with
+    the norm writing tokens (B*H*W, T, C) directly and the output permute fused with the residual
+    add, saving two full copies of the activation."""
+    batch_frames, channels, height, width = hidden_states.shape
+    # (B, C, T, H, W) view of the (B*T, C, H, W) input: the norm's input and the residual
+    video = hidden_states.reshape(batch_frames // num_frames, num_frames, channels, height, width).permute(0, 2, 1, 3, 4)
+    norm = self.norm
+    tokens = self.proj_in(group_norm_to_tokens(video, norm.num_groups, norm.weight, norm.bias, norm.eps))
+    for block in self.transformer_blocks:
+        tokens = block(
+            tokens,
+            encoder_hidden_states=encoder_hidden_states,
+            timestep=timestep,
+            cross_attention_kwargs=cross_attention_kwargs,
+            class_labels=class_labels,
+        )
+    # the sum takes the residual's (B, T, C, H, W) memory order, so this reshape is a view
+    out = tokens_to_video(self.proj_out(tokens), video)
+    return out.permute(0, 2, 1, 3, 4).reshape(batch_frames, channels, height, width)
+
+
+def _transformer_temporal_forward(self, hidden_states, encoder_hidden_states=None, timestep=None, class_labels=None,
+                                  num_frames=1, cross_attention_kwargs=None, return_dict=True):
+    out = _temporal_tokens_forward(self, hidden_states, encoder_hidden_states, timestep, class_labels, num_frames,
+                                   cross_attention_kwargs)
+    if not return_dict:
+        return (out,)
+    from diffusers.models.transformers.transformer_temporal import TransformerTemporalModelOutput
+
+    return TransformerTemporalModelOutput(sample=out)
+
+
+def _animatediff_forward(self, hidden_states, encoder_hidden_states=None, timestep=None, class_labels=None,
+                         num_frames=1, cross_attention_kwargs=None):
+    return _temporal_tokens_forward(self, hidden_states, encoder_hidden_states, timestep, class_labels, num_frames,
+                                    cross_attention_kwargs)
+
+
+_layout_classes: dict = {}  # diffusers class -> its subclass with the fused forward
+
+
+def _swap_layout(model, d) -> None:
+    forwards = {d["TransformerTemporalModel"]: _transformer_temporal_forward, d["AnimateDiffTransformer3D"]: _animatediff_forward}
+    for module in model.modules():
+        forward = forwards.get(type(module))
+        if forward is None or not isinstance(getattr(module, "norm", None), nn.GroupNorm):
+            continue
+        cls = type(module)
+        if cls not in _layout_classes:
+            # a subclass (not an instance attribute) so hooks wrapping module.forward keep working
+            # and isinstance checks against the diffusers class still hold
+            _layout_classes[cls] = type(cls.__name__, (cls,), {"forward": forward, "__module__": __name__,
+                                                               "_hbkernels_layout": True})
+        module.__class__ = _layout_classes[cls]
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _diffusers_classes() -> dict:
+    c = {
+        "ResnetBlock2D": _find("diffusers.models.resnet", "ResnetBlock2D"),
+        "TemporalResnetBlock": _find("diffusers.models.resnet", "TemporalResnetBlock"),
+        "Attention": _find("diffusers.models.attention_processor", "Attention"),
+        "AttnProcessor": _find("diffusers.models.attention_processor", "AttnProcessor"),
+        "AttnProcessor2_0": _find("diffusers.models.attention_processor", "AttnProcessor2_0"),
+        "GEGLU": _find("diffusers.models.activations", "GEGLU"),
+        "TransformerTemporalModel": _find("diffusers.models.transformers.transformer_temporal", "TransformerTemporalModel"),
+        "AnimateDiffTransformer3D": _find("diffusers.models.unets.unet_motion_model", "AnimateDiffTransformer3D"),
+    }
+    # U-Nets whose forward runs conv_act directly on conv_norm_out's output
+    c["unets"] = {
+        _find("diffusers.models.unets.unet_2d_condition", "UNet2DConditionModel"),
+        _find("diffusers.models.unets.unet_3d_condition", "UNet3DConditionModel"),
+        _find("diffusers.models.unets.unet_motion_model", "UNetMotionModel"),
+        _find("diffusers.models.unets.unet_spatio_temporal_condition", "UNetSpatioTemporalConditionModel"),
+        _find("diffusers.models.unets.unet_i2vgen_xl", "I2VGenXLUNet"),
+    } - {None}
+    # modules whose attention runs over (batch * pixels, frames, channels) tokens
+    c["temporal"] = {
+        c["TransformerTemporalModel"],
+        c["AnimateDiffTransformer3D"],
+        _find("diffusers.models.attention", "TemporalBasicTransformerBlock"),
+        _find("diffusers.models.unets.unet_i2vgen_xl", "I2VGenXLTransformerTemporalEncoder"),
+    } - {None}
+    return c
+
+
+def _summary(model) -> dict:
+    s = {"group_norm": 0, "group_norm_silu": 0, "temporal_attention": 0, "geglu": 0, "temporal_layout": 0}
+    for m in model.modules():
+        if isinstance(m, hbnn.GroupNorm):
+            s["group_norm"] += 1
+            s["group_norm_silu"] += m.activation == "silu"
+        elif isinstance(m, hbnn.GEGLU):
+            s["geglu"] += 1
+        elif isinstance(getattr(m, "processor", None), TemporalAttnProcessor):
+            s["temporal_attention"] += 1
+        if getattr(type(m), "_hbkernels_layout", False):
+            s["temporal_layout"] += 1
+    return s
+
+
+def apply_to(model: nn.Module, *, group_norm: bool = True, attention: bool = True, geglu: bool = True,
+             layout: bool = True) -> nn.Module:
+    """Patch ``model`` (a diffusers video U-Net or any module holding the pieces) in place to run
+    on hbkernels, with unchanged parameters and state_dict keys; returns ``model``.
+
+    ``group_norm``: GroupNorms to :class:`hbkernels.nn.GroupNorm`, fusing the SiLU that follows.
+    ``attention``: temporal self-attention to :class:`TemporalAttnProcessor`.
+    ``geglu``: diffusers ``GEGLU`` to :class:`hbkernels.nn.GEGLU`.
+    ``layout``: temporal transformers' norm->tokens and tokens->video+residual fusions.
+
+    Idempotent. ``model._hbkernels_patched`` counts the hbkernels pieces now in the model
+    (``group_norm``, ``group_norm_silu``, ``temporal_attention``, ``geglu``, ``temporal_layout``);
+    a warning says when there were none.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    d = _diffusers_classes()
+    if group_norm:
+        _fuse_silu(model, d)
+        _swap_group_norms(model)
+    if attention and d["Attention"] is not None:
+        _install_attention(model, d)
+    if geglu and d["GEGLU"] is not None:
+        _swap_geglu(model, d)
+    if layout:
+        _swap_layout(model, d)
+    summary = _summary(model)
+    model._hbkernels_patched = summary
+    if not any(summary.values()):
+        warnings.warn(f"hbkernels.apply_to: found nothing to patch in {type(model).__name__}", RuntimeWarning, stacklevel=2)
+    else:
+        logger.info("hbkernels.apply_to(%s): %s", type(model).__name__, summary)
+    return model

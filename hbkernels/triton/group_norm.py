@@ -1,0 +1,402 @@
+"""GroupNorm (+ fused SiLU) forward and backward on strided (N, C, T, S) views.
+
+Design (a group holds C/G channels x T*S elements, far too much work for one program at batch 1-2):
+
+forward  1. _gn_stats:    grid (N * chunks, C blocks). Each program walks the [BLOCK_C, BLOCK_S] tiles
+                          of one chunk of the (t, s) plane and keeps, per channel, the chunk's
+                          (mean, M2): an exact two-pass inside each tile, Chan-merged across tiles.
+                          Writes them to small fp32 buffers (N, C, chunks) plus the chunk counts.
+         2. _gn_finalize: grid (N * G). Merges the C/G * chunks partials of one group
+                          (mean = sum n_i mu_i / n, M2 = sum M2_i + n_i (mu_i - mu)^2), writes mean, rstd.
+         3. _gn_apply:    grid (N * T * S blocks, C blocks). y = (x - mean) * rstd * w + b (+ SiLU).
+backward 1. _gn_bwd_partials: same grid as stats; per channel and chunk, sum dz * xhat and sum dz, with
+                          dz = dy or dy * silu'(z), z recomputed from x.
+         2. _gn_bwd_finalize: per group c1 = mean(dz * w), c2 = mean(dz * w * xhat).
+         3. _gn_bwd_apply: dx = rstd * (w * dz - c1 - xhat * c2).
+         dweight / dbias: torch sums of the (N, C, chunks) partials.
+
+Channel blocks are not aligned to groups (statistics are per channel, merged per group afterwards), so
+a tile can be 64 channels wide: with channels-last or token-layout tensors (unit channel stride) every
+access is a full 128-byte line, while a group alone is only C/G (e.g. 10) channels = 20 bytes.
+
+Memory traffic: forward reads x twice and writes y once; the fused SiLU saves the separate activation
+pass (one read + one write), and writing y straight into the token layout saves the permute copy (one
+more read + write). Backward reads dy and x twice and writes dx once.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from hbkernels import backend
+from hbkernels.triton.layout import _NUM_WARPS, merge_ts, strides4, tile_shape
+
+_GPU_STATS_PROGRAMS = 2048  # enough resident programs to keep an H100's loads in flight
+_INTERP_CHUNKS = 3  # a few programs per (n, channel block) under TRITON_INTERPRET (still exercises merging)
+_FINAL_BLOCK = 1024
+
+
+def _chunking(n: int, n_cb: int, n_tiles: int):
+    """(tiles per chunk, chunks) for the reductions over the n_tiles tiles of one (n, channel block)."""
+    if backend.interpreting():
+        want = _INTERP_CHUNKS
+    else:
+        want = triton.cdiv(_GPU_STATS_PROGRAMS, n * n_cb)
+    want = max(1, min(want, n_tiles))
+    per = triton.cdiv(n_tiles, want)
+    return per, triton.cdiv(n_tiles, per)
+
+
+def _vec_or_dummy(v, like):
+    return (v, int(v.stride(0))) if v is not None else (like, 0)
+
+
+@triton.jit
+def _tile_origin(pid_tile, n_sb, T, BLOCK_S: tl.constexpr):
+    """tile index within one n -> (t, first s)."""
+    t = pid_tile // n_sb
+    s0 = (pid_tile - t * n_sb) * BLOCK_S
+    return t, s0
+
+
+@triton.jit
+def _gn_stats_kernel(
+    x_ptr, pmean_ptr, pm2_ptr, pcnt_ptr,
+    C, T, S, n_sb, n_tiles, tiles_per_chunk, n_chunks,
+    sxn, sxc, sxt, sxs,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n = pid // n_chunks
+    chunk = pid - n * n_chunks
+    pid_c = tl.program_id(1)
+    cc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cc < C
+    ar = tl.arange(0, BLOCK_S)
+    x_n = x_ptr + n.to(tl.int64) * sxn
+    first = chunk * tiles_per_chunk
+    last = tl.minimum(first + tiles_per_chunk, n_tiles)
+    cnt = 0.0
+    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for i in range(first, last):
+        t, s0 = _tile_origin(i, n_sb, T, BLOCK_S)
+        ss = s0 + ar
+        mask = cmask[:, None] & (ss < S)[None, :]
+        ptrs = x_n + t.to(tl.int64) * sxt + cc[:, None] * sxc + ss[None, :] * sxs
+        x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        # exact two-pass statistics of this tile ...
+        cnt_t = tl.minimum(S - s0, BLOCK_S).to(tl.float32)
+        mean_t = tl.sum(x, axis=1) / cnt_t
+        d = tl.where(mask, x - mean_t[:, None], 0.0)
+        m2_t = tl.sum(d * d, axis=1)
+        # ... Chan-merged into the running (cnt, mean, m2) of the chunk
+        tot = cnt + cnt_t
+        delta = mean_t - mean
+        mean += delta * (cnt_t / tot)
+        m2 += m2_t + delta * delta * (cnt * cnt_t / tot)
+        cnt = tot
+    out = (n.to(tl.int64) * C + cc) * n_chunks + chunk
+    tl.store(pmean_ptr + out, mean, mask=cmask)
+    tl.store(pm2_ptr + out, m2, mask=cmask)
+    # the count is the same for every (n, channel block); one program records it
+    tl.store(pcnt_ptr + chunk, cnt, mask=(n == 0) & (pid_c == 0))
+
+
+@triton.jit
+def _gn_finalize_kernel(
+    pmean_ptr, pm2_ptr, pcnt_ptr, mean_ptr, rstd_ptr,
+    G, cpg, n_chunks, group_numel, eps, smn, smg, srn, srg,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n = pid // G
+    g = pid - n * G
+    base = pid.to(tl.int64) * cpg * n_chunks  # (n, g*cpg, 0) of the (N, C, chunks) buffers
+    length = cpg * n_chunks
+    ar = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for r0 in range(0, length, BLOCK):
+        idx = r0 + ar
+        m = idx < length
+        cnt = tl.load(pcnt_ptr + idx % n_chunks, mask=m, other=0.0)
+        mu = tl.load(pmean_ptr + base + idx, mask=m, other=0.0)
+        acc += cnt * mu
+    mean = tl.sum(acc, axis=0) / group_numel
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for r0 in range(0, length, BLOCK):
+        idx = r0 + ar
+        m = idx < length
+        cnt = tl.load(pcnt_ptr + idx % n_chunks, mask=m, other=0.0)
+        mu = tl.load(pmean_ptr + base + idx, mask=m, other=0.0)
+        m2 = tl.load(pm2_ptr + base + idx, mask=m, other=0.0)
+        d = mu - mean
+        acc += m2 + cnt * d * d
+    var = tl.sum(acc, axis=0) / group_numel
+    rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+    tl.store(mean_ptr + n * smn + g * smg, mean)
+    tl.store(rstd_ptr + n * srn + g * srg, rstd)
+
+
+@triton.jit
+def _gn_apply_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
+    C, T, S, n_sb, cpg, sw, sb_, smn, smg, srn, srg,
+    sxn, sxc, sxt, sxs, syn, syc, syt, sys,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    tiles_per_n = T * n_sb
+    n = pid // tiles_per_n
+    t, s0 = _tile_origin(pid - n * tiles_per_n, n_sb, T, BLOCK_S)
+    cc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ss = s0 + tl.arange(0, BLOCK_S)
+    cmask = cc < C
+    mask = cmask[:, None] & (ss < S)[None, :]
+    g = cc // cpg
+    mu = tl.load(mean_ptr + n * smn + g * smg, mask=cmask, other=0.0)
+    a = tl.load(rstd_ptr + n * srn + g * srg, mask=cmask, other=0.0)
+    if HAS_W:
+        a *= tl.load(w_ptr + cc * sw, mask=cmask, other=0.0).to(tl.float32)
+    n64 = n.to(tl.int64)
+    t64 = t.to(tl.int64)
+    x = tl.load(x_ptr + (n64 * sxn + t64 * sxt) + cc[:, None] * sxc + ss[None, :] * sxs,
+                mask=mask, other=0.0).to(tl.float32)
+    y = (x - mu[:, None]) * a[:, None]
+    if HAS_B:
+        y += tl.load(b_ptr + cc * sb_, mask=cmask, other=0.0).to(tl.float32)[:, None]
+    if SILU:
+        y = y * tl.sigmoid(y)
+    tl.store(y_ptr + (n64 * syn + t64 * syt) + cc[:, None] * syc + ss[None, :] * sys,
+             y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gn_bwd_partials_kernel(
+    dy_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, pa_ptr, pb_ptr,
+    C, T, S, n_sb, n_tiles, tiles_per_chunk, n_chunks, cpg, sw, sb_, smn, smg, srn, srg,
+    sdn, sdc, sdt, sds, sxn, sxc, sxt, sxs,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n = pid // n_chunks
+    chunk = pid - n * n_chunks
+    cc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cc < C
+    g = cc // cpg
+    mu = tl.load(mean_ptr + n * smn + g * smg, mask=cmask, other=0.0)[:, None]
+    r = tl.load(rstd_ptr + n * srn + g * srg, mask=cmask, other=0.0)[:, None]
+    if SILU:
+        if HAS_W:
+            w = tl.load(w_ptr + cc * sw, mask=cmask, other=0.0).to(tl.float32)[:, None]
+        if HAS_B:
+            b = tl.load(b_ptr + cc * sb_, mask=cmask, other=0.0).to(tl.float32)[:, None]
+    n64 = n.to(tl.int64)
+    dy_n = dy_ptr + n64 * sdn
+    x_n = x_ptr + n64 * sxn
+    ar = tl.arange(0, BLOCK_S)
+    acc_a = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)  # sum dz * xhat
+    acc_b = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)  # sum dz
+    first = chunk * tiles_per_chunk
+    last = tl.minimum(first + tiles_per_chunk, n_tiles)
+    for i in range(first, last):
+        t, s0 = _tile_origin(i, n_sb, T, BLOCK_S)
+        t64 = t.to(tl.int64)
+        ss = s0 + ar
+        mask = cmask[:, None] & (ss < S)[None, :]
+        dz = tl.load(dy_n + t64 * sdt + cc[:, None] * sdc + ss[None, :] * sds,
+                     mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_n + t64 * sxt + cc[:, None] * sxc + ss[None, :] * sxs,
+                    mask=mask, other=0.0).to(tl.float32)
+        xhat = (x - mu) * r
+        if SILU:
+            z = xhat
+            if HAS_W:
+                z = z * w
+            if HAS_B:
+                z = z + b
+            sig = tl.sigmoid(z)
+            dz = dz * (sig * (1.0 + z * (1.0 - sig)))
+        acc_a += dz * xhat  # masked lanes have dz = 0
+        acc_b += dz
+    out = (n64 * C + cc) * n_chunks + chunk
+    tl.store(pa_ptr + out, tl.sum(acc_a, axis=1), mask=cmask)
+    tl.store(pb_ptr + out, tl.sum(acc_b, axis=1), mask=cmask)
+
+
+@triton.jit
+def _gn_bwd_finalize_kernel(
+    pa_ptr, pb_ptr, w_ptr, coef_ptr,
+    G, cpg, n_chunks, group_numel, sw,
+    HAS_W: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)  # n * G + g
+    g = pid % G
+    base = pid.to(tl.int64) * cpg * n_chunks  # (n, g*cpg, 0) of the (N, C, chunks) buffers
+    length = cpg * n_chunks
+    ar = tl.arange(0, BLOCK)
+    acc_a = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK], dtype=tl.float32)
+    for r0 in range(0, length, BLOCK):
+        idx = r0 + ar
+        m = idx < length
+        pa = tl.load(pa_ptr + base + idx, mask=m, other=0.0)
+        pb = tl.load(pb_ptr + base + idx, mask=m, other=0.0)
+        if HAS_W:
+            w = tl.load(w_ptr + (g * cpg + idx // n_chunks) * sw, mask=m, other=0.0).to(tl.float32)
+            pa = pa * w
+            pb = pb * w
+        acc_a += pa
+        acc_b += pb
+    tl.store(coef_ptr + pid * 2, tl.sum(acc_b, axis=0) / group_numel)  # c1 = mean(w dz)
+    tl.store(coef_ptr + pid * 2 + 1, tl.sum(acc_a, axis=0) / group_numel)  # c2 = mean(w dz xhat)
+
+
+@triton.jit
+def _gn_bwd_apply_kernel(
+    dy_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, coef_ptr, dx_ptr,
+    C, T, S, n_sb, G, cpg, sw, sb_, smn, smg, srn, srg,
+    sdn, sdc, sdt, sds, sxn, sxc, sxt, sxs, son, soc, sot, sos,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    tiles_per_n = T * n_sb
+    n = pid // tiles_per_n
+    t, s0 = _tile_origin(pid - n * tiles_per_n, n_sb, T, BLOCK_S)
+    cc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ss = s0 + tl.arange(0, BLOCK_S)
+    cmask = cc < C
+    mask = cmask[:, None] & (ss < S)[None, :]
+    g = cc // cpg
+    mu = tl.load(mean_ptr + n * smn + g * smg, mask=cmask, other=0.0)[:, None]
+    r = tl.load(rstd_ptr + n * srn + g * srg, mask=cmask, other=0.0)[:, None]
+    coef = coef_ptr + (n * G + g) * 2
+    c1 = tl.load(coef, mask=cmask, other=0.0)[:, None]
+    c2 = tl.load(coef + 1, mask=cmask, other=0.0)[:, None]
+    if HAS_W:
+        w = tl.load(w_ptr + cc * sw, mask=cmask, other=0.0).to(tl.float32)[:, None]
+    n64 = n.to(tl.int64)
+    t64 = t.to(tl.int64)
+    dz = tl.load(dy_ptr + (n64 * sdn + t64 * sdt) + cc[:, None] * sdc + ss[None, :] * sds,
+                 mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + (n64 * sxn + t64 * sxt) + cc[:, None] * sxc + ss[None, :] * sxs,
+                mask=mask, other=0.0).to(tl.float32)
+    xhat = (x - mu) * r
+    if SILU:
+        z = xhat
+        if HAS_W:
+            z = z * w
+        if HAS_B:
+            z = z + tl.load(b_ptr + cc * sb_, mask=cmask, other=0.0).to(tl.float32)[:, None]
+        sig = tl.sigmoid(z)
+        dz = dz * (sig * (1.0 + z * (1.0 - sig)))
+    if HAS_W:
+        dz = dz * w
+    dx = r * (dz - c1 - xhat * c2)
+    tl.store(dx_ptr + (n64 * son + t64 * sot) + cc[:, None] * soc + ss[None, :] * sos,
+             dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def _check_views(*views):
+    shape = tuple(views[0].shape)
+    assert len(shape) == 4, shape
+    for v in views:
+        assert tuple(v.shape) == shape, (tuple(v.shape), shape)
+
+
+def gn_fwd(x, weight, bias, y, mean, rstd, num_groups: int, eps: float, silu: bool) -> None:
+    """y = GroupNorm(x) (then SiLU); x, y: (N, C, T, S) views with any strides; mean/rstd: (N, G) fp32."""
+    _check_views(x, y)
+    n, c, t, s = x.shape
+    cpg = c // num_groups
+    t2, s2, (xs, ys) = merge_ts([strides4(x), strides4(y)], t, s)
+    block_c, block_s = tile_shape(c, s2, [xs, ys])
+    n_sb = triton.cdiv(s2, block_s)
+    n_cb = triton.cdiv(c, block_c)
+    n_tiles = t2 * n_sb
+    # the (t, s) reduction only needs x's strides; merge them independently of y's
+    t3, s3, (xs3,) = merge_ts([strides4(x)], t, s)
+    bc3, bs3 = tile_shape(c, s3, [xs3])
+    n_sb3 = triton.cdiv(s3, bs3)
+    n_cb3 = triton.cdiv(c, bc3)
+    per, n_chunks = _chunking(n, n_cb3, t3 * n_sb3)
+    dev = x.device
+    pmean = torch.empty((n, c, n_chunks), dtype=torch.float32, device=dev)
+    pm2 = torch.empty((n, c, n_chunks), dtype=torch.float32, device=dev)
+    pcnt = torch.empty((n_chunks,), dtype=torch.float32, device=dev)
+    _gn_stats_kernel[(n * n_chunks, n_cb3)](
+        x, pmean, pm2, pcnt,
+        c, t3, s3, n_sb3, t3 * n_sb3, per, n_chunks, *xs3,
+        BLOCK_C=bc3, BLOCK_S=bs3, num_warps=_NUM_WARPS,
+    )
+    block = min(triton.next_power_of_2(cpg * n_chunks), _FINAL_BLOCK)
+    _gn_finalize_kernel[(n * num_groups,)](
+        pmean, pm2, pcnt, mean, rstd,
+        num_groups, cpg, n_chunks, float(cpg * t * s), float(eps),
+        mean.stride(0), mean.stride(1), rstd.stride(0), rstd.stride(1),
+        BLOCK=block, num_warps=4,
+    )
+    w, sw = _vec_or_dummy(weight, mean)
+    b, sb_ = _vec_or_dummy(bias, mean)
+    _gn_apply_kernel[(n * n_tiles, n_cb)](
+        x, w, b, y, mean, rstd,
+        c, t2, s2, n_sb, cpg, sw, sb_,
+        mean.stride(0), mean.stride(1), rstd.stride(0), rstd.stride(1),
+        *xs, *ys,
+        HAS_W=weight is not None, HAS_B=bias is not None, SILU=bool(silu),
+        BLOCK_C=block_c, BLOCK_S=block_s, num_warps=_NUM_WARPS,
+    )
+
+
+def gn_bwd(dy, x, weight, bias, mean, rstd, dx, dweight, dbias, num_groups: int, silu: bool) -> None:
+    """dx (and dweight/dbias when given, fp32 (C,)) of y = GroupNorm(x) (then SiLU)."""
+    _check_views(dy, x, dx)
+    n, c, t, s = x.shape
+    cpg = c // num_groups
+    w, sw = _vec_or_dummy(weight, mean)
+    b, sb_ = _vec_or_dummy(bias, mean)
+    has_w, has_b, silu = weight is not None, bias is not None, bool(silu)
+    ms = (mean.stride(0), mean.stride(1), rstd.stride(0), rstd.stride(1))
+    dev = x.device
+
+    # 1. per-channel partial sums over chunks of the (t, s) plane (reads dy and x)
+    t2, s2, (ds2, xs2) = merge_ts([strides4(dy), strides4(x)], t, s)
+    bc2, bs2 = tile_shape(c, s2, [ds2, xs2])
+    n_sb2 = triton.cdiv(s2, bs2)
+    n_cb2 = triton.cdiv(c, bc2)
+    per, n_chunks = _chunking(n, n_cb2, t2 * n_sb2)
+    pa = torch.empty((n, c, n_chunks), dtype=torch.float32, device=dev)
+    pb = torch.empty((n, c, n_chunks), dtype=torch.float32, device=dev)
+    _gn_bwd_partials_kernel[(n * n_chunks, n_cb2)](
+        dy, x, w, b, mean, rstd, pa, pb,
+        c, t2, s2, n_sb2, t2 * n_sb2, per, n_chunks, cpg, sw, sb_, *ms, *ds2, *xs2,
+        HAS_W=has_w, HAS_B=has_b, SILU=silu,
+        BLOCK_C=bc2, BLOCK_S=bs2, num_warps=_NUM_WARPS,
+    )
+
+    # 2. per-group coefficients
+    coef = torch.empty((n * num_groups, 2), dtype=torch.float32, device=dev)
+    block = min(triton.next_power_of_2(cpg * n_chunks), _FINAL_BLOCK)
+    _gn_bwd_finalize_kernel[(n * num_groups,)](
+        pa, pb, w, coef, num_groups, cpg, n_chunks, float(cpg * t * s), sw,
+        HAS_W=has_w, BLOCK=block, num_warps=4,
+    )
+
+    # 3. dx (reads dy and x, writes dx)
+    t3, s3, (ds3, xs3, os3) = merge_ts([strides4(dy), strides4(x), strides4(dx)], t, s)
+    bc3, bs3 = tile_shape(c, s3, [ds3, xs3, os3])
+    n_sb3 = triton.cdiv(s3, bs3)
+    _gn_bwd_apply_kernel[(n * t3 * n_sb3, triton.cdiv(c, bc3))](
+        dy, x, w, b, mean, rstd, coef, dx,
+        c, t3, s3, n_sb3, num_groups, cpg, sw, sb_, *ms, *ds3, *xs3, *os3,
+        HAS_W=has_w, HAS_B=has_b, SILU=silu,
+        BLOCK_C=bc3, BLOCK_S=bs3, num_warps=_NUM_WARPS,
+    )
+
+    # dweight = sum dz * xhat, dbias = sum dz over n and the (t, s) plane: tiny (N, C, chunks) reductions
+    if dweight is not None:
+        torch.sum(pa, dim=(0, 2), out=dweight)
+    if dbias is not None:
+        torch.sum(pb, dim=(0, 2), out=dbias)

@@ -1,0 +1,116 @@
+"""Strided (N, C, T, S) copies: tokens <-> video layout changes with an optional fused residual add,
+plus the tiling helpers that the GroupNorm kernels share.
+
+Every tensor is addressed through its own (n, c, t, s) strides, so one kernel serves contiguous,
+channels-last and token layouts. A [BLOCK_C, BLOCK_S] tile is loaded in a layout coalesced along
+whichever of its axes has stride 1 in the source, and stored coalesced along the stride-1 axis of the
+destination; Triton converts between the two register layouts through shared memory, which is what
+makes the tokens -> video transpose run at copy bandwidth. Fusing the residual add reads each input
+once and writes once (3 passes over the activation instead of 4 for permute-copy + add).
+"""
+import torch
+import triton
+import triton.language as tl
+
+
+# Elements per [BLOCK_C, BLOCK_S] tile. 4096 keeps 16 elements per thread at 8 warps on a GPU;
+# under the interpreter a program is a batch of numpy ops, so any size is fine there.
+_TILE = 4096
+_NUM_WARPS = 8
+
+
+def merge_ts(strides, t: int, s: int):
+    """Collapse (T, S) into one axis when every tensor allows it (T == 1, S == 1, or
+    stride_t == S * stride_s), so that tiles run along T*S without per-element index division.
+
+    ``strides``: list of (sn, sc, st, ss). Returns (T', S', [(sn, sc, st', ss'), ...])."""
+    if t == 1:
+        return 1, s, [(sn, sc, 0, ss) for sn, sc, _, ss in strides]
+    if s == 1:
+        return 1, t, [(sn, sc, 0, st) for sn, sc, st, _ in strides]
+    if all(st == s * ss for _, _, st, ss in strides):
+        return 1, t * s, [(sn, sc, 0, ss) for sn, sc, _, ss in strides]
+    return t, s, list(strides)
+
+
+def pick_block(n: int, hi: int, lo: int = 16) -> int:
+    """A power-of-two block in [lo, hi] for an axis of length n: the largest that wastes at most
+    1/8 of the lanes on the ragged last block, else the least wasteful."""
+    hi = max(1, min(hi, triton.next_power_of_2(n)))
+    lo = max(1, min(lo, hi))
+    best, best_waste = hi, None
+    b = hi
+    while b >= lo:
+        waste = (triton.cdiv(n, b) * b - n) / n
+        if waste <= 0.125:
+            return b
+        if best_waste is None or waste < best_waste:
+            best, best_waste = b, waste
+        b //= 2
+    return best
+
+
+def tile_shape(c: int, s: int, strides, tile: int | None = None):
+    """[BLOCK_C, BLOCK_S] for (C, S) tensors with the given (sn, sc, st, ss) strides: wide in C
+    (64 channels = 128 bytes of fp16) when some tensor has unit channel stride, so that its accesses
+    are full cache lines; otherwise narrow in C and long in S."""
+    tile = tile or _TILE
+    c_unit = c > 1 and any(sc == 1 for _, sc, _, _ in strides)
+    block_c = min(triton.next_power_of_2(c), 64 if c_unit else 16)
+    block_s = pick_block(s, max(16, tile // block_c))
+    return block_c, block_s
+
+
+def strides4(t: torch.Tensor):
+    assert t.dim() == 4, t.shape
+    return tuple(int(v) for v in t.stride())
+
+
+@triton.jit
+def _copy_add_kernel(
+    src_ptr, res_ptr, out_ptr,
+    C, T, S, n_sb,
+    s_sn, s_sc, s_st, s_ss,
+    r_sn, r_sc, r_st, r_ss,
+    o_sn, o_sc, o_st, o_ss,
+    HAS_RES: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    # axis 0: (n, t, s-block), unbounded; axis 1: channel block (C / BLOCK_C is far below 65535)
+    pid = tl.program_id(0)
+    nt = pid // n_sb
+    sb = pid - nt * n_sb
+    n = nt // T
+    t = nt - n * T
+    n64 = n.to(tl.int64)
+    t64 = t.to(tl.int64)
+    cc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ss = sb * BLOCK_S + tl.arange(0, BLOCK_S)
+    mask = (cc < C)[:, None] & (ss < S)[None, :]
+    src = src_ptr + (n64 * s_sn + t64 * s_st) + cc[:, None] * s_sc + ss[None, :] * s_ss
+    val = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        res = res_ptr + (n64 * r_sn + t64 * r_st) + cc[:, None] * r_sc + ss[None, :] * r_ss
+        val += tl.load(res, mask=mask, other=0.0).to(tl.float32)
+    out = out_ptr + (n64 * o_sn + t64 * o_st) + cc[:, None] * o_sc + ss[None, :] * o_ss
+    tl.store(out, val.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def copy_add(src, residual, out) -> None:
+    """out = src (+ residual); all (N, C, T, S) views with arbitrary strides and one dtype."""
+    n, c, t, s = out.shape
+    assert tuple(src.shape) == (n, c, t, s), (src.shape, out.shape)
+    views = [src, out] + ([residual] if residual is not None else [])
+    for v in views:
+        assert tuple(v.shape) == (n, c, t, s) and v.dtype == out.dtype, (v.shape, v.dtype)
+    t2, s2, st = merge_ts([strides4(v) for v in views], t, s)
+    block_c, block_s = tile_shape(c, s2, st)
+    n_sb = triton.cdiv(s2, block_s)
+    res_strides = st[2] if residual is not None else (0, 0, 0, 0)
+    grid = (n * t2 * n_sb, triton.cdiv(c, block_c))
+    _copy_add_kernel[grid](
+        src, residual if residual is not None else src, out,
+        c, t2, s2, n_sb,
+        *st[0], *res_strides, *st[1],
+        HAS_RES=residual is not None, BLOCK_C=block_c, BLOCK_S=block_s,
+        num_warps=_NUM_WARPS,
+    )
