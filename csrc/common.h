@@ -1,0 +1,73 @@
+// Shared helpers: dtype dispatch, thread count, argument checks.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "vec.h"
+
+namespace hb {
+
+using at::Tensor;
+
+// Threads for one op: torch's intra-op setting (torch.set_num_threads), 1 inside a parallel region.
+inline int num_threads() {
+  if (at::in_parallel_region()) return 1;
+  return std::max(1, at::get_num_threads());
+}
+
+inline void check_float(const Tensor& t, const char* name) {
+  auto dt = t.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, "hbkernels: ", name,
+              " must be float32, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(t.device().is_cpu(), "hbkernels: ", name, " must be a CPU tensor");
+}
+
+// Calls f(T{}) with T the C++ type of dtype dt (float, c10::Half, c10::BFloat16).
+template <typename F>
+inline void dispatch_float(at::ScalarType dt, F&& f) {
+  switch (dt) {
+    case at::kFloat:
+      f(float{});
+      break;
+    case at::kHalf:
+      f(Half{});
+      break;
+    case at::kBFloat16:
+      f(BF16{});
+      break;
+    default:
+      TORCH_CHECK(false, "hbkernels: unsupported dtype ", dt);
+  }
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+// [begin, end) share of `total` items for thread `tid` of `nt` (contiguous blocks)
+inline void thread_range(int64_t total, int tid, int nt, int64_t& begin, int64_t& end) {
+  int64_t q = total / nt, r = total % nt;
+  begin = tid * q + std::min<int64_t>(tid, r);
+  end = begin + q + (tid < r ? 1 : 0);
+}
+
+// Converting row load/store (contiguous), vectorised.
+template <typename T>
+inline void load_row(const T* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) store8(dst + i, load8(src + i));
+  if (i < n) store_n(dst + i, load_n(src + i, static_cast<int>(n - i)), static_cast<int>(n - i));
+}
+template <typename T>
+inline void store_row(T* dst, const float* src, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) store8(dst + i, load8(src + i));
+  if (i < n) store_n(dst + i, load_n(src + i, static_cast<int>(n - i)), static_cast<int>(n - i));
+}
+
+}  // namespace hb

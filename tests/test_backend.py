@@ -1,0 +1,67 @@
+import importlib
+import sys
+import warnings
+
+import pytest
+import torch
+
+import hbkernels
+from hbkernels import backend
+from helpers import DEVICE, require
+
+
+def test_required_backends_are_built():
+    """CI sets HBKERNELS_REQUIRE so a compiler failure can't silently turn C++ tests into skips."""
+    if require("cpp"):
+        assert backend.cpp_available(), "C++ extension hbkernels._C did not build"
+    if require("triton"):
+        assert backend.triton_available() and backend.interpreting() or torch.cuda.is_available()
+
+
+def test_automatic_choice():
+    if DEVICE.type == "cuda":
+        assert backend.select(DEVICE, torch.float16) == "triton"
+    else:
+        want = "cpp" if backend.cpp_available() else "torch"
+        assert backend.select(DEVICE, torch.float32) == want
+    assert backend.select(DEVICE, torch.float64) == "torch"  # float64 is the reference's
+
+
+def test_forcing(monkeypatch):
+    monkeypatch.setenv("HBKERNELS_BACKEND", "torch")
+    assert backend.select(DEVICE, torch.float32) == "torch"
+    monkeypatch.setenv("HBKERNELS_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="HBKERNELS_BACKEND must be one of"):
+        hbkernels.group_norm(torch.randn(1, 4, 2, 2), 2)
+    with hbkernels.use_backend("torch"):  # the context manager wins over the environment
+        assert backend.select(DEVICE, torch.float32) == "torch"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with hbkernels.use_backend("numpy"):
+            pass
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="CPU-only rules")
+def test_forcing_unusable_backend_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with hbkernels.use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        hbkernels.geglu(torch.randn(2, 4))
+
+
+def test_missing_extension_falls_back_with_one_warning(monkeypatch):
+    """Without hbkernels._C the package still works on the reference backend and says so once."""
+    monkeypatch.setitem(sys.modules, "hbkernels._C", None)  # makes `import hbkernels._C` fail
+    monkeypatch.delitem(sys.modules, "hbkernels.cpp", raising=False)
+    backend.cpp_available.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            x = torch.randn(1, 4, 3, 3)
+            for _ in range(3):
+                y = hbkernels.group_norm(x, 2, activation="silu")
+        assert backend.select(torch.device("cpu"), torch.float32) == "torch"
+        assert sum("C++ CPU backend unavailable" in str(w.message) for w in caught) == 1
+        torch.testing.assert_close(y, torch.nn.functional.silu(torch.nn.functional.group_norm(x, 2)))
+    finally:
+        backend.cpp_available.cache_clear()
+        monkeypatch.undo()
+        importlib.invalidate_caches()

@@ -1,0 +1,155 @@
+"""hbkernels.apply_to on tiny random diffusers video U-Nets: same outputs, same state_dict keys, and
+the patched paths really run (counted through the ops patch.py and nn.py call)."""
+import contextlib
+import warnings
+
+import pytest
+import torch
+
+import hbkernels
+import hbkernels.nn
+import hbkernels.patch
+
+diffusers = pytest.importorskip("diffusers")
+
+FRAMES = 3
+
+
+def unet3d():
+    model = diffusers.UNet3DConditionModel(
+        sample_size=8, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+        cross_attention_dim=16, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+    )
+    inputs = dict(sample=torch.randn(2, 4, FRAMES, 8, 8), timestep=10, encoder_hidden_states=torch.randn(2, 5, 16))
+    return model, inputs
+
+
+def unet_motion():
+    model = diffusers.UNetMotionModel(
+        sample_size=8, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+        cross_attention_dim=16, num_attention_heads=2, motion_num_attention_heads=8, motion_max_seq_length=8,
+        down_block_types=("CrossAttnDownBlockMotion", "DownBlockMotion"),
+        up_block_types=("UpBlockMotion", "CrossAttnUpBlockMotion"),
+    )
+    inputs = dict(sample=torch.randn(2, 4, FRAMES, 8, 8), timestep=10, encoder_hidden_states=torch.randn(2, 5, 16))
+    return model, inputs
+
+
+def unet_svd():
+    # TemporalResnetBlock and TransformerSpatioTemporalModel hard-code 32 groups
+    model = diffusers.UNetSpatioTemporalConditionModel(
+        sample_size=8, in_channels=8, block_out_channels=(32, 64), layers_per_block=1,
+        cross_attention_dim=16, num_attention_heads=(2, 4), addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=12, num_frames=FRAMES,
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+    )
+    inputs = dict(sample=torch.randn(1, FRAMES, 8, 8, 8), timestep=10, encoder_hidden_states=torch.randn(1, 1, 16),
+                  added_time_ids=torch.randn(1, 3))
+    return model, inputs
+
+
+# model, {count: minimum}; TemporalConvLayer, ResnetBlock2D, conv_norm_out give fused norms
+MODELS = {
+    "unet3d": (unet3d, {"group_norm_silu": 4, "temporal_attention": 2, "geglu": 2, "temporal_layout": 1}),
+    "motion": (unet_motion, {"group_norm_silu": 4, "temporal_attention": 2, "geglu": 2, "temporal_layout": 1}),
+    "svd": (unet_svd, {"group_norm_silu": 4, "temporal_attention": 1, "geglu": 2}),
+}
+
+
+@contextlib.contextmanager
+def counting(monkeypatch):
+    """Count calls of the ops as bound in the modules that the patched model calls through."""
+    calls = {}
+
+    def wrap(module, name):
+        fn = getattr(module, name)
+
+        def counted(*args, **kwargs):
+            key = name + ("+silu" if kwargs.get("activation", args[5] if len(args) > 5 else None) else "") \
+                if name == "group_norm" else name
+            calls[key] = calls.get(key, 0) + 1
+            return fn(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+
+    wrap(hbkernels.nn, "group_norm")
+    wrap(hbkernels.nn, "geglu")
+    for name in ("temporal_attention", "group_norm_to_tokens", "tokens_to_video"):
+        wrap(hbkernels.patch, name)
+    yield calls
+
+
+@pytest.mark.parametrize("backend_name", ["torch", None], ids=["torch", "default"])
+@pytest.mark.parametrize("which", list(MODELS))
+def test_apply_to(which, backend_name, monkeypatch):
+    torch.manual_seed(0)
+    build, minimum = MODELS[which]
+    model, inputs = build()
+    model.eval()
+    keys = list(model.state_dict())
+    with torch.no_grad():
+        ref = model(**inputs).sample
+
+    assert hbkernels.apply_to(model) is model
+    summary = model._hbkernels_patched
+    for name, least in minimum.items():
+        assert summary[name] >= least, (name, summary)
+    assert summary["group_norm"] == sum(isinstance(m, torch.nn.GroupNorm) for m in model.modules())
+    assert list(model.state_dict()) == keys
+
+    ctx = hbkernels.use_backend(backend_name) if backend_name else contextlib.nullcontext()
+    with counting(monkeypatch) as calls, ctx, torch.no_grad():
+        out = model(**inputs).sample
+    assert calls.get("group_norm+silu", 0) >= minimum["group_norm_silu"]
+    assert calls.get("temporal_attention", 0) >= minimum["temporal_attention"]
+    assert calls.get("geglu", 0) >= minimum["geglu"]
+    if minimum.get("temporal_layout"):
+        assert calls["group_norm_to_tokens"] == calls["tokens_to_video"] >= minimum["temporal_layout"]
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-4 * ref.abs().max().item())
+
+    # idempotent: a second call changes nothing
+    hbkernels.apply_to(model)
+    assert model._hbkernels_patched == summary
+
+
+def test_scale_shift_resnet_not_fused():
+    """ResnetBlock2D in "scale_shift" mode modulates norm2's output before the SiLU: only norm1 fuses."""
+    block = diffusers.models.resnet.ResnetBlock2D(in_channels=16, temb_channels=8, groups=4,
+                                                  time_embedding_norm="scale_shift").eval()
+    x, temb = torch.randn(2, 16, 4, 4), torch.randn(2, 8)
+    with torch.no_grad():
+        ref = block(x, temb)
+        hbkernels.apply_to(block)
+        out = block(x, temb)
+    assert block.norm1.activation == "silu" and block.norm2.activation is None
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_fallbacks():
+    """Cross-attention and masked calls on a patched processor take the original processor's path."""
+    from diffusers.models.attention_processor import Attention
+
+    attn = Attention(query_dim=16, heads=2, dim_head=8).eval()
+    proc = hbkernels.patch.TemporalAttnProcessor(attn.processor)
+    x, ctx = torch.randn(3, 4, 16), torch.randn(3, 5, 16)
+    mask = torch.zeros(3, 1, 4)
+    mask[..., -1] = -1e4
+    with torch.no_grad():
+        for kwargs in ({}, {"encoder_hidden_states": ctx}, {"attention_mask": mask}):
+            ref = attn(x, **kwargs)
+            attn.set_processor(proc)
+            out = attn(x, **kwargs)
+            attn.set_processor(proc.fallback)
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_model_warns():
+    with pytest.warns(RuntimeWarning, match="found nothing"):
+        hbkernels.apply_to(torch.nn.Linear(2, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = hbkernels.apply_to(torch.nn.Sequential(torch.nn.GroupNorm(2, 4), torch.nn.SiLU()))
+    assert model._hbkernels_patched["group_norm_silu"] == 1
+    assert isinstance(model[1], torch.nn.Identity)
