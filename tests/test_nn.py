@@ -1,0 +1,61 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hbkernels
+from helpers import BACKENDS, rand
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("shape", [(2, 12, 5), (2, 12), (1, 12, 4, 4), (1, 12, 3, 2, 2)])
+def test_group_norm_module_matches_torch(backend_name, shape):
+    ours = hbkernels.nn.GroupNorm(4, 12, eps=1e-6, activation="silu")
+    torch_norm = torch.nn.GroupNorm(4, 12, eps=1e-6)
+    with torch.no_grad():
+        torch_norm.weight.normal_()
+        torch_norm.bias.normal_()
+    ours.load_state_dict(torch_norm.state_dict())
+    assert ours.state_dict().keys() == torch_norm.state_dict().keys()
+    x = rand(*shape, mean=2.0)
+    with hbkernels.use_backend(backend_name):
+        got = ours(x)
+    torch.testing.assert_close(got, F.silu(torch_norm(x)), atol=2e-5, rtol=1e-5)
+
+
+def test_group_norm_from_torch_shares_parameters():
+    norm = torch.nn.GroupNorm(2, 8)
+    fused = hbkernels.nn.GroupNorm.from_torch(norm, activation="silu")
+    assert fused.weight is norm.weight and fused.bias is norm.bias and fused.activation == "silu"
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_geglu_module_matches_diffusers(backend_name):
+    from diffusers.models.activations import GEGLU
+
+    ref = GEGLU(16, 24)
+    ours = hbkernels.nn.GEGLU(16, 24)
+    ours.load_state_dict(ref.state_dict())  # strict: same keys
+    x = rand(3, 5, 16)
+    with hbkernels.use_backend(backend_name):
+        got = ours(x)
+    torch.testing.assert_close(got, ref(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_temporal_attention_module_matches_diffusers(backend_name):
+    from diffusers.models.attention_processor import Attention
+
+    ref = Attention(query_dim=32, heads=4, dim_head=8)
+    ours = hbkernels.nn.TemporalAttention(32, heads=4, dim_head=8)
+    ours.load_state_dict(ref.state_dict())  # strict: same keys
+    x = rand(6, 25, 32)
+    with hbkernels.use_backend(backend_name):
+        got = ours(x)
+    torch.testing.assert_close(got, ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_modules_reject_bad_rank():
+    with pytest.raises(ValueError, match="x must be tokens"):
+        hbkernels.nn.TemporalAttention(8, 2, 4)(torch.randn(2, 3, 4, 8))
+    with pytest.raises(ValueError, match="x must be"):
+        hbkernels.nn.GroupNorm(2, 4)(torch.randn(4))
