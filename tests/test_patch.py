@@ -33,8 +33,8 @@ def unet_motion():
         down_block_types=("CrossAttnDownBlockMotion", "DownBlockMotion"),
         up_block_types=("UpBlockMotion", "CrossAttnUpBlockMotion"),
     )
-    inputs = dict(sample=torch.randn(2, 4, FRAMES, 8, 8), timestep=10, encoder_hidden_states=torch.randn(2, 5, 16))
-    return model, inputs
+    inputs = dict(sample=torch.randn(2, 4, FRAMES, 8, 8), timestep=10, encoder_hidden_states=torch.randn(2 * FRAMES, 5, 16))
+    return model, inputs  # the motion U-Net takes per-frame text states
 
 
 def unet_svd():
