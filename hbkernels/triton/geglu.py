@@ -7,7 +7,7 @@ Math is in fp32 whatever the storage dtype.
 import triton
 import triton.language as tl
 
-from hbkernels.triton.layout import _NUM_WARPS, pick_block
+from hbkernels.triton.layout import pick_block, warps_for
 
 _TILE = 4096  # output elements per program
 
@@ -60,7 +60,7 @@ def geglu_fwd(x, out) -> None:
     block_m, block_f = _tiles(m, f)
     grid = (triton.cdiv(m, block_m), triton.cdiv(f, block_f))
     _geglu_fwd_kernel[grid](x, out, m, f, x.stride(0), out.stride(0),
-                            BLOCK_M=block_m, BLOCK_F=block_f, num_warps=_NUM_WARPS)
+                            BLOCK_M=block_m, BLOCK_F=block_f, num_warps=warps_for(block_m * block_f))
 
 
 def geglu_bwd(dy, x, dx) -> None:
@@ -71,4 +71,4 @@ def geglu_bwd(dy, x, dx) -> None:
     block_m, block_f = _tiles(m, f)
     grid = (triton.cdiv(m, block_m), triton.cdiv(f, block_f))
     _geglu_bwd_kernel[grid](dy, x, dx, m, f, dy.stride(0), x.stride(0), dx.stride(0),
-                            BLOCK_M=block_m, BLOCK_F=block_f, num_warps=_NUM_WARPS)
+                            BLOCK_M=block_m, BLOCK_F=block_f, num_warps=warps_for(block_m * block_f))

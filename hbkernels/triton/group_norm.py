@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from hbkernels import backend
-from hbkernels.triton.layout import _NUM_WARPS, merge_ts, strides4, tile_shape
+from hbkernels.triton.layout import merge_ts, strides4, tile_shape, warps_for
 
 _GPU_STATS_PROGRAMS = 2048  # enough resident programs to keep an H100's loads in flight
 _INTERP_CHUNKS = 3  # a few programs per (n, channel block) under TRITON_INTERPRET (still exercises merging)
@@ -51,7 +51,7 @@ def _vec_or_dummy(v, like):
 
 
 @triton.jit
-def _tile_origin(pid_tile, n_sb, T, BLOCK_S: tl.constexpr):
+def _tile_origin(pid_tile, n_sb, BLOCK_S: tl.constexpr):
     """tile index within one n -> (t, first s)."""
     t = pid_tile // n_sb
     s0 = (pid_tile - t * n_sb) * BLOCK_S
@@ -79,7 +79,7 @@ def _gn_stats_kernel(
     mean = tl.zeros([BLOCK_C], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
     for i in range(first, last):
-        t, s0 = _tile_origin(i, n_sb, T, BLOCK_S)
+        t, s0 = _tile_origin(i, n_sb, BLOCK_S)
         ss = s0 + ar
         mask = cmask[:, None] & (ss < S)[None, :]
         ptrs = x_n + t.to(tl.int64) * sxt + cc[:, None] * sxc + ss[None, :] * sxs
@@ -148,7 +148,7 @@ def _gn_apply_kernel(
     pid = tl.program_id(0)
     tiles_per_n = T * n_sb
     n = pid // tiles_per_n
-    t, s0 = _tile_origin(pid - n * tiles_per_n, n_sb, T, BLOCK_S)
+    t, s0 = _tile_origin(pid - n * tiles_per_n, n_sb, BLOCK_S)
     cc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     ss = s0 + tl.arange(0, BLOCK_S)
     cmask = cc < C
@@ -201,7 +201,7 @@ def _gn_bwd_partials_kernel(
     first = chunk * tiles_per_chunk
     last = tl.minimum(first + tiles_per_chunk, n_tiles)
     for i in range(first, last):
-        t, s0 = _tile_origin(i, n_sb, T, BLOCK_S)
+        t, s0 = _tile_origin(i, n_sb, BLOCK_S)
         t64 = t.to(tl.int64)
         ss = s0 + ar
         mask = cmask[:, None] & (ss < S)[None, :]
@@ -264,7 +264,7 @@ def _gn_bwd_apply_kernel(
     pid = tl.program_id(0)
     tiles_per_n = T * n_sb
     n = pid // tiles_per_n
-    t, s0 = _tile_origin(pid - n * tiles_per_n, n_sb, T, BLOCK_S)
+    t, s0 = _tile_origin(pid - n * tiles_per_n, n_sb, BLOCK_S)
     cc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     ss = s0 + tl.arange(0, BLOCK_S)
     cmask = cc < C
@@ -329,7 +329,7 @@ def gn_fwd(x, weight, bias, y, mean, rstd, num_groups: int, eps: float, silu: bo
     _gn_stats_kernel[(n * n_chunks, n_cb3)](
         x, pmean, pm2, pcnt,
         c, t3, s3, n_sb3, t3 * n_sb3, per, n_chunks, *xs3,
-        BLOCK_C=bc3, BLOCK_S=bs3, num_warps=_NUM_WARPS,
+        BLOCK_C=bc3, BLOCK_S=bs3, num_warps=warps_for(bc3 * bs3),
     )
     block = min(triton.next_power_of_2(cpg * n_chunks), _FINAL_BLOCK)
     _gn_finalize_kernel[(n * num_groups,)](
@@ -346,7 +346,7 @@ def gn_fwd(x, weight, bias, y, mean, rstd, num_groups: int, eps: float, silu: bo
         mean.stride(0), mean.stride(1), rstd.stride(0), rstd.stride(1),
         *xs, *ys,
         HAS_W=weight is not None, HAS_B=bias is not None, SILU=bool(silu),
-        BLOCK_C=block_c, BLOCK_S=block_s, num_warps=_NUM_WARPS,
+        BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps_for(block_c * block_s),
     )
 
 
@@ -373,7 +373,7 @@ def gn_bwd(dy, x, weight, bias, mean, rstd, dx, dweight, dbias, num_groups: int,
         dy, x, w, b, mean, rstd, pa, pb,
         c, t2, s2, n_sb2, t2 * n_sb2, per, n_chunks, cpg, sw, sb_, *ms, *ds2, *xs2,
         HAS_W=has_w, HAS_B=has_b, SILU=silu,
-        BLOCK_C=bc2, BLOCK_S=bs2, num_warps=_NUM_WARPS,
+        BLOCK_C=bc2, BLOCK_S=bs2, num_warps=warps_for(bc2 * bs2),
     )
 
     # 2. per-group coefficients
@@ -392,7 +392,7 @@ def gn_bwd(dy, x, weight, bias, mean, rstd, dx, dweight, dbias, num_groups: int,
         dy, x, w, b, mean, rstd, coef, dx,
         c, t3, s3, n_sb3, num_groups, cpg, sw, sb_, *ms, *ds3, *xs3, *os3,
         HAS_W=has_w, HAS_B=has_b, SILU=silu,
-        BLOCK_C=bc3, BLOCK_S=bs3, num_warps=_NUM_WARPS,
+        BLOCK_C=bc3, BLOCK_S=bs3, num_warps=warps_for(bc3 * bs3),
     )
 
     # dweight = sum dz * xhat, dbias = sum dz over n and the (t, s) plane: tiny (N, C, chunks) reductions

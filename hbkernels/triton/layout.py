@@ -61,6 +61,11 @@ def tile_shape(c: int, s: int, strides, tile: int | None = None):
     return block_c, block_s
 
 
+def warps_for(elems: int) -> int:
+    """num_warps for a tile of ``elems`` elements: 8 for full 4096-element tiles, fewer for small ones."""
+    return max(1, min(_NUM_WARPS, elems // 512))
+
+
 def strides4(t: torch.Tensor):
     assert t.dim() == 4, t.shape
     return tuple(int(v) for v in t.stride())
@@ -112,5 +117,5 @@ def copy_add(src, residual, out) -> None:
         c, t2, s2, n_sb,
         *st[0], *res_strides, *st[1],
         HAS_RES=residual is not None, BLOCK_C=block_c, BLOCK_S=block_s,
-        num_warps=_NUM_WARPS,
+        num_warps=warps_for(block_c * block_s),
     )

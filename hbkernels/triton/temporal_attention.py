@@ -175,15 +175,20 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, LSE, DQ, H, T, D, scale, qk_scale,
     _store_rows(DQ + n * sg_n + h * sg_h, dq * scale, offs_m, sg_t, offs_d, T, D, UPCAST)
 
 
-def _config(t: int, d: int, elem_size: int):
-    """BLOCK_M = BLOCK_N = min(64, next_pow2(T)) (>= 16 for tl.dot), halved until one (BLOCK, BLOCK_D)
-    tile is <= 16 KiB so k/v (fwd) or q/do/out (bwd) tiles x 2 stages fit H100/MI300 shared memory
-    (fp16 D=256 -> 32, fp32 D=256 -> 16)."""
+def _config(t: int, d: int, elem_size: int, bwd: bool):
+    """Block sizes from T and D, checked with ptxas for sm_90 (D up to 256: at most 80 KiB shared
+    memory, no register spills in fp16/bf16, a few hundred bytes at worst in fp32).
+
+    fp16/bf16: BLOCK_M = BLOCK_N = min(64, next_pow2(T)) (>= 16 for tl.dot), halved while a tile has
+    more than 8192 (fwd) / 4096 (bwd: five dots, two accumulators) elements. fp32 runs its "ieee"
+    dots on FMA units, whose operands take many more registers: 16-row tiles without pipelining."""
     block_d = max(16, triton.next_power_of_2(d))
+    if elem_size == 4:
+        return 16, block_d, dict(num_warps=8 if block_d >= 64 else 4, num_stages=1)
     block = min(64, max(16, triton.next_power_of_2(t)))
-    while block > 16 and block * block_d * elem_size > 16384:
+    while block > 16 and block * block_d > (4096 if bwd else 8192):
         block //= 2
-    num_warps = 8 if block * block_d >= 64 * 128 else 4
+    num_warps = 8 if block * block_d >= (2048 if bwd else 4096) else 4
     return block, block_d, dict(num_warps=num_warps, num_stages=2)
 
 
@@ -199,7 +204,7 @@ def _device(x):
 def attn_fwd(q, k, v, out, lse, scale: float, causal: bool) -> None:
     n, t, h, d = q.shape
     assert lse.is_contiguous() and lse.shape == (n, h, t) and lse.dtype == torch.float32
-    block, block_d, opts = _config(t, d, q.element_size())
+    block, block_d, opts = _config(t, d, q.element_size(), bwd=False)
     grid = (n * h, triton.cdiv(t, block))
     with _device(q):
         _attn_fwd_kernel[grid](
@@ -212,8 +217,8 @@ def attn_fwd(q, k, v, out, lse, scale: float, causal: bool) -> None:
 def attn_bwd(do, q, k, v, out, lse, dq, dk, dv, scale: float, causal: bool) -> None:
     n, t, h, d = q.shape
     assert dq.is_contiguous() and dk.is_contiguous() and dv.is_contiguous()
-    block, block_d, opts = _config(t, d, q.element_size())
-    fuse_dq = t <= block
+    block, block_d, opts = _config(t, d, q.element_size(), bwd=True)
+    fuse_dq = t <= block and (q.element_size() < 4 or block_d <= 64)  # a 5th FMA dot spills in fp32
     common = (h, t, d, scale, scale * LOG2E,
               *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(do), *_strides(dq))
     meta = dict(CAUSAL=bool(causal), UPCAST=backend.interpreting(),
