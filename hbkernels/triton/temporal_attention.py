@@ -10,12 +10,12 @@ keys fit one block, delta_i = sum_j P_ij dP_ij from the tile instead, so out is 
 Grid: axis 0 = N*H (limit 2^31-1, so N*H >= 65,536 works), axis 1 = T blocks (small).
 Forward: one program per (n*h, query block), online softmax over key blocks (one iteration for
 T <= BLOCK_N). Backward: one program per (n*h, key block) accumulates dk/dv over query blocks; when
-T fits in one key block (the common video case) that program also writes dq, so the whole backward is
-one kernel reading q, k, v, do once. Otherwise a second kernel per (n*h, query block) makes dq.
+T fits in one key block (the common video case; in fp32 only for D <= 64) that program also writes
+dq, so the whole backward is one kernel reading q, k, v, do once. Otherwise a second kernel per
+(n*h, query block) makes dq.
 Scores are kept in the log2 domain (qk_scale = scale * log2(e)) so the kernels use exp2.
 """
 import contextlib
-import math
 
 import torch
 import triton
@@ -24,7 +24,6 @@ import triton.language as tl
 from hbkernels import backend
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 @triton.jit
@@ -43,7 +42,8 @@ def _store_rows(ptr, x, offs_t, stride_t, offs_d, T, D, UPCAST: tl.constexpr):
         b = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16
         x = b.to(tl.float32, bitcast=True)
     mask = (offs_t < T)[:, None] & (offs_d < D)[None, :]
-    tl.store(ptr + offs_t.to(tl.int64)[:, None] * stride_t + offs_d[None, :], x.to(ptr.dtype.element_ty), mask=mask)
+    ptrs = ptr + offs_t.to(tl.int64)[:, None] * stride_t + offs_d[None, :]
+    tl.store(ptrs, x.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
