@@ -16,6 +16,7 @@ with it (read from diffusers' source), so subclasses that may override a forward
 
 Patch before adding accelerate offload hooks: replaced modules do not carry hooks over.
 """
+import functools
 import importlib
 import logging
 import warnings
@@ -150,7 +151,8 @@ class TemporalAttnProcessor:
             and getattr(attn.to_v, "out_features", None) == q_dim
         )
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 *args, **kwargs):
         if not self._fast_path_ok(attn, hidden_states, encoder_hidden_states, attention_mask):
             return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         n, t, _ = hidden_states.shape
@@ -200,15 +202,19 @@ def _swap_geglu(model, d) -> None:
 # Temporal transformer layout (norm -> tokens, tokens -> video + residual)
 
 
-def _temporal_tokens_forward(self, hidden_states, encoder_hidden_states, timestep, class_labels, num_frames, cross_attention_kwargs):
+def _temporal_tokens_forward(self, hidden_states, encoder_hidden_states, timestep, class_labels, num_frames,
+                             cross_attention_kwargs):
     """The forward of diffusers' ``TransformerTemporalModel`` / ``AnimateDiffTransformer3D`` with
     the norm writing tokens (B*H*W, T, C) directly and the output permute fused with the residual
     add, saving two full copies of the activation."""
     batch_frames, channels, height, width = hidden_states.shape
     # (B, C, T, H, W) view of the (B*T, C, H, W) input: the norm's input and the residual
-    video = hidden_states.reshape(batch_frames // num_frames, num_frames, channels, height, width).permute(0, 2, 1, 3, 4)
+    video = hidden_states.reshape(batch_frames // num_frames, num_frames, channels, height, width)
+    video = video.permute(0, 2, 1, 3, 4)
     norm = self.norm
-    tokens = self.proj_in(group_norm_to_tokens(video, norm.num_groups, norm.weight, norm.bias, norm.eps))
+    activation = getattr(norm, "activation", None)
+    tokens = group_norm_to_tokens(video, norm.num_groups, norm.weight, norm.bias, norm.eps, activation)
+    tokens = self.proj_in(tokens)
     for block in self.transformer_blocks:
         tokens = block(
             tokens,
@@ -239,22 +245,41 @@ def _animatediff_forward(self, hidden_states, encoder_hidden_states=None, timest
                                     cross_attention_kwargs)
 
 
-_layout_classes: dict = {}  # diffusers class -> its subclass with the fused forward
+# the temporal transformers whose forward _temporal_tokens_forward reproduces: name -> (module, forward)
+_LAYOUT_FORWARDS = {
+    "TransformerTemporalModel": ("diffusers.models.transformers.transformer_temporal", _transformer_temporal_forward),
+    "AnimateDiffTransformer3D": ("diffusers.models.unets.unet_motion_model", _animatediff_forward),
+}
+
+
+@functools.lru_cache(None)
+def _layout_class(name: str):
+    """The diffusers class ``name`` with the fused forward: swapped in as the instance's class (not
+    an instance attribute), so hooks that wrap ``module.forward`` keep working and isinstance
+    checks against the diffusers class still hold."""
+    module, forward = _LAYOUT_FORWARDS[name]
+    base = _find(module, name)
+    if base is None:
+        return None
+    return type(name, (base,), {"forward": forward, "__module__": __name__, "_hbkernels_layout": True})
+
+
+def __getattr__(name: str):
+    # pickle finds the fused classes here by name, also in a process that never called apply_to
+    if name in _LAYOUT_FORWARDS and _layout_class(name) is not None:
+        return _layout_class(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _swap_layout(model, d) -> None:
-    forwards = {d["TransformerTemporalModel"]: _transformer_temporal_forward, d["AnimateDiffTransformer3D"]: _animatediff_forward}
     for module in model.modules():
-        forward = forwards.get(type(module))
-        if forward is None or not isinstance(getattr(module, "norm", None), nn.GroupNorm):
-            continue
-        cls = type(module)
-        if cls not in _layout_classes:
-            # a subclass (not an instance attribute) so hooks wrapping module.forward keep working
-            # and isinstance checks against the diffusers class still hold
-            _layout_classes[cls] = type(cls.__name__, (cls,), {"forward": forward, "__module__": __name__,
-                                                               "_hbkernels_layout": True})
-        module.__class__ = _layout_classes[cls]
+        name = type(module).__name__
+        if (
+            name in _LAYOUT_FORWARDS
+            and type(module) is d[name]
+            and isinstance(getattr(module, "norm", None), nn.GroupNorm)
+        ):
+            module.__class__ = _layout_class(name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,7 +293,8 @@ def _diffusers_classes() -> dict:
         "AttnProcessor": _find("diffusers.models.attention_processor", "AttnProcessor"),
         "AttnProcessor2_0": _find("diffusers.models.attention_processor", "AttnProcessor2_0"),
         "GEGLU": _find("diffusers.models.activations", "GEGLU"),
-        "TransformerTemporalModel": _find("diffusers.models.transformers.transformer_temporal", "TransformerTemporalModel"),
+        "TransformerTemporalModel": _find("diffusers.models.transformers.transformer_temporal",
+                                          "TransformerTemporalModel"),
         "AnimateDiffTransformer3D": _find("diffusers.models.unets.unet_motion_model", "AnimateDiffTransformer3D"),
     }
     # U-Nets whose forward runs conv_act directly on conv_norm_out's output
@@ -333,7 +359,8 @@ def apply_to(model: nn.Module, *, group_norm: bool = True, attention: bool = Tru
     summary = _summary(model)
     model._hbkernels_patched = summary
     if not any(summary.values()):
-        warnings.warn(f"hbkernels.apply_to: found nothing to patch in {type(model).__name__}", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"hbkernels.apply_to: found nothing to patch in {type(model).__name__}", RuntimeWarning,
+                      stacklevel=2)
     else:
         logger.info("hbkernels.apply_to(%s): %s", type(model).__name__, summary)
     return model
