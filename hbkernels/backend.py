@@ -4,7 +4,6 @@
 lets the Triton backend run on CPU tensors, which is how CI exercises the Triton code.
 """
 import contextlib
-import functools
 import importlib.util
 import os
 import warnings
@@ -19,24 +18,31 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(None)
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _HAS_TRITON
 
 
-@functools.lru_cache(None)
+_cpp_state: list = []  # [bool] once probed; a plain global so torch.compile can trace select()
+
+
 def cpp_available() -> bool:
-    try:
-        from hbkernels import cpp  # noqa: F401  (registers torch.ops.hbkernels.*)
-    except (ImportError, OSError) as err:
-        warnings.warn(
-            f"hbkernels: C++ CPU backend unavailable ({err}); falling back to the PyTorch reference backend. "
-            "Reinstall with a C++ compiler present (pip install --no-build-isolation -e .) to build it.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return False
-    return True
+    if not _cpp_state:
+        try:
+            from hbkernels import cpp  # noqa: F401  (registers torch.ops.hbkernels.*)
+
+            _cpp_state.append(True)
+        except (ImportError, OSError) as err:
+            warnings.warn(
+                f"hbkernels: C++ CPU backend unavailable ({err}); falling back to the PyTorch reference backend. "
+                "Reinstall with a C++ compiler present (pip install --no-build-isolation -e .) to build it.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            _cpp_state.append(False)
+    return _cpp_state[0]
 
 
 def _requested() -> str | None:
