@@ -1,0 +1,83 @@
+"""Write generated frames to .mp4 (H.264 through imageio-ffmpeg's bundled ffmpeg) or .gif (PIL).
+
+Files are written to a temporary name in the destination folder and renamed into place, so a
+reader never sees a half-written video and a failed export leaves no partial file behind.
+"""
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_uint8_frames(frames) -> np.ndarray:
+    """One video as (F, H, W, 3) uint8: from a list of PIL images, a (F, H, W, 3) uint8 array, or a
+    (F, 3, H, W) float tensor/array in [0, 1] (the pipeline's "pt" frames of one video)."""
+    if isinstance(frames, (list, tuple)) and frames and isinstance(frames[0], Image.Image):
+        return np.stack([np.asarray(f.convert("RGB")) for f in frames])
+    if isinstance(frames, torch.Tensor):
+        frames = frames.detach().float().cpu().numpy()
+    frames = np.asarray(frames)
+    if frames.ndim == 4 and frames.shape[1] == 3 and frames.shape[-1] != 3:  # (F, 3, H, W)
+        frames = frames.transpose(0, 2, 3, 1)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
+        raise ValueError(f"expected one video of F >= 1 RGB frames, got an array of shape {frames.shape}")
+    if frames.dtype != np.uint8:
+        frames = (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
+    return frames
+
+
+def _atomic(path: str, write) -> str:
+    """Run ``write(tmp_path)`` on a temporary file beside ``path`` (same suffix, so ffmpeg/PIL pick the
+    format from it), then rename it to ``path``."""
+    path = os.path.abspath(path)
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.tmp{os.getpid()}{os.path.splitext(name)[1]}")
+    try:
+        open(tmp, "wb").close()  # fail early and clearly; created with the user's umask, unlike mkstemp
+    except OSError as err:
+        raise OSError(f"cannot write {path}: {err.strerror} ({folder})") from err
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
+def export_to_mp4(frames, path: str, fps: float = 8, quality: float = 8) -> str:
+    """H.264 / yuv420p (plays everywhere); ``quality`` 0-10 as imageio-ffmpeg defines it. Returns the path."""
+    import imageio_ffmpeg
+
+    video = to_uint8_frames(frames)
+    height, width = video.shape[1:3]
+
+    def write(tmp):
+        # macro_block_size=2: yuv420p needs even sizes; larger blocks would make ffmpeg rescale frames.
+        writer = imageio_ffmpeg.write_frames(tmp, (width, height), fps=fps, codec="libx264", quality=quality,
+                                             pix_fmt_out="yuv420p", macro_block_size=2, ffmpeg_log_level="error")
+        writer.send(None)
+        for frame in video:
+            writer.send(np.ascontiguousarray(frame))
+        writer.close()
+
+    return _atomic(path, write)
+
+
+def export_to_gif(frames, path: str, fps: float = 8) -> str:
+    """Looping GIF (palette per frame). Returns the path."""
+    images = [Image.fromarray(f) for f in to_uint8_frames(frames)]
+    return _atomic(path, lambda tmp: images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:],
+                                                    duration=round(1000 / fps), loop=0))
+
+
+EXPORTERS = {".mp4": export_to_mp4, ".gif": export_to_gif}
+
+
+def export_video(frames, path: str, fps: float = 8) -> str:
+    """Pick the writer from the file extension (.mp4 or .gif)."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in EXPORTERS:
+        raise ValueError(f"unsupported video format {ext!r} for {path}; use one of {sorted(EXPORTERS)}")
+    return EXPORTERS[ext](frames, path, fps)

@@ -1,0 +1,279 @@
+"""Text-to-video pipeline for Hummingbird (LCM, guidance distilled in) and VideoCrafter2 (DDIM + CFG).
+
+Components, as ``save_pretrained`` writes them and ``from_pretrained`` reads them back:
+
+- ``text_encoder``: a transformers ``CLIPTextModel``. VideoCrafter2 conditions on OpenCLIP ViT-H's
+  *penultimate* layer followed by the final LayerNorm; that is exactly the ``last_hidden_state`` of
+  a CLIPTextModel that stores only the first 23 of the 24 blocks (as Stable Diffusion 2.x ships it),
+  so the pipeline uses ``last_hidden_state`` of whatever depth is stored.
+- ``tokenizer``: ``CLIPTokenizer``, 77 tokens; longer prompts are truncated with a warning.
+- ``vae``: ``AutoencoderKL`` (SD KL-f8, scaling factor 0.18215); frames are decoded as images,
+  ``decode_chunk_size`` at a time.
+- ``unet``: :class:`hummingbird.models.HummingbirdUNet3DModel`.
+- ``scheduler``: :func:`hummingbird.schedulers.lcm_scheduler` or ``ddim_scheduler``.
+
+Sampling mode: a U-Net with ``time_cond_proj`` (Hummingbird) has the guidance scale distilled in, so
+each step is ONE U-Net call fed the guidance embedding; otherwise (VideoCrafter2) each step runs the
+conditional and unconditional batches together in one call and combines them (classifier-free
+guidance). With an ``LCMScheduler`` the timesteps are Hummingbird's (:func:`~hummingbird.schedulers.lcm_timesteps`).
+"""
+import inspect
+import os
+import resource
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, LCMScheduler
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from hummingbird.models import HummingbirdUNet3DModel, guidance_scale_embedding
+from hummingbird.schedulers import DDIM_ETA, ddim_scheduler, lcm_scheduler, lcm_timesteps
+
+# Published defaults: Hummingbird (guidance-distilled, LCM) / VideoCrafter2 (DDIM + CFG).
+DISTILLED_DEFAULTS = dict(num_inference_steps=4, guidance_scale=7.5, fps=8)
+CFG_DEFAULTS = dict(num_inference_steps=50, guidance_scale=12.0, fps=28)
+
+
+@dataclass
+class HummingbirdPipelineOutput(BaseOutput):
+    """frames: (B, F, 3, H, W) float in [0, 1] ("pt"), (B, F, H, W, 3) uint8 ("np"), or B lists of F
+    PIL images ("pil"). timings: seconds per stage (text_encode, denoise, decode). peak_memory_mb:
+    torch.cuda.max_memory_allocated during the call on CUDA; on CPU the process's peak resident set
+    size so far (ru_maxrss, not reset per call)."""
+
+    frames: object
+    timings: dict = field(default_factory=dict)
+    peak_memory_mb: float = 0.0
+
+
+class HummingbirdPipeline(DiffusionPipeline):
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+
+    def __init__(self, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
+                 unet: HummingbirdUNet3DModel, scheduler):
+        super().__init__()
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+
+    @property
+    def guidance_distilled(self) -> bool:
+        """True when the U-Net takes the guidance scale as an input (one call per step, no CFG)."""
+        return self.unet.config.time_cond_proj_dim is not None
+
+    @property
+    def spatial_multiple(self) -> int:
+        """Height/width must be multiples of this: the VAE's factor times the U-Net's downsamplings."""
+        return self.vae_scale_factor * 2 ** (len(self.unet.config.channel_mult) - 1)
+
+    def encode_prompt(self, prompt: list, device) -> torch.Tensor:
+        """(len(prompt), 77, hidden) text embeddings; prompts over 77 tokens are cut with a warning."""
+        tok = self.tokenizer
+        for p in prompt:
+            ids = tok(p).input_ids
+            if len(ids) > tok.model_max_length:  # keep <bos> + 75 tokens + <eos>
+                dropped = tok.decode(ids[tok.model_max_length - 1:-1])
+                warnings.warn(f"prompt is longer than {tok.model_max_length} tokens; dropped: {dropped!r}",
+                              stacklevel=3)
+        ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids
+        return self.text_encoder(ids.to(device)).last_hidden_state
+
+    def decode_latents(self, latents: torch.Tensor, decode_chunk_size: int) -> torch.Tensor:
+        """(B, 4, F, h, w) latents -> (B, F, 3, H, W) float32 in [0, 1], decoding frames as images."""
+        b, c, f, h, w = latents.shape
+        frames = latents.transpose(1, 2).reshape(b * f, c, h, w) / self.vae.config.scaling_factor
+        frames = frames.to(self.vae.dtype)
+        images = torch.cat([self.vae.decode(chunk).sample for chunk in frames.split(decode_chunk_size)])
+        return (images.float() / 2 + 0.5).clamp(0, 1).reshape(b, f, *images.shape[1:])
+
+    def check_inputs(self, prompt, negative_prompt, num_frames, height, width, num_inference_steps,
+                     output_type, decode_chunk_size):
+        if not prompt or not all(isinstance(p, str) for p in prompt):
+            raise ValueError("prompt must be a string or a non-empty list of strings")
+        if negative_prompt is not None and len(negative_prompt) != len(prompt):
+            raise ValueError(f"{len(negative_prompt)} negative prompts for {len(prompt)} prompts")
+        m = self.spatial_multiple
+        if height % m or width % m or height <= 0 or width <= 0:
+            raise ValueError(f"height and width must be positive multiples of {m} (the VAE's {self.vae_scale_factor} "
+                             f"x the U-Net's downsampling), got {height}x{width}")
+        if num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        if output_type not in ("pt", "np", "pil"):
+            raise ValueError(f"output_type must be 'pt', 'np' or 'pil', got {output_type!r}")
+        if decode_chunk_size < 1:
+            raise ValueError(f"decode_chunk_size must be >= 1, got {decode_chunk_size}")
+
+    def _set_timesteps(self, num_inference_steps, device):
+        if isinstance(self.scheduler, LCMScheduler):
+            steps = lcm_timesteps(num_inference_steps, self.scheduler.config.original_inference_steps,
+                                  self.scheduler.config.num_train_timesteps)
+            self.scheduler.set_timesteps(timesteps=steps, device=device)
+        else:
+            self.scheduler.set_timesteps(num_inference_steps, device=device)
+        return self.scheduler.timesteps
+
+    def _step_kwargs(self, generator, eta):
+        """Pass eta (DDIM) and the generator to the schedulers whose step() takes them."""
+        params = inspect.signature(self.scheduler.step).parameters
+        return {k: v for k, v in (("generator", generator), ("eta", eta)) if k in params}
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt,
+        negative_prompt=None,
+        num_frames: int = 16,
+        height: int = 320,
+        width: int = 512,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        fps: int | None = None,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+        latents: torch.Tensor | None = None,
+        eta: float = DDIM_ETA,
+        output_type: str = "pt",
+        decode_chunk_size: int = 8,
+        return_dict: bool = True,
+    ):
+        """Generate videos. ``num_inference_steps`` / ``guidance_scale`` / ``fps`` default to 4 / 7.5 / 8
+        for a guidance-distilled U-Net (Hummingbird) and 50 / 12 / 28 otherwise (VideoCrafter2).
+
+        negative_prompt: the unconditional prompt of classifier-free guidance (default ""); a
+        guidance-distilled U-Net has no unconditional branch, so it is ignored there with a warning.
+        Without distillation, guidance_scale <= 1 turns classifier-free guidance off (batch B, not 2B).
+        seed: shorthand for a CPU ``generator`` (the same seed gives the same noise on any device).
+        latents: (B, 4, F, H/8, W/8) initial noise instead of sampling it. eta: DDIM's noise weight.
+        Returns :class:`HummingbirdPipelineOutput` (or ``(frames,)`` when ``return_dict=False``).
+        """
+        prompt = [prompt] if isinstance(prompt, str) else list(prompt)
+        if isinstance(negative_prompt, str):
+            negative_prompt = [negative_prompt] * len(prompt)
+        defaults = DISTILLED_DEFAULTS if self.guidance_distilled else CFG_DEFAULTS
+        num_inference_steps = defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
+        guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
+        fps = defaults["fps"] if fps is None else fps
+        self.check_inputs(prompt, negative_prompt, num_frames, height, width, num_inference_steps, output_type,
+                          decode_chunk_size)
+        if generator is None and seed is not None:
+            generator = torch.Generator("cpu").manual_seed(seed)
+        device, dtype, batch = self._execution_device, self.unet.dtype, len(prompt)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        timings, clock = {}, _Clock(device)
+
+        # Text: one U-Net call per step either way; CFG doubles its batch to [uncond, cond].
+        do_cfg = not self.guidance_distilled and guidance_scale > 1
+        if self.guidance_distilled and negative_prompt is not None:
+            warnings.warn("negative_prompt is ignored: this U-Net has classifier-free guidance distilled in "
+                          "(no unconditional branch)", stacklevel=2)
+        texts = (negative_prompt or [""] * batch) + prompt if do_cfg else prompt
+        context = self.encode_prompt(texts, device).to(dtype)
+        timings["text_encode"] = clock.lap()
+
+        timesteps = self._set_timesteps(num_inference_steps, device)
+        shape = (batch, self.unet.config.in_channels, num_frames, height // self.vae_scale_factor,
+                 width // self.vae_scale_factor)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        latents = latents.to(device, dtype) * self.scheduler.init_noise_sigma
+        timestep_cond = None
+        if self.guidance_distilled:
+            w = torch.full((batch,), float(guidance_scale), device=device)
+            timestep_cond = guidance_scale_embedding(w, self.unet.config.time_cond_proj_dim).to(dtype)
+        step_kwargs = self._step_kwargs(generator, eta)
+
+        with self.progress_bar(total=len(timesteps)) as progress:
+            for t in timesteps:
+                model_in = self.scheduler.scale_model_input(torch.cat([latents] * 2) if do_cfg else latents, t)
+                noise = self.unet(model_in, t, context, fps=fps, timestep_cond=timestep_cond).sample
+                if do_cfg:
+                    uncond, cond = noise.chunk(2)
+                    noise = uncond + guidance_scale * (cond - uncond)
+                # The last LCM step returns its denoised estimate, so prev_sample is the result either way.
+                latents = self.scheduler.step(noise, t, latents, **step_kwargs).prev_sample
+                progress.update()
+        timings["denoise"] = clock.lap()
+
+        video = self.decode_latents(latents, decode_chunk_size)
+        timings["decode"] = clock.lap()
+        frames = _to_output_type(video, output_type)
+        self.maybe_free_model_hooks()
+        if device.type == "cuda":
+            peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
+        else:  # ru_maxrss is KiB on Linux, bytes on macOS
+            peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform == "darwin" else 1)
+            peak_mb = peak_kib / 1024
+        if not return_dict:
+            return (frames,)
+        return HummingbirdPipelineOutput(frames=frames, timings=timings, peak_memory_mb=peak_mb)
+
+
+def _diffusers_dtype(dtype) -> dict:
+    """from_pretrained's dtype argument: diffusers renamed ``torch_dtype`` to ``dtype`` in 2026 (the old
+    name warns there; older releases know only it)."""
+    from diffusers.utils import deprecation_utils
+
+    return {"dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype": dtype}
+
+
+def load_pipeline(path, dtype=None) -> HummingbirdPipeline:
+    """A pipeline from a folder: one ``save_pretrained`` wrote (model_index.json), or one that
+    ``hummingbird convert`` wrote (unet/, text_encoder/, vae/) plus a CLIP BPE ``tokenizer/`` folder. In
+    the latter the scheduler follows the U-Net: LCM when it has time_cond_proj, else DDIM."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model folder {path} does not exist")
+    if os.path.isfile(os.path.join(path, "model_index.json")):
+        return HummingbirdPipeline.from_pretrained(path, **_diffusers_dtype(dtype))
+    missing = [c for c in ("unet", "text_encoder", "vae", "tokenizer") if not os.path.isdir(os.path.join(path, c))]
+    if missing:
+        raise FileNotFoundError(
+            f"{path} has no model_index.json and lacks {', '.join(m + '/' for m in missing)}. Expected a pipeline "
+            "saved with save_pretrained, or a `hummingbird convert` output plus tokenizer/ (OpenCLIP's tokenizer is "
+            "CLIP's BPE; Stable Diffusion 2.x's tokenizer/ folder matches it, including OpenCLIP's '!' padding)")
+    unet = HummingbirdUNet3DModel.from_pretrained(path, subfolder="unet", **_diffusers_dtype(dtype))
+    return HummingbirdPipeline(
+        vae=AutoencoderKL.from_pretrained(path, subfolder="vae", **_diffusers_dtype(dtype)),
+        text_encoder=CLIPTextModel.from_pretrained(os.path.join(path, "text_encoder"), dtype=dtype),
+        tokenizer=CLIPTokenizer.from_pretrained(os.path.join(path, "tokenizer")),
+        unet=unet,
+        scheduler=lcm_scheduler() if unet.config.time_cond_proj_dim is not None else ddim_scheduler(),
+    )
+
+
+class _Clock:
+    """Stage timer; synchronises CUDA so each stage's asynchronous kernels are counted in it."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.last = self._now()
+
+    def _now(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def lap(self) -> float:
+        now = self._now()
+        elapsed, self.last = now - self.last, now
+        return elapsed
+
+
+def _to_output_type(video: torch.Tensor, output_type: str):
+    """(B, F, 3, H, W) float in [0, 1] -> the requested output type."""
+    if output_type == "pt":
+        return video
+    frames = (video * 255).round().to(torch.uint8).permute(0, 1, 3, 4, 2).cpu().numpy()
+    if output_type == "np":
+        return frames
+    return [[Image.fromarray(f) for f in clip] for clip in frames]

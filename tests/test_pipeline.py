@@ -1,0 +1,167 @@
+"""End to end on tiny random pipelines (32x32 videos): samplers, determinism, outputs, saving, export."""
+import shutil
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler
+from PIL import Image
+
+from hummingbird.export import export_to_gif, export_to_mp4
+from hummingbird.pipeline import HummingbirdPipeline, load_pipeline
+from hummingbird.testing import tiny_random_pipeline
+
+SIZE = dict(height=32, width=32)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny tensors: thread start-up dominates, and on a shared CPU two threads run 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _pipe(scheduler):
+    pipe = tiny_random_pipeline(scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def lcm():
+    return _pipe("lcm")
+
+
+@pytest.fixture(scope="module")
+def ddim():
+    return _pipe("ddim")
+
+
+def _record_unet_batches(pipe, monkeypatch):
+    batches, forward = [], pipe.unet.forward
+
+    def counting(sample, *args, **kwargs):
+        batches.append(sample.shape[0])
+        return forward(sample, *args, **kwargs)
+
+    monkeypatch.setattr(pipe.unet, "forward", counting)
+    return batches
+
+
+def test_lcm_26_frames_one_unet_call_per_step(lcm, monkeypatch):
+    batches = _record_unet_batches(lcm, monkeypatch)
+    out = lcm("a cat", num_frames=26, num_inference_steps=4, seed=0, output_type="np", **SIZE)
+    assert batches == [1] * 4  # guidance distilled in: no unconditional batch
+    assert lcm.scheduler.timesteps.tolist() == [999, 759, 519, 279]
+    assert out.frames.shape == (1, 26, 32, 32, 3) and out.frames.dtype == np.uint8
+    assert out.frames.std() > 0
+    assert set(out.timings) == {"text_encode", "denoise", "decode"} and out.peak_memory_mb > 0
+
+
+def test_ddim_cfg_batches_cond_and_uncond(ddim, monkeypatch):
+    batches = _record_unet_batches(ddim, monkeypatch)
+    out = ddim(["a cat", "a dog"], num_frames=16, num_inference_steps=3, seed=0, output_type="pil", **SIZE)
+    assert batches == [4] * 3  # one call per step, [uncond, cond] x 2 prompts
+    assert len(out.frames) == 2 and len(out.frames[0]) == 16
+    assert isinstance(out.frames[0][0], Image.Image) and out.frames[0][0].size == (32, 32)
+
+
+def test_cfg_guidance_and_negative_prompt_matter(ddim):
+    def run(**kw):
+        return ddim("a cat", num_frames=2, num_inference_steps=2, seed=0, **SIZE, **kw).frames
+
+    base = run(guidance_scale=12.0)
+    assert not torch.equal(base, run(guidance_scale=3.0))
+    assert not torch.equal(base, run(guidance_scale=12.0, negative_prompt="blurry"))
+
+
+def test_seed_determinism_and_output_types(lcm):
+    def run(seed, output_type="pt"):
+        return lcm("a cat", num_frames=16, num_inference_steps=2, seed=seed, output_type=output_type, **SIZE).frames
+
+    a = run(0)
+    assert a.shape == (1, 16, 3, 32, 32) and a.dtype == torch.float32 and 0 <= a.min() and a.max() <= 1
+    assert torch.equal(a, run(0))
+    assert not torch.equal(a, run(1))
+    as_uint8 = (a * 255).round().to(torch.uint8).permute(0, 1, 3, 4, 2).numpy()
+    np.testing.assert_array_equal(run(0, "np"), as_uint8)
+    # An explicit generator with the same seed gives the same video.
+    gen = torch.Generator().manual_seed(0)
+    b = lcm("a cat", num_frames=16, num_inference_steps=2, generator=gen, **SIZE).frames
+    assert torch.equal(a, b)
+
+
+def _public(config):
+    """A config without diffusers' bookkeeping keys, tuples as JSON gives them back (lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items() if not k.startswith("_")}
+
+
+def test_save_load_round_trip(lcm, tmp_path):
+    lcm.save_pretrained(tmp_path)
+    loaded = HummingbirdPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    for name in ("unet", "vae", "text_encoder"):
+        mine, theirs = getattr(lcm, name).state_dict(), getattr(loaded, name).state_dict()
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine), name
+    for name in ("unet", "scheduler"):
+        assert _public(getattr(loaded, name).config) == _public(getattr(lcm, name).config), name
+    kw = dict(num_frames=4, num_inference_steps=2, seed=0, **SIZE)
+    # Same weights; CPU BLAS picks kernels by memory alignment (mmap-loaded tensors are not 64-byte
+    # aligned), so equality is to float32 rounding rather than bitwise.
+    torch.testing.assert_close(loaded("a cat", **kw).frames, lcm("a cat", **kw).frames, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(height=36), "multiples of 16"),
+    (dict(width=0), "multiples of 16"),
+    (dict(num_frames=0), "num_frames"),
+    (dict(num_inference_steps=0), "num_inference_steps"),
+    (dict(output_type="gif"), "output_type"),
+    (dict(decode_chunk_size=0), "decode_chunk_size"),
+    (dict(negative_prompt=["a", "b"]), "negative prompts"),
+    (dict(latents=torch.zeros(1, 4, 2, 2, 2)), "latents must have shape"),
+])
+def test_bad_arguments(lcm, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        lcm("a cat", **{"num_frames": 2, **SIZE, **kwargs})
+
+
+def test_long_prompt_truncated_with_warning(lcm):
+    prompt = "a cat " * 20 + "THE END"  # 86 tokens: each letter is one in the tiny tokenizer
+    with pytest.warns(UserWarning, match="dropped: .*the end"):
+        embeddings = lcm.encode_prompt([prompt], "cpu")
+    assert embeddings.shape == (1, 77, 32)
+
+
+def test_export_mp4_and_gif(lcm, tmp_path):
+    frames = lcm("a cat", num_frames=16, num_inference_steps=1, seed=0, output_type="np", **SIZE).frames[0]
+    mp4 = export_to_mp4(frames, tmp_path / "v.mp4", fps=8)
+    video = iio.imread(mp4)
+    assert video.shape == (16, 32, 32, 3)
+    assert iio.immeta(mp4)["fps"] == 8
+    assert np.abs(video.astype(float) - frames).mean() < 40  # lossy, but the same pictures
+    gif = export_to_gif(torch.from_numpy(frames).permute(0, 3, 1, 2) / 255, tmp_path / "v.gif", fps=8)
+    assert iio.imread(gif).shape == (16, 32, 32, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.gif", "v.mp4"]  # no temporary files left
+
+
+def test_export_to_unwritable_path(tmp_path):
+    with pytest.raises(OSError, match="cannot write"):
+        export_to_mp4(np.zeros((2, 16, 16, 3), np.uint8), tmp_path / "missing" / "v.mp4")
+
+
+def test_load_converted_folder(ddim, tmp_path):
+    """A `hummingbird convert` folder (no model_index.json / scheduler) plus a tokenizer: assembled,
+    with the scheduler the U-Net implies (DDIM: no time_cond_proj)."""
+    ddim.save_pretrained(tmp_path)
+    (tmp_path / "model_index.json").unlink()
+    shutil.rmtree(tmp_path / "scheduler")
+    pipe = load_pipeline(str(tmp_path), dtype=torch.float16)
+    assert isinstance(pipe.scheduler, DDIMScheduler) and not pipe.guidance_distilled
+    assert pipe.unet.dtype == pipe.vae.dtype == pipe.text_encoder.dtype == torch.float16
+    shutil.rmtree(tmp_path / "tokenizer")
+    with pytest.raises(FileNotFoundError, match="lacks tokenizer/"):
+        load_pipeline(str(tmp_path))

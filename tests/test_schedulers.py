@@ -1,0 +1,50 @@
+"""The two samplers' configurations against the facts of the original code."""
+import pytest
+import torch
+
+from hummingbird.schedulers import ddim_scheduler, lcm_scheduler, lcm_timesteps
+
+
+def test_lcm_timesteps_match_hummingbird():
+    assert lcm_timesteps(4) == [999, 759, 519, 279]
+    assert lcm_timesteps(8) == [999, 879, 759, 639, 519, 399, 279, 159]  # the shipped 8-step default
+    assert lcm_timesteps(1) == [999]
+    assert lcm_timesteps(50) == list(range(999, 0, -20))
+
+
+@pytest.mark.parametrize("steps", [0, 51])
+def test_lcm_timesteps_out_of_range(steps):
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        lcm_timesteps(steps)
+
+
+def test_lcm_scheduler_accepts_hummingbird_timesteps():
+    sched = lcm_scheduler()
+    sched.set_timesteps(timesteps=lcm_timesteps(4))
+    assert sched.timesteps.tolist() == [999, 759, 519, 279]
+    # Consistency-model boundary scalings of the distillation: c_skip ~ 0 away from t = 0.
+    c_skip, c_out = sched.get_scalings_for_boundary_condition_discrete(279)
+    assert c_skip < 1e-4 and c_out == pytest.approx(1.0, abs=1e-4)
+
+
+def test_lcm_last_step_returns_denoised():
+    sched = lcm_scheduler()
+    sched.set_timesteps(timesteps=lcm_timesteps(2))
+    x, eps = torch.randn(1, 4, 2, 4, 4), torch.randn(1, 4, 2, 4, 4)
+    for t in sched.timesteps:
+        out = sched.step(eps, t, x, generator=torch.Generator().manual_seed(0))
+        x = out.prev_sample
+    assert torch.equal(out.prev_sample, out.denoised)
+
+
+def test_training_schedule():
+    for sched in (lcm_scheduler(), ddim_scheduler()):
+        assert sched.config.num_train_timesteps == 1000 and sched.config.prediction_type == "epsilon"
+        assert sched.betas[0].item() == pytest.approx(0.00085) and sched.betas[-1].item() == pytest.approx(0.012)
+
+
+def test_ddim_matches_videocrafter2_grid():
+    sched = ddim_scheduler()
+    sched.set_timesteps(50)
+    assert sched.timesteps.tolist() == list(range(981, 0, -20))  # VideoCrafter2: range(0, 1000, 20) + 1
+    assert sched.final_alpha_cumprod == sched.alphas_cumprod[0]  # its last step lands on alpha_cumprod[0]
