@@ -1,0 +1,3 @@
+from hummingbird.cli import main
+
+raise SystemExit(main())

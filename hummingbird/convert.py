@@ -1,0 +1,419 @@
+"""Convert original VideoCrafter2 / Hummingbird checkpoints to diffusers-format models.
+
+An original (LDM-style) checkpoint holds the whole latent diffusion model in one state dict:
+
+    model.diffusion_model.*   3D U-Net                   -> HummingbirdUNet3DModel (unet/)
+    cond_stage_model.model.*  OpenCLIP ViT-H text tower  -> transformers CLIPTextModel (text_encoder/)
+    first_stage_model.*       KL-f8 autoencoder          -> diffusers AutoencoderKL (vae/)
+
+Other keys (noise-schedule buffers such as ``betas``, EMA copies) are not model weights and are
+ignored. Loads are strict: missing, unexpected or misshapen keys raise
+:class:`CheckpointMismatchError` listing them.
+
+U-Net key map: our parameter names are VideoCrafter2's, so the map strips the prefix and fixes the
+one misspelt module name (:data:`UNET_RENAMES`).
+
+Reading never runs code from the file. ``.safetensors`` hold only tensors; torch pickles
+(``.ckpt``/``.pt``/``.pth``/``.bin``) are read with ``torch.load(weights_only=True)`` first. Released
+Hummingbird checkpoints are whole pickled model objects, which weights_only refuses; those are read
+with :class:`RestrictedUnpickler`, which rebuilds tensors and plain containers and replaces every
+other class by an inert placeholder that only collects attribute data, so the nn.Module tree's
+``_parameters``/``_buffers`` can be read out. Anything the pickle would have to *call* besides the
+tensor-rebuild functions is refused with an error naming it.
+"""
+import _compat_pickle
+import codecs
+import collections
+import json
+import os
+import pickle
+import re
+import shutil
+import tempfile
+import warnings
+import zipfile
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+UNET_PREFIX = "model.diffusion_model."
+TEXT_PREFIX = "cond_stage_model.model."  # FrozenOpenCLIPEmbedder keeps the open_clip model as .model
+VAE_PREFIX = "first_stage_model."
+UNET_RENAMES = {".temopral_conv.": ".temporal_conv."}  # VideoCrafter2's spelling -> ours
+
+TORCH_PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's keys or shapes do not match the model; ``missing``, ``unexpected`` and
+    ``mismatched`` hold the offending keys."""
+
+    def __init__(self, what, missing=(), unexpected=(), mismatched=()):
+        self.missing, self.unexpected, self.mismatched = list(missing), list(unexpected), list(mismatched)
+        lines = [f"{what} weights do not match the model:"]
+        for label, keys in (
+            ("missing from the checkpoint", self.missing),
+            ("unexpected in the checkpoint", self.unexpected),
+            ("wrong shape", self.mismatched),
+        ):
+            if keys:
+                shown = ", ".join(keys[:12]) + (f", ... and {len(keys) - 12} more" if len(keys) > 12 else "")
+                lines.append(f"  {label} ({len(keys)}): {shown}")
+        super().__init__("\n".join(lines))
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """The pickle asked to call something that is not a tensor-rebuild function or plain container."""
+
+
+# ----------------------------------------------------------------------------- reading checkpoints
+
+
+class _RefuseCalls(type):
+    """Metaclass of the placeholders: creating objects through NEWOBJ (``cls.__new__``) is how
+    pickled class instances are rebuilt and is allowed; *calling* a placeholder (REDUCE, INST, OBJ:
+    how a pickle runs functions) is refused."""
+
+    def __call__(cls, *args, **kwargs):
+        raise UnsafeCheckpointError(
+            f"refused to call {cls.__qualname__} while unpickling: the checkpoint runs code when loaded. "
+            "Only tensors, plain containers and the attribute data of pickled objects (such as a pickled "
+            "nn.Module's parameters) can be read safely. If you trust the file, export its weights in an "
+            "isolated environment, e.g. python -c \"import torch; m = torch.load('IN', weights_only=False); "
+            "torch.save(m.state_dict() if hasattr(m, 'state_dict') else m, 'OUT.ckpt')\", and convert OUT.ckpt."
+        )
+
+
+class Placeholder(metaclass=_RefuseCalls):
+    """Stands in for a class named in a pickle; instances only hold the state the pickle sets."""
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+
+def _allowed_globals() -> dict:
+    allowed = {
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+        ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+        ("torch._utils", "_rebuild_parameter_with_state"): torch._utils._rebuild_parameter_with_state,
+        ("torch", "Size"): torch.Size,
+        ("torch", "device"): torch.device,
+        # protocol-2 pickles spell sets and bytes as calls to these
+        ("builtins", "set"): set,
+        ("builtins", "frozenset"): frozenset,
+        ("_codecs", "encode"): codecs.encode,
+    }
+    for name in dir(torch):
+        if isinstance(getattr(torch, name), torch.dtype):
+            allowed[("torch", name)] = getattr(torch, name)
+    return allowed
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Resolves only allow-listed globals; every other global becomes a :class:`Placeholder`
+    subclass (nothing is imported). Storages are supplied by torch.load's persistent_load."""
+
+    allowed = _allowed_globals()
+
+    def find_class(self, module, name):
+        # Protocol-2 pickles (torch.save's default) name Python 2 modules: __builtin__.set, ...
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        if (module, name) in self.allowed:
+            return self.allowed[(module, name)]
+        return _RefuseCalls(name, (Placeholder,), {"__module__": module, "__qualname__": f"{module}.{name}"})
+
+
+class _RestrictedPickleModule:
+    """What torch.load is given as ``pickle_module``: its Unpickler subclasses ours."""
+
+    Unpickler = RestrictedUnpickler
+    UnpicklingError = pickle.UnpicklingError
+
+    @staticmethod
+    def load(file, **kwargs):
+        return RestrictedUnpickler(file, **kwargs).load()
+
+
+def _module_tensors(module, prefix="", out=None) -> dict:
+    """The state dict of a pickled nn.Module rebuilt as placeholders (parameters and persistent buffers)."""
+    out = {} if out is None else out
+    state = vars(module)
+    non_persistent = state.get("_non_persistent_buffers_set", ())
+    buffers = {k: v for k, v in (state.get("_buffers") or {}).items() if k not in non_persistent}
+    for name, tensor in {**(state.get("_parameters") or {}), **buffers}.items():
+        if isinstance(tensor, torch.Tensor):
+            out[prefix + name] = tensor.detach()
+    for name, child in (state.get("_modules") or {}).items():
+        if child is not None:
+            _module_tensors(child, f"{prefix}{name}.", out)
+    return out
+
+
+def _is_pickled_module(obj) -> bool:
+    return isinstance(obj, Placeholder) and isinstance(vars(obj).get("_modules"), dict)
+
+
+def _find_state_dict(obj, path) -> dict:
+    """Tensors by name from what a checkpoint file held: a state dict, a Lightning/DeepSpeed
+    checkpoint (nested under "state_dict"/"module"), or a pickled model."""
+    if _is_pickled_module(obj):
+        return _module_tensors(obj)
+    if isinstance(obj, dict):
+        for key in ("state_dict", "module", "model"):
+            if isinstance(obj.get(key), dict) or _is_pickled_module(obj.get(key)):
+                return _find_state_dict(obj[key], path)
+        tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+        if tensors:
+            for wrapper in ("_forward_module.", "module."):  # DeepSpeed / DDP wrappers
+                if all(k.startswith(wrapper) for k in tensors):
+                    tensors = {k[len(wrapper):]: v for k, v in tensors.items()}
+            return tensors
+    raise ValueError(f"{path}: found no state dict or model in the checkpoint (top-level object: {type(obj).__name__})")
+
+
+def load_checkpoint(path) -> dict:
+    """Read every tensor of an original checkpoint, by name, without running code from the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint file at {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    if suffix not in TORCH_PICKLE_SUFFIXES:
+        expected = ", ".join((".safetensors",) + TORCH_PICKLE_SUFFIXES)
+        raise ValueError(f"{path}: unsupported checkpoint format {suffix!r}; expected one of {expected}")
+    mmap = zipfile.is_zipfile(path)  # torch's zip format can be memory-mapped instead of read whole
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError:
+        # Not plain weights (e.g. a pickled model object): read it with the restricted unpickler.
+        obj = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap, pickle_module=_RestrictedPickleModule)
+    return _find_state_dict(obj, path)
+
+
+# ----------------------------------------------------------------------------- loading components
+
+
+def load_state_dict_checked(model, state_dict, what, strict=True):
+    """Load ``state_dict`` into ``model`` (assigning tensors, so meta-device models work). Shape
+    mismatches always raise; missing/unexpected keys raise when strict, else warn."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    missing = sorted(expected.keys() - state_dict.keys())
+    unexpected = sorted(state_dict.keys() - expected.keys())
+    mismatched = sorted(
+        f"{k} {tuple(state_dict[k].shape)} (model: {tuple(expected[k])})"
+        for k in expected.keys() & state_dict.keys()
+        if state_dict[k].shape != expected[k]
+    )
+    if mismatched or (strict and (missing or unexpected)):
+        raise CheckpointMismatchError(what, missing, unexpected, mismatched)
+    if missing or unexpected:
+        warnings.warn(str(CheckpointMismatchError(what, missing, unexpected)) + "\n(loaded non-strictly)", stacklevel=2)
+    model.load_state_dict({k: v.contiguous() for k, v in state_dict.items() if k in expected}, strict=False, assign=True)
+    return model
+
+
+def unet_key_from_original(key: str) -> str:
+    for old, new in UNET_RENAMES.items():
+        key = key.replace(old, new)
+    return key
+
+
+def unet_state_dict(checkpoint: dict) -> dict:
+    """The U-Net's tensors under our names (a bare U-Net state dict, without prefix, works too)."""
+    prefix = UNET_PREFIX if any(k.startswith(UNET_PREFIX) for k in checkpoint) else ""
+    if not prefix and "input_blocks.0.0.weight" not in checkpoint:
+        raise ValueError(f"no U-Net weights in the checkpoint (no keys starting with {UNET_PREFIX!r})")
+    return {unet_key_from_original(k[len(prefix):]): v for k, v in checkpoint.items() if k.startswith(prefix)}
+
+
+def resolve_config(config) -> dict:
+    """A named config, a dict, or a path to a config.json (or a folder holding one) -> kwargs."""
+    from hummingbird.models.configs import CONFIGS
+
+    if isinstance(config, dict):
+        return dict(config)
+    if isinstance(config, str) and config in CONFIGS:
+        return dict(CONFIGS[config])
+    path = Path(config)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ValueError(f"config {config!r} is neither a named config ({', '.join(CONFIGS)}) nor a config.json")
+    return json.loads(path.read_text())
+
+
+def detect_config(unet_sd: dict) -> str:
+    """The named config whose parameter names and shapes are exactly those of ``unet_sd``."""
+    from hummingbird.models import CONFIGS, HummingbirdUNet3DModel
+
+    shapes = {k: v.shape for k, v in unet_sd.items()}
+    conv_in = shapes.get("input_blocks.0.0.weight")
+    for name, config in CONFIGS.items():
+        if conv_in is None or conv_in[0] != config["model_channels"]:  # skip building hopeless candidates
+            continue
+        with torch.device("meta"):
+            model = HummingbirdUNet3DModel.from_config(config)
+        if {k: v.shape for k, v in model.state_dict().items()} == shapes:
+            return name
+    raise ValueError(f"the U-Net weights match none of the named configs ({', '.join(CONFIGS)}); pass a config")
+
+
+def unet_from_checkpoint(checkpoint: dict, config=None, *, strict=True, torch_dtype=None):
+    """HummingbirdUNet3DModel from a loaded original checkpoint; ``config=None`` detects it."""
+    from hummingbird.models import HummingbirdUNet3DModel
+
+    unet_sd = unet_state_dict(checkpoint)
+    config = resolve_config(config if config is not None else detect_config(unet_sd))
+    # Strict loads assign every parameter, so build on the meta device (no 1.4B random init).
+    with torch.device("meta") if strict else nullcontext():
+        model = HummingbirdUNet3DModel.from_config(config)
+    load_state_dict_checked(model, unet_sd, "U-Net", strict)
+    return model.to(torch_dtype).eval() if torch_dtype else model.eval()
+
+
+def _component(checkpoint: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in checkpoint.items() if k.startswith(prefix)}
+
+
+_OPEN_CLIP_TOP_KEYS = {"token_embedding.weight", "positional_embedding", "ln_final.weight", "ln_final.bias"}
+_OPEN_CLIP_UNUSED = {"text_projection", "logit_scale", "attn_mask"}  # not part of the penultimate-layer features
+
+
+def text_encoder_from_checkpoint(checkpoint: dict, *, strict=True):
+    """CLIPTextModel from the OpenCLIP text tower under ``cond_stage_model.model.``, or None.
+
+    VideoCrafter2 takes the *penultimate* layer's output (then ln_final), so the last residual
+    block is dropped: ViT-H's 24 blocks give 23 CLIP layers, as Stable Diffusion 2 ships it.
+    Heads are width // 64 (OpenCLIP's text towers all use 64-wide heads).
+    """
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tower = _component(checkpoint, TEXT_PREFIX)
+    if not tower:
+        return None
+    block_of = {k: int(m[1]) for k in tower if (m := re.match(r"transformer\.resblocks\.(\d+)\.", k))}
+    if "token_embedding.weight" not in tower or not block_of:
+        raise CheckpointMismatchError("text encoder", missing=["token_embedding.weight / transformer.resblocks.*"])
+    last = max(block_of.values())
+    unexpected = sorted(k for k in tower if k not in block_of and k not in _OPEN_CLIP_TOP_KEYS | _OPEN_CLIP_UNUSED)
+    if unexpected and strict:
+        raise CheckpointMismatchError("text encoder", unexpected=[TEXT_PREFIX + k for k in unexpected])
+    kept = {TEXT_PREFIX + k: v for k, v in tower.items() if block_of.get(k, -1) != last and k not in _OPEN_CLIP_UNUSED}
+
+    vocab, width = tower["token_embedding.weight"].shape
+    config = CLIPTextConfig(
+        vocab_size=vocab,
+        hidden_size=width,
+        intermediate_size=tower["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+        num_hidden_layers=last,
+        num_attention_heads=width // 64,
+        max_position_embeddings=tower["positional_embedding"].shape[0] if "positional_embedding" in tower else 77,
+        hidden_act="gelu",
+        projection_dim=width,
+        bos_token_id=vocab - 2,  # CLIP's BPE vocabulary ends with <start_of_text>, <end_of_text>
+        eos_token_id=vocab - 1,
+    )
+    model = CLIPTextModel(config)
+    converted = convert_open_clip_checkpoint(model, kept, prefix=TEXT_PREFIX)
+    if not any(k.startswith("text_model.") for k in model.state_dict()):  # transformers 5 dropped that level
+        converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
+    return load_state_dict_checked(model, converted, "text encoder", strict).eval()
+
+
+# Every key an LDM KL autoencoder has (diffusers' converter silently skips anything else).
+_LDM_VAE_KEY = re.compile(
+    r"(?:(?:encoder|decoder)\.(?:conv_in|conv_out|norm_out"
+    r"|(?:down|up)\.\d+\.(?:block\.\d+\.(?:norm1|conv1|norm2|conv2|nin_shortcut)|downsample\.conv|upsample\.conv)"
+    r"|mid\.(?:block_[12]\.(?:norm1|conv1|norm2|conv2|nin_shortcut)|attn_1\.(?:norm|q|k|v|proj_out)))"
+    r"|(?:post_)?quant_conv)\.(?:weight|bias)"
+)
+
+
+def vae_from_checkpoint(checkpoint: dict, *, strict=True):
+    """diffusers AutoencoderKL from the LDM autoencoder under ``first_stage_model.``, or None.
+    The architecture (channels, levels, blocks per level, latent channels) is read off the shapes."""
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    ldm = _component(checkpoint, VAE_PREFIX)
+    if not ldm:
+        return None
+    unexpected = sorted(VAE_PREFIX + k for k in ldm if not _LDM_VAE_KEY.fullmatch(k))
+    if unexpected and strict:
+        raise CheckpointMismatchError("VAE", unexpected=unexpected)
+    needed = ["encoder.conv_in.weight", "encoder.down.0.block.0.conv1.weight", "decoder.conv_in.weight", "decoder.conv_out.weight"]
+    if any(k not in ldm for k in needed):
+        raise CheckpointMismatchError("VAE", missing=[VAE_PREFIX + k for k in needed if k not in ldm])
+    levels = sum(1 for k in ldm if re.fullmatch(r"encoder\.down\.\d+\.block\.0\.conv1\.weight", k))
+    vae = AutoencoderKL(
+        in_channels=ldm["encoder.conv_in.weight"].shape[1],
+        out_channels=ldm["decoder.conv_out.weight"].shape[0],
+        down_block_types=["DownEncoderBlock2D"] * levels,
+        up_block_types=["UpDecoderBlock2D"] * levels,
+        block_out_channels=[ldm[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(levels)],
+        layers_per_block=sum(1 for k in ldm if re.fullmatch(r"encoder\.down\.0\.block\.\d+\.conv1\.weight", k)),
+        latent_channels=ldm["decoder.conv_in.weight"].shape[1],
+        norm_num_groups=32,
+        sample_size=512,
+        scaling_factor=0.18215,
+    )
+    known = {k: v for k, v in ldm.items() if _LDM_VAE_KEY.fullmatch(k)}
+    return load_state_dict_checked(vae, convert_ldm_vae_checkpoint(known, vae.config), "VAE", strict).eval()
+
+
+# ----------------------------------------------------------------------------- writing a folder
+
+
+def _replace_dir(tmp: Path, dst: Path):
+    """Move the finished ``tmp`` folder to ``dst``; an existing ``dst`` is swapped out, then removed."""
+    if not dst.exists():
+        os.replace(tmp, dst)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+    os.replace(dst, old / dst.name)
+    try:
+        os.replace(tmp, dst)
+    except BaseException:
+        os.replace(old / dst.name, dst)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def convert(src, dst, config=None, *, dtype=None, overwrite=False, strict=True) -> list:
+    """Write the diffusers folder ``dst`` (unet/, and text_encoder/ and vae/ where the checkpoint has
+    them) from the original checkpoint ``src``. ``config``: as for :func:`resolve_config`, None
+    detects a named config. ``dtype``: "fp32"/"fp16"/"bf16" or a torch dtype to cast to.
+
+    Everything is written to a temporary folder next to ``dst`` and moved into place at the end, so
+    an interrupted conversion never leaves a half-written model. Returns the components written.
+    """
+    dst = Path(dst)
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} exists; choose another destination or overwrite it")
+    dtype = DTYPES.get(dtype, dtype)
+    checkpoint = load_checkpoint(src)
+    components = {
+        "unet": unet_from_checkpoint(checkpoint, config, strict=strict),
+        "text_encoder": text_encoder_from_checkpoint(checkpoint, strict=strict),
+        "vae": vae_from_checkpoint(checkpoint, strict=strict),
+    }
+    components = {name: model for name, model in components.items() if model is not None}
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        for name, model in components.items():
+            if dtype is not None:
+                torch.nn.Module.to(model, dtype)  # diffusers' .to() warns about keep-in-fp32 modules we don't have
+            model.save_pretrained(tmp / name, safe_serialization=True)
+        _replace_dir(tmp, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return list(components)

@@ -1,0 +1,347 @@
+"""Conversion of original-layout (VideoCrafter2 / LDM) checkpoints: U-Net, OpenCLIP text tower and
+KL autoencoder; formats, strictness, refusal of code-running pickles, atomic writes, CLI."""
+import os
+import pickle
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from hummingbird.cli import main
+from hummingbird.convert import (
+    UNET_PREFIX,
+    CheckpointMismatchError,
+    UnsafeCheckpointError,
+    convert,
+    load_checkpoint,
+    text_encoder_from_checkpoint,
+    unet_key_from_original,
+)
+from hummingbird.models import HummingbirdUNet3DModel
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def randn(*shape, g):
+    return torch.randn(*shape, generator=g) * 0.2
+
+
+def original_unet_keys(model):
+    """Our state dict under VideoCrafter2's names (the inverse of the converter's key map)."""
+    return {UNET_PREFIX + k.replace(".temporal_conv.", ".temopral_conv."): v for k, v in model.state_dict().items()}
+
+
+def open_clip_tower(width=128, layers=3, vocab=100, seed=0):
+    """A tiny OpenCLIP text tower state dict (cond_stage_model.model.* keys, as VideoCrafter2 saves them)."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {"token_embedding.weight": randn(vocab, width, g=g), "positional_embedding": randn(77, width, g=g)}
+    for i in range(layers):
+        p = f"transformer.resblocks.{i}."
+        sd.update({
+            p + "ln_1.weight": 1 + randn(width, g=g), p + "ln_1.bias": randn(width, g=g),
+            p + "attn.in_proj_weight": randn(3 * width, width, g=g), p + "attn.in_proj_bias": randn(3 * width, g=g),
+            p + "attn.out_proj.weight": randn(width, width, g=g), p + "attn.out_proj.bias": randn(width, g=g),
+            p + "ln_2.weight": 1 + randn(width, g=g), p + "ln_2.bias": randn(width, g=g),
+            p + "mlp.c_fc.weight": randn(4 * width, width, g=g), p + "mlp.c_fc.bias": randn(4 * width, g=g),
+            p + "mlp.c_proj.weight": randn(width, 4 * width, g=g), p + "mlp.c_proj.bias": randn(width, g=g),
+        })
+    sd.update({"ln_final.weight": 1 + randn(width, g=g), "ln_final.bias": randn(width, g=g),
+               "text_projection": randn(width, width, g=g), "logit_scale": torch.tensor(4.6)})
+    return sd
+
+
+def open_clip_penultimate(sd, tokens, heads):
+    """FrozenOpenCLIPEmbedder(layer="penultimate") in plain PyTorch: all blocks but the last, then ln_final."""
+    x = sd["token_embedding.weight"][tokens] + sd["positional_embedding"]
+    n = x.shape[1]
+    layers = len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")})
+    for i in range(layers - 1):
+        p = f"transformer.resblocks.{i}."
+        h = F.layer_norm(x, x.shape[-1:], sd[p + "ln_1.weight"], sd[p + "ln_1.bias"])
+        q, k, v = F.linear(h, sd[p + "attn.in_proj_weight"], sd[p + "attn.in_proj_bias"]).chunk(3, -1)
+        q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(x.shape)
+        x = x + F.linear(a, sd[p + "attn.out_proj.weight"], sd[p + "attn.out_proj.bias"])
+        h = F.layer_norm(x, x.shape[-1:], sd[p + "ln_2.weight"], sd[p + "ln_2.bias"])
+        h = F.gelu(F.linear(h, sd[p + "mlp.c_fc.weight"], sd[p + "mlp.c_fc.bias"]))
+        x = x + F.linear(h, sd[p + "mlp.c_proj.weight"], sd[p + "mlp.c_proj.bias"])
+    assert n == 77
+    return F.layer_norm(x, x.shape[-1:], sd["ln_final.weight"], sd["ln_final.bias"])
+
+
+def tiny_vae(seed=0):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(
+        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+        block_out_channels=[32, 64], layers_per_block=1, latent_channels=4, norm_num_groups=32,
+    )
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.copy_(randn(*p.shape, g=g))
+    return vae
+
+
+def ldm_vae_keys(vae):
+    """A diffusers AutoencoderKL's weights under the original LDM (first_stage_model) names."""
+    n = len(vae.config.block_out_channels)
+    attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+    out = {}
+    for key, v in vae.state_dict().items():
+        key = re.sub(r"down_blocks\.(\d+)\.resnets\.", r"down.\1.block.", key)
+        key = re.sub(r"down_blocks\.(\d+)\.downsamplers\.0\.", r"down.\1.downsample.", key)
+        key = re.sub(r"up_blocks\.(\d+)\.resnets\.", lambda m: f"up.{n - 1 - int(m[1])}.block.", key)
+        key = re.sub(r"up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"up.{n - 1 - int(m[1])}.upsample.", key)
+        key = re.sub(r"mid_block\.resnets\.(\d+)\.", lambda m: f"mid.block_{int(m[1]) + 1}.", key)
+        key = key.replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out")
+        if m := re.fullmatch(r"(.*)mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(weight|bias)", key):
+            key = f"{m[1]}mid.attn_1.{attn[m[2]]}.{m[3]}"
+            v = v[:, :, None, None] if v.dim() == 2 else v  # LDM's attention uses 1x1 convolutions
+        out["first_stage_model." + key] = v
+    return out
+
+
+@pytest.fixture(scope="module")
+def parts():
+    unet = HummingbirdUNet3DModel.from_named_config("tiny")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.copy_(randn(*p.shape, g=g))
+    clip = open_clip_tower()
+    vae = tiny_vae()
+    checkpoint = {
+        **original_unet_keys(unet),
+        **{"cond_stage_model.model." + k: v for k, v in clip.items()},
+        **ldm_vae_keys(vae),
+        "betas": torch.linspace(0.00085, 0.012, 1000),  # schedule buffers: not weights, ignored
+        "scale_arr": torch.ones(1000),
+    }
+    return {"unet": unet.eval(), "clip": clip, "vae": vae, "checkpoint": checkpoint}
+
+
+def assert_same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def unet_output(model):
+    g = torch.Generator().manual_seed(3)
+    x, ctx = torch.randn(1, 4, 3, 8, 8, generator=g), torch.randn(1, 5, 32, generator=g)
+    with torch.no_grad():
+        return model(x, 10, ctx, fps=8).sample
+
+
+# ------------------------------------------------------------------------------------------ U-Net
+
+
+def test_unet_key_map_is_identity_but_one_rename(parts):
+    original = [k[len(UNET_PREFIX):] for k in parts["checkpoint"] if k.startswith(UNET_PREFIX)]
+    renamed = [k for k in original if unet_key_from_original(k) != k]
+    assert renamed and all(".temopral_conv." in k for k in renamed)
+    assert {unet_key_from_original(k) for k in original} == set(parts["unet"].state_dict())
+
+
+@pytest.mark.parametrize("layout", ["lightning.ckpt", "flat.pth", "flat.safetensors", "deepspeed.pt"])
+def test_from_single_file_round_trip(parts, tmp_path, layout):
+    ckpt = parts["checkpoint"]
+    path = tmp_path / layout
+    if layout.endswith(".safetensors"):
+        save_file(ckpt, path)
+    elif layout.startswith("lightning"):
+        torch.save({"state_dict": ckpt, "epoch": 3, "global_step": 1000}, path)
+    elif layout.startswith("deepspeed"):
+        torch.save({"module": {"_forward_module." + k: v for k, v in ckpt.items()}}, path)
+    else:
+        torch.save(ckpt, path)
+    model = HummingbirdUNet3DModel.from_single_file(path, config="tiny")
+    assert_same_state(model, parts["unet"])
+    torch.testing.assert_close(unet_output(model), unet_output(parts["unet"]))
+
+
+def test_config_forms_and_detection(parts, tmp_path):
+    from hummingbird.convert import detect_config, unet_from_checkpoint, unet_state_dict
+    from hummingbird.models import CONFIGS
+
+    ckpt = parts["checkpoint"]
+    assert detect_config(unet_state_dict(ckpt)) == "tiny"
+    parts["unet"].save_config(tmp_path)
+    for config in (None, dict(CONFIGS["tiny"]), tmp_path, tmp_path / "config.json"):
+        assert_same_state(unet_from_checkpoint(ckpt, config), parts["unet"])
+    with pytest.raises(CheckpointMismatchError):  # the real 0.7B config does not fit tiny weights
+        unet_from_checkpoint(ckpt, "hummingbird-0.7b")
+
+
+def test_strict_loading_names_the_keys(parts, tmp_path):
+    from hummingbird.convert import unet_from_checkpoint
+
+    ckpt = dict(parts["checkpoint"])
+    dropped = UNET_PREFIX + "input_blocks.1.0.temopral_conv.conv2.3.bias"
+    del ckpt[dropped]
+    ckpt[UNET_PREFIX + "input_blocks.1.0.extra.weight"] = torch.zeros(3)
+    with pytest.raises(CheckpointMismatchError) as err:
+        unet_from_checkpoint(ckpt, "tiny")
+    assert err.value.missing == ["input_blocks.1.0.temporal_conv.conv2.3.bias"]
+    assert err.value.unexpected == ["input_blocks.1.0.extra.weight"]
+    assert "temporal_conv.conv2.3.bias" in str(err.value) and "extra.weight" in str(err.value)
+
+    with pytest.warns(UserWarning, match="extra.weight"):
+        model = unet_from_checkpoint(ckpt, "tiny", strict=False)
+    assert model.input_blocks[1][0].temporal_conv.conv2[3].bias.device.type == "cpu"
+
+    bad_shape = dict(parts["checkpoint"])
+    bad_shape[UNET_PREFIX + "out.2.bias"] = torch.zeros(5)
+    with pytest.raises(CheckpointMismatchError, match=r"out\.2\.bias \(5,\) \(model: \(4,\)\)"):
+        unet_from_checkpoint(bad_shape, "tiny", strict=False)
+
+    with pytest.raises(ValueError, match="no U-Net weights"):
+        unet_from_checkpoint({"first_stage_model.x": torch.zeros(1)}, "tiny")
+
+
+# ------------------------------------------------------------------------------- text encoder, VAE
+
+
+def test_text_encoder_matches_open_clip_penultimate_layer(parts):
+    model = text_encoder_from_checkpoint(parts["checkpoint"])
+    c = model.config
+    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.intermediate_size) == (2, 128, 2, 512)
+    assert (c.vocab_size, c.max_position_embeddings, c.hidden_act) == (100, 77, "gelu")
+    tokens = torch.randint(0, 100, (2, 77), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = model(tokens).last_hidden_state
+    torch.testing.assert_close(got, open_clip_penultimate(parts["clip"], tokens, heads=2), rtol=1e-4, atol=1e-4)
+
+    extra = {**parts["checkpoint"], "cond_stage_model.model.visual.proj": torch.zeros(2)}
+    with pytest.raises(CheckpointMismatchError, match="visual.proj"):
+        text_encoder_from_checkpoint(extra)
+
+
+def test_vae_round_trip(parts):
+    from hummingbird.convert import vae_from_checkpoint
+
+    vae = vae_from_checkpoint(parts["checkpoint"])
+    assert vae.config.block_out_channels == [32, 64] and vae.config.layers_per_block == 1
+    assert_same_state(vae, parts["vae"])
+    extra = {**parts["checkpoint"], "first_stage_model.loss.logvar": torch.zeros(1)}
+    with pytest.raises(CheckpointMismatchError, match="loss.logvar"):
+        vae_from_checkpoint(extra)
+
+
+# ------------------------------------------------------------------------------- pickles
+
+
+class LatentDiffusion(torch.nn.Module):
+    """Stands in for a released whole-model pickle (torch.save of the original LatentDiffusion)."""
+
+
+def module_from_state_dict(state_dict, root):
+    for key, value in state_dict.items():
+        *path, leaf = key.split(".")
+        module = root
+        for name in path:
+            if not hasattr(module, name):
+                module.add_module(name, torch.nn.Module())
+            module = getattr(module, name)
+        module.register_parameter(leaf, torch.nn.Parameter(value.clone()))
+    module.register_buffer("scratch", torch.zeros(2), persistent=False)  # skipped: non-persistent
+    return root
+
+
+def test_whole_model_pickle_is_read_without_its_classes(parts, tmp_path):
+    path = tmp_path / "hummingbird.ckpt"
+    torch.save(module_from_state_dict(parts["checkpoint"], LatentDiffusion()), path)
+    with pytest.raises(pickle.UnpicklingError):  # weights_only refuses it ...
+        torch.load(path, weights_only=True)
+    loaded = load_checkpoint(path)  # ... the restricted unpickler reads the tensors out
+    assert loaded.keys() == parts["checkpoint"].keys()
+    assert all(torch.equal(loaded[k], v) for k, v in parts["checkpoint"].items())
+    assert_same_state(HummingbirdUNet3DModel.from_single_file(path, config="tiny"), parts["unet"])
+
+
+class Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
+def test_code_running_pickle_is_refused_not_run(tmp_path, writer):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.ckpt"
+    if writer == "torch.save":
+        torch.save({"state_dict": {UNET_PREFIX + "out.2.bias": torch.zeros(4)}, "hook": Evil(marker)}, path)
+    else:  # a raw pickle (torch.load's legacy path)
+        path.write_bytes(pickle.dumps({"hook": Evil(marker)}, protocol=2))
+    with pytest.raises(UnsafeCheckpointError, match=r"refused to call (posix|os|nt)\.system"):
+        load_checkpoint(path)
+    assert not marker.exists()
+    assert main(["convert", str(path), str(tmp_path / "out")]) == 1
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_unsupported_format(tmp_path):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"x")
+    with pytest.raises(ValueError, match="unsupported checkpoint format"):
+        load_checkpoint(path)
+
+
+# ------------------------------------------------------------------------------- folders and CLI
+
+
+def test_convert_writes_diffusers_folder(parts, tmp_path):
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel
+
+    src, dst = tmp_path / "model.ckpt", tmp_path / "out" / "hummingbird-tiny"
+    torch.save({"state_dict": parts["checkpoint"]}, src)
+    assert main(["convert", str(src), str(dst), "--config", "tiny"]) == 0
+    assert sorted(p.name for p in dst.iterdir()) == ["text_encoder", "unet", "vae"]
+    assert (dst / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    unet = HummingbirdUNet3DModel.from_pretrained(dst / "unet").eval()
+    assert_same_state(unet, parts["unet"])
+    torch.testing.assert_close(unet_output(unet), unet_output(parts["unet"]))
+    assert_same_state(AutoencoderKL.from_pretrained(dst / "vae"), parts["vae"])
+    assert CLIPTextModel.from_pretrained(dst / "text_encoder").config.num_hidden_layers == 2
+
+    assert main(["convert", str(src), str(dst)]) == 1  # exists
+    assert main(["convert", str(src), str(dst), "--overwrite", "--dtype", "fp16"]) == 0  # config detected
+    with safe_open(dst / "unet" / "diffusion_pytorch_model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+    assert sorted(p.name for p in dst.parent.iterdir()) == ["hummingbird-tiny"]  # no temporary folders left
+
+
+def test_interrupted_conversion_leaves_nothing(parts, tmp_path, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    src, dst = tmp_path / "model.safetensors", tmp_path / "out"
+    save_file(parts["checkpoint"], src)
+
+    def fail(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(AutoencoderKL, "save_pretrained", fail)
+    with pytest.raises(KeyboardInterrupt):
+        convert(src, dst, "tiny")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+def test_python_dash_m_entry_point():
+    result = subprocess.run([sys.executable, "-m", "hummingbird", "convert", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "--config" in result.stdout

@@ -1,0 +1,339 @@
+"""HummingbirdUNet3DModel: architecture (parameter counts, VideoCrafter2 names), blocks against plain
+PyTorch, and the diffusers model features (save/load, checkpointing, chunking, processors)."""
+import einops
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hbkernels
+from hummingbird.models import CONFIGS, HummingbirdUNet3DModel, guidance_scale_embedding
+from hummingbird.models.unet_3d import ResBlock, SpatialTransformer, TemporalTransformer
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny tensors: threads only add overhead (and the CI machine's cores are shared).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def randomize(module, seed=0, std=0.3):
+    """Random values for every parameter, the zero-initialised ones included."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return randomize(HummingbirdUNet3DModel.from_named_config("tiny"), std=0.2).eval()
+
+
+def tiny_inputs(b=2, t=3, size=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, 4, t, size, size, generator=g), torch.randn(b, 5, 32, generator=g)
+
+
+# ---------------------------------------------------------------------------------- architecture
+
+
+@pytest.mark.parametrize(
+    "name, overrides, millions",
+    [
+        ("videocrafter2", {}, 1413.3),
+        ("hummingbird-0.9b", {}, 945.2),
+        ("hummingbird-0.9b", {"time_cond_proj_dim": None}, 945.1),
+        ("hummingbird-0.7b", {"time_cond_proj_dim": None}, 772.0),
+        ("hummingbird-0.7b", {}, 772.1),
+    ],
+)
+def test_parameter_counts(name, overrides, millions):
+    with torch.device("meta"):
+        model = HummingbirdUNet3DModel.from_named_config(name, **overrides)
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6, 1) == millions
+
+
+def test_videocrafter2_parameter_breakdown():
+    # Design notes: temporal conv 266.9M, spatial res/other 594.3M, attention (spatial 273.6M +
+    # temporal 278.1M + init attention 0.33M) 552.0M.
+    with torch.device("meta"):
+        model = HummingbirdUNet3DModel.from_named_config("videocrafter2")
+    groups = {"temporal_conv": 0, "attention": 0, "other": 0}
+    for name, p in model.named_parameters():
+        if ".temporal_conv." in name:
+            groups["temporal_conv"] += p.numel()
+        elif name.startswith("init_attn") or any(s in name for s in (".transformer_blocks.", ".proj_in.", ".proj_out.", ".norm.")):
+            groups["attention"] += p.numel()
+        else:
+            groups["other"] += p.numel()
+    assert {k: round(v / 1e6, 1) for k, v in groups.items()} == {"temporal_conv": 266.9, "attention": 552.1, "other": 594.3}
+
+
+def test_videocrafter2_module_names():
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in HummingbirdUNet3DModel.from_named_config("videocrafter2").state_dict().items()}
+    expected = {
+        "time_embed.0.weight": (1280, 320),
+        "fps_embedding.2.weight": (1280, 1280),
+        "input_blocks.0.0.weight": (320, 4, 3, 3),
+        "init_attn.0.proj_in.weight": (512, 320, 1),  # 8 heads x 64, 1x1 Conv1d
+        "init_attn.0.transformer_blocks.0.attn2.to_k.weight": (512, 512),
+        "input_blocks.1.0.in_layers.0.weight": (320,),
+        "input_blocks.1.0.in_layers.2.weight": (320, 320, 3, 3),
+        "input_blocks.1.0.emb_layers.1.weight": (320, 1280),
+        "input_blocks.1.0.out_layers.3.weight": (320, 320, 3, 3),
+        "input_blocks.1.0.temporal_conv.conv1.2.weight": (320, 320, 3, 1, 1),
+        "input_blocks.1.0.temporal_conv.conv4.3.weight": (320, 320, 3, 1, 1),
+        "input_blocks.1.1.proj_in.weight": (320, 320),
+        "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 1024),
+        "input_blocks.1.1.transformer_blocks.0.ff.net.0.proj.weight": (2560, 320),
+        "input_blocks.1.2.transformer_blocks.0.attn2.to_k.weight": (320, 320),  # temporal: self-attention
+        "input_blocks.3.0.op.weight": (320, 320, 3, 3),
+        "input_blocks.4.0.skip_connection.weight": (640, 320, 1, 1),
+        "input_blocks.11.0.in_layers.2.weight": (1280, 1280, 3, 3),
+        "middle_block.2.transformer_blocks.0.attn1.to_q.weight": (1280, 1280),
+        "middle_block.3.out_layers.3.weight": (1280, 1280, 3, 3),
+        "output_blocks.0.0.skip_connection.weight": (1280, 2560, 1, 1),
+        "output_blocks.2.1.conv.weight": (1280, 1280, 3, 3),
+        "output_blocks.5.3.conv.weight": (1280, 1280, 3, 3),
+        "output_blocks.11.2.proj_out.weight": (320, 320),
+        "out.0.weight": (320,),
+        "out.2.weight": (4, 320, 3, 3),
+    }
+    assert {k: shapes.get(k) for k in expected} == expected
+    assert not any(k.startswith(("input_blocks.12.", "output_blocks.12.", "input_blocks.10.1")) for k in shapes)
+
+
+# ------------------------------------------------------- blocks against plain PyTorch (VC2 style)
+
+
+def plain_attention(x, context, sd, prefix, heads):
+    """VideoCrafter2's CrossAttention: einsum attention on (b h) n d."""
+    ctx = x if context is None else context
+    q, k, v = (F.linear(t, sd[f"{prefix}to_{n}.weight"]) for n, t in (("q", x), ("k", ctx), ("v", ctx)))
+    q, k, v = (einops.rearrange(t, "b n (h d) -> (b h) n d", h=heads) for t in (q, k, v))
+    sim = torch.einsum("b i d, b j d -> b i j", q, k) * q.shape[-1] ** -0.5
+    out = torch.einsum("b i j, b j d -> b i d", sim.softmax(-1), v)
+    return F.linear(einops.rearrange(out, "(b h) n d -> b n (h d)", h=heads), sd[f"{prefix}to_out.0.weight"], sd[f"{prefix}to_out.0.bias"])
+
+
+def plain_transformer_block(x, sd, p, heads, context=None):
+    def ln(t, name):
+        return F.layer_norm(t, t.shape[-1:], sd[f"{p}{name}.weight"], sd[f"{p}{name}.bias"])
+
+    x = plain_attention(ln(x, "norm1"), None, sd, f"{p}attn1.", heads) + x
+    x = plain_attention(ln(x, "norm2"), context, sd, f"{p}attn2.", heads) + x
+    h, gate = F.linear(ln(x, "norm3"), sd[f"{p}ff.net.0.proj.weight"], sd[f"{p}ff.net.0.proj.bias"]).chunk(2, -1)
+    return F.linear(h * F.gelu(gate), sd[f"{p}ff.net.2.weight"], sd[f"{p}ff.net.2.bias"]) + x
+
+
+def plain_temporal_transformer(x, sd, heads, groups, b):
+    """nn.GroupNorm + einops + manual attention, as VideoCrafter2 runs a TemporalTransformer."""
+    x = einops.rearrange(x, "(b t) c h w -> b c t h w", b=b)
+    _, _, _, h, w = x.shape
+    y = F.group_norm(x, groups, sd["norm.weight"], sd["norm.bias"], eps=1e-6)
+    if sd["proj_in.weight"].dim() == 3:  # 1x1 Conv1d projections (init attention)
+        y = F.conv1d(einops.rearrange(y, "b c t h w -> (b h w) c t"), sd["proj_in.weight"], sd["proj_in.bias"])
+        y = einops.rearrange(y, "n c t -> n t c")
+    else:
+        y = F.linear(einops.rearrange(y, "b c t h w -> (b h w) t c"), sd["proj_in.weight"], sd["proj_in.bias"])
+    y = plain_transformer_block(y, sd, "transformer_blocks.0.", heads)
+    if sd["proj_out.weight"].dim() == 3:
+        y = F.conv1d(einops.rearrange(y, "n t c -> n c t"), sd["proj_out.weight"], sd["proj_out.bias"])
+        y = einops.rearrange(y, "(b h w) c t -> b c t h w", b=b, h=h, w=w)
+    else:
+        y = F.linear(y, sd["proj_out.weight"], sd["proj_out.bias"])
+        y = einops.rearrange(y, "(b h w) t c -> b c t h w", b=b, h=h, w=w)
+    return einops.rearrange(y + x, "b c t h w -> (b t) c h w")
+
+
+def plain_spatial_transformer(x, context, sd, heads, groups, t):
+    _, _, h, w = x.shape
+    y = F.group_norm(x, groups, sd["norm.weight"], sd["norm.bias"], eps=1e-6)
+    y = F.linear(einops.rearrange(y, "b c h w -> b (h w) c"), sd["proj_in.weight"], sd["proj_in.bias"])
+    y = plain_transformer_block(y, sd, "transformer_blocks.0.", heads, context.repeat_interleave(t, 0))
+    y = F.linear(y, sd["proj_out.weight"], sd["proj_out.bias"])
+    return einops.rearrange(y, "b (h w) c -> b c h w", h=h, w=w) + x
+
+
+def plain_resblock(x, emb, sd, groups, b):
+    def norm_silu(t, name):
+        return F.silu(F.group_norm(t, groups, sd[f"{name}.weight"], sd[f"{name}.bias"]))
+
+    h = F.conv2d(norm_silu(x, "in_layers.0"), sd["in_layers.2.weight"], sd["in_layers.2.bias"], padding=1)
+    h = h + F.linear(F.silu(emb), sd["emb_layers.1.weight"], sd["emb_layers.1.bias"])[..., None, None]
+    h = F.conv2d(norm_silu(h, "out_layers.0"), sd["out_layers.3.weight"], sd["out_layers.3.bias"], padding=1)
+    skip = F.conv2d(x, sd["skip_connection.weight"], sd["skip_connection.bias"]) if "skip_connection.weight" in sd else x
+    video = einops.rearrange(skip + h, "(b t) c h w -> b c t h w", b=b)
+    y = video
+    for i, conv in enumerate(("conv1.2", "conv2.3", "conv3.3", "conv4.3"), 1):
+        w, bias = sd[f"temporal_conv.{conv}.weight"], sd[f"temporal_conv.{conv}.bias"]
+        y = F.conv3d(norm_silu(y, f"temporal_conv.conv{i}.0"), w, bias, padding=(1, 0, 0))
+    return einops.rearrange(video + y, "b c t h w -> (b t) c h w")
+
+
+BACKENDS = ["torch", "auto"]  # "auto": whatever hbkernels picks here (the reference backend until others build)
+
+
+def run_on(backend, fn):
+    if backend == "auto":
+        return fn()
+    with hbkernels.use_backend(backend):
+        return fn()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("conv_proj, channels, heads", [(False, 16, 2), (True, 16, 8)])
+def test_temporal_transformer_matches_plain_pytorch(backend, conv_proj, channels, heads):
+    block = randomize(TemporalTransformer(channels, heads, 8, depth=1, groups=4, conv_proj=conv_proj))
+    b, t = 2, 5
+    x = torch.randn(b * t, channels, 3, 4)
+    with torch.no_grad():
+        got = run_on(backend, lambda: block(x, t))
+        want = plain_temporal_transformer(x, block.state_dict(), heads, 4, b)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_spatial_transformer_matches_plain_pytorch(backend):
+    block = randomize(SpatialTransformer(32, 4, 8, depth=1, context_dim=24, groups=4))
+    b, t = 2, 3
+    x, context = torch.randn(b * t, 32, 4, 3), torch.randn(b, 7, 24)
+    with torch.no_grad():
+        got = run_on(backend, lambda: block(x, context))
+        want = plain_spatial_transformer(x, context, block.state_dict(), 4, 4, t)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resblock_matches_plain_pytorch(backend):
+    block = randomize(ResBlock(16, 24, 32, dropout=0.0, groups=4, temporal_dropout=0.1)).eval()
+    b, t = 2, 3
+    x, emb = torch.randn(b * t, 16, 4, 4), torch.randn(b * t, 24)
+    with torch.no_grad():
+        got = run_on(backend, lambda: block(x, emb, t))
+        want = plain_resblock(x, emb, block.state_dict(), 4, b)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_guidance_scale_embedding_is_lcms():
+    # LatentConsistencyModelPipeline.get_guidance_scale_embedding, step by step
+    w = torch.tensor([7.5, 5.0]) * 1000.0
+    freqs = torch.exp(torch.arange(8) * -(torch.log(torch.tensor(10000.0)) / 7))
+    args = w[:, None] * freqs[None, :]
+    torch.testing.assert_close(guidance_scale_embedding(torch.tensor([7.5, 5.0]), 16), torch.cat([args.sin(), args.cos()], 1))
+
+
+# ------------------------------------------------------------------------------------ whole model
+
+
+def test_forward_shapes_and_timestep_forms(tiny):
+    x, ctx = tiny_inputs(t=3)
+    with torch.no_grad():
+        out = tiny(x, 500, ctx, fps=8).sample
+        assert out.shape == x.shape and out.is_contiguous() and out.abs().sum() > 0
+        for ts in (torch.tensor(500), torch.tensor([500, 500]), torch.tensor([500.0])):
+            torch.testing.assert_close(tiny(x, ts, ctx, fps=8, return_dict=False)[0], out)
+        assert not torch.allclose(tiny(x, torch.tensor([500, 20]), ctx, fps=8).sample, out)
+        assert not torch.allclose(tiny(x, 500, ctx, fps=28).sample, out)
+        torch.testing.assert_close(tiny(x, 500, ctx).sample, tiny(x, 500, ctx, fps=16).sample)  # default fps
+        x5, _ = tiny_inputs(t=5)
+        assert tiny(x5, 500, ctx).sample.shape == x5.shape  # T is free
+
+
+def test_timestep_cond(tiny):
+    x, ctx = tiny_inputs()
+    cond = guidance_scale_embedding(torch.tensor([7.5, 7.5]), 16)
+    with torch.no_grad():
+        assert not torch.allclose(tiny(x, 10, ctx, timestep_cond=cond).sample, tiny(x, 10, ctx).sample)
+    model = HummingbirdUNet3DModel.from_named_config("tiny", time_cond_proj_dim=None)
+    with pytest.raises(ValueError, match="time_cond_proj"), torch.no_grad():
+        model(x, 10, ctx, timestep_cond=cond)
+
+
+def test_frames_are_independent_of_batch_neighbours(tiny):
+    # Each video is processed on its own: the temporal layers must not mix videos of a batch.
+    x, ctx = tiny_inputs(b=2)
+    with torch.no_grad():
+        both = tiny(x, 10, ctx).sample
+        first = tiny(x[:1], 10, ctx[:1]).sample
+    torch.testing.assert_close(both[:1], first, rtol=1e-4, atol=1e-5)
+
+
+def test_pruned_configuration_runs():
+    model = randomize(HummingbirdUNet3DModel.from_named_config("tiny", num_res_blocks=1, use_middle_block=False))
+    assert model.middle_block is None and len(model.input_blocks) == 8 and len(model.output_blocks) == 8
+    x, ctx = tiny_inputs()
+    with torch.no_grad():
+        assert model(x, 10, ctx).sample.shape == x.shape
+
+
+def test_save_and_load_pretrained(tiny, tmp_path):
+    tiny.save_pretrained(tmp_path)
+    assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
+    loaded = HummingbirdUNet3DModel.from_pretrained(tmp_path).eval()
+    public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
+    assert public(loaded.config) == public(tiny.config)
+    x, ctx = tiny_inputs()
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), tiny.state_dict().values()))
+    with torch.no_grad():  # not bitwise: oneDNN's convolution kernels depend on the weights' alignment
+        torch.testing.assert_close(loaded(x, 10, ctx).sample, tiny(x, 10, ctx).sample)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = randomize(HummingbirdUNet3DModel.from_named_config("tiny", num_res_blocks=1), std=0.2).eval()  # no dropout
+    x, ctx = tiny_inputs(b=1)
+    cond = guidance_scale_embedding(torch.tensor([7.5]), 16)
+
+    def grads():
+        model.zero_grad()
+        model(x, 10, ctx, timestep_cond=cond).sample.square().mean().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    plain = grads()
+    model.enable_gradient_checkpointing()
+    assert model.gradient_checkpointing
+    checkpointed = grads()
+    model.disable_gradient_checkpointing()
+    for a, b in zip(plain, checkpointed):
+        torch.testing.assert_close(a, b)
+
+
+def test_forward_chunking_and_attention_processors(tiny):
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    x, ctx = tiny_inputs()
+    with torch.no_grad():
+        want = tiny(x, 10, ctx).sample
+        for dim in (0, 1):
+            tiny.enable_forward_chunking(chunk_size=1, dim=dim)
+            torch.testing.assert_close(tiny(x, 10, ctx).sample, want)
+        tiny.disable_forward_chunking()
+        processors = tiny.attn_processors
+        # spatial self + cross attention: 2 per spatial transformer (7 input/middle + 9 output)
+        assert len(processors) == 2 * 16 and all(isinstance(p, AttnProcessor2_0) for p in processors.values())
+        tiny.set_attn_processor(AttnProcessor())  # the non-SDPA reference processor
+        try:
+            torch.testing.assert_close(tiny(x, 10, ctx).sample, want, rtol=1e-4, atol=1e-4)
+        finally:
+            tiny.set_attn_processor(AttnProcessor2_0())
+
+
+def test_rejects_bad_inputs(tiny):
+    x, ctx = tiny_inputs()
+    with pytest.raises(ValueError, match="sample"):
+        tiny(x[:, :, 0], 10, ctx)
+    with pytest.raises(ValueError, match="encoder_hidden_states"):
+        tiny(x, 10, ctx[:1])
+    with pytest.raises(ValueError, match="one per sample"):
+        tiny(x, torch.tensor([1, 2, 3]), ctx)
+
+
+def test_named_configs():
+    assert set(CONFIGS) >= {"videocrafter2", "hummingbird-0.9b", "hummingbird-0.7b", "tiny"}
+    with pytest.raises(ValueError, match="unknown config"):
+        HummingbirdUNet3DModel.from_named_config("nope")
