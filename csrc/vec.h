@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -81,6 +82,7 @@ inline __m256i tail_mask(int n) {  // first n lanes on (0 <= n <= 8)
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), idx);
 }
 
+inline F8 lane_mask(int n) { return {_mm256_castsi256_ps(tail_mask(n))}; }  // lanes < n set
 inline F8 load8(const float* p) { return {_mm256_loadu_ps(p)}; }
 inline void store8(float* p, F8 a) { _mm256_storeu_ps(p, a.v); }
 inline F8 load_n(const float* p, int n) { return {_mm256_maskload_ps(p, tail_mask(n))}; }
@@ -155,6 +157,26 @@ inline void reduce_2x4(const F8* acc, float* out0, float* out1) {
   _mm_storeu_ps(out1, _mm_add_ps(_mm256_castps256_ps128(u2), _mm256_extractf128_ps(u2, 1)));
 }
 
+// In-register 8x8 transpose: r[i] lane j <- r[j] lane i.
+inline void transpose8(F8* r) {
+  __m256 t0 = _mm256_unpacklo_ps(r[0].v, r[1].v), t1 = _mm256_unpackhi_ps(r[0].v, r[1].v);
+  __m256 t2 = _mm256_unpacklo_ps(r[2].v, r[3].v), t3 = _mm256_unpackhi_ps(r[2].v, r[3].v);
+  __m256 t4 = _mm256_unpacklo_ps(r[4].v, r[5].v), t5 = _mm256_unpackhi_ps(r[4].v, r[5].v);
+  __m256 t6 = _mm256_unpacklo_ps(r[6].v, r[7].v), t7 = _mm256_unpackhi_ps(r[6].v, r[7].v);
+  __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0].v = _mm256_permute2f128_ps(u0, u4, 0x20);
+  r[1].v = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r[2].v = _mm256_permute2f128_ps(u2, u6, 0x20);
+  r[3].v = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r[4].v = _mm256_permute2f128_ps(u0, u4, 0x31);
+  r[5].v = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r[6].v = _mm256_permute2f128_ps(u2, u6, 0x31);
+  r[7].v = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
 #else
 // ================================================================ portable fallback
 struct F8 {
@@ -172,8 +194,9 @@ inline F8 operator+(F8 a, F8 b) { HB_MAP(a.v[i] + b.v[i]) }
 inline F8 operator-(F8 a, F8 b) { HB_MAP(a.v[i] - b.v[i]) }
 inline F8 operator*(F8 a, F8 b) { HB_MAP(a.v[i] * b.v[i]) }
 inline F8 operator/(F8 a, F8 b) { HB_MAP(a.v[i] / b.v[i]) }
-inline F8 fmadd(F8 a, F8 b, F8 c) { HB_MAP(std::fma(a.v[i], b.v[i], c.v[i])) }
-inline F8 fnmadd(F8 a, F8 b, F8 c) { HB_MAP(std::fma(-a.v[i], b.v[i], c.v[i])) }
+// plain a*b+c (contracted to an FMA where the target has one; std::fma would be a slow libm call)
+inline F8 fmadd(F8 a, F8 b, F8 c) { HB_MAP(a.v[i] * b.v[i] + c.v[i]) }
+inline F8 fnmadd(F8 a, F8 b, F8 c) { HB_MAP(c.v[i] - a.v[i] * b.v[i]) }
 inline F8 vmax(F8 a, F8 b) { HB_MAP(a.v[i] > b.v[i] ? a.v[i] : b.v[i]) }
 inline F8 vmin(F8 a, F8 b) { HB_MAP(a.v[i] < b.v[i] ? a.v[i] : b.v[i]) }
 inline F8 vabs(F8 a) { HB_MAP(std::fabs(a.v[i])) }
@@ -202,6 +225,14 @@ inline F8 and_mask(F8 m, F8 a) {
     std::memcpy(&w, &a.v[i], 4);
     w &= u;
     std::memcpy(&r.v[i], &w, 4);
+  }
+  return r;
+}
+inline F8 lane_mask(int n) {
+  F8 r;
+  for (int i = 0; i < 8; ++i) {
+    uint32_t u = i < n ? 0xFFFFFFFFu : 0u;
+    std::memcpy(&r.v[i], &u, 4);
   }
   return r;
 }
@@ -235,19 +266,29 @@ inline F8 pow2i(F8 n) {
   }
   return r;
 }
-inline F8 vround(F8 a) { HB_MAP(std::nearbyint(a.v[i])) }
+// round to nearest even for |a| < 2^22 (all callers) without a libm call: add/subtract 1.5 * 2^23
+inline F8 vround(F8 a) { HB_MAP((a.v[i] + 12582912.0f) - 12582912.0f) }
 inline void reduce_2x4(const F8* acc, float* out0, float* out1) {
   for (int c = 0; c < 4; ++c) {
     out0[c] = hsum(acc[c]);
     out1[c] = hsum(acc[4 + c]);
   }
 }
+inline void transpose8(F8* r) {
+  for (int i = 0; i < 8; ++i)
+    for (int j = i + 1; j < 8; ++j) std::swap(r[i].v[j], r[j].v[i]);
+}
 #undef HB_MAP
 #endif
+
+// ---------------------------------------------------------------- prefetch
+inline void prefetch_r(const void* p) { __builtin_prefetch(p, 0, 3); }
+inline void prefetch_w(const void* p) { __builtin_prefetch(p, 1, 3); }
 
 // ---------------------------------------------------------------- transcendental functions
 // exp(x): x = n ln2 + r, |r| <= ln2/2; e^r = 1 + r + r^2 P(r). Below -87.33 returns 0, above 88
 // saturates at e^88 (never reached by our callers with meaningful values).
+#if HB_AVX2
 inline F8 vexp(F8 x) {
   const F8 lo = set1(-87.33654f);
   F8 under = cmp_lt(x, lo);
@@ -265,10 +306,33 @@ inline F8 vexp(F8 x) {
   F8 res = p * pow2i(n);
   return select(under, res, zero8());
 }
-
-inline float sexp(float x) {  // scalar exp with the same accuracy class (used for tails)
-  return std::exp(x);
+#else
+// The same algorithm one lane at a time, written so compilers vectorise the 8-lane loop.
+inline float exp_lane(float x) {
+  const float lo = -87.33654f;
+  const bool under = x < lo;
+  x = x < lo ? lo : (x > 88.0f ? 88.0f : x);
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.98992755e-4f;
+  p = p * r + 1.39336439e-3f;
+  p = p * r + 8.33329838e-3f;
+  p = p * r + 4.16664667e-2f;
+  p = p * r + 1.66666672e-1f;
+  p = p * r + 0.5f;
+  p = (p * (r * r) + r) + 1.0f;
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return under ? 0.0f : p * scale;
 }
+inline F8 vexp(F8 x) {
+  F8 r;
+  for (int i = 0; i < 8; ++i) r.v[i] = exp_lane(x.v[i]);
+  return r;
+}
+#endif
 
 // sigmoid(z) = 1 / (1 + exp(-z))
 inline F8 vsigmoid(F8 z) { return set1(1.0f) / (set1(1.0f) + vexp(set1(0.0f) - z)); }

@@ -1,0 +1,88 @@
+"""C++/OpenMP CPU backend: thin wrappers over ``torch.ops.hbkernels.*`` (built from csrc/ into
+``hbkernels._C``).
+
+Every primitive writes into preallocated outputs (out-parameter style, like the Triton backend).
+The ops are registered with mutation annotations and fake kernels, so ``torch.compile`` traces
+them without graph breaks. Importing this module raises ImportError when the extension is not
+built, which :func:`hbkernels.backend.cpp_available` turns into the reference-backend fallback.
+"""
+import torch
+
+import hbkernels._C  # noqa: F401  (loads the library; registers torch.ops.hbkernels.*)
+
+_ops = torch.ops.hbkernels
+
+__all__ = ["attn_bwd", "attn_fwd", "copy_add", "geglu_bwd", "geglu_fwd", "gn_bwd", "gn_fwd"]
+
+
+# ---------------------------------------------------------------- fake kernels (torch.compile)
+# The ops only mutate their output arguments and return nothing, so the fake kernels have nothing to do.
+@torch.library.register_fake("hbkernels::attn_fwd")
+def _attn_fwd_fake(q, k, v, out, lse, scale, causal):
+    return None
+
+
+@torch.library.register_fake("hbkernels::attn_bwd")
+def _attn_bwd_fake(grad_out, q, k, v, out, lse, dq, dk, dv, scale, causal):
+    return None
+
+
+@torch.library.register_fake("hbkernels::gn_fwd")
+def _gn_fwd_fake(x, weight, bias, y, mean, rstd, num_groups, eps, silu):
+    return None
+
+
+@torch.library.register_fake("hbkernels::gn_bwd")
+def _gn_bwd_fake(dy, x, weight, bias, mean, rstd, dx, dweight, dbias, num_groups, silu):
+    return None
+
+
+@torch.library.register_fake("hbkernels::copy_add")
+def _copy_add_fake(src, residual, out):
+    return None
+
+
+@torch.library.register_fake("hbkernels::geglu_fwd")
+def _geglu_fwd_fake(x, out):
+    return None
+
+
+@torch.library.register_fake("hbkernels::geglu_bwd")
+def _geglu_bwd_fake(dy, x, dx):
+    return None
+
+
+# ---------------------------------------------------------------- primitives
+def attn_fwd(q, k, v, out, lse, scale: float, causal: bool) -> None:
+    """q, k, v (N, T, H, D), stride(-1) == 1; writes out (N, T, H, D) and lse (N, H, T) float32."""
+    _ops.attn_fwd(q, k, v, out, lse, float(scale), bool(causal))
+
+
+def attn_bwd(do, q, k, v, out, lse, dq, dk, dv, scale: float, causal: bool) -> None:
+    """Flash-attention backward from the forward's out and lse; writes dq, dk, dv."""
+    _ops.attn_bwd(do, q, k, v, out, lse, dq, dk, dv, float(scale), bool(causal))
+
+
+def gn_fwd(x, weight, bias, y, mean, rstd, num_groups: int, eps: float, silu: bool) -> None:
+    """x, y: (N, C, T, S) views with any strides; writes y and mean/rstd (N, G) float32."""
+    _ops.gn_fwd(x, weight, bias, y, mean, rstd, int(num_groups), float(eps), bool(silu))
+
+
+def gn_bwd(dy, x, weight, bias, mean, rstd, dx, dweight, dbias, num_groups: int, silu: bool) -> None:
+    """Writes dx, and dweight/dbias (C,) float32 where given (None skips them)."""
+    _ops.gn_bwd(dy, x, weight, bias, mean, rstd, dx, dweight, dbias, int(num_groups), bool(silu))
+
+
+def copy_add(src, residual, out) -> None:
+    """out = src (+ residual), all (N, C, T, S) views with any strides."""
+    _ops.copy_add(src, residual, out)
+
+
+def geglu_fwd(x, out) -> None:
+    """x (M, 2F) -> out (M, F) = x[:, :F] * gelu(x[:, F:])."""
+    _ops.geglu_fwd(x, out)
+
+
+def geglu_bwd(dy, x, dx) -> None:
+    """dx (M, 2F) from dy (M, F) and x."""
+    _ops.geglu_bwd(dy, x, dx)
