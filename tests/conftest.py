@@ -1,5 +1,6 @@
 import os
 
+import pytest
 import torch
 
 # Must precede the first @triton.jit: CPU-only machines run the Triton backend in its interpreter.
@@ -7,3 +8,13 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # Every kernel output starts as NaN, so an element a kernel forgot to write fails the comparison.
 os.environ.setdefault("HBKERNELS_POISON", "1")
+
+
+@pytest.fixture
+def single_thread():
+    """For model-level tests on tiny tensors: thread start-up dominates, and on a shared 2-core
+    machine two threads run several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

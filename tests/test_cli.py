@@ -8,13 +8,7 @@ from hummingbird.cli import main
 TINY = ["--model", "tiny-random", "--height", "32", "--width", "32"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: thread start-up dominates, and on a shared CPU two threads run 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_generate_tiny_random_mp4(tmp_path, capsys):

@@ -25,12 +25,7 @@ from hummingbird.convert import (
 from hummingbird.models import HummingbirdUNet3DModel
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def randn(*shape, g):

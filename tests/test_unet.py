@@ -10,13 +10,7 @@ from hummingbird.models import CONFIGS, HummingbirdUNet3DModel, guidance_scale_e
 from hummingbird.models.unet_3d import ResBlock, SpatialTransformer, TemporalTransformer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors: threads only add overhead (and the CI machine's cores are shared).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def randomize(module, seed=0, std=0.3):
