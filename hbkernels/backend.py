@@ -104,13 +104,6 @@ def empty(*args, **kwargs) -> torch.Tensor:
     return out
 
 
-def empty_strided(size, stride, **kwargs) -> torch.Tensor:
-    out = torch.empty_strided(size, stride, **kwargs)
-    if poisoning():
-        out.fill_(float("nan"))
-    return out
-
-
 def empty_like(t: torch.Tensor, **kwargs) -> torch.Tensor:
     """``torch.empty_like`` (same memory format where ``t`` is dense), NaN-filled when poisoning."""
     out = torch.empty_like(t, **kwargs)

@@ -36,16 +36,19 @@ def rand(*shape, dtype=torch.float32, mean=0.0, device=DEVICE, requires_grad=Fal
 
 
 def assert_within_torch_error(name, out, ref64, torch_out, factor=2.0):
-    """|out - ref64| must be at most ``factor`` x |torch_out - ref64| (PyTorch's own error in that
-    dtype), with a floor of a few ulps so exact cases don't demand bit-equality."""
+    """Elementwise |out - ref64| <= ``factor`` x max|torch_out - ref64| (PyTorch's own error in that
+    dtype) + 2 ulps of the element itself, so exact cases don't demand bit-equality while a bound
+    for large elements never loosens the small ones."""
     assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
     assert torch.isfinite(out).all(), f"{name}: non-finite values (unwritten output?)"
     ref64 = ref64.double()
-    err = (out.double() - ref64).abs().max().item()
+    err = (out.double() - ref64).abs()
     torch_err = (torch_out.double() - ref64).abs().max().item()
-    floor = 4 * torch.finfo(out.dtype).eps * max(1.0, ref64.abs().max().item())
-    assert err <= factor * torch_err + floor, (
-        f"{name}: max error {err:.3g} vs float64 exceeds {factor}x PyTorch's own {torch_err:.3g} (+ floor {floor:.2g})"
+    bound = factor * torch_err + 2 * torch.finfo(out.dtype).eps * ref64.abs()
+    worst = (err - bound).argmax()
+    assert (err <= bound).all(), (
+        f"{name}: error {err.flatten()[worst].item():.3g} at ref {ref64.flatten()[worst].item():.3g} exceeds "
+        f"{factor}x PyTorch's own max error {torch_err:.3g} + 2 ulps (max error {err.max().item():.3g})"
     )
 
 

@@ -6,7 +6,7 @@ import torch
 
 import hbkernels
 from hbkernels import backend
-from helpers import DEVICE, require
+from helpers import DEVICE, KERNEL_BACKENDS, rand, require
 
 
 def test_required_backends_are_built():
@@ -60,3 +60,14 @@ def test_missing_extension_falls_back_with_one_warning(monkeypatch):
     assert sum("C++ CPU backend unavailable" in str(w.message) for w in caught) == 1
     for y in ys:
         torch.testing.assert_close(y, torch.nn.functional.silu(torch.nn.functional.group_norm(x, 2)))
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+def test_double_backward_is_refused(backend_name):
+    """Kernel backwards are not themselves differentiable: asking for it must raise, not return a
+    silently wrong second derivative."""
+    x = rand(3, 8, requires_grad=True)
+    with hbkernels.use_backend(backend_name):
+        (grad,) = torch.autograd.grad(hbkernels.geglu(x).pow(2).sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="once_differentiable"):
+            grad.sum().backward()

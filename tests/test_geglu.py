@@ -2,13 +2,13 @@ import pytest
 import torch
 
 import hbkernels
-from helpers import BACKENDS, DTYPES, check_against_float64, rand, shapes
+from helpers import BACKENDS, KERNEL_BACKENDS, DTYPES, check_against_float64, rand, shapes
 
 QUICK = [(7, 10), (2, 3, 40), (1, 160)]
 FULL = QUICK + [(2560 * 16, 2560), (640 * 26, 10240), (77, 8192)]
 
 
-@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", shapes(QUICK, FULL))
 @pytest.mark.parametrize("strided", [False, True])

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import hbkernels
-from helpers import BACKENDS, DEVICE, DTYPES, check_against_float64, rand, shapes
+from helpers import BACKENDS, KERNEL_BACKENDS, DEVICE, DTYPES, check_against_float64, rand, shapes
 
 # (shape, num_groups): C not a multiple of 8, T = 1/16/25, N = 1 and 2.
 QUICK = [((1, 12, 3, 5), 4), ((2, 30, 1, 4, 3), 3), ((1, 12, 16, 2, 3), 4), ((2, 8, 25, 2, 2), 2)]
@@ -18,7 +18,7 @@ def to_layout(x, layout):
     return x
 
 
-@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,groups", shapes(QUICK, FULL))
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -35,7 +35,7 @@ def test_group_norm(backend_name, dtype, shape, groups, layout, activation):
     check_against_float64(fn, [x, w, b], backend_name, dtype)
 
 
-@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
 @pytest.mark.parametrize("affine", ["none", "weight", "bias"])
 def test_group_norm_optional_affine(backend_name, affine):
     x = rand(2, 12, 3, 4, 5, dtype=torch.float64, mean=-2.0, requires_grad=True)
@@ -48,7 +48,7 @@ def test_group_norm_optional_affine(backend_name, affine):
     check_against_float64(fns[affine], [x] if affine == "none" else [x, p], backend_name, torch.float32)
 
 
-@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,groups", [(s, g) for s, g in shapes(QUICK, FULL) if len(s) == 5])
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -2,10 +2,10 @@ import pytest
 import torch
 
 import hbkernels
-from helpers import BACKENDS, DEVICE, DTYPES, ON_GPU, check_against_float64, rand, shapes
+from helpers import BACKENDS, KERNEL_BACKENDS, DEVICE, DTYPES, ON_GPU, check_against_float64, rand, shapes
 
 # (N, T, H, D): T = 1/16/25/26, D = 40/64/80, N = 1; tiny N*H keeps the interpreter fast.
-QUICK = [(1, 16, 2, 64), (2, 25, 1, 40), (1, 26, 2, 80), (3, 1, 1, 32), (1, 5, 1, 96)]
+QUICK = [(1, 16, 2, 64), (2, 25, 1, 40), (1, 26, 2, 80), (3, 1, 1, 32), (1, 5, 1, 96), (1, 77, 1, 40)]  # 77: several key blocks
 FULL = QUICK + [(2560, 16, 5, 64), (640, 26, 10, 64), (160, 16, 20, 64), (64, 25, 8, 40), (32, 128, 8, 80),
                 (16, 16, 8, 160), (8, 77, 4, 128), (4, 200, 2, 64)]
 LAYOUTS = ["contiguous", "packed_qkv", "projection_views"]
@@ -29,7 +29,7 @@ def make_base(n, t, h, d, layout):
     return rand(*shape, dtype=torch.float64, requires_grad=True)
 
 
-@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,layout", CASES)
 @pytest.mark.parametrize("causal", [False, True])
@@ -42,7 +42,7 @@ def test_temporal_attention(backend_name, dtype, shape, layout, causal):
     check_against_float64(fn, [make_base(n, t, h, d, layout)], backend_name, dtype)
 
 
-@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
 def test_temporal_attention_scale(backend_name):
     def fn(base):
         return hbkernels.temporal_attention(*base.unbind(0), scale=0.3)

@@ -4,6 +4,7 @@ Eager PyTorch materialises gelu(gate) and then the product (read 2F + write F, r
 per row); the fused kernel reads the 2F inputs once and writes F outputs once.
 """
 import torch
+from torch.autograd.function import once_differentiable
 
 from hbkernels import backend, checks, reference
 
@@ -20,6 +21,7 @@ class GEGLUFunction(torch.autograd.Function):
         return out.view(*x.shape[:-1], x.shape[-1] // 2)
 
     @staticmethod
+    @once_differentiable  # kernel gradients: a double backward must raise, not silently drop terms
     def backward(ctx, grad_out):
         (x2,) = ctx.saved_tensors
         dy = grad_out.reshape(x2.shape[0], -1).contiguous()

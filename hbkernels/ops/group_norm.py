@@ -6,6 +6,7 @@ channels-last and token layouts share one kernel; the fused token output saves t
 (one full read + write of the activation) that diffusers and VideoCrafter2 pay after the norm.
 """
 import torch
+from torch.autograd.function import once_differentiable
 
 from hbkernels import backend, checks, reference
 
@@ -64,6 +65,7 @@ class GroupNormFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # kernel gradients: a double backward must raise, not silently drop terms
     def backward(ctx, grad_out):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         num_groups, silu, to_tokens, backend_name = ctx.cfg

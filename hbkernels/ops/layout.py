@@ -5,9 +5,10 @@ reads that copy and the residual and writes the sum; the fused op reads each inp
 once (4 -> 3 passes over the activation, and no temporary).
 """
 import torch
+from torch.autograd.function import once_differentiable
 
 from hbkernels import backend, checks, reference
-from hbkernels.ops.group_norm import _tokens_as_video, empty_video_like, video_view
+from hbkernels.ops.group_norm import _as_video, _tokens_as_video, empty_video_like, video_view
 
 
 class TokensToVideoFunction(torch.autograd.Function):
@@ -19,13 +20,14 @@ class TokensToVideoFunction(torch.autograd.Function):
         else:
             out = backend.empty(shape, dtype=tokens.dtype, device=tokens.device)
             out4 = video_view(out)
-        res4 = video_view(residual) if residual is not None else None
+        res4 = _as_video(residual) if residual is not None else None
         backend.primitives(backend_name).copy_add(_tokens_as_video(tokens, n, c, f, h * w), res4, out4)
         ctx.shape, ctx.backend_name = shape, backend_name
         ctx.has_residual = residual is not None
         return out
 
     @staticmethod
+    @once_differentiable  # kernel gradients: a double backward must raise, not silently drop terms
     def backward(ctx, grad_out):
         n, c, f, h, w = ctx.shape
         grad_tokens = backend.empty((n * h * w, f, c), dtype=grad_out.dtype, device=grad_out.device)

@@ -8,6 +8,7 @@ grid axis that has no such limit.
 import math
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from hbkernels import backend, checks, reference
 
@@ -19,6 +20,7 @@ class TemporalAttentionFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, scale, causal, backend_name):
         n, t, h, _ = q.shape
         out = backend.empty(q.shape, dtype=q.dtype, device=q.device)
+        # Per-row softmax statistics, in the backend's own units; only its backward reads them.
         lse = backend.empty((n, h, t), dtype=torch.float32, device=q.device)
         backend.primitives(backend_name).attn_fwd(q, k, v, out, lse, scale, causal)
         ctx.save_for_backward(q, k, v, out, lse)
@@ -26,6 +28,7 @@ class TemporalAttentionFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # kernel gradients: a double backward must raise, not silently drop terms
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
         grad_out = _last_dim_contiguous(grad_out)

@@ -15,7 +15,6 @@ dq, so the whole backward is one kernel reading q, k, v, do once. Otherwise a se
 (n*h, query block) makes dq.
 Scores are kept in the log2 domain (qk_scale = scale * log2(e)) so the kernels use exp2.
 """
-import contextlib
 
 import torch
 import triton
@@ -93,7 +92,9 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, H, T, D, qk_scale,
         m_i = m_new
 
     _store_rows(O + n * so_n + h * so_h, acc / l_i[:, None], offs_m, so_t, offs_d, T, D, UPCAST)
-    tl.store(LSE + bh * T + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=offs_m < T)
+    # lse in log2 units: the backward's exp2(s - lse) then reproduces P without a ln<->log2 rounding
+    # (for T = 1 it gives P = 1 exactly, so dq = dk = 0 exactly, as in PyTorch).
+    tl.store(LSE + bh * T + offs_m, m_i + tl.log2(l_i), mask=offs_m < T)
 
 
 @triton.jit
@@ -123,7 +124,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, O, DO, LSE, DQ, DK, DV, H, T, D, scale, qk_sc
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = _rows(Q, offs_m, sq_t, offs_d, T, D, UPCAST)
         do = _rows(DO, offs_m, sdo_t, offs_d, T, D, UPCAST)
-        lse2 = tl.load(LSE + offs_m, mask=offs_m < T, other=0.0) * 1.4426950408889634
+        lse2 = tl.load(LSE + offs_m, mask=offs_m < T, other=0.0)
         p = _probs(q, k, lse2, offs_m, offs_n, T, qk_scale, CAUSAL)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee")
         dp = tl.dot(do, tl.trans(v), input_precision="ieee")
@@ -161,7 +162,7 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, LSE, DQ, H, T, D, scale, qk_scale,
     do = _rows(DO + n * sdo_n + h * sdo_h, offs_m, sdo_t, offs_d, T, D, UPCAST)
     o = _rows(O + n * so_n + h * so_h, offs_m, so_t, offs_d, T, D, UPCAST)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    lse2 = tl.load(LSE + bh * T + offs_m, mask=offs_m < T, other=0.0) * 1.4426950408889634
+    lse2 = tl.load(LSE + bh * T + offs_m, mask=offs_m < T, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     hi = tl.minimum(T, start_m + BLOCK_M) if CAUSAL else T
     for start_n in range(0, hi, BLOCK_N):
@@ -197,21 +198,16 @@ def _strides(x):
     return x.stride(0), x.stride(1), x.stride(2)
 
 
-def _device(x):
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
-
 def attn_fwd(q, k, v, out, lse, scale: float, causal: bool) -> None:
     n, t, h, d = q.shape
     assert lse.is_contiguous() and lse.shape == (n, h, t) and lse.dtype == torch.float32
     block, block_d, opts = _config(t, d, q.element_size(), bwd=False)
     grid = (n * h, triton.cdiv(t, block))
-    with _device(q):
-        _attn_fwd_kernel[grid](
-            q, k, v, out, lse, h, t, d, scale * LOG2E,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-            CAUSAL=bool(causal), UPCAST=backend.interpreting(),
-            BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, **opts)
+    _attn_fwd_kernel[grid](
+        q, k, v, out, lse, h, t, d, scale * LOG2E,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+        CAUSAL=bool(causal), UPCAST=backend.interpreting(),
+        BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, **opts)
 
 
 def attn_bwd(do, q, k, v, out, lse, dq, dk, dv, scale: float, causal: bool) -> None:
@@ -223,9 +219,8 @@ def attn_bwd(do, q, k, v, out, lse, dq, dk, dv, scale: float, causal: bool) -> N
               *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(do), *_strides(dq))
     meta = dict(CAUSAL=bool(causal), UPCAST=backend.interpreting(),
                 BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, **opts)
-    with _device(q):
-        _attn_bwd_dkdv_kernel[(n * h, triton.cdiv(t, block))](
-            q, k, v, out, do, lse, dq, dk, dv, *common, FUSE_DQ=fuse_dq, **meta)
-        if not fuse_dq:
-            _attn_bwd_dq_kernel[(n * h, triton.cdiv(t, block))](
-                q, k, v, out, do, lse, dq, *common, **meta)
+    _attn_bwd_dkdv_kernel[(n * h, triton.cdiv(t, block))](
+        q, k, v, out, do, lse, dq, dk, dv, *common, FUSE_DQ=fuse_dq, **meta)
+    if not fuse_dq:
+        _attn_bwd_dq_kernel[(n * h, triton.cdiv(t, block))](
+            q, k, v, out, do, lse, dq, *common, **meta)
