@@ -93,8 +93,9 @@ class Report:
         return paths
 
     def markdown(self) -> str:
+        copy = f", copy bandwidth {self.copy_gbps:.1f} GB/s" if self.copy_gbps else ""
         lines = [f"# hbkernels benchmark — {self.device}", "",
-                 f"date {self.date}, commit {self.commit}, torch {self.torch}, copy bandwidth {self.copy_gbps:.1f} GB/s", "",
+                 f"date {self.date}, commit {self.commit}, torch {self.torch}{copy}", "",
                  "| suite | case | impl | median ms | GB/s | % copy BW | speedup vs eager |",
                  "|---|---|---|---:|---:|---:|---:|"]
         for r in self.rows:
