@@ -16,14 +16,18 @@ one misspelt module name (:data:`UNET_RENAMES`).
 Reading never runs code from the file. ``.safetensors`` hold only tensors; torch pickles
 (``.ckpt``/``.pt``/``.pth``/``.bin``) are read with ``torch.load(weights_only=True)`` first. Released
 Hummingbird checkpoints are whole pickled model objects, which weights_only refuses; those are read
-with :class:`RestrictedUnpickler`, which rebuilds tensors and plain containers and replaces every
-other class by an inert placeholder that only collects attribute data, so the nn.Module tree's
-``_parameters``/``_buffers`` can be read out. Anything the pickle would have to *call* besides the
-tensor-rebuild functions is refused with an error naming it.
+with :class:`RestrictedUnpickler`. It resolves only the globals torch's weights_only unpickler allows
+(tensor/parameter rebuild functions, dtypes, ``torch.Size``, ``OrderedDict``, ...) plus numpy's
+array, scalar and dtype rebuilders; every other name becomes an inert placeholder class and is never
+imported, so the nn.Module tree's ``_parameters``/``_buffers`` can be read out of its attribute data.
+Calling a placeholder (how enum members and objects with a custom ``__reduce__`` come back) gives an
+inert placeholder object too, except for names from modules that run code, touch processes, files
+or imports, or forward calls (``os``, ``builtins``, ``subprocess``, ``importlib``, ``functools``, ...,
+and anything of torch's or numpy's not allowed above): those are refused with an error naming them.
+Setting state on a class or function (which would change code for the rest of the process) is refused.
 """
 import _compat_pickle
-import codecs
-import collections
+import errno
 import json
 import os
 import pickle
@@ -65,56 +69,100 @@ class CheckpointMismatchError(ValueError):
 
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
-    """The pickle asked to call something that is not a tensor-rebuild function or plain container."""
+    """The pickle asked to run code (to call something no checkpoint needs to call) or to change a
+    class or function."""
 
 
 # ----------------------------------------------------------------------------- reading checkpoints
 
+# Top-level modules whose callables run code, start processes, touch files, the network or imports,
+# or forward calls to other callables (partial, getattr, methodcaller). A pickle calling into one of
+# them is not a checkpoint. torch, numpy and builtins are listed because their safe callables are
+# allow-listed by name (:func:`_allowed_globals`); anything else of theirs (torch.load, torch.hub.load,
+# numpy.load, eval, getattr, ...) is refused.
+REFUSED_MODULES = frozenset({
+    "builtins", "os", "posix", "nt", "sys", "subprocess", "importlib", "functools", "operator", "runpy",
+    "shutil", "socket", "pickle", "_pickle", "marshal", "types", "code", "codeop", "ctypes", "pty",
+    "webbrowser", "multiprocessing", "asyncio", "threading", "_thread", "signal", "copyreg", "pydoc",
+    "timeit", "inspect", "pdb", "bdb", "zipimport", "pkgutil", "site", "pip", "setuptools", "torch", "numpy",
+})
 
-class _RefuseCalls(type):
-    """Metaclass of the placeholders: creating objects through NEWOBJ (``cls.__new__``) is how
-    pickled class instances are rebuilt and is allowed; *calling* a placeholder (REDUCE, INST, OBJ:
-    how a pickle runs functions) is refused."""
+_EXPORT_HINT = (
+    "Only tensors, plain containers and the attribute data of pickled objects (such as a pickled "
+    "nn.Module's parameters) can be read safely. If you trust the file, export its weights in an "
+    "isolated environment, e.g. python -c \"import torch; m = torch.load('IN', weights_only=False); "
+    "torch.save(m.state_dict() if hasattr(m, 'state_dict') else m, 'OUT.ckpt')\", and convert OUT.ckpt."
+)
+
+
+class _InertCalls(type):
+    """Metaclass of the placeholders. Creating objects through NEWOBJ (``cls.__new__``) is how pickled
+    class instances are rebuilt. *Calling* a placeholder (REDUCE, INST, OBJ) is how a pickle runs
+    functions: it is refused for names from :data:`REFUSED_MODULES`; otherwise (an enum member, an
+    object with a custom ``__reduce__``) it gives an inert instance holding the arguments in
+    ``_call_args``. Nothing is imported either way, so nothing from the file runs."""
 
     def __call__(cls, *args, **kwargs):
-        raise UnsafeCheckpointError(
-            f"refused to call {cls.__qualname__} while unpickling: the checkpoint runs code when loaded. "
-            "Only tensors, plain containers and the attribute data of pickled objects (such as a pickled "
-            "nn.Module's parameters) can be read safely. If you trust the file, export its weights in an "
-            "isolated environment, e.g. python -c \"import torch; m = torch.load('IN', weights_only=False); "
-            "torch.save(m.state_dict() if hasattr(m, 'state_dict') else m, 'OUT.ckpt')\", and convert OUT.ckpt."
-        )
+        if cls.__module__.split(".")[0] in REFUSED_MODULES:
+            raise UnsafeCheckpointError(
+                f"refused to call {cls.__qualname__} while unpickling: the checkpoint runs code when loaded. "
+                + _EXPORT_HINT
+            )
+        obj = cls.__new__(cls)
+        obj.__dict__["_call_args"] = args
+        return obj
 
 
-class Placeholder(metaclass=_RefuseCalls):
+class Placeholder(metaclass=_InertCalls):
     """Stands in for a class named in a pickle; instances only hold the state the pickle sets."""
 
     def __new__(cls, *args, **kwargs):
         return object.__new__(cls)
 
+    # SETITEM(S) / APPEND(S): the items of a pickled dict or list subclass, kept as data.
+    def __setitem__(self, key, value):
+        self.__dict__.setdefault("_items", {})[key] = value
 
-def _allowed_globals() -> dict:
-    allowed = {
-        ("collections", "OrderedDict"): collections.OrderedDict,
-        ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
-        ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
-        ("torch._utils", "_rebuild_parameter_with_state"): torch._utils._rebuild_parameter_with_state,
-        ("torch", "Size"): torch.Size,
-        ("torch", "device"): torch.device,
-        # protocol-2 pickles spell sets and bytes as calls to these
-        ("builtins", "set"): set,
-        ("builtins", "frozenset"): frozenset,
-        ("_codecs", "encode"): codecs.encode,
-    }
-    for name in dir(torch):
-        if isinstance(getattr(torch, name), torch.dtype):
-            allowed[("torch", name)] = getattr(torch, name)
+    def append(self, item):
+        self.__dict__.setdefault("_list", []).append(item)
+
+    def extend(self, items):
+        self.__dict__.setdefault("_list", []).extend(items)
+
+
+def _numpy_globals() -> dict:
+    """numpy's array, scalar and dtype rebuilders, under numpy 1's and numpy 2's module names."""
+    try:
+        import numpy
+        try:
+            from numpy._core import multiarray  # numpy >= 2 (numpy.core is a deprecated alias there)
+        except ImportError:
+            from numpy.core import multiarray
+    except ImportError:  # no numpy: its names stay placeholders, and calling them is refused
+        return {}
+    allowed = {"numpy.ndarray": numpy.ndarray, "numpy.dtype": numpy.dtype}
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        allowed[f"{module}._reconstruct"] = multiarray._reconstruct
+        allowed[f"{module}.scalar"] = multiarray.scalar
     return allowed
 
 
-class RestrictedUnpickler(pickle.Unpickler):
+def _allowed_globals() -> dict:
+    """``"module.name"`` -> object: exactly what ``torch.load(weights_only=True)`` resolves by default
+    (tensor and parameter rebuild functions, tensor/storage classes, dtypes, ``torch.Size``,
+    ``torch.device``, ``OrderedDict``, ``Counter``, and ``set``/``bytearray``/``complex``/``_codecs.encode``
+    for protocol-2 data), plus numpy's rebuilders and ``frozenset``."""
+    from torch._weights_only_unpickler import _get_allowed_globals
+
+    return {**_get_allowed_globals(), **_numpy_globals(), "builtins.frozenset": frozenset}
+
+
+class RestrictedUnpickler(pickle._Unpickler):
     """Resolves only allow-listed globals; every other global becomes a :class:`Placeholder`
-    subclass (nothing is imported). Storages are supplied by torch.load's persistent_load."""
+    subclass (nothing is imported). Storages are supplied by torch.load's persistent_load.
+
+    The pure-Python unpickler, so that BUILD can be checked: it may set the state of data objects
+    (placeholders, tensors, arrays, ordered dicts) but not of a class or function."""
 
     allowed = _allowed_globals()
 
@@ -122,9 +170,30 @@ class RestrictedUnpickler(pickle.Unpickler):
         # Protocol-2 pickles (torch.save's default) name Python 2 modules: __builtin__.set, ...
         module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
         module = _compat_pickle.IMPORT_MAPPING.get(module, module)
-        if (module, name) in self.allowed:
-            return self.allowed[(module, name)]
-        return _RefuseCalls(name, (Placeholder,), {"__module__": module, "__qualname__": f"{module}.{name}"})
+        if f"{module}.{name}" in self.allowed:
+            return self.allowed[f"{module}.{name}"]
+        return _InertCalls(name, (Placeholder,), {"__module__": module, "__qualname__": f"{module}.{name}"})
+
+    def load_build(self):
+        inst = self.stack[-2]
+        if isinstance(inst, type) or callable(inst):
+            name = getattr(inst, "__qualname__", type(inst).__qualname__)
+            raise UnsafeCheckpointError(
+                f"refused to set attributes of {getattr(inst, '__module__', '?')}.{name} while unpickling: "
+                "the checkpoint changes code when loaded. " + _EXPORT_HINT
+            )
+        if not isinstance(inst, Placeholder):
+            return pickle._Unpickler.load_build(self)
+        # A placeholder's state goes straight into its __dict__: no __setstate__ or setattr is looked up.
+        state = self.stack.pop()
+        if isinstance(state, tuple) and len(state) == 2 and all(s is None or isinstance(s, dict) for s in state):
+            state = {**(state[0] or {}), **(state[1] or {})}  # (__dict__ state, __slots__ state)
+        if isinstance(state, dict):
+            inst.__dict__.update(state)
+        else:  # what a custom __getstate__ returned: kept as is
+            inst.__dict__["_state"] = state
+
+    dispatch = {**pickle._Unpickler.dispatch, pickle.BUILD[0]: load_build}
 
 
 class _RestrictedPickleModule:
@@ -372,17 +441,32 @@ def vae_from_checkpoint(checkpoint: dict, *, strict=True):
 # ----------------------------------------------------------------------------- writing a folder
 
 
-def _replace_dir(tmp: Path, dst: Path):
-    """Move the finished ``tmp`` folder to ``dst``; an existing ``dst`` is swapped out, then removed."""
-    if not dst.exists():
-        os.replace(tmp, dst)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-    os.replace(dst, old / dst.name)
+def _rename_into(tmp: Path, dst: Path):
+    """os.rename, which never replaces a file or a non-empty folder: one there is reported as existing."""
     try:
-        os.replace(tmp, dst)
+        os.rename(tmp, dst)
+    except OSError as err:
+        if err.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+            raise FileExistsError(f"{dst} appeared during the conversion; not replaced (use --overwrite)") from err
+        raise
+
+
+def _move_into_place(tmp: Path, dst: Path, overwrite: bool):
+    """Move the finished ``tmp`` folder to ``dst``. ``dst`` is checked again right here, because
+    it may have appeared since :func:`convert` started: then it is an error unless ``overwrite``, in
+    which case it is renamed aside, ``tmp`` renamed in, and only then the old folder deleted."""
+    if not (dst.exists() or dst.is_symlink()):
+        _rename_into(tmp, dst)
+        return
+    if not overwrite:
+        raise FileExistsError(f"{dst} appeared during the conversion; not replaced (use --overwrite)")
+    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+    os.rename(dst, old / dst.name)
+    try:
+        _rename_into(tmp, dst)
     except BaseException:
-        os.replace(old / dst.name, dst)
+        os.rename(old / dst.name, dst)  # put the old folder back (if this fails, it is kept in `old`)
+        old.rmdir()
         raise
     shutil.rmtree(old, ignore_errors=True)
 
@@ -413,7 +497,7 @@ def convert(src, dst, config=None, *, dtype=None, overwrite=False, strict=True) 
             if dtype is not None:
                 torch.nn.Module.to(model, dtype)  # diffusers' .to() warns about keep-in-fp32 modules we don't have
             model.save_pretrained(tmp / name, safe_serialization=True)
-        _replace_dir(tmp, dst)
+        _move_into_place(tmp, dst, overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return list(components)

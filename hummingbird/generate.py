@@ -1,16 +1,18 @@
 """``hummingbird generate``: text -> video file, with per-stage timings.
 
-Cheap checks (output path, device, model folder) run before the model loads, so a typo costs no
-loading time; they exit with a one-line message, no traceback. torch/diffusers are imported inside
-:func:`run` to keep ``--help`` instant.
+Cheap checks (output path, model folder, height/width against the model's config.json files,
+device) run before the model loads, so a typo costs no loading time; they exit with a one-line
+message, no traceback. torch/diffusers are imported inside :func:`run` to keep ``--help`` instant.
 """
 import argparse
+import json
 import os
 import random
 import time
 
 TINY_RANDOM = "tiny-random"  # a built-in tiny random model: noise out, but exercises the whole path
 TINY_SIZE = 64  # its default height/width: its output is noise anyway, so keep the CPU demo quick
+TINY_MULTIPLE = 16  # its height/width multiple: VAE factor 8 x its U-Net's one downsampling (hummingbird.testing)
 DTYPES = ("fp16", "bf16", "fp32")
 
 
@@ -32,18 +34,20 @@ def add_parser(subparsers):
     p = subparsers.add_parser(
         "generate", help="generate a video from a text prompt",
         description="Generate a video from a text prompt with a Hummingbird (LCM, guidance distilled) or "
-        "VideoCrafter2 (DDIM + classifier-free guidance) model. Steps/guidance/fps default to the model's own "
-        "(4 / 7.5 / 8 for Hummingbird, 50 / 12 / 28 for VideoCrafter2).",
+        "VideoCrafter2 (DDIM + classifier-free guidance) model. Steps/frames/guidance/fps default to the model's "
+        "own (8 / 26 / 7.5 / 8 for Hummingbird, 50 / 16 / 12 / 28 for VideoCrafter2).",
     )
     p.add_argument("prompt")
     p.add_argument("--model", required=True,
                    help=f"pipeline folder (save_pretrained, or `hummingbird convert` output + tokenizer/), "
                    f"or '{TINY_RANDOM}' for a built-in tiny random model")
     p.add_argument("--out", default="video.mp4", help="output .mp4 or .gif (default: %(default)s)")
-    p.add_argument("--frames", type=_positive_int, default=16, help="number of frames (default: %(default)s)")
+    p.add_argument("--frames", type=_positive_int, help="number of frames (default: the model's)")
     p.add_argument("--steps", type=_positive_int, help="denoising steps (default: the model's)")
-    p.add_argument("--height", type=_multiple_of_8, help=f"default: 320 ({TINY_SIZE} for {TINY_RANDOM})")
-    p.add_argument("--width", type=_multiple_of_8, help=f"default: 512 ({TINY_SIZE} for {TINY_RANDOM})")
+    size_help = ("a multiple of the model's VAE factor x U-Net downsampling: 64 for the released models, "
+                 f"{TINY_MULTIPLE} for {TINY_RANDOM}")
+    p.add_argument("--height", type=_multiple_of_8, help=f"default: 320 ({TINY_SIZE} for {TINY_RANDOM}); {size_help}")
+    p.add_argument("--width", type=_multiple_of_8, help=f"default: 512 ({TINY_SIZE} for {TINY_RANDOM}); {size_help}")
     p.add_argument("--guidance-scale", type=float, help="guidance scale w (default: the model's)")
     p.add_argument("--negative-prompt", help="unconditional prompt for classifier-free guidance (VideoCrafter2 only)")
     p.add_argument("--fps", type=_positive_int, help="fps conditioning and playback rate (default: the model's)")
@@ -76,6 +80,25 @@ def _check_output(path: str):
         _fail(f"cannot write {path}: {err.strerror}")
 
 
+def _spatial_multiple(model: str, tiny: bool):
+    """What height/width must be multiples of: the VAE's factor x the U-Net's downsampling (8 x 8 = 64
+    for the released models), read from the folder's small unet/ and vae/ config.json files, before any
+    weights load. None when the U-Net's config cannot be read: the pipeline checks once loaded."""
+    if tiny:
+        return TINY_MULTIPLE
+    try:
+        with open(os.path.join(model, "unet", "config.json")) as f:
+            unet_factor = 2 ** (len(json.load(f)["channel_mult"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    try:
+        with open(os.path.join(model, "vae", "config.json")) as f:
+            vae_factor = 2 ** (len(json.load(f)["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        vae_factor = 8  # Stable Diffusion's KL-f8, which every VideoCrafter2/Hummingbird model uses
+    return vae_factor * unet_factor
+
+
 def _resolve_device(name):
     import torch
 
@@ -95,6 +118,12 @@ def run(args) -> int:
     tiny = args.model == TINY_RANDOM and not os.path.isdir(args.model)
     if not tiny and not os.path.isdir(args.model):
         _fail(f"model folder {args.model} does not exist")
+    height = args.height or (TINY_SIZE if tiny else 320)
+    width = args.width or (TINY_SIZE if tiny else 512)
+    multiple = _spatial_multiple(args.model, tiny)
+    if multiple and (height % multiple or width % multiple):
+        _fail(f"height and width must be multiples of {multiple} for this model (the VAE's factor x the U-Net's "
+              f"downsampling), got {height}x{width}")
     import torch
 
     from hummingbird.export import export_video
@@ -104,9 +133,6 @@ def run(args) -> int:
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[
         args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
     seed = random.randrange(2**31) if args.seed is None else args.seed
-
-    height = args.height or (TINY_SIZE if tiny else 320)
-    width = args.width or (TINY_SIZE if tiny else 512)
 
     start = time.perf_counter()
     if tiny:
@@ -120,8 +146,10 @@ def run(args) -> int:
     pipe = pipe.to(device)
     load_s = time.perf_counter() - start
 
-    fps = args.fps or (DISTILLED_DEFAULTS if pipe.guidance_distilled else CFG_DEFAULTS)["fps"]
-    out = pipe(args.prompt, negative_prompt=args.negative_prompt, num_frames=args.frames, height=height,
+    defaults = DISTILLED_DEFAULTS if pipe.guidance_distilled else CFG_DEFAULTS
+    fps = args.fps or defaults["fps"]
+    frames = args.frames or defaults["num_frames"]
+    out = pipe(args.prompt, negative_prompt=args.negative_prompt, num_frames=frames, height=height,
                width=width, num_inference_steps=args.steps, guidance_scale=args.guidance_scale, fps=fps,
                seed=seed, decode_chunk_size=args.decode_chunk_size, output_type="np")
     start = time.perf_counter()
@@ -129,7 +157,7 @@ def run(args) -> int:
     export_s = time.perf_counter() - start
 
     stages = {"load": load_s, **out.timings, "export": export_s}
-    print(f"wrote {path} ({args.frames} frames, {height}x{width}, {fps} fps, seed {seed}, "
+    print(f"wrote {path} ({frames} frames, {height}x{width}, {fps} fps, seed {seed}, "
           f"{device} {str(dtype).removeprefix('torch.')})")
     print("  ".join(f"{name} {seconds:.2f}s" for name, seconds in stages.items())
           + f"  | total {sum(stages.values()):.2f}s, peak memory {out.peak_memory_mb:.0f} MiB")

@@ -35,9 +35,11 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from hummingbird.models import HummingbirdUNet3DModel, guidance_scale_embedding
 from hummingbird.schedulers import DDIM_ETA, ddim_scheduler, lcm_scheduler, lcm_timesteps
 
-# Published defaults: Hummingbird (guidance-distilled, LCM) / VideoCrafter2 (DDIM + CFG).
-DISTILLED_DEFAULTS = dict(num_inference_steps=4, guidance_scale=7.5, fps=8)
-CFG_DEFAULTS = dict(num_inference_steps=50, guidance_scale=12.0, fps=28)
+# Defaults per sampling mode. Hummingbird (guidance-distilled, LCM) as shipped: 8 steps, 26 frames, fps 8,
+# w 7.5 (4 steps, timesteps [999, 759, 519, 279], is its fastest published setting). VideoCrafter2 (DDIM +
+# CFG): its reference sampling, 50 steps, guidance 12, fps 28, at its training length of 16 frames.
+DISTILLED_DEFAULTS = dict(num_inference_steps=8, num_frames=26, guidance_scale=7.5, fps=8)
+CFG_DEFAULTS = dict(num_inference_steps=50, num_frames=16, guidance_scale=12.0, fps=28)
 
 
 @dataclass
@@ -130,7 +132,7 @@ class HummingbirdPipeline(DiffusionPipeline):
         self,
         prompt,
         negative_prompt=None,
-        num_frames: int = 16,
+        num_frames: int | None = None,
         height: int = 320,
         width: int = 512,
         num_inference_steps: int | None = None,
@@ -144,8 +146,9 @@ class HummingbirdPipeline(DiffusionPipeline):
         decode_chunk_size: int = 8,
         return_dict: bool = True,
     ):
-        """Generate videos. ``num_inference_steps`` / ``guidance_scale`` / ``fps`` default to 4 / 7.5 / 8
-        for a guidance-distilled U-Net (Hummingbird) and 50 / 12 / 28 otherwise (VideoCrafter2).
+        """Generate videos. ``num_inference_steps`` / ``num_frames`` / ``guidance_scale`` / ``fps`` default
+        to 8 / 26 / 7.5 / 8 for a guidance-distilled U-Net (Hummingbird) and 50 / 16 / 12 / 28 otherwise
+        (VideoCrafter2): :data:`DISTILLED_DEFAULTS`, :data:`CFG_DEFAULTS`.
 
         negative_prompt: the unconditional prompt of classifier-free guidance (default ""); a
         guidance-distilled U-Net has no unconditional branch, so it is ignored there with a warning.
@@ -159,6 +162,7 @@ class HummingbirdPipeline(DiffusionPipeline):
             negative_prompt = [negative_prompt] * len(prompt)
         defaults = DISTILLED_DEFAULTS if self.guidance_distilled else CFG_DEFAULTS
         num_inference_steps = defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
+        num_frames = defaults["num_frames"] if num_frames is None else num_frames
         guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
         fps = defaults["fps"] if fps is None else fps
         self.check_inputs(prompt, negative_prompt, num_frames, height, width, num_inference_steps, output_type,

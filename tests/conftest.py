@@ -1,4 +1,5 @@
 import os
+import zlib
 
 import pytest
 import torch
@@ -18,3 +19,10 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    """Random inputs differ from test to test but are reproducible run to run, so a failure seen
+    in CI can be replayed (fp32 reductions such as dbias sit near the 2x bound for rare inputs)."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))

@@ -11,14 +11,14 @@ TINY = ["--model", "tiny-random", "--height", "32", "--width", "32"]
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def test_generate_tiny_random_mp4(tmp_path, capsys):
+def test_generate_tiny_random_mp4_with_hummingbird_defaults(tmp_path, capsys):
     out = tmp_path / "cat.mp4"
-    assert main(["generate", "a cat", *TINY, "--frames", "26", "--steps", "4", "--seed", "3", "--out", str(out)]) == 0
+    assert main(["generate", "a cat", *TINY, "--seed", "3", "--out", str(out)]) == 0  # 8 steps, 26 frames, fps 8
     printed = capsys.readouterr().out
-    assert f"wrote {out}" in printed and "seed 3" in printed
+    assert f"wrote {out} (26 frames, 32x32, 8 fps, seed 3" in printed
     for stage in ("load", "text_encode", "denoise", "decode", "export", "peak memory"):
         assert stage in printed
-    assert iio.imread(out).shape == (26, 32, 32, 3)
+    assert iio.imread(out).shape == (26, 32, 32, 3) and iio.immeta(out)["fps"] == 8
 
 
 def test_generate_gif_from_saved_pipeline(tmp_path, capsys):
@@ -37,6 +37,7 @@ def test_generate_gif_from_saved_pipeline(tmp_path, capsys):
     (["--model", "/no/such/model"], "model folder /no/such/model does not exist"),
     ([*TINY, "--out", "/no/such/dir/v.mp4"], "folder /no/such/dir does not exist"),
     ([*TINY, "--out", "v.avi"], "--out must end in .mp4 or .gif"),
+    ([*TINY, "--height", "40"], "must be multiples of 16 for this model .*got 40x32"),
     pytest.param([*TINY, "--device", "cuda"], "CUDA is not available",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available")),
 ])
@@ -56,6 +57,28 @@ def test_generate_argument_errors(args, message, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["generate", "a cat", "--model", "tiny-random", *args])
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_generate_checks_size_against_model_config_before_loading(tmp_path, capsys):
+    """The released models need multiples of 64 (VAE 8 x U-Net 8): read from unet/config.json before
+    any weights load (this folder has none: only the config is there)."""
+    from hummingbird.models import HummingbirdUNet3DModel
+
+    with torch.device("meta"):
+        HummingbirdUNet3DModel.from_named_config("hummingbird-0.7b").save_config(tmp_path / "unet")
+    out = str(tmp_path / "v.mp4")
+    for size in (["--height", "72"], ["--width", "520"]):
+        with pytest.raises(SystemExit, match="must be multiples of 64 for this model"):
+            main(["generate", "a cat", "--model", str(tmp_path), *size, "--out", out])
+    assert main(["generate", "a cat", "--model", str(tmp_path), "--height", "384", "--out", out]) == 1  # passes: loads
+    assert "has no model_index.json" in capsys.readouterr().err
+
+
+def test_tiny_random_size_multiple_matches_the_model():
+    from hummingbird.generate import TINY_MULTIPLE, TINY_SIZE
+    from hummingbird.testing import tiny_random_pipeline
+
+    assert tiny_random_pipeline().spatial_multiple == TINY_MULTIPLE and TINY_SIZE % TINY_MULTIPLE == 0
 
 
 def test_generate_model_folder_without_pipeline(tmp_path, capsys):

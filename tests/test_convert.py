@@ -1,11 +1,16 @@
 """Conversion of original-layout (VideoCrafter2 / LDM) checkpoints: U-Net, OpenCLIP text tower and
 KL autoencoder; formats, strictness, refusal of code-running pickles, atomic writes, CLI."""
+import collections
+import enum
+import functools
+import importlib
 import os
 import pickle
 import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,6 +22,9 @@ from hummingbird.convert import (
     UNET_PREFIX,
     CheckpointMismatchError,
     UnsafeCheckpointError,
+    _move_into_place,
+    _rename_into,
+    _RestrictedPickleModule,
     convert,
     load_checkpoint,
     text_encoder_from_checkpoint,
@@ -267,6 +275,57 @@ def test_whole_model_pickle_is_read_without_its_classes(parts, tmp_path):
     assert_same_state(HummingbirdUNet3DModel.from_single_file(path, config="tiny"), parts["unet"])
 
 
+class Mode(enum.Enum):
+    EPS = "eps"
+
+
+class PlainConfig:
+    def __init__(self):
+        self.channels, self.name = 320, "hummingbird"
+        self.table = np.arange(6, dtype=np.int16).reshape(2, 3)
+
+
+class Registry(collections.OrderedDict):  # pickled as a call of the class, then its items
+    pass
+
+
+class Stack(list):
+    pass
+
+
+def test_whole_model_pickle_with_numpy_enum_and_object_attributes(parts, tmp_path):
+    """What released whole-model pickles carry besides modules: numpy arrays and scalars, enums,
+    plain objects, tensors with attributes (torch._tensor._rebuild_from_type_v2)."""
+    model = module_from_state_dict(parts["checkpoint"], LatentDiffusion())
+    model.betas_np = np.linspace(0.00085, 0.012, 1000)
+    model.scale_factor = np.float64(0.18215)
+    model.parameterization = Mode.EPS
+    model.cfg = PlainConfig()
+    model.registry, model.stack = Registry(unet="x"), Stack([1, 2])
+    noted = torch.arange(3.0)
+    noted.note = "a tensor with attributes"
+    model.register_buffer("noted", noted)
+    path = tmp_path / "hummingbird.ckpt"
+    torch.save(model, path)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path, weights_only=True)
+
+    loaded = load_checkpoint(path)
+    assert loaded.keys() == parts["checkpoint"].keys() | {"noted"}
+    assert all(torch.equal(loaded[k], v) for k, v in parts["checkpoint"].items())
+    assert torch.equal(loaded["noted"], noted)
+
+    obj = vars(torch.load(path, weights_only=False, pickle_module=_RestrictedPickleModule))
+    np.testing.assert_array_equal(obj["betas_np"], model.betas_np)
+    assert obj["scale_factor"] == np.float64(0.18215) and type(obj["scale_factor"]) is np.float64
+    enum_member = obj["parameterization"]  # its class is never imported: an inert stand-in with the call's arguments
+    assert type(enum_member).__qualname__.endswith(".Mode") and enum_member._call_args == ("eps",)
+    cfg = vars(obj["cfg"])
+    assert (cfg["channels"], cfg["name"]) == (320, "hummingbird")
+    np.testing.assert_array_equal(cfg["table"], model.cfg.table)
+    assert vars(obj["registry"])["_items"] == {"unet": "x"} and vars(obj["stack"])["_list"] == [1, 2]
+
+
 class Evil:
     def __init__(self, marker):
         self.marker = marker
@@ -288,6 +347,47 @@ def test_code_running_pickle_is_refused_not_run(tmp_path, writer):
     assert not marker.exists()
     assert main(["convert", str(path), str(tmp_path / "out")]) == 1
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+class Call:
+    """Pickles as the call ``func(*args)``."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+CODE_RUNNING = {  # global the pickle calls -> payload that would create the marker file (where it can)
+    "builtins.eval": lambda m: Call(eval, f"open({str(m)!r}, 'w').close()"),
+    "builtins.exec": lambda m: Call(exec, f"open({str(m)!r}, 'w').close()"),
+    "builtins.getattr": lambda m: Call(getattr, torch.Size, "mro"),
+    "functools.partial": lambda m: Call(functools.partial(os.system, f"touch {m}")),
+    "subprocess.Popen": lambda m: Call(subprocess.Popen, ["touch", str(m)]),
+    "importlib.import_module": lambda m: Call(importlib.import_module, "os"),
+    "torch.serialization.load": lambda m: Call(torch.load, str(m)),  # torch beyond its rebuild functions
+}
+
+
+@pytest.mark.parametrize("name", CODE_RUNNING)
+def test_calls_outside_the_allow_list_are_refused(tmp_path, name):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": {UNET_PREFIX + "out.2.bias": torch.zeros(4)}, "hook": CODE_RUNNING[name](marker)}, path)
+    with pytest.raises(UnsafeCheckpointError, match=f"refused to call {re.escape(name)} "):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("target", [b"torch._utils\n_rebuild_tensor_v2", b"torch.nn.parameter\nParameter"])
+def test_pickle_changing_a_function_or_class_is_refused(tmp_path, target):
+    # GLOBAL target; BUILD (None, {"pwned": True}): pickle's BUILD would setattr on the allowed global itself.
+    path = tmp_path / "evil.ckpt"
+    path.write_bytes(b"\x80\x02c" + target + b"\nN}X\x05\x00\x00\x00pwned\x88s\x86b.")
+    with pytest.raises(UnsafeCheckpointError, match="refused to set attributes of torch"):
+        load_checkpoint(path)
+    assert not hasattr(torch._utils._rebuild_tensor_v2, "pwned") and not hasattr(torch.nn.Parameter, "pwned")
 
 
 def test_unsupported_format(tmp_path):
@@ -335,6 +435,49 @@ def test_interrupted_conversion_leaves_nothing(parts, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         convert(src, dst, "tiny")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+def test_destination_created_during_conversion_is_not_replaced(parts, tmp_path, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    src, dst = tmp_path / "model.safetensors", tmp_path / "out"
+    save_file(parts["checkpoint"], src)
+    save = AutoencoderKL.save_pretrained
+
+    def save_while_someone_creates_dst(self, *args, **kwargs):  # after the up-front check, before the move
+        save(self, *args, **kwargs)
+        dst.mkdir(exist_ok=True)
+        (dst / "theirs.txt").write_text("keep me")
+
+    monkeypatch.setattr(AutoencoderKL, "save_pretrained", save_while_someone_creates_dst)
+    with pytest.raises(FileExistsError, match="appeared during the conversion"):
+        convert(src, dst, "tiny")
+    assert [p.name for p in dst.iterdir()] == ["theirs.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "out"]  # no temporary folders left
+    assert convert(src, dst, "tiny", overwrite=True) == ["unet", "text_encoder", "vae"]
+    assert sorted(p.name for p in dst.iterdir()) == ["text_encoder", "unet", "vae"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "out"]
+
+
+@pytest.mark.parametrize("intruder", ["empty folder", "folder", "file"])
+def test_move_into_place_replaces_only_with_overwrite(tmp_path, intruder):
+    new, dst = tmp_path / "new", tmp_path / "dst"
+    new.mkdir()
+    (new / "model").write_text("new")
+    if intruder == "file":
+        dst.write_text("theirs")
+    else:
+        dst.mkdir()
+        if intruder == "folder":
+            (dst / "theirs").write_text("theirs")
+            with pytest.raises(FileExistsError):  # the rename itself refuses, even without the check before it
+                _rename_into(new, dst)
+    with pytest.raises(FileExistsError, match="not replaced"):
+        _move_into_place(new, dst, overwrite=False)
+    assert (new / "model").is_file() and dst.exists() and not (dst.is_dir() and (dst / "model").exists())
+    _move_into_place(new, dst, overwrite=True)
+    assert (dst / "model").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]
 
 
 def test_python_dash_m_entry_point():

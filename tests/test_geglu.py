@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import hbkernels
-from helpers import BACKENDS, KERNEL_BACKENDS, DTYPES, check_against_float64, rand, shapes
+from helpers import KERNEL_BACKENDS, DTYPES, check_against_float64, rand, shapes
 
 QUICK = [(7, 10), (2, 3, 40), (1, 160)]
 FULL = QUICK + [(2560 * 16, 2560), (640 * 26, 10240), (77, 8192)]

@@ -1,5 +1,6 @@
 """End to end on tiny random pipelines (32x32 videos): samplers, determinism, outputs, saving, export."""
 import shutil
+from types import SimpleNamespace
 
 import imageio.v3 as iio
 import numpy as np
@@ -9,7 +10,9 @@ from diffusers import DDIMScheduler
 from PIL import Image
 
 from hummingbird.export import export_to_gif, export_to_mp4
-from hummingbird.pipeline import HummingbirdPipeline, load_pipeline
+from hummingbird.models import guidance_scale_embedding
+from hummingbird.pipeline import CFG_DEFAULTS, DISTILLED_DEFAULTS, HummingbirdPipeline, load_pipeline
+from hummingbird.schedulers import lcm_timesteps
 from hummingbird.testing import tiny_random_pipeline
 
 SIZE = dict(height=32, width=32)
@@ -61,6 +64,28 @@ def test_ddim_cfg_batches_cond_and_uncond(ddim, monkeypatch):
     assert batches == [4] * 3  # one call per step, [uncond, cond] x 2 prompts
     assert len(out.frames) == 2 and len(out.frames[0]) == 16
     assert isinstance(out.frames[0][0], Image.Image) and out.frames[0][0].size == (32, 32)
+
+
+def test_defaults_follow_the_sampling_mode(lcm, ddim, monkeypatch):
+    """The one test that leaves steps/frames/guidance/fps unset. Hummingbird as shipped: 8 LCM steps,
+    26 frames, w 7.5, fps 8; VideoCrafter2's reference: 50 DDIM steps with CFG 12, fps 28, 16 frames.
+    The U-Net is stubbed out: what is checked is what the pipeline feeds it."""
+    assert DISTILLED_DEFAULTS == dict(num_inference_steps=8, num_frames=26, guidance_scale=7.5, fps=8)
+    assert CFG_DEFAULTS == dict(num_inference_steps=50, num_frames=16, guidance_scale=12.0, fps=28)
+    w_embedding = guidance_scale_embedding(torch.tensor([7.5]), lcm.unet.config.time_cond_proj_dim)
+    for pipe, expected_calls in ((lcm, [(1, 26, 8)] * 8), (ddim, [(2, 16, 28)] * 50)):
+        calls = []
+
+        def unet(sample, t, context, fps=None, timestep_cond=None):
+            calls.append((sample.shape[0], sample.shape[2], fps))  # (batch, frames, fps)
+            if pipe is lcm:
+                torch.testing.assert_close(timestep_cond, w_embedding)
+            return SimpleNamespace(sample=torch.zeros_like(sample))
+
+        monkeypatch.setattr(pipe.unet, "forward", unet)
+        frames = pipe("a cat", seed=0, **SIZE).frames
+        assert calls == expected_calls and frames.shape[1] == expected_calls[0][1]
+    assert lcm.scheduler.timesteps.tolist() == lcm_timesteps(8) == [999, 879, 759, 639, 519, 399, 279, 159]
 
 
 def test_cfg_guidance_and_negative_prompt_matter(ddim):
@@ -120,7 +145,7 @@ def test_save_load_round_trip(lcm, tmp_path):
 ])
 def test_bad_arguments(lcm, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        lcm("a cat", **{"num_frames": 2, **SIZE, **kwargs})
+        lcm("a cat", **{"num_frames": 2, "num_inference_steps": 1, **SIZE, **kwargs})
 
 
 def test_long_prompt_truncated_with_warning(lcm):

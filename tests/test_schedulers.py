@@ -22,8 +22,13 @@ def test_lcm_scheduler_accepts_hummingbird_timesteps():
     sched = lcm_scheduler()
     sched.set_timesteps(timesteps=lcm_timesteps(4))
     assert sched.timesteps.tolist() == [999, 759, 519, 279]
-    # Consistency-model boundary scalings of the distillation: c_skip ~ 0 away from t = 0.
-    c_skip, c_out = sched.get_scalings_for_boundary_condition_discrete(279)
+    # Consistency-model boundary scalings of the distillation (sigma_data 0.5, timestep scale 10):
+    # c_skip = 0.25 / ((10 t)^2 + 0.25), c_out = 10 t / sqrt((10 t)^2 + 0.25). Near t = 0 the scale
+    # matters: at t = 1, c_skip is 0.0025 with scale 10 but 0.2 with scale 1.
+    assert sched.config.timestep_scaling == 10
+    c_skip, c_out = sched.get_scalings_for_boundary_condition_discrete(1)
+    assert c_skip == pytest.approx(0.25 / 100.25) and c_out == pytest.approx(10 / 100.25**0.5)
+    c_skip, c_out = sched.get_scalings_for_boundary_condition_discrete(279)  # ~0 and ~1 away from t = 0
     assert c_skip < 1e-4 and c_out == pytest.approx(1.0, abs=1e-4)
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import hbkernels
-from helpers import BACKENDS, KERNEL_BACKENDS, DEVICE, DTYPES, ON_GPU, check_against_float64, rand, shapes
+from helpers import KERNEL_BACKENDS, DEVICE, DTYPES, ON_GPU, check_against_float64, rand, shapes
 
 # (N, T, H, D): T = 1/16/25/26, D = 40/64/80, N = 1; tiny N*H keeps the interpreter fast.
 QUICK = [(1, 16, 2, 64), (2, 25, 1, 40), (1, 26, 2, 80), (3, 1, 1, 32), (1, 5, 1, 96), (1, 77, 1, 40)]  # 77: several key blocks
