@@ -97,6 +97,7 @@ def run(report, dev, dtype, quick=False, timer=None):
                 report.rows.append(_failed(suite, case, name, err))
                 continue
             report.add(suite, case, name, seconds, bytes_moved)
+            print(f"{suite} | {case} | {name} | {seconds * 1e3:.3f} ms", flush=True)  # survives a killed run
 
     def shapes(gpu_list, cpu_list):
         chosen = gpu_list if gpu else cpu_list

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One lent GPU's checks in priority order, each step under its own time limit so a slow one cannot
+# starve the rest: kernel tests on the full shape lists, the op benchmark, the end-to-end pipeline,
+# the U-Net step. Logs go to LOG (appended as they run); result files to RESULTS, re-packed into
+# TAR after every step, so a run killed at its limit still returns what it finished.
+#
+#   bench/gpu_check.sh [LOG] [RESULTS] [TAR]     (defaults: gpu-check.log, bench/results, RESULTS.tar)
+set -u
+log=${1:-gpu-check.log}
+res=${2:-bench/results}
+tarball=${3:-$res.tar}
+mkdir -p "$res"
+export PYTHONUNBUFFERED=1
+
+step() {
+    local name=$1 limit=$2 t0=$SECONDS rc
+    shift 2
+    echo "=== $name (limit ${limit}s): $*" | tee -a "$log"
+    timeout "$limit" "$@" >>"$log" 2>&1
+    rc=$?
+    echo "=== $name: exit $rc after $((SECONDS - t0))s" | tee -a "$log"
+    tar -cf "$tarball" -C "$res" . 2>/dev/null
+}
+
+{ date -u; git rev-parse --short HEAD 2>/dev/null
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
+  python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+} >>"$log" 2>&1
+
+step tests "${TESTS_LIMIT:-120}" python -m pytest -q -p no:cacheprovider -n 8 tests/test_temporal_attention.py \
+    tests/test_group_norm.py tests/test_layout.py tests/test_geglu.py tests/test_nn.py tests/test_backend.py \
+    tests/test_compile.py tests/test_patch.py tests/test_unet.py
+step ops "${OPS_LIMIT:-200}" python -m bench --out "$res"
+step pipeline "${PIPELINE_LIMIT:-100}" python -m bench.pipeline --repeats 1 --out "$res"
+step unet_step "${UNET_LIMIT:-130}" python -m bench.unet_step --quick --out "$res"
