@@ -4,12 +4,17 @@ GPU memory, for three ways of running the same model:
 - ``eager``: ``hbkernels.use_backend("torch")``, i.e. the plain-PyTorch reference ops
 - ``hbkernels``: hbkernels' automatic backend (Triton on GPUs, the C++ extension on CPUs)
 - ``compile``: ``torch.compile`` of the eager model
+- ``eager + CUDA graph`` / ``hbkernels + CUDA graph`` (GPU): the step replayed as one CUDA graph
+  (:class:`hummingbird.cuda_graph.CUDAGraphCall`, what ``HummingbirdPipeline.enable_cuda_graph`` uses),
+  which takes the per-kernel launch cost out of both
 
 GPU: the real hummingbird-0.7b (26 frames, batch 1: guidance is distilled in) and videocrafter2
 (16 frames, batch 2: the classifier-free-guidance pair) at 320x512 (40x64 latents) in fp16.
 CPU: a reduced 0.7B-shaped model (64 base channels) on 8 frames of 16x16 latents, in fp32.
 
     python -m bench.unet_step [--quick] [--no-compile] [--out bench/results]
+
+Speedups in the report are against ``eager``.
 """
 import argparse
 import contextlib
@@ -20,6 +25,7 @@ import torch
 
 import hbkernels
 from bench import common
+from hummingbird.cuda_graph import CUDAGraphCall
 from hummingbird.models import HummingbirdUNet3DModel, guidance_scale_embedding
 
 # (label, named config, overrides, batch, frames, latent height, latent width)
@@ -60,10 +66,13 @@ def measure(fn, backend, dev, timer):
 
 def run(report, dev, dtype, cases, compile_too, timer):
     for label, name, overrides, batch, frames, height, width in cases:
-        model = HummingbirdUNet3DModel.from_named_config(name, **overrides).to(dev, dtype).eval()
+        with dev:  # random init on the device: seconds instead of a minute of CPU init at 1.4B
+            model = HummingbirdUNet3DModel.from_named_config(name, **overrides).to(dtype).eval()
         params_m = round(sum(p.numel() for p in model.parameters()) / 1e6, 1)
         step = make_step(model, batch, frames, height, width, dev, dtype)
         impls = [("eager", "torch", step), ("hbkernels", None, step)]
+        if dev.type == "cuda":  # one graph per backend: each captures the kernels its backend launches
+            impls += [("eager + CUDA graph", "torch", CUDAGraphCall(step)), ("hbkernels + CUDA graph", None, CUDAGraphCall(step))]
         if compile_too:
             compiled = torch.compile(model)
             impls.append(("compile", "torch", functools.partial(step, compiled)))

@@ -12,7 +12,7 @@ import hbkernels._C  # noqa: F401  (loads the library; registers torch.ops.hbker
 
 _ops = torch.ops.hbkernels
 
-__all__ = ["attn_bwd", "attn_fwd", "copy_add", "geglu_bwd", "geglu_fwd", "gn_bwd", "gn_fwd"]
+__all__ = ["ATTN_ROW_STATS", "attn_bwd", "attn_fwd", "copy_add", "geglu_bwd", "geglu_fwd", "gn_bwd", "gn_fwd"]
 
 
 # ---------------------------------------------------------------- fake kernels (torch.compile)
@@ -53,14 +53,17 @@ def _geglu_bwd_fake(dy, x, dx):
 
 
 # ---------------------------------------------------------------- primitives
+ATTN_ROW_STATS = 1  # the log-sum-exp per query row
+
+
 def attn_fwd(q, k, v, out, lse, scale: float, causal: bool) -> None:
-    """q, k, v (N, T, H, D), stride(-1) == 1; writes out (N, T, H, D) and lse (N, H, T) float32."""
-    _ops.attn_fwd(q, k, v, out, lse, float(scale), bool(causal))
+    """q, k, v (N, T, H, D), stride(-1) == 1; writes out (N, T, H, D) and lse (N, H, T, 1) float32."""
+    _ops.attn_fwd(q, k, v, out, lse[..., 0], float(scale), bool(causal))
 
 
 def attn_bwd(do, q, k, v, out, lse, dq, dk, dv, scale: float, causal: bool) -> None:
     """Flash-attention backward from the forward's out and lse; writes dq, dk, dv."""
-    _ops.attn_bwd(do, q, k, v, out, lse, dq, dk, dv, float(scale), bool(causal))
+    _ops.attn_bwd(do, q, k, v, out, lse[..., 0], dq, dk, dv, float(scale), bool(causal))
 
 
 def gn_fwd(x, weight, bias, y, mean, rstd, num_groups: int, eps: float, silu: bool) -> None:

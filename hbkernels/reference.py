@@ -21,7 +21,15 @@ def group_norm(x, num_groups: int, weight, bias, eps: float, silu: bool) -> torc
         y = F.group_norm(x, num_groups, None, None, eps) + bias.view(-1, *[1] * (x.dim() - 2))
     else:
         y = F.group_norm(x, num_groups, weight, bias, eps)
-    return F.silu(y) if silu else y
+    return _like_layout(F.silu(y) if silu else y, x)
+
+
+def _like_layout(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``y`` in ``x``'s channels-last layout where x has one (CUDA's group_norm returns contiguous)."""
+    fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    if x.dim() in (4, 5) and not x.is_contiguous() and x.is_contiguous(memory_format=fmt):
+        return y.contiguous(memory_format=fmt)
+    return y
 
 
 def group_norm_to_tokens(x, num_groups: int, weight, bias, eps: float, silu: bool) -> torch.Tensor:

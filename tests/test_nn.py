@@ -3,14 +3,14 @@ import torch
 import torch.nn.functional as F
 
 import hbkernels
-from helpers import BACKENDS, rand
+from helpers import BACKENDS, DEVICE, rand
 
 
 @pytest.mark.parametrize("backend_name", BACKENDS)
 @pytest.mark.parametrize("shape", [(2, 12, 5), (2, 12), (1, 12, 4, 4), (1, 12, 3, 2, 2)])
 def test_group_norm_module_matches_torch(backend_name, shape):
-    ours = hbkernels.nn.GroupNorm(4, 12, eps=1e-6, activation="silu")
-    torch_norm = torch.nn.GroupNorm(4, 12, eps=1e-6)
+    ours = hbkernels.nn.GroupNorm(4, 12, eps=1e-6, activation="silu").to(DEVICE)
+    torch_norm = torch.nn.GroupNorm(4, 12, eps=1e-6).to(DEVICE)
     with torch.no_grad():
         torch_norm.weight.normal_()
         torch_norm.bias.normal_()
@@ -32,8 +32,8 @@ def test_group_norm_from_torch_shares_parameters():
 def test_geglu_module_matches_diffusers(backend_name):
     from diffusers.models.activations import GEGLU
 
-    ref = GEGLU(16, 24)
-    ours = hbkernels.nn.GEGLU(16, 24)
+    ref = GEGLU(16, 24).to(DEVICE)
+    ours = hbkernels.nn.GEGLU(16, 24).to(DEVICE)
     ours.load_state_dict(ref.state_dict())  # strict: same keys
     x = rand(3, 5, 16)
     with hbkernels.use_backend(backend_name):
@@ -45,8 +45,8 @@ def test_geglu_module_matches_diffusers(backend_name):
 def test_temporal_attention_module_matches_diffusers(backend_name):
     from diffusers.models.attention_processor import Attention
 
-    ref = Attention(query_dim=32, heads=4, dim_head=8)
-    ours = hbkernels.nn.TemporalAttention(32, heads=4, dim_head=8)
+    ref = Attention(query_dim=32, heads=4, dim_head=8).to(DEVICE)
+    ours = hbkernels.nn.TemporalAttention(32, heads=4, dim_head=8).to(DEVICE)
     ours.load_state_dict(ref.state_dict())  # strict: same keys
     x = rand(6, 25, 32)
     with hbkernels.use_backend(backend_name):

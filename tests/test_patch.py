@@ -148,7 +148,9 @@ def test_apply_to_outputs(which, backend_name, monkeypatch):
 
 def test_scale_shift_resnet_not_fused():
     """ResnetBlock2D in "scale_shift" mode modulates norm2's output before the SiLU: only norm1 fuses."""
-    block = diffusers.models.resnet.ResnetBlock2D(in_channels=16, temb_channels=8, groups=4,
+    from diffusers.models.resnet import ResnetBlock2D  # a submodule: not an attribute until imported
+
+    block = ResnetBlock2D(in_channels=16, temb_channels=8, groups=4,
                                                   time_embedding_norm="scale_shift").eval()
     x, temb = torch.randn(2, 16, 4, 4), torch.randn(2, 8)
     with torch.no_grad():

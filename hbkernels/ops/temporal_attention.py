@@ -20,9 +20,11 @@ class TemporalAttentionFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, scale, causal, backend_name):
         n, t, h, _ = q.shape
         out = backend.empty(q.shape, dtype=q.dtype, device=q.device)
-        # Per-row softmax statistics, in the backend's own units; only its backward reads them.
-        lse = backend.empty((n, h, t), dtype=torch.float32, device=q.device)
-        backend.primitives(backend_name).attn_fwd(q, k, v, out, lse, scale, causal)
+        # Per-row softmax statistics (N, H, T, ATTN_ROW_STATS), in the backend's own units; only its
+        # backward reads them.
+        impl = backend.primitives(backend_name)
+        lse = backend.empty((n, h, t, impl.ATTN_ROW_STATS), dtype=torch.float32, device=q.device)
+        impl.attn_fwd(q, k, v, out, lse, scale, causal)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale, ctx.causal, ctx.backend_name = scale, causal, backend_name
         return out

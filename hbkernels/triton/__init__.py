@@ -13,7 +13,7 @@ def _on_tensor_device(launcher):
 
     @functools.wraps(launcher)
     def launch(first, *args, **kwargs):
-        if first.is_cuda:
+        if first.is_cuda and first.device.index != torch.cuda.current_device():
             with torch.cuda.device(first.device):
                 return launcher(first, *args, **kwargs)
         return launcher(first, *args, **kwargs)
@@ -21,6 +21,7 @@ def _on_tensor_device(launcher):
     return launch
 
 
+ATTN_ROW_STATS = temporal_attention.ATTN_ROW_STATS
 attn_fwd = _on_tensor_device(temporal_attention.attn_fwd)
 attn_bwd = _on_tensor_device(temporal_attention.attn_bwd)
 gn_fwd = _on_tensor_device(group_norm.gn_fwd)
@@ -29,4 +30,4 @@ copy_add = _on_tensor_device(layout.copy_add)
 geglu_fwd = _on_tensor_device(geglu.geglu_fwd)
 geglu_bwd = _on_tensor_device(geglu.geglu_bwd)
 
-__all__ = ["attn_bwd", "attn_fwd", "copy_add", "geglu_bwd", "geglu_fwd", "gn_bwd", "gn_fwd"]
+__all__ = ["ATTN_ROW_STATS", "attn_bwd", "attn_fwd", "copy_add", "geglu_bwd", "geglu_fwd", "gn_bwd", "gn_fwd"]

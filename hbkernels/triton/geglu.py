@@ -7,7 +7,7 @@ Math is in fp32 whatever the storage dtype.
 import triton
 import triton.language as tl
 
-from hbkernels.triton.layout import pick_block, warps_for
+from hbkernels.triton.layout import cdiv, next_pow2, pick_block, warps_for
 
 _TILE = 4096  # output elements per program
 
@@ -49,7 +49,7 @@ def _geglu_bwd_kernel(dy_ptr, x_ptr, dx_ptr, M, F, sdm, sxm, sdxm,
 
 def _tiles(m: int, f: int):
     block_f = pick_block(f, 1024)
-    block_m = min(max(1, _TILE // block_f), triton.next_power_of_2(m))
+    block_m = min(max(1, _TILE // block_f), next_pow2(m))
     return block_m, block_f
 
 
@@ -58,7 +58,7 @@ def geglu_fwd(x, out) -> None:
     m, f = out.shape
     assert tuple(x.shape) == (m, 2 * f) and x.stride(1) == 1 and out.stride(1) == 1, (x.shape, out.shape)
     block_m, block_f = _tiles(m, f)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(f, block_f))
+    grid = (cdiv(m, block_m), cdiv(f, block_f))
     _geglu_fwd_kernel[grid](x, out, m, f, x.stride(0), out.stride(0),
                             BLOCK_M=block_m, BLOCK_F=block_f, num_warps=warps_for(block_m * block_f))
 
@@ -69,6 +69,6 @@ def geglu_bwd(dy, x, dx) -> None:
     assert tuple(x.shape) == (m, 2 * f) and tuple(dx.shape) == (m, 2 * f), (dy.shape, x.shape, dx.shape)
     assert dy.stride(1) == 1 and x.stride(1) == 1 and dx.stride(1) == 1
     block_m, block_f = _tiles(m, f)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(f, block_f))
+    grid = (cdiv(m, block_m), cdiv(f, block_f))
     _geglu_bwd_kernel[grid](dy, x, dx, m, f, dy.stride(0), x.stride(0), dx.stride(0),
                             BLOCK_M=block_m, BLOCK_F=block_f, num_warps=warps_for(block_m * block_f))

@@ -8,6 +8,8 @@ destination; Triton converts between the two register layouts through shared mem
 makes the tokens -> video transpose run at copy bandwidth. Fusing the residual add reads each input
 once and writes once (3 passes over the activation instead of 4 for permute-copy + add).
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -19,29 +21,40 @@ _TILE = 4096
 _NUM_WARPS = 8
 
 
+# Host-side arithmetic in plain Python: triton.cdiv / next_power_of_2 are constexpr functions whose
+# host calls cost microseconds each, and launch planning runs on every op call.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
 def merge_ts(strides, t: int, s: int):
     """Collapse (T, S) into one axis when every tensor allows it (T == 1, S == 1, or
     stride_t == S * stride_s), so that tiles run along T*S without per-element index division.
 
-    ``strides``: list of (sn, sc, st, ss). Returns (T', S', [(sn, sc, st', ss'), ...])."""
+    ``strides``: list of (sn, sc, st, ss). Returns (T', S', ((sn, sc, st', ss'), ...))."""
     if t == 1:
-        return 1, s, [(sn, sc, 0, ss) for sn, sc, _, ss in strides]
+        return 1, s, tuple((sn, sc, 0, ss) for sn, sc, _, ss in strides)
     if s == 1:
-        return 1, t, [(sn, sc, 0, st) for sn, sc, st, _ in strides]
+        return 1, t, tuple((sn, sc, 0, st) for sn, sc, st, _ in strides)
     if all(st == s * ss for _, _, st, ss in strides):
-        return 1, t * s, [(sn, sc, 0, ss) for sn, sc, _, ss in strides]
-    return t, s, list(strides)
+        return 1, t * s, tuple((sn, sc, 0, ss) for sn, sc, _, ss in strides)
+    return t, s, tuple(strides)
 
 
+@functools.lru_cache(maxsize=4096)
 def pick_block(n: int, hi: int, lo: int = 16) -> int:
     """A power-of-two block in [lo, hi] for an axis of length n: the largest that wastes at most
     1/8 of the lanes on the ragged last block, else the least wasteful."""
-    hi = max(1, min(hi, triton.next_power_of_2(n)))
+    hi = max(1, min(hi, next_pow2(n)))
     lo = max(1, min(lo, hi))
     best, best_waste = hi, None
     b = hi
     while b >= lo:
-        waste = (triton.cdiv(n, b) * b - n) / n
+        waste = (cdiv(n, b) * b - n) / n
         if waste <= 0.125:
             return b
         if best_waste is None or waste < best_waste:
@@ -50,13 +63,14 @@ def pick_block(n: int, hi: int, lo: int = 16) -> int:
     return best
 
 
-def tile_shape(c: int, s: int, strides, tile: int | None = None):
+@functools.lru_cache(maxsize=4096)
+def tile_shape(c: int, s: int, strides: tuple, tile: int | None = None):
     """[BLOCK_C, BLOCK_S] for (C, S) tensors with the given (sn, sc, st, ss) strides: wide in C
     (64 channels = 128 bytes of fp16) when some tensor has unit channel stride, so that its accesses
     are full cache lines; otherwise narrow in C and long in S."""
     tile = tile or _TILE
     c_unit = c > 1 and any(sc == 1 for _, sc, _, _ in strides)
-    block_c = min(triton.next_power_of_2(c), 64 if c_unit else 16)
+    block_c = min(next_pow2(c), 64 if c_unit else 16)
     block_s = pick_block(s, max(16, tile // block_c))
     return block_c, block_s
 
@@ -109,9 +123,9 @@ def copy_add(src, residual, out) -> None:
         assert tuple(v.shape) == (n, c, t, s) and v.dtype == out.dtype, (v.shape, v.dtype)
     t2, s2, st = merge_ts([strides4(v) for v in views], t, s)
     block_c, block_s = tile_shape(c, s2, st)
-    n_sb = triton.cdiv(s2, block_s)
+    n_sb = cdiv(s2, block_s)
     res_strides = st[2] if residual is not None else (0, 0, 0, 0)
-    grid = (n * t2 * n_sb, triton.cdiv(c, block_c))
+    grid = (n * t2 * n_sb, cdiv(c, block_c))
     _copy_add_kernel[grid](
         src, residual if residual is not None else src, out,
         c, t2, s2, n_sb,

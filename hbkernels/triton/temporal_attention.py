@@ -3,7 +3,8 @@
 Memory traffic: the kernels index q/k/v/do with their own strides, so the (N, T, H, D) -> (N*H, T, D)
 permute copies that diffusers makes for q, k, v (and back for the output) never happen: each input
 byte is read once per program that needs it and each output byte is written once. Softmax rows are
-never stored: the forward keeps only lse (4 bytes per query row), the backward recomputes P from it
+never stored: the forward keeps the row max and sum (8 bytes per query row), the backward recomputes P
+from them
 and computes delta_i = sum_d do_id * out_id inline instead of a separate preprocessing pass (when all
 keys fit one block, delta_i = sum_j P_ij dP_ij from the tile instead, so out is not read at all).
 
@@ -13,16 +14,20 @@ T <= BLOCK_N). Backward: one program per (n*h, key block) accumulates dk/dv over
 T fits in one key block (the common video case; in fp32 only for D <= 64) that program also writes
 dq, so the whole backward is one kernel reading q, k, v, do once. Otherwise a second kernel per
 (n*h, query block) makes dq.
-Scores are kept in the log2 domain (qk_scale = scale * log2(e)) so the kernels use exp2.
+Scores are kept in the log2 domain (qk_scale = scale * log2(e)) so the kernels use exp2. The backward
+recomputes P = exp2(s - m) / l exactly as the forward normalised it, rather than exp2(s - lse): an fp32
+lse = m + log2(l) carries the rounding of its magnitude into every P (with it, fp32 gradients measured
+2.3-2.8x PyTorch's own error on an H200).
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from hbkernels import backend
+from hbkernels.triton.layout import cdiv, next_pow2
 
 LOG2E = 1.4426950408889634
+ATTN_ROW_STATS = 2  # per query row: the max score m (log2 units) and the sum l of exp2(s - m)
 
 
 @triton.jit
@@ -46,17 +51,25 @@ def _store_rows(ptr, x, offs_t, stride_t, offs_d, T, D, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _probs(q, k, lse2, offs_m, offs_n, T, qk_scale, CAUSAL: tl.constexpr):
-    """P = exp(S - lse) for a (query block, key block) tile; exactly 0 where masked or padded."""
+def _row_stats(STATS, offs_m, T):
+    """(m, 1/l) of the forward's softmax rows offs_m (padded rows: m = 0, l = 1)."""
+    m = tl.load(STATS + offs_m * 2, mask=offs_m < T, other=0.0)
+    inv_l = 1.0 / tl.load(STATS + offs_m * 2 + 1, mask=offs_m < T, other=1.0)
+    return m, inv_l
+
+
+@triton.jit
+def _probs(q, k, m, inv_l, offs_m, offs_n, T, qk_scale, CAUSAL: tl.constexpr):
+    """P = exp2(S - m) / l for a (query block, key block) tile; exactly 0 where masked or padded."""
     s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
     valid = (offs_m < T)[:, None] & (offs_n < T)[None, :]
     if CAUSAL:
         valid = valid & (offs_n[None, :] <= offs_m[:, None])
-    return tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
+    return tl.where(valid, tl.exp2(s - m[:, None]) * inv_l[:, None], 0.0)
 
 
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, O, LSE, H, T, D, qk_scale,
+def _attn_fwd_kernel(Q, K, V, O, STATS, H, T, D, qk_scale,
                      sq_n, sq_t, sq_h, sk_n, sk_t, sk_h, sv_n, sv_t, sv_h, so_n, so_t, so_h,
                      CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -92,13 +105,14 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, H, T, D, qk_scale,
         m_i = m_new
 
     _store_rows(O + n * so_n + h * so_h, acc / l_i[:, None], offs_m, so_t, offs_d, T, D, UPCAST)
-    # lse in log2 units: the backward's exp2(s - lse) then reproduces P without a ln<->log2 rounding
-    # (for T = 1 it gives P = 1 exactly, so dq = dk = 0 exactly, as in PyTorch).
-    tl.store(LSE + bh * T + offs_m, m_i + tl.log2(l_i), mask=offs_m < T)
+    # (for T = 1 the backward's exp2(s - m) / l is 1 exactly, so dq = dk = 0 exactly, as in PyTorch)
+    rows = STATS + (bh * T + offs_m) * 2
+    tl.store(rows, m_i, mask=offs_m < T)
+    tl.store(rows + 1, l_i, mask=offs_m < T)
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(Q, K, V, O, DO, LSE, DQ, DK, DV, H, T, D, scale, qk_scale,
+def _attn_bwd_dkdv_kernel(Q, K, V, O, DO, STATS, DQ, DK, DV, H, T, D, scale, qk_scale,
                           sq_n, sq_t, sq_h, sk_n, sk_t, sk_h, sv_n, sv_t, sv_h, so_n, so_t, so_h,
                           sdo_n, sdo_t, sdo_h, sg_n, sg_t, sg_h,
                           CAUSAL: tl.constexpr, UPCAST: tl.constexpr, FUSE_DQ: tl.constexpr,
@@ -112,7 +126,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, O, DO, LSE, DQ, DK, DV, H, T, D, scale, qk_sc
     Q += n * sq_n + h * sq_h
     O += n * so_n + h * so_h
     DO += n * sdo_n + h * sdo_h
-    LSE += bh * T
+    STATS += bh * T * 2
     g_off = n * sg_n + h * sg_h  # dq, dk, dv are contiguous (N, T, H, D): shared strides
 
     k = _rows(K + n * sk_n + h * sk_h, offs_n, sk_t, offs_d, T, D, UPCAST)
@@ -124,8 +138,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, O, DO, LSE, DQ, DK, DV, H, T, D, scale, qk_sc
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = _rows(Q, offs_m, sq_t, offs_d, T, D, UPCAST)
         do = _rows(DO, offs_m, sdo_t, offs_d, T, D, UPCAST)
-        lse2 = tl.load(LSE + offs_m, mask=offs_m < T, other=0.0)
-        p = _probs(q, k, lse2, offs_m, offs_n, T, qk_scale, CAUSAL)
+        m, inv_l = _row_stats(STATS, offs_m, T)
+        p = _probs(q, k, m, inv_l, offs_m, offs_n, T, qk_scale, CAUSAL)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee")
         dp = tl.dot(do, tl.trans(v), input_precision="ieee")
         if FUSE_DQ:  # this tile holds every key: delta_i = sum_j P_ij dP_ij, out is never read
@@ -144,7 +158,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, O, DO, LSE, DQ, DK, DV, H, T, D, scale, qk_sc
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(Q, K, V, O, DO, LSE, DQ, H, T, D, scale, qk_scale,
+def _attn_bwd_dq_kernel(Q, K, V, O, DO, STATS, DQ, H, T, D, scale, qk_scale,
                         sq_n, sq_t, sq_h, sk_n, sk_t, sk_h, sv_n, sv_t, sv_h, so_n, so_t, so_h,
                         sdo_n, sdo_t, sdo_h, sg_n, sg_t, sg_h,
                         CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
@@ -162,14 +176,14 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, LSE, DQ, H, T, D, scale, qk_scale,
     do = _rows(DO + n * sdo_n + h * sdo_h, offs_m, sdo_t, offs_d, T, D, UPCAST)
     o = _rows(O + n * so_n + h * so_h, offs_m, so_t, offs_d, T, D, UPCAST)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    lse2 = tl.load(LSE + bh * T + offs_m, mask=offs_m < T, other=0.0)
+    m, inv_l = _row_stats(STATS + bh * T * 2, offs_m, T)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     hi = tl.minimum(T, start_m + BLOCK_M) if CAUSAL else T
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _rows(K, offs_n, sk_t, offs_d, T, D, UPCAST)
         v = _rows(V, offs_n, sv_t, offs_d, T, D, UPCAST)
-        p = _probs(q, k, lse2, offs_m, offs_n, T, qk_scale, CAUSAL)
+        p = _probs(q, k, m, inv_l, offs_m, offs_n, T, qk_scale, CAUSAL)
         dp = tl.dot(do, tl.trans(v), input_precision="ieee")
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
@@ -183,10 +197,10 @@ def _config(t: int, d: int, elem_size: int, bwd: bool):
     fp16/bf16: BLOCK_M = BLOCK_N = min(64, next_pow2(T)) (>= 16 for tl.dot), halved while a tile has
     more than 8192 (fwd) / 4096 (bwd: five dots, two accumulators) elements. fp32 runs its "ieee"
     dots on FMA units, whose operands take many more registers: 16-row tiles without pipelining."""
-    block_d = max(16, triton.next_power_of_2(d))
+    block_d = max(16, next_pow2(d))
     if elem_size == 4:
         return 16, block_d, dict(num_warps=8 if block_d >= 64 else 4, num_stages=1)
-    block = min(64, max(16, triton.next_power_of_2(t)))
+    block = min(64, max(16, next_pow2(t)))
     while block > 16 and block * block_d > (4096 if bwd else 8192):
         block //= 2
     num_warps = 8 if block * block_d >= (2048 if bwd else 4096) else 4
@@ -198,29 +212,30 @@ def _strides(x):
     return x.stride(0), x.stride(1), x.stride(2)
 
 
-def attn_fwd(q, k, v, out, lse, scale: float, causal: bool) -> None:
+def attn_fwd(q, k, v, out, stats, scale: float, causal: bool) -> None:
+    """Writes out and stats (N, H, T, ATTN_ROW_STATS) float32, the backward's input."""
     n, t, h, d = q.shape
-    assert lse.is_contiguous() and lse.shape == (n, h, t) and lse.dtype == torch.float32
+    assert stats.is_contiguous() and stats.shape == (n, h, t, ATTN_ROW_STATS) and stats.dtype == torch.float32
     block, block_d, opts = _config(t, d, q.element_size(), bwd=False)
-    grid = (n * h, triton.cdiv(t, block))
+    grid = (n * h, cdiv(t, block))
     _attn_fwd_kernel[grid](
-        q, k, v, out, lse, h, t, d, scale * LOG2E,
+        q, k, v, out, stats, h, t, d, scale * LOG2E,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        CAUSAL=bool(causal), UPCAST=backend.interpreting(),
+        CAUSAL=bool(causal), UPCAST=not q.is_cuda,
         BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, **opts)
 
 
-def attn_bwd(do, q, k, v, out, lse, dq, dk, dv, scale: float, causal: bool) -> None:
+def attn_bwd(do, q, k, v, out, stats, dq, dk, dv, scale: float, causal: bool) -> None:
     n, t, h, d = q.shape
     assert dq.is_contiguous() and dk.is_contiguous() and dv.is_contiguous()
     block, block_d, opts = _config(t, d, q.element_size(), bwd=True)
     fuse_dq = t <= block and (q.element_size() < 4 or block_d <= 64)  # a 5th FMA dot spills in fp32
     common = (h, t, d, scale, scale * LOG2E,
               *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(do), *_strides(dq))
-    meta = dict(CAUSAL=bool(causal), UPCAST=backend.interpreting(),
+    meta = dict(CAUSAL=bool(causal), UPCAST=not q.is_cuda,
                 BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, **opts)
-    _attn_bwd_dkdv_kernel[(n * h, triton.cdiv(t, block))](
-        q, k, v, out, do, lse, dq, dk, dv, *common, FUSE_DQ=fuse_dq, **meta)
+    _attn_bwd_dkdv_kernel[(n * h, cdiv(t, block))](
+        q, k, v, out, do, stats, dq, dk, dv, *common, FUSE_DQ=fuse_dq, **meta)
     if not fuse_dq:
-        _attn_bwd_dq_kernel[(n * h, triton.cdiv(t, block))](
-            q, k, v, out, do, lse, dq, *common, **meta)
+        _attn_bwd_dq_kernel[(n * h, cdiv(t, block))](
+            q, k, v, out, do, stats, dq, *common, **meta)

@@ -379,7 +379,11 @@ class HummingbirdUNet3DModel(ModelMixin, AttentionMixin, ConfigMixin):
     @staticmethod
     def _per_sample(value, batch: int, device) -> torch.Tensor:
         """An int, float, 0-d, (1,) or (B,) tensor -> a (B,) tensor."""
-        v = torch.as_tensor(value, device=device)
+        # Python numbers become a fill on the device, not a host-to-device copy: CUDA-graph safe.
+        if isinstance(value, (int, float)):
+            v = torch.full((1,), value, device=device)
+        else:
+            v = torch.as_tensor(value, device=device)
         if v.dim() > 1 or v.numel() not in (1, batch):
             raise ValueError(f"expected a scalar or {batch} values (one per sample), got shape {tuple(v.shape)}")
         return v.reshape(-1).expand(batch)
