@@ -22,6 +22,7 @@ import functools
 import os
 
 import torch
+from diffusers.utils import logging as diffusers_logging
 
 import hbkernels
 from bench import common
@@ -98,6 +99,7 @@ def main(argv=None):
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args(argv)
 
+    diffusers_logging.set_verbosity_error()  # .to(dtype) on a fresh model warns about nothing worth seeing
     dev = common.device()
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     report = common.Report(device=common.device_name(dev))
