@@ -14,18 +14,23 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--dtype", choices=DTYPES, help="default: fp16 on GPU, fp32 on CPU")
     parser.add_argument("--quick", action="store_true", help="two shapes per op, short timing")
+    parser.add_argument("--graph", action="store_true",
+                        help="GPU: time calls replayed from a CUDA graph (kernel time without launch overhead)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args(argv)
 
     dev = common.device()
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if dev.type == "cuda" else torch.float32)
     min_time = 0.05 if args.quick else 0.3
+    if args.graph and dev.type != "cuda":
+        parser.error("--graph needs a CUDA GPU")
+    timer = common.median_seconds_graphed if args.graph else common.median_seconds
     report = common.Report(device=common.device_name(dev))
     report.copy_gbps = common.copy_bandwidth(dev) / 1e9
     print(f"{report.device}: copy bandwidth {report.copy_gbps:.1f} GB/s, dtype {dtype}, commit {report.commit}")
-    ops.run(report, dev, dtype, quick=args.quick, timer=lambda fn: common.median_seconds(fn, min_time))
+    ops.run(report, dev, dtype, quick=args.quick, timer=lambda fn: timer(fn, min_time))
     slug = "".join(ch if ch.isalnum() else "-" for ch in report.device).strip("-").lower()
-    paths = report.write(args.out, f"ops-{slug}-{str(dtype).split('.')[-1]}")
+    paths = report.write(args.out, f"ops-{slug}-{str(dtype).split('.')[-1]}" + ("-graph" if args.graph else ""))
     print(report.markdown())
     print("wrote " + ", ".join(paths))
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One lent GPU's checks in priority order, each step under its own time limit so a slow one cannot
 # starve the rest: kernel tests on the full shape lists, the U-Net step (torch.compile only with
-# UNET_COMPILE= set empty: its two builds take minutes), the end-to-end pipeline, the op benchmark.
+# UNET_COMPILE= set empty: its two builds take minutes), the end-to-end pipeline, the op benchmark
+# (per call, then as CUDA-graph replays: kernel time alone).
 # Logs go to LOG (appended as they run); result files to RESULTS, re-packed into TAR after every
 # step, so a run killed at its limit still returns what it finished.
 #
@@ -34,3 +35,4 @@ step tests "${TESTS_LIMIT:-110}" python -m pytest -q -p no:cacheprovider -n 8 te
 step unet_step "${UNET_LIMIT:-90}" python -m bench.unet_step --quick ${UNET_COMPILE---no-compile} --out "$res"
 step pipeline "${PIPELINE_LIMIT:-80}" python -m bench.pipeline --repeats 1 --out "$res"
 step ops "${OPS_LIMIT:-200}" python -m bench ${OPS_ARGS:-} --out "$res"
+step ops_graph "${OPS_GRAPH_LIMIT:-200}" python -m bench --graph ${OPS_ARGS:-} --out "$res"
