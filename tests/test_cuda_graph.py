@@ -14,6 +14,15 @@ def test_refuses_cpu_tensors():
         CUDAGraphCall(torch.sin)(torch.randn(3))
 
 
+def test_pipeline_on_cpu_ignores_cuda_graph():
+    pipe = tiny_random_pipeline("lcm")
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(height=32, width=32, num_frames=3, num_inference_steps=2, seed=0, output_type="pt")
+    plain = pipe("a cat", **kwargs).frames
+    pipe.enable_cuda_graph()
+    torch.testing.assert_close(pipe("a cat", **kwargs).frames, plain, atol=0, rtol=0)
+
+
 @gpu_only
 def test_replay_tracks_inputs_and_recaptures_per_shape():
     w = torch.randn(16, 16, device="cuda")

@@ -4,8 +4,7 @@ Memory traffic: the kernels index q/k/v/do with their own strides, so the (N, T,
 permute copies that diffusers makes for q, k, v (and back for the output) never happen: each input
 byte is read once per program that needs it and each output byte is written once. Softmax rows are
 never stored: the forward keeps the row max and sum (8 bytes per query row), the backward recomputes P
-from them
-and computes delta_i = sum_d do_id * out_id inline instead of a separate preprocessing pass (when all
+from them and computes delta_i = sum_d do_id * out_id inline instead of a separate preprocessing pass (when all
 keys fit one block, delta_i = sum_j P_ij dP_ij from the tile instead, so out is not read at all).
 
 Grid: axis 0 = N*H (limit 2^31-1, so N*H >= 65,536 works), axis 1 = T blocks (small).
@@ -15,8 +14,8 @@ T fits in one key block (the common video case; in fp32 only for D <= 64) that p
 dq, so the whole backward is one kernel reading q, k, v, do once. Otherwise a second kernel per
 (n*h, query block) makes dq.
 Scores are kept in the log2 domain (qk_scale = scale * log2(e)) so the kernels use exp2. The backward
-recomputes P = exp2(s - m) / l exactly as the forward normalised it, rather than exp2(s - lse): an fp32
-lse = m + log2(l) would add the rounding of its magnitude to every P.
+recomputes P = exp2(s - m) / l from the max and sum the forward normalised with, rather than
+exp2(s - lse): an fp32 lse = m + log2(l) would add the rounding of its magnitude to every P.
 """
 
 import torch
