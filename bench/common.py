@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch.utils import benchmark
 
+from hummingbird.cuda_graph import capture
+
 
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -44,16 +46,11 @@ def median_seconds_graphed(fn, min_run_time: float = 0.3, calls: int = 10) -> fl
     host-side launch cost (Python, the dispatcher, Triton's launcher) drops out and what is left is
     the kernels' own time, the figure to hold against memory bandwidth. Inputs stay the same between
     calls: tensors that fit the L2 cache (tens of MB) read faster than they would in a model."""
-    fn()  # compiles Triton kernels / torch.compile graphs before the capture
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    def repeated():
         for _ in range(calls):
             fn()
+
+    graph, _ = capture(repeated)
     return median_seconds(graph.replay, min_run_time) / calls
 
 

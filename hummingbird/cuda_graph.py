@@ -21,6 +21,22 @@ def _tensors(args, kwargs):
     return [a for a in (*args, *(kwargs[k] for k in sorted(kwargs))) if isinstance(a, torch.Tensor)]
 
 
+def capture(fn, warmup: int = 2):
+    """(graph, output) of ``fn()`` captured as a CUDA graph on the current device, after ``warmup``
+    runs on a side stream (as torch.cuda.graphs requires): they compile Triton kernels and fill the
+    allocator's caches outside the capture."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 class CUDAGraphCall:
     """``CUDAGraphCall(fn)(*args, **kwargs)`` returns ``fn(*args, **kwargs)`` (a tensor), run as a CUDA
     graph captured on the first call with each signature (tensor shapes, strides, dtypes, devices
@@ -56,17 +72,7 @@ class CUDAGraphCall:
         s_args = [copies.get(id(a), a) if isinstance(a, torch.Tensor) else a for a in args]
         s_kwargs = {k: copies.get(id(v), v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         with torch.cuda.device(device):
-            # Warm-up on a side stream (as torch.cuda.graphs requires): compiles Triton kernels and
-            # fills allocator caches outside the capture.
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(self.warmup):
-                    self.fn(*s_args, **s_kwargs)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = self.fn(*s_args, **s_kwargs)
+            graph, out = capture(lambda: self.fn(*s_args, **s_kwargs), self.warmup)
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"CUDAGraphCall: fn must return a tensor, got {type(out).__name__}")
         return _tensors(s_args, s_kwargs), graph, out
