@@ -100,8 +100,8 @@ class Report:
         self.finish()
         os.makedirs(out_dir, exist_ok=True)
         base = os.path.join(out_dir, stem)
-        _atomic_write(base + ".json", json.dumps(asdict(self), indent=1))
-        _atomic_write(base + ".md", self.markdown())
+        atomic_write(base + ".json", json.dumps(asdict(self), indent=1))
+        atomic_write(base + ".md", self.markdown())
         paths = [base + ".json", base + ".md"]
         if self.plot(base + ".png"):
             paths.append(base + ".png")
@@ -149,7 +149,7 @@ class Report:
         return True
 
 
-def _atomic_write(path: str, text: str) -> None:
+def atomic_write(path: str, text: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         f.write(text)

@@ -12,7 +12,10 @@ GPU: the real hummingbird-0.7b (26 frames, batch 1: guidance is distilled in) an
 (16 frames, batch 2: the classifier-free-guidance pair) at 320x512 (40x64 latents) in fp16.
 CPU: a reduced 0.7B-shaped model (64 base channels) on 8 frames of 16x16 latents, in fp32.
 
-    python -m bench.unet_step [--quick] [--no-compile] [--out bench/results]
+    python -m bench.unet_step [--quick] [--no-compile] [--profile] [--out bench/results]
+
+``--profile`` (GPU) also writes where each row's GPU time goes: kernels per step, their summed time
+against the step's wall time (the gap is host-bound idle GPU), and time per kernel family.
 
 Speedups in the report are against ``eager``.
 """
@@ -20,6 +23,7 @@ import argparse
 import contextlib
 import functools
 import os
+import re
 
 import torch
 from diffusers.utils import logging as diffusers_logging
@@ -54,6 +58,64 @@ def make_step(model, batch, frames, height, width, dev, dtype):
     return step
 
 
+# kernel-name patterns -> family, first match wins (cuDNN/cuBLAS/flash names vary by version)
+KERNEL_FAMILIES = [
+    ("hbkernels attention", r"_attn_"),
+    ("hbkernels group_norm", r"_gn_"),
+    ("hbkernels layout/geglu", r"_copy_add|_geglu"),
+    ("attention (flash/SDPA)", r"flash|fmha|attention|softmax"),
+    ("convolution", r"conv|fprop|dgrad|wgrad|implicit|winograd|cudnn"),
+    ("matmul", r"gemm|cutlass|cublas|sm\d+_xmma|nvjet|matmul"),
+    ("norm", r"norm"),
+    ("inductor fused (triton_)", r"^triton_"),
+    ("copy/layout", r"copy|transpose|permute|cat"),
+    ("pointwise/reduce (aten)", r"elementwise|vectorized|reduce|unrolled"),
+]
+
+
+def kernel_breakdown(fn, calls: int = 3) -> dict:
+    """Profile ``calls`` runs of ``fn``: per step, wall ms, kernel count, summed kernel ms, and
+    summed ms per kernel family (KERNEL_FAMILIES) with the three costliest kernel names of each."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    families: dict = {}
+    for e in kernels:
+        family = next((f for f, pat in KERNEL_FAMILIES if re.search(pat, e.name, re.I)), "other")
+        entry = families.setdefault(family, {"ms": 0.0, "count": 0, "top": {}})
+        us = e.device_time if hasattr(e, "device_time") else e.cuda_time
+        entry["ms"] += us / 1e3 / calls
+        entry["count"] += 1
+        entry["top"][e.name[:90]] = entry["top"].get(e.name[:90], 0.0) + us / 1e3 / calls
+    for entry in families.values():
+        entry["count"] //= calls
+        entry["top"] = sorted(entry["top"].items(), key=lambda kv: -kv[1])[:3]
+    return {"wall_ms": start.elapsed_time(end) / calls, "kernels": len(kernels) // calls,
+            "kernel_ms": sum(f["ms"] for f in families.values()),
+            "families": dict(sorted(families.items(), key=lambda kv: -kv[1]["ms"]))}
+
+
+def breakdown_markdown(label: str, impl: str, b: dict) -> str:
+    lines = [f"## {label} / {impl}", "",
+             f"wall {b['wall_ms']:.1f} ms per step (under the profiler), {b['kernels']} kernels, "
+             f"summed kernel time {b['kernel_ms']:.1f} ms", "",
+             "| family | ms/step | kernels/step | costliest kernels (ms/step) |", "|---|---:|---:|---|"]
+    for family, f in b["families"].items():
+        top = "; ".join(f"`{name}` {ms:.2f}" for name, ms in f["top"])
+        lines.append(f"| {family} | {f['ms']:.2f} | {f['count']} | {top} |")
+    return "\n".join(lines) + "\n"
+
+
 def measure(fn, backend, dev, timer):
     """(median seconds, peak GPU MiB or None) of ``fn`` run under ``backend`` (None: automatic)."""
     with hbkernels.use_backend(backend) if backend else contextlib.nullcontext():
@@ -65,7 +127,7 @@ def measure(fn, backend, dev, timer):
     return seconds, peak
 
 
-def run(report, dev, dtype, cases, compile_too, timer):
+def run(report, dev, dtype, cases, compile_too, timer, profiles=None):
     for label, name, overrides, batch, frames, height, width in cases:
         with dev:  # random init on the device: seconds instead of a minute of CPU init at 1.4B
             model = HummingbirdUNet3DModel.from_named_config(name, **overrides).to(dtype).eval()
@@ -75,8 +137,10 @@ def run(report, dev, dtype, cases, compile_too, timer):
         if dev.type == "cuda":  # one graph per backend: each captures the kernels its backend launches
             impls += [("eager + CUDA graph", "torch", CUDAGraphCall(step)), ("hbkernels + CUDA graph", None, CUDAGraphCall(step))]
         if compile_too:
-            compiled = torch.compile(model)
-            impls.append(("compile", "torch", functools.partial(step, compiled)))
+            compiled = functools.partial(step, torch.compile(model))
+            impls.append(("compile", "torch", compiled))
+            if dev.type == "cuda":  # inductor's kernels in our CUDA graph: compile without its launch cost
+                impls.append(("compile + CUDA graph", "torch", CUDAGraphCall(compiled)))
         for impl, backend, fn in impls:
             try:
                 seconds, peak = measure(fn, backend, dev, timer)
@@ -86,6 +150,10 @@ def run(report, dev, dtype, cases, compile_too, timer):
             extra = {"params_m": params_m, "config": name, **({"peak_mem_mib": round(peak)} if peak else {})}
             report.add("unet_step", label, impl, seconds, **extra)
             print(f"{label} / {impl}: {seconds * 1e3:.1f} ms" + (f", peak {peak:.0f} MiB" if peak else ""))
+            if profiles is not None:
+                with hbkernels.use_backend(backend) if backend else contextlib.nullcontext():
+                    profiles.append(breakdown_markdown(label, impl, kernel_breakdown(fn)))
+                print(profiles[-1])
         del model, step
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -96,6 +164,8 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short timing")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile (slow to build on CPU)")
+    parser.add_argument("--case", default="", help="only cases whose label contains this text")
+    parser.add_argument("--profile", action="store_true", help="GPU: also write each row's kernel-time breakdown")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args(argv)
 
@@ -104,11 +174,23 @@ def main(argv=None):
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     report = common.Report(device=common.device_name(dev))
     print(f"{report.device}: dtype {dtype}, commit {report.commit}")
+    if args.profile and dev.type != "cuda":
+        parser.error("--profile needs a GPU (it reports CUDA kernel time)")
+    profiles = [] if args.profile else None
     min_time = 0.5 if args.quick else 2.0
-    run(report, dev, dtype, CASES_GPU if dev.type == "cuda" else CASES_CPU, args.compile,
-        timer=lambda fn: common.median_seconds(fn, min_time))
+    cases = [c for c in (CASES_GPU if dev.type == "cuda" else CASES_CPU) if args.case in c[0]]
+    if not cases:
+        parser.error(f"--case {args.case!r} matches no case")
+    run(report, dev, dtype, cases, args.compile,
+        timer=lambda fn: common.median_seconds(fn, min_time), profiles=profiles)
     slug = "".join(ch if ch.isalnum() else "-" for ch in report.device).strip("-").lower()
-    paths = report.write(args.out, f"unet_step-{slug}-{str(dtype).split('.')[-1]}")
+    stem = f"unet_step-{slug}-{str(dtype).split('.')[-1]}"
+    paths = report.write(args.out, stem)
+    if profiles:
+        path = os.path.join(args.out, stem + "-profile.md")
+        common.atomic_write(path, f"# U-Net step kernel time — {report.device}, commit {report.commit}\n\n"
+                            + "\n".join(profiles))
+        paths.append(path)
     print(report.markdown())
     print("wrote " + ", ".join(paths))
 
