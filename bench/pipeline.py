@@ -1,7 +1,8 @@
 """End-to-end text-to-video latency: Hummingbird (0.7B U-Net, 4 LCM steps, guidance distilled in: 4
 U-Net calls) against its teacher VideoCrafter2 (1.4B U-Net, 50 DDIM steps with classifier-free
 guidance: 50 calls at batch 2), split into text encoding, denoising and VAE decoding; on a GPU also
-Hummingbird with its denoising steps replayed as CUDA graphs (``pipe.enable_cuda_graph()``).
+Hummingbird with its denoising steps replayed as CUDA graphs (``pipe.enable_cuda_graph()``) and
+channels-last activations (``pipe.enable_channels_last()``).
 
 Random weights at the real sizes: OpenCLIP ViT-H text tower as a 23-layer CLIPTextModel, SD KL-f8
 VAE, the named U-Net configs. GPU: 320x512, 16 and 26 frames, fp16. CPU: a reduced model
@@ -25,10 +26,11 @@ from hummingbird.pipeline import HummingbirdPipeline
 from hummingbird.schedulers import ddim_scheduler, lcm_scheduler
 from hummingbird.testing import tiny_tokenizer
 
-# (label, named U-Net config, scheduler factory, steps, CUDA graph); the teacher last (the ratio's base)
+# (label, named U-Net config, scheduler factory, steps, GPU tuning: CUDA graphs + channels-last);
+# the teacher last (the ratio's base)
 MODELS = [
     ("hummingbird-0.7b LCM 4 steps", "hummingbird-0.7b", lcm_scheduler, 4, False),
-    ("hummingbird-0.7b LCM 4 steps + CUDA graph", "hummingbird-0.7b", lcm_scheduler, 4, True),
+    ("hummingbird-0.7b LCM 4 steps + CUDA graph + channels-last", "hummingbird-0.7b", lcm_scheduler, 4, True),
     ("videocrafter2 DDIM 50 steps + CFG", "videocrafter2", ddim_scheduler, 50, False),
 ]
 FULL = dict(
@@ -86,12 +88,13 @@ class PipelineReport(common.Report):
 
 def run(report, dev, dtype, sizes, repeats):
     results = {}
-    for label, config_name, scheduler, steps, graph in MODELS:
-        if graph and dev.type != "cuda":
+    for label, config_name, scheduler, steps, tuned in MODELS:
+        if tuned and dev.type != "cuda":
             continue
         pipe = random_pipeline(config_name, scheduler, sizes, dev, dtype)
-        if graph:
+        if tuned:
             pipe.enable_cuda_graph()
+            pipe.enable_channels_last()
         for height, width, frames in sizes["shapes"]:
             case = f"{height}x{width} T{frames}"
             stages, peak = measure(pipe, steps, height, width, frames, repeats)

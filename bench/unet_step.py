@@ -4,9 +4,10 @@ GPU memory, for three ways of running the same model:
 - ``eager``: ``hbkernels.use_backend("torch")``, i.e. the plain-PyTorch reference ops
 - ``hbkernels``: hbkernels' automatic backend (Triton on GPUs, the C++ extension on CPUs)
 - ``compile``: ``torch.compile`` of the eager model
-- ``eager + CUDA graph`` / ``hbkernels + CUDA graph`` (GPU): the step replayed as one CUDA graph
+- ``... + CUDA graph`` (GPU): the step replayed as one CUDA graph
   (:class:`hummingbird.cuda_graph.CUDAGraphCall`, what ``HummingbirdPipeline.enable_cuda_graph`` uses),
-  which takes the per-kernel launch cost out of both
+  which takes the per-kernel launch cost out
+- ``..., channels-last``: the same after ``model.enable_channels_last()``
 
 GPU: the real hummingbird-0.7b (26 frames, batch 1: guidance is distilled in) and videocrafter2
 (16 frames, batch 2: the classifier-free-guidance pair) at 320x512 (40x64 latents) in fp16.
@@ -96,7 +97,8 @@ def kernel_breakdown(fn, calls: int = 3) -> dict:
         us = e.device_time if hasattr(e, "device_time") else e.cuda_time
         entry["ms"] += us / 1e3 / calls
         entry["count"] += 1
-        entry["top"][e.name[:90]] = entry["top"].get(e.name[:90], 0.0) + us / 1e3 / calls
+        name = re.sub(r"^void |at::native::|\(anonymous namespace\)::|c10::", "", e.name)[:120]
+        entry["top"][name] = entry["top"].get(name, 0.0) + us / 1e3 / calls
     for entry in families.values():
         entry["count"] //= calls
         entry["top"] = sorted(entry["top"].items(), key=lambda kv: -kv[1])[:3]
@@ -127,33 +129,42 @@ def measure(fn, backend, dev, timer):
     return seconds, peak
 
 
+def implementations(model, step, dev, compile_too):
+    """(row name, backend for use_backend or None for automatic, callable) for one model state."""
+    impls = [("eager", "torch", step), ("hbkernels", None, step)]
+    if dev.type == "cuda":  # one graph per backend: each captures the kernels its backend launches
+        impls += [("eager + CUDA graph", "torch", CUDAGraphCall(step)), ("hbkernels + CUDA graph", None, CUDAGraphCall(step))]
+    if compile_too:  # compiled after the layout switch: inductor specialises on the weights' strides
+        compiled = functools.partial(step, torch.compile(model))
+        impls.append(("compile", "torch", compiled))
+        if dev.type == "cuda":  # inductor's kernels in our CUDA graph: compile without its launch cost
+            impls.append(("compile + CUDA graph", "torch", CUDAGraphCall(compiled)))
+    return impls
+
+
 def run(report, dev, dtype, cases, compile_too, timer, profiles=None):
     for label, name, overrides, batch, frames, height, width in cases:
         with dev:  # random init on the device: seconds instead of a minute of CPU init at 1.4B
             model = HummingbirdUNet3DModel.from_named_config(name, **overrides).to(dtype).eval()
         params_m = round(sum(p.numel() for p in model.parameters()) / 1e6, 1)
         step = make_step(model, batch, frames, height, width, dev, dtype)
-        impls = [("eager", "torch", step), ("hbkernels", None, step)]
-        if dev.type == "cuda":  # one graph per backend: each captures the kernels its backend launches
-            impls += [("eager + CUDA graph", "torch", CUDAGraphCall(step)), ("hbkernels + CUDA graph", None, CUDAGraphCall(step))]
-        if compile_too:
-            compiled = functools.partial(step, torch.compile(model))
-            impls.append(("compile", "torch", compiled))
-            if dev.type == "cuda":  # inductor's kernels in our CUDA graph: compile without its launch cost
-                impls.append(("compile + CUDA graph", "torch", CUDAGraphCall(compiled)))
-        for impl, backend, fn in impls:
-            try:
-                seconds, peak = measure(fn, backend, dev, timer)
-            except RuntimeError as err:  # e.g. out of memory at the largest shape: keep the other rows
-                print(f"{label} / {impl}: failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
-                continue
-            extra = {"params_m": params_m, "config": name, **({"peak_mem_mib": round(peak)} if peak else {})}
-            report.add("unet_step", label, impl, seconds, **extra)
-            print(f"{label} / {impl}: {seconds * 1e3:.1f} ms" + (f", peak {peak:.0f} MiB" if peak else ""))
-            if profiles is not None:
-                with hbkernels.use_backend(backend) if backend else contextlib.nullcontext():
-                    profiles.append(breakdown_markdown(label, impl, kernel_breakdown(fn)))
-                print(profiles[-1])
+        for channels_last in (False, True):  # every row in the standard layout, then channels-last
+            if channels_last:
+                model.enable_channels_last()
+            for impl, backend, fn in implementations(model, step, dev, compile_too):
+                impl += ", channels-last" if channels_last else ""
+                try:
+                    seconds, peak = measure(fn, backend, dev, timer)
+                except RuntimeError as err:  # e.g. out of memory at the largest shape: keep the other rows
+                    print(f"{label} / {impl}: failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+                    continue
+                extra = {"params_m": params_m, "config": name, **({"peak_mem_mib": round(peak)} if peak else {})}
+                report.add("unet_step", label, impl, seconds, **extra)
+                print(f"{label} / {impl}: {seconds * 1e3:.1f} ms" + (f", peak {peak:.0f} MiB" if peak else ""))
+                if profiles is not None:
+                    with hbkernels.use_backend(backend) if backend else contextlib.nullcontext():
+                        profiles.append(breakdown_markdown(label, impl, kernel_breakdown(fn)))
+                    print(profiles[-1])
         del model, step
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -185,6 +196,8 @@ def main(argv=None):
         timer=lambda fn: common.median_seconds(fn, min_time), profiles=profiles)
     slug = "".join(ch if ch.isalnum() else "-" for ch in report.device).strip("-").lower()
     stem = f"unet_step-{slug}-{str(dtype).split('.')[-1]}"
+    if args.case:  # a filtered run must not overwrite the full one
+        stem += "-" + "".join(ch if ch.isalnum() else "-" for ch in args.case).strip("-").lower()
     paths = report.write(args.out, stem)
     if profiles:
         path = os.path.join(args.out, stem + "-profile.md")

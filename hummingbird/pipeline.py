@@ -73,14 +73,24 @@ class HummingbirdPipeline(DiffusionPipeline):
         def step(sample, timestep, context, timestep_cond, fps):
             return self.unet(sample, timestep, context, fps=fps, timestep_cond=timestep_cond, return_dict=False)[0]
 
-        def weights():  # recapture after .to()/loading moves the weights the graph reads
+        def weights():  # recapture after .to()/loading/a layout change moves the weights the graph reads
             first = next(self.unet.parameters())
-            return id(self.unet), first.data_ptr(), first.dtype
+            return id(self.unet), first.data_ptr(), first.dtype, self.unet.channels_last
 
         self._graphed_unet = CUDAGraphCall(step, extra_key=weights)
 
     def disable_cuda_graph(self):
         self._graphed_unet = None
+
+    def enable_channels_last(self):
+        """Channels-last activations in the U-Net (``unet.enable_channels_last()``) and the VAE decoder:
+        GPU convolutions then skip converting every NCHW input and output to their native NHWC."""
+        self.unet.enable_channels_last()
+        self.vae.to(memory_format=torch.channels_last)
+
+    def disable_channels_last(self):
+        self.unet.disable_channels_last()
+        self.vae.to(memory_format=torch.contiguous_format)
 
     def _unet(self, sample, timestep, context, timestep_cond, fps):
         if self._graphed_unet is not None and sample.is_cuda:

@@ -56,3 +56,14 @@ def test_pipeline_with_cuda_graph_matches_plain(scheduler):
     again = pipe("a dog", **kwargs).frames  # replays the captured graphs with new inputs
     torch.testing.assert_close(graphed, plain, atol=2e-5, rtol=0)
     assert not torch.equal(again, graphed)
+
+
+@gpu_only
+def test_channels_last_switch_recaptures():
+    pipe = tiny_random_pipeline("lcm").to("cuda")
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(height=32, width=32, num_frames=5, num_inference_steps=2, seed=0, output_type="pt")
+    pipe.enable_cuda_graph()
+    graphed = pipe("a cat", **kwargs).frames
+    pipe.enable_channels_last()  # moves the conv weights: replaying the old graph would read freed memory
+    torch.testing.assert_close(pipe("a cat", **kwargs).frames, graphed, atol=2e-5, rtol=0)

@@ -113,6 +113,17 @@ def test_seed_determinism_and_output_types(lcm):
     assert torch.equal(a, b)
 
 
+def test_channels_last_pipeline_gives_the_same_video():
+    pipe = _pipe("lcm")  # not the shared fixture: this converts its weights
+    kwargs = dict(num_frames=3, num_inference_steps=2, seed=0, output_type="pt", **SIZE)
+    plain = pipe("a cat", **kwargs).frames
+    pipe.enable_channels_last()
+    assert pipe.unet.channels_last and pipe.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(pipe("a cat", **kwargs).frames, plain, atol=1e-5, rtol=0)
+    pipe.disable_channels_last()
+    assert not pipe.unet.channels_last and pipe.vae.decoder.conv_in.weight.is_contiguous()
+
+
 def _public(config):
     """A config without diffusers' bookkeeping keys, tuples as JSON gives them back (lists)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items() if not k.startswith("_")}
