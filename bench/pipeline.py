@@ -2,7 +2,7 @@
 U-Net calls) against its teacher VideoCrafter2 (1.4B U-Net, 50 DDIM steps with classifier-free
 guidance: 50 calls at batch 2), split into text encoding, denoising and VAE decoding; on a GPU also
 Hummingbird with its denoising steps replayed as CUDA graphs (``pipe.enable_cuda_graph()``) and
-channels-last activations (``pipe.enable_channels_last()``).
+channels-last U-Net activations (``pipe.enable_channels_last()``).
 
 Random weights at the real sizes: OpenCLIP ViT-H text tower as a 23-layer CLIPTextModel, SD KL-f8
 VAE, the named U-Net configs. GPU: 320x512, 16 and 26 frames, fp16. CPU: a reduced model

@@ -83,14 +83,13 @@ class HummingbirdPipeline(DiffusionPipeline):
         self._graphed_unet = None
 
     def enable_channels_last(self):
-        """Channels-last activations in the U-Net (``unet.enable_channels_last()``) and the VAE decoder:
-        GPU convolutions then skip converting every NCHW input and output to their native NHWC."""
+        """Channels-last activations in the U-Net (``unet.enable_channels_last()``): its GPU convolutions
+        then skip converting every NCHW input and output to their native NHWC. The VAE stays NCHW: with
+        it channels-last, decoding 26 frames at 320x512 on an H200 went from 0.20 to 0.27 s."""
         self.unet.enable_channels_last()
-        self.vae.to(memory_format=torch.channels_last)
 
     def disable_channels_last(self):
         self.unet.disable_channels_last()
-        self.vae.to(memory_format=torch.contiguous_format)
 
     def _unet(self, sample, timestep, context, timestep_cond, fps):
         if self._graphed_unet is not None and sample.is_cuda:
