@@ -36,6 +36,17 @@ def test_group_norm(backend_name, dtype, shape, groups, layout, activation):
 
 
 @pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_group_norm_variance_is_stable_at_large_means(backend_name, layout):
+    # mean 1000, std 1 in fp32: E[x^2] - E[x]^2 would lose ~6% of the variance to cancellation
+    x = to_layout(rand(2, 16, 5, 6, 7, mean=1000.0), layout)
+    with hbkernels.use_backend(backend_name):
+        y = hbkernels.group_norm(x, 4, eps=1e-6)
+    want = torch.nn.functional.group_norm(x.double(), 4, eps=1e-6)
+    torch.testing.assert_close(y.double(), want, atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
 @pytest.mark.parametrize("affine", ["none", "weight", "bias"])
 def test_group_norm_optional_affine(backend_name, affine):
     x = rand(2, 12, 3, 4, 5, dtype=torch.float64, mean=-2.0, requires_grad=True)

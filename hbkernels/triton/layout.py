@@ -14,6 +14,12 @@ import torch
 import triton
 import triton.language as tl
 
+from hbkernels.backend import interpreting
+
+# Fixed at import, like triton.jit itself: whether kernels run in Triton's CPU interpreter (launch
+# plans and bf16 handling differ there), not on a GPU.
+INTERPRETED = interpreting()
+
 
 # Elements per [BLOCK_C, BLOCK_S] tile. 4096 keeps 16 elements per thread at 8 warps on a GPU;
 # under the interpreter a program is a batch of numpy ops, so any size is fine there.

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hbkernels.triton.layout import cdiv, next_pow2
+from hbkernels.triton.layout import INTERPRETED, cdiv, next_pow2
 
 LOG2E = 1.4426950408889634
 ATTN_ROW_STATS = 2  # per query row: the max score m (log2 units) and the sum l of exp2(s - m)
@@ -221,7 +221,7 @@ def attn_fwd(q, k, v, out, stats, scale: float, causal: bool) -> None:
     _attn_fwd_kernel[grid](
         q, k, v, out, stats, h, t, d, scale * LOG2E,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        CAUSAL=bool(causal), UPCAST=not q.is_cuda,
+        CAUSAL=bool(causal), UPCAST=INTERPRETED,
         BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, **opts)
 
 
@@ -232,7 +232,7 @@ def attn_bwd(do, q, k, v, out, stats, dq, dk, dv, scale: float, causal: bool) ->
     fuse_dq = t <= block and (q.element_size() < 4 or block_d <= 64)  # a 5th FMA dot spills in fp32
     common = (h, t, d, scale, scale * LOG2E,
               *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(do), *_strides(dq))
-    meta = dict(CAUSAL=bool(causal), UPCAST=not q.is_cuda,
+    meta = dict(CAUSAL=bool(causal), UPCAST=INTERPRETED,
                 BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, **opts)
     _attn_bwd_dkdv_kernel[(n * h, cdiv(t, block))](
         q, k, v, out, do, stats, dq, dk, dv, *common, FUSE_DQ=fuse_dq, **meta)

@@ -1,0 +1,142 @@
+"""Compile every Triton kernel variant that the ops launch for real GPU targets, on a machine without one.
+
+CI runs the Triton code in its CPU interpreter, which never meets a GPU compiler. This script runs the
+launchers on CPU tensors with the launch itself replaced by a recorder, then compiles each distinct
+(kernel, argument types, constexprs, warps, stages) ahead of time: to cubin through ptxas for NVIDIA
+sm_80 / sm_90, to hsaco for AMD gfx942 (MI300, ROCm) -- the portability check -- and checks each
+kernel's shared memory against the target's limit, which a GPU would only report at launch.
+
+    TRITON_INTERPRET=0 python tests/gpu_compile_check.py {sm80,sm90,gfx942}
+
+Prints one line per compiled variant; exits 1 if any fails.
+"""
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "0"  # real JITFunctions, before anything imports triton
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+from hbkernels import triton as kernels  # noqa: E402
+
+# name -> (target, shared memory per block the hardware allows, bytes)
+TARGETS = {
+    "sm80": (GPUTarget("cuda", 80, 32), 163 * 1024),
+    "sm90": (GPUTarget("cuda", 90, 32), 227 * 1024),
+    "gfx942": (GPUTarget("hip", "gfx942", 64), 64 * 1024),
+}
+_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32", torch.int64: "i64"}
+
+
+def record_launches() -> list:
+    """(kernel, {argument name: value}, launch options) of every launch the primitives make below."""
+    launches = []
+
+    def run(self, *args, grid, warmup, **kwargs):
+        options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+        launches.append((self, {**dict(zip(self.arg_names, args)), **kwargs}, options))
+
+    JITFunction.run = run
+    attention_cases(), group_norm_cases(), elementwise_cases()
+    return launches
+
+
+def rand(*shape, dtype):
+    return torch.randn(*shape).to(dtype)
+
+
+def attention_cases():
+    # T picks the query/key block (16/32/64) and D the head block (64/128/256) for fp16/bf16; fp32 has
+    # its own single config per head block. Every block pair in fp16, the corners in bf16/fp32.
+    cases = {torch.float16: [(16, 40, False), (26, 64, True), (77, 80, False), (16, 128, False), (64, 160, False), (8, 256, False)],
+             torch.bfloat16: [(26, 64, False), (64, 160, False)],
+             torch.float32: [(26, 64, False), (77, 80, True), (8, 256, False)]}
+    for dtype, shapes in cases.items():
+        for t, d, causal in shapes:
+            q, k, v, do = (rand(2, t, 3, d, dtype=dtype) for _ in range(4))
+            out = torch.empty_like(q)
+            stats = torch.empty(2, 3, t, kernels.ATTN_ROW_STATS)
+            kernels.attn_fwd(q, k, v, out, stats, 0.1, causal)
+            dq, dk, dv = (torch.empty_like(q) for _ in range(3))
+            kernels.attn_bwd(do, q, k, v, out, stats, dq, dk, dv, 0.1, causal)
+
+
+def group_norm_cases():
+    # NCHW (narrow-C tiles) and channels-last (wide-C tiles); affine + SiLU and neither; fp32 takes the
+    # precise-sigmoid path
+    for dtype, fmt, silu in [(torch.float16, torch.contiguous_format, True), (torch.float16, torch.channels_last_3d, True),
+                             (torch.float16, torch.contiguous_format, False), (torch.bfloat16, torch.channels_last_3d, True),
+                             (torch.float32, torch.contiguous_format, True)]:
+        x = rand(1, 320, 4, 8, 8, dtype=dtype).contiguous(memory_format=fmt)
+        affine = (rand(320, dtype=dtype), rand(320, dtype=dtype)) if silu else (None, None)
+        x4, y4 = x.flatten(3), torch.empty_like(x).flatten(3)
+        mean, rstd = torch.empty(1, 32), torch.empty(1, 32)
+        kernels.gn_fwd(x4, *affine, y4, mean, rstd, 32, 1e-5, silu)
+        dx4 = torch.empty_like(x).flatten(3)
+        grads = [torch.empty(320) if p is not None else None for p in affine]
+        kernels.gn_bwd(torch.randn_like(x).flatten(3).to(dtype), x4, *affine, mean, rstd, dx4, *grads, 32, silu)
+
+
+def elementwise_cases():
+    src = rand(2, 64, 3, 40, dtype=torch.float16)
+    kernels.copy_add(src.transpose(1, 3), src.transpose(1, 3), torch.empty_like(src).transpose(1, 3))
+    kernels.copy_add(src, None, torch.empty_like(src))
+    for dtype in (torch.float16, torch.float32):
+        x = rand(100, 2 * 640, dtype=dtype)
+        kernels.geglu_fwd(x, torch.empty(100, 640, dtype=dtype))
+        kernels.geglu_bwd(rand(100, 640, dtype=dtype), x, torch.empty_like(x))
+
+
+def signature(fn, args) -> tuple[dict, dict]:
+    """Triton's (signature, constexprs) for one recorded launch."""
+    constexprs = {p.name for p in fn.params if p.is_constexpr}
+    sig, values = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        value = args[name]
+        if name in constexprs:
+            sig[name], values[(i,)] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            sig[name] = "*" + _TYPES[value.dtype]
+        elif isinstance(value, bool):
+            sig[name] = "i1"
+        elif isinstance(value, int):
+            sig[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+        elif isinstance(value, float):
+            sig[name] = "fp32"
+        else:
+            raise TypeError(f"{fn.__name__}: argument {name} of type {type(value).__name__}")
+    return sig, values
+
+
+def main(target_name: str) -> int:
+    target, shared_limit = TARGETS[target_name]
+    seen, failures = set(), 0
+    for fn, args, options in record_launches():
+        sig, constexprs = signature(fn, args)
+        key = (fn.__name__, tuple(sig.items()), tuple(sorted(constexprs.items())), tuple(sorted(options.items())))
+        if key in seen:
+            continue
+        seen.add(key)
+        label = f"{fn.__name__} {dict((fn.arg_names[i[0]], v) for i, v in constexprs.items())} {options}"
+        try:
+            compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=target,
+                                      options=options)
+            shared = compiled.metadata.shared
+            if shared > shared_limit:
+                raise RuntimeError(f"needs {shared} bytes of shared memory, {target_name} has {shared_limit}")
+            print(f"ok   {label} shared={shared}")
+        except Exception as err:  # report every failing variant, not just the first
+            failures += 1
+            print(f"FAIL {label}: {type(err).__name__}: {str(err).strip().splitlines()[-1][:300]}")
+    kernels_seen = sorted({k[0] for k in seen})
+    print(f"{target_name}: {len(seen)} variants of {len(kernels_seen)} kernels ({', '.join(kernels_seen)}), "
+          f"{failures} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
