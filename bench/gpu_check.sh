@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One lent GPU's checks in priority order, each step under its own time limit so a slow one cannot
-# starve the rest: kernel tests on the full shape lists, the U-Net step (torch.compile only with
-# UNET_COMPILE= set empty: its two builds take minutes), the end-to-end pipeline, the op benchmark
-# (per call, then as CUDA-graph replays: kernel time alone).
+# starve the rest: kernel tests on the full shape lists, the U-Net step with its kernel-time profile
+# (torch.compile only with UNET_COMPILE= set empty: its four builds, two layouts x two models, take
+# minutes), the end-to-end pipeline, the op benchmark (per call, then as CUDA-graph replays: kernel
+# time alone).
 # Logs go to LOG (appended as they run); result files to RESULTS, re-packed into TAR after every
 # step, so a run killed at its limit still returns what it finished.
 #
@@ -32,7 +33,7 @@ step() {
 step tests "${TESTS_LIMIT:-110}" python -m pytest -q -p no:cacheprovider -n 8 tests/test_temporal_attention.py \
     tests/test_group_norm.py tests/test_layout.py tests/test_geglu.py tests/test_nn.py tests/test_backend.py \
     tests/test_compile.py tests/test_patch.py tests/test_unet.py tests/test_cuda_graph.py
-step unet_step "${UNET_LIMIT:-90}" python -m bench.unet_step --quick ${UNET_COMPILE---no-compile} --out "$res"
+step unet_step "${UNET_LIMIT:-120}" python -m bench.unet_step --quick --profile ${UNET_COMPILE---no-compile} --out "$res"
 step pipeline "${PIPELINE_LIMIT:-80}" python -m bench.pipeline --repeats 1 --out "$res"
 step ops "${OPS_LIMIT:-200}" python -m bench ${OPS_ARGS:-} --out "$res"
 step ops_graph "${OPS_GRAPH_LIMIT:-200}" python -m bench --graph ${OPS_ARGS:-} --out "$res"
