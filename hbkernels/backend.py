@@ -90,26 +90,39 @@ def use_backend(name: str):
         _forced.pop()
 
 
-def poisoning() -> bool:
-    """``HBKERNELS_POISON=1`` fills every output buffer with NaN before a kernel runs, so tests see
-    any element a kernel forgot to write."""
-    return os.environ.get("HBKERNELS_POISON", "0") not in ("", "0")
+# ``HBKERNELS_POISON=1`` (read at import) fills every output buffer with NaN before a kernel runs, so
+# tests see any element a kernel forgot to write.
+POISON = os.environ.get("HBKERNELS_POISON", "0") not in ("", "0")
 
 
 def empty(*args, **kwargs) -> torch.Tensor:
     """``torch.empty`` for kernel outputs (NaN-filled under ``HBKERNELS_POISON=1``)."""
     out = torch.empty(*args, **kwargs)
-    if poisoning():
-        out.fill_(float("nan"))
-    return out
+    return out.fill_(float("nan")) if POISON else out
 
 
 def empty_like(t: torch.Tensor, **kwargs) -> torch.Tensor:
     """``torch.empty_like`` (same memory format where ``t`` is dense), NaN-filled when poisoning."""
     out = torch.empty_like(t, **kwargs)
-    if poisoning():
-        out.fill_(float("nan"))
-    return out
+    return out.fill_(float("nan")) if POISON else out
+
+
+class _NoGradCtx:
+    """Autograd's ``ctx`` for a Function.forward called directly: takes what forward stores, keeps nothing."""
+
+    def save_for_backward(self, *tensors):
+        pass
+
+
+def run_function(function, *args):
+    """``function.apply(*args)`` where a result needs a backward; otherwise ``function.forward`` as a
+    plain call. ``apply`` costs about 10 us of host time (autograd graph bookkeeping), which an
+    inference step launching hundreds of ops pays for nothing. Traced code keeps ``apply``."""
+    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        return function.apply(*args)
+    if torch.compiler.is_compiling():
+        return function.apply(*args)
+    return function.forward(_NoGradCtx(), *args)
 
 
 def primitives(name: str):

@@ -144,6 +144,8 @@ def run(args) -> int:
     else:
         pipe = load_pipeline(args.model, dtype=dtype)
     pipe = pipe.to(device)
+    if device.type == "cuda":  # faster U-Net convolutions on GPUs (slower on CPUs): same outputs
+        pipe.enable_channels_last()
     load_s = time.perf_counter() - start
 
     defaults = DISTILLED_DEFAULTS if pipe.guidance_distilled else CFG_DEFAULTS

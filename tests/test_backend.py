@@ -71,3 +71,23 @@ def test_double_backward_is_refused(backend_name):
         (grad,) = torch.autograd.grad(hbkernels.geglu(x).pow(2).sum(), x, create_graph=True)
         with pytest.raises(RuntimeError, match="once_differentiable"):
             grad.sum().backward()
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+def test_autograd_function_only_when_a_gradient_is_needed(backend_name, monkeypatch):
+    from hbkernels.ops.group_norm import GroupNormFunction
+
+    applied = []
+    apply = GroupNormFunction.apply
+    monkeypatch.setattr(GroupNormFunction, "apply", lambda *args: applied.append(1) or apply(*args))
+    x, w = rand(2, 8, 3, 4, 5, requires_grad=True), rand(8, requires_grad=True)
+    with hbkernels.use_backend(backend_name):
+        with torch.no_grad():
+            plain = hbkernels.group_norm(x, 4, w, activation="silu")
+        assert applied == [] and plain.grad_fn is None
+        tracked = hbkernels.group_norm(x, 4, w, activation="silu")
+        assert applied == [1] and tracked.grad_fn is not None
+        untracked = hbkernels.group_norm(x.detach(), 4, w.detach(), activation="silu")
+        assert applied == [1] and not untracked.requires_grad
+    torch.testing.assert_close(plain, tracked.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(untracked, plain, rtol=0, atol=0)

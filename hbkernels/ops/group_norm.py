@@ -114,7 +114,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None)
     name = backend.select(x.device, x.dtype)
     if name == "torch":
         return reference.group_norm(x, num_groups, weight, bias, float(eps), silu)
-    return GroupNormFunction.apply(x, weight, bias, num_groups, float(eps), silu, False, name)
+    return backend.run_function(GroupNormFunction, x, weight, bias, num_groups, float(eps), silu, False, name)
 
 
 def group_norm_to_tokens(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None):
@@ -127,4 +127,4 @@ def group_norm_to_tokens(x, num_groups, weight=None, bias=None, eps=1e-5, activa
     name = backend.select(x.device, x.dtype)
     if name == "torch":
         return reference.group_norm_to_tokens(x, num_groups, weight, bias, float(eps), silu)
-    return GroupNormFunction.apply(x, weight, bias, num_groups, float(eps), silu, True, name)
+    return backend.run_function(GroupNormFunction, x, weight, bias, num_groups, float(eps), silu, True, name)

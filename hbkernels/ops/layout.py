@@ -64,4 +64,4 @@ def tokens_to_video(tokens, residual=None, *, shape=None):
     name = backend.select(tokens.device, tokens.dtype)
     if name == "torch":
         return reference.tokens_to_video(tokens, shape, residual)
-    return TokensToVideoFunction.apply(tokens, residual, shape, name)
+    return backend.run_function(TokensToVideoFunction, tokens, residual, shape, name)

@@ -74,4 +74,4 @@ def temporal_attention(q, k, v, *, scale=None, causal=False):
     # autograd.Function; distinct views of it are not, and gradients still sum into it.
     k = k.view(k.shape) if k is q else k
     v = v.view(v.shape) if v is q or v is k else v
-    return TemporalAttentionFunction.apply(q, k, v, float(scale), bool(causal), name)
+    return backend.run_function(TemporalAttentionFunction, q, k, v, float(scale), bool(causal), name)
