@@ -3,7 +3,7 @@
 # starve the rest: kernel tests on the full shape lists, the U-Net step with its kernel-time profile
 # (torch.compile only with UNET_COMPILE= set empty: its four builds, two layouts x two models, take
 # minutes), the end-to-end pipeline, the op benchmark (per call, then as CUDA-graph replays: kernel
-# time alone).
+# time alone), the host-side cost per op call.
 # Logs go to LOG (appended as they run); result files to RESULTS, re-packed into TAR after every
 # step, so a run killed at its limit still returns what it finished.
 #
@@ -37,3 +37,4 @@ step unet_step "${UNET_LIMIT:-120}" python -m bench.unet_step --quick --profile 
 step pipeline "${PIPELINE_LIMIT:-80}" python -m bench.pipeline --repeats 1 --out "$res"
 step ops "${OPS_LIMIT:-200}" python -m bench ${OPS_ARGS:-} --out "$res"
 step ops_graph "${OPS_GRAPH_LIMIT:-200}" python -m bench --graph ${OPS_ARGS:-} --out "$res"
+step host_overhead 30 python -m bench.host_overhead --out "$res"
