@@ -24,14 +24,13 @@ def cases(dev):
         return torch.randn(*shape, device=dev)
 
     x, w, b = rand(1, 32, 2, 4, 4), rand(32), rand(32)
-    q = rand(8, 4, 2, 16)  # (N, T, H, D)
+    q, k, v = rand(8, 4, 2, 16), rand(8, 4, 2, 16), rand(8, 4, 2, 16)  # (N, T, H, D)
     tokens, video = rand(16, 2, 32), rand(1, 32, 2, 4, 4)
     g = rand(16, 64)
 
     def sdpa():
-        n, t, h, d = q.shape
-        qh = q.permute(0, 2, 1, 3)
-        return F.scaled_dot_product_attention(qh, qh, qh).permute(0, 2, 1, 3)
+        qh, kh, vh = (t.permute(0, 2, 1, 3) for t in (q, k, v))
+        return F.scaled_dot_product_attention(qh, kh, vh).permute(0, 2, 1, 3)
 
     def geglu_eager():
         hidden, gate = g.chunk(2, -1)
@@ -42,7 +41,7 @@ def cases(dev):
          lambda: hbkernels.group_norm(x, 8, w, b, activation="silu")),
         ("group_norm_to_tokens", lambda: rearrange(F.group_norm(video, 8, w, b), "n c t h w -> (n h w) t c").contiguous(),
          lambda: hbkernels.group_norm_to_tokens(video, 8, w, b)),
-        ("temporal_attention", sdpa, lambda: hbkernels.temporal_attention(q, q, q)),
+        ("temporal_attention", sdpa, lambda: hbkernels.temporal_attention(q, k, v)),
         ("tokens_to_video + residual", lambda: rearrange(tokens, "(n h w) t c -> n c t h w", n=1, h=4) + video,
          lambda: hbkernels.tokens_to_video(tokens, residual=video)),
         ("geglu", geglu_eager, lambda: hbkernels.geglu(g)),

@@ -70,8 +70,9 @@ def temporal_attention(q, k, v, *, scale=None, causal=False):
     if name == "torch":
         return reference.temporal_attention(q, k, v, float(scale), bool(causal))
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
-    # The same tensor passed twice (self-attention on raw tokens) is a torch.compile graph break for
-    # autograd.Function; distinct views of it are not, and gradients still sum into it.
-    k = k.view(k.shape) if k is q else k
-    v = v.view(v.shape) if v is q or v is k else v
+    if torch.compiler.is_compiling():
+        # The same tensor passed twice (self-attention on raw tokens) is a torch.compile graph break
+        # for autograd.Function; distinct views of it are not, and gradients still sum into it.
+        k = k.view(k.shape) if k is q else k
+        v = v.view(v.shape) if v is q or v is k else v
     return backend.run_function(TemporalAttentionFunction, q, k, v, float(scale), bool(causal), name)
