@@ -366,3 +366,16 @@ def test_channels_last_keeps_outputs_and_every_conv_input_channels_last(tiny, ba
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     model.disable_channels_last()
     assert not model.channels_last and all(m.weight.is_contiguous() for m in convs)
+
+
+@pytest.mark.skipif(not hbkernels.backend.cpp_available() or torch.cuda.is_available(), reason="C++ backend on CPU")
+def test_whole_unet_compiles_without_graph_breaks():
+    model = randomize(HummingbirdUNet3DModel.from_named_config(
+        "tiny", channel_mult=(1, 2), attention_levels=(1,), num_res_blocks=1, use_middle_block=False), std=0.2).eval()
+    x, ctx = tiny_inputs(b=1)
+    cond = guidance_scale_embedding(torch.tensor([7.5]), 16)
+    torch._dynamo.reset()
+    with torch.no_grad(), hbkernels.use_backend("cpp"):
+        want = model(x, 10, ctx, timestep_cond=cond).sample
+        got = torch.compile(model, fullgraph=True, backend="aot_eager")(x, 10, ctx, timestep_cond=cond).sample
+    torch.testing.assert_close(got, want)

@@ -43,9 +43,10 @@ def _traceable(op, launcher):
 
 
 def _custom_op(name, mutates, launcher):
+    launcher = _on_tensor_device(launcher)  # keeps the typed signature (functools.wraps)
     op = torch.library.custom_op(f"hbkernels_triton::{name}", mutates_args=mutates)(launcher)
     op.register_fake(lambda *args: None)  # the ops only write into their output arguments
-    return _traceable(op, _on_tensor_device(launcher))
+    return _traceable(op, launcher)
 
 
 # Typed signatures (custom_op derives each op's schema from them) over the launchers.
