@@ -24,16 +24,25 @@ def _all_kernels() -> set:
     return names
 
 
-@pytest.mark.skipif(not backend.triton_available(), reason="no triton")
-@pytest.mark.parametrize("target", sorted(BACKEND_OF))
-def test_every_kernel_compiles_for_gpu_target(target):
+@pytest.fixture(scope="module")
+def compile_runs():
+    """{target: (returncode, stdout, stderr)}, the targets compiled concurrently (one process each)."""
     from triton.backends import backends
 
-    if BACKEND_OF[target] not in backends:
+    procs = {target: subprocess.Popen([sys.executable, str(SCRIPT), target], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True)
+             for target, name in BACKEND_OF.items() if name in backends}
+    return {target: (p.communicate(timeout=900), p.returncode) for target, p in procs.items()}
+
+
+@pytest.mark.skipif(not backend.triton_available(), reason="no triton")
+@pytest.mark.parametrize("target", sorted(BACKEND_OF))
+def test_every_kernel_compiles_for_gpu_target(target, compile_runs):
+    if target not in compile_runs:
         pytest.skip(f"this triton install has no {BACKEND_OF[target]} backend")
-    run = subprocess.run([sys.executable, str(SCRIPT), target], capture_output=True, text=True, timeout=600)
-    lines = run.stdout.splitlines()
-    assert run.returncode == 0, "\n".join([line for line in lines if line.startswith("FAIL")] + [run.stderr[-3000:]])
+    (stdout, stderr), returncode = compile_runs[target]
+    lines = stdout.splitlines()
+    assert returncode == 0, "\n".join([line for line in lines if line.startswith("FAIL")] + [stderr[-3000:]])
     summary = re.search(r"(\d+) variants of \d+ kernels \((.*)\), 0 failed", lines[-1])
     assert summary, lines[-1:]
     assert set(summary.group(2).split(", ")) == _all_kernels()  # no kernel left out of the check
