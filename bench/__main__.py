@@ -29,10 +29,7 @@ def main(argv=None):
     report.copy_gbps = common.copy_bandwidth(dev) / 1e9
     print(f"{report.device}: copy bandwidth {report.copy_gbps:.1f} GB/s, dtype {dtype}, commit {report.commit}")
     ops.run(report, dev, dtype, quick=args.quick, timer=lambda fn: timer(fn, min_time))
-    slug = "".join(ch if ch.isalnum() else "-" for ch in report.device).strip("-").lower()
-    paths = report.write(args.out, f"ops-{slug}-{str(dtype).split('.')[-1]}" + ("-graph" if args.graph else ""))
-    print(report.markdown())
-    print("wrote " + ", ".join(paths))
+    report.save(args.out, "ops", str(dtype).split(".")[-1], *(["graph"] if args.graph else []))
 
 
 if __name__ == "__main__":

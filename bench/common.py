@@ -107,6 +107,14 @@ class Report:
             paths.append(base + ".png")
         return paths
 
+    def save(self, out_dir: str, *name_parts: str) -> list:
+        """Write the report as ``<part>-<device>-<part>...`` files, print it, and return the paths."""
+        stem = "-".join([name_parts[0], slug(self.device), *name_parts[1:]])
+        paths = self.write(out_dir, stem)
+        print(self.markdown())
+        print("wrote " + ", ".join(paths))
+        return paths
+
     def markdown(self) -> str:
         copy = f", copy bandwidth {self.copy_gbps:.1f} GB/s" if self.copy_gbps else ""
         lines = [f"# hbkernels benchmark — {self.device}", "",
@@ -147,6 +155,11 @@ class Report:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         return True
+
+
+def slug(text: str) -> str:
+    """``text`` as a file-name part: alphanumerics kept, the rest dashes, lower case."""
+    return "".join(ch if ch.isalnum() else "-" for ch in text).strip("-").lower()
 
 
 def atomic_write(path: str, text: str) -> None:

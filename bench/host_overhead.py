@@ -64,10 +64,7 @@ def main(argv=None):
                 seconds = min(common.median_seconds(fn, 0.2) for _ in range(3))  # least disturbed of 3
                 report.add("host_overhead", label, impl, seconds)
                 print(f"{label} / {impl}: {seconds * 1e6:.1f} us")
-    slug = "".join(ch if ch.isalnum() else "-" for ch in report.device).strip("-").lower()
-    paths = report.write(args.out, f"host_overhead-{slug}")
-    print(report.markdown())
-    print("wrote " + ", ".join(paths))
+    report.save(args.out, "host_overhead")
 
 
 if __name__ == "__main__":

@@ -127,10 +127,7 @@ def main(argv=None):
     report = PipelineReport(device=common.device_name(dev))
     print(f"{report.device}: dtype {dtype}, commit {report.commit}")
     run(report, dev, dtype, FULL if on_gpu else REDUCED, args.repeats or (3 if on_gpu else 1))
-    slug = "".join(ch if ch.isalnum() else "-" for ch in report.device).strip("-").lower()
-    paths = report.write(args.out, f"pipeline-{slug}-{str(dtype).split('.')[-1]}")
-    print(report.markdown())
-    print("wrote " + ", ".join(paths))
+    report.save(args.out, "pipeline", str(dtype).split(".")[-1])
 
 
 if __name__ == "__main__":

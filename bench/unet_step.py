@@ -197,19 +197,14 @@ def main(argv=None):
         parser.error(f"--case {args.case!r} matches no case")
     run(report, dev, dtype, cases, args.compile,
         timer=lambda fn: common.median_seconds(fn, min_time), profiles=profiles)
-    slug = "".join(ch if ch.isalnum() else "-" for ch in report.device).strip("-").lower()
-    stem = f"unet_step-{slug}-{str(dtype).split('.')[-1]}"
-    if args.case:  # a filtered run must not overwrite the full one
-        stem += "-" + "".join(ch if ch.isalnum() else "-" for ch in args.case).strip("-").lower()
-    paths = report.write(args.out, stem)
+    # a filtered run must not overwrite the full one
+    parts = ["unet_step", str(dtype).split(".")[-1], *([common.slug(args.case)] if args.case else [])]
+    report.save(args.out, *parts)
     if profiles:
-        path = os.path.join(args.out, stem + "-profile.md")
+        path = os.path.join(args.out, "-".join([parts[0], common.slug(report.device), *parts[1:], "profile.md"]))
         common.atomic_write(path, f"# U-Net step kernel time — {report.device}, commit {report.commit}\n\n"
                             + "\n".join(profiles))
-        paths.append(path)
-    print(report.markdown())
-    print("wrote " + ", ".join(paths))
-
+        print(f"wrote {path}")
 
 if __name__ == "__main__":
     main()
