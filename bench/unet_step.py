@@ -74,14 +74,36 @@ KERNEL_FAMILIES = [
 ]
 
 
+def _short(kernel_name: str) -> str:
+    return re.sub(r"^void |at::native::|\(anonymous namespace\)::|c10::", "", kernel_name)[:120]
+
+
+def _callers(events, calls: int) -> list:
+    """[(ms/step, kernel, launching aten op with its input shapes)], costliest first: which PyTorch call
+    (and on what shapes) launched each kernel. Empty for graph replays, whose kernels no op launches."""
+    cost: dict = {}
+    for e in events:
+        if e.device_type != torch.autograd.DeviceType.CPU or not e.kernels:
+            continue
+        op = e
+        while op is not None and not op.name.startswith("aten::"):
+            op = op.cpu_parent
+        caller = f"{op.name} {op.input_shapes}"[:160] if op is not None else "(no aten op: Triton/custom)"
+        for k in e.kernels:
+            key = (_short(k.name), caller)
+            cost[key] = cost.get(key, 0.0) + k.duration / 1e3 / calls
+    return sorted(((ms, kernel, caller) for (kernel, caller), ms in cost.items()), reverse=True)[:12]
+
+
 def kernel_breakdown(fn, calls: int = 3) -> dict:
-    """Profile ``calls`` runs of ``fn``: per step, wall ms, kernel count, summed kernel ms, and
-    summed ms per kernel family (KERNEL_FAMILIES) with the three costliest kernel names of each."""
+    """Profile ``calls`` runs of ``fn``: per step, wall ms, kernel count, summed kernel ms, summed ms
+    per kernel family (KERNEL_FAMILIES) with the three costliest kernel names of each, and the
+    costliest (kernel, launching op + shapes) pairs."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
         start.record()
@@ -97,14 +119,15 @@ def kernel_breakdown(fn, calls: int = 3) -> dict:
         us = e.device_time if hasattr(e, "device_time") else e.cuda_time
         entry["ms"] += us / 1e3 / calls
         entry["count"] += 1
-        name = re.sub(r"^void |at::native::|\(anonymous namespace\)::|c10::", "", e.name)[:120]
+        name = _short(e.name)
         entry["top"][name] = entry["top"].get(name, 0.0) + us / 1e3 / calls
     for entry in families.values():
         entry["count"] //= calls
         entry["top"] = sorted(entry["top"].items(), key=lambda kv: -kv[1])[:3]
     return {"wall_ms": start.elapsed_time(end) / calls, "kernels": len(kernels) // calls,
             "kernel_ms": sum(f["ms"] for f in families.values()),
-            "families": dict(sorted(families.items(), key=lambda kv: -kv[1]["ms"]))}
+            "families": dict(sorted(families.items(), key=lambda kv: -kv[1]["ms"])),
+            "callers": _callers(prof.events(), calls)}
 
 
 def breakdown_markdown(label: str, impl: str, b: dict) -> str:
@@ -115,6 +138,9 @@ def breakdown_markdown(label: str, impl: str, b: dict) -> str:
     for family, f in b["families"].items():
         top = "; ".join(f"`{name}` {ms:.2f}" for name, ms in f["top"])
         lines.append(f"| {family} | {f['ms']:.2f} | {f['count']} | {top} |")
+    if b["callers"]:
+        lines += ["", "| ms/step | kernel | launched by (input shapes) |", "|---:|---|---|"]
+        lines += [f"| {ms:.2f} | `{kernel}` | `{caller}` |" for ms, kernel, caller in b["callers"]]
     return "\n".join(lines) + "\n"
 
 
