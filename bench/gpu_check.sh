@@ -8,6 +8,11 @@
 # step, so a run killed at its limit still returns what it finished.
 #
 #   bench/gpu_check.sh [LOG] [RESULTS] [TAR]     (defaults: gpu-check.log, bench/results, RESULTS.tar)
+#
+# STEPS picks and orders the steps (default: tests unet_step pipeline ops ops_graph host_overhead);
+# per-step limits: TESTS_LIMIT, UNET_LIMIT, PIPELINE_LIMIT, OPS_LIMIT, OPS_GRAPH_LIMIT; UNET_CASE
+# filters U-Net cases, OPS_ARGS=--quick shortens the op runs. E.g. after a U-Net change:
+#   STEPS="unet_step ops_graph tests" UNET_COMPILE= UNET_CASE=0.7b UNET_LIMIT=330 OPS_ARGS=--quick OPS_GRAPH_LIMIT=60 bench/gpu_check.sh
 set -u
 log=${1:-gpu-check.log}
 res=${2:-bench/results}
@@ -30,11 +35,21 @@ step() {
   python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 } >>"$log" 2>&1
 
-step tests "${TESTS_LIMIT:-110}" python -m pytest -q -p no:cacheprovider -n 8 tests/test_temporal_attention.py \
-    tests/test_group_norm.py tests/test_layout.py tests/test_geglu.py tests/test_nn.py tests/test_backend.py \
-    tests/test_compile.py tests/test_patch.py tests/test_unet.py tests/test_cuda_graph.py
-step unet_step "${UNET_LIMIT:-120}" python -m bench.unet_step --quick --profile ${UNET_COMPILE---no-compile} --out "$res"
-step pipeline "${PIPELINE_LIMIT:-80}" python -m bench.pipeline --repeats 1 --out "$res"
-step ops "${OPS_LIMIT:-200}" python -m bench ${OPS_ARGS:-} --out "$res"
-step ops_graph "${OPS_GRAPH_LIMIT:-200}" python -m bench --graph ${OPS_ARGS:-} --out "$res"
-step host_overhead 30 python -m bench.host_overhead --out "$res"
+run_step() {
+    case $1 in
+    tests) step tests "${TESTS_LIMIT:-110}" python -m pytest -q -p no:cacheprovider -n 8 tests/test_temporal_attention.py \
+        tests/test_group_norm.py tests/test_layout.py tests/test_geglu.py tests/test_nn.py tests/test_backend.py \
+        tests/test_compile.py tests/test_patch.py tests/test_unet.py tests/test_cuda_graph.py ;;
+    unet_step) step unet_step "${UNET_LIMIT:-120}" python -m bench.unet_step --quick --profile ${UNET_COMPILE---no-compile} \
+        ${UNET_CASE:+--case "$UNET_CASE"} --out "$res" ;;
+    pipeline) step pipeline "${PIPELINE_LIMIT:-80}" python -m bench.pipeline --repeats 1 --out "$res" ;;
+    ops) step ops "${OPS_LIMIT:-200}" python -m bench ${OPS_ARGS:-} --out "$res" ;;
+    ops_graph) step ops_graph "${OPS_GRAPH_LIMIT:-200}" python -m bench --graph ${OPS_ARGS:-} --out "$res" ;;
+    host_overhead) step host_overhead 30 python -m bench.host_overhead --out "$res" ;;
+    *) echo "unknown step $1" | tee -a "$log" ;;
+    esac
+}
+
+for name in ${STEPS:-tests unet_step pipeline ops ops_graph host_overhead}; do
+    run_step "$name"
+done
