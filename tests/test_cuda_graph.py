@@ -66,4 +66,7 @@ def test_channels_last_switch_recaptures():
     pipe.enable_cuda_graph()
     graphed = pipe("a cat", **kwargs).frames
     pipe.enable_channels_last()  # moves the conv weights: replaying the old graph would read freed memory
-    torch.testing.assert_close(pipe("a cat", **kwargs).frames, graphed, atol=2e-5, rtol=0)
+    again = pipe("a cat", **kwargs).frames
+    assert len(pipe._graphed_unet._graphs) == 2  # recaptured for the new weights
+    # other cuDNN algorithms (TF32 by default) for the NHWC convolutions: not bitwise
+    torch.testing.assert_close(again, graphed, atol=1e-3, rtol=0)
