@@ -224,10 +224,9 @@ def main(argv=None):
     run(report, dev, dtype, cases, args.compile,
         timer=lambda fn: common.median_seconds(fn, min_time), profiles=profiles)
     # a filtered run must not overwrite the full one
-    parts = ["unet_step", str(dtype).split(".")[-1], *([common.slug(args.case)] if args.case else [])]
-    report.save(args.out, *parts)
+    paths = report.save(args.out, "unet_step", str(dtype).split(".")[-1], *([common.slug(args.case)] if args.case else []))
     if profiles:
-        path = os.path.join(args.out, "-".join([parts[0], common.slug(report.device), *parts[1:], "profile.md"]))
+        path = paths[0].removesuffix(".json") + "-profile.md"  # beside the report, same stem
         common.atomic_write(path, f"# U-Net step kernel time — {report.device}, commit {report.commit}\n\n"
                             + "\n".join(profiles))
         print(f"wrote {path}")

@@ -23,19 +23,19 @@ class TemporalAttentionFunction(torch.autograd.Function):
         # Per-row softmax statistics (N, H, T, ATTN_ROW_STATS), in the backend's own units; only its
         # backward reads them.
         impl = backend.primitives(backend_name)
-        lse = backend.empty((n, h, t, impl.ATTN_ROW_STATS), dtype=torch.float32, device=q.device)
-        impl.attn_fwd(q, k, v, out, lse, scale, causal)
-        ctx.save_for_backward(q, k, v, out, lse)
+        stats = backend.empty((n, h, t, impl.ATTN_ROW_STATS), dtype=torch.float32, device=q.device)
+        impl.attn_fwd(q, k, v, out, stats, scale, causal)
+        ctx.save_for_backward(q, k, v, out, stats)
         ctx.scale, ctx.causal, ctx.backend_name = scale, causal, backend_name
         return out
 
     @staticmethod
     @once_differentiable  # kernel gradients: a double backward must raise, not silently drop terms
     def backward(ctx, grad_out):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, stats = ctx.saved_tensors
         grad_out = _last_dim_contiguous(grad_out)
         dq, dk, dv = (backend.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
-        backend.primitives(ctx.backend_name).attn_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, ctx.scale, ctx.causal)
+        backend.primitives(ctx.backend_name).attn_bwd(grad_out, q, k, v, out, stats, dq, dk, dv, ctx.scale, ctx.causal)
         return dq, dk, dv, None, None, None
 
 

@@ -114,17 +114,13 @@ def _gn_stats_kernel(
         m2 += delta * (x - mean)  # 0 where masked: delta is
     # Chan-merge the lanes (a lane that saw nothing has cnt = mean = M2 = 0 and adds nothing)
     total = tl.sum(cnt, axis=0)
-    lane_w = cnt * tl.div_rn(1.0, total)
-    chunk_mean = tl.sum(mean * lane_w[None, :], axis=1)
+    chunk_mean = tl.sum(mean * (cnt * tl.div_rn(1.0, total))[None, :], axis=1)
     d = mean - chunk_mean[:, None]
-    m2 = tl.sum(m2 + d * d * cnt[None, :], axis=1)
-    mean = chunk_mean
-    cnt = total
     out = (n.to(tl.int64) * C + cc) * n_chunks + chunk
-    tl.store(pmean_ptr + out, mean, mask=cmask)
-    tl.store(pm2_ptr + out, m2, mask=cmask)
+    tl.store(pmean_ptr + out, chunk_mean, mask=cmask)
+    tl.store(pm2_ptr + out, tl.sum(m2 + d * d * cnt[None, :], axis=1), mask=cmask)
     # the count is the same for every (n, channel block); one program records it
-    tl.store(pcnt_ptr + chunk, cnt, mask=(n == 0) & (pid_c == 0))
+    tl.store(pcnt_ptr + chunk, total, mask=(n == 0) & (pid_c == 0))
 
 
 @triton.jit
