@@ -8,6 +8,7 @@ GPU memory, for several ways of running the same model:
   (:class:`hummingbird.cuda_graph.CUDAGraphCall`, what ``HummingbirdPipeline.enable_cuda_graph`` uses),
   which takes the per-kernel launch cost out
 - ``..., channels-last``: the same after ``model.enable_channels_last()``
+- ``..., GN 1-launch`` (GPU): with the one-launch Triton GroupNorm forward
 
 GPU: the real hummingbird-0.7b (26 frames, batch 1: guidance is distilled in) and videocrafter2
 (16 frames, batch 2: the classifier-free-guidance pair) at 320x512 (40x64 latents) in fp16.
@@ -159,7 +160,8 @@ def implementations(model, step, dev, compile_too):
     """(row name, backend for use_backend or None for automatic, callable) for one model state."""
     impls = [("eager", "torch", step), ("hbkernels", None, step)]
     if dev.type == "cuda":  # one graph per backend: each captures the kernels its backend launches
-        impls += [("eager + CUDA graph", "torch", CUDAGraphCall(step)), ("hbkernels + CUDA graph", None, CUDAGraphCall(step))]
+        impls += [("eager + CUDA graph", "torch", CUDAGraphCall(step)), ("hbkernels + CUDA graph", None, CUDAGraphCall(step)),
+                  ("hbkernels + CUDA graph, GN 1-launch", None, common.with_gn_single_launch(CUDAGraphCall(step)))]
     if compile_too:  # compiled after the layout switch: inductor specialises on the weights' strides
         # One wrapper, two graphs: the backend choice is guarded, so each backend compiles its own
         # (hbkernels' kernels stay opaque custom ops; inductor fuses the rest around them).

@@ -9,6 +9,10 @@ forward  1. _gn_stats:    grid (N * chunks, C blocks). Each program walks the [B
          2. _gn_finalize: grid (N * G). Merges the C/G * chunks partials of one group
                           (mean = sum n_i mu_i / n, M2 = sum M2_i + n_i (mu_i - mu)^2), writes mean, rstd.
          3. _gn_apply:    grid (N * T * S blocks, C blocks). y = (x - mean) * rstd * w + b (+ SiLU).
+         or all three in one launch (_gn_fwd_single, SINGLE_LAUNCH): statistics units and apply units
+                          of the same tiles in one grid, scheduled so that the apply pass re-reads x
+                          from L2 (DRAM traffic: x once + y once instead of x twice + y, and one launch
+                          instead of three).
 backward 1. _gn_bwd_partials: same grid as stats; per channel and chunk, sum dz * xhat and sum dz, with
                           dz = dy or dy * silu'(z), z recomputed from x.
          2. _gn_bwd_finalize: per group c1 = mean(dz * w), c2 = mean(dz * w * xhat).
@@ -19,7 +23,7 @@ Channel blocks are not aligned to groups (statistics are per channel, merged per
 a tile can be 64 channels wide: with channels-last or token-layout tensors (unit channel stride) every
 access is a full 128-byte line, while a group alone is only C/G (e.g. 10) channels = 20 bytes.
 
-Memory traffic: forward reads x twice and writes y once; the fused SiLU saves the separate activation
+Memory traffic: forward reads x twice (once from L2 in one launch) and writes y once; the fused SiLU saves the separate activation
 pass (one read + one write), and writing y straight into the token layout saves the permute copy (one
 more read + write). Backward reads dy and x twice and writes dx once.
 """
@@ -32,6 +36,12 @@ from hbkernels.triton.layout import INTERPRETED, cdiv, merge_ts, next_pow2, stri
 _GPU_STATS_PROGRAMS = 2048  # enough resident programs to keep an H100's loads in flight
 _INTERP_CHUNKS = 3  # a few programs per (n, channel block) under TRITON_INTERPRET (still exercises merging)
 _FINAL_BLOCK = 1024
+# Forward in one launch (statistics and normalisation, the second read of x served from L2); off until
+# measured on a GPU against the three-launch path: `python -m bench --graph --quick` times both.
+SINGLE_LAUNCH = False
+# input bytes read between a tile's statistics pass and its normalisation: well inside an H100's 50 MB
+# L2 with the outputs written meanwhile
+SINGLE_LAUNCH_LAG_BYTES = 16 << 20
 
 
 def _chunking(n: int, n_cb: int, n_tiles: int):
@@ -78,26 +88,14 @@ def _tile_origin(pid_tile, n_sb, BLOCK_S: tl.constexpr):
 
 
 @triton.jit
-def _gn_stats_kernel(
-    x_ptr, pmean_ptr, pm2_ptr, pcnt_ptr,
-    C, T, S, n_sb, n_tiles, tiles_per_chunk, n_chunks,
-    sxn, sxc, sxt, sxs,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    n = pid // n_chunks
-    chunk = pid - n * n_chunks
-    pid_c = tl.program_id(1)
-    cc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cc < C
+def _chunk_moments(x_n, cc, cmask, first, last, S, n_sb, sxc, sxt, sxs, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Per-channel (mean, M2) of tiles [first, last) of one n's (t, s) plane, for channels cc.
+
+    Welford per lane: each element of the tile updates its own lane's (mean, M2) in registers, so
+    the loop needs no cross-thread reduction. A per-tile reduction over S goes through shared memory
+    when the tile's threads run along C (channels-last); the per-tile two-pass version ran 3.6x
+    longer on channels-last than on NCHW tensors in an H200 U-Net step."""
     ar = tl.arange(0, BLOCK_S)
-    x_n = x_ptr + n.to(tl.int64) * sxn
-    first = chunk * tiles_per_chunk
-    last = tl.minimum(first + tiles_per_chunk, n_tiles)
-    # Welford per lane: each element of the tile updates its own lane's (mean, M2) in registers, so
-    # the loop needs no cross-thread reduction. A per-tile reduction over S goes through shared memory
-    # when the tile's threads run along C (channels-last); the per-tile two-pass version ran 3.6x
-    # longer on channels-last than on NCHW tensors in an H200 U-Net step.
     cnt = tl.zeros([BLOCK_S], dtype=tl.float32)  # elements seen per S lane (the same for every channel)
     mean = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
@@ -116,44 +114,104 @@ def _gn_stats_kernel(
     total = tl.sum(cnt, axis=0)
     chunk_mean = tl.sum(mean * (cnt * tl.div_rn(1.0, total))[None, :], axis=1)
     d = mean - chunk_mean[:, None]
-    out = (n.to(tl.int64) * C + cc) * n_chunks + chunk
-    tl.store(pmean_ptr + out, chunk_mean, mask=cmask)
-    tl.store(pm2_ptr + out, tl.sum(m2 + d * d * cnt[None, :], axis=1), mask=cmask)
-    # the count is the same for every (n, channel block); one program records it
-    tl.store(pcnt_ptr + chunk, total, mask=(n == 0) & (pid_c == 0))
+    return chunk_mean, tl.sum(m2 + d * d * cnt[None, :], axis=1)
 
 
 @triton.jit
-def _gn_finalize_kernel(
-    pmean_ptr, pm2_ptr, pcnt_ptr, mean_ptr, rstd_ptr,
-    G, cpg, n_chunks, group_numel, eps, smn, smg, srn, srg,
-    BLOCK: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    n = pid // G
-    g = pid - n * G
-    base = pid.to(tl.int64) * cpg * n_chunks  # (n, g*cpg, 0) of the (N, C, chunks) buffers
+def _chunk_count(chunk, tiles_per_chunk, n_tiles, n_sb, S, BLOCK_S: tl.constexpr):
+    """Elements per channel in chunk(s) ``chunk``: BLOCK_S per tile, less the ragged end of each
+    t-row's last s-block (tiles i with (i + 1) % n_sb == 0)."""
+    first = chunk * tiles_per_chunk
+    last = tl.minimum(first + tiles_per_chunk, n_tiles)
+    ragged = last // n_sb - first // n_sb
+    return ((last - first) * BLOCK_S - ragged * (n_sb * BLOCK_S - S)).to(tl.float32)
+
+
+@triton.jit
+def _group_moments(pmean_ptr, pm2_ptr, base, cpg, n_chunks, tiles_per_chunk, n_tiles, n_sb, S, group_numel, eps,
+                   BLOCK_S: tl.constexpr, BLOCK: tl.constexpr, VOLATILE: tl.constexpr):
+    """(mean, rstd) of one group from its cpg * n_chunks partials at ``base`` of the (N, C, chunks)
+    buffers: mean = sum n_i mu_i / n, M2 = sum M2_i + n_i (mu_i - mu)^2. VOLATILE reads partials
+    that other programs of the same launch wrote (no stale L1 lines)."""
     length = cpg * n_chunks
     ar = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for r0 in range(0, length, BLOCK):
         idx = r0 + ar
         m = idx < length
-        cnt = tl.load(pcnt_ptr + idx % n_chunks, mask=m, other=0.0)
-        mu = tl.load(pmean_ptr + base + idx, mask=m, other=0.0)
-        acc += cnt * mu
+        cnt = tl.where(m, _chunk_count(idx % n_chunks, tiles_per_chunk, n_tiles, n_sb, S, BLOCK_S), 0.0)
+        acc += cnt * tl.load(pmean_ptr + base + idx, mask=m, other=0.0, volatile=VOLATILE)
     mean = tl.div_rn(tl.sum(acc, axis=0), group_numel)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for r0 in range(0, length, BLOCK):
         idx = r0 + ar
         m = idx < length
-        cnt = tl.load(pcnt_ptr + idx % n_chunks, mask=m, other=0.0)
-        mu = tl.load(pmean_ptr + base + idx, mask=m, other=0.0)
-        m2 = tl.load(pm2_ptr + base + idx, mask=m, other=0.0)
+        cnt = tl.where(m, _chunk_count(idx % n_chunks, tiles_per_chunk, n_tiles, n_sb, S, BLOCK_S), 0.0)
+        mu = tl.load(pmean_ptr + base + idx, mask=m, other=0.0, volatile=VOLATILE)
+        m2 = tl.load(pm2_ptr + base + idx, mask=m, other=0.0, volatile=VOLATILE)
         d = mu - mean
         acc += m2 + cnt * d * d
     var = tl.div_rn(tl.sum(acc, axis=0), group_numel)
-    rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+    return mean, tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+
+
+@triton.jit
+def _channel_bias(b_ptr, cc, cmask, sb_, HAS_B: tl.constexpr, BLOCK_C: tl.constexpr):
+    if HAS_B:
+        return tl.load(b_ptr + cc * sb_, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        return tl.zeros([BLOCK_C], dtype=tl.float32)
+
+
+@triton.jit
+def _apply_tile(x_ptr, y_ptr, n64, t64, cc, ss, mask, mu, a, b,
+                sxn, sxc, sxt, sxs, syn, syc, syt, sys,
+                HAS_B: tl.constexpr, SILU: tl.constexpr, PRECISE: tl.constexpr):
+    """y = (x - mu) * a (+ b) (then SiLU) on one tile; mu, a, b: per-channel vectors."""
+    x = tl.load(x_ptr + (n64 * sxn + t64 * sxt) + cc[:, None] * sxc + ss[None, :] * sxs,
+                mask=mask, other=0.0).to(tl.float32)
+    y = (x - mu[:, None]) * a[:, None]
+    if HAS_B:
+        y += b[:, None]
+    if SILU:
+        y = y * _sigmoid_parts(y, PRECISE)[0]
+    tl.store(y_ptr + (n64 * syn + t64 * syt) + cc[:, None] * syc + ss[None, :] * sys,
+             y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gn_stats_kernel(
+    x_ptr, pmean_ptr, pm2_ptr,
+    C, T, S, n_sb, n_tiles, tiles_per_chunk, n_chunks,
+    sxn, sxc, sxt, sxs,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n = pid // n_chunks
+    chunk = pid - n * n_chunks
+    cc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cc < C
+    first = chunk * tiles_per_chunk
+    last = tl.minimum(first + tiles_per_chunk, n_tiles)
+    chunk_mean, chunk_m2 = _chunk_moments(x_ptr + n.to(tl.int64) * sxn, cc, cmask, first, last, S, n_sb,
+                                          sxc, sxt, sxs, BLOCK_C, BLOCK_S)
+    out = (n.to(tl.int64) * C + cc) * n_chunks + chunk
+    tl.store(pmean_ptr + out, chunk_mean, mask=cmask)
+    tl.store(pm2_ptr + out, chunk_m2, mask=cmask)
+
+
+@triton.jit
+def _gn_finalize_kernel(
+    pmean_ptr, pm2_ptr, mean_ptr, rstd_ptr,
+    G, cpg, n_chunks, tiles_per_chunk, n_tiles, n_sb, S, group_numel, eps, smn, smg, srn, srg,
+    BLOCK_S: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n = pid // G
+    g = pid - n * G
+    base = pid.to(tl.int64) * cpg * n_chunks  # (n, g*cpg, 0) of the (N, C, chunks) buffers
+    mean, rstd = _group_moments(pmean_ptr, pm2_ptr, base, cpg, n_chunks, tiles_per_chunk, n_tiles, n_sb, S,
+                                group_numel, eps, BLOCK_S, BLOCK, False)
     tl.store(mean_ptr + n * smn + g * smg, mean)
     tl.store(rstd_ptr + n * srn + g * srg, rstd)
 
@@ -173,23 +231,88 @@ def _gn_apply_kernel(
     cc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     ss = s0 + tl.arange(0, BLOCK_S)
     cmask = cc < C
-    mask = cmask[:, None] & (ss < S)[None, :]
     g = cc // cpg
     mu = tl.load(mean_ptr + n * smn + g * smg, mask=cmask, other=0.0)
     a = tl.load(rstd_ptr + n * srn + g * srg, mask=cmask, other=0.0)
     if HAS_W:
         a *= tl.load(w_ptr + cc * sw, mask=cmask, other=0.0).to(tl.float32)
+    b = _channel_bias(b_ptr, cc, cmask, sb_, HAS_B, BLOCK_C)
+    _apply_tile(x_ptr, y_ptr, n.to(tl.int64), t.to(tl.int64), cc, ss, cmask[:, None] & (ss < S)[None, :], mu, a, b,
+                sxn, sxc, sxt, sxs, syn, syc, syt, sys, HAS_B, SILU, PRECISE)
+
+
+@triton.jit
+def _gn_fwd_single_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr, ticket_ptr, arrive_ptr, ready_ptr,
+    C, G, cpg, T, S, n_sb, n_cb, n_tiles, tiles_per_chunk, n_chunks, n_units, lag, group_numel, eps,
+    sw, sb_, smn, smg, srn, srg, sxn, sxc, sxt, sxs, syn, syc, syt, sys,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, PRECISE: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, FINAL_BLOCK: tl.constexpr,
+):
+    """The whole forward in one launch of 2 * n_units programs; a unit = one chunk of tiles of one
+    (n, channel block). Statistics units merge their group when they arrive last; apply units wait
+    for their groups, then re-read tiles that a statistics unit read ``lag`` units earlier, so the
+    second read of x comes from L2 instead of DRAM (x read once + y written once, not x twice + y).
+
+    ticket_ptr, arrive_ptr (N, G), ready_ptr (N, G): zeroed int32 counters and flags.
+    Programs take tickets in the order they start; the schedule runs statistics unit u + lag before
+    apply unit u, and an apply unit only waits on lower tickets, which are running or done and never
+    wait themselves: no deadlock however many programs are resident (as in decoupled look-back scans).
+    """
+    ticket = tl.atomic_add(ticket_ptr, 1, sem="relaxed")
+    # schedule: stats 0 .. lag-1, then apply u / stats u + lag alternating, then the last applies
+    m = ticket - lag
+    pairs = n_units - lag
+    paired = (m >= 0) & (m < 2 * pairs)
+    is_stats = (m < 0) | (paired & (m % 2 == 1))
+    unit = tl.where(m < 0, ticket, tl.where(paired, tl.where(m % 2 == 1, lag + m // 2, m // 2), m - pairs))
+    n = unit // (n_cb * n_chunks)
+    rest = unit - n * (n_cb * n_chunks)
+    cb = rest // n_chunks
+    chunk = rest - cb * n_chunks
+    cc = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cc < C
     n64 = n.to(tl.int64)
-    t64 = t.to(tl.int64)
-    x = tl.load(x_ptr + (n64 * sxn + t64 * sxt) + cc[:, None] * sxc + ss[None, :] * sxs,
-                mask=mask, other=0.0).to(tl.float32)
-    y = (x - mu[:, None]) * a[:, None]
-    if HAS_B:
-        y += tl.load(b_ptr + cc * sb_, mask=cmask, other=0.0).to(tl.float32)[:, None]
-    if SILU:
-        y = y * _sigmoid_parts(y, PRECISE)[0]
-    tl.store(y_ptr + (n64 * syn + t64 * syt) + cc[:, None] * syc + ss[None, :] * sys,
-             y.to(y_ptr.dtype.element_ty), mask=mask)
+    first = chunk * tiles_per_chunk
+    last = tl.minimum(first + tiles_per_chunk, n_tiles)
+    g_lo = (cb * BLOCK_C) // cpg
+    g_hi = (tl.minimum(cb * BLOCK_C + BLOCK_C, C) - 1) // cpg
+    arrive_ptr += n * G
+    ready_ptr += n * G
+    if is_stats:
+        chunk_mean, chunk_m2 = _chunk_moments(x_ptr + n64 * sxn, cc, cmask, first, last, S, n_sb,
+                                              sxc, sxt, sxs, BLOCK_C, BLOCK_S)
+        out = (n64 * C + cc) * n_chunks + chunk
+        tl.store(pmean_ptr + out, chunk_mean, mask=cmask)
+        tl.store(pm2_ptr + out, chunk_m2, mask=cmask)
+        tl.debug_barrier()  # every thread's partials precede the release below
+        for g in range(g_lo, g_hi + 1):
+            cbs = (g * cpg + cpg - 1) // BLOCK_C - (g * cpg) // BLOCK_C + 1  # channel blocks the group spans
+            if tl.atomic_add(arrive_ptr + g, 1, sem="acq_rel") == cbs * n_chunks - 1:  # the group's last unit
+                mean, rstd = _group_moments(pmean_ptr, pm2_ptr, (n64 * C + g * cpg) * n_chunks, cpg, n_chunks,
+                                            tiles_per_chunk, n_tiles, n_sb, S, group_numel, eps,
+                                            BLOCK_S, FINAL_BLOCK, True)
+                tl.store(mean_ptr + n * smn + g * smg, mean)
+                tl.store(rstd_ptr + n * srn + g * srg, rstd)
+                tl.debug_barrier()
+                tl.atomic_xchg(ready_ptr + g, 1, sem="release")
+    else:
+        for g in range(g_lo, g_hi + 1):
+            while tl.atomic_add(ready_ptr + g, 0, sem="acquire") == 0:
+                pass
+        tl.debug_barrier()
+        gc = cc // cpg
+        mu = tl.load(mean_ptr + n * smn + gc * smg, mask=cmask, other=0.0, volatile=True)
+        a = tl.load(rstd_ptr + n * srn + gc * srg, mask=cmask, other=0.0, volatile=True)
+        if HAS_W:
+            a *= tl.load(w_ptr + cc * sw, mask=cmask, other=0.0).to(tl.float32)
+        b = _channel_bias(b_ptr, cc, cmask, sb_, HAS_B, BLOCK_C)
+        ar = tl.arange(0, BLOCK_S)
+        for i in range(first, last):
+            t, s0 = _tile_origin(i, n_sb, BLOCK_S)
+            ss = s0 + ar
+            _apply_tile(x_ptr, y_ptr, n64, t.to(tl.int64), cc, ss, cmask[:, None] & (ss < S)[None, :], mu, a, b,
+                        sxn, sxc, sxt, sxs, syn, syc, syt, sys, HAS_B, SILU, PRECISE)
 
 
 @triton.jit
@@ -337,38 +460,60 @@ def gn_fwd(x, weight, bias, y, mean, rstd, num_groups: int, eps: float, silu: bo
     n_sb = cdiv(s2, block_s)
     n_cb = cdiv(c, block_c)
     n_tiles = t2 * n_sb
+    w, sw = _vec_or_dummy(weight, mean)
+    b, sb_ = _vec_or_dummy(bias, mean)
+    ms = (mean.stride(0), mean.stride(1), rstd.stride(0), rstd.stride(1))
+    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, SILU=bool(silu), PRECISE=x.dtype == torch.float32)
+    dev = x.device
+    if SINGLE_LAUNCH:
+        per, n_chunks = _chunking(n, n_cb, n_tiles)
+        n_units = n * n_cb * n_chunks
+        pmean = torch.empty((n, c, n_chunks), dtype=torch.float32, device=dev)
+        pm2 = torch.empty((n, c, n_chunks), dtype=torch.float32, device=dev)
+        sync = torch.zeros(1 + 2 * n * num_groups, dtype=torch.int32, device=dev)
+        unit_bytes = per * block_c * block_s * x.element_size()
+        lag = min(n_units, max(_min_lag(c, cpg, block_c, n_chunks), SINGLE_LAUNCH_LAG_BYTES // unit_bytes))
+        _gn_fwd_single_kernel[(2 * n_units,)](
+            x, w, b, y, mean, rstd, pmean, pm2, sync, sync[1:], sync[1 + n * num_groups:],
+            c, num_groups, cpg, t2, s2, n_sb, n_cb, n_tiles, per, n_chunks, n_units, lag,
+            float(cpg * t * s), float(eps), sw, sb_, *ms, *xs, *ys, **flags,
+            BLOCK_C=block_c, BLOCK_S=block_s, FINAL_BLOCK=min(next_pow2(cpg * n_chunks), _FINAL_BLOCK),
+            num_warps=warps_for(block_c * block_s),
+        )
+        return
     # the (t, s) reduction only needs x's strides; merge them independently of y's
     t3, s3, (xs3,) = merge_ts([strides4(x)], t, s)
     bc3, bs3 = tile_shape(c, s3, (xs3,))
     n_sb3 = cdiv(s3, bs3)
     n_cb3 = cdiv(c, bc3)
     per, n_chunks = _chunking(n, n_cb3, t3 * n_sb3)
-    dev = x.device
     pmean = torch.empty((n, c, n_chunks), dtype=torch.float32, device=dev)
     pm2 = torch.empty((n, c, n_chunks), dtype=torch.float32, device=dev)
-    pcnt = torch.empty((n_chunks,), dtype=torch.float32, device=dev)
     _gn_stats_kernel[(n * n_chunks, n_cb3)](
-        x, pmean, pm2, pcnt,
+        x, pmean, pm2,
         c, t3, s3, n_sb3, t3 * n_sb3, per, n_chunks, *xs3,
         BLOCK_C=bc3, BLOCK_S=bs3, num_warps=warps_for(bc3 * bs3),
     )
-    block = min(next_pow2(cpg * n_chunks), _FINAL_BLOCK)
     _gn_finalize_kernel[(n * num_groups,)](
-        pmean, pm2, pcnt, mean, rstd,
-        num_groups, cpg, n_chunks, float(cpg * t * s), float(eps),
-        mean.stride(0), mean.stride(1), rstd.stride(0), rstd.stride(1),
-        BLOCK=block, num_warps=4,
+        pmean, pm2, mean, rstd,
+        num_groups, cpg, n_chunks, per, t3 * n_sb3, n_sb3, s3, float(cpg * t * s), float(eps), *ms,
+        BLOCK_S=bs3, BLOCK=min(next_pow2(cpg * n_chunks), _FINAL_BLOCK), num_warps=4,
     )
-    w, sw = _vec_or_dummy(weight, mean)
-    b, sb_ = _vec_or_dummy(bias, mean)
     _gn_apply_kernel[(n * n_tiles, n_cb)](
         x, w, b, y, mean, rstd,
-        c, t2, s2, n_sb, cpg, sw, sb_,
-        mean.stride(0), mean.stride(1), rstd.stride(0), rstd.stride(1),
-        *xs, *ys,
-        HAS_W=weight is not None, HAS_B=bias is not None, SILU=bool(silu), PRECISE=x.dtype == torch.float32,
+        c, t2, s2, n_sb, cpg, sw, sb_, *ms, *xs, *ys, **flags,
         BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps_for(block_c * block_s),
     )
+
+
+def _min_lag(c: int, cpg: int, block_c: int, n_chunks: int) -> int:
+    """The smallest schedule lag (in units) at which every apply unit waits only on statistics units
+    with lower tickets: the statistics of the furthest channel block its groups reach, all chunks."""
+    reach = 0
+    for cb in range(cdiv(c, block_c)):
+        g_hi = (min(cb * block_c + block_c, c) - 1) // cpg
+        reach = max(reach, (g_hi * cpg + cpg - 1) // block_c - cb)
+    return (reach + 1) * n_chunks
 
 
 def gn_bwd(dy, x, weight, bias, mean, rstd, dx, dweight, dbias, num_groups: int, silu: bool) -> None:
