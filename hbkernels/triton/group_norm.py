@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hbkernels.triton.layout import INTERPRETED, cdiv, merge_ts, next_pow2, strides4, tile_shape, warps_for
+from hbkernels.triton.layout import _TILE, INTERPRETED, cdiv, merge_ts, next_pow2, strides4, tile_shape, warps_for
 
 _GPU_STATS_PROGRAMS = 2048  # enough resident programs to keep an H100's loads in flight
 _INTERP_CHUNKS = 3  # a few programs per (n, channel block) under TRITON_INTERPRET (still exercises merging)
@@ -129,10 +129,9 @@ def _chunk_count(chunk, tiles_per_chunk, n_tiles, n_sb, S, BLOCK_S: tl.constexpr
 
 @triton.jit
 def _group_moments(pmean_ptr, pm2_ptr, base, cpg, n_chunks, tiles_per_chunk, n_tiles, n_sb, S, group_numel, eps,
-                   BLOCK_S: tl.constexpr, BLOCK: tl.constexpr, VOLATILE: tl.constexpr):
+                   BLOCK_S: tl.constexpr, BLOCK: tl.constexpr):
     """(mean, rstd) of one group from its cpg * n_chunks partials at ``base`` of the (N, C, chunks)
-    buffers: mean = sum n_i mu_i / n, M2 = sum M2_i + n_i (mu_i - mu)^2. VOLATILE reads partials
-    that other programs of the same launch wrote (no stale L1 lines)."""
+    buffers: mean = sum n_i mu_i / n, M2 = sum M2_i + n_i (mu_i - mu)^2."""
     length = cpg * n_chunks
     ar = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -140,15 +139,15 @@ def _group_moments(pmean_ptr, pm2_ptr, base, cpg, n_chunks, tiles_per_chunk, n_t
         idx = r0 + ar
         m = idx < length
         cnt = tl.where(m, _chunk_count(idx % n_chunks, tiles_per_chunk, n_tiles, n_sb, S, BLOCK_S), 0.0)
-        acc += cnt * tl.load(pmean_ptr + base + idx, mask=m, other=0.0, volatile=VOLATILE)
+        acc += cnt * tl.load(pmean_ptr + base + idx, mask=m, other=0.0)
     mean = tl.div_rn(tl.sum(acc, axis=0), group_numel)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for r0 in range(0, length, BLOCK):
         idx = r0 + ar
         m = idx < length
         cnt = tl.where(m, _chunk_count(idx % n_chunks, tiles_per_chunk, n_tiles, n_sb, S, BLOCK_S), 0.0)
-        mu = tl.load(pmean_ptr + base + idx, mask=m, other=0.0, volatile=VOLATILE)
-        m2 = tl.load(pm2_ptr + base + idx, mask=m, other=0.0, volatile=VOLATILE)
+        mu = tl.load(pmean_ptr + base + idx, mask=m, other=0.0)
+        m2 = tl.load(pm2_ptr + base + idx, mask=m, other=0.0)
         d = mu - mean
         acc += m2 + cnt * d * d
     var = tl.div_rn(tl.sum(acc, axis=0), group_numel)
@@ -211,7 +210,7 @@ def _gn_finalize_kernel(
     g = pid - n * G
     base = pid.to(tl.int64) * cpg * n_chunks  # (n, g*cpg, 0) of the (N, C, chunks) buffers
     mean, rstd = _group_moments(pmean_ptr, pm2_ptr, base, cpg, n_chunks, tiles_per_chunk, n_tiles, n_sb, S,
-                                group_numel, eps, BLOCK_S, BLOCK, False)
+                                group_numel, eps, BLOCK_S, BLOCK)
     tl.store(mean_ptr + n * smn + g * smg, mean)
     tl.store(rstd_ptr + n * srn + g * srg, rstd)
 
@@ -242,19 +241,55 @@ def _gn_apply_kernel(
 
 
 @triton.jit
+def _merge_chunks(pmean_ptr, pm2_ptr, rows, cmask, n_chunks, tiles_per_chunk, n_tiles, n_sb, S,
+                  BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Per-channel (mean, M2) over all chunks of the partials at ``rows`` (channel offsets into the
+    (N, C, chunks) buffers), vectorised over channels: one pass, Chan-merging blocks of BLOCK_K chunks.
+    Reads partials other programs of the launch wrote (volatile: no stale L1 lines)."""
+    kk = tl.arange(0, BLOCK_K)
+    cnt_a = tl.full([], 0.0, dtype=tl.float32)
+    mean_a = tl.zeros([BLOCK_C], dtype=tl.float32)
+    m2_a = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for k0 in range(0, n_chunks, BLOCK_K):
+        k = k0 + kk
+        km = k < n_chunks
+        cnt = tl.where(km, _chunk_count(k, tiles_per_chunk, n_tiles, n_sb, S, BLOCK_S), 0.0)
+        m = cmask[:, None] & km[None, :]
+        mu = tl.load(pmean_ptr + rows[:, None] + k[None, :], mask=m, other=0.0, volatile=True)
+        m2 = tl.load(pm2_ptr + rows[:, None] + k[None, :], mask=m, other=0.0, volatile=True)
+        cnt_b = tl.sum(cnt, axis=0)
+        mean_b = tl.sum(mu * cnt[None, :], axis=1) * tl.div_rn(1.0, cnt_b)
+        d = mu - mean_b[:, None]
+        m2_b = tl.sum(m2 + cnt[None, :] * d * d, axis=1)  # masked chunks: cnt = M2 = 0
+        tot = cnt_a + cnt_b
+        delta = mean_b - mean_a
+        mean_a += delta * tl.div_rn(cnt_b, tot)
+        m2_a += m2_b + delta * delta * tl.div_rn(cnt_a * cnt_b, tot)
+        cnt_a = tot
+    return mean_a, m2_a
+
+
+@triton.jit
 def _gn_fwd_single_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr, ticket_ptr, arrive_ptr, ready_ptr,
-    C, G, cpg, T, S, n_sb, n_cb, n_tiles, tiles_per_chunk, n_chunks, n_units, lag, group_numel, eps,
-    sw, sb_, smn, smg, srn, srg, sxn, sxc, sxt, sxs, syn, syc, syt, sys,
+    x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr, cmean_ptr, cm2_ptr,
+    ticket_ptr, cb_done_ptr, group_done_ptr, ready_ptr,
+    C, G, cpg, T, S, n_sb, n_cb, n_tiles, tiles_per_chunk, n_chunks, n_units, lag, cpg_f, chan_numel, group_numel,
+    eps, sw, sb_, smn, smg, srn, srg, sxn, sxc, sxt, sxs, syn, syc, syt, sys,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, PRECISE: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, FINAL_BLOCK: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, GROUPS: tl.constexpr, CPG: tl.constexpr,
 ):
     """The whole forward in one launch of 2 * n_units programs; a unit = one chunk of tiles of one
-    (n, channel block). Statistics units merge their group when they arrive last; apply units wait
-    for their groups, then re-read tiles that a statistics unit read ``lag`` units earlier, so the
-    second read of x comes from L2 instead of DRAM (x read once + y written once, not x twice + y).
+    (n, channel block). Apply units re-read the tiles that statistics units read ``lag`` units
+    earlier, so the second read of x comes from L2 instead of DRAM (x read once + y written once, not
+    x twice + y).
 
-    ticket_ptr, arrive_ptr (N, G), ready_ptr (N, G): zeroed int32 counters and flags.
+    Statistics: the unit that completes a channel block (the last of its chunks to arrive) merges the
+    block's per-channel statistics, then the statistics of the groups it completes (a group spanning
+    several blocks completes with the last of them), and raises their ready flags. Apply units wait
+    for the flags of their channels' groups. GROUPS, CPG: powers of two >= the groups one channel
+    block touches and the channels per group.
+
+    ticket_ptr, cb_done_ptr (N, n_cb), group_done_ptr (N, G), ready_ptr (N, G): zeroed int32.
     Programs take tickets in the order they start; the schedule runs statistics unit u + lag before
     apply unit u, and an apply unit only waits on lower tickets, which are running or done and never
     wait themselves: no deadlock however many programs are resident (as in decoupled look-back scans).
@@ -275,33 +310,50 @@ def _gn_fwd_single_kernel(
     n64 = n.to(tl.int64)
     first = chunk * tiles_per_chunk
     last = tl.minimum(first + tiles_per_chunk, n_tiles)
-    g_lo = (cb * BLOCK_C) // cpg
-    g_hi = (tl.minimum(cb * BLOCK_C + BLOCK_C, C) - 1) // cpg
-    arrive_ptr += n * G
-    ready_ptr += n * G
     if is_stats:
         chunk_mean, chunk_m2 = _chunk_moments(x_ptr + n64 * sxn, cc, cmask, first, last, S, n_sb,
                                               sxc, sxt, sxs, BLOCK_C, BLOCK_S)
-        out = (n64 * C + cc) * n_chunks + chunk
-        tl.store(pmean_ptr + out, chunk_mean, mask=cmask)
-        tl.store(pm2_ptr + out, chunk_m2, mask=cmask)
+        rows = (n64 * C + cc) * n_chunks
+        tl.store(pmean_ptr + rows + chunk, chunk_mean, mask=cmask)
+        tl.store(pm2_ptr + rows + chunk, chunk_m2, mask=cmask)
         tl.debug_barrier()  # every thread's partials precede the release below
-        for g in range(g_lo, g_hi + 1):
-            cbs = (g * cpg + cpg - 1) // BLOCK_C - (g * cpg) // BLOCK_C + 1  # channel blocks the group spans
-            if tl.atomic_add(arrive_ptr + g, 1, sem="acq_rel") == cbs * n_chunks - 1:  # the group's last unit
-                mean, rstd = _group_moments(pmean_ptr, pm2_ptr, (n64 * C + g * cpg) * n_chunks, cpg, n_chunks,
-                                            tiles_per_chunk, n_tiles, n_sb, S, group_numel, eps,
-                                            BLOCK_S, FINAL_BLOCK, True)
-                tl.store(mean_ptr + n * smn + g * smg, mean)
-                tl.store(rstd_ptr + n * srn + g * srg, rstd)
-                tl.debug_barrier()
-                tl.atomic_xchg(ready_ptr + g, 1, sem="release")
+        if tl.atomic_add(cb_done_ptr + n * n_cb + cb, 1, sem="acq_rel") == n_chunks - 1:
+            mean_c, m2_c = _merge_chunks(pmean_ptr, pm2_ptr, rows, cmask, n_chunks, tiles_per_chunk, n_tiles,
+                                         n_sb, S, BLOCK_S, BLOCK_C, BLOCK_K)
+            tl.store(cmean_ptr + n64 * C + cc, mean_c, mask=cmask)
+            tl.store(cm2_ptr + n64 * C + cc, m2_c, mask=cmask)
+            tl.debug_barrier()
+            # Only the first and last group touched can reach into other blocks: count this block in.
+            g_lo = (cb * BLOCK_C) // cpg
+            g_hi = (tl.minimum(cb * BLOCK_C + BLOCK_C, C) - 1) // cpg
+            span_lo = (g_lo * cpg + cpg - 1) // BLOCK_C - (g_lo * cpg) // BLOCK_C + 1
+            span_hi = (g_hi * cpg + cpg - 1) // BLOCK_C - (g_hi * cpg) // BLOCK_C + 1
+            lo_done = span_lo == 1
+            if span_lo > 1:
+                lo_done = tl.atomic_add(group_done_ptr + n * G + g_lo, 1, sem="acq_rel") == span_lo - 1
+            hi_done = (span_hi == 1) | (g_hi == g_lo)  # one group: lo_done decides
+            if (span_hi > 1) & (g_hi != g_lo):
+                hi_done = tl.atomic_add(group_done_ptr + n * G + g_hi, 1, sem="acq_rel") == span_hi - 1
+            gg = g_lo + tl.arange(0, GROUPS)
+            done = (gg <= g_hi) & tl.where(gg == g_lo, lo_done, True) & tl.where(gg == g_hi, hi_done, True)
+            jj = tl.arange(0, CPG)
+            cm = done[:, None] & (jj < cpg)[None, :]
+            ch = n64 * C + gg[:, None] * cpg + jj[None, :]
+            mu = tl.load(cmean_ptr + ch, mask=cm, other=0.0, volatile=True)
+            m2 = tl.load(cm2_ptr + ch, mask=cm, other=0.0, volatile=True)
+            g_mean = tl.div_rn(tl.sum(mu, axis=1), cpg_f)  # channels hold equal counts
+            d = tl.where(cm, mu - g_mean[:, None], 0.0)
+            var = tl.div_rn(tl.sum(m2, axis=1) + chan_numel * tl.sum(d * d, axis=1), group_numel)
+            tl.store(mean_ptr + n * smn + gg * smg, g_mean, mask=done)
+            tl.store(rstd_ptr + n * srn + gg * srg, tl.div_rn(1.0, tl.sqrt_rn(var + eps)), mask=done)
+            tl.debug_barrier()
+            tl.atomic_xchg(ready_ptr + n * G + gg, 1, mask=done, sem="release")
     else:
-        for g in range(g_lo, g_hi + 1):
-            while tl.atomic_add(ready_ptr + g, 0, sem="acquire") == 0:
-                pass
-        tl.debug_barrier()
         gc = cc // cpg
+        while tl.min(tl.where(cmask, tl.atomic_add(ready_ptr + n * G + gc, 0, mask=cmask, sem="acquire"), 1),
+                     axis=0) == 0:
+            pass
+        tl.debug_barrier()
         mu = tl.load(mean_ptr + n * smn + gc * smg, mask=cmask, other=0.0, volatile=True)
         a = tl.load(rstd_ptr + n * srn + gc * srg, mask=cmask, other=0.0, volatile=True)
         if HAS_W:
@@ -470,14 +522,19 @@ def gn_fwd(x, weight, bias, y, mean, rstd, num_groups: int, eps: float, silu: bo
         n_units = n * n_cb * n_chunks
         pmean = torch.empty((n, c, n_chunks), dtype=torch.float32, device=dev)
         pm2 = torch.empty((n, c, n_chunks), dtype=torch.float32, device=dev)
-        sync = torch.zeros(1 + 2 * n * num_groups, dtype=torch.int32, device=dev)
+        cmean = torch.empty((n, c), dtype=torch.float32, device=dev)
+        cm2 = torch.empty((n, c), dtype=torch.float32, device=dev)
+        sync = torch.zeros(1 + n * n_cb + 2 * n * num_groups, dtype=torch.int32, device=dev)
+        cb_done = sync[1:1 + n * n_cb]
+        group_done, ready = sync[1 + n * n_cb:].chunk(2)
         unit_bytes = per * block_c * block_s * x.element_size()
         lag = min(n_units, max(_min_lag(c, cpg, block_c, n_chunks), SINGLE_LAUNCH_LAG_BYTES // unit_bytes))
         _gn_fwd_single_kernel[(2 * n_units,)](
-            x, w, b, y, mean, rstd, pmean, pm2, sync, sync[1:], sync[1 + n * num_groups:],
+            x, w, b, y, mean, rstd, pmean, pm2, cmean, cm2, sync, cb_done, group_done, ready,
             c, num_groups, cpg, t2, s2, n_sb, n_cb, n_tiles, per, n_chunks, n_units, lag,
-            float(cpg * t * s), float(eps), sw, sb_, *ms, *xs, *ys, **flags,
-            BLOCK_C=block_c, BLOCK_S=block_s, FINAL_BLOCK=min(next_pow2(cpg * n_chunks), _FINAL_BLOCK),
+            float(cpg), float(t * s), float(cpg * t * s), float(eps), sw, sb_, *ms, *xs, *ys, **flags,
+            BLOCK_C=block_c, BLOCK_S=block_s, BLOCK_K=min(next_pow2(n_chunks), max(1, _TILE // block_c)),
+            GROUPS=next_pow2(_max_groups_touched(c, cpg, block_c)), CPG=next_pow2(cpg),
             num_warps=warps_for(block_c * block_s),
         )
         return
@@ -504,6 +561,10 @@ def gn_fwd(x, weight, bias, y, mean, rstd, num_groups: int, eps: float, silu: bo
         c, t2, s2, n_sb, cpg, sw, sb_, *ms, *xs, *ys, **flags,
         BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps_for(block_c * block_s),
     )
+
+
+def _max_groups_touched(c: int, cpg: int, block_c: int) -> int:
+    return max((min(cb * block_c + block_c, c) - 1) // cpg - cb * block_c // cpg + 1 for cb in range(cdiv(c, block_c)))
 
 
 def _min_lag(c: int, cpg: int, block_c: int, n_chunks: int) -> int:
