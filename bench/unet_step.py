@@ -7,7 +7,8 @@ GPU memory, for several ways of running the same model:
 - ``... + CUDA graph`` (GPU): the step replayed as one CUDA graph
   (:class:`hummingbird.cuda_graph.CUDAGraphCall`, what ``HummingbirdPipeline.enable_cuda_graph`` uses),
   which takes the per-kernel launch cost out
-- ``..., channels-last``: the same after ``model.enable_channels_last()``
+- ``..., channels-last``: the same after ``model.enable_channels_last()``; ``..., fused QKV``: also
+  after ``model.fuse_qkv_projections()``
 - ``..., GN 1-launch`` (GPU): with the one-launch Triton GroupNorm forward
 
 GPU: the real hummingbird-0.7b (26 frames, batch 1: guidance is distilled in) and videocrafter2
@@ -179,11 +180,15 @@ def run(report, dev, dtype, cases, compile_too, timer, profiles=None):
             model = HummingbirdUNet3DModel.from_named_config(name, **overrides).to(dtype).eval()
         params_m = round(sum(p.numel() for p in model.parameters()) / 1e6, 1)
         step = make_step(model, batch, frames, height, width, dev, dtype)
-        for channels_last in (False, True):  # every row in the standard layout, then channels-last
-            if channels_last:
+        # every row in the standard layout, then channels-last, then also with fused QKV projections
+        # (compiled in the first two states only: each compile costs a minute on a GPU)
+        for state in ("", ", channels-last", ", channels-last, fused QKV"):
+            if state == ", channels-last":
                 model.enable_channels_last()
-            for impl, backend, fn in implementations(model, step, dev, compile_too):
-                impl += ", channels-last" if channels_last else ""
+            if state.endswith("fused QKV"):
+                model.fuse_qkv_projections()
+            for impl, backend, fn in implementations(model, step, dev, compile_too and "fused" not in state):
+                impl += state
                 try:
                     seconds, peak = measure(fn, backend, dev, timer)
                 except RuntimeError as err:  # e.g. out of memory at the largest shape: keep the other rows

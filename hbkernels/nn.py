@@ -1,5 +1,6 @@
 """Drop-in modules whose state_dict keys match torch.nn / diffusers, running on hbkernels ops."""
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from hbkernels.ops.geglu import geglu
@@ -47,10 +48,32 @@ class GEGLU(nn.Module):
         return geglu(self.proj(x))
 
 
+class FusedLinear(nn.Module):
+    """Linear layers that read the same input, as one: their weights (and biases) concatenated along
+    the outputs, so one GEMM reads the input once instead of once per layer.
+
+    A snapshot in non-persistent buffers: ``state_dict`` keeps only the separate layers' keys, and
+    the fusion must be redone after their weights change (an inference optimisation)."""
+
+    def __init__(self, *linears: nn.Linear):
+        super().__init__()
+        weight = torch.cat([lin.weight.detach() for lin in linears])
+        bias = None
+        if any(lin.bias is not None for lin in linears):
+            bias = torch.cat([lin.bias.detach() if lin.bias is not None else weight.new_zeros(lin.out_features)
+                              for lin in linears])
+        self.register_buffer("weight", weight, persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
 class TemporalAttention(nn.Module):
     """Self-attention over frames of tokens (B, T, C), with diffusers ``Attention`` key names
     (``to_q``, ``to_k``, ``to_v``, ``to_out.0``). The per-head views of the projections go to the
-    kernel without the head-split copies diffusers makes."""
+    kernel without the head-split copies diffusers makes; after :meth:`fuse_projections` they come
+    from one GEMM (one read of the tokens instead of three)."""
 
     def __init__(self, query_dim: int, heads: int = 8, dim_head: int = 64, bias: bool = False,
                  out_bias: bool = True, dropout: float = 0.0, causal: bool = False):
@@ -61,11 +84,22 @@ class TemporalAttention(nn.Module):
         self.to_k = nn.Linear(query_dim, inner, bias=bias)
         self.to_v = nn.Linear(query_dim, inner, bias=bias)
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim, bias=out_bias), nn.Dropout(dropout)])
+        self.to_qkv = None
+
+    def fuse_projections(self) -> None:
+        """Compute q, k, v with one :class:`FusedLinear` (a snapshot of to_q, to_k, to_v)."""
+        self.to_qkv = FusedLinear(self.to_q, self.to_k, self.to_v)
+
+    def unfuse_projections(self) -> None:
+        self.to_qkv = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 3:
             raise ValueError(f"x must be tokens (B, T, C), got shape {tuple(x.shape)}")
         b, t, _ = x.shape
-        q, k, v = (proj(x).view(b, t, self.heads, self.dim_head) for proj in (self.to_q, self.to_k, self.to_v))
+        if self.to_qkv is not None:  # strided per-head views of one (B, T, 3, H, D) output: no copies
+            q, k, v = self.to_qkv(x).view(b, t, 3, self.heads, self.dim_head).unbind(2)
+        else:
+            q, k, v = (proj(x).view(b, t, self.heads, self.dim_head) for proj in (self.to_q, self.to_k, self.to_v))
         out = temporal_attention(q, k, v, causal=self.causal).reshape(b, t, -1)
         return self.to_out[1](self.to_out[0](out))

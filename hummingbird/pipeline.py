@@ -73,9 +73,9 @@ class HummingbirdPipeline(DiffusionPipeline):
         def step(sample, timestep, context, timestep_cond, fps):
             return self.unet(sample, timestep, context, fps=fps, timestep_cond=timestep_cond, return_dict=False)[0]
 
-        def weights():  # recapture after .to()/loading/a layout change moves the weights the graph reads
+        def weights():  # recapture after .to()/loading/a layout or fusion switch moves the weights the graph reads
             first = next(self.unet.parameters())
-            return id(self.unet), first.data_ptr(), first.dtype, self.unet.channels_last
+            return id(self.unet), first.data_ptr(), first.dtype, self.unet.weights_version
 
         self._graphed_unet = CUDAGraphCall(step, extra_key=weights)
 
@@ -90,6 +90,13 @@ class HummingbirdPipeline(DiffusionPipeline):
 
     def disable_channels_last(self):
         self.unet.disable_channels_last()
+
+    def fuse_qkv_projections(self):
+        """One GEMM per attention input in the U-Net (``unet.fuse_qkv_projections()``)."""
+        self.unet.fuse_qkv_projections()
+
+    def unfuse_qkv_projections(self):
+        self.unet.unfuse_qkv_projections()
 
     def _unet(self, sample, timestep, context, timestep_cond, fps):
         if self._graphed_unet is not None and sample.is_cuda:

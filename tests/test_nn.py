@@ -54,6 +54,30 @@ def test_temporal_attention_module_matches_diffusers(backend_name):
     torch.testing.assert_close(got, ref(x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_temporal_attention_fused_projections(backend_name):
+    ours = hbkernels.nn.TemporalAttention(32, heads=4, dim_head=8, bias=True).to(DEVICE)
+    keys = set(ours.state_dict())
+    x = rand(6, 25, 32)
+    with hbkernels.use_backend(backend_name), torch.no_grad():
+        want = ours(x)
+        ours.fuse_projections()
+        got = ours(x)
+        torch.nn.init.zeros_(ours.to_v.weight)  # the fused weights are a snapshot: unaffected
+        assert torch.equal(ours(x), got)
+        ours.unfuse_projections()
+        assert not torch.allclose(ours(x), want)  # the separate layers run again
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert set(ours.state_dict()) == keys
+
+
+def test_fused_linear_fills_missing_biases():
+    a, b = torch.nn.Linear(4, 3, bias=False), torch.nn.Linear(4, 2)
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(hbkernels.nn.FusedLinear(a, b)(x), torch.cat([a(x), b(x)], dim=-1))
+    assert hbkernels.nn.FusedLinear(a, a).bias is None
+
+
 def test_modules_reject_bad_rank():
     with pytest.raises(ValueError, match="x must be tokens"):
         hbkernels.nn.TemporalAttention(8, 2, 4)(torch.randn(2, 3, 4, 8))

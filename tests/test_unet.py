@@ -335,6 +335,36 @@ def test_named_configs():
         HummingbirdUNet3DModel.from_named_config("nope")
 
 
+def test_fused_qkv_projections_keep_outputs_keys_and_processors(tiny):
+    import copy
+
+    from diffusers.models.attention_processor import AttnProcessor
+
+    model = copy.deepcopy(tiny)
+    model.set_attn_processor(AttnProcessor())  # a user's choice, restored by unfusing
+    x, ctx = tiny_inputs()
+    keys, version = set(model.state_dict()), model.weights_version
+    with torch.no_grad():
+        want = model(x, 10, ctx).sample
+        model.fuse_qkv_projections()
+        got = model(x, 10, ctx).sample
+        fused = {type(p).__name__ for p in model.attn_processors.values()}
+        for attn in (m for m in model.modules() if isinstance(m, hbkernels.nn.TemporalAttention)):
+            torch.nn.init.zeros_(attn.to_q.weight)  # fused weights are snapshots: no effect until re-fused
+        assert torch.equal(model(x, 10, ctx).sample, got)
+        model.fuse_qkv_projections()
+        changed = model(x, 10, ctx).sample
+        model.unfuse_qkv_projections()
+        unfused = model(x, 10, ctx).sample
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert fused == {"FusedAttnProcessor2_0"}
+    assert not torch.allclose(changed, got)
+    torch.testing.assert_close(unfused, changed, atol=1e-5, rtol=1e-4)
+    assert {type(p).__name__ for p in model.attn_processors.values()} == {"AttnProcessor"}
+    assert set(model.state_dict()) == keys and model.weights_version == version + 3
+    assert not any(hasattr(m, "to_qkv") and m.to_qkv is not None for m in model.modules())
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_channels_last_keeps_outputs_and_every_conv_input_channels_last(tiny, backend):
     import copy
