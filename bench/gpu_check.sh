@@ -12,7 +12,7 @@
 # STEPS picks and orders the steps (default: tests unet_step pipeline ops ops_graph host_overhead);
 # per-step limits: TESTS_LIMIT, UNET_LIMIT, PIPELINE_LIMIT, OPS_LIMIT, OPS_GRAPH_LIMIT; UNET_CASE
 # filters U-Net cases, OPS_ARGS=--quick shortens the op runs. E.g. after a U-Net change:
-#   STEPS="unet_step ops_graph tests" UNET_COMPILE= UNET_CASE=0.7b UNET_LIMIT=330 OPS_ARGS=--quick OPS_GRAPH_LIMIT=60 bench/gpu_check.sh
+#   STEPS="unet_step ops_graph tests" UNET_COMPILE= UNET_CASE=0.7b UNET_LIMIT=420 OPS_ARGS=--quick OPS_GRAPH_LIMIT=150 TESTS_LIMIT=120 bench/gpu_check.sh
 set -u
 log=${1:-gpu-check.log}
 res=${2:-bench/results}
