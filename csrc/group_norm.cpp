@@ -6,6 +6,7 @@
 // float64 accumulators with Chan's formula, so a large mean does not cost accuracy.
 #include <omp.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "ops.h"
@@ -60,6 +61,17 @@ std::vector<float> channel_vector(const std::optional<Tensor>& t, int64_t C, flo
   return out;
 }
 
+// The optional (N, C) shift added to x before normalising, as N*C floats (zeros without one).
+std::vector<float> shift_vector(const std::optional<Tensor>& t, int64_t N, int64_t C) {
+  std::vector<float> out(static_cast<size_t>(N * C), 0.f);
+  if (!t.has_value() || !t->defined()) return out;
+  TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 && t->size(0) == N &&
+                  t->size(1) == C,
+              "hbkernels: shift must be contiguous float32 of shape (N, C) = (", N, ", ", C, ")");
+  std::copy(t->data_ptr<float>(), t->data_ptr<float>() + N * C, out.begin());
+  return out;
+}
+
 void check_stats(const Tensor& t, int64_t N, int64_t G, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 2 && t.size(0) == N && t.size(1) == G,
               "hbkernels: ", name, " must be float32 of shape (N, G) = (", N, ", ", G, ")");
@@ -67,8 +79,9 @@ void check_stats(const Tensor& t, int64_t N, int64_t G, const char* name) {
 
 // ------------------------------------------------------------------ forward statistics
 // row-wise: every row of the tile is one channel
+// En: the shift of the tile's sample, per channel (it moves each channel's mean, not its M2)
 void stats_rows(const float* x, int64_t ld, int64_t R, int64_t L, const Plan& p, const Tile& t,
-                int64_t Cg, int64_t G, Welford* acc) {
+                int64_t Cg, int64_t G, const float* En, Welford* acc) {
   int64_t cbase = tile_channel_base(p, t);
   bool per_row = p.cdim() == 1;
   for (int64_t r = 0; r < R; ++r) {
@@ -104,13 +117,13 @@ void stats_rows(const float* x, int64_t ld, int64_t R, int64_t L, const Plan& p,
       m2 += d * d;
     }
     int64_t c = per_row ? cbase + r : cbase;
-    acc[t.n * G + c / Cg].merge(static_cast<double>(L), mean, m2);
+    acc[t.n * G + c / Cg].merge(static_cast<double>(L), mean + En[c], m2);
   }
 }
 
 // column-wise: the tile's columns are channels (channels-last); col scratch holds 2 * L floats
 void stats_cols(const float* x, int64_t ld, int64_t R, int64_t L, const Tile& t, int64_t Cg, int64_t G,
-                Welford* acc, float* scratch) {
+                const float* En, Welford* acc, float* scratch) {
   float* sum = scratch;
   float* m2 = scratch + L;
   for (int64_t c = 0; c < L; ++c) sum[c] = m2[c] = 0.f;
@@ -140,21 +153,22 @@ void stats_cols(const float* x, int64_t ld, int64_t R, int64_t L, const Tile& t,
     int64_t ch = t.c0 + c, g = ch / Cg;
     int64_t end = std::min(L, (g + 1) * Cg - t.c0);
     Welford w;
-    for (; c < end; ++c) w.merge(static_cast<double>(R), sum[c], m2[c]);
+    for (; c < end; ++c) w.merge(static_cast<double>(R), sum[c] + En[t.c0 + c], m2[c]);
     acc[t.n * G + g].merge(w);
   }
 }
 
-void stats_tiles(const Plan& p, const View& xv, int64_t begin, int64_t end, int64_t Cg, int64_t G,
+void stats_tiles(const Plan& p, const View& xv, int64_t begin, int64_t end, int64_t Cg, int64_t G, const float* E,
                  Welford* acc, TileBuf& xb, std::vector<float>& scratch) {
   for (int64_t idx = begin; idx < end; ++idx) {
     Tile t = tile_at(p, idx);
     int64_t ld;
     const float* x = xb.in(xv, p, t, &ld);
+    const float* En = E + t.n * p.size[0];
     if (p.cdim() == 0)
-      stats_cols(x, ld, t.R, t.L, t, Cg, G, acc, scratch.data());
+      stats_cols(x, ld, t.R, t.L, t, Cg, G, En, acc, scratch.data());
     else
-      stats_rows(x, ld, t.R, t.L, p, t, Cg, G, acc);
+      stats_rows(x, ld, t.R, t.L, p, t, Cg, G, En, acc);
   }
 }
 
@@ -208,16 +222,16 @@ void norm_tiles(bool silu, const Plan& p, const View& xv, const View& yv, int64_
     norm_tiles_impl<false>(p, xv, yv, begin, end, M, A, B, xb, yb);
 }
 
-// per-channel coefficients of group (n, g) from its accumulated statistics
+// per-channel coefficients of group (n, g) from its accumulated statistics (of x + shift E)
 void finish_group(const Welford& w, int64_t n, int64_t g, int64_t C, int64_t Cg, double eps, const float* wt,
-                  const float* bs, float* M, float* A, float* B, float* mean_out, float* rstd_out) {
+                  const float* bs, const float* E, float* M, float* A, float* B, float* mean_out, float* rstd_out) {
   double var = w.n > 0 ? w.m2 / w.n : 0.0;
   if (var < 0) var = 0;
   double rs = 1.0 / std::sqrt(var + eps);
   *mean_out = static_cast<float>(w.mean);
   *rstd_out = static_cast<float>(rs);
   for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
-    M[n * C + c] = static_cast<float>(w.mean);
+    M[n * C + c] = static_cast<float>(w.mean - E[n * C + c]);  // (x + e - mean) = (x - (mean - e))
     A[n * C + c] = static_cast<float>(rs * wt[c]);
     B[n * C + c] = bs[c];
   }
@@ -225,8 +239,9 @@ void finish_group(const Welford& w, int64_t n, int64_t g, int64_t C, int64_t Cg,
 
 }  // namespace
 
-void gn_fwd(const Tensor& x, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, const Tensor& y,
-            const Tensor& mean, const Tensor& rstd, int64_t num_groups, double eps, bool silu) {
+void gn_fwd(const Tensor& x, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+            const std::optional<Tensor>& shift, const Tensor& y, const Tensor& mean, const Tensor& rstd,
+            int64_t num_groups, double eps, bool silu) {
   View xv = make_view(x, "x"), yv = make_view(y, "y");
   TORCH_CHECK(x.sizes() == y.sizes(), "hbkernels: gn_fwd: y must have the shape of x");
   const int64_t N = x.size(0), C = x.size(1), G = num_groups;
@@ -241,6 +256,7 @@ void gn_fwd(const Tensor& x, const std::optional<Tensor>& weight, const std::opt
   }
   const int64_t Cg = C / G;
   std::vector<float> wt = channel_vector(weight, C, 1.f), bs = channel_vector(bias, C, 0.f);
+  std::vector<float> E = shift_vector(shift, N, C);
   std::vector<float> M(N * C), A(N * C), B(N * C);
   float* mean_p = mean.data_ptr<float>();
   float* rstd_p = rstd.data_ptr<float>();
@@ -265,8 +281,8 @@ void gn_fwd(const Tensor& x, const std::optional<Tensor>& weight, const std::opt
       for (int64_t task = 0; task < tasks; ++task) {
         int64_t n = task / G, g = task % G;
         int64_t b = (n * C + g * Cg) * per_channel, e = (n * C + (g + 1) * Cg) * per_channel;
-        stats_tiles(p, xv, b, e, Cg, G, acc.data(), xb, scratch);
-        finish_group(acc[task], n, g, C, Cg, eps, wt.data(), bs.data(), M.data(), A.data(), B.data(),
+        stats_tiles(p, xv, b, e, Cg, G, E.data(), acc.data(), xb, scratch);
+        finish_group(acc[task], n, g, C, Cg, eps, wt.data(), bs.data(), E.data(), M.data(), A.data(), B.data(),
                      mean_p + n * ms0 + g * ms1, rstd_p + n * rs0 + g * rs1);
         norm_tiles(silu, p, xv, yv, b, e, M.data(), A.data(), B.data(), xb, yb);
       }
@@ -288,7 +304,7 @@ void gn_fwd(const Tensor& x, const std::optional<Tensor>& weight, const std::opt
       TileBuf sb(ps);
       std::vector<float> scratch(2 * ps.B0 + 8);
       thread_range(nstat, tid, team, b, e);
-      stats_tiles(ps, xv, b, e, Cg, G, acc.data() + tid * tasks, sb, scratch);
+      stats_tiles(ps, xv, b, e, Cg, G, E.data(), acc.data() + tid * tasks, sb, scratch);
     }
     thread_range(ntiles, tid, team, b, e);
 #pragma omp barrier
@@ -298,7 +314,7 @@ void gn_fwd(const Tensor& x, const std::optional<Tensor>& weight, const std::opt
         Welford w;
         for (int i = 0; i < team; ++i) w.merge(acc[i * tasks + task]);
         int64_t n = task / G, g = task % G;
-        finish_group(w, n, g, C, Cg, eps, wt.data(), bs.data(), M.data(), A.data(), B.data(),
+        finish_group(w, n, g, C, Cg, eps, wt.data(), bs.data(), E.data(), M.data(), A.data(), B.data(),
                      mean_p + n * ms0 + g * ms1, rstd_p + n * rs0 + g * rs1);
       }
     }  // implicit barrier
@@ -447,8 +463,8 @@ void bwd_apply_tiles(const Plan& p, const View& xv, const View& dyv, const View&
 }  // namespace
 
 void gn_bwd(const Tensor& dy, const Tensor& x, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
-            const Tensor& mean, const Tensor& rstd, const Tensor& dx, const std::optional<Tensor>& dweight,
-            const std::optional<Tensor>& dbias, int64_t num_groups, bool silu) {
+            const std::optional<Tensor>& shift, const Tensor& mean, const Tensor& rstd, const Tensor& dx,
+            const std::optional<Tensor>& dweight, const std::optional<Tensor>& dbias, int64_t num_groups, bool silu) {
   View dyv = make_view(dy, "dy"), xv = make_view(x, "x"), dxv = make_view(dx, "dx");
   TORCH_CHECK(x.sizes() == dy.sizes() && x.sizes() == dx.sizes(), "hbkernels: gn_bwd: dy/x/dx shapes differ");
   const int64_t N = x.size(0), C = x.size(1), G = num_groups;
@@ -464,12 +480,12 @@ void gn_bwd(const Tensor& dy, const Tensor& x, const std::optional<Tensor>& weig
   const int64_t Cg = C / G;
   const double cnt = static_cast<double>(Cg) * x.size(2) * x.size(3);
   std::vector<float> W = channel_vector(weight, C, 1.f), Bi = channel_vector(bias, C, 0.f);
-  std::vector<float> M(N * C), R(N * C), K1(N * C), KA(N * C), KB(N * C);
+  std::vector<float> M = shift_vector(shift, N, C), R(N * C), K1(N * C), KA(N * C), KB(N * C);
   const float* mean_p = mean.data_ptr<float>();
   const float* rstd_p = rstd.data_ptr<float>();
   for (int64_t n = 0; n < N; ++n)
     for (int64_t c = 0; c < C; ++c) {
-      M[n * C + c] = mean_p[n * mean.stride(0) + (c / Cg) * mean.stride(1)];
+      M[n * C + c] = mean_p[n * mean.stride(0) + (c / Cg) * mean.stride(1)] - M[n * C + c];  // mean - shift
       R[n * C + c] = rstd_p[n * rstd.stride(0) + (c / Cg) * rstd.stride(1)];
     }
   BwdCoef k{M.data(), R.data(), W.data(), Bi.data(), K1.data(), KA.data(), KB.data()};

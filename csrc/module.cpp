@@ -11,10 +11,10 @@ TORCH_LIBRARY(hbkernels, m) {
       "attn_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor(a!) dq, "
       "Tensor(b!) dk, Tensor(c!) dv, float scale, bool causal) -> ()");
   m.def(
-      "gn_fwd(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!) y, Tensor(b!) mean, Tensor(c!) rstd, "
+      "gn_fwd(Tensor x, Tensor? weight, Tensor? bias, Tensor? shift, Tensor(a!) y, Tensor(b!) mean, Tensor(c!) rstd, "
       "int num_groups, float eps, bool silu) -> ()");
   m.def(
-      "gn_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd, Tensor(a!) dx, "
+      "gn_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, Tensor? shift, Tensor mean, Tensor rstd, Tensor(a!) dx, "
       "Tensor(b!)? dweight, Tensor(c!)? dbias, int num_groups, bool silu) -> ()");
   m.def("copy_add(Tensor src, Tensor? residual, Tensor(a!) out) -> ()");
   m.def("geglu_fwd(Tensor x, Tensor(a!) out) -> ()");

@@ -28,12 +28,12 @@ def _attn_bwd_fake(grad_out, q, k, v, out, lse, dq, dk, dv, scale, causal):
 
 
 @torch.library.register_fake("hbkernels::gn_fwd")
-def _gn_fwd_fake(x, weight, bias, y, mean, rstd, num_groups, eps, silu):
+def _gn_fwd_fake(x, weight, bias, shift, y, mean, rstd, num_groups, eps, silu):
     return None
 
 
 @torch.library.register_fake("hbkernels::gn_bwd")
-def _gn_bwd_fake(dy, x, weight, bias, mean, rstd, dx, dweight, dbias, num_groups, silu):
+def _gn_bwd_fake(dy, x, weight, bias, shift, mean, rstd, dx, dweight, dbias, num_groups, silu):
     return None
 
 
@@ -66,14 +66,15 @@ def attn_bwd(do, q, k, v, out, lse, dq, dk, dv, scale: float, causal: bool) -> N
     _ops.attn_bwd(do, q, k, v, out, lse[..., 0], dq, dk, dv, float(scale), bool(causal))
 
 
-def gn_fwd(x, weight, bias, y, mean, rstd, num_groups: int, eps: float, silu: bool) -> None:
-    """x, y: (N, C, T, S) views with any strides; writes y and mean/rstd (N, G) float32."""
-    _ops.gn_fwd(x, weight, bias, y, mean, rstd, int(num_groups), float(eps), bool(silu))
+def gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: float, silu: bool) -> None:
+    """x, y: (N, C, T, S) views with any strides; shift: None or contiguous float32 (N, C) added to x
+    before normalising; writes y and mean/rstd (N, G) float32 (statistics of x + shift)."""
+    _ops.gn_fwd(x, weight, bias, shift, y, mean, rstd, int(num_groups), float(eps), bool(silu))
 
 
-def gn_bwd(dy, x, weight, bias, mean, rstd, dx, dweight, dbias, num_groups: int, silu: bool) -> None:
-    """Writes dx, and dweight/dbias (C,) float32 where given (None skips them)."""
-    _ops.gn_bwd(dy, x, weight, bias, mean, rstd, dx, dweight, dbias, int(num_groups), bool(silu))
+def gn_bwd(dy, x, weight, bias, shift, mean, rstd, dx, dweight, dbias, num_groups: int, silu: bool) -> None:
+    """Writes dx (the gradient of x + shift), and dweight/dbias (C,) float32 where given (None skips them)."""
+    _ops.gn_bwd(dy, x, weight, bias, shift, mean, rstd, dx, dweight, dbias, int(num_groups), bool(silu))
 
 
 def copy_add(src, residual, out) -> None:

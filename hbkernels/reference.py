@@ -16,7 +16,9 @@ def temporal_attention(q, k, v, scale: float, causal: bool) -> torch.Tensor:
     return torch.matmul(probs, vh).transpose(1, 2).contiguous()
 
 
-def group_norm(x, num_groups: int, weight, bias, eps: float, silu: bool) -> torch.Tensor:
+def group_norm(x, num_groups: int, weight, bias, eps: float, silu: bool, shift=None) -> torch.Tensor:
+    if shift is not None:
+        x = _like_layout(x + shift.view(*shift.shape, *[1] * (x.dim() - 2)).to(x.dtype), x)
     if weight is None and bias is not None:  # torch's group_norm backward fails on bias without weight
         y = F.group_norm(x, num_groups, None, None, eps) + bias.view(-1, *[1] * (x.dim() - 2))
     else:

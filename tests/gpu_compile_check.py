@@ -74,15 +74,16 @@ def group_norm_cases():
                              (torch.float32, torch.contiguous_format, True)]:
         x = rand(1, 320, 4, 8, 8, dtype=dtype).contiguous(memory_format=fmt)
         affine = (rand(320, dtype=dtype), rand(320, dtype=dtype)) if silu else (None, None)
+        shift = torch.randn(1, 320) if silu else None  # the ResNet block's time embedding
         x4, y4 = x.flatten(3), torch.empty_like(x).flatten(3)
         mean, rstd = torch.empty(1, 32), torch.empty(1, 32)
         for single_launch in (False, True):
             group_norm.SINGLE_LAUNCH = single_launch
-            kernels.gn_fwd(x4, *affine, y4, mean, rstd, 32, 1e-5, silu)
+            kernels.gn_fwd(x4, *affine, shift, y4, mean, rstd, 32, 1e-5, silu)
         group_norm.SINGLE_LAUNCH = False
         dx4 = torch.empty_like(x).flatten(3)
         grads = [torch.empty(320) if p is not None else None for p in affine]
-        kernels.gn_bwd(torch.randn_like(x).flatten(3).to(dtype), x4, *affine, mean, rstd, dx4, *grads, 32, silu)
+        kernels.gn_bwd(torch.randn_like(x).flatten(3).to(dtype), x4, *affine, shift, mean, rstd, dx4, *grads, 32, silu)
 
 
 def elementwise_cases():

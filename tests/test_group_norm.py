@@ -47,6 +47,24 @@ def test_group_norm_variance_is_stable_at_large_means(backend_name, layout):
 
 
 @pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,groups", QUICK)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_group_norm_shift(backend_name, dtype, shape, groups, layout):
+    # GroupNorm(x + shift[n, c]) + SiLU, as a ResNet block adds its time embedding; a shift far larger
+    # than x's spread checks that it moves the statistics without costing their accuracy
+    n, c = shape[:2]
+    x = rand(*shape, dtype=torch.float64, requires_grad=True)
+    w, b = rand(c, dtype=torch.float64, requires_grad=True), rand(c, dtype=torch.float64, requires_grad=True)
+    shift = (10 * rand(n, c, dtype=torch.float64)).requires_grad_()
+
+    def fn(x, w, b, shift):
+        return hbkernels.group_norm(to_layout(x, layout), groups, w, b, activation="silu", shift=shift)
+
+    check_against_float64(fn, [x, w, b, shift], backend_name, dtype)
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
 @pytest.mark.parametrize("affine", ["none", "weight", "bias"])
 def test_group_norm_optional_affine(backend_name, affine):
     x = rand(2, 12, 3, 4, 5, dtype=torch.float64, mean=-2.0, requires_grad=True)
@@ -98,13 +116,14 @@ def test_group_norm_single_launch(monkeypatch, backend_name, dtype, shape, group
     x = rand(*shape, dtype=torch.float64, mean=2.0, requires_grad=True)
     w = rand(c, dtype=torch.float64, requires_grad=True)
     b = rand(c, dtype=torch.float64, requires_grad=True)
+    shift = rand(shape[0], c, dtype=torch.float64, requires_grad=True)
 
-    def fn(x, w, b):
+    def fn(x, w, b, shift=None):
         if to_tokens:
             return hbkernels.group_norm_to_tokens(to_layout(x, layout), groups, w, b)
-        return hbkernels.group_norm(to_layout(x, layout), groups, w, b, activation="silu")
+        return hbkernels.group_norm(to_layout(x, layout), groups, w, b, activation="silu", shift=shift)
 
-    check_against_float64(fn, [x, w, b], backend_name, dtype)
+    check_against_float64(fn, [x, w, b] + ([] if to_tokens else [shift]), backend_name, dtype)
 
 
 @pytest.mark.timeout(120)
@@ -176,5 +195,11 @@ def test_group_norm_bad_input():
         hbkernels.group_norm(x, 4, activation="gelu")
     with pytest.raises(ValueError, match="eps"):
         hbkernels.group_norm(x, 4, eps=0.0)
+    with pytest.raises(ValueError, match=r"shift must have shape \(N, C\)"):
+        hbkernels.group_norm(x, 4, shift=torch.ones(2, 6, device=DEVICE))
+    with pytest.raises(ValueError, match="shift must be 2D"):
+        hbkernels.group_norm(x, 4, shift=torch.ones(12, device=DEVICE))
+    with pytest.raises(ValueError, match="shift is on meta"):
+        hbkernels.group_norm(x, 4, shift=torch.ones(2, 12, device="meta"))
     with pytest.raises(ValueError, match="weight is on meta"):
         hbkernels.group_norm(x, 4, weight=torch.ones(12, device="meta"))

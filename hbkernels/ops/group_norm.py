@@ -47,7 +47,7 @@ def _tokens_as_video(tokens: torch.Tensor, n: int, c: int, f: int, hw: int) -> t
 
 class GroupNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, num_groups, eps, silu, to_tokens, backend_name):
+    def forward(ctx, x, weight, bias, shift, num_groups, eps, silu, to_tokens, backend_name):
         impl = backend.primitives(backend_name)
         n, c = x.shape[:2]
         x4 = _as_video(x)
@@ -59,16 +59,17 @@ class GroupNormFunction(torch.autograd.Function):
             out, out4 = empty_video_like(x)
         mean = backend.empty((n, num_groups), dtype=torch.float32, device=x.device)
         rstd = backend.empty((n, num_groups), dtype=torch.float32, device=x.device)
-        impl.gn_fwd(x4, weight, bias, out4, mean, rstd, num_groups, eps, silu)
-        ctx.save_for_backward(x, weight, bias, mean, rstd)
-        ctx.cfg = (num_groups, silu, to_tokens, backend_name)
+        shift32 = _shift_fp32(shift)
+        impl.gn_fwd(x4, weight, bias, shift32, out4, mean, rstd, num_groups, eps, silu)
+        ctx.save_for_backward(x, weight, bias, shift32, mean, rstd)
+        ctx.cfg = (num_groups, silu, to_tokens, backend_name, None if shift is None else shift.dtype)
         return out
 
     @staticmethod
     @once_differentiable  # kernel gradients: a double backward must raise, not silently drop terms
     def backward(ctx, grad_out):
-        x, weight, bias, mean, rstd = ctx.saved_tensors
-        num_groups, silu, to_tokens, backend_name = ctx.cfg
+        x, weight, bias, shift32, mean, rstd = ctx.saved_tensors
+        num_groups, silu, to_tokens, backend_name, shift_dtype = ctx.cfg
         n, c = x.shape[:2]
         x4 = _as_video(x)
         f, hw = x4.shape[2:]
@@ -79,16 +80,28 @@ class GroupNormFunction(torch.autograd.Function):
         dw = backend.empty((c,), dtype=torch.float32, device=x.device) if want_w else None
         db = backend.empty((c,), dtype=torch.float32, device=x.device) if want_b else None
         backend.primitives(backend_name).gn_bwd(
-            dy4, x4, weight, bias, mean, rstd, dx4, dw, db, num_groups, silu
+            dy4, x4, weight, bias, shift32, mean, rstd, dx4, dw, db, num_groups, silu
         )
         dw = dw.to(weight.dtype) if dw is not None else None
         db = db.to(bias.dtype) if db is not None else None
-        return dx, dw, db, None, None, None, None, None
+        # x + shift is what is normalised: d shift = dx summed over each (n, c) plane
+        dshift = dx4.sum(dim=(2, 3), dtype=torch.float32).to(shift_dtype) if ctx.needs_input_grad[3] else None
+        return dx, dw, db, dshift, None, None, None, None, None
 
 
-def _check(x, num_groups, weight, bias, eps, activation, ndim):
+def _shift_fp32(shift):
+    """The kernels read the (N, C) shift as contiguous fp32 (N * C values: a negligible copy)."""
+    return None if shift is None else shift.to(torch.float32).contiguous()
+
+
+def _check(x, num_groups, weight, bias, eps, activation, ndim, shift=None):
     checks.tensor("x", x, ndim=ndim)
     c = x.shape[1]
+    if shift is not None:
+        checks.tensor("shift", shift, ndim=2)
+        if tuple(shift.shape) != (x.shape[0], c):
+            raise ValueError(f"shift must have shape (N, C) = {(x.shape[0], c)}, got {tuple(shift.shape)}")
+        checks.same_device(x=x, shift=shift)
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
         raise TypeError(f"num_groups must be a positive int, got {num_groups!r}")
     if c % num_groups:
@@ -103,18 +116,21 @@ def _check(x, num_groups, weight, bias, eps, activation, ndim):
         raise ValueError(f"x must be non-empty, got shape {tuple(x.shape)}")
 
 
-def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None):
+def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None, shift=None):
     """GroupNorm of (N, C, H, W) or (N, C, T, H, W), optionally followed by SiLU in the same pass.
+
+    ``shift`` (N, C), optional: added to x per sample and channel before normalising, as a ResNet
+    block adds its time embedding, without the separate broadcast-add pass over the activation.
 
     Contiguous and channels-last inputs keep their layout in the output; statistics are accumulated
     in fp32 with a Welford/Chan merge, so low-precision inputs with a large mean stay accurate.
     """
-    _check(x, num_groups, weight, bias, eps, activation, (4, 5))
+    _check(x, num_groups, weight, bias, eps, activation, (4, 5), shift)
     silu = activation == "silu"
     name = backend.select(x.device, x.dtype)
     if name == "torch":
-        return reference.group_norm(x, num_groups, weight, bias, float(eps), silu)
-    return backend.run_function(GroupNormFunction, x, weight, bias, num_groups, float(eps), silu, False, name)
+        return reference.group_norm(x, num_groups, weight, bias, float(eps), silu, shift)
+    return backend.run_function(GroupNormFunction, x, weight, bias, shift, num_groups, float(eps), silu, False, name)
 
 
 def group_norm_to_tokens(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None):
@@ -127,4 +143,4 @@ def group_norm_to_tokens(x, num_groups, weight=None, bias=None, eps=1e-5, activa
     name = backend.select(x.device, x.dtype)
     if name == "torch":
         return reference.group_norm_to_tokens(x, num_groups, weight, bias, float(eps), silu)
-    return backend.run_function(GroupNormFunction, x, weight, bias, num_groups, float(eps), silu, True, name)
+    return backend.run_function(GroupNormFunction, x, weight, bias, None, num_groups, float(eps), silu, True, name)

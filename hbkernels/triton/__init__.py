@@ -60,14 +60,15 @@ def _attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, stats: T
     temporal_attention.attn_bwd(do, q, k, v, out, stats, dq, dk, dv, scale, causal)
 
 
-def _gn_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], y: Tensor, mean: Tensor, rstd: Tensor,
-            num_groups: int, eps: float, silu: bool) -> None:
-    group_norm.gn_fwd(x, weight, bias, y, mean, rstd, num_groups, eps, silu)
+def _gn_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], shift: Optional[Tensor], y: Tensor,
+            mean: Tensor, rstd: Tensor, num_groups: int, eps: float, silu: bool) -> None:
+    group_norm.gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups, eps, silu)
 
 
-def _gn_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, rstd: Tensor,
-            dx: Tensor, dweight: Optional[Tensor], dbias: Optional[Tensor], num_groups: int, silu: bool) -> None:
-    group_norm.gn_bwd(dy, x, weight, bias, mean, rstd, dx, dweight, dbias, num_groups, silu)
+def _gn_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], shift: Optional[Tensor],
+            mean: Tensor, rstd: Tensor, dx: Tensor, dweight: Optional[Tensor], dbias: Optional[Tensor],
+            num_groups: int, silu: bool) -> None:
+    group_norm.gn_bwd(dy, x, weight, bias, shift, mean, rstd, dx, dweight, dbias, num_groups, silu)
 
 
 def _copy_add(src: Tensor, residual: Optional[Tensor], out: Tensor) -> None:

@@ -128,10 +128,11 @@ def _chunk_count(chunk, tiles_per_chunk, n_tiles, n_sb, S, BLOCK_S: tl.constexpr
 
 
 @triton.jit
-def _group_moments(pmean_ptr, pm2_ptr, base, cpg, n_chunks, tiles_per_chunk, n_tiles, n_sb, S, group_numel, eps,
-                   BLOCK_S: tl.constexpr, BLOCK: tl.constexpr):
+def _group_moments(pmean_ptr, pm2_ptr, base, sh_ptr, cpg, n_chunks, tiles_per_chunk, n_tiles, n_sb, S, group_numel,
+                   eps, HAS_SHIFT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK: tl.constexpr):
     """(mean, rstd) of one group from its cpg * n_chunks partials at ``base`` of the (N, C, chunks)
-    buffers: mean = sum n_i mu_i / n, M2 = sum M2_i + n_i (mu_i - mu)^2."""
+    buffers: mean = sum n_i mu_i / n, M2 = sum M2_i + n_i (mu_i - mu)^2. A shift (the group's
+    channels at sh_ptr) moves each channel's partial means, not their M2."""
     length = cpg * n_chunks
     ar = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -139,14 +140,17 @@ def _group_moments(pmean_ptr, pm2_ptr, base, cpg, n_chunks, tiles_per_chunk, n_t
         idx = r0 + ar
         m = idx < length
         cnt = tl.where(m, _chunk_count(idx % n_chunks, tiles_per_chunk, n_tiles, n_sb, S, BLOCK_S), 0.0)
-        acc += cnt * tl.load(pmean_ptr + base + idx, mask=m, other=0.0)
+        mu = tl.load(pmean_ptr + base + idx, mask=m, other=0.0) + _channel_vec(sh_ptr, idx // n_chunks, m, 1,
+                                                                                 HAS_SHIFT, BLOCK)
+        acc += cnt * mu
     mean = tl.div_rn(tl.sum(acc, axis=0), group_numel)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for r0 in range(0, length, BLOCK):
         idx = r0 + ar
         m = idx < length
         cnt = tl.where(m, _chunk_count(idx % n_chunks, tiles_per_chunk, n_tiles, n_sb, S, BLOCK_S), 0.0)
-        mu = tl.load(pmean_ptr + base + idx, mask=m, other=0.0)
+        mu = tl.load(pmean_ptr + base + idx, mask=m, other=0.0) + _channel_vec(sh_ptr, idx // n_chunks, m, 1,
+                                                                                 HAS_SHIFT, BLOCK)
         m2 = tl.load(pm2_ptr + base + idx, mask=m, other=0.0)
         d = mu - mean
         acc += m2 + cnt * d * d
@@ -155,9 +159,10 @@ def _group_moments(pmean_ptr, pm2_ptr, base, cpg, n_chunks, tiles_per_chunk, n_t
 
 
 @triton.jit
-def _channel_bias(b_ptr, cc, cmask, sb_, HAS_B: tl.constexpr, BLOCK_C: tl.constexpr):
-    if HAS_B:
-        return tl.load(b_ptr + cc * sb_, mask=cmask, other=0.0).to(tl.float32)
+def _channel_vec(ptr, cc, cmask, stride, HAS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """An optional per-channel vector (bias, shift) as fp32; zeros when absent."""
+    if HAS:
+        return tl.load(ptr + cc * stride, mask=cmask, other=0.0).to(tl.float32)
     else:
         return tl.zeros([BLOCK_C], dtype=tl.float32)
 
@@ -201,26 +206,26 @@ def _gn_stats_kernel(
 
 @triton.jit
 def _gn_finalize_kernel(
-    pmean_ptr, pm2_ptr, mean_ptr, rstd_ptr,
+    pmean_ptr, pm2_ptr, sh_ptr, mean_ptr, rstd_ptr,
     G, cpg, n_chunks, tiles_per_chunk, n_tiles, n_sb, S, group_numel, eps, smn, smg, srn, srg,
-    BLOCK_S: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n = pid // G
     g = pid - n * G
     base = pid.to(tl.int64) * cpg * n_chunks  # (n, g*cpg, 0) of the (N, C, chunks) buffers
-    mean, rstd = _group_moments(pmean_ptr, pm2_ptr, base, cpg, n_chunks, tiles_per_chunk, n_tiles, n_sb, S,
-                                group_numel, eps, BLOCK_S, BLOCK)
+    mean, rstd = _group_moments(pmean_ptr, pm2_ptr, base, sh_ptr + pid * cpg, cpg, n_chunks, tiles_per_chunk,
+                                n_tiles, n_sb, S, group_numel, eps, HAS_SHIFT, BLOCK_S, BLOCK)
     tl.store(mean_ptr + n * smn + g * smg, mean)
     tl.store(rstd_ptr + n * srn + g * srg, rstd)
 
 
 @triton.jit
 def _gn_apply_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
+    x_ptr, w_ptr, b_ptr, sh_ptr, y_ptr, mean_ptr, rstd_ptr,
     C, T, S, n_sb, cpg, sw, sb_, smn, smg, srn, srg,
     sxn, sxc, sxt, sxs, syn, syc, syt, sys,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, PRECISE: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, PRECISE: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -231,11 +236,13 @@ def _gn_apply_kernel(
     ss = s0 + tl.arange(0, BLOCK_S)
     cmask = cc < C
     g = cc // cpg
-    mu = tl.load(mean_ptr + n * smn + g * smg, mask=cmask, other=0.0)
+    # (x + shift - mean) = (x - (mean - shift))
+    mu = tl.load(mean_ptr + n * smn + g * smg, mask=cmask, other=0.0) - _channel_vec(sh_ptr + n * C, cc, cmask, 1,
+                                                                                       HAS_SHIFT, BLOCK_C)
     a = tl.load(rstd_ptr + n * srn + g * srg, mask=cmask, other=0.0)
     if HAS_W:
         a *= tl.load(w_ptr + cc * sw, mask=cmask, other=0.0).to(tl.float32)
-    b = _channel_bias(b_ptr, cc, cmask, sb_, HAS_B, BLOCK_C)
+    b = _channel_vec(b_ptr, cc, cmask, sb_, HAS_B, BLOCK_C)
     _apply_tile(x_ptr, y_ptr, n.to(tl.int64), t.to(tl.int64), cc, ss, cmask[:, None] & (ss < S)[None, :], mu, a, b,
                 sxn, sxc, sxt, sxs, syn, syc, syt, sys, HAS_B, SILU, PRECISE)
 
@@ -271,11 +278,11 @@ def _merge_chunks(pmean_ptr, pm2_ptr, rows, cmask, n_chunks, tiles_per_chunk, n_
 
 @triton.jit
 def _gn_fwd_single_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr, cmean_ptr, cm2_ptr,
+    x_ptr, w_ptr, b_ptr, sh_ptr, y_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr, cmean_ptr, cm2_ptr,
     ticket_ptr, cb_done_ptr, group_done_ptr, ready_ptr,
     C, G, cpg, T, S, n_sb, n_cb, n_tiles, tiles_per_chunk, n_chunks, n_units, lag, cpg_f, chan_numel, group_numel,
     eps, sw, sb_, smn, smg, srn, srg, sxn, sxc, sxt, sxs, syn, syc, syt, sys,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, PRECISE: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, PRECISE: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, GROUPS: tl.constexpr, CPG: tl.constexpr,
 ):
     """The whole forward in one launch of 2 * n_units programs; a unit = one chunk of tiles of one
@@ -310,6 +317,7 @@ def _gn_fwd_single_kernel(
     n64 = n.to(tl.int64)
     first = chunk * tiles_per_chunk
     last = tl.minimum(first + tiles_per_chunk, n_tiles)
+    shift = _channel_vec(sh_ptr + n * C, cc, cmask, 1, HAS_SHIFT, BLOCK_C)  # moves channel means
     if is_stats:
         chunk_mean, chunk_m2 = _chunk_moments(x_ptr + n64 * sxn, cc, cmask, first, last, S, n_sb,
                                               sxc, sxt, sxs, BLOCK_C, BLOCK_S)
@@ -320,7 +328,7 @@ def _gn_fwd_single_kernel(
         if tl.atomic_add(cb_done_ptr + n * n_cb + cb, 1, sem="acq_rel") == n_chunks - 1:
             mean_c, m2_c = _merge_chunks(pmean_ptr, pm2_ptr, rows, cmask, n_chunks, tiles_per_chunk, n_tiles,
                                          n_sb, S, BLOCK_S, BLOCK_C, BLOCK_K)
-            tl.store(cmean_ptr + n64 * C + cc, mean_c, mask=cmask)
+            tl.store(cmean_ptr + n64 * C + cc, mean_c + shift, mask=cmask)
             tl.store(cm2_ptr + n64 * C + cc, m2_c, mask=cmask)
             tl.debug_barrier()
             # Only the first and last group touched can reach into other blocks: count this block in.
@@ -354,11 +362,11 @@ def _gn_fwd_single_kernel(
                      axis=0) == 0:
             pass
         tl.debug_barrier()
-        mu = tl.load(mean_ptr + n * smn + gc * smg, mask=cmask, other=0.0, volatile=True)
+        mu = tl.load(mean_ptr + n * smn + gc * smg, mask=cmask, other=0.0, volatile=True) - shift
         a = tl.load(rstd_ptr + n * srn + gc * srg, mask=cmask, other=0.0, volatile=True)
         if HAS_W:
             a *= tl.load(w_ptr + cc * sw, mask=cmask, other=0.0).to(tl.float32)
-        b = _channel_bias(b_ptr, cc, cmask, sb_, HAS_B, BLOCK_C)
+        b = _channel_vec(b_ptr, cc, cmask, sb_, HAS_B, BLOCK_C)
         ar = tl.arange(0, BLOCK_S)
         for i in range(first, last):
             t, s0 = _tile_origin(i, n_sb, BLOCK_S)
@@ -369,10 +377,10 @@ def _gn_fwd_single_kernel(
 
 @triton.jit
 def _gn_bwd_partials_kernel(
-    dy_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, pa_ptr, pb_ptr,
+    dy_ptr, x_ptr, w_ptr, b_ptr, sh_ptr, mean_ptr, rstd_ptr, pa_ptr, pb_ptr,
     C, T, S, n_sb, n_tiles, tiles_per_chunk, n_chunks, cpg, sw, sb_, smn, smg, srn, srg,
     sdn, sdc, sdt, sds, sxn, sxc, sxt, sxs,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, PRECISE: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, PRECISE: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -381,7 +389,8 @@ def _gn_bwd_partials_kernel(
     cc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cc < C
     g = cc // cpg
-    mu = tl.load(mean_ptr + n * smn + g * smg, mask=cmask, other=0.0)[:, None]
+    mu = (tl.load(mean_ptr + n * smn + g * smg, mask=cmask, other=0.0)
+          - _channel_vec(sh_ptr + n * C, cc, cmask, 1, HAS_SHIFT, BLOCK_C))[:, None]  # x + shift - mean
     r = tl.load(rstd_ptr + n * srn + g * srg, mask=cmask, other=0.0)[:, None]
     if SILU:
         if HAS_W:
@@ -451,10 +460,10 @@ def _gn_bwd_finalize_kernel(
 
 @triton.jit
 def _gn_bwd_apply_kernel(
-    dy_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, coef_ptr, dx_ptr,
+    dy_ptr, x_ptr, w_ptr, b_ptr, sh_ptr, mean_ptr, rstd_ptr, coef_ptr, dx_ptr,
     C, T, S, n_sb, G, cpg, sw, sb_, smn, smg, srn, srg,
     sdn, sdc, sdt, sds, sxn, sxc, sxt, sxs, son, soc, sot, sos,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, PRECISE: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, PRECISE: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -466,7 +475,8 @@ def _gn_bwd_apply_kernel(
     cmask = cc < C
     mask = cmask[:, None] & (ss < S)[None, :]
     g = cc // cpg
-    mu = tl.load(mean_ptr + n * smn + g * smg, mask=cmask, other=0.0)[:, None]
+    mu = (tl.load(mean_ptr + n * smn + g * smg, mask=cmask, other=0.0)
+          - _channel_vec(sh_ptr + n * C, cc, cmask, 1, HAS_SHIFT, BLOCK_C))[:, None]  # x + shift - mean
     r = tl.load(rstd_ptr + n * srn + g * srg, mask=cmask, other=0.0)[:, None]
     coef = coef_ptr + (n * G + g) * 2
     c1 = tl.load(coef, mask=cmask, other=0.0)[:, None]
@@ -502,8 +512,9 @@ def _check_views(*views):
         assert tuple(v.shape) == shape, (tuple(v.shape), shape)
 
 
-def gn_fwd(x, weight, bias, y, mean, rstd, num_groups: int, eps: float, silu: bool) -> None:
-    """y = GroupNorm(x) (then SiLU); x, y: (N, C, T, S) views with any strides; mean/rstd: (N, G) fp32."""
+def gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: float, silu: bool) -> None:
+    """y = GroupNorm(x + shift) (then SiLU); x, y: (N, C, T, S) views with any strides; shift: None or
+    contiguous fp32 (N, C); mean/rstd: (N, G) fp32."""
     _check_views(x, y)
     n, c, t, s = x.shape
     cpg = c // num_groups
@@ -514,8 +525,10 @@ def gn_fwd(x, weight, bias, y, mean, rstd, num_groups: int, eps: float, silu: bo
     n_tiles = t2 * n_sb
     w, sw = _vec_or_dummy(weight, mean)
     b, sb_ = _vec_or_dummy(bias, mean)
+    sh = shift if shift is not None else mean
     ms = (mean.stride(0), mean.stride(1), rstd.stride(0), rstd.stride(1))
-    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, SILU=bool(silu), PRECISE=x.dtype == torch.float32)
+    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_SHIFT=shift is not None, SILU=bool(silu),
+                 PRECISE=x.dtype == torch.float32)
     dev = x.device
     if SINGLE_LAUNCH:
         per, n_chunks = _chunking(n, n_cb, n_tiles)
@@ -530,7 +543,7 @@ def gn_fwd(x, weight, bias, y, mean, rstd, num_groups: int, eps: float, silu: bo
         unit_bytes = per * block_c * block_s * x.element_size()
         lag = min(n_units, max(_min_lag(c, cpg, block_c, n_chunks), SINGLE_LAUNCH_LAG_BYTES // unit_bytes))
         _gn_fwd_single_kernel[(2 * n_units,)](
-            x, w, b, y, mean, rstd, pmean, pm2, cmean, cm2, sync, cb_done, group_done, ready,
+            x, w, b, sh, y, mean, rstd, pmean, pm2, cmean, cm2, sync, cb_done, group_done, ready,
             c, num_groups, cpg, t2, s2, n_sb, n_cb, n_tiles, per, n_chunks, n_units, lag,
             float(cpg), float(t * s), float(cpg * t * s), float(eps), sw, sb_, *ms, *xs, *ys, **flags,
             BLOCK_C=block_c, BLOCK_S=block_s, BLOCK_K=min(next_pow2(n_chunks), max(1, _TILE // block_c)),
@@ -552,12 +565,12 @@ def gn_fwd(x, weight, bias, y, mean, rstd, num_groups: int, eps: float, silu: bo
         BLOCK_C=bc3, BLOCK_S=bs3, num_warps=warps_for(bc3 * bs3),
     )
     _gn_finalize_kernel[(n * num_groups,)](
-        pmean, pm2, mean, rstd,
+        pmean, pm2, sh, mean, rstd,
         num_groups, cpg, n_chunks, per, t3 * n_sb3, n_sb3, s3, float(cpg * t * s), float(eps), *ms,
-        BLOCK_S=bs3, BLOCK=min(next_pow2(cpg * n_chunks), _FINAL_BLOCK), num_warps=4,
+        HAS_SHIFT=shift is not None, BLOCK_S=bs3, BLOCK=min(next_pow2(cpg * n_chunks), _FINAL_BLOCK), num_warps=4,
     )
     _gn_apply_kernel[(n * n_tiles, n_cb)](
-        x, w, b, y, mean, rstd,
+        x, w, b, sh, y, mean, rstd,
         c, t2, s2, n_sb, cpg, sw, sb_, *ms, *xs, *ys, **flags,
         BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps_for(block_c * block_s),
     )
@@ -577,14 +590,15 @@ def _min_lag(c: int, cpg: int, block_c: int, n_chunks: int) -> int:
     return (reach + 1) * n_chunks
 
 
-def gn_bwd(dy, x, weight, bias, mean, rstd, dx, dweight, dbias, num_groups: int, silu: bool) -> None:
-    """dx (and dweight/dbias when given, fp32 (C,)) of y = GroupNorm(x) (then SiLU)."""
+def gn_bwd(dy, x, weight, bias, shift, mean, rstd, dx, dweight, dbias, num_groups: int, silu: bool) -> None:
+    """dx (and dweight/dbias when given, fp32 (C,)) of y = GroupNorm(x + shift) (then SiLU)."""
     _check_views(dy, x, dx)
     n, c, t, s = x.shape
     cpg = c // num_groups
     w, sw = _vec_or_dummy(weight, mean)
     b, sb_ = _vec_or_dummy(bias, mean)
-    has_w, has_b, silu = weight is not None, bias is not None, bool(silu)
+    has_w, has_b, has_sh, silu = weight is not None, bias is not None, shift is not None, bool(silu)
+    sh = shift if has_sh else mean
     precise = x.dtype == torch.float32
     ms = (mean.stride(0), mean.stride(1), rstd.stride(0), rstd.stride(1))
     dev = x.device
@@ -598,9 +612,9 @@ def gn_bwd(dy, x, weight, bias, mean, rstd, dx, dweight, dbias, num_groups: int,
     pa = torch.empty((n, c, n_chunks), dtype=torch.float32, device=dev)
     pb = torch.empty((n, c, n_chunks), dtype=torch.float32, device=dev)
     _gn_bwd_partials_kernel[(n * n_chunks, n_cb2)](
-        dy, x, w, b, mean, rstd, pa, pb,
+        dy, x, w, b, sh, mean, rstd, pa, pb,
         c, t2, s2, n_sb2, t2 * n_sb2, per, n_chunks, cpg, sw, sb_, *ms, *ds2, *xs2,
-        HAS_W=has_w, HAS_B=has_b, SILU=silu, PRECISE=precise,
+        HAS_W=has_w, HAS_B=has_b, HAS_SHIFT=has_sh, SILU=silu, PRECISE=precise,
         BLOCK_C=bc2, BLOCK_S=bs2, num_warps=warps_for(bc2 * bs2),
     )
 
@@ -617,9 +631,9 @@ def gn_bwd(dy, x, weight, bias, mean, rstd, dx, dweight, dbias, num_groups: int,
     bc3, bs3 = tile_shape(c, s3, (ds3, xs3, os3))
     n_sb3 = cdiv(s3, bs3)
     _gn_bwd_apply_kernel[(n * t3 * n_sb3, cdiv(c, bc3))](
-        dy, x, w, b, mean, rstd, coef, dx,
+        dy, x, w, b, sh, mean, rstd, coef, dx,
         c, t3, s3, n_sb3, num_groups, cpg, sw, sb_, *ms, *ds3, *xs3, *os3,
-        HAS_W=has_w, HAS_B=has_b, SILU=silu, PRECISE=precise,
+        HAS_W=has_w, HAS_B=has_b, HAS_SHIFT=has_sh, SILU=silu, PRECISE=precise,
         BLOCK_C=bc3, BLOCK_S=bs3, num_warps=warps_for(bc3 * bs3),
     )
 
