@@ -17,13 +17,15 @@ class GroupNorm(nn.GroupNorm):
         super().__init__(num_groups, num_channels, eps=eps, affine=affine, device=device, dtype=dtype)
         self.activation = activation
 
-    def forward(self, x):
+    def forward(self, x, shift=None):
+        """``shift`` (N, C), optional: added to x per sample and channel before normalising (see
+        :func:`hbkernels.group_norm`)."""
         if x.dim() in (4, 5):
-            return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.activation)
+            return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.activation, shift)
         if x.dim() < 2:
             raise ValueError(f"x must be (N, C, *spatial), got shape {tuple(x.shape)}")
         flat = x.reshape(x.shape[0], x.shape[1], -1, 1)  # (N, C, L) and (N, C) as 4D
-        return group_norm(flat, self.num_groups, self.weight, self.bias, self.eps, self.activation).view(x.shape)
+        return group_norm(flat, self.num_groups, self.weight, self.bias, self.eps, self.activation, shift).view(x.shape)
 
     def extra_repr(self):
         return super().extra_repr() + (f", activation={self.activation!r}" if self.activation else "")

@@ -203,7 +203,7 @@ class TemporalConvBlock(nn.Module):
 
 class ResBlock(nn.Module):
     """GN+SiLU -> conv3x3 -> + time embedding -> GN+SiLU -> Dropout -> zero-init conv3x3 -> + skip,
-    then the temporal convolution block."""
+    then the temporal convolution block. The embedding add is fused into the second GroupNorm."""
 
     def __init__(self, channels, emb_channels, out_channels, dropout, groups, temporal_dropout):
         super().__init__()
@@ -221,8 +221,11 @@ class ResBlock(nn.Module):
         self.temporal_conv = TemporalConvBlock(out_channels, groups, temporal_dropout)
 
     def forward(self, x, emb, num_frames):
-        h = self.in_layers(x) + self.emb_layers(emb)[:, :, None, None]
-        h = self.skip_connection(x) + self.out_layers(h)
+        # out_layers' GroupNorm adds the time embedding itself: no broadcast-add pass over h
+        h = self.out_layers[0](self.in_layers(x), shift=self.emb_layers(emb))
+        for layer in self.out_layers[1:]:
+            h = layer(h)
+        h = self.skip_connection(x) + h
         return self.temporal_conv(h, num_frames)
 
 
