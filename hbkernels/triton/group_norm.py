@@ -184,17 +184,22 @@ def _apply_tile(x_ptr, y_ptr, n64, t64, cc, ss, mask, mu, a, b,
 
 
 @triton.jit
+def _chunk_program(C, n_chunks, BLOCK_C: tl.constexpr):
+    """(n, chunk, channels, channel mask) of a program of a (N * chunks, channel blocks) grid."""
+    pid = tl.program_id(0)
+    n = pid // n_chunks
+    cc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return n, pid - n * n_chunks, cc, cc < C
+
+
+@triton.jit
 def _gn_stats_kernel(
     x_ptr, pmean_ptr, pm2_ptr,
     C, T, S, n_sb, n_tiles, tiles_per_chunk, n_chunks,
     sxn, sxc, sxt, sxs,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    n = pid // n_chunks
-    chunk = pid - n * n_chunks
-    cc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cc < C
+    n, chunk, cc, cmask = _chunk_program(C, n_chunks, BLOCK_C)
     first = chunk * tiles_per_chunk
     last = tl.minimum(first + tiles_per_chunk, n_tiles)
     chunk_mean, chunk_m2 = _chunk_moments(x_ptr + n.to(tl.int64) * sxn, cc, cmask, first, last, S, n_sb,
@@ -383,11 +388,7 @@ def _gn_bwd_partials_kernel(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, PRECISE: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    n = pid // n_chunks
-    chunk = pid - n * n_chunks
-    cc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cc < C
+    n, chunk, cc, cmask = _chunk_program(C, n_chunks, BLOCK_C)
     g = cc // cpg
     mu = (tl.load(mean_ptr + n * smn + g * smg, mask=cmask, other=0.0)
           - _channel_vec(sh_ptr + n * C, cc, cmask, 1, HAS_SHIFT, BLOCK_C))[:, None]  # x + shift - mean
