@@ -12,7 +12,9 @@ with it (read from diffusers' source), so subclasses that may override a forward
   :class:`TemporalAttnProcessor`;
 * diffusers' ``GEGLU`` becomes :class:`hbkernels.nn.GEGLU` (sharing ``proj``);
 * ``TransformerTemporalModel`` / ``AnimateDiffTransformer3D`` get a forward whose norm writes the
-  token layout directly and whose output permute is fused with the residual add.
+  token layout directly and whose output permute is fused with the residual add;
+* ``ResnetBlock2D`` ("default" time-embedding mode) gets a forward whose ``norm2`` adds the time
+  embedding itself (``group_norm(..., shift=temb)``), saving the broadcast-add pass.
 
 Patch before adding accelerate offload hooks: replaced modules do not carry hooks over.
 """
@@ -53,8 +55,8 @@ class _TaggedSiLUGroupNorm(hbnn.GroupNorm):
     is also applied to other tensors (``ResnetBlock2D`` runs it on ``temb``), so it cannot simply
     become an identity."""
 
-    def forward(self, x):
-        out = super().forward(x)
+    def forward(self, x, shift=None):
+        out = super().forward(x, shift)
         out._hbkernels_silu_applied = True
         return out
 
@@ -245,11 +247,31 @@ def _animatediff_forward(self, hidden_states, encoder_hidden_states=None, timest
                                     cross_attention_kwargs)
 
 
-# the temporal transformers whose forward _temporal_tokens_forward reproduces: name -> (module, forward)
+def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
+    """diffusers' ``ResnetBlock2D`` in "default" time-embedding mode, with the embedding added inside
+    norm2 (GroupNorm of h + temb per sample and channel) instead of by a broadcast add over h.
+    Configurations outside that path (resampling, no embedding, a torch norm2, the deprecated
+    ``scale`` argument) run diffusers' own forward."""
+    if (args or kwargs or temb is None or self.time_emb_proj is None or self.upsample is not None
+            or self.downsample is not None or not isinstance(self.norm2, hbnn.GroupNorm)):
+        return super(type(self), self).forward(input_tensor, temb, *args, **kwargs)
+    h = self.conv1(self.nonlinearity(self.norm1(input_tensor)))
+    emb = self.time_emb_proj(temb if self.skip_time_act else self.nonlinearity(temb))
+    h = self.conv2(self.dropout(self.nonlinearity(self.norm2(h, shift=emb))))
+    shortcut = input_tensor
+    if self.conv_shortcut is not None:  # contiguous in training, as diffusers (DDP gradient strides)
+        shortcut = self.conv_shortcut(input_tensor.contiguous() if self.training else input_tensor)
+    return (shortcut + h) / self.output_scale_factor
+
+
+# the modules whose forward is replaced: name -> (module, forward); the temporal transformers'
+# is _temporal_tokens_forward
 _LAYOUT_FORWARDS = {
     "TransformerTemporalModel": ("diffusers.models.transformers.transformer_temporal", _transformer_temporal_forward),
     "AnimateDiffTransformer3D": ("diffusers.models.unets.unet_motion_model", _animatediff_forward),
+    "ResnetBlock2D": ("diffusers.models.resnet", _resnet_forward),
 }
+_TEMPORAL_LAYOUTS = ("TransformerTemporalModel", "AnimateDiffTransformer3D")
 
 
 @functools.lru_cache(None)
@@ -275,11 +297,17 @@ def _swap_layout(model, d) -> None:
     for module in model.modules():
         name = type(module).__name__
         if (
-            name in _LAYOUT_FORWARDS
+            name in _TEMPORAL_LAYOUTS
             and type(module) is d[name]
             and isinstance(getattr(module, "norm", None), nn.GroupNorm)
         ):
             module.__class__ = _layout_class(name)
+
+
+def _swap_time_embedding(model, d) -> None:
+    for module in model.modules():
+        if type(module) is d["ResnetBlock2D"] and module.time_embedding_norm == "default":
+            module.__class__ = _layout_class("ResnetBlock2D")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,7 +344,8 @@ def _diffusers_classes() -> dict:
 
 
 def _summary(model) -> dict:
-    s = {"group_norm": 0, "group_norm_silu": 0, "temporal_attention": 0, "geglu": 0, "temporal_layout": 0}
+    s = {"group_norm": 0, "group_norm_silu": 0, "temporal_attention": 0, "geglu": 0, "temporal_layout": 0,
+         "time_embedding": 0}
     for m in model.modules():
         if isinstance(m, hbnn.GroupNorm):
             s["group_norm"] += 1
@@ -326,12 +355,12 @@ def _summary(model) -> dict:
         elif isinstance(getattr(m, "processor", None), TemporalAttnProcessor):
             s["temporal_attention"] += 1
         if getattr(type(m), "_hbkernels_layout", False):
-            s["temporal_layout"] += 1
+            s["time_embedding" if type(m).__name__ == "ResnetBlock2D" else "temporal_layout"] += 1
     return s
 
 
 def apply_to(model: nn.Module, *, group_norm: bool = True, attention: bool = True, geglu: bool = True,
-             layout: bool = True) -> nn.Module:
+             layout: bool = True, time_embedding: bool = True) -> nn.Module:
     """Patch ``model`` (a diffusers video U-Net or any module holding the pieces) in place to run
     on hbkernels, with unchanged parameters and state_dict keys; returns ``model``.
 
@@ -339,9 +368,11 @@ def apply_to(model: nn.Module, *, group_norm: bool = True, attention: bool = Tru
     ``attention``: temporal self-attention to :class:`TemporalAttnProcessor`.
     ``geglu``: diffusers ``GEGLU`` to :class:`hbkernels.nn.GEGLU`.
     ``layout``: temporal transformers' norm->tokens and tokens->video+residual fusions.
+    ``time_embedding``: ResnetBlock2D's time-embedding add fused into norm2 (needs ``group_norm``).
 
     Idempotent. ``model._hbkernels_patched`` counts the hbkernels pieces now in the model
-    (``group_norm``, ``group_norm_silu``, ``temporal_attention``, ``geglu``, ``temporal_layout``);
+    (``group_norm``, ``group_norm_silu``, ``temporal_attention``, ``geglu``, ``temporal_layout``,
+    ``time_embedding``);
     a warning says when there were none.
     """
     if not isinstance(model, nn.Module):
@@ -356,6 +387,8 @@ def apply_to(model: nn.Module, *, group_norm: bool = True, attention: bool = Tru
         _swap_geglu(model, d)
     if layout:
         _swap_layout(model, d)
+    if time_embedding and d["ResnetBlock2D"] is not None:
+        _swap_time_embedding(model, d)
     summary = _summary(model)
     model._hbkernels_patched = summary
     if not any(summary.values()):

@@ -58,11 +58,14 @@ def unet_svd():
 
 # model, {count: minimum} (the counts with diffusers 0.42): fused norms come from ResnetBlock2D,
 # TemporalResnetBlock, TemporalConvLayer and conv_norm_out; temporal attention from each temporal
-# transformer's self-attention layers (two per block in UNet3D/AnimateDiff, one in SVD)
+# transformer's self-attention layers (two per block in UNet3D/AnimateDiff, one in SVD); time-embedding
+# fusions from each ResnetBlock2D
 MODELS = {
-    "unet3d": (unet3d, {"group_norm_silu": 49, "temporal_attention": 10, "geglu": 9, "temporal_layout": 5}),
-    "motion": (unet_motion, {"group_norm_silu": 17, "temporal_attention": 14, "geglu": 11, "temporal_layout": 7}),
-    "svd": (unet_svd, {"group_norm_silu": 33, "temporal_attention": 4, "geglu": 12}),
+    "unet3d": (unet3d, {"group_norm_silu": 49, "temporal_attention": 10, "geglu": 9, "temporal_layout": 5,
+                        "time_embedding": 8}),
+    "motion": (unet_motion, {"group_norm_silu": 17, "temporal_attention": 14, "geglu": 11, "temporal_layout": 7,
+                             "time_embedding": 8}),
+    "svd": (unet_svd, {"group_norm_silu": 33, "temporal_attention": 4, "geglu": 12, "time_embedding": 8}),
 }
 
 
@@ -78,6 +81,8 @@ def counting(monkeypatch):
             calls[name] += 1
             if "silu" in [a for a in (*args, *kwargs.values()) if isinstance(a, str)]:
                 calls[name + "+silu"] += 1
+            if name == "group_norm" and (kwargs.get("shift") is not None or (len(args) > 6 and args[6] is not None)):
+                calls[name + "+shift"] += 1
             return fn(*args, **kwargs)
 
         monkeypatch.setattr(module, name, counted)
@@ -143,7 +148,31 @@ def test_apply_to_outputs(which, backend_name, monkeypatch):
     assert calls["geglu"] >= minimum["geglu"]
     if minimum.get("temporal_layout"):
         assert calls["group_norm_to_tokens"] == calls["tokens_to_video"] >= minimum["temporal_layout"]
+    assert calls["group_norm+shift"] >= minimum["time_embedding"]
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-4 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("kind", ["shortcut", "skip_time_act", "down"])
+def test_resnet_time_embedding_fused(kind, monkeypatch):
+    """ResnetBlock2D's temb add inside norm2: same outputs and gradients (temb's included), in
+    training mode; resampling blocks keep diffusers' forward."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    torch.manual_seed(0)
+    block = ResnetBlock2D(in_channels=16, out_channels=24 if kind == "shortcut" else 16, temb_channels=8, groups=4,
+                          skip_time_act=kind == "skip_time_act", down=kind == "down", output_scale_factor=2.0)
+    x, temb = torch.randn(2, 16, 4, 4, requires_grad=True), torch.randn(2, 8, requires_grad=True)
+    ref = block(x, temb)
+    ref_grads = torch.autograd.grad(ref.square().sum(), [x, temb, block.time_emb_proj.weight])
+    hbkernels.apply_to(block)
+    with counting(monkeypatch) as calls:
+        out = block(x, temb)
+    grads = torch.autograd.grad(out.square().sum(), [x, temb, block.time_emb_proj.weight])
+    assert block._hbkernels_patched["time_embedding"] == 1
+    assert calls["group_norm+shift"] == (0 if kind == "down" else 1)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_scale_shift_resnet_not_fused():
