@@ -16,6 +16,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="two shapes per op, short timing")
     parser.add_argument("--graph", action="store_true",
                         help="GPU: time calls replayed from a CUDA graph (kernel time without launch overhead)")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="skip the torch.compile rows (each shape compiles anew)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args(argv)
 
@@ -28,8 +30,10 @@ def main(argv=None):
     report = common.Report(device=common.device_name(dev))
     report.copy_gbps = common.copy_bandwidth(dev) / 1e9
     print(f"{report.device}: copy bandwidth {report.copy_gbps:.1f} GB/s, dtype {dtype}, commit {report.commit}")
-    ops.run(report, dev, dtype, quick=args.quick, timer=lambda fn: timer(fn, min_time))
-    report.save(args.out, "ops", str(dtype).split(".")[-1], *(["graph"] if args.graph else []))
+    ops.run(report, dev, dtype, quick=args.quick, timer=lambda fn: timer(fn, min_time), compile_too=args.compile)
+    # runs without some rows must not overwrite the full one
+    report.save(args.out, "ops", str(dtype).split(".")[-1], *(["graph"] if args.graph else []),
+                *([] if args.compile else ["no-compile"]))
 
 
 if __name__ == "__main__":

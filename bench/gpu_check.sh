@@ -11,8 +11,8 @@
 #
 # STEPS picks and orders the steps (default: tests unet_step pipeline ops ops_graph host_overhead);
 # per-step limits: TESTS_LIMIT, UNET_LIMIT, PIPELINE_LIMIT, OPS_LIMIT, OPS_GRAPH_LIMIT; UNET_CASE
-# filters U-Net cases, OPS_ARGS=--quick shortens the op runs. E.g. after a U-Net change:
-#   STEPS="unet_step ops_graph tests" UNET_COMPILE= UNET_CASE=0.7b UNET_LIMIT=420 OPS_ARGS=--quick OPS_GRAPH_LIMIT=150 TESTS_LIMIT=120 bench/gpu_check.sh
+# filters U-Net cases, OPS_ARGS="--quick --no-compile" shortens the op runs. E.g. after a U-Net change:
+#   STEPS="unet_step ops_graph tests" UNET_COMPILE= UNET_CASE=0.7b UNET_LIMIT=480 OPS_ARGS="--quick --no-compile" OPS_GRAPH_LIMIT=90 TESTS_LIMIT=120 bench/gpu_check.sh
 set -u
 log=${1:-gpu-check.log}
 res=${2:-bench/results}

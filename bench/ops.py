@@ -81,13 +81,13 @@ def eager_geglu(x):
     return h * F.gelu(g)
 
 
-def _impls(eager, ours, extra=None):
-    impls = {"eager": eager, **(extra or {}), "compile": torch.compile(eager), "hbkernels": ours}
-    return impls
-
-
-def run(report, dev, dtype, quick=False, timer=None):
+def run(report, dev, dtype, quick=False, timer=None, compile_too=True):
     gpu = dev.type == "cuda"
+
+    def _impls(eager, ours, extra=None):
+        compiled = {"compile": torch.compile(eager)} if compile_too else {}
+        return {"eager": eager, **(extra or {}), **compiled, "hbkernels": ours}
+
     elt = torch.empty((), dtype=dtype).element_size()
 
     def measure(suite, case, impls, args, bytes_moved):
