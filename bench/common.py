@@ -60,11 +60,11 @@ def with_gn_single_launch(fn):
     from hbkernels.triton import group_norm
 
     def run(*args):
-        group_norm.SINGLE_LAUNCH = True
+        before, group_norm.SINGLE_LAUNCH = group_norm.SINGLE_LAUNCH, True
         try:
             return fn(*args)
         finally:
-            group_norm.SINGLE_LAUNCH = False
+            group_norm.SINGLE_LAUNCH = before
 
     return run
 

@@ -187,8 +187,14 @@ def run(report, dev, dtype, cases, compile_too, timer, profiles=None):
         # also with fused QKV projections, then the standard layout. No compile rows for the fused
         # state: each compile of the model costs about a minute on a GPU.
         for state, channels_last, fused in STATES:
-            model.enable_channels_last() if channels_last else model.disable_channels_last()
-            model.fuse_qkv_projections() if fused else model.unfuse_qkv_projections()
+            if channels_last:
+                model.enable_channels_last()
+            else:
+                model.disable_channels_last()
+            if fused:
+                model.fuse_qkv_projections()
+            else:
+                model.unfuse_qkv_projections()
             for impl, backend, fn in implementations(model, step, dev, compile_too and not fused):
                 impl += state
                 try:
@@ -239,6 +245,7 @@ def main(argv=None):
         common.atomic_write(path, f"# U-Net step kernel time — {report.device}, commit {report.commit}\n\n"
                             + "\n".join(profiles))
         print(f"wrote {path}")
+
 
 if __name__ == "__main__":
     main()

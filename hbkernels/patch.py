@@ -266,7 +266,7 @@ def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
 
 # the modules whose forward is replaced: name -> (module, forward); the temporal transformers'
 # is _temporal_tokens_forward
-_LAYOUT_FORWARDS = {
+_FUSED_FORWARDS = {
     "TransformerTemporalModel": ("diffusers.models.transformers.transformer_temporal", _transformer_temporal_forward),
     "AnimateDiffTransformer3D": ("diffusers.models.unets.unet_motion_model", _animatediff_forward),
     "ResnetBlock2D": ("diffusers.models.resnet", _resnet_forward),
@@ -275,21 +275,21 @@ _TEMPORAL_LAYOUTS = ("TransformerTemporalModel", "AnimateDiffTransformer3D")
 
 
 @functools.lru_cache(None)
-def _layout_class(name: str):
+def _fused_class(name: str):
     """The diffusers class ``name`` with the fused forward: swapped in as the instance's class (not
     an instance attribute), so hooks that wrap ``module.forward`` keep working and isinstance
     checks against the diffusers class still hold."""
-    module, forward = _LAYOUT_FORWARDS[name]
+    module, forward = _FUSED_FORWARDS[name]
     base = _find(module, name)
     if base is None:
         return None
-    return type(name, (base,), {"forward": forward, "__module__": __name__, "_hbkernels_layout": True})
+    return type(name, (base,), {"forward": forward, "__module__": __name__, "_hbkernels_fused": True})
 
 
 def __getattr__(name: str):
     # pickle finds the fused classes here by name, also in a process that never called apply_to
-    if name in _LAYOUT_FORWARDS and _layout_class(name) is not None:
-        return _layout_class(name)
+    if name in _FUSED_FORWARDS and _fused_class(name) is not None:
+        return _fused_class(name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -301,13 +301,13 @@ def _swap_layout(model, d) -> None:
             and type(module) is d[name]
             and isinstance(getattr(module, "norm", None), nn.GroupNorm)
         ):
-            module.__class__ = _layout_class(name)
+            module.__class__ = _fused_class(name)
 
 
 def _swap_time_embedding(model, d) -> None:
     for module in model.modules():
         if type(module) is d["ResnetBlock2D"] and module.time_embedding_norm == "default":
-            module.__class__ = _layout_class("ResnetBlock2D")
+            module.__class__ = _fused_class("ResnetBlock2D")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,7 +354,7 @@ def _summary(model) -> dict:
             s["geglu"] += 1
         elif isinstance(getattr(m, "processor", None), TemporalAttnProcessor):
             s["temporal_attention"] += 1
-        if getattr(type(m), "_hbkernels_layout", False):
+        if getattr(type(m), "_hbkernels_fused", False):
             s["time_embedding" if type(m).__name__ == "ResnetBlock2D" else "temporal_layout"] += 1
     return s
 

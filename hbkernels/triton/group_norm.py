@@ -5,7 +5,8 @@ Design (a group holds C/G channels x T*S elements, far too much work for one pro
 forward  1. _gn_stats:    grid (N * chunks, C blocks). Each program walks the [BLOCK_C, BLOCK_S] tiles
                           of one chunk of the (t, s) plane with a Welford (mean, M2) per tile lane,
                           Chan-merges the lanes into the chunk's per-channel (mean, M2) at the end.
-                          Writes them to small fp32 buffers (N, C, chunks) plus the chunk counts.
+                          Writes them to small fp32 buffers (N, C, chunks); chunk counts follow from
+                          the tiling (_chunk_count).
          2. _gn_finalize: grid (N * G). Merges the C/G * chunks partials of one group
                           (mean = sum n_i mu_i / n, M2 = sum M2_i + n_i (mu_i - mu)^2), writes mean, rstd.
          3. _gn_apply:    grid (N * T * S blocks, C blocks). y = (x - mean) * rstd * w + b (+ SiLU).
@@ -23,10 +24,12 @@ Channel blocks are not aligned to groups (statistics are per channel, merged per
 a tile can be 64 channels wide: with channels-last or token-layout tensors (unit channel stride) every
 access is a full 128-byte line, while a group alone is only C/G (e.g. 10) channels = 20 bytes.
 
-Memory traffic: forward reads x twice (once from L2 in one launch) and writes y once; the fused SiLU saves the separate activation
-pass (one read + one write), and writing y straight into the token layout saves the permute copy (one
-more read + write). Backward reads dy and x twice and writes dx once.
+Memory traffic: forward reads x twice (the second time from L2 in one launch) and writes y once; the
+fused SiLU saves the separate activation pass (one read + one write), and writing y straight into the
+token layout saves the permute copy (one more read + write). Backward reads dy and x twice and writes dx once.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -554,7 +557,7 @@ def gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: float, s
             c, num_groups, cpg, t2, s2, n_sb, n_cb, n_tiles, per, n_chunks, n_units, lag,
             float(cpg), float(t * s), float(cpg * t * s), float(eps), sw, sb_, *ms, *xs, *ys, **flags,
             BLOCK_C=block_c, BLOCK_S=block_s, BLOCK_K=min(next_pow2(n_chunks), max(1, _TILE // block_c)),
-            GROUPS=next_pow2(_max_groups_touched(c, cpg, block_c)), CPG=next_pow2(cpg),
+            GROUPS=next_pow2(_block_groups(c, cpg, block_c)[0]), CPG=next_pow2(cpg),
             num_warps=warps_for(block_c * block_s),
         )
         return
@@ -583,18 +586,21 @@ def gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: float, s
     )
 
 
-def _max_groups_touched(c: int, cpg: int, block_c: int) -> int:
-    return max((min(cb * block_c + block_c, c) - 1) // cpg - cb * block_c // cpg + 1 for cb in range(cdiv(c, block_c)))
+@functools.lru_cache(maxsize=1024)
+def _block_groups(c: int, cpg: int, block_c: int) -> tuple[int, int]:
+    """(most groups one channel block touches, furthest channel block ahead that a block's groups reach)."""
+    touched = reach = 0
+    for cb in range(cdiv(c, block_c)):
+        g_lo, g_hi = cb * block_c // cpg, (min(cb * block_c + block_c, c) - 1) // cpg
+        touched = max(touched, g_hi - g_lo + 1)
+        reach = max(reach, (g_hi * cpg + cpg - 1) // block_c - cb)
+    return touched, reach
 
 
 def _min_lag(c: int, cpg: int, block_c: int, n_chunks: int) -> int:
     """The smallest schedule lag (in units) at which every apply unit waits only on statistics units
     with lower tickets: the statistics of the furthest channel block its groups reach, all chunks."""
-    reach = 0
-    for cb in range(cdiv(c, block_c)):
-        g_hi = (min(cb * block_c + block_c, c) - 1) // cpg
-        reach = max(reach, (g_hi * cpg + cpg - 1) // block_c - cb)
-    return (reach + 1) * n_chunks
+    return (_block_groups(c, cpg, block_c)[1] + 1) * n_chunks
 
 
 def gn_bwd(dy, x, weight, bias, shift, mean, rstd, dx, dweight, dbias, num_groups: int, silu: bool) -> None:
