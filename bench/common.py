@@ -54,21 +54,6 @@ def median_seconds_graphed(fn, min_run_time: float = 0.3, calls: int = 10) -> fl
     return median_seconds(graph.replay, min_run_time) / calls
 
 
-def with_gn_single_launch(fn):
-    """``fn`` run with the Triton GroupNorm forward in one launch (hbkernels.triton.group_norm.SINGLE_LAUNCH),
-    the variant measured against the default three-launch forward before it becomes the default."""
-    from hbkernels.triton import group_norm
-
-    def run(*args):
-        before, group_norm.SINGLE_LAUNCH = group_norm.SINGLE_LAUNCH, True
-        try:
-            return fn(*args)
-        finally:
-            group_norm.SINGLE_LAUNCH = before
-
-    return run
-
-
 def copy_bandwidth(dev: torch.device) -> float:
     """Measured device copy bandwidth in bytes/s (read + write), the 100% mark for memory-bound ops."""
     numel = (256 if dev.type == "cuda" else 32) * 2**20 // 4

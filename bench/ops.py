@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from einops import rearrange
 
 import hbkernels
-from bench import common
 
 # (label, batch, frames, heads, head_dim, positions per frame)
 ATTN_GPU = [
@@ -119,17 +118,15 @@ def run(report, dev, dtype, quick=False, timer=None, compile_too=True):
     def hb_group_norm_silu(x, w, b):
         return hbkernels.group_norm(x, 32, w, b, 1e-5, activation="silu")
 
-    # GPU: the one-launch GroupNorm forward beside the default, and the channels-last layout the U-Net runs
-    gn_extra = {"hbkernels 1-launch": common.with_gn_single_launch(hb_group_norm_silu)} if gpu else {}
     for label, b, c, t, h, w in shapes(GN_GPU, GN_CPU):
         shape = (b, c, t, h, w) if t else (b, c, h, w)
         layouts = [("", torch.contiguous_format)]
-        if gpu:
+        if gpu:  # and the channels-last layout the U-Net runs
             layouts.append((" CL", torch.channels_last_3d if t else torch.channels_last))
         for suffix, fmt in layouts:
             x = (torch.randn(shape, device=dev, dtype=dtype) + 1).contiguous(memory_format=fmt)
             wt, bs = torch.randn(c, device=dev, dtype=dtype), torch.randn(c, device=dev, dtype=dtype)
-            impls = {**_impls(eager_group_norm_silu, hb_group_norm_silu), **gn_extra}
+            impls = _impls(eager_group_norm_silu, hb_group_norm_silu)
             measure("group_norm_silu", f"{label}{suffix} {tuple(shape)}", impls, (x, wt, bs), 2 * x.numel() * elt)
 
     for label, b, c, t, h, w in shapes(GN_GPU, GN_CPU):
@@ -138,8 +135,6 @@ def run(report, dev, dtype, quick=False, timer=None, compile_too=True):
         x, res = (torch.randn(b, c, t, h, w, device=dev, dtype=dtype) for _ in range(2))
         wt, bs = torch.randn(c, device=dev, dtype=dtype), torch.randn(c, device=dev, dtype=dtype)
         impls = _impls(eager_temporal_path, hb_temporal_path)
-        if gpu:
-            impls["hbkernels 1-launch"] = common.with_gn_single_launch(hb_temporal_path)
         measure("temporal_path", f"{label} heads={c // 64}", impls, (x, wt, bs, res, c // 64), 3 * x.numel() * elt)
 
     for label, rows, f in shapes(GEGLU_GPU, GEGLU_CPU):

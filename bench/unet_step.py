@@ -9,13 +9,16 @@ GPU memory, for several ways of running the same model:
   which takes the per-kernel launch cost out
 - ``..., channels-last``: the same after ``model.enable_channels_last()``; ``..., fused QKV``: also
   after ``model.fuse_qkv_projections()``
-- ``..., GN 1-launch`` (GPU): with the one-launch Triton GroupNorm forward
 
 GPU: the real hummingbird-0.7b (26 frames, batch 1: guidance is distilled in) and videocrafter2
 (16 frames, batch 2: the classifier-free-guidance pair) at 320x512 (40x64 latents) in fp16.
 CPU: a reduced 0.7B-shaped model (64 base channels) on 8 frames of 16x16 latents, in fp32.
 
-    python -m bench.unet_step [--quick] [--no-compile] [--profile] [--out bench/results]
+    python -m bench.unet_step [--quick] [--no-compile] [--profile] [--case TEXT] [--state NAME]...
+                              [--impl NAME]... [--out bench/results]
+
+``--state`` (channels-last, channels-last-fused-qkv, standard) and ``--impl`` (a row name before its
+state, e.g. ``"hbkernels + CUDA graph"``) pick rows, so a short GPU lease times only what it needs.
 
 ``--profile`` (GPU) also writes where each row's GPU time goes: kernels per step, their summed time
 against the step's wall time (the gap is host-bound idle GPU), and time per kernel family.
@@ -41,8 +44,12 @@ CASES_GPU = [
     ("hummingbird-0.7b 320x512 T26 B1", "hummingbird-0.7b", {}, 1, 26, 40, 64),
     ("videocrafter2 320x512 T16 B2", "videocrafter2", {}, 2, 16, 40, 64),
 ]
-# (row suffix, channels-last, fused QKV projections)
-STATES = [(", channels-last", True, False), (", channels-last, fused QKV", True, True), ("", False, False)]
+# (--state name, row suffix, channels-last, fused QKV projections)
+STATES = [("channels-last", ", channels-last", True, False),
+          ("channels-last-fused-qkv", ", channels-last, fused QKV", True, True),
+          ("standard", "", False, False)]
+IMPLS = ["eager", "hbkernels", "eager + CUDA graph", "hbkernels + CUDA graph", "compile", "compile + CUDA graph",
+         "hbkernels + compile", "hbkernels + compile + CUDA graph"]
 CASES_CPU = [("0.7b-shaped c64 128x128 T8 B1", "hummingbird-0.7b", {"model_channels": 64, "attention_head_dim": 32}, 1, 8, 16, 16)]
 
 
@@ -159,12 +166,14 @@ def measure(fn, backend, dev, timer):
     return seconds, peak
 
 
-def implementations(model, step, dev, compile_too):
-    """(row name, backend for use_backend or None for automatic, callable) for one model state."""
+def implementations(model, step, dev, compile_too, wanted):
+    """(row name, backend for use_backend or None for automatic, callable) for one model state: the
+    rows named in ``wanted``."""
     impls = [("eager", "torch", step), ("hbkernels", None, step)]
     if dev.type == "cuda":  # one graph per backend: each captures the kernels its backend launches
         impls += [("eager + CUDA graph", "torch", CUDAGraphCall(step)), ("hbkernels + CUDA graph", None, CUDAGraphCall(step))]
-    if compile_too:  # compiled after the layout switch: inductor specialises on the weights' strides
+    if compile_too and any("compile" in name for name in wanted):  # compiled after the layout switch:
+        # inductor specialises on the weights' strides
         # One wrapper, two graphs: the backend choice is guarded, so each backend compiles its own
         # (hbkernels' kernels stay opaque custom ops; inductor fuses the rest around them).
         compiled = functools.partial(step, torch.compile(model))
@@ -172,12 +181,10 @@ def implementations(model, step, dev, compile_too):
             impls.append((name, backend, compiled))
             if dev.type == "cuda":  # inductor's kernels in our CUDA graph: compile without its launch cost
                 impls.append((f"{name} + CUDA graph", backend, CUDAGraphCall(compiled)))
-    if dev.type == "cuda":  # last: the experimental kernel cannot cost the other rows if it fails
-        impls.append(("hbkernels + CUDA graph, GN 1-launch", None, common.with_gn_single_launch(CUDAGraphCall(step))))
-    return impls
+    return [impl for impl in impls if impl[0] in wanted]
 
 
-def run(report, dev, dtype, cases, compile_too, timer, profiles=None):
+def run(report, dev, dtype, cases, compile_too, timer, profiles=None, states=STATES, impls=IMPLS):
     for label, name, overrides, batch, frames, height, width in cases:
         with dev:  # random init on the device: seconds instead of a minute of CPU init at 1.4B
             model = HummingbirdUNet3DModel.from_named_config(name, **overrides).to(dtype).eval()
@@ -186,7 +193,7 @@ def run(report, dev, dtype, cases, compile_too, timer, profiles=None):
         # Newest configurations first (a GPU run cut off at its time limit keeps those): channels-last,
         # also with fused QKV projections, then the standard layout. No compile rows for the fused
         # state: each compile of the model costs about a minute on a GPU.
-        for state, channels_last, fused in STATES:
+        for _, state, channels_last, fused in states:
             if channels_last:
                 model.enable_channels_last()
             else:
@@ -195,7 +202,7 @@ def run(report, dev, dtype, cases, compile_too, timer, profiles=None):
                 model.fuse_qkv_projections()
             else:
                 model.unfuse_qkv_projections()
-            for impl, backend, fn in implementations(model, step, dev, compile_too and not fused):
+            for impl, backend, fn in implementations(model, step, dev, compile_too and not fused, impls):
                 impl += state
                 try:
                     seconds, peak = measure(fn, backend, dev, timer)
@@ -220,6 +227,9 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="short timing")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile (slow to build on CPU)")
     parser.add_argument("--case", default="", help="only cases whose label contains this text")
+    parser.add_argument("--state", action="append", choices=[s[0] for s in STATES],
+                        help="only this model state (repeatable; default: all)")
+    parser.add_argument("--impl", action="append", choices=IMPLS, help="only this row (repeatable; default: all)")
     parser.add_argument("--profile", action="store_true", help="GPU: also write each row's kernel-time breakdown")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args(argv)
@@ -236,10 +246,14 @@ def main(argv=None):
     cases = [c for c in (CASES_GPU if dev.type == "cuda" else CASES_CPU) if args.case in c[0]]
     if not cases:
         parser.error(f"--case {args.case!r} matches no case")
-    run(report, dev, dtype, cases, args.compile,
-        timer=lambda fn: common.median_seconds(fn, min_time), profiles=profiles)
+    states = [s for s in STATES if s[0] in (args.state or [s[0]])]
+    run(report, dev, dtype, cases, args.compile, timer=lambda fn: common.median_seconds(fn, min_time),
+        profiles=profiles, states=states, impls=args.impl or IMPLS)
     # a filtered run must not overwrite the full one
-    paths = report.save(args.out, "unet_step", str(dtype).split(".")[-1], *([common.slug(args.case)] if args.case else []))
+    filtered = [common.slug(args.case)] if args.case else []
+    if args.state or args.impl:
+        filtered.append("rows")
+    paths = report.save(args.out, "unet_step", str(dtype).split(".")[-1], *filtered)
     if profiles:
         path = paths[0].removesuffix(".json") + "-profile.md"  # beside the report, same stem
         common.atomic_write(path, f"# U-Net step kernel time — {report.device}, commit {report.commit}\n\n"

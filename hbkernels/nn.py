@@ -39,6 +39,17 @@ class GroupNorm(nn.GroupNorm):
         return new
 
 
+def conv_deferring_bias(conv: nn.Module, x: torch.Tensor):
+    """``(conv(x) without its bias, the bias)`` for a plain biased ``nn.Conv2d`` / ``nn.Conv3d``, so
+    that the caller adds the bias where it costs no pass of its own, e.g. as the next
+    :class:`GroupNorm`'s ``shift`` (cuDNN adds a convolution's bias in a separate broadcast pass over
+    the whole output). ``(conv(x), None)`` for anything else (a LoRA-wrapped or hooked conv, no bias)."""
+    plain = type(conv) in (nn.Conv2d, nn.Conv3d) and not (conv._forward_hooks or conv._forward_pre_hooks)
+    if plain and conv.bias is not None:
+        return conv._conv_forward(x, conv.weight, None), conv.bias
+    return conv(x), None
+
+
 class GEGLU(nn.Module):
     """diffusers' ``GEGLU`` (``proj`` Linear to 2 * dim_out, then value * gelu(gate)), fused."""
 

@@ -248,15 +248,18 @@ def _animatediff_forward(self, hidden_states, encoder_hidden_states=None, timest
 
 
 def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
-    """diffusers' ``ResnetBlock2D`` in "default" time-embedding mode, with the embedding added inside
-    norm2 (GroupNorm of h + temb per sample and channel) instead of by a broadcast add over h.
+    """diffusers' ``ResnetBlock2D`` in "default" time-embedding mode, with the embedding (and conv1's
+    bias) added inside norm2 (GroupNorm of h + shift per sample and channel) instead of by broadcast
+    adds over h.
     Configurations outside that path (resampling, no embedding, a torch norm2, the deprecated
     ``scale`` argument) run diffusers' own forward."""
     if (args or kwargs or temb is None or self.time_emb_proj is None or self.upsample is not None
             or self.downsample is not None or not isinstance(self.norm2, hbnn.GroupNorm)):
         return super(type(self), self).forward(input_tensor, temb, *args, **kwargs)
-    h = self.conv1(self.nonlinearity(self.norm1(input_tensor)))
+    h, bias = hbnn.conv_deferring_bias(self.conv1, self.nonlinearity(self.norm1(input_tensor)))
     emb = self.time_emb_proj(temb if self.skip_time_act else self.nonlinearity(temb))
+    if bias is not None:  # conv1's bias rides in the shift too
+        emb = emb + bias
     h = self.conv2(self.dropout(self.nonlinearity(self.norm2(h, shift=emb))))
     shortcut = input_tensor
     if self.conv_shortcut is not None:  # contiguous in training, as diffusers (DDP gradient strides)

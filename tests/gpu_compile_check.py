@@ -22,7 +22,6 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 from hbkernels import triton as kernels  # noqa: E402
-from hbkernels.triton import group_norm  # noqa: E402
 
 # name -> (target, shared memory per block the hardware allows, bytes)
 TARGETS = {
@@ -68,7 +67,7 @@ def attention_cases():
 
 def group_norm_cases():
     # NCHW (narrow-C tiles) and channels-last (wide-C tiles); affine + SiLU and neither; fp32 takes the
-    # precise-sigmoid path; forward in three launches and in one
+    # precise-sigmoid path
     for dtype, fmt, silu in [(torch.float16, torch.contiguous_format, True), (torch.float16, torch.channels_last_3d, True),
                              (torch.float16, torch.contiguous_format, False), (torch.bfloat16, torch.channels_last_3d, True),
                              (torch.float32, torch.contiguous_format, True)]:
@@ -77,10 +76,7 @@ def group_norm_cases():
         shift = torch.randn(1, 320) if silu else None  # the ResNet block's time embedding
         x4, y4 = x.flatten(3), torch.empty_like(x).flatten(3)
         mean, rstd = torch.empty(1, 32), torch.empty(1, 32)
-        for single_launch in (False, True):
-            group_norm.SINGLE_LAUNCH = single_launch
-            kernels.gn_fwd(x4, *affine, shift, y4, mean, rstd, 32, 1e-5, silu)
-        group_norm.SINGLE_LAUNCH = False
+        kernels.gn_fwd(x4, *affine, shift, y4, mean, rstd, 32, 1e-5, silu)
         dx4 = torch.empty_like(x).flatten(3)
         grads = [torch.empty(320) if p is not None else None for p in affine]
         kernels.gn_bwd(torch.randn_like(x).flatten(3).to(dtype), x4, *affine, shift, mean, rstd, dx4, *grads, 32, silu)

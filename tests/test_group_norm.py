@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import hbkernels
-from helpers import BACKENDS, KERNEL_BACKENDS, DEVICE, DTYPES, ON_GPU, check_against_float64, rand, shapes
+from helpers import BACKENDS, KERNEL_BACKENDS, DEVICE, DTYPES, check_against_float64, rand, shapes
 
 # (shape, num_groups): C not a multiple of 8, T = 1/16/25, N = 1 and 2.
 QUICK = [((1, 12, 3, 5), 4), ((2, 30, 1, 4, 3), 3), ((1, 12, 16, 2, 3), 4), ((2, 8, 25, 2, 2), 2)]
@@ -91,69 +91,6 @@ def test_group_norm_to_tokens(backend_name, dtype, shape, groups, layout):
         return hbkernels.group_norm_to_tokens(to_layout(x, layout), groups, w, b, eps=1e-6)
 
     check_against_float64(fn, [x, w, b], backend_name, dtype)
-
-
-# Groups that straddle channel blocks (C = 40, 96: 10 and 3 channels per group) and span several
-# (C = 160 in 2 groups); "tight" runs the interleaved schedule at its smallest deadlock-free lag.
-# Programs wait on each other here: a scheduling bug hangs rather than fails, hence the timeouts.
-SINGLE_LAUNCH_CASES = [((2, 40, 3, 5, 7), 4, "contiguous"), ((1, 96, 4, 6, 6), 32, "channels_last"),
-                       ((2, 160, 2, 4, 4), 2, "channels_last"), ((1, 24, 5, 3), 3, "strided")]
-
-
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS[-1:])  # triton
-@pytest.mark.parametrize("dtype", DTYPES[:2])  # the path shares its loads and arithmetic with the default one
-@pytest.mark.parametrize("shape,groups,layout", SINGLE_LAUNCH_CASES)
-@pytest.mark.parametrize("lag", ["tight", "stats_first"])
-@pytest.mark.parametrize("to_tokens", [False, True])
-def test_group_norm_single_launch(monkeypatch, backend_name, dtype, shape, groups, layout, lag, to_tokens):
-    gn = pytest.importorskip("hbkernels.triton.group_norm")
-    if to_tokens and len(shape) == 4:
-        pytest.skip("tokens are 5D only")
-    monkeypatch.setattr(gn, "SINGLE_LAUNCH", True)
-    monkeypatch.setattr(gn, "SINGLE_LAUNCH_LAG_BYTES", 1 if lag == "tight" else 1 << 50)
-    c = shape[1]
-    x = rand(*shape, dtype=torch.float64, mean=2.0, requires_grad=True)
-    w = rand(c, dtype=torch.float64, requires_grad=True)
-    b = rand(c, dtype=torch.float64, requires_grad=True)
-    shift = rand(shape[0], c, dtype=torch.float64, requires_grad=True)
-
-    def fn(x, w, b, shift=None):
-        if to_tokens:
-            return hbkernels.group_norm_to_tokens(to_layout(x, layout), groups, w, b)
-        return hbkernels.group_norm(to_layout(x, layout), groups, w, b, activation="silu", shift=shift)
-
-    check_against_float64(fn, [x, w, b] + ([] if to_tokens else [shift]), backend_name, dtype)
-
-
-@pytest.mark.timeout(120)
-@pytest.mark.skipif(not ON_GPU, reason="races between programs need a GPU")
-@pytest.mark.parametrize("lag", ["tight", "default"])
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_group_norm_single_launch_is_race_free_on_gpu(monkeypatch, lag, layout):
-    # Thousands of concurrent programs: a unit that read another's partials or its group's mean before
-    # they were written would give run-to-run differences or a mismatch with the three-launch path.
-    gn = pytest.importorskip("hbkernels.triton.group_norm")
-    x = to_layout(rand(2, 320, 26, 40, 64, dtype=torch.float16, mean=1.0), layout)
-    w, b = rand(320, dtype=torch.float16), rand(320, dtype=torch.float16)
-    want = hbkernels.group_norm(x, 32, w, b, activation="silu")
-    monkeypatch.setattr(gn, "SINGLE_LAUNCH", True)
-    if lag == "tight":
-        monkeypatch.setattr(gn, "SINGLE_LAUNCH_LAG_BYTES", 1)
-    first = hbkernels.group_norm(x, 32, w, b, activation="silu")
-    torch.testing.assert_close(first, want, atol=4e-3, rtol=4e-3)
-    for _ in range(20):
-        assert torch.equal(hbkernels.group_norm(x, 32, w, b, activation="silu"), first)
-
-
-def test_single_launch_min_lag():
-    gn = pytest.importorskip("hbkernels.triton.group_norm")
-    # 10-channel groups over 16-channel blocks reach one block ahead: 2 blocks x 3 chunks
-    assert gn._min_lag(40, 10, 16, 3) == 6
-    # one 80-channel group spans 5 blocks of 16: block 0's apply needs blocks 0-4
-    assert gn._min_lag(160, 80, 16, 2) == 10
-    # aligned groups (2 per 64-channel block) need only their own block
-    assert gn._min_lag(256, 32, 64, 4) == 4
 
 
 def test_group_norm_to_tokens_layout_matches_einops():

@@ -83,3 +83,29 @@ def test_modules_reject_bad_rank():
         hbkernels.nn.TemporalAttention(8, 2, 4)(torch.randn(2, 3, 4, 8))
     with pytest.raises(ValueError, match="x must be"):
         hbkernels.nn.GroupNorm(2, 4)(torch.randn(4))
+
+
+def test_conv_deferring_bias():
+    """A plain biased conv hands back its bias; hooked, subclassed or bias-free convs run whole."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(4, 6, (3, 1, 1), padding=(1, 0, 0))
+    x = torch.randn(2, 4, 5, 3, 3)
+    y, bias = hbkernels.nn.conv_deferring_bias(conv, x)
+    assert bias is conv.bias
+    torch.testing.assert_close(y + bias[:, None, None, None], conv(x))
+
+    class Wrapped(torch.nn.Conv3d):  # e.g. a LoRA layer: its forward must run
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    wrapped = Wrapped(4, 6, 1)
+    y, bias = hbkernels.nn.conv_deferring_bias(wrapped, x)
+    assert bias is None
+    torch.testing.assert_close(y, wrapped(x))
+    handle = conv.register_forward_hook(lambda module, args, out: out + 1)
+    y, bias = hbkernels.nn.conv_deferring_bias(conv, x)
+    handle.remove()
+    assert bias is None
+    torch.testing.assert_close(y, conv(x) + 1)
+    no_bias = torch.nn.Conv3d(4, 6, 1, bias=False)
+    assert hbkernels.nn.conv_deferring_bias(no_bias, x)[1] is None

@@ -163,11 +163,12 @@ def test_resnet_time_embedding_fused(kind, monkeypatch):
                           skip_time_act=kind == "skip_time_act", down=kind == "down", output_scale_factor=2.0)
     x, temb = torch.randn(2, 16, 4, 4, requires_grad=True), torch.randn(2, 8, requires_grad=True)
     ref = block(x, temb)
-    ref_grads = torch.autograd.grad(ref.square().sum(), [x, temb, block.time_emb_proj.weight])
+    wrt = [x, temb, block.time_emb_proj.weight, block.conv1.bias]  # conv1's bias moves into norm2's shift
+    ref_grads = torch.autograd.grad(ref.square().sum(), wrt)
     hbkernels.apply_to(block)
     with counting(monkeypatch) as calls:
         out = block(x, temb)
-    grads = torch.autograd.grad(out.square().sum(), [x, temb, block.time_emb_proj.weight])
+    grads = torch.autograd.grad(out.square().sum(), wrt)
     assert block._hbkernels_patched["time_embedding"] == 1
     assert calls["group_norm+shift"] == (0 if kind == "down" else 1)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

@@ -207,13 +207,21 @@ def test_spatial_transformer_matches_plain_pytorch(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_resblock_matches_plain_pytorch(backend):
+    """Outputs and parameter gradients: the conv biases folded into GroupNorm shifts get theirs."""
     block = randomize(ResBlock(16, 24, 32, dropout=0.0, groups=4, temporal_dropout=0.1)).eval()
     b, t = 2, 3
     x, emb = torch.randn(b * t, 16, 4, 4), torch.randn(b * t, 24)
-    with torch.no_grad():
-        got = run_on(backend, lambda: block(x, emb, t))
-        want = plain_resblock(x, emb, block.state_dict(), 4, b)
+    params = dict(block.named_parameters())
+    got = run_on(backend, lambda: block(x, emb, t))
+    want = plain_resblock(x, emb, params, 4, b)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    cot = torch.randn_like(want)
+    names = ["in_layers.2.bias", "out_layers.3.bias", "temporal_conv.conv1.2.bias", "temporal_conv.conv3.3.bias",
+             "emb_layers.1.weight", "temporal_conv.conv2.0.weight"]
+    got_grads = run_on(backend, lambda: torch.autograd.grad(got, [params[n] for n in names], cot))
+    want_grads = torch.autograd.grad(want, [params[n] for n in names], cot)
+    for name, g, w in zip(names, got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
 def test_guidance_scale_embedding_is_lcms():

@@ -10,10 +10,6 @@ forward  1. _gn_stats:    grid (N * chunks, C blocks). Each program walks the [B
          2. _gn_finalize: grid (N * G). Merges the C/G * chunks partials of one group
                           (mean = sum n_i mu_i / n, M2 = sum M2_i + n_i (mu_i - mu)^2), writes mean, rstd.
          3. _gn_apply:    grid (N * T * S blocks, C blocks). y = (x - mean) * rstd * w + b (+ SiLU).
-         or all three in one launch (_gn_fwd_single, SINGLE_LAUNCH): statistics units and apply units
-                          of the same tiles in one grid, scheduled so that the apply pass re-reads x
-                          from L2 (DRAM traffic: x once + y once instead of x twice + y, and one launch
-                          instead of three).
 backward 1. _gn_bwd_partials: same grid as stats; per channel and chunk, sum dz * xhat and sum dz, with
                           dz = dy or dy * silu'(z), z recomputed from x.
          2. _gn_bwd_finalize: per group c1 = mean(dz * w), c2 = mean(dz * w * xhat).
@@ -24,41 +20,27 @@ Channel blocks are not aligned to groups (statistics are per channel, merged per
 a tile can be 64 channels wide: with channels-last or token-layout tensors (unit channel stride) every
 access is a full 128-byte line, while a group alone is only C/G (e.g. 10) channels = 20 bytes.
 
-Memory traffic: forward reads x twice (the second time from L2 in one launch) and writes y once; the
-fused SiLU saves the separate activation pass (one read + one write), and writing y straight into the
-token layout saves the permute copy (one more read + write). Backward reads dy and x twice and writes dx once.
+Memory traffic: forward reads x twice and writes y once; the fused SiLU saves the separate activation
+pass (one read + one write), and writing y straight into the token layout saves the permute copy (one
+more read + write). Backward reads dy and x twice and writes dx once.
 """
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from hbkernels.triton.layout import _TILE, INTERPRETED, cdiv, merge_ts, next_pow2, strides4, tile_shape, warps_for
+from hbkernels.triton.layout import INTERPRETED, cdiv, merge_ts, next_pow2, strides4, tile_shape, warps_for
 
 _GPU_STATS_PROGRAMS = 2048  # enough resident programs to keep an H100's loads in flight
-# Statistics units of the single launch (as many apply units run beside them). Fewer, longer units
-# than the separate statistics pass: the unit completing a channel block merges all its chunks'
-# partials while that block's apply units wait, so chunks per block set the launch's tail
-# (e.g. 92 instead of 410 for a channels-last (1, 320, 16, 40, 64)).
-_SINGLE_LAUNCH_UNITS = 512
 _INTERP_CHUNKS = 3  # a few programs per (n, channel block) under TRITON_INTERPRET (still exercises merging)
 _FINAL_BLOCK = 1024
-# Forward in one launch (statistics and normalisation, the second read of x served from L2); off until
-# measured on a GPU against the three-launch path: `python -m bench --graph --quick` times both.
-SINGLE_LAUNCH = False
-# input bytes read between a tile's statistics pass and its normalisation: well inside an H100's 50 MB
-# L2 with the outputs written meanwhile
-SINGLE_LAUNCH_LAG_BYTES = 16 << 20
 
 
-def _chunking(n: int, n_cb: int, n_tiles: int, programs: int = _GPU_STATS_PROGRAMS):
-    """(tiles per chunk, chunks) for the reductions over the n_tiles tiles of one (n, channel block),
-    aiming at ``programs`` programs over all (n, channel block)s."""
+def _chunking(n: int, n_cb: int, n_tiles: int):
+    """(tiles per chunk, chunks) for the reductions over the n_tiles tiles of one (n, channel block)."""
     if INTERPRETED:
         want = _INTERP_CHUNKS
     else:
-        want = cdiv(programs, n * n_cb)
+        want = cdiv(_GPU_STATS_PROGRAMS, n * n_cb)
     want = max(1, min(want, n_tiles))
     per = cdiv(n_tiles, want)
     return per, cdiv(n_tiles, per)
@@ -97,14 +79,49 @@ def _tile_origin(pid_tile, n_sb, BLOCK_S: tl.constexpr):
 
 
 @triton.jit
-def _chunk_moments(x_n, cc, cmask, first, last, S, n_sb, sxc, sxt, sxs, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Per-channel (mean, M2) of tiles [first, last) of one n's (t, s) plane, for channels cc.
+def _chunk_count(chunk, tiles_per_chunk, n_tiles, n_sb, S, BLOCK_S: tl.constexpr):
+    """Elements per channel in chunk(s) ``chunk``: BLOCK_S per tile, less the ragged end of each
+    t-row's last s-block (tiles i with (i + 1) % n_sb == 0)."""
+    first = chunk * tiles_per_chunk
+    last = tl.minimum(first + tiles_per_chunk, n_tiles)
+    ragged = last // n_sb - first // n_sb
+    return ((last - first) * BLOCK_S - ragged * (n_sb * BLOCK_S - S)).to(tl.float32)
 
-    Welford per lane: each element of the tile updates its own lane's (mean, M2) in registers, so
-    the loop needs no cross-thread reduction. A per-tile reduction over S goes through shared memory
-    when the tile's threads run along C (channels-last); the per-tile two-pass version ran 3.6x
-    longer on channels-last than on NCHW tensors in an H200 U-Net step."""
+
+@triton.jit
+def _channel_vec(ptr, cc, cmask, stride, HAS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """An optional per-channel vector (bias, shift) as fp32; zeros when absent."""
+    if HAS:
+        return tl.load(ptr + cc * stride, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        return tl.zeros([BLOCK_C], dtype=tl.float32)
+
+
+@triton.jit
+def _chunk_program(C, n_chunks, BLOCK_C: tl.constexpr):
+    """(n, chunk, channels, channel mask) of a program of a (N * chunks, channel blocks) grid."""
+    pid = tl.program_id(0)
+    n = pid // n_chunks
+    cc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return n, pid - n * n_chunks, cc, cc < C
+
+
+@triton.jit
+def _gn_stats_kernel(
+    x_ptr, pmean_ptr, pm2_ptr,
+    C, T, S, n_sb, n_tiles, tiles_per_chunk, n_chunks,
+    sxn, sxc, sxt, sxs,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    n, chunk, cc, cmask = _chunk_program(C, n_chunks, BLOCK_C)
+    first = chunk * tiles_per_chunk
+    last = tl.minimum(first + tiles_per_chunk, n_tiles)
+    x_n = x_ptr + n.to(tl.int64) * sxn
     ar = tl.arange(0, BLOCK_S)
+    # Welford per lane: each element of the tile updates its own lane's (mean, M2) in registers, so
+    # the loop needs no cross-thread reduction. A per-tile reduction over S goes through shared memory
+    # when the tile's threads run along C (channels-last); the per-tile two-pass version ran 3.6x
+    # longer on channels-last than on NCHW tensors in an H200 U-Net step.
     cnt = tl.zeros([BLOCK_S], dtype=tl.float32)  # elements seen per S lane (the same for every channel)
     mean = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
@@ -123,25 +140,25 @@ def _chunk_moments(x_n, cc, cmask, first, last, S, n_sb, sxc, sxt, sxs, BLOCK_C:
     total = tl.sum(cnt, axis=0)
     chunk_mean = tl.sum(mean * (cnt * tl.div_rn(1.0, total))[None, :], axis=1)
     d = mean - chunk_mean[:, None]
-    return chunk_mean, tl.sum(m2 + d * d * cnt[None, :], axis=1)
+    chunk_m2 = tl.sum(m2 + d * d * cnt[None, :], axis=1)
+    out = (n.to(tl.int64) * C + cc) * n_chunks + chunk
+    tl.store(pmean_ptr + out, chunk_mean, mask=cmask)
+    tl.store(pm2_ptr + out, chunk_m2, mask=cmask)
 
 
 @triton.jit
-def _chunk_count(chunk, tiles_per_chunk, n_tiles, n_sb, S, BLOCK_S: tl.constexpr):
-    """Elements per channel in chunk(s) ``chunk``: BLOCK_S per tile, less the ragged end of each
-    t-row's last s-block (tiles i with (i + 1) % n_sb == 0)."""
-    first = chunk * tiles_per_chunk
-    last = tl.minimum(first + tiles_per_chunk, n_tiles)
-    ragged = last // n_sb - first // n_sb
-    return ((last - first) * BLOCK_S - ragged * (n_sb * BLOCK_S - S)).to(tl.float32)
-
-
-@triton.jit
-def _group_moments(pmean_ptr, pm2_ptr, base, sh_ptr, cpg, n_chunks, tiles_per_chunk, n_tiles, n_sb, S, group_numel,
-                   eps, HAS_SHIFT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK: tl.constexpr):
-    """(mean, rstd) of one group from its cpg * n_chunks partials at ``base`` of the (N, C, chunks)
-    buffers: mean = sum n_i mu_i / n, M2 = sum M2_i + n_i (mu_i - mu)^2. A shift (the group's
-    channels at sh_ptr) moves each channel's partial means, not their M2."""
+def _gn_finalize_kernel(
+    pmean_ptr, pm2_ptr, sh_ptr, mean_ptr, rstd_ptr,
+    G, cpg, n_chunks, tiles_per_chunk, n_tiles, n_sb, S, group_numel, eps, smn, smg, srn, srg,
+    HAS_SHIFT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n = pid // G
+    g = pid - n * G
+    base = pid.to(tl.int64) * cpg * n_chunks  # (n, g*cpg, 0) of the (N, C, chunks) buffers
+    sh_ptr += pid * cpg  # the group's channels of the (N, C) shift
+    # mean = sum n_i mu_i / n, M2 = sum M2_i + n_i (mu_i - mu)^2 over the group's cpg * n_chunks partials;
+    # the shift moves each channel's partial means, not their M2
     length = cpg * n_chunks
     ar = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -164,72 +181,7 @@ def _group_moments(pmean_ptr, pm2_ptr, base, sh_ptr, cpg, n_chunks, tiles_per_ch
         d = mu - mean
         acc += m2 + cnt * d * d
     var = tl.div_rn(tl.sum(acc, axis=0), group_numel)
-    return mean, tl.div_rn(1.0, tl.sqrt_rn(var + eps))
-
-
-@triton.jit
-def _channel_vec(ptr, cc, cmask, stride, HAS: tl.constexpr, BLOCK_C: tl.constexpr):
-    """An optional per-channel vector (bias, shift) as fp32; zeros when absent."""
-    if HAS:
-        return tl.load(ptr + cc * stride, mask=cmask, other=0.0).to(tl.float32)
-    else:
-        return tl.zeros([BLOCK_C], dtype=tl.float32)
-
-
-@triton.jit
-def _apply_tile(x_ptr, y_ptr, n64, t64, cc, ss, mask, mu, a, b,
-                sxn, sxc, sxt, sxs, syn, syc, syt, sys,
-                HAS_B: tl.constexpr, SILU: tl.constexpr, PRECISE: tl.constexpr):
-    """y = (x - mu) * a (+ b) (then SiLU) on one tile; mu, a, b: per-channel vectors."""
-    x = tl.load(x_ptr + (n64 * sxn + t64 * sxt) + cc[:, None] * sxc + ss[None, :] * sxs,
-                mask=mask, other=0.0).to(tl.float32)
-    y = (x - mu[:, None]) * a[:, None]
-    if HAS_B:
-        y += b[:, None]
-    if SILU:
-        y = y * _sigmoid_parts(y, PRECISE)[0]
-    tl.store(y_ptr + (n64 * syn + t64 * syt) + cc[:, None] * syc + ss[None, :] * sys,
-             y.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _chunk_program(C, n_chunks, BLOCK_C: tl.constexpr):
-    """(n, chunk, channels, channel mask) of a program of a (N * chunks, channel blocks) grid."""
-    pid = tl.program_id(0)
-    n = pid // n_chunks
-    cc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    return n, pid - n * n_chunks, cc, cc < C
-
-
-@triton.jit
-def _gn_stats_kernel(
-    x_ptr, pmean_ptr, pm2_ptr,
-    C, T, S, n_sb, n_tiles, tiles_per_chunk, n_chunks,
-    sxn, sxc, sxt, sxs,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-):
-    n, chunk, cc, cmask = _chunk_program(C, n_chunks, BLOCK_C)
-    first = chunk * tiles_per_chunk
-    last = tl.minimum(first + tiles_per_chunk, n_tiles)
-    chunk_mean, chunk_m2 = _chunk_moments(x_ptr + n.to(tl.int64) * sxn, cc, cmask, first, last, S, n_sb,
-                                          sxc, sxt, sxs, BLOCK_C, BLOCK_S)
-    out = (n.to(tl.int64) * C + cc) * n_chunks + chunk
-    tl.store(pmean_ptr + out, chunk_mean, mask=cmask)
-    tl.store(pm2_ptr + out, chunk_m2, mask=cmask)
-
-
-@triton.jit
-def _gn_finalize_kernel(
-    pmean_ptr, pm2_ptr, sh_ptr, mean_ptr, rstd_ptr,
-    G, cpg, n_chunks, tiles_per_chunk, n_tiles, n_sb, S, group_numel, eps, smn, smg, srn, srg,
-    HAS_SHIFT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    n = pid // G
-    g = pid - n * G
-    base = pid.to(tl.int64) * cpg * n_chunks  # (n, g*cpg, 0) of the (N, C, chunks) buffers
-    mean, rstd = _group_moments(pmean_ptr, pm2_ptr, base, sh_ptr + pid * cpg, cpg, n_chunks, tiles_per_chunk,
-                                n_tiles, n_sb, S, group_numel, eps, HAS_SHIFT, BLOCK_S, BLOCK)
+    rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
     tl.store(mean_ptr + n * smn + g * smg, mean)
     tl.store(rstd_ptr + n * srn + g * srg, rstd)
 
@@ -257,136 +209,18 @@ def _gn_apply_kernel(
     if HAS_W:
         a *= tl.load(w_ptr + cc * sw, mask=cmask, other=0.0).to(tl.float32)
     b = _channel_vec(b_ptr, cc, cmask, sb_, HAS_B, BLOCK_C)
-    _apply_tile(x_ptr, y_ptr, n.to(tl.int64), t.to(tl.int64), cc, ss, cmask[:, None] & (ss < S)[None, :], mu, a, b,
-                sxn, sxc, sxt, sxs, syn, syc, syt, sys, HAS_B, SILU, PRECISE)
-
-
-@triton.jit
-def _merge_chunks(pmean_ptr, pm2_ptr, rows, cmask, n_chunks, tiles_per_chunk, n_tiles, n_sb, S,
-                  BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Per-channel (mean, M2) over all chunks of the partials at ``rows`` (channel offsets into the
-    (N, C, chunks) buffers), vectorised over channels: one pass, Chan-merging blocks of BLOCK_K chunks.
-    Reads partials other programs of the launch wrote (volatile: no stale L1 lines)."""
-    kk = tl.arange(0, BLOCK_K)
-    cnt_a = tl.full([], 0.0, dtype=tl.float32)
-    mean_a = tl.zeros([BLOCK_C], dtype=tl.float32)
-    m2_a = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for k0 in range(0, n_chunks, BLOCK_K):
-        k = k0 + kk
-        km = k < n_chunks
-        cnt = tl.where(km, _chunk_count(k, tiles_per_chunk, n_tiles, n_sb, S, BLOCK_S), 0.0)
-        m = cmask[:, None] & km[None, :]
-        mu = tl.load(pmean_ptr + rows[:, None] + k[None, :], mask=m, other=0.0, volatile=True)
-        m2 = tl.load(pm2_ptr + rows[:, None] + k[None, :], mask=m, other=0.0, volatile=True)
-        cnt_b = tl.sum(cnt, axis=0)
-        mean_b = tl.sum(mu * cnt[None, :], axis=1) * tl.div_rn(1.0, cnt_b)
-        d = mu - mean_b[:, None]
-        m2_b = tl.sum(m2 + cnt[None, :] * d * d, axis=1)  # masked chunks: cnt = M2 = 0
-        tot = cnt_a + cnt_b
-        delta = mean_b - mean_a
-        mean_a += delta * tl.div_rn(cnt_b, tot)
-        m2_a += m2_b + delta * delta * tl.div_rn(cnt_a * cnt_b, tot)
-        cnt_a = tot
-    return mean_a, m2_a
-
-
-@triton.jit
-def _gn_fwd_single_kernel(
-    x_ptr, w_ptr, b_ptr, sh_ptr, y_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr, cmean_ptr, cm2_ptr,
-    ticket_ptr, cb_done_ptr, group_done_ptr, ready_ptr,
-    C, G, cpg, T, S, n_sb, n_cb, n_tiles, tiles_per_chunk, n_chunks, n_units, lag, cpg_f, chan_numel, group_numel,
-    eps, sw, sb_, smn, smg, srn, srg, sxn, sxc, sxt, sxs, syn, syc, syt, sys,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, PRECISE: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, GROUPS: tl.constexpr, CPG: tl.constexpr,
-):
-    """The whole forward in one launch of 2 * n_units programs; a unit = one chunk of tiles of one
-    (n, channel block). Apply units re-read the tiles that statistics units read ``lag`` units
-    earlier, so the second read of x comes from L2 instead of DRAM (x read once + y written once, not
-    x twice + y).
-
-    Statistics: the unit that completes a channel block (the last of its chunks to arrive) merges the
-    block's per-channel statistics, then the statistics of the groups it completes (a group spanning
-    several blocks completes with the last of them), and raises their ready flags. Apply units wait
-    for the flags of their channels' groups. GROUPS, CPG: powers of two >= the groups one channel
-    block touches and the channels per group.
-
-    ticket_ptr, cb_done_ptr (N, n_cb), group_done_ptr (N, G), ready_ptr (N, G): zeroed int32.
-    Programs take tickets in the order they start; the schedule runs statistics unit u + lag before
-    apply unit u, and an apply unit only waits on lower tickets, which are running or done and never
-    wait themselves: no deadlock however many programs are resident (as in decoupled look-back scans).
-    """
-    ticket = tl.atomic_add(ticket_ptr, 1, sem="relaxed")
-    # schedule: stats 0 .. lag-1, then apply u / stats u + lag alternating, then the last applies
-    m = ticket - lag
-    pairs = n_units - lag
-    paired = (m >= 0) & (m < 2 * pairs)
-    is_stats = (m < 0) | (paired & (m % 2 == 1))
-    unit = tl.where(m < 0, ticket, tl.where(paired, tl.where(m % 2 == 1, lag + m // 2, m // 2), m - pairs))
-    n = unit // (n_cb * n_chunks)
-    rest = unit - n * (n_cb * n_chunks)
-    cb = rest // n_chunks
-    chunk = rest - cb * n_chunks
-    cc = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cc < C
     n64 = n.to(tl.int64)
-    first = chunk * tiles_per_chunk
-    last = tl.minimum(first + tiles_per_chunk, n_tiles)
-    shift = _channel_vec(sh_ptr + n * C, cc, cmask, 1, HAS_SHIFT, BLOCK_C)  # moves channel means
-    if is_stats:
-        chunk_mean, chunk_m2 = _chunk_moments(x_ptr + n64 * sxn, cc, cmask, first, last, S, n_sb,
-                                              sxc, sxt, sxs, BLOCK_C, BLOCK_S)
-        rows = (n64 * C + cc) * n_chunks
-        tl.store(pmean_ptr + rows + chunk, chunk_mean, mask=cmask)
-        tl.store(pm2_ptr + rows + chunk, chunk_m2, mask=cmask)
-        tl.debug_barrier()  # every thread's partials precede the release below
-        if tl.atomic_add(cb_done_ptr + n * n_cb + cb, 1, sem="acq_rel") == n_chunks - 1:
-            mean_c, m2_c = _merge_chunks(pmean_ptr, pm2_ptr, rows, cmask, n_chunks, tiles_per_chunk, n_tiles,
-                                         n_sb, S, BLOCK_S, BLOCK_C, BLOCK_K)
-            tl.store(cmean_ptr + n64 * C + cc, mean_c + shift, mask=cmask)
-            tl.store(cm2_ptr + n64 * C + cc, m2_c, mask=cmask)
-            tl.debug_barrier()
-            # Only the first and last group touched can reach into other blocks: count this block in.
-            g_lo = (cb * BLOCK_C) // cpg
-            g_hi = (tl.minimum(cb * BLOCK_C + BLOCK_C, C) - 1) // cpg
-            span_lo = (g_lo * cpg + cpg - 1) // BLOCK_C - (g_lo * cpg) // BLOCK_C + 1
-            span_hi = (g_hi * cpg + cpg - 1) // BLOCK_C - (g_hi * cpg) // BLOCK_C + 1
-            lo_done = span_lo == 1
-            if span_lo > 1:
-                lo_done = tl.atomic_add(group_done_ptr + n * G + g_lo, 1, sem="acq_rel") == span_lo - 1
-            hi_done = (span_hi == 1) | (g_hi == g_lo)  # one group: lo_done decides
-            if (span_hi > 1) & (g_hi != g_lo):
-                hi_done = tl.atomic_add(group_done_ptr + n * G + g_hi, 1, sem="acq_rel") == span_hi - 1
-            gg = g_lo + tl.arange(0, GROUPS)
-            done = (gg <= g_hi) & tl.where(gg == g_lo, lo_done, True) & tl.where(gg == g_hi, hi_done, True)
-            jj = tl.arange(0, CPG)
-            cm = done[:, None] & (jj < cpg)[None, :]
-            ch = n64 * C + gg[:, None] * cpg + jj[None, :]
-            mu = tl.load(cmean_ptr + ch, mask=cm, other=0.0, volatile=True)
-            m2 = tl.load(cm2_ptr + ch, mask=cm, other=0.0, volatile=True)
-            g_mean = tl.div_rn(tl.sum(mu, axis=1), cpg_f)  # channels hold equal counts
-            d = tl.where(cm, mu - g_mean[:, None], 0.0)
-            var = tl.div_rn(tl.sum(m2, axis=1) + chan_numel * tl.sum(d * d, axis=1), group_numel)
-            tl.store(mean_ptr + n * smn + gg * smg, g_mean, mask=done)
-            tl.store(rstd_ptr + n * srn + gg * srg, tl.div_rn(1.0, tl.sqrt_rn(var + eps)), mask=done)
-            tl.debug_barrier()
-            tl.atomic_xchg(ready_ptr + n * G + gg, 1, mask=done, sem="release")
-    else:
-        gc = cc // cpg
-        while tl.min(tl.where(cmask, tl.atomic_add(ready_ptr + n * G + gc, 0, mask=cmask, sem="acquire"), 1),
-                     axis=0) == 0:
-            pass
-        tl.debug_barrier()
-        mu = tl.load(mean_ptr + n * smn + gc * smg, mask=cmask, other=0.0, volatile=True) - shift
-        a = tl.load(rstd_ptr + n * srn + gc * srg, mask=cmask, other=0.0, volatile=True)
-        if HAS_W:
-            a *= tl.load(w_ptr + cc * sw, mask=cmask, other=0.0).to(tl.float32)
-        b = _channel_vec(b_ptr, cc, cmask, sb_, HAS_B, BLOCK_C)
-        ar = tl.arange(0, BLOCK_S)
-        for i in range(first, last):
-            t, s0 = _tile_origin(i, n_sb, BLOCK_S)
-            ss = s0 + ar
-            _apply_tile(x_ptr, y_ptr, n64, t.to(tl.int64), cc, ss, cmask[:, None] & (ss < S)[None, :], mu, a, b,
-                        sxn, sxc, sxt, sxs, syn, syc, syt, sys, HAS_B, SILU, PRECISE)
+    t64 = t.to(tl.int64)
+    mask = cmask[:, None] & (ss < S)[None, :]
+    x = tl.load(x_ptr + (n64 * sxn + t64 * sxt) + cc[:, None] * sxc + ss[None, :] * sxs,
+                mask=mask, other=0.0).to(tl.float32)
+    y = (x - mu[:, None]) * a[:, None]
+    if HAS_B:
+        y += b[:, None]
+    if SILU:
+        y = y * _sigmoid_parts(y, PRECISE)[0]
+    tl.store(y_ptr + (n64 * syn + t64 * syt) + cc[:, None] * syc + ss[None, :] * sys,
+             y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -528,40 +362,13 @@ def gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: float, s
     _check_views(x, y)
     n, c, t, s = x.shape
     cpg = c // num_groups
-    t2, s2, (xs, ys) = merge_ts([strides4(x), strides4(y)], t, s)
-    block_c, block_s = tile_shape(c, s2, (xs, ys))
-    n_sb = cdiv(s2, block_s)
-    n_cb = cdiv(c, block_c)
-    n_tiles = t2 * n_sb
     w, sw = _vec_or_dummy(weight, mean)
     b, sb_ = _vec_or_dummy(bias, mean)
     sh = shift if shift is not None else mean
     ms = (mean.stride(0), mean.stride(1), rstd.stride(0), rstd.stride(1))
-    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_SHIFT=shift is not None, SILU=bool(silu),
-                 PRECISE=x.dtype == torch.float32)
     dev = x.device
-    if SINGLE_LAUNCH:
-        per, n_chunks = _chunking(n, n_cb, n_tiles, _SINGLE_LAUNCH_UNITS)
-        n_units = n * n_cb * n_chunks
-        pmean = torch.empty((n, c, n_chunks), dtype=torch.float32, device=dev)
-        pm2 = torch.empty((n, c, n_chunks), dtype=torch.float32, device=dev)
-        cmean = torch.empty((n, c), dtype=torch.float32, device=dev)
-        cm2 = torch.empty((n, c), dtype=torch.float32, device=dev)
-        sync = torch.zeros(1 + n * n_cb + 2 * n * num_groups, dtype=torch.int32, device=dev)
-        cb_done = sync[1:1 + n * n_cb]
-        group_done, ready = sync[1 + n * n_cb:].chunk(2)
-        unit_bytes = per * block_c * block_s * x.element_size()
-        lag = min(n_units, max(_min_lag(c, cpg, block_c, n_chunks), SINGLE_LAUNCH_LAG_BYTES // unit_bytes))
-        _gn_fwd_single_kernel[(2 * n_units,)](
-            x, w, b, sh, y, mean, rstd, pmean, pm2, cmean, cm2, sync, cb_done, group_done, ready,
-            c, num_groups, cpg, t2, s2, n_sb, n_cb, n_tiles, per, n_chunks, n_units, lag,
-            float(cpg), float(t * s), float(cpg * t * s), float(eps), sw, sb_, *ms, *xs, *ys, **flags,
-            BLOCK_C=block_c, BLOCK_S=block_s, BLOCK_K=min(next_pow2(n_chunks), max(1, _TILE // block_c)),
-            GROUPS=next_pow2(_block_groups(c, cpg, block_c)[0]), CPG=next_pow2(cpg),
-            num_warps=warps_for(block_c * block_s),
-        )
-        return
-    # the (t, s) reduction only needs x's strides; merge them independently of y's
+
+    # 1. per-channel partial (mean, M2) over chunks of the (t, s) plane: only x's strides to merge
     t3, s3, (xs3,) = merge_ts([strides4(x)], t, s)
     bc3, bs3 = tile_shape(c, s3, (xs3,))
     n_sb3 = cdiv(s3, bs3)
@@ -574,33 +381,25 @@ def gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: float, s
         c, t3, s3, n_sb3, t3 * n_sb3, per, n_chunks, *xs3,
         BLOCK_C=bc3, BLOCK_S=bs3, num_warps=warps_for(bc3 * bs3),
     )
+
+    # 2. per-group mean and rstd
     _gn_finalize_kernel[(n * num_groups,)](
         pmean, pm2, sh, mean, rstd,
         num_groups, cpg, n_chunks, per, t3 * n_sb3, n_sb3, s3, float(cpg * t * s), float(eps), *ms,
         HAS_SHIFT=shift is not None, BLOCK_S=bs3, BLOCK=min(next_pow2(cpg * n_chunks), _FINAL_BLOCK), num_warps=4,
     )
-    _gn_apply_kernel[(n * n_tiles, n_cb)](
+
+    # 3. y (reads x, writes y)
+    t2, s2, (xs, ys) = merge_ts([strides4(x), strides4(y)], t, s)
+    block_c, block_s = tile_shape(c, s2, (xs, ys))
+    n_sb = cdiv(s2, block_s)
+    _gn_apply_kernel[(n * t2 * n_sb, cdiv(c, block_c))](
         x, w, b, sh, y, mean, rstd,
-        c, t2, s2, n_sb, cpg, sw, sb_, *ms, *xs, *ys, **flags,
+        c, t2, s2, n_sb, cpg, sw, sb_, *ms, *xs, *ys,
+        HAS_W=weight is not None, HAS_B=bias is not None, HAS_SHIFT=shift is not None, SILU=bool(silu),
+        PRECISE=x.dtype == torch.float32,
         BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps_for(block_c * block_s),
     )
-
-
-@functools.lru_cache(maxsize=1024)
-def _block_groups(c: int, cpg: int, block_c: int) -> tuple[int, int]:
-    """(most groups one channel block touches, furthest channel block ahead that a block's groups reach)."""
-    touched = reach = 0
-    for cb in range(cdiv(c, block_c)):
-        g_lo, g_hi = cb * block_c // cpg, (min(cb * block_c + block_c, c) - 1) // cpg
-        touched = max(touched, g_hi - g_lo + 1)
-        reach = max(reach, (g_hi * cpg + cpg - 1) // block_c - cb)
-    return touched, reach
-
-
-def _min_lag(c: int, cpg: int, block_c: int, n_chunks: int) -> int:
-    """The smallest schedule lag (in units) at which every apply unit waits only on statistics units
-    with lower tickets: the statistics of the furthest channel block its groups reach, all chunks."""
-    return (_block_groups(c, cpg, block_c)[1] + 1) * n_chunks
 
 
 def gn_bwd(dy, x, weight, bias, shift, mean, rstd, dx, dweight, dbias, num_groups: int, silu: bool) -> None:

@@ -30,7 +30,7 @@ from diffusers.utils import BaseOutput
 from torch import nn
 
 import hbkernels
-from hbkernels.nn import GEGLU, FusedLinear, GroupNorm, TemporalAttention
+from hbkernels.nn import GEGLU, FusedLinear, GroupNorm, TemporalAttention, conv_deferring_bias
 
 
 def _zero(module: nn.Module) -> nn.Module:
@@ -181,8 +181,21 @@ class TemporalTransformer(nn.Module):
         return video_as_frames(hbkernels.tokens_to_video(tokens, residual=video))
 
 
+def _norm_conv(layer: nn.Sequential, h, shift=None, defer_bias=False):
+    """(output, deferred conv bias or None) of a [GroupNorm(+SiLU), Identity, (Dropout), conv] layer,
+    the norm adding ``shift``; with defer_bias the conv's bias is left for the caller to fold into the
+    next norm's shift (see :func:`hbkernels.nn.conv_deferring_bias`)."""
+    h = layer[0](h, shift=shift)
+    for module in layer[1:-1]:
+        h = module(h)
+    if defer_bias:
+        return conv_deferring_bias(layer[-1], h)
+    return layer[-1](h), None
+
+
 class TemporalConvBlock(nn.Module):
-    """4 x [GN -> SiLU -> (Dropout) -> Conv3d (3,1,1)] over (B, C, T, H, W); last conv zero-init; + x."""
+    """4 x [GN -> SiLU -> (Dropout) -> Conv3d (3,1,1)] over (B, C, T, H, W); last conv zero-init; + x.
+    The first three convs' biases are added by the following GroupNorm (its shift)."""
 
     def __init__(self, channels, groups, dropout):
         super().__init__()
@@ -196,14 +209,18 @@ class TemporalConvBlock(nn.Module):
         _zero(self.conv4[-1])
 
     def forward(self, x, num_frames):
-        h = frames_as_video(x, num_frames)
-        h = self.conv4(self.conv3(self.conv2(self.conv1(h))))
+        h, shift = frames_as_video(x, num_frames), None
+        for layer in (self.conv1, self.conv2, self.conv3):  # each conv's bias goes into the next norm
+            h, bias = _norm_conv(layer, h, shift, defer_bias=True)
+            shift = None if bias is None else bias.expand(h.shape[0], -1)
+        h, _ = _norm_conv(self.conv4, h, shift)
         return x + video_as_frames(h)
 
 
 class ResBlock(nn.Module):
     """GN+SiLU -> conv3x3 -> + time embedding -> GN+SiLU -> Dropout -> zero-init conv3x3 -> + skip,
-    then the temporal convolution block. The embedding add is fused into the second GroupNorm."""
+    then the temporal convolution block. The embedding and the first conv's bias are added by the
+    second GroupNorm (its shift)."""
 
     def __init__(self, channels, emb_channels, out_channels, dropout, groups, temporal_dropout):
         super().__init__()
@@ -221,10 +238,11 @@ class ResBlock(nn.Module):
         self.temporal_conv = TemporalConvBlock(out_channels, groups, temporal_dropout)
 
     def forward(self, x, emb, num_frames):
-        # out_layers' GroupNorm adds the time embedding itself: no broadcast-add pass over h
-        h = self.out_layers[0](self.in_layers(x), shift=self.emb_layers(emb))
-        for layer in self.out_layers[1:]:
-            h = layer(h)
+        # out_layers' GroupNorm adds the time embedding and in_layers' conv bias itself: no
+        # broadcast-add pass over h
+        h, bias = _norm_conv(self.in_layers, x, defer_bias=True)
+        shift = self.emb_layers(emb)
+        h, _ = _norm_conv(self.out_layers, h, shift if bias is None else shift + bias)
         h = self.skip_connection(x) + h
         return self.temporal_conv(h, num_frames)
 
