@@ -90,8 +90,12 @@ class Report:
                              100 * gbps / self.copy_gbps if self.copy_gbps and gbps else 0.0, extra=extra))
 
     def finish(self):
-        """Fill each row's speedup against the eager row of the same case."""
+        """Fill each row's speedup against the eager row of the same case (``eager``, else the first
+        ``eager, <model state>`` row: a run filtered to one state)."""
         eager = {(r.suite, r.case): r.median_ms for r in self.rows if r.impl == "eager"}
+        for r in self.rows:
+            if r.impl.startswith("eager, "):
+                eager.setdefault((r.suite, r.case), r.median_ms)
         for r in self.rows:
             if (r.suite, r.case) in eager:
                 r.speedup_vs_eager = eager[(r.suite, r.case)] / r.median_ms
