@@ -32,6 +32,10 @@ GN_GPU = [*[(f"vc2 L{lvl} B{b} T{t}", b, c, t, h, w)
 GN_CPU = [("vc2 L0 B1 T16", 1, 320, 16, 40, 64), ("vc2 L2 B1 T26", 1, 1280, 26, 10, 16), ("sd 4D 64x64", 1, 320, 0, 64, 64)]
 GEGLU_GPU = [("vc2 L0 spatial B2", 2 * 16 * 2560, 1280), ("vc2 L2 temporal B1", 26 * 160, 5120), ("text 77", 77, 8192)]
 GEGLU_CPU = [("vc2 L1 spatial B1", 16 * 640, 2560), ("vc2 L2 temporal B1", 26 * 160, 5120)]
+# (label, rows, C): the transformer blocks' LayerNorms, one per U-Net level
+LN_GPU = [("vc2 L0 B1 T26", 26 * 2560, 320), ("vc2 L1 B1 T26", 26 * 640, 640), ("vc2 L2 B1 T26", 26 * 160, 1280),
+          ("vc2 L0 B2 T16", 2 * 16 * 2560, 320)]
+LN_CPU = [("vc2 L0 B1 T16", 16 * 2560, 320), ("vc2 L2 B1 T26", 26 * 160, 1280)]
 
 
 def diffusers_attention(q, k, v, heads):
@@ -78,6 +82,10 @@ def hb_temporal_path(x, w, b, res, heads):
 def eager_geglu(x):
     h, g = x.chunk(2, dim=-1)
     return h * F.gelu(g)
+
+
+def eager_layer_norm(x, w, b):
+    return F.layer_norm(x, (x.shape[-1],), w, b)
 
 
 def run(report, dev, dtype, quick=False, timer=None, compile_too=True):
@@ -140,6 +148,12 @@ def run(report, dev, dtype, quick=False, timer=None, compile_too=True):
     for label, rows, f in shapes(GEGLU_GPU, GEGLU_CPU):
         x = torch.randn(rows, 2 * f, device=dev, dtype=dtype)
         measure("geglu", f"{label} ({rows}, {2 * f})", _impls(eager_geglu, hbkernels.geglu), (x,), 3 * rows * f * elt)
+
+    for label, rows, c in shapes(LN_GPU, LN_CPU):
+        x = torch.randn(rows, c, device=dev, dtype=dtype) + 1
+        wt, bs = torch.randn(c, device=dev, dtype=dtype), torch.randn(c, device=dev, dtype=dtype)
+        impls = _impls(eager_layer_norm, hbkernels.layer_norm)
+        measure("layer_norm", f"{label} ({rows}, {c})", impls, (x, wt, bs), 2 * x.numel() * elt)
 
 
 def _failed(suite, case, impl, err):

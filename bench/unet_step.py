@@ -74,6 +74,7 @@ def make_step(model, batch, frames, height, width, dev, dtype):
 KERNEL_FAMILIES = [
     ("hbkernels attention", r"_attn_"),
     ("hbkernels group_norm", r"_gn_"),
+    ("hbkernels layer_norm", r"_ln_"),
     ("hbkernels layout/geglu", r"_copy_add|_geglu"),
     ("attention (flash/SDPA)", r"flash|fmha|attention|softmax"),
     ("convolution", r"conv|fprop|dgrad|wgrad|implicit|winograd|cudnn"),

@@ -19,6 +19,12 @@ TORCH_LIBRARY(hbkernels, m) {
   m.def("copy_add(Tensor src, Tensor? residual, Tensor(a!) out) -> ()");
   m.def("geglu_fwd(Tensor x, Tensor(a!) out) -> ()");
   m.def("geglu_bwd(Tensor dy, Tensor x, Tensor(a!) dx) -> ()");
+  m.def(
+      "ln_fwd(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!) y, Tensor(b!) mean, Tensor(c!) rstd, "
+      "float eps) -> ()");
+  m.def(
+      "ln_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, Tensor(a!) dx, Tensor(b!)? dweight, "
+      "Tensor(c!)? dbias) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(hbkernels, CPU, m) {
@@ -29,6 +35,8 @@ TORCH_LIBRARY_IMPL(hbkernels, CPU, m) {
   m.impl("copy_add", &hb::copy_add);
   m.impl("geglu_fwd", &hb::geglu_fwd);
   m.impl("geglu_bwd", &hb::geglu_bwd);
+  m.impl("ln_fwd", &hb::ln_fwd);
+  m.impl("ln_bwd", &hb::ln_bwd);
 }
 
 // A module with no functions: importing it loads this library, which runs the registrations above.

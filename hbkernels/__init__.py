@@ -1,9 +1,10 @@
 """hbkernels: fused video-diffusion ops (temporal attention, GroupNorm+SiLU, layout fusions,
-GEGLU) with Triton (GPU), C++ (CPU) and pure-PyTorch reference backends."""
+GEGLU, LayerNorm) with Triton (GPU), C++ (CPU) and pure-PyTorch reference backends."""
 from hbkernels import nn
 from hbkernels.backend import use_backend
 from hbkernels.ops.geglu import geglu
 from hbkernels.ops.group_norm import group_norm, group_norm_to_tokens
+from hbkernels.ops.layer_norm import layer_norm
 from hbkernels.ops.layout import tokens_to_video
 from hbkernels.ops.temporal_attention import temporal_attention
 from hbkernels.patch import apply_to
@@ -15,6 +16,7 @@ __all__ = [
     "nn",
     "group_norm",
     "group_norm_to_tokens",
+    "layer_norm",
     "temporal_attention",
     "tokens_to_video",
     "use_backend",

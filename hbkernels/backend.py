@@ -128,7 +128,8 @@ def primitives(name: str):
     """The module holding backend ``name``'s kernel launchers (``triton`` or ``cpp``).
 
     Each exposes the same out-parameter primitives: ``attn_fwd``, ``attn_bwd``, ``gn_fwd``,
-    ``gn_bwd``, ``copy_add``, ``geglu_fwd``, ``geglu_bwd`` (signatures in hbkernels/ops/*.py)."""
+    ``gn_bwd``, ``copy_add``, ``geglu_fwd``, ``geglu_bwd``, ``ln_fwd``, ``ln_bwd`` (signatures in
+    hbkernels/ops/*.py)."""
     if name == "triton":
         from hbkernels import triton as mod
     elif name == "cpp":

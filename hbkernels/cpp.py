@@ -12,7 +12,8 @@ import hbkernels._C  # noqa: F401  (loads the library; registers torch.ops.hbker
 
 _ops = torch.ops.hbkernels
 
-__all__ = ["ATTN_ROW_STATS", "attn_bwd", "attn_fwd", "copy_add", "geglu_bwd", "geglu_fwd", "gn_bwd", "gn_fwd"]
+__all__ = ["ATTN_ROW_STATS", "attn_bwd", "attn_fwd", "copy_add", "geglu_bwd", "geglu_fwd", "gn_bwd", "gn_fwd",
+           "ln_bwd", "ln_fwd"]
 
 
 # ---------------------------------------------------------------- fake kernels (torch.compile)
@@ -49,6 +50,16 @@ def _geglu_fwd_fake(x, out):
 
 @torch.library.register_fake("hbkernels::geglu_bwd")
 def _geglu_bwd_fake(dy, x, dx):
+    return None
+
+
+@torch.library.register_fake("hbkernels::ln_fwd")
+def _ln_fwd_fake(x, weight, bias, y, mean, rstd, eps):
+    return None
+
+
+@torch.library.register_fake("hbkernels::ln_bwd")
+def _ln_bwd_fake(dy, x, weight, mean, rstd, dx, dweight, dbias):
     return None
 
 
@@ -90,3 +101,13 @@ def geglu_fwd(x, out) -> None:
 def geglu_bwd(dy, x, dx) -> None:
     """dx (M, 2F) from dy (M, F) and x."""
     _ops.geglu_bwd(dy, x, dx)
+
+
+def ln_fwd(x, weight, bias, y, mean, rstd, eps: float) -> None:
+    """LayerNorm over the last dim of x (M, C), stride(-1) == 1; writes y (M, C) and mean/rstd (M,) float32."""
+    _ops.ln_fwd(x, weight, bias, y, mean, rstd, float(eps))
+
+
+def ln_bwd(dy, x, weight, mean, rstd, dx, dweight, dbias) -> None:
+    """Writes dx (M, C), and overwrites dweight/dbias (C,) float32 where given (None skips them)."""
+    _ops.ln_bwd(dy, x, weight, mean, rstd, dx, dweight, dbias)

@@ -5,6 +5,7 @@ from torch import nn
 
 from hbkernels.ops.geglu import geglu
 from hbkernels.ops.group_norm import group_norm
+from hbkernels.ops.layer_norm import layer_norm
 from hbkernels.ops.temporal_attention import temporal_attention
 
 
@@ -36,6 +37,23 @@ class GroupNorm(nn.GroupNorm):
         new = cls.__new__(cls)
         new.__dict__.update(norm.__dict__)
         new.activation = activation
+        return new
+
+
+class LayerNorm(nn.LayerNorm):
+    """``torch.nn.LayerNorm`` (same parameters and keys) on :func:`hbkernels.layer_norm` when it
+    normalises over the last dim only."""
+
+    def forward(self, x):
+        if len(self.normalized_shape) != 1:
+            return super().forward(x)
+        return layer_norm(x, self.weight, self.bias, self.eps)
+
+    @classmethod
+    def from_torch(cls, norm: nn.LayerNorm) -> "LayerNorm":
+        """A copy of ``norm`` sharing its parameters."""
+        new = cls.__new__(cls)
+        new.__dict__.update(norm.__dict__)
         return new
 
 

@@ -1,9 +1,10 @@
-"""``apply_to(model)``: route a diffusers video model's GroupNorm(+SiLU), temporal self-attention and
-GEGLU paths through hbkernels, in place, keeping parameters and state_dict keys.
+"""``apply_to(model)``: route a diffusers video model's GroupNorm(+SiLU), LayerNorm, temporal
+self-attention and GEGLU paths through hbkernels, in place, keeping parameters and state_dict keys.
 
 Patches are chosen by exact module type and by what the owning module's forward is known to do
 with it (read from diffusers' source), so subclasses that may override a forward are left alone:
 
+* every ``torch.nn.LayerNorm`` over the last dim becomes :class:`hbkernels.nn.LayerNorm`;
 * every ``torch.nn.GroupNorm`` becomes :class:`hbkernels.nn.GroupNorm`; SiLU is fused into it where
   it is applied straight to the norm's output (``ResnetBlock2D``, ``TemporalResnetBlock``, the
   U-Nets' ``conv_norm_out``/``conv_act``, ``nn.Sequential(GroupNorm, SiLU, ...)`` as in
@@ -107,6 +108,14 @@ def _swap_group_norms(model) -> None:
         for name, child in list(parent.named_children()):
             if type(child) is nn.GroupNorm:
                 setattr(parent, name, hbnn.GroupNorm.from_torch(child))
+
+
+def _swap_layer_norms(model) -> None:
+    # a drop-in whatever the owner does with the output; LayerNorms over several dims keep torch's path
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.LayerNorm and len(child.normalized_shape) == 1:
+                setattr(parent, name, hbnn.LayerNorm.from_torch(child))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,10 +356,12 @@ def _diffusers_classes() -> dict:
 
 
 def _summary(model) -> dict:
-    s = {"group_norm": 0, "group_norm_silu": 0, "temporal_attention": 0, "geglu": 0, "temporal_layout": 0,
-         "time_embedding": 0}
+    s = {"group_norm": 0, "group_norm_silu": 0, "layer_norm": 0, "temporal_attention": 0, "geglu": 0,
+         "temporal_layout": 0, "time_embedding": 0}
     for m in model.modules():
-        if isinstance(m, hbnn.GroupNorm):
+        if isinstance(m, hbnn.LayerNorm):
+            s["layer_norm"] += 1
+        elif isinstance(m, hbnn.GroupNorm):
             s["group_norm"] += 1
             s["group_norm_silu"] += m.activation == "silu"
         elif isinstance(m, hbnn.GEGLU):
@@ -362,20 +373,21 @@ def _summary(model) -> dict:
     return s
 
 
-def apply_to(model: nn.Module, *, group_norm: bool = True, attention: bool = True, geglu: bool = True,
-             layout: bool = True, time_embedding: bool = True) -> nn.Module:
+def apply_to(model: nn.Module, *, group_norm: bool = True, layer_norm: bool = True, attention: bool = True,
+             geglu: bool = True, layout: bool = True, time_embedding: bool = True) -> nn.Module:
     """Patch ``model`` (a diffusers video U-Net or any module holding the pieces) in place to run
     on hbkernels, with unchanged parameters and state_dict keys; returns ``model``.
 
     ``group_norm``: GroupNorms to :class:`hbkernels.nn.GroupNorm`, fusing the SiLU that follows.
+    ``layer_norm``: LayerNorms over the last dim to :class:`hbkernels.nn.LayerNorm`.
     ``attention``: temporal self-attention to :class:`TemporalAttnProcessor`.
     ``geglu``: diffusers ``GEGLU`` to :class:`hbkernels.nn.GEGLU`.
     ``layout``: temporal transformers' norm->tokens and tokens->video+residual fusions.
     ``time_embedding``: ResnetBlock2D's time-embedding add fused into norm2 (needs ``group_norm``).
 
     Idempotent. ``model._hbkernels_patched`` counts the hbkernels pieces now in the model
-    (``group_norm``, ``group_norm_silu``, ``temporal_attention``, ``geglu``, ``temporal_layout``,
-    ``time_embedding``);
+    (``group_norm``, ``group_norm_silu``, ``layer_norm``, ``temporal_attention``, ``geglu``,
+    ``temporal_layout``, ``time_embedding``);
     a warning says when there were none.
     """
     if not isinstance(model, nn.Module):
@@ -384,6 +396,8 @@ def apply_to(model: nn.Module, *, group_norm: bool = True, attention: bool = Tru
     if group_norm:
         _fuse_silu(model, d)
         _swap_group_norms(model)
+    if layer_norm:
+        _swap_layer_norms(model)
     if attention and d["Attention"] is not None:
         _install_attention(model, d)
     if geglu and d["GEGLU"] is not None:

@@ -53,3 +53,7 @@ def tokens_to_video(tokens, shape, residual) -> torch.Tensor:
 def geglu(x) -> torch.Tensor:
     hidden, gate = x.chunk(2, dim=-1)
     return hidden * F.gelu(gate)
+
+
+def layer_norm(x, weight, bias, eps: float) -> torch.Tensor:
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)

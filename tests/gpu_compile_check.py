@@ -90,6 +90,15 @@ def elementwise_cases():
         x = rand(100, 2 * 640, dtype=dtype)
         kernels.geglu_fwd(x, torch.empty(100, 640, dtype=dtype))
         kernels.geglu_bwd(rand(100, 640, dtype=dtype), x, torch.empty_like(x))
+    # LayerNorm: the U-Net's widths (row tiles of 8 / 2 rows) and the widest one-row tile
+    for dtype, c, affine in [(torch.float16, 320, True), (torch.float16, 1280, False), (torch.bfloat16, 640, True),
+                             (torch.float32, 320, True), (torch.float16, 16384, True)]:
+        x = rand(64, c, dtype=dtype)
+        w, b = (rand(c, dtype=dtype), rand(c, dtype=dtype)) if affine else (None, None)
+        mean, rstd = torch.empty(64), torch.empty(64)
+        kernels.ln_fwd(x, w, b, torch.empty_like(x), mean, rstd, 1e-5)
+        grads = (torch.empty(c), torch.empty(c)) if affine else (None, None)
+        kernels.ln_bwd(torch.randn_like(x), x, w, mean, rstd, torch.empty_like(x), *grads)
 
 
 def signature(fn, args) -> tuple[dict, dict]:

@@ -89,6 +89,7 @@ def counting(monkeypatch):
 
     wrap(hbkernels.nn, "group_norm")
     wrap(hbkernels.nn, "geglu")
+    wrap(hbkernels.nn, "layer_norm")
     for name in ("temporal_attention", "group_norm_to_tokens", "tokens_to_video"):
         wrap(hbkernels.patch, name)
     yield calls
@@ -126,6 +127,7 @@ def test_apply_to_patches(which):
     for name, least in MODELS[which][1].items():
         assert summary[name] >= least, (name, summary)
     assert summary["group_norm"] == sum(isinstance(m, torch.nn.GroupNorm) for m in model.modules())
+    assert summary["layer_norm"] == sum(isinstance(m, torch.nn.LayerNorm) for m in model.modules()) > 0
     assert list(model.state_dict()) == keys
     hbkernels.apply_to(model)  # idempotent
     assert model._hbkernels_patched == summary
@@ -146,6 +148,7 @@ def test_apply_to_outputs(which, backend_name, monkeypatch):
     assert calls["group_norm+silu"] >= minimum["group_norm_silu"]
     assert calls["temporal_attention"] >= minimum["temporal_attention"]
     assert calls["geglu"] >= minimum["geglu"]
+    assert calls["layer_norm"] >= model._hbkernels_patched["layer_norm"]  # each swapped norm runs
     if minimum.get("temporal_layout"):
         assert calls["group_norm_to_tokens"] == calls["tokens_to_video"] >= minimum["temporal_layout"]
     assert calls["group_norm+shift"] >= minimum["time_embedding"]

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensor
 
-from hbkernels.triton import geglu, group_norm, layout, temporal_attention
+from hbkernels.triton import geglu, group_norm, layer_norm, layout, temporal_attention
 
 
 def _on_tensor_device(launcher):
@@ -83,6 +83,16 @@ def _geglu_bwd(dy: Tensor, x: Tensor, dx: Tensor) -> None:
     geglu.geglu_bwd(dy, x, dx)
 
 
+def _ln_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], y: Tensor, mean: Tensor, rstd: Tensor,
+            eps: float) -> None:
+    layer_norm.ln_fwd(x, weight, bias, y, mean, rstd, eps)
+
+
+def _ln_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor, dx: Tensor,
+            dweight: Optional[Tensor], dbias: Optional[Tensor]) -> None:
+    layer_norm.ln_bwd(dy, x, weight, mean, rstd, dx, dweight, dbias)
+
+
 ATTN_ROW_STATS = temporal_attention.ATTN_ROW_STATS
 attn_fwd = _custom_op("attn_fwd", ("out", "stats"), _attn_fwd)
 attn_bwd = _custom_op("attn_bwd", ("dq", "dk", "dv"), _attn_bwd)
@@ -91,5 +101,8 @@ gn_bwd = _custom_op("gn_bwd", ("dx", "dweight", "dbias"), _gn_bwd)
 copy_add = _custom_op("copy_add", ("out",), _copy_add)
 geglu_fwd = _custom_op("geglu_fwd", ("out",), _geglu_fwd)
 geglu_bwd = _custom_op("geglu_bwd", ("dx",), _geglu_bwd)
+ln_fwd = _custom_op("ln_fwd", ("y", "mean", "rstd"), _ln_fwd)
+ln_bwd = _custom_op("ln_bwd", ("dx", "dweight", "dbias"), _ln_bwd)
 
-__all__ = ["ATTN_ROW_STATS", "attn_bwd", "attn_fwd", "copy_add", "geglu_bwd", "geglu_fwd", "gn_bwd", "gn_fwd"]
+__all__ = ["ATTN_ROW_STATS", "attn_bwd", "attn_fwd", "copy_add", "geglu_bwd", "geglu_fwd", "gn_bwd", "gn_fwd",
+           "ln_bwd", "ln_fwd"]

@@ -30,7 +30,7 @@ from diffusers.utils import BaseOutput
 from torch import nn
 
 import hbkernels
-from hbkernels.nn import GEGLU, FusedLinear, GroupNorm, TemporalAttention, conv_deferring_bias
+from hbkernels.nn import GEGLU, FusedLinear, GroupNorm, LayerNorm, TemporalAttention, conv_deferring_bias
 
 
 def _zero(module: nn.Module) -> nn.Module:
@@ -102,7 +102,7 @@ class BasicTransformerBlock(nn.Module):
             self.attn1 = Attention(dim, heads=heads, dim_head=dim_head, dropout=dropout)
             self.attn2 = Attention(dim, cross_attention_dim=context_dim, heads=heads, dim_head=dim_head, dropout=dropout)
         self.ff = FeedForward(dim, dropout)
-        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.norm1, self.norm2, self.norm3 = LayerNorm(dim), LayerNorm(dim), LayerNorm(dim)
         self._chunk_size, self._chunk_dim = None, 0
 
     def set_chunk_feed_forward(self, chunk_size, dim=0):

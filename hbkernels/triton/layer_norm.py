@@ -1,0 +1,131 @@
+"""LayerNorm over the last dim of (M, C) rows, forward and backward.
+
+The transformer blocks of video U-Nets normalise 10^4-10^5 short rows (C = 320-1280) per call;
+PyTorch's CUDA kernel gives each row its own thread block, whose setup dominates at that length.
+Here a program normalises [BLOCK_M, BLOCK_C] rows at once, a whole row per tile row (two passes over
+registers for a stable variance), so the activation is read once and written once.
+
+Backward: programs walk ``rows_per_program`` rows each, writing dx and accumulating dweight / dbias
+partials per program in registers; torch sums the (programs, C) partials (no atomics: deterministic).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from hbkernels.ops.layer_norm import TRITON_MAX_C
+from hbkernels.triton.layout import INTERPRETED, cdiv, next_pow2, warps_for
+
+_TILE = 4096  # elements per tile
+_BWD_PROGRAMS = 1024  # enough programs for an H100, few enough that the partials stay small
+_INTERP_PROGRAMS = 3  # under TRITON_INTERPRET: each program is a batch of numpy ops
+
+
+@triton.jit
+def _ln_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, M, C, sxm, sym, eps,
+                   HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cc = tl.arange(0, BLOCK_C)
+    rmask = rows < M
+    cmask = cc < C
+    mask = rmask[:, None] & cmask[None, :]
+    x = tl.load(x_ptr + rows[:, None] * sxm + cc[None, :], mask=mask, other=0.0).to(tl.float32)
+    cf = C.to(tl.float32)
+    mean = tl.div_rn(tl.sum(x, axis=1), cf)
+    d = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(tl.sum(d * d, axis=1), cf) + eps))
+    y = d * rstd[:, None]
+    if HAS_W:
+        y *= tl.load(w_ptr + cc, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if HAS_B:
+        y += tl.load(b_ptr + cc, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rows[:, None] * sym + cc[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(mean_ptr + rows, mean, mask=rmask)
+    tl.store(rstd_ptr + rows, rstd, mask=rmask)
+
+
+@triton.jit
+def _ln_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, pdw_ptr, pdb_ptr,
+                   M, C, sdym, sxm, sdxm, rows_per_program,
+                   HAS_W: tl.constexpr, PARTIALS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid = tl.program_id(0)
+    cc = tl.arange(0, BLOCK_C)
+    cmask = cc < C
+    cf = C.to(tl.float32)
+    if HAS_W:
+        w = tl.load(w_ptr + cc, mask=cmask, other=0.0).to(tl.float32)
+    acc_dw = tl.zeros([BLOCK_C], dtype=tl.float32)
+    acc_db = tl.zeros([BLOCK_C], dtype=tl.float32)
+    first = pid.to(tl.int64) * rows_per_program
+    last = tl.minimum(first + rows_per_program, M)
+    for r0 in range(first, last, BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M)
+        rmask = rows < last
+        mask = rmask[:, None] & cmask[None, :]
+        dy = tl.load(dy_ptr + rows[:, None] * sdym + cc[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + rows[:, None] * sxm + cc[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + rows, mask=rmask, other=0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        if HAS_W:
+            g = dy * w[None, :]
+        else:
+            g = dy
+        c1 = tl.div_rn(tl.sum(g, axis=1), cf)
+        c2 = tl.div_rn(tl.sum(g * xhat, axis=1), cf)
+        dx = rstd[:, None] * (g - c1[:, None] - xhat * c2[:, None])
+        tl.store(dx_ptr + rows[:, None] * sdxm + cc[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if PARTIALS:
+            acc_dw += tl.sum(dy * xhat, axis=0)
+            acc_db += tl.sum(dy, axis=0)
+    if PARTIALS:
+        tl.store(pdw_ptr + pid * C + cc, acc_dw, mask=cmask)
+        tl.store(pdb_ptr + pid * C + cc, acc_db, mask=cmask)
+
+
+def _tiles(m: int, c: int):
+    block_c = next_pow2(c)
+    return max(1, min(_TILE // block_c, next_pow2(m))), block_c
+
+
+def ln_fwd(x, weight, bias, y, mean, rstd, eps: float) -> None:
+    """x, y (M, C) with unit column stride; weight/bias None or (C,); writes y and mean/rstd (M,) fp32."""
+    m, c = x.shape
+    assert tuple(y.shape) == (m, c) and x.stride(1) == 1 and y.stride(1) == 1 and c <= TRITON_MAX_C, (x.shape, y.shape)
+    if m == 0:
+        return
+    block_m, block_c = _tiles(m, c)
+    _ln_fwd_kernel[(cdiv(m, block_m),)](
+        x, weight if weight is not None else mean, bias if bias is not None else mean, y, mean, rstd,
+        m, c, x.stride(0), y.stride(0), float(eps),
+        HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_M=block_m, BLOCK_C=block_c,
+        num_warps=warps_for(block_m * block_c),
+    )
+
+
+def ln_bwd(dy, x, weight, mean, rstd, dx, dweight, dbias) -> None:
+    """dx (M, C) from dy and the forward's x, mean, rstd; dweight/dbias (C,) fp32, overwritten, where given."""
+    m, c = x.shape
+    assert tuple(dy.shape) == (m, c) and tuple(dx.shape) == (m, c), (dy.shape, x.shape, dx.shape)
+    assert dy.stride(1) == 1 and x.stride(1) == 1 and dx.stride(1) == 1 and c <= TRITON_MAX_C
+    partials = dweight is not None or dbias is not None
+    if m == 0:
+        for t in (dweight, dbias):
+            if t is not None:
+                t.zero_()
+        return
+    block_m, block_c = _tiles(m, c)
+    programs = min(cdiv(m, block_m), _INTERP_PROGRAMS if INTERPRETED else _BWD_PROGRAMS)
+    rows_per_program = cdiv(cdiv(m, programs), block_m) * block_m  # whole tiles per program
+    programs = cdiv(m, rows_per_program)
+    pdw = torch.empty((programs, c) if partials else (1,), dtype=torch.float32, device=x.device)
+    pdb = torch.empty_like(pdw)
+    _ln_bwd_kernel[(programs,)](
+        dy, x, weight if weight is not None else mean, mean, rstd, dx, pdw, pdb,
+        m, c, dy.stride(0), x.stride(0), dx.stride(0), rows_per_program,
+        HAS_W=weight is not None, PARTIALS=partials, BLOCK_M=block_m, BLOCK_C=block_c,
+        num_warps=warps_for(block_m * block_c),
+    )
+    if dweight is not None:
+        torch.sum(pdw, dim=0, out=dweight)
+    if dbias is not None:
+        torch.sum(pdb, dim=0, out=dbias)

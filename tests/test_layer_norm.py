@@ -1,0 +1,86 @@
+import pytest
+import torch
+
+import hbkernels
+from helpers import DEVICE, DTYPES, KERNEL_BACKENDS, check_against_float64, rand, shapes
+
+# (leading shape..., C): C = 1, not a multiple of 8, wider than a tile; one and many rows.
+QUICK = [(7, 40), (2, 3, 320), (1, 1283), (5, 1)]
+FULL = QUICK + [(26, 2560, 320), (2560, 26, 320), (16640, 640), (4160, 1280), (3, 77, 16384), (2, 20000)]
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", shapes(QUICK, FULL))
+@pytest.mark.parametrize("strided", [False, True])
+def test_layer_norm(backend_name, dtype, shape, strided):
+    c = shape[-1]
+    x = rand(*shape, dtype=torch.float64, mean=3.0, requires_grad=True)  # mean 3 tests stable variance
+    w = rand(c, dtype=torch.float64, mean=1.0, requires_grad=True)
+    b = rand(c, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, w, b):
+        # strided: rows further apart than C (a view, as a slice of a wider projection gives)
+        return hbkernels.layer_norm(torch.cat([x, x], dim=-1)[..., :c] if strided else x, w, b, eps=1e-5)
+
+    check_against_float64(fn, [x, w, b], backend_name, dtype)
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+@pytest.mark.parametrize("affine", ["none", "weight", "bias"])
+def test_layer_norm_optional_affine(backend_name, affine):
+    x = rand(3, 5, 24, dtype=torch.float64, requires_grad=True)
+    w = rand(24, dtype=torch.float64, mean=1.0, requires_grad=True) if affine == "weight" else None
+    b = rand(24, dtype=torch.float64, requires_grad=True) if affine == "bias" else None
+    inputs = [x] + [t for t in (w, b) if t is not None]
+
+    def fn(x, *params):
+        it = iter(params)
+        return hbkernels.layer_norm(x, None if w is None else next(it), None if b is None else next(it))
+
+    check_against_float64(fn, inputs, backend_name, torch.float32)
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+def test_layer_norm_fp32_parameters_with_half_input(backend_name):
+    """Mixed precision keeps LayerNorm parameters in fp32 while activations are fp16."""
+    x = rand(6, 40, dtype=torch.float16, requires_grad=True)
+    w = rand(40, mean=1.0, requires_grad=True)
+    b = rand(40, requires_grad=True)
+    with hbkernels.use_backend(backend_name):
+        y = hbkernels.layer_norm(x, w, b)
+        gx, gw, gb = torch.autograd.grad(y.float().square().sum(), [x, w, b])
+    want = torch.nn.functional.layer_norm(x.float(), (40,), w, b)
+    assert y.dtype == torch.float16 and gw.dtype == torch.float32 and gb.dtype == torch.float32
+    torch.testing.assert_close(y.float(), want, rtol=2e-3, atol=2e-3)
+    wx, ww, wb = torch.autograd.grad(want.square().sum(), [x, w, b])
+    torch.testing.assert_close(gx.float(), wx.float(), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(gw, ww, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(gb, wb, rtol=1e-2, atol=1e-2)
+
+
+def test_layer_norm_module_matches_torch():
+    torch.manual_seed(0)
+    ref = torch.nn.LayerNorm(48, device=DEVICE)
+    torch.nn.init.normal_(ref.weight)
+    torch.nn.init.normal_(ref.bias)
+    mod = hbkernels.nn.LayerNorm.from_torch(ref)
+    assert mod.weight is ref.weight and mod.state_dict().keys() == ref.state_dict().keys()
+    x = rand(4, 9, 48)
+    torch.testing.assert_close(mod(x), ref(x), rtol=1e-5, atol=1e-5)
+    two_d = hbkernels.nn.LayerNorm((9, 48), device=DEVICE)  # over more than the last dim: torch's path
+    torch.testing.assert_close(two_d(x), torch.nn.functional.layer_norm(x, (9, 48), two_d.weight, two_d.bias))
+
+
+def test_layer_norm_bad_input():
+    x = rand(3, 8)
+    with pytest.raises(TypeError, match="x must have dtype"):
+        hbkernels.layer_norm(x.long())
+    with pytest.raises(ValueError, match="x must be a non-empty"):
+        hbkernels.layer_norm(rand(0, 8))
+    with pytest.raises(ValueError, match="weight must have 8 elements"):
+        hbkernels.layer_norm(x, weight=torch.ones(4, device=DEVICE))
+    with pytest.raises(ValueError, match="bias is on meta"):
+        hbkernels.layer_norm(x, bias=torch.ones(8, device="meta"))
+    with pytest.raises(ValueError, match="eps"):
+        hbkernels.layer_norm(x, eps=-1.0)
