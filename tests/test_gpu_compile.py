@@ -3,6 +3,7 @@ an AMD MI300 (gfx942, hsaco) within their shared-memory limits: the part of a GP
 interpreter-based tests cannot see. The work happens in tests/gpu_compile_check.py, in a subprocess,
 because these tests' process imported triton in interpreter mode."""
 import importlib
+import pkgutil
 import re
 import subprocess
 import sys
@@ -17,9 +18,12 @@ BACKEND_OF = {"sm90": "nvidia", "gfx942": "amd"}
 
 
 def _all_kernels() -> set:
+    """The @triton.jit kernels of every module in hbkernels/triton (a new module is found too)."""
+    import hbkernels.triton
+
     names = set()
-    for module in ("geglu", "group_norm", "layout", "temporal_attention"):
-        mod = importlib.import_module(f"hbkernels.triton.{module}")
+    for info in pkgutil.iter_modules(hbkernels.triton.__path__):
+        mod = importlib.import_module(f"hbkernels.triton.{info.name}")
         names |= {n for n in vars(mod) if n.startswith("_") and n.endswith("_kernel")}
     return names
 
