@@ -88,6 +88,11 @@ def eager_layer_norm(x, w, b):
     return F.layer_norm(x, (x.shape[-1],), w, b)
 
 
+def eager_add_layer_norm(x, r, w, b):
+    s = x + r
+    return F.layer_norm(s, (s.shape[-1],), w, b), s
+
+
 def run(report, dev, dtype, quick=False, timer=None, compile_too=True):
     gpu = dev.type == "cuda"
 
@@ -154,6 +159,9 @@ def run(report, dev, dtype, quick=False, timer=None, compile_too=True):
         wt, bs = torch.randn(c, device=dev, dtype=dtype), torch.randn(c, device=dev, dtype=dtype)
         impls = _impls(eager_layer_norm, hbkernels.layer_norm)
         measure("layer_norm", f"{label} ({rows}, {c})", impls, (x, wt, bs), 2 * x.numel() * elt)
+        # the transformer block's x = f(x) + x; h = norm(x): reads 2 tensors, writes 2
+        impls = _impls(eager_add_layer_norm, lambda x, r, w, b: hbkernels.layer_norm(x, w, b, residual=r))
+        measure("add_layer_norm", f"{label} ({rows}, {c})", impls, (x, x.flip(0), wt, bs), 4 * x.numel() * elt)
 
 
 def _failed(suite, case, impl, err):

@@ -1,5 +1,6 @@
-// LayerNorm over the last dim of an (M, C) view (unit inner stride, any row stride), forward and
-// backward. Threads split the rows; every row is short enough to stay in L1 between its passes.
+// LayerNorm over the last dim of an (M, C) view (unit inner stride, any row stride), forward (optionally
+// of x + residual, the sum written out too) and backward. Threads split the rows; every row is short
+// enough to stay in L1 between its passes.
 //
 // Forward statistics are fp32 and two-pass per row (sum, then squared deviations from that mean)
 // with the usual correction term (Bjorck's corrected two-pass), never E[x^2] - E[x]^2.
@@ -148,12 +149,28 @@ inline void norm_row(const T* x, T* y, int64_t C, float mean, float rstd, const 
   }
 }
 
+// s = x + r, rounded to T as an unfused add would store it
+template <typename T>
+inline void add_row(const T* x, const T* r, T* s, int64_t C) {
+  int64_t i = 0;
+  for (; i + 8 <= C; i += 8) store8(s + i, load8(x + i) + load8(r + i));
+  if (i < C) {
+    const int n = static_cast<int>(C - i);
+    store_n(s + i, load_n(x + i, n) + load_n(r + i, n), n);
+  }
+}
+
+// RES: normalise x + residual (written to S, then read back from L1) instead of x
 template <typename T, bool HAS_W, bool HAS_B>
-void fwd_rows(const Rows& X, const Rows& Y, int64_t M, int64_t C, const float* w, const float* b, float* mean,
-              float* rstd, double eps, int nt) {
+void fwd_rows(const Rows& X, const Rows* R, const Rows& Y, const Rows* S, int64_t M, int64_t C, const float* w,
+              const float* b, float* mean, float* rstd, double eps, int nt) {
 #pragma omp parallel for schedule(static) num_threads(nt)
   for (int64_t i = 0; i < M; ++i) {
     const T* xr = X.row<const T>(i);
+    if (R) {
+      add_row(xr, R->row<const T>(i), S->row<T>(i), C);
+      xr = S->row<const T>(i);
+    }
     float m, r;
     row_stats(xr, C, eps, m, r);
     mean[i] = m;
@@ -254,14 +271,23 @@ void bwd_impl(const Rows& DY, const Rows& X, const Rows& DX, int64_t M, int64_t 
 
 }  // namespace
 
-void ln_fwd(const Tensor& x, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, const Tensor& y,
-            const Tensor& mean, const Tensor& rstd, double eps) {
+void ln_fwd(const Tensor& x, const std::optional<Tensor>& residual, const std::optional<Tensor>& weight,
+            const std::optional<Tensor>& bias, const Tensor& y, const std::optional<Tensor>& s, const Tensor& mean,
+            const Tensor& rstd, double eps) {
   check_float(x, "x");
   TORCH_CHECK(x.dim() == 2, "hbkernels: ln_fwd: x must be 2-D (M, C), got ", x.dim(), "-D");
   TORCH_CHECK(eps >= 0, "hbkernels: ln_fwd: eps must be non-negative, got ", eps);
+  TORCH_CHECK(given(residual) == given(s), "hbkernels: ln_fwd: s (the sum's output) must be given with residual");
   const int64_t M = x.size(0), C = x.size(1);
   const auto dt = x.scalar_type();
   Rows X = rows_of(x, "x", M, C, dt, false), Y = rows_of(y, "y", M, C, dt, true);
+  std::optional<Rows> R, S;
+  if (given(residual)) {
+    R = rows_of(*residual, "residual", M, C, dt, false);
+    S = rows_of(*s, "s", M, C, dt, true);
+  }
+  const Rows* rp = R ? &*R : nullptr;
+  const Rows* sp = S ? &*S : nullptr;
   float* mean_p = f32_vector(mean, "mean", M);
   float* rstd_p = f32_vector(rstd, "rstd", M);
   std::vector<float> wbuf, bbuf;
@@ -277,13 +303,13 @@ void ln_fwd(const Tensor& x, const std::optional<Tensor>& weight, const std::opt
   dispatch_float(dt, [&](auto tag) {
     using T = decltype(tag);
     if (w && b)
-      fwd_rows<T, true, true>(X, Y, M, C, w, b, mean_p, rstd_p, eps, nt);
+      fwd_rows<T, true, true>(X, rp, Y, sp, M, C, w, b, mean_p, rstd_p, eps, nt);
     else if (w)
-      fwd_rows<T, true, false>(X, Y, M, C, w, b, mean_p, rstd_p, eps, nt);
+      fwd_rows<T, true, false>(X, rp, Y, sp, M, C, w, b, mean_p, rstd_p, eps, nt);
     else if (b)
-      fwd_rows<T, false, true>(X, Y, M, C, w, b, mean_p, rstd_p, eps, nt);
+      fwd_rows<T, false, true>(X, rp, Y, sp, M, C, w, b, mean_p, rstd_p, eps, nt);
     else
-      fwd_rows<T, false, false>(X, Y, M, C, w, b, mean_p, rstd_p, eps, nt);
+      fwd_rows<T, false, false>(X, rp, Y, sp, M, C, w, b, mean_p, rstd_p, eps, nt);
   });
 }
 

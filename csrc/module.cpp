@@ -20,8 +20,8 @@ TORCH_LIBRARY(hbkernels, m) {
   m.def("geglu_fwd(Tensor x, Tensor(a!) out) -> ()");
   m.def("geglu_bwd(Tensor dy, Tensor x, Tensor(a!) dx) -> ()");
   m.def(
-      "ln_fwd(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!) y, Tensor(b!) mean, Tensor(c!) rstd, "
-      "float eps) -> ()");
+      "ln_fwd(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, Tensor(a!) y, Tensor(b!)? s, "
+      "Tensor(c!) mean, Tensor(d!) rstd, float eps) -> ()");
   m.def(
       "ln_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, Tensor(a!) dx, Tensor(b!)? dweight, "
       "Tensor(c!)? dbias) -> ()");

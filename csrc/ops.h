@@ -20,8 +20,9 @@ void gn_bwd(const Tensor& dy, const Tensor& x, const std::optional<Tensor>& weig
 void copy_add(const Tensor& src, const std::optional<Tensor>& residual, const Tensor& out);
 void geglu_fwd(const Tensor& x, const Tensor& out);
 void geglu_bwd(const Tensor& dy, const Tensor& x, const Tensor& dx);
-void ln_fwd(const Tensor& x, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, const Tensor& y,
-            const Tensor& mean, const Tensor& rstd, double eps);
+void ln_fwd(const Tensor& x, const std::optional<Tensor>& residual, const std::optional<Tensor>& weight,
+            const std::optional<Tensor>& bias, const Tensor& y, const std::optional<Tensor>& s, const Tensor& mean,
+            const Tensor& rstd, double eps);
 void ln_bwd(const Tensor& dy, const Tensor& x, const std::optional<Tensor>& weight, const Tensor& mean,
             const Tensor& rstd, const Tensor& dx, const std::optional<Tensor>& dweight,
             const std::optional<Tensor>& dbias);

@@ -54,7 +54,7 @@ def _geglu_bwd_fake(dy, x, dx):
 
 
 @torch.library.register_fake("hbkernels::ln_fwd")
-def _ln_fwd_fake(x, weight, bias, y, mean, rstd, eps):
+def _ln_fwd_fake(x, residual, weight, bias, y, s, mean, rstd, eps):
     return None
 
 
@@ -103,9 +103,10 @@ def geglu_bwd(dy, x, dx) -> None:
     _ops.geglu_bwd(dy, x, dx)
 
 
-def ln_fwd(x, weight, bias, y, mean, rstd, eps: float) -> None:
-    """LayerNorm over the last dim of x (M, C), stride(-1) == 1; writes y (M, C) and mean/rstd (M,) float32."""
-    _ops.ln_fwd(x, weight, bias, y, mean, rstd, float(eps))
+def ln_fwd(x, residual, weight, bias, y, s, mean, rstd, eps: float) -> None:
+    """LayerNorm over the last dim of x (+ residual, whose sum goes to s), all (M, C) with stride(-1) == 1;
+    writes y and mean/rstd (M,) float32."""
+    _ops.ln_fwd(x, residual, weight, bias, y, s, mean, rstd, float(eps))
 
 
 def ln_bwd(dy, x, weight, mean, rstd, dx, dweight, dbias) -> None:

@@ -44,10 +44,15 @@ class LayerNorm(nn.LayerNorm):
     """``torch.nn.LayerNorm`` (same parameters and keys) on :func:`hbkernels.layer_norm` when it
     normalises over the last dim only."""
 
-    def forward(self, x):
+    def forward(self, x, residual=None):
+        """With ``residual``: ``(norm(x + residual), x + residual)`` in one pass (see
+        :func:`hbkernels.layer_norm`)."""
         if len(self.normalized_shape) != 1:
-            return super().forward(x)
-        return layer_norm(x, self.weight, self.bias, self.eps)
+            if residual is None:
+                return super().forward(x)
+            s = x + residual
+            return super().forward(s), s
+        return layer_norm(x, self.weight, self.bias, self.eps, residual)
 
     @classmethod
     def from_torch(cls, norm: nn.LayerNorm) -> "LayerNorm":

@@ -55,5 +55,9 @@ def geglu(x) -> torch.Tensor:
     return hidden * F.gelu(gate)
 
 
-def layer_norm(x, weight, bias, eps: float) -> torch.Tensor:
-    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+def layer_norm(x, weight, bias, eps: float, residual=None):
+    """LayerNorm over the last dim; with ``residual``, (LayerNorm(x + residual), x + residual)."""
+    if residual is None:
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    s = x + residual
+    return F.layer_norm(s, (s.shape[-1],), weight, bias, eps), s

@@ -27,6 +27,24 @@ def test_layer_norm(backend_name, dtype, shape, strided):
 
 
 @pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", shapes(QUICK, FULL))
+def test_layer_norm_with_residual(backend_name, dtype, shape):
+    """(norm(x + residual), x + residual): outputs and the gradients that reach x and residual through both."""
+    c = shape[-1]
+    x = rand(*shape, dtype=torch.float64, mean=3.0, requires_grad=True)
+    res = rand(*shape, dtype=torch.float64, requires_grad=True)
+    w = rand(c, dtype=torch.float64, mean=1.0, requires_grad=True)
+    b = rand(c, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, res, w, b):
+        y, s = hbkernels.layer_norm(x, w, b, eps=1e-5, residual=res)
+        return torch.cat([y, s], dim=-1)
+
+    check_against_float64(fn, [x, res, w, b], backend_name, dtype)
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
 @pytest.mark.parametrize("affine", ["none", "weight", "bias"])
 def test_layer_norm_optional_affine(backend_name, affine):
     x = rand(3, 5, 24, dtype=torch.float64, requires_grad=True)
@@ -70,6 +88,12 @@ def test_layer_norm_module_matches_torch():
     torch.testing.assert_close(mod(x), ref(x), rtol=1e-5, atol=1e-5)
     two_d = hbkernels.nn.LayerNorm((9, 48), device=DEVICE)  # over more than the last dim: torch's path
     torch.testing.assert_close(two_d(x), torch.nn.functional.layer_norm(x, (9, 48), two_d.weight, two_d.bias))
+    res = rand(4, 9, 48)
+    for module, shape in ((mod, (48,)), (two_d, (9, 48))):
+        y, s = module(x, residual=res)
+        torch.testing.assert_close(s, x + res)
+        torch.testing.assert_close(y, torch.nn.functional.layer_norm(x + res, shape, module.weight, module.bias),
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_layer_norm_bad_input():
@@ -84,3 +108,7 @@ def test_layer_norm_bad_input():
         hbkernels.layer_norm(x, bias=torch.ones(8, device="meta"))
     with pytest.raises(ValueError, match="eps"):
         hbkernels.layer_norm(x, eps=-1.0)
+    with pytest.raises(ValueError, match="residual must have x's shape"):
+        hbkernels.layer_norm(x, residual=rand(3, 4))
+    with pytest.raises(TypeError, match="residual has dtype"):
+        hbkernels.layer_norm(x, residual=rand(3, 8, dtype=torch.float64))

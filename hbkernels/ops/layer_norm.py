@@ -12,42 +12,60 @@ from hbkernels import backend, checks, reference
 TRITON_MAX_C = 16384  # the Triton kernels hold a whole row in one tile; wider rows take the reference
 
 
+def _rows(t, c):
+    """t as (rows, C) with unit column stride (a view where possible)."""
+    t2 = t.reshape(-1, c)
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
 class LayerNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, backend_name):
+    def forward(ctx, x, residual, weight, bias, eps, backend_name):
         c = x.shape[-1]
-        x2 = x.reshape(-1, c)
-        x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+        x2 = _rows(x, c)
         m = x2.shape[0]
         y = backend.empty((m, c), dtype=x.dtype, device=x.device)
+        s = None if residual is None else backend.empty((m, c), dtype=x.dtype, device=x.device)
         mean = backend.empty((m,), dtype=torch.float32, device=x.device)
         rstd = backend.empty((m,), dtype=torch.float32, device=x.device)
-        backend.primitives(backend_name).ln_fwd(x2, weight, bias, y, mean, rstd, eps)
-        ctx.save_for_backward(x2, weight, mean, rstd)
+        r2 = None if residual is None else _rows(residual, c)
+        backend.primitives(backend_name).ln_fwd(x2, r2, weight, bias, y, s, mean, rstd, eps)
+        ctx.save_for_backward(x2 if s is None else s, weight, mean, rstd)
         ctx.shape, ctx.backend_name = x.shape, backend_name
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return y.view(x.shape)
+        if s is None:
+            return y.view(x.shape)
+        return y.view(x.shape), s.view(x.shape)
 
     @staticmethod
     @once_differentiable  # kernel gradients: a double backward must raise, not silently drop terms
-    def backward(ctx, grad_out):
-        x2, weight, mean, rstd = ctx.saved_tensors
-        dy = grad_out.reshape(x2.shape)
-        dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+    def backward(ctx, grad_y, grad_s=None):
+        x2, weight, mean, rstd = ctx.saved_tensors  # x2: the normalised input (x + residual when fused)
+        dy = _rows(grad_y, x2.shape[1])
         dx = backend.empty(x2.shape, dtype=x2.dtype, device=x2.device)
         c = x2.shape[1]
-        need_w, need_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        need_w, need_b = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
         dw = torch.empty(c, dtype=torch.float32, device=x2.device) if need_w else None
         db = torch.empty(c, dtype=torch.float32, device=x2.device) if need_b else None
         backend.primitives(ctx.backend_name).ln_bwd(dy, x2, weight, mean, rstd, dx, dw, db)
-        return (dx.view(ctx.shape), dw.to(weight.dtype) if need_w else None,
-                db.to(ctx.bias_dtype) if need_b else None, None, None)
+        dx = dx.view(ctx.shape)
+        if grad_s is not None:  # the sum x + residual was also used downstream
+            dx = dx + grad_s
+        dres = dx if ctx.needs_input_grad[1] else None
+        return (dx, dres, dw.to(weight.dtype) if need_w else None, db.to(ctx.bias_dtype) if need_b else None,
+                None, None)
 
 
-def _check(x, weight, bias, eps):
+def _check(x, weight, bias, eps, residual):
     checks.tensor("x", x)
     if x.dim() < 1 or x.numel() == 0:
         raise ValueError(f"x must be a non-empty tensor normalised over its last dim, got shape {tuple(x.shape)}")
+    if residual is not None:
+        checks.tensor("residual", residual)
+        if residual.shape != x.shape:
+            raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+        checks.same_device(x=x, residual=residual)
+        checks.same_dtype(x=x, residual=residual)
     c = x.shape[-1]
     checks.channel_vector("weight", weight, c, x)
     checks.channel_vector("bias", bias, c, x)
@@ -55,12 +73,15 @@ def _check(x, weight, bias, eps):
         raise ValueError(f"eps must be a positive float, got {eps!r}")
 
 
-def layer_norm(x, weight=None, bias=None, eps=1e-5):
+def layer_norm(x, weight=None, bias=None, eps=1e-5, residual=None):
     """``torch.nn.functional.layer_norm(x, (C,), weight, bias, eps)`` over the last dim C of x (any
     leading shape). Statistics in fp32, the variance from a second pass over the row (stable for
-    large means). On GPUs, rows wider than ``TRITON_MAX_C`` take the reference path."""
-    _check(x, weight, bias, eps)
+    large means). On GPUs, rows wider than ``TRITON_MAX_C`` take the reference path.
+
+    With ``residual`` (x's shape and dtype) returns ``(layer_norm(s), s)`` for ``s = x + residual``,
+    the pre-norm transformer block's ``x = f(x) + x; h = norm(x)`` in one pass."""
+    _check(x, weight, bias, eps, residual)
     name = backend.select(x.device, x.dtype)
     if name == "torch" or (name == "triton" and x.shape[-1] > TRITON_MAX_C):
-        return reference.layer_norm(x, weight, bias, float(eps))
-    return backend.run_function(LayerNormFunction, x, weight, bias, float(eps), name)
+        return reference.layer_norm(x, weight, bias, float(eps), residual)
+    return backend.run_function(LayerNormFunction, x, residual, weight, bias, float(eps), name)

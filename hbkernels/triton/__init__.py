@@ -83,9 +83,9 @@ def _geglu_bwd(dy: Tensor, x: Tensor, dx: Tensor) -> None:
     geglu.geglu_bwd(dy, x, dx)
 
 
-def _ln_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], y: Tensor, mean: Tensor, rstd: Tensor,
-            eps: float) -> None:
-    layer_norm.ln_fwd(x, weight, bias, y, mean, rstd, eps)
+def _ln_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], y: Tensor,
+            s: Optional[Tensor], mean: Tensor, rstd: Tensor, eps: float) -> None:
+    layer_norm.ln_fwd(x, residual, weight, bias, y, s, mean, rstd, eps)
 
 
 def _ln_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor, dx: Tensor,
@@ -101,7 +101,7 @@ gn_bwd = _custom_op("gn_bwd", ("dx", "dweight", "dbias"), _gn_bwd)
 copy_add = _custom_op("copy_add", ("out",), _copy_add)
 geglu_fwd = _custom_op("geglu_fwd", ("out",), _geglu_fwd)
 geglu_bwd = _custom_op("geglu_bwd", ("dx",), _geglu_bwd)
-ln_fwd = _custom_op("ln_fwd", ("y", "mean", "rstd"), _ln_fwd)
+ln_fwd = _custom_op("ln_fwd", ("y", "s", "mean", "rstd"), _ln_fwd)
 ln_bwd = _custom_op("ln_bwd", ("dx", "dweight", "dbias"), _ln_bwd)
 
 __all__ = ["ATTN_ROW_STATS", "attn_bwd", "attn_fwd", "copy_add", "geglu_bwd", "geglu_fwd", "gn_bwd", "gn_fwd",

@@ -3,7 +3,9 @@
 The transformer blocks of video U-Nets normalise 10^4-10^5 short rows (C = 320-1280) per call;
 PyTorch's CUDA kernel gives each row its own thread block, whose setup dominates at that length.
 Here a program normalises [BLOCK_M, BLOCK_C] rows at once, a whole row per tile row (two passes over
-registers for a stable variance), so the activation is read once and written once.
+registers for a stable variance), so the activation is read once and written once. With a residual,
+the transformer block's ``x = f(x) + x`` add happens in the same pass (reads 2, writes 2 tensors
+instead of reading 3 and writing 2 in an add and a norm).
 
 Backward: programs walk ``rows_per_program`` rows each, writing dx and accumulating dweight / dbias
 partials per program in registers; torch sums the (programs, C) partials (no atomics: deterministic).
@@ -21,14 +23,20 @@ _INTERP_PROGRAMS = 3  # under TRITON_INTERPRET: each program is a batch of numpy
 
 
 @triton.jit
-def _ln_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, M, C, sxm, sym, eps,
-                   HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+def _ln_fwd_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, s_ptr, mean_ptr, rstd_ptr, M, C, sxm, srm, sym, ssm, eps,
+                   HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cc = tl.arange(0, BLOCK_C)
     rmask = rows < M
     cmask = cc < C
     mask = rmask[:, None] & cmask[None, :]
     x = tl.load(x_ptr + rows[:, None] * sxm + cc[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:  # s = x + residual, rounded to the storage dtype as an unfused add would leave it
+        r = tl.load(r_ptr + rows[:, None] * srm + cc[None, :], mask=mask, other=0.0).to(tl.float32)
+        s = (x + r).to(s_ptr.dtype.element_ty)
+        tl.store(s_ptr + rows[:, None] * ssm + cc[None, :], s, mask=mask)
+        x = s.to(tl.float32)
     cf = C.to(tl.float32)
     mean = tl.div_rn(tl.sum(x, axis=1), cf)
     d = tl.where(mask, x - mean[:, None], 0.0)
@@ -87,18 +95,21 @@ def _tiles(m: int, c: int):
     return max(1, min(_TILE // block_c, next_pow2(m))), block_c
 
 
-def ln_fwd(x, weight, bias, y, mean, rstd, eps: float) -> None:
-    """x, y (M, C) with unit column stride; weight/bias None or (C,); writes y and mean/rstd (M,) fp32."""
+def ln_fwd(x, residual, weight, bias, y, s, mean, rstd, eps: float) -> None:
+    """y = LayerNorm(x (+ residual)) over the last dim; x, residual, y, s (M, C) with unit column stride;
+    s receives x + residual (given with residual); weight/bias None or (C,); writes mean/rstd (M,) fp32."""
     m, c = x.shape
-    assert tuple(y.shape) == (m, c) and x.stride(1) == 1 and y.stride(1) == 1 and c <= TRITON_MAX_C, (x.shape, y.shape)
+    views = [x, y] + ([residual, s] if residual is not None else [])
+    assert all(tuple(v.shape) == (m, c) and v.stride(1) == 1 for v in views) and c <= TRITON_MAX_C
     if m == 0:
         return
     block_m, block_c = _tiles(m, c)
+    res, out_s = (residual, s) if residual is not None else (x, y)  # placeholders: never touched
     _ln_fwd_kernel[(cdiv(m, block_m),)](
-        x, weight if weight is not None else mean, bias if bias is not None else mean, y, mean, rstd,
-        m, c, x.stride(0), y.stride(0), float(eps),
-        HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_M=block_m, BLOCK_C=block_c,
-        num_warps=warps_for(block_m * block_c),
+        x, res, weight if weight is not None else mean, bias if bias is not None else mean, y, out_s, mean, rstd,
+        m, c, x.stride(0), res.stride(0), y.stride(0), out_s.stride(0), float(eps),
+        HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None,
+        BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps_for(block_m * block_c),
     )
 
 

@@ -110,17 +110,17 @@ class BasicTransformerBlock(nn.Module):
         self._chunk_size, self._chunk_dim = chunk_size, dim
 
     def forward(self, x, context=None):
-        x = self.attn1(self.norm1(x)) + x
+        # norm2 / norm3 take each residual add into their own pass: h = LN(x + f(x)), x + f(x) kept
+        h, x = self.norm2(self.attn1(self.norm1(x)), residual=x)
         if context is None:
-            x = self.attn2(self.norm2(x)) + x
+            h, x = self.norm3(self.attn2(h), residual=x)
         else:
             # All frames of a video attend to the same text: fold the frames into the query sequence
             # ((B*T, L, C) -> (B, T*L, C), a free view) rather than repeating the context T times.
             bt, seq, c = x.shape
             b = context.shape[0]
-            out = self.attn2(self.norm2(x).view(b, bt // b * seq, c), encoder_hidden_states=context)
-            x = out.view(bt, seq, c) + x
-        h = self.norm3(x)
+            out = self.attn2(h.view(b, bt // b * seq, c), encoder_hidden_states=context)
+            h, x = self.norm3(out.view(bt, seq, c), residual=x)
         if self._chunk_size:
             h = _chunked_feed_forward(self.ff, h, self._chunk_dim, self._chunk_size)
         else:
