@@ -110,6 +110,24 @@ def test_group_norm_keeps_memory_format(backend_name):
     assert y.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("backend_name", [p for p in KERNEL_BACKENDS if p.values[0] == "triton"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("reversed_apply, stats_tile", [(True, 4096), (False, 2048), (True, 8192)])
+def test_group_norm_launch_tuning(monkeypatch, backend_name, layout, reversed_apply, stats_tile):
+    """The forward's tuning knobs (bench/gn_sweep.py) change the schedule, never the result."""
+    from hbkernels.triton import group_norm as gn
+
+    monkeypatch.setattr(gn, "APPLY_REVERSED", reversed_apply)
+    monkeypatch.setattr(gn, "_STATS_TILE", stats_tile)
+    x = rand(2, 30, 3, 4, 5, dtype=torch.float64, mean=3.0, requires_grad=True)
+    w = rand(30, dtype=torch.float64, mean=1.0, requires_grad=True)
+
+    def fn(x, w):
+        return hbkernels.group_norm(to_layout(x, layout), 3, w, None, activation="silu")
+
+    check_against_float64(fn, [x, w], backend_name, torch.float32)
+
+
 def test_group_norm_bad_input():
     x = rand(2, 12, 3, 4)
     with pytest.raises(ValueError, match="num_groups"):

@@ -30,7 +30,14 @@ import triton.language as tl
 
 from hbkernels.triton.layout import INTERPRETED, cdiv, merge_ts, next_pow2, strides4, tile_shape, warps_for
 
-_GPU_STATS_PROGRAMS = 2048  # enough resident programs to keep an H100's loads in flight
+# Forward launch tuning, timed against each other on a GPU by `python -m bench.gn_sweep`: statistics
+# programs over the whole tensor (enough resident programs to keep an H100's loads in flight),
+# elements per statistics tile, and whether the apply pass walks the tiles in the reverse of the
+# statistics pass's order, so that it starts on the tiles most recently read, which are still in L2
+# (in the same order, a tensor larger than L2 meets none of its tiles there).
+_GPU_STATS_PROGRAMS = 2048
+_STATS_TILE = 4096
+APPLY_REVERSED = False
 _INTERP_CHUNKS = 3  # a few programs per (n, channel block) under TRITON_INTERPRET (still exercises merging)
 _FINAL_BLOCK = 1024
 
@@ -192,13 +199,17 @@ def _gn_apply_kernel(
     C, T, S, n_sb, cpg, sw, sb_, smn, smg, srn, srg,
     sxn, sxc, sxt, sxs, syn, syc, syt, sys,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, PRECISE: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, REVERSE: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    cb = tl.program_id(1)
+    if REVERSE:  # blocks start in grid order: the last tiles first
+        pid = tl.num_programs(0) - 1 - pid
+        cb = tl.num_programs(1) - 1 - cb
     tiles_per_n = T * n_sb
     n = pid // tiles_per_n
     t, s0 = _tile_origin(pid - n * tiles_per_n, n_sb, BLOCK_S)
-    cc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cc = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     ss = s0 + tl.arange(0, BLOCK_S)
     cmask = cc < C
     g = cc // cpg
@@ -370,7 +381,7 @@ def gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: float, s
 
     # 1. per-channel partial (mean, M2) over chunks of the (t, s) plane: only x's strides to merge
     t3, s3, (xs3,) = merge_ts([strides4(x)], t, s)
-    bc3, bs3 = tile_shape(c, s3, (xs3,))
+    bc3, bs3 = tile_shape(c, s3, (xs3,), _STATS_TILE)
     n_sb3 = cdiv(s3, bs3)
     n_cb3 = cdiv(c, bc3)
     per, n_chunks = _chunking(n, n_cb3, t3 * n_sb3)
@@ -398,7 +409,7 @@ def gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: float, s
         c, t2, s2, n_sb, cpg, sw, sb_, *ms, *xs, *ys,
         HAS_W=weight is not None, HAS_B=bias is not None, HAS_SHIFT=shift is not None, SILU=bool(silu),
         PRECISE=x.dtype == torch.float32,
-        BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps_for(block_c * block_s),
+        BLOCK_C=block_c, BLOCK_S=block_s, REVERSE=APPLY_REVERSED, num_warps=warps_for(block_c * block_s),
     )
 
 
