@@ -11,8 +11,8 @@
 #
 # STEPS picks and orders the steps (default: tests unet_step pipeline ops ops_graph host_overhead;
 # also gn_sweep, the GroupNorm launch tuning); per-step limits: TESTS_LIMIT, UNET_LIMIT,
-# PIPELINE_LIMIT, OPS_LIMIT, OPS_GRAPH_LIMIT, GN_SWEEP_LIMIT; UNET_CASE
-# filters U-Net cases, OPS_ARGS="--quick --no-compile" shortens the op runs. E.g. after a U-Net change:
+# PIPELINE_LIMIT, OPS_LIMIT, OPS_GRAPH_LIMIT, GN_SWEEP_LIMIT; UNET_CASE filters U-Net cases,
+# OPS_ARGS="--quick --no-compile" shortens the op runs. E.g. after a U-Net change:
 #   STEPS="unet_step ops_graph tests" UNET_COMPILE= UNET_CASE=0.7b UNET_LIMIT=480 OPS_ARGS="--quick --no-compile" OPS_GRAPH_LIMIT=90 TESTS_LIMIT=120 bench/gpu_check.sh
 set -u
 log=${1:-gpu-check.log}
@@ -39,7 +39,7 @@ step() {
 run_step() {
     case $1 in
     tests) step tests "${TESTS_LIMIT:-110}" python -m pytest -q -p no:cacheprovider -n 8 tests/test_temporal_attention.py \
-        tests/test_group_norm.py tests/test_layout.py tests/test_geglu.py tests/test_nn.py tests/test_backend.py \
+        tests/test_group_norm.py tests/test_layer_norm.py tests/test_layout.py tests/test_geglu.py tests/test_nn.py tests/test_backend.py \
         tests/test_compile.py tests/test_patch.py tests/test_unet.py tests/test_cuda_graph.py ;;
     unet_step) step unet_step "${UNET_LIMIT:-120}" python -m bench.unet_step --quick --profile ${UNET_COMPILE---no-compile} \
         ${UNET_CASE:+--case "$UNET_CASE"} --out "$res" ;;
