@@ -56,6 +56,32 @@ inline void thread_range(int64_t total, int tid, int nt, int64_t& begin, int64_t
   end = begin + q + (tid < r ? 1 : 0);
 }
 
+// A 2D tensor with unit inner stride, addressed by row.
+struct Rows {
+  char* data;
+  int64_t es, s0;
+  template <typename T>
+  T* row(int64_t i) const {
+    return reinterpret_cast<T*>(data + i * s0 * es);
+  }
+};
+
+// Sum of n contiguous values in fp32 (four accumulators: independent adds in flight).
+template <typename T>
+inline float sum_row(const T* v, int64_t n) {
+  F8 s0 = zero8(), s1 = zero8(), s2 = zero8(), s3 = zero8();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    s0 = s0 + load8(v + i);
+    s1 = s1 + load8(v + i + 8);
+    s2 = s2 + load8(v + i + 16);
+    s3 = s3 + load8(v + i + 24);
+  }
+  for (; i + 8 <= n; i += 8) s0 = s0 + load8(v + i);
+  if (i < n) s1 = s1 + load_n(v + i, static_cast<int>(n - i));
+  return hsum((s0 + s1) + (s2 + s3));
+}
+
 // Converting row load/store (contiguous), vectorised.
 template <typename T>
 inline void load_row(const T* src, float* dst, int64_t n) {

@@ -9,15 +9,6 @@ namespace {
 
 constexpr int64_t kChunk = 2048;
 
-struct Rows {  // a 2D tensor with unit inner stride
-  char* data;
-  int64_t es, s0;
-  template <typename T>
-  T* row(int64_t i) const {
-    return reinterpret_cast<T*>(data + i * s0 * es);
-  }
-};
-
 Rows rows_of(const Tensor& t, const char* name, int64_t M, int64_t cols, at::ScalarType dt) {
   check_float(t, name);
   TORCH_CHECK(t.dim() == 2 && t.size(0) == M && t.size(1) == cols, "hbkernels: ", name, " must have shape (", M,

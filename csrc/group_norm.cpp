@@ -86,20 +86,10 @@ void stats_rows(const float* x, int64_t ld, int64_t R, int64_t L, const Plan& p,
   bool per_row = p.cdim() == 1;
   for (int64_t r = 0; r < R; ++r) {
     const float* v = x + r * ld;
-    F8 s0 = zero8(), s1 = zero8(), s2 = zero8(), s3 = zero8();
-    int64_t i = 0;
-    for (; i + 32 <= L; i += 32) {
-      s0 = s0 + load8(v + i);
-      s1 = s1 + load8(v + i + 8);
-      s2 = s2 + load8(v + i + 16);
-      s3 = s3 + load8(v + i + 24);
-    }
-    for (; i + 8 <= L; i += 8) s0 = s0 + load8(v + i);
-    if (i < L) s1 = s1 + load_n(v + i, static_cast<int>(L - i));
-    float mean = hsum((s0 + s1) + (s2 + s3)) / static_cast<float>(L);
+    float mean = sum_row(v, L) / static_cast<float>(L);
     F8 m = set1(mean);
     F8 q0 = zero8(), q1 = zero8(), q2 = zero8(), q3 = zero8();
-    i = 0;
+    int64_t i = 0;
     for (; i + 32 <= L; i += 32) {
       F8 d0 = load8(v + i) - m, d1 = load8(v + i + 8) - m, d2 = load8(v + i + 16) - m, d3 = load8(v + i + 24) - m;
       q0 = fmadd(d0, d0, q0);

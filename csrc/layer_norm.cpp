@@ -16,15 +16,6 @@
 namespace hb {
 namespace {
 
-struct Rows {  // a 2D tensor with unit inner stride
-  char* data;
-  int64_t es, s0;
-  template <typename T>
-  T* row(int64_t i) const {
-    return reinterpret_cast<T*>(data + i * s0 * es);
-  }
-};
-
 // out: the rows are written, so they must not overlap (row stride >= C)
 Rows rows_of(const Tensor& t, const char* name, int64_t M, int64_t C, at::ScalarType dt, bool out) {
   check_float(t, name);
@@ -86,22 +77,12 @@ const float* affine_vector(const std::optional<Tensor>& t, const char* name, int
 // mean and rstd of one row of C >= 1 values
 template <typename T>
 inline void row_stats(const T* x, int64_t C, double eps, float& mean_out, float& rstd_out) {
-  F8 s0 = zero8(), s1 = zero8(), s2 = zero8(), s3 = zero8();
-  int64_t i = 0;
-  for (; i + 32 <= C; i += 32) {
-    s0 = s0 + load8(x + i);
-    s1 = s1 + load8(x + i + 8);
-    s2 = s2 + load8(x + i + 16);
-    s3 = s3 + load8(x + i + 24);
-  }
-  for (; i + 8 <= C; i += 8) s0 = s0 + load8(x + i);
-  if (i < C) s1 = s1 + load_n(x + i, static_cast<int>(C - i));
   const float invC = 1.f / static_cast<float>(C);
-  const float m = hsum((s0 + s1) + (s2 + s3)) * invC;
+  const float m = sum_row(x, C) * invC;
   // pass 2: deviations d = x - m; sum d^2 and (for the correction) sum d
   const F8 mv = set1(m);
   F8 d0 = zero8(), d1 = zero8(), q0 = zero8(), q1 = zero8(), q2 = zero8(), q3 = zero8();
-  i = 0;
+  int64_t i = 0;
   for (; i + 32 <= C; i += 32) {
     F8 a = load8(x + i) - mv, b = load8(x + i + 8) - mv, c = load8(x + i + 16) - mv, d = load8(x + i + 24) - mv;
     d0 = d0 + (a + b);

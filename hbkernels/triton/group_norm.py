@@ -154,6 +154,16 @@ def _gn_stats_kernel(
 
 
 @triton.jit
+def _partial_means(pmean_ptr, sh_ptr, idx, m, n_chunks, tiles_per_chunk, n_tiles, n_sb, S,
+                   HAS_SHIFT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK: tl.constexpr):
+    """(element count, mean + shift) of a group's partials idx (channel idx // n_chunks, chunk
+    idx % n_chunks); 0 counts where m is False."""
+    cnt = tl.where(m, _chunk_count(idx % n_chunks, tiles_per_chunk, n_tiles, n_sb, S, BLOCK_S), 0.0)
+    mu = tl.load(pmean_ptr + idx, mask=m, other=0.0) + _channel_vec(sh_ptr, idx // n_chunks, m, 1, HAS_SHIFT, BLOCK)
+    return cnt, mu
+
+
+@triton.jit
 def _gn_finalize_kernel(
     pmean_ptr, pm2_ptr, sh_ptr, mean_ptr, rstd_ptr,
     G, cpg, n_chunks, tiles_per_chunk, n_tiles, n_sb, S, group_numel, eps, smn, smg, srn, srg,
@@ -171,19 +181,16 @@ def _gn_finalize_kernel(
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for r0 in range(0, length, BLOCK):
         idx = r0 + ar
-        m = idx < length
-        cnt = tl.where(m, _chunk_count(idx % n_chunks, tiles_per_chunk, n_tiles, n_sb, S, BLOCK_S), 0.0)
-        mu = tl.load(pmean_ptr + base + idx, mask=m, other=0.0) + _channel_vec(sh_ptr, idx // n_chunks, m, 1,
-                                                                                 HAS_SHIFT, BLOCK)
+        cnt, mu = _partial_means(pmean_ptr + base, sh_ptr, idx, idx < length, n_chunks, tiles_per_chunk, n_tiles,
+                                 n_sb, S, HAS_SHIFT, BLOCK_S, BLOCK)
         acc += cnt * mu
     mean = tl.div_rn(tl.sum(acc, axis=0), group_numel)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for r0 in range(0, length, BLOCK):
         idx = r0 + ar
         m = idx < length
-        cnt = tl.where(m, _chunk_count(idx % n_chunks, tiles_per_chunk, n_tiles, n_sb, S, BLOCK_S), 0.0)
-        mu = tl.load(pmean_ptr + base + idx, mask=m, other=0.0) + _channel_vec(sh_ptr, idx // n_chunks, m, 1,
-                                                                                 HAS_SHIFT, BLOCK)
+        cnt, mu = _partial_means(pmean_ptr + base, sh_ptr, idx, m, n_chunks, tiles_per_chunk, n_tiles, n_sb, S,
+                                 HAS_SHIFT, BLOCK_S, BLOCK)
         m2 = tl.load(pm2_ptr + base + idx, mask=m, other=0.0)
         d = mu - mean
         acc += m2 + cnt * d * d
