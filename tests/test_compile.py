@@ -14,7 +14,8 @@ def temporal_block(x, w, b, heads):
     nhw, t, c = tokens.shape
     q = tokens.view(nhw, t, heads, c // heads)
     att = hbkernels.temporal_attention(q, q, q).view(nhw, t, c)  # one tensor thrice: no graph break either
-    att = hbkernels.layer_norm(att, w, b)
+    normed, summed = hbkernels.layer_norm(att, w, b, residual=tokens)  # both outputs carry gradients
+    att = hbkernels.layer_norm(normed + summed, w, b)
     return hbkernels.tokens_to_video(hbkernels.geglu(torch.cat([att, att], -1)), residual=x)
 
 
