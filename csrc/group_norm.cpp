@@ -584,7 +584,26 @@ void gn_bwd(const Tensor& dy, const Tensor& x, const std::optional<Tensor>& weig
 }
 
 // ------------------------------------------------------------------ copy_add
-void copy_add(const Tensor& src, const std::optional<Tensor>& residual, const Tensor& out) {
+// row `row` of tile t += bias[channel]: channels run along the row (cdim 0), one per row (cdim 1),
+// or one per tile (cdim 2)
+inline void add_channel_bias(float* orow, const float* bias, const Plan& p, const Tile& t, int64_t row) {
+  const int cd = p.cdim();
+  if (cd == 0) {
+    const float* b = bias + t.c0;
+    int64_t i = 0;
+    for (; i + 8 <= t.L; i += 8) store8(orow + i, load8(orow + i) + load8(b + i));
+    for (; i < t.L; ++i) orow[i] += b[i];
+    return;
+  }
+  const float v = bias[cd == 1 ? t.r0 + row : t.i2];
+  const F8 vv = set1(v);
+  int64_t i = 0;
+  for (; i + 8 <= t.L; i += 8) store8(orow + i, load8(orow + i) + vv);
+  for (; i < t.L; ++i) orow[i] += v;
+}
+
+void copy_add(const Tensor& src, const std::optional<Tensor>& residual, const std::optional<Tensor>& bias,
+              const Tensor& out) {
   View sv = make_view(src, "src"), ov = make_view(out, "out");
   TORCH_CHECK(src.sizes() == out.sizes(), "hbkernels: copy_add: src/out shapes differ");
   const bool has_res = residual.has_value() && residual->defined();
@@ -592,6 +611,13 @@ void copy_add(const Tensor& src, const std::optional<Tensor>& residual, const Te
   if (has_res) {
     rv = make_view(*residual, "residual");
     TORCH_CHECK(residual->sizes() == out.sizes(), "hbkernels: copy_add: residual/out shapes differ");
+  }
+  const float* bv = nullptr;  // per channel, added after the sum
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->dim() == 1 &&
+                    bias->size(0) == out.size(1) && bias->device().is_cpu(),
+                "hbkernels: copy_add: bias must be a contiguous float32 CPU tensor of C = ", out.size(1), " elements");
+    bv = bias->data_ptr<float>();
   }
   if (out.numel() == 0) return;
   // out is primary: its stores stay sequential; src (e.g. tokens) is transposed through L1
@@ -624,6 +650,7 @@ void copy_add(const Tensor& src, const std::optional<Tensor>& residual, const Te
           for (; i + 8 <= t.L; i += 8) store8(orow + i, load8(sr + i));
           for (; i < t.L; ++i) orow[i] = sr[i];
         }
+        if (bv) add_channel_bias(orow, bv, p, t, row);
       }
       ob.out_done(ov, p, t);
     }

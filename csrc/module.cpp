@@ -16,7 +16,7 @@ TORCH_LIBRARY(hbkernels, m) {
   m.def(
       "gn_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, Tensor? shift, Tensor mean, Tensor rstd, Tensor(a!) dx, "
       "Tensor(b!)? dweight, Tensor(c!)? dbias, int num_groups, bool silu) -> ()");
-  m.def("copy_add(Tensor src, Tensor? residual, Tensor(a!) out) -> ()");
+  m.def("copy_add(Tensor src, Tensor? residual, Tensor? bias, Tensor(a!) out) -> ()");
   m.def("geglu_fwd(Tensor x, Tensor(a!) out) -> ()");
   m.def("geglu_bwd(Tensor dy, Tensor x, Tensor(a!) dx) -> ()");
   m.def(

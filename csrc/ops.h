@@ -17,7 +17,8 @@ void gn_fwd(const Tensor& x, const std::optional<Tensor>& weight, const std::opt
 void gn_bwd(const Tensor& dy, const Tensor& x, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
             const std::optional<Tensor>& shift, const Tensor& mean, const Tensor& rstd, const Tensor& dx,
             const std::optional<Tensor>& dweight, const std::optional<Tensor>& dbias, int64_t num_groups, bool silu);
-void copy_add(const Tensor& src, const std::optional<Tensor>& residual, const Tensor& out);
+void copy_add(const Tensor& src, const std::optional<Tensor>& residual, const std::optional<Tensor>& bias,
+              const Tensor& out);
 void geglu_fwd(const Tensor& x, const Tensor& out);
 void geglu_bwd(const Tensor& dy, const Tensor& x, const Tensor& dx);
 void ln_fwd(const Tensor& x, const std::optional<Tensor>& residual, const std::optional<Tensor>& weight,

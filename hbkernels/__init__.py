@@ -5,7 +5,7 @@ from hbkernels.backend import use_backend
 from hbkernels.ops.geglu import geglu
 from hbkernels.ops.group_norm import group_norm, group_norm_to_tokens
 from hbkernels.ops.layer_norm import layer_norm
-from hbkernels.ops.layout import tokens_to_video
+from hbkernels.ops.layout import residual_add, tokens_to_video
 from hbkernels.ops.temporal_attention import temporal_attention
 from hbkernels.patch import apply_to
 
@@ -17,6 +17,7 @@ __all__ = [
     "group_norm",
     "group_norm_to_tokens",
     "layer_norm",
+    "residual_add",
     "temporal_attention",
     "tokens_to_video",
     "use_backend",

@@ -39,7 +39,7 @@ def _gn_bwd_fake(dy, x, weight, bias, shift, mean, rstd, dx, dweight, dbias, num
 
 
 @torch.library.register_fake("hbkernels::copy_add")
-def _copy_add_fake(src, residual, out):
+def _copy_add_fake(src, residual, bias, out):
     return None
 
 
@@ -88,9 +88,9 @@ def gn_bwd(dy, x, weight, bias, shift, mean, rstd, dx, dweight, dbias, num_group
     _ops.gn_bwd(dy, x, weight, bias, shift, mean, rstd, dx, dweight, dbias, int(num_groups), bool(silu))
 
 
-def copy_add(src, residual, out) -> None:
-    """out = src (+ residual), all (N, C, T, S) views with any strides."""
-    _ops.copy_add(src, residual, out)
+def copy_add(src, residual, bias, out) -> None:
+    """out = src (+ residual) (+ bias, contiguous float32 (C,), per channel), all (N, C, T, S) views with any strides."""
+    _ops.copy_add(src, residual, bias, out)
 
 
 def geglu_fwd(x, out) -> None:

@@ -30,7 +30,7 @@ from torch import nn
 from hbkernels import checks
 from hbkernels import nn as hbnn
 from hbkernels.ops.group_norm import group_norm_to_tokens
-from hbkernels.ops.layout import tokens_to_video
+from hbkernels.ops.layout import residual_add, tokens_to_video
 from hbkernels.ops.temporal_attention import MAX_HEAD_DIM, temporal_attention
 
 logger = logging.getLogger(__name__)
@@ -259,7 +259,7 @@ def _animatediff_forward(self, hidden_states, encoder_hidden_states=None, timest
 def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
     """diffusers' ``ResnetBlock2D`` in "default" time-embedding mode, with the embedding (and conv1's
     bias) added inside norm2 (GroupNorm of h + shift per sample and channel) instead of by broadcast
-    adds over h.
+    adds over h, and conv2's bias inside the residual add (without output rescaling).
     Configurations outside that path (resampling, no embedding, a torch norm2, the deprecated
     ``scale`` argument) run diffusers' own forward."""
     if (args or kwargs or temb is None or self.time_emb_proj is None or self.upsample is not None
@@ -269,11 +269,14 @@ def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
     emb = self.time_emb_proj(temb if self.skip_time_act else self.nonlinearity(temb))
     if bias is not None:  # conv1's bias rides in the shift too
         emb = emb + bias
-    h = self.conv2(self.dropout(self.nonlinearity(self.norm2(h, shift=emb))))
+    h = self.dropout(self.nonlinearity(self.norm2(h, shift=emb)))
     shortcut = input_tensor
     if self.conv_shortcut is not None:  # contiguous in training, as diffusers (DDP gradient strides)
         shortcut = self.conv_shortcut(input_tensor.contiguous() if self.training else input_tensor)
-    return (shortcut + h) / self.output_scale_factor
+    if self.output_scale_factor != 1:
+        return (shortcut + self.conv2(h)) / self.output_scale_factor
+    h, bias = hbnn.conv_deferring_bias(self.conv2, h)
+    return residual_add(h, shortcut, bias)  # conv2's bias in the residual add's pass
 
 
 # the modules whose forward is replaced: name -> (module, forward); the temporal transformers'

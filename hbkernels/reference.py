@@ -50,6 +50,16 @@ def tokens_to_video(tokens, shape, residual) -> torch.Tensor:
     return torch.empty_like(residual).copy_(video).add_(residual)  # in the residual's memory layout
 
 
+def residual_add(x, residual, bias) -> torch.Tensor:
+    """x + residual (+ bias per channel), in the residual's memory layout like the kernels' output."""
+    out = x + residual
+    if bias is not None:
+        out = out + bias.view(-1, *[1] * (x.dim() - 2)).to(out.dtype)
+    if out.stride() != residual.stride():  # mixed layouts: torch's add may pick x's
+        out = torch.empty_like(residual).copy_(out)
+    return out
+
+
 def geglu(x) -> torch.Tensor:
     hidden, gate = x.chunk(2, dim=-1)
     return hidden * F.gelu(gate)

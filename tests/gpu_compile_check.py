@@ -84,8 +84,9 @@ def group_norm_cases():
 
 def elementwise_cases():
     src = rand(2, 64, 3, 40, dtype=torch.float16)
-    kernels.copy_add(src.transpose(1, 3), src.transpose(1, 3), torch.empty_like(src).transpose(1, 3))
-    kernels.copy_add(src, None, torch.empty_like(src))
+    kernels.copy_add(src.transpose(1, 3), src.transpose(1, 3), None, torch.empty_like(src).transpose(1, 3))
+    kernels.copy_add(src, None, None, torch.empty_like(src))
+    kernels.copy_add(src, src.transpose(1, 3).contiguous().transpose(1, 3), torch.randn(64), torch.empty_like(src))
     for dtype in (torch.float16, torch.float32):
         x = rand(100, 2 * 640, dtype=dtype)
         kernels.geglu_fwd(x, torch.empty(100, 640, dtype=dtype))

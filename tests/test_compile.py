@@ -16,7 +16,8 @@ def temporal_block(x, w, b, heads):
     att = hbkernels.temporal_attention(q, q, q).view(nhw, t, c)  # one tensor thrice: no graph break either
     normed, summed = hbkernels.layer_norm(att, w, b, residual=tokens)  # both outputs carry gradients
     att = hbkernels.layer_norm(normed + summed, w, b)
-    return hbkernels.tokens_to_video(hbkernels.geglu(torch.cat([att, att], -1)), residual=x)
+    video = hbkernels.tokens_to_video(hbkernels.geglu(torch.cat([att, att], -1)), residual=x)
+    return hbkernels.residual_add(video, x, b)
 
 
 @pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)

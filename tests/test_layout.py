@@ -63,3 +63,52 @@ def test_tokens_to_video_bad_input():
         hbkernels.tokens_to_video(tokens, rand(2, 6, 3, 4, 3).half())
     with pytest.raises(ValueError, match="disagrees with residual"):
         hbkernels.tokens_to_video(tokens, rand(2, 6, 3, 4, 3), shape=(2, 6, 3, 3, 4))
+
+
+def _layout(t, layout):
+    fmt = torch.channels_last if t.dim() == 4 else torch.channels_last_3d
+    if layout == "channels_last":
+        return t.contiguous(memory_format=fmt)
+    if layout == "frames_major" and t.dim() == 5:  # diffusers' (B*T, C, H, W) activations seen as 5D
+        return t.transpose(1, 2).contiguous().transpose(1, 2)
+    return t
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", shapes([(2, 12, 3, 5), (1, 12, 4, 2, 3), (2, 5, 1, 3, 2)],
+                                         [(2, 12, 3, 5), (26, 320, 40, 64), (1, 320, 26, 40, 64)]))
+@pytest.mark.parametrize("layouts", [("contiguous", "contiguous"), ("channels_last", "channels_last"),
+                                     ("contiguous", "channels_last"), ("frames_major", "frames_major")])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_residual_add(backend_name, dtype, shape, layouts, with_bias):
+    x = rand(*shape, dtype=torch.float64, requires_grad=True)
+    res = rand(*shape, dtype=torch.float64, requires_grad=True)
+    bias = rand(shape[1], dtype=torch.float64, requires_grad=True)
+
+    def fn(x, res, *bias):
+        return hbkernels.residual_add(_layout(x, layouts[0]), _layout(res, layouts[1]), *bias)
+
+    check_against_float64(fn, [x, res] + ([bias] if with_bias else []), backend_name, dtype)
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+def test_residual_add_keeps_the_residual_layout(backend_name):
+    x = rand(2, 16, 3, 4, 5)
+    res = rand(2, 16, 3, 4, 5).contiguous(memory_format=torch.channels_last_3d)
+    with hbkernels.use_backend(backend_name):
+        out = hbkernels.residual_add(x, res, torch.ones(16, device=x.device))
+    assert out.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(out, x + res + 1)
+
+
+def test_residual_add_bad_input():
+    x = rand(2, 4, 3, 3)
+    with pytest.raises(ValueError, match="residual must have x's shape"):
+        hbkernels.residual_add(x, rand(2, 4, 3, 2))
+    with pytest.raises(ValueError, match="x must be 4D or 5D"):
+        hbkernels.residual_add(x[0], x[0])
+    with pytest.raises(ValueError, match="bias must have 4 elements"):
+        hbkernels.residual_add(x, x, rand(3))
+    with pytest.raises(TypeError, match="residual has dtype"):
+        hbkernels.residual_add(x, x.double())

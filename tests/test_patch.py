@@ -163,10 +163,12 @@ def test_resnet_time_embedding_fused(kind, monkeypatch):
 
     torch.manual_seed(0)
     block = ResnetBlock2D(in_channels=16, out_channels=24 if kind == "shortcut" else 16, temb_channels=8, groups=4,
-                          skip_time_act=kind == "skip_time_act", down=kind == "down", output_scale_factor=2.0)
+                          skip_time_act=kind == "skip_time_act", down=kind == "down",
+                          output_scale_factor=2.0 if kind == "shortcut" else 1.0)  # 1: conv2's bias fused too
     x, temb = torch.randn(2, 16, 4, 4, requires_grad=True), torch.randn(2, 8, requires_grad=True)
     ref = block(x, temb)
-    wrt = [x, temb, block.time_emb_proj.weight, block.conv1.bias]  # conv1's bias moves into norm2's shift
+    # conv1's bias moves into norm2's shift, conv2's into the residual add
+    wrt = [x, temb, block.time_emb_proj.weight, block.conv1.bias, block.conv2.bias]
     ref_grads = torch.autograd.grad(ref.square().sum(), wrt)
     hbkernels.apply_to(block)
     with counting(monkeypatch) as calls:

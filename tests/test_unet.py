@@ -207,7 +207,8 @@ def test_spatial_transformer_matches_plain_pytorch(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_resblock_matches_plain_pytorch(backend):
-    """Outputs and parameter gradients: the conv biases folded into GroupNorm shifts get theirs."""
+    """Outputs and parameter gradients: the conv biases folded into GroupNorm shifts and residual adds
+    get theirs."""
     block = randomize(ResBlock(16, 24, 32, dropout=0.0, groups=4, temporal_dropout=0.1)).eval()
     b, t = 2, 3
     x, emb = torch.randn(b * t, 16, 4, 4), torch.randn(b * t, 24)
@@ -216,8 +217,9 @@ def test_resblock_matches_plain_pytorch(backend):
     want = plain_resblock(x, emb, params, 4, b)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     cot = torch.randn_like(want)
-    names = ["in_layers.2.bias", "out_layers.3.bias", "temporal_conv.conv1.2.bias", "temporal_conv.conv3.3.bias",
-             "emb_layers.1.weight", "temporal_conv.conv2.0.weight"]
+    names = ["in_layers.2.bias", "out_layers.3.bias", "skip_connection.bias", "temporal_conv.conv1.2.bias",
+             "temporal_conv.conv3.3.bias", "temporal_conv.conv4.3.bias", "emb_layers.1.weight",
+             "temporal_conv.conv2.0.weight"]
     got_grads = run_on(backend, lambda: torch.autograd.grad(got, [params[n] for n in names], cot))
     want_grads = torch.autograd.grad(want, [params[n] for n in names], cot)
     for name, g, w in zip(names, got_grads, want_grads):

@@ -1,8 +1,10 @@
-"""tokens (N*H*W, T, C) -> video (N, C, T, H, W), with the residual add fused in.
+"""Layout-aware adds: tokens (N*H*W, T, C) -> video (N, C, T, H, W) with the residual add fused in,
+and the residual add of a convolution whose bias was left out (:func:`residual_add`).
 
 The eager path ``rearrange(tokens) + residual`` reads the tokens and writes a permuted copy, then
 reads that copy and the residual and writes the sum; the fused op reads each input once and writes
-once (4 -> 3 passes over the activation, and no temporary).
+once (4 -> 3 passes over the activation, and no temporary). Likewise ``conv(x) + residual`` on cuDNN
+adds the bias in a pass of its own before the residual add; ``residual_add`` takes both in one.
 """
 import torch
 from torch.autograd.function import once_differentiable
@@ -21,7 +23,7 @@ class TokensToVideoFunction(torch.autograd.Function):
             out = backend.empty(shape, dtype=tokens.dtype, device=tokens.device)
             out4 = video_view(out)
         res4 = _as_video(residual) if residual is not None else None
-        backend.primitives(backend_name).copy_add(_tokens_as_video(tokens, n, c, f, h * w), res4, out4)
+        backend.primitives(backend_name).copy_add(_tokens_as_video(tokens, n, c, f, h * w), res4, None, out4)
         ctx.shape, ctx.backend_name = shape, backend_name
         ctx.has_residual = residual is not None
         return out
@@ -33,7 +35,7 @@ class TokensToVideoFunction(torch.autograd.Function):
         grad_tokens = backend.empty((n * h * w, f, c), dtype=grad_out.dtype, device=grad_out.device)
         grad4 = grad_out.reshape(n, c, f, h * w)  # a view unless autograd handed a non-dense grad
         backend.primitives(ctx.backend_name).copy_add(
-            grad4, None, _tokens_as_video(grad_tokens, n, c, f, h * w)
+            grad4, None, None, _tokens_as_video(grad_tokens, n, c, f, h * w)
         )
         return grad_tokens, (grad_out if ctx.has_residual else None), None, None
 
@@ -65,3 +67,39 @@ def tokens_to_video(tokens, residual=None, *, shape=None):
     if name == "torch":
         return reference.tokens_to_video(tokens, shape, residual)
     return backend.run_function(TokensToVideoFunction, tokens, residual, shape, name)
+
+
+class ResidualAddFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, bias, backend_name):
+        out, out4 = empty_video_like(residual)
+        bias32 = None if bias is None else bias.to(torch.float32).contiguous()
+        backend.primitives(backend_name).copy_add(_as_video(x), _as_video(residual), bias32, out4)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        dbias = None
+        if ctx.needs_input_grad[2]:
+            dims = [d for d in range(grad_out.dim()) if d != 1]
+            dbias = grad_out.sum(dim=dims, dtype=torch.float32).to(ctx.bias_dtype)
+        return grad_out, grad_out, dbias, None
+
+
+def residual_add(x, residual, bias=None):
+    """``x + residual + bias[:, None, ...]`` for (N, C, H, W) or (N, C, T, H, W) tensors in one pass,
+    in the residual's memory layout: the residual add of a convolution run without its bias (see
+    :func:`hbkernels.nn.conv_deferring_bias`), which cuDNN would otherwise add in a pass of its own."""
+    checks.tensor("x", x, ndim=(4, 5))
+    checks.tensor("residual", residual, ndim=(4, 5))
+    if x.shape != residual.shape:
+        raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+    checks.same_device(x=x, residual=residual)
+    checks.same_dtype(x=x, residual=residual)
+    checks.channel_vector("bias", bias, x.shape[1], x)
+    name = backend.select(x.device, x.dtype)
+    if name == "torch":
+        return reference.residual_add(x, residual, bias)
+    return backend.run_function(ResidualAddFunction, x, residual, bias, name)

@@ -71,8 +71,8 @@ def _gn_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tens
     group_norm.gn_bwd(dy, x, weight, bias, shift, mean, rstd, dx, dweight, dbias, num_groups, silu)
 
 
-def _copy_add(src: Tensor, residual: Optional[Tensor], out: Tensor) -> None:
-    layout.copy_add(src, residual, out)
+def _copy_add(src: Tensor, residual: Optional[Tensor], bias: Optional[Tensor], out: Tensor) -> None:
+    layout.copy_add(src, residual, bias, out)
 
 
 def _geglu_fwd(x: Tensor, out: Tensor) -> None:

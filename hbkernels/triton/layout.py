@@ -93,12 +93,12 @@ def strides4(t: torch.Tensor):
 
 @triton.jit
 def _copy_add_kernel(
-    src_ptr, res_ptr, out_ptr,
+    src_ptr, res_ptr, bias_ptr, out_ptr,
     C, T, S, n_sb,
     s_sn, s_sc, s_st, s_ss,
     r_sn, r_sc, r_st, r_ss,
     o_sn, o_sc, o_st, o_ss,
-    HAS_RES: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     # axis 0: (n, t, s-block), unbounded; axis 1: channel block (C / BLOCK_C is far below 65535)
     pid = tl.program_id(0)
@@ -116,12 +116,15 @@ def _copy_add_kernel(
     if HAS_RES:
         res = res_ptr + (n64 * r_sn + t64 * r_st) + cc[:, None] * r_sc + ss[None, :] * r_ss
         val += tl.load(res, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:  # a per-channel vector (a convolution's bias)
+        val += tl.load(bias_ptr + cc, mask=cc < C, other=0.0)[:, None]
     out = out_ptr + (n64 * o_sn + t64 * o_st) + cc[:, None] * o_sc + ss[None, :] * o_ss
     tl.store(out, val.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def copy_add(src, residual, out) -> None:
-    """out = src (+ residual); all (N, C, T, S) views with arbitrary strides and one dtype."""
+def copy_add(src, residual, bias, out) -> None:
+    """out = src (+ residual) (+ bias per channel); src, residual, out: (N, C, T, S) views with arbitrary
+    strides and one dtype; bias: None or contiguous fp32 (C,)."""
     n, c, t, s = out.shape
     assert tuple(src.shape) == (n, c, t, s), (src.shape, out.shape)
     views = [src, out] + ([residual] if residual is not None else [])
@@ -133,9 +136,9 @@ def copy_add(src, residual, out) -> None:
     res_strides = st[2] if residual is not None else (0, 0, 0, 0)
     grid = (n * t2 * n_sb, cdiv(c, block_c))
     _copy_add_kernel[grid](
-        src, residual if residual is not None else src, out,
+        src, residual if residual is not None else src, bias if bias is not None else src, out,
         c, t2, s2, n_sb,
         *st[0], *res_strides, *st[1],
-        HAS_RES=residual is not None, BLOCK_C=block_c, BLOCK_S=block_s,
+        HAS_RES=residual is not None, HAS_BIAS=bias is not None, BLOCK_C=block_c, BLOCK_S=block_s,
         num_warps=warps_for(block_c * block_s),
     )

@@ -30,6 +30,7 @@ from diffusers.utils import BaseOutput
 from torch import nn
 
 import hbkernels
+from hbkernels import residual_add
 from hbkernels.nn import GEGLU, FusedLinear, GroupNorm, LayerNorm, TemporalAttention, conv_deferring_bias
 
 
@@ -195,7 +196,8 @@ def _norm_conv(layer: nn.Sequential, h, shift=None, defer_bias=False):
 
 class TemporalConvBlock(nn.Module):
     """4 x [GN -> SiLU -> (Dropout) -> Conv3d (3,1,1)] over (B, C, T, H, W); last conv zero-init; + x.
-    The first three convs' biases are added by the following GroupNorm (its shift)."""
+    The first three convs' biases are added by the following GroupNorm (its shift), the last one's by
+    the residual add."""
 
     def __init__(self, channels, groups, dropout):
         super().__init__()
@@ -209,18 +211,20 @@ class TemporalConvBlock(nn.Module):
         _zero(self.conv4[-1])
 
     def forward(self, x, num_frames):
-        h, shift = frames_as_video(x, num_frames), None
+        video = frames_as_video(x, num_frames)
+        h, shift = video, None
         for layer in (self.conv1, self.conv2, self.conv3):  # each conv's bias goes into the next norm
             h, bias = _norm_conv(layer, h, shift, defer_bias=True)
             shift = None if bias is None else bias.expand(h.shape[0], -1)
-        h, _ = _norm_conv(self.conv4, h, shift)
-        return x + video_as_frames(h)
+        h, bias = _norm_conv(self.conv4, h, shift, defer_bias=True)
+        # the last one's into the residual add, written in x's frame-major layout (a free view back)
+        return video_as_frames(residual_add(h, video, bias))
 
 
 class ResBlock(nn.Module):
     """GN+SiLU -> conv3x3 -> + time embedding -> GN+SiLU -> Dropout -> zero-init conv3x3 -> + skip,
     then the temporal convolution block. The embedding and the first conv's bias are added by the
-    second GroupNorm (its shift)."""
+    second GroupNorm (its shift); the second conv's and the skip conv's biases by the residual add."""
 
     def __init__(self, channels, emb_channels, out_channels, dropout, groups, temporal_dropout):
         super().__init__()
@@ -242,8 +246,11 @@ class ResBlock(nn.Module):
         # broadcast-add pass over h
         h, bias = _norm_conv(self.in_layers, x, defer_bias=True)
         shift = self.emb_layers(emb)
-        h, _ = _norm_conv(self.out_layers, h, shift if bias is None else shift + bias)
-        h = self.skip_connection(x) + h
+        h, bias = _norm_conv(self.out_layers, h, shift if bias is None else shift + bias, defer_bias=True)
+        skip, skip_bias = (x, None) if isinstance(self.skip_connection, nn.Identity) else \
+            conv_deferring_bias(self.skip_connection, x)
+        # both convs' biases ride in the residual add
+        h = residual_add(h, skip, skip_bias if bias is None else bias if skip_bias is None else bias + skip_bias)
         return self.temporal_conv(h, num_frames)
 
 
