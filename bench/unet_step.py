@@ -173,8 +173,8 @@ def implementations(model, step, dev, compile_too, wanted):
     impls = [("eager", "torch", step), ("hbkernels", None, step)]
     if dev.type == "cuda":  # one graph per backend: each captures the kernels its backend launches
         impls += [("eager + CUDA graph", "torch", CUDAGraphCall(step)), ("hbkernels + CUDA graph", None, CUDAGraphCall(step))]
-    if compile_too and any("compile" in name for name in wanted):  # compiled after the layout switch:
-        # inductor specialises on the weights' strides
+    if compile_too and any("compile" in name for name in wanted):
+        # Compiled after the layout switch: inductor specialises on the weights' strides.
         # One wrapper, two graphs: the backend choice is guarded, so each backend compiles its own
         # (hbkernels' kernels stay opaque custom ops; inductor fuses the rest around them).
         compiled = functools.partial(step, torch.compile(model))

@@ -59,7 +59,7 @@ class GroupNormFunction(torch.autograd.Function):
             out, out4 = empty_video_like(x)
         mean = backend.empty((n, num_groups), dtype=torch.float32, device=x.device)
         rstd = backend.empty((n, num_groups), dtype=torch.float32, device=x.device)
-        shift32 = _shift_fp32(shift)
+        shift32 = fp32_vector(shift)
         impl.gn_fwd(x4, weight, bias, shift32, out4, mean, rstd, num_groups, eps, silu)
         ctx.save_for_backward(x, weight, bias, shift32, mean, rstd)
         ctx.cfg = (num_groups, silu, to_tokens, backend_name, None if shift is None else shift.dtype)
@@ -89,9 +89,10 @@ class GroupNormFunction(torch.autograd.Function):
         return dx, dw, db, dshift, None, None, None, None, None
 
 
-def _shift_fp32(shift):
-    """The kernels read the (N, C) shift as contiguous fp32 (N * C values: a negligible copy)."""
-    return None if shift is None else shift.to(torch.float32).contiguous()
+def fp32_vector(v):
+    """An optional small per-channel operand (a shift, a bias) as the kernels read it: contiguous fp32
+    (N * C values at most: a negligible copy)."""
+    return None if v is None else v.to(torch.float32).contiguous()
 
 
 def _check(x, num_groups, weight, bias, eps, activation, ndim, shift=None):

@@ -41,12 +41,12 @@ class LayerNormFunction(torch.autograd.Function):
     @once_differentiable  # kernel gradients: a double backward must raise, not silently drop terms
     def backward(ctx, grad_y, grad_s=None):
         x2, weight, mean, rstd = ctx.saved_tensors  # x2: the normalised input (x + residual when fused)
-        dy = _rows(grad_y, x2.shape[1])
-        dx = backend.empty(x2.shape, dtype=x2.dtype, device=x2.device)
         c = x2.shape[1]
+        dy = _rows(grad_y, c)
+        dx = backend.empty(x2.shape, dtype=x2.dtype, device=x2.device)
         need_w, need_b = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
-        dw = torch.empty(c, dtype=torch.float32, device=x2.device) if need_w else None
-        db = torch.empty(c, dtype=torch.float32, device=x2.device) if need_b else None
+        dw = backend.empty((c,), dtype=torch.float32, device=x2.device) if need_w else None
+        db = backend.empty((c,), dtype=torch.float32, device=x2.device) if need_b else None
         backend.primitives(ctx.backend_name).ln_bwd(dy, x2, weight, mean, rstd, dx, dw, db)
         dx = dx.view(ctx.shape)
         if grad_s is not None:  # the sum x + residual was also used downstream

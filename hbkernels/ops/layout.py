@@ -10,7 +10,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from hbkernels import backend, checks, reference
-from hbkernels.ops.group_norm import _as_video, _tokens_as_video, empty_video_like, video_view
+from hbkernels.ops.group_norm import _as_video, _tokens_as_video, empty_video_like, fp32_vector, video_view
 
 
 class TokensToVideoFunction(torch.autograd.Function):
@@ -73,8 +73,7 @@ class ResidualAddFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, bias, backend_name):
         out, out4 = empty_video_like(residual)
-        bias32 = None if bias is None else bias.to(torch.float32).contiguous()
-        backend.primitives(backend_name).copy_add(_as_video(x), _as_video(residual), bias32, out4)
+        backend.primitives(backend_name).copy_add(_as_video(x), _as_video(residual), fp32_vector(bias), out4)
         ctx.bias_dtype = None if bias is None else bias.dtype
         return out
 

@@ -249,8 +249,8 @@ class ResBlock(nn.Module):
         h, bias = _norm_conv(self.out_layers, h, shift if bias is None else shift + bias, defer_bias=True)
         skip, skip_bias = (x, None) if isinstance(self.skip_connection, nn.Identity) else \
             conv_deferring_bias(self.skip_connection, x)
-        # both convs' biases ride in the residual add
-        h = residual_add(h, skip, skip_bias if bias is None else bias if skip_bias is None else bias + skip_bias)
+        biases = [b for b in (bias, skip_bias) if b is not None]  # both convs' ride in the residual add
+        h = residual_add(h, skip, sum(biases) if biases else None)
         return self.temporal_conv(h, num_frames)
 
 
