@@ -204,12 +204,9 @@ inline float row_max_scaled(const float* row, int64_t lim, float scale) {
 }
 
 template <typename T>
-void attn_fwd_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
-                   float scale, bool causal) {
+void attn_fwd_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, float scale, bool causal) {
   const int64_t N = q.size(0), T_ = q.size(1), H = q.size(2), D = q.size(3);
   Heads Q = heads(q, "q", q), K = heads(k, "k", q), V = heads(v, "v", q), O = heads(out, "out", q);
-  float* L = lse.data_ptr<float>();
-  const int64_t ls0 = lse.stride(0), ls1 = lse.stride(1), ls2 = lse.stride(2);
   const int64_t Dp = round_up(D, 8), Tp = round_up(T_, 8), Bq = std::min(kBlockQ, T_);
   const int nt = num_threads();
 #pragma omp parallel num_threads(nt)
@@ -239,7 +236,6 @@ void attn_fwd_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
           float m = row_max_scaled(row, lim, scale);
           float s = exp_row(row, lim, kend, scale, m);
           scale_row(row, lim, 1.f / s);
-          L[n * ls0 + h * ls1 + i * ls2] = m + std::log(s);
         }
         float* op = rows_out<T>(O, n, h, q0, D, Dp, ob.data(), &ldo);
         gemm_nn(bq, Dp, kend, sb.data(), Tp, 1, vp, ldv, op, ldo, false);
@@ -250,13 +246,11 @@ void attn_fwd_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
 }
 
 template <typename T>
-void attn_bwd_impl(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
-                   const Tensor& lse, const Tensor& dq, const Tensor& dk, const Tensor& dv, float scale, bool causal) {
+void attn_bwd_impl(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& dq,
+                   const Tensor& dk, const Tensor& dv, float scale, bool causal) {
   const int64_t N = q.size(0), T_ = q.size(1), H = q.size(2), D = q.size(3);
-  // out and lse are validated but not read: P is recomputed as a full softmax over the (short)
-  // key axis and delta from P and dP, which is more accurate than exp(s - lse) and dO . O.
-  heads(out, "out", q);
-  (void)lse;
+  // Needs neither the forward's output nor its softmax statistics: P is recomputed as a full softmax
+  // over the (short) key axis and delta from P and dP, more accurate than exp(s - lse) and dO . O.
   Heads Q = heads(q, "q", q), K = heads(k, "k", q), V = heads(v, "v", q), dO = heads(dout, "grad_out", q),
         dQ = heads(dq, "dq", q), dK = heads(dk, "dk", q), dV = heads(dv, "dv", q);
   const int64_t Dp = round_up(D, 8), Tp = round_up(T_, 8), Bq = std::min(kBlockQ, T_);
@@ -328,33 +322,24 @@ void attn_bwd_impl(const Tensor& dout, const Tensor& q, const Tensor& k, const T
   }
 }
 
-void check_lse(const Tensor& lse, const Tensor& q) {
-  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == q.size(0) &&
-                  lse.size(1) == q.size(2) && lse.size(2) == q.size(1),
-              "hbkernels: lse must be float32 of shape (N, H, T)");
-}
-
 }  // namespace
 
-void attn_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse, double scale,
-              bool causal) {
+void attn_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, double scale, bool causal) {
   check_float(q, "q");
   TORCH_CHECK(q.dim() == 4, "hbkernels: q must be 4D (N, T, H, D)");
-  check_lse(lse, q);
   if (q.numel() == 0) return;
   dispatch_float(q.scalar_type(), [&](auto tag) {
-    attn_fwd_impl<decltype(tag)>(q, k, v, out, lse, static_cast<float>(scale), causal);
+    attn_fwd_impl<decltype(tag)>(q, k, v, out, static_cast<float>(scale), causal);
   });
 }
 
-void attn_bwd(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
-              const Tensor& lse, const Tensor& dq, const Tensor& dk, const Tensor& dv, double scale, bool causal) {
+void attn_bwd(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& dq,
+              const Tensor& dk, const Tensor& dv, double scale, bool causal) {
   check_float(q, "q");
   TORCH_CHECK(q.dim() == 4, "hbkernels: q must be 4D (N, T, H, D)");
-  check_lse(lse, q);
   if (q.numel() == 0) return;
   dispatch_float(q.scalar_type(), [&](auto tag) {
-    attn_bwd_impl<decltype(tag)>(dout, q, k, v, out, lse, dq, dk, dv, static_cast<float>(scale), causal);
+    attn_bwd_impl<decltype(tag)>(dout, q, k, v, dq, dk, dv, static_cast<float>(scale), causal);
   });
 }
 

@@ -6,10 +6,10 @@
 #include "ops.h"
 
 TORCH_LIBRARY(hbkernels, m) {
-  m.def("attn_fwd(Tensor q, Tensor k, Tensor v, Tensor(a!) out, Tensor(b!) lse, float scale, bool causal) -> ()");
+  m.def("attn_fwd(Tensor q, Tensor k, Tensor v, Tensor(a!) out, float scale, bool causal) -> ()");
   m.def(
-      "attn_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor(a!) dq, "
-      "Tensor(b!) dk, Tensor(c!) dv, float scale, bool causal) -> ()");
+      "attn_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, "
+      "float scale, bool causal) -> ()");
   m.def(
       "gn_fwd(Tensor x, Tensor? weight, Tensor? bias, Tensor? shift, Tensor(a!) y, Tensor(b!) mean, Tensor(c!) rstd, "
       "int num_groups, float eps, bool silu) -> ()");

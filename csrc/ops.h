@@ -7,10 +7,9 @@
 
 namespace hb {
 
-void attn_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse, double scale,
-              bool causal);
-void attn_bwd(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
-              const Tensor& lse, const Tensor& dq, const Tensor& dk, const Tensor& dv, double scale, bool causal);
+void attn_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, double scale, bool causal);
+void attn_bwd(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& dq,
+              const Tensor& dk, const Tensor& dv, double scale, bool causal);
 void gn_fwd(const Tensor& x, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
             const std::optional<Tensor>& shift, const Tensor& y, const Tensor& mean, const Tensor& rstd,
             int64_t num_groups, double eps, bool silu);

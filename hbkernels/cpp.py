@@ -19,12 +19,12 @@ __all__ = ["ATTN_ROW_STATS", "attn_bwd", "attn_fwd", "copy_add", "geglu_bwd", "g
 # ---------------------------------------------------------------- fake kernels (torch.compile)
 # The ops only mutate their output arguments and return nothing, so the fake kernels have nothing to do.
 @torch.library.register_fake("hbkernels::attn_fwd")
-def _attn_fwd_fake(q, k, v, out, lse, scale, causal):
+def _attn_fwd_fake(q, k, v, out, scale, causal):
     return None
 
 
 @torch.library.register_fake("hbkernels::attn_bwd")
-def _attn_bwd_fake(grad_out, q, k, v, out, lse, dq, dk, dv, scale, causal):
+def _attn_bwd_fake(grad_out, q, k, v, dq, dk, dv, scale, causal):
     return None
 
 
@@ -64,17 +64,18 @@ def _ln_bwd_fake(dy, x, weight, mean, rstd, dx, dweight, dbias):
 
 
 # ---------------------------------------------------------------- primitives
-ATTN_ROW_STATS = 1  # the log-sum-exp per query row
+# The backward recomputes each (short) softmax row whole, so it needs no statistics from the forward.
+ATTN_ROW_STATS = 0
 
 
-def attn_fwd(q, k, v, out, lse, scale: float, causal: bool) -> None:
-    """q, k, v (N, T, H, D), stride(-1) == 1; writes out (N, T, H, D) and lse (N, H, T, 1) float32."""
-    _ops.attn_fwd(q, k, v, out, lse[..., 0], float(scale), bool(causal))
+def attn_fwd(q, k, v, out, stats, scale: float, causal: bool) -> None:
+    """q, k, v (N, T, H, D), stride(-1) == 1; writes out (N, T, H, D). ``stats`` is None (none kept)."""
+    _ops.attn_fwd(q, k, v, out, float(scale), bool(causal))
 
 
-def attn_bwd(do, q, k, v, out, lse, dq, dk, dv, scale: float, causal: bool) -> None:
-    """Flash-attention backward from the forward's out and lse; writes dq, dk, dv."""
-    _ops.attn_bwd(do, q, k, v, out, lse[..., 0], dq, dk, dv, float(scale), bool(causal))
+def attn_bwd(do, q, k, v, out, stats, dq, dk, dv, scale: float, causal: bool) -> None:
+    """Attention backward from q, k, v and dO alone (out and stats unused); writes dq, dk, dv."""
+    _ops.attn_bwd(do, q, k, v, dq, dk, dv, float(scale), bool(causal))
 
 
 def gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: float, silu: bool) -> None:

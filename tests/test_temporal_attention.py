@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import hbkernels
+from hbkernels import backend, use_backend
 from helpers import KERNEL_BACKENDS, DEVICE, DTYPES, ON_GPU, check_against_float64, rand, shapes
 
 # (N, T, H, D): T = 1/16/25/26, D = 40/64/80, N = 1; tiny N*H keeps the interpreter fast.
@@ -48,6 +49,31 @@ def test_temporal_attention_scale(backend_name):
         return hbkernels.temporal_attention(*base.unbind(0), scale=0.3)
 
     check_against_float64(fn, [rand(3, 2, 7, 2, 40, dtype=torch.float64, requires_grad=True)], backend_name, torch.float32)
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+def test_temporal_attention_inference_keeps_no_row_stats(backend_name, monkeypatch):
+    """Softmax row statistics are written only when a backward will read them; the output is the same."""
+    impl = backend.primitives(backend_name)
+    given = []
+
+    def recording_fwd(q, k, v, out, stats, scale, causal):
+        given.append(stats)
+        return launcher(q, k, v, out, stats, scale, causal)
+
+    launcher = impl.attn_fwd
+    monkeypatch.setattr(impl, "attn_fwd", recording_fwd)
+    base = rand(3, 2, 16, 2, 40)
+    with use_backend(backend_name):
+        with torch.no_grad():
+            inference = hbkernels.temporal_attention(*base.unbind(0))
+        frozen = hbkernels.temporal_attention(*base.unbind(0))  # grad mode on, no input requires grad
+        training = hbkernels.temporal_attention(*base.clone().requires_grad_().unbind(0))
+        training.backward(torch.ones_like(training))
+    assert given[0] is None and given[1] is None
+    assert (given[2] is not None) == (impl.ATTN_ROW_STATS > 0)
+    torch.testing.assert_close(inference, training.detach(), atol=0, rtol=0)
+    torch.testing.assert_close(frozen, training.detach(), atol=0, rtol=0)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="65,536 heads need a GPU")

@@ -17,13 +17,15 @@ MAX_HEAD_DIM = 256
 
 class TemporalAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale, causal, backend_name):
+    def forward(ctx, q, k, v, scale, causal, backend_name, keep_stats):
         n, t, h, _ = q.shape
         out = backend.empty(q.shape, dtype=q.dtype, device=q.device)
-        # Per-row softmax statistics (N, H, T, ATTN_ROW_STATS), in the backend's own units; only its
-        # backward reads them.
+        # Per-row softmax statistics (N, H, T, ATTN_ROW_STATS), in the backend's own units: only its
+        # backward reads them, so inference does not write them.
         impl = backend.primitives(backend_name)
-        stats = backend.empty((n, h, t, impl.ATTN_ROW_STATS), dtype=torch.float32, device=q.device)
+        stats = None
+        if keep_stats and impl.ATTN_ROW_STATS:
+            stats = backend.empty((n, h, t, impl.ATTN_ROW_STATS), dtype=torch.float32, device=q.device)
         impl.attn_fwd(q, k, v, out, stats, scale, causal)
         ctx.save_for_backward(q, k, v, out, stats)
         ctx.scale, ctx.causal, ctx.backend_name = scale, causal, backend_name
@@ -36,7 +38,7 @@ class TemporalAttentionFunction(torch.autograd.Function):
         grad_out = _last_dim_contiguous(grad_out)
         dq, dk, dv = (backend.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
         backend.primitives(ctx.backend_name).attn_bwd(grad_out, q, k, v, out, stats, dq, dk, dv, ctx.scale, ctx.causal)
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None
 
 
 def _last_dim_contiguous(t):
@@ -75,4 +77,5 @@ def temporal_attention(q, k, v, *, scale=None, causal=False):
         # for autograd.Function; distinct views of it are not, and gradients still sum into it.
         k = k.view(k.shape) if k is q else k
         v = v.view(v.shape) if v is q or v is k else v
-    return backend.run_function(TemporalAttentionFunction, q, k, v, float(scale), bool(causal), name)
+    keep_stats = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    return backend.run_function(TemporalAttentionFunction, q, k, v, float(scale), bool(causal), name, keep_stats)

@@ -51,7 +51,8 @@ def _custom_op(name, mutates, launcher):
 
 
 # Typed signatures (custom_op derives each op's schema from them) over the launchers.
-def _attn_fwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, stats: Tensor, scale: float, causal: bool) -> None:
+def _attn_fwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, stats: Optional[Tensor], scale: float,
+              causal: bool) -> None:
     temporal_attention.attn_fwd(q, k, v, out, stats, scale, causal)
 
 
