@@ -8,18 +8,25 @@ kernel's shared memory against the target's limit, which a GPU would only report
 
     TRITON_INTERPRET=0 python tests/gpu_compile_check.py {sm80,sm90,gfx942}
 
-Prints one line per compiled variant; exits 1 if any fails.
+Each variant is specialised the way Triton's JIT would specialise that launch on a GPU (its own binder:
+integer arguments equal to 1 become constants, 16-divisible integers and 16-byte-aligned pointers get
+divisibility hints), so what is compiled -- vectorised or scalar loads, register counts -- is what a GPU
+would run. Prints one line per compiled variant, with registers per thread and spill stack (NVIDIA) or
+VGPRs (AMD); exits 1 if any fails.
 """
 import os
+import re
+import subprocess
 import sys
+import tempfile
 
 os.environ["TRITON_INTERPRET"] = "0"  # real JITFunctions, before anything imports triton
 
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
 from hbkernels import triton as kernels  # noqa: E402
 
@@ -29,7 +36,6 @@ TARGETS = {
     "sm90": (GPUTarget("cuda", 90, 32), 227 * 1024),
     "gfx942": (GPUTarget("hip", "gfx942", 64), 64 * 1024),
 }
-_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32", torch.int64: "i64"}
 
 
 def record_launches() -> list:
@@ -104,44 +110,47 @@ def elementwise_cases():
         kernels.ln_bwd(torch.randn_like(x), x, w, mean, rstd, torch.empty_like(x), *grads)
 
 
-def signature(fn, args) -> tuple[dict, dict]:
-    """Triton's (signature, constexprs) for one recorded launch."""
-    constexprs = {p.name for p in fn.params if p.is_constexpr}
-    sig, values = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        value = args[name]
-        if name in constexprs:
-            sig[name], values[(i,)] = "constexpr", value
-        elif isinstance(value, torch.Tensor):
-            sig[name] = "*" + _TYPES[value.dtype]
-        elif isinstance(value, bool):
-            sig[name] = "i1"
-        elif isinstance(value, int):
-            sig[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
-        elif isinstance(value, float):
-            sig[name] = "fp32"
-        else:
-            raise TypeError(f"{fn.__name__}: argument {name} of type {type(value).__name__}")
-    return sig, values
+def specialize(fn, args, options, target):
+    """(signature, constexprs, attrs, options) of one recorded launch, built by Triton's own JIT binder."""
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, _ = binder(**args, **options)
+    options, signature, constexprs, attrs = fn._pack_args(backend, dict(options), bound, specialization, options)
+    return signature, constexprs, attrs, options
+
+
+def resources(compiled, target) -> str:
+    """Registers per thread and spill stack (NVIDIA, from cuobjdump) or VGPRs and spills (AMD)."""
+    if target.backend == "cuda":
+        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(compiled.asm["cubin"])
+            f.flush()
+            usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+        return f"regs={found[1]} spill_stack={found[2]}" if found else "regs=?"
+    found = [re.search(rf"\.{key}:\s*(\d+)", compiled.asm["amdgcn"]) for key in ("vgpr_count", "vgpr_spill_count")]
+    return f"vgprs={found[0][1] if found[0] else '?'} spills={found[1][1] if found[1] else '?'}"
 
 
 def main(target_name: str) -> int:
     target, shared_limit = TARGETS[target_name]
     seen, failures = set(), 0
-    for fn, args, options in record_launches():
-        sig, constexprs = signature(fn, args)
-        key = (fn.__name__, tuple(sig.items()), tuple(sorted(constexprs.items())), tuple(sorted(options.items())))
+    for fn, args, launch_options in record_launches():
+        sig, constexprs, attrs, options = specialize(fn, args, launch_options, target)
+        key = (fn.__name__, tuple(sig.items()), repr(sorted(constexprs.items())), repr(sorted(attrs.items())),
+               tuple(sorted(launch_options.items())))
         if key in seen:
             continue
         seen.add(key)
-        label = f"{fn.__name__} {dict((fn.arg_names[i[0]], v) for i, v in constexprs.items())} {options}"
+        label = f"{fn.__name__} {dict((fn.arg_names[i[0]], v) for i, v in constexprs.items())} {launch_options}"
         try:
-            compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=target,
-                                      options=options)
+            compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
+                                      target=target, options=options.__dict__)
             shared = compiled.metadata.shared
             if shared > shared_limit:
                 raise RuntimeError(f"needs {shared} bytes of shared memory, {target_name} has {shared_limit}")
-            print(f"ok   {label} shared={shared}")
+            print(f"ok   {label} shared={shared} {resources(compiled, target)}")
         except Exception as err:  # report every failing variant, not just the first
             failures += 1
             print(f"FAIL {label}: {type(err).__name__}: {str(err).strip().splitlines()[-1][:300]}")

@@ -128,6 +128,24 @@ def test_group_norm_launch_tuning(monkeypatch, backend_name, layout, reversed_ap
     check_against_float64(fn, [x, w], backend_name, torch.float32)
 
 
+@pytest.mark.parametrize("backend_name", [p for p in KERNEL_BACKENDS if p.values[0] == "triton"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [(1, 16, 8, 4, 8), (2, 16, 7, 5, 7)], ids=["even_s", "ragged_s"])
+def test_group_norm_statistics_walk_many_tiles(monkeypatch, backend_name, layout, shape):
+    """Small statistics tiles: each program walks several (prefetched) tiles, with every lane counting
+    the same tiles (S a multiple of the tile) or ragged ends (some lanes fewer)."""
+    from hbkernels.triton import group_norm as gn
+
+    monkeypatch.setattr(gn, "_STATS_TILE", 256)
+    x = rand(*shape, dtype=torch.float64, mean=3.0, requires_grad=True)
+    w = rand(16, dtype=torch.float64, mean=1.0, requires_grad=True)
+
+    def fn(x, w):
+        return hbkernels.group_norm(to_layout(x, layout), 4, w, None, activation="silu")
+
+    check_against_float64(fn, [x, w], backend_name, torch.float32)
+
+
 def test_group_norm_bad_input():
     x = rand(2, 12, 3, 4)
     with pytest.raises(ValueError, match="num_groups"):

@@ -35,11 +35,15 @@ from hbkernels.triton.layout import INTERPRETED, cdiv, merge_ts, next_pow2, stri
 # elements per statistics tile, and whether the apply pass walks the tiles in the reverse of the
 # statistics pass's order, so that it starts on the tiles most recently read, which are still in L2
 # (in the same order, a tensor larger than L2 meets none of its tiles there).
+# Statistics tile 2048 (4 warps) rather than 4096 (8 warps), from sm_90 register counts
+# (tests/gpu_compile_check.py) at the U-Net's level-0 shapes: 80 / 101 registers (NCHW / channels-last)
+# against 98 / 100 leave 6 / 4 programs of 128 threads resident per SM instead of 2 of 256, i.e. 48 / 32
+# KiB of loads in flight per SM instead of 32 / 32; not yet timed on a GPU.
 _GPU_STATS_PROGRAMS = 2048
-_STATS_TILE = 4096
+_STATS_TILE = 2048
 APPLY_REVERSED = False
 _INTERP_CHUNKS = 3  # a few programs per (n, channel block) under TRITON_INTERPRET (still exercises merging)
-_FINAL_BLOCK = 1024
+_FINAL_BLOCK = 4096  # partials per finalize block: the U-Net's groups need one (up to 3200 of them)
 
 
 def _chunking(n: int, n_cb: int, n_tiles: int):
@@ -114,11 +118,23 @@ def _chunk_program(C, n_chunks, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
+def _stats_tile(x_n, i, last, cc, cmask, ar, S, n_sb, sxc, sxt, sxs, EVEN_S: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Tile i of one (n, channel block) as stored (not upcast: half the registers in fp16); none past last."""
+    t, s0 = _tile_origin(i, n_sb, BLOCK_S)
+    ss = s0 + ar
+    live = (ar * 0 + i) < last  # a vector: the interpreter rejects a tensor mask & a scalar
+    if not EVEN_S:
+        live = live & (ss < S)
+    mask = cmask[:, None] & live[None, :]
+    return tl.load(x_n + t.to(tl.int64) * sxt + cc[:, None] * sxc + ss[None, :] * sxs, mask=mask, other=0.0)
+
+
+@triton.jit
 def _gn_stats_kernel(
     x_ptr, pmean_ptr, pm2_ptr,
     C, T, S, n_sb, n_tiles, tiles_per_chunk, n_chunks,
     sxn, sxc, sxt, sxs,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    EVEN_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     n, chunk, cc, cmask = _chunk_program(C, n_chunks, BLOCK_C)
     first = chunk * tiles_per_chunk
@@ -129,20 +145,28 @@ def _gn_stats_kernel(
     # the loop needs no cross-thread reduction. A per-tile reduction over S goes through shared memory
     # when the tile's threads run along C (channels-last); the per-tile two-pass version ran 3.6x
     # longer on channels-last than on NCHW tensors in an H200 U-Net step.
+    # Loads in flight bound this pass: the (mean, M2) state holds the resident programs to 2 per sm_90
+    # SM, so tile i + 1 is loaded before tile i's update (two tiles in flight per program, not one).
+    # With no ragged s-blocks (EVEN_S) every lane counts the same tiles: one scalar count, no masks.
     cnt = tl.zeros([BLOCK_S], dtype=tl.float32)  # elements seen per S lane (the same for every channel)
     mean = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+    nxt = _stats_tile(x_n, first, last, cc, cmask, ar, S, n_sb, sxc, sxt, sxs, EVEN_S, BLOCK_S)
     for i in range(first, last):
-        t, s0 = _tile_origin(i, n_sb, BLOCK_S)
-        ss = s0 + ar
-        smask = ss < S
-        ptrs = x_n + t.to(tl.int64) * sxt + cc[:, None] * sxc + ss[None, :] * sxs
-        x = tl.load(ptrs, mask=cmask[:, None] & smask[None, :], other=0.0).to(tl.float32)
-        cnt += smask.to(tl.float32)
-        inv = tl.div_rn(1.0, tl.maximum(cnt, 1.0))
-        delta = tl.where(smask[None, :], x - mean, 0.0)
-        mean += delta * inv[None, :]
-        m2 += delta * (x - mean)  # 0 where masked: delta is
+        x = nxt.to(tl.float32)
+        nxt = _stats_tile(x_n, i + 1, last, cc, cmask, ar, S, n_sb, sxc, sxt, sxs, EVEN_S, BLOCK_S)
+        if EVEN_S:
+            delta = x - mean
+            mean += delta * tl.div_rn(1.0, (i - first + 1).to(tl.float32))
+            m2 += delta * (x - mean)
+        else:
+            smask = (_tile_origin(i, n_sb, BLOCK_S)[1] + ar) < S
+            cnt += smask.to(tl.float32)
+            delta = tl.where(smask[None, :], x - mean, 0.0)
+            mean += delta * tl.div_rn(1.0, tl.maximum(cnt, 1.0))[None, :]
+            m2 += delta * (x - mean)  # 0 where masked: delta is
+    if EVEN_S:
+        cnt += (last - first).to(tl.float32)
     # Chan-merge the lanes (a lane that saw nothing has cnt = mean = M2 = 0 and adds nothing)
     total = tl.sum(cnt, axis=0)
     chunk_mean = tl.sum(mean * (cnt * tl.div_rn(1.0, total))[None, :], axis=1)
@@ -174,28 +198,30 @@ def _gn_finalize_kernel(
     g = pid - n * G
     base = pid.to(tl.int64) * cpg * n_chunks  # (n, g*cpg, 0) of the (N, C, chunks) buffers
     sh_ptr += pid * cpg  # the group's channels of the (N, C) shift
-    # mean = sum n_i mu_i / n, M2 = sum M2_i + n_i (mu_i - mu)^2 over the group's cpg * n_chunks partials;
-    # the shift moves each channel's partial means, not their M2
+    # Chan-merge the group's cpg * n_chunks partials (the shift moves each channel's partial means, not
+    # their M2), BLOCK at a time: each block's (count, mean, M2) from registers, merged into the running
+    # one, so every partial is loaded once (this kernel is a chain of dependent loads: latency-bound).
     length = cpg * n_chunks
     ar = tl.arange(0, BLOCK)
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for r0 in range(0, length, BLOCK):
-        idx = r0 + ar
-        cnt, mu = _partial_means(pmean_ptr + base, sh_ptr, idx, idx < length, n_chunks, tiles_per_chunk, n_tiles,
-                                 n_sb, S, HAS_SHIFT, BLOCK_S, BLOCK)
-        acc += cnt * mu
-    mean = tl.div_rn(tl.sum(acc, axis=0), group_numel)
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    count = 0.0
+    mean = 0.0
+    m2 = 0.0
     for r0 in range(0, length, BLOCK):
         idx = r0 + ar
         m = idx < length
         cnt, mu = _partial_means(pmean_ptr + base, sh_ptr, idx, m, n_chunks, tiles_per_chunk, n_tiles, n_sb, S,
                                  HAS_SHIFT, BLOCK_S, BLOCK)
-        m2 = tl.load(pm2_ptr + base + idx, mask=m, other=0.0)
-        d = mu - mean
-        acc += m2 + cnt * d * d
-    var = tl.div_rn(tl.sum(acc, axis=0), group_numel)
-    rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+        pm2 = tl.load(pm2_ptr + base + idx, mask=m, other=0.0)
+        b_count = tl.sum(cnt, axis=0)
+        b_mean = tl.div_rn(tl.sum(cnt * mu, axis=0), b_count)
+        d = mu - b_mean
+        b_m2 = tl.sum(pm2 + cnt * d * d, axis=0)
+        total = count + b_count
+        delta = b_mean - mean
+        mean += delta * tl.div_rn(b_count, total)
+        m2 += b_m2 + delta * delta * tl.div_rn(count * b_count, total)
+        count = total
+    rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(m2, group_numel) + eps))
     tl.store(mean_ptr + n * smn + g * smg, mean)
     tl.store(rstd_ptr + n * srn + g * srg, rstd)
 
@@ -397,14 +423,15 @@ def gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: float, s
     _gn_stats_kernel[(n * n_chunks, n_cb3)](
         x, pmean, pm2,
         c, t3, s3, n_sb3, t3 * n_sb3, per, n_chunks, *xs3,
-        BLOCK_C=bc3, BLOCK_S=bs3, num_warps=warps_for(bc3 * bs3),
+        EVEN_S=s3 % bs3 == 0, BLOCK_C=bc3, BLOCK_S=bs3, num_warps=warps_for(bc3 * bs3),
     )
 
     # 2. per-group mean and rstd
+    final_block = min(next_pow2(cpg * n_chunks), _FINAL_BLOCK)
     _gn_finalize_kernel[(n * num_groups,)](
         pmean, pm2, sh, mean, rstd,
         num_groups, cpg, n_chunks, per, t3 * n_sb3, n_sb3, s3, float(cpg * t * s), float(eps), *ms,
-        HAS_SHIFT=shift is not None, BLOCK_S=bs3, BLOCK=min(next_pow2(cpg * n_chunks), _FINAL_BLOCK), num_warps=4,
+        HAS_SHIFT=shift is not None, BLOCK_S=bs3, BLOCK=final_block, num_warps=warps_for(final_block),
     )
 
     # 3. y (reads x, writes y)
@@ -453,7 +480,7 @@ def gn_bwd(dy, x, weight, bias, shift, mean, rstd, dx, dweight, dbias, num_group
     block = min(next_pow2(cpg * n_chunks), _FINAL_BLOCK)
     _gn_bwd_finalize_kernel[(n * num_groups,)](
         pa, pb, w, coef, num_groups, cpg, n_chunks, float(cpg * t * s), sw,
-        HAS_W=has_w, BLOCK=block, num_warps=4,
+        HAS_W=has_w, BLOCK=block, num_warps=warps_for(block),
     )
 
     # 3. dx (reads dy and x, writes dx)
