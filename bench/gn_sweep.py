@@ -1,6 +1,8 @@
 """GroupNorm+SiLU forward launch tuning: the Triton forward's knobs (statistics programs, statistics
 tile, apply order; see hbkernels/triton/group_norm.py) swept on the U-Net's level-0 tensors, timed as
-CUDA-graph replays (kernel time). The fastest setting per shape says which defaults to keep.
+CUDA-graph replays (kernel time). The fastest setting per shape says which defaults to keep. The
+default setting is also profiled: microseconds per call of each of its kernels (statistics,
+finalize, apply), which says which pass to work on next.
 
     python -m bench.gn_sweep [--quick] [--out bench/results]
 """
@@ -12,6 +14,7 @@ import torch
 
 import hbkernels
 from bench import common
+from bench.unet_step import kernel_breakdown
 from hbkernels.triton import group_norm as gn
 
 # (label, shape, memory format)
@@ -43,13 +46,23 @@ def main(argv=None):
             eager = common.median_seconds_graphed(
                 lambda: torch.nn.functional.silu(torch.nn.functional.group_norm(x, 32, w, b)), min_time)
             report.add("group_norm_silu", label, "eager", eager, 2 * x.numel() * 2)
-            for programs, tile, rev in itertools.product(PROGRAMS, TILES, REVERSED):
-                gn._GPU_STATS_PROGRAMS, gn._STATS_TILE, gn.APPLY_REVERSED = programs, tile, rev
-                seconds = common.median_seconds_graphed(
-                    lambda: hbkernels.group_norm(x, 32, w, b, activation="silu"), min_time)
+
+            def call():
+                return hbkernels.group_norm(x, 32, w, b, activation="silu")
+
+            for setting in itertools.product(PROGRAMS, TILES, REVERSED):
+                gn._GPU_STATS_PROGRAMS, gn._STATS_TILE, gn.APPLY_REVERSED = setting
+                seconds = common.median_seconds_graphed(call, min_time)
+                programs, tile, rev = setting
                 impl = f"programs={programs} tile={tile}{' reversed' if rev else ''}"
-                report.add("group_norm_silu", label, impl, seconds, 2 * x.numel() * 2)
-                print(f"{label} | {impl} | {seconds * 1e6:.1f} us | {report.rows[-1].gbps:.0f} GB/s", flush=True)
+                extra = {}
+                if setting == defaults:
+                    impl += " (default)"
+                    top = kernel_breakdown(call, calls=20)["families"]["hbkernels group_norm"]["top"]
+                    extra["kernel_us"] = {name: round(ms * 1e3, 2) for name, ms in top}
+                report.add("group_norm_silu", label, impl, seconds, 2 * x.numel() * 2, **extra)
+                print(f"{label} | {impl} | {seconds * 1e6:.1f} us | {report.rows[-1].gbps:.0f} GB/s"
+                      f"{' | ' + str(extra['kernel_us']) if extra else ''}", flush=True)
     finally:
         gn._GPU_STATS_PROGRAMS, gn._STATS_TILE, gn.APPLY_REVERSED = defaults
     report.save(args.out, "gn_sweep", "float16")
