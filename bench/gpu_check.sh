@@ -10,8 +10,8 @@
 #   bench/gpu_check.sh [LOG] [RESULTS] [TAR]     (defaults: gpu-check.log, bench/results, RESULTS.tar)
 #
 # STEPS picks and orders the steps (default: tests unet_step pipeline ops ops_graph host_overhead;
-# also gn_sweep, the GroupNorm launch tuning); per-step limits: TESTS_LIMIT, UNET_LIMIT,
-# PIPELINE_LIMIT, OPS_LIMIT, OPS_GRAPH_LIMIT, GN_SWEEP_LIMIT; UNET_CASE filters U-Net cases,
+# also sweep, the Triton launch tuning); per-step limits: TESTS_LIMIT, UNET_LIMIT,
+# PIPELINE_LIMIT, OPS_LIMIT, OPS_GRAPH_LIMIT, SWEEP_LIMIT; UNET_CASE filters U-Net cases,
 # OPS_ARGS="--quick --no-compile" shortens the op runs. E.g. after a U-Net change:
 #   STEPS="unet_step ops_graph tests" UNET_COMPILE= UNET_CASE=0.7b UNET_LIMIT=480 OPS_ARGS="--quick --no-compile" OPS_GRAPH_LIMIT=90 TESTS_LIMIT=120 bench/gpu_check.sh
 set -u
@@ -47,7 +47,7 @@ run_step() {
     ops) step ops "${OPS_LIMIT:-200}" python -m bench ${OPS_ARGS:-} --out "$res" ;;
     ops_graph) step ops_graph "${OPS_GRAPH_LIMIT:-200}" python -m bench --graph ${OPS_ARGS:-} --out "$res" ;;
     host_overhead) step host_overhead 30 python -m bench.host_overhead --out "$res" ;;
-    gn_sweep) step gn_sweep "${GN_SWEEP_LIMIT:-150}" python -m bench.gn_sweep --quick --out "$res" ;;
+    sweep) step sweep "${SWEEP_LIMIT:-180}" python -m bench.sweep --quick --out "$res" ;;
     *) echo "unknown step $1" | tee -a "$log" ;;
     esac
 }

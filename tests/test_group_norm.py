@@ -114,7 +114,7 @@ def test_group_norm_keeps_memory_format(backend_name):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("reversed_apply, stats_tile", [(True, 4096), (False, 2048), (True, 8192)])
 def test_group_norm_launch_tuning(monkeypatch, backend_name, layout, reversed_apply, stats_tile):
-    """The forward's tuning knobs (bench/gn_sweep.py) change the schedule, never the result."""
+    """The forward's tuning knobs (bench/sweep.py) change the schedule, never the result."""
     from hbkernels.triton import group_norm as gn
 
     monkeypatch.setattr(gn, "APPLY_REVERSED", reversed_apply)

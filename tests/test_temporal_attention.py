@@ -76,6 +76,27 @@ def test_temporal_attention_inference_keeps_no_row_stats(backend_name, monkeypat
     torch.testing.assert_close(frozen, training.detach(), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("backend_name", [p for p in KERNEL_BACKENDS if p.values[0] == "triton"])
+@pytest.mark.parametrize("warps", [1, 2, 8])
+@pytest.mark.parametrize("t", [16, 26])
+def test_temporal_attention_forward_warps(monkeypatch, backend_name, warps, t):
+    """The forward's warps per program (bench/sweep.py times them) change the schedule, never the result."""
+    from hbkernels.triton import temporal_attention as ta
+
+    monkeypatch.setattr(ta, "FWD_WARPS", warps)
+    assert ta._config(t, 64, 2, bwd=False)[2]["num_warps"] == warps
+    check_against_float64(lambda base: hbkernels.temporal_attention(*base.unbind(0)),
+                          [rand(3, 2, t, 2, 64, dtype=torch.float64, requires_grad=True)], backend_name, torch.float16)
+
+
+def test_temporal_attention_forward_gives_each_warp_16_query_rows():
+    from hbkernels.triton import temporal_attention as ta
+
+    # (T, D) -> warps: T = 16 / 26 / 64 at D = 64 take 1 / 2 / 4; wide heads add warps for the accumulator
+    assert [ta._config(t, d, 2, bwd=False)[2]["num_warps"] for t, d in [(16, 64), (26, 64), (64, 64), (16, 160), (77, 80)]] \
+        == [1, 2, 4, 4, 8]
+
+
 @pytest.mark.skipif(not ON_GPU, reason="65,536 heads need a GPU")
 def test_temporal_attention_beyond_sdpa_grid_limit():
     q, k, v = rand(3, 16384, 16, 5, 64, dtype=torch.float16).unbind(0)  # N*H = 81,920

@@ -30,7 +30,7 @@ import triton.language as tl
 
 from hbkernels.triton.layout import INTERPRETED, cdiv, merge_ts, next_pow2, strides4, tile_shape, warps_for
 
-# Forward launch tuning, timed against each other on a GPU by `python -m bench.gn_sweep`: statistics
+# Forward launch tuning, timed against each other on a GPU by `python -m bench.sweep`: statistics
 # programs over the whole tensor (enough resident programs to keep an H100's loads in flight),
 # elements per statistics tile, and whether the apply pass walks the tiles in the reverse of the
 # statistics pass's order, so that it starts on the tiles most recently read, which are still in L2

@@ -191,20 +191,32 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, STATS, DQ, H, T, D, scale, qk_scale,
     _store_rows(DQ + n * sg_n + h * sg_h, dq * scale, offs_m, sg_t, offs_d, T, D, UPCAST)
 
 
+# Forward warps per program; None: the rule in _config. `python -m bench.sweep` times the choices.
+FWD_WARPS = None
+
+
 def _config(t: int, d: int, elem_size: int, bwd: bool):
     """Block sizes from T and D, checked with ptxas for sm_90 (D up to 256: at most 80 KiB shared
     memory, no register spills in fp16/bf16, a few hundred bytes at worst in fp32).
 
     fp16/bf16: BLOCK_M = BLOCK_N = min(64, next_pow2(T)) (>= 16 for tl.dot), halved while a tile has
-    more than 8192 (fwd) / 4096 (bwd: five dots, two accumulators) elements. fp32 runs its "ieee"
-    dots on FMA units, whose operands take many more registers: 16-row tiles without pipelining."""
+    more than 8192 (fwd) / 4096 (bwd: five dots, two accumulators) elements. The forward gives each
+    warp 16 query rows (one m16 MMA tile: a softmax row's max and sum stay within its warp), adding warps
+    only to keep the accumulator at 32 fp32 per thread. At T = 16, D = 64 that is 1 warp, not 4: no
+    shared-memory round trips for the row reductions (9 barriers, not 19), and at 82 registers 23
+    programs fit an sm_90 SM (138 KiB of loads in flight) where 9 did (54 KiB).
+    fp32 runs its "ieee" dots on FMA units, whose operands take many more registers: 16-row tiles
+    without pipelining."""
     block_d = max(16, next_pow2(d))
     if elem_size == 4:
         return 16, block_d, dict(num_warps=8 if block_d >= 64 else 4, num_stages=1)
     block = min(64, max(16, next_pow2(t)))
     while block > 16 and block * block_d > (4096 if bwd else 8192):
         block //= 2
-    num_warps = 8 if block * block_d >= (2048 if bwd else 4096) else 4
+    if bwd:
+        num_warps = 8 if block * block_d >= 2048 else 4
+    else:
+        num_warps = FWD_WARPS or min(8, max(block // 16, block * block_d // 1024))
     return block, block_d, dict(num_warps=num_warps, num_stages=2)
 
 

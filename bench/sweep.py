@@ -1,0 +1,111 @@
+"""Launch tuning on a GPU: each Triton knob's settings timed against each other as CUDA-graph replays
+(kernel time) at the U-Net's level-0 shapes, fp16. The fastest setting per shape says which default
+to keep.
+
+- group_norm (+SiLU): the forward's statistics programs, statistics tile and apply order (see
+  hbkernels/triton/group_norm.py). The default setting is also profiled: microseconds per call of
+  each of its kernels (statistics, finalize, apply), which says which pass to work on next.
+- temporal_attention: forward warps per program (FWD_WARPS in hbkernels/triton/temporal_attention.py:
+  the default rule, or a fixed 1, 2, 4, 8).
+
+    python -m bench.sweep [--quick] [--op group_norm|temporal_attention] [--out bench/results]
+"""
+import argparse
+import itertools
+import os
+
+import torch
+
+import hbkernels
+from bench import common
+from bench.ops import hb_attention
+from bench.unet_step import kernel_breakdown
+from hbkernels.triton import group_norm as gn
+from hbkernels.triton import temporal_attention as ta
+
+# (label, shape, memory format)
+GN_SHAPES = [(f"vc2 L0 B1 T{t}{' CL' if cl else ''}", (1, 320, t, 40, 64),
+              torch.channels_last_3d if cl else torch.contiguous_format) for t in (16, 26) for cl in (False, True)]
+GN_PROGRAMS = (1024, 2048, 4096)
+GN_TILES = (2048, 4096, 8192)
+GN_REVERSED = (False, True)
+# (label, tokens N, frames T, heads, head dim): VideoCrafter2 / Hummingbird level 0 at 320x512, batch 1
+ATTN_SHAPES = [(f"vc2 L0 B1 T{t}", 40 * 64, t, 5, 64) for t in (16, 26)]
+ATTN_WARPS = (None, 1, 2, 4, 8)
+
+
+def sweep_group_norm(report, dev, min_time):
+    defaults = gn._GPU_STATS_PROGRAMS, gn._STATS_TILE, gn.APPLY_REVERSED
+    try:
+        for label, shape, fmt in GN_SHAPES:
+            x = (torch.randn(shape, device=dev, dtype=torch.float16) + 1).contiguous(memory_format=fmt)
+            w, b = torch.randn(320, device=dev, dtype=torch.float16), torch.randn(320, device=dev, dtype=torch.float16)
+            bytes_moved = 2 * x.numel() * 2
+            eager = common.median_seconds_graphed(
+                lambda: torch.nn.functional.silu(torch.nn.functional.group_norm(x, 32, w, b)), min_time)
+            report.add("group_norm_silu", label, "eager", eager, bytes_moved)
+
+            def call():
+                return hbkernels.group_norm(x, 32, w, b, activation="silu")
+
+            for setting in itertools.product(GN_PROGRAMS, GN_TILES, GN_REVERSED):
+                gn._GPU_STATS_PROGRAMS, gn._STATS_TILE, gn.APPLY_REVERSED = setting
+                programs, tile, rev = setting
+                impl = f"programs={programs} tile={tile}{' reversed' if rev else ''}"
+                extra = {}
+                if setting == defaults:
+                    impl += " (default)"
+                    top = kernel_breakdown(call, calls=20)["families"]["hbkernels group_norm"]["top"]
+                    extra["kernel_us"] = {name: round(ms * 1e3, 2) for name, ms in top}
+                _add(report, "group_norm_silu", label, impl, common.median_seconds_graphed(call, min_time),
+                     bytes_moved, **extra)
+    finally:
+        gn._GPU_STATS_PROGRAMS, gn._STATS_TILE, gn.APPLY_REVERSED = defaults
+
+
+def sweep_temporal_attention(report, dev, min_time):
+    default = ta.FWD_WARPS
+    try:
+        for label, n, t, heads, d in ATTN_SHAPES:
+            q, k, v = (torch.randn(n, t, heads * d, device=dev, dtype=torch.float16) for _ in range(3))
+            bytes_moved = 4 * q.numel() * 2
+            for warps in ATTN_WARPS:
+                ta.FWD_WARPS = warps
+                impl = "warps: default rule" if warps is None else f"warps={warps}"
+                seconds = common.median_seconds_graphed(lambda: hb_attention(q, k, v, heads), min_time)
+                _add(report, "temporal_attention", f"{label} N={n} H={heads} D={d}", impl, seconds, bytes_moved)
+    finally:
+        ta.FWD_WARPS = default
+
+
+def _add(report, suite, case, impl, seconds, bytes_moved, **extra):
+    report.add(suite, case, impl, seconds, bytes_moved, **extra)
+    row = report.rows[-1]
+    print(f"{case} | {impl} | {seconds * 1e6:.1f} us | {row.gbps:.0f} GB/s ({row.pct_copy_bw:.0f}% of copy)"
+          f"{' | ' + str(extra) if extra else ''}", flush=True)
+
+
+SWEEPS = {"group_norm": sweep_group_norm, "temporal_attention": sweep_temporal_attention}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench.sweep", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="short timing")
+    parser.add_argument("--op", choices=sorted(SWEEPS), action="append", help="sweep only this op (repeatable)")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = parser.parse_args(argv)
+    dev = common.device()
+    if dev.type != "cuda":
+        parser.error("the sweeps time GPU kernels: they need a CUDA GPU")
+    report = common.Report(device=common.device_name(dev))
+    report.copy_gbps = common.copy_bandwidth(dev) / 1e9
+    print(f"{report.device}: copy bandwidth {report.copy_gbps:.1f} GB/s, commit {report.commit}")
+    min_time = 0.05 if args.quick else 0.2
+    for op in args.op or list(SWEEPS):
+        SWEEPS[op](report, dev, min_time)
+    report.save(args.out, "sweep", "float16")
+
+
+if __name__ == "__main__":
+    main()
