@@ -86,6 +86,12 @@ def group_norm_cases():
         dx4 = torch.empty_like(x).flatten(3)
         grads = [torch.empty(320) if p is not None else None for p in affine]
         kernels.gn_bwd(torch.randn_like(x).flatten(3).to(dtype), x4, *affine, shift, mean, rstd, dx4, *grads, 32, silu)
+    # the U-Net's level-0 activation (320x512, 16 frames): its real tiling, so the printed registers are
+    # the ones that decide how many programs an SM holds there
+    for fmt in (torch.contiguous_format, torch.channels_last_3d):
+        x = rand(1, 320, 16, 40, 64, dtype=torch.float16).contiguous(memory_format=fmt)
+        kernels.gn_fwd(x.flatten(3), rand(320, dtype=torch.float16), rand(320, dtype=torch.float16), None,
+                       torch.empty_like(x).flatten(3), torch.empty(1, 32), torch.empty(1, 32), 32, 1e-5, True)
 
 
 def elementwise_cases():
