@@ -11,8 +11,8 @@ kernel's shared memory against the target's limit, which a GPU would only report
 Each variant is specialised the way Triton's JIT would specialise that launch on a GPU (its own binder:
 integer arguments equal to 1 become constants, 16-divisible integers and 16-byte-aligned pointers get
 divisibility hints), so what is compiled -- vectorised or scalar loads, register counts -- is what a GPU
-would run. Prints one line per compiled variant, with registers per thread and spill stack (NVIDIA) or
-VGPRs (AMD); exits 1 if any fails.
+would run. Prints one line per compiled variant, with registers per thread, spill stack and programs
+resident per SM (NVIDIA) or VGPRs and spills (AMD); exits 1 if any fails.
 """
 import os
 import re
@@ -125,7 +125,15 @@ def specialize(fn, args, options, target):
     return signature, constexprs, attrs, options
 
 
-def resources(compiled, target) -> str:
+def resident_programs(regs: int, warps: int, shared: int, shared_limit: int) -> int:
+    """Programs one sm_80/sm_90 SM holds at once: 64K registers allocated per warp in units of 256 (8 per
+    thread), at most 64 warps and 32 programs, the SM's shared memory (a program's limit + 1 KiB) less
+    1 KiB per program. The loads in flight per SM, so a streaming kernel's bandwidth, scale with it."""
+    warps_by_regs = 65536 // (-(-regs * 32 // 256) * 256)
+    return min(32, 64 // warps, warps_by_regs // warps, (shared_limit + 1024) // (shared + 1024))
+
+
+def resources(compiled, target, shared_limit: int) -> str:
     """Registers per thread and spill stack (NVIDIA, from cuobjdump) or VGPRs and spills (AMD)."""
     if target.backend == "cuda":
         tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -134,7 +142,11 @@ def resources(compiled, target) -> str:
             f.flush()
             usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
         found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
-        return f"regs={found[1]} spill_stack={found[2]}" if found else "regs=?"
+        if not found:
+            return "regs=?"
+        regs, warps = int(found[1]), compiled.metadata.num_warps
+        resident = resident_programs(regs, warps, compiled.metadata.shared, shared_limit)
+        return f"regs={regs} spill_stack={found[2]} resident/SM={resident}"
     found = [re.search(rf"\.{key}:\s*(\d+)", compiled.asm["amdgcn"]) for key in ("vgpr_count", "vgpr_spill_count")]
     return f"vgprs={found[0][1] if found[0] else '?'} spills={found[1][1] if found[1] else '?'}"
 
@@ -156,7 +168,7 @@ def main(target_name: str) -> int:
             shared = compiled.metadata.shared
             if shared > shared_limit:
                 raise RuntimeError(f"needs {shared} bytes of shared memory, {target_name} has {shared_limit}")
-            print(f"ok   {label} shared={shared} {resources(compiled, target)}")
+            print(f"ok   {label} shared={shared} {resources(compiled, target, shared_limit)}")
         except Exception as err:  # report every failing variant, not just the first
             failures += 1
             print(f"FAIL {label}: {type(err).__name__}: {str(err).strip().splitlines()[-1][:300]}")
