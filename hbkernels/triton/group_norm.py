@@ -145,8 +145,8 @@ def _gn_stats_kernel(
     # the loop needs no cross-thread reduction. A per-tile reduction over S goes through shared memory
     # when the tile's threads run along C (channels-last); the per-tile two-pass version ran 3.6x
     # longer on channels-last than on NCHW tensors in an H200 U-Net step.
-    # Loads in flight bound this pass: the (mean, M2) state holds the resident programs to 2 per sm_90
-    # SM, so tile i + 1 is loaded before tile i's update (two tiles in flight per program, not one).
+    # Loads in flight bound this pass, and the (mean, M2) state limits the programs an SM holds (4-6 of
+    # 4 warps on sm_90), so tile i + 1 is loaded before tile i's update: two tiles in flight, not one.
     # With no ragged s-blocks (EVEN_S) every lane counts the same tiles: one scalar count, no masks.
     cnt = tl.zeros([BLOCK_S], dtype=tl.float32)  # elements seen per S lane (the same for every channel)
     mean = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
