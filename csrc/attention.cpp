@@ -283,7 +283,7 @@ void attn_bwd_impl(const Tensor& dout, const Tensor& q, const Tensor& k, const T
           float* prow = pb.data() + r * Tp;
           float* drow = dsb.data() + r * Tp;
           // P = softmax recomputed exactly as in the forward (max-shifted, normalised by its sum):
-          // exp(s - lse) with the stored fp32 lse would add lse's rounding error to every entry.
+          // exp(s - lse) with an fp32 lse kept from the forward would add its rounding to every entry.
           float m = row_max_scaled(prow, lim, scale);
           scale_row(prow, lim, 1.f / exp_row(prow, lim, kend, scale, m));
           // delta_i = sum_j P_ij dP_ij (= sum_d dO_id O_id, but consistent with the recomputed P,
