@@ -5,8 +5,8 @@ to keep.
 - group_norm (+SiLU): the forward's statistics programs, statistics tile and apply order (see
   hbkernels/triton/group_norm.py). The default setting is also profiled: microseconds per call of
   each of its kernels (statistics, finalize, apply), which says which pass to work on next.
-- temporal_attention: forward warps per program (FWD_WARPS in hbkernels/triton/temporal_attention.py:
-  the default rule, or a fixed 1, 2, 4, 8).
+- temporal_attention: warps per program of the forward and of the backward kernel (FWD_WARPS /
+  BWD_WARPS in hbkernels/triton/temporal_attention.py: the default rule, or a fixed 1, 2, 4, 8).
 
     python -m bench.sweep [--quick] [--op group_norm|temporal_attention] [--out bench/results]
 """
@@ -39,7 +39,7 @@ def sweep_group_norm(report, dev, min_time):
     try:
         for label, shape, fmt in GN_SHAPES:
             x = (torch.randn(shape, device=dev, dtype=torch.float16) + 1).contiguous(memory_format=fmt)
-            w, b = torch.randn(320, device=dev, dtype=torch.float16), torch.randn(320, device=dev, dtype=torch.float16)
+            w, b = (torch.randn(shape[1], device=dev, dtype=torch.float16) for _ in range(2))
             bytes_moved = 2 * x.numel() * 2
             eager = common.median_seconds_graphed(
                 lambda: torch.nn.functional.silu(torch.nn.functional.group_norm(x, 32, w, b)), min_time)
@@ -64,24 +64,39 @@ def sweep_group_norm(report, dev, min_time):
 
 
 def sweep_temporal_attention(report, dev, min_time):
-    default = ta.FWD_WARPS
+    from hbkernels import triton as kernels
+
+    defaults = ta.FWD_WARPS, ta.BWD_WARPS
     try:
         for label, n, t, heads, d in ATTN_SHAPES:
+            case = f"{label} N={n} H={heads} D={d}"
             q, k, v = (torch.randn(n, t, heads * d, device=dev, dtype=torch.float16) for _ in range(3))
-            bytes_moved = 4 * q.numel() * 2
             for warps in ATTN_WARPS:
                 ta.FWD_WARPS = warps
-                impl = "warps: default rule" if warps is None else f"warps={warps}"
                 seconds = common.median_seconds_graphed(lambda: hb_attention(q, k, v, heads), min_time)
-                _add(report, "temporal_attention", f"{label} N={n} H={heads} D={d}", impl, seconds, bytes_moved)
+                _add(report, "temporal_attention", case, _warps_label(warps), seconds, 4 * q.numel() * 2)
+            # the backward kernel alone: reads q, k, v, dO (and the row statistics), writes dq, dk, dv
+            q, k, v, do = (x.view(n, t, heads, d) for x in (q, k, v, torch.randn_like(q)))
+            out, grads = torch.empty_like(q), [torch.empty_like(q) for _ in range(3)]
+            stats = torch.empty(n, heads, t, kernels.ATTN_ROW_STATS, device=dev)
+            kernels.attn_fwd(q, k, v, out, stats, d ** -0.5, False)
+            for warps in ATTN_WARPS:
+                ta.BWD_WARPS = warps
+                seconds = common.median_seconds_graphed(
+                    lambda: kernels.attn_bwd(do, q, k, v, out, stats, *grads, d ** -0.5, False), min_time)
+                _add(report, "temporal_attention_backward", case, _warps_label(warps), seconds, 7 * q.numel() * 2)
     finally:
-        ta.FWD_WARPS = default
+        ta.FWD_WARPS, ta.BWD_WARPS = defaults
+
+
+def _warps_label(warps):
+    return "warps: default rule" if warps is None else f"warps={warps}"
 
 
 def _add(report, suite, case, impl, seconds, bytes_moved, **extra):
     report.add(suite, case, impl, seconds, bytes_moved, **extra)
     row = report.rows[-1]
-    print(f"{case} | {impl} | {seconds * 1e6:.1f} us | {row.gbps:.0f} GB/s ({row.pct_copy_bw:.0f}% of copy)"
+    print(f"{suite} | {case} | {impl} | {seconds * 1e6:.1f} us | {row.gbps:.0f} GB/s ({row.pct_copy_bw:.0f}% of copy)"
           f"{' | ' + str(extra) if extra else ''}", flush=True)
 
 

@@ -79,22 +79,25 @@ def test_temporal_attention_inference_keeps_no_row_stats(backend_name, monkeypat
 @pytest.mark.parametrize("backend_name", [p for p in KERNEL_BACKENDS if p.values[0] == "triton"])
 @pytest.mark.parametrize("warps", [1, 2, 8])
 @pytest.mark.parametrize("t", [16, 26])
-def test_temporal_attention_forward_warps(monkeypatch, backend_name, warps, t):
-    """The forward's warps per program (bench/sweep.py times them) change the schedule, never the result."""
+def test_temporal_attention_warps(monkeypatch, backend_name, warps, t):
+    """The kernels' warps per program (bench/sweep.py times them) change the schedule, never the result."""
     from hbkernels.triton import temporal_attention as ta
 
     monkeypatch.setattr(ta, "FWD_WARPS", warps)
-    assert ta._config(t, 64, 2, bwd=False)[2]["num_warps"] == warps
+    monkeypatch.setattr(ta, "BWD_WARPS", warps)
+    assert ta._config(t, 64, 2, bwd=False)[2]["num_warps"] == ta._config(t, 64, 2, bwd=True)[2]["num_warps"] == warps
     check_against_float64(lambda base: hbkernels.temporal_attention(*base.unbind(0)),
                           [rand(3, 2, t, 2, 64, dtype=torch.float64, requires_grad=True)], backend_name, torch.float16)
 
 
-def test_temporal_attention_forward_gives_each_warp_16_query_rows():
+def test_temporal_attention_warp_rules():
     from hbkernels.triton import temporal_attention as ta
 
-    # (T, D) -> warps: T = 16 / 26 / 64 at D = 64 take 1 / 2 / 4; wide heads add warps for the accumulator
-    assert [ta._config(t, d, 2, bwd=False)[2]["num_warps"] for t, d in [(16, 64), (26, 64), (64, 64), (16, 160), (77, 80)]] \
-        == [1, 2, 4, 4, 8]
+    # (T, D) -> warps. Forward: one per 16 query rows (T = 16 / 26 / 64 at D = 64: 1 / 2 / 4), more for
+    # wide heads' accumulators. Backward: one per 16 rows and per 512 accumulator elements.
+    shapes = [(16, 64), (26, 64), (64, 64), (16, 160), (77, 80)]
+    assert [ta._config(t, d, 2, bwd=False)[2]["num_warps"] for t, d in shapes] == [1, 2, 4, 4, 8]
+    assert [ta._config(t, d, 2, bwd=True)[2]["num_warps"] for t, d in shapes] == [2, 4, 8, 8, 8]
 
 
 @pytest.mark.skipif(not ON_GPU, reason="65,536 heads need a GPU")

@@ -191,8 +191,10 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, STATS, DQ, H, T, D, scale, qk_scale,
     _store_rows(DQ + n * sg_n + h * sg_h, dq * scale, offs_m, sg_t, offs_d, T, D, UPCAST)
 
 
-# Forward warps per program; None: the rule in _config. `python -m bench.sweep` times the choices.
+# Warps per program of the forward / backward kernels; None: the rules in _config.
+# `python -m bench.sweep` times the choices.
 FWD_WARPS = None
+BWD_WARPS = None
 
 
 def _config(t: int, d: int, elem_size: int, bwd: bool):
@@ -204,7 +206,10 @@ def _config(t: int, d: int, elem_size: int, bwd: bool):
     warp 16 query rows (one m16 MMA tile: a softmax row's max and sum stay within its warp), adding warps
     only to keep the accumulator at 32 fp32 per thread. At T = 16, D = 64 that is 1 warp, not 4: no
     shared-memory round trips for the row reductions (9 barriers, not 19), and at 82 registers 23
-    programs fit an sm_90 SM (138 KiB of loads in flight) where 9 did (54 KiB).
+    programs fit an sm_90 SM (138 KiB of loads in flight) where 9 did (54 KiB). The backward holds
+    two accumulators and five dots' operands: a warp per 16 rows and per 512 accumulator elements
+    (T16 D64: 2 warps, 7-8 programs per SM; T26: 4 warps, 2; one warp more per program halves them,
+    and one fewer spills).
     fp32 runs its "ieee" dots on FMA units, whose operands take many more registers: 16-row tiles
     without pipelining."""
     block_d = max(16, next_pow2(d))
@@ -214,7 +219,7 @@ def _config(t: int, d: int, elem_size: int, bwd: bool):
     while block > 16 and block * block_d > (4096 if bwd else 8192):
         block //= 2
     if bwd:
-        num_warps = 8 if block * block_d >= 2048 else 4
+        num_warps = BWD_WARPS or min(8, max(block // 16, block * block_d // 512))
     else:
         num_warps = FWD_WARPS or min(8, max(block // 16, block * block_d // 1024))
     return block, block_d, dict(num_warps=num_warps, num_stages=2)
