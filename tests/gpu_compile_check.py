@@ -90,8 +90,11 @@ def group_norm_cases():
     # the ones that decide how many programs an SM holds there
     for fmt in (torch.contiguous_format, torch.channels_last_3d):
         x = rand(1, 320, 16, 40, 64, dtype=torch.float16).contiguous(memory_format=fmt)
-        kernels.gn_fwd(x.flatten(3), rand(320, dtype=torch.float16), rand(320, dtype=torch.float16), None,
-                       torch.empty_like(x).flatten(3), torch.empty(1, 32), torch.empty(1, 32), 32, 1e-5, True)
+        affine = rand(320, dtype=torch.float16), rand(320, dtype=torch.float16)
+        mean, rstd = torch.randn(1, 32), torch.rand(1, 32)
+        kernels.gn_fwd(x.flatten(3), *affine, None, torch.empty_like(x).flatten(3), mean, rstd, 32, 1e-5, True)
+        kernels.gn_bwd(torch.randn_like(x).flatten(3), x.flatten(3), *affine, None, mean, rstd,
+                       torch.empty_like(x).flatten(3), torch.empty(320), torch.empty(320), 32, True)
 
 
 def elementwise_cases():

@@ -35,7 +35,8 @@ from hbkernels.triton.layout import INTERPRETED, cdiv, merge_ts, next_pow2, stri
 # elements per statistics tile, and whether the apply pass walks the tiles in the reverse of the
 # statistics pass's order, so that it starts on the tiles most recently read, which are still in L2
 # (in the same order, a tensor larger than L2 meets none of its tiles there).
-# Statistics tile 2048 (4 warps) rather than 4096 (8 warps), from sm_90 register counts
+# Statistics tile (also the backward's partial sums, the same chunk-walking loop): 2048 elements (4
+# warps) rather than 4096 (8 warps), from sm_90 register counts
 # (tests/gpu_compile_check.py) at the U-Net's level-0 shapes: 80 / 101 registers (NCHW / channels-last)
 # against 98 / 100 leave 6 / 4 programs of 128 threads resident per SM instead of 2 of 256, i.e. 48 / 32
 # KiB of loads in flight per SM instead of 32 / 32; not yet timed on a GPU.
@@ -118,15 +119,16 @@ def _chunk_program(C, n_chunks, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _stats_tile(x_n, i, last, cc, cmask, ar, S, n_sb, sxc, sxt, sxs, EVEN_S: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Tile i of one (n, channel block) as stored (not upcast: half the registers in fp16); none past last."""
+def _chunk_tile(base, i, last, cc, cmask, ar, S, n_sb, sc, st, ss, EVEN_S: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Tile i of one (n, channel block) of a chunk-walking reduction, as stored (not upcast: half the
+    registers in fp16, for a tile loaded one iteration ahead); zeros past last and past S."""
     t, s0 = _tile_origin(i, n_sb, BLOCK_S)
-    ss = s0 + ar
+    s = s0 + ar
     live = (ar * 0 + i) < last  # a vector: the interpreter rejects a tensor mask & a scalar
     if not EVEN_S:
-        live = live & (ss < S)
+        live = live & (s < S)
     mask = cmask[:, None] & live[None, :]
-    return tl.load(x_n + t.to(tl.int64) * sxt + cc[:, None] * sxc + ss[None, :] * sxs, mask=mask, other=0.0)
+    return tl.load(base + t.to(tl.int64) * st + cc[:, None] * sc + s[None, :] * ss, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -151,10 +153,10 @@ def _gn_stats_kernel(
     cnt = tl.zeros([BLOCK_S], dtype=tl.float32)  # elements seen per S lane (the same for every channel)
     mean = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
-    nxt = _stats_tile(x_n, first, last, cc, cmask, ar, S, n_sb, sxc, sxt, sxs, EVEN_S, BLOCK_S)
+    nxt = _chunk_tile(x_n, first, last, cc, cmask, ar, S, n_sb, sxc, sxt, sxs, EVEN_S, BLOCK_S)
     for i in range(first, last):
         x = nxt.to(tl.float32)
-        nxt = _stats_tile(x_n, i + 1, last, cc, cmask, ar, S, n_sb, sxc, sxt, sxs, EVEN_S, BLOCK_S)
+        nxt = _chunk_tile(x_n, i + 1, last, cc, cmask, ar, S, n_sb, sxc, sxt, sxs, EVEN_S, BLOCK_S)
         if EVEN_S:
             delta = x - mean
             mean += delta * tl.div_rn(1.0, (i - first + 1).to(tl.float32))
@@ -273,7 +275,7 @@ def _gn_bwd_partials_kernel(
     C, T, S, n_sb, n_tiles, tiles_per_chunk, n_chunks, cpg, sw, sb_, smn, smg, srn, srg,
     sdn, sdc, sdt, sds, sxn, sxc, sxt, sxs,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, PRECISE: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    EVEN_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     n, chunk, cc, cmask = _chunk_program(C, n_chunks, BLOCK_C)
     g = cc // cpg
@@ -293,15 +295,14 @@ def _gn_bwd_partials_kernel(
     acc_b = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)  # sum dz
     first = chunk * tiles_per_chunk
     last = tl.minimum(first + tiles_per_chunk, n_tiles)
+    # as in the statistics pass: the next tiles of dy and x are loaded before this one's arithmetic
+    nxt_dy = _chunk_tile(dy_n, first, last, cc, cmask, ar, S, n_sb, sdc, sdt, sds, EVEN_S, BLOCK_S)
+    nxt_x = _chunk_tile(x_n, first, last, cc, cmask, ar, S, n_sb, sxc, sxt, sxs, EVEN_S, BLOCK_S)
     for i in range(first, last):
-        t, s0 = _tile_origin(i, n_sb, BLOCK_S)
-        t64 = t.to(tl.int64)
-        ss = s0 + ar
-        mask = cmask[:, None] & (ss < S)[None, :]
-        dz = tl.load(dy_n + t64 * sdt + cc[:, None] * sdc + ss[None, :] * sds,
-                     mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(x_n + t64 * sxt + cc[:, None] * sxc + ss[None, :] * sxs,
-                    mask=mask, other=0.0).to(tl.float32)
+        dz = nxt_dy.to(tl.float32)
+        x = nxt_x.to(tl.float32)
+        nxt_dy = _chunk_tile(dy_n, i + 1, last, cc, cmask, ar, S, n_sb, sdc, sdt, sds, EVEN_S, BLOCK_S)
+        nxt_x = _chunk_tile(x_n, i + 1, last, cc, cmask, ar, S, n_sb, sxc, sxt, sxs, EVEN_S, BLOCK_S)
         xhat = (x - mu) * r
         if SILU:
             z = xhat
@@ -462,7 +463,7 @@ def gn_bwd(dy, x, weight, bias, shift, mean, rstd, dx, dweight, dbias, num_group
 
     # 1. per-channel partial sums over chunks of the (t, s) plane (reads dy and x)
     t2, s2, (ds2, xs2) = merge_ts([strides4(dy), strides4(x)], t, s)
-    bc2, bs2 = tile_shape(c, s2, (ds2, xs2))
+    bc2, bs2 = tile_shape(c, s2, (ds2, xs2), _STATS_TILE)
     n_sb2 = cdiv(s2, bs2)
     n_cb2 = cdiv(c, bc2)
     per, n_chunks = _chunking(n, n_cb2, t2 * n_sb2)
@@ -472,7 +473,7 @@ def gn_bwd(dy, x, weight, bias, shift, mean, rstd, dx, dweight, dbias, num_group
         dy, x, w, b, sh, mean, rstd, pa, pb,
         c, t2, s2, n_sb2, t2 * n_sb2, per, n_chunks, cpg, sw, sb_, *ms, *ds2, *xs2,
         HAS_W=has_w, HAS_B=has_b, HAS_SHIFT=has_sh, SILU=silu, PRECISE=precise,
-        BLOCK_C=bc2, BLOCK_S=bs2, num_warps=warps_for(bc2 * bs2),
+        EVEN_S=s2 % bs2 == 0, BLOCK_C=bc2, BLOCK_S=bs2, num_warps=warps_for(bc2 * bs2),
     )
 
     # 2. per-group coefficients
