@@ -44,6 +44,19 @@ def test_layer_norm_with_residual(backend_name, dtype, shape):
     check_against_float64(fn, [x, res, w, b], backend_name, dtype)
 
 
+@pytest.mark.parametrize("backend_name", [p for p in KERNEL_BACKENDS if p.values[0] == "triton"])
+@pytest.mark.parametrize("bwd_tile, rows", [(64, 20), (128, 23)], ids=["one_row_tiles", "ragged_last_tile"])
+def test_layer_norm_backward_walks_many_tiles(monkeypatch, backend_name, bwd_tile, rows):
+    """Small backward tiles: each program walks several (prefetched) row tiles, the last one partial."""
+    from hbkernels.triton import layer_norm as ln
+
+    monkeypatch.setattr(ln, "_BWD_TILE", bwd_tile)
+    x = rand(rows, 40, dtype=torch.float64, mean=3.0, requires_grad=True)
+    w = rand(40, dtype=torch.float64, mean=1.0, requires_grad=True)
+    b = rand(40, dtype=torch.float64, requires_grad=True)
+    check_against_float64(lambda x, w, b: hbkernels.layer_norm(x, w, b), [x, w, b], backend_name, torch.float32)
+
+
 @pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
 @pytest.mark.parametrize("affine", ["none", "weight", "bias"])
 def test_layer_norm_optional_affine(backend_name, affine):

@@ -17,7 +17,11 @@ import triton.language as tl
 from hbkernels.ops.layer_norm import TRITON_MAX_C
 from hbkernels.triton.layout import INTERPRETED, cdiv, next_pow2, warps_for
 
-_TILE = 4096  # elements per tile
+_TILE = 4096  # elements per forward tile
+# Backward tiles are half that at 4 warps: its loop holds the next tile's dy and x besides this one's
+# arithmetic, and at 142 registers 3 such programs fit an sm_90 SM (48 KiB of loads in flight) where
+# 2 of the 8-warp, one-tile-at-a-time version did (32 KiB).
+_BWD_TILE = 2048
 _BWD_PROGRAMS = 1024  # enough programs for an H100, few enough that the partials stay small
 _INTERP_PROGRAMS = 3  # under TRITON_INTERPRET: each program is a batch of numpy ops
 
@@ -52,6 +56,15 @@ def _ln_fwd_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, s_ptr, mean_ptr, rstd_ptr,
 
 
 @triton.jit
+def _bwd_rows(dy_ptr, x_ptr, r0, last, cc, cmask, sdym, sxm, BLOCK_M: tl.constexpr):
+    """dy and x of rows r0 .. r0 + BLOCK_M (zeros from row last on), as stored."""
+    rows = r0 + tl.arange(0, BLOCK_M)
+    mask = (rows < last)[:, None] & cmask[None, :]
+    dy = tl.load(dy_ptr + rows[:, None] * sdym + cc[None, :], mask=mask, other=0.0)
+    return dy, tl.load(x_ptr + rows[:, None] * sxm + cc[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
 def _ln_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, pdw_ptr, pdb_ptr,
                    M, C, sdym, sxm, sdxm, rows_per_program,
                    HAS_W: tl.constexpr, PARTIALS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -65,12 +78,15 @@ def _ln_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, pdw_ptr, pd
     acc_db = tl.zeros([BLOCK_C], dtype=tl.float32)
     first = pid.to(tl.int64) * rows_per_program
     last = tl.minimum(first + rows_per_program, M)
+    # the next rows' dy and x are loaded (as stored) before this tile's arithmetic: two tiles in flight
+    nxt_dy, nxt_x = _bwd_rows(dy_ptr, x_ptr, first, last, cc, cmask, sdym, sxm, BLOCK_M)
     for r0 in range(first, last, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M)
         rmask = rows < last
         mask = rmask[:, None] & cmask[None, :]
-        dy = tl.load(dy_ptr + rows[:, None] * sdym + cc[None, :], mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + rows[:, None] * sxm + cc[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = nxt_dy.to(tl.float32)
+        x = nxt_x.to(tl.float32)
+        nxt_dy, nxt_x = _bwd_rows(dy_ptr, x_ptr, r0 + BLOCK_M, last, cc, cmask, sdym, sxm, BLOCK_M)
         mean = tl.load(mean_ptr + rows, mask=rmask, other=0.0)
         rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
         xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
@@ -90,9 +106,9 @@ def _ln_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, pdw_ptr, pd
         tl.store(pdb_ptr + pid * C + cc, acc_db, mask=cmask)
 
 
-def _tiles(m: int, c: int):
+def _tiles(m: int, c: int, tile: int = _TILE):
     block_c = next_pow2(c)
-    return max(1, min(_TILE // block_c, next_pow2(m))), block_c
+    return max(1, min(tile // block_c, next_pow2(m))), block_c
 
 
 def ln_fwd(x, residual, weight, bias, y, s, mean, rstd, eps: float) -> None:
@@ -124,7 +140,7 @@ def ln_bwd(dy, x, weight, mean, rstd, dx, dweight, dbias) -> None:
             if t is not None:
                 t.zero_()
         return
-    block_m, block_c = _tiles(m, c)
+    block_m, block_c = _tiles(m, c, _BWD_TILE)
     programs = min(cdiv(m, block_m), _INTERP_PROGRAMS if INTERPRETED else _BWD_PROGRAMS)
     rows_per_program = cdiv(cdiv(m, programs), block_m) * block_m  # whole tiles per program
     programs = cdiv(m, rows_per_program)
