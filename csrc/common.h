@@ -82,6 +82,38 @@ inline float sum_row(const T* v, int64_t n) {
   return hsum((s0 + s1) + (s2 + s3));
 }
 
+// The second pass of a two-pass variance over n contiguous values: the sums of d = v - m and of d^2
+// in fp32 (the tail's unused lanes masked out). sum d, zero up to rounding, is the correction term of
+// the corrected two-pass formula.
+template <typename T>
+inline void deviation_sums(const T* v, int64_t n, float m, float& sum_d, float& sum_d2) {
+  const F8 mv = set1(m);
+  F8 d0 = zero8(), d1 = zero8(), q0 = zero8(), q1 = zero8(), q2 = zero8(), q3 = zero8();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    F8 a = load8(v + i) - mv, b = load8(v + i + 8) - mv, c = load8(v + i + 16) - mv, d = load8(v + i + 24) - mv;
+    d0 = d0 + (a + b);
+    d1 = d1 + (c + d);
+    q0 = fmadd(a, a, q0);
+    q1 = fmadd(b, b, q1);
+    q2 = fmadd(c, c, q2);
+    q3 = fmadd(d, d, q3);
+  }
+  for (; i + 8 <= n; i += 8) {
+    F8 a = load8(v + i) - mv;
+    d0 = d0 + a;
+    q0 = fmadd(a, a, q0);
+  }
+  if (i < n) {  // masked lanes load 0 and would contribute -m: mask them out
+    const int k = static_cast<int>(n - i);
+    F8 a = and_mask(lane_mask(k), load_n(v + i, k) - mv);
+    d1 = d1 + a;
+    q1 = fmadd(a, a, q1);
+  }
+  sum_d = hsum(d0 + d1);
+  sum_d2 = hsum((q0 + q1) + (q2 + q3));
+}
+
 // Converting row load/store (contiguous), vectorised.
 template <typename T>
 inline void load_row(const T* src, float* dst, int64_t n) {

@@ -87,25 +87,8 @@ void stats_rows(const float* x, int64_t ld, int64_t R, int64_t L, const Plan& p,
   for (int64_t r = 0; r < R; ++r) {
     const float* v = x + r * ld;
     float mean = sum_row(v, L) / static_cast<float>(L);
-    F8 m = set1(mean);
-    F8 q0 = zero8(), q1 = zero8(), q2 = zero8(), q3 = zero8();
-    int64_t i = 0;
-    for (; i + 32 <= L; i += 32) {
-      F8 d0 = load8(v + i) - m, d1 = load8(v + i + 8) - m, d2 = load8(v + i + 16) - m, d3 = load8(v + i + 24) - m;
-      q0 = fmadd(d0, d0, q0);
-      q1 = fmadd(d1, d1, q1);
-      q2 = fmadd(d2, d2, q2);
-      q3 = fmadd(d3, d3, q3);
-    }
-    for (; i + 8 <= L; i += 8) {
-      F8 d = load8(v + i) - m;
-      q0 = fmadd(d, d, q0);
-    }
-    float m2 = hsum((q0 + q1) + (q2 + q3));
-    for (; i < L; ++i) {
-      float d = v[i] - mean;
-      m2 += d * d;
-    }
+    float sum_d, m2;  // the row's M2 enters the Welford merge uncorrected: sum_d is not used
+    deviation_sums(v, L, mean, sum_d, m2);
     int64_t c = per_row ? cbase + r : cbase;
     acc[t.n * G + c / Cg].merge(static_cast<double>(L), mean + En[c], m2);
   }

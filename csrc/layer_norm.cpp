@@ -79,31 +79,9 @@ template <typename T>
 inline void row_stats(const T* x, int64_t C, double eps, float& mean_out, float& rstd_out) {
   const float invC = 1.f / static_cast<float>(C);
   const float m = sum_row(x, C) * invC;
-  // pass 2: deviations d = x - m; sum d^2 and (for the correction) sum d
-  const F8 mv = set1(m);
-  F8 d0 = zero8(), d1 = zero8(), q0 = zero8(), q1 = zero8(), q2 = zero8(), q3 = zero8();
-  int64_t i = 0;
-  for (; i + 32 <= C; i += 32) {
-    F8 a = load8(x + i) - mv, b = load8(x + i + 8) - mv, c = load8(x + i + 16) - mv, d = load8(x + i + 24) - mv;
-    d0 = d0 + (a + b);
-    d1 = d1 + (c + d);
-    q0 = fmadd(a, a, q0);
-    q1 = fmadd(b, b, q1);
-    q2 = fmadd(c, c, q2);
-    q3 = fmadd(d, d, q3);
-  }
-  for (; i + 8 <= C; i += 8) {
-    F8 a = load8(x + i) - mv;
-    d0 = d0 + a;
-    q0 = fmadd(a, a, q0);
-  }
-  if (i < C) {  // masked lanes load 0 and would contribute -m: mask them out
-    const int n = static_cast<int>(C - i);
-    F8 a = and_mask(lane_mask(n), load_n(x + i, n) - mv);
-    d1 = d1 + a;
-    q1 = fmadd(a, a, q1);
-  }
-  const double sd = hsum(d0 + d1), sq = hsum((q0 + q1) + (q2 + q3));
+  float sum_d, sum_d2;
+  deviation_sums(x, C, m, sum_d, sum_d2);
+  const double sd = sum_d, sq = sum_d2;
   const double dC = static_cast<double>(C);
   double var = (sq - sd * sd / dC) / dC;
   if (var < 0) var = 0;
