@@ -34,6 +34,15 @@ def same_dtype(**tensors) -> None:
             raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}")
 
 
+def like(name: str, t, ref_name: str, ref: torch.Tensor, *, ndim=None) -> None:
+    """``t`` (e.g. a residual) must be a float tensor with ``ref``'s shape, device and dtype."""
+    tensor(name, t, ndim=ndim)
+    if t.shape != ref.shape:
+        raise ValueError(f"{name} must have {ref_name}'s shape {tuple(ref.shape)}, got {tuple(t.shape)}")
+    same_device(**{ref_name: ref, name: t})
+    same_dtype(**{ref_name: ref, name: t})
+
+
 def channel_vector(name: str, t, channels: int, like: torch.Tensor) -> None:
     """An optional per-channel affine parameter (GroupNorm weight/bias)."""
     if t is None:

@@ -61,11 +61,7 @@ def _check(x, weight, bias, eps, residual):
     if x.dim() < 1 or x.numel() == 0:
         raise ValueError(f"x must be a non-empty tensor normalised over its last dim, got shape {tuple(x.shape)}")
     if residual is not None:
-        checks.tensor("residual", residual)
-        if residual.shape != x.shape:
-            raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
-        checks.same_device(x=x, residual=residual)
-        checks.same_dtype(x=x, residual=residual)
+        checks.like("residual", residual, "x", x)
     c = x.shape[-1]
     checks.channel_vector("weight", weight, c, x)
     checks.channel_vector("bias", bias, c, x)

@@ -92,11 +92,7 @@ def residual_add(x, residual, bias=None):
     in the residual's memory layout: the residual add of a convolution run without its bias (see
     :func:`hbkernels.nn.conv_deferring_bias`), which cuDNN would otherwise add in a pass of its own."""
     checks.tensor("x", x, ndim=(4, 5))
-    checks.tensor("residual", residual, ndim=(4, 5))
-    if x.shape != residual.shape:
-        raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
-    checks.same_device(x=x, residual=residual)
-    checks.same_dtype(x=x, residual=residual)
+    checks.like("residual", residual, "x", x, ndim=(4, 5))
     checks.channel_vector("bias", bias, x.shape[1], x)
     name = backend.select(x.device, x.dtype)
     if name == "torch":
