@@ -2,8 +2,8 @@
 (kernel time) at the U-Net's level-0 shapes, fp16. The fastest setting per shape says which default
 to keep.
 
-- group_norm (+SiLU): the forward's statistics programs, statistics tile, apply order and L2 eviction
-  hints (see hbkernels/triton/group_norm.py). The default setting is also profiled: microseconds per call of
+- group_norm (+SiLU): the forward's statistics programs per SM, statistics tile and apply order (see
+  hbkernels/triton/group_norm.py). The default setting is also profiled: microseconds per call of
   each of its kernels (statistics, finalize, apply), which says which pass to work on next.
 - temporal_attention: warps per program of the forward and of the backward kernel (FWD_WARPS /
   BWD_WARPS in hbkernels/triton/temporal_attention.py: the default rule, or a fixed 1, 2, 4, 8).
@@ -26,17 +26,16 @@ from hbkernels.triton import temporal_attention as ta
 # (label, shape, memory format)
 GN_SHAPES = [(f"vc2 L0 B1 T{t}{' CL' if cl else ''}", (1, 320, t, 40, 64),
               torch.channels_last_3d if cl else torch.contiguous_format) for t in (16, 26) for cl in (False, True)]
-GN_PROGRAMS = (1024, 2048, 4096)
-GN_TILES = (2048, 4096, 8192)
+GN_PROGRAMS_PER_SM = (4, 6, 8, 12, 16)
+GN_TILES = (1024, 2048)
 GN_REVERSED = (False, True)
-GN_L2_HINTS = (True, False)
 # (label, tokens N, frames T, heads, head dim): VideoCrafter2 / Hummingbird level 0 at 320x512, batch 1
 ATTN_SHAPES = [(f"vc2 L0 B1 T{t}", 40 * 64, t, 5, 64) for t in (16, 26)]
 ATTN_WARPS = (None, 1, 2, 4, 8)
 
 
 def sweep_group_norm(report, dev, min_time):
-    defaults = gn._GPU_STATS_PROGRAMS, gn._STATS_TILE, gn.APPLY_REVERSED, gn.L2_HINTS
+    defaults = gn.STATS_PROGRAMS_PER_SM, gn._STATS_TILE, gn.APPLY_REVERSED
     try:
         for label, shape, fmt in GN_SHAPES:
             x = (torch.randn(shape, device=dev, dtype=torch.float16) + 1).contiguous(memory_format=fmt)
@@ -49,10 +48,10 @@ def sweep_group_norm(report, dev, min_time):
             def call():
                 return hbkernels.group_norm(x, 32, w, b, activation="silu")
 
-            for setting in itertools.product(GN_PROGRAMS, GN_TILES, GN_REVERSED, GN_L2_HINTS):
-                gn._GPU_STATS_PROGRAMS, gn._STATS_TILE, gn.APPLY_REVERSED, gn.L2_HINTS = setting
-                programs, tile, rev, hints = setting
-                impl = f"programs={programs} tile={tile}{' reversed' if rev else ''}{'' if hints else ' no-L2-hints'}"
+            for setting in itertools.product(GN_PROGRAMS_PER_SM, GN_TILES, GN_REVERSED):
+                gn.STATS_PROGRAMS_PER_SM, gn._STATS_TILE, gn.APPLY_REVERSED = setting
+                per_sm, tile, rev = setting
+                impl = f"programs/SM={per_sm} tile={tile}{' reversed' if rev else ''}"
                 extra = {}
                 if setting == defaults:
                     impl += " (default)"
@@ -61,7 +60,7 @@ def sweep_group_norm(report, dev, min_time):
                 _add(report, "group_norm_silu", label, impl, common.median_seconds_graphed(call, min_time),
                      bytes_moved, **extra)
     finally:
-        gn._GPU_STATS_PROGRAMS, gn._STATS_TILE, gn.APPLY_REVERSED, gn.L2_HINTS = defaults
+        gn.STATS_PROGRAMS_PER_SM, gn._STATS_TILE, gn.APPLY_REVERSED = defaults
 
 
 def sweep_temporal_attention(report, dev, min_time):

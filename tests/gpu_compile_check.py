@@ -29,6 +29,7 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
 from hbkernels import triton as kernels  # noqa: E402
+from hbkernels.triton import group_norm  # noqa: E402
 
 # name -> (target, shared memory per block the hardware allows, bytes)
 TARGETS = {
@@ -47,7 +48,8 @@ def record_launches() -> list:
         launches.append((self, {**dict(zip(self.arg_names, args)), **kwargs}, options))
 
     JITFunction.run = run
-    attention_cases(), group_norm_cases(), elementwise_cases()
+    group_norm.sm_count = lambda device: 132  # an H100's SMs: launch planning asks the (absent) GPU
+    attention_cases(), group_norm_cases(), elementwise_cases(), unit_size_cases()
     return launches
 
 
@@ -117,6 +119,29 @@ def elementwise_cases():
             kernels.ln_fwd(x, torch.randn_like(x), w, b, torch.empty_like(x), torch.empty_like(x), mean, rstd, 1e-5)
         grads = (torch.empty(c), torch.empty(c)) if affine else (None, None)
         kernels.ln_bwd(torch.randn_like(x), x, w, mean, rstd, torch.empty_like(x), *grads)
+
+
+def unit_size_cases():
+    # sizes and strides of 1, which the JIT turns into constexpr ints (a `.to()` on one fails to compile
+    # only there): the test suites' one-channel, one-row, one-frame, one-pixel shapes
+    x = rand(5, 1, dtype=torch.float16)
+    kernels.ln_fwd(x, x.clone(), *(rand(1, dtype=torch.float16) for _ in range(2)), torch.empty_like(x), torch.empty_like(x),
+                   torch.empty(5), torch.empty(5), 1e-5)
+    kernels.ln_bwd(torch.randn_like(x), x, rand(1, dtype=torch.float16), torch.randn(5), torch.rand(5),
+                   torch.empty_like(x), torch.empty(1), torch.empty(1))
+    x = rand(1, 32, 1, 1, 1, dtype=torch.float16)
+    affine = rand(32, dtype=torch.float16), rand(32, dtype=torch.float16)
+    mean, rstd = torch.randn(1, 32), torch.rand(1, 32)
+    kernels.gn_fwd(x.flatten(3), *affine, None, torch.empty_like(x).flatten(3), mean, rstd, 32, 1e-5, True)
+    kernels.gn_bwd(torch.randn_like(x).flatten(3), x.flatten(3), *affine, None, mean, rstd,
+                   torch.empty_like(x).flatten(3), torch.empty(32), torch.empty(32), 32, True)
+    q, k, v, do = (rand(1, 1, 1, 8, dtype=torch.float16) for _ in range(4))
+    out, stats = torch.empty_like(q), torch.empty(1, 1, 1, kernels.ATTN_ROW_STATS)
+    kernels.attn_fwd(q, k, v, out, stats, 0.1, False)
+    kernels.attn_bwd(do, q, k, v, out, stats, *(torch.empty_like(q) for _ in range(3)), 0.1, False)
+    src = rand(1, 1, 1, 1, dtype=torch.float16)
+    kernels.copy_add(src, src.clone(), torch.randn(1), torch.empty_like(src))
+    kernels.geglu_fwd(rand(1, 2, dtype=torch.float16), torch.empty(1, 1, dtype=torch.float16))
 
 
 def specialize(fn, args, options, target):

@@ -93,11 +93,11 @@ def test_temporal_attention_warps(monkeypatch, backend_name, warps, t):
 def test_temporal_attention_warp_rules():
     from hbkernels.triton import temporal_attention as ta
 
-    # (T, D) -> warps. Forward: one per 16 query rows (T = 16 / 26 / 64 at D = 64: 1 / 2 / 4), more for
-    # wide heads' accumulators. Backward: one per 16 rows and per 512 accumulator elements.
+    # (T, D) -> warps: one per 2048 (forward) / 1024 (backward; 512 past D = 64) accumulator elements of
+    # the (BLOCK_M, BLOCK_D) tile; tiles (16, 64), (32, 64), (64, 64), (16, 256), (64 / 32, 128).
     shapes = [(16, 64), (26, 64), (64, 64), (16, 160), (77, 80)]
-    assert [ta._config(t, d, 2, bwd=False)[2]["num_warps"] for t, d in shapes] == [1, 2, 4, 4, 8]
-    assert [ta._config(t, d, 2, bwd=True)[2]["num_warps"] for t, d in shapes] == [2, 4, 8, 8, 8]
+    assert [ta._config(t, d, 2, bwd=False)[2]["num_warps"] for t, d in shapes] == [1, 1, 2, 2, 4]
+    assert [ta._config(t, d, 2, bwd=True)[2]["num_warps"] for t, d in shapes] == [1, 2, 4, 8, 8]
 
 
 @pytest.mark.skipif(not ON_GPU, reason="65,536 heads need a GPU")

@@ -28,42 +28,31 @@ import torch
 import triton
 import triton.language as tl
 
-from hbkernels.triton.layout import INTERPRETED, cdiv, merge_ts, next_pow2, strides4, tile_shape, warps_for
+from hbkernels.triton.layout import INTERPRETED, cdiv, merge_ts, next_pow2, sm_count, strides4, tile_shape, warps_for
 
-# Forward launch tuning, timed against each other on a GPU by `python -m bench.sweep`: statistics
-# programs over the whole tensor (enough resident programs to keep an H100's loads in flight),
-# elements per statistics tile, and whether the apply pass walks the tiles in the reverse of the
-# statistics pass's order, so that it starts on the tiles most recently read, which are still in L2
-# (in the same order, a tensor larger than L2 meets none of its tiles there).
-# Statistics tile (also the backward's partial sums, the same chunk-walking loop): 2048 elements (4
-# warps) rather than 4096 (8 warps), from sm_90 register counts
-# (tests/gpu_compile_check.py) at the U-Net's level-0 shapes: 80 / 101 registers (NCHW / channels-last)
-# against 98 / 100 leave 6 / 4 programs of 128 threads resident per SM instead of 2 of 256, i.e. 48 / 32
-# KiB of loads in flight per SM instead of 32 / 32; not yet timed on a GPU.
-_GPU_STATS_PROGRAMS = 2048
+# Forward launch tuning, timed against each other on an H100 by `python -m bench.sweep`
+# (bench/results/sweep-*.md). Statistics programs per SM: the pass is bound by loads in flight, so it
+# wants every SM full, in whole waves. Elements per statistics tile (also the backward's partial sums,
+# the same chunk-walking loop): 2048 (4 warps) beat 4096 and 8192 at every level-0 shape (sm_90: 80 /
+# 101 registers, 6 / 4 programs resident per SM). The apply pass walks the tiles in the reverse of the
+# statistics pass's order, so it starts on the tiles read last, which are still in L2: 1-6% faster.
+# L2 eviction hints (evict-last on the first read, evict-first on the last) lost 5-15% at every setting.
+STATS_PROGRAMS_PER_SM = 8
 _STATS_TILE = 2048
-APPLY_REVERSED = False
-# L2 eviction priorities (PTX cache hints; other targets ignore them): the first pass over x (dy and x in
-# the backward) loads it evict-last and the second, its last use, evict-first, so that y written in
-# between evicts other lines before the ones the second pass is about to read.
-L2_HINTS = True
+APPLY_REVERSED = True
 _INTERP_CHUNKS = 3  # a few programs per (n, channel block) under TRITON_INTERPRET (still exercises merging)
 _FINAL_BLOCK = 4096  # partials per finalize block: the U-Net's groups need one (up to 3200 of them)
 
 
-def _chunking(n: int, n_cb: int, n_tiles: int):
+def _chunking(n: int, n_cb: int, n_tiles: int, device: torch.device):
     """(tiles per chunk, chunks) for the reductions over the n_tiles tiles of one (n, channel block)."""
     if INTERPRETED:
         want = _INTERP_CHUNKS
     else:
-        want = cdiv(_GPU_STATS_PROGRAMS, n * n_cb)
+        want = cdiv(STATS_PROGRAMS_PER_SM * sm_count(device), n * n_cb)
     want = max(1, min(want, n_tiles))
     per = cdiv(n_tiles, want)
     return per, cdiv(n_tiles, per)
-
-
-def _policy(hint: str) -> str:
-    return hint if L2_HINTS else ""
 
 
 def _vec_or_dummy(v, like):
@@ -127,8 +116,7 @@ def _chunk_program(C, n_chunks, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _chunk_tile(base, i, last, cc, cmask, ar, S, n_sb, sc, st, ss, EVEN_S: tl.constexpr, BLOCK_S: tl.constexpr,
-                POLICY: tl.constexpr):
+def _chunk_tile(base, i, last, cc, cmask, ar, S, n_sb, sc, st, ss, EVEN_S: tl.constexpr, BLOCK_S: tl.constexpr):
     """Tile i of one (n, channel block) of a chunk-walking reduction, as stored (not upcast: half the
     registers in fp16, for a tile loaded one iteration ahead); zeros past last and past S."""
     t, s0 = _tile_origin(i, n_sb, BLOCK_S)
@@ -137,8 +125,7 @@ def _chunk_tile(base, i, last, cc, cmask, ar, S, n_sb, sc, st, ss, EVEN_S: tl.co
     if not EVEN_S:
         live = live & (s < S)
     mask = cmask[:, None] & live[None, :]
-    return tl.load(base + t.to(tl.int64) * st + cc[:, None] * sc + s[None, :] * ss, mask=mask, other=0.0,
-                   eviction_policy=POLICY)
+    return tl.load(base + t.to(tl.int64) * st + cc[:, None] * sc + s[None, :] * ss, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -146,7 +133,7 @@ def _gn_stats_kernel(
     x_ptr, pmean_ptr, pm2_ptr,
     C, T, S, n_sb, n_tiles, tiles_per_chunk, n_chunks,
     sxn, sxc, sxt, sxs,
-    EVEN_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, KEEP: tl.constexpr,
+    EVEN_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     n, chunk, cc, cmask = _chunk_program(C, n_chunks, BLOCK_C)
     first = chunk * tiles_per_chunk
@@ -163,10 +150,10 @@ def _gn_stats_kernel(
     cnt = tl.zeros([BLOCK_S], dtype=tl.float32)  # elements seen per S lane (the same for every channel)
     mean = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
-    nxt = _chunk_tile(x_n, first, last, cc, cmask, ar, S, n_sb, sxc, sxt, sxs, EVEN_S, BLOCK_S, KEEP)
+    nxt = _chunk_tile(x_n, first, last, cc, cmask, ar, S, n_sb, sxc, sxt, sxs, EVEN_S, BLOCK_S)
     for i in range(first, last):
         x = nxt.to(tl.float32)
-        nxt = _chunk_tile(x_n, i + 1, last, cc, cmask, ar, S, n_sb, sxc, sxt, sxs, EVEN_S, BLOCK_S, KEEP)
+        nxt = _chunk_tile(x_n, i + 1, last, cc, cmask, ar, S, n_sb, sxc, sxt, sxs, EVEN_S, BLOCK_S)
         if EVEN_S:
             delta = x - mean
             mean += delta * tl.div_rn(1.0, (i - first + 1).to(tl.float32))
@@ -244,7 +231,7 @@ def _gn_apply_kernel(
     C, T, S, n_sb, cpg, sw, sb_, smn, smg, srn, srg,
     sxn, sxc, sxt, sxs, syn, syc, syt, sys,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, PRECISE: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, REVERSE: tl.constexpr, LAST_USE: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, REVERSE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cb = tl.program_id(1)
@@ -269,7 +256,7 @@ def _gn_apply_kernel(
     t64 = t.to(tl.int64)
     mask = cmask[:, None] & (ss < S)[None, :]
     x = tl.load(x_ptr + (n64 * sxn + t64 * sxt) + cc[:, None] * sxc + ss[None, :] * sxs,
-                mask=mask, other=0.0, eviction_policy=LAST_USE).to(tl.float32)
+                mask=mask, other=0.0).to(tl.float32)
     y = (x - mu[:, None]) * a[:, None]
     if HAS_B:
         y += b[:, None]
@@ -285,7 +272,7 @@ def _gn_bwd_partials_kernel(
     C, T, S, n_sb, n_tiles, tiles_per_chunk, n_chunks, cpg, sw, sb_, smn, smg, srn, srg,
     sdn, sdc, sdt, sds, sxn, sxc, sxt, sxs,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, PRECISE: tl.constexpr,
-    EVEN_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, KEEP: tl.constexpr,
+    EVEN_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     n, chunk, cc, cmask = _chunk_program(C, n_chunks, BLOCK_C)
     g = cc // cpg
@@ -306,13 +293,13 @@ def _gn_bwd_partials_kernel(
     first = chunk * tiles_per_chunk
     last = tl.minimum(first + tiles_per_chunk, n_tiles)
     # as in the statistics pass: the next tiles of dy and x are loaded before this one's arithmetic
-    nxt_dy = _chunk_tile(dy_n, first, last, cc, cmask, ar, S, n_sb, sdc, sdt, sds, EVEN_S, BLOCK_S, KEEP)
-    nxt_x = _chunk_tile(x_n, first, last, cc, cmask, ar, S, n_sb, sxc, sxt, sxs, EVEN_S, BLOCK_S, KEEP)
+    nxt_dy = _chunk_tile(dy_n, first, last, cc, cmask, ar, S, n_sb, sdc, sdt, sds, EVEN_S, BLOCK_S)
+    nxt_x = _chunk_tile(x_n, first, last, cc, cmask, ar, S, n_sb, sxc, sxt, sxs, EVEN_S, BLOCK_S)
     for i in range(first, last):
         dz = nxt_dy.to(tl.float32)
         x = nxt_x.to(tl.float32)
-        nxt_dy = _chunk_tile(dy_n, i + 1, last, cc, cmask, ar, S, n_sb, sdc, sdt, sds, EVEN_S, BLOCK_S, KEEP)
-        nxt_x = _chunk_tile(x_n, i + 1, last, cc, cmask, ar, S, n_sb, sxc, sxt, sxs, EVEN_S, BLOCK_S, KEEP)
+        nxt_dy = _chunk_tile(dy_n, i + 1, last, cc, cmask, ar, S, n_sb, sdc, sdt, sds, EVEN_S, BLOCK_S)
+        nxt_x = _chunk_tile(x_n, i + 1, last, cc, cmask, ar, S, n_sb, sxc, sxt, sxs, EVEN_S, BLOCK_S)
         xhat = (x - mu) * r
         if SILU:
             z = xhat
@@ -363,7 +350,7 @@ def _gn_bwd_apply_kernel(
     C, T, S, n_sb, G, cpg, sw, sb_, smn, smg, srn, srg,
     sdn, sdc, sdt, sds, sxn, sxc, sxt, sxs, son, soc, sot, sos,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, PRECISE: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, LAST_USE: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     pid = tl.program_id(0)
     tiles_per_n = T * n_sb
@@ -385,9 +372,9 @@ def _gn_bwd_apply_kernel(
     n64 = n.to(tl.int64)
     t64 = t.to(tl.int64)
     dz = tl.load(dy_ptr + (n64 * sdn + t64 * sdt) + cc[:, None] * sdc + ss[None, :] * sds,
-                 mask=mask, other=0.0, eviction_policy=LAST_USE).to(tl.float32)
+                 mask=mask, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + (n64 * sxn + t64 * sxt) + cc[:, None] * sxc + ss[None, :] * sxs,
-                mask=mask, other=0.0, eviction_policy=LAST_USE).to(tl.float32)
+                mask=mask, other=0.0).to(tl.float32)
     xhat = (x - mu) * r
     if SILU:
         z = xhat
@@ -428,13 +415,13 @@ def gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: float, s
     bc3, bs3 = tile_shape(c, s3, (xs3,), _STATS_TILE)
     n_sb3 = cdiv(s3, bs3)
     n_cb3 = cdiv(c, bc3)
-    per, n_chunks = _chunking(n, n_cb3, t3 * n_sb3)
+    per, n_chunks = _chunking(n, n_cb3, t3 * n_sb3, dev)
     pmean = torch.empty((n, c, n_chunks), dtype=torch.float32, device=dev)
     pm2 = torch.empty((n, c, n_chunks), dtype=torch.float32, device=dev)
     _gn_stats_kernel[(n * n_chunks, n_cb3)](
         x, pmean, pm2,
         c, t3, s3, n_sb3, t3 * n_sb3, per, n_chunks, *xs3,
-        EVEN_S=s3 % bs3 == 0, BLOCK_C=bc3, BLOCK_S=bs3, KEEP=_policy("evict_last"), num_warps=warps_for(bc3 * bs3),
+        EVEN_S=s3 % bs3 == 0, BLOCK_C=bc3, BLOCK_S=bs3, num_warps=warps_for(bc3 * bs3),
     )
 
     # 2. per-group mean and rstd
@@ -454,7 +441,7 @@ def gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: float, s
         c, t2, s2, n_sb, cpg, sw, sb_, *ms, *xs, *ys,
         HAS_W=weight is not None, HAS_B=bias is not None, HAS_SHIFT=shift is not None, SILU=bool(silu),
         PRECISE=x.dtype == torch.float32,
-        BLOCK_C=block_c, BLOCK_S=block_s, REVERSE=APPLY_REVERSED, LAST_USE=_policy("evict_first"),
+        BLOCK_C=block_c, BLOCK_S=block_s, REVERSE=APPLY_REVERSED,
         num_warps=warps_for(block_c * block_s),
     )
 
@@ -477,14 +464,14 @@ def gn_bwd(dy, x, weight, bias, shift, mean, rstd, dx, dweight, dbias, num_group
     bc2, bs2 = tile_shape(c, s2, (ds2, xs2), _STATS_TILE)
     n_sb2 = cdiv(s2, bs2)
     n_cb2 = cdiv(c, bc2)
-    per, n_chunks = _chunking(n, n_cb2, t2 * n_sb2)
+    per, n_chunks = _chunking(n, n_cb2, t2 * n_sb2, dev)
     pa = torch.empty((n, c, n_chunks), dtype=torch.float32, device=dev)
     pb = torch.empty((n, c, n_chunks), dtype=torch.float32, device=dev)
     _gn_bwd_partials_kernel[(n * n_chunks, n_cb2)](
         dy, x, w, b, sh, mean, rstd, pa, pb,
         c, t2, s2, n_sb2, t2 * n_sb2, per, n_chunks, cpg, sw, sb_, *ms, *ds2, *xs2,
         HAS_W=has_w, HAS_B=has_b, HAS_SHIFT=has_sh, SILU=silu, PRECISE=precise,
-        EVEN_S=s2 % bs2 == 0, BLOCK_C=bc2, BLOCK_S=bs2, KEEP=_policy("evict_last"), num_warps=warps_for(bc2 * bs2),
+        EVEN_S=s2 % bs2 == 0, BLOCK_C=bc2, BLOCK_S=bs2, num_warps=warps_for(bc2 * bs2),
     )
 
     # 2. per-group coefficients
@@ -503,7 +490,7 @@ def gn_bwd(dy, x, weight, bias, shift, mean, rstd, dx, dweight, dbias, num_group
         dy, x, w, b, sh, mean, rstd, coef, dx,
         c, t3, s3, n_sb3, num_groups, cpg, sw, sb_, *ms, *ds3, *xs3, *os3,
         HAS_W=has_w, HAS_B=has_b, HAS_SHIFT=has_sh, SILU=silu, PRECISE=precise,
-        BLOCK_C=bc3, BLOCK_S=bs3, LAST_USE=_policy("evict_first"), num_warps=warps_for(bc3 * bs3),
+        BLOCK_C=bc3, BLOCK_S=bs3, num_warps=warps_for(bc3 * bs3),
     )
 
     # dweight = sum dz * xhat, dbias = sum dz over n and the (t, s) plane: tiny (N, C, chunks) reductions

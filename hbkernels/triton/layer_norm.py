@@ -41,7 +41,7 @@ def _ln_fwd_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, s_ptr, mean_ptr, rstd_ptr,
         s = (x + r).to(s_ptr.dtype.element_ty)
         tl.store(s_ptr + rows[:, None] * ssm + cc[None, :], s, mask=mask)
         x = s.to(tl.float32)
-    cf = C.to(tl.float32)
+    cf = tl.cast(C, tl.float32)  # C == 1 arrives as a constexpr int (JIT specialisation)
     mean = tl.div_rn(tl.sum(x, axis=1), cf)
     d = tl.where(mask, x - mean[:, None], 0.0)
     rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(tl.sum(d * d, axis=1), cf) + eps))
@@ -71,7 +71,7 @@ def _ln_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, pdw_ptr, pd
     pid = tl.program_id(0)
     cc = tl.arange(0, BLOCK_C)
     cmask = cc < C
-    cf = C.to(tl.float32)
+    cf = tl.cast(C, tl.float32)  # C == 1 arrives as a constexpr int (JIT specialisation)
     if HAS_W:
         w = tl.load(w_ptr + cc, mask=cmask, other=0.0).to(tl.float32)
     acc_dw = tl.zeros([BLOCK_C], dtype=tl.float32)

@@ -51,6 +51,12 @@ def merge_ts(strides, t: int, s: int):
     return t, s, tuple(strides)
 
 
+@functools.lru_cache(maxsize=None)
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors (compute units on ROCm) of a GPU: grids sized in whole waves."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 @functools.lru_cache(maxsize=4096)
 def pick_block(n: int, hi: int, lo: int = 16) -> int:
     """A power-of-two block in [lo, hi] for an axis of length n: the largest that wastes at most

@@ -202,14 +202,12 @@ def _config(t: int, d: int, elem_size: int, bwd: bool):
     memory, no register spills in fp16/bf16, a few hundred bytes at worst in fp32).
 
     fp16/bf16: BLOCK_M = BLOCK_N = min(64, next_pow2(T)) (>= 16 for tl.dot), halved while a tile has
-    more than 8192 (fwd) / 4096 (bwd: five dots, two accumulators) elements. The forward gives each
-    warp 16 query rows (one m16 MMA tile: a softmax row's max and sum stay within its warp), adding warps
-    only to keep the accumulator at 32 fp32 per thread. At T = 16, D = 64 that is 1 warp, not 4: no
-    shared-memory round trips for the row reductions (9 barriers, not 19), and at 82 registers 23
-    programs fit an sm_90 SM (138 KiB of loads in flight) where 9 did (54 KiB). The backward holds
-    two accumulators and five dots' operands: a warp per 16 rows and per 512 accumulator elements
-    (T16 D64: 2 warps, 7-8 programs per SM; T26: 4 warps, 2; one warp more per program halves them,
-    and one fewer spills).
+    more than 8192 (fwd) / 4096 (bwd: five dots, two accumulators) elements. Warps: one per 2048
+    accumulator elements in the forward (64 fp32 per thread), one per 1024 in the backward (two
+    accumulators and five dots' operands; per 512 for heads wider than 64, which spill otherwise). Timed on an H100 at D = 64 (bench/results/sweep-*.md), where
+    this is 1 / 1 warps at T = 16 and 1 / 2 at T = 26: 62 us against 67 (2 warps) forward, 128 us
+    against 193 (4 warps) backward at T = 26; no other count was faster at T = 16. Fewer warps keep a
+    softmax row's max and sum within a warp (no shared-memory round trips) and fit more programs per SM.
     fp32 runs its "ieee" dots on FMA units, whose operands take many more registers: 16-row tiles
     without pipelining."""
     block_d = max(16, next_pow2(d))
@@ -219,9 +217,9 @@ def _config(t: int, d: int, elem_size: int, bwd: bool):
     while block > 16 and block * block_d > (4096 if bwd else 8192):
         block //= 2
     if bwd:
-        num_warps = BWD_WARPS or min(8, max(block // 16, block * block_d // 512))
+        num_warps = BWD_WARPS or min(8, max(1, block * block_d // (1024 if block_d <= 64 else 512)))
     else:
-        num_warps = FWD_WARPS or min(8, max(block // 16, block * block_d // 1024))
+        num_warps = FWD_WARPS or min(8, max(1, block * block_d // 2048))
     return block, block_d, dict(num_warps=num_warps, num_stages=2)
 
 
