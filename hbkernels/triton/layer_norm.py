@@ -90,8 +90,9 @@ def _ln_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, pdw_ptr, pd
         mean = tl.load(mean_ptr + rows, mask=rmask, other=0.0)
         rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
         xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-        if HAS_W:
-            g = dy * w[None, :]
+        if HAS_W:  # the select keeps dy * w rounded: a GPU would fuse it into an FMA with "- c1" below,
+            # which leaves dx the product's rounding error (times rstd) where it should cancel to 0 (C = 1)
+            g = tl.where(mask, dy * w[None, :], 0.0)
         else:
             g = dy
         c1 = tl.div_rn(tl.sum(g, axis=1), cf)
