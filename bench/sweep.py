@@ -5,12 +5,10 @@ to keep.
 - group_norm (+SiLU): the forward's statistics programs per SM, statistics tile and apply order (see
   hbkernels/triton/group_norm.py). The default setting is also profiled: microseconds per call of
   each of its kernels (statistics, finalize, apply), which says which pass to work on next.
-- group_norm_slices: the forward in group-aligned channel slices of at most L2_SLICE_BYTES each (so the
-  apply pass re-reads x from L2), against one slice.
 - temporal_attention: warps per program of the forward and of the backward kernel (FWD_WARPS /
   BWD_WARPS in hbkernels/triton/temporal_attention.py: the default rule, or a fixed 1, 2, 4, 8).
 
-    python -m bench.sweep [--quick] [--op group_norm|group_norm_slices|temporal_attention] [--out bench/results]
+    python -m bench.sweep [--quick] [--op group_norm|temporal_attention] [--out bench/results]
 """
 import argparse
 import itertools
@@ -31,7 +29,6 @@ GN_SHAPES = [(f"vc2 L0 B1 T{t}{' CL' if cl else ''}", (1, 320, t, 40, 64),
 GN_PROGRAMS_PER_SM = (4, 6, 8, 12, 16)
 GN_TILES = (1024, 2048)
 GN_REVERSED = (False, True)
-GN_SLICE_MIB = (None, 24, 16, 12, 8, 6, 4)
 # (label, tokens N, frames T, heads, head dim): VideoCrafter2 / Hummingbird level 0 at 320x512, batch 1
 ATTN_SHAPES = [(f"vc2 L0 B1 T{t}", 40 * 64, t, 5, 64) for t in (16, 26)]
 ATTN_WARPS = (None, 1, 2, 4, 8)
@@ -64,23 +61,6 @@ def sweep_group_norm(report, dev, min_time):
                      bytes_moved, **extra)
     finally:
         gn.STATS_PROGRAMS_PER_SM, gn._STATS_TILE, gn.APPLY_REVERSED = defaults
-
-
-def sweep_group_norm_slices(report, dev, min_time):
-    default = gn.L2_SLICE_BYTES
-    try:
-        for label, shape, fmt in GN_SHAPES:
-            x = (torch.randn(shape, device=dev, dtype=torch.float16) + 1).contiguous(memory_format=fmt)
-            w, b = (torch.randn(shape[1], device=dev, dtype=torch.float16) for _ in range(2))
-            for mib in GN_SLICE_MIB:
-                gn.L2_SLICE_BYTES = None if mib is None else mib << 20
-                impl = "one slice" if mib is None else f"slices of <= {mib} MiB"
-                seconds = common.median_seconds_graphed(
-                    lambda: hbkernels.group_norm(x, 32, w, b, activation="silu"), min_time)
-                _add(report, "group_norm_silu", label, impl + (" (default)" if gn.L2_SLICE_BYTES == default else ""),
-                     seconds, 2 * x.numel() * 2)
-    finally:
-        gn.L2_SLICE_BYTES = default
 
 
 def sweep_temporal_attention(report, dev, min_time):
@@ -120,8 +100,7 @@ def _add(report, suite, case, impl, seconds, bytes_moved, **extra):
           f"{' | ' + str(extra) if extra else ''}", flush=True)
 
 
-SWEEPS = {"group_norm": sweep_group_norm, "group_norm_slices": sweep_group_norm_slices,
-          "temporal_attention": sweep_temporal_attention}
+SWEEPS = {"group_norm": sweep_group_norm, "temporal_attention": sweep_temporal_attention}
 
 
 def main(argv=None):

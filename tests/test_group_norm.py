@@ -130,25 +130,6 @@ def test_group_norm_launch_tuning(monkeypatch, backend_name, layout, reversed_ap
 
 @pytest.mark.parametrize("backend_name", [p for p in KERNEL_BACKENDS if p.values[0] == "triton"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("slice_bytes", [1000, 1])  # 3 group-aligned slices of (2, 2, 1) groups; one per group
-def test_group_norm_l2_slices(monkeypatch, backend_name, layout, slice_bytes):
-    """The forward in channel slices of whole groups (L2_SLICE_BYTES) equals the one-slice forward,
-    with weight, bias, SiLU and the per-sample shift each sliced along."""
-    from hbkernels.triton import group_norm as gn
-
-    monkeypatch.setattr(gn, "L2_SLICE_BYTES", slice_bytes)
-    x = rand(2, 30, 3, 2, 2, dtype=torch.float64, mean=3.0, requires_grad=True)  # 2880 bytes in fp32
-    w, b = rand(30, dtype=torch.float64, mean=1.0, requires_grad=True), rand(30, dtype=torch.float64, requires_grad=True)
-    shift = rand(2, 30, dtype=torch.float64, requires_grad=True)
-
-    def fn(x, w, b, shift):
-        return hbkernels.group_norm(to_layout(x, layout), 5, w, b, activation="silu", shift=shift)
-
-    check_against_float64(fn, [x, w, b, shift], backend_name, torch.float32)
-
-
-@pytest.mark.parametrize("backend_name", [p for p in KERNEL_BACKENDS if p.values[0] == "triton"])
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("shape", [(1, 16, 8, 4, 8), (2, 16, 7, 5, 7)], ids=["even_s", "ragged_s"])
 def test_group_norm_statistics_walk_many_tiles(monkeypatch, backend_name, layout, shape):
     """Small statistics tiles: each program walks several (prefetched) tiles, with every lane counting

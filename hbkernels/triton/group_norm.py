@@ -40,10 +40,6 @@ from hbkernels.triton.layout import INTERPRETED, cdiv, merge_ts, next_pow2, sm_c
 STATS_PROGRAMS_PER_SM = 8
 _STATS_TILE = 2048
 APPLY_REVERSED = True
-# Tensors larger than this run as group-aligned channel slices, three launches each, so that each
-# slice's x is still in L2 when its apply pass reads it again (DRAM traffic x + y instead of 2x + y);
-# None: one slice. Being timed (bench.sweep).
-L2_SLICE_BYTES = None
 _INTERP_CHUNKS = 3  # a few programs per (n, channel block) under TRITON_INTERPRET (still exercises merging)
 _FINAL_BLOCK = 4096  # partials per finalize block: the U-Net's groups need one (up to 3200 of them)
 
@@ -406,22 +402,6 @@ def gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: float, s
     """y = GroupNorm(x + shift) (then SiLU); x, y: (N, C, T, S) views with any strides; shift: None or
     contiguous fp32 (N, C); mean/rstd: (N, G) fp32."""
     _check_views(x, y)
-    n, c, t, s = x.shape
-    slices = 1 if L2_SLICE_BYTES is None else cdiv(x.numel() * x.element_size(), L2_SLICE_BYTES)
-    if slices <= 1:
-        return _gn_fwd_launch(x, weight, bias, shift, y, mean, rstd, num_groups, eps, silu)
-    # group-aligned channel slices, each small enough that the apply pass finds its x still in L2
-    cpg = c // num_groups
-    gps = cdiv(num_groups, min(slices, num_groups))
-    for g0 in range(0, num_groups, gps):
-        g1 = min(g0 + gps, num_groups)
-        cs = slice(g0 * cpg, g1 * cpg)
-        _gn_fwd_launch(x[:, cs], None if weight is None else weight[cs], None if bias is None else bias[cs],
-                       None if shift is None else shift[:, cs].contiguous(), y[:, cs], mean[:, g0:g1],
-                       rstd[:, g0:g1], g1 - g0, eps, silu)
-
-
-def _gn_fwd_launch(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: float, silu: bool) -> None:
     n, c, t, s = x.shape
     cpg = c // num_groups
     w, sw = _vec_or_dummy(weight, mean)
