@@ -2,9 +2,11 @@
 (kernel time) at the U-Net's level-0 shapes, fp16. The fastest setting per shape says which default
 to keep.
 
-- group_norm (+SiLU): the forward's statistics programs per SM, statistics tile and apply order (see
-  hbkernels/triton/group_norm.py). The default setting is also profiled: microseconds per call of
-  each of its kernels (statistics, finalize, apply), which says which pass to work on next.
+- group_norm (+SiLU): the forward's statistics programs per SM, statistics tile, pipeline stages of
+  the statistics loop, and (at the default) the apply order (see hbkernels/triton/group_norm.py). The
+  default setting is also profiled: microseconds per call of each of its kernels (statistics,
+  finalize, apply), which says which pass to work on next. The backward's partial-sums pass shares
+  the statistics loop's stages: the whole backward is timed per stage count.
 - temporal_attention: warps per program of the forward and of the backward kernel (FWD_WARPS /
   BWD_WARPS in hbkernels/triton/temporal_attention.py: the default rule, or a fixed 1, 2, 4, 8).
 
@@ -26,16 +28,18 @@ from hbkernels.triton import temporal_attention as ta
 # (label, shape, memory format)
 GN_SHAPES = [(f"vc2 L0 B1 T{t}{' CL' if cl else ''}", (1, 320, t, 40, 64),
               torch.channels_last_3d if cl else torch.contiguous_format) for t in (16, 26) for cl in (False, True)]
-GN_PROGRAMS_PER_SM = (4, 6, 8, 12, 16)
+GN_PROGRAMS_PER_SM = (6, 8, 12)
 GN_TILES = (1024, 2048)
-GN_REVERSED = (False, True)
+GN_STAGES = (2, 3, 4, 5)
 # (label, tokens N, frames T, heads, head dim): VideoCrafter2 / Hummingbird level 0 at 320x512, batch 1
 ATTN_SHAPES = [(f"vc2 L0 B1 T{t}", 40 * 64, t, 5, 64) for t in (16, 26)]
 ATTN_WARPS = (None, 1, 2, 4, 8)
 
 
 def sweep_group_norm(report, dev, min_time):
-    defaults = gn.STATS_PROGRAMS_PER_SM, gn._STATS_TILE, gn.APPLY_REVERSED
+    from hbkernels import triton as kernels
+
+    defaults = gn.STATS_PROGRAMS_PER_SM, gn._STATS_TILE, gn.STATS_STAGES, gn.APPLY_REVERSED
     try:
         for label, shape, fmt in GN_SHAPES:
             x = (torch.randn(shape, device=dev, dtype=torch.float16) + 1).contiguous(memory_format=fmt)
@@ -48,10 +52,11 @@ def sweep_group_norm(report, dev, min_time):
             def call():
                 return hbkernels.group_norm(x, 32, w, b, activation="silu")
 
-            for setting in itertools.product(GN_PROGRAMS_PER_SM, GN_TILES, GN_REVERSED):
-                gn.STATS_PROGRAMS_PER_SM, gn._STATS_TILE, gn.APPLY_REVERSED = setting
-                per_sm, tile, rev = setting
-                impl = f"programs/SM={per_sm} tile={tile}{' reversed' if rev else ''}"
+            settings = [(*grid, defaults[3]) for grid in itertools.product(GN_PROGRAMS_PER_SM, GN_TILES, GN_STAGES)]
+            for setting in settings + [(*defaults[:3], not defaults[3])]:
+                gn.STATS_PROGRAMS_PER_SM, gn._STATS_TILE, gn.STATS_STAGES, gn.APPLY_REVERSED = setting
+                per_sm, tile, stages, rev = setting
+                impl = f"programs/SM={per_sm} tile={tile} stages={stages}{' reversed' if rev else ''}"
                 extra = {}
                 if setting == defaults:
                     impl += " (default)"
@@ -59,8 +64,21 @@ def sweep_group_norm(report, dev, min_time):
                     extra["kernel_us"] = {name: round(ms * 1e3, 2) for name, ms in top}
                 _add(report, "group_norm_silu", label, impl, common.median_seconds_graphed(call, min_time),
                      bytes_moved, **extra)
+            gn.STATS_PROGRAMS_PER_SM, gn._STATS_TILE, gn.STATS_STAGES, gn.APPLY_REVERSED = defaults
+
+            # the backward's kernels alone (partial sums, finalize, dx): reads dy and x twice, writes dx
+            x4, dy4, dx4 = x.flatten(3), torch.randn_like(x).flatten(3), torch.empty_like(x).flatten(3)
+            mean, rstd = torch.randn(1, 32, device=dev), torch.rand(1, 32, device=dev) + 0.5
+            dw, db = (torch.empty(shape[1], device=dev) for _ in range(2))
+            for stages in GN_STAGES:
+                gn.STATS_STAGES = stages
+                seconds = common.median_seconds_graphed(
+                    lambda: kernels.gn_bwd(dy4, x4, w, b, None, mean, rstd, dx4, dw, db, 32, True), min_time)
+                _add(report, "group_norm_silu_backward", label,
+                     f"stages={stages}{' (default)' if stages == defaults[2] else ''}", seconds, 3 * x.numel() * 2)
+            gn.STATS_STAGES = defaults[2]
     finally:
-        gn.STATS_PROGRAMS_PER_SM, gn._STATS_TILE, gn.APPLY_REVERSED = defaults
+        gn.STATS_PROGRAMS_PER_SM, gn._STATS_TILE, gn.STATS_STAGES, gn.APPLY_REVERSED = defaults
 
 
 def sweep_temporal_attention(report, dev, min_time):

@@ -40,6 +40,11 @@ from hbkernels.triton.layout import INTERPRETED, cdiv, merge_ts, next_pow2, sm_c
 STATS_PROGRAMS_PER_SM = 8
 _STATS_TILE = 2048
 APPLY_REVERSED = True
+# Pipeline stages of the statistics loop (and the backward's partial sums): tiles in flight per program
+# = STATS_STAGES - 1, in shared memory (4 KiB each at the fp16 2048-element tile). Chosen from sm_90
+# code, not yet timed: 4 keeps 3 tiles ahead at 64 registers (8 programs per SM, 96 KiB in flight per
+# SM) where the tile-ahead-in-registers loop timed above held 1 (48 / 32 KiB per SM).
+STATS_STAGES = 4
 _INTERP_CHUNKS = 3  # a few programs per (n, channel block) under TRITON_INTERPRET (still exercises merging)
 _FINAL_BLOCK = 4096  # partials per finalize block: the U-Net's groups need one (up to 3200 of them)
 
@@ -116,16 +121,16 @@ def _chunk_program(C, n_chunks, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _chunk_tile(base, i, last, cc, cmask, ar, S, n_sb, sc, st, ss, EVEN_S: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Tile i of one (n, channel block) of a chunk-walking reduction, as stored (not upcast: half the
-    registers in fp16, for a tile loaded one iteration ahead); zeros past last and past S."""
+def _chunk_tile(base, i, cc, cmask, ar, S, n_sb, sc, st, ss, EVEN_S: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Tile i of one (n, channel block) of a chunk-walking reduction, upcast to fp32; zeros past S."""
     t, s0 = _tile_origin(i, n_sb, BLOCK_S)
     s = s0 + ar
-    live = (ar * 0 + i) < last  # a vector: the interpreter rejects a tensor mask & a scalar
-    if not EVEN_S:
-        live = live & (s < S)
-    mask = cmask[:, None] & live[None, :]
-    return tl.load(base + t.to(tl.int64) * st + cc[:, None] * sc + s[None, :] * ss, mask=mask, other=0.0)
+    if EVEN_S:
+        mask = cmask[:, None]
+    else:
+        mask = cmask[:, None] & (s < S)[None, :]
+    return tl.load(base + t.to(tl.int64) * st + cc[:, None] * sc + s[None, :] * ss, mask=mask,
+                   other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -133,7 +138,7 @@ def _gn_stats_kernel(
     x_ptr, pmean_ptr, pm2_ptr,
     C, T, S, n_sb, n_tiles, tiles_per_chunk, n_chunks,
     sxn, sxc, sxt, sxs,
-    EVEN_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    EVEN_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, STAGES: tl.constexpr,
 ):
     n, chunk, cc, cmask = _chunk_program(C, n_chunks, BLOCK_C)
     first = chunk * tiles_per_chunk
@@ -144,16 +149,16 @@ def _gn_stats_kernel(
     # the loop needs no cross-thread reduction. A per-tile reduction over S goes through shared memory
     # when the tile's threads run along C (channels-last); the per-tile two-pass version ran 3.6x
     # longer on channels-last than on NCHW tensors in an H200 U-Net step.
-    # Loads in flight bound this pass, and the (mean, M2) state limits the programs an SM holds (4-6 of
-    # 4 warps on sm_90), so tile i + 1 is loaded before tile i's update: two tiles in flight, not one.
+    # Loads in flight bound this pass: the loop is software-pipelined (STAGES - 1 tiles ahead, copied
+    # asynchronously into shared memory: cp.async on sm_80+), which keeps the registers down to the
+    # (mean, M2) state (sm_90: 64, 8 programs per SM; with tiles prefetched into registers instead
+    # 80-101, 4-6 programs with one tile ahead).
     # With no ragged s-blocks (EVEN_S) every lane counts the same tiles: one scalar count, no masks.
     cnt = tl.zeros([BLOCK_S], dtype=tl.float32)  # elements seen per S lane (the same for every channel)
     mean = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
-    nxt = _chunk_tile(x_n, first, last, cc, cmask, ar, S, n_sb, sxc, sxt, sxs, EVEN_S, BLOCK_S)
-    for i in range(first, last):
-        x = nxt.to(tl.float32)
-        nxt = _chunk_tile(x_n, i + 1, last, cc, cmask, ar, S, n_sb, sxc, sxt, sxs, EVEN_S, BLOCK_S)
+    for i in tl.range(first, last, num_stages=STAGES):
+        x = _chunk_tile(x_n, i, cc, cmask, ar, S, n_sb, sxc, sxt, sxs, EVEN_S, BLOCK_S)
         if EVEN_S:
             delta = x - mean
             mean += delta * tl.div_rn(1.0, (i - first + 1).to(tl.float32))
@@ -272,7 +277,7 @@ def _gn_bwd_partials_kernel(
     C, T, S, n_sb, n_tiles, tiles_per_chunk, n_chunks, cpg, sw, sb_, smn, smg, srn, srg,
     sdn, sdc, sdt, sds, sxn, sxc, sxt, sxs,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, PRECISE: tl.constexpr,
-    EVEN_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    EVEN_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, STAGES: tl.constexpr,
 ):
     n, chunk, cc, cmask = _chunk_program(C, n_chunks, BLOCK_C)
     g = cc // cpg
@@ -292,14 +297,9 @@ def _gn_bwd_partials_kernel(
     acc_b = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)  # sum dz
     first = chunk * tiles_per_chunk
     last = tl.minimum(first + tiles_per_chunk, n_tiles)
-    # as in the statistics pass: the next tiles of dy and x are loaded before this one's arithmetic
-    nxt_dy = _chunk_tile(dy_n, first, last, cc, cmask, ar, S, n_sb, sdc, sdt, sds, EVEN_S, BLOCK_S)
-    nxt_x = _chunk_tile(x_n, first, last, cc, cmask, ar, S, n_sb, sxc, sxt, sxs, EVEN_S, BLOCK_S)
-    for i in range(first, last):
-        dz = nxt_dy.to(tl.float32)
-        x = nxt_x.to(tl.float32)
-        nxt_dy = _chunk_tile(dy_n, i + 1, last, cc, cmask, ar, S, n_sb, sdc, sdt, sds, EVEN_S, BLOCK_S)
-        nxt_x = _chunk_tile(x_n, i + 1, last, cc, cmask, ar, S, n_sb, sxc, sxt, sxs, EVEN_S, BLOCK_S)
+    for i in tl.range(first, last, num_stages=STAGES):  # pipelined as in the statistics pass
+        dz = _chunk_tile(dy_n, i, cc, cmask, ar, S, n_sb, sdc, sdt, sds, EVEN_S, BLOCK_S)
+        x = _chunk_tile(x_n, i, cc, cmask, ar, S, n_sb, sxc, sxt, sxs, EVEN_S, BLOCK_S)
         xhat = (x - mu) * r
         if SILU:
             z = xhat
@@ -421,7 +421,7 @@ def gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: float, s
     _gn_stats_kernel[(n * n_chunks, n_cb3)](
         x, pmean, pm2,
         c, t3, s3, n_sb3, t3 * n_sb3, per, n_chunks, *xs3,
-        EVEN_S=s3 % bs3 == 0, BLOCK_C=bc3, BLOCK_S=bs3, num_warps=warps_for(bc3 * bs3),
+        EVEN_S=s3 % bs3 == 0, BLOCK_C=bc3, BLOCK_S=bs3, STAGES=STATS_STAGES, num_warps=warps_for(bc3 * bs3),
     )
 
     # 2. per-group mean and rstd
@@ -471,7 +471,7 @@ def gn_bwd(dy, x, weight, bias, shift, mean, rstd, dx, dweight, dbias, num_group
         dy, x, w, b, sh, mean, rstd, pa, pb,
         c, t2, s2, n_sb2, t2 * n_sb2, per, n_chunks, cpg, sw, sb_, *ms, *ds2, *xs2,
         HAS_W=has_w, HAS_B=has_b, HAS_SHIFT=has_sh, SILU=silu, PRECISE=precise,
-        EVEN_S=s2 % bs2 == 0, BLOCK_C=bc2, BLOCK_S=bs2, num_warps=warps_for(bc2 * bs2),
+        EVEN_S=s2 % bs2 == 0, BLOCK_C=bc2, BLOCK_S=bs2, STAGES=STATS_STAGES, num_warps=warps_for(bc2 * bs2),
     )
 
     # 2. per-group coefficients
