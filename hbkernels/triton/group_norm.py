@@ -42,8 +42,9 @@ _STATS_TILE = 2048
 APPLY_REVERSED = True
 # Pipeline stages of the statistics loop (and the backward's partial sums): tiles in flight per program
 # = STATS_STAGES - 1, in shared memory (4 KiB each at the fp16 2048-element tile). Chosen from sm_90
-# code, not yet timed: 4 keeps 3 tiles ahead at 64 registers (8 programs per SM, 96 KiB in flight per
-# SM) where the tile-ahead-in-registers loop timed above held 1 (48 / 32 KiB per SM).
+# code at the U-Net's level 0, not yet timed: 4 keeps 3 tiles ahead at 70-72 registers (7 programs per
+# SM, 84 KiB in flight per SM) where the tile-ahead-in-registers loop timed above kept 1 tile at 80 / 101
+# registers (6 / 4 programs: 48 / 32 KiB per SM, NCHW / channels-last).
 STATS_STAGES = 4
 _INTERP_CHUNKS = 3  # a few programs per (n, channel block) under TRITON_INTERPRET (still exercises merging)
 _FINAL_BLOCK = 4096  # partials per finalize block: the U-Net's groups need one (up to 3200 of them)
@@ -151,8 +152,7 @@ def _gn_stats_kernel(
     # longer on channels-last than on NCHW tensors in an H200 U-Net step.
     # Loads in flight bound this pass: the loop is software-pipelined (STAGES - 1 tiles ahead, copied
     # asynchronously into shared memory: cp.async on sm_80+), which keeps the registers down to the
-    # (mean, M2) state (sm_90: 64, 8 programs per SM; with tiles prefetched into registers instead
-    # 80-101, 4-6 programs with one tile ahead).
+    # (mean, M2) state (see STATS_STAGES).
     # With no ragged s-blocks (EVEN_S) every lane counts the same tiles: one scalar count, no masks.
     cnt = tl.zeros([BLOCK_S], dtype=tl.float32)  # elements seen per S lane (the same for every channel)
     mean = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
