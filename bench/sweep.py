@@ -3,10 +3,11 @@
 to keep.
 
 - group_norm (+SiLU): the forward's statistics programs per SM, statistics tile, pipeline stages of
-  the statistics loop, and (at the default) the apply order (see hbkernels/triton/group_norm.py). The
+  the statistics loop, and (at the default) the apply order and programmatic dependent launch (see
+  hbkernels/triton/group_norm.py). The
   default setting is also profiled: microseconds per call of each of its kernels (statistics,
   finalize, apply), which says which pass to work on next. The backward's partial-sums pass shares
-  the statistics loop's stages: the whole backward is timed per stage count.
+  the statistics loop's stages: the whole backward is timed per stage count, and without PDL.
 - temporal_attention: warps per program of the forward and of the backward kernel (FWD_WARPS /
   BWD_WARPS in hbkernels/triton/temporal_attention.py: the default rule, or a fixed 1, 2, 4, 8).
 
@@ -39,7 +40,7 @@ ATTN_WARPS = (None, 1, 2, 4, 8)
 def sweep_group_norm(report, dev, min_time):
     from hbkernels import triton as kernels
 
-    defaults = gn.STATS_PROGRAMS_PER_SM, gn._STATS_TILE, gn.STATS_STAGES, gn.APPLY_REVERSED
+    defaults = gn.STATS_PROGRAMS_PER_SM, gn._STATS_TILE, gn.STATS_STAGES, gn.APPLY_REVERSED, gn.PDL
     try:
         for label, shape, fmt in GN_SHAPES:
             x = (torch.randn(shape, device=dev, dtype=torch.float16) + 1).contiguous(memory_format=fmt)
@@ -52,11 +53,13 @@ def sweep_group_norm(report, dev, min_time):
             def call():
                 return hbkernels.group_norm(x, 32, w, b, activation="silu")
 
-            settings = [(*grid, defaults[3]) for grid in itertools.product(GN_PROGRAMS_PER_SM, GN_TILES, GN_STAGES)]
-            for setting in settings + [(*defaults[:3], not defaults[3])]:
-                gn.STATS_PROGRAMS_PER_SM, gn._STATS_TILE, gn.STATS_STAGES, gn.APPLY_REVERSED = setting
-                per_sm, tile, stages, rev = setting
-                impl = f"programs/SM={per_sm} tile={tile} stages={stages}{' reversed' if rev else ''}"
+            settings = [(*grid, *defaults[3:]) for grid in itertools.product(GN_PROGRAMS_PER_SM, GN_TILES, GN_STAGES)]
+            toggles = [(*defaults[:3], not defaults[3], defaults[4]), (*defaults[:4], not defaults[4])]
+            for setting in settings + toggles:
+                gn.STATS_PROGRAMS_PER_SM, gn._STATS_TILE, gn.STATS_STAGES, gn.APPLY_REVERSED, gn.PDL = setting
+                per_sm, tile, stages, rev, pdl = setting
+                impl = (f"programs/SM={per_sm} tile={tile} stages={stages}{' reversed' if rev else ''}"
+                        f"{'' if pdl else ' no-PDL'}")
                 extra = {}
                 if setting == defaults:
                     impl += " (default)"
@@ -64,21 +67,23 @@ def sweep_group_norm(report, dev, min_time):
                     extra["kernel_us"] = {name: round(ms * 1e3, 2) for name, ms in top}
                 _add(report, "group_norm_silu", label, impl, common.median_seconds_graphed(call, min_time),
                      bytes_moved, **extra)
-            gn.STATS_PROGRAMS_PER_SM, gn._STATS_TILE, gn.STATS_STAGES, gn.APPLY_REVERSED = defaults
+            gn.STATS_PROGRAMS_PER_SM, gn._STATS_TILE, gn.STATS_STAGES, gn.APPLY_REVERSED, gn.PDL = defaults
 
             # the backward's kernels alone (partial sums, finalize, dx): reads dy and x twice, writes dx
             x4, dy4, dx4 = x.flatten(3), torch.randn_like(x).flatten(3), torch.empty_like(x).flatten(3)
             mean, rstd = torch.randn(1, 32, device=dev), torch.rand(1, 32, device=dev) + 0.5
             dw, db = (torch.empty(shape[1], device=dev) for _ in range(2))
-            for stages in GN_STAGES:
-                gn.STATS_STAGES = stages
+            for stages, pdl in [(stages, defaults[4]) for stages in GN_STAGES] + [(defaults[2], not defaults[4])]:
+                gn.STATS_STAGES, gn.PDL = stages, pdl
                 seconds = common.median_seconds_graphed(
                     lambda: kernels.gn_bwd(dy4, x4, w, b, None, mean, rstd, dx4, dw, db, 32, True), min_time)
+                default = (stages, pdl) == (defaults[2], defaults[4])
                 _add(report, "group_norm_silu_backward", label,
-                     f"stages={stages}{' (default)' if stages == defaults[2] else ''}", seconds, 3 * x.numel() * 2)
-            gn.STATS_STAGES = defaults[2]
+                     f"stages={stages}{'' if pdl else ' no-PDL'}{' (default)' if default else ''}", seconds,
+                     3 * x.numel() * 2)
+            gn.STATS_STAGES, gn.PDL = defaults[2], defaults[4]
     finally:
-        gn.STATS_PROGRAMS_PER_SM, gn._STATS_TILE, gn.STATS_STAGES, gn.APPLY_REVERSED = defaults
+        gn.STATS_PROGRAMS_PER_SM, gn._STATS_TILE, gn.STATS_STAGES, gn.APPLY_REVERSED, gn.PDL = defaults
 
 
 def sweep_temporal_attention(report, dev, min_time):

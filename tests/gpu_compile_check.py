@@ -39,16 +39,18 @@ TARGETS = {
 }
 
 
-def record_launches() -> list:
-    """(kernel, {argument name: value}, launch options) of every launch the primitives make below."""
+def record_launches(pdl: bool) -> list:
+    """(kernel, {argument name: value}, launch options) of every launch the primitives make below, with
+    GroupNorm's kernels chained by programmatic dependent launch where the target has it (sm_90)."""
     launches = []
 
     def run(self, *args, grid, warmup, **kwargs):
-        options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+        options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "launch_pdl") if k in kwargs}
         launches.append((self, {**dict(zip(self.arg_names, args)), **kwargs}, options))
 
     JITFunction.run = run
     group_norm.sm_count = lambda device: 132  # an H100's SMs: launch planning asks the (absent) GPU
+    group_norm._pdl = lambda device: pdl
     attention_cases(), group_norm_cases(), elementwise_cases(), unit_size_cases()
     return launches
 
@@ -125,8 +127,8 @@ def unit_size_cases():
     # sizes and strides of 1, which the JIT turns into constexpr ints (a `.to()` on one fails to compile
     # only there): the test suites' one-channel, one-row, one-frame, one-pixel shapes
     x = rand(5, 1, dtype=torch.float16)
-    kernels.ln_fwd(x, x.clone(), *(rand(1, dtype=torch.float16) for _ in range(2)), torch.empty_like(x), torch.empty_like(x),
-                   torch.empty(5), torch.empty(5), 1e-5)
+    w, b = rand(1, dtype=torch.float16), rand(1, dtype=torch.float16)
+    kernels.ln_fwd(x, x.clone(), w, b, torch.empty_like(x), torch.empty_like(x), torch.empty(5), torch.empty(5), 1e-5)
     kernels.ln_bwd(torch.randn_like(x), x, rand(1, dtype=torch.float16), torch.randn(5), torch.rand(5),
                    torch.empty_like(x), torch.empty(1), torch.empty(1))
     x = rand(1, 32, 1, 1, 1, dtype=torch.float16)
@@ -182,7 +184,7 @@ def resources(compiled, target, shared_limit: int) -> str:
 def main(target_name: str) -> int:
     target, shared_limit = TARGETS[target_name]
     seen, failures = set(), 0
-    for fn, args, launch_options in record_launches():
+    for fn, args, launch_options in record_launches(pdl=target_name == "sm90"):
         sig, constexprs, attrs, options = specialize(fn, args, launch_options, target)
         key = (fn.__name__, tuple(sig.items()), repr(sorted(constexprs.items())), repr(sorted(attrs.items())),
                tuple(sorted(launch_options.items())))

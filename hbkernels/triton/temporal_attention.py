@@ -204,10 +204,11 @@ def _config(t: int, d: int, elem_size: int, bwd: bool):
     fp16/bf16: BLOCK_M = BLOCK_N = min(64, next_pow2(T)) (>= 16 for tl.dot), halved while a tile has
     more than 8192 (fwd) / 4096 (bwd: five dots, two accumulators) elements. Warps: one per 2048
     accumulator elements in the forward (64 fp32 per thread), one per 1024 in the backward (two
-    accumulators and five dots' operands; per 512 for heads wider than 64, which spill otherwise). Timed on an H100 at D = 64 (bench/results/sweep-*.md), where
-    this is 1 / 1 warps at T = 16 and 1 / 2 at T = 26: 62 us against 67 (2 warps) forward, 128 us
-    against 193 (4 warps) backward at T = 26; no other count was faster at T = 16. Fewer warps keep a
-    softmax row's max and sum within a warp (no shared-memory round trips) and fit more programs per SM.
+    accumulators and five dots' operands; per 512 for heads wider than 64, which spill otherwise).
+    Timed on an H100 at D = 64 (bench/results/sweep-*.md), where this is 1 / 1 warps at T = 16 and
+    1 / 2 at T = 26: 62 us against 67 (2 warps) forward, 128 us against 193 (4 warps) backward at
+    T = 26; no other count was faster at T = 16. Fewer warps keep a softmax row's max and sum within a
+    warp (no shared-memory round trips) and fit more programs per SM.
     fp32 runs its "ieee" dots on FMA units, whose operands take many more registers: 16-row tiles
     without pipelining."""
     block_d = max(16, next_pow2(d))
