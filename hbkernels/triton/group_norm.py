@@ -29,7 +29,11 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+try:  # grid dependency control (Triton >= 3.3, which also has the launch_pdl option)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:
+    gdc_launch_dependents = gdc_wait = None
 
 from hbkernels.triton.layout import INTERPRETED, cdiv, merge_ts, next_pow2, sm_count, strides4, tile_shape, warps_for
 
@@ -75,7 +79,7 @@ def _vec_or_dummy(v, like):
 
 @functools.lru_cache(maxsize=None)
 def _has_pdl(device: torch.device) -> bool:
-    return torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9
+    return gdc_wait is not None and torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _pdl(device: torch.device) -> bool:
