@@ -3,7 +3,7 @@
 to keep.
 
 - group_norm (+SiLU): the forward's statistics programs per SM, statistics tile, pipeline stages of
-  the statistics loop, and (at the default) the apply order and programmatic dependent launch (see
+  the statistics loop, and (at the default) the apply order, apply tile and programmatic dependent launch (see
   hbkernels/triton/group_norm.py). The
   default setting is also profiled: microseconds per call of each of its kernels (statistics,
   finalize, apply), which says which pass to work on next. The backward's partial-sums pass shares
@@ -32,6 +32,7 @@ GN_SHAPES = [(f"vc2 L0 B1 T{t}{' CL' if cl else ''}", (1, 320, t, 40, 64),
 GN_PROGRAMS_PER_SM = (6, 8, 12)
 GN_TILES = (1024, 2048)
 GN_STAGES = (2, 3, 4, 5)
+GN_APPLY_TILES = (8192, 16384)  # besides the default
 # (label, tokens N, frames T, heads, head dim): VideoCrafter2 / Hummingbird level 0 at 320x512, batch 1
 ATTN_SHAPES = [(f"vc2 L0 B1 T{t}", 40 * 64, t, 5, 64) for t in (16, 26)]
 ATTN_WARPS = (None, 1, 2, 4, 8)
@@ -41,6 +42,7 @@ def sweep_group_norm(report, dev, min_time):
     from hbkernels import triton as kernels
 
     defaults = gn.STATS_PROGRAMS_PER_SM, gn._STATS_TILE, gn.STATS_STAGES, gn.APPLY_REVERSED, gn.PDL
+    apply_tile_default = gn._APPLY_TILE
     try:
         for label, shape, fmt in GN_SHAPES:
             x = (torch.randn(shape, device=dev, dtype=torch.float16) + 1).contiguous(memory_format=fmt)
@@ -68,6 +70,11 @@ def sweep_group_norm(report, dev, min_time):
                 _add(report, "group_norm_silu", label, impl, common.median_seconds_graphed(call, min_time),
                      bytes_moved, **extra)
             gn.STATS_PROGRAMS_PER_SM, gn._STATS_TILE, gn.STATS_STAGES, gn.APPLY_REVERSED, gn.PDL = defaults
+            for tile in GN_APPLY_TILES:
+                gn._APPLY_TILE = tile
+                _add(report, "group_norm_silu", label, f"apply tile={tile} (else default)",
+                     common.median_seconds_graphed(call, min_time), bytes_moved)
+            gn._APPLY_TILE = apply_tile_default
 
             # the backward's kernels alone (partial sums, finalize, dx): reads dy and x twice, writes dx
             x4, dy4, dx4 = x.flatten(3), torch.randn_like(x).flatten(3), torch.empty_like(x).flatten(3)
@@ -84,6 +91,7 @@ def sweep_group_norm(report, dev, min_time):
             gn.STATS_STAGES, gn.PDL = defaults[2], defaults[4]
     finally:
         gn.STATS_PROGRAMS_PER_SM, gn._STATS_TILE, gn.STATS_STAGES, gn.APPLY_REVERSED, gn.PDL = defaults
+        gn._APPLY_TILE = apply_tile_default
 
 
 def sweep_temporal_attention(report, dev, min_time):

@@ -53,6 +53,9 @@ APPLY_REVERSED = True
 # SM, 84 KiB in flight per SM) where the tile-ahead-in-registers loop timed above kept 1 tile at 80 / 101
 # registers (6 / 4 programs: 48 / 32 KiB per SM, NCHW / channels-last).
 STATS_STAGES = 4
+# Elements per apply tile (8 warps). sm_90, level 0: 4096 -> 35-40 registers, 6 programs (48 KiB of x in
+# flight per SM); 8192 -> 57-62, 4 (64 KiB); 16384 -> 88-91, 2 (64 KiB). Timed: 4096 only.
+_APPLY_TILE = 4096
 # Programmatic dependent launch (sm_90+ CUDA): each kernel of the three lets the next one launch
 # early; the finalize's programs wait for the statistics on their SMs, and the apply pass loads its x
 # tile (not written by the kernels before it) before it waits for the finalize's mean and rstd. Hides
@@ -486,7 +489,7 @@ def gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: float, s
 
     # 3. y (reads x, writes y)
     t2, s2, (xs, ys) = merge_ts([strides4(x), strides4(y)], t, s)
-    block_c, block_s = tile_shape(c, s2, (xs, ys))
+    block_c, block_s = tile_shape(c, s2, (xs, ys), _APPLY_TILE)
     n_sb = cdiv(s2, block_s)
     _gn_apply_kernel[(n * t2 * n_sb, cdiv(c, block_c))](
         x, w, b, sh, y, mean, rstd,
