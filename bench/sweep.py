@@ -3,10 +3,10 @@
 to keep.
 
 - group_norm (+SiLU): the forward's statistics programs per SM, statistics tile, pipeline stages of
-  the statistics loop, and (at the default) the apply order, apply tile and programmatic dependent launch (see
-  hbkernels/triton/group_norm.py). The
-  default setting is also profiled: microseconds per call of each of its kernels (statistics,
-  finalize, apply), which says which pass to work on next. The backward's partial-sums pass shares
+  the statistics loop, and (at the default) the apply order, apply tile, apply register cap and
+  programmatic dependent launch (see hbkernels/triton/group_norm.py). The default setting is also
+  profiled: microseconds per call of each of its kernels (statistics, finalize, apply), which says
+  which pass to work on next. The backward's partial-sums pass shares
   the statistics loop's stages: the whole backward is timed per stage count, and without PDL.
 - temporal_attention: warps per program of the forward and of the backward kernel (FWD_WARPS /
   BWD_WARPS in hbkernels/triton/temporal_attention.py: the default rule, or a fixed 1, 2, 4, 8).
@@ -33,6 +33,7 @@ GN_PROGRAMS_PER_SM = (6, 8, 12)
 GN_TILES = (1024, 2048)
 GN_STAGES = (2, 3, 4, 5)
 GN_APPLY_TILES = (8192, 16384)  # besides the default
+GN_APPLY_MAXNREG = (32,)  # besides the default (none)
 # (label, tokens N, frames T, heads, head dim): VideoCrafter2 / Hummingbird level 0 at 320x512, batch 1
 ATTN_SHAPES = [(f"vc2 L0 B1 T{t}", 40 * 64, t, 5, 64) for t in (16, 26)]
 ATTN_WARPS = (None, 1, 2, 4, 8)
@@ -42,7 +43,7 @@ def sweep_group_norm(report, dev, min_time):
     from hbkernels import triton as kernels
 
     defaults = gn.STATS_PROGRAMS_PER_SM, gn._STATS_TILE, gn.STATS_STAGES, gn.APPLY_REVERSED, gn.PDL
-    apply_tile_default = gn._APPLY_TILE
+    apply_defaults = gn._APPLY_TILE, gn._APPLY_MAXNREG
     try:
         for label, shape, fmt in GN_SHAPES:
             x = (torch.randn(shape, device=dev, dtype=torch.float16) + 1).contiguous(memory_format=fmt)
@@ -74,7 +75,12 @@ def sweep_group_norm(report, dev, min_time):
                 gn._APPLY_TILE = tile
                 _add(report, "group_norm_silu", label, f"apply tile={tile} (else default)",
                      common.median_seconds_graphed(call, min_time), bytes_moved)
-            gn._APPLY_TILE = apply_tile_default
+            gn._APPLY_TILE = apply_defaults[0]
+            for cap in GN_APPLY_MAXNREG:
+                gn._APPLY_MAXNREG = cap
+                _add(report, "group_norm_silu", label, f"apply maxnreg={cap} (else default)",
+                     common.median_seconds_graphed(call, min_time), bytes_moved)
+            gn._APPLY_MAXNREG = apply_defaults[1]
 
             # the backward's kernels alone (partial sums, finalize, dx): reads dy and x twice, writes dx
             x4, dy4, dx4 = x.flatten(3), torch.randn_like(x).flatten(3), torch.empty_like(x).flatten(3)
@@ -91,7 +97,7 @@ def sweep_group_norm(report, dev, min_time):
             gn.STATS_STAGES, gn.PDL = defaults[2], defaults[4]
     finally:
         gn.STATS_PROGRAMS_PER_SM, gn._STATS_TILE, gn.STATS_STAGES, gn.APPLY_REVERSED, gn.PDL = defaults
-        gn._APPLY_TILE = apply_tile_default
+        gn._APPLY_TILE, gn._APPLY_MAXNREG = apply_defaults
 
 
 def sweep_temporal_attention(report, dev, min_time):

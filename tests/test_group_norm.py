@@ -112,18 +112,19 @@ def test_group_norm_keeps_memory_format(backend_name):
 
 @pytest.mark.parametrize("backend_name", [p for p in KERNEL_BACKENDS if p.values[0] == "triton"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("reversed_apply, stats_tile, stages, pdl, apply_tile", [
-    (True, 4096, 2, False, 4096), (False, 2048, 5, True, 8192), (True, 1024, 3, True, 64)])
+@pytest.mark.parametrize("reversed_apply, stats_tile, stages, pdl, apply_tile, maxnreg", [
+    (True, 4096, 2, False, 4096, None), (False, 2048, 5, True, 8192, 32), (True, 1024, 3, True, 64, None)])
 def test_group_norm_launch_tuning(monkeypatch, backend_name, layout, reversed_apply, stats_tile, stages, pdl,
-                                  apply_tile):
+                                  apply_tile, maxnreg):
     """The tuning knobs (bench/sweep.py) change the schedule, never the result."""
     from hbkernels.triton import group_norm as gn
 
     monkeypatch.setattr(gn, "APPLY_REVERSED", reversed_apply)
     monkeypatch.setattr(gn, "_STATS_TILE", stats_tile)
-    monkeypatch.setattr(gn, "STATS_STAGES", stages)  # pipelining and PDL: only a GPU runs them differently
+    monkeypatch.setattr(gn, "STATS_STAGES", stages)  # stages, PDL, register cap: only a GPU runs them differently
     monkeypatch.setattr(gn, "PDL", pdl)
     monkeypatch.setattr(gn, "_APPLY_TILE", apply_tile)
+    monkeypatch.setattr(gn, "_APPLY_MAXNREG", maxnreg)
     x = rand(2, 30, 3, 4, 5, dtype=torch.float64, mean=3.0, requires_grad=True)
     w = rand(30, dtype=torch.float64, mean=1.0, requires_grad=True)
 

@@ -56,6 +56,9 @@ STATS_STAGES = 4
 # Elements per apply tile (8 warps). sm_90, level 0: 4096 -> 35-40 registers, 6 programs (48 KiB of x in
 # flight per SM); 8192 -> 57-62, 4 (64 KiB); 16384 -> 88-91, 2 (64 KiB). Timed: 4096 only.
 _APPLY_TILE = 4096
+# Register cap of the apply kernel (CUDA only; None: the compiler's choice). 32 fits 8 programs of 8 warps
+# per sm_90 SM instead of 6, spilling 8 (NCHW) / 48 (channels-last) bytes per thread. Not yet timed.
+_APPLY_MAXNREG = None
 # Programmatic dependent launch (sm_90+ CUDA): each kernel of the three lets the next one launch
 # early; the finalize's programs wait for the statistics on their SMs, and the apply pass loads its x
 # tile (not written by the kernels before it) before it waits for the finalize's mean and rstd. Hides
@@ -93,6 +96,12 @@ def _pdl(device: torch.device) -> bool:
 def _launch_after(pdl: bool) -> dict:
     """Launch options of a kernel that waits for the previous one in _wait_for_previous."""
     return {"launch_pdl": True} if pdl else {}
+
+
+def _register_cap(maxnreg, device: torch.device) -> dict:
+    """Launch options capping registers per thread: a CUDA compile option (ROCm has none)."""
+    cuda = not INTERPRETED and device.type == "cuda" and torch.version.hip is None
+    return {"maxnreg": maxnreg} if maxnreg and cuda else {}
 
 
 @triton.jit
@@ -497,7 +506,7 @@ def gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: float, s
         HAS_W=weight is not None, HAS_B=bias is not None, HAS_SHIFT=shift is not None, SILU=bool(silu),
         PRECISE=x.dtype == torch.float32,
         BLOCK_C=block_c, BLOCK_S=block_s, REVERSE=APPLY_REVERSED, PDL=pdl,
-        num_warps=warps_for(block_c * block_s), **_launch_after(pdl),
+        num_warps=warps_for(block_c * block_s), **_launch_after(pdl), **_register_cap(_APPLY_MAXNREG, dev),
     )
 
 
