@@ -59,8 +59,8 @@ _APPLY_TILE = 4096
 # Register cap of the apply kernel (CUDA only; None: the compiler's choice). 32 fits 8 programs of 8 warps
 # per sm_90 SM instead of 6, spilling 8 (NCHW) / 48 (channels-last) bytes per thread. Not yet timed.
 _APPLY_MAXNREG = None
-# Programmatic dependent launch (sm_90+ CUDA): each kernel of the three lets the next one launch
-# early; the finalize's programs wait for the statistics on their SMs, and the apply pass loads its x
+# Programmatic dependent launch (sm_90+ CUDA): the statistics and finalize kernels let the next one
+# launch early; the finalize's programs wait for the statistics on their SMs, and the apply pass loads its x
 # tile (not written by the kernels before it) before it waits for the finalize's mean and rstd. Hides
 # the launch gaps and the finalize's latency (3.3 us of the 33.5 at level 0, T16); not yet timed.
 PDL = True
@@ -83,14 +83,19 @@ def _vec_or_dummy(v, like):
     return (v, int(v.stride(0))) if v is not None else (like, 0)
 
 
+def _nvidia(device: torch.device) -> bool:
+    """Whether kernels launch on an NVIDIA GPU (not ROCm, not the interpreter): the CUDA-only options."""
+    return not INTERPRETED and device.type == "cuda" and torch.version.hip is None
+
+
 @functools.lru_cache(maxsize=None)
 def _has_pdl(device: torch.device) -> bool:
-    return gdc_wait is not None and torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9
+    return gdc_wait is not None and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _pdl(device: torch.device) -> bool:
     """Whether this call chains its kernels by programmatic dependent launch (see PDL)."""
-    return PDL and not INTERPRETED and device.type == "cuda" and _has_pdl(device)
+    return PDL and _nvidia(device) and _has_pdl(device)
 
 
 def _launch_after(pdl: bool) -> dict:
@@ -100,8 +105,7 @@ def _launch_after(pdl: bool) -> dict:
 
 def _register_cap(maxnreg, device: torch.device) -> dict:
     """Launch options capping registers per thread: a CUDA compile option (ROCm has none)."""
-    cuda = not INTERPRETED and device.type == "cuda" and torch.version.hip is None
-    return {"maxnreg": maxnreg} if maxnreg and cuda else {}
+    return {"maxnreg": maxnreg} if maxnreg and _nvidia(device) else {}
 
 
 @triton.jit
