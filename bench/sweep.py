@@ -6,8 +6,8 @@ to keep.
   the statistics loop, and (at the default) the apply order, apply tile, apply register cap and
   programmatic dependent launch (see hbkernels/triton/group_norm.py). The default setting is also
   profiled: microseconds per call of each of its kernels (statistics, finalize, apply), which says
-  which pass to work on next. The backward's partial-sums pass shares
-  the statistics loop's stages: the whole backward is timed per stage count, and without PDL.
+  which pass to work on next. The backward's partial-sums pass shares the statistics loop's stages:
+  the whole backward is timed per stage count, and without PDL. Rows name the knobs they change.
 - temporal_attention: warps per program of the forward and of the backward kernel (FWD_WARPS /
   BWD_WARPS in hbkernels/triton/temporal_attention.py: the default rule, or a fixed 1, 2, 4, 8).
 
@@ -16,6 +16,7 @@ to keep.
 import argparse
 import itertools
 import os
+from unittest import mock
 
 import torch
 
@@ -39,91 +40,81 @@ ATTN_SHAPES = [(f"vc2 L0 B1 T{t}", 40 * 64, t, 5, 64) for t in (16, 26)]
 ATTN_WARPS = (None, 1, 2, 4, 8)
 
 
+def _gn_forward_settings():
+    """Knob values per timed forward setting: the statistics grid (other knobs at their defaults), then
+    the default with one apply-side knob changed."""
+    grid = [dict(STATS_PROGRAMS_PER_SM=p, _STATS_TILE=t, STATS_STAGES=s)
+            for p, t, s in itertools.product(GN_PROGRAMS_PER_SM, GN_TILES, GN_STAGES)]
+    return grid + [dict(APPLY_REVERSED=not gn.APPLY_REVERSED), dict(PDL=not gn.PDL)] + \
+        [dict(_APPLY_TILE=t) for t in GN_APPLY_TILES] + [dict(_APPLY_MAXNREG=c) for c in GN_APPLY_MAXNREG]
+
+
+def _knobs_label(module, knobs):
+    """'name=value ...' of a setting, marked when it is the module's default."""
+    label = " ".join(f"{name.strip('_').lower()}={value}" for name, value in knobs.items())
+    return label + (" (default)" if _is_default(module, knobs) else "")
+
+
+def _is_default(module, knobs):
+    return all(getattr(module, name) == value for name, value in knobs.items())
+
+
 def sweep_group_norm(report, dev, min_time):
     from hbkernels import triton as kernels
 
-    defaults = gn.STATS_PROGRAMS_PER_SM, gn._STATS_TILE, gn.STATS_STAGES, gn.APPLY_REVERSED, gn.PDL
-    apply_defaults = gn._APPLY_TILE, gn._APPLY_MAXNREG
-    try:
-        for label, shape, fmt in GN_SHAPES:
-            x = (torch.randn(shape, device=dev, dtype=torch.float16) + 1).contiguous(memory_format=fmt)
-            w, b = (torch.randn(shape[1], device=dev, dtype=torch.float16) for _ in range(2))
-            bytes_moved = 2 * x.numel() * 2
-            eager = common.median_seconds_graphed(
-                lambda: torch.nn.functional.silu(torch.nn.functional.group_norm(x, 32, w, b)), min_time)
-            report.add("group_norm_silu", label, "eager", eager, bytes_moved)
+    for label, shape, fmt in GN_SHAPES:
+        x = (torch.randn(shape, device=dev, dtype=torch.float16) + 1).contiguous(memory_format=fmt)
+        w, b = (torch.randn(shape[1], device=dev, dtype=torch.float16) for _ in range(2))
+        bytes_moved = 2 * x.numel() * 2
+        eager = common.median_seconds_graphed(
+            lambda: torch.nn.functional.silu(torch.nn.functional.group_norm(x, 32, w, b)), min_time)
+        report.add("group_norm_silu", label, "eager", eager, bytes_moved)
 
-            def call():
-                return hbkernels.group_norm(x, 32, w, b, activation="silu")
+        def call():
+            return hbkernels.group_norm(x, 32, w, b, activation="silu")
 
-            settings = [(*grid, *defaults[3:]) for grid in itertools.product(GN_PROGRAMS_PER_SM, GN_TILES, GN_STAGES)]
-            toggles = [(*defaults[:3], not defaults[3], defaults[4]), (*defaults[:4], not defaults[4])]
-            for setting in settings + toggles:
-                gn.STATS_PROGRAMS_PER_SM, gn._STATS_TILE, gn.STATS_STAGES, gn.APPLY_REVERSED, gn.PDL = setting
-                per_sm, tile, stages, rev, pdl = setting
-                impl = (f"programs/SM={per_sm} tile={tile} stages={stages}{' reversed' if rev else ''}"
-                        f"{'' if pdl else ' no-PDL'}")
-                extra = {}
-                if setting == defaults:
-                    impl += " (default)"
+        for knobs in _gn_forward_settings():
+            impl, extra = _knobs_label(gn, knobs), {}
+            profile = _is_default(gn, knobs) and "STATS_STAGES" in knobs  # the grid's default point
+            with mock.patch.multiple(gn, **knobs):
+                if profile:
                     top = kernel_breakdown(call, calls=20)["families"]["hbkernels group_norm"]["top"]
                     extra["kernel_us"] = {name: round(ms * 1e3, 2) for name, ms in top}
                 _add(report, "group_norm_silu", label, impl, common.median_seconds_graphed(call, min_time),
                      bytes_moved, **extra)
-            gn.STATS_PROGRAMS_PER_SM, gn._STATS_TILE, gn.STATS_STAGES, gn.APPLY_REVERSED, gn.PDL = defaults
-            for tile in GN_APPLY_TILES:
-                gn._APPLY_TILE = tile
-                _add(report, "group_norm_silu", label, f"apply tile={tile} (else default)",
-                     common.median_seconds_graphed(call, min_time), bytes_moved)
-            gn._APPLY_TILE = apply_defaults[0]
-            for cap in GN_APPLY_MAXNREG:
-                gn._APPLY_MAXNREG = cap
-                _add(report, "group_norm_silu", label, f"apply maxnreg={cap} (else default)",
-                     common.median_seconds_graphed(call, min_time), bytes_moved)
-            gn._APPLY_MAXNREG = apply_defaults[1]
 
-            # the backward's kernels alone (partial sums, finalize, dx): reads dy and x twice, writes dx
-            x4, dy4, dx4 = x.flatten(3), torch.randn_like(x).flatten(3), torch.empty_like(x).flatten(3)
-            mean, rstd = torch.randn(1, 32, device=dev), torch.rand(1, 32, device=dev) + 0.5
-            dw, db = (torch.empty(shape[1], device=dev) for _ in range(2))
-            for stages, pdl in [(stages, defaults[4]) for stages in GN_STAGES] + [(defaults[2], not defaults[4])]:
-                gn.STATS_STAGES, gn.PDL = stages, pdl
+        # the backward's kernels alone (partial sums, finalize, dx): reads dy and x twice, writes dx
+        x4, dy4, dx4 = x.flatten(3), torch.randn_like(x).flatten(3), torch.empty_like(x).flatten(3)
+        mean, rstd = torch.randn(1, 32, device=dev), torch.rand(1, 32, device=dev) + 0.5
+        dw, db = (torch.empty(shape[1], device=dev) for _ in range(2))
+        for knobs in [dict(STATS_STAGES=s) for s in GN_STAGES] + [dict(PDL=not gn.PDL)]:
+            impl = _knobs_label(gn, knobs)
+            with mock.patch.multiple(gn, **knobs):
                 seconds = common.median_seconds_graphed(
                     lambda: kernels.gn_bwd(dy4, x4, w, b, None, mean, rstd, dx4, dw, db, 32, True), min_time)
-                default = (stages, pdl) == (defaults[2], defaults[4])
-                _add(report, "group_norm_silu_backward", label,
-                     f"stages={stages}{'' if pdl else ' no-PDL'}{' (default)' if default else ''}", seconds,
-                     3 * x.numel() * 2)
-            gn.STATS_STAGES, gn.PDL = defaults[2], defaults[4]
-    finally:
-        gn.STATS_PROGRAMS_PER_SM, gn._STATS_TILE, gn.STATS_STAGES, gn.APPLY_REVERSED, gn.PDL = defaults
-        gn._APPLY_TILE, gn._APPLY_MAXNREG = apply_defaults
+            _add(report, "group_norm_silu_backward", label, impl, seconds, 3 * x.numel() * 2)
 
 
 def sweep_temporal_attention(report, dev, min_time):
     from hbkernels import triton as kernels
 
-    defaults = ta.FWD_WARPS, ta.BWD_WARPS
-    try:
-        for label, n, t, heads, d in ATTN_SHAPES:
-            case = f"{label} N={n} H={heads} D={d}"
-            q, k, v = (torch.randn(n, t, heads * d, device=dev, dtype=torch.float16) for _ in range(3))
-            for warps in ATTN_WARPS:
-                ta.FWD_WARPS = warps
+    for label, n, t, heads, d in ATTN_SHAPES:
+        case = f"{label} N={n} H={heads} D={d}"
+        q, k, v = (torch.randn(n, t, heads * d, device=dev, dtype=torch.float16) for _ in range(3))
+        for warps in ATTN_WARPS:
+            with mock.patch.object(ta, "FWD_WARPS", warps):
                 seconds = common.median_seconds_graphed(lambda: hb_attention(q, k, v, heads), min_time)
-                _add(report, "temporal_attention", case, _warps_label(warps), seconds, 4 * q.numel() * 2)
-            # the backward kernel alone: reads q, k, v, dO (and the row statistics), writes dq, dk, dv
-            q, k, v, do = (x.view(n, t, heads, d) for x in (q, k, v, torch.randn_like(q)))
-            out, grads = torch.empty_like(q), [torch.empty_like(q) for _ in range(3)]
-            stats = torch.empty(n, heads, t, kernels.ATTN_ROW_STATS, device=dev)
-            kernels.attn_fwd(q, k, v, out, stats, d ** -0.5, False)
-            for warps in ATTN_WARPS:
-                ta.BWD_WARPS = warps
+            _add(report, "temporal_attention", case, _warps_label(warps), seconds, 4 * q.numel() * 2)
+        # the backward kernel alone: reads q, k, v, dO (and the row statistics), writes dq, dk, dv
+        q, k, v, do = (x.view(n, t, heads, d) for x in (q, k, v, torch.randn_like(q)))
+        out, grads = torch.empty_like(q), [torch.empty_like(q) for _ in range(3)]
+        stats = torch.empty(n, heads, t, kernels.ATTN_ROW_STATS, device=dev)
+        kernels.attn_fwd(q, k, v, out, stats, d ** -0.5, False)
+        for warps in ATTN_WARPS:
+            with mock.patch.object(ta, "BWD_WARPS", warps):
                 seconds = common.median_seconds_graphed(
                     lambda: kernels.attn_bwd(do, q, k, v, out, stats, *grads, d ** -0.5, False), min_time)
-                _add(report, "temporal_attention_backward", case, _warps_label(warps), seconds, 7 * q.numel() * 2)
-    finally:
-        ta.FWD_WARPS, ta.BWD_WARPS = defaults
+            _add(report, "temporal_attention_backward", case, _warps_label(warps), seconds, 7 * q.numel() * 2)
 
 
 def _warps_label(warps):
