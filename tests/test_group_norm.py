@@ -138,7 +138,7 @@ def test_group_norm_launch_tuning(monkeypatch, backend_name, layout, reversed_ap
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("shape", [(1, 16, 8, 4, 8), (2, 16, 7, 5, 7)], ids=["even_s", "ragged_s"])
 def test_group_norm_statistics_walk_many_tiles(monkeypatch, backend_name, layout, shape):
-    """Small statistics tiles: each program walks several (prefetched) tiles, with every lane counting
+    """Small statistics tiles: each program walks several (pipelined) tiles, with every lane counting
     the same tiles (S a multiple of the tile) or ragged ends (some lanes fewer)."""
     from hbkernels.triton import group_norm as gn
 
