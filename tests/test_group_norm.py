@@ -152,6 +152,56 @@ def test_group_norm_statistics_walk_many_tiles(monkeypatch, backend_name, layout
     check_against_float64(fn, [x, w], backend_name, torch.float32)
 
 
+TRITON_BACKENDS = [p for p in KERNEL_BACKENDS if p.values[0] == "triton"]
+
+
+@pytest.mark.parametrize("backend_name", TRITON_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,groups", shapes(QUICK, FULL))
+@pytest.mark.parametrize("min_tile", [16, 4096], ids=["many_chunks", "default_tile"])
+@pytest.mark.parametrize("with_shift", [False, True], ids=["", "shift"])
+def test_group_norm_one_pass(monkeypatch, backend_name, dtype, shape, groups, min_tile, with_shift):
+    """The one-pass forward (each group's programs exchange statistics, then normalize the tiles they
+    hold) against float64, forward and backward; 16-element tiles split every channel into several."""
+    from hbkernels.triton import group_norm as gn
+
+    monkeypatch.setattr(gn, "ONE_PASS", True)
+    monkeypatch.setattr(gn, "_ONE_PASS_MIN_TILE", min_tile)
+    launches, one_pass = [], gn._gn_fwd_one_pass
+    monkeypatch.setattr(gn, "_gn_fwd_one_pass", lambda *a, **k: launches.append(a) or one_pass(*a, **k))
+    n, c = shape[:2]
+    x = rand(*shape, dtype=torch.float64, mean=3.0, requires_grad=True)
+    w = rand(c, dtype=torch.float64, mean=1.0, requires_grad=True)
+    b = rand(c, dtype=torch.float64, requires_grad=True)
+    inputs = [x, w, b] + ([(10 * rand(n, c, dtype=torch.float64)).requires_grad_()] if with_shift else [])
+
+    def fn(x, w, b, shift=None):
+        return hbkernels.group_norm(x, groups, w, b, activation="silu", shift=shift)
+
+    check_against_float64(fn, inputs, backend_name, dtype)
+    assert launches  # the one-pass forward ran (not the two-pass fallback)
+
+
+def test_group_norm_one_pass_plan(monkeypatch):
+    """Where the one-pass forward applies, and its tile: the smallest from 4096 that keeps a group's
+    programs within one per SM (so they are resident together), else the two-pass forward."""
+    from hbkernels.triton import group_norm as gn
+
+    monkeypatch.setattr(gn, "INTERPRETED", False)
+    monkeypatch.setattr(gn, "sm_count", lambda device: 132)
+
+    def tile(shape, cpg, strides=None):
+        v = torch.empty(shape, device="meta") if strides is None else torch.empty_strided(shape, strides, device="meta")
+        return gn._one_pass_tile(v, v, shape[2], shape[3], cpg, v.device)
+
+    assert tile((1, 320, 16, 2560), 10) == 4096  # level 0 at 320x512, T16: 10 channels x 10 tiles
+    assert tile((1, 320, 26, 2560), 10) == 8192  # T26: 10 x 9
+    assert tile((2, 1280, 16, 80), 40) == 2048  # level 3: one tile per channel, a row of 1280
+    assert tile((1, 320, 16, 2560), 10, (320 * 40960, 1, 320 * 2560, 320)) is None  # channels-last
+    assert tile((1, 320, 16, 2560), 320) is None  # one group of 320 channels: 320 programs at least
+    assert tile((1, 32, 1, 4096 * 1024), 1) is None  # 256 tiles of the largest size per channel
+
+
 def test_group_norm_bad_input():
     x = rand(2, 12, 3, 4)
     with pytest.raises(ValueError, match="num_groups"):

@@ -64,6 +64,16 @@ _APPLY_MAXNREG = None
 # tile (not written by the kernels before it) before it waits for the finalize's mean and rstd. Hides
 # the launch gaps and the finalize's latency (3.3 us of the 33.5 at level 0, T16); not yet timed.
 PDL = True
+# One-pass forward (_gn_one_pass_kernel): x read once, held in registers while each group's programs
+# exchange statistics; applies where every channel's (t, s) row is contiguous in x and y (NCHW). Not yet
+# timed, so off by default; `bench.sweep` times it against the two-pass forward. Tile per program:
+# the smallest power of two from _ONE_PASS_MIN_TILE that keeps a group's programs within one per SM (the
+# condition for the group to be resident at once), at most _ONE_PASS_MAX_TILE (else the two-pass
+# forward). Level 0 at 320x512: 4096 (T16: 100 programs per group) and 8192 (T26: 90).
+ONE_PASS = False
+_ONE_PASS_MIN_TILE = 4096
+_ONE_PASS_MAX_TILE = 16384
+_INTERP_GROUP_PROGRAMS = 64  # the interpreter runs programs one by one: no residency limit, only cost
 _INTERP_CHUNKS = 3  # a few programs per (n, channel block) under TRITON_INTERPRET (still exercises merging)
 _FINAL_BLOCK = 4096  # partials per finalize block: the U-Net's groups need one (up to 3200 of them)
 
@@ -333,6 +343,84 @@ def _gn_apply_kernel(
 
 
 @triton.jit
+def _gn_one_pass_kernel(
+    x_ptr, w_ptr, b_ptr, sh_ptr, y_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr, sync_ptr,
+    C, L, G, cpg, n_chunks, sw, sb_, smn, smg, srn, srg, sxn, sxc, syn, syc, eps,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, PRECISE: tl.constexpr,
+    TILE: tl.constexpr, BLOCK_P: tl.constexpr, WAIT: tl.constexpr,
+):
+    """The forward in one pass over memory: each program holds one TILE of a channel's contiguous
+    (t, s) row in registers while the group's P = cpg * n_chunks programs exchange their (mean, M2)
+    through global memory, then normalizes the tile it holds. x is read once instead of twice.
+
+    A program waits for the rest of its group, so the group's programs must all be resident at once.
+    Programs take tickets in the order they start (sync_ptr[0]) and a group is P consecutive tickets:
+    a program holding a ticket of a later group proves that every program of the earliest unfinished
+    group has started, so with room for P programs on the GPU (the launcher keeps P <= SMs) the
+    earliest group always finishes. Block indices could not promise this: the hardware need not start
+    blocks in index order. WAIT=False stops after publishing the partials (see _one_pass_launches)."""
+    ticket = tl.atomic_add(sync_ptr, 1) % tl.num_programs(0)  # modulo: the interpreter's second launch
+    P = cpg * n_chunks
+    grp = ticket // P  # n * G + g
+    k = ticket - grp * P
+    ch = k // n_chunks
+    chunk = k - ch * n_chunks
+    n = grp // G
+    c = (grp - n * G) * cpg + ch
+    offs = chunk * TILE + tl.arange(0, TILE)
+    mask = offs < L
+    x = tl.load(x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * sxc + offs, mask=mask, other=0.0).to(tl.float32)
+    # the tile's (mean, M2) by two passes over registers, exact up to fp32 rounding
+    tile_mean = tl.div_rn(tl.sum(x, axis=0), tl.minimum(L - chunk * TILE, TILE).to(tl.float32))
+    dev = tl.where(mask, x - tile_mean, 0.0)
+    part = grp.to(tl.int64) * P
+    tl.store(pmean_ptr + part + k, tile_mean)
+    tl.store(pm2_ptr + part + k, tl.sum(dev * dev, axis=0))
+    tl.debug_barrier()  # every thread's stores precede the release below (as in a cooperative grid sync)
+    arrived_ptr = sync_ptr + 1 + grp
+    tl.atomic_add(arrived_ptr, 1, sem="release")
+    if WAIT:
+        arrived = tl.atomic_add(arrived_ptr, 0, sem="acquire")
+        while arrived < P:
+            arrived = tl.atomic_add(arrived_ptr, 0, sem="acquire")
+        tl.debug_barrier()
+        # Chan-merge the group's P partials (volatile: written by other SMs, never served from L1). x's
+        # means are merged as offsets from partial 0's: summed, P products of count and mean would lose
+        # ulps of the mean itself, the offsets only ulps of their spread. The shift's mean is merged apart.
+        pi = tl.arange(0, BLOCK_P)
+        pm = pi < P
+        p_cnt = tl.where(pm, tl.minimum(L - (pi % n_chunks) * TILE, TILE).to(tl.float32), 0.0)  # 0: no term
+        total = (cpg * L).to(tl.float32)
+        ref = tl.load(pmean_ptr + part, volatile=True)
+        d = tl.load(pmean_ptr + part + pi, mask=pm, other=0.0, volatile=True) - ref
+        offset = tl.div_rn(tl.sum(p_cnt * d, axis=0), total)
+        d -= offset
+        mean = ref + offset
+        if HAS_SHIFT:
+            p_sh = _channel_vec(sh_ptr + n * C + (c - ch), pi // n_chunks, pm, 1, HAS_SHIFT, BLOCK_P)
+            mean_sh = tl.div_rn(tl.sum(p_cnt * p_sh, axis=0), total)
+            d += p_sh - mean_sh
+            mean += mean_sh
+        p_m2 = tl.load(pm2_ptr + part + pi, mask=pm, other=0.0, volatile=True)
+        rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(tl.sum(p_m2 + p_cnt * d * d, axis=0), total) + eps))
+        if k == 0:
+            g = grp - n * G
+            tl.store(mean_ptr + n * smn + g * smg, mean)
+            tl.store(rstd_ptr + n * srn + g * srg, rstd)
+        if HAS_SHIFT:
+            mean -= tl.load(sh_ptr + n * C + c)  # (x + shift - mean) = (x - (mean - shift))
+        a = rstd
+        if HAS_W:
+            a *= tl.load(w_ptr + c * sw).to(tl.float32)
+        y = (x - mean) * a
+        if HAS_B:
+            y += tl.load(b_ptr + c * sb_).to(tl.float32)
+        if SILU:
+            y = y * _sigmoid_parts(y, PRECISE)[0]
+        tl.store(y_ptr + n.to(tl.int64) * syn + c.to(tl.int64) * syc + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _gn_bwd_partials_kernel(
     dy_ptr, x_ptr, w_ptr, b_ptr, sh_ptr, mean_ptr, rstd_ptr, pa_ptr, pb_ptr,
     C, T, S, n_sb, n_tiles, tiles_per_chunk, n_chunks, cpg, sw, sb_, smn, smg, srn, srg,
@@ -475,6 +563,13 @@ def gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: float, s
     sh = shift if shift is not None else mean
     ms = (mean.stride(0), mean.stride(1), rstd.stride(0), rstd.stride(1))
     dev = x.device
+    if ONE_PASS:
+        tile = _one_pass_tile(x, y, t, s, cpg, dev)
+        if tile is not None:
+            _gn_fwd_one_pass(x, w, sw, b, sb_, sh, y, mean, rstd, ms, num_groups, eps, tile,
+                             HAS_W=weight is not None, HAS_B=bias is not None, HAS_SHIFT=shift is not None,
+                             SILU=bool(silu), PRECISE=x.dtype == torch.float32)
+            return
     pdl = _pdl(dev)
 
     # 1. per-channel partial (mean, M2) over chunks of the (t, s) plane: only x's strides to merge
@@ -512,6 +607,40 @@ def gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: float, s
         BLOCK_C=block_c, BLOCK_S=block_s, REVERSE=APPLY_REVERSED, PDL=pdl,
         num_warps=warps_for(block_c * block_s), **_launch_after(pdl), **_register_cap(_APPLY_MAXNREG, dev),
     )
+
+
+def _one_pass_tile(x, y, t: int, s: int, cpg: int, device: torch.device):
+    """The one-pass forward's tile for these views, or None where it does not apply."""
+    t1, length, (xs, ys) = merge_ts([strides4(x), strides4(y)], t, s)
+    if t1 != 1 or xs[3] != 1 or ys[3] != 1:  # a channel's (t, s) row is not contiguous
+        return None
+    limit = _INTERP_GROUP_PROGRAMS if INTERPRETED else sm_count(device)
+    tile = min(_ONE_PASS_MIN_TILE, next_pow2(length))
+    while cpg * cdiv(length, tile) > limit:
+        tile *= 2
+        if tile > _ONE_PASS_MAX_TILE:
+            return None
+    return tile
+
+
+def _gn_fwd_one_pass(x, w, sw, b, sb_, sh, y, mean, rstd, ms, num_groups: int, eps: float, tile: int, **flags):
+    n, c, t, s = x.shape
+    cpg = c // num_groups
+    _, length, (xs, ys) = merge_ts([strides4(x), strides4(y)], t, s)
+    n_chunks = cdiv(length, tile)
+    group_programs = cpg * n_chunks
+    dev = x.device
+    pmean = torch.empty(n * num_groups * group_programs, dtype=torch.float32, device=dev)
+    pm2 = torch.empty_like(pmean)
+    sync = torch.zeros(1 + n * num_groups, dtype=torch.int32, device=dev)  # ticket, then arrivals per group
+    # The interpreter runs programs one after another, so a waiting program would wait forever: it
+    # launches the grid twice, first only publishing the partials, then again to merge and apply them.
+    for wait in (False, True) if INTERPRETED else (True,):
+        _gn_one_pass_kernel[(n * num_groups * group_programs,)](
+            x, w, b, sh, y, mean, rstd, pmean, pm2, sync,
+            c, length, num_groups, cpg, n_chunks, sw, sb_, *ms, xs[0], xs[1], ys[0], ys[1], float(eps),
+            TILE=tile, BLOCK_P=next_pow2(group_programs), WAIT=wait, num_warps=warps_for(tile), **flags,
+        )
 
 
 def gn_bwd(dy, x, weight, bias, shift, mean, rstd, dx, dweight, dbias, num_groups: int, silu: bool) -> None:
