@@ -99,6 +99,16 @@ def group_norm_cases():
         kernels.gn_fwd(x.flatten(3), *affine, None, torch.empty_like(x).flatten(3), mean, rstd, 32, 1e-5, True)
         kernels.gn_bwd(torch.randn_like(x).flatten(3), x.flatten(3), *affine, None, mean, rstd,
                        torch.empty_like(x).flatten(3), torch.empty(320), torch.empty(320), 32, True)
+    # the one-pass forward (NCHW only) at level 0, T16 and T26 (4096- and 8192-element tiles), with the
+    # time-embedding shift and fp32's precise sigmoid
+    group_norm.ONE_PASS = True
+    for t, dtype, shift in [(16, torch.float16, None), (26, torch.float16, torch.randn(1, 320)),
+                            (16, torch.float32, None)]:
+        x = rand(1, 320, t, 40, 64, dtype=dtype)
+        affine = rand(320, dtype=dtype), rand(320, dtype=dtype)
+        kernels.gn_fwd(x.flatten(3), *affine, shift, torch.empty_like(x).flatten(3), torch.empty(1, 32),
+                       torch.empty(1, 32), 32, 1e-5, True)
+    group_norm.ONE_PASS = False
 
 
 def elementwise_cases():
@@ -137,6 +147,9 @@ def unit_size_cases():
     kernels.gn_fwd(x.flatten(3), *affine, None, torch.empty_like(x).flatten(3), mean, rstd, 32, 1e-5, True)
     kernels.gn_bwd(torch.randn_like(x).flatten(3), x.flatten(3), *affine, None, mean, rstd,
                    torch.empty_like(x).flatten(3), torch.empty(32), torch.empty(32), 32, True)
+    group_norm.ONE_PASS = True  # one-element tiles
+    kernels.gn_fwd(x.flatten(3), *affine, None, torch.empty_like(x).flatten(3), mean, rstd, 32, 1e-5, True)
+    group_norm.ONE_PASS = False
     q, k, v, do = (rand(1, 1, 1, 8, dtype=torch.float16) for _ in range(4))
     out, stats = torch.empty_like(q), torch.empty(1, 1, 1, kernels.ATTN_ROW_STATS)
     kernels.attn_fwd(q, k, v, out, stats, 0.1, False)

@@ -158,8 +158,8 @@ TRITON_BACKENDS = [p for p in KERNEL_BACKENDS if p.values[0] == "triton"]
 @pytest.mark.parametrize("backend_name", TRITON_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,groups", shapes(QUICK, FULL))
-@pytest.mark.parametrize("min_tile", [16, 4096], ids=["many_chunks", "default_tile"])
-@pytest.mark.parametrize("with_shift", [False, True], ids=["", "shift"])
+@pytest.mark.parametrize("min_tile,with_shift", [(16, False), (16, True), (4096, False)],
+                         ids=["many_chunks", "many_chunks_shift", "default_tile"])
 def test_group_norm_one_pass(monkeypatch, backend_name, dtype, shape, groups, min_tile, with_shift):
     """The one-pass forward (each group's programs exchange statistics, then normalize the tiles they
     hold) against float64, forward and backward; 16-element tiles split every channel into several."""

@@ -390,7 +390,7 @@ def _gn_one_pass_kernel(
         pi = tl.arange(0, BLOCK_P)
         pm = pi < P
         p_cnt = tl.where(pm, tl.minimum(L - (pi % n_chunks) * TILE, TILE).to(tl.float32), 0.0)  # 0: no term
-        total = (cpg * L).to(tl.float32)
+        total = tl.cast(cpg * L, tl.float32)  # tl.cast: ints equal to 1 are constexprs, without .to()
         ref = tl.load(pmean_ptr + part, volatile=True)
         d = tl.load(pmean_ptr + part + pi, mask=pm, other=0.0, volatile=True) - ref
         offset = tl.div_rn(tl.sum(p_cnt * d, axis=0), total)
