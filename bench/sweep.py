@@ -3,8 +3,8 @@
 to keep.
 
 - group_norm (+SiLU): the forward's statistics programs per SM, statistics tile, pipeline stages of
-  the statistics loop, and (at the default) the apply order, apply tile, apply register cap and
-  programmatic dependent launch (see hbkernels/triton/group_norm.py). The default setting is also
+  the statistics loop, and (at the default) the apply order, apply tile, apply register cap,
+  programmatic dependent launch and the one-pass forward (NCHW only; see hbkernels/triton/group_norm.py). The default setting is also
   profiled: microseconds per call of each of its kernels (statistics, finalize, apply), which says
   which pass to work on next. The backward's partial-sums pass shares the statistics loop's stages:
   the whole backward is timed per stage count, and without PDL. Rows name the knobs they change.
@@ -42,10 +42,10 @@ ATTN_WARPS = (None, 1, 2, 4, 8)
 
 def _gn_forward_settings():
     """Knob values per timed forward setting: the statistics grid (other knobs at their defaults), then
-    the default with one apply-side knob changed."""
+    the default with one other knob changed."""
     grid = [dict(STATS_PROGRAMS_PER_SM=p, _STATS_TILE=t, STATS_STAGES=s)
             for p, t, s in itertools.product(GN_PROGRAMS_PER_SM, GN_TILES, GN_STAGES)]
-    return grid + [dict(APPLY_REVERSED=not gn.APPLY_REVERSED), dict(PDL=not gn.PDL)] + \
+    return grid + [dict(APPLY_REVERSED=not gn.APPLY_REVERSED), dict(PDL=not gn.PDL), dict(ONE_PASS=not gn.ONE_PASS)] + \
         [dict(_APPLY_TILE=t) for t in GN_APPLY_TILES] + [dict(_APPLY_MAXNREG=c) for c in GN_APPLY_MAXNREG]
 
 

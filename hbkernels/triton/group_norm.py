@@ -20,9 +20,18 @@ Channel blocks are not aligned to groups (statistics are per channel, merged per
 a tile can be 64 channels wide: with channels-last or token-layout tensors (unit channel stride) every
 access is a full 128-byte line, while a group alone is only C/G (e.g. 10) channels = 20 bytes.
 
-Memory traffic: forward reads x twice and writes y once; the fused SiLU saves the separate activation
-pass (one read + one write), and writing y straight into the token layout saves the permute copy (one
-more read + write). Backward reads dy and x twice and writes dx once.
+One-pass forward (opt-in, ONE_PASS; NCHW, where each channel's (t, s) row is contiguous):
+         _gn_one_pass_kernel: grid (N * G * programs per group). Each program loads one tile of a
+                          channel's row into registers, publishes its (mean, M2), waits until its
+                          group's programs all have, merges their partials and writes its tile's y.
+                          x is read once, so the bound is copy bandwidth over the op's own bytes,
+                          where the two passes move 1.5x them. The statistics exchange needs a
+                          group's programs resident together, which bounds the tile from below
+                          (see _one_pass_tile).
+
+Memory traffic: forward reads x twice (one-pass: once) and writes y once; the fused SiLU saves the
+separate activation pass (one read + one write), and writing y straight into the token layout saves
+the permute copy (one more read + write). Backward reads dy and x twice and writes dx once.
 """
 import functools
 
