@@ -78,7 +78,9 @@ PDL = True
 # timed, so off by default; `bench.sweep` times it against the two-pass forward. Tile per program:
 # the smallest power of two from _ONE_PASS_MIN_TILE that keeps a group's programs within one per SM (the
 # condition for the group to be resident at once), at most _ONE_PASS_MAX_TILE (else the two-pass
-# forward). Level 0 at 320x512: 4096 (T16: 100 programs per group) and 8192 (T26: 90).
+# forward). Level 0 at 320x512: 4096 (T16: 100 programs per group) and 8192 (T26: 90). sm_90 fits 6 / 3
+# such programs per SM (40 / 80 registers), so even 3 launches running at once on other streams (each
+# needing room for one group) cannot fill the GPU with waiting programs.
 ONE_PASS = False
 _ONE_PASS_MIN_TILE = 4096
 _ONE_PASS_MAX_TILE = 16384
