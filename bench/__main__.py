@@ -31,9 +31,9 @@ def main(argv=None):
     report.copy_gbps = common.copy_bandwidth(dev) / 1e9
     print(f"{report.device}: copy bandwidth {report.copy_gbps:.1f} GB/s, dtype {dtype}, commit {report.commit}")
     ops.run(report, dev, dtype, quick=args.quick, timer=lambda fn: timer(fn, min_time), compile_too=args.compile)
-    # runs without some rows must not overwrite the full one
+    # runs without some rows or shapes must not overwrite the full one
     report.save(args.out, "ops", str(dtype).split(".")[-1], *(["graph"] if args.graph else []),
-                *([] if args.compile else ["no-compile"]))
+                *([] if args.compile else ["no-compile"]), *(["quick"] if args.quick else []))
 
 
 if __name__ == "__main__":

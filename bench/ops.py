@@ -97,6 +97,9 @@ def run(report, dev, dtype, quick=False, timer=None, compile_too=True):
     gpu = dev.type == "cuda"
 
     def _impls(eager, ours, extra=None):
+        # dynamo's cache is keyed on the code, so without a reset every shape after a suite's first would
+        # be timed through a recompiled dynamic-shape graph instead of the static one a user's model gets
+        torch.compiler.reset()
         compiled = {"compile": torch.compile(eager)} if compile_too else {}
         return {"eager": eager, **(extra or {}), **compiled, "hbkernels": ours}
 

@@ -1,7 +1,9 @@
 """U-Net step benchmark: median ms per HummingbirdUNet3DModel forward (one denoising step), and peak
 GPU memory, for several ways of running the same model:
 
-- ``eager``: ``hbkernels.use_backend("torch")``, i.e. the plain-PyTorch reference ops
+- ``eager``: ``hbkernels.use_backend("torch")``, i.e. the PyTorch ops stock diffusers runs (SDPA
+  attention, ``F.group_norm``; before the seventh session's commits its temporal attention was
+  matmul + fp32 softmax + matmul)
 - ``hbkernels``: hbkernels' automatic backend (Triton on GPUs, the C++ extension on CPUs)
 - ``compile``: ``torch.compile`` of the eager model; ``hbkernels + compile``: of the hbkernels model
 - ``... + CUDA graph`` (GPU): the step replayed as one CUDA graph

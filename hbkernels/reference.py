@@ -1,5 +1,6 @@
 """Pure-PyTorch reference backend: the fallback where no kernel backend runs, differentiable
-through ordinary autograd. Plain and obviously correct rather than fast."""
+through ordinary autograd. The PyTorch ops a stock diffusers model runs (SDPA for attention), and in
+float64, the tests' reference, plain and obviously correct rather than fast."""
 import torch
 import torch.nn.functional as F
 
@@ -7,13 +8,20 @@ import torch.nn.functional as F
 def temporal_attention(q, k, v, scale: float, causal: bool) -> torch.Tensor:
     """q, k, v: (N, T, H, D) -> (N, T, H, D), softmax(q k^T * scale) v over the frame axis."""
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # (N, H, T, D)
-    scores = torch.matmul(qh, kh.transpose(-1, -2)).float() * scale
+    if q.dtype != torch.float64:
+        # what diffusers' default processor (AttnProcessor2_0) runs: SDPA on the transposed views, here in
+        # slices of tokens, since SDPA's fused CUDA kernels have failed past 65,535 (token, head) rows
+        rows = max(1, 65535 // q.shape[2])
+        return torch.cat([F.scaled_dot_product_attention(qh[i:i + rows], kh[i:i + rows], vh[i:i + rows],
+                                                         is_causal=causal, scale=scale)
+                          for i in range(0, q.shape[0], rows)]).transpose(1, 2).contiguous()
+    # float64, the tests' reference: every step spelled out, nothing rounded below float64
+    scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale
     if causal:
         t_q, t_k = scores.shape[-2:]
         keep = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril()
         scores = scores.masked_fill(~keep, float("-inf"))
-    probs = scores.softmax(-1).to(v.dtype)
-    return torch.matmul(probs, vh).transpose(1, 2).contiguous()
+    return torch.matmul(scores.softmax(-1), vh).transpose(1, 2).contiguous()
 
 
 def group_norm(x, num_groups: int, weight, bias, eps: float, silu: bool, shift=None) -> torch.Tensor:

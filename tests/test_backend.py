@@ -14,7 +14,7 @@ def test_required_backends_are_built():
     if require("cpp"):
         assert backend.cpp_available(), "C++ extension hbkernels._C did not build"
     if require("triton"):
-        assert backend.triton_available() and backend.interpreting() or torch.cuda.is_available()
+        assert backend.triton_available() and (backend.interpreting() or torch.cuda.is_available())
 
 
 def test_automatic_choice():

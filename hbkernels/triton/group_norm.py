@@ -44,6 +44,7 @@ try:  # grid dependency control (Triton >= 3.3, which also has the launch_pdl op
 except ImportError:
     gdc_launch_dependents = gdc_wait = None
 
+from hbkernels.backend import empty, empty_like
 from hbkernels.triton.layout import INTERPRETED, cdiv, merge_ts, next_pow2, sm_count, strides4, tile_shape, warps_for
 
 # Forward launch tuning, timed against each other on an H100 by `python -m bench.sweep`
@@ -589,8 +590,8 @@ def gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: float, s
     n_sb3 = cdiv(s3, bs3)
     n_cb3 = cdiv(c, bc3)
     per, n_chunks = _chunking(n, n_cb3, t3 * n_sb3, dev)
-    pmean = torch.empty((n, c, n_chunks), dtype=torch.float32, device=dev)
-    pm2 = torch.empty((n, c, n_chunks), dtype=torch.float32, device=dev)
+    pmean = empty((n, c, n_chunks), dtype=torch.float32, device=dev)  # NaN when poisoning, like outputs
+    pm2 = empty((n, c, n_chunks), dtype=torch.float32, device=dev)
     _gn_stats_kernel[(n * n_chunks, n_cb3)](
         x, pmean, pm2,
         c, t3, s3, n_sb3, t3 * n_sb3, per, n_chunks, *xs3,
@@ -641,8 +642,8 @@ def _gn_fwd_one_pass(x, w, sw, b, sb_, sh, y, mean, rstd, ms, num_groups: int, e
     n_chunks = cdiv(length, tile)
     group_programs = cpg * n_chunks
     dev = x.device
-    pmean = torch.empty(n * num_groups * group_programs, dtype=torch.float32, device=dev)
-    pm2 = torch.empty_like(pmean)
+    pmean = empty(n * num_groups * group_programs, dtype=torch.float32, device=dev)
+    pm2 = empty_like(pmean)
     sync = torch.zeros(1 + n * num_groups, dtype=torch.int32, device=dev)  # ticket, then arrivals per group
     # The interpreter runs programs one after another, so a waiting program would wait forever: it
     # launches the grid twice, first only publishing the partials, then again to merge and apply them.
@@ -674,8 +675,8 @@ def gn_bwd(dy, x, weight, bias, shift, mean, rstd, dx, dweight, dbias, num_group
     n_sb2 = cdiv(s2, bs2)
     n_cb2 = cdiv(c, bc2)
     per, n_chunks = _chunking(n, n_cb2, t2 * n_sb2, dev)
-    pa = torch.empty((n, c, n_chunks), dtype=torch.float32, device=dev)
-    pb = torch.empty((n, c, n_chunks), dtype=torch.float32, device=dev)
+    pa = empty((n, c, n_chunks), dtype=torch.float32, device=dev)
+    pb = empty((n, c, n_chunks), dtype=torch.float32, device=dev)
     _gn_bwd_partials_kernel[(n * n_chunks, n_cb2)](
         dy, x, w, b, sh, mean, rstd, pa, pb,
         c, t2, s2, n_sb2, t2 * n_sb2, per, n_chunks, cpg, sw, sb_, *ms, *ds2, *xs2,
@@ -684,7 +685,7 @@ def gn_bwd(dy, x, weight, bias, shift, mean, rstd, dx, dweight, dbias, num_group
     )
 
     # 2. per-group coefficients
-    coef = torch.empty((n * num_groups, 2), dtype=torch.float32, device=dev)
+    coef = empty((n * num_groups, 2), dtype=torch.float32, device=dev)
     block = min(next_pow2(cpg * n_chunks), _FINAL_BLOCK)
     _gn_bwd_finalize_kernel[(n * num_groups,)](
         pa, pb, w, coef, num_groups, cpg, n_chunks, float(cpg * t * s), sw,

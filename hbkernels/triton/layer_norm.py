@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hbkernels.backend import empty, empty_like
 from hbkernels.ops.layer_norm import TRITON_MAX_C
 from hbkernels.triton.layout import INTERPRETED, cdiv, next_pow2, warps_for
 
@@ -145,8 +146,8 @@ def ln_bwd(dy, x, weight, mean, rstd, dx, dweight, dbias) -> None:
     programs = min(cdiv(m, block_m), _INTERP_PROGRAMS if INTERPRETED else _BWD_PROGRAMS)
     rows_per_program = cdiv(cdiv(m, programs), block_m) * block_m  # whole tiles per program
     programs = cdiv(m, rows_per_program)
-    pdw = torch.empty((programs, c) if partials else (1,), dtype=torch.float32, device=x.device)
-    pdb = torch.empty_like(pdw)
+    pdw = empty((programs, c) if partials else (1,), dtype=torch.float32, device=x.device)  # NaN when poisoning
+    pdb = empty_like(pdw)
     _ln_bwd_kernel[(programs,)](
         dy, x, weight if weight is not None else mean, mean, rstd, dx, pdw, pdb,
         m, c, dy.stride(0), x.stride(0), dx.stride(0), rows_per_program,
