@@ -2,8 +2,7 @@
 GPU memory, for several ways of running the same model:
 
 - ``eager``: ``hbkernels.use_backend("torch")``, i.e. the PyTorch ops stock diffusers runs (SDPA
-  attention, ``F.group_norm``; before the seventh session's commits its temporal attention was
-  matmul + fp32 softmax + matmul)
+  attention, ``F.group_norm`` then SiLU, ...)
 - ``hbkernels``: hbkernels' automatic backend (Triton on GPUs, the C++ extension on CPUs)
 - ``compile``: ``torch.compile`` of the eager model; ``hbkernels + compile``: of the hbkernels model
 - ``... + CUDA graph`` (GPU): the step replayed as one CUDA graph
