@@ -101,6 +101,16 @@ def empty(*args, **kwargs) -> torch.Tensor:
     return out.fill_(float("nan")) if POISON else out
 
 
+def unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with ``stride(-1) == 1``, as the kernels index it. ``contiguous()`` keeps any stride on a
+    dim of size 1 (it is never used), so such a tensor gets a view with that stride set to 1."""
+    if t.stride(-1) == 1:
+        return t
+    if t.shape[-1] == 1:
+        return t.as_strided(t.shape, (*t.stride()[:-1], 1), t.storage_offset())
+    return t.contiguous()
+
+
 def empty_like(t: torch.Tensor, **kwargs) -> torch.Tensor:
     """``torch.empty_like`` (same memory format where ``t`` is dense), NaN-filled when poisoning."""
     out = torch.empty_like(t, **kwargs)

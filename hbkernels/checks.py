@@ -44,7 +44,7 @@ def like(name: str, t, ref_name: str, ref: torch.Tensor, *, ndim=None) -> None:
 
 
 def channel_vector(name: str, t, channels: int, like: torch.Tensor) -> None:
-    """An optional per-channel affine parameter (GroupNorm weight/bias)."""
+    """An optional per-channel parameter (a norm's weight/bias, a convolution's bias), of any float dtype."""
     if t is None:
         return
     tensor(name, t, ndim=1)
@@ -52,3 +52,15 @@ def channel_vector(name: str, t, channels: int, like: torch.Tensor) -> None:
         raise ValueError(f"{name} must have {channels} elements (one per channel), got {t.numel()}")
     if t.device != like.device:
         raise ValueError(f"{name} is on {t.device} but the input is on {like.device}")
+
+
+def positive_eps(eps) -> None:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"eps must be a positive float, got {eps!r}")
+
+
+def affine_like(t, x: torch.Tensor):
+    """A norm's optional weight/bias as every backend takes it: in x's dtype (PyTorch's CPU norms
+    refuse other dtypes, so the backends would disagree) and contiguous (the Triton LayerNorm indexes
+    it without strides). Differentiable: gradients reach the caller's tensor in its own dtype."""
+    return None if t is None else t.to(x.dtype).contiguous()

@@ -26,3 +26,10 @@ def test_geglu_bad_input():
         hbkernels.geglu(rand(3, 5))
     with pytest.raises(TypeError, match="x must have dtype"):
         hbkernels.geglu(torch.ones(3, 4, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+def test_geglu_one_feature_with_an_odd_gradient_stride(backend_name):
+    """F = 1 with a transposed incoming gradient: the (M, 1) gradient's column stride is not 1."""
+    x = rand(4, 2, dtype=torch.float64, requires_grad=True)
+    check_against_float64(lambda x: hbkernels.geglu(x).t().contiguous().t(), [x], backend_name, torch.float32)

@@ -212,6 +212,10 @@ def test_group_norm_bad_input():
         hbkernels.group_norm(x, 5)
     with pytest.raises(TypeError, match="num_groups"):
         hbkernels.group_norm(x, 2.0)
+    with pytest.raises(ValueError, match="num_groups"):
+        hbkernels.group_norm(x, 0)
+    with pytest.raises(ValueError, match="eps"):
+        hbkernels.group_norm(x, 4, eps=True)
     with pytest.raises(ValueError, match="x must be 4D or 5D"):
         hbkernels.group_norm(x[0], 4)
     with pytest.raises(ValueError, match="x must be 5D"):
@@ -250,3 +254,20 @@ def test_group_norm_statistics_programs_fill_the_gpu(monkeypatch):
     assert gn._chunking(1, 320, 20, "cuda") == (5, 4)  # 1280 programs for 1056 wanted: the U-Net's level 0
     assert gn._chunking(2, 5, 400, "cuda") == (4, 100)  # 1000
     assert gn._chunking(1, 5, 3, "cuda") == (1, 3)  # fewer tiles than wanted programs: one each
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("param_dtype", [torch.float64, torch.float16])
+def test_group_norm_parameters_in_another_dtype(backend_name, param_dtype):
+    """weight/bias in another float dtype than x (and strided): every backend gives PyTorch's answer
+    for those parameters in x's dtype, with gradients in the parameters' own dtype."""
+    x = rand(2, 8, 3, 4, 4)
+    w = rand(16, mean=1.0, dtype=param_dtype)[::2].detach().requires_grad_()
+    b = rand(8, dtype=param_dtype, requires_grad=True)
+    with hbkernels.use_backend(backend_name):
+        y = hbkernels.group_norm(x, 4, w, b, activation="silu")
+        gw, gb = torch.autograd.grad(y.square().sum(), [w, b])
+    want = torch.nn.functional.silu(torch.nn.functional.group_norm(
+        x.double(), 4, w.detach().to(x.dtype).double(), b.detach().to(x.dtype).double()))
+    assert y.dtype == x.dtype and gw.dtype == param_dtype and gb.dtype == param_dtype
+    torch.testing.assert_close(y.double(), want, rtol=0, atol=1e-5)

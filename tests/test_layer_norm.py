@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import hbkernels
-from helpers import DEVICE, DTYPES, KERNEL_BACKENDS, check_against_float64, rand, shapes
+from helpers import BACKENDS, DEVICE, DTYPES, KERNEL_BACKENDS, check_against_float64, rand, shapes
 
 # (leading shape..., C): C = 1, not a multiple of 8, wider than a tile; one and many rows.
 QUICK = [(7, 40), (2, 3, 320), (1, 1283), (5, 1)]
@@ -125,3 +125,26 @@ def test_layer_norm_bad_input():
         hbkernels.layer_norm(x, residual=rand(3, 4))
     with pytest.raises(TypeError, match="residual has dtype"):
         hbkernels.layer_norm(x, residual=rand(3, 8, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("param_dtype", [torch.float64, torch.float16])
+def test_layer_norm_parameters_strided_or_in_another_dtype(backend_name, param_dtype):
+    """weight/bias as strided views (every other element) or in another float dtype than x: every
+    backend gives PyTorch's answer for those parameters (the Triton kernel once read a strided
+    weight as if it were contiguous; the C++ and reference backends raised RuntimeErrors)."""
+    x = rand(6, 8)
+    w, b = rand(16, mean=1.0, dtype=param_dtype)[::2], rand(16, dtype=param_dtype)[::2]
+    with hbkernels.use_backend(backend_name):
+        y = hbkernels.layer_norm(x, w, b)
+    want = torch.nn.functional.layer_norm(x.double(), (8,), w.to(x.dtype).double(), b.to(x.dtype).double())
+    assert y.dtype == x.dtype
+    torch.testing.assert_close(y.double(), want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+def test_layer_norm_one_channel_with_an_odd_stride(backend_name):
+    """A last dim of size 1 may carry any stride (here a transposed (1, 4)); the kernels still run."""
+    x = rand(1, 4, dtype=torch.float64, requires_grad=True)
+    w = rand(1, dtype=torch.float64, mean=1.0, requires_grad=True)
+    check_against_float64(lambda x, w: hbkernels.layer_norm(x.t(), w, None), [x, w], backend_name, torch.float32)

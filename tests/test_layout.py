@@ -112,3 +112,12 @@ def test_residual_add_bad_input():
         hbkernels.residual_add(x, x, rand(3))
     with pytest.raises(TypeError, match="residual has dtype"):
         hbkernels.residual_add(x, x.double())
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_layout_ops_on_empty_videos(backend_name):
+    """Zero frames or pixels: every backend returns the empty result (Triton once divided by zero)."""
+    with hbkernels.use_backend(backend_name):
+        out = hbkernels.residual_add(rand(2, 4, 0, 3), rand(2, 4, 0, 3), rand(4))
+        video = hbkernels.tokens_to_video(rand(0, 3, 4), rand(2, 4, 3, 0, 2))
+    assert out.shape == (2, 4, 0, 3) and video.shape == (2, 4, 3, 0, 2)

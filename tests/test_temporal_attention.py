@@ -130,6 +130,19 @@ def test_temporal_attention_bad_input():
         hbkernels.temporal_attention(big, big, big)
     with pytest.raises(TypeError, match="scale"):
         hbkernels.temporal_attention(q, q, q, scale=float("nan"))
+    with pytest.raises(TypeError, match="scale"):
+        hbkernels.temporal_attention(q, q, q, scale=True)
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        hbkernels.temporal_attention(q, q, q, causal="no")
     if DEVICE.type == "cpu":
         with pytest.raises(ValueError, match="v is on meta"):
             hbkernels.temporal_attention(q, q, torch.empty_like(q, device="meta"))
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+def test_temporal_attention_head_dim_one_with_an_odd_stride(backend_name):
+    """D = 1 may carry any stride (here 7); the kernels take it as unit-stride without a copy."""
+    q = rand(2, 3, 4, dtype=torch.float64).as_strided((2, 3, 4, 1), (12, 4, 1, 7)).detach().requires_grad_()
+    k, v = (rand(2, 3, 4, 1, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    check_against_float64(lambda q, k, v: hbkernels.temporal_attention(q, k, v), [q, k, v], backend_name,
+                          torch.float32)

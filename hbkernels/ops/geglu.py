@@ -24,7 +24,7 @@ class GEGLUFunction(torch.autograd.Function):
     @once_differentiable  # kernel gradients: a double backward must raise, not silently drop terms
     def backward(ctx, grad_out):
         (x2,) = ctx.saved_tensors
-        dy = grad_out.reshape(x2.shape[0], -1).contiguous()
+        dy = backend.unit_last_stride(grad_out.reshape(x2.shape[0], -1))
         dx = backend.empty(x2.shape, dtype=x2.dtype, device=x2.device)
         backend.primitives(ctx.backend_name).geglu_bwd(dy, x2, dx)
         return dx.view(ctx.shape), None

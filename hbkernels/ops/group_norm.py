@@ -103,14 +103,15 @@ def _check(x, num_groups, weight, bias, eps, activation, ndim, shift=None):
         if tuple(shift.shape) != (x.shape[0], c):
             raise ValueError(f"shift must have shape (N, C) = {(x.shape[0], c)}, got {tuple(shift.shape)}")
         checks.same_device(x=x, shift=shift)
-    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int):
         raise TypeError(f"num_groups must be a positive int, got {num_groups!r}")
+    if num_groups < 1:
+        raise ValueError(f"num_groups must be a positive int, got {num_groups}")
     if c % num_groups:
         raise ValueError(f"num_groups ({num_groups}) must divide the channel count C={c} of x")
     checks.channel_vector("weight", weight, c, x)
     checks.channel_vector("bias", bias, c, x)
-    if not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    checks.positive_eps(eps)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if x.numel() == 0:
@@ -127,6 +128,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None,
     in fp32 with a Welford/Chan merge, so low-precision inputs with a large mean stay accurate.
     """
     _check(x, num_groups, weight, bias, eps, activation, (4, 5), shift)
+    weight, bias = checks.affine_like(weight, x), checks.affine_like(bias, x)
     silu = activation == "silu"
     name = backend.select(x.device, x.dtype)
     if name == "torch":
@@ -140,6 +142,7 @@ def group_norm_to_tokens(x, num_groups, weight=None, bias=None, eps=1e-5, activa
     Equals ``rearrange(group_norm(x), "n c t h w -> (n h w) t c")`` without the permute copy.
     """
     _check(x, num_groups, weight, bias, eps, activation, 5)
+    weight, bias = checks.affine_like(weight, x), checks.affine_like(bias, x)
     silu = activation == "silu"
     name = backend.select(x.device, x.dtype)
     if name == "torch":

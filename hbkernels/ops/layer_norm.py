@@ -14,8 +14,7 @@ TRITON_MAX_C = 16384  # the Triton kernels hold a whole row in one tile; wider r
 
 def _rows(t, c):
     """t as (rows, C) with unit column stride (a view where possible)."""
-    t2 = t.reshape(-1, c)
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+    return backend.unit_last_stride(t.reshape(-1, c))
 
 
 class LayerNormFunction(torch.autograd.Function):
@@ -65,8 +64,7 @@ def _check(x, weight, bias, eps, residual):
     c = x.shape[-1]
     checks.channel_vector("weight", weight, c, x)
     checks.channel_vector("bias", bias, c, x)
-    if not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    checks.positive_eps(eps)
 
 
 def layer_norm(x, weight=None, bias=None, eps=1e-5, residual=None):
@@ -77,6 +75,7 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5, residual=None):
     With ``residual`` (x's shape and dtype) returns ``(layer_norm(s), s)`` for ``s = x + residual``,
     the pre-norm transformer block's ``x = f(x) + x; h = norm(x)`` in one pass."""
     _check(x, weight, bias, eps, residual)
+    weight, bias = checks.affine_like(weight, x), checks.affine_like(bias, x)
     name = backend.select(x.device, x.dtype)
     if name == "torch" or (name == "triton" and x.shape[-1] > TRITON_MAX_C):
         return reference.layer_norm(x, weight, bias, float(eps), residual)

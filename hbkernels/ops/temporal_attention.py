@@ -35,14 +35,10 @@ class TemporalAttentionFunction(torch.autograd.Function):
     @once_differentiable  # kernel gradients: a double backward must raise, not silently drop terms
     def backward(ctx, grad_out):
         q, k, v, out, stats = ctx.saved_tensors
-        grad_out = _last_dim_contiguous(grad_out)
+        grad_out = backend.unit_last_stride(grad_out)
         dq, dk, dv = (backend.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
         backend.primitives(ctx.backend_name).attn_bwd(grad_out, q, k, v, out, stats, dq, dk, dv, ctx.scale, ctx.causal)
         return dq, dk, dv, None, None, None, None
-
-
-def _last_dim_contiguous(t):
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def temporal_attention(q, k, v, *, scale=None, causal=False):
@@ -66,12 +62,14 @@ def temporal_attention(q, k, v, *, scale=None, causal=False):
         raise ValueError(f"q must be non-empty, got shape {tuple(q.shape)}")
     if scale is None:
         scale = 1.0 / math.sqrt(d)
-    elif not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise TypeError(f"scale must be a finite float or None, got {scale!r}")
+    if not isinstance(causal, bool):  # a string such as "no" would otherwise mean True
+        raise TypeError(f"causal must be a bool, got {causal!r}")
     name = backend.select(q.device, q.dtype)
     if name == "torch":
         return reference.temporal_attention(q, k, v, float(scale), bool(causal))
-    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    q, k, v = (backend.unit_last_stride(x) for x in (q, k, v))
     if torch.compiler.is_compiling():
         # The same tensor passed twice (self-attention on raw tokens) is a torch.compile graph break
         # for autograd.Function; distinct views of it are not, and gradients still sum into it.
