@@ -34,6 +34,7 @@ import pickle
 import re
 import shutil
 import tempfile
+import uuid
 import warnings
 import zipfile
 from contextlib import nullcontext
@@ -284,6 +285,12 @@ def load_state_dict_checked(model, state_dict, what, strict=True):
         raise CheckpointMismatchError(what, missing, unexpected, mismatched)
     if missing or unexpected:
         warnings.warn(str(CheckpointMismatchError(what, missing, unexpected)) + "\n(loaded non-strictly)", stacklevel=2)
+    if not any(t.is_meta for t in model.state_dict().values()):
+        # a model built for a partial load: first in the checkpoint's dtype, so that the parameters the
+        # checkpoint lacks do not stay in another one (a mixed-dtype model fails in its first forward)
+        dtype = next((v.dtype for v in state_dict.values() if v.is_floating_point()), None)
+        if dtype is not None:
+            torch.nn.Module.to(model, dtype)
     model.load_state_dict({k: v.contiguous() for k, v in state_dict.items() if k in expected}, strict=False, assign=True)
     return model
 
@@ -491,7 +498,8 @@ def convert(src, dst, config=None, *, dtype=None, overwrite=False, strict=True) 
     }
     components = {name: model for name, model in components.items() if model is not None}
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex}"
+    tmp.mkdir()  # not mkdtemp: its mode 0700 would become the model folder's, whatever the user's umask
     try:
         for name, model in components.items():
             if dtype is not None:

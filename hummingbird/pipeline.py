@@ -68,8 +68,8 @@ class HummingbirdPipeline(DiffusionPipeline):
     def enable_cuda_graph(self):
         """Run each denoising step as a replayed CUDA graph (captured at the first step of each shape),
         removing the per-kernel launch cost: a hummingbird-0.7b step at 320x512 x 26 frames on an H200
-        goes from 61.5 to 44.6 ms. Costs two extra U-Net calls per new shape (warm-up and capture) and
-        the graph's activation memory. Pipelines on the CPU keep running plain steps."""
+        goes from 61.5 to 44.6 ms. Costs two warm-up U-Net calls and a capture per new shape, and the
+        graph's activation memory. Pipelines on the CPU keep running plain steps."""
         def step(sample, timestep, context, timestep_cond, fps):
             return self.unet(sample, timestep, context, fps=fps, timestep_cond=timestep_cond, return_dict=False)[0]
 
@@ -138,6 +138,8 @@ class HummingbirdPipeline(DiffusionPipeline):
                      output_type, decode_chunk_size):
         if not prompt or not all(isinstance(p, str) for p in prompt):
             raise ValueError("prompt must be a string or a non-empty list of strings")
+        if negative_prompt is not None and not all(isinstance(p, str) for p in negative_prompt):
+            raise ValueError("negative_prompt must be a string or a list of strings")
         if negative_prompt is not None and len(negative_prompt) != len(prompt):
             raise ValueError(f"{len(negative_prompt)} negative prompts for {len(prompt)} prompts")
         m = self.spatial_multiple
@@ -193,13 +195,16 @@ class HummingbirdPipeline(DiffusionPipeline):
         negative_prompt: the unconditional prompt of classifier-free guidance (default ""); a
         guidance-distilled U-Net has no unconditional branch, so it is ignored there with a warning.
         Without distillation, guidance_scale <= 1 turns classifier-free guidance off (batch B, not 2B).
-        seed: shorthand for a CPU ``generator`` (the same seed gives the same noise on any device).
+        seed: shorthand for a CPU ``generator`` (the same seed gives the same noise on any device); pass
+        one of the two.
         latents: (B, 4, F, H/8, W/8) initial noise instead of sampling it. eta: DDIM's noise weight.
         Returns :class:`HummingbirdPipelineOutput` (or ``(frames,)`` when ``return_dict=False``).
         """
         prompt = [prompt] if isinstance(prompt, str) else list(prompt)
         if isinstance(negative_prompt, str):
             negative_prompt = [negative_prompt] * len(prompt)
+        elif negative_prompt is not None:
+            negative_prompt = list(negative_prompt)
         defaults = DISTILLED_DEFAULTS if self.guidance_distilled else CFG_DEFAULTS
         num_inference_steps = defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
         num_frames = defaults["num_frames"] if num_frames is None else num_frames
@@ -207,7 +212,9 @@ class HummingbirdPipeline(DiffusionPipeline):
         fps = defaults["fps"] if fps is None else fps
         self.check_inputs(prompt, negative_prompt, num_frames, height, width, num_inference_steps, output_type,
                           decode_chunk_size)
-        if generator is None and seed is not None:
+        if generator is not None and seed is not None:
+            raise ValueError("pass either seed or generator, not both")
+        if seed is not None:
             generator = torch.Generator("cpu").manual_seed(seed)
         device, dtype, batch = self._execution_device, self.unet.dtype, len(prompt)
         if device.type == "cuda":
@@ -219,6 +226,9 @@ class HummingbirdPipeline(DiffusionPipeline):
         if self.guidance_distilled and negative_prompt is not None:
             warnings.warn("negative_prompt is ignored: this U-Net has classifier-free guidance distilled in "
                           "(no unconditional branch)", stacklevel=2)
+        elif not do_cfg and negative_prompt is not None:
+            warnings.warn(f"negative_prompt is ignored: guidance_scale {guidance_scale} <= 1 turns classifier-free "
+                          "guidance off", stacklevel=2)
         texts = (negative_prompt or [""] * batch) + prompt if do_cfg else prompt
         context = self.encode_prompt(texts, device).to(dtype)
         timings["text_encode"] = clock.lap()

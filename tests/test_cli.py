@@ -15,7 +15,7 @@ def test_generate_tiny_random_mp4_with_hummingbird_defaults(tmp_path, capsys):
     out = tmp_path / "cat.mp4"
     assert main(["generate", "a cat", *TINY, "--seed", "3", "--out", str(out)]) == 0  # 8 steps, 26 frames, fps 8
     printed = capsys.readouterr().out
-    assert f"wrote {out} (26 frames, 32x32, 8 fps, seed 3" in printed
+    assert f"wrote {out} (26 frames, 32x32, 8 fps (conditioned on 8), seed 3" in printed
     for stage in ("load", "text_encode", "denoise", "decode", "export", "peak memory"):
         assert stage in printed
     assert iio.imread(out).shape == (26, 32, 32, 3) and iio.immeta(out)["fps"] == 8
@@ -29,8 +29,11 @@ def test_generate_gif_from_saved_pipeline(tmp_path, capsys):
     args = ["generate", "a cat", "--model", str(tmp_path / "model"), "--height", "32", "--width", "32",
             "--frames", "3", "--steps", "2", "--negative-prompt", "blurry", "--out", str(out)]
     assert main(args) == 0
-    assert "28 fps" in capsys.readouterr().out  # VideoCrafter2's fps default for a non-distilled model
+    # a non-distilled model: VideoCrafter2's fps conditioning, played at its scripts' 10 fps
+    assert "10 fps (conditioned on 28)" in capsys.readouterr().out
     assert iio.imread(out).shape == (3, 32, 32, 3)
+    assert main([*args, "--save-fps", "5"]) == 0
+    assert "5 fps (conditioned on 28)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("args, message", [

@@ -7,6 +7,7 @@ import importlib
 import os
 import pickle
 import re
+import stat
 import subprocess
 import sys
 
@@ -205,6 +206,11 @@ def test_strict_loading_names_the_keys(parts, tmp_path):
     with pytest.warns(UserWarning, match="extra.weight"):
         model = unet_from_checkpoint(ckpt, "tiny", strict=False)
     assert model.input_blocks[1][0].temporal_conv.conv2[3].bias.device.type == "cpu"
+    # a half-precision checkpoint loaded non-strictly: the parameters it lacks take its dtype too
+    half = {k: v.half() if v.is_floating_point() else v for k, v in ckpt.items()}
+    with pytest.warns(UserWarning, match="extra.weight"):
+        model = unet_from_checkpoint(half, "tiny", strict=False)
+    assert {p.dtype for p in model.parameters()} == {torch.float16}
 
     bad_shape = dict(parts["checkpoint"])
     bad_shape[UNET_PREFIX + "out.2.bias"] = torch.zeros(5)
@@ -406,7 +412,12 @@ def test_convert_writes_diffusers_folder(parts, tmp_path):
 
     src, dst = tmp_path / "model.ckpt", tmp_path / "out" / "hummingbird-tiny"
     torch.save({"state_dict": parts["checkpoint"]}, src)
-    assert main(["convert", str(src), str(dst), "--config", "tiny"]) == 0
+    umask = os.umask(0o022)
+    try:
+        assert main(["convert", str(src), str(dst), "--config", "tiny"]) == 0
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(dst.stat().st_mode) == 0o755  # the user's umask, not a temporary folder's 0700
     assert sorted(p.name for p in dst.iterdir()) == ["text_encoder", "unet", "vae"]
     assert (dst / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     unet = HummingbirdUNet3DModel.from_pretrained(dst / "unet").eval()

@@ -95,6 +95,10 @@ def test_cfg_guidance_and_negative_prompt_matter(ddim):
     base = run(guidance_scale=12.0)
     assert not torch.equal(base, run(guidance_scale=3.0))
     assert not torch.equal(base, run(guidance_scale=12.0, negative_prompt="blurry"))
+    assert torch.equal(run(guidance_scale=12.0, negative_prompt="blurry"),
+                       run(guidance_scale=12.0, negative_prompt=("blurry",)))  # any sequence of strings
+    with pytest.warns(UserWarning, match="negative_prompt is ignored: guidance_scale 1.0 <= 1"):
+        run(guidance_scale=1.0, negative_prompt="blurry")
 
 
 def test_seed_determinism_and_output_types(lcm):
@@ -152,6 +156,8 @@ def test_save_load_round_trip(lcm, tmp_path):
     (dict(output_type="gif"), "output_type"),
     (dict(decode_chunk_size=0), "decode_chunk_size"),
     (dict(negative_prompt=["a", "b"]), "negative prompts"),
+    (dict(negative_prompt=[None]), "negative_prompt must be a string"),
+    (dict(seed=0, generator=torch.Generator().manual_seed(0)), "either seed or generator"),
     (dict(latents=torch.zeros(1, 4, 2, 2, 2)), "latents must have shape"),
 ])
 def test_bad_arguments(lcm, kwargs, match):

@@ -256,6 +256,8 @@ def test_timestep_cond(tiny):
     cond = guidance_scale_embedding(torch.tensor([7.5, 7.5]), 16)
     with torch.no_grad():
         assert not torch.allclose(tiny(x, 10, ctx, timestep_cond=cond).sample, tiny(x, 10, ctx).sample)
+    with pytest.raises(ValueError, match=r"timestep_cond must be \(B=2, time_cond_proj_dim=16\)"):
+        tiny(x, 10, ctx, timestep_cond=cond[:, :8])
     model = HummingbirdUNet3DModel.from_named_config("tiny", time_cond_proj_dim=None)
     with pytest.raises(ValueError, match="time_cond_proj"), torch.no_grad():
         model(x, 10, ctx, timestep_cond=cond)
@@ -337,6 +339,12 @@ def test_rejects_bad_inputs(tiny):
         tiny(x, 10, ctx[:1])
     with pytest.raises(ValueError, match="one per sample"):
         tiny(x, torch.tensor([1, 2, 3]), ctx)
+    with pytest.raises(ValueError, match=r"sample must be \(B, C=4"):
+        tiny(x[:, :3], 10, ctx)
+    with pytest.raises(ValueError, match="H and W must be multiples of"):
+        tiny(x[..., :-1], 10, ctx)
+    with pytest.raises(ValueError, match="context_dim"):
+        tiny(x, 10, ctx[..., :-1])
 
 
 def test_named_configs():

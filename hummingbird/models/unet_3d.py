@@ -431,18 +431,27 @@ class HummingbirdUNet3DModel(ModelMixin, AttentionMixin, ConfigMixin):
         return block(h, emb, context, num_frames)
 
     def forward(self, sample, timestep, encoder_hidden_states, fps=None, timestep_cond=None, return_dict=True):
-        """sample (B, C, T, H, W) latents (any T; H, W divisible by 8); timestep an int, a 0-d or (B,)
-        tensor; encoder_hidden_states (B, L, context_dim) text embeddings; fps frames per second
+        """sample (B, C, T, H, W) latents (any T; H, W divisible by 2 ** (levels - 1): 8 for 4 levels);
+        timestep an int, a 0-d or (B,) tensor; encoder_hidden_states (B, L, context_dim) text
+        embeddings; fps frames per second
         (VideoCrafter2's default 16 when None); timestep_cond (B, time_cond_proj_dim), e.g.
         :func:`guidance_scale_embedding` of the guidance scale, for models with time_cond_proj.
         Returns :class:`HummingbirdUNet3DOutput`, or ``(sample,)`` when ``return_dict=False``."""
-        if sample.dim() != 5:
-            raise ValueError(f"sample must be (B, C, T, H, W), got shape {tuple(sample.shape)}")
+        cfg = self.config
+        if sample.dim() != 5 or sample.shape[1] != cfg.in_channels:
+            raise ValueError(f"sample must be (B, C={cfg.in_channels}, T, H, W), got shape {tuple(sample.shape)}")
         b, _, t, height, width = sample.shape
-        if encoder_hidden_states.dim() != 3 or encoder_hidden_states.shape[0] != b:
-            raise ValueError(
-                f"encoder_hidden_states must be (B={b}, L, C), got shape {tuple(encoder_hidden_states.shape)}"
-            )
+        down = 2 ** (len(cfg.channel_mult) - 1)  # the skip connections need every level's size to halve exactly
+        if height % down or width % down:
+            raise ValueError(f"sample's H and W must be multiples of {down}, got {height}x{width}")
+        if encoder_hidden_states.dim() != 3 or encoder_hidden_states.shape[0] != b \
+                or encoder_hidden_states.shape[2] != cfg.context_dim:
+            raise ValueError(f"encoder_hidden_states must be (B={b}, L, context_dim={cfg.context_dim}), "
+                             f"got shape {tuple(encoder_hidden_states.shape)}")
+        if timestep_cond is not None and self.time_cond_proj is not None \
+                and tuple(timestep_cond.shape) != (b, cfg.time_cond_proj_dim):
+            raise ValueError(f"timestep_cond must be (B={b}, time_cond_proj_dim={cfg.time_cond_proj_dim}), "
+                             f"got shape {tuple(timestep_cond.shape)}")
         dtype, mc = self.time_embed[0].weight.dtype, self.config.model_channels
 
         def sinusoidal(values):  # as VideoCrafter2 embeds timesteps and fps: cos first, freqs 10000^(-i/half)
