@@ -321,7 +321,10 @@ def _swap_layout(model, d) -> None:
 
 def _swap_time_embedding(model, d) -> None:
     for module in model.modules():
-        if type(module) is d["ResnetBlock2D"] and module.time_embedding_norm == "default":
+        # the fused forward needs norm2 to be hbkernels' GroupNorm (which takes the shift); otherwise it
+        # would only ever take its unfused path, yet count as fused
+        if type(module) is d["ResnetBlock2D"] and module.time_embedding_norm == "default" \
+                and isinstance(module.norm2, hbnn.GroupNorm):
             module.__class__ = _fused_class("ResnetBlock2D")
 
 

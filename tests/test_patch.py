@@ -181,6 +181,17 @@ def test_resnet_time_embedding_fused(kind, monkeypatch):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+def test_time_embedding_not_fused_without_group_norm():
+    """time_embedding=True needs group_norm: without hbkernels' GroupNorm as norm2 the block keeps
+    diffusers' class and the summary counts nothing."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    block = ResnetBlock2D(in_channels=16, temb_channels=8, groups=4)
+    with pytest.warns(RuntimeWarning, match="found nothing to patch"):
+        hbkernels.apply_to(block, group_norm=False)
+    assert type(block) is ResnetBlock2D and block._hbkernels_patched["time_embedding"] == 0
+
+
 def test_scale_shift_resnet_not_fused():
     """ResnetBlock2D in "scale_shift" mode modulates norm2's output before the SiLU: only norm1 fuses."""
     from diffusers.models.resnet import ResnetBlock2D  # a submodule: not an attribute until imported
