@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import hbkernels
-from helpers import BACKENDS, KERNEL_BACKENDS, DEVICE, DTYPES, check_against_float64, rand, shapes
+from helpers import BACKENDS, KERNEL_BACKENDS, DEVICE, DTYPES, ON_GPU, check_against_float64, rand, shapes
 
 # (shape, num_groups): C not a multiple of 8, T = 1/16/25, N = 1 and 2.
 QUICK = [((1, 12, 3, 5), 4), ((2, 30, 1, 4, 3), 3), ((1, 12, 16, 2, 3), 4), ((2, 8, 25, 2, 2), 2)]
@@ -184,6 +184,23 @@ def test_group_norm_one_pass(monkeypatch, backend_name, dtype, shape, groups, mi
     x4, tile = launches[0][0], launches[0][12]  # the (N, C, T, S) view and the tile per program
     if min_tile == 4:
         assert tile < x4.shape[2] * x4.shape[3]  # each channel's row split across programs
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+def test_group_norm_one_pass_replays_from_a_cuda_graph(monkeypatch):
+    """Replayed from a CUDA graph, the one-pass forward zeroes its arrival counters on every replay
+    (a memset node): otherwise the second replay would pass every wait at once and read partials
+    not yet written. Level 0, T16: 100 programs per group, all SMs busy."""
+    from hbkernels.triton import group_norm as gn
+    from hummingbird.cuda_graph import CUDAGraphCall
+
+    monkeypatch.setattr(gn, "ONE_PASS", True)
+    w, b = rand(320, dtype=torch.float16, mean=1.0), rand(320, dtype=torch.float16)
+    graphed = CUDAGraphCall(lambda x: hbkernels.group_norm(x, 32, w, b, activation="silu"))
+    for _ in range(5):
+        x = rand(1, 320, 16, 40, 64, dtype=torch.float16, mean=3.0)
+        want = torch.nn.functional.silu(torch.nn.functional.group_norm(x.float(), 32, w.float(), b.float()))
+        torch.testing.assert_close(graphed(x).float(), want, rtol=0, atol=2e-2)
 
 
 def test_group_norm_one_pass_plan(monkeypatch):
