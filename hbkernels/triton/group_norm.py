@@ -85,7 +85,7 @@ PDL = True
 ONE_PASS = False
 _ONE_PASS_MIN_TILE = 4096
 _ONE_PASS_MAX_TILE = 16384
-_INTERP_GROUP_PROGRAMS = 64  # the interpreter runs programs one by one: no residency limit, only cost
+_INTERP_GROUP_PROGRAMS = 32  # the interpreter runs programs one by one: no residency limit, only cost
 _INTERP_CHUNKS = 3  # a few programs per (n, channel block) under TRITON_INTERPRET (still exercises merging)
 _FINAL_BLOCK = 4096  # partials per finalize block: the U-Net's groups need one (up to 3200 of them)
 
