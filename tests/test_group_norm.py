@@ -156,7 +156,7 @@ TRITON_BACKENDS = [p for p in KERNEL_BACKENDS if p.values[0] == "triton"]
 
 
 @pytest.mark.parametrize("backend_name", TRITON_BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES if ON_GPU else DTYPES[:2])  # the interpreter upcasts bf16 as fp16
+@pytest.mark.parametrize("dtype", DTYPES if ON_GPU else DTYPES[:2])  # bf16 differs only in load/store casts
 @pytest.mark.parametrize("shape,groups", shapes(QUICK, FULL))
 @pytest.mark.parametrize("min_tile,with_shift", [(4, False), (4, True), (4096, False)],
                          ids=["many_chunks", "many_chunks_shift", "default_tile"])
