@@ -194,6 +194,42 @@ def resources(compiled, target, shared_limit: int) -> str:
     return f"vgprs={found[0][1] if found[0] else '?'} spills={found[1][1] if found[1] else '?'}"
 
 
+# Instructions the one-pass GroupNorm's exchange of statistics between programs relies on (see
+# _gn_one_pass_kernel): the arrival published with release semantics right after a CTA barrier, every
+# poll of the counter with acquire semantics, other programs' partials read past the non-coherent L1.
+# A compiler that dropped one would still compile and pass every interpreter test, and race on a GPU.
+# Entries: a pattern the code must contain, or (anchor, follow): every anchor must be followed by follow.
+SYNC_PATTERNS = {
+    "_gn_one_pass_kernel": {
+        "cuda": [r"bar\.sync\s+0;[\s\S]{0,400}?(?:atom|red)\.global\.gpu\.release\.add",
+                 (r"ld\.global\.gpu\.\w+\.b32", r"ld\.global\.gpu\.acquire"),  # Triton polls with loads
+                 r"ld\.volatile\.global"],
+        # release: a write-back right before the (non-returning) arrival add; acquire: an invalidate
+        # right after each polling atomic; volatile loads: sc0 sc1 (system coherent)
+        "hip": [r"buffer_wbl2 sc1\s+s_waitcnt vmcnt\(0\)\s+global_atomic_add v\d+, v\d+, s\[\d+:\d+\]\n",
+                (r"global_atomic_or ", r"global_atomic_or [^\n]* sc0\s+s_waitcnt vmcnt\(0\)\s+buffer_inv sc1"),
+                r"global_load_dword[^\n]*sc0 sc1"],
+    },
+}
+
+
+def missing_sync(name: str, compiled, target) -> list:
+    """The SYNC_PATTERNS of kernel ``name`` that its compiled code does not satisfy."""
+    checks = SYNC_PATTERNS.get(name, {}).get(target.backend, [])
+    code = compiled.asm["ptx" if target.backend == "cuda" else "amdgcn"] if checks else ""
+    missing = []
+    for check in checks:
+        if isinstance(check, tuple):
+            anchor, follow = check
+            starts = [m.start() for m in re.finditer(anchor, code)]
+            ok = bool(starts) and all(re.match(follow, code[i:]) for i in starts)
+        else:
+            ok = re.search(check, code) is not None
+        if not ok:
+            missing.append(check)
+    return missing
+
+
 def main(target_name: str) -> int:
     target, shared_limit = TARGETS[target_name]
     seen, failures = set(), 0
@@ -211,6 +247,9 @@ def main(target_name: str) -> int:
             shared = compiled.metadata.shared
             if shared > shared_limit:
                 raise RuntimeError(f"needs {shared} bytes of shared memory, {target_name} has {shared_limit}")
+            missing = missing_sync(fn.__name__, compiled, target)
+            if missing:
+                raise RuntimeError(f"its code lacks the synchronisation {missing}")
             print(f"ok   {label} shared={shared} {resources(compiled, target, shared_limit)}")
         except Exception as err:  # report every failing variant, not just the first
             failures += 1
