@@ -27,7 +27,7 @@ One-pass forward (opt-in, ONE_PASS; NCHW, where each channel's (t, s) row is con
                           x is read once, so the bound is copy bandwidth over the op's own bytes,
                           where the two passes move 1.5x them. The statistics exchange needs a
                           group's programs resident together, which bounds the tile from below
-                          (see _one_pass_tile).
+                          (see _one_pass_plan).
 
 Memory traffic: forward reads x twice (one-pass: once) and writes y once; the fused SiLU saves the
 separate activation pass (one read + one write), and writing y straight into the token layout saves
@@ -370,7 +370,7 @@ def _gn_one_pass_kernel(
     a program holding a ticket of a later group proves that every program of the earliest unfinished
     group has started, so with room for P programs on the GPU (the launcher keeps P <= SMs) the
     earliest group always finishes. Block indices could not promise this: the hardware need not start
-    blocks in index order. WAIT=False stops after publishing the partials (see _one_pass_launches)."""
+    blocks in index order. WAIT=False stops after publishing the partials (see _gn_fwd_one_pass)."""
     ticket = tl.atomic_add(sync_ptr, 1) % tl.num_programs(0)  # modulo: the interpreter's second launch
     P = cpg * n_chunks
     grp = ticket // P  # n * G + g
@@ -576,9 +576,9 @@ def gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: float, s
     ms = (mean.stride(0), mean.stride(1), rstd.stride(0), rstd.stride(1))
     dev = x.device
     if ONE_PASS:
-        tile = _one_pass_tile(x, y, t, s, cpg, dev)
-        if tile is not None:
-            _gn_fwd_one_pass(x, w, sw, b, sb_, sh, y, mean, rstd, ms, num_groups, eps, tile,
+        plan = _one_pass_plan(x, y, t, s, cpg, dev)
+        if plan is not None:
+            _gn_fwd_one_pass(x, w, sw, b, sb_, sh, y, mean, rstd, ms, num_groups, eps, plan,
                              HAS_W=weight is not None, HAS_B=bias is not None, HAS_SHIFT=shift is not None,
                              SILU=bool(silu), PRECISE=x.dtype == torch.float32)
             return
@@ -621,8 +621,9 @@ def gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: float, s
     )
 
 
-def _one_pass_tile(x, y, t: int, s: int, cpg: int, device: torch.device):
-    """The one-pass forward's tile for these views, or None where it does not apply."""
+def _one_pass_plan(x, y, t: int, s: int, cpg: int, device: torch.device):
+    """(tile, row length, x's and y's merged strides) of the one-pass forward for these views, or None
+    where it does not apply."""
     t1, length, (xs, ys) = merge_ts([strides4(x), strides4(y)], t, s)
     if t1 != 1 or xs[3] != 1 or ys[3] != 1:  # a channel's (t, s) row is not contiguous
         return None
@@ -632,13 +633,13 @@ def _one_pass_tile(x, y, t: int, s: int, cpg: int, device: torch.device):
         tile *= 2
         if tile > _ONE_PASS_MAX_TILE:
             return None
-    return tile
+    return tile, length, xs, ys
 
 
-def _gn_fwd_one_pass(x, w, sw, b, sb_, sh, y, mean, rstd, ms, num_groups: int, eps: float, tile: int, **flags):
-    n, c, t, s = x.shape
+def _gn_fwd_one_pass(x, w, sw, b, sb_, sh, y, mean, rstd, ms, num_groups: int, eps: float, plan, **flags):
+    n, c = x.shape[:2]
     cpg = c // num_groups
-    _, length, (xs, ys) = merge_ts([strides4(x), strides4(y)], t, s)
+    tile, length, xs, ys = plan
     n_chunks = cdiv(length, tile)
     group_programs = cpg * n_chunks
     dev = x.device
