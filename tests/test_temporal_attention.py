@@ -146,3 +146,13 @@ def test_temporal_attention_head_dim_one_with_an_odd_stride(backend_name):
     k, v = (rand(2, 3, 4, 1, dtype=torch.float64, requires_grad=True) for _ in range(2))
     check_against_float64(lambda q, k, v: hbkernels.temporal_attention(q, k, v), [q, k, v], backend_name,
                           torch.float32)
+
+
+def test_reference_attention_in_slices_past_65535_rows():
+    """The reference backend's SDPA path runs 65,535 (token, head) rows a call: a second slice joins the first."""
+    from hbkernels import reference
+
+    q, k, v = rand(3, 70000, 2, 1, 4).unbind(0)
+    got = reference.temporal_attention(q, k, v, 0.5, False)
+    want = reference.temporal_attention(q.double(), k.double(), v.double(), 0.5, False)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
