@@ -433,9 +433,9 @@ class HummingbirdUNet3DModel(ModelMixin, AttentionMixin, ConfigMixin):
     def forward(self, sample, timestep, encoder_hidden_states, fps=None, timestep_cond=None, return_dict=True):
         """sample (B, C, T, H, W) latents (any T; H, W divisible by 2 ** (levels - 1): 8 for 4 levels);
         timestep an int, a 0-d or (B,) tensor; encoder_hidden_states (B, L, context_dim) text
-        embeddings; fps frames per second
-        (VideoCrafter2's default 16 when None); timestep_cond (B, time_cond_proj_dim), e.g.
-        :func:`guidance_scale_embedding` of the guidance scale, for models with time_cond_proj.
+        embeddings; fps frames per second (VideoCrafter2's default 16 when None); timestep_cond
+        (B, time_cond_proj_dim), e.g. :func:`guidance_scale_embedding` of the guidance scale, for models
+        with time_cond_proj.
         Returns :class:`HummingbirdUNet3DOutput`, or ``(sample,)`` when ``return_dict=False``."""
         cfg = self.config
         if sample.dim() != 5 or sample.shape[1] != cfg.in_channels:
