@@ -99,15 +99,17 @@ def group_norm_cases():
         kernels.gn_fwd(x.flatten(3), *affine, None, torch.empty_like(x).flatten(3), mean, rstd, 32, 1e-5, True)
         kernels.gn_bwd(torch.randn_like(x).flatten(3), x.flatten(3), *affine, None, mean, rstd,
                        torch.empty_like(x).flatten(3), torch.empty(320), torch.empty(320), 32, True)
-    # the one-pass forward (NCHW only) at level 0, T16 and T26 (4096- and 8192-element tiles), with the
-    # time-embedding shift and fp32's precise sigmoid
+    # the one-pass forward and backward (NCHW only) at level 0, T16 and T26 (4096- and 8192-element
+    # tiles), with the time-embedding shift and fp32's precise sigmoid
     group_norm.ONE_PASS = True
     for t, dtype, shift in [(16, torch.float16, None), (26, torch.float16, torch.randn(1, 320)),
                             (16, torch.float32, None)]:
         x = rand(1, 320, t, 40, 64, dtype=dtype)
         affine = rand(320, dtype=dtype), rand(320, dtype=dtype)
-        kernels.gn_fwd(x.flatten(3), *affine, shift, torch.empty_like(x).flatten(3), torch.empty(1, 32),
-                       torch.empty(1, 32), 32, 1e-5, True)
+        mean, rstd = torch.randn(1, 32), torch.rand(1, 32)
+        kernels.gn_fwd(x.flatten(3), *affine, shift, torch.empty_like(x).flatten(3), mean, rstd, 32, 1e-5, True)
+        kernels.gn_bwd(torch.randn_like(x).flatten(3), x.flatten(3), *affine, shift, mean, rstd,
+                       torch.empty_like(x).flatten(3), torch.empty(320), torch.empty(320), 32, True)
     group_norm.ONE_PASS = False
 
 
@@ -149,6 +151,8 @@ def unit_size_cases():
                    torch.empty_like(x).flatten(3), torch.empty(32), torch.empty(32), 32, True)
     group_norm.ONE_PASS = True  # one-element tiles
     kernels.gn_fwd(x.flatten(3), *affine, None, torch.empty_like(x).flatten(3), mean, rstd, 32, 1e-5, True)
+    kernels.gn_bwd(torch.randn_like(x).flatten(3), x.flatten(3), *affine, None, mean, rstd,
+                   torch.empty_like(x).flatten(3), torch.empty(32), torch.empty(32), 32, True)
     group_norm.ONE_PASS = False
     q, k, v, do = (rand(1, 1, 1, 8, dtype=torch.float16) for _ in range(4))
     out, stats = torch.empty_like(q), torch.empty(1, 1, 1, kernels.ATTN_ROW_STATS)
@@ -194,23 +198,22 @@ def resources(compiled, target, shared_limit: int) -> str:
     return f"vgprs={found[0][1] if found[0] else '?'} spills={found[1][1] if found[1] else '?'}"
 
 
-# Instructions the one-pass GroupNorm's exchange of statistics between programs relies on (see
+# Instructions the one-pass GroupNorm kernels' exchange of partial sums between programs relies on (see
 # _gn_one_pass_kernel): the arrival published with release semantics right after a CTA barrier, every
 # poll of the counter with acquire semantics, other programs' partials read past the non-coherent L1.
 # A compiler that dropped one would still compile and pass every interpreter test, and race on a GPU.
 # Entries: a pattern the code must contain, or (anchor, follow): every anchor must be followed by follow.
-SYNC_PATTERNS = {
-    "_gn_one_pass_kernel": {
-        "cuda": [r"bar\.sync\s+0;[\s\S]{0,400}?(?:atom|red)\.global\.gpu\.release\.add",
-                 (r"ld\.global\.gpu\.\w+\.b32", r"ld\.global\.gpu\.acquire"),  # Triton polls with loads
-                 r"ld\.volatile\.global"],
-        # release: a write-back right before the (non-returning) arrival add; acquire: an invalidate
-        # right after each polling atomic; volatile loads: sc0 sc1 (system coherent)
-        "hip": [r"buffer_wbl2 sc1\s+s_waitcnt vmcnt\(0\)\s+global_atomic_add v\d+, v\d+, s\[\d+:\d+\]\n",
-                (r"global_atomic_or ", r"global_atomic_or [^\n]* sc0\s+s_waitcnt vmcnt\(0\)\s+buffer_inv sc1"),
-                r"global_load_dword[^\n]*sc0 sc1"],
-    },
+ONE_PASS_SYNC = {
+    "cuda": [r"bar\.sync\s+0;[\s\S]{0,400}?(?:atom|red)\.global\.gpu\.release\.add",
+             (r"ld\.global\.gpu\.\w+\.b32", r"ld\.global\.gpu\.acquire"),  # Triton polls with loads
+             r"ld\.volatile\.global"],
+    # release: a write-back right before the (non-returning) arrival add; acquire: an invalidate of the
+    # CU's caches right after each polling atomic. That invalidate is what makes the partials fresh here:
+    # Triton 3.9 turns the masked volatile loads into buffer loads without their sc0 sc1 bits.
+    "hip": [r"buffer_wbl2 sc1\s+s_waitcnt vmcnt\(0\)\s+global_atomic_add v\d+, v\d+, s\[\d+:\d+\]\n",
+            (r"global_atomic_or ", r"global_atomic_or [^\n]* sc0\s+s_waitcnt vmcnt\(0\)\s+buffer_inv sc1")],
 }
+SYNC_PATTERNS = {"_gn_one_pass_kernel": ONE_PASS_SYNC, "_gn_one_pass_bwd_kernel": ONE_PASS_SYNC}
 
 
 def missing_sync(name: str, compiled, target) -> list:

@@ -155,21 +155,28 @@ def test_group_norm_statistics_walk_many_tiles(monkeypatch, backend_name, layout
 TRITON_BACKENDS = [p for p in KERNEL_BACKENDS if p.values[0] == "triton"]
 
 
+def one_pass_calls(monkeypatch, min_tile):
+    """Switches the one-pass kernels on (tiles from min_tile) and records their launchers' arguments."""
+    from hbkernels.triton import group_norm as gn
+
+    monkeypatch.setattr(gn, "ONE_PASS", True)
+    monkeypatch.setattr(gn, "_ONE_PASS_MIN_TILE", min_tile)
+    calls = {"_gn_fwd_one_pass": [], "_gn_bwd_one_pass": []}
+    for name, launched in calls.items():
+        monkeypatch.setattr(gn, name, lambda *a, _run=getattr(gn, name), _log=launched, **k: _log.append(a) or _run(*a, **k))
+    return calls
+
+
 @pytest.mark.parametrize("backend_name", TRITON_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES if ON_GPU else DTYPES[:2])  # bf16 differs only in load/store casts
 @pytest.mark.parametrize("shape,groups", shapes(QUICK, FULL))
 @pytest.mark.parametrize("min_tile,with_shift", [(4, False), (4, True), (4096, False)],
                          ids=["many_chunks", "many_chunks_shift", "default_tile"])
 def test_group_norm_one_pass(monkeypatch, backend_name, dtype, shape, groups, min_tile, with_shift):
-    """The one-pass forward (each group's programs exchange statistics, then normalize the tiles they
-    hold) against float64, forward and backward. From 4-element tiles every quick shape's channels
+    """The one-pass forward and backward (each group's programs exchange their partial sums, then
+    write the tiles they hold) against float64. From 4-element tiles every quick shape's channels
     split into several (the interpreter's limit of programs per group doubles the smaller tiles)."""
-    from hbkernels.triton import group_norm as gn
-
-    monkeypatch.setattr(gn, "ONE_PASS", True)
-    monkeypatch.setattr(gn, "_ONE_PASS_MIN_TILE", min_tile)
-    launches, one_pass = [], gn._gn_fwd_one_pass
-    monkeypatch.setattr(gn, "_gn_fwd_one_pass", lambda *a, **k: launches.append(a) or one_pass(*a, **k))
+    calls = one_pass_calls(monkeypatch, min_tile)
     n, c = shape[:2]
     x = rand(*shape, dtype=torch.float64, mean=3.0, requires_grad=True)
     w = rand(c, dtype=torch.float64, mean=1.0, requires_grad=True)
@@ -180,10 +187,25 @@ def test_group_norm_one_pass(monkeypatch, backend_name, dtype, shape, groups, mi
         return hbkernels.group_norm(x, groups, w, b, activation="silu", shift=shift)
 
     check_against_float64(fn, inputs, backend_name, dtype)
-    assert launches  # the one-pass forward ran (not the two-pass fallback)
-    x4, tile = launches[0][0], launches[0][12][0]  # the (N, C, T, S) view and the tile per program
+    assert all(calls.values())  # the one-pass forward and backward ran, not the two-pass fallbacks
+    x4, tile = calls["_gn_fwd_one_pass"][0][0], calls["_gn_fwd_one_pass"][0][12][0]  # (N, C, T, S) view, tile
     if min_tile == 4:
         assert tile < x4.shape[2] * x4.shape[3]  # each channel's row split across programs
+
+
+@pytest.mark.parametrize("backend_name", TRITON_BACKENDS)
+@pytest.mark.parametrize("affine", ["none", "weight"])
+def test_group_norm_one_pass_without_silu_or_affine(monkeypatch, backend_name, affine):
+    """The one-pass kernels' other variants: no activation, no bias, and no weight at all."""
+    calls = one_pass_calls(monkeypatch, 8)
+    x = rand(2, 12, 5, 2, 3, dtype=torch.float64, mean=3.0, requires_grad=True)
+    w = rand(12, dtype=torch.float64, mean=1.0, requires_grad=True)
+
+    def fn(x, w=None):
+        return hbkernels.group_norm(x, 4, w, None)
+
+    check_against_float64(fn, [x] + ([w] if affine == "weight" else []), backend_name, torch.float32)
+    assert all(calls.values())
 
 
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
@@ -213,7 +235,7 @@ def test_group_norm_one_pass_plan(monkeypatch):
 
     def tile(shape, cpg, strides=None):
         v = torch.empty(shape, device="meta") if strides is None else torch.empty_strided(shape, strides, device="meta")
-        plan = gn._one_pass_plan(v, v, shape[2], shape[3], cpg, v.device)
+        plan = gn._one_pass_plan([v, v], shape[2], shape[3], cpg, v.device)
         return plan and plan[0]
 
     assert tile((1, 320, 16, 2560), 10) == 4096  # level 0 at 320x512, T16: 10 channels x 10 tiles

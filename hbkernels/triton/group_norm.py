@@ -44,7 +44,7 @@ try:  # grid dependency control (Triton >= 3.3, which also has the launch_pdl op
 except ImportError:
     gdc_launch_dependents = gdc_wait = None
 
-from hbkernels.backend import empty, empty_like
+from hbkernels.backend import empty
 from hbkernels.triton.layout import INTERPRETED, cdiv, merge_ts, next_pow2, sm_count, strides4, tile_shape, warps_for
 
 # Forward launch tuning, timed against each other on an H100 by `python -m bench.sweep`
@@ -355,6 +355,50 @@ def _gn_apply_kernel(
 
 
 @triton.jit
+def _group_ticket(sync_ptr, P):
+    """(group, index in the group) of this program, assigned in the order programs start: the group's
+    P programs hold consecutive tickets. See _gn_one_pass_kernel for why start order matters."""
+    ticket = tl.atomic_add(sync_ptr, 1) % tl.num_programs(0)  # modulo: the interpreter's second launch
+    grp = ticket // P
+    return grp, ticket - grp * P
+
+
+@triton.jit
+def _row_tile(grp, k, G, cpg, n_chunks, L, TILE: tl.constexpr):
+    """(n, channel, channel within the group, element offsets, mask, element count) of the tile of
+    program k of group grp (n * G + g): TILE elements of one channel's row of L."""
+    ch = k // n_chunks
+    chunk = k - ch * n_chunks
+    n = grp // G
+    offs = chunk * TILE + tl.arange(0, TILE)
+    return n, (grp - n * G) * cpg + ch, ch, offs, offs < L, tl.minimum(L - chunk * TILE, TILE).to(tl.float32)
+
+
+@triton.jit
+def _arrive_and_wait(arrived_ptr, P, WAIT: tl.constexpr):
+    """Publishes the partials this program stored to its group; with WAIT, returns once all P programs
+    of the group have published theirs (as a cooperative grid sync does, for one group)."""
+    tl.debug_barrier()  # every thread's stores precede the release
+    tl.atomic_add(arrived_ptr, 1, sem="release")
+    if WAIT:
+        arrived = tl.atomic_add(arrived_ptr, 0, sem="acquire")
+        while arrived < P:
+            arrived = tl.atomic_add(arrived_ptr, 0, sem="acquire")
+        tl.debug_barrier()
+
+
+@triton.jit
+def _group_partials(ptr, part, P, n_chunks, L, TILE: tl.constexpr, BLOCK_P: tl.constexpr):
+    """(values, element counts; 0 past P) of a group's P partials, published by other programs. The
+    acquire in _arrive_and_wait already makes them visible; the loads are volatile besides, so no L1
+    line read before could serve them (Triton keeps that on NVIDIA; on AMD its buffer loads drop it)."""
+    pi = tl.arange(0, BLOCK_P)
+    pm = pi < P
+    cnt = tl.where(pm, tl.minimum(L - (pi % n_chunks) * TILE, TILE).to(tl.float32), 0.0)
+    return tl.load(ptr + part + pi, mask=pm, other=0.0, volatile=True), cnt
+
+
+@triton.jit
 def _gn_one_pass_kernel(
     x_ptr, w_ptr, b_ptr, sh_ptr, y_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr, sync_ptr,
     C, L, G, cpg, n_chunks, sw, sb_, smn, smg, srn, srg, sxn, sxc, syn, syc, eps,
@@ -370,50 +414,36 @@ def _gn_one_pass_kernel(
     a program holding a ticket of a later group proves that every program of the earliest unfinished
     group has started, so with room for P programs on the GPU (the launcher keeps P <= SMs) the
     earliest group always finishes. Block indices could not promise this: the hardware need not start
-    blocks in index order. WAIT=False stops after publishing the partials (see _gn_fwd_one_pass)."""
-    ticket = tl.atomic_add(sync_ptr, 1) % tl.num_programs(0)  # modulo: the interpreter's second launch
+    blocks in index order. WAIT=False stops after publishing the partials (see _one_pass_waits)."""
     P = cpg * n_chunks
-    grp = ticket // P  # n * G + g
-    k = ticket - grp * P
-    ch = k // n_chunks
-    chunk = k - ch * n_chunks
-    n = grp // G
-    c = (grp - n * G) * cpg + ch
-    offs = chunk * TILE + tl.arange(0, TILE)
-    mask = offs < L
+    grp, k = _group_ticket(sync_ptr, P)
+    n, c, ch, offs, mask, count = _row_tile(grp, k, G, cpg, n_chunks, L, TILE)
     x = tl.load(x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * sxc + offs, mask=mask, other=0.0).to(tl.float32)
     # the tile's (mean, M2) by two passes over registers, exact up to fp32 rounding
-    tile_mean = tl.div_rn(tl.sum(x, axis=0), tl.minimum(L - chunk * TILE, TILE).to(tl.float32))
+    tile_mean = tl.div_rn(tl.sum(x, axis=0), count)
     dev = tl.where(mask, x - tile_mean, 0.0)
     part = grp.to(tl.int64) * P
     tl.store(pmean_ptr + part + k, tile_mean)
     tl.store(pm2_ptr + part + k, tl.sum(dev * dev, axis=0))
-    tl.debug_barrier()  # every thread's stores precede the release below (as in a cooperative grid sync)
-    arrived_ptr = sync_ptr + 1 + grp
-    tl.atomic_add(arrived_ptr, 1, sem="release")
+    _arrive_and_wait(sync_ptr + 1 + grp, P, WAIT)
     if WAIT:
-        arrived = tl.atomic_add(arrived_ptr, 0, sem="acquire")
-        while arrived < P:
-            arrived = tl.atomic_add(arrived_ptr, 0, sem="acquire")
-        tl.debug_barrier()
-        # Chan-merge the group's P partials (volatile: written by other SMs, never served from L1). x's
-        # means are merged as offsets from partial 0's: summed, P products of count and mean would lose
-        # ulps of the mean itself, the offsets only ulps of their spread. The shift's mean is merged apart.
-        pi = tl.arange(0, BLOCK_P)
-        pm = pi < P
-        p_cnt = tl.where(pm, tl.minimum(L - (pi % n_chunks) * TILE, TILE).to(tl.float32), 0.0)  # 0: no term
+        # Chan-merge the group's P partials. x's means are merged as offsets from partial 0's: summed,
+        # P products of count and mean would lose ulps of the mean itself, the offsets only ulps of
+        # their spread. The shift's mean is merged apart.
         total = tl.cast(cpg * L, tl.float32)  # tl.cast: ints equal to 1 are constexprs, without .to()
         ref = tl.load(pmean_ptr + part, volatile=True)
-        d = tl.load(pmean_ptr + part + pi, mask=pm, other=0.0, volatile=True) - ref
+        d, p_cnt = _group_partials(pmean_ptr, part, P, n_chunks, L, TILE, BLOCK_P)
+        d -= ref
         offset = tl.div_rn(tl.sum(p_cnt * d, axis=0), total)
         d -= offset
         mean = ref + offset
         if HAS_SHIFT:
-            p_sh = _channel_vec(sh_ptr + n * C + (c - ch), pi // n_chunks, pm, 1, HAS_SHIFT, BLOCK_P)
+            pi = tl.arange(0, BLOCK_P)
+            p_sh = _channel_vec(sh_ptr + n * C + (c - ch), pi // n_chunks, pi < P, 1, HAS_SHIFT, BLOCK_P)
             mean_sh = tl.div_rn(tl.sum(p_cnt * p_sh, axis=0), total)
             d += p_sh - mean_sh
             mean += mean_sh
-        p_m2 = tl.load(pm2_ptr + part + pi, mask=pm, other=0.0, volatile=True)
+        p_m2 = _group_partials(pm2_ptr, part, P, n_chunks, L, TILE, BLOCK_P)[0]
         rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(tl.sum(p_m2 + p_cnt * d * d, axis=0), total) + eps))
         if k == 0:
             g = grp - n * G
@@ -430,6 +460,56 @@ def _gn_one_pass_kernel(
         if SILU:
             y = y * _sigmoid_parts(y, PRECISE)[0]
         tl.store(y_ptr + n.to(tl.int64) * syn + c.to(tl.int64) * syc + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gn_one_pass_bwd_kernel(
+    dy_ptr, x_ptr, w_ptr, b_ptr, sh_ptr, mean_ptr, rstd_ptr, dx_ptr, pa_ptr, pb_ptr, sync_ptr,
+    C, L, G, cpg, n_chunks, sw, sb_, smn, smg, srn, srg, sdn, sdc, sxn, sxc, son, soc,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, PRECISE: tl.constexpr,
+    TILE: tl.constexpr, BLOCK_P: tl.constexpr, WAIT: tl.constexpr,
+):
+    """The backward in one pass, as _gn_one_pass_kernel: each program holds its tile of dy and x while
+    the group exchanges sum dz * xhat and sum dz (also the per-channel dweight / dbias partials), then
+    writes dx = rstd * (w dz - c1 - xhat c2). dy and x are read once instead of twice."""
+    P = cpg * n_chunks
+    grp, k = _group_ticket(sync_ptr, P)
+    n, c, ch, offs, mask, count = _row_tile(grp, k, G, cpg, n_chunks, L, TILE)
+    g = grp - n * G
+    mu = tl.load(mean_ptr + n * smn + g * smg)
+    if HAS_SHIFT:
+        mu -= tl.load(sh_ptr + n * C + c)  # x + shift - mean
+    r = tl.load(rstd_ptr + n * srn + g * srg)
+    n64, c64 = n.to(tl.int64), c.to(tl.int64)
+    dz = tl.load(dy_ptr + n64 * sdn + c64 * sdc + offs, mask=mask, other=0.0).to(tl.float32)  # 0 past L
+    xhat = (tl.load(x_ptr + n64 * sxn + c64 * sxc + offs, mask=mask, other=0.0).to(tl.float32) - mu) * r
+    w = 1.0
+    if HAS_W:
+        w = tl.load(w_ptr + c * sw).to(tl.float32)
+    if SILU:
+        z = xhat * w
+        if HAS_B:
+            z += tl.load(b_ptr + c * sb_).to(tl.float32)
+        sig, one_minus_sig = _sigmoid_parts(z, PRECISE)
+        dz = dz * (sig * (1.0 + z * one_minus_sig))
+    part = grp.to(tl.int64) * P
+    tl.store(pa_ptr + part + k, tl.sum(dz * xhat, axis=0))
+    tl.store(pb_ptr + part + k, tl.sum(dz, axis=0))
+    _arrive_and_wait(sync_ptr + 1 + grp, P, WAIT)
+    if WAIT:
+        # c1 = mean(w dz), c2 = mean(w dz xhat) over the group: each partial times its channel's weight
+        total = tl.cast(cpg * L, tl.float32)
+        pa = _group_partials(pa_ptr, part, P, n_chunks, L, TILE, BLOCK_P)[0]
+        pb = _group_partials(pb_ptr, part, P, n_chunks, L, TILE, BLOCK_P)[0]
+        if HAS_W:
+            pi = tl.arange(0, BLOCK_P)
+            p_w = tl.load(w_ptr + ((c - ch) + pi // n_chunks) * sw, mask=pi < P, other=0.0).to(tl.float32)
+            pa *= p_w
+            pb *= p_w
+        c1 = tl.div_rn(tl.sum(pb, axis=0), total)
+        c2 = tl.div_rn(tl.sum(pa, axis=0), total)
+        dx = r * (dz * w - c1 - xhat * c2)
+        tl.store(dx_ptr + n64 * son + c64 * soc + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -576,7 +656,7 @@ def gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: float, s
     ms = (mean.stride(0), mean.stride(1), rstd.stride(0), rstd.stride(1))
     dev = x.device
     if ONE_PASS:
-        plan = _one_pass_plan(x, y, t, s, cpg, dev)
+        plan = _one_pass_plan([x, y], t, s, cpg, dev)
         if plan is not None:
             _gn_fwd_one_pass(x, w, sw, b, sb_, sh, y, mean, rstd, ms, num_groups, eps, plan,
                              HAS_W=weight is not None, HAS_B=bias is not None, HAS_SHIFT=shift is not None,
@@ -621,11 +701,11 @@ def gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: float, s
     )
 
 
-def _one_pass_plan(x, y, t: int, s: int, cpg: int, device: torch.device):
-    """(tile, row length, x's and y's merged strides) of the one-pass forward for these views, or None
-    where it does not apply."""
-    t1, length, (xs, ys) = merge_ts([strides4(x), strides4(y)], t, s)
-    if t1 != 1 or xs[3] != 1 or ys[3] != 1:  # a channel's (t, s) row is not contiguous
+def _one_pass_plan(views, t: int, s: int, cpg: int, device: torch.device):
+    """(tile, row length, each view's merged strides) of the one-pass kernels for these (N, C, T, S)
+    views, or None where they do not apply."""
+    t1, length, strides = merge_ts([strides4(v) for v in views], t, s)
+    if t1 != 1 or any(st[3] != 1 for st in strides):  # a channel's (t, s) row is not contiguous
         return None
     limit = _INTERP_GROUP_PROGRAMS if INTERPRETED else sm_count(device)
     tile = min(_ONE_PASS_MIN_TILE, next_pow2(length))
@@ -633,27 +713,53 @@ def _one_pass_plan(x, y, t: int, s: int, cpg: int, device: torch.device):
         tile *= 2
         if tile > _ONE_PASS_MAX_TILE:
             return None
-    return tile, length, xs, ys
+    return tile, length, strides
+
+
+def _one_pass_buffers(n: int, num_groups: int, group_programs: int, device: torch.device):
+    """Two partial-sum buffers of the one-pass kernels (one value per program, in (N, C, chunks) order)
+    and their zeroed ticket / arrival counters."""
+    size = n * num_groups * group_programs
+    sync = torch.zeros(1 + n * num_groups, dtype=torch.int32, device=device)  # ticket, arrivals per group
+    return empty(size, dtype=torch.float32, device=device), empty(size, dtype=torch.float32, device=device), sync
+
+
+def _one_pass_waits():
+    """The interpreter runs programs one after another, so a waiting program would wait forever: there
+    the grid runs twice, first only publishing the partials (WAIT=False), then to merge and use them."""
+    return (False, True) if INTERPRETED else (True,)
 
 
 def _gn_fwd_one_pass(x, w, sw, b, sb_, sh, y, mean, rstd, ms, num_groups: int, eps: float, plan, **flags):
     n, c = x.shape[:2]
     cpg = c // num_groups
-    tile, length, xs, ys = plan
+    tile, length, (xs, ys) = plan
     n_chunks = cdiv(length, tile)
-    group_programs = cpg * n_chunks
-    dev = x.device
-    pmean = empty(n * num_groups * group_programs, dtype=torch.float32, device=dev)
-    pm2 = empty_like(pmean)
-    sync = torch.zeros(1 + n * num_groups, dtype=torch.int32, device=dev)  # ticket, then arrivals per group
-    # The interpreter runs programs one after another, so a waiting program would wait forever: it
-    # launches the grid twice, first only publishing the partials, then again to merge and apply them.
-    for wait in (False, True) if INTERPRETED else (True,):
-        _gn_one_pass_kernel[(n * num_groups * group_programs,)](
+    pmean, pm2, sync = _one_pass_buffers(n, num_groups, cpg * n_chunks, x.device)
+    for wait in _one_pass_waits():
+        _gn_one_pass_kernel[(pmean.numel(),)](
             x, w, b, sh, y, mean, rstd, pmean, pm2, sync,
             c, length, num_groups, cpg, n_chunks, sw, sb_, *ms, xs[0], xs[1], ys[0], ys[1], float(eps),
-            TILE=tile, BLOCK_P=next_pow2(group_programs), WAIT=wait, num_warps=warps_for(tile), **flags,
+            TILE=tile, BLOCK_P=next_pow2(cpg * n_chunks), WAIT=wait, num_warps=warps_for(tile), **flags,
         )
+
+
+def _gn_bwd_one_pass(dy, x, w, sw, b, sb_, sh, mean, rstd, ms, dx, dweight, dbias, num_groups: int, plan, **flags):
+    n, c = x.shape[:2]
+    cpg = c // num_groups
+    tile, length, (ds, xs, os_) = plan
+    n_chunks = cdiv(length, tile)
+    pa, pb, sync = _one_pass_buffers(n, num_groups, cpg * n_chunks, x.device)
+    for wait in _one_pass_waits():
+        _gn_one_pass_bwd_kernel[(pa.numel(),)](
+            dy, x, w, b, sh, mean, rstd, dx, pa, pb, sync,
+            c, length, num_groups, cpg, n_chunks, sw, sb_, *ms, ds[0], ds[1], xs[0], xs[1], os_[0], os_[1],
+            TILE=tile, BLOCK_P=next_pow2(cpg * n_chunks), WAIT=wait, num_warps=warps_for(tile), **flags,
+        )
+    if dweight is not None:  # sum dz * xhat per channel, as the two-pass backward's partials
+        torch.sum(pa.view(n, c, n_chunks), dim=(0, 2), out=dweight)
+    if dbias is not None:
+        torch.sum(pb.view(n, c, n_chunks), dim=(0, 2), out=dbias)
 
 
 def gn_bwd(dy, x, weight, bias, shift, mean, rstd, dx, dweight, dbias, num_groups: int, silu: bool) -> None:
@@ -668,6 +774,12 @@ def gn_bwd(dy, x, weight, bias, shift, mean, rstd, dx, dweight, dbias, num_group
     precise = x.dtype == torch.float32
     ms = (mean.stride(0), mean.stride(1), rstd.stride(0), rstd.stride(1))
     dev = x.device
+    if ONE_PASS:
+        plan = _one_pass_plan([dy, x, dx], t, s, cpg, dev)
+        if plan is not None:
+            _gn_bwd_one_pass(dy, x, w, sw, b, sb_, sh, mean, rstd, ms, dx, dweight, dbias, num_groups, plan,
+                             HAS_W=has_w, HAS_B=has_b, HAS_SHIFT=has_sh, SILU=silu, PRECISE=precise)
+            return
     pdl = _pdl(dev)
 
     # 1. per-channel partial sums over chunks of the (t, s) plane (reads dy and x)
