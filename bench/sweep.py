@@ -7,7 +7,8 @@ to keep.
   programmatic dependent launch and the one-pass forward (NCHW only; see hbkernels/triton/group_norm.py). The default setting is also
   profiled: microseconds per call of each of its kernels (statistics, finalize, apply), which says
   which pass to work on next. The backward's partial-sums pass shares the statistics loop's stages:
-  the whole backward is timed per stage count, and without PDL. Rows name the knobs they change.
+  the whole backward is timed per stage count, without PDL, and one-pass. Rows name the knobs they
+  change.
 - temporal_attention: warps per program of the forward and of the backward kernel (FWD_WARPS /
   BWD_WARPS in hbkernels/triton/temporal_attention.py: the default rule, or a fixed 1, 2, 4, 8).
 
@@ -87,7 +88,7 @@ def sweep_group_norm(report, dev, min_time):
         x4, dy4, dx4 = x.flatten(3), torch.randn_like(x).flatten(3), torch.empty_like(x).flatten(3)
         mean, rstd = torch.randn(1, 32, device=dev), torch.rand(1, 32, device=dev) + 0.5
         dw, db = (torch.empty(shape[1], device=dev) for _ in range(2))
-        for knobs in [dict(STATS_STAGES=s) for s in GN_STAGES] + [dict(PDL=not gn.PDL)]:
+        for knobs in [dict(STATS_STAGES=s) for s in GN_STAGES] + [dict(PDL=not gn.PDL), dict(ONE_PASS=not gn.ONE_PASS)]:
             impl = _knobs_label(gn, knobs)
             with mock.patch.multiple(gn, **knobs):
                 seconds = common.median_seconds_graphed(

@@ -20,18 +20,19 @@ Channel blocks are not aligned to groups (statistics are per channel, merged per
 a tile can be 64 channels wide: with channels-last or token-layout tensors (unit channel stride) every
 access is a full 128-byte line, while a group alone is only C/G (e.g. 10) channels = 20 bytes.
 
-One-pass forward (opt-in, ONE_PASS; NCHW, where each channel's (t, s) row is contiguous):
-         _gn_one_pass_kernel: grid (N * G * programs per group). Each program loads one tile of a
+One pass (opt-in, ONE_PASS; NCHW, where each channel's (t, s) row is contiguous):
+forward  _gn_one_pass_kernel: grid (N * G * programs per group). Each program loads one tile of a
                           channel's row into registers, publishes its (mean, M2), waits until its
                           group's programs all have, merges their partials and writes its tile's y.
                           x is read once, so the bound is copy bandwidth over the op's own bytes,
-                          where the two passes move 1.5x them. The statistics exchange needs a
-                          group's programs resident together, which bounds the tile from below
-                          (see _one_pass_plan).
+                          where the two passes move 1.5x them. The exchange needs a group's programs
+                          resident together, which bounds the tile from below (see _one_pass_plan).
+backward _gn_one_pass_bwd_kernel: the same with dy and x held, exchanging sum dz * xhat and sum dz.
 
-Memory traffic: forward reads x twice (one-pass: once) and writes y once; the fused SiLU saves the
+Memory traffic: forward reads x twice (one pass: once) and writes y once; the fused SiLU saves the
 separate activation pass (one read + one write), and writing y straight into the token layout saves
-the permute copy (one more read + write). Backward reads dy and x twice and writes dx once.
+the permute copy (one more read + write). Backward reads dy and x twice (one pass: once) and writes
+dx once.
 """
 import functools
 
@@ -74,13 +75,13 @@ _APPLY_MAXNREG = None
 # tile (not written by the kernels before it) before it waits for the finalize's mean and rstd. Hides
 # the launch gaps and the finalize's latency (3.3 us of the 33.5 at level 0, T16); not yet timed.
 PDL = True
-# One-pass forward (_gn_one_pass_kernel): x read once, held in registers while each group's programs
-# exchange statistics; applies where every channel's (t, s) row is contiguous in x and y (NCHW). Not yet
-# timed, so off by default; `bench.sweep` times it against the two-pass forward. Tile per program:
-# the smallest power of two from _ONE_PASS_MIN_TILE that keeps a group's programs within one per SM (the
-# condition for the group to be resident at once), at most _ONE_PASS_MAX_TILE (else the two-pass
-# forward). Level 0 at 320x512: 4096 (T16: 100 programs per group) and 8192 (T26: 90). sm_90 fits 6 / 3
-# such programs per SM (40 / 80 registers), so even 3 launches running at once on other streams (each
+# One pass (_gn_one_pass_kernel, _gn_one_pass_bwd_kernel): x (and dy) read once, held in registers while
+# each group's programs exchange partial sums; applies where every channel's (t, s) row is contiguous in
+# every tensor (NCHW). Not yet timed, so off by default; `bench.sweep` times it against the two passes.
+# Tile per program: the smallest power of two from _ONE_PASS_MIN_TILE that keeps a group's programs
+# within one per SM (the condition for the group to be resident at once), at most _ONE_PASS_MAX_TILE
+# (else the two-pass kernels). Level 0 at 320x512: 4096 (T16: 100 programs per group) and 8192 (T26: 90). sm_90 fits 6 / 3
+# forward and 4 / 2 backward programs per SM, so even 2 launches running at once on other streams (each
 # needing room for one group) cannot fill the GPU with waiting programs.
 ONE_PASS = False
 _ONE_PASS_MIN_TILE = 4096
