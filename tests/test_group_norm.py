@@ -156,14 +156,20 @@ TRITON_BACKENDS = [p for p in KERNEL_BACKENDS if p.values[0] == "triton"]
 
 
 def one_pass_calls(monkeypatch, min_tile):
-    """Switches the one-pass kernels on (tiles from min_tile) and records their launchers' arguments."""
+    """Switches the one-pass kernels on (tiles from min_tile) and records, per kernel, the first tensor
+    and the plan of each launch."""
     from hbkernels.triton import group_norm as gn
 
     monkeypatch.setattr(gn, "ONE_PASS", True)
     monkeypatch.setattr(gn, "_ONE_PASS_MIN_TILE", min_tile)
-    calls = {"_gn_fwd_one_pass": [], "_gn_bwd_one_pass": []}
-    for name, launched in calls.items():
-        monkeypatch.setattr(gn, name, lambda *a, _run=getattr(gn, name), _log=launched, **k: _log.append(a) or _run(*a, **k))
+    calls = {"_gn_one_pass_kernel": [], "_gn_one_pass_bwd_kernel": []}
+    launch = gn._launch_one_pass
+
+    def record(kernel, tensors, c, num_groups, plan, strides, **meta):
+        calls[kernel.__name__].append((tensors[0], plan))
+        return launch(kernel, tensors, c, num_groups, plan, strides, **meta)
+
+    monkeypatch.setattr(gn, "_launch_one_pass", record)
     return calls
 
 
@@ -188,7 +194,7 @@ def test_group_norm_one_pass(monkeypatch, backend_name, dtype, shape, groups, mi
 
     check_against_float64(fn, inputs, backend_name, dtype)
     assert all(calls.values())  # the one-pass forward and backward ran, not the two-pass fallbacks
-    x4, tile = calls["_gn_fwd_one_pass"][0][0], calls["_gn_fwd_one_pass"][0][12][0]  # (N, C, T, S) view, tile
+    x4, (tile, _, _) = calls["_gn_one_pass_kernel"][0]  # the (N, C, T, S) view and the tile per program
     if min_tile == 8:
         assert tile < x4.shape[2] * x4.shape[3]  # each channel's row split across programs
 

@@ -80,9 +80,9 @@ PDL = True
 # every tensor (NCHW). Not yet timed, so off by default; `bench.sweep` times it against the two passes.
 # Tile per program: the smallest power of two from _ONE_PASS_MIN_TILE that keeps a group's programs
 # within one per SM (the condition for the group to be resident at once), at most _ONE_PASS_MAX_TILE
-# (else the two-pass kernels). Level 0 at 320x512: 4096 (T16: 100 programs per group) and 8192 (T26: 90). sm_90 fits 6 / 3
-# forward and 4 / 2 backward programs per SM, so even 2 launches running at once on other streams (each
-# needing room for one group) cannot fill the GPU with waiting programs.
+# (else the two-pass kernels). Level 0 at 320x512: 4096 (T16: 100 programs per group) and 8192 (T26:
+# 90). sm_90 fits 6 / 3 forward and 4 / 2 backward programs per SM, so even 2 launches running at once on
+# other streams (each needing room for one group) cannot fill the GPU with waiting programs.
 ONE_PASS = False
 _ONE_PASS_MIN_TILE = 4096
 _ONE_PASS_MAX_TILE = 16384
@@ -415,7 +415,7 @@ def _gn_one_pass_kernel(
     a program holding a ticket of a later group proves that every program of the earliest unfinished
     group has started, so with room for P programs on the GPU (the launcher keeps P <= SMs) the
     earliest group always finishes. Block indices could not promise this: the hardware need not start
-    blocks in index order. WAIT=False stops after publishing the partials (see _one_pass_waits)."""
+    blocks in index order. WAIT=False stops after publishing the partials (see _launch_one_pass)."""
     P = cpg * n_chunks
     grp, k = _group_ticket(sync_ptr, P)
     n, c, ch, offs, mask, count = _row_tile(grp, k, G, cpg, n_chunks, L, TILE)
@@ -504,7 +504,7 @@ def _gn_one_pass_bwd_kernel(
         pb = _group_partials(pb_ptr, part, P, n_chunks, L, TILE, BLOCK_P)[0]
         if HAS_W:
             pi = tl.arange(0, BLOCK_P)
-            p_w = tl.load(w_ptr + ((c - ch) + pi // n_chunks) * sw, mask=pi < P, other=0.0).to(tl.float32)
+            p_w = _channel_vec(w_ptr + (c - ch) * sw, pi // n_chunks, pi < P, sw, HAS_W, BLOCK_P)
             pa *= p_w
             pb *= p_w
         c1 = tl.div_rn(tl.sum(pb, axis=0), total)
@@ -659,7 +659,9 @@ def gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: float, s
     if ONE_PASS:
         plan = _one_pass_plan([x, y], t, s, cpg, dev)
         if plan is not None:
-            _gn_fwd_one_pass(x, w, sw, b, sb_, sh, y, mean, rstd, ms, num_groups, eps, plan,
+            xs, ys = plan[2]
+            _launch_one_pass(_gn_one_pass_kernel, (x, w, b, sh, y, mean, rstd), c, num_groups, plan,
+                             (sw, sb_, *ms, xs[0], xs[1], ys[0], ys[1], float(eps)),
                              HAS_W=weight is not None, HAS_B=bias is not None, HAS_SHIFT=shift is not None,
                              SILU=bool(silu), PRECISE=x.dtype == torch.float32)
             return
@@ -717,50 +719,31 @@ def _one_pass_plan(views, t: int, s: int, cpg: int, device: torch.device):
     return tile, length, strides
 
 
-def _one_pass_buffers(n: int, num_groups: int, group_programs: int, device: torch.device):
-    """Two partial-sum buffers of the one-pass kernels (one value per program, in (N, C, chunks) order)
-    and their zeroed ticket / arrival counters."""
-    size = n * num_groups * group_programs
-    sync = torch.zeros(1 + n * num_groups, dtype=torch.int32, device=device)  # ticket, arrivals per group
-    return empty(size, dtype=torch.float32, device=device), empty(size, dtype=torch.float32, device=device), sync
-
-
-def _one_pass_waits():
-    """The interpreter runs programs one after another, so a waiting program would wait forever: there
-    the grid runs twice, first only publishing the partials (WAIT=False), then to merge and use them."""
-    return (False, True) if INTERPRETED else (True,)
-
-
-def _gn_fwd_one_pass(x, w, sw, b, sb_, sh, y, mean, rstd, ms, num_groups: int, eps: float, plan, **flags):
-    n, c = x.shape[:2]
-    cpg = c // num_groups
-    tile, length, (xs, ys) = plan
+def _launch_one_pass(kernel, tensors, c: int, num_groups: int, plan, strides, **meta):
+    """Runs a one-pass kernel over (N, C, T, S) ``tensors`` (its leading pointer arguments) and returns
+    its two partial-sum buffers as (N, C, chunks): one value per program, in channel order.
+    ``strides``: the kernel's scalar arguments after (C, L, G, cpg, n_chunks)."""
+    tile, length, _ = plan
+    n, cpg = tensors[0].shape[0], c // num_groups
     n_chunks = cdiv(length, tile)
-    pmean, pm2, sync = _one_pass_buffers(n, num_groups, cpg * n_chunks, x.device)
-    for wait in _one_pass_waits():
-        _gn_one_pass_kernel[(pmean.numel(),)](
-            x, w, b, sh, y, mean, rstd, pmean, pm2, sync,
-            c, length, num_groups, cpg, n_chunks, sw, sb_, *ms, xs[0], xs[1], ys[0], ys[1], float(eps),
-            TILE=tile, BLOCK_P=next_pow2(cpg * n_chunks), WAIT=wait, num_warps=warps_for(tile), **flags,
+    partials = [empty((n, c, n_chunks), dtype=torch.float32, device=tensors[0].device) for _ in range(2)]
+    sync = torch.zeros(1 + n * num_groups, dtype=torch.int32, device=tensors[0].device)  # ticket, arrivals
+    # The interpreter runs programs one after another, so a waiting program would wait forever: there
+    # the grid runs twice, first only publishing the partials (WAIT=False), then to merge and use them.
+    for wait in (False, True) if INTERPRETED else (True,):
+        kernel[(partials[0].numel(),)](
+            *tensors, *partials, sync, c, length, num_groups, cpg, n_chunks, *strides,
+            TILE=tile, BLOCK_P=next_pow2(cpg * n_chunks), WAIT=wait, num_warps=warps_for(tile), **meta,
         )
+    return partials
 
 
-def _gn_bwd_one_pass(dy, x, w, sw, b, sb_, sh, mean, rstd, ms, dx, dweight, dbias, num_groups: int, plan, **flags):
-    n, c = x.shape[:2]
-    cpg = c // num_groups
-    tile, length, (ds, xs, os_) = plan
-    n_chunks = cdiv(length, tile)
-    pa, pb, sync = _one_pass_buffers(n, num_groups, cpg * n_chunks, x.device)
-    for wait in _one_pass_waits():
-        _gn_one_pass_bwd_kernel[(pa.numel(),)](
-            dy, x, w, b, sh, mean, rstd, dx, pa, pb, sync,
-            c, length, num_groups, cpg, n_chunks, sw, sb_, *ms, ds[0], ds[1], xs[0], xs[1], os_[0], os_[1],
-            TILE=tile, BLOCK_P=next_pow2(cpg * n_chunks), WAIT=wait, num_warps=warps_for(tile), **flags,
-        )
-    if dweight is not None:  # sum dz * xhat per channel, as the two-pass backward's partials
-        torch.sum(pa.view(n, c, n_chunks), dim=(0, 2), out=dweight)
+def _channel_sums(pa, pb, dweight, dbias) -> None:
+    """dweight = sum dz * xhat, dbias = sum dz over n and the (t, s) plane, from (N, C, chunks) partials."""
+    if dweight is not None:
+        torch.sum(pa, dim=(0, 2), out=dweight)
     if dbias is not None:
-        torch.sum(pb.view(n, c, n_chunks), dim=(0, 2), out=dbias)
+        torch.sum(pb, dim=(0, 2), out=dbias)
 
 
 def gn_bwd(dy, x, weight, bias, shift, mean, rstd, dx, dweight, dbias, num_groups: int, silu: bool) -> None:
@@ -778,8 +761,11 @@ def gn_bwd(dy, x, weight, bias, shift, mean, rstd, dx, dweight, dbias, num_group
     if ONE_PASS:
         plan = _one_pass_plan([dy, x, dx], t, s, cpg, dev)
         if plan is not None:
-            _gn_bwd_one_pass(dy, x, w, sw, b, sb_, sh, mean, rstd, ms, dx, dweight, dbias, num_groups, plan,
-                             HAS_W=has_w, HAS_B=has_b, HAS_SHIFT=has_sh, SILU=silu, PRECISE=precise)
+            ds, xs, os_ = plan[2]
+            pa, pb = _launch_one_pass(_gn_one_pass_bwd_kernel, (dy, x, w, b, sh, mean, rstd, dx), c, num_groups,
+                                      plan, (sw, sb_, *ms, ds[0], ds[1], xs[0], xs[1], os_[0], os_[1]),
+                                      HAS_W=has_w, HAS_B=has_b, HAS_SHIFT=has_sh, SILU=silu, PRECISE=precise)
+            _channel_sums(pa, pb, dweight, dbias)  # the one-pass partials are per (n, channel, chunk) too
             return
     pdl = _pdl(dev)
 
@@ -817,8 +803,4 @@ def gn_bwd(dy, x, weight, bias, shift, mean, rstd, dx, dweight, dbias, num_group
         BLOCK_C=bc3, BLOCK_S=bs3, PDL=pdl, num_warps=warps_for(bc3 * bs3), **_launch_after(pdl),
     )
 
-    # dweight = sum dz * xhat, dbias = sum dz over n and the (t, s) plane: tiny (N, C, chunks) reductions
-    if dweight is not None:
-        torch.sum(pa, dim=(0, 2), out=dweight)
-    if dbias is not None:
-        torch.sum(pb, dim=(0, 2), out=dbias)
+    _channel_sums(pa, pb, dweight, dbias)  # tiny (N, C, chunks) reductions
