@@ -65,11 +65,24 @@ def export_to_mp4(frames, path: str, fps: float = 8, quality: float = 8) -> str:
     return _atomic(path, write)
 
 
+def gif_durations(count: int, fps: float) -> list:
+    """Per-frame durations (ms) of a GIF playing at ``fps``. GIF stores centiseconds, so one constant
+    duration drifts (8 fps: 120 ms, played at 8.3 fps); these alternate (120, 130, ...) so frame i
+    starts within 5 ms of i / fps."""
+    if fps > 50:  # browsers play frames shorter than 20 ms at 100 ms
+        raise ValueError(f"fps must be at most 50 for a GIF, got {fps}; write an .mp4 instead")
+    if fps <= 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+    starts = [round(100 * i / fps) for i in range(count + 1)]  # centiseconds
+    return [10 * (b - a) for a, b in zip(starts, starts[1:])]
+
+
 def export_to_gif(frames, path: str, fps: float = 8) -> str:
     """Looping GIF (palette per frame). Returns the path."""
     images = [Image.fromarray(f) for f in to_uint8_frames(frames)]
+    durations = gif_durations(len(images), fps)
     return _atomic(path, lambda tmp: images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:],
-                                                    duration=round(1000 / fps), loop=0))
+                                                    duration=durations, loop=0))
 
 
 EXPORTERS = {".mp4": export_to_mp4, ".gif": export_to_gif}

@@ -121,6 +121,8 @@ def _resolve_device(name):
 
 def run(args) -> int:
     _check_output(args.out)
+    if args.out.lower().endswith(".gif") and args.save_fps and args.save_fps > 50:
+        _fail(f"--save-fps {args.save_fps}: GIFs play at most 50 fps; write an .mp4")
     tiny = args.model == TINY_RANDOM and not os.path.isdir(args.model)
     if not tiny and not os.path.isdir(args.model):
         _fail(f"model folder {args.model} does not exist")

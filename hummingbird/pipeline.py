@@ -40,6 +40,7 @@ from hummingbird.schedulers import DDIM_ETA, ddim_scheduler, lcm_scheduler, lcm_
 # w 7.5 (4 steps, timesteps [999, 759, 519, 279], is its fastest published setting). VideoCrafter2 (DDIM +
 # CFG): its reference sampling, 50 steps, guidance 12, fps 28, at its training length of 16 frames.
 DISTILLED_DEFAULTS = dict(num_inference_steps=8, num_frames=26, guidance_scale=7.5, fps=8)
+DEFAULT_SIZE = (320, 512)  # (height, width): VideoCrafter2's and Hummingbird's training resolution
 CFG_DEFAULTS = dict(num_inference_steps=50, num_frames=16, guidance_scale=12.0, fps=28)
 
 
@@ -175,8 +176,8 @@ class HummingbirdPipeline(DiffusionPipeline):
         prompt,
         negative_prompt=None,
         num_frames: int | None = None,
-        height: int = 320,
-        width: int = 512,
+        height: int | None = None,
+        width: int | None = None,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         fps: int | None = None,
@@ -197,6 +198,7 @@ class HummingbirdPipeline(DiffusionPipeline):
         Without distillation, guidance_scale <= 1 turns classifier-free guidance off (batch B, not 2B).
         seed: shorthand for a CPU ``generator`` (the same seed gives the same noise on any device); pass
         one of the two.
+        height, width: default :data:`DEFAULT_SIZE` (320 x 512).
         latents: (B, 4, F, H/8, W/8) initial noise instead of sampling it. eta: DDIM's noise weight.
         Returns :class:`HummingbirdPipelineOutput` (or ``(frames,)`` when ``return_dict=False``).
         """
@@ -210,6 +212,8 @@ class HummingbirdPipeline(DiffusionPipeline):
         num_frames = defaults["num_frames"] if num_frames is None else num_frames
         guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
         fps = defaults["fps"] if fps is None else fps
+        height = DEFAULT_SIZE[0] if height is None else height
+        width = DEFAULT_SIZE[1] if width is None else width
         self.check_inputs(prompt, negative_prompt, num_frames, height, width, num_inference_steps, output_type,
                           decode_chunk_size)
         if generator is not None and seed is not None:

@@ -40,6 +40,7 @@ def test_generate_gif_from_saved_pipeline(tmp_path, capsys):
     (["--model", "/no/such/model"], "model folder /no/such/model does not exist"),
     ([*TINY, "--out", "/no/such/dir/v.mp4"], "folder /no/such/dir does not exist"),
     ([*TINY, "--out", "v.avi"], "--out must end in .mp4 or .gif"),
+    ([*TINY, "--out", "v.gif", "--save-fps", "60"], "GIFs play at most 50 fps"),
     ([*TINY, "--height", "40"], "must be multiples of 16 for this model .*got 40x32"),
     pytest.param([*TINY, "--device", "cuda"], "CUDA is not available",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available")),

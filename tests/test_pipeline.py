@@ -181,7 +181,17 @@ def test_export_mp4_and_gif(lcm, tmp_path):
     assert np.abs(video.astype(float) - frames).mean() < 40  # lossy, but the same pictures
     gif = export_to_gif(torch.from_numpy(frames).permute(0, 3, 1, 2) / 255, tmp_path / "v.gif", fps=8)
     assert iio.imread(gif).shape == (16, 32, 32, 3)
+    with Image.open(gif) as im:  # 16 frames at 8 fps play for 2 s (a constant 120 ms would be 1.92 s)
+        durations = [im.seek(i) or im.info["duration"] for i in range(im.n_frames)]
+    assert sum(durations) == 2000 and set(durations) == {120, 130}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v.gif", "v.mp4"]  # no temporary files left
+
+
+@pytest.mark.parametrize("fps", [0, -8, 60])
+def test_export_gif_rejects_fps_it_cannot_play(fps, tmp_path):
+    with pytest.raises(ValueError, match="fps"):
+        export_to_gif(np.zeros((2, 16, 16, 3), np.uint8), tmp_path / "v.gif", fps=fps)
+    assert not list(tmp_path.iterdir())
 
 
 def test_export_to_unwritable_path(tmp_path):
@@ -201,3 +211,8 @@ def test_load_converted_folder(ddim, tmp_path):
     shutil.rmtree(tmp_path / "tokenizer")
     with pytest.raises(FileNotFoundError, match="lacks tokenizer/"):
         load_pipeline(str(tmp_path))
+
+
+def test_size_defaults_to_the_training_resolution(lcm):
+    frames = lcm("a cat", num_frames=1, num_inference_steps=1, height=None, width=None).frames
+    assert frames.shape == (1, 1, 3, 320, 512)
