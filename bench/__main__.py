@@ -27,10 +27,11 @@ def main(argv=None):
     if args.graph and dev.type != "cuda":
         parser.error("--graph needs a CUDA GPU")
     timer = common.median_seconds_graphed if args.graph else common.median_seconds
-    report = common.Report(device=common.device_name(dev))
+    report = common.Report(device=common.device_name(dev), timing=common.GRAPH_TIMING if args.graph else common.WALL_TIMING)
     report.copy_gbps = common.copy_bandwidth(dev) / 1e9
     print(f"{report.device}: copy bandwidth {report.copy_gbps:.1f} GB/s, dtype {dtype}, commit {report.commit}")
-    ops.run(report, dev, dtype, quick=args.quick, timer=lambda fn: timer(fn, min_time), compile_too=args.compile)
+    ops.run(report, dev, dtype, quick=args.quick, timer=lambda fn, fn_args: timer(fn, min_time, fn_args),
+            compile_too=args.compile)
     # runs without some rows or shapes must not overwrite the full one
     report.save(args.out, "ops", str(dtype).split(".")[-1], *(["graph"] if args.graph else []),
                 *([] if args.compile else ["no-compile"]), *(["quick"] if args.quick else []))

@@ -108,7 +108,7 @@ def run(report, dev, dtype, quick=False, timer=None, compile_too=True):
     def measure(suite, case, impls, args, bytes_moved):
         for name, fn in impls.items():
             try:
-                seconds = timer(lambda: fn(*args))
+                seconds = timer(fn, args)
             except (RuntimeError, torch._dynamo.exc.BackendCompilerFailed) as err:  # e.g. SDPA past its grid limit
                 report.rows.append(_failed(suite, case, name, err))
                 continue

@@ -23,7 +23,7 @@ import torch
 
 import hbkernels
 from bench import common
-from bench.ops import hb_attention
+from bench.ops import eager_group_norm_silu, hb_attention
 from bench.unet_step import kernel_breakdown
 from hbkernels.triton import group_norm as gn
 from hbkernels.triton import temporal_attention as ta
@@ -67,11 +67,10 @@ def sweep_group_norm(report, dev, min_time):
         x = (torch.randn(shape, device=dev, dtype=torch.float16) + 1).contiguous(memory_format=fmt)
         w, b = (torch.randn(shape[1], device=dev, dtype=torch.float16) for _ in range(2))
         bytes_moved = 2 * x.numel() * 2
-        eager = common.median_seconds_graphed(
-            lambda: torch.nn.functional.silu(torch.nn.functional.group_norm(x, 32, w, b)), min_time)
+        eager = common.median_seconds_graphed(eager_group_norm_silu, min_time, (x, w, b))
         report.add("group_norm_silu", label, "eager", eager, bytes_moved)
 
-        def call():
+        def call(x=x):
             return hbkernels.group_norm(x, 32, w, b, activation="silu")
 
         for knobs in _gn_forward_settings():
@@ -81,7 +80,7 @@ def sweep_group_norm(report, dev, min_time):
                 if profile:
                     top = kernel_breakdown(call, calls=20)["families"]["hbkernels group_norm"]["top"]
                     extra["kernel_us"] = {name: round(ms * 1e3, 2) for name, ms in top}
-                _add(report, "group_norm_silu", label, impl, common.median_seconds_graphed(call, min_time),
+                _add(report, "group_norm_silu", label, impl, common.median_seconds_graphed(call, min_time, (x,)),
                      bytes_moved, **extra)
 
         # the backward's kernels alone (partial sums, finalize, dx): reads dy and x twice, writes dx
@@ -92,7 +91,7 @@ def sweep_group_norm(report, dev, min_time):
             impl = _knobs_label(gn, knobs)
             with mock.patch.multiple(gn, **knobs):
                 seconds = common.median_seconds_graphed(
-                    lambda: kernels.gn_bwd(dy4, x4, w, b, None, mean, rstd, dx4, dw, db, 32, True), min_time)
+                    kernels.gn_bwd, min_time, (dy4, x4, w, b, None, mean, rstd, dx4, dw, db, 32, True))
             _add(report, "group_norm_silu_backward", label, impl, seconds, 3 * x.numel() * 2)
 
 
@@ -104,7 +103,7 @@ def sweep_temporal_attention(report, dev, min_time):
         q, k, v = (torch.randn(n, t, heads * d, device=dev, dtype=torch.float16) for _ in range(3))
         for warps in ATTN_WARPS:
             with mock.patch.object(ta, "FWD_WARPS", warps):
-                seconds = common.median_seconds_graphed(lambda: hb_attention(q, k, v, heads), min_time)
+                seconds = common.median_seconds_graphed(hb_attention, min_time, (q, k, v, heads))
             _add(report, "temporal_attention", case, _warps_label(warps), seconds, 4 * q.numel() * 2)
         # the backward kernel alone: reads q, k, v, dO (and the row statistics), writes dq, dk, dv
         q, k, v, do = (x.view(n, t, heads, d) for x in (q, k, v, torch.randn_like(q)))
@@ -114,7 +113,7 @@ def sweep_temporal_attention(report, dev, min_time):
         for warps in ATTN_WARPS:
             with mock.patch.object(ta, "BWD_WARPS", warps):
                 seconds = common.median_seconds_graphed(
-                    lambda: kernels.attn_bwd(do, q, k, v, out, stats, *grads, d ** -0.5, False), min_time)
+                    kernels.attn_bwd, min_time, (do, q, k, v, out, stats, *grads, d ** -0.5, False))
             _add(report, "temporal_attention_backward", case, _warps_label(warps), seconds, 7 * q.numel() * 2)
 
 
@@ -142,7 +141,7 @@ def main(argv=None):
     dev = common.device()
     if dev.type != "cuda":
         parser.error("the sweeps time GPU kernels: they need a CUDA GPU")
-    report = common.Report(device=common.device_name(dev))
+    report = common.Report(device=common.device_name(dev), timing=common.GRAPH_TIMING)
     report.copy_gbps = common.copy_bandwidth(dev) / 1e9
     print(f"{report.device}: copy bandwidth {report.copy_gbps:.1f} GB/s, commit {report.commit}")
     min_time = 0.05 if args.quick else 0.2

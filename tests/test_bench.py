@@ -1,0 +1,65 @@
+"""The benchmark plumbing: input rotation for DRAM-cold graph timing, and every op suite running."""
+import pytest
+import torch
+
+from bench import common, ops
+
+
+def test_input_sets_cover_the_cache_with_independent_copies():
+    x = torch.randn(4, 8, 16).transpose(1, 2)  # strided
+    view = x[1:, 2:5]  # shares x's storage: counted once, copied as a view
+    args = (x, view, 32, None)
+    nbytes = x.untyped_storage().nbytes()
+    sets = common.input_sets(args, l2=5 * nbytes)
+    assert len(sets) == 15  # 3 x L2 / bytes per set
+    assert sets[0] is args
+    for copy in sets[1:]:
+        assert copy[2:] == (32, None)
+        for new, old in zip(copy[:2], args[:2]):
+            assert new.stride() == old.stride() and new.storage_offset() == old.storage_offset()
+            assert torch.equal(new, old)
+            assert new.untyped_storage().data_ptr() != old.untyped_storage().data_ptr()
+        assert copy[1].untyped_storage().data_ptr() == copy[0].untyped_storage().data_ptr()  # still a view of x
+    assert len(common.input_sets(args, l2=10**12)) == common._MAX_INPUT_SETS
+    assert len(common.input_sets(args, l2=0)) == 1  # CPU: no rotation
+
+
+def test_median_seconds_passes_args():
+    seen = []
+    seconds = common.median_seconds(lambda a, b: seen.append(a + b), 0.01, (1, 2))
+    assert seconds > 0 and set(seen) == {3}
+
+
+def test_report_says_how_it_timed(tmp_path):
+    report = common.Report(device="test", timing=common.GRAPH_TIMING)
+    report.add("suite", "case", "eager", 2e-3, 10**6)
+    report.add("suite", "case", "hbkernels", 1e-3, 10**6)
+    report.write(str(tmp_path), "r")
+    text = (tmp_path / "r.md").read_text()
+    assert f"timing: {common.GRAPH_TIMING}" in text and "| 2.00x |" in text
+
+
+@pytest.mark.parametrize("dtype", [torch.float32])
+def test_every_op_suite_runs(dtype, monkeypatch):
+    """The quick CPU suites, each implementation called once for real (the timer only counts), so a
+    suite that breaks shows here and not first on a lent GPU."""
+    monkeypatch.setattr(ops, "GN_CPU", [("small", 1, 64, 3, 4, 8), ("4D", 1, 64, 0, 8, 8)])
+    monkeypatch.setattr(ops, "ATTN_CPU", [("small", 1, 5, 2, 40, 6)])
+    monkeypatch.setattr(ops, "GEGLU_CPU", [("small", 6, 40)])
+    monkeypatch.setattr(ops, "LN_CPU", [("small", 12, 40)])
+    report = common.Report(device="cpu")
+    calls = []
+
+    def timer(fn, args):
+        out = fn(*args)
+        calls.append(out)
+        return 1e-3
+
+    ops.run(report, torch.device("cpu"), dtype, quick=True, timer=timer, compile_too=False)
+    report.finish()
+    suites = {r.suite for r in report.rows}
+    assert suites == {"temporal_attention", "group_norm_silu", "temporal_path", "geglu", "layer_norm",
+                      "add_layer_norm"}
+    assert all(r.median_ms == 1.0 and "error" not in r.extra for r in report.rows)
+    assert {r.impl for r in report.rows} >= {"eager", "hbkernels", "sdpa"}
+    assert len(calls) == len(report.rows)
