@@ -46,8 +46,8 @@ CFG_DEFAULTS = dict(num_inference_steps=50, num_frames=16, guidance_scale=12.0, 
 
 @dataclass
 class HummingbirdPipelineOutput(BaseOutput):
-    """frames: (B, F, 3, H, W) float in [0, 1] ("pt"), (B, F, H, W, 3) uint8 ("np"), or B lists of F
-    PIL images ("pil"). timings: seconds per stage (text_encode, denoise, decode). peak_memory_mb:
+    """frames: (B, F, 3, H, W) float in [0, 1] ("pt"), (B, F, H, W, 3) uint8 ("np"), B lists of F
+    PIL images ("pil"), or (B, 4, F, H/8, W/8) latents ("latent"). timings: seconds per stage (text_encode, denoise, decode). peak_memory_mb:
     torch.cuda.max_memory_allocated during the call on CUDA; on CPU the process's peak resident set
     size so far (ru_maxrss, not reset per call)."""
 
@@ -151,8 +151,8 @@ class HummingbirdPipeline(DiffusionPipeline):
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-        if output_type not in ("pt", "np", "pil"):
-            raise ValueError(f"output_type must be 'pt', 'np' or 'pil', got {output_type!r}")
+        if output_type not in ("pt", "np", "pil", "latent"):
+            raise ValueError(f"output_type must be 'pt', 'np', 'pil' or 'latent', got {output_type!r}")
         if decode_chunk_size < 1:
             raise ValueError(f"decode_chunk_size must be >= 1, got {decode_chunk_size}")
 
@@ -188,6 +188,8 @@ class HummingbirdPipeline(DiffusionPipeline):
         output_type: str = "pt",
         decode_chunk_size: int = 8,
         return_dict: bool = True,
+        num_videos_per_prompt: int = 1,
+        callback_on_step_end=None,
     ):
         """Generate videos. ``num_inference_steps`` / ``num_frames`` / ``guidance_scale`` / ``fps`` default
         to 8 / 26 / 7.5 / 8 for a guidance-distilled U-Net (Hummingbird) and 50 / 16 / 12 / 28 otherwise
@@ -200,6 +202,10 @@ class HummingbirdPipeline(DiffusionPipeline):
         one of the two.
         height, width: default :data:`DEFAULT_SIZE` (320 x 512).
         latents: (B, 4, F, H/8, W/8) initial noise instead of sampling it. eta: DDIM's noise weight.
+        num_videos_per_prompt: videos per prompt, each from its own noise (B = prompts x this).
+        output_type: "pt", "np", "pil", or "latent" (the (B, 4, F, H/8, W/8) latents, not decoded).
+        callback_on_step_end: ``fn(pipe, step_index, timestep, {"latents": latents})`` after each step,
+        as in diffusers; a returned dict's "latents" replaces the latents.
         Returns :class:`HummingbirdPipelineOutput` (or ``(frames,)`` when ``return_dict=False``).
         """
         prompt = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -218,9 +224,14 @@ class HummingbirdPipeline(DiffusionPipeline):
                           decode_chunk_size)
         if generator is not None and seed is not None:
             raise ValueError("pass either seed or generator, not both")
+        if not isinstance(num_videos_per_prompt, int) or num_videos_per_prompt < 1:
+            raise ValueError(f"num_videos_per_prompt must be an int >= 1, got {num_videos_per_prompt!r}")
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise TypeError(f"callback_on_step_end must be callable, got {type(callback_on_step_end).__name__}")
         if seed is not None:
             generator = torch.Generator("cpu").manual_seed(seed)
-        device, dtype, batch = self._execution_device, self.unet.dtype, len(prompt)
+        device, dtype = self._execution_device, self.unet.dtype
+        batch = len(prompt) * num_videos_per_prompt
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         timings, clock = {}, _Clock(device)
@@ -233,8 +244,8 @@ class HummingbirdPipeline(DiffusionPipeline):
         elif not do_cfg and negative_prompt is not None:
             warnings.warn(f"negative_prompt is ignored: guidance_scale {guidance_scale} <= 1 turns classifier-free "
                           "guidance off", stacklevel=2)
-        texts = (negative_prompt or [""] * batch) + prompt if do_cfg else prompt
-        context = self.encode_prompt(texts, device).to(dtype)
+        texts = (negative_prompt or [""] * len(prompt)) + prompt if do_cfg else prompt
+        context = self.encode_prompt(texts, device).to(dtype).repeat_interleave(num_videos_per_prompt, dim=0)
         timings["text_encode"] = clock.lap()
 
         timesteps = self._set_timesteps(num_inference_steps, device)
@@ -252,7 +263,7 @@ class HummingbirdPipeline(DiffusionPipeline):
         step_kwargs = self._step_kwargs(generator, eta)
 
         with self.progress_bar(total=len(timesteps)) as progress:
-            for t in timesteps:
+            for i, t in enumerate(timesteps):
                 model_in = self.scheduler.scale_model_input(torch.cat([latents] * 2) if do_cfg else latents, t)
                 noise = self._unet(model_in, t, context, timestep_cond, fps)
                 if do_cfg:
@@ -260,12 +271,17 @@ class HummingbirdPipeline(DiffusionPipeline):
                     noise = uncond + guidance_scale * (cond - uncond)
                 # The last LCM step returns its denoised estimate, so prev_sample is the result either way.
                 latents = self.scheduler.step(noise, t, latents, **step_kwargs).prev_sample
+                if callback_on_step_end is not None:
+                    latents = (callback_on_step_end(self, i, t, {"latents": latents}) or {}).get("latents", latents)
                 progress.update()
         timings["denoise"] = clock.lap()
 
-        video = self.decode_latents(latents, decode_chunk_size)
-        timings["decode"] = clock.lap()
-        frames = _to_output_type(video, output_type)
+        if output_type == "latent":
+            frames = latents
+        else:
+            video = self.decode_latents(latents, decode_chunk_size)
+            timings["decode"] = clock.lap()
+            frames = _to_output_type(video, output_type)
         self.maybe_free_model_hooks()
         if device.type == "cuda":
             peak_mb = torch.cuda.max_memory_allocated(device) / 2**20

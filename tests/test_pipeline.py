@@ -159,6 +159,8 @@ def test_save_load_round_trip(lcm, tmp_path):
     (dict(negative_prompt=[None]), "negative_prompt must be a string"),
     (dict(seed=0, generator=torch.Generator().manual_seed(0)), "either seed or generator"),
     (dict(latents=torch.zeros(1, 4, 2, 2, 2)), "latents must have shape"),
+    (dict(num_videos_per_prompt=0), "num_videos_per_prompt"),
+    (dict(num_videos_per_prompt=1.5), "num_videos_per_prompt"),
 ])
 def test_bad_arguments(lcm, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -216,3 +218,32 @@ def test_load_converted_folder(ddim, tmp_path):
 def test_size_defaults_to_the_training_resolution(lcm):
     frames = lcm("a cat", num_frames=1, num_inference_steps=1, height=None, width=None).frames
     assert frames.shape == (1, 1, 3, 320, 512)
+
+
+def test_videos_per_prompt_are_a_batch_of_repeated_prompts(ddim, monkeypatch):
+    batches = _record_unet_batches(ddim, monkeypatch)
+    kw = dict(num_frames=2, num_inference_steps=2, seed=0, negative_prompt=["blurry", "dark"], **SIZE)
+    videos = ddim(["a cat", "a dog"], num_videos_per_prompt=2, **kw).frames
+    assert batches == [8] * 2  # [uncond, cond] x 2 prompts x 2 videos in one call per step
+    assert videos.shape[0] == 4 and not torch.equal(videos[0], videos[1])  # each its own noise
+    repeated = ddim(["a cat", "a cat", "a dog", "a dog"], **{**kw, "negative_prompt": ["blurry"] * 2 + ["dark"] * 2})
+    torch.testing.assert_close(videos, repeated.frames, rtol=0, atol=1e-6)
+
+
+def test_latent_output_and_step_callback(lcm):
+    seen = []
+
+    def callback(pipe, i, t, tensors):
+        seen.append((i, int(t), tuple(tensors["latents"].shape)))
+        if i == 1:
+            return {"latents": torch.zeros_like(tensors["latents"])}
+
+    kw = dict(num_frames=2, num_inference_steps=2, seed=0, **SIZE)
+    out = lcm("a cat", output_type="latent", callback_on_step_end=callback, **kw)
+    assert seen == [(0, 999, (1, 4, 2, 4, 4)), (1, 499, (1, 4, 2, 4, 4))]
+    assert set(out.timings) == {"text_encode", "denoise"}  # nothing decoded
+    assert torch.equal(out.frames, torch.zeros(1, 4, 2, 4, 4))  # the callback's latents are the result
+    latents = lcm("a cat", output_type="latent", **kw).frames
+    torch.testing.assert_close(lcm.decode_latents(latents, 8), lcm("a cat", **kw).frames, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="callback_on_step_end must be callable"):
+        lcm("a cat", callback_on_step_end="print", **kw)
