@@ -36,6 +36,7 @@ GN_TILES = (1024, 2048)
 GN_STAGES = (2, 3, 4, 5)
 GN_APPLY_TILES = (8192, 16384)  # besides the default
 GN_APPLY_MAXNREG = (32,)  # besides the default (none)
+GN_ONE_PASS_TILES = (8192,)  # besides the default; level 0 T16: 50 programs per group instead of 100
 # (label, tokens N, frames T, heads, head dim): VideoCrafter2 / Hummingbird level 0 at 320x512, batch 1
 ATTN_SHAPES = [(f"vc2 L0 B1 T{t}", 40 * 64, t, 5, 64) for t in (16, 26)]
 ATTN_WARPS = (None, 1, 2, 4, 8)
@@ -46,8 +47,14 @@ def _gn_forward_settings():
     the default with one other knob changed."""
     grid = [dict(STATS_PROGRAMS_PER_SM=p, _STATS_TILE=t, STATS_STAGES=s)
             for p, t, s in itertools.product(GN_PROGRAMS_PER_SM, GN_TILES, GN_STAGES)]
-    return grid + [dict(APPLY_REVERSED=not gn.APPLY_REVERSED), dict(PDL=not gn.PDL), dict(ONE_PASS=not gn.ONE_PASS)] + \
+    return grid + [dict(APPLY_REVERSED=not gn.APPLY_REVERSED), dict(PDL=not gn.PDL), *_one_pass_settings()] + \
         [dict(_APPLY_TILE=t) for t in GN_APPLY_TILES] + [dict(_APPLY_MAXNREG=c) for c in GN_APPLY_MAXNREG]
+
+
+def _one_pass_settings():
+    """One pass switched (at its default tile), and on at each larger tile: fewer programs per group,
+    more bytes each."""
+    return [dict(ONE_PASS=not gn.ONE_PASS)] + [dict(ONE_PASS=True, _ONE_PASS_MIN_TILE=t) for t in GN_ONE_PASS_TILES]
 
 
 def _knobs_label(module, knobs):
@@ -87,7 +94,7 @@ def sweep_group_norm(report, dev, min_time):
         x4, dy4, dx4 = x.flatten(3), torch.randn_like(x).flatten(3), torch.empty_like(x).flatten(3)
         mean, rstd = torch.randn(1, 32, device=dev), torch.rand(1, 32, device=dev) + 0.5
         dw, db = (torch.empty(shape[1], device=dev) for _ in range(2))
-        for knobs in [dict(STATS_STAGES=s) for s in GN_STAGES] + [dict(PDL=not gn.PDL), dict(ONE_PASS=not gn.ONE_PASS)]:
+        for knobs in [dict(STATS_STAGES=s) for s in GN_STAGES] + [dict(PDL=not gn.PDL), *_one_pass_settings()]:
             impl = _knobs_label(gn, knobs)
             with mock.patch.multiple(gn, **knobs):
                 seconds = common.median_seconds_graphed(

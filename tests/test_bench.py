@@ -63,3 +63,15 @@ def test_every_op_suite_runs(dtype, monkeypatch):
     assert all(r.median_ms == 1.0 and "error" not in r.extra for r in report.rows)
     assert {r.impl for r in report.rows} >= {"eager", "hbkernels", "sdpa"}
     assert len(calls) == len(report.rows)
+
+
+def test_sweep_knobs_exist():
+    """Every knob the GPU sweep patches is a constant of its module (mock.patch would fail on the lent
+    GPU, not here, otherwise), and each setting differs from the default or is the grid's default point."""
+    from bench import sweep
+    from hbkernels.triton import group_norm as gn
+
+    settings = sweep._gn_forward_settings() + sweep._one_pass_settings()
+    for knobs in settings:
+        assert all(hasattr(gn, name) for name in knobs), knobs
+    assert sum(sweep._is_default(gn, k) for k in settings) == 1
