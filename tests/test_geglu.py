@@ -4,7 +4,7 @@ import torch
 import hbkernels
 from helpers import KERNEL_BACKENDS, DTYPES, check_against_float64, rand, shapes
 
-QUICK = [(7, 10), (2, 3, 40), (1, 160)]
+QUICK = [(7, 10), (2, 3, 40), (1, 160), (3, 80), (2, 4200)]  # F = 40: ragged last column block; 2100: past a C++ chunk
 FULL = QUICK + [(2560 * 16, 2560), (640 * 26, 10240), (77, 8192)]
 
 

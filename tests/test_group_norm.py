@@ -155,6 +155,20 @@ def test_group_norm_statistics_walk_many_tiles(monkeypatch, backend_name, layout
 TRITON_BACKENDS = [p for p in KERNEL_BACKENDS if p.values[0] == "triton"]
 
 
+@pytest.mark.parametrize("backend_name", TRITON_BACKENDS)
+def test_group_norm_finalize_merges_several_blocks(monkeypatch, backend_name):
+    """The finalize kernel walks a group's partials in blocks; the U-Net's groups fit one block, so a
+    tiny block makes the cross-block merge (and the shift's mean across blocks) run here."""
+    from hbkernels.triton import group_norm as gn
+
+    monkeypatch.setattr(gn, "_FINAL_BLOCK", 2)
+    x = rand(2, 12, 3, 4, 5, dtype=torch.float64, mean=3.0, requires_grad=True)
+    w = rand(12, dtype=torch.float64, mean=1.0, requires_grad=True)
+    shift = (10 * rand(2, 12, dtype=torch.float64)).requires_grad_()
+    check_against_float64(lambda x, w, shift: hbkernels.group_norm(x, 4, w, None, activation="silu", shift=shift),
+                          [x, w, shift], backend_name, torch.float32)
+
+
 def one_pass_calls(monkeypatch, min_tile):
     """Switches the one-pass kernels on (tiles from min_tile) and records, per kernel, the first tensor
     and the plan of each launch."""
@@ -212,6 +226,18 @@ def test_group_norm_one_pass_without_silu_or_affine(monkeypatch, backend_name, a
         return hbkernels.group_norm(x, 4, w, None)
 
     check_against_float64(fn, [x] + ([w] if affine == "weight" else []), backend_name, torch.float32)
+    assert all(calls.values())
+
+
+@pytest.mark.parametrize("backend_name", TRITON_BACKENDS)
+def test_group_norm_one_pass_one_program_per_group(monkeypatch, backend_name):
+    """A group of one channel whose row fits one tile: P = 1, the program merges only its own partial
+    and is the one that writes the group's mean and rstd (which the backward reads)."""
+    calls = one_pass_calls(monkeypatch, 4096)
+    x = rand(2, 4, 3, 5, dtype=torch.float64, mean=3.0, requires_grad=True)
+    w = rand(4, dtype=torch.float64, mean=1.0, requires_grad=True)
+    check_against_float64(lambda x, w: hbkernels.group_norm(x, 4, w, None, activation="silu"), [x, w], backend_name,
+                          torch.float32)
     assert all(calls.values())
 
 

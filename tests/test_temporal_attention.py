@@ -156,3 +156,12 @@ def test_reference_attention_in_slices_past_65535_rows():
     got = reference.temporal_attention(q, k, v, 0.5, False)
     want = reference.temporal_attention(q.double(), k.double(), v.double(), 0.5, False)
     torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(ON_GPU or not backend.cpp_available(), reason="C++ backend not built / not CPU")
+def test_cpp_causal_attention_reuses_buffers_across_heads(single_thread):
+    """One thread runs every head in turn, each with several query blocks (T = 77): the causal
+    backward must clear the dK/dV rows the previous head left in its per-thread buffers."""
+    base = rand(3, 1, 77, 3, 40, dtype=torch.float64, requires_grad=True)
+    check_against_float64(lambda b: hbkernels.temporal_attention(*b.unbind(0), causal=True), [base], "cpp",
+                          torch.float32)
