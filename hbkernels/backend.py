@@ -6,12 +6,14 @@ lets the Triton backend run on CPU tensors, which is how CI exercises the Triton
 import contextlib
 import importlib.util
 import os
+import threading
 import warnings
 
 import torch
 
 BACKENDS = ("triton", "cpp", "torch")
-_forced: list = []  # stack of use_backend() overrides
+# use_backend() overrides, a stack per thread: one thread's block never changes the ops of another
+_local = threading.local()
 
 
 def interpreting() -> bool:
@@ -46,16 +48,19 @@ def cpp_available() -> bool:
 
 
 def _requested() -> str | None:
-    name = _forced[-1] if _forced else os.environ.get("HBKERNELS_BACKEND") or None
+    forced = getattr(_local, "forced", None)
+    name = forced[-1] if forced else os.environ.get("HBKERNELS_BACKEND") or None
     if name is not None and name not in BACKENDS:
         raise ValueError(f"HBKERNELS_BACKEND must be one of {BACKENDS}, got {name!r}")
     return name
 
 
-def select(device: torch.device, dtype: torch.dtype) -> str:
-    """The backend that runs an op on ``dtype`` tensors living on ``device``."""
+def select(device: torch.device, dtype: torch.dtype, empty: bool = False) -> str:
+    """The backend that runs an op on ``dtype`` tensors living on ``device`` (``empty``: of zero size)."""
     name = _requested()
-    if dtype == torch.float64:  # kernels cover fp32/fp16/bf16; float64 is the reference's job
+    # kernels cover fp32/fp16/bf16; float64 is the reference's job, and so are zero-size tensors (an
+    # empty batch), which torch's ops take as they come
+    if dtype == torch.float64 or empty:
         return "torch"
     if name == "triton":
         if not triton_available():
@@ -83,11 +88,13 @@ def use_backend(name: str):
     """Force ``name`` for ops called inside the block (overrides ``HBKERNELS_BACKEND``)."""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    _forced.append(name)
+    if not hasattr(_local, "forced"):
+        _local.forced = []
+    _local.forced.append(name)
     try:
         yield
     finally:
-        _forced.pop()
+        _local.forced.pop()
 
 
 # ``HBKERNELS_POISON=1`` (read at import) fills every output buffer with NaN before a kernel runs, so

@@ -1,5 +1,8 @@
 """Argument checks shared by the ops: bad input raises ValueError/TypeError naming the argument,
 before any kernel sees it."""
+import numbers
+import operator
+
 import torch
 
 # float64 is accepted and always runs the PyTorch reference (it is what tests compare against).
@@ -55,8 +58,21 @@ def channel_vector(name: str, t, channels: int, like: torch.Tensor) -> None:
 
 
 def positive_eps(eps) -> None:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+    """eps: any real number but a bool (numpy scalars too, as torch's norms take them), above 0."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a positive float, got {eps!r}")
+    if not eps > 0:
         raise ValueError(f"eps must be a positive float, got {eps!r}")
+
+
+def positive_int(name: str, value) -> int:
+    """``value`` as an int: anything with ``__index__`` (numpy integers too) but a bool, at least 1."""
+    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+        raise TypeError(f"{name} must be a positive int, got {value!r}")
+    value = operator.index(value)
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value}")
+    return value
 
 
 def affine_like(t, x: torch.Tensor):

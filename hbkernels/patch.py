@@ -269,6 +269,8 @@ def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
     emb = self.time_emb_proj(temb if self.skip_time_act else self.nonlinearity(temb))
     if bias is not None:  # conv1's bias rides in the shift too
         emb = emb + bias
+    if emb.shape[0] == 1:  # one embedding for the whole batch, broadcast as diffusers' add would
+        emb = emb.expand(h.shape[0], -1)
     h = self.dropout(self.nonlinearity(self.norm2(h, shift=emb)))
     shortcut = input_tensor
     if self.conv_shortcut is not None:  # contiguous in training, as diffusers (DDP gradient strides)
@@ -321,10 +323,10 @@ def _swap_layout(model, d) -> None:
 
 def _swap_time_embedding(model, d) -> None:
     for module in model.modules():
-        # the fused forward needs norm2 to be hbkernels' GroupNorm (which takes the shift); otherwise it
-        # would only ever take its unfused path, yet count as fused
+        # the fused forward needs a time embedding and norm2 to be hbkernels' GroupNorm (which takes the
+        # shift); otherwise it would only ever take its unfused path, yet count as fused
         if type(module) is d["ResnetBlock2D"] and module.time_embedding_norm == "default" \
-                and isinstance(module.norm2, hbnn.GroupNorm):
+                and module.time_emb_proj is not None and isinstance(module.norm2, hbnn.GroupNorm):
             module.__class__ = _fused_class("ResnetBlock2D")
 
 

@@ -5,6 +5,7 @@ device) run before the model loads, so a typo costs no loading time; they exit w
 message, no traceback. torch/diffusers are imported inside :func:`run` to keep ``--help`` instant.
 """
 import argparse
+import importlib.util
 import json
 import os
 import random
@@ -75,6 +76,8 @@ def _check_output(path: str):
     ext = os.path.splitext(path)[1].lower()
     if ext not in EXPORTERS:
         _fail(f"--out must end in {' or '.join(EXPORTERS)}, got {path!r}")
+    if ext == ".mp4" and importlib.util.find_spec("imageio_ffmpeg") is None:  # else found out after generating
+        _fail("writing .mp4 needs imageio-ffmpeg: pip install 'hbkernels[video]' (or write a .gif)")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         _fail(f"cannot write {path}: folder {folder} does not exist")

@@ -1,4 +1,5 @@
 import sys
+import threading
 import warnings
 
 import pytest
@@ -37,6 +38,33 @@ def test_forcing(monkeypatch):
     with pytest.raises(ValueError, match="backend must be one of"):
         with hbkernels.use_backend("numpy"):
             pass
+
+
+def test_use_backend_is_per_thread(monkeypatch):
+    """A block in one thread (e.g. one request of a server) neither changes the backend of another
+    thread nor, on exit, pops that thread's own override."""
+    monkeypatch.delenv("HBKERNELS_BACKEND", raising=False)
+    default = backend.select(DEVICE, torch.float32)
+    other = "torch" if default != "torch" else "triton"
+    entered, leave = threading.Event(), threading.Event()
+
+    def worker():
+        with hbkernels.use_backend(other):
+            entered.set()
+            leave.wait(10)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    assert entered.wait(10)
+    try:
+        assert backend.select(DEVICE, torch.float32) == default
+        with hbkernels.use_backend(default):
+            leave.set()
+            thread.join(10)  # the worker's block exits inside ours
+            assert backend.select(DEVICE, torch.float32) == default
+    finally:
+        leave.set()
+        thread.join(10)
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="CPU-only rules")

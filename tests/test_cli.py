@@ -1,4 +1,6 @@
 """``hummingbird generate`` end to end with the built-in tiny random model, and its error messages."""
+import sys
+
 import imageio.v3 as iio
 import pytest
 import torch
@@ -41,11 +43,14 @@ def test_generate_gif_from_saved_pipeline(tmp_path, capsys):
     ([*TINY, "--out", "/no/such/dir/v.mp4"], "folder /no/such/dir does not exist"),
     ([*TINY, "--out", "v.avi"], "--out must end in .mp4 or .gif"),
     ([*TINY, "--out", "v.gif", "--save-fps", "60"], "GIFs play at most 50 fps"),
+    ([*TINY, "--out", "v.mp4"], r"writing .mp4 needs imageio-ffmpeg: pip install 'hbkernels\[video\]'"),
     ([*TINY, "--height", "40"], "must be multiples of 16 for this model .*got 40x32"),
     pytest.param([*TINY, "--device", "cuda"], "CUDA is not available",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available")),
 ])
 def test_generate_errors_before_loading(args, message, tmp_path, monkeypatch):
+    if "imageio" in message:
+        monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # as if not installed
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match=message):
         main(["generate", "a cat", *args])

@@ -113,8 +113,8 @@ def test_layer_norm_bad_input():
     x = rand(3, 8)
     with pytest.raises(TypeError, match="x must have dtype"):
         hbkernels.layer_norm(x.long())
-    with pytest.raises(ValueError, match="x must be a non-empty"):
-        hbkernels.layer_norm(rand(0, 8))
+    with pytest.raises(ValueError, match="x must have a last dim"):
+        hbkernels.layer_norm(rand(()))
     with pytest.raises(ValueError, match="weight must have 8 elements"):
         hbkernels.layer_norm(x, weight=torch.ones(4, device=DEVICE))
     with pytest.raises(ValueError, match="bias is on meta"):

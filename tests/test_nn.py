@@ -109,3 +109,42 @@ def test_conv_deferring_bias():
     torch.testing.assert_close(y, conv(x) + 1)
     no_bias = torch.nn.Conv3d(4, 6, 1, bias=False)
     assert hbkernels.nn.conv_deferring_bias(no_bias, x)[1] is None
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("op", ["group_norm", "group_norm_to_tokens", "layer_norm", "geglu", "temporal_attention"])
+def test_empty_batch_as_torch_takes_it(backend_name, op):
+    """A zero-size batch gives zero-size outputs and gradients, as torch's own ops do (a model patched
+    by apply_to must take what the stock model takes)."""
+    w = rand(8, requires_grad=True)
+    x = rand(0, 8, 3, 2, 2, requires_grad=True)  # (N, C, T, H, W)
+    calls = {
+        "group_norm": (lambda: hbkernels.group_norm(x, 4, w, activation="silu", shift=rand(0, 8)),
+                       lambda: F.silu(F.group_norm(x, 4, w))),
+        "group_norm_to_tokens": (lambda: hbkernels.group_norm_to_tokens(x, 4, w), lambda: x.new_zeros(0, 3, 8)),
+        "layer_norm": (lambda: hbkernels.layer_norm(x.flatten(2).transpose(1, 2)[..., :8], w),
+                       lambda: F.layer_norm(x.flatten(2).transpose(1, 2)[..., :8], (8,), w)),
+        "geglu": (lambda: hbkernels.geglu(x.flatten(1)), lambda: x.flatten(1)[:, :48]),
+        "temporal_attention": (lambda: hbkernels.temporal_attention(*[x.permute(0, 2, 3, 4, 1).flatten(2, 3)] * 3),
+                               lambda: x.permute(0, 2, 3, 4, 1).flatten(2, 3)),
+    }
+    ours, theirs = calls[op]
+    with hbkernels.use_backend(backend_name):
+        out = ours()
+    assert out.shape == theirs().shape
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+def test_numpy_scalar_hyperparameters_as_torch_takes_them():
+    """Configs read from numpy (or JSON through numpy) give np.int64 / np.float32 hyperparameters."""
+    np = pytest.importorskip("numpy")
+    x = rand(2, 8, 3, 4)
+    ours = hbkernels.nn.GroupNorm(np.int64(4), 8, eps=np.float32(1e-6)).to(DEVICE)
+    torch.testing.assert_close(ours(x), F.group_norm(x, 4, ours.weight, ours.bias, 1e-6))
+    norm = hbkernels.nn.LayerNorm(4, eps=np.float32(1e-6)).to(DEVICE)
+    torch.testing.assert_close(norm(x), F.layer_norm(x, (4,), norm.weight, norm.bias, 1e-6))
+    with pytest.raises(TypeError, match="num_groups"):
+        hbkernels.group_norm(x, np.float64(4.0))
+    with pytest.raises(TypeError, match="eps"):
+        hbkernels.layer_norm(x, eps="1e-6")

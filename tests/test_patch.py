@@ -155,17 +155,19 @@ def test_apply_to_outputs(which, backend_name, monkeypatch):
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-4 * ref.abs().max().item())
 
 
-@pytest.mark.parametrize("kind", ["shortcut", "skip_time_act", "down"])
+@pytest.mark.parametrize("kind", ["shortcut", "skip_time_act", "down", "one_temb_for_the_batch"])
 def test_resnet_time_embedding_fused(kind, monkeypatch):
     """ResnetBlock2D's temb add inside norm2: same outputs and gradients (temb's included), in
-    training mode; resampling blocks keep diffusers' forward."""
+    training mode, also with one temb broadcast over the batch; resampling blocks keep diffusers'
+    forward."""
     from diffusers.models.resnet import ResnetBlock2D
 
     torch.manual_seed(0)
     block = ResnetBlock2D(in_channels=16, out_channels=24 if kind == "shortcut" else 16, temb_channels=8, groups=4,
                           skip_time_act=kind == "skip_time_act", down=kind == "down",
                           output_scale_factor=2.0 if kind == "shortcut" else 1.0)  # 1: conv2's bias fused too
-    x, temb = torch.randn(2, 16, 4, 4, requires_grad=True), torch.randn(2, 8, requires_grad=True)
+    x = torch.randn(2, 16, 4, 4, requires_grad=True)
+    temb = torch.randn(1 if kind == "one_temb_for_the_batch" else 2, 8, requires_grad=True)
     ref = block(x, temb)
     # conv1's bias moves into norm2's shift, conv2's into the residual add
     wrt = [x, temb, block.time_emb_proj.weight, block.conv1.bias, block.conv2.bias]
@@ -179,6 +181,16 @@ def test_resnet_time_embedding_fused(kind, monkeypatch):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_resnet_without_time_embedding_not_counted():
+    """A block with no time embedding (a VAE's) never takes the fused path, so it keeps its class."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    block = ResnetBlock2D(in_channels=16, temb_channels=None, groups=4)
+    hbkernels.apply_to(block)
+    assert type(block) is ResnetBlock2D and block._hbkernels_patched["time_embedding"] == 0
+    assert block._hbkernels_patched["group_norm_silu"] == 2
 
 
 def test_time_embedding_not_fused_without_group_norm():

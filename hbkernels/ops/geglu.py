@@ -36,9 +36,7 @@ def geglu(x):
     checks.tensor("x", x)
     if x.dim() < 1 or x.shape[-1] % 2:
         raise ValueError(f"x's last dim must be even (value and gate halves), got shape {tuple(x.shape)}")
-    if x.numel() == 0:
-        raise ValueError(f"x must be non-empty, got shape {tuple(x.shape)}")
-    name = backend.select(x.device, x.dtype)
+    name = backend.select(x.device, x.dtype, empty=x.numel() == 0)
     if name == "torch":
         return reference.geglu(x)
     return backend.run_function(GEGLUFunction, x, name)

@@ -95,7 +95,8 @@ def fp32_vector(v):
     return None if v is None else v.to(torch.float32).contiguous()
 
 
-def _check(x, num_groups, weight, bias, eps, activation, ndim, shift=None):
+def _check(x, num_groups, weight, bias, eps, activation, ndim, shift=None) -> int:
+    """Raises on bad arguments; returns num_groups as an int."""
     checks.tensor("x", x, ndim=ndim)
     c = x.shape[1]
     if shift is not None:
@@ -103,10 +104,7 @@ def _check(x, num_groups, weight, bias, eps, activation, ndim, shift=None):
         if tuple(shift.shape) != (x.shape[0], c):
             raise ValueError(f"shift must have shape (N, C) = {(x.shape[0], c)}, got {tuple(shift.shape)}")
         checks.same_device(x=x, shift=shift)
-    if isinstance(num_groups, bool) or not isinstance(num_groups, int):
-        raise TypeError(f"num_groups must be a positive int, got {num_groups!r}")
-    if num_groups < 1:
-        raise ValueError(f"num_groups must be a positive int, got {num_groups}")
+    num_groups = checks.positive_int("num_groups", num_groups)
     if c % num_groups:
         raise ValueError(f"num_groups ({num_groups}) must divide the channel count C={c} of x")
     checks.channel_vector("weight", weight, c, x)
@@ -114,8 +112,7 @@ def _check(x, num_groups, weight, bias, eps, activation, ndim, shift=None):
     checks.positive_eps(eps)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if x.numel() == 0:
-        raise ValueError(f"x must be non-empty, got shape {tuple(x.shape)}")
+    return num_groups
 
 
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None, shift=None):
@@ -127,10 +124,10 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None,
     Contiguous and channels-last inputs keep their layout in the output; statistics are accumulated
     in fp32 with a Welford/Chan merge, so low-precision inputs with a large mean stay accurate.
     """
-    _check(x, num_groups, weight, bias, eps, activation, (4, 5), shift)
+    num_groups = _check(x, num_groups, weight, bias, eps, activation, (4, 5), shift)
     weight, bias = checks.affine_like(weight, x), checks.affine_like(bias, x)
     silu = activation == "silu"
-    name = backend.select(x.device, x.dtype)
+    name = backend.select(x.device, x.dtype, empty=x.numel() == 0)
     if name == "torch":
         return reference.group_norm(x, num_groups, weight, bias, float(eps), silu, shift)
     return backend.run_function(GroupNormFunction, x, weight, bias, shift, num_groups, float(eps), silu, False, name)
@@ -141,10 +138,10 @@ def group_norm_to_tokens(x, num_groups, weight=None, bias=None, eps=1e-5, activa
 
     Equals ``rearrange(group_norm(x), "n c t h w -> (n h w) t c")`` without the permute copy.
     """
-    _check(x, num_groups, weight, bias, eps, activation, 5)
+    num_groups = _check(x, num_groups, weight, bias, eps, activation, 5)
     weight, bias = checks.affine_like(weight, x), checks.affine_like(bias, x)
     silu = activation == "silu"
-    name = backend.select(x.device, x.dtype)
+    name = backend.select(x.device, x.dtype, empty=x.numel() == 0)
     if name == "torch":
         return reference.group_norm_to_tokens(x, num_groups, weight, bias, float(eps), silu)
     return backend.run_function(GroupNormFunction, x, weight, bias, None, num_groups, float(eps), silu, True, name)

@@ -57,8 +57,8 @@ class LayerNormFunction(torch.autograd.Function):
 
 def _check(x, weight, bias, eps, residual):
     checks.tensor("x", x)
-    if x.dim() < 1 or x.numel() == 0:
-        raise ValueError(f"x must be a non-empty tensor normalised over its last dim, got shape {tuple(x.shape)}")
+    if x.dim() < 1:
+        raise ValueError(f"x must have a last dim to normalise over, got shape {tuple(x.shape)}")
     if residual is not None:
         checks.like("residual", residual, "x", x)
     c = x.shape[-1]
@@ -76,7 +76,7 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5, residual=None):
     the pre-norm transformer block's ``x = f(x) + x; h = norm(x)`` in one pass."""
     _check(x, weight, bias, eps, residual)
     weight, bias = checks.affine_like(weight, x), checks.affine_like(bias, x)
-    name = backend.select(x.device, x.dtype)
+    name = backend.select(x.device, x.dtype, empty=x.numel() == 0)
     if name == "torch" or (name == "triton" and x.shape[-1] > TRITON_MAX_C):
         return reference.layer_norm(x, weight, bias, float(eps), residual)
     return backend.run_function(LayerNormFunction, x, residual, weight, bias, float(eps), name)

@@ -58,15 +58,13 @@ def temporal_attention(q, k, v, *, scale=None, causal=False):
     n, t, h, d = q.shape
     if d > MAX_HEAD_DIM:
         raise ValueError(f"q head dim (last dim) must be at most {MAX_HEAD_DIM}, got {d}")
-    if q.numel() == 0:
-        raise ValueError(f"q must be non-empty, got shape {tuple(q.shape)}")
     if scale is None:
         scale = 1.0 / math.sqrt(d)
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise TypeError(f"scale must be a finite float or None, got {scale!r}")
     if not isinstance(causal, bool):  # a string such as "no" would otherwise mean True
         raise TypeError(f"causal must be a bool, got {causal!r}")
-    name = backend.select(q.device, q.dtype)
+    name = backend.select(q.device, q.dtype, empty=q.numel() == 0)
     if name == "torch":
         return reference.temporal_attention(q, k, v, float(scale), bool(causal))
     q, k, v = (backend.unit_last_stride(x) for x in (q, k, v))
