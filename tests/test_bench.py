@@ -75,3 +75,16 @@ def test_sweep_knobs_exist():
     for knobs in settings:
         assert all(hasattr(gn, name) for name in knobs), knobs
     assert sum(sweep._is_default(gn, k) for k in settings) == 1
+
+
+def test_unet_step_suite_runs(single_thread):
+    """The U-Net step rows a CPU has (eager, hbkernels) in every model state, on the tiny config."""
+    from bench import unet_step
+
+    report = common.Report(device="cpu")
+    calls = []
+    unet_step.run(report, torch.device("cpu"), torch.float32, [("tiny", "tiny", {}, 1, 2, 8, 8)], False,
+                  timer=lambda fn: calls.append(fn()) or 1e-3)
+    assert [r.impl for r in report.rows] == [f"{impl}{state[1]}" for state in unet_step.STATES
+                                             for impl in ("eager", "hbkernels")]
+    assert len(calls) == len(report.rows) and all(c.shape == (1, 4, 2, 8, 8) for c in calls)
