@@ -494,3 +494,29 @@ def test_move_into_place_replaces_only_with_overwrite(tmp_path, intruder):
 def test_python_dash_m_entry_point():
     result = subprocess.run([sys.executable, "-m", "hummingbird", "convert", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--config" in result.stdout
+
+
+def test_convert_dtype_casts_every_component(parts, tmp_path):
+    """--dtype casts every component, not only the U-Net."""
+    from safetensors import safe_open
+
+    from hummingbird.convert import convert
+
+    src, dst = tmp_path / "model.ckpt", tmp_path / "out"
+    torch.save({"state_dict": parts["checkpoint"]}, src)
+    convert(src, dst, "tiny", dtype="fp16")
+    for name, file in (("unet", "diffusion_pytorch_model.safetensors"), ("vae", "diffusion_pytorch_model.safetensors"),
+                       ("text_encoder", "model.safetensors")):
+        with safe_open(dst / name / file, "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}, name
+
+
+def test_vae_scaling_factor_and_torch_dtype(parts, tmp_path):
+    """The converted VAE keeps SD's scaling factor 0.18215; from_single_file honours torch_dtype."""
+    from hummingbird.convert import vae_from_checkpoint
+
+    assert vae_from_checkpoint(parts["checkpoint"]).config.scaling_factor == 0.18215
+    path = tmp_path / "m.pth"
+    torch.save(parts["checkpoint"], path)
+    model = HummingbirdUNet3DModel.from_single_file(path, config="tiny", torch_dtype=torch.float16)
+    assert {p.dtype for p in model.parameters()} == {torch.float16}

@@ -70,3 +70,13 @@ def test_channels_last_switch_recaptures():
     assert len(pipe._graphed_unet._graphs) == 2  # recaptured for the new weights
     # other cuDNN algorithms (TF32 by default) for the NHWC convolutions: not bitwise
     torch.testing.assert_close(again, graphed, atol=1e-3, rtol=0)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+def test_cuda_graph_results_survive_the_next_replay():
+    """A result is a copy, not the graph's static output that the next replay overwrites."""
+    graphed = CUDAGraphCall(lambda x: x * 2, warmup=1)
+    x1, x2 = torch.ones(4, device="cuda"), torch.full((4,), 3.0, device="cuda")
+    a = graphed(x1)
+    graphed(x2)
+    torch.testing.assert_close(a, x1 * 2)

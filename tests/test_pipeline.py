@@ -1,4 +1,5 @@
 """End to end on tiny random pipelines (32x32 videos): samplers, determinism, outputs, saving, export."""
+import functools
 import shutil
 from types import SimpleNamespace
 
@@ -9,7 +10,7 @@ import torch
 from diffusers import DDIMScheduler
 from PIL import Image
 
-from hummingbird.export import export_to_gif, export_to_mp4
+from hummingbird.export import export_to_gif, export_to_mp4, export_video, to_uint8_frames
 from hummingbird.models import guidance_scale_embedding
 from hummingbird.pipeline import CFG_DEFAULTS, DISTILLED_DEFAULTS, HummingbirdPipeline, load_pipeline
 from hummingbird.schedulers import lcm_timesteps
@@ -247,3 +248,69 @@ def test_latent_output_and_step_callback(lcm):
     torch.testing.assert_close(lcm.decode_latents(latents, 8), lcm("a cat", **kw).frames, rtol=0, atol=0)
     with pytest.raises(TypeError, match="callback_on_step_end must be callable"):
         lcm("a cat", callback_on_step_end="print", **kw)
+
+
+def test_ddim_default_eta_is_one(ddim, monkeypatch):
+    """VideoCrafter2 samples DDIM with eta 1."""
+    seen, step = [], ddim.scheduler.step
+
+    @functools.wraps(step)  # the pipeline passes eta only to a step() whose signature takes it
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("eta"))
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(ddim.scheduler, "step", recording)
+    ddim("a cat", num_frames=2, num_inference_steps=2, seed=0, **SIZE, output_type="latent")
+    assert seen == [1.0, 1.0]
+
+
+def test_cfg_combines_uncond_and_cond(ddim, monkeypatch):
+    """noise = uncond + g (cond - uncond), each from its own prompt. The stub U-Net returns, per row,
+    the mean over tokens of hidden channel 0 of that row's text embedding (not the mean over all channels:
+    the text encoder ends in a LayerNorm, which makes that ~0 for every prompt), so rows are identified
+    by their prompt."""
+    def unet(sample, t, context, fps=None, timestep_cond=None):
+        from types import SimpleNamespace
+        return SimpleNamespace(sample=context[..., 0].mean(1).view(-1, 1, 1, 1, 1).expand_as(sample).clone())
+
+    noises, step = [], ddim.scheduler.step
+
+    @functools.wraps(step)
+    def recording(noise, *args, **kwargs):
+        noises.append(noise.clone())
+        return step(noise, *args, **kwargs)
+
+    monkeypatch.setattr(ddim.unet, "forward", unet)
+    monkeypatch.setattr(ddim.scheduler, "step", recording)
+    with torch.no_grad():
+        u = ddim.encode_prompt(["blurry"], "cpu")[..., 0].mean().item()
+        c = ddim.encode_prompt(["a cat"], "cpu")[..., 0].mean().item()
+    assert abs(c - u) > 1e-3
+    ddim("a cat", negative_prompt="blurry", guidance_scale=12.0, num_frames=2, num_inference_steps=1, seed=0,
+         **SIZE, output_type="latent")
+    torch.testing.assert_close(noises[0], torch.full_like(noises[0], u + 12.0 * (c - u)))
+
+
+def test_decode_latents_matches_frame_by_frame_vae(ddim):
+    """Latents divided by the VAE's scale factor, each (video, frame) decoded as one image."""
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 3, 4, 4, generator=g)
+    with torch.no_grad():
+        got = ddim.decode_latents(latents, 8)
+        for bi in range(2):
+            for fi in range(3):
+                img = ddim.vae.decode(latents[bi:bi + 1, :, fi] / 0.18215).sample[0]
+                torch.testing.assert_close(got[bi, fi], (img / 2 + 0.5).clamp(0, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_export_keeps_fps_and_frame_orientation(tmp_path):
+    """fps other than the default reach both writers; (F, 3, H, W) frames keep their orientation."""
+    frames = torch.rand(4, 3, 16, 32)
+    u8 = to_uint8_frames(frames)
+    assert u8.shape == (4, 16, 32, 3)
+    np.testing.assert_array_equal(u8, (frames.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8))
+    mp4 = export_video(frames, str(tmp_path / "v.mp4"), fps=5)
+    assert iio.immeta(mp4)["fps"] == 5 and iio.imread(mp4).shape == (4, 16, 32, 3)
+    gif = export_video(frames, str(tmp_path / "v.gif"), fps=5)
+    with Image.open(gif) as im:
+        assert [im.seek(i) or im.info["duration"] for i in range(im.n_frames)] == [200] * 4

@@ -53,3 +53,10 @@ def test_ddim_matches_videocrafter2_grid():
     sched.set_timesteps(50)
     assert sched.timesteps.tolist() == list(range(981, 0, -20))  # VideoCrafter2: range(0, 1000, 20) + 1
     assert sched.final_alpha_cumprod == sched.alphas_cumprod[0]  # its last step lands on alpha_cumprod[0]
+
+
+def test_ddim_betas_are_scaled_linear():
+    """Stable Diffusion's "scaled_linear" betas (a "linear" schedule has the same first and last beta)."""
+    want = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    for sched in (ddim_scheduler(), lcm_scheduler()):
+        torch.testing.assert_close(sched.betas.double(), want, rtol=1e-5, atol=0)

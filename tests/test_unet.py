@@ -1,6 +1,7 @@
 """HummingbirdUNet3DModel: architecture (parameter counts, VideoCrafter2 names), blocks against plain
 PyTorch, and the diffusers model features (save/load, checkpointing, chunking, processors)."""
 import einops
+import math
 import pytest
 import torch
 import torch.nn.functional as F
@@ -427,3 +428,151 @@ def test_whole_unet_compiles_without_graph_breaks():
         want = model(x, 10, ctx, timestep_cond=cond).sample
         got = torch.compile(model, fullgraph=True, backend="aot_eager")(x, 10, ctx, timestep_cond=cond).sample
     torch.testing.assert_close(got, want)
+
+
+# ------------------------------------------------------------------- whole forward against VideoCrafter2
+
+
+def vc2_timestep_embedding(t, dim, max_period=10000):
+    """VideoCrafter2's lvdm timestep_embedding (repeat_only=False): cos first, freqs 10000^(-i/half)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def sub(sd, prefix):
+    """The entries of ``sd`` under ``prefix``, without it."""
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def plain_unet(sd, cfg, x, timestep, context, fps, timestep_cond=None):
+    """VideoCrafter2's UNetModel.forward with its layer layout written out from the config (not
+    read off our module lists): input block i = [Res, Spatial, Temporal] or [Res] or [Downsample],
+    middle [Res, Spatial, Temporal, Res], outputs cat([h, skip]) -> Res (-> Spatial, Temporal)
+    (-> nearest upsample + conv), init attention right after conv_in, before its skip is kept."""
+    b, _, t, _, _ = x.shape
+    mc, groups, hd = cfg["model_channels"], cfg["norm_num_groups"], cfg["attention_head_dim"]
+
+    def mlp(v, p):
+        return F.linear(F.silu(F.linear(v, sd[p + "0.weight"], sd[p + "0.bias"])), sd[p + "2.weight"], sd[p + "2.bias"])
+
+    t_emb = vc2_timestep_embedding(timestep, mc)
+    if timestep_cond is not None:
+        t_emb = t_emb + F.linear(timestep_cond, sd["time_cond_proj.weight"])
+    emb = mlp(t_emb, "time_embed.") + mlp(vc2_timestep_embedding(fps, mc), "fps_embedding.")
+    emb = emb.repeat_interleave(t, dim=0)
+    h = x.transpose(1, 2).reshape(b * t, *x.shape[1:2], *x.shape[3:])
+
+    def attention(h, p, ch):
+        h = plain_spatial_transformer(h, context, sub(sd, p + "1."), ch // hd, groups, t)
+        return plain_temporal_transformer(h, sub(sd, p + "2."), ch // hd, groups, b)
+
+    hs = []
+    h = F.conv2d(h, sd["input_blocks.0.0.weight"], sd["input_blocks.0.0.bias"], padding=1)
+    h = plain_temporal_transformer(h, sub(sd, "init_attn.0."), cfg["init_attn_heads"], groups, b)
+    hs.append(h)
+    idx, levels = 1, cfg["channel_mult"]
+    for level, mult in enumerate(levels):
+        for _ in range(cfg["num_res_blocks"]):
+            p = f"input_blocks.{idx}."
+            h = plain_resblock(h, emb, sub(sd, p + "0."), groups, b)
+            if level in cfg["attention_levels"]:
+                h = attention(h, p, mult * mc)
+            hs.append(h)
+            idx += 1
+        if level != len(levels) - 1:
+            p = f"input_blocks.{idx}.0.op."
+            h = F.conv2d(h, sd[p + "weight"], sd[p + "bias"], stride=2, padding=1)
+            hs.append(h)
+            idx += 1
+    if cfg["use_middle_block"]:
+        ch = levels[-1] * mc
+        h = plain_resblock(h, emb, sub(sd, "middle_block.0."), groups, b)
+        h = attention(h, "middle_block.", ch)
+        h = plain_resblock(h, emb, sub(sd, "middle_block.3."), groups, b)
+    idx = 0
+    for level, mult in reversed(list(enumerate(levels))):
+        for i in range(cfg["num_res_blocks"] + 1):
+            p = f"output_blocks.{idx}."
+            h = plain_resblock(torch.cat([h, hs.pop()], dim=1), emb, sub(sd, p + "0."), groups, b)
+            k = 1
+            if level in cfg["attention_levels"]:
+                h = attention(h, p, mult * mc)
+                k = 3
+            if level and i == cfg["num_res_blocks"]:
+                up = F.interpolate(h, scale_factor=2, mode="nearest")
+                h = F.conv2d(up, sd[f"{p}{k}.conv.weight"], sd[f"{p}{k}.conv.bias"], padding=1)
+            idx += 1
+    h = F.silu(F.group_norm(h, groups, sd["out.0.weight"], sd["out.0.bias"]))
+    h = F.conv2d(h, sd["out.2.weight"], sd["out.2.bias"], padding=1)
+    return h.reshape(b, t, *h.shape[1:]).transpose(1, 2)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"num_res_blocks": 1, "use_middle_block": False}])
+def test_whole_unet_matches_videocrafter2_forward(overrides):
+    """The whole forward against VideoCrafter2's, written out independently of our module lists: the
+    timestep and fps sinusoids, per-sample embeddings repeated per frame, skip order, nearest
+    upsampling, init attention and middle-block order all show in the output."""
+    model = randomize(HummingbirdUNet3DModel.from_named_config("tiny", **overrides), std=0.2).eval()
+    cfg = {**CONFIGS["tiny"], **overrides}
+    g = torch.Generator().manual_seed(1)
+    b, t, size = 2, 3, 16  # 16: the deepest level is 2x2, so the upsample mode matters
+    x, ctx = torch.randn(b, 4, t, size, size, generator=g), torch.randn(b, 5, 32, generator=g)
+    timestep, fps = torch.tensor([500, 20]), torch.tensor([8, 28])  # per-sample: rows must not mix
+    cond = guidance_scale_embedding(torch.tensor([7.5, 3.0]), 16)
+    with torch.no_grad():
+        got = model(x, timestep, ctx, fps=fps, timestep_cond=cond).sample
+        want = plain_unet(model.state_dict(), cfg, x, timestep, ctx, fps, cond)
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
+
+
+def test_fresh_model_has_videocrafter2_zero_inits():
+    """VideoCrafter2 zero-initialises the output head and every residual branch's last layer, so a
+    fresh model predicts exactly zero (tests otherwise randomise every parameter)."""
+    model = HummingbirdUNet3DModel.from_named_config("tiny")
+    zero = [n for n, p in model.named_parameters()
+            if n.startswith("out.2.") or ".proj_out." in n or ".out_layers.3." in n or ".conv4.3." in n]
+    assert zero and all(not dict(model.named_parameters())[n].any() for n in zero)
+    x = torch.randn(1, 4, 2, 8, 8)
+    with torch.no_grad():
+        assert not model(x, 10, torch.randn(1, 5, 32)).sample.any()
+
+
+def test_temporal_conv_dropout_is_active_in_training():
+    """VideoCrafter2 trains its temporal convs with dropout 0.1; every other dropout is 0, so train-mode
+    randomness comes from them only."""
+    model = randomize(HummingbirdUNet3DModel.from_named_config("tiny"), std=0.2)
+    x, ctx = torch.randn(1, 4, 3, 8, 8), torch.randn(1, 5, 32)
+    with torch.no_grad():
+        model.train()
+        a, b = model(x, 10, ctx).sample, model(x, 10, ctx).sample
+        model.eval()
+        c, d = model(x, 10, ctx).sample, model(x, 10, ctx).sample
+    assert not torch.allclose(a, b) and torch.equal(c, d)
+
+
+@pytest.mark.parametrize("kind", ["spatial", "temporal"])
+def test_transformer_norm_eps_is_1e_6(kind):
+    """The transformers' GroupNorms use eps 1e-6 (not torch's 1e-5): inputs with variance ~1e-6, where
+    eps is not negligible."""
+    b, t = 2, 3
+    x = torch.randn(b * t, 16, 4, 3) * 1e-3
+    with torch.no_grad():
+        if kind == "spatial":
+            block = randomize(SpatialTransformer(16, 2, 8, depth=1, context_dim=24, groups=4))
+            ctx = torch.randn(b, 7, 24)
+            got, want = block(x, ctx), plain_spatial_transformer(x, ctx, block.state_dict(), 2, 4, t)
+        else:
+            block = randomize(TemporalTransformer(16, 2, 8, depth=1, groups=4))
+            got, want = block(x, t), plain_temporal_transformer(x, block.state_dict(), 2, 4, b)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_videocrafter2_middle_block_layout():
+    """The middle block's spatial transformer (text cross-attention) is middle_block.1, the temporal one
+    middle_block.2: swapped, a real VideoCrafter2 checkpoint would not load (parameter counts agree)."""
+    with torch.device("meta"):
+        sd = HummingbirdUNet3DModel.from_named_config("videocrafter2").state_dict()
+    assert tuple(sd["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape) == (1280, 1024)
+    assert tuple(sd["middle_block.2.transformer_blocks.0.attn2.to_k.weight"].shape) == (1280, 1280)
