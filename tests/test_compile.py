@@ -8,6 +8,8 @@ import torch
 import hbkernels
 from helpers import KERNEL_BACKENDS, rand
 
+TRITON = [p for p in KERNEL_BACKENDS if p.values[0] == "triton"]
+
 
 def temporal_block(x, w, b, heads):
     tokens = hbkernels.group_norm_to_tokens(x, 4, w, b, eps=1e-6, activation="silu")
@@ -37,3 +39,47 @@ def test_ops_compile_without_graph_breaks(backend_name, compile_backend):
     torch.testing.assert_close(got, want)
     for g, h in zip(got_grads, want_grads):
         torch.testing.assert_close(g, h)
+
+
+def _layer_norm_args(residual):
+    x, r = rand(6, 40), rand(6, 40)
+    w, b = rand(40), rand(40)
+    y, s = torch.empty(6, 40), torch.empty(6, 40)
+    mean, rstd = torch.empty(6), torch.empty(6)
+    return (x, r if residual else None, w, b, y, s if residual else None, mean, rstd, 1e-5)
+
+
+def _group_norm_args():
+    x = rand(2, 8, 3, 5)
+    return (x, rand(8), rand(8), None, torch.empty_like(x), torch.empty(2, 4), torch.empty(2, 4), 4, 1e-5, True)
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+@pytest.mark.parametrize("which", ["ln_fwd", "ln_fwd_residual", "gn_fwd"])
+def test_custom_op_schemas_declare_their_writes(backend_name, which):
+    """Every output buffer an op writes is declared mutated: compiled graphs may otherwise reorder or
+    drop reads of it (invisible under aot_eager, which keeps the real buffers)."""
+    import hbkernels.triton  # noqa: F401  (registers hbkernels_triton::*)
+
+    if which == "gn_fwd":
+        args = _group_norm_args()
+    else:
+        args = _layer_norm_args(which == "ln_fwd_residual")
+    if backend_name == "triton":
+        op = getattr(torch.ops.hbkernels_triton, which.replace("_residual", "")).default
+    else:
+        op = getattr(torch.ops.hbkernels, which.replace("_residual", "")).default
+    torch.library.opcheck(op, args, test_utils=("test_schema",))
+
+
+@pytest.mark.parametrize("backend_name", TRITON)
+def test_triton_primitives_on_fake_tensors(backend_name):
+    """Outside torch.compile, fake tensors (shape propagation) go through the custom ops' fake kernels."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(), hbkernels.use_backend(backend_name):
+        x = torch.empty(2, 8, 3, 4, 5)
+        y = hbkernels.group_norm(x, 4, activation="silu")
+        tokens = hbkernels.group_norm_to_tokens(x, 4)
+        z = hbkernels.layer_norm(tokens)
+    assert y.shape == x.shape and tokens.shape == (40, 3, 8) and z.shape == tokens.shape

@@ -148,3 +148,19 @@ def test_layer_norm_one_channel_with_an_odd_stride(backend_name):
     x = rand(1, 4, dtype=torch.float64, requires_grad=True)
     w = rand(1, dtype=torch.float64, mean=1.0, requires_grad=True)
     check_against_float64(lambda x, w: hbkernels.layer_norm(x.t(), w, None), [x, w], backend_name, torch.float32)
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+def test_layer_norm_residual_with_strided_x(backend_name):
+    """The residual read with its own row stride, not x's."""
+    c = 40
+    x = rand(7, c, dtype=torch.float64, mean=3.0, requires_grad=True)
+    res = rand(7, c, dtype=torch.float64, requires_grad=True)
+    w = rand(c, dtype=torch.float64, mean=1.0, requires_grad=True)
+    b = rand(c, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, res, w, b):
+        y, s = hbkernels.layer_norm(torch.cat([x, x], dim=-1)[..., :c], w, b, residual=res)
+        return torch.cat([y, s], dim=-1)
+
+    check_against_float64(fn, [x, res, w, b], backend_name, torch.float32)

@@ -121,3 +121,79 @@ def test_layout_ops_on_empty_videos(backend_name):
         out = hbkernels.residual_add(rand(2, 4, 0, 3), rand(2, 4, 0, 3), rand(4))
         video = hbkernels.tokens_to_video(rand(0, 3, 4), rand(2, 4, 3, 0, 2))
     assert out.shape == (2, 4, 0, 3) and video.shape == (2, 4, 3, 0, 2)
+
+
+# Token layout at a 1x1 spatial level (tokens are frames only), residuals whose strides differ
+# from the output's, and more channels than one C++ transposed tile holds (128).
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+@pytest.mark.parametrize("residual_layout", [None, "frames_major"])
+def test_tokens_to_video_one_pixel(backend_name, residual_layout):
+    shape = (2, 6, 5, 1, 1)
+    n, c, t, h, w = shape
+    tokens = rand(n * h * w, t, c, dtype=torch.float64, requires_grad=True)
+    if residual_layout is None:
+        check_against_float64(lambda tok: hbkernels.tokens_to_video(tok, shape=shape), [tokens], backend_name,
+                              torch.float32)
+        return
+    res = rand(*shape, dtype=torch.float64, requires_grad=True)
+
+    def fn(tok, res):
+        return hbkernels.tokens_to_video(tok, res.transpose(1, 2).contiguous().transpose(1, 2))
+
+    check_against_float64(fn, [tokens, res], backend_name, torch.float32)
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+def test_group_norm_to_tokens_one_pixel(backend_name):
+    x = rand(2, 8, 5, 1, 1, dtype=torch.float64, mean=1.0, requires_grad=True)
+    w = rand(8, dtype=torch.float64, requires_grad=True)
+    b = rand(8, dtype=torch.float64, requires_grad=True)
+    check_against_float64(lambda x, w, b: hbkernels.group_norm_to_tokens(x, 2, w, b, eps=1e-6), [x, w, b],
+                          backend_name, torch.float32)
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+@pytest.mark.parametrize("op", ["residual_add", "tokens_to_video"])
+def test_layout_ops_with_a_strided_residual(backend_name, op):
+    """A non-dense residual whose H and W still merge into one axis (every other element of W): the
+    output is allocated dense, so its strides differ from the residual's."""
+    shape = (2, 4, 3, 3, 5)
+    res_base = rand(*shape[:-1], 2 * shape[-1], dtype=torch.float64, requires_grad=True)
+    n, c, t, h, w = shape
+    if op == "residual_add":
+        x = rand(*shape, dtype=torch.float64, requires_grad=True)
+        bias = rand(c, dtype=torch.float64, requires_grad=True)
+        check_against_float64(lambda x, r, b: hbkernels.residual_add(x, r[..., ::2], b), [x, res_base, bias],
+                              backend_name, torch.float32)
+    else:
+        tokens = rand(n * h * w, t, c, dtype=torch.float64, requires_grad=True)
+        check_against_float64(lambda tok, r: hbkernels.tokens_to_video(tok, r[..., ::2]), [tokens, res_base],
+                              backend_name, torch.float32)
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+@pytest.mark.parametrize("layouts", [("channels_last", "contiguous"), ("contiguous", "channels_last")])
+def test_residual_add_wide_channels_mixed_layouts(backend_name, layouts):
+    shape = (1, 160, 2, 3, 3)
+    x = rand(*shape, dtype=torch.float64, requires_grad=True)
+    res = rand(*shape, dtype=torch.float64, requires_grad=True)
+    bias = rand(shape[1], dtype=torch.float64, requires_grad=True)
+
+    def lay(t, layout):
+        return t.contiguous(memory_format=torch.channels_last_3d) if layout == "channels_last" else t
+
+    check_against_float64(lambda x, r, b: hbkernels.residual_add(lay(x, layouts[0]), lay(r, layouts[1]), b),
+                          [x, res, bias], backend_name, torch.float32)
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_group_norm_to_tokens_wide_channels(backend_name, activation):
+    x = rand(1, 160, 2, 2, 3, dtype=torch.float64, mean=1.0, requires_grad=True)
+    w = rand(160, dtype=torch.float64, requires_grad=True)
+    b = rand(160, dtype=torch.float64, requires_grad=True)
+    check_against_float64(lambda x, w, b: hbkernels.group_norm_to_tokens(x, 32, w, b, eps=1e-6,
+                                                                         activation=activation),
+                          [x, w, b], backend_name, torch.float32)

@@ -148,3 +148,40 @@ def test_numpy_scalar_hyperparameters_as_torch_takes_them():
         hbkernels.group_norm(x, np.float64(4.0))
     with pytest.raises(TypeError, match="eps"):
         hbkernels.layer_norm(x, eps="1e-6")
+
+
+def test_conv_deferring_bias_runs_pre_hooks():
+    """A conv with forward pre-hooks runs whole (bias included), hooks and all."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 6, 3, padding=1)
+    x = torch.randn(2, 4, 5, 5)
+    handle = conv.register_forward_pre_hook(lambda module, args: (args[0] * 2,))
+    y, bias = hbkernels.nn.conv_deferring_bias(conv, x)
+    want = conv(x)
+    handle.remove()
+    assert bias is None
+    torch.testing.assert_close(y, want)
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "cpp"])
+def test_temporal_attention_module_causal(backend_name):
+    torch.manual_seed(0)
+    mod = hbkernels.nn.TemporalAttention(16, heads=2, dim_head=8, causal=True)
+    x = torch.randn(3, 6, 16)
+    with hbkernels.use_backend(backend_name), torch.no_grad():
+        got = mod(x)
+        q, k, v = (p(x).view(3, 6, 2, 8).transpose(1, 2) for p in (mod.to_q, mod.to_k, mod.to_v))
+        att = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(3, 6, 16)
+        want = mod.to_out[0](att)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _temporal_transformer():
+    from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
+
+    torch.manual_seed(0)
+    model = TransformerTemporalModel(num_attention_heads=2, attention_head_dim=8, in_channels=16,
+                                     norm_num_groups=4).eval()
+    frames = 3
+    x = torch.randn(2 * frames, 16, 3, 4)
+    return model, x, frames

@@ -245,3 +245,101 @@ def test_unknown_model_warns():
         model = hbkernels.apply_to(torch.nn.Sequential(torch.nn.GroupNorm(2, 4), torch.nn.SiLU()))
     assert model._hbkernels_patched["group_norm_silu"] == 1
     assert isinstance(model[1], torch.nn.Identity)
+
+
+def _attention_through_processor(**attn_kwargs):
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=16, heads=2, dim_head=8, **attn_kwargs).eval()
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        ref = attn(x)
+        attn.set_processor(hbkernels.patch.TemporalAttnProcessor(attn.processor))
+        out = attn(x)
+    return out, ref
+
+
+def test_processor_scale_follows_the_fallback_without_scale_qk():
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    # attn.scale == 1.0, which AttnProcessor2_0 (set explicitly: with scale_qk=False diffusers would
+    # pick AttnProcessor) ignores
+    out, ref = _attention_through_processor(scale_qk=False, processor=AttnProcessor2_0())
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_processor_uses_attn_scale_behind_attn_processor():
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=16, heads=2, dim_head=8, scale_qk=False, processor=AttnProcessor()).eval()
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        ref = attn(x)
+        attn.set_processor(hbkernels.patch.TemporalAttnProcessor(attn.processor))
+        out = attn(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", [dict(residual_connection=True), dict(rescale_output_factor=2.0)],
+                         ids=["residual_connection", "rescale_output_factor"])
+def test_processor_falls_back_for_residual_or_rescaled_output(kwargs):
+    out, ref = _attention_through_processor(**kwargs)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_resnet_time_embedding_fused_keeps_dropout():
+    from diffusers.models.resnet import ResnetBlock2D
+
+    torch.manual_seed(0)
+    block = ResnetBlock2D(in_channels=16, temb_channels=8, groups=4, dropout=0.5).train()
+    x, temb = torch.randn(2, 16, 4, 4), torch.randn(2, 8)
+    torch.manual_seed(1)
+    ref = block(x, temb)
+    hbkernels.apply_to(block)
+    assert block._hbkernels_patched["time_embedding"] == 1
+    torch.manual_seed(1)  # the same dropout mask: nothing else draws random numbers before it
+    out = block(x, temb)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def _temporal_transformer():
+    from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
+
+    torch.manual_seed(0)
+    model = TransformerTemporalModel(num_attention_heads=2, attention_head_dim=8, in_channels=16,
+                                     norm_num_groups=4).eval()
+    frames = 3
+    x = torch.randn(2 * frames, 16, 3, 4)
+    return model, x, frames
+
+
+def test_temporal_layout_keeps_the_norms_activation():
+    model, x, frames = _temporal_transformer()
+    model.norm = hbkernels.nn.GroupNorm.from_torch(model.norm, activation="silu")
+    with torch.no_grad():
+        ref = model(x, num_frames=frames).sample  # diffusers' forward: the norm module applies the SiLU
+        hbkernels.apply_to(model, attention=False, geglu=False, layer_norm=False, time_embedding=False)
+        assert model._hbkernels_patched["temporal_layout"] == 1
+        out = model(x, num_frames=frames).sample
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_custom_attention_processor_kept():
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    class Doubling(AttnProcessor2_0):
+        def __call__(self, *args, **kwargs):
+            return 2 * super().__call__(*args, **kwargs)
+
+    model, x, frames = _temporal_transformer()
+    for m in model.modules():
+        if hasattr(m, "set_processor") and not m.is_cross_attention:
+            m.set_processor(Doubling())
+    with torch.no_grad():
+        ref = model(x, num_frames=frames).sample
+        hbkernels.apply_to(model)
+        out = model(x, num_frames=frames).sample
+    assert model._hbkernels_patched["temporal_attention"] == 0
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

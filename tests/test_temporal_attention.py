@@ -1,3 +1,4 @@
+import math
 import pytest
 import torch
 
@@ -165,3 +166,43 @@ def test_cpp_causal_attention_reuses_buffers_across_heads(single_thread):
     base = rand(3, 1, 77, 3, 40, dtype=torch.float64, requires_grad=True)
     check_against_float64(lambda b: hbkernels.temporal_attention(*b.unbind(0), causal=True), [base], "cpp",
                           torch.float32)
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+def test_temporal_attention_large_scores(backend_name):
+    """q . k ~ 300, scaled ~ 100: the row max taken of unscaled scores would underflow every exp."""
+    n, t, h, d = 1, 5, 1, 8
+    q = (6.0 + 0.1 * torch.randn(n, t, h, d)).requires_grad_()
+    k = (6.0 + 0.1 * torch.randn(n, t, h, d)).requires_grad_()
+    v = torch.randn(n, t, h, d)
+    with hbkernels.use_backend(backend_name):
+        out = hbkernels.temporal_attention(q, k, v)
+    want = hbkernels.reference.temporal_attention(q.double(), k.double(), v.double(), 1 / math.sqrt(d), False)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+@pytest.mark.parametrize("need", ["k", "v", "kv"])
+def test_temporal_attention_grad_without_q(backend_name, need):
+    """Softmax row statistics kept for the backward when only k or v need gradients."""
+    q = rand(1, 16, 2, 40, dtype=torch.float64)
+    k = rand(1, 16, 2, 40, dtype=torch.float64, requires_grad="k" in need)
+    v = rand(1, 16, 2, 40, dtype=torch.float64, requires_grad="v" in need)
+    check_against_float64(lambda q, k, v: hbkernels.temporal_attention(q, k, v), [q, k, v], backend_name,
+                          torch.float32)
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+def test_temporal_attention_backward_strided_grad(backend_name):
+    """An output gradient whose last dim is not unit-stride (e.g. from a slice after the op)."""
+    base = rand(3, 1, 16, 2, 8, requires_grad=True)
+    grad_out = torch.randn(1, 16, 2, 16)[..., ::2]  # stride 2 along D
+    assert grad_out.stride(-1) == 2
+    got = {}
+    for name in (backend_name, "torch"):
+        b = base.detach().clone().requires_grad_()
+        with hbkernels.use_backend(name):
+            out = hbkernels.temporal_attention(*b.unbind(0))
+        (got[name],) = torch.autograd.grad(out, b, grad_out)
+    torch.testing.assert_close(got[backend_name], got["torch"], rtol=1e-4, atol=1e-5)
