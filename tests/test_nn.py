@@ -174,14 +174,3 @@ def test_temporal_attention_module_causal(backend_name):
         att = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(3, 6, 16)
         want = mod.to_out[0](att)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-
-
-def _temporal_transformer():
-    from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
-
-    torch.manual_seed(0)
-    model = TransformerTemporalModel(num_attention_heads=2, attention_head_dim=8, in_channels=16,
-                                     norm_num_groups=4).eval()
-    frames = 3
-    x = torch.randn(2 * frames, 16, 3, 4)
-    return model, x, frames
