@@ -63,7 +63,7 @@ def tokens_to_video(tokens, residual=None, *, shape=None):
     n, c, f, h, w = shape
     if tuple(tokens.shape) != (n * h * w, f, c):
         raise ValueError(f"tokens must have shape (N*H*W, T, C) = {(n * h * w, f, c)} for video {shape}, got {tuple(tokens.shape)}")
-    name = backend.select(tokens.device, tokens.dtype)
+    name = backend.select(tokens.device, tokens.dtype, empty=tokens.numel() == 0)
     if name == "torch":
         return reference.tokens_to_video(tokens, shape, residual)
     return backend.run_function(TokensToVideoFunction, tokens, residual, shape, name)
@@ -94,7 +94,7 @@ def residual_add(x, residual, bias=None):
     checks.tensor("x", x, ndim=(4, 5))
     checks.like("residual", residual, "x", x, ndim=(4, 5))
     checks.channel_vector("bias", bias, x.shape[1], x)
-    name = backend.select(x.device, x.dtype)
+    name = backend.select(x.device, x.dtype, empty=x.numel() == 0)
     if name == "torch":
         return reference.residual_add(x, residual, bias)
     return backend.run_function(ResidualAddFunction, x, residual, bias, name)
