@@ -65,12 +65,15 @@ def export_to_mp4(frames, path: str, fps: float = 8, quality: float = 8) -> str:
     return _atomic(path, write)
 
 
+GIF_MAX_FPS = 50  # browsers play frames shorter than 20 ms at 100 ms
+
+
 def gif_durations(count: int, fps: float) -> list:
     """Per-frame durations (ms) of a GIF playing at ``fps``. GIF stores centiseconds, so one constant
     duration drifts (8 fps: 120 ms, played at 8.3 fps); these alternate (120, 130, ...) so frame i
     starts within 5 ms of i / fps."""
-    if fps > 50:  # browsers play frames shorter than 20 ms at 100 ms
-        raise ValueError(f"fps must be at most 50 for a GIF, got {fps}; write an .mp4 instead")
+    if fps > GIF_MAX_FPS:
+        raise ValueError(f"fps must be at most {GIF_MAX_FPS} for a GIF, got {fps}; write an .mp4 instead")
     if fps <= 0:
         raise ValueError(f"fps must be positive, got {fps}")
     starts = [round(100 * i / fps) for i in range(count + 1)]  # centiseconds

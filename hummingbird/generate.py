@@ -70,14 +70,16 @@ def _fail(message):
     raise SystemExit(f"hummingbird generate: error: {message}")
 
 
-def _check_output(path: str):
-    from hummingbird.export import EXPORTERS
+def _check_output(path: str, save_fps):
+    from hummingbird.export import EXPORTERS, GIF_MAX_FPS
 
     ext = os.path.splitext(path)[1].lower()
     if ext not in EXPORTERS:
         _fail(f"--out must end in {' or '.join(EXPORTERS)}, got {path!r}")
     if ext == ".mp4" and importlib.util.find_spec("imageio_ffmpeg") is None:  # else found out after generating
         _fail("writing .mp4 needs imageio-ffmpeg: pip install 'hbkernels[video]' (or write a .gif)")
+    if ext == ".gif" and save_fps and save_fps > GIF_MAX_FPS:
+        _fail(f"--save-fps {save_fps}: GIFs play at most {GIF_MAX_FPS} fps; write an .mp4")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         _fail(f"cannot write {path}: folder {folder} does not exist")
@@ -123,9 +125,7 @@ def _resolve_device(name):
 
 
 def run(args) -> int:
-    _check_output(args.out)
-    if args.out.lower().endswith(".gif") and args.save_fps and args.save_fps > 50:
-        _fail(f"--save-fps {args.save_fps}: GIFs play at most 50 fps; write an .mp4")
+    _check_output(args.out, args.save_fps)
     tiny = args.model == TINY_RANDOM and not os.path.isdir(args.model)
     if not tiny and not os.path.isdir(args.model):
         _fail(f"model folder {args.model} does not exist")
