@@ -86,11 +86,13 @@ void stats_rows(const float* x, int64_t ld, int64_t R, int64_t L, const Plan& p,
   bool per_row = p.cdim() == 1;
   for (int64_t r = 0; r < R; ++r) {
     const float* v = x + r * ld;
-    float mean = sum_row(v, L) / static_cast<float>(L);
-    float sum_d, m2;  // the row's M2 enters the Welford merge uncorrected: sum_d is not used
-    deviation_sums(v, L, mean, sum_d, m2);
+    const double dL = static_cast<double>(L);
+    float m = sum_row(v, L) / static_cast<float>(L);
+    float sum_d, sum_d2;  // deviations from m: their sum corrects m's rounding, in mean and M2 alike
+    deviation_sums(v, L, m, sum_d, sum_d2);
+    const double sd = sum_d;
     int64_t c = per_row ? cbase + r : cbase;
-    acc[t.n * G + c / Cg].merge(static_cast<double>(L), mean + En[c], m2);
+    acc[t.n * G + c / Cg].merge(dL, m + sd / dL + En[c], std::max(0.0, sum_d2 - sd * sd / dL));
   }
 }
 
