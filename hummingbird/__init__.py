@@ -1,6 +1,8 @@
 """Hummingbird: VideoCrafter2 / Hummingbird text-to-video models on diffusers, running on hbkernels ops."""
 
-__all__ = ["HummingbirdPipeline", "HummingbirdUNet3DModel"]
+__all__ = ["DEFAULT_SIZE", "HummingbirdPipeline", "HummingbirdUNet3DModel"]
+
+DEFAULT_SIZE = (320, 512)  # (height, width): VideoCrafter2's and Hummingbird's training resolution
 
 
 def __getattr__(name):

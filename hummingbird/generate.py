@@ -11,6 +11,8 @@ import os
 import random
 import time
 
+from hummingbird import DEFAULT_SIZE
+
 TINY_RANDOM = "tiny-random"  # a built-in tiny random model: noise out, but exercises the whole path
 TINY_SIZE = 64  # its default height/width: its output is noise anyway, so keep the CPU demo quick
 TINY_MULTIPLE = 16  # its height/width multiple: VAE factor 8 x its U-Net's one downsampling (hummingbird.testing)
@@ -51,8 +53,8 @@ def add_parser(subparsers):
     p.add_argument("--steps", type=_positive_int, help="denoising steps (default: the model's)")
     size_help = ("a multiple of the model's VAE factor x U-Net downsampling: 64 for the released models, "
                  f"{TINY_MULTIPLE} for {TINY_RANDOM}")
-    p.add_argument("--height", type=_multiple_of_8, help=f"default: 320 ({TINY_SIZE} for {TINY_RANDOM}); {size_help}")
-    p.add_argument("--width", type=_multiple_of_8, help=f"default: 512 ({TINY_SIZE} for {TINY_RANDOM}); {size_help}")
+    p.add_argument("--height", type=_multiple_of_8, help=f"default: {DEFAULT_SIZE[0]} ({TINY_SIZE} for {TINY_RANDOM}); {size_help}")
+    p.add_argument("--width", type=_multiple_of_8, help=f"default: {DEFAULT_SIZE[1]} ({TINY_SIZE} for {TINY_RANDOM}); {size_help}")
     p.add_argument("--guidance-scale", type=float, help="guidance scale w (default: the model's)")
     p.add_argument("--negative-prompt", help="unconditional prompt for classifier-free guidance (VideoCrafter2 only)")
     p.add_argument("--fps", type=_positive_int, help="fps conditioning (default: the model's: 8 Hummingbird, 28 VideoCrafter2)")
@@ -129,8 +131,8 @@ def run(args) -> int:
     tiny = args.model == TINY_RANDOM and not os.path.isdir(args.model)
     if not tiny and not os.path.isdir(args.model):
         _fail(f"model folder {args.model} does not exist")
-    height = args.height or (TINY_SIZE if tiny else 320)
-    width = args.width or (TINY_SIZE if tiny else 512)
+    height = args.height or (TINY_SIZE if tiny else DEFAULT_SIZE[0])
+    width = args.width or (TINY_SIZE if tiny else DEFAULT_SIZE[1])
     multiple = _spatial_multiple(args.model, tiny)
     if multiple and (height % multiple or width % multiple):
         _fail(f"height and width must be multiples of {multiple} for this model (the VAE's factor x the U-Net's "

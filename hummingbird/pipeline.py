@@ -32,6 +32,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from hummingbird import DEFAULT_SIZE
 from hummingbird.cuda_graph import CUDAGraphCall
 from hummingbird.models import HummingbirdUNet3DModel, guidance_scale_embedding
 from hummingbird.schedulers import DDIM_ETA, ddim_scheduler, lcm_scheduler, lcm_timesteps
@@ -40,7 +41,6 @@ from hummingbird.schedulers import DDIM_ETA, ddim_scheduler, lcm_scheduler, lcm_
 # w 7.5 (4 steps, timesteps [999, 759, 519, 279], is its fastest published setting). VideoCrafter2 (DDIM +
 # CFG): its reference sampling, 50 steps, guidance 12, fps 28, at its training length of 16 frames.
 DISTILLED_DEFAULTS = dict(num_inference_steps=8, num_frames=26, guidance_scale=7.5, fps=8)
-DEFAULT_SIZE = (320, 512)  # (height, width): VideoCrafter2's and Hummingbird's training resolution
 CFG_DEFAULTS = dict(num_inference_steps=50, num_frames=16, guidance_scale=12.0, fps=28)
 
 
