@@ -50,6 +50,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (FileExistsError, FileNotFoundError, ValueError, pickle.UnpicklingError) as err:
+    except (OSError, ValueError, pickle.UnpicklingError) as err:  # OSError: also unreadable/incomplete model folders
         print(f"hummingbird {args.command}: error: {err}", file=sys.stderr)
         return 1

@@ -69,6 +69,10 @@ class CheckpointMismatchError(ValueError):
         super().__init__("\n".join(lines))
 
 
+class CheckpointReadError(ValueError):
+    """A checkpoint file could not be read at all (truncated, corrupt, or not a checkpoint)."""
+
+
 class UnsafeCheckpointError(pickle.UnpicklingError):
     """The pickle asked to run code (to call something no checkpoint needs to call) or to change a
     class or function."""
@@ -251,19 +255,28 @@ def load_checkpoint(path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path}")
     suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    if suffix not in TORCH_PICKLE_SUFFIXES:
+    if suffix != ".safetensors" and suffix not in TORCH_PICKLE_SUFFIXES:
         expected = ", ".join((".safetensors",) + TORCH_PICKLE_SUFFIXES)
         raise ValueError(f"{path}: unsupported checkpoint format {suffix!r}; expected one of {expected}")
-    mmap = zipfile.is_zipfile(path)  # torch's zip format can be memory-mapped instead of read whole
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError:
-        # Not plain weights (e.g. a pickled model object): read it with the restricted unpickler.
-        obj = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap, pickle_module=_RestrictedPickleModule)
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        mmap = zipfile.is_zipfile(path)  # torch's zip format can be memory-mapped instead of read whole
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except pickle.UnpicklingError:
+            # Not plain weights (e.g. a pickled model object): read it with the restricted unpickler.
+            obj = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap,
+                             pickle_module=_RestrictedPickleModule)
+    except (UnsafeCheckpointError, OSError):
+        raise
+    except Exception as err:  # torch's RuntimeError for a truncated zip, SafetensorError, pickle's ValueError, ...
+        raise CheckpointReadError(
+            f"{path}: cannot read it as a {suffix} checkpoint; the file is truncated or corrupt (an interrupted "
+            f"download?) or not a checkpoint ({type(err).__name__}: {err})"
+        ) from err
     return _find_state_dict(obj, path)
 
 
@@ -293,6 +306,15 @@ def load_state_dict_checked(model, state_dict, what, strict=True):
             torch.nn.Module.to(model, dtype)
     model.load_state_dict({k: v.contiguous() for k, v in state_dict.items() if k in expected}, strict=False, assign=True)
     return model
+
+
+def _reject_or_warn(what, unexpected, strict):
+    """Unexpected keys a component's converter cannot take: an error when strict, else a warning
+    (they are dropped), as :func:`load_state_dict_checked` does for the keys it sees."""
+    err = CheckpointMismatchError(what, unexpected=unexpected)
+    if strict:
+        raise err
+    warnings.warn(f"{err}\n(loaded non-strictly; these are ignored)", stacklevel=3)
 
 
 def unet_key_from_original(key: str) -> str:
@@ -380,9 +402,10 @@ def text_encoder_from_checkpoint(checkpoint: dict, *, strict=True):
         raise CheckpointMismatchError("text encoder", missing=["token_embedding.weight / transformer.resblocks.*"])
     last = max(block_of.values())
     unexpected = sorted(k for k in tower if k not in block_of and k not in _OPEN_CLIP_TOP_KEYS | _OPEN_CLIP_UNUSED)
-    if unexpected and strict:
-        raise CheckpointMismatchError("text encoder", unexpected=[TEXT_PREFIX + k for k in unexpected])
-    kept = {TEXT_PREFIX + k: v for k, v in tower.items() if block_of.get(k, -1) != last and k not in _OPEN_CLIP_UNUSED}
+    if unexpected:
+        _reject_or_warn("text encoder", [TEXT_PREFIX + k for k in unexpected], strict)
+    kept = {TEXT_PREFIX + k: v for k, v in tower.items()
+            if block_of.get(k, -1) != last and k not in _OPEN_CLIP_UNUSED and k not in unexpected}
 
     vocab, width = tower["token_embedding.weight"].shape
     config = CLIPTextConfig(
@@ -423,8 +446,8 @@ def vae_from_checkpoint(checkpoint: dict, *, strict=True):
     if not ldm:
         return None
     unexpected = sorted(VAE_PREFIX + k for k in ldm if not _LDM_VAE_KEY.fullmatch(k))
-    if unexpected and strict:
-        raise CheckpointMismatchError("VAE", unexpected=unexpected)
+    if unexpected:
+        _reject_or_warn("VAE", unexpected, strict)
     needed = ["encoder.conv_in.weight", "encoder.down.0.block.0.conv1.weight", "decoder.conv_in.weight", "decoder.conv_out.weight"]
     if any(k not in ldm for k in needed):
         raise CheckpointMismatchError("VAE", missing=[VAE_PREFIX + k for k in needed if k not in ldm])

@@ -23,15 +23,22 @@ DTYPES = ("fp16", "bf16", "fp32")
 SAVE_FPS = {True: 8, False: 10}
 
 
+def _int(text):
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+
+
 def _positive_int(text):
-    value = int(text)
+    value = _int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
 
 def _multiple_of_8(text):
-    value = int(text)
+    value = _int(text)
     if value < 8 or value % 8:
         raise argparse.ArgumentTypeError(f"must be a positive multiple of 8 (the VAE downsamples by 8), got {value}")
     return value

@@ -46,7 +46,8 @@ CFG_DEFAULTS = dict(num_inference_steps=50, num_frames=16, guidance_scale=12.0, 
 
 @dataclass
 class HummingbirdPipelineOutput(BaseOutput):
-    """frames: (B, F, 3, H, W) float in [0, 1] ("pt"), (B, F, H, W, 3) uint8 ("np"), B lists of F
+    """frames: (B, F, 3, H, W) float in [0, 1] ("pt"), (B, F, H, W, 3) float32 in [0, 1] ("np", as diffusers'
+    video pipelines return it, so ``diffusers.utils.export_to_video(frames[0])`` works), B lists of F
     PIL images ("pil"), or (B, 4, F, H/8, W/8) latents ("latent"). timings: seconds per stage (text_encode, denoise, decode). peak_memory_mb:
     torch.cuda.max_memory_allocated during the call on CUDA; on CPU the process's peak resident set
     size so far (ru_maxrss, not reset per call)."""
@@ -347,7 +348,7 @@ def _to_output_type(video: torch.Tensor, output_type: str):
     """(B, F, 3, H, W) float in [0, 1] -> the requested output type."""
     if output_type == "pt":
         return video
+    if output_type == "np":  # float32 in [0, 1], diffusers' convention (its export_to_video scales by 255)
+        return video.permute(0, 1, 3, 4, 2).float().cpu().numpy()
     frames = (video * 255).round().to(torch.uint8).permute(0, 1, 3, 4, 2).cpu().numpy()
-    if output_type == "np":
-        return frames
     return [[Image.fromarray(f) for f in clip] for clip in frames]

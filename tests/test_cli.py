@@ -93,3 +93,24 @@ def test_tiny_random_size_multiple_matches_the_model():
 def test_generate_model_folder_without_pipeline(tmp_path, capsys):
     assert main(["generate", "a cat", "--model", str(tmp_path), "--out", str(tmp_path / "v.mp4")]) == 1
     assert "has no model_index.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--height", "--frames", "--steps"])
+def test_generate_non_integer_argument_message(flag, capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "a cat", "--model", "tiny-random", flag, "abc"])
+    err = capsys.readouterr().err
+    assert f"argument {flag}: must be an integer, got 'abc'" in err and "_multiple_of_8" not in err
+
+
+def test_generate_incomplete_saved_pipeline_is_an_error_not_a_traceback(tmp_path, capsys):
+    """A pipeline folder missing a weights file (an interrupted copy): one line, exit status 1."""
+    from hummingbird.testing import tiny_random_pipeline
+
+    tiny_random_pipeline("lcm").save_pretrained(tmp_path / "model")
+    for f in (tmp_path / "model" / "unet").glob("*.safetensors"):
+        f.unlink()
+    out = tmp_path / "v.gif"
+    assert main(["generate", "a cat", "--model", str(tmp_path / "model"), "--height", "32", "--width", "32",
+                 "--out", str(out)]) == 1
+    assert "hummingbird generate: error:" in capsys.readouterr().err and not out.exists()

@@ -520,3 +520,42 @@ def test_vae_scaling_factor_and_torch_dtype(parts, tmp_path):
     torch.save(parts["checkpoint"], path)
     model = HummingbirdUNet3DModel.from_single_file(path, config="tiny", torch_dtype=torch.float16)
     assert {p.dtype for p in model.parameters()} == {torch.float16}
+
+
+def test_non_strict_text_and_vae_warn_about_the_keys_they_drop(parts):
+    """--no-strict promises warnings: the VAE's and text tower's unknown keys are named, not dropped silently."""
+    from hummingbird.convert import vae_from_checkpoint
+
+    extra = {**parts["checkpoint"], "first_stage_model.loss.logvar": torch.zeros(1),
+             "cond_stage_model.model.visual.proj": torch.zeros(2)}
+    with pytest.warns(UserWarning, match="loss.logvar"):
+        vae = vae_from_checkpoint(extra, strict=False)
+    assert_same_state(vae, parts["vae"])
+    with pytest.warns(UserWarning, match="visual.proj"):
+        text_encoder_from_checkpoint(extra, strict=False)
+
+
+def test_from_single_file_detects_the_config(parts, tmp_path):
+    """Like `hummingbird convert`, from_single_file without a config detects it (the old default,
+    hummingbird-0.7b, refused every other model's checkpoint)."""
+    path = tmp_path / "vc2-like.safetensors"
+    save_file(parts["checkpoint"], path)
+    assert_same_state(HummingbirdUNet3DModel.from_single_file(path), parts["unet"])
+
+
+@pytest.mark.parametrize("kind", ["truncated.ckpt", "garbage.ckpt", "garbage.safetensors"])
+def test_unreadable_checkpoint_is_a_clear_error(parts, tmp_path, kind, capsys):
+    from hummingbird.convert import CheckpointReadError
+
+    path = tmp_path / kind
+    if kind.startswith("truncated"):  # an interrupted download of a multi-GB file
+        torch.save(parts["checkpoint"], path)
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        path.write_bytes(b"garbage" * 1000)
+    with pytest.raises(CheckpointReadError, match="truncated or corrupt"):
+        load_checkpoint(path)
+    assert main(["convert", str(path), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("hummingbird convert: error:") and str(path) in err and "Traceback" not in err

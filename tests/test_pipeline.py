@@ -54,7 +54,7 @@ def test_lcm_26_frames_one_unet_call_per_step(lcm, monkeypatch):
     out = lcm("a cat", num_frames=26, num_inference_steps=4, seed=0, output_type="np", **SIZE)
     assert batches == [1] * 4  # guidance distilled in: no unconditional batch
     assert lcm.scheduler.timesteps.tolist() == [999, 759, 519, 279]
-    assert out.frames.shape == (1, 26, 32, 32, 3) and out.frames.dtype == np.uint8
+    assert out.frames.shape == (1, 26, 32, 32, 3) and out.frames.dtype == np.float32
     assert out.frames.std() > 0
     assert set(out.timings) == {"text_encode", "denoise", "decode"} and out.peak_memory_mb > 0
 
@@ -110,8 +110,7 @@ def test_seed_determinism_and_output_types(lcm):
     assert a.shape == (1, 16, 3, 32, 32) and a.dtype == torch.float32 and 0 <= a.min() and a.max() <= 1
     assert torch.equal(a, run(0))
     assert not torch.equal(a, run(1))
-    as_uint8 = (a * 255).round().to(torch.uint8).permute(0, 1, 3, 4, 2).numpy()
-    np.testing.assert_array_equal(run(0, "np"), as_uint8)
+    np.testing.assert_array_equal(run(0, "np"), a.permute(0, 1, 3, 4, 2).numpy())  # float [0, 1], as diffusers
     # An explicit generator with the same seed gives the same video.
     gen = torch.Generator().manual_seed(0)
     b = lcm("a cat", num_frames=16, num_inference_steps=2, generator=gen, **SIZE).frames
@@ -177,6 +176,7 @@ def test_long_prompt_truncated_with_warning(lcm):
 
 def test_export_mp4_and_gif(lcm, tmp_path):
     frames = lcm("a cat", num_frames=16, num_inference_steps=1, seed=0, output_type="np", **SIZE).frames[0]
+    frames = to_uint8_frames(frames)
     mp4 = export_to_mp4(frames, tmp_path / "v.mp4", fps=8)
     video = iio.imread(mp4)
     assert video.shape == (16, 32, 32, 3)
@@ -314,3 +314,16 @@ def test_export_keeps_fps_and_frame_orientation(tmp_path):
     gif = export_video(frames, str(tmp_path / "v.gif"), fps=5)
     with Image.open(gif) as im:
         assert [im.seek(i) or im.info["duration"] for i in range(im.n_frames)] == [200] * 4
+
+
+def test_np_frames_follow_diffusers_convention(lcm, tmp_path):
+    """output_type="np" is float32 in [0, 1] as in diffusers' video pipelines, so diffusers'
+    export_to_video (which multiplies by 255) writes the video, not uint8 overflow noise."""
+    from diffusers.utils import export_to_video
+
+    kwargs = dict(num_frames=4, num_inference_steps=2, seed=0, **SIZE)
+    frames = lcm("a cat", output_type="np", **kwargs).frames
+    assert frames.dtype == np.float32 and 0 <= frames.min() and frames.max() <= 1
+    want = lcm("a cat", output_type="pt", **kwargs).frames[0].permute(0, 2, 3, 1).numpy() * 255
+    path = export_to_video(list(frames[0]), str(tmp_path / "d.mp4"), macro_block_size=1)
+    assert np.abs(iio.imread(path).astype(float) - want).mean() < 20  # lossy H.264, same pictures

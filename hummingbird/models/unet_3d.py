@@ -405,10 +405,11 @@ class HummingbirdUNet3DModel(ModelMixin, AttentionMixin, ConfigMixin):
         return cls.from_config({**CONFIGS[name], **overrides})
 
     @classmethod
-    def from_single_file(cls, path, config="hummingbird-0.7b", *, strict=True, torch_dtype=None):
+    def from_single_file(cls, path, config=None, *, strict=True, torch_dtype=None):
         """Load an original VideoCrafter2 / Hummingbird checkpoint (.ckpt/.pt/.pth/.safetensors, or a
         released whole-model pickle, read without running its code). ``config``: a named config, a
-        dict, or a path to a config.json (or a folder holding one). See :mod:`hummingbird.convert`."""
+        dict, or a path to a config.json (or a folder holding one); None (the default) detects the named
+        config the weights fit, as ``hummingbird convert`` does. See :mod:`hummingbird.convert`."""
         from hummingbird.convert import load_checkpoint, unet_from_checkpoint
 
         return unet_from_checkpoint(load_checkpoint(path), config, strict=strict, torch_dtype=torch_dtype)
