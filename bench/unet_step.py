@@ -178,6 +178,9 @@ def implementations(model, step, dev, compile_too, wanted):
         # Compiled after the layout switch: inductor specialises on the weights' strides.
         # One wrapper, two graphs: the backend choice is guarded, so each backend compiles its own
         # (hbkernels' kernels stay opaque custom ops; inductor fuses the rest around them).
+        # dynamo's cache is keyed on the forward's code, shared by every model and state: without a reset
+        # the next case (other batch / frames) or state would run a recompiled dynamic-shape graph
+        torch.compiler.reset()
         compiled = functools.partial(step, torch.compile(model))
         for name, backend in (("compile", "torch"), ("hbkernels + compile", None)):
             impls.append((name, backend, compiled))

@@ -1,4 +1,6 @@
 """The benchmark plumbing: input rotation for DRAM-cold graph timing, and every op suite running."""
+import time
+
 import pytest
 import torch
 
@@ -28,6 +30,63 @@ def test_median_seconds_passes_args():
     seen = []
     seconds = common.median_seconds(lambda a, b: seen.append(a + b), 0.01, (1, 2))
     assert seconds > 0 and set(seen) == {3}
+
+
+def test_median_seconds_takes_several_samples():
+    """A call longer than min_run_time (CPU eager rows, --quick runs, graph replays of many calls) gave
+    blocked_autorange one block: the "median" was that single sample, a slow outlier included."""
+    durations = iter([0.05, 0.05, 0.5] + [0.05] * 20)  # warm-up, block-size estimate, one slow call
+    calls = []
+
+    def fn():
+        calls.append(None)
+        time.sleep(next(durations))
+
+    seconds = common.median_seconds(fn, 0.01)
+    assert len(calls) >= 2 + common.MIN_SAMPLES
+    assert 0.04 < seconds < 0.2
+
+
+def test_markdown_leaves_speedup_blank_without_an_eager_row(tmp_path):
+    report = common.Report(device="test")
+    report.add("suite_backward", "case", "warps=1", 1e-3, 10**6)  # e.g. the sweep's backward rows
+    report.write(str(tmp_path), "r")
+    assert "0.00x" not in (tmp_path / "r.md").read_text()
+
+
+def test_unet_step_compiles_every_case_with_static_shapes(monkeypatch):
+    """dynamo's cache is keyed on the forward's code: the second case (other batch / frames) of the same
+    model class was timed through a recompiled dynamic-shape graph unless dynamo is reset."""
+    from bench import unet_step
+
+    dynamic = []
+
+    def backend(gm, inputs):
+        dynamic.append(any(isinstance(a, torch.SymInt) or (torch.is_tensor(a) and
+                                                            any(isinstance(d, torch.SymInt) for d in a.shape))
+                           for a in inputs))
+        return gm.forward
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model: real_compile(model, backend=backend))
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.lin(x).relu()
+
+    try:
+        for rows in (3, 5):
+            model, x = Net(), torch.randn(rows, 4)
+            for _, _, fn in unet_step.implementations(model, lambda unet=model, x=x: unet(x), torch.device("cpu"),
+                                                      True, ["compile"]):
+                fn()
+    finally:
+        torch.compiler.reset()
+    assert dynamic == [False, False]
 
 
 def test_report_says_how_it_timed(tmp_path):
