@@ -1,5 +1,7 @@
 """Benchmark plumbing shared by the suites: timing, device facts, and result files."""
 import datetime
+import glob
+import itertools
 import json
 import math
 import os
@@ -42,9 +44,14 @@ MIN_SAMPLES = 5
 
 def median_seconds(fn, min_run_time: float = 0.3, args: tuple = ()) -> float:
     """Median wall time of ``fn(*args)`` via torch.utils.benchmark (synchronises CUDA, uses every CPU
-    thread torch uses), over at least MIN_SAMPLES blocks."""
+    thread torch uses), over at least MIN_SAMPLES blocks. The calls go round copies of ``args``
+    (input_sets over the last-level cache of their device), so no call finds its inputs still cached."""
+    tensors = [a for a in args if torch.is_tensor(a)]
+    sets = input_sets(args, cache_bytes(tensors[0].device)) if tensors else [args]
+    next_args = itertools.cycle(sets).__next__
     fn(*args)  # warm-up: compiles Triton kernels / torch.compile graphs outside the measurement
-    timer = benchmark.Timer(stmt="fn(*args)", globals={"fn": fn, "args": args}, num_threads=torch.get_num_threads())
+    timer = benchmark.Timer(stmt="fn(*next_args())", globals={"fn": fn, "next_args": next_args},
+                            num_threads=torch.get_num_threads())
     measurement = timer.blocked_autorange(min_run_time=min_run_time)
     times = list(measurement.times)  # seconds per call, one per block
     while len(times) < MIN_SAMPLES:
@@ -52,26 +59,35 @@ def median_seconds(fn, min_run_time: float = 0.3, args: tuple = ()) -> float:
     return statistics.median(times)
 
 
-# Graph timing reads each input set again only after touching this many L2 caches' worth of other sets,
-# so inputs come from DRAM as in the copy that defines 100% (and as after a model's other layers), not
-# from the L2 the previous replay left them in. At most _MAX_INPUT_SETS copies: inputs under 1/20 of
-# L2 (small shapes, latency-bound anyway) stay partly L2-resident.
-COLD_L2_FACTOR = 3
+# Timing reads each input set again only after touching this many last-level caches' worth of other
+# sets, so inputs come from DRAM as in the copy that defines 100% (and as after a model's other layers),
+# not from the cache the previous call left them in. At most _MAX_INPUT_SETS copies: inputs under 1/20
+# of the cache (small shapes, latency-bound anyway) stay partly resident.
+COLD_CACHE_FACTOR = 3
 _MAX_INPUT_SETS = 64
 
 
-def l2_bytes(dev: torch.device) -> int:
-    """The device's last-level cache (L2; on AMD Instinct its size is also what the driver reports)."""
-    return torch.cuda.get_device_properties(dev).L2_cache_size if dev.type == "cuda" else 0
+def cache_bytes(dev: torch.device) -> int:
+    """The device's last-level cache: a GPU's L2 (on AMD Instinct its size is also what the driver
+    reports), a CPU's largest cache level per sysfs (0 where unknown: no rotation)."""
+    if dev.type == "cuda":
+        return torch.cuda.get_device_properties(dev).L2_cache_size
+    sizes = [0]
+    for size_file in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        with open(size_file) as f:
+            text = f.read().strip()
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        sizes.append(int(text.rstrip("KMG")) * scale)
+    return max(sizes)
 
 
-def input_sets(args: tuple, l2: int) -> list:
+def input_sets(args: tuple, cache: int) -> list:
     """``args`` and copies of it (other values shared): enough sets that going through them touches
-    COLD_L2_FACTOR x ``l2`` bytes, at most _MAX_INPUT_SETS. Each copy keeps the tensors' layout,
+    COLD_CACHE_FACTOR x ``cache`` bytes, at most _MAX_INPUT_SETS. Each copy keeps the tensors' layout,
     offsets and strides included, and which of them view one storage (e.g. q, k, v of one projection)."""
     storages = {a.untyped_storage().data_ptr(): a.untyped_storage() for a in args if torch.is_tensor(a)}
     nbytes = max(1, sum(st.nbytes() for st in storages.values()))
-    count = min(_MAX_INPUT_SETS, max(1, math.ceil(COLD_L2_FACTOR * l2 / nbytes)))
+    count = min(_MAX_INPUT_SETS, max(1, math.ceil(COLD_CACHE_FACTOR * cache / nbytes)))
     sets = [args]
     for _ in range(count - 1):
         copies = {}
@@ -89,7 +105,7 @@ def median_seconds_graphed(fn, min_run_time: float = 0.3, args: tuple = (), call
     what is left is the kernels' own time, the figure to hold against memory bandwidth. The calls go
     round copies of ``args`` (input_sets) and keep their outputs, so neither inputs nor outputs are
     still in L2 from the call before."""
-    sets = input_sets(args, l2_bytes(torch.device("cuda", torch.cuda.current_device())))
+    sets = input_sets(args, cache_bytes(torch.device("cuda", torch.cuda.current_device())))
     calls = max(calls, len(sets))
 
     def repeated():
@@ -104,11 +120,12 @@ def copy_bandwidth(dev: torch.device) -> float:
     numel = (256 if dev.type == "cuda" else 32) * 2**20 // 4
     src = torch.randn(numel, device=dev)
     dst = torch.empty_like(src)
-    return 2 * src.numel() * src.element_size() / median_seconds(lambda: dst.copy_(src))
+    return 2 * src.numel() * src.element_size() / median_seconds(torch.Tensor.copy_, args=(dst, src))
 
 
-WALL_TIMING = "wall time per call (launch overhead included)"
-GRAPH_TIMING = f"CUDA-graph replays, inputs rotating through >= {COLD_L2_FACTOR}x L2 (kernel time, DRAM-cold)"
+WALL_TIMING = (f"wall time per call (launch overhead included), inputs rotating through >= {COLD_CACHE_FACTOR}x "
+               "the last-level cache")
+GRAPH_TIMING = f"CUDA-graph replays, inputs rotating through >= {COLD_CACHE_FACTOR}x L2 (kernel time, DRAM-cold)"
 
 
 @dataclass

@@ -1,4 +1,5 @@
 """The benchmark plumbing: input rotation for DRAM-cold graph timing, and every op suite running."""
+import os
 import time
 
 import pytest
@@ -12,8 +13,8 @@ def test_input_sets_cover_the_cache_with_independent_copies():
     view = x[1:, 2:5]  # shares x's storage: counted once, copied as a view
     args = (x, view, 32, None)
     nbytes = x.untyped_storage().nbytes()
-    sets = common.input_sets(args, l2=5 * nbytes)
-    assert len(sets) == 15  # 3 x L2 / bytes per set
+    sets = common.input_sets(args, cache=5 * nbytes)
+    assert len(sets) == 15  # 3 x cache / bytes per set
     assert sets[0] is args
     for copy in sets[1:]:
         assert copy[2:] == (32, None)
@@ -22,8 +23,23 @@ def test_input_sets_cover_the_cache_with_independent_copies():
             assert torch.equal(new, old)
             assert new.untyped_storage().data_ptr() != old.untyped_storage().data_ptr()
         assert copy[1].untyped_storage().data_ptr() == copy[0].untyped_storage().data_ptr()  # still a view of x
-    assert len(common.input_sets(args, l2=10**12)) == common._MAX_INPUT_SETS
-    assert len(common.input_sets(args, l2=0)) == 1  # CPU: no rotation
+    assert len(common.input_sets(args, cache=10**12)) == common._MAX_INPUT_SETS
+    assert len(common.input_sets(args, cache=0)) == 1  # cache size unknown: no rotation
+
+
+def test_median_seconds_rotates_inputs_through_the_cache(monkeypatch):
+    """Wall timing reused one set of inputs, so cache-sized CPU shapes ran from L3 against a DRAM copy:
+    "% copy BW" above 100%."""
+    x = torch.randn(1024)
+    monkeypatch.setattr(common, "cache_bytes", lambda dev: 4 * x.untyped_storage().nbytes())
+    seen = set()
+    common.median_seconds(lambda a, k: seen.add((a.data_ptr(), k)), 0.01, (x, 7))
+    assert len(seen) == 12 and {k for _, k in seen} == {7}  # 3 x cache / bytes per set
+
+
+def test_cpu_cache_size_is_read():
+    """Linux reports CPU caches in sysfs; elsewhere 0 (no rotation)."""
+    assert common.cache_bytes(torch.device("cpu")) >= (2**20 if os.path.isdir("/sys/devices/system/cpu/cpu0/cache") else 0)
 
 
 def test_median_seconds_passes_args():
