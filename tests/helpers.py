@@ -35,6 +35,21 @@ def rand(*shape, dtype=torch.float32, mean=0.0, device=DEVICE, requires_grad=Fal
     return t.requires_grad_(requires_grad)
 
 
+def huge_strided_views(c, s):
+    """Two small (1, c, 1, s) fp16 views of one storage of 2^31 + 2^27 elements (4.25 GiB of address
+    space; only the pages the views hold are ever touched): x with channel stride 2^30 + 2^26,
+    dy with that position stride. Their channel (x) or position (dy) offsets pass 2^31 elements,
+    where int32 index arithmetic wraps; each stride alone fits int32, so the kernels get int32
+    stride arguments."""
+    big = 2**30 + 2**26
+    store = torch.empty(2 * big + 64, dtype=torch.float16, device=DEVICE)
+    x = store.as_strided((1, c, 1, s), (0, big, 0, 1))
+    dy = store.as_strided((1, c, 1, s), (0, 1, 0, big), 32)
+    x.copy_(rand(1, c, 1, s, mean=2.0))
+    dy.copy_(rand(1, c, 1, s))
+    return x, dy
+
+
 def assert_within_torch_error(name, out, ref64, torch_out, factor=2.0):
     """Elementwise |out - ref64| <= ``factor`` x max|torch_out - ref64| (PyTorch's own error in that
     dtype) + 2 ulps at the tensor's largest reference magnitude.

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 import hbkernels
-from helpers import BACKENDS, KERNEL_BACKENDS, DEVICE, DTYPES, ON_GPU, check_against_float64, rand, shapes
+from helpers import (BACKENDS, KERNEL_BACKENDS, DEVICE, DTYPES, ON_GPU, check_against_float64, huge_strided_views, rand,
+                     shapes)
 
 # (shape, num_groups): C not a multiple of 8, T = 1/16/25, N = 1 and 2.
 QUICK = [((1, 12, 3, 5), 4), ((2, 30, 1, 4, 3), 3), ((1, 12, 16, 2, 3), 4), ((2, 8, 25, 2, 2), 2)]
@@ -344,3 +345,20 @@ def test_group_norm_parameters_in_another_dtype(backend_name, param_dtype):
         x.double(), 4, w.detach().to(x.dtype).double(), b.detach().to(x.dtype).double()))
     assert y.dtype == x.dtype and gw.dtype == param_dtype and gb.dtype == param_dtype
     torch.testing.assert_close(y.double(), want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+def test_group_norm_offsets_past_int32(backend_name):
+    """A sample's offsets past 2^31 elements (here a channel stride that spans the whole storage: a
+    (C, N, ...) tensor seen as (N, C, ...), or a big video's sample): int64 index arithmetic."""
+    x, dy = huge_strided_views(3, 3)
+    x.requires_grad_()
+    w, b = rand(3, mean=1.0, dtype=torch.float16), rand(3, dtype=torch.float16)
+    with hbkernels.use_backend(backend_name):
+        y = hbkernels.group_norm(x, 1, w, b, activation="silu")
+        (dx,) = torch.autograd.grad(y, [x], dy)
+    x64 = x.detach().double().contiguous().requires_grad_()
+    want = torch.nn.functional.silu(torch.nn.functional.group_norm(x64, 1, w.double(), b.double()))
+    (want_dx,) = torch.autograd.grad(want, [x64], dy.double())
+    torch.testing.assert_close(y.double(), want, rtol=0, atol=1e-2)
+    torch.testing.assert_close(dx.double(), want_dx, rtol=0, atol=2e-2)

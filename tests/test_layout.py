@@ -3,7 +3,7 @@ import torch
 from einops import rearrange
 
 import hbkernels
-from helpers import BACKENDS, KERNEL_BACKENDS, DTYPES, check_against_float64, rand, shapes
+from helpers import BACKENDS, KERNEL_BACKENDS, DTYPES, check_against_float64, huge_strided_views, rand, shapes
 
 QUICK = [(1, 12, 16, 2, 3), (2, 5, 1, 3, 2), (1, 8, 25, 2, 2)]
 FULL = QUICK + [(1, 320, 16, 40, 64), (2, 640, 26, 20, 32), (1, 1280, 25, 9, 16)]
@@ -197,3 +197,14 @@ def test_group_norm_to_tokens_wide_channels(backend_name, activation):
     check_against_float64(lambda x, w, b: hbkernels.group_norm_to_tokens(x, 32, w, b, eps=1e-6,
                                                                          activation=activation),
                           [x, w, b], backend_name, torch.float32)
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+def test_residual_add_offsets_past_int32(backend_name):
+    """Inputs whose channel or position offsets pass 2^31 elements: int64 index arithmetic."""
+    x, res = huge_strided_views(3, 3)
+    bias = rand(3)
+    with hbkernels.use_backend(backend_name):
+        out = hbkernels.residual_add(x.unsqueeze(-1), res.unsqueeze(-1), bias)
+    want = x.double() + res.double() + bias.double()[:, None, None]
+    torch.testing.assert_close(out.squeeze(-1).double(), want, rtol=0, atol=2e-3)

@@ -198,7 +198,7 @@ def _chunk_program(C, n_chunks, BLOCK_C: tl.constexpr):
     pid = tl.program_id(0)
     n = pid // n_chunks
     cc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    return n, pid - n * n_chunks, cc, cc < C
+    return n.to(tl.int64), pid - n * n_chunks, cc, cc < C  # int64 n: n * C passes 2^31 for large N
 
 
 @triton.jit
@@ -210,8 +210,10 @@ def _chunk_tile(base, i, cc, cmask, ar, S, n_sb, sc, st, ss, EVEN_S: tl.constexp
         mask = cmask[:, None]
     else:
         mask = cmask[:, None] & (s < S)[None, :]
-    return tl.load(base + t.to(tl.int64) * st + cc[:, None] * sc + s[None, :] * ss, mask=mask,
-                   other=0.0).to(tl.float32)
+    # int64 channel and position offsets: within one sample they pass 2^31 elements in big videos (or
+    # views whose channel stride spans other samples), and int32 products would wrap
+    offs = t.to(tl.int64) * st + cc.to(tl.int64)[:, None] * sc + s.to(tl.int64)[None, :] * ss
+    return tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -283,8 +285,9 @@ def _gn_finalize_kernel(
     pid = tl.program_id(0)
     n = pid // G
     g = pid - n * G
+    n = n.to(tl.int64)  # n * G and n * C pass 2^31 for large N
     base = pid.to(tl.int64) * cpg * n_chunks  # (n, g*cpg, 0) of the (N, C, chunks) buffers
-    sh_ptr += pid * cpg  # the group's channels of the (N, C) shift
+    sh_ptr += pid.to(tl.int64) * cpg  # the group's channels of the (N, C) shift
     # Chan-merge the group's cpg * n_chunks partials (the shift moves each channel's partial means, not
     # their M2), BLOCK at a time: each block's (count, mean, M2) from registers, merged into the running
     # one, so every partial is loaded once (this kernel is a chain of dependent loads: latency-bound).
@@ -334,15 +337,17 @@ def _gn_apply_kernel(
     cmask = cc < C
     n64 = n.to(tl.int64)
     t64 = t.to(tl.int64)
+    cc64 = cc.to(tl.int64)  # int64 offsets: see _chunk_tile
+    ss64 = ss.to(tl.int64)
     mask = cmask[:, None] & (ss < S)[None, :]
-    x = tl.load(x_ptr + (n64 * sxn + t64 * sxt) + cc[:, None] * sxc + ss[None, :] * sxs,
+    x = tl.load(x_ptr + (n64 * sxn + t64 * sxt) + cc64[:, None] * sxc + ss64[None, :] * sxs,
                 mask=mask, other=0.0).to(tl.float32)
     _wait_for_previous(PDL)  # for mean and rstd
     g = cc // cpg
     # (x + shift - mean) = (x - (mean - shift))
-    mu = tl.load(mean_ptr + n * smn + g * smg, mask=cmask, other=0.0) - _channel_vec(sh_ptr + n * C, cc, cmask, 1,
-                                                                                       HAS_SHIFT, BLOCK_C)
-    a = tl.load(rstd_ptr + n * srn + g * srg, mask=cmask, other=0.0)
+    mu = tl.load(mean_ptr + n64 * smn + g * smg, mask=cmask, other=0.0) - _channel_vec(sh_ptr + n64 * C, cc, cmask,
+                                                                                         1, HAS_SHIFT, BLOCK_C)
+    a = tl.load(rstd_ptr + n64 * srn + g * srg, mask=cmask, other=0.0)
     if HAS_W:
         a *= tl.load(w_ptr + cc * sw, mask=cmask, other=0.0).to(tl.float32)
     b = _channel_vec(b_ptr, cc, cmask, sb_, HAS_B, BLOCK_C)
@@ -351,7 +356,7 @@ def _gn_apply_kernel(
         y += b[:, None]
     if SILU:
         y = y * _sigmoid_parts(y, PRECISE)[0]
-    tl.store(y_ptr + (n64 * syn + t64 * syt) + cc[:, None] * syc + ss[None, :] * sys,
+    tl.store(y_ptr + (n64 * syn + t64 * syt) + cc64[:, None] * syc + ss64[None, :] * sys,
              y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -372,7 +377,8 @@ def _row_tile(grp, k, G, cpg, n_chunks, L, TILE: tl.constexpr):
     chunk = k - ch * n_chunks
     n = grp // G
     offs = chunk * TILE + tl.arange(0, TILE)
-    return n, (grp - n * G) * cpg + ch, ch, offs, offs < L, tl.minimum(L - chunk * TILE, TILE).to(tl.float32)
+    count = tl.minimum(L - chunk * TILE, TILE).to(tl.float32)
+    return n.to(tl.int64), (grp - n * G) * cpg + ch, ch, offs, offs < L, count
 
 
 @triton.jit
@@ -586,8 +592,8 @@ def _gn_bwd_finalize_kernel(
             pb = pb * w
         acc_a += pa
         acc_b += pb
-    tl.store(coef_ptr + pid * 2, tl.div_rn(tl.sum(acc_b, axis=0), group_numel))  # c1 = mean(w dz)
-    tl.store(coef_ptr + pid * 2 + 1, tl.div_rn(tl.sum(acc_a, axis=0), group_numel))  # c2 = mean(w dz xhat)
+    tl.store(coef_ptr + pid.to(tl.int64) * 2, tl.div_rn(tl.sum(acc_b, axis=0), group_numel))  # c1 = mean(w dz)
+    tl.store(coef_ptr + pid.to(tl.int64) * 2 + 1, tl.div_rn(tl.sum(acc_a, axis=0), group_numel))  # c2 = mean(w dz xhat)
 
 
 @triton.jit
@@ -607,19 +613,21 @@ def _gn_bwd_apply_kernel(
     cmask = cc < C
     mask = cmask[:, None] & (ss < S)[None, :]
     g = cc // cpg
-    mu = (tl.load(mean_ptr + n * smn + g * smg, mask=cmask, other=0.0)
-          - _channel_vec(sh_ptr + n * C, cc, cmask, 1, HAS_SHIFT, BLOCK_C))[:, None]  # x + shift - mean
-    r = tl.load(rstd_ptr + n * srn + g * srg, mask=cmask, other=0.0)[:, None]
+    n64 = n.to(tl.int64)
+    mu = (tl.load(mean_ptr + n64 * smn + g * smg, mask=cmask, other=0.0)
+          - _channel_vec(sh_ptr + n64 * C, cc, cmask, 1, HAS_SHIFT, BLOCK_C))[:, None]  # x + shift - mean
+    r = tl.load(rstd_ptr + n64 * srn + g * srg, mask=cmask, other=0.0)[:, None]
     if HAS_W:
         w = tl.load(w_ptr + cc * sw, mask=cmask, other=0.0).to(tl.float32)[:, None]
-    n64 = n.to(tl.int64)
     t64 = t.to(tl.int64)
-    dz = tl.load(dy_ptr + (n64 * sdn + t64 * sdt) + cc[:, None] * sdc + ss[None, :] * sds,
+    cc64 = cc.to(tl.int64)  # int64 offsets: see _chunk_tile
+    ss64 = ss.to(tl.int64)
+    dz = tl.load(dy_ptr + (n64 * sdn + t64 * sdt) + cc64[:, None] * sdc + ss64[None, :] * sds,
                  mask=mask, other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + (n64 * sxn + t64 * sxt) + cc[:, None] * sxc + ss[None, :] * sxs,
+    x = tl.load(x_ptr + (n64 * sxn + t64 * sxt) + cc64[:, None] * sxc + ss64[None, :] * sxs,
                 mask=mask, other=0.0).to(tl.float32)
     _wait_for_previous(PDL)  # for the group coefficients
-    coef = coef_ptr + (n * G + g) * 2
+    coef = coef_ptr + (n64 * G + g) * 2
     c1 = tl.load(coef, mask=cmask, other=0.0)[:, None]
     c2 = tl.load(coef + 1, mask=cmask, other=0.0)[:, None]
     xhat = (x - mu) * r
@@ -634,7 +642,7 @@ def _gn_bwd_apply_kernel(
     if HAS_W:
         dz = dz * w
     dx = r * (dz - c1 - xhat * c2)
-    tl.store(dx_ptr + (n64 * son + t64 * sot) + cc[:, None] * soc + ss[None, :] * sos,
+    tl.store(dx_ptr + (n64 * son + t64 * sot) + cc64[:, None] * soc + ss64[None, :] * sos,
              dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 

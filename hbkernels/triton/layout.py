@@ -117,14 +117,17 @@ def _copy_add_kernel(
     cc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     ss = sb * BLOCK_S + tl.arange(0, BLOCK_S)
     mask = (cc < C)[:, None] & (ss < S)[None, :]
-    src = src_ptr + (n64 * s_sn + t64 * s_st) + cc[:, None] * s_sc + ss[None, :] * s_ss
+    # int64 offsets: a sample's channel or position offsets can pass 2^31 elements (int32 would wrap)
+    cc64 = cc.to(tl.int64)
+    ss64 = ss.to(tl.int64)
+    src = src_ptr + (n64 * s_sn + t64 * s_st) + cc64[:, None] * s_sc + ss64[None, :] * s_ss
     val = tl.load(src, mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
-        res = res_ptr + (n64 * r_sn + t64 * r_st) + cc[:, None] * r_sc + ss[None, :] * r_ss
+        res = res_ptr + (n64 * r_sn + t64 * r_st) + cc64[:, None] * r_sc + ss64[None, :] * r_ss
         val += tl.load(res, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:  # a per-channel vector (a convolution's bias)
         val += tl.load(bias_ptr + cc, mask=cc < C, other=0.0)[:, None]
-    out = out_ptr + (n64 * o_sn + t64 * o_st) + cc[:, None] * o_sc + ss[None, :] * o_ss
+    out = out_ptr + (n64 * o_sn + t64 * o_st) + cc64[:, None] * o_sc + ss64[None, :] * o_ss
     tl.store(out, val.to(out_ptr.dtype.element_ty), mask=mask)
 
 
