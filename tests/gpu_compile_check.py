@@ -180,8 +180,9 @@ def resident_programs(regs: int, warps: int, shared: int, shared_limit: int) -> 
     return min(32, 64 // warps, warps_by_regs // warps, (shared_limit + 1024) // (shared + 1024))
 
 
-def resources(compiled, target, shared_limit: int) -> str:
-    """Registers per thread and spill stack (NVIDIA, from cuobjdump) or VGPRs and spills (AMD)."""
+def resources(compiled, target, shared_limit: int):
+    """(registers per thread and spill stack (NVIDIA, from cuobjdump) or VGPRs and spills (AMD) as text,
+    programs resident per SM or None where unknown)."""
     if target.backend == "cuda":
         tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -190,12 +191,12 @@ def resources(compiled, target, shared_limit: int) -> str:
             usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
         found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
         if not found:
-            return "regs=?"
+            return "regs=?", None
         regs, warps = int(found[1]), compiled.metadata.num_warps
         resident = resident_programs(regs, warps, compiled.metadata.shared, shared_limit)
-        return f"regs={regs} spill_stack={found[2]} resident/SM={resident}"
+        return f"regs={regs} spill_stack={found[2]} resident/SM={resident}", resident
     found = [re.search(rf"\.{key}:\s*(\d+)", compiled.asm["amdgcn"]) for key in ("vgpr_count", "vgpr_spill_count")]
-    return f"vgprs={found[0][1] if found[0] else '?'} spills={found[1][1] if found[1] else '?'}"
+    return f"vgprs={found[0][1] if found[0] else '?'} spills={found[1][1] if found[1] else '?'}", None
 
 
 # Instructions the one-pass GroupNorm kernels' exchange of partial sums between programs relies on (see
@@ -253,7 +254,11 @@ def main(target_name: str) -> int:
             missing = missing_sync(fn.__name__, compiled, target)
             if missing:
                 raise RuntimeError(f"its code lacks the synchronisation {missing}")
-            print(f"ok   {label} shared={shared} {resources(compiled, target, shared_limit)}")
+            usage, resident = resources(compiled, target, shared_limit)
+            if fn.__name__ in SYNC_PATTERNS and resident is not None and resident < group_norm.ONE_PASS_MIN_RESIDENT:
+                # programs waiting for their group: fewer resident per SM than launches that may run at once
+                raise RuntimeError(f"{usage}: under ONE_PASS_MIN_RESIDENT = {group_norm.ONE_PASS_MIN_RESIDENT}")
+            print(f"ok   {label} shared={shared} {usage}")
         except Exception as err:  # report every failing variant, not just the first
             failures += 1
             print(f"FAIL {label}: {type(err).__name__}: {str(err).strip().splitlines()[-1][:300]}")

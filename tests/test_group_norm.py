@@ -267,17 +267,20 @@ def test_group_norm_one_pass_plan(monkeypatch):
     monkeypatch.setattr(gn, "INTERPRETED", False)
     monkeypatch.setattr(gn, "sm_count", lambda device: 132)
 
-    def tile(shape, cpg, strides=None):
-        v = torch.empty(shape, device="meta") if strides is None else torch.empty_strided(shape, strides, device="meta")
+    def tile(shape, cpg, strides=None, dtype=torch.float16):
+        v = torch.empty_strided(shape, strides or torch.empty(shape, device="meta").stride(), dtype=dtype,
+                                device="meta")
         plan = gn._one_pass_plan([v, v], shape[2], shape[3], cpg, v.device)
         return plan and plan[0]
 
     assert tile((1, 320, 16, 2560), 10) == 4096  # level 0 at 320x512, T16: 10 channels x 10 tiles
     assert tile((1, 320, 26, 2560), 10) == 8192  # T26: 10 x 9
+    assert tile((1, 320, 16, 2560), 10, dtype=torch.float32) == 4096
+    assert tile((1, 320, 26, 2560), 10, dtype=torch.float32) is None  # fp32 tiles stop at 4096 (registers)
     assert tile((2, 1280, 16, 80), 40) == 2048  # level 3: one tile per channel, a row of 1280
     assert tile((1, 320, 16, 2560), 10, (320 * 40960, 1, 320 * 2560, 320)) is None  # channels-last
     assert tile((1, 320, 16, 2560), 320) is None  # one group of 320 channels: 320 programs at least
-    assert tile((1, 32, 1, 4096 * 1024), 1) is None  # 256 tiles of the largest size per channel
+    assert tile((1, 32, 1, 8192 * 133), 1) is None  # 133 tiles of the largest size per channel
 
 
 def test_group_norm_bad_input():

@@ -80,12 +80,15 @@ PDL = True
 # every tensor (NCHW). Not yet timed, so off by default; `bench.sweep` times it against the two passes.
 # Tile per program: the smallest power of two from _ONE_PASS_MIN_TILE that keeps a group's programs
 # within one per SM (the condition for the group to be resident at once), at most _ONE_PASS_MAX_TILE
-# (else the two-pass kernels). Level 0 at 320x512: 4096 (T16: 100 programs per group) and 8192 (T26:
-# 90). sm_90 fits 6 / 3 forward and 4 / 2 backward programs per SM, so even 2 launches running at once on
-# other streams (each needing room for one group) cannot fill the GPU with waiting programs.
+# for the element size (else the two-pass kernels). Level 0 at 320x512: 4096 (T16: 100 programs per
+# group) and 8192 (T26: 90). The largest tiles still fit ONE_PASS_MIN_RESIDENT programs per sm_90 SM
+# (fp16 8192: 3 forward / 2 backward; fp32 4096: 3 / 2; checked by tests/gpu_compile_check.py), so even
+# that many launches running at once on other streams, each with a group waiting to be resident, cannot
+# fill the GPU with waiting programs.
 ONE_PASS = False
+ONE_PASS_MIN_RESIDENT = 2
 _ONE_PASS_MIN_TILE = 4096
-_ONE_PASS_MAX_TILE = 16384
+_ONE_PASS_MAX_TILE = {2: 8192, 4: 4096}  # by element size: the tile is held in registers
 _INTERP_GROUP_PROGRAMS = 32  # the interpreter runs programs one by one: no residency limit, only cost
 _INTERP_CHUNKS = 3  # a few programs per (n, channel block) under TRITON_INTERPRET (still exercises merging)
 _FINAL_BLOCK = 4096  # partials per finalize block: the U-Net's groups need one (up to 3200 of them)
@@ -722,7 +725,7 @@ def _one_pass_plan(views, t: int, s: int, cpg: int, device: torch.device):
     tile = min(_ONE_PASS_MIN_TILE, next_pow2(length))
     while cpg * cdiv(length, tile) > limit:
         tile *= 2
-        if tile > _ONE_PASS_MAX_TILE:
+        if tile > _ONE_PASS_MAX_TILE[views[0].element_size()]:
             return None
     return tile, length, strides
 
