@@ -10,6 +10,7 @@ import threading
 import warnings
 
 import torch
+import torch.autograd.forward_ad as _fwAD
 
 BACKENDS = ("triton", "cpp", "torch")
 # use_backend() overrides, a stack per thread: one thread's block never changes the ops of another
@@ -136,9 +137,16 @@ def run_function(function, *args):
     plain call. ``apply``'s autograd bookkeeping costs tens of microseconds of host time per call,
     which an inference step launching hundreds of ops pays for nothing. Traced code keeps ``apply``."""
     needs_grad = torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
-    if needs_grad or torch.compiler.is_compiling():
+    if needs_grad or torch.compiler.is_compiling() or _transformed():
         return function.apply(*args)
     return function.forward(_NoGradCtx(), *args)
+
+
+def _transformed() -> bool:
+    """Inside a ``torch.func`` transform (jvp, vmap, grad, ...) or a forward-mode AD dual level. Their
+    tensors carry tangents or batch dims that don't show in ``requires_grad``: a plain forward call
+    would drop them (a zero or missing tangent, silently); ``apply`` raises autograd's clear error."""
+    return torch._C._functorch.peek_interpreter_stack() is not None or _fwAD._current_level >= 0
 
 
 def primitives(name: str):

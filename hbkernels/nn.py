@@ -52,6 +52,9 @@ class LayerNorm(nn.LayerNorm):
                 return super().forward(x)
             s = x + residual
             return super().forward(s), s
+        if x.dim() < 1 or x.shape[-1] != self.normalized_shape[0]:  # no weight to check it against otherwise
+            raise ValueError(f"x's last dim must be normalized_shape {tuple(self.normalized_shape)}, "
+                             f"got shape {tuple(x.shape)}")
         return layer_norm(x, self.weight, self.bias, self.eps, residual)
 
     @classmethod

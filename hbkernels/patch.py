@@ -234,8 +234,12 @@ def _temporal_tokens_forward(self, hidden_states, encoder_hidden_states, timeste
             cross_attention_kwargs=cross_attention_kwargs,
             class_labels=class_labels,
         )
-    # the sum takes the residual's (B, T, C, H, W) memory order, so this reshape is a view
-    out = tokens_to_video(self.proj_out(tokens), video)
+    tokens = self.proj_out(tokens)
+    if tokens.dtype == video.dtype:
+        # the sum takes the residual's (B, T, C, H, W) memory order, so this reshape is a view
+        out = tokens_to_video(tokens, video)
+    else:  # autocast's low-precision projection and a float32 input: the add promotes, as diffusers' does
+        out = tokens_to_video(tokens, shape=video.shape) + video
     return out.permute(0, 2, 1, 3, 4).reshape(batch_frames, channels, height, width)
 
 
@@ -278,6 +282,8 @@ def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
     if self.output_scale_factor != 1:
         return (shortcut + self.conv2(h)) / self.output_scale_factor
     h, bias = hbnn.conv_deferring_bias(self.conv2, h)
+    if h.dtype != shortcut.dtype:  # autocast's low-precision conv and a float32 input: the add promotes
+        return shortcut + (h if bias is None else h + bias.to(h.dtype).view(-1, 1, 1))
     return residual_add(h, shortcut, bias)  # conv2's bias in the residual add's pass
 
 

@@ -101,6 +101,25 @@ def test_double_backward_is_refused(backend_name):
             grad.sum().backward()
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch.func's own
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+def test_forward_ad_and_func_transforms_are_refused(backend_name):
+    """Tangents (forward AD, torch.func.jvp) and batch dims (vmap) don't show in requires_grad: the
+    kernels must raise rather than return an output whose tangent is silently zero or missing."""
+    import torch.autograd.forward_ad as fwAD
+
+    x = rand(3, 8)
+    with hbkernels.use_backend(backend_name):
+        with pytest.raises(RuntimeError, match="setup_context"):
+            torch.func.jvp(hbkernels.geglu, (x,), (torch.ones_like(x),))
+        with pytest.raises(RuntimeError, match="setup_context"):
+            torch.func.vmap(hbkernels.layer_norm)(x.view(3, 2, 4))
+        with fwAD.dual_level(), pytest.raises(NotImplementedError, match="jvp"):
+            hbkernels.geglu(fwAD.make_dual(x, torch.ones_like(x)))
+        with fwAD.dual_level():  # no dual inputs: the ops still run
+            torch.testing.assert_close(hbkernels.geglu(x), hbkernels.geglu(x.double()).float())
+
+
 @pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
 def test_autograd_function_only_when_a_gradient_is_needed(backend_name, monkeypatch):
     from hbkernels.ops.group_norm import GroupNormFunction

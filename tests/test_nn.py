@@ -85,6 +85,16 @@ def test_modules_reject_bad_rank():
         hbkernels.nn.GroupNorm(2, 4)(torch.randn(4))
 
 
+
+@pytest.mark.parametrize("kwargs", [dict(elementwise_affine=False), dict(bias=False), {}])
+def test_layer_norm_module_rejects_a_wrong_width(kwargs):
+    """As torch.nn.LayerNorm: x's last dim must be normalized_shape, also without a weight to check
+    it against (it would otherwise normalise over the wrong width silently)."""
+    with pytest.raises(RuntimeError):
+        torch.nn.LayerNorm(16, **kwargs)(torch.randn(2, 32))
+    with pytest.raises(ValueError, match="normalized_shape|elements"):
+        hbkernels.nn.LayerNorm(16, **kwargs)(torch.randn(2, 32))
+
 def test_conv_deferring_bias():
     """A plain biased conv hands back its bias; hooked, subclassed or bias-free convs run whole."""
     torch.manual_seed(0)

@@ -337,3 +337,28 @@ def test_custom_attention_processor_kept():
         out = model(x, num_frames=frames).sample
     assert model._hbkernels_patched["temporal_attention"] == 0
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("block", ["resnet", "temporal_transformer"])
+def test_autocast_with_float32_activations(block):
+    """Under autocast a patched block's projections/convolutions run in low precision while its input
+    (the residual) may stay float32: the residual add then promotes, as diffusers' own add does,
+    rather than raising on the dtype mismatch."""
+    import copy
+
+    from diffusers.models.resnet import ResnetBlock2D
+
+    if block == "resnet":
+        torch.manual_seed(0)
+        model = ResnetBlock2D(in_channels=16, temb_channels=8, groups=4).eval()
+        args, kwargs = (torch.randn(2, 16, 4, 4), torch.randn(2, 8)), {}
+    else:
+        model, x, frames = _temporal_transformer()
+        args, kwargs = (x,), dict(num_frames=frames, return_dict=False)
+    patched_model = hbkernels.apply_to(copy.deepcopy(model))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref, out = model(*args, **kwargs), patched_model(*args, **kwargs)
+    if block != "resnet":
+        ref, out = ref[0], out[0]
+    assert out.dtype == ref.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=0, atol=0.02 * ref.abs().max().item())
