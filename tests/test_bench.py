@@ -163,3 +163,33 @@ def test_unet_step_suite_runs(single_thread):
     assert [r.impl for r in report.rows] == [f"{impl}{state[1]}" for state in unet_step.STATES
                                              for impl in ("eager", "hbkernels")]
     assert len(calls) == len(report.rows) and all(c.shape == (1, 4, 2, 8, 8) for c in calls)
+
+
+def test_cpu_cache_size_parses_sysfs_units(tmp_path, monkeypatch):
+    """sysfs sizes are binary units ("48K", "2048K", "32M"); the largest level is the last-level cache."""
+    files = []
+    for i, text in enumerate(["48K", "2048K", "32M", "12"]):
+        files.append(tmp_path / f"index{i}_size")
+        files[-1].write_text(text + "\n")
+    monkeypatch.setattr(common.glob, "glob", lambda pattern: [str(f) for f in files])
+    assert common.cache_bytes(torch.device("cpu")) == 32 * 2**20
+    monkeypatch.setattr(common.glob, "glob", lambda pattern: [])
+    assert common.cache_bytes(torch.device("cpu")) == 0
+
+
+def test_copy_bandwidth_is_timed_like_the_ops(monkeypatch):
+    """The 100% mark goes through median_seconds with its tensors as arguments, so it rotates its inputs
+    through the cache as the op rows do (a closure over one src / dst would read them from cache)."""
+    seen = []
+
+    def fake_median_seconds(fn, min_run_time=0.3, args=()):
+        seen.append(args)
+        fn(*args)
+        return 1.0
+
+    monkeypatch.setattr(common, "median_seconds", fake_median_seconds)
+    bandwidth = common.copy_bandwidth(torch.device("cpu"))
+    (args,) = seen
+    dst, src = args
+    assert torch.is_tensor(dst) and torch.is_tensor(src) and torch.equal(dst, src)
+    assert bandwidth == 2 * src.numel() * src.element_size()

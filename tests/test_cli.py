@@ -1,5 +1,6 @@
 """``hummingbird generate`` end to end with the built-in tiny random model, and its error messages."""
 import sys
+import types
 
 import imageio.v3 as iio
 import pytest
@@ -114,3 +115,34 @@ def test_generate_incomplete_saved_pipeline_is_an_error_not_a_traceback(tmp_path
     assert main(["generate", "a cat", "--model", str(tmp_path / "model"), "--height", "32", "--width", "32",
                  "--out", str(out)]) == 1
     assert "hummingbird generate: error:" in capsys.readouterr().err and not out.exists()
+
+
+def test_generate_model_folder_defaults_to_the_training_resolution(tmp_path, monkeypatch):
+    """Without --height / --width a model folder runs at hummingbird.DEFAULT_SIZE, 320 x 512 (H x W)."""
+    import numpy as np
+
+    import hummingbird.pipeline
+    from hummingbird import DEFAULT_SIZE
+    from hummingbird.models import HummingbirdUNet3DModel
+
+    with torch.device("meta"):
+        HummingbirdUNet3DModel.from_named_config("hummingbird-0.7b").save_config(tmp_path / "unet")
+    calls = []
+
+    class Pipe:
+        guidance_distilled = True
+
+        def to(self, *args, **kwargs):
+            return self
+
+        def __call__(self, prompt, **kwargs):
+            calls.append(kwargs)
+            frames = np.zeros((1, 1, kwargs["height"], kwargs["width"], 3), np.float32)
+            return types.SimpleNamespace(frames=frames, timings={}, peak_memory_mb=0.0)
+
+    monkeypatch.setattr(hummingbird.pipeline, "load_pipeline", lambda *args, **kwargs: Pipe())
+    out = tmp_path / "v.gif"
+    assert main(["generate", "a cat", "--model", str(tmp_path), "--frames", "1", "--steps", "1", "--device", "cpu",
+                 "--out", str(out)]) == 0
+    assert DEFAULT_SIZE == (320, 512) and [(c["height"], c["width"]) for c in calls] == [DEFAULT_SIZE]
+    assert iio.imread(out).shape[-3:-1] == DEFAULT_SIZE

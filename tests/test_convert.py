@@ -559,3 +559,31 @@ def test_unreadable_checkpoint_is_a_clear_error(parts, tmp_path, kind, capsys):
     assert main(["convert", str(path), str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("hummingbird convert: error:") and str(path) in err and "Traceback" not in err
+
+
+def test_non_strict_text_encoder_warns_once_about_a_dropped_key(parts):
+    """The text tower's unknown keys are warned about and dropped before conversion: not passed on to be
+    reported a second time by the state-dict load."""
+    import warnings
+
+    # under transformer. but no resblock: diffusers' converter would pass it on as "extra_scale"
+    extra = {**parts["checkpoint"], "cond_stage_model.model.transformer.extra_scale": torch.zeros(2)}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        text_encoder = text_encoder_from_checkpoint(extra, strict=False)
+    assert sum("extra_scale" in str(w.message) for w in caught) == 1
+    assert_same_state(text_encoder, text_encoder_from_checkpoint(parts["checkpoint"]))
+
+
+def test_checkpoint_io_error_is_not_reported_as_corrupt(parts, tmp_path, monkeypatch):
+    """An OSError while reading (a failing disk, a dropped network mount) propagates as itself: the file
+    may be fine, so it is not a CheckpointReadError ("truncated or corrupt")."""
+    path = tmp_path / "model.ckpt"
+    torch.save(parts["checkpoint"], path)
+
+    def failing_load(*args, **kwargs):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(torch, "load", failing_load)
+    with pytest.raises(OSError, match="Input/output error"):
+        load_checkpoint(path)

@@ -51,3 +51,24 @@ def test_every_kernel_compiles_for_gpu_target(target, compile_runs):
     assert summary, lines[-1:]
     assert set(summary.group(2).split(", ")) == _all_kernels()  # no kernel left out of the check
     assert int(summary.group(1)) == sum(line.startswith("ok ") for line in lines)
+
+
+@pytest.mark.skipif(not backend.triton_available(), reason="no triton")
+def test_one_pass_residency_is_checked():
+    """The one-pass kernels' programs wait for their group: each must fit ONE_PASS_MIN_RESIDENT (>= 2:
+    two launches on other streams) per sm_90 SM. The largest tiles fit 3 forward / 2 backward, so
+    asking for 3 must fail the check, and only for the one-pass kernels."""
+    from triton.backends import backends
+
+    from hbkernels.triton import group_norm
+
+    assert group_norm.ONE_PASS_MIN_RESIDENT >= 2
+    if "nvidia" not in backends:
+        pytest.skip("this triton install has no nvidia backend")
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import gpu_compile_check as check; "
+            "check.group_norm.ONE_PASS_MIN_RESIDENT = 3; sys.exit(check.main('sm90'))")
+    proc = subprocess.run([sys.executable, "-c", code, str(SCRIPT.parent)], capture_output=True, text=True, check=False,
+                          timeout=900)
+    fails = [line for line in proc.stdout.splitlines() if line.startswith("FAIL")]
+    assert proc.returncode == 1 and fails, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert all(line.startswith("FAIL _gn_one_pass") and "under ONE_PASS_MIN_RESIDENT = 3" in line for line in fails)

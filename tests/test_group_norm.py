@@ -365,3 +365,20 @@ def test_group_norm_offsets_past_int32(backend_name):
     (want_dx,) = torch.autograd.grad(want, [x64], dy.double())
     torch.testing.assert_close(y.double(), want, rtol=0, atol=1e-2)
     torch.testing.assert_close(dx.double(), want_dx, rtol=0, atol=2e-2)
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu" or not hbkernels.backend.cpp_available(), reason="C++ backend is CPU-only")
+def test_group_norm_cpp_mean_rounds_once():
+    """The C++ rows' statistics correct the fp32 row mean sum / L with the sum of deviations from it, so a
+    group's mean is the exact one rounded once to fp32 (error <= 0.5 ulp); averaging the rounded row means
+    instead errs by ~1-2 ulps. Mean 1000 with std 0.01: each ulp of the mean (2^-14) is 0.6% of y's scale."""
+    ulp = 2.0**-14  # of fp32 in [512, 1024)
+    groups = 64
+    x = (torch.randn(1, 64, 1, 64, 64, dtype=torch.float64) * 1e-2 + 1000.0).float()
+    xg = x.double().reshape(1, groups, -1)
+    std = xg.var(-1, unbiased=False, keepdim=True).sqrt()
+    want = (xg - xg.mean(-1, keepdim=True)) / std
+    with hbkernels.use_backend("cpp"):
+        y = hbkernels.group_norm(x, groups, eps=1e-30)
+    err_in_mean_ulps = ((y.double().reshape(xg.shape) - want).abs() * std / ulp).max().item()
+    assert err_in_mean_ulps < 0.6
