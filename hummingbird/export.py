@@ -3,7 +3,9 @@
 Files are written to a temporary name in the destination folder and renamed into place, so a
 reader never sees a half-written video and a failed export leaves no partial file behind.
 """
+import contextlib
 import os
+import uuid
 
 import numpy as np
 import torch
@@ -32,16 +34,18 @@ def _atomic(path: str, write) -> str:
     format from it), then rename it to ``path``."""
     path = os.path.abspath(path)
     folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".{name}.tmp{os.getpid()}{os.path.splitext(name)[1]}")
+    # a unique name: two writers of one path (threads of one process too) must not share a temporary file
+    tmp = os.path.join(folder, f".{name}.tmp{uuid.uuid4().hex[:12]}{os.path.splitext(name)[1]}")
     try:
-        open(tmp, "wb").close()  # fail early and clearly; created with the user's umask, unlike mkstemp
+        open(tmp, "xb").close()  # fail early and clearly; created with the user's umask, unlike mkstemp
     except OSError as err:
         raise OSError(f"cannot write {path}: {err.strerror} ({folder})") from err
     try:
         write(tmp)
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        with contextlib.suppress(FileNotFoundError):  # a writer that removed it must not hide its own error
+            os.unlink(tmp)
         raise
     return path
 

@@ -1,5 +1,6 @@
 """End to end on tiny random pipelines (32x32 videos): samplers, determinism, outputs, saving, export."""
 import functools
+import os
 import shutil
 from types import SimpleNamespace
 
@@ -200,6 +201,48 @@ def test_export_gif_rejects_fps_it_cannot_play(fps, tmp_path):
 def test_export_to_unwritable_path(tmp_path):
     with pytest.raises(OSError, match="cannot write"):
         export_to_mp4(np.zeros((2, 16, 16, 3), np.uint8), tmp_path / "missing" / "v.mp4")
+
+
+def test_export_writers_of_one_path_do_not_share_a_temporary_file(tmp_path, monkeypatch):
+    """Two threads writing one path: each finishes its own file (the last rename wins) and no temporary
+    file is left; a writer's own error is what surfaces, even if its temporary file is already gone."""
+    import threading
+
+    from hummingbird import export
+
+    started = threading.Barrier(2)
+    save = Image.Image.save
+
+    def slow_save(img, fp, *args, **kwargs):  # both writers hold their temporary file at once
+        started.wait(timeout=10)
+        return save(img, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", slow_save)
+    frames = [np.full((2, 16, 16, 3), v, np.uint8) for v in (40, 200)]
+    errors = []
+    threads = [threading.Thread(target=lambda f=f: errors.extend(_raised(export_to_gif, f, tmp_path / "v.gif", fps=8)))
+               for f in frames]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and [p.name for p in tmp_path.iterdir()] == ["v.gif"]
+    assert iio.imread(tmp_path / "v.gif", index=0)[0, 0, 0] in (40, 200)
+
+    def vanishing_write(tmp):
+        os.unlink(tmp)
+        raise RuntimeError("encoder failed")
+
+    with pytest.raises(RuntimeError, match="encoder failed"):
+        export._atomic(str(tmp_path / "w.gif"), vanishing_write)
+
+
+def _raised(fn, *args, **kwargs):
+    try:
+        fn(*args, **kwargs)
+    except Exception as err:  # collected for the test's assertion
+        return [err]
+    return []
 
 
 def test_load_converted_folder(ddim, tmp_path):
