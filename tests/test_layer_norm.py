@@ -164,3 +164,19 @@ def test_layer_norm_residual_with_strided_x(backend_name):
         return torch.cat([y, s], dim=-1)
 
     check_against_float64(fn, [x, res, w, b], backend_name, torch.float32)
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu" or not hbkernels.backend.cpp_available(), reason="C++ backend is CPU-only")
+def test_layer_norm_cpp_mean_rounds_once():
+    """The C++ rows correct the fp32 mean sum / C with the sum of deviations from it, so each row's mean
+    is the exact one rounded once (error <= 0.5 ulp); sum / C alone errs by ~1-2 ulps. Mean 1000 with std
+    0.01: each ulp of the mean (2^-14) is 0.6% of y's scale."""
+    ulp = 2.0**-14  # of fp32 in [512, 1024)
+    x = (torch.randn(256, 1280, dtype=torch.float64) * 1e-2 + 1000.0).float()
+    x64 = x.double()
+    std = x64.var(-1, unbiased=False, keepdim=True).sqrt()
+    want = (x64 - x64.mean(-1, keepdim=True)) / std
+    with hbkernels.use_backend("cpp"):
+        y = hbkernels.layer_norm(x, None, None, eps=1e-30)
+    err_in_mean_ulps = ((y.double() - want).abs() * std / ulp).max().item()
+    assert err_in_mean_ulps < 0.6
