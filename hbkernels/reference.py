@@ -12,8 +12,14 @@ def temporal_attention(q, k, v, scale: float, causal: bool) -> torch.Tensor:
         # what diffusers' default processor (AttnProcessor2_0) runs: SDPA on the transposed views, here in
         # slices of tokens, since SDPA's fused CUDA kernels have failed past 65,535 (token, head) rows
         rows = max(1, 65535 // max(1, q.shape[2]))
-        outs = [F.scaled_dot_product_attention(qh[i:i + rows], kh[i:i + rows], vh[i:i + rows], is_causal=causal,
-                                               scale=scale) for i in range(0, max(1, q.shape[0]), rows)]
+        # SDPA's CPU kernel returns NaN for is_causal with scale <= 0 (torch 2.13): an explicit mask does not
+        mask = None
+        if causal and not scale > 0:
+            t = q.shape[1]
+            mask, causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril(), False
+        outs = [F.scaled_dot_product_attention(qh[i:i + rows], kh[i:i + rows], vh[i:i + rows], attn_mask=mask,
+                                               is_causal=causal, scale=scale)
+                for i in range(0, max(1, q.shape[0]), rows)]
         return (outs[0] if len(outs) == 1 else torch.cat(outs)).transpose(1, 2).contiguous()
     # float64, the tests' reference: every step spelled out, nothing rounded below float64
     scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale

@@ -206,3 +206,12 @@ def test_temporal_attention_backward_strided_grad(backend_name):
             out = hbkernels.temporal_attention(*b.unbind(0))
         (got[name],) = torch.autograd.grad(out, b, grad_out)
     torch.testing.assert_close(got[backend_name], got["torch"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend_name", [*KERNEL_BACKENDS, "torch"])
+@pytest.mark.parametrize("scale", [0.0, -0.5])
+def test_temporal_attention_causal_nonpositive_scale(backend_name, scale):
+    """Causal with scale <= 0: SDPA's CPU kernel gives NaN there (the reference must not inherit it)."""
+    base = rand(3, 1, 5, 2, 16, dtype=torch.float64, requires_grad=True)
+    check_against_float64(lambda b: hbkernels.temporal_attention(*b.unbind(0), scale=scale, causal=True), [base],
+                          backend_name, torch.float32)
