@@ -46,7 +46,8 @@ except ImportError:
     gdc_launch_dependents = gdc_wait = None
 
 from hbkernels.backend import empty
-from hbkernels.triton.layout import INTERPRETED, cdiv, merge_ts, next_pow2, sm_count, strides4, tile_shape, warps_for
+from hbkernels.triton.layout import (INTERPRETED, cdiv, merge_ts, next_pow2, sm_count, strides4, tile_offsets, tile_shape,
+                                    warps_for)
 
 # Forward launch tuning, timed against each other on an H100 by `python -m bench.sweep`
 # (bench/results/sweep-*.md). Statistics programs per SM: the pass is bound by loads in flight, so it
@@ -213,9 +214,7 @@ def _chunk_tile(base, i, cc, cmask, ar, S, n_sb, sc, st, ss, EVEN_S: tl.constexp
         mask = cmask[:, None]
     else:
         mask = cmask[:, None] & (s < S)[None, :]
-    # int64 channel and position offsets: within one sample they pass 2^31 elements in big videos (or
-    # views whose channel stride spans other samples), and int32 products would wrap
-    offs = t.to(tl.int64) * st + cc.to(tl.int64)[:, None] * sc + s.to(tl.int64)[None, :] * ss
+    offs = t.to(tl.int64) * st + cc.to(tl.int64)[:, None] * sc + s.to(tl.int64)[None, :] * ss  # see tile_offsets
     return tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
 
 
@@ -339,12 +338,8 @@ def _gn_apply_kernel(
     ss = s0 + tl.arange(0, BLOCK_S)
     cmask = cc < C
     n64 = n.to(tl.int64)
-    t64 = t.to(tl.int64)
-    cc64 = cc.to(tl.int64)  # int64 offsets: see _chunk_tile
-    ss64 = ss.to(tl.int64)
     mask = cmask[:, None] & (ss < S)[None, :]
-    x = tl.load(x_ptr + (n64 * sxn + t64 * sxt) + cc64[:, None] * sxc + ss64[None, :] * sxs,
-                mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + tile_offsets(n, t, cc, ss, sxn, sxt, sxc, sxs), mask=mask, other=0.0).to(tl.float32)
     _wait_for_previous(PDL)  # for mean and rstd
     g = cc // cpg
     # (x + shift - mean) = (x - (mean - shift))
@@ -359,8 +354,7 @@ def _gn_apply_kernel(
         y += b[:, None]
     if SILU:
         y = y * _sigmoid_parts(y, PRECISE)[0]
-    tl.store(y_ptr + (n64 * syn + t64 * syt) + cc64[:, None] * syc + ss64[None, :] * sys,
-             y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + tile_offsets(n, t, cc, ss, syn, syt, syc, sys), y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -622,13 +616,8 @@ def _gn_bwd_apply_kernel(
     r = tl.load(rstd_ptr + n64 * srn + g * srg, mask=cmask, other=0.0)[:, None]
     if HAS_W:
         w = tl.load(w_ptr + cc * sw, mask=cmask, other=0.0).to(tl.float32)[:, None]
-    t64 = t.to(tl.int64)
-    cc64 = cc.to(tl.int64)  # int64 offsets: see _chunk_tile
-    ss64 = ss.to(tl.int64)
-    dz = tl.load(dy_ptr + (n64 * sdn + t64 * sdt) + cc64[:, None] * sdc + ss64[None, :] * sds,
-                 mask=mask, other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + (n64 * sxn + t64 * sxt) + cc64[:, None] * sxc + ss64[None, :] * sxs,
-                mask=mask, other=0.0).to(tl.float32)
+    dz = tl.load(dy_ptr + tile_offsets(n, t, cc, ss, sdn, sdt, sdc, sds), mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + tile_offsets(n, t, cc, ss, sxn, sxt, sxc, sxs), mask=mask, other=0.0).to(tl.float32)
     _wait_for_previous(PDL)  # for the group coefficients
     coef = coef_ptr + (n64 * G + g) * 2
     c1 = tl.load(coef, mask=cmask, other=0.0)[:, None]
@@ -645,8 +634,7 @@ def _gn_bwd_apply_kernel(
     if HAS_W:
         dz = dz * w
     dx = r * (dz - c1 - xhat * c2)
-    tl.store(dx_ptr + (n64 * son + t64 * sot) + cc64[:, None] * soc + ss64[None, :] * sos,
-             dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dx_ptr + tile_offsets(n, t, cc, ss, son, sot, soc, sos), dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 def _check_views(*views):

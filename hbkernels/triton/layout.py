@@ -98,6 +98,15 @@ def strides4(t: torch.Tensor):
 
 
 @triton.jit
+def tile_offsets(n, t, cc, ss, sn, st, sc, sp):
+    """Element offsets of the [channels cc, positions ss] tile of sample n, frame t, with strides
+    (sn, st, sc, sp); in int64: a sample's channel or position offsets can pass 2^31 elements, where
+    int32 products would wrap."""
+    return ((n.to(tl.int64) * sn + t.to(tl.int64) * st)
+            + cc.to(tl.int64)[:, None] * sc + ss.to(tl.int64)[None, :] * sp)
+
+
+@triton.jit
 def _copy_add_kernel(
     src_ptr, res_ptr, bias_ptr, out_ptr,
     C, T, S, n_sb,
@@ -112,22 +121,17 @@ def _copy_add_kernel(
     sb = pid - nt * n_sb
     n = nt // T
     t = nt - n * T
-    n64 = n.to(tl.int64)
-    t64 = t.to(tl.int64)
     cc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     ss = sb * BLOCK_S + tl.arange(0, BLOCK_S)
     mask = (cc < C)[:, None] & (ss < S)[None, :]
-    # int64 offsets: a sample's channel or position offsets can pass 2^31 elements (int32 would wrap)
-    cc64 = cc.to(tl.int64)
-    ss64 = ss.to(tl.int64)
-    src = src_ptr + (n64 * s_sn + t64 * s_st) + cc64[:, None] * s_sc + ss64[None, :] * s_ss
+    src = src_ptr + tile_offsets(n, t, cc, ss, s_sn, s_st, s_sc, s_ss)
     val = tl.load(src, mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
-        res = res_ptr + (n64 * r_sn + t64 * r_st) + cc64[:, None] * r_sc + ss64[None, :] * r_ss
+        res = res_ptr + tile_offsets(n, t, cc, ss, r_sn, r_st, r_sc, r_ss)
         val += tl.load(res, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:  # a per-channel vector (a convolution's bias)
         val += tl.load(bias_ptr + cc, mask=cc < C, other=0.0)[:, None]
-    out = out_ptr + (n64 * o_sn + t64 * o_st) + cc64[:, None] * o_sc + ss64[None, :] * o_ss
+    out = out_ptr + tile_offsets(n, t, cc, ss, o_sn, o_st, o_sc, o_ss)
     tl.store(out, val.to(out_ptr.dtype.element_ty), mask=mask)
 
 
