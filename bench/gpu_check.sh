@@ -10,8 +10,9 @@
 #   bench/gpu_check.sh [LOG] [RESULTS] [TAR]     (defaults: gpu-check.log, bench/results, RESULTS.tar)
 #
 # STEPS picks and orders the steps (default: tests unet_step pipeline ops ops_graph host_overhead;
-# also sweep, the Triton launch tuning); per-step limits: TESTS_LIMIT, UNET_LIMIT,
-# PIPELINE_LIMIT, OPS_LIMIT, OPS_GRAPH_LIMIT, SWEEP_LIMIT; UNET_CASE filters U-Net cases,
+# also sweep, the Triton launch tuning, and ops_graph_one_pass, the CUDA-graph op table with the one-pass
+# GroupNorm switched on, into RESULTS/one_pass); SWEEP_OP sweeps one op only; per-step limits: TESTS_LIMIT, UNET_LIMIT,
+# PIPELINE_LIMIT, OPS_LIMIT, OPS_GRAPH_LIMIT, SWEEP_LIMIT; UNET_CASE, UNET_STATE and UNET_IMPLS (comma-separated) filter U-Net rows,
 # OPS_ARGS="--quick --no-compile" shortens the op runs. E.g. after a U-Net change:
 #   STEPS="unet_step ops_graph tests" UNET_COMPILE= UNET_CASE=0.7b UNET_LIMIT=480 OPS_ARGS="--quick --no-compile" OPS_GRAPH_LIMIT=90 TESTS_LIMIT=120 bench/gpu_check.sh
 set -u
@@ -36,18 +37,28 @@ step() {
   python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 } >>"$log" 2>&1
 
+unet_impls=()
+IFS=, read -ra names <<<"${UNET_IMPLS:-}"
+for name in "${names[@]}"; do unet_impls+=(--impl "$name"); done
+
 run_step() {
     case $1 in
     tests) step tests "${TESTS_LIMIT:-110}" python -m pytest -q -p no:cacheprovider -n 8 tests/test_temporal_attention.py \
         tests/test_group_norm.py tests/test_layer_norm.py tests/test_layout.py tests/test_geglu.py tests/test_nn.py tests/test_backend.py \
         tests/test_compile.py tests/test_patch.py tests/test_unet.py tests/test_cuda_graph.py ;;
     unet_step) step unet_step "${UNET_LIMIT:-120}" python -m bench.unet_step --quick --profile ${UNET_COMPILE---no-compile} \
-        ${UNET_CASE:+--case "$UNET_CASE"} --out "$res" ;;
+        ${UNET_CASE:+--case "$UNET_CASE"} ${UNET_STATE:+--state "$UNET_STATE"} "${unet_impls[@]}" --out "$res" ;;
     pipeline) step pipeline "${PIPELINE_LIMIT:-80}" python -m bench.pipeline --repeats 1 --out "$res" ;;
     ops) step ops "${OPS_LIMIT:-200}" python -m bench ${OPS_ARGS:-} --out "$res" ;;
     ops_graph) step ops_graph "${OPS_GRAPH_LIMIT:-200}" python -m bench --graph ${OPS_ARGS:-} --out "$res" ;;
     host_overhead) step host_overhead 30 python -m bench.host_overhead --out "$res" ;;
-    sweep) step sweep "${SWEEP_LIMIT:-180}" python -m bench.sweep --quick --out "$res" ;;
+    ops_graph_one_pass) mkdir -p "$res/one_pass"
+        step ops_graph_one_pass "${OPS_GRAPH_LIMIT:-200}" python -c "import runpy, sys
+import hbkernels.triton.group_norm as gn
+gn.ONE_PASS = True
+sys.argv = ['bench', *sys.argv[1:]]
+runpy.run_module('bench', run_name='__main__')" --graph ${OPS_ARGS:-} --out "$res/one_pass" ;;
+    sweep) step sweep "${SWEEP_LIMIT:-180}" python -m bench.sweep --quick ${SWEEP_OP:+--op "$SWEEP_OP"} --out "$res" ;;
     *) echo "unknown step $1" | tee -a "$log" ;;
     esac
 }
