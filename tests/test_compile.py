@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import hbkernels
-from helpers import KERNEL_BACKENDS, rand
+from helpers import DEVICE, KERNEL_BACKENDS, rand
 
 TRITON = [p for p in KERNEL_BACKENDS if p.values[0] == "triton"]
 
@@ -44,14 +44,14 @@ def test_ops_compile_without_graph_breaks(backend_name, compile_backend):
 def _layer_norm_args(residual):
     x, r = rand(6, 40), rand(6, 40)
     w, b = rand(40), rand(40)
-    y, s = torch.empty(6, 40), torch.empty(6, 40)
-    mean, rstd = torch.empty(6), torch.empty(6)
+    y, s = torch.empty(6, 40, device=DEVICE), torch.empty(6, 40, device=DEVICE)
+    mean, rstd = torch.empty(6, device=DEVICE), torch.empty(6, device=DEVICE)
     return (x, r if residual else None, w, b, y, s if residual else None, mean, rstd, 1e-5)
 
 
 def _group_norm_args():
     x = rand(2, 8, 3, 5)
-    return (x, rand(8), rand(8), None, torch.empty_like(x), torch.empty(2, 4), torch.empty(2, 4), 4, 1e-5, True)
+    return (x, rand(8), rand(8), None, torch.empty_like(x), torch.empty(2, 4, device=DEVICE), torch.empty(2, 4, device=DEVICE), 4, 1e-5, True)
 
 
 @pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
@@ -78,7 +78,7 @@ def test_triton_primitives_on_fake_tensors(backend_name):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode(), hbkernels.use_backend(backend_name):
-        x = torch.empty(2, 8, 3, 4, 5)
+        x = torch.empty(2, 8, 3, 4, 5, device=DEVICE)
         y = hbkernels.group_norm(x, 4, activation="silu")
         tokens = hbkernels.group_norm_to_tokens(x, 4)
         z = hbkernels.layer_norm(tokens)

@@ -173,11 +173,10 @@ def test_conv_deferring_bias_runs_pre_hooks():
     torch.testing.assert_close(y, want)
 
 
-@pytest.mark.parametrize("backend_name", ["torch", "cpp"])
+@pytest.mark.parametrize("backend_name", BACKENDS)
 def test_temporal_attention_module_causal(backend_name):
-    torch.manual_seed(0)
-    mod = hbkernels.nn.TemporalAttention(16, heads=2, dim_head=8, causal=True)
-    x = torch.randn(3, 6, 16)
+    mod = hbkernels.nn.TemporalAttention(16, heads=2, dim_head=8, causal=True).to(DEVICE)
+    x = rand(3, 6, 16)
     with hbkernels.use_backend(backend_name), torch.no_grad():
         got = mod(x)
         q, k, v = (p(x).view(3, 6, 2, 8).transpose(1, 2) for p in (mod.to_q, mod.to_k, mod.to_v))

@@ -172,9 +172,9 @@ def test_cpp_causal_attention_reuses_buffers_across_heads(single_thread):
 def test_temporal_attention_large_scores(backend_name):
     """q . k ~ 300, scaled ~ 100: the row max taken of unscaled scores would underflow every exp."""
     n, t, h, d = 1, 5, 1, 8
-    q = (6.0 + 0.1 * torch.randn(n, t, h, d)).requires_grad_()
-    k = (6.0 + 0.1 * torch.randn(n, t, h, d)).requires_grad_()
-    v = torch.randn(n, t, h, d)
+    q = (6.0 + 0.1 * rand(n, t, h, d)).requires_grad_()
+    k = (6.0 + 0.1 * rand(n, t, h, d)).requires_grad_()
+    v = rand(n, t, h, d)
     with hbkernels.use_backend(backend_name):
         out = hbkernels.temporal_attention(q, k, v)
     want = hbkernels.reference.temporal_attention(q.double(), k.double(), v.double(), 1 / math.sqrt(d), False)
@@ -197,7 +197,7 @@ def test_temporal_attention_grad_without_q(backend_name, need):
 def test_temporal_attention_backward_strided_grad(backend_name):
     """An output gradient whose last dim is not unit-stride (e.g. from a slice after the op)."""
     base = rand(3, 1, 16, 2, 8, requires_grad=True)
-    grad_out = torch.randn(1, 16, 2, 16)[..., ::2]  # stride 2 along D
+    grad_out = rand(1, 16, 2, 16)[..., ::2]  # stride 2 along D
     assert grad_out.stride(-1) == 2
     got = {}
     for name in (backend_name, "torch"):
