@@ -24,21 +24,23 @@ def temporal_block(x, w, b, heads):
 
 @pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
 @pytest.mark.parametrize("compile_backend", ["aot_eager"])
-def test_ops_compile_without_graph_breaks(backend_name, compile_backend):
+@pytest.mark.parametrize("grad_kind", ["sum", "random"])
+def test_ops_compile_without_graph_breaks(backend_name, compile_backend, grad_kind):
     torch._dynamo.reset()
     x = rand(1, 16, 5, 3, 4, requires_grad=True)
     w, b = rand(16, requires_grad=True), rand(16, requires_grad=True)
     with hbkernels.use_backend(backend_name):
         want = temporal_block(x, w, b, 2)
-        want_grads = torch.autograd.grad(want.sum(), (x, w, b))
+        grad_out = want.new_ones(()).expand(want.shape) if grad_kind == "sum" else torch.randn_like(want)
+        want_grads = torch.autograd.grad(want, (x, w, b), grad_out)
         compiled = torch.compile(temporal_block, fullgraph=True, backend=compile_backend)
         got = compiled(x, w, b, 2)
-        got_grads = torch.autograd.grad(got.sum(), (x, w, b))
+        got_grads = torch.autograd.grad(got, (x, w, b), grad_out)
         with torch.no_grad():  # inference: the ops' forwards without autograd.Function
             torch.testing.assert_close(compiled(x, w, b, 2), want)
     torch.testing.assert_close(got, want)
-    for g, h in zip(got_grads, want_grads):
-        torch.testing.assert_close(g, h)
+    for i, (g, h) in enumerate(zip(got_grads, want_grads)):
+        torch.testing.assert_close(g, h, msg=lambda m, i=i: f"gradient of input {i}: {m}")
 
 
 def _video():
