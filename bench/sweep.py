@@ -4,7 +4,8 @@ to keep.
 
 - group_norm (+SiLU): the forward's statistics programs per SM, statistics tile, pipeline stages of
   the statistics loop, and (at the default) the apply order, apply tile, apply register cap,
-  programmatic dependent launch and the one-pass forward (NCHW only; see hbkernels/triton/group_norm.py). The default setting is also
+  programmatic dependent launch and the one-pass forward (NCHW only: its tile and its persistent
+  programs per SM; see hbkernels/triton/group_norm.py). The default setting is also
   profiled: microseconds per call of each of its kernels (statistics, finalize, apply), which says
   which pass to work on next. The backward's partial-sums pass shares the statistics loop's stages:
   the whole backward is timed per stage count, without PDL, and one-pass. Rows name the knobs they
@@ -31,12 +32,15 @@ from hbkernels.triton import temporal_attention as ta
 # (label, shape, memory format)
 GN_SHAPES = [(f"vc2 L0 B1 T{t}{' CL' if cl else ''}", (1, 320, t, 40, 64),
               torch.channels_last_3d if cl else torch.contiguous_format) for t in (16, 26) for cl in (False, True)]
-GN_PROGRAMS_PER_SM = (6, 8, 12)
+# The statistics grid. Dropped after the tenth session's H100 run (level 0, T16, NCHW and channels-last):
+# 12 programs per SM and 2 stages never won (0.8-6.8 us behind the best, forward and backward).
+GN_PROGRAMS_PER_SM = (6, 8)
 GN_TILES = (1024, 2048)
-GN_STAGES = (2, 3, 4, 5)
+GN_STAGES = (3, 4, 5)
 GN_APPLY_TILES = (8192, 16384)  # besides the default
 GN_APPLY_MAXNREG = (32,)  # besides the default (none)
 GN_ONE_PASS_TILES = (8192,)  # besides the default; level 0 T16: 50 programs per group instead of 100
+GN_ONE_PASS_PROGRAMS_PER_SM = (4,)  # besides the default: the persistent forward's grid
 # (label, tokens N, frames T, heads, head dim): VideoCrafter2 / Hummingbird level 0 at 320x512, batch 1
 ATTN_SHAPES = [(f"vc2 L0 B1 T{t}", 40 * 64, t, 5, 64) for t in (16, 26)]
 ATTN_WARPS = (None, 1, 2, 4, 8)
@@ -48,6 +52,7 @@ def _gn_forward_settings():
     grid = [dict(STATS_PROGRAMS_PER_SM=p, _STATS_TILE=t, STATS_STAGES=s)
             for p, t, s in itertools.product(GN_PROGRAMS_PER_SM, GN_TILES, GN_STAGES)]
     return grid + [dict(APPLY_REVERSED=not gn.APPLY_REVERSED), dict(PDL=not gn.PDL), *_one_pass_settings()] + \
+        [dict(ONE_PASS=True, ONE_PASS_PROGRAMS_PER_SM=p) for p in GN_ONE_PASS_PROGRAMS_PER_SM] + \
         [dict(_APPLY_TILE=t) for t in GN_APPLY_TILES] + [dict(_APPLY_MAXNREG=c) for c in GN_APPLY_MAXNREG]
 
 

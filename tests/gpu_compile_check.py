@@ -209,10 +209,12 @@ ONE_PASS_SYNC = {
              (r"ld\.global\.gpu\.\w+\.b32", r"ld\.global\.gpu\.acquire"),  # Triton polls with loads
              r"ld\.volatile\.global"],
     # release: a write-back right before the (non-returning) arrival add; acquire: an invalidate of the
-    # CU's caches right after each polling atomic. That invalidate is what makes the partials fresh here:
-    # Triton 3.9 turns the masked volatile loads into buffer loads without their sc0 sc1 bits.
-    "hip": [r"buffer_wbl2 sc1\s+s_waitcnt vmcnt\(0\)\s+global_atomic_add v\d+, v\d+, s\[\d+:\d+\]\n",
-            (r"global_atomic_or ", r"global_atomic_or [^\n]* sc0\s+s_waitcnt vmcnt\(0\)\s+buffer_inv sc1")],
+    # CU's caches right after each poll, which LLVM emits as an atomic or-0 or as an agent-scope acquire
+    # load (sc1 alone; volatile loads carry sc0 sc1). That invalidate is what makes the partials fresh
+    # here: Triton 3.9 turns the masked volatile loads into buffer loads without their sc0 sc1 bits.
+    "hip": [r"buffer_wbl2 sc1\s+s_waitcnt vmcnt\(0\)\s+global_atomic_add v\d+, v\d+, s\[\d+:\d+\](?: offset:\d+)?\n",
+            (r"global_atomic_or |global_load_dword v\d+, v\d+, s\[\d+:\d+\](?: offset:\d+)? sc1\n",
+             r"(?:global_atomic_or [^\n]* sc0|global_load_dword [^\n]* sc1)\s+s_waitcnt vmcnt\(0\)\s+buffer_inv sc1")],
 }
 SYNC_PATTERNS = {"_gn_one_pass_kernel": ONE_PASS_SYNC, "_gn_one_pass_bwd_kernel": ONE_PASS_SYNC}
 

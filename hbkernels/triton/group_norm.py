@@ -21,12 +21,13 @@ a tile can be 64 channels wide: with channels-last or token-layout tensors (unit
 access is a full 128-byte line, while a group alone is only C/G (e.g. 10) channels = 20 bytes.
 
 One pass (opt-in, ONE_PASS; NCHW, where each channel's (t, s) row is contiguous):
-forward  _gn_one_pass_kernel: grid (N * G * programs per group). Each program loads one tile of a
-                          channel's row into registers, publishes its (mean, M2), waits until its
-                          group's programs all have, merges their partials and writes its tile's y.
+forward  _gn_one_pass_kernel: persistent grid (ONE_PASS_PROGRAMS_PER_SM per SM). Each program takes
+                          tiles of channels' rows in ticket order: loads one into registers, publishes
+                          its (mean, M2), and while the next tile loads waits until the previous
+                          tile's group has published all its partials, merges them and writes y.
                           x is read once, so the bound is copy bandwidth over the op's own bytes,
-                          where the two passes move 1.5x them. The exchange needs a group's programs
-                          resident together, which bounds the tile from below (see _one_pass_plan).
+                          where the two passes move 1.5x them. The exchange needs enough programs
+                          running per group, which bounds the tile from below (see _one_pass_plan).
 backward _gn_one_pass_bwd_kernel: the same with dy and x held, exchanging sum dz * xhat and sum dz.
 
 Memory traffic: forward reads x twice (one pass: once) and writes y once; the fused SiLU saves the
@@ -83,14 +84,19 @@ PDL = True
 # within one per SM (the condition for the group to be resident at once), at most _ONE_PASS_MAX_TILE
 # for the element size (else the two-pass kernels). Level 0 at 320x512: 4096 (T16: 100 programs per
 # group) and 8192 (T26: 90). The largest tiles still fit ONE_PASS_MIN_RESIDENT programs per sm_90 SM
-# (fp16 8192: 3 forward / 2 backward; fp32 4096: 3 / 2; checked by tests/gpu_compile_check.py), so even
+# (fp16 8192 and fp32 4096: 2 forward / 2 backward; checked by tests/gpu_compile_check.py), so even
 # that many launches running at once on other streams, each with a group waiting to be resident, cannot
 # fill the GPU with waiting programs.
 ONE_PASS = False
 ONE_PASS_MIN_RESIDENT = 2
+# Programs per SM of the persistent one-pass forward, which hold two tiles each (sm_90, fp16: 104 / 128
+# registers at 4096 / 8192-element tiles: 2 programs of 8 warps resident per SM). Not yet timed; more
+# programs than fit start only as others finish, on the tickets left.
+ONE_PASS_PROGRAMS_PER_SM = 2
 _ONE_PASS_MIN_TILE = 4096
 _ONE_PASS_MAX_TILE = {2: 8192, 4: 4096}  # by element size: the tile is held in registers
 _INTERP_GROUP_PROGRAMS = 32  # the interpreter runs programs one by one: no residency limit, only cost
+_INTERP_PERSISTENT = 2  # persistent programs under the interpreter (the first takes every ticket)
 _INTERP_CHUNKS = 3  # a few programs per (n, channel block) under TRITON_INTERPRET (still exercises merging)
 _FINAL_BLOCK = 4096  # partials per finalize block: the U-Net's groups need one (up to 3200 of them)
 
@@ -361,7 +367,7 @@ def _gn_apply_kernel(
 def _group_ticket(sync_ptr, P):
     """(group, index in the group) of this program, assigned in the order programs start: the group's
     P programs hold consecutive tickets. See _gn_one_pass_kernel for why start order matters."""
-    ticket = tl.atomic_add(sync_ptr, 1) % tl.num_programs(0)  # modulo: the interpreter's second launch
+    ticket = tl.atomic_add(sync_ptr, 1)
     grp = ticket // P
     return grp, ticket - grp * P
 
@@ -379,22 +385,26 @@ def _row_tile(grp, k, G, cpg, n_chunks, L, TILE: tl.constexpr):
 
 
 @triton.jit
-def _arrive_and_wait(arrived_ptr, P, WAIT: tl.constexpr):
-    """Publishes the partials this program stored to its group; with WAIT, returns once all P programs
-    of the group have published theirs (as a cooperative grid sync does, for one group)."""
+def _arrive(arrived_ptr):
+    """Publishes the partials this program stored to its group."""
     tl.debug_barrier()  # every thread's stores precede the release
     tl.atomic_add(arrived_ptr, 1, sem="release")
-    if WAIT:
+
+
+@triton.jit
+def _wait_for_group(arrived_ptr, P):
+    """Returns once all P programs of the group have published their partials (as a cooperative grid
+    sync does, for one group)."""
+    arrived = tl.atomic_add(arrived_ptr, 0, sem="acquire")
+    while arrived < P:
         arrived = tl.atomic_add(arrived_ptr, 0, sem="acquire")
-        while arrived < P:
-            arrived = tl.atomic_add(arrived_ptr, 0, sem="acquire")
-        tl.debug_barrier()
+    tl.debug_barrier()
 
 
 @triton.jit
 def _group_partials(ptr, part, P, n_chunks, L, TILE: tl.constexpr, BLOCK_P: tl.constexpr):
     """(values, element counts; 0 past P) of a group's P partials, published by other programs. The
-    acquire in _arrive_and_wait already makes them visible; the loads are volatile besides, so no L1
+    acquire in _wait_for_group already makes them visible; the loads are volatile besides, so no L1
     line read before could serve them (Triton keeps that on NVIDIA; on AMD its buffer loads drop it)."""
     pi = tl.arange(0, BLOCK_P)
     pm = pi < P
@@ -403,67 +413,119 @@ def _group_partials(ptr, part, P, n_chunks, L, TILE: tl.constexpr, BLOCK_P: tl.c
 
 
 @triton.jit
+def _one_pass_load(x_ptr, t, n_tiles, G, cpg, n_chunks, L, sxn, sxc, TILE: tl.constexpr):
+    """Tile t's x (fp32; 0 past the row, and everywhere for a ticket past the last tile)."""
+    P = cpg * n_chunks
+    grp = t // P
+    n, c, ch, offs, mask, count = _row_tile(grp, t - grp * P, G, cpg, n_chunks, L, TILE)
+    mask = offs < tl.where(t < n_tiles, L, 0)
+    return tl.load(x_ptr + n * sxn + c.to(tl.int64) * sxc + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _one_pass_publish(x, t, pmean_ptr, pm2_ptr, sync_ptr, cpg, n_chunks, L, TILE: tl.constexpr):
+    """Stores tile t's (mean, M2), from two passes over the registers, and publishes them to its group."""
+    P = cpg * n_chunks
+    grp = t // P
+    k = t - grp * P
+    offs = (k % n_chunks) * TILE + tl.arange(0, TILE)
+    tile_mean = tl.div_rn(tl.sum(x, axis=0), tl.minimum(L - (k % n_chunks) * TILE, TILE).to(tl.float32))
+    dev = tl.where(offs < L, x - tile_mean, 0.0)
+    tl.store(pmean_ptr + grp.to(tl.int64) * P + k, tile_mean)
+    tl.store(pm2_ptr + grp.to(tl.int64) * P + k, tl.sum(dev * dev, axis=0))
+    _arrive(sync_ptr + 1 + grp)
+
+
+@triton.jit
+def _one_pass_normalize(
+    x, t, w_ptr, b_ptr, sh_ptr, y_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr, sync_ptr,
+    C, L, G, cpg, n_chunks, sw, sb_, smn, smg, srn, srg, syn, syc, eps,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, PRECISE: tl.constexpr,
+    TILE: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """Waits for tile t's group, Chan-merges its P partials and writes y of the tile x."""
+    P = cpg * n_chunks
+    grp = t // P
+    k = t - grp * P
+    n, c, ch, offs, mask, count = _row_tile(grp, k, G, cpg, n_chunks, L, TILE)
+    part = grp.to(tl.int64) * P
+    _wait_for_group(sync_ptr + 1 + grp, P)
+    # x's means are merged as offsets from partial 0's: summed, P products of count and mean would lose
+    # ulps of the mean itself, the offsets only ulps of their spread. The shift's mean is merged apart.
+    total = tl.cast(cpg * L, tl.float32)  # tl.cast: ints equal to 1 are constexprs, without .to()
+    ref = tl.load(pmean_ptr + part, volatile=True)
+    d, p_cnt = _group_partials(pmean_ptr, part, P, n_chunks, L, TILE, BLOCK_P)
+    d -= ref
+    offset = tl.div_rn(tl.sum(p_cnt * d, axis=0), total)
+    d -= offset
+    mean = ref + offset
+    if HAS_SHIFT:
+        pi = tl.arange(0, BLOCK_P)
+        p_sh = _channel_vec(sh_ptr + n * C + (c - ch), pi // n_chunks, pi < P, 1, HAS_SHIFT, BLOCK_P)
+        mean_sh = tl.div_rn(tl.sum(p_cnt * p_sh, axis=0), total)
+        d += p_sh - mean_sh
+        mean += mean_sh
+    p_m2 = _group_partials(pm2_ptr, part, P, n_chunks, L, TILE, BLOCK_P)[0]
+    rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(tl.sum(p_m2 + p_cnt * d * d, axis=0), total) + eps))
+    if k == 0:
+        g = grp - n * G
+        tl.store(mean_ptr + n * smn + g * smg, mean)
+        tl.store(rstd_ptr + n * srn + g * srg, rstd)
+    if HAS_SHIFT:
+        mean -= tl.load(sh_ptr + n * C + c)  # (x + shift - mean) = (x - (mean - shift))
+    a = rstd
+    if HAS_W:
+        a *= tl.load(w_ptr + c * sw).to(tl.float32)
+    y = (x - mean) * a
+    if HAS_B:
+        y += tl.load(b_ptr + c * sb_).to(tl.float32)
+    if SILU:
+        y = y * _sigmoid_parts(y, PRECISE)[0]
+    tl.store(y_ptr + n * syn + c.to(tl.int64) * syc + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _gn_one_pass_kernel(
     x_ptr, w_ptr, b_ptr, sh_ptr, y_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr, sync_ptr,
-    C, L, G, cpg, n_chunks, sw, sb_, smn, smg, srn, srg, sxn, sxc, syn, syc, eps,
+    C, L, G, cpg, n_chunks, n_tiles, sw, sb_, smn, smg, srn, srg, sxn, sxc, syn, syc, eps,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, PRECISE: tl.constexpr,
     TILE: tl.constexpr, BLOCK_P: tl.constexpr, WAIT: tl.constexpr,
 ):
-    """The forward in one pass over memory: each program holds one TILE of a channel's contiguous
-    (t, s) row in registers while the group's P = cpg * n_chunks programs exchange their (mean, M2)
-    through global memory, then normalizes the tile it holds. x is read once instead of twice.
+    """The forward in one pass over memory, persistent: each program takes tiles (TILE elements of one
+    channel's contiguous (t, s) row) by ticket until none are left. It holds a tile in registers while
+    the P = cpg * n_chunks tiles of its group publish their (mean, M2) through global memory, then
+    merges them and writes the tile's y. x is read once instead of twice, and a program loads its next
+    tile before it waits for the current one's group, so the load overlaps the wait and the stores
+    (a grid of one tile per program ran in waves: every resident program loading, then every one
+    waiting, then storing: 40-46 us at level 0, T16, on an H100 against 33 for the two passes).
 
-    A program waits for the rest of its group, so the group's programs must all be resident at once.
-    Programs take tickets in the order they start (sync_ptr[0]) and a group is P consecutive tickets:
-    a program holding a ticket of a later group proves that every program of the earliest unfinished
-    group has started, so with room for P programs on the GPU (the launcher keeps P <= SMs) the
-    earliest group always finishes. Block indices could not promise this: the hardware need not start
-    blocks in index order. WAIT=False stops after publishing the partials (see _launch_one_pass)."""
+    Why it cannot deadlock: tickets are taken in order, and a program publishes every tile it holds of
+    the group it waits for before waiting (a next tile of the same group is published early). So the
+    earliest unfinished group g has untaken tickets whenever its programs wait, and all programs can
+    be blocked only if each holds two of g's P tickets: fewer than P / 2 programs running. The
+    launcher keeps P within the SM count, and at least ONE_PASS_MIN_RESIDENT programs fit each SM.
+    WAIT=False only publishes (see _launch_one_pass)."""
     P = cpg * n_chunks
-    grp, k = _group_ticket(sync_ptr, P)
-    n, c, ch, offs, mask, count = _row_tile(grp, k, G, cpg, n_chunks, L, TILE)
-    x = tl.load(x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * sxc + offs, mask=mask, other=0.0).to(tl.float32)
-    # the tile's (mean, M2) by two passes over registers, exact up to fp32 rounding
-    tile_mean = tl.div_rn(tl.sum(x, axis=0), count)
-    dev = tl.where(mask, x - tile_mean, 0.0)
-    part = grp.to(tl.int64) * P
-    tl.store(pmean_ptr + part + k, tile_mean)
-    tl.store(pm2_ptr + part + k, tl.sum(dev * dev, axis=0))
-    _arrive_and_wait(sync_ptr + 1 + grp, P, WAIT)
-    if WAIT:
-        # Chan-merge the group's P partials. x's means are merged as offsets from partial 0's: summed,
-        # P products of count and mean would lose ulps of the mean itself, the offsets only ulps of
-        # their spread. The shift's mean is merged apart.
-        total = tl.cast(cpg * L, tl.float32)  # tl.cast: ints equal to 1 are constexprs, without .to()
-        ref = tl.load(pmean_ptr + part, volatile=True)
-        d, p_cnt = _group_partials(pmean_ptr, part, P, n_chunks, L, TILE, BLOCK_P)
-        d -= ref
-        offset = tl.div_rn(tl.sum(p_cnt * d, axis=0), total)
-        d -= offset
-        mean = ref + offset
-        if HAS_SHIFT:
-            pi = tl.arange(0, BLOCK_P)
-            p_sh = _channel_vec(sh_ptr + n * C + (c - ch), pi // n_chunks, pi < P, 1, HAS_SHIFT, BLOCK_P)
-            mean_sh = tl.div_rn(tl.sum(p_cnt * p_sh, axis=0), total)
-            d += p_sh - mean_sh
-            mean += mean_sh
-        p_m2 = _group_partials(pm2_ptr, part, P, n_chunks, L, TILE, BLOCK_P)[0]
-        rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(tl.sum(p_m2 + p_cnt * d * d, axis=0), total) + eps))
-        if k == 0:
-            g = grp - n * G
-            tl.store(mean_ptr + n * smn + g * smg, mean)
-            tl.store(rstd_ptr + n * srn + g * srg, rstd)
-        if HAS_SHIFT:
-            mean -= tl.load(sh_ptr + n * C + c)  # (x + shift - mean) = (x - (mean - shift))
-        a = rstd
-        if HAS_W:
-            a *= tl.load(w_ptr + c * sw).to(tl.float32)
-        y = (x - mean) * a
-        if HAS_B:
-            y += tl.load(b_ptr + c * sb_).to(tl.float32)
-        if SILU:
-            y = y * _sigmoid_parts(y, PRECISE)[0]
-        tl.store(y_ptr + n.to(tl.int64) * syn + c.to(tl.int64) * syc + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    t = tl.atomic_add(sync_ptr, 1)
+    x = _one_pass_load(x_ptr, t, n_tiles, G, cpg, n_chunks, L, sxn, sxc, TILE)
+    if t < n_tiles:
+        _one_pass_publish(x, t, pmean_ptr, pm2_ptr, sync_ptr, cpg, n_chunks, L, TILE)
+    while t < n_tiles:
+        t_next = tl.atomic_add(sync_ptr, 1)
+        x_next = _one_pass_load(x_ptr, t_next, n_tiles, G, cpg, n_chunks, L, sxn, sxc, TILE)
+        same_group = t_next // P == t // P
+        if (t_next < n_tiles) & same_group:
+            _one_pass_publish(x_next, t_next, pmean_ptr, pm2_ptr, sync_ptr, cpg, n_chunks, L, TILE)
+        if WAIT:
+            _one_pass_normalize(
+                x, t, w_ptr, b_ptr, sh_ptr, y_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr, sync_ptr,
+                C, L, G, cpg, n_chunks, sw, sb_, smn, smg, srn, srg, syn, syc, eps,
+                HAS_W, HAS_B, HAS_SHIFT, SILU, PRECISE, TILE, BLOCK_P,
+            )
+        if (t_next < n_tiles) & (t_next // P != t // P):
+            _one_pass_publish(x_next, t_next, pmean_ptr, pm2_ptr, sync_ptr, cpg, n_chunks, L, TILE)
+        t = t_next
+        x = x_next
 
 
 @triton.jit
@@ -473,9 +535,15 @@ def _gn_one_pass_bwd_kernel(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, PRECISE: tl.constexpr,
     TILE: tl.constexpr, BLOCK_P: tl.constexpr, WAIT: tl.constexpr,
 ):
-    """The backward in one pass, as _gn_one_pass_kernel: each program holds its tile of dy and x while
-    the group exchanges sum dz * xhat and sum dz (also the per-channel dweight / dbias partials), then
-    writes dx = rstd * (w dz - c1 - xhat c2). dy and x are read once instead of twice."""
+    """The backward in one pass: each program holds one tile of dy and x while the group exchanges
+    sum dz * xhat and sum dz (also the per-channel dweight / dbias partials), then writes
+    dx = rstd * (w dz - c1 - xhat c2). dy and x are read once instead of twice.
+
+    One tile per program, so a group's P programs wait for each other: they must be resident together.
+    Programs take tickets in the order they start and a group is P consecutive tickets, so a program
+    holding a ticket of a later group proves that every program of the earliest unfinished group has
+    started; with room for P programs on the GPU (the launcher keeps P <= SMs) that group finishes.
+    Block indices could not promise this: the hardware need not start blocks in index order."""
     P = cpg * n_chunks
     grp, k = _group_ticket(sync_ptr, P)
     n, c, ch, offs, mask, count = _row_tile(grp, k, G, cpg, n_chunks, L, TILE)
@@ -499,8 +567,9 @@ def _gn_one_pass_bwd_kernel(
     part = grp.to(tl.int64) * P
     tl.store(pa_ptr + part + k, tl.sum(dz * xhat, axis=0))
     tl.store(pb_ptr + part + k, tl.sum(dz, axis=0))
-    _arrive_and_wait(sync_ptr + 1 + grp, P, WAIT)
+    _arrive(sync_ptr + 1 + grp)
     if WAIT:
+        _wait_for_group(sync_ptr + 1 + grp, P)
         # c1 = mean(w dz), c2 = mean(w dz xhat) over the group: each partial times its channel's weight
         total = tl.cast(cpg * L, tl.float32)
         pa = _group_partials(pa_ptr, part, P, n_chunks, L, TILE, BLOCK_P)[0]
@@ -662,7 +731,7 @@ def gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: float, s
             _launch_one_pass(_gn_one_pass_kernel, (x, w, b, sh, y, mean, rstd), c, num_groups, plan,
                              (sw, sb_, *ms, xs[0], xs[1], ys[0], ys[1], float(eps)),
                              HAS_W=weight is not None, HAS_B=bias is not None, HAS_SHIFT=shift is not None,
-                             SILU=bool(silu), PRECISE=x.dtype == torch.float32)
+                             SILU=bool(silu), PRECISE=x.dtype == torch.float32, persistent=True)
             return
     pdl = _pdl(dev)
 
@@ -718,19 +787,28 @@ def _one_pass_plan(views, t: int, s: int, cpg: int, device: torch.device):
     return tile, length, strides
 
 
-def _launch_one_pass(kernel, tensors, c: int, num_groups: int, plan, strides, **meta):
+def _launch_one_pass(kernel, tensors, c: int, num_groups: int, plan, strides, persistent=False, **meta):
     """Runs a one-pass kernel over (N, C, T, S) ``tensors`` (its leading pointer arguments) and returns
-    its two partial-sum buffers as (N, C, chunks): one value per program, in channel order.
-    ``strides``: the kernel's scalar arguments after (C, L, G, cpg, n_chunks)."""
+    its two partial-sum buffers as (N, C, chunks): one value per tile, in channel order. ``strides``:
+    the kernel's scalar arguments after (C, L, G, cpg, n_chunks). ``persistent``: the kernel loops
+    over tiles (and takes their count), on ONE_PASS_PROGRAMS_PER_SM programs per SM at most."""
     tile, length, _ = plan
     n, cpg = tensors[0].shape[0], c // num_groups
     n_chunks = cdiv(length, tile)
-    partials = [empty((n, c, n_chunks), dtype=torch.float32, device=tensors[0].device) for _ in range(2)]
-    sync = torch.zeros(1 + n * num_groups, dtype=torch.int32, device=tensors[0].device)  # ticket, arrivals
+    dev = tensors[0].device
+    partials = [empty((n, c, n_chunks), dtype=torch.float32, device=dev) for _ in range(2)]
+    n_tiles = partials[0].numel()
+    programs = n_tiles
+    if persistent:
+        programs = min(n_tiles, _INTERP_PERSISTENT if INTERPRETED else ONE_PASS_PROGRAMS_PER_SM * sm_count(dev))
+        strides = (n_tiles, *strides)
+    sync = torch.zeros(1 + n * num_groups, dtype=torch.int32, device=dev)  # ticket, arrivals
     # The interpreter runs programs one after another, so a waiting program would wait forever: there
-    # the grid runs twice, first only publishing the partials (WAIT=False), then to merge and use them.
+    # the grid runs twice, first only publishing the partials (WAIT=False), then, with the tickets
+    # handed out again, to merge and use them.
     for wait in (False, True) if INTERPRETED else (True,):
-        kernel[(partials[0].numel(),)](
+        sync[0] = 0
+        kernel[(programs,)](
             *tensors, *partials, sync, c, length, num_groups, cpg, n_chunks, *strides,
             TILE=tile, BLOCK_P=next_pow2(cpg * n_chunks), WAIT=wait, num_warps=warps_for(tile), **meta,
         )
