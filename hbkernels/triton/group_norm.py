@@ -89,9 +89,9 @@ PDL = True
 # fill the GPU with waiting programs.
 ONE_PASS = False
 ONE_PASS_MIN_RESIDENT = 2
-# Programs per SM of the persistent one-pass forward, which hold two tiles each (sm_90, fp16: 104 / 128
-# registers at 4096 / 8192-element tiles: 2 programs of 8 warps resident per SM). Not yet timed; more
-# programs than fit start only as others finish, on the tickets left.
+# Programs per SM of the persistent one-pass forward, which hold two tiles each (sm_90, fp16, 8 warps:
+# 102 / 128 registers at 4096 / 8192-element tiles with triton 3.6, 80 / 128 with 3.9: 2 or 3 programs
+# resident per SM). Not yet timed; more programs than fit start only as others finish, on the tickets left.
 ONE_PASS_PROGRAMS_PER_SM = 2
 _ONE_PASS_MIN_TILE = 4096
 _ONE_PASS_MAX_TILE = {2: 8192, 4: 4096}  # by element size: the tile is held in registers
@@ -414,17 +414,19 @@ def _group_partials(ptr, part, P, n_chunks, L, TILE: tl.constexpr, BLOCK_P: tl.c
 
 @triton.jit
 def _one_pass_load(x_ptr, t, n_tiles, G, cpg, n_chunks, L, sxn, sxc, TILE: tl.constexpr):
-    """Tile t's x (fp32; 0 past the row, and everywhere for a ticket past the last tile)."""
+    """Tile t's x in its own dtype, which halves the registers an fp16 / bf16 tile holds while it waits
+    (0 past the row, and everywhere for a ticket past the last tile)."""
     P = cpg * n_chunks
     grp = t // P
     n, c, ch, offs, mask, count = _row_tile(grp, t - grp * P, G, cpg, n_chunks, L, TILE)
     mask = offs < tl.where(t < n_tiles, L, 0)
-    return tl.load(x_ptr + n * sxn + c.to(tl.int64) * sxc + offs, mask=mask, other=0.0).to(tl.float32)
+    return tl.load(x_ptr + n * sxn + c.to(tl.int64) * sxc + offs, mask=mask, other=0.0)
 
 
 @triton.jit
 def _one_pass_publish(x, t, pmean_ptr, pm2_ptr, sync_ptr, cpg, n_chunks, L, TILE: tl.constexpr):
     """Stores tile t's (mean, M2), from two passes over the registers, and publishes them to its group."""
+    x = x.to(tl.float32)
     P = cpg * n_chunks
     grp = t // P
     k = t - grp * P
@@ -444,6 +446,7 @@ def _one_pass_normalize(
     TILE: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """Waits for tile t's group, Chan-merges its P partials and writes y of the tile x."""
+    x = x.to(tl.float32)
     P = cpg * n_chunks
     grp = t // P
     k = t - grp * P
