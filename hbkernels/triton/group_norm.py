@@ -810,7 +810,8 @@ def _launch_one_pass(kernel, tensors, c: int, num_groups: int, plan, strides, pe
     # the grid runs twice, first only publishing the partials (WAIT=False), then, with the tickets
     # handed out again, to merge and use them.
     for wait in (False, True) if INTERPRETED else (True,):
-        sync[0] = 0
+        if INTERPRETED:
+            sync[0] = 0
         kernel[(programs,)](
             *tensors, *partials, sync, c, length, num_groups, cpg, n_chunks, *strides,
             TILE=tile, BLOCK_P=next_pow2(cpg * n_chunks), WAIT=wait, num_warps=warps_for(tile), **meta,
