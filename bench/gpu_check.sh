@@ -43,7 +43,9 @@ for name in "${names[@]}"; do unet_impls+=(--impl "$name"); done
 
 run_step() {
     case $1 in
-    tests) step tests "${TESTS_LIMIT:-110}" python -m pytest -q -p no:cacheprovider -n 8 tests/test_temporal_attention.py \
+    # --timeout (pytest-timeout): a test that hangs (a one-pass GroupNorm group that never completes) is
+    # ended and named, and the worker's replacement runs the rest
+    tests) step tests "${TESTS_LIMIT:-110}" python -m pytest -q -p no:cacheprovider -n 8 --timeout "${TEST_TIMEOUT:-90}" tests/test_temporal_attention.py \
         tests/test_group_norm.py tests/test_layer_norm.py tests/test_layout.py tests/test_geglu.py tests/test_nn.py tests/test_backend.py \
         tests/test_compile.py tests/test_patch.py tests/test_unet.py tests/test_cuda_graph.py ;;
     unet_step) step unet_step "${UNET_LIMIT:-120}" python -m bench.unet_step --quick --profile ${UNET_COMPILE---no-compile} \
