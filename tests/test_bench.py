@@ -152,6 +152,18 @@ def test_sweep_knobs_exist():
     assert sum(sweep._is_default(gn, k) for k in settings) == 1
 
 
+def test_sweep_times_one_pass_only_where_it_runs():
+    """Channels-last tensors take the two passes whatever ONE_PASS says: the sweep times no one-pass
+    setting on them, and every setting on NCHW tensors."""
+    from bench import sweep
+
+    settings = sweep._gn_forward_settings()
+    one_pass = [k for k in settings if k.get("ONE_PASS")]
+    assert one_pass
+    assert sweep._gn_settings_for(settings, torch.contiguous_format) == settings
+    assert sweep._gn_settings_for(settings, torch.channels_last_3d) == [k for k in settings if k not in one_pass]
+
+
 def test_unet_step_suite_runs(single_thread):
     """The U-Net step rows a CPU has (eager, hbkernels) in every model state, on the tiny config."""
     from bench import unet_step
