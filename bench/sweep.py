@@ -40,7 +40,7 @@ GN_STAGES = (3, 4, 5)
 GN_APPLY_TILES = (8192, 16384)  # besides the default
 GN_APPLY_MAXNREG = (32,)  # besides the default (none)
 GN_ONE_PASS_TILES = (8192,)  # besides the default; level 0 T16: 50 programs per group instead of 100
-GN_ONE_PASS_PROGRAMS_PER_SM = (4,)  # besides the default: the persistent forward's grid
+GN_ONE_PASS_PROGRAMS_PER_SM = (3, 4)  # besides the default: the persistent forward's grid
 # (label, tokens N, frames T, heads, head dim): VideoCrafter2 / Hummingbird level 0 at 320x512, batch 1
 ATTN_SHAPES = [(f"vc2 L0 B1 T{t}", 40 * 64, t, 5, 64) for t in (16, 26)]
 ATTN_WARPS = (None, 1, 2, 4, 8)

@@ -22,9 +22,9 @@ access is a full 128-byte line, while a group alone is only C/G (e.g. 10) channe
 
 One pass (opt-in, ONE_PASS; NCHW, where each channel's (t, s) row is contiguous):
 forward  _gn_one_pass_kernel: persistent grid (ONE_PASS_PROGRAMS_PER_SM per SM). Each program takes
-                          tiles of channels' rows in ticket order: loads one into registers, publishes
-                          its (mean, M2), and while the next tile loads waits until the previous
-                          tile's group has published all its partials, merges them and writes y.
+                          tiles of channels' rows in ticket order: loads one into registers and
+                          publishes its (mean, M2), then waits until the previous tile's group has
+                          published all its partials, merges them and writes that tile's y.
                           x is read once, so the bound is copy bandwidth over the op's own bytes,
                           where the two passes move 1.5x them. The exchange needs enough programs
                           running per group, which bounds the tile from below (see _one_pass_plan).
@@ -91,9 +91,9 @@ PDL = True
 # fill the GPU with waiting programs.
 ONE_PASS = False
 ONE_PASS_MIN_RESIDENT = 2
-# Programs per SM of the persistent one-pass forward, which hold two tiles each (sm_90, fp16, 8 warps:
-# 102 / 128 registers at 4096 / 8192-element tiles with triton 3.6, 80 / 128 with 3.9: 2 or 3 programs
-# resident per SM). Not yet timed; more programs than fit start only as others finish, on the tickets left.
+# Programs per SM of the persistent one-pass forward, which hold two tiles each (sm_90, fp16, 8 warps,
+# triton 3.6: 76 / 110 registers at 4096 / 8192-element tiles, 3 / 2 programs resident per SM). Not yet
+# timed; more programs than fit start only as others finish, on the tickets left.
 ONE_PASS_PROGRAMS_PER_SM = 2
 _ONE_PASS_MIN_TILE = 4096
 _ONE_PASS_MAX_TILE = {2: 8192, 4: 4096}  # by element size: the tile is held in registers
@@ -369,7 +369,7 @@ def _gn_apply_kernel(
 def _group_ticket(sync_ptr, P):
     """(group, index in the group) of this program, assigned in the order programs start: the group's
     P programs hold consecutive tickets. See _gn_one_pass_kernel for why start order matters."""
-    ticket = tl.atomic_add(sync_ptr, 1)
+    ticket = tl.atomic_add(sync_ptr, 1, sem="relaxed")  # orders nothing: only its count matters
     grp = ticket // P
     return grp, ticket - grp * P
 
@@ -499,27 +499,25 @@ def _gn_one_pass_kernel(
     """The forward in one pass over memory, persistent: each program takes tiles (TILE elements of one
     channel's contiguous (t, s) row) by ticket until none are left. It holds a tile in registers while
     the P = cpg * n_chunks tiles of its group publish their (mean, M2) through global memory, then
-    merges them and writes the tile's y. x is read once instead of twice, and a program loads its next
-    tile before it waits for the current one's group, so the load overlaps the wait and the stores
-    (a grid of one tile per program ran in waves: every resident program loading, then every one
-    waiting, then storing: 40-46 us at level 0, T16, on an H100 against 33 for the two passes).
+    merges them and writes the tile's y. x is read once instead of twice. A program loads and
+    publishes its next tile before it waits for the current tile's group and writes its y, so one
+    tile's stores overlap the next one's loads (a grid of one tile per program ran in waves: every
+    resident program loading, then every one waiting, then storing: 40-46 us at level 0, T16, on an
+    H100 against 33 for the two passes).
 
-    Why it cannot deadlock: tickets are taken in order, and a program publishes every tile it holds of
-    the group it waits for before waiting (a next tile of the same group is published early). So the
-    earliest unfinished group g has untaken tickets whenever its programs wait, and all programs can
-    be blocked only if each holds two of g's P tickets: fewer than P / 2 programs running. The
-    launcher keeps P within the SM count, and at least ONE_PASS_MIN_RESIDENT programs fit each SM.
-    WAIT=False only publishes (see _launch_one_pass)."""
-    P = cpg * n_chunks
-    t = tl.atomic_add(sync_ptr, 1)
+    Why it cannot deadlock: tickets are taken in order, and every tile is published as soon as it is
+    loaded, before its program waits for anything. So the earliest unfinished group g lacks only
+    untaken tickets, and all running programs can be blocked waiting for g only if each holds two of
+    g's P tickets: fewer than P / 2 programs running. The launcher keeps P within the SM count, and at
+    least ONE_PASS_MIN_RESIDENT programs fit each SM. WAIT=False only publishes (see _launch_one_pass)."""
+    t = tl.atomic_add(sync_ptr, 1, sem="relaxed")  # a ticket orders nothing: only its count matters
     x = _one_pass_load(x_ptr, t, n_tiles, G, cpg, n_chunks, L, sxn, sxc, TILE)
     if t < n_tiles:
         _one_pass_publish(x, t, pmean_ptr, pm2_ptr, sync_ptr, cpg, n_chunks, L, TILE)
     while t < n_tiles:
-        t_next = tl.atomic_add(sync_ptr, 1)
+        t_next = tl.atomic_add(sync_ptr, 1, sem="relaxed")
         x_next = _one_pass_load(x_ptr, t_next, n_tiles, G, cpg, n_chunks, L, sxn, sxc, TILE)
-        same_group = t_next // P == t // P
-        if (t_next < n_tiles) & same_group:
+        if t_next < n_tiles:
             _one_pass_publish(x_next, t_next, pmean_ptr, pm2_ptr, sync_ptr, cpg, n_chunks, L, TILE)
         if WAIT:
             _one_pass_normalize(
@@ -527,8 +525,6 @@ def _gn_one_pass_kernel(
                 C, L, G, cpg, n_chunks, sw, sb_, smn, smg, srn, srg, syn, syc, eps,
                 HAS_W, HAS_B, HAS_SHIFT, SILU, PRECISE, TILE, BLOCK_P,
             )
-        if (t_next < n_tiles) & (t_next // P != t // P):
-            _one_pass_publish(x_next, t_next, pmean_ptr, pm2_ptr, sync_ptr, cpg, n_chunks, L, TILE)
         t = t_next
         x = x_next
 
