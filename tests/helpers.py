@@ -4,6 +4,7 @@ import os
 import pytest
 import torch
 
+import hbkernels
 from hbkernels import backend
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -116,3 +117,24 @@ def check_against_float64(fn, inputs, backend_name, dtype, factor=2.0):
     for label, got, want, own in zip(labels, runs[backend_name], ref, runs["torch"]):
         assert got.dtype == dtype, f"{label}: dtype {got.dtype}, expected {dtype}"
         assert_within_torch_error(f"{backend_name}/{dtype}/{label}", got, want, own, factor)
+
+
+def _leaves(*shapes):
+    """A maker of fresh random fp32 leaves (requiring grad) of these shapes."""
+    return lambda: [rand(*shape, requires_grad=True) for shape in shapes]
+
+
+# One small case per differentiable op: (function of the inputs, maker of fresh inputs). For tests that
+# hold each op to the same property (e.g. its gradients compiled or for an expanded output gradient).
+_VIDEO, _TOKENS = (1, 16, 5, 3, 4), (12, 5, 16)  # tokens of that video: (N*H*W, T, C)
+OP_CASES = {
+    "group_norm": (lambda x, w, b: hbkernels.group_norm(x, 4, w, b, activation="silu"), _leaves(_VIDEO, (16,), (16,))),
+    "group_norm_to_tokens": (lambda x, w, b: hbkernels.group_norm_to_tokens(x, 4, w, b, activation="silu"),
+                             _leaves(_VIDEO, (16,), (16,))),
+    "temporal_attention": (lambda q: hbkernels.temporal_attention(q, q, q), _leaves((12, 5, 2, 8))),
+    "layer_norm_residual": (lambda x, w, b, r: sum(hbkernels.layer_norm(x, w, b, residual=r)),
+                            _leaves(_TOKENS, (16,), (16,), _TOKENS)),
+    "geglu": (lambda x: hbkernels.geglu(x), _leaves((12, 5, 32))),
+    "tokens_to_video": (lambda t, x: hbkernels.tokens_to_video(t, residual=x), _leaves(_TOKENS, _VIDEO)),
+    "residual_add": (lambda x, r, b: hbkernels.residual_add(x, r, b), _leaves(_VIDEO, _VIDEO, (16,))),
+}

@@ -7,7 +7,7 @@ import torch
 
 import hbkernels
 from hbkernels import backend
-from helpers import DEVICE, KERNEL_BACKENDS, rand, require
+from helpers import DEVICE, KERNEL_BACKENDS, OP_CASES, rand, require
 
 
 def test_required_backends_are_built():
@@ -138,3 +138,19 @@ def test_autograd_function_only_when_a_gradient_is_needed(backend_name, monkeypa
         assert applied == [1] and not untracked.requires_grad
     torch.testing.assert_close(plain, tracked.detach(), rtol=0, atol=0)
     torch.testing.assert_close(untracked, plain, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+@pytest.mark.parametrize("op", sorted(OP_CASES))
+def test_expanded_output_gradient(backend_name, op):
+    """The output gradient of ``.sum()`` or ``.mean()`` is one value expanded (every stride 0): the
+    kernels' backward reads it through those strides and must match the reference backend's."""
+    fn, make = OP_CASES[op]
+    inputs = make()
+    got = {}
+    for name in (backend_name, "torch"):
+        with hbkernels.use_backend(name):
+            out = fn(*inputs)
+            got[name] = torch.autograd.grad(out, inputs, out.new_full((), 0.5).expand(out.shape))
+    for i, (g, h) in enumerate(zip(got[backend_name], got["torch"])):
+        torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-5, msg=lambda m, i=i: f"{op}: gradient of input {i}: {m}")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import hbkernels
-from helpers import DEVICE, KERNEL_BACKENDS, rand
+from helpers import DEVICE, KERNEL_BACKENDS, OP_CASES, rand
 
 TRITON = [p for p in KERNEL_BACKENDS if p.values[0] == "triton"]
 
@@ -43,40 +43,14 @@ def test_ops_compile_without_graph_breaks(backend_name, compile_backend, grad_ki
         torch.testing.assert_close(g, h, msg=lambda m, i=i: f"gradient of input {i}: {m}")
 
 
-def _video():
-    return rand(1, 16, 5, 3, 4, requires_grad=True)
-
-
-def _vector():
-    return rand(16, requires_grad=True)
-
-
-def _tokens(c=16):
-    return rand(12, 5, c, requires_grad=True)
-
-
-# One op per case, so a failing whole-block comparison above names its op.
-OP_CASES = {
-    "group_norm_to_tokens": (lambda x, w, b: hbkernels.group_norm_to_tokens(x, 4, w, b, activation="silu"),
-                             (_video, _vector, _vector)),
-    "group_norm": (lambda x, w, b: hbkernels.group_norm(x, 4, w, b, activation="silu"), (_video, _vector, _vector)),
-    "temporal_attention": (lambda q: hbkernels.temporal_attention(q, q, q), (lambda: rand(12, 5, 2, 8, requires_grad=True),)),
-    "layer_norm_residual": (lambda x, w, b, r: sum(hbkernels.layer_norm(x, w, b, residual=r)),
-                            (_tokens, _vector, _vector, _tokens)),
-    "geglu": (hbkernels.geglu, (lambda: _tokens(32),)),
-    "tokens_to_video": (lambda t, x: hbkernels.tokens_to_video(t, residual=x), (_tokens, _video)),
-    "residual_add": (hbkernels.residual_add, (_video, _video, _vector)),
-}
-
-
 @pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
 @pytest.mark.parametrize("op", sorted(OP_CASES))
 @pytest.mark.parametrize("grad_kind", ["sum", "random"])
 def test_op_gradients_compiled_match_eager(backend_name, op, grad_kind):
     """Each op's gradients from an aot_eager graph equal its eager ones, for the output gradient of
     ``.sum()`` (a stride-0 expanded tensor) and for a dense random one."""
-    fn, makers = OP_CASES[op]
-    leaves = [make() for make in makers]
+    fn, make = OP_CASES[op]
+    leaves = make()
     torch._dynamo.reset()
     with hbkernels.use_backend(backend_name):
         want = fn(*leaves)
