@@ -368,7 +368,7 @@ def _gn_apply_kernel(
 @triton.jit
 def _group_ticket(sync_ptr, P):
     """(group, index in the group) of this program, assigned in the order programs start: the group's
-    P programs hold consecutive tickets. See _gn_one_pass_kernel for why start order matters."""
+    P programs hold consecutive tickets. See _gn_one_pass_bwd_kernel for why start order matters."""
     ticket = tl.atomic_add(sync_ptr, 1, sem="relaxed")  # orders nothing: only its count matters
     grp = ticket // P
     return grp, ticket - grp * P
