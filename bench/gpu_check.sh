@@ -34,7 +34,7 @@ step() {
 
 { date -u; git rev-parse --short HEAD 2>/dev/null
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
-  python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 } >>"$log" 2>&1
 
 unet_impls=()
@@ -45,22 +45,22 @@ run_step() {
     case $1 in
     # --timeout (pytest-timeout): a test that hangs (a one-pass GroupNorm group that never completes) is
     # ended and named, and the worker's replacement runs the rest
-    tests) step tests "${TESTS_LIMIT:-110}" python -m pytest -q -p no:cacheprovider -n 8 --timeout "${TEST_TIMEOUT:-90}" tests/test_temporal_attention.py \
+    tests) step tests "${TESTS_LIMIT:-110}" python3 -m pytest -q -p no:cacheprovider -n 8 --timeout "${TEST_TIMEOUT:-90}" tests/test_temporal_attention.py \
         tests/test_group_norm.py tests/test_layer_norm.py tests/test_layout.py tests/test_geglu.py tests/test_nn.py tests/test_backend.py \
         tests/test_compile.py tests/test_patch.py tests/test_unet.py tests/test_cuda_graph.py ;;
-    unet_step) step unet_step "${UNET_LIMIT:-120}" python -m bench.unet_step --quick --profile ${UNET_COMPILE---no-compile} \
+    unet_step) step unet_step "${UNET_LIMIT:-120}" python3 -m bench.unet_step --quick --profile ${UNET_COMPILE---no-compile} \
         ${UNET_CASE:+--case "$UNET_CASE"} ${UNET_STATE:+--state "$UNET_STATE"} "${unet_impls[@]}" --out "$res" ;;
-    pipeline) step pipeline "${PIPELINE_LIMIT:-80}" python -m bench.pipeline --repeats 1 --out "$res" ;;
-    ops) step ops "${OPS_LIMIT:-200}" python -m bench ${OPS_ARGS:-} --out "$res" ;;
-    ops_graph) step ops_graph "${OPS_GRAPH_LIMIT:-200}" python -m bench --graph ${OPS_ARGS:-} --out "$res" ;;
-    host_overhead) step host_overhead 30 python -m bench.host_overhead --out "$res" ;;
+    pipeline) step pipeline "${PIPELINE_LIMIT:-80}" python3 -m bench.pipeline --repeats 1 --out "$res" ;;
+    ops) step ops "${OPS_LIMIT:-200}" python3 -m bench ${OPS_ARGS:-} --out "$res" ;;
+    ops_graph) step ops_graph "${OPS_GRAPH_LIMIT:-200}" python3 -m bench --graph ${OPS_ARGS:-} --out "$res" ;;
+    host_overhead) step host_overhead 30 python3 -m bench.host_overhead --out "$res" ;;
     ops_graph_one_pass) mkdir -p "$res/one_pass"
-        step ops_graph_one_pass "${OPS_GRAPH_LIMIT:-200}" python -c "import runpy, sys
+        step ops_graph_one_pass "${OPS_GRAPH_LIMIT:-200}" python3 -c "import runpy, sys
 import hbkernels.triton.group_norm as gn
 gn.ONE_PASS = True
 sys.argv = ['bench', *sys.argv[1:]]
 runpy.run_module('bench', run_name='__main__')" --graph ${OPS_ARGS:-} --out "$res/one_pass" ;;
-    sweep) step sweep "${SWEEP_LIMIT:-180}" python -m bench.sweep --quick ${SWEEP_OP:+--op "$SWEEP_OP"} --out "$res" ;;
+    sweep) step sweep "${SWEEP_LIMIT:-180}" python3 -m bench.sweep --quick ${SWEEP_OP:+--op "$SWEEP_OP"} --out "$res" ;;
     *) echo "unknown step $1" | tee -a "$log" ;;
     esac
 }
