@@ -92,7 +92,7 @@ PDL = True
 ONE_PASS = False
 ONE_PASS_MIN_RESIDENT = 2
 # Programs per SM of the persistent one-pass forward, which hold two tiles each (sm_90, fp16, 8 warps,
-# triton 3.6: 76 / 110 registers at 4096 / 8192-element tiles, 3 / 2 programs resident per SM). Not yet
+# triton 3.6: 72 / 111 registers at 4096 / 8192-element tiles, 3 / 2 programs resident per SM). Not yet
 # timed; more programs than fit start only as others finish, on the tickets left.
 ONE_PASS_PROGRAMS_PER_SM = 2
 _ONE_PASS_MIN_TILE = 4096
@@ -415,28 +415,34 @@ def _group_partials(ptr, part, P, n_chunks, L, TILE: tl.constexpr, BLOCK_P: tl.c
 
 
 @triton.jit
+def _ticket_tile(t, G, cpg, n_chunks, L, TILE: tl.constexpr):
+    """(group, index in the group, then _row_tile's values) of the tile with ticket t: the persistent
+    kernel's tickets number the tiles group after group."""
+    grp = t // (cpg * n_chunks)
+    k = t - grp * (cpg * n_chunks)
+    n, c, ch, offs, mask, count = _row_tile(grp, k, G, cpg, n_chunks, L, TILE)
+    return grp, k, n, c, ch, offs, mask, count
+
+
+@triton.jit
 def _one_pass_load(x_ptr, t, n_tiles, G, cpg, n_chunks, L, sxn, sxc, TILE: tl.constexpr):
     """Tile t's x in its own dtype, which halves the registers an fp16 / bf16 tile holds while it waits
     (0 past the row, and everywhere for a ticket past the last tile)."""
-    P = cpg * n_chunks
-    grp = t // P
-    n, c, ch, offs, mask, count = _row_tile(grp, t - grp * P, G, cpg, n_chunks, L, TILE)
+    grp, k, n, c, ch, offs, mask, count = _ticket_tile(t, G, cpg, n_chunks, L, TILE)
     mask = offs < tl.where(t < n_tiles, L, 0)
     return tl.load(x_ptr + n * sxn + c.to(tl.int64) * sxc + offs, mask=mask, other=0.0)
 
 
 @triton.jit
-def _one_pass_publish(x, t, pmean_ptr, pm2_ptr, sync_ptr, cpg, n_chunks, L, TILE: tl.constexpr):
+def _one_pass_publish(x, t, pmean_ptr, pm2_ptr, sync_ptr, G, cpg, n_chunks, L, TILE: tl.constexpr):
     """Stores tile t's (mean, M2), from two passes over the registers, and publishes them to its group."""
     x = x.to(tl.float32)
-    P = cpg * n_chunks
-    grp = t // P
-    k = t - grp * P
-    offs = (k % n_chunks) * TILE + tl.arange(0, TILE)
-    tile_mean = tl.div_rn(tl.sum(x, axis=0), tl.minimum(L - (k % n_chunks) * TILE, TILE).to(tl.float32))
-    dev = tl.where(offs < L, x - tile_mean, 0.0)
-    tl.store(pmean_ptr + grp.to(tl.int64) * P + k, tile_mean)
-    tl.store(pm2_ptr + grp.to(tl.int64) * P + k, tl.sum(dev * dev, axis=0))
+    grp, k, n, c, ch, offs, mask, count = _ticket_tile(t, G, cpg, n_chunks, L, TILE)
+    tile_mean = tl.div_rn(tl.sum(x, axis=0), count)
+    dev = tl.where(mask, x - tile_mean, 0.0)
+    part = grp.to(tl.int64) * (cpg * n_chunks)
+    tl.store(pmean_ptr + part + k, tile_mean)
+    tl.store(pm2_ptr + part + k, tl.sum(dev * dev, axis=0))
     _arrive(sync_ptr + 1 + grp)
 
 
@@ -450,9 +456,7 @@ def _one_pass_normalize(
     """Waits for tile t's group, Chan-merges its P partials and writes y of the tile x."""
     x = x.to(tl.float32)
     P = cpg * n_chunks
-    grp = t // P
-    k = t - grp * P
-    n, c, ch, offs, mask, count = _row_tile(grp, k, G, cpg, n_chunks, L, TILE)
+    grp, k, n, c, ch, offs, mask, count = _ticket_tile(t, G, cpg, n_chunks, L, TILE)
     part = grp.to(tl.int64) * P
     _wait_for_group(sync_ptr + 1 + grp, P)
     # x's means are merged as offsets from partial 0's: summed, P products of count and mean would lose
@@ -513,12 +517,12 @@ def _gn_one_pass_kernel(
     t = tl.atomic_add(sync_ptr, 1, sem="relaxed")  # a ticket orders nothing: only its count matters
     x = _one_pass_load(x_ptr, t, n_tiles, G, cpg, n_chunks, L, sxn, sxc, TILE)
     if t < n_tiles:
-        _one_pass_publish(x, t, pmean_ptr, pm2_ptr, sync_ptr, cpg, n_chunks, L, TILE)
+        _one_pass_publish(x, t, pmean_ptr, pm2_ptr, sync_ptr, G, cpg, n_chunks, L, TILE)
     while t < n_tiles:
         t_next = tl.atomic_add(sync_ptr, 1, sem="relaxed")
         x_next = _one_pass_load(x_ptr, t_next, n_tiles, G, cpg, n_chunks, L, sxn, sxc, TILE)
         if t_next < n_tiles:
-            _one_pass_publish(x_next, t_next, pmean_ptr, pm2_ptr, sync_ptr, cpg, n_chunks, L, TILE)
+            _one_pass_publish(x_next, t_next, pmean_ptr, pm2_ptr, sync_ptr, G, cpg, n_chunks, L, TILE)
         if WAIT:
             _one_pass_normalize(
                 x, t, w_ptr, b_ptr, sh_ptr, y_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr, sync_ptr,
