@@ -119,6 +119,18 @@ def check_against_float64(fn, inputs, backend_name, dtype, factor=2.0):
         assert_within_torch_error(f"{backend_name}/{dtype}/{label}", got, want, own, factor)
 
 
+def output_gradient(out, kind: str):
+    """An output gradient for ``out``: "sum" is what ``out.sum()`` hands backward (one value expanded,
+    every stride 0), "random" a dense random one."""
+    return out.new_ones(()).expand(out.shape) if kind == "sum" else torch.randn_like(out)
+
+
+def assert_gradients_close(got, want, label: str, **tolerances):
+    """assert_close for each pair of gradients, naming the input whose gradient differs."""
+    for i, (g, h) in enumerate(zip(got, want)):
+        torch.testing.assert_close(g, h, **tolerances, msg=lambda m, i=i: f"{label}: gradient of input {i}: {m}")
+
+
 def _leaves(*shapes):
     """A maker of fresh random fp32 leaves (requiring grad) of these shapes."""
     return lambda: [rand(*shape, requires_grad=True) for shape in shapes]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import hbkernels
-from helpers import DEVICE, KERNEL_BACKENDS, OP_CASES, rand
+from helpers import DEVICE, KERNEL_BACKENDS, OP_CASES, assert_gradients_close, output_gradient, rand
 
 TRITON = [p for p in KERNEL_BACKENDS if p.values[0] == "triton"]
 
@@ -31,7 +31,7 @@ def test_ops_compile_without_graph_breaks(backend_name, compile_backend, grad_ki
     w, b = rand(16, requires_grad=True), rand(16, requires_grad=True)
     with hbkernels.use_backend(backend_name):
         want = temporal_block(x, w, b, 2)
-        grad_out = want.new_ones(()).expand(want.shape) if grad_kind == "sum" else torch.randn_like(want)
+        grad_out = output_gradient(want, grad_kind)
         want_grads = torch.autograd.grad(want, (x, w, b), grad_out)
         compiled = torch.compile(temporal_block, fullgraph=True, backend=compile_backend)
         got = compiled(x, w, b, 2)
@@ -39,8 +39,7 @@ def test_ops_compile_without_graph_breaks(backend_name, compile_backend, grad_ki
         with torch.no_grad():  # inference: the ops' forwards without autograd.Function
             torch.testing.assert_close(compiled(x, w, b, 2), want)
     torch.testing.assert_close(got, want)
-    for i, (g, h) in enumerate(zip(got_grads, want_grads)):
-        torch.testing.assert_close(g, h, msg=lambda m, i=i: f"gradient of input {i}: {m}")
+    assert_gradients_close(got_grads, want_grads, "temporal block")
 
 
 @pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
@@ -54,13 +53,12 @@ def test_op_gradients_compiled_match_eager(backend_name, op, grad_kind):
     torch._dynamo.reset()
     with hbkernels.use_backend(backend_name):
         want = fn(*leaves)
-        grad_out = want.new_ones(()).expand(want.shape) if grad_kind == "sum" else torch.randn_like(want)
+        grad_out = output_gradient(want, grad_kind)
         want_grads = torch.autograd.grad(want, leaves, grad_out)
         got = torch.compile(fn, fullgraph=True, backend="aot_eager")(*leaves)
         got_grads = torch.autograd.grad(got, leaves, grad_out)
     torch.testing.assert_close(got, want)
-    for i, (g, h) in enumerate(zip(got_grads, want_grads)):
-        torch.testing.assert_close(g, h, msg=lambda m, i=i: f"{op}: gradient of input {i}: {m}")
+    assert_gradients_close(got_grads, want_grads, op)
 
 
 def _layer_norm_args(residual):
