@@ -10,8 +10,9 @@
 #   bench/gpu_check.sh [LOG] [RESULTS] [TAR]     (defaults: gpu-check.log, bench/results, RESULTS.tar)
 #
 # STEPS picks and orders the steps (default: tests unet_step pipeline ops ops_graph host_overhead;
-# also sweep, the Triton launch tuning, and ops_graph_one_pass, the CUDA-graph op table with the one-pass
-# GroupNorm switched on, into RESULTS/one_pass); SWEEP_OP sweeps one op only; per-step limits: TESTS_LIMIT, UNET_LIMIT,
+# also sweep, the Triton launch tuning, and ops_graph_knobs, the CUDA-graph op table with GroupNorm knobs
+# set by GN_KNOBS (default "LAGGED=True"), into RESULTS/knobs); SWEEP_OP sweeps one op only, SWEEP_KNOB
+# only the GroupNorm settings of one knob; TEST_FILES replaces the test list; per-step limits: TESTS_LIMIT, UNET_LIMIT,
 # PIPELINE_LIMIT, OPS_LIMIT, OPS_GRAPH_LIMIT, SWEEP_LIMIT; UNET_CASE, UNET_STATE and UNET_IMPLS (comma-separated) filter U-Net rows,
 # OPS_ARGS="--quick --no-compile" shortens the op runs. E.g. after a U-Net change:
 #   STEPS="unet_step ops_graph tests" UNET_COMPILE= UNET_CASE=0.7b UNET_LIMIT=480 OPS_ARGS="--quick --no-compile" OPS_GRAPH_LIMIT=90 TESTS_LIMIT=120 bench/gpu_check.sh
@@ -45,22 +46,25 @@ run_step() {
     case $1 in
     # --timeout (pytest-timeout): a test that hangs (a one-pass GroupNorm group that never completes) is
     # ended and named, and the worker's replacement runs the rest
-    tests) step tests "${TESTS_LIMIT:-110}" python3 -m pytest -q -p no:cacheprovider -n 8 --timeout "${TEST_TIMEOUT:-90}" tests/test_temporal_attention.py \
+    tests) step tests "${TESTS_LIMIT:-110}" python3 -m pytest -q -p no:cacheprovider -n 8 --timeout "${TEST_TIMEOUT:-90}" ${TEST_FILES:-tests/test_temporal_attention.py \
         tests/test_group_norm.py tests/test_layer_norm.py tests/test_layout.py tests/test_geglu.py tests/test_nn.py tests/test_backend.py \
-        tests/test_compile.py tests/test_patch.py tests/test_unet.py tests/test_cuda_graph.py ;;
+        tests/test_compile.py tests/test_patch.py tests/test_unet.py tests/test_cuda_graph.py} ;;
     unet_step) step unet_step "${UNET_LIMIT:-120}" python3 -m bench.unet_step --quick --profile ${UNET_COMPILE---no-compile} \
         ${UNET_CASE:+--case "$UNET_CASE"} ${UNET_STATE:+--state "$UNET_STATE"} "${unet_impls[@]}" --out "$res" ;;
     pipeline) step pipeline "${PIPELINE_LIMIT:-80}" python3 -m bench.pipeline --repeats 1 --out "$res" ;;
     ops) step ops "${OPS_LIMIT:-200}" python3 -m bench ${OPS_ARGS:-} --out "$res" ;;
     ops_graph) step ops_graph "${OPS_GRAPH_LIMIT:-200}" python3 -m bench --graph ${OPS_ARGS:-} --out "$res" ;;
     host_overhead) step host_overhead 30 python3 -m bench.host_overhead --out "$res" ;;
-    ops_graph_one_pass) mkdir -p "$res/one_pass"
-        step ops_graph_one_pass "${OPS_GRAPH_LIMIT:-200}" python3 -c "import runpy, sys
+    ops_graph_knobs) mkdir -p "$res/knobs"
+        step ops_graph_knobs "${OPS_GRAPH_LIMIT:-200}" python3 -c "import ast, runpy, sys
 import hbkernels.triton.group_norm as gn
-gn.ONE_PASS = True
-sys.argv = ['bench', *sys.argv[1:]]
-runpy.run_module('bench', run_name='__main__')" --graph ${OPS_ARGS:-} --out "$res/one_pass" ;;
-    sweep) step sweep "${SWEEP_LIMIT:-180}" python3 -m bench.sweep --quick ${SWEEP_OP:+--op "$SWEEP_OP"} --out "$res" ;;
+for knob in sys.argv[1].split():
+    name, value = knob.split('=')
+    assert hasattr(gn, name), name
+    setattr(gn, name, ast.literal_eval(value))
+sys.argv = ['bench', *sys.argv[2:]]
+runpy.run_module('bench', run_name='__main__')" "${GN_KNOBS:-LAGGED=True}" --graph ${OPS_ARGS:-} --out "$res/knobs" ;;
+    sweep) step sweep "${SWEEP_LIMIT:-180}" python3 -m bench.sweep --quick ${SWEEP_OP:+--op "$SWEEP_OP"} ${SWEEP_KNOB:+--knob "$SWEEP_KNOB"} --out "$res" ;;
     *) echo "unknown step $1" | tee -a "$log" ;;
     esac
 }

@@ -41,6 +41,10 @@ GN_APPLY_TILES = (8192, 16384)  # besides the default
 GN_APPLY_MAXNREG = (32,)  # besides the default (none)
 GN_ONE_PASS_TILES = (8192,)  # besides the default; level 0 T16: 50 programs per group instead of 100
 GN_ONE_PASS_PROGRAMS_PER_SM = (3, 4)  # besides the default: the persistent forward's grid
+# The lagged forward's grid: programs per SM x tile bytes x lag depth (tiles per program)
+GN_LAGGED_PROGRAMS_PER_SM = (2, 3, 4)
+GN_LAGGED_TILE_BYTES = (8192, 16384, 32768)
+GN_LAGGED_DEPTHS = (0.5, 1, 2)
 # (label, tokens N, frames T, heads, head dim): VideoCrafter2 / Hummingbird level 0 at 320x512, batch 1
 ATTN_SHAPES = [(f"vc2 L0 B1 T{t}", 40 * 64, t, 5, 64) for t in (16, 26)]
 ATTN_WARPS = (None, 1, 2, 4, 8)
@@ -53,7 +57,9 @@ def _gn_forward_settings():
             for p, t, s in itertools.product(GN_PROGRAMS_PER_SM, GN_TILES, GN_STAGES)]
     return grid + [dict(APPLY_REVERSED=not gn.APPLY_REVERSED), dict(PDL=not gn.PDL), *_one_pass_settings()] + \
         [dict(ONE_PASS=True, ONE_PASS_PROGRAMS_PER_SM=p) for p in GN_ONE_PASS_PROGRAMS_PER_SM] + \
-        [dict(_APPLY_TILE=t) for t in GN_APPLY_TILES] + [dict(_APPLY_MAXNREG=c) for c in GN_APPLY_MAXNREG]
+        [dict(_APPLY_TILE=t) for t in GN_APPLY_TILES] + [dict(_APPLY_MAXNREG=c) for c in GN_APPLY_MAXNREG] + \
+        [dict(LAGGED=True, LAGGED_PROGRAMS_PER_SM=p, _LAGGED_TILE_BYTES=t, LAGGED_DEPTH=d)
+         for p, t, d in itertools.product(GN_LAGGED_PROGRAMS_PER_SM, GN_LAGGED_TILE_BYTES, GN_LAGGED_DEPTHS)]
 
 
 def _one_pass_settings():
@@ -62,10 +68,15 @@ def _one_pass_settings():
     return [dict(ONE_PASS=not gn.ONE_PASS)] + [dict(ONE_PASS=True, _ONE_PASS_MIN_TILE=t) for t in GN_ONE_PASS_TILES]
 
 
-def _gn_settings_for(settings, fmt):
-    """The settings that change what runs on tensors of memory format ``fmt``: the one-pass kernels
-    take only NCHW tensors (channels-last ones would time the two passes under a one-pass label)."""
-    return [k for k in settings if not (k.get("ONE_PASS") and fmt != torch.contiguous_format)]
+def _gn_settings_for(settings, fmt, knob=None):
+    """The settings that change what runs on tensors of memory format ``fmt``: the one-pass and lagged
+    kernels take only NCHW tensors (channels-last ones would time the two passes under their label).
+    With ``knob``, only the settings that set it, and the grid's default point to compare with."""
+    row_kernels = ("ONE_PASS", "LAGGED")
+    settings = [k for k in settings if not (any(k.get(n) for n in row_kernels) and fmt != torch.contiguous_format)]
+    if knob is not None:
+        settings = [k for k in settings if knob in k or (_is_default(gn, k) and "STATS_STAGES" in k)]
+    return settings
 
 
 def _knobs_label(module, knobs):
@@ -78,10 +89,12 @@ def _is_default(module, knobs):
     return all(getattr(module, name) == value for name, value in knobs.items())
 
 
-def sweep_group_norm(report, dev, min_time):
+def sweep_group_norm(report, dev, min_time, knob=None):
     from hbkernels import triton as kernels
 
     for label, shape, fmt in GN_SHAPES:
+        if knob is not None and not any(knob in k for k in _gn_settings_for(_gn_forward_settings(), fmt, knob)):
+            continue  # the knob does nothing on this memory format
         x = (torch.randn(shape, device=dev, dtype=torch.float16) + 1).contiguous(memory_format=fmt)
         w, b = (torch.randn(shape[1], device=dev, dtype=torch.float16) for _ in range(2))
         bytes_moved = 2 * x.numel() * 2
@@ -91,7 +104,7 @@ def sweep_group_norm(report, dev, min_time):
         def call(x=x):
             return hbkernels.group_norm(x, 32, w, b, activation="silu")
 
-        for knobs in _gn_settings_for(_gn_forward_settings(), fmt):
+        for knobs in _gn_settings_for(_gn_forward_settings(), fmt, knob):
             impl, extra = _knobs_label(gn, knobs), {}
             profile = _is_default(gn, knobs) and "STATS_STAGES" in knobs  # the grid's default point
             with mock.patch.multiple(gn, **knobs):
@@ -106,7 +119,7 @@ def sweep_group_norm(report, dev, min_time):
         mean, rstd = torch.randn(1, 32, device=dev), torch.rand(1, 32, device=dev) + 0.5
         dw, db = (torch.empty(shape[1], device=dev) for _ in range(2))
         backward = [dict(STATS_STAGES=s) for s in GN_STAGES] + [dict(PDL=not gn.PDL), *_one_pass_settings()]
-        for knobs in _gn_settings_for(backward, fmt):
+        for knobs in _gn_settings_for(backward, fmt, knob):
             impl = _knobs_label(gn, knobs)
             with mock.patch.multiple(gn, **knobs):
                 seconds = common.median_seconds_graphed(
@@ -114,7 +127,7 @@ def sweep_group_norm(report, dev, min_time):
             _add(report, "group_norm_silu_backward", label, impl, seconds, 3 * x.numel() * 2)
 
 
-def sweep_temporal_attention(report, dev, min_time):
+def sweep_temporal_attention(report, dev, min_time, knob=None):
     from hbkernels import triton as kernels
 
     for label, n, t, heads, d in ATTN_SHAPES:
@@ -155,6 +168,7 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short timing")
     parser.add_argument("--op", choices=sorted(SWEEPS), action="append", help="sweep only this op (repeatable)")
+    parser.add_argument("--knob", help="group_norm: time only the settings that set this knob (e.g. LAGGED)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args(argv)
     dev = common.device()
@@ -165,7 +179,7 @@ def main(argv=None):
     print(f"{report.device}: copy bandwidth {report.copy_gbps:.1f} GB/s, commit {report.commit}")
     min_time = 0.05 if args.quick else 0.2
     for op in args.op or list(SWEEPS):
-        SWEEPS[op](report, dev, min_time)
+        SWEEPS[op](report, dev, min_time, args.knob)
     report.save(args.out, "sweep", "float16")
 
 

@@ -152,16 +152,31 @@ def test_sweep_knobs_exist():
     assert sum(sweep._is_default(gn, k) for k in settings) == 1
 
 
-def test_sweep_times_one_pass_only_where_it_runs():
-    """Channels-last tensors take the two passes whatever ONE_PASS says: the sweep times no one-pass
-    setting on them, and every setting on NCHW tensors."""
+def test_sweep_times_row_kernels_only_where_they_run():
+    """Channels-last tensors take the two passes whatever ONE_PASS or LAGGED say: the sweep times no
+    one-pass or lagged setting on them, and every setting on NCHW tensors."""
     from bench import sweep
 
     settings = sweep._gn_forward_settings()
     one_pass = [k for k in settings if k.get("ONE_PASS")]
-    assert one_pass
+    lagged = [k for k in settings if k.get("LAGGED")]
+    assert one_pass and lagged
     assert sweep._gn_settings_for(settings, torch.contiguous_format) == settings
-    assert sweep._gn_settings_for(settings, torch.channels_last_3d) == [k for k in settings if k not in one_pass]
+    assert sweep._gn_settings_for(settings, torch.channels_last_3d) == [
+        k for k in settings if k not in one_pass and k not in lagged]
+
+
+def test_sweep_knob_filter():
+    """--knob LAGGED keeps the lagged settings and the default point to compare them with; nothing
+    on channels-last tensors, where no lagged setting runs."""
+    from bench import sweep
+    from hbkernels.triton import group_norm as gn
+
+    settings = sweep._gn_forward_settings()
+    chosen = sweep._gn_settings_for(settings, torch.contiguous_format, "LAGGED")
+    assert [k for k in chosen if sweep._is_default(gn, k)] and all("LAGGED" in k or sweep._is_default(gn, k) for k in chosen)
+    assert len(chosen) == 1 + len(sweep.GN_LAGGED_PROGRAMS_PER_SM) * len(sweep.GN_LAGGED_TILE_BYTES) * len(sweep.GN_LAGGED_DEPTHS)
+    assert sweep._gn_settings_for(settings, torch.channels_last_3d, "LAGGED") == [k for k in chosen if "LAGGED" not in k]
 
 
 def test_unet_step_suite_runs(single_thread):

@@ -283,6 +283,102 @@ def test_group_norm_one_pass_plan(monkeypatch):
     assert tile((1, 32, 1, 8192 * 133), 1) is None  # 133 tiles of the largest size per channel
 
 
+def lagged_calls(monkeypatch, tile_bytes, depth):
+    """Switches the lagged forward on (tiles of tile_bytes, lag depth) and records the tile of each
+    launch."""
+    from hbkernels.triton import group_norm as gn
+
+    monkeypatch.setattr(gn, "LAGGED", True)
+    monkeypatch.setattr(gn, "_LAGGED_TILE_BYTES", tile_bytes)
+    monkeypatch.setattr(gn, "LAGGED_DEPTH", depth)
+    tiles = []
+    launch = gn._launch_lagged
+
+    def record(tensors, c, num_groups, plan, *args, **meta):
+        tiles.append((tensors[0], plan[0]))
+        return launch(tensors, c, num_groups, plan, *args, **meta)
+
+    monkeypatch.setattr(gn, "_launch_lagged", record)
+    return tiles
+
+
+# (id, tile bytes, lag depth, with shift): the tiny-tile cases only in fp32 on the CPU (the interpreter
+# pays per ticket; the dtype changes only loads and stores, which the default tile covers)
+LAGGED_CASES = [("small_tiles_shift", 32, 1, True), ("all_statistics_first", 32, 10 ** 6, False),
+                ("default_tile", 16384, 1, False)]
+
+
+@pytest.mark.parametrize("backend_name", TRITON_BACKENDS)
+@pytest.mark.parametrize("shape,groups", shapes(QUICK, FULL))
+@pytest.mark.parametrize("dtype,tile_bytes,depth,with_shift", [
+    pytest.param(d.values[0], tile_bytes, depth, shift, id=f"{name}-{d.id}")
+    for name, tile_bytes, depth, shift in LAGGED_CASES for d in (DTYPES if ON_GPU else DTYPES[:2])
+    if ON_GPU or tile_bytes > 32 or d.values[0] == torch.float32])
+def test_group_norm_lagged(monkeypatch, backend_name, dtype, shape, groups, tile_bytes, depth, with_shift):
+    """The lagged forward (statistics and apply tiles interleaved in one kernel) against float64: tiny
+    tiles split every channel's row (the lag is then one group's tiles or a few programs' worth:
+    apply tiles interleave with later groups' statistics), a depth past the tile count puts every
+    statistics tile first, and the default tile is one or a few per channel."""
+    tiles = lagged_calls(monkeypatch, tile_bytes, depth)
+    n, c = shape[:2]
+    x = rand(*shape, dtype=torch.float64, mean=3.0, requires_grad=True)
+    w = rand(c, dtype=torch.float64, mean=1.0, requires_grad=True)
+    b = rand(c, dtype=torch.float64, requires_grad=True)
+    inputs = [x, w, b] + ([(10 * rand(n, c, dtype=torch.float64)).requires_grad_()] if with_shift else [])
+
+    def fn(x, w, b, shift=None):
+        return hbkernels.group_norm(x, groups, w, b, activation="silu", shift=shift)
+
+    check_against_float64(fn, inputs, backend_name, dtype)  # the backward reads the lagged mean and rstd
+    assert tiles  # the lagged forward ran, not the two-pass fallback
+    x4, tile = tiles[0]
+    if tile_bytes == 32:
+        assert tile < x4.shape[2] * x4.shape[3]  # each channel's row split across tiles
+
+
+@pytest.mark.parametrize("backend_name", TRITON_BACKENDS)
+def test_group_norm_lagged_without_silu_or_affine(backend_name, monkeypatch):
+    tiles = lagged_calls(monkeypatch, 32, 1)
+    x = rand(2, 12, 5, 2, 3, dtype=torch.float64, mean=3.0, requires_grad=True)
+    check_against_float64(lambda x: hbkernels.group_norm(x, 4), [x], backend_name, torch.float32)
+    assert tiles
+
+
+def test_group_norm_lagged_plan(monkeypatch):
+    """The lagged forward takes NCHW views only; tiles of _LAGGED_TILE_BYTES, doubled while a group has
+    more than _LAGGED_MAX_PARTIALS of them."""
+    from hbkernels.triton import group_norm as gn
+
+    def tile(shape, cpg, strides=None, dtype=torch.float16):
+        v = torch.empty_strided(shape, strides or torch.empty(shape, device="meta").stride(), dtype=dtype,
+                                device="meta")
+        plan = gn._lagged_plan([v, v], shape[2], shape[3], cpg, v.element_size())
+        return plan and plan[0]
+
+    assert tile((1, 320, 16, 2560), 10) == 8192  # level 0, T16: 10 channels x 5 tiles per group
+    assert tile((1, 320, 16, 2560), 10, dtype=torch.float32) == 4096
+    assert tile((2, 1280, 16, 80), 40) == 2048  # level 3: one tile per channel row of 1280
+    assert tile((1, 320, 16, 2560), 10, (320 * 40960, 1, 320 * 2560, 320)) is None  # channels-last
+    assert tile((1, 32, 1, 8192 * 2000), 1) == 16384  # 2000 tiles of 8192 per group: doubled once
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+def test_group_norm_lagged_replays_from_a_cuda_graph(monkeypatch):
+    """Replayed from a CUDA graph, the lagged forward zeroes its ticket and arrival counters each time;
+    level 0, T16 and T26, every SM busy."""
+    from hbkernels.triton import group_norm as gn
+    from hummingbird.cuda_graph import CUDAGraphCall
+
+    monkeypatch.setattr(gn, "LAGGED", True)
+    w, b = rand(320, dtype=torch.float16, mean=1.0), rand(320, dtype=torch.float16)
+    for t in (16, 26):
+        graphed = CUDAGraphCall(lambda x: hbkernels.group_norm(x, 32, w, b, activation="silu"))
+        for _ in range(5):
+            x = rand(1, 320, t, 40, 64, dtype=torch.float16, mean=3.0)
+            want = torch.nn.functional.silu(torch.nn.functional.group_norm(x.float(), 32, w.float(), b.float()))
+            torch.testing.assert_close(graphed(x).float(), want, rtol=0, atol=2e-2)
+
+
 def test_group_norm_bad_input():
     x = rand(2, 12, 3, 4)
     with pytest.raises(ValueError, match="num_groups"):

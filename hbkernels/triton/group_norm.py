@@ -97,6 +97,15 @@ ONE_PASS_MIN_RESIDENT = 2
 ONE_PASS_PROGRAMS_PER_SM = 2
 _ONE_PASS_MIN_TILE = 4096
 _ONE_PASS_MAX_TILE = {2: 8192, 4: 4096}  # by element size: the tile is held in registers
+# Lagged forward (_gn_lagged_kernel; NCHW): the two passes in one persistent kernel whose statistics
+# tiles run LAGGED_DEPTH tiles per program ahead of its apply tiles, so the apply pass reads x from L2
+# and DRAM sees x once and y once, like the one pass, without holding tiles in registers. Off by
+# default until timed. Tiles of _LAGGED_TILE_BYTES (8192 fp16 elements: 50 per group at level 0, T16).
+LAGGED = False
+LAGGED_PROGRAMS_PER_SM = 4
+LAGGED_DEPTH = 1
+_LAGGED_TILE_BYTES = 16384
+_LAGGED_MAX_PARTIALS = 1024  # tiles per group: each apply tile merges them all in registers
 _INTERP_GROUP_PROGRAMS = 32  # the interpreter runs programs one by one: no residency limit, only cost
 _INTERP_PERSISTENT = 2  # persistent programs under the interpreter (the first takes every ticket)
 _INTERP_CHUNKS = 3  # a few programs per (n, channel block) under TRITON_INTERPRET (still exercises merging)
@@ -534,6 +543,53 @@ def _gn_one_pass_kernel(
 
 
 @triton.jit
+def _lagged_ticket(u, n_tiles, lag):
+    """(whether ticket u takes its tile's statistics, else writes its y; the tile). The first ``lag``
+    tickets take statistics tiles 0..lag-1; then statistics tile lag + j and apply tile j alternate;
+    the last ``lag`` tickets are the remaining apply tiles. With lag >= tiles per group, every
+    statistics ticket of an apply tile's group comes before it."""
+    v = u - lag
+    first = u < lag
+    stats = first | ((u < 2 * n_tiles - lag) & (v % 2 == 0))
+    tile = tl.where(first, u, tl.where(u >= 2 * n_tiles - lag, u - n_tiles, tl.where(stats, lag + v // 2, v // 2)))
+    return stats, tile
+
+
+@triton.jit
+def _gn_lagged_kernel(
+    x_ptr, w_ptr, b_ptr, sh_ptr, y_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr, sync_ptr,
+    C, L, G, cpg, n_chunks, n_tiles, lag, sw, sb_, smn, smg, srn, srg, sxn, sxc, syn, syc, eps,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, PRECISE: tl.constexpr,
+    TILE: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """The forward's two passes in one persistent kernel over the one-pass tiles (TILE elements of one
+    channel's contiguous (t, s) row): each ticket either loads a tile and publishes its (mean, M2), or
+    waits for a tile's group, merges its partials and writes the tile's y, re-reading x. Apply tickets
+    trail their group's statistics by ``lag`` tiles (_lagged_ticket), a few MB, so that re-read hits
+    L2: DRAM moves x + y where the three-kernel forward moves up to 2x + y, and there are no kernel
+    boundaries or finalize pass to wait on.
+
+    Why it cannot deadlock, however few programs run: tickets are taken in order, a statistics ticket
+    never waits, and an apply ticket waits only for statistics tickets before it. A program holding
+    one of those as its next ticket is busy with an earlier one, so the earliest waiting apply ticket
+    always finishes."""
+    u = tl.atomic_add(sync_ptr, 1, sem="relaxed")  # a ticket orders nothing: only its count matters
+    while u < 2 * n_tiles:
+        u_next = tl.atomic_add(sync_ptr, 1, sem="relaxed")  # in flight during this ticket
+        stats, i = _lagged_ticket(u, n_tiles, lag)
+        x = _one_pass_load(x_ptr, i, n_tiles, G, cpg, n_chunks, L, sxn, sxc, TILE)  # never written: before any wait
+        if stats:
+            _one_pass_publish(x, i, pmean_ptr, pm2_ptr, sync_ptr, G, cpg, n_chunks, L, TILE)
+        else:
+            _one_pass_normalize(
+                x, i, w_ptr, b_ptr, sh_ptr, y_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr, sync_ptr,
+                C, L, G, cpg, n_chunks, sw, sb_, smn, smg, srn, srg, syn, syc, eps,
+                HAS_W, HAS_B, HAS_SHIFT, SILU, PRECISE, TILE, BLOCK_P,
+            )
+        u = u_next
+
+
+@triton.jit
 def _gn_one_pass_bwd_kernel(
     dy_ptr, x_ptr, w_ptr, b_ptr, sh_ptr, mean_ptr, rstd_ptr, dx_ptr, pa_ptr, pb_ptr, sync_ptr,
     C, L, G, cpg, n_chunks, sw, sb_, smn, smg, srn, srg, sdn, sdc, sxn, sxc, son, soc,
@@ -729,6 +785,13 @@ def gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: float, s
     sh = shift if shift is not None else mean
     ms = (mean.stride(0), mean.stride(1), rstd.stride(0), rstd.stride(1))
     dev = x.device
+    if LAGGED:
+        plan = _lagged_plan([x, y], t, s, cpg, x.element_size())
+        if plan is not None:
+            _launch_lagged((x, w, b, sh, y, mean, rstd), c, num_groups, plan, (sw, sb_, *ms), float(eps),
+                           HAS_W=weight is not None, HAS_B=bias is not None, HAS_SHIFT=shift is not None,
+                           SILU=bool(silu), PRECISE=x.dtype == torch.float32)
+            return
     if ONE_PASS:
         plan = _one_pass_plan([x, y], t, s, cpg, dev)
         if plan is not None:
@@ -777,12 +840,54 @@ def gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: float, s
     )
 
 
+def _rows(views, t: int, s: int):
+    """(row length, each view's merged strides) where every channel's (t, s) plane of these (N, C, T, S)
+    views is one contiguous row (NCHW), else None."""
+    t1, length, strides = merge_ts([strides4(v) for v in views], t, s)
+    if t1 != 1 or any(st[3] != 1 for st in strides):
+        return None
+    return length, strides
+
+
+def _lagged_plan(views, t: int, s: int, cpg: int, element_size: int):
+    """(tile, row length, each view's merged strides) of the lagged forward, or None where it does not
+    apply: _LAGGED_TILE_BYTES tiles, larger where a group would have over _LAGGED_MAX_PARTIALS."""
+    rows = _rows(views, t, s)
+    if rows is None:
+        return None
+    length, strides = rows
+    tile = min(_LAGGED_TILE_BYTES // element_size, next_pow2(length))
+    while cpg * cdiv(length, tile) > _LAGGED_MAX_PARTIALS:
+        tile *= 2
+    return tile, length, strides
+
+
+def _launch_lagged(tensors, c: int, num_groups: int, plan, scalars, eps: float, **meta):
+    """Runs _gn_lagged_kernel on LAGGED_PROGRAMS_PER_SM programs per SM (under the interpreter the
+    first program takes every ticket, in order, so no wait ever blocks)."""
+    tile, length, (xs, ys) = plan
+    x = tensors[0]
+    n, cpg, dev = x.shape[0], c // num_groups, x.device
+    n_chunks = cdiv(length, tile)
+    partials = [empty((n, c, n_chunks), dtype=torch.float32, device=dev) for _ in range(2)]
+    n_tiles = partials[0].numel()
+    programs = min(n_tiles, _INTERP_PERSISTENT if INTERPRETED else LAGGED_PROGRAMS_PER_SM * sm_count(dev))
+    lag = min(n_tiles, max(cpg * n_chunks, int(LAGGED_DEPTH * programs)))
+    sync = torch.zeros(1 + n * num_groups, dtype=torch.int32, device=dev)  # ticket, arrivals per group
+    _gn_lagged_kernel[(programs,)](
+        *tensors, *partials, sync, c, length, num_groups, cpg, n_chunks, n_tiles, lag, *scalars,
+        xs[0], xs[1], ys[0], ys[1], eps,
+        TILE=tile, BLOCK_P=next_pow2(cpg * n_chunks), num_warps=warps_for(tile), **meta,
+    )
+
+
 def _one_pass_plan(views, t: int, s: int, cpg: int, device: torch.device):
     """(tile, row length, each view's merged strides) of the one-pass kernels for these (N, C, T, S)
     views, or None where they do not apply."""
-    t1, length, strides = merge_ts([strides4(v) for v in views], t, s)
-    if t1 != 1 or any(st[3] != 1 for st in strides):  # a channel's (t, s) row is not contiguous
+    rows = _rows(views, t, s)
+    if rows is None:
         return None
+    length, strides = rows
     limit = _INTERP_GROUP_PROGRAMS if INTERPRETED else sm_count(device)
     tile = min(_ONE_PASS_MIN_TILE, next_pow2(length))
     while cpg * cdiv(length, tile) > limit:
