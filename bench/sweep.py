@@ -4,8 +4,10 @@ to keep.
 
 - group_norm (+SiLU): the forward's statistics programs per SM, statistics tile, pipeline stages of
   the statistics loop, and (at the default) the apply order, apply tile, apply register cap,
-  programmatic dependent launch and the one-pass forward (NCHW only: its tile and its persistent
-  programs per SM; see hbkernels/triton/group_norm.py). The default setting is also
+  programmatic dependent launch, the one-pass forward (NCHW only: its tile and its persistent
+  programs per SM) and the lagged forward (NCHW only: programs per SM, tile, tiles per ticket, stages,
+  lag depth; see hbkernels/triton/group_norm.py); channels-last shapes set their own tile knobs
+  (*_CHANNELS_LAST). The default setting is also
   profiled: microseconds per call of each of its kernels (statistics, finalize, apply), which says
   which pass to work on next. The backward's partial-sums pass shares the statistics loop's stages:
   the whole backward is timed per stage count, without PDL, and one-pass. Rows name the knobs they
@@ -13,7 +15,7 @@ to keep.
 - temporal_attention: warps per program of the forward and of the backward kernel (FWD_WARPS /
   BWD_WARPS in hbkernels/triton/temporal_attention.py: the default rule, or a fixed 1, 2, 4, 8).
 
-    python -m bench.sweep [--quick] [--op group_norm|temporal_attention] [--out bench/results]
+    python -m bench.sweep [--quick] [--op group_norm|temporal_attention] [--knob LAGGED] [--out bench/results]
 """
 import argparse
 import itertools
@@ -37,14 +39,17 @@ GN_SHAPES = [(f"vc2 L0 B1 T{t}{' CL' if cl else ''}", (1, 320, t, 40, 64),
 GN_PROGRAMS_PER_SM = (6, 8)
 GN_TILES = (1024, 2048)
 GN_STAGES = (3, 4, 5)
-GN_APPLY_TILES = (8192, 16384)  # besides the default
+GN_APPLY_TILES = (4096, 8192, 16384)  # each layout's default is timed once, in the grid
 GN_APPLY_MAXNREG = (32,)  # besides the default (none)
 GN_ONE_PASS_TILES = (8192,)  # besides the default; level 0 T16: 50 programs per group instead of 100
 GN_ONE_PASS_PROGRAMS_PER_SM = (3, 4)  # besides the default: the persistent forward's grid
-# The lagged forward's grid: programs per SM x tile bytes x lag depth (tiles per program)
-GN_LAGGED_PROGRAMS_PER_SM = (2, 3, 4)
-GN_LAGGED_TILE_BYTES = (8192, 16384, 32768)
-GN_LAGGED_DEPTHS = (0.5, 1, 2)
+# The lagged forward: switched on at its defaults, then a grid of programs per SM x tile bytes x tiles
+# per ticket x pipeline stages, and lag depths at its defaults
+GN_LAGGED_PROGRAMS_PER_SM = (2, 4)
+GN_LAGGED_TILE_BYTES = (8192, 16384)
+GN_LAGGED_BATCHES = (4, 16)
+GN_LAGGED_STAGES = (3, 4)
+GN_LAGGED_DEPTHS = (0.5, 2)
 # (label, tokens N, frames T, heads, head dim): VideoCrafter2 / Hummingbird level 0 at 320x512, batch 1
 ATTN_SHAPES = [(f"vc2 L0 B1 T{t}", 40 * 64, t, 5, 64) for t in (16, 26)]
 ATTN_WARPS = (None, 1, 2, 4, 8)
@@ -58,8 +63,14 @@ def _gn_forward_settings():
     return grid + [dict(APPLY_REVERSED=not gn.APPLY_REVERSED), dict(PDL=not gn.PDL), *_one_pass_settings()] + \
         [dict(ONE_PASS=True, ONE_PASS_PROGRAMS_PER_SM=p) for p in GN_ONE_PASS_PROGRAMS_PER_SM] + \
         [dict(_APPLY_TILE=t) for t in GN_APPLY_TILES] + [dict(_APPLY_MAXNREG=c) for c in GN_APPLY_MAXNREG] + \
-        [dict(LAGGED=True, LAGGED_PROGRAMS_PER_SM=p, _LAGGED_TILE_BYTES=t, LAGGED_DEPTH=d)
-         for p, t, d in itertools.product(GN_LAGGED_PROGRAMS_PER_SM, GN_LAGGED_TILE_BYTES, GN_LAGGED_DEPTHS)]
+        _lagged_settings()
+
+
+def _lagged_settings():
+    grid = itertools.product(GN_LAGGED_PROGRAMS_PER_SM, GN_LAGGED_TILE_BYTES, GN_LAGGED_BATCHES, GN_LAGGED_STAGES)
+    return [dict(LAGGED=True)] + \
+        [dict(LAGGED=True, LAGGED_PROGRAMS_PER_SM=p, _LAGGED_TILE_BYTES=t, LAGGED_BATCH=b, LAGGED_STAGES=st)
+         for p, t, b, st in grid] + [dict(LAGGED=True, LAGGED_DEPTH=d) for d in GN_LAGGED_DEPTHS]
 
 
 def _one_pass_settings():
@@ -69,14 +80,33 @@ def _one_pass_settings():
 
 
 def _gn_settings_for(settings, fmt, knob=None):
-    """The settings that change what runs on tensors of memory format ``fmt``: the one-pass and lagged
-    kernels take only NCHW tensors (channels-last ones would time the two passes under their label).
-    With ``knob``, only the settings that set it, and the grid's default point to compare with."""
-    row_kernels = ("ONE_PASS", "LAGGED")
-    settings = [k for k in settings if not (any(k.get(n) for n in row_kernels) and fmt != torch.contiguous_format)]
-    if knob is not None:
-        settings = [k for k in settings if knob in k or (_is_default(gn, k) and "STATS_STAGES" in k)]
-    return settings
+    """The settings that change what runs on tensors of memory format ``fmt``, under that layout's knob
+    names (_for_layout): the one-pass and lagged kernels take only NCHW tensors (channels-last ones
+    would time the two passes under their label), and a one-knob setting equal to the layout's default
+    is left to the statistics grid's default point. With ``knob``, only the settings that set it, and
+    that default point to compare with."""
+    chosen = []
+    for k in settings:
+        if any(k.get(name) for name in ("ONE_PASS", "LAGGED")) and fmt != torch.contiguous_format:
+            continue
+        k = _for_layout(k, fmt)
+        grid_point = "STATS_STAGES" in k
+        if _is_default(gn, k) and not grid_point:
+            continue
+        if knob is None or knob in k or (grid_point and _is_default(gn, k)):
+            chosen.append(k)
+    return chosen
+
+
+# Knobs with a value of their own for channels-last x: the sweep sets those on channels-last shapes
+CHANNELS_LAST_KNOBS = {"_STATS_TILE": "_STATS_TILE_CHANNELS_LAST", "_APPLY_TILE": "_APPLY_TILE_CHANNELS_LAST"}
+
+
+def _for_layout(knobs, fmt):
+    """``knobs`` with the channels-last names of the tiles on channels-last shapes."""
+    if fmt == torch.contiguous_format:
+        return knobs
+    return {CHANNELS_LAST_KNOBS.get(name, name): value for name, value in knobs.items()}
 
 
 def _knobs_label(module, knobs):

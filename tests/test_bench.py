@@ -140,43 +140,56 @@ def test_every_op_suite_runs(dtype, monkeypatch):
     assert len(calls) == len(report.rows)
 
 
+LAYOUTS = (torch.contiguous_format, torch.channels_last_3d)
+
+
 def test_sweep_knobs_exist():
     """Every knob the GPU sweep patches is a constant of its module (mock.patch would fail on the lent
-    GPU, not here, otherwise), and each setting differs from the default or is the grid's default point."""
+    GPU, not here, otherwise), and per layout exactly one forward setting is the default: the
+    statistics grid's point, which is also profiled."""
     from bench import sweep
     from hbkernels.triton import group_norm as gn
 
-    settings = sweep._gn_forward_settings() + sweep._one_pass_settings()
-    for knobs in settings:
-        assert all(hasattr(gn, name) for name in knobs), knobs
-    assert sum(sweep._is_default(gn, k) for k in settings) == 1
+    for fmt in LAYOUTS:
+        settings = sweep._gn_settings_for(sweep._gn_forward_settings(), fmt)
+        for knobs in settings:
+            assert all(hasattr(gn, name) for name in knobs), knobs
+        defaults = [k for k in settings if sweep._is_default(gn, k)]
+        assert len(defaults) == 1 and "STATS_STAGES" in defaults[0]
 
 
-def test_sweep_times_row_kernels_only_where_they_run():
-    """Channels-last tensors take the two passes whatever ONE_PASS or LAGGED say: the sweep times no
-    one-pass or lagged setting on them, and every setting on NCHW tensors."""
+def test_sweep_times_each_layout_its_own_knobs():
+    """Channels-last shapes take the two passes whatever ONE_PASS or LAGGED say, and their own tile
+    knobs: the sweep times no one-pass or lagged setting on them, sets *_CHANNELS_LAST tiles there,
+    and drops one-knob settings equal to the layout's default (timed once, in the grid)."""
     from bench import sweep
+    from hbkernels.triton import group_norm as gn
 
     settings = sweep._gn_forward_settings()
-    one_pass = [k for k in settings if k.get("ONE_PASS")]
-    lagged = [k for k in settings if k.get("LAGGED")]
-    assert one_pass and lagged
-    assert sweep._gn_settings_for(settings, torch.contiguous_format) == settings
-    assert sweep._gn_settings_for(settings, torch.channels_last_3d) == [
-        k for k in settings if k not in one_pass and k not in lagged]
+    nchw = sweep._gn_settings_for(settings, torch.contiguous_format)
+    cl = sweep._gn_settings_for(settings, torch.channels_last_3d)
+    assert any(k.get("ONE_PASS") for k in nchw) and any(k.get("LAGGED") for k in nchw)
+    assert not any(k.get("ONE_PASS") or k.get("LAGGED") for k in cl)
+    assert {"_STATS_TILE", "_APPLY_TILE"} <= {n for k in nchw for n in k}
+    assert not {"_STATS_TILE", "_APPLY_TILE"} & {n for k in cl for n in k}
+    assert {"_STATS_TILE_CHANNELS_LAST", "_APPLY_TILE_CHANNELS_LAST"} <= {n for k in cl for n in k}
+    apply_tiles = {fmt: sorted(v for k in chosen for n, v in k.items() if n.startswith("_APPLY_TILE"))
+                   for fmt, chosen in ((torch.contiguous_format, nchw), (torch.channels_last_3d, cl))}
+    assert gn._APPLY_TILE not in apply_tiles[torch.contiguous_format]
+    assert gn._APPLY_TILE_CHANNELS_LAST not in apply_tiles[torch.channels_last_3d]
 
 
 def test_sweep_knob_filter():
     """--knob LAGGED keeps the lagged settings and the default point to compare them with; nothing
-    on channels-last tensors, where no lagged setting runs."""
+    but that point on channels-last tensors, where no lagged setting runs."""
     from bench import sweep
     from hbkernels.triton import group_norm as gn
 
     settings = sweep._gn_forward_settings()
     chosen = sweep._gn_settings_for(settings, torch.contiguous_format, "LAGGED")
-    assert [k for k in chosen if sweep._is_default(gn, k)] and all("LAGGED" in k or sweep._is_default(gn, k) for k in chosen)
-    assert len(chosen) == 1 + len(sweep.GN_LAGGED_PROGRAMS_PER_SM) * len(sweep.GN_LAGGED_TILE_BYTES) * len(sweep.GN_LAGGED_DEPTHS)
-    assert sweep._gn_settings_for(settings, torch.channels_last_3d, "LAGGED") == [k for k in chosen if "LAGGED" not in k]
+    assert len(chosen) == 1 + len(sweep._lagged_settings()) > 2
+    assert [k for k in chosen if "LAGGED" not in k] == [k for k in chosen if sweep._is_default(gn, k)]
+    assert [sweep._is_default(gn, k) for k in sweep._gn_settings_for(settings, torch.channels_last_3d, "LAGGED")] == [True]
 
 
 def test_unet_step_suite_runs(single_thread):

@@ -121,10 +121,11 @@ def test_group_norm_launch_tuning(monkeypatch, backend_name, layout, reversed_ap
     from hbkernels.triton import group_norm as gn
 
     monkeypatch.setattr(gn, "APPLY_REVERSED", reversed_apply)
-    monkeypatch.setattr(gn, "_STATS_TILE", stats_tile)
+    for suffix in ("", "_CHANNELS_LAST"):  # the layouts' own tiles
+        monkeypatch.setattr(gn, "_STATS_TILE" + suffix, stats_tile)
+        monkeypatch.setattr(gn, "_APPLY_TILE" + suffix, apply_tile)
     monkeypatch.setattr(gn, "STATS_STAGES", stages)  # stages, PDL, register cap: only a GPU runs them differently
     monkeypatch.setattr(gn, "PDL", pdl)
-    monkeypatch.setattr(gn, "_APPLY_TILE", apply_tile)
     monkeypatch.setattr(gn, "_APPLY_MAXNREG", maxnreg)
     x = rand(2, 30, 3, 4, 5, dtype=torch.float64, mean=3.0, requires_grad=True)
     w = rand(30, dtype=torch.float64, mean=1.0, requires_grad=True)
@@ -144,6 +145,7 @@ def test_group_norm_statistics_walk_many_tiles(monkeypatch, backend_name, layout
     from hbkernels.triton import group_norm as gn
 
     monkeypatch.setattr(gn, "_STATS_TILE", 256)
+    monkeypatch.setattr(gn, "_STATS_TILE_CHANNELS_LAST", 256)
     x = rand(*shape, dtype=torch.float64, mean=3.0, requires_grad=True)
     w = rand(16, dtype=torch.float64, mean=1.0, requires_grad=True)
 
@@ -283,14 +285,15 @@ def test_group_norm_one_pass_plan(monkeypatch):
     assert tile((1, 32, 1, 8192 * 133), 1) is None  # 133 tiles of the largest size per channel
 
 
-def lagged_calls(monkeypatch, tile_bytes, depth):
-    """Switches the lagged forward on (tiles of tile_bytes, lag depth) and records the tile of each
-    launch."""
+def lagged_calls(monkeypatch, tile_bytes, depth, batch):
+    """Switches the lagged forward on (tiles of tile_bytes, lag depth, tiles per ticket) and records the
+    tile of each launch."""
     from hbkernels.triton import group_norm as gn
 
     monkeypatch.setattr(gn, "LAGGED", True)
     monkeypatch.setattr(gn, "_LAGGED_TILE_BYTES", tile_bytes)
     monkeypatch.setattr(gn, "LAGGED_DEPTH", depth)
+    monkeypatch.setattr(gn, "LAGGED_BATCH", batch)
     tiles = []
     launch = gn._launch_lagged
 
@@ -302,24 +305,26 @@ def lagged_calls(monkeypatch, tile_bytes, depth):
     return tiles
 
 
-# (id, tile bytes, lag depth, with shift): the tiny-tile cases only in fp32 on the CPU (the interpreter
-# pays per ticket; the dtype changes only loads and stores, which the default tile covers)
-LAGGED_CASES = [("small_tiles_shift", 32, 1, True), ("all_statistics_first", 32, 10 ** 6, False),
-                ("default_tile", 16384, 1, False)]
+# (id, tile elements or None for the default tile, lag depth, tiles per ticket, with shift): the
+# 8-element-tile cases only in fp32 on the CPU (the interpreter pays per tile; the dtype changes only
+# loads and stores, which the default tile covers). Depth 1 leaves the lag at its minimum under the
+# interpreter (2 programs), where an apply ticket placed before its group's statistics raises.
+LAGGED_CASES = [("small_tiles_shift", 8, 1, 3, True), ("one_tile_per_ticket", 8, 1, 1, False),
+                ("all_statistics_first", 8, 10 ** 6, 8, False), ("default_tile", None, 1, 8, False)]
 
 
 @pytest.mark.parametrize("backend_name", TRITON_BACKENDS)
 @pytest.mark.parametrize("shape,groups", shapes(QUICK, FULL))
-@pytest.mark.parametrize("dtype,tile_bytes,depth,with_shift", [
-    pytest.param(d.values[0], tile_bytes, depth, shift, id=f"{name}-{d.id}")
-    for name, tile_bytes, depth, shift in LAGGED_CASES for d in (DTYPES if ON_GPU else DTYPES[:2])
-    if ON_GPU or tile_bytes > 32 or d.values[0] == torch.float32])
-def test_group_norm_lagged(monkeypatch, backend_name, dtype, shape, groups, tile_bytes, depth, with_shift):
-    """The lagged forward (statistics and apply tiles interleaved in one kernel) against float64: tiny
-    tiles split every channel's row (the lag is then one group's tiles or a few programs' worth:
-    apply tiles interleave with later groups' statistics), a depth past the tile count puts every
-    statistics tile first, and the default tile is one or a few per channel."""
-    tiles = lagged_calls(monkeypatch, tile_bytes, depth)
+@pytest.mark.parametrize("dtype,tile,depth,batch,with_shift", [
+    pytest.param(d.values[0], tile, depth, batch, shift, id=f"{name}-{d.id}")
+    for name, tile, depth, batch, shift in LAGGED_CASES for d in (DTYPES if ON_GPU else DTYPES[:2])
+    if ON_GPU or tile is None or d.values[0] == torch.float32])
+def test_group_norm_lagged(monkeypatch, backend_name, dtype, shape, groups, tile, depth, batch, with_shift):
+    """The lagged forward (statistics and apply batches interleaved in one kernel) against float64:
+    8-element tiles split every channel's row and a group across batches, one tile or three per
+    ticket; a depth past the batch count puts every statistics batch first; the default tile is one
+    or a few per channel row."""
+    tiles = lagged_calls(monkeypatch, 8192 if tile is None else tile * dtype.itemsize, depth, batch)
     n, c = shape[:2]
     x = rand(*shape, dtype=torch.float64, mean=3.0, requires_grad=True)
     w = rand(c, dtype=torch.float64, mean=1.0, requires_grad=True)
@@ -331,17 +336,30 @@ def test_group_norm_lagged(monkeypatch, backend_name, dtype, shape, groups, tile
 
     check_against_float64(fn, inputs, backend_name, dtype)  # the backward reads the lagged mean and rstd
     assert tiles  # the lagged forward ran, not the two-pass fallback
-    x4, tile = tiles[0]
-    if tile_bytes == 32:
-        assert tile < x4.shape[2] * x4.shape[3]  # each channel's row split across tiles
+    x4, launched_tile = tiles[0]
+    if tile is not None:
+        assert launched_tile < x4.shape[2] * x4.shape[3]  # each channel's row split across tiles
 
 
 @pytest.mark.parametrize("backend_name", TRITON_BACKENDS)
 def test_group_norm_lagged_without_silu_or_affine(backend_name, monkeypatch):
-    tiles = lagged_calls(monkeypatch, 32, 1)
+    tiles = lagged_calls(monkeypatch, 32, 1, 2)  # 8 fp32 elements
     x = rand(2, 12, 5, 2, 3, dtype=torch.float64, mean=3.0, requires_grad=True)
     check_against_float64(lambda x: hbkernels.group_norm(x, 4), [x], backend_name, torch.float32)
     assert tiles
+
+
+@pytest.mark.skipif(ON_GPU, reason="the order check replaces the wait under the interpreter only")
+@pytest.mark.parametrize("backend_name", TRITON_BACKENDS)
+def test_group_norm_lagged_order_is_checked(backend_name, monkeypatch):
+    """A lag shorter than a group's reach puts apply tickets before their group's statistics: on a GPU
+    they would wait for a later ticket (hang with too few programs); the interpreter raises."""
+    from hbkernels.triton import group_norm as gn
+
+    lagged_calls(monkeypatch, 32, 1, 2)
+    monkeypatch.setattr(gn, "_lag_batches", lambda n_batches, group_tiles, programs: 0)
+    with pytest.raises(RuntimeError, match="before its group's statistics"), hbkernels.use_backend(backend_name):
+        hbkernels.group_norm(rand(1, 12, 5, 2, 3), 4)
 
 
 def test_group_norm_lagged_plan(monkeypatch):
@@ -355,11 +373,11 @@ def test_group_norm_lagged_plan(monkeypatch):
         plan = gn._lagged_plan([v, v], shape[2], shape[3], cpg, v.element_size())
         return plan and plan[0]
 
-    assert tile((1, 320, 16, 2560), 10) == 8192  # level 0, T16: 10 channels x 5 tiles per group
-    assert tile((1, 320, 16, 2560), 10, dtype=torch.float32) == 4096
+    assert tile((1, 320, 16, 2560), 10) == 4096  # level 0, T16: 10 channels x 10 tiles per group
+    assert tile((1, 320, 16, 2560), 10, dtype=torch.float32) == 2048
     assert tile((2, 1280, 16, 80), 40) == 2048  # level 3: one tile per channel row of 1280
     assert tile((1, 320, 16, 2560), 10, (320 * 40960, 1, 320 * 2560, 320)) is None  # channels-last
-    assert tile((1, 32, 1, 8192 * 2000), 1) == 16384  # 2000 tiles of 8192 per group: doubled once
+    assert tile((1, 32, 1, 4096 * 2000), 1) == 8192  # 2000 tiles of 4096 per group: doubled once
 
 
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")

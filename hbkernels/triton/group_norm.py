@@ -57,8 +57,12 @@ from hbkernels.triton.layout import (INTERPRETED, cdiv, merge_ts, next_pow2, sm_
 # 101 registers, 6 / 4 programs resident per SM). The apply pass walks the tiles in the reverse of the
 # statistics pass's order, so it starts on the tiles read last, which are still in L2: 1-6% faster.
 # L2 eviction hints (evict-last on the first read, evict-first on the last) lost 5-15% at every setting.
+# Channels-last x (unit channel stride; the U-Net's layout): statistics tiles of 1024 beat 2048 at every
+# program and stage count of 3 or more, at T16 (H100: 38.4-39.4 us against 40.5-42.2, two sessions) and
+# T26 (58.5-61.0 against 60.8-65.0).
 STATS_PROGRAMS_PER_SM = 8
 _STATS_TILE = 2048
+_STATS_TILE_CHANNELS_LAST = 1024
 APPLY_REVERSED = True
 # Pipeline stages of the statistics loop (and the backward's partial sums): tiles in flight per program
 # = STATS_STAGES - 1, in shared memory (4 KiB each at the fp16 2048-element tile). Chosen from sm_90
@@ -67,8 +71,11 @@ APPLY_REVERSED = True
 # registers (6 / 4 programs: 48 / 32 KiB per SM, NCHW / channels-last).
 STATS_STAGES = 4
 # Elements per apply tile (8 warps). sm_90, level 0: 4096 -> 35-40 registers, 6 programs (48 KiB of x in
-# flight per SM); 8192 -> 57-62, 4 (64 KiB); 16384 -> 88-91, 2 (64 KiB). Timed: 4096 only.
+# flight per SM); 8192 -> 57-62, 4 (64 KiB); 16384 -> 88-91, 2 (64 KiB). H100, level 0: 4096 and 8192
+# tie on NCHW x (33.4 / 33.5 us at T16, 51.2 / 51.2 at T26); on channels-last x 8192 wins (37.8 against
+# 42.2 us at T16, 60.2 against 65.0 at T26), 16384 loses on both.
 _APPLY_TILE = 4096
+_APPLY_TILE_CHANNELS_LAST = 8192
 # Register cap of the apply kernel (CUDA only; None: the compiler's choice). 32 fits 8 programs of 8 warps
 # per sm_90 SM instead of 6, spilling 8 (NCHW) / 48 (channels-last) bytes per thread. Not yet timed.
 _APPLY_MAXNREG = None
@@ -98,13 +105,18 @@ ONE_PASS_PROGRAMS_PER_SM = 2
 _ONE_PASS_MIN_TILE = 4096
 _ONE_PASS_MAX_TILE = {2: 8192, 4: 4096}  # by element size: the tile is held in registers
 # Lagged forward (_gn_lagged_kernel; NCHW): the two passes in one persistent kernel whose statistics
-# tiles run LAGGED_DEPTH tiles per program ahead of its apply tiles, so the apply pass reads x from L2
-# and DRAM sees x once and y once, like the one pass, without holding tiles in registers. Off by
-# default until timed. Tiles of _LAGGED_TILE_BYTES (8192 fp16 elements: 50 per group at level 0, T16).
+# batches run LAGGED_DEPTH batches per program ahead of its apply batches, so the apply pass reads x
+# from L2 and DRAM sees x once and y once, like the one pass, without holding tiles in registers.
+# Off: on an H100 at level 0 its first version (one tile per ticket, unpipelined) took 35.5 / 57.3 us
+# at T16 / T26 at best (4 programs per SM, 16 KiB tiles, depth 1) against 33.4 / 50.7 for the two
+# passes. This one takes LAGGED_BATCH tiles of _LAGGED_TILE_BYTES per ticket, walked with LAGGED_STAGES
+# pipeline stages (sm_90, fp16 4096-element tiles: see tests/gpu_compile_check.py); not yet timed.
 LAGGED = False
 LAGGED_PROGRAMS_PER_SM = 4
 LAGGED_DEPTH = 1
-_LAGGED_TILE_BYTES = 16384
+LAGGED_BATCH = 8
+LAGGED_STAGES = 3
+_LAGGED_TILE_BYTES = 8192
 _LAGGED_MAX_PARTIALS = 1024  # tiles per group: each apply tile merges them all in registers
 _INTERP_GROUP_PROGRAMS = 32  # the interpreter runs programs one by one: no residency limit, only cost
 _INTERP_PERSISTENT = 2  # persistent programs under the interpreter (the first takes every ticket)
@@ -443,8 +455,8 @@ def _one_pass_load(x_ptr, t, n_tiles, G, cpg, n_chunks, L, sxn, sxc, TILE: tl.co
 
 
 @triton.jit
-def _one_pass_publish(x, t, pmean_ptr, pm2_ptr, sync_ptr, G, cpg, n_chunks, L, TILE: tl.constexpr):
-    """Stores tile t's (mean, M2), from two passes over the registers, and publishes them to its group."""
+def _store_partials(x, t, pmean_ptr, pm2_ptr, G, cpg, n_chunks, L, TILE: tl.constexpr):
+    """Stores tile t's (mean, M2), from two passes over the registers; returns its group."""
     x = x.to(tl.float32)
     grp, k, n, c, ch, offs, mask, count = _ticket_tile(t, G, cpg, n_chunks, L, TILE)
     tile_mean = tl.div_rn(tl.sum(x, axis=0), count)
@@ -452,6 +464,13 @@ def _one_pass_publish(x, t, pmean_ptr, pm2_ptr, sync_ptr, G, cpg, n_chunks, L, T
     part = grp.to(tl.int64) * (cpg * n_chunks)
     tl.store(pmean_ptr + part + k, tile_mean)
     tl.store(pm2_ptr + part + k, tl.sum(dev * dev, axis=0))
+    return grp
+
+
+@triton.jit
+def _one_pass_publish(x, t, pmean_ptr, pm2_ptr, sync_ptr, G, cpg, n_chunks, L, TILE: tl.constexpr):
+    """Stores tile t's (mean, M2) and publishes them to its group."""
+    grp = _store_partials(x, t, pmean_ptr, pm2_ptr, G, cpg, n_chunks, L, TILE)
     _arrive(sync_ptr + 1 + grp)
 
 
@@ -462,12 +481,25 @@ def _one_pass_normalize(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, PRECISE: tl.constexpr,
     TILE: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """Waits for tile t's group, Chan-merges its P partials and writes y of the tile x."""
+    """Waits for tile t's group, then _normalize_tile."""
+    _wait_for_group(sync_ptr + 1 + t // (cpg * n_chunks), cpg * n_chunks)
+    _normalize_tile(x, t, w_ptr, b_ptr, sh_ptr, y_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr,
+                    C, L, G, cpg, n_chunks, sw, sb_, smn, smg, srn, srg, syn, syc, eps,
+                    HAS_W, HAS_B, HAS_SHIFT, SILU, PRECISE, TILE, BLOCK_P)
+
+
+@triton.jit
+def _normalize_tile(
+    x, t, w_ptr, b_ptr, sh_ptr, y_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr,
+    C, L, G, cpg, n_chunks, sw, sb_, smn, smg, srn, srg, syn, syc, eps,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, PRECISE: tl.constexpr,
+    TILE: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """Chan-merges the P published partials of tile t's group and writes y of the tile x."""
     x = x.to(tl.float32)
     P = cpg * n_chunks
     grp, k, n, c, ch, offs, mask, count = _ticket_tile(t, G, cpg, n_chunks, L, TILE)
     part = grp.to(tl.int64) * P
-    _wait_for_group(sync_ptr + 1 + grp, P)
     # x's means are merged as offsets from partial 0's: summed, P products of count and mean would lose
     # ulps of the mean itself, the offsets only ulps of their spread. The shift's mean is merged apart.
     total = tl.cast(cpg * L, tl.float32)  # tl.cast: ints equal to 1 are constexprs, without .to()
@@ -543,49 +575,75 @@ def _gn_one_pass_kernel(
 
 
 @triton.jit
-def _lagged_ticket(u, n_tiles, lag):
-    """(whether ticket u takes its tile's statistics, else writes its y; the tile). The first ``lag``
-    tickets take statistics tiles 0..lag-1; then statistics tile lag + j and apply tile j alternate;
-    the last ``lag`` tickets are the remaining apply tiles. With lag >= tiles per group, every
-    statistics ticket of an apply tile's group comes before it."""
+def _lagged_ticket(u, n_batches, lag):
+    """(whether ticket u takes a batch's statistics, else writes its y; the batch). The first ``lag``
+    tickets take statistics batches 0..lag-1; then statistics batch lag + j and apply batch j
+    alternate; the last ``lag`` tickets are the remaining apply batches. So statistics run ``lag``
+    batches ahead, and every statistics ticket an apply batch needs comes before it once ``lag``
+    exceeds the batches a group spans (see _launch_lagged)."""
     v = u - lag
     first = u < lag
-    stats = first | ((u < 2 * n_tiles - lag) & (v % 2 == 0))
-    tile = tl.where(first, u, tl.where(u >= 2 * n_tiles - lag, u - n_tiles, tl.where(stats, lag + v // 2, v // 2)))
-    return stats, tile
+    stats = first | ((u < 2 * n_batches - lag) & (v % 2 == 0))
+    batch = tl.where(first, u, tl.where(u >= 2 * n_batches - lag, u - n_batches, tl.where(stats, lag + v // 2, v // 2)))
+    return stats, batch
+
+
+@triton.jit
+def _batch_groups(b, n_tiles, P, BATCH: tl.constexpr):
+    """(first tile, end tile, first group, end group) of batch b: BATCH consecutive tiles."""
+    first = b * BATCH
+    last = tl.minimum(first + BATCH, n_tiles)
+    return first, last, first // P, (last - 1) // P + 1
 
 
 @triton.jit
 def _gn_lagged_kernel(
     x_ptr, w_ptr, b_ptr, sh_ptr, y_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr, sync_ptr,
-    C, L, G, cpg, n_chunks, n_tiles, lag, sw, sb_, smn, smg, srn, srg, sxn, sxc, syn, syc, eps,
+    C, L, G, cpg, n_chunks, n_tiles, n_batches, lag, sw, sb_, smn, smg, srn, srg, sxn, sxc, syn, syc, eps,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, PRECISE: tl.constexpr,
-    TILE: tl.constexpr, BLOCK_P: tl.constexpr,
+    TILE: tl.constexpr, BLOCK_P: tl.constexpr, BATCH: tl.constexpr, STAGES: tl.constexpr, SPIN: tl.constexpr,
 ):
     """The forward's two passes in one persistent kernel over the one-pass tiles (TILE elements of one
-    channel's contiguous (t, s) row): each ticket either loads a tile and publishes its (mean, M2), or
-    waits for a tile's group, merges its partials and writes the tile's y, re-reading x. Apply tickets
-    trail their group's statistics by ``lag`` tiles (_lagged_ticket), a few MB, so that re-read hits
-    L2: DRAM moves x + y where the three-kernel forward moves up to 2x + y, and there are no kernel
-    boundaries or finalize pass to wait on.
+    channel's contiguous (t, s) row), BATCH consecutive tiles per ticket. A statistics ticket loads its
+    tiles, stores their (mean, M2) and publishes them to their groups; an apply ticket waits for its
+    groups, then re-reads x, merges each tile's group partials and writes y. Statistics tickets walk
+    their tiles in a software-pipelined loop (STAGES - 1 tiles in flight per program). Apply tickets trail their groups'
+    statistics by ``lag`` batches (_lagged_ticket), a few MB, so the re-read hits L2: DRAM moves x + y,
+    where the three-kernel forward moves up to 2x + y, with no kernel boundary or finalize to wait on.
 
     Why it cannot deadlock, however few programs run: tickets are taken in order, a statistics ticket
     never waits, and an apply ticket waits only for statistics tickets before it. A program holding
     one of those as its next ticket is busy with an earlier one, so the earliest waiting apply ticket
-    always finishes."""
+    always finishes. SPIN=False (the interpreter, which runs programs one by one and gives the first
+    every ticket) flags an unfinished group in the last sync slot instead of waiting, so a ticket order
+    that broke the rule fails (see _launch_lagged) rather than hangs."""
+    P = cpg * n_chunks
     u = tl.atomic_add(sync_ptr, 1, sem="relaxed")  # a ticket orders nothing: only its count matters
-    while u < 2 * n_tiles:
+    while u < 2 * n_batches:
         u_next = tl.atomic_add(sync_ptr, 1, sem="relaxed")  # in flight during this ticket
-        stats, i = _lagged_ticket(u, n_tiles, lag)
-        x = _one_pass_load(x_ptr, i, n_tiles, G, cpg, n_chunks, L, sxn, sxc, TILE)  # never written: before any wait
+        stats, b = _lagged_ticket(u, n_batches, lag)
+        first, last, g0, g1 = _batch_groups(b, n_tiles, P, BATCH)
         if stats:
-            _one_pass_publish(x, i, pmean_ptr, pm2_ptr, sync_ptr, G, cpg, n_chunks, L, TILE)
+            for i in tl.range(first, last, num_stages=STAGES):
+                x = _one_pass_load(x_ptr, i, n_tiles, G, cpg, n_chunks, L, sxn, sxc, TILE)
+                _store_partials(x, i, pmean_ptr, pm2_ptr, G, cpg, n_chunks, L, TILE)
+            tl.debug_barrier()  # every thread's stores precede the releases
+            for grp in range(g0, g1):  # one arrival per group: the batch's tiles in it
+                tl.atomic_add(sync_ptr + 1 + grp, tl.minimum(last, grp * P + P) - tl.maximum(first, grp * P),
+                              sem="release")
         else:
-            _one_pass_normalize(
-                x, i, w_ptr, b_ptr, sh_ptr, y_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr, sync_ptr,
-                C, L, G, cpg, n_chunks, sw, sb_, smn, smg, srn, srg, syn, syc, eps,
-                HAS_W, HAS_B, HAS_SHIFT, SILU, PRECISE, TILE, BLOCK_P,
-            )
+            for grp in range(g0, g1):
+                if SPIN:
+                    _wait_for_group(sync_ptr + 1 + grp, P)
+                elif tl.atomic_add(sync_ptr + 1 + grp, 0, sem="acquire") != P:
+                    tl.store(sync_ptr + 1 + n_tiles // P, 1)  # the slot after the groups' arrivals
+            # not pipelined: the pipeliner would turn the volatile loads of other programs' partials
+            # into cp.async.ca, through the L1 (x comes from L2 here anyway)
+            for i in range(first, last):
+                x = _one_pass_load(x_ptr, i, n_tiles, G, cpg, n_chunks, L, sxn, sxc, TILE)
+                _normalize_tile(x, i, w_ptr, b_ptr, sh_ptr, y_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr,
+                                C, L, G, cpg, n_chunks, sw, sb_, smn, smg, srn, srg, syn, syc, eps,
+                                HAS_W, HAS_B, HAS_SHIFT, SILU, PRECISE, TILE, BLOCK_P)
         u = u_next
 
 
@@ -805,7 +863,7 @@ def gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: float, s
 
     # 1. per-channel partial (mean, M2) over chunks of the (t, s) plane: only x's strides to merge
     t3, s3, (xs3,) = merge_ts([strides4(x)], t, s)
-    bc3, bs3 = tile_shape(c, s3, (xs3,), _STATS_TILE)
+    bc3, bs3 = tile_shape(c, s3, (xs3,), _STATS_TILE_CHANNELS_LAST if xs3[1] == 1 else _STATS_TILE)
     n_sb3 = cdiv(s3, bs3)
     n_cb3 = cdiv(c, bc3)
     per, n_chunks = _chunking(n, n_cb3, t3 * n_sb3, dev)
@@ -828,7 +886,7 @@ def gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: float, s
 
     # 3. y (reads x, writes y)
     t2, s2, (xs, ys) = merge_ts([strides4(x), strides4(y)], t, s)
-    block_c, block_s = tile_shape(c, s2, (xs, ys), _APPLY_TILE)
+    block_c, block_s = tile_shape(c, s2, (xs, ys), _APPLY_TILE_CHANNELS_LAST if xs[1] == 1 else _APPLY_TILE)
     n_sb = cdiv(s2, block_s)
     _gn_apply_kernel[(n * t2 * n_sb, cdiv(c, block_c))](
         x, w, b, sh, y, mean, rstd,
@@ -862,23 +920,38 @@ def _lagged_plan(views, t: int, s: int, cpg: int, element_size: int):
     return tile, length, strides
 
 
+def _lag_batches(n_batches: int, group_tiles: int, programs: int) -> int:
+    """Batches the lagged kernel's statistics run ahead. Apply batch b waits for groups whose tiles
+    reach cdiv(group_tiles - 1, BATCH) batches past it, and _lagged_ticket puts statistics batch s
+    (>= lag) before apply batch b when s - b <= lag: the lag must cover that reach (one more for
+    margin). Beyond it, LAGGED_DEPTH batches per program keep a group's statistics done, not just
+    started, by the time its apply batches come."""
+    reach = cdiv(group_tiles - 1, LAGGED_BATCH)
+    return min(n_batches, max(reach + 1, int(LAGGED_DEPTH * programs)))
+
+
 def _launch_lagged(tensors, c: int, num_groups: int, plan, scalars, eps: float, **meta):
     """Runs _gn_lagged_kernel on LAGGED_PROGRAMS_PER_SM programs per SM (under the interpreter the
-    first program takes every ticket, in order, so no wait ever blocks)."""
+    first program takes every ticket, in order)."""
     tile, length, (xs, ys) = plan
     x = tensors[0]
     n, cpg, dev = x.shape[0], c // num_groups, x.device
     n_chunks = cdiv(length, tile)
     partials = [empty((n, c, n_chunks), dtype=torch.float32, device=dev) for _ in range(2)]
     n_tiles = partials[0].numel()
-    programs = min(n_tiles, _INTERP_PERSISTENT if INTERPRETED else LAGGED_PROGRAMS_PER_SM * sm_count(dev))
-    lag = min(n_tiles, max(cpg * n_chunks, int(LAGGED_DEPTH * programs)))
-    sync = torch.zeros(1 + n * num_groups, dtype=torch.int32, device=dev)  # ticket, arrivals per group
+    n_batches = cdiv(n_tiles, LAGGED_BATCH)
+    programs = min(n_batches, _INTERP_PERSISTENT if INTERPRETED else LAGGED_PROGRAMS_PER_SM * sm_count(dev))
+    lag = _lag_batches(n_batches, cpg * n_chunks, programs)
+    # ticket, arrivals per group, and (interpreter) the order-error flag
+    sync = torch.zeros(2 + n * num_groups, dtype=torch.int32, device=dev)
     _gn_lagged_kernel[(programs,)](
-        *tensors, *partials, sync, c, length, num_groups, cpg, n_chunks, n_tiles, lag, *scalars,
+        *tensors, *partials, sync, c, length, num_groups, cpg, n_chunks, n_tiles, n_batches, lag, *scalars,
         xs[0], xs[1], ys[0], ys[1], eps,
-        TILE=tile, BLOCK_P=next_pow2(cpg * n_chunks), num_warps=warps_for(tile), **meta,
+        TILE=tile, BLOCK_P=next_pow2(cpg * n_chunks), BATCH=LAGGED_BATCH, STAGES=LAGGED_STAGES,
+        SPIN=not INTERPRETED, num_warps=warps_for(tile), **meta,
     )
+    if INTERPRETED and sync[-1]:
+        raise RuntimeError("lagged GroupNorm: an apply ticket came before its group's statistics")
 
 
 def _one_pass_plan(views, t: int, s: int, cpg: int, device: torch.device):
