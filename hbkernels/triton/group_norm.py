@@ -30,7 +30,12 @@ forward  _gn_one_pass_kernel: persistent grid (ONE_PASS_PROGRAMS_PER_SM per SM).
                           running per group, which bounds the tile from below (see _one_pass_plan).
 backward _gn_one_pass_bwd_kernel: the same with dy and x held, exchanging sum dz * xhat and sum dz.
 
-Memory traffic: forward reads x twice (one pass: once) and writes y once; the fused SiLU saves the
+Lagged (opt-in, LAGGED; NCHW): the forward's two passes in one persistent kernel (_gn_lagged_kernel).
+                          Tickets alternate between statistics batches (pipelined loads, partials
+                          published per group) and apply batches a few MB behind them (wait for
+                          the batch's groups, merge their partials once, re-read x from L2, write y).
+
+Memory traffic: forward reads x twice (one pass: once; lagged: the second time from L2) and writes y once; the fused SiLU saves the
 separate activation pass (one read + one write), and writing y straight into the token layout saves
 the permute copy (one more read + write). Backward reads dy and x twice (one pass: once) and writes
 dx once.
@@ -495,10 +500,26 @@ def _normalize_tile(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, PRECISE: tl.constexpr,
     TILE: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """Chan-merges the P published partials of tile t's group and writes y of the tile x."""
-    x = x.to(tl.float32)
+    """Merges the published partials of tile t's group (its first tile stores the group's mean and
+    rstd) and writes y of the tile x."""
     P = cpg * n_chunks
-    grp, k, n, c, ch, offs, mask, count = _ticket_tile(t, G, cpg, n_chunks, L, TILE)
+    grp = t // P
+    mean, rstd = _merge_group(grp, t == grp * P, sh_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr,
+                              C, L, G, cpg, n_chunks, smn, smg, srn, srg, eps, HAS_SHIFT, TILE, BLOCK_P)
+    _write_tile(x, t, mean, rstd, w_ptr, b_ptr, sh_ptr, y_ptr, C, L, G, cpg, n_chunks, sw, sb_, syn, syc,
+                HAS_W, HAS_B, HAS_SHIFT, SILU, PRECISE, TILE)
+
+
+@triton.jit
+def _merge_group(grp, store, sh_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr,
+                 C, L, G, cpg, n_chunks, smn, smg, srn, srg, eps,
+                 HAS_SHIFT: tl.constexpr, TILE: tl.constexpr, BLOCK_P: tl.constexpr):
+    """(mean, rstd) of group grp (n * G + g), Chan-merged from its P published partials; stored to the
+    (N, G) outputs where ``store``."""
+    P = cpg * n_chunks
+    n = grp // G
+    g = grp - n * G
+    n = n.to(tl.int64)
     part = grp.to(tl.int64) * P
     # x's means are merged as offsets from partial 0's: summed, P products of count and mean would lose
     # ulps of the mean itself, the offsets only ulps of their spread. The shift's mean is merged apart.
@@ -511,22 +532,30 @@ def _normalize_tile(
     mean = ref + offset
     if HAS_SHIFT:
         pi = tl.arange(0, BLOCK_P)
-        p_sh = _channel_vec(sh_ptr + n * C + (c - ch), pi // n_chunks, pi < P, 1, HAS_SHIFT, BLOCK_P)
+        p_sh = _channel_vec(sh_ptr + n * C + g * cpg, pi // n_chunks, pi < P, 1, HAS_SHIFT, BLOCK_P)
         mean_sh = tl.div_rn(tl.sum(p_cnt * p_sh, axis=0), total)
         d += p_sh - mean_sh
         mean += mean_sh
     p_m2 = _group_partials(pm2_ptr, part, P, n_chunks, L, TILE, BLOCK_P)[0]
     rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(tl.sum(p_m2 + p_cnt * d * d, axis=0), total) + eps))
-    if k == 0:
-        g = grp - n * G
+    if store:
         tl.store(mean_ptr + n * smn + g * smg, mean)
         tl.store(rstd_ptr + n * srn + g * srg, rstd)
+    return mean, rstd
+
+
+@triton.jit
+def _write_tile(x, t, mean, rstd, w_ptr, b_ptr, sh_ptr, y_ptr, C, L, G, cpg, n_chunks, sw, sb_, syn, syc,
+                HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
+                PRECISE: tl.constexpr, TILE: tl.constexpr):
+    """y of tile t (x) from its group's mean and rstd."""
+    grp, k, n, c, ch, offs, mask, count = _ticket_tile(t, G, cpg, n_chunks, L, TILE)
     if HAS_SHIFT:
         mean -= tl.load(sh_ptr + n * C + c)  # (x + shift - mean) = (x - (mean - shift))
     a = rstd
     if HAS_W:
         a *= tl.load(w_ptr + c * sw).to(tl.float32)
-    y = (x - mean) * a
+    y = (x.to(tl.float32) - mean) * a
     if HAS_B:
         y += tl.load(b_ptr + c * sb_).to(tl.float32)
     if SILU:
@@ -589,25 +618,26 @@ def _lagged_ticket(u, n_batches, lag):
 
 
 @triton.jit
-def _batch_groups(b, n_tiles, P, BATCH: tl.constexpr):
-    """(first tile, end tile, first group, end group) of batch b: BATCH consecutive tiles."""
-    first = b * BATCH
-    last = tl.minimum(first + BATCH, n_tiles)
+def _batch_groups(b, n_tiles, P, batch):
+    """(first tile, end tile, first group, end group) of batch b: ``batch`` consecutive tiles."""
+    first = b * batch
+    last = tl.minimum(first + batch, n_tiles)
     return first, last, first // P, (last - 1) // P + 1
 
 
 @triton.jit
 def _gn_lagged_kernel(
     x_ptr, w_ptr, b_ptr, sh_ptr, y_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr, sync_ptr,
-    C, L, G, cpg, n_chunks, n_tiles, n_batches, lag, sw, sb_, smn, smg, srn, srg, sxn, sxc, syn, syc, eps,
+    C, L, G, cpg, n_chunks, n_tiles, batch, n_batches, lag, sw, sb_, smn, smg, srn, srg, sxn, sxc, syn, syc, eps,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, PRECISE: tl.constexpr,
-    TILE: tl.constexpr, BLOCK_P: tl.constexpr, BATCH: tl.constexpr, STAGES: tl.constexpr, SPIN: tl.constexpr,
+    TILE: tl.constexpr, BLOCK_P: tl.constexpr, STAGES: tl.constexpr, SPIN: tl.constexpr,
 ):
     """The forward's two passes in one persistent kernel over the one-pass tiles (TILE elements of one
-    channel's contiguous (t, s) row), BATCH consecutive tiles per ticket. A statistics ticket loads its
-    tiles, stores their (mean, M2) and publishes them to their groups; an apply ticket waits for its
-    groups, then re-reads x, merges each tile's group partials and writes y. Statistics tickets walk
-    their tiles in a software-pipelined loop (STAGES - 1 tiles in flight per program). Apply tickets trail their groups'
+    channel's contiguous (t, s) row), ``batch`` (<= P) consecutive tiles per ticket. A statistics
+    ticket loads its tiles, stores their (mean, M2) and publishes them to their groups; an apply
+    ticket waits for its (one or two) groups, merges their partials once, then re-reads x and writes
+    y. Both walk their tiles in a software-pipelined loop (STAGES - 1 tiles in flight per program;
+    the partials, which other programs wrote, are read before it with volatile loads). Apply tickets trail their groups'
     statistics by ``lag`` batches (_lagged_ticket), a few MB, so the re-read hits L2: DRAM moves x + y,
     where the three-kernel forward moves up to 2x + y, with no kernel boundary or finalize to wait on.
 
@@ -622,7 +652,7 @@ def _gn_lagged_kernel(
     while u < 2 * n_batches:
         u_next = tl.atomic_add(sync_ptr, 1, sem="relaxed")  # in flight during this ticket
         stats, b = _lagged_ticket(u, n_batches, lag)
-        first, last, g0, g1 = _batch_groups(b, n_tiles, P, BATCH)
+        first, last, g0, g1 = _batch_groups(b, n_tiles, P, batch)
         if stats:
             for i in tl.range(first, last, num_stages=STAGES):
                 x = _one_pass_load(x_ptr, i, n_tiles, G, cpg, n_chunks, L, sxn, sxc, TILE)
@@ -637,13 +667,19 @@ def _gn_lagged_kernel(
                     _wait_for_group(sync_ptr + 1 + grp, P)
                 elif tl.atomic_add(sync_ptr + 1 + grp, 0, sem="acquire") != P:
                     tl.store(sync_ptr + 1 + n_tiles // P, 1)  # the slot after the groups' arrivals
-            # not pipelined: the pipeliner would turn the volatile loads of other programs' partials
-            # into cp.async.ca, through the L1 (x comes from L2 here anyway)
-            for i in range(first, last):
+            # the batch's groups (batch <= P: at most two), each stored by the batch holding its first tile
+            mean0, rstd0 = _merge_group(g0, first == g0 * P, sh_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr,
+                                        C, L, G, cpg, n_chunks, smn, smg, srn, srg, eps, HAS_SHIFT, TILE, BLOCK_P)
+            mean1, rstd1 = mean0, rstd0
+            if g1 - g0 > 1:
+                mean1, rstd1 = _merge_group(g0 + 1, True, sh_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr,
+                                            C, L, G, cpg, n_chunks, smn, smg, srn, srg, eps, HAS_SHIFT, TILE, BLOCK_P)
+            for i in tl.range(first, last, num_stages=STAGES):
                 x = _one_pass_load(x_ptr, i, n_tiles, G, cpg, n_chunks, L, sxn, sxc, TILE)
-                _normalize_tile(x, i, w_ptr, b_ptr, sh_ptr, y_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr,
-                                C, L, G, cpg, n_chunks, sw, sb_, smn, smg, srn, srg, syn, syc, eps,
-                                HAS_W, HAS_B, HAS_SHIFT, SILU, PRECISE, TILE, BLOCK_P)
+                second = i >= (g0 + 1) * P
+                _write_tile(x, i, tl.where(second, mean1, mean0), tl.where(second, rstd1, rstd0),
+                            w_ptr, b_ptr, sh_ptr, y_ptr, C, L, G, cpg, n_chunks, sw, sb_, syn, syc,
+                            HAS_W, HAS_B, HAS_SHIFT, SILU, PRECISE, TILE)
         u = u_next
 
 
@@ -920,13 +956,13 @@ def _lagged_plan(views, t: int, s: int, cpg: int, element_size: int):
     return tile, length, strides
 
 
-def _lag_batches(n_batches: int, group_tiles: int, programs: int) -> int:
+def _lag_batches(n_batches: int, group_tiles: int, batch: int, programs: int) -> int:
     """Batches the lagged kernel's statistics run ahead. Apply batch b waits for groups whose tiles
-    reach cdiv(group_tiles - 1, BATCH) batches past it, and _lagged_ticket puts statistics batch s
+    reach cdiv(group_tiles - 1, batch) batches past it, and _lagged_ticket puts statistics batch s
     (>= lag) before apply batch b when s - b <= lag: the lag must cover that reach (one more for
     margin). Beyond it, LAGGED_DEPTH batches per program keep a group's statistics done, not just
     started, by the time its apply batches come."""
-    reach = cdiv(group_tiles - 1, LAGGED_BATCH)
+    reach = cdiv(group_tiles - 1, batch)
     return min(n_batches, max(reach + 1, int(LAGGED_DEPTH * programs)))
 
 
@@ -939,15 +975,16 @@ def _launch_lagged(tensors, c: int, num_groups: int, plan, scalars, eps: float, 
     n_chunks = cdiv(length, tile)
     partials = [empty((n, c, n_chunks), dtype=torch.float32, device=dev) for _ in range(2)]
     n_tiles = partials[0].numel()
-    n_batches = cdiv(n_tiles, LAGGED_BATCH)
+    batch = min(LAGGED_BATCH, cpg * n_chunks)  # within a group's tiles: a batch spans two groups at most
+    n_batches = cdiv(n_tiles, batch)
     programs = min(n_batches, _INTERP_PERSISTENT if INTERPRETED else LAGGED_PROGRAMS_PER_SM * sm_count(dev))
-    lag = _lag_batches(n_batches, cpg * n_chunks, programs)
+    lag = _lag_batches(n_batches, cpg * n_chunks, batch, programs)
     # ticket, arrivals per group, and (interpreter) the order-error flag
     sync = torch.zeros(2 + n * num_groups, dtype=torch.int32, device=dev)
     _gn_lagged_kernel[(programs,)](
-        *tensors, *partials, sync, c, length, num_groups, cpg, n_chunks, n_tiles, n_batches, lag, *scalars,
+        *tensors, *partials, sync, c, length, num_groups, cpg, n_chunks, n_tiles, batch, n_batches, lag, *scalars,
         xs[0], xs[1], ys[0], ys[1], eps,
-        TILE=tile, BLOCK_P=next_pow2(cpg * n_chunks), BATCH=LAGGED_BATCH, STAGES=LAGGED_STAGES,
+        TILE=tile, BLOCK_P=next_pow2(cpg * n_chunks), STAGES=LAGGED_STAGES,
         SPIN=not INTERPRETED, num_warps=warps_for(tile), **meta,
     )
     if INTERPRETED and sync[-1]:
