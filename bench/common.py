@@ -27,6 +27,10 @@ def device_name(dev: torch.device) -> str:
 
 
 def git_commit() -> str:
+    """The checked-out commit (-dirty with local changes), or HBKERNELS_COMMIT where that is set: a lent
+    GPU's copy of the working tree can carry a stale .git, which reported an older HEAD plus "-dirty"."""
+    if os.environ.get("HBKERNELS_COMMIT"):
+        return os.environ["HBKERNELS_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
                              cwd=os.path.dirname(os.path.abspath(__file__)))

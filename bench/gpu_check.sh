@@ -14,7 +14,8 @@
 # set by GN_KNOBS (default "LAGGED=True"), into RESULTS/knobs); SWEEP_OP sweeps one op only, SWEEP_KNOB
 # only the GroupNorm settings of one knob; TEST_FILES replaces the test list; per-step limits: TESTS_LIMIT, UNET_LIMIT,
 # PIPELINE_LIMIT, OPS_LIMIT, OPS_GRAPH_LIMIT, SWEEP_LIMIT; UNET_CASE, UNET_STATE and UNET_IMPLS (comma-separated) filter U-Net rows,
-# OPS_ARGS="--quick --no-compile" shortens the op runs. E.g. after a U-Net change:
+# OPS_ARGS="--quick --no-compile" shortens the op runs; HBKERNELS_COMMIT names the commit in every result
+# file where the checkout's .git is stale (a lent GPU's copy). E.g. after a U-Net change:
 #   STEPS="unet_step ops_graph tests" UNET_COMPILE= UNET_CASE=0.7b UNET_LIMIT=480 OPS_ARGS="--quick --no-compile" OPS_GRAPH_LIMIT=90 TESTS_LIMIT=120 bench/gpu_check.sh
 set -u
 log=${1:-gpu-check.log}
@@ -33,7 +34,7 @@ step() {
     tar -cf "$tarball" -C "$res" . 2>/dev/null
 }
 
-{ date -u; git rev-parse --short HEAD 2>/dev/null
+{ date -u; echo "commit ${HBKERNELS_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 } >>"$log" 2>&1

@@ -44,11 +44,11 @@ GN_APPLY_MAXNREG = (32,)  # besides the default (none)
 GN_ONE_PASS_TILES = (8192,)  # besides the default; level 0 T16: 50 programs per group instead of 100
 GN_ONE_PASS_PROGRAMS_PER_SM = (3, 4)  # besides the default: the persistent forward's grid
 # The lagged forward: switched on at its defaults, then a grid of programs per SM x tile bytes x tiles
-# per ticket x pipeline stages, and lag depths at its defaults
+# per ticket, and pipeline stages and lag depths at its defaults
 GN_LAGGED_PROGRAMS_PER_SM = (2, 4)
 GN_LAGGED_TILE_BYTES = (8192, 16384)
-GN_LAGGED_BATCHES = (4, 16)
-GN_LAGGED_STAGES = (3, 4)
+GN_LAGGED_BATCHES = (2, 4, 8)
+GN_LAGGED_STAGES = (2, 4)
 GN_LAGGED_DEPTHS = (0.5, 2)
 # (label, tokens N, frames T, heads, head dim): VideoCrafter2 / Hummingbird level 0 at 320x512, batch 1
 ATTN_SHAPES = [(f"vc2 L0 B1 T{t}", 40 * 64, t, 5, 64) for t in (16, 26)]
@@ -67,10 +67,12 @@ def _gn_forward_settings():
 
 
 def _lagged_settings():
-    grid = itertools.product(GN_LAGGED_PROGRAMS_PER_SM, GN_LAGGED_TILE_BYTES, GN_LAGGED_BATCHES, GN_LAGGED_STAGES)
+    grid = itertools.product(GN_LAGGED_PROGRAMS_PER_SM, GN_LAGGED_TILE_BYTES, GN_LAGGED_BATCHES)
     return [dict(LAGGED=True)] + \
-        [dict(LAGGED=True, LAGGED_PROGRAMS_PER_SM=p, _LAGGED_TILE_BYTES=t, LAGGED_BATCH=b, LAGGED_STAGES=st)
-         for p, t, b, st in grid] + [dict(LAGGED=True, LAGGED_DEPTH=d) for d in GN_LAGGED_DEPTHS]
+        [dict(LAGGED=True, LAGGED_PROGRAMS_PER_SM=p, _LAGGED_TILE_BYTES=t, LAGGED_BATCH=b) for p, t, b in grid
+         if (p, t, b) != (gn.LAGGED_PROGRAMS_PER_SM, gn._LAGGED_TILE_BYTES, gn.LAGGED_BATCH)] + \
+        [dict(LAGGED=True, LAGGED_STAGES=st) for st in GN_LAGGED_STAGES] + \
+        [dict(LAGGED=True, LAGGED_DEPTH=d) for d in GN_LAGGED_DEPTHS]
 
 
 def _one_pass_settings():

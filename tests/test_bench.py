@@ -140,6 +140,15 @@ def test_every_op_suite_runs(dtype, monkeypatch):
     assert len(calls) == len(report.rows)
 
 
+def test_git_commit_override(monkeypatch):
+    """HBKERNELS_COMMIT names the commit where the checkout's git cannot; otherwise git's short HEAD."""
+    monkeypatch.delenv("HBKERNELS_COMMIT", raising=False)
+    own = common.git_commit()
+    assert own == "unknown" or own.split("-")[0].isalnum()
+    monkeypatch.setenv("HBKERNELS_COMMIT", "1234abc")
+    assert common.git_commit() == "1234abc" and common.Report(device="x").commit == "1234abc"
+
+
 LAYOUTS = (torch.contiguous_format, torch.channels_last_3d)
 
 

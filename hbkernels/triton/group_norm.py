@@ -70,10 +70,9 @@ _STATS_TILE = 2048
 _STATS_TILE_CHANNELS_LAST = 1024
 APPLY_REVERSED = True
 # Pipeline stages of the statistics loop (and the backward's partial sums): tiles in flight per program
-# = STATS_STAGES - 1, in shared memory (4 KiB each at the fp16 2048-element tile). Chosen from sm_90
-# code at the U-Net's level 0, not yet timed: 4 keeps 3 tiles ahead at 70-72 registers (7 programs per
-# SM, 84 KiB in flight per SM) where the tile-ahead-in-registers loop timed above kept 1 tile at 80 / 101
-# registers (6 / 4 programs: 48 / 32 KiB per SM, NCHW / channels-last).
+# = STATS_STAGES - 1, in shared memory (4 KiB each at the fp16 2048-element tile). 4 keeps 3 tiles
+# ahead at 70-72 sm_90 registers (7 programs per SM, 84 KiB in flight per SM). H100, level 0: 3, 4 and
+# 5 stages within 0.6-1.3 us of each other at every statistics setting that wins.
 STATS_STAGES = 4
 # Elements per apply tile (8 warps). sm_90, level 0: 4096 -> 35-40 registers, 6 programs (48 KiB of x in
 # flight per SM); 8192 -> 57-62, 4 (64 KiB); 16384 -> 88-91, 2 (64 KiB). H100, level 0: 4096 and 8192
@@ -82,18 +81,19 @@ STATS_STAGES = 4
 _APPLY_TILE = 4096
 _APPLY_TILE_CHANNELS_LAST = 8192
 # Register cap of the apply kernel (CUDA only; None: the compiler's choice). 32 fits 8 programs of 8 warps
-# per sm_90 SM instead of 6, spilling 8 (NCHW) / 48 (channels-last) bytes per thread. Not yet timed.
+# per sm_90 SM instead of 6, spilling 8 (NCHW) / 48 (channels-last) bytes per thread. H100, level 0: a
+# tie on NCHW x, 4.5-8.7 us slower on channels-last x.
 _APPLY_MAXNREG = None
 # Programmatic dependent launch (sm_90+ CUDA): the statistics and finalize kernels let the next one
 # launch early; the finalize's programs wait for the statistics on their SMs, and the apply pass loads its x
 # tile (not written by the kernels before it) before it waits for the finalize's mean and rstd. Hides
-# the launch gaps and the finalize's latency (3.3 us of the 33.5 at level 0, T16); not yet timed.
+# the launch gaps and part of the finalize's latency: 2.1-3.5 us of 33-65 at level 0 on an H100.
 PDL = True
 # One pass (_gn_one_pass_kernel, _gn_one_pass_bwd_kernel): x (and dy) read once, held in registers while
 # each group's programs exchange partial sums; applies where every channel's (t, s) row is contiguous in
-# every tensor (NCHW). Off by default: on an H100 at level 0, T16, its first forward (one tile per program)
-# lost to the two passes (40.7-45.6 us against 33.4) while its backward won (58.6 against 63.9); the
-# persistent forward that replaced it is not yet timed. `bench.sweep` times it against the two passes.
+# every tensor (NCHW). Off by default: on an H100 at level 0 its forward loses to the two passes (T16:
+# 40.7-59.7 us against 33.4, one tile per program or persistent; T26: 67 against 51), its backward
+# wins at T16 (58.6-59.7 against 63.9) and loses at T26 (107 against 92).
 # Tile per program: the smallest power of two from _ONE_PASS_MIN_TILE that keeps a group's programs
 # within one per SM (the condition for the group to be resident at once), at most _ONE_PASS_MAX_TILE
 # for the element size (else the two-pass kernels). Level 0 at 320x512: 4096 (T16: 100 programs per
@@ -104,8 +104,9 @@ PDL = True
 ONE_PASS = False
 ONE_PASS_MIN_RESIDENT = 2
 # Programs per SM of the persistent one-pass forward, which hold two tiles each (sm_90, fp16, 8 warps,
-# triton 3.6: 72 / 111 registers at 4096 / 8192-element tiles, 3 / 2 programs resident per SM). Not yet
-# timed; more programs than fit start only as others finish, on the tickets left.
+# triton 3.6: 72 / 111 registers at 4096 / 8192-element tiles, 3 / 2 programs resident per SM); more
+# programs than fit start only as others finish, on the tickets left. H100, level 0, T16: 2 / 3 / 4 per
+# SM took 59.7 / 46.0 / 45.9 us.
 ONE_PASS_PROGRAMS_PER_SM = 2
 _ONE_PASS_MIN_TILE = 4096
 _ONE_PASS_MAX_TILE = {2: 8192, 4: 4096}  # by element size: the tile is held in registers
@@ -115,14 +116,17 @@ _ONE_PASS_MAX_TILE = {2: 8192, 4: 4096}  # by element size: the tile is held in 
 # Off: on an H100 at level 0 its first version (one tile per ticket, unpipelined) took 35.5 / 57.3 us
 # at T16 / T26 at best (4 programs per SM, 16 KiB tiles, depth 1) against 33.4 / 50.7 for the two
 # passes. This one takes LAGGED_BATCH tiles of _LAGGED_TILE_BYTES per ticket, walked with LAGGED_STAGES
-# pipeline stages (sm_90, fp16 4096-element tiles: see tests/gpu_compile_check.py); not yet timed.
+# pipeline stages (sm_90, fp16 4096-element tiles: 64 registers, 4 programs per SM); not yet timed.
+# The x between a tile's two reads is about LAGGED_DEPTH rounds of tickets, a round being programs x
+# batch x tile bytes: 4 per SM x 2 x 8 KiB = 8.6 MB on an H100, a third of the L2, with every tile of
+# each batch in flight at once (batch = stages - 1). Rounds past the L2 lose the reuse.
 LAGGED = False
 LAGGED_PROGRAMS_PER_SM = 4
 LAGGED_DEPTH = 1
-LAGGED_BATCH = 8
+LAGGED_BATCH = 2
 LAGGED_STAGES = 3
 _LAGGED_TILE_BYTES = 8192
-_LAGGED_MAX_PARTIALS = 1024  # tiles per group: each apply tile merges them all in registers
+_LAGGED_MAX_PARTIALS = 1024  # tiles per group: each apply batch merges them all in registers
 _INTERP_GROUP_PROGRAMS = 32  # the interpreter runs programs one by one: no residency limit, only cost
 _INTERP_PERSISTENT = 2  # persistent programs under the interpreter (the first takes every ticket)
 _INTERP_CHUNKS = 3  # a few programs per (n, channel block) under TRITON_INTERPRET (still exercises merging)
