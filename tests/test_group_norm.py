@@ -172,6 +172,21 @@ def test_group_norm_finalize_merges_several_blocks(monkeypatch, backend_name):
                           [x, w, shift], backend_name, torch.float32)
 
 
+def check_silu_group_norm(shape, groups, backend_name, dtype, with_shift):
+    """group_norm with weight, bias, SiLU (and the time-embedding shift) against float64, forward and
+    gradients of every input."""
+    n, c = shape[:2]
+    x = rand(*shape, dtype=torch.float64, mean=3.0, requires_grad=True)
+    w = rand(c, dtype=torch.float64, mean=1.0, requires_grad=True)
+    b = rand(c, dtype=torch.float64, requires_grad=True)
+    inputs = [x, w, b] + ([(10 * rand(n, c, dtype=torch.float64)).requires_grad_()] if with_shift else [])
+
+    def fn(x, w, b, shift=None):
+        return hbkernels.group_norm(x, groups, w, b, activation="silu", shift=shift)
+
+    check_against_float64(fn, inputs, backend_name, dtype)
+
+
 def one_pass_calls(monkeypatch, min_tile):
     """Switches the one-pass kernels on (tiles from min_tile) and records, per kernel, the first tensor
     and the plan of each launch."""
@@ -200,16 +215,7 @@ def test_group_norm_one_pass(monkeypatch, backend_name, dtype, shape, groups, mi
     write the tiles they hold) against float64. From 8-element tiles every quick shape's channels
     split into several (the interpreter's limit of programs per group doubles the smaller tiles)."""
     calls = one_pass_calls(monkeypatch, min_tile)
-    n, c = shape[:2]
-    x = rand(*shape, dtype=torch.float64, mean=3.0, requires_grad=True)
-    w = rand(c, dtype=torch.float64, mean=1.0, requires_grad=True)
-    b = rand(c, dtype=torch.float64, requires_grad=True)
-    inputs = [x, w, b] + ([(10 * rand(n, c, dtype=torch.float64)).requires_grad_()] if with_shift else [])
-
-    def fn(x, w, b, shift=None):
-        return hbkernels.group_norm(x, groups, w, b, activation="silu", shift=shift)
-
-    check_against_float64(fn, inputs, backend_name, dtype)
+    check_silu_group_norm(shape, groups, backend_name, dtype, with_shift)
     assert all(calls.values())  # the one-pass forward and backward ran, not the two-pass fallbacks
     x4, (tile, _, _) = calls["_gn_one_pass_kernel"][0]  # the (N, C, T, S) view and the tile per program
     if min_tile == 8:
@@ -325,16 +331,7 @@ def test_group_norm_lagged(monkeypatch, backend_name, dtype, shape, groups, tile
     ticket; a depth past the batch count puts every statistics batch first; the default tile is one
     or a few per channel row."""
     tiles = lagged_calls(monkeypatch, 8192 if tile is None else tile * dtype.itemsize, depth, batch)
-    n, c = shape[:2]
-    x = rand(*shape, dtype=torch.float64, mean=3.0, requires_grad=True)
-    w = rand(c, dtype=torch.float64, mean=1.0, requires_grad=True)
-    b = rand(c, dtype=torch.float64, requires_grad=True)
-    inputs = [x, w, b] + ([(10 * rand(n, c, dtype=torch.float64)).requires_grad_()] if with_shift else [])
-
-    def fn(x, w, b, shift=None):
-        return hbkernels.group_norm(x, groups, w, b, activation="silu", shift=shift)
-
-    check_against_float64(fn, inputs, backend_name, dtype)  # the backward reads the lagged mean and rstd
+    check_silu_group_norm(shape, groups, backend_name, dtype, with_shift)  # the backward reads the lagged mean, rstd
     assert tiles  # the lagged forward ran, not the two-pass fallback
     x4, launched_tile = tiles[0]
     if tile is not None:
