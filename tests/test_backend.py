@@ -153,3 +153,14 @@ def test_expanded_output_gradient(backend_name, op):
             out = fn(*inputs)
             got[name] = torch.autograd.grad(out, inputs, output_gradient(out, "sum"))
     assert_gradients_close(got[backend_name], got["torch"], op, rtol=1e-4, atol=1e-5)
+
+
+def test_poisoning_stays_out_of_compiled_graphs(monkeypatch):
+    """HBKERNELS_POISON fills kernel outputs with NaN in eager code only: traced into a graph, the fill
+    made torch 2.11's AOTAutograd return zero gradients for the video ops."""
+    monkeypatch.setattr(backend, "POISON", True)
+    assert backend._poisoning()
+    torch._dynamo.reset()
+    assert torch.compile(backend._poisoning, fullgraph=True, backend="eager")() is False
+    monkeypatch.setattr(backend, "POISON", False)
+    assert not backend._poisoning()
