@@ -883,13 +883,6 @@ def gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: float, s
     sh = shift if shift is not None else mean
     ms = (mean.stride(0), mean.stride(1), rstd.stride(0), rstd.stride(1))
     dev = x.device
-    if LAGGED:
-        plan = _lagged_plan([x, y], t, s, cpg, x.element_size())
-        if plan is not None:
-            _launch_lagged((x, w, b, sh, y, mean, rstd), c, num_groups, plan, (sw, sb_, *ms), float(eps),
-                           HAS_W=weight is not None, HAS_B=bias is not None, HAS_SHIFT=shift is not None,
-                           SILU=bool(silu), PRECISE=x.dtype == torch.float32)
-            return
     if ONE_PASS:
         plan = _one_pass_plan([x, y], t, s, cpg, dev)
         if plan is not None:
@@ -898,6 +891,13 @@ def gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: float, s
                              (sw, sb_, *ms, xs[0], xs[1], ys[0], ys[1], float(eps)),
                              HAS_W=weight is not None, HAS_B=bias is not None, HAS_SHIFT=shift is not None,
                              SILU=bool(silu), PRECISE=x.dtype == torch.float32, persistent=True)
+            return
+    if LAGGED:  # after ONE_PASS, which switches both directions
+        plan = _lagged_plan([x, y], t, s, cpg, x.element_size())
+        if plan is not None:
+            _launch_lagged((x, w, b, sh, y, mean, rstd), c, num_groups, plan, (sw, sb_, *ms), float(eps),
+                           HAS_W=weight is not None, HAS_B=bias is not None, HAS_SHIFT=shift is not None,
+                           SILU=bool(silu), PRECISE=x.dtype == torch.float32)
             return
     pdl = _pdl(dev)
 
