@@ -5,8 +5,8 @@ to keep.
 - group_norm (+SiLU): the forward's statistics programs per SM, statistics tile, pipeline stages of
   the statistics loop, and (at the default) the apply order, apply tile, apply register cap,
   programmatic dependent launch, the one-pass forward (NCHW only: its tile and its persistent
-  programs per SM) and the lagged forward (NCHW only: programs per SM, tile, tiles per ticket, stages,
-  lag depth; see hbkernels/triton/group_norm.py); channels-last shapes set their own tile knobs
+  programs per SM) and the lagged forward (NCHW only: programs per SM, tile, tiles per batch, stages,
+  lag depth, own batches; see hbkernels/triton/group_norm.py); channels-last shapes set their own tile knobs
   (*_CHANNELS_LAST). The default setting is also
   profiled: microseconds per call of each of its kernels (statistics, finalize, apply), which says
   which pass to work on next. The backward's partial-sums pass shares the statistics loop's stages:
@@ -50,6 +50,7 @@ GN_LAGGED_TILE_BYTES = (8192, 16384)
 GN_LAGGED_BATCHES = (2, 4, 8)
 GN_LAGGED_STAGES = (2, 4)
 GN_LAGGED_DEPTHS = (0.5, 2)
+GN_LAGGED_OWN_BATCHES = (1, 2, 4)  # programs applying their own batches: programs per SM x tiles per batch
 # (label, tokens N, frames T, heads, head dim): VideoCrafter2 / Hummingbird level 0 at 320x512, batch 1
 ATTN_SHAPES = [(f"vc2 L0 B1 T{t}", 40 * 64, t, 5, 64) for t in (16, 26)]
 ATTN_WARPS = (None, 1, 2, 4, 8)
@@ -72,7 +73,9 @@ def _lagged_settings():
         [dict(LAGGED=True, LAGGED_PROGRAMS_PER_SM=p, _LAGGED_TILE_BYTES=t, LAGGED_BATCH=b) for p, t, b in grid
          if (p, t, b) != (gn.LAGGED_PROGRAMS_PER_SM, gn._LAGGED_TILE_BYTES, gn.LAGGED_BATCH)] + \
         [dict(LAGGED=True, LAGGED_STAGES=st) for st in GN_LAGGED_STAGES] + \
-        [dict(LAGGED=True, LAGGED_DEPTH=d) for d in GN_LAGGED_DEPTHS]
+        [dict(LAGGED=True, LAGGED_DEPTH=d) for d in GN_LAGGED_DEPTHS] + \
+        [dict(LAGGED=True, LAGGED_OWN=True, LAGGED_PROGRAMS_PER_SM=p, LAGGED_BATCH=b)
+         for p, b in itertools.product(GN_LAGGED_PROGRAMS_PER_SM, GN_LAGGED_OWN_BATCHES)]
 
 
 def _one_pass_settings():

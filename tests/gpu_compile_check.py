@@ -120,7 +120,13 @@ def group_norm_cases():
         affine = rand(320, dtype=dtype), rand(320, dtype=dtype)
         kernels.gn_fwd(x.flatten(3), *affine, shift, torch.empty_like(x).flatten(3), torch.empty(1, 32),
                        torch.empty(1, 32), 32, 1e-5, True)
-    group_norm.LAGGED, group_norm._LAGGED_TILE_BYTES = False, 8192
+    group_norm.LAGGED_OWN, group_norm._LAGGED_TILE_BYTES = True, 8192  # own batches: T16 and T26 queues
+    for t in (16, 26):
+        x = rand(1, 320, t, 40, 64, dtype=torch.float16)
+        affine = rand(320, dtype=torch.float16), rand(320, dtype=torch.float16)
+        kernels.gn_fwd(x.flatten(3), *affine, None, torch.empty_like(x).flatten(3), torch.empty(1, 32),
+                       torch.empty(1, 32), 32, 1e-5, True)
+    group_norm.LAGGED, group_norm.LAGGED_OWN, group_norm._LAGGED_TILE_BYTES = False, False, 8192
 
 
 def elementwise_cases():

@@ -291,12 +291,13 @@ def test_group_norm_one_pass_plan(monkeypatch):
     assert tile((1, 32, 1, 8192 * 133), 1) is None  # 133 tiles of the largest size per channel
 
 
-def lagged_calls(monkeypatch, tile_bytes, depth, batch):
-    """Switches the lagged forward on (tiles of tile_bytes, lag depth, tiles per ticket) and records the
-    tile of each launch."""
+def lagged_calls(monkeypatch, tile_bytes, depth, batch, own=False):
+    """Switches the lagged forward on (tiles of tile_bytes, lag depth, tiles per batch, programs applying
+    their own batches) and records the tile of each launch."""
     from hbkernels.triton import group_norm as gn
 
     monkeypatch.setattr(gn, "LAGGED", True)
+    monkeypatch.setattr(gn, "LAGGED_OWN", own)
     monkeypatch.setattr(gn, "_LAGGED_TILE_BYTES", tile_bytes)
     monkeypatch.setattr(gn, "LAGGED_DEPTH", depth)
     monkeypatch.setattr(gn, "LAGGED_BATCH", batch)
@@ -311,26 +312,28 @@ def lagged_calls(monkeypatch, tile_bytes, depth, batch):
     return tiles
 
 
-# (id, tile elements or None for the default tile, lag depth, tiles per ticket, with shift): the
-# 8-element-tile cases only in fp32 on the CPU (the interpreter pays per tile; the dtype changes only
-# loads and stores, which the default tile covers). Depth 1 leaves the lag at its minimum under the
-# interpreter (2 programs), where an apply ticket placed before its group's statistics raises.
-LAGGED_CASES = [("small_tiles_shift", 8, 1, 3, True), ("one_tile_per_ticket", 8, 1, 1, False),
-                ("all_statistics_first", 8, 10 ** 6, 8, False), ("default_tile", None, 1, 8, False)]
+# (id, tile elements or None for the default tile, lag depth, tiles per batch, own batches, with shift):
+# the 8-element-tile cases only in fp32 on the CPU (the interpreter pays per tile; the dtype changes
+# only loads and stores, which the default tile covers). Depth 1 leaves the lag at its minimum under
+# the interpreter (2 programs), where an apply ticket placed before its group's statistics raises;
+# own batches queue up to a group's reach (a ring that wraps several times here).
+LAGGED_CASES = [("small_tiles_shift", 8, 1, 3, False, True), ("one_tile_per_ticket", 8, 1, 1, False, False),
+                ("all_statistics_first", 8, 10 ** 6, 8, False, False), ("default_tile", None, 1, 8, False, False),
+                ("own_batches_shift", 8, 1, 3, True, True), ("own_default_tile", None, 1, 2, True, False)]
 
 
 @pytest.mark.parametrize("backend_name", TRITON_BACKENDS)
 @pytest.mark.parametrize("shape,groups", shapes(QUICK, FULL))
-@pytest.mark.parametrize("dtype,tile,depth,batch,with_shift", [
-    pytest.param(d.values[0], tile, depth, batch, shift, id=f"{name}-{d.id}")
-    for name, tile, depth, batch, shift in LAGGED_CASES for d in (DTYPES if ON_GPU else DTYPES[:2])
+@pytest.mark.parametrize("dtype,tile,depth,batch,own,with_shift", [
+    pytest.param(d.values[0], tile, depth, batch, own, shift, id=f"{name}-{d.id}")
+    for name, tile, depth, batch, own, shift in LAGGED_CASES for d in (DTYPES if ON_GPU else DTYPES[:2])
     if ON_GPU or tile is None or d.values[0] == torch.float32])
-def test_group_norm_lagged(monkeypatch, backend_name, dtype, shape, groups, tile, depth, batch, with_shift):
+def test_group_norm_lagged(monkeypatch, backend_name, dtype, shape, groups, tile, depth, batch, own, with_shift):
     """The lagged forward (statistics and apply batches interleaved in one kernel) against float64:
     8-element tiles split every channel's row and a group across batches, one tile or three per
-    ticket; a depth past the batch count puts every statistics batch first; the default tile is one
-    or a few per channel row."""
-    tiles = lagged_calls(monkeypatch, 8192 if tile is None else tile * dtype.itemsize, depth, batch)
+    batch; a depth past the batch count puts every statistics batch first; the default tile is one
+    or a few per channel row; programs applying their own batches from a queue."""
+    tiles = lagged_calls(monkeypatch, 8192 if tile is None else tile * dtype.itemsize, depth, batch, own)
     check_silu_group_norm(shape, groups, backend_name, dtype, with_shift)  # the backward reads the lagged mean, rstd
     assert tiles  # the lagged forward ran, not the two-pass fallback
     x4, launched_tile = tiles[0]

@@ -33,7 +33,8 @@ backward _gn_one_pass_bwd_kernel: the same with dy and x held, exchanging sum dz
 Lagged (opt-in, LAGGED; NCHW): the forward's two passes in one persistent kernel (_gn_lagged_kernel).
                           Tickets alternate between statistics batches (pipelined loads, partials
                           published per group) and apply batches a few MB behind them (wait for
-                          the batch's groups, merge their partials once, re-read x from L2, write y).
+                          the batch's groups, merge their partials once, re-read x from L2, write y);
+                          or (LAGGED_OWN) each program applies its own statistics batches, queued.
 
 Memory traffic: forward reads x twice (one pass: once; lagged: the second time from L2) and writes y once; the fused SiLU saves the
 separate activation pass (one read + one write), and writing y straight into the token layout saves
@@ -125,6 +126,9 @@ LAGGED_PROGRAMS_PER_SM = 4
 LAGGED_DEPTH = 1
 LAGGED_BATCH = 2
 LAGGED_STAGES = 3
+# Each program applies the batches it read itself (queued), instead of any program taking apply tickets:
+# the re-read stays on the SM that read the tile. Not yet timed.
+LAGGED_OWN = False
 _LAGGED_TILE_BYTES = 8192
 _LAGGED_MAX_PARTIALS = 1024  # tiles per group: each apply batch merges them all in registers
 _INTERP_GROUP_PROGRAMS = 32  # the interpreter runs programs one by one: no residency limit, only cost
@@ -630,61 +634,122 @@ def _batch_groups(b, n_tiles, P, batch):
 
 
 @triton.jit
+def _stats_batch(b, x_ptr, pmean_ptr, pm2_ptr, sync_ptr, G, cpg, n_chunks, L, n_tiles, batch, sxn, sxc,
+                 TILE: tl.constexpr, STAGES: tl.constexpr):
+    """Loads batch b's tiles (pipelined), stores their (mean, M2) and publishes them to their groups."""
+    P = cpg * n_chunks
+    first, last, g0, g1 = _batch_groups(b, n_tiles, P, batch)
+    for i in tl.range(first, last, num_stages=STAGES):
+        x = _one_pass_load(x_ptr, i, n_tiles, G, cpg, n_chunks, L, sxn, sxc, TILE)
+        _store_partials(x, i, pmean_ptr, pm2_ptr, G, cpg, n_chunks, L, TILE)
+    tl.debug_barrier()  # every thread's stores precede the releases
+    for grp in range(g0, g1):  # one arrival per group: the batch's tiles in it
+        tl.atomic_add(sync_ptr + 1 + grp, tl.minimum(last, grp * P + P) - tl.maximum(first, grp * P), sem="release")
+
+
+@triton.jit
+def _apply_batch(
+    b, x_ptr, w_ptr, b_ptr, sh_ptr, y_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr, sync_ptr,
+    C, L, G, cpg, n_chunks, n_tiles, batch, sw, sb_, smn, smg, srn, srg, sxn, sxc, syn, syc, eps,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, PRECISE: tl.constexpr,
+    TILE: tl.constexpr, BLOCK_P: tl.constexpr, STAGES: tl.constexpr, SPIN: tl.constexpr,
+):
+    """Waits for batch b's (one or two: batch <= P) groups, merges their partials once (each group's
+    mean and rstd stored by the batch holding its first tile), then re-reads x and writes y, pipelined.
+    SPIN=False (the interpreter) flags an unfinished group in the last sync slot instead of waiting."""
+    P = cpg * n_chunks
+    first, last, g0, g1 = _batch_groups(b, n_tiles, P, batch)
+    for grp in range(g0, g1):
+        if SPIN:
+            _wait_for_group(sync_ptr + 1 + grp, P)
+        elif tl.atomic_add(sync_ptr + 1 + grp, 0, sem="acquire") != P:
+            tl.store(sync_ptr + 1 + n_tiles // P, 1)  # the slot after the groups' arrivals
+    mean0, rstd0 = _merge_group(g0, first == g0 * P, sh_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr,
+                                C, L, G, cpg, n_chunks, smn, smg, srn, srg, eps, HAS_SHIFT, TILE, BLOCK_P)
+    mean1, rstd1 = mean0, rstd0
+    if g1 - g0 > 1:
+        mean1, rstd1 = _merge_group(g0 + 1, True, sh_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr,
+                                    C, L, G, cpg, n_chunks, smn, smg, srn, srg, eps, HAS_SHIFT, TILE, BLOCK_P)
+    # the partials were read above with volatile loads: the pipeliner would make them cp.async.ca (L1)
+    for i in tl.range(first, last, num_stages=STAGES):
+        x = _one_pass_load(x_ptr, i, n_tiles, G, cpg, n_chunks, L, sxn, sxc, TILE)
+        second = i >= (g0 + 1) * P
+        _write_tile(x, i, tl.where(second, mean1, mean0), tl.where(second, rstd1, rstd0),
+                    w_ptr, b_ptr, sh_ptr, y_ptr, C, L, G, cpg, n_chunks, sw, sb_, syn, syc,
+                    HAS_W, HAS_B, HAS_SHIFT, SILU, PRECISE, TILE)
+
+
+@triton.jit
+def _groups_end_batch(b, n_tiles, P, batch):
+    """The last batch holding a tile of batch b's groups."""
+    last_tile = tl.minimum(b * batch + batch, n_tiles) - 1
+    return (tl.minimum((last_tile // P + 1) * P, n_tiles) - 1) // batch
+
+
+@triton.jit
 def _gn_lagged_kernel(
     x_ptr, w_ptr, b_ptr, sh_ptr, y_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr, sync_ptr,
     C, L, G, cpg, n_chunks, n_tiles, batch, n_batches, lag, sw, sb_, smn, smg, srn, srg, sxn, sxc, syn, syc, eps,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, PRECISE: tl.constexpr,
-    TILE: tl.constexpr, BLOCK_P: tl.constexpr, STAGES: tl.constexpr, SPIN: tl.constexpr,
+    TILE: tl.constexpr, BLOCK_P: tl.constexpr, STAGES: tl.constexpr, SPIN: tl.constexpr, QUEUE: tl.constexpr,
 ):
     """The forward's two passes in one persistent kernel over the one-pass tiles (TILE elements of one
-    channel's contiguous (t, s) row), ``batch`` (<= P) consecutive tiles per ticket. A statistics
-    ticket loads its tiles, stores their (mean, M2) and publishes them to their groups; an apply
-    ticket waits for its (one or two) groups, merges their partials once, then re-reads x and writes
-    y. Both walk their tiles in a software-pipelined loop (STAGES - 1 tiles in flight per program;
-    the partials, which other programs wrote, are read before it with volatile loads). Apply tickets trail their groups'
-    statistics by ``lag`` batches (_lagged_ticket), a few MB, so the re-read hits L2: DRAM moves x + y,
-    where the three-kernel forward moves up to 2x + y, with no kernel boundary or finalize to wait on.
+    channel's contiguous (t, s) row), ``batch`` (<= P) consecutive tiles per batch: _stats_batch
+    publishes a batch's partials, _apply_batch waits for its groups and writes its y, re-reading x
+    while it is still in L2. DRAM moves x + y, where the three-kernel forward moves up to 2x + y, with
+    no kernel boundary or finalize to wait on.
 
-    Why it cannot deadlock, however few programs run: tickets are taken in order, a statistics ticket
-    never waits, and an apply ticket waits only for statistics tickets before it. A program holding
-    one of those as its next ticket is busy with an earlier one, so the earliest waiting apply ticket
-    always finishes. SPIN=False (the interpreter, which runs programs one by one and gives the first
-    every ticket) flags an unfinished group in the last sync slot instead of waiting, so a ticket order
-    that broke the rule fails (see _launch_lagged) rather than hangs."""
+    QUEUE == 0: tickets name statistics and apply batches alike, apply batches ``lag`` batches behind
+    (_lagged_ticket); any program may re-read a tile, on any SM. QUEUE > 0: tickets name statistics
+    batches only, and each program applies its own, oldest first, from a queue of up to QUEUE batches:
+    the re-read comes from the SM that read the tile, a round of tickets later (at the L2 slice its
+    first read filled, wherever the L2 keeps a copy per side).
+
+    Why it cannot deadlock, however few programs run: tickets are taken in order, statistics never
+    wait, and a program waits only for statistics batches already taken (QUEUE == 0: tickets before
+    its own, since statistics tickets are processed as soon as taken; QUEUE > 0: it applies a batch
+    only once its own latest ticket, or the end of the tickets, is past the batch's groups, and a
+    queue of QUEUE > that reach always has a front that qualifies). Under the interpreter (SPIN=False)
+    a broken order fails (see _launch_lagged) rather than hangs."""
     P = cpg * n_chunks
-    u = tl.atomic_add(sync_ptr, 1, sem="relaxed")  # a ticket orders nothing: only its count matters
-    while u < 2 * n_batches:
-        u_next = tl.atomic_add(sync_ptr, 1, sem="relaxed")  # in flight during this ticket
-        stats, b = _lagged_ticket(u, n_batches, lag)
-        first, last, g0, g1 = _batch_groups(b, n_tiles, P, batch)
-        if stats:
-            for i in tl.range(first, last, num_stages=STAGES):
-                x = _one_pass_load(x_ptr, i, n_tiles, G, cpg, n_chunks, L, sxn, sxc, TILE)
-                _store_partials(x, i, pmean_ptr, pm2_ptr, G, cpg, n_chunks, L, TILE)
-            tl.debug_barrier()  # every thread's stores precede the releases
-            for grp in range(g0, g1):  # one arrival per group: the batch's tiles in it
-                tl.atomic_add(sync_ptr + 1 + grp, tl.minimum(last, grp * P + P) - tl.maximum(first, grp * P),
-                              sem="release")
-        else:
-            for grp in range(g0, g1):
-                if SPIN:
-                    _wait_for_group(sync_ptr + 1 + grp, P)
-                elif tl.atomic_add(sync_ptr + 1 + grp, 0, sem="acquire") != P:
-                    tl.store(sync_ptr + 1 + n_tiles // P, 1)  # the slot after the groups' arrivals
-            # the batch's groups (batch <= P: at most two), each stored by the batch holding its first tile
-            mean0, rstd0 = _merge_group(g0, first == g0 * P, sh_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr,
-                                        C, L, G, cpg, n_chunks, smn, smg, srn, srg, eps, HAS_SHIFT, TILE, BLOCK_P)
-            mean1, rstd1 = mean0, rstd0
-            if g1 - g0 > 1:
-                mean1, rstd1 = _merge_group(g0 + 1, True, sh_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr,
-                                            C, L, G, cpg, n_chunks, smn, smg, srn, srg, eps, HAS_SHIFT, TILE, BLOCK_P)
-            for i in tl.range(first, last, num_stages=STAGES):
-                x = _one_pass_load(x_ptr, i, n_tiles, G, cpg, n_chunks, L, sxn, sxc, TILE)
-                second = i >= (g0 + 1) * P
-                _write_tile(x, i, tl.where(second, mean1, mean0), tl.where(second, rstd1, rstd0),
-                            w_ptr, b_ptr, sh_ptr, y_ptr, C, L, G, cpg, n_chunks, sw, sb_, syn, syc,
-                            HAS_W, HAS_B, HAS_SHIFT, SILU, PRECISE, TILE)
-        u = u_next
+    if QUEUE == 0:
+        u = tl.atomic_add(sync_ptr, 1, sem="relaxed")  # a ticket orders nothing: only its count matters
+        while u < 2 * n_batches:
+            u_next = tl.atomic_add(sync_ptr, 1, sem="relaxed")  # in flight during this ticket
+            stats, b = _lagged_ticket(u, n_batches, lag)
+            if stats:
+                _stats_batch(b, x_ptr, pmean_ptr, pm2_ptr, sync_ptr, G, cpg, n_chunks, L, n_tiles, batch, sxn, sxc,
+                             TILE, STAGES)
+            else:
+                _apply_batch(b, x_ptr, w_ptr, b_ptr, sh_ptr, y_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr, sync_ptr,
+                             C, L, G, cpg, n_chunks, n_tiles, batch, sw, sb_, smn, smg, srn, srg, sxn, sxc, syn, syc,
+                             eps, HAS_W, HAS_B, HAS_SHIFT, SILU, PRECISE, TILE, BLOCK_P, STAGES, SPIN)
+            u = u_next
+    else:
+        slots = tl.arange(0, QUEUE)
+        queue = tl.zeros([QUEUE], dtype=tl.int32)  # a ring of this program's batches awaiting their apply
+        head = 0
+        count = 0
+        latest = -1  # this program's latest statistics ticket: every ticket up to it is taken
+        more = 1  # tickets left
+        while (count > 0) | (more != 0):
+            front = tl.sum(tl.where(slots == head % QUEUE, queue, 0), axis=0)
+            if (count > 0) & ((more == 0) | (_groups_end_batch(front, n_tiles, P, batch) <= latest)):
+                _apply_batch(front, x_ptr, w_ptr, b_ptr, sh_ptr, y_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr,
+                             sync_ptr, C, L, G, cpg, n_chunks, n_tiles, batch, sw, sb_, smn, smg, srn, srg, sxn, sxc,
+                             syn, syc, eps, HAS_W, HAS_B, HAS_SHIFT, SILU, PRECISE, TILE, BLOCK_P, STAGES, SPIN)
+                head += 1
+                count -= 1
+            else:
+                u = tl.atomic_add(sync_ptr, 1, sem="relaxed")
+                if u < n_batches:
+                    _stats_batch(u, x_ptr, pmean_ptr, pm2_ptr, sync_ptr, G, cpg, n_chunks, L, n_tiles, batch,
+                                 sxn, sxc, TILE, STAGES)
+                    queue = tl.where(slots == (head + count) % QUEUE, u, queue)
+                    count += 1
+                    latest = u
+                else:
+                    more = 0
 
 
 @triton.jit
@@ -983,13 +1048,15 @@ def _launch_lagged(tensors, c: int, num_groups: int, plan, scalars, eps: float, 
     n_batches = cdiv(n_tiles, batch)
     programs = min(n_batches, _INTERP_PERSISTENT if INTERPRETED else LAGGED_PROGRAMS_PER_SM * sm_count(dev))
     lag = _lag_batches(n_batches, cpg * n_chunks, batch, programs)
+    # own batches: a queue longer than a group's reach in batches (a full queue's front qualifies)
+    queue = next_pow2(cdiv(cpg * n_chunks - 1, batch) + 2) if LAGGED_OWN else 0
     # ticket, arrivals per group, and (interpreter) the order-error flag
     sync = torch.zeros(2 + n * num_groups, dtype=torch.int32, device=dev)
     _gn_lagged_kernel[(programs,)](
         *tensors, *partials, sync, c, length, num_groups, cpg, n_chunks, n_tiles, batch, n_batches, lag, *scalars,
         xs[0], xs[1], ys[0], ys[1], eps,
         TILE=tile, BLOCK_P=next_pow2(cpg * n_chunks), STAGES=LAGGED_STAGES,
-        SPIN=not INTERPRETED, num_warps=warps_for(tile), **meta,
+        SPIN=not INTERPRETED, QUEUE=queue, num_warps=warps_for(tile), **meta,
     )
     if INTERPRETED and sync[-1]:
         raise RuntimeError("lagged GroupNorm: an apply ticket came before its group's statistics")
