@@ -119,7 +119,7 @@ _ONE_PASS_MAX_TILE = {2: 8192, 4: 4096}  # by element size: the tile is held in 
 # passes. This one takes LAGGED_BATCH tiles of _LAGGED_TILE_BYTES per ticket, walked with LAGGED_STAGES
 # pipeline stages (sm_90, fp16 4096-element tiles: 64 registers, 4 programs per SM); not yet timed.
 # The x between a tile's two reads is about LAGGED_DEPTH rounds of tickets, a round being programs x
-# batch x tile bytes: 4 per SM x 2 x 8 KiB = 8.6 MB on an H100, a third of the L2, with every tile of
+# batch x tile bytes: 4 per SM x 2 x 8 KiB = 8.6 MB on an H100 (50 MB of L2), with every tile of
 # each batch in flight at once (batch = stages - 1). Rounds past the L2 lose the reuse.
 LAGGED = False
 LAGGED_PROGRAMS_PER_SM = 4
