@@ -106,8 +106,8 @@ POISON = os.environ.get("HBKERNELS_POISON", "0") not in ("", "0")
 def _poisoning() -> bool:
     """Whether to NaN-fill kernel outputs: under ``HBKERNELS_POISON=1``, outside torch.compile. Traced,
     the fill is an in-place op on a fresh buffer that a custom op then mutates through a view, and
-    torch 2.11's AOTAutograd returns all-zero gradients for the video ops' graphs (seen on an H100,
-    reproduced on CPU with torch 2.11; torch 2.13 is fine)."""
+    torch 2.11's compiled video ops return all-zero gradients (eager and aot_eager compile backends
+    alike; seen on an H100, reproduced on CPU with torch 2.11; torch 2.13 is fine)."""
     return POISON and not torch.compiler.is_compiling()
 
 

@@ -157,7 +157,7 @@ def test_expanded_output_gradient(backend_name, op):
 
 def test_poisoning_stays_out_of_compiled_graphs(monkeypatch):
     """HBKERNELS_POISON fills kernel outputs with NaN in eager code only: traced into a graph, the fill
-    made torch 2.11's AOTAutograd return zero gradients for the video ops."""
+    made torch 2.11's compiled video ops return zero gradients."""
     monkeypatch.setattr(backend, "POISON", True)
     assert backend._poisoning()
     torch._dynamo.reset()
