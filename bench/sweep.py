@@ -128,7 +128,8 @@ def sweep_group_norm(report, dev, min_time, knob=None):
     from hbkernels import triton as kernels
 
     for label, shape, fmt in GN_SHAPES:
-        if knob is not None and not any(knob in k for k in _gn_settings_for(_gn_forward_settings(), fmt, knob)):
+        forward = _gn_settings_for(_gn_forward_settings(), fmt, knob)
+        if knob is not None and not any(knob in k for k in forward):
             continue  # the knob does nothing on this memory format
         x = (torch.randn(shape, device=dev, dtype=torch.float16) + 1).contiguous(memory_format=fmt)
         w, b = (torch.randn(shape[1], device=dev, dtype=torch.float16) for _ in range(2))
@@ -139,7 +140,7 @@ def sweep_group_norm(report, dev, min_time, knob=None):
         def call(x=x):
             return hbkernels.group_norm(x, 32, w, b, activation="silu")
 
-        for knobs in _gn_settings_for(_gn_forward_settings(), fmt, knob):
+        for knobs in forward:
             impl, extra = _knobs_label(gn, knobs), {}
             profile = _is_default(gn, knobs) and "STATS_STAGES" in knobs  # the grid's default point
             with mock.patch.multiple(gn, **knobs):

@@ -111,20 +111,17 @@ def group_norm_cases():
         kernels.gn_bwd(torch.randn_like(x).flatten(3), x.flatten(3), *affine, shift, mean, rstd,
                        torch.empty_like(x).flatten(3), torch.empty(320), torch.empty(320), 32, True)
     group_norm.ONE_PASS = False
-    # the lagged forward (NCHW only) at the same shapes, and at its largest swept tile
+    # the lagged forward (NCHW only) at the same shapes, at its largest swept tile, and applying own
+    # batches (T16 and T26 queues)
     group_norm.LAGGED = True
-    for t, dtype, shift, tile_bytes in [(16, torch.float16, None, 8192), (26, torch.float16, torch.randn(1, 320), 8192),
-                                        (16, torch.float32, None, 8192), (16, torch.float16, None, 16384)]:
-        group_norm._LAGGED_TILE_BYTES = tile_bytes
+    for t, dtype, shift, tile_bytes, own in [
+            (16, torch.float16, None, 8192, False), (26, torch.float16, torch.randn(1, 320), 8192, False),
+            (16, torch.float32, None, 8192, False), (16, torch.float16, None, 16384, False),
+            (16, torch.float16, None, 8192, True), (26, torch.float16, None, 8192, True)]:
+        group_norm._LAGGED_TILE_BYTES, group_norm.LAGGED_OWN = tile_bytes, own
         x = rand(1, 320, t, 40, 64, dtype=dtype)
         affine = rand(320, dtype=dtype), rand(320, dtype=dtype)
         kernels.gn_fwd(x.flatten(3), *affine, shift, torch.empty_like(x).flatten(3), torch.empty(1, 32),
-                       torch.empty(1, 32), 32, 1e-5, True)
-    group_norm.LAGGED_OWN, group_norm._LAGGED_TILE_BYTES = True, 8192  # own batches: T16 and T26 queues
-    for t in (16, 26):
-        x = rand(1, 320, t, 40, 64, dtype=torch.float16)
-        affine = rand(320, dtype=torch.float16), rand(320, dtype=torch.float16)
-        kernels.gn_fwd(x.flatten(3), *affine, None, torch.empty_like(x).flatten(3), torch.empty(1, 32),
                        torch.empty(1, 32), 32, 1e-5, True)
     group_norm.LAGGED, group_norm.LAGGED_OWN, group_norm._LAGGED_TILE_BYTES = False, False, 8192
 

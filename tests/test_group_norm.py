@@ -357,7 +357,7 @@ def test_group_norm_lagged_order_is_checked(backend_name, monkeypatch):
     from hbkernels.triton import group_norm as gn
 
     lagged_calls(monkeypatch, 32, 1, 2)
-    monkeypatch.setattr(gn, "_lag_batches", lambda n_batches, group_tiles, batch, programs: 0)
+    monkeypatch.setattr(gn, "_lag_batches", lambda n_batches, reach, programs: 0)
     with pytest.raises(RuntimeError, match="before its group's statistics"), hbkernels.use_backend(backend_name):
         hbkernels.group_norm(rand(1, 12, 5, 2, 3), 4)
 

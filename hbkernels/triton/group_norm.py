@@ -617,7 +617,7 @@ def _lagged_ticket(u, n_batches, lag):
     tickets take statistics batches 0..lag-1; then statistics batch lag + j and apply batch j
     alternate; the last ``lag`` tickets are the remaining apply batches. So statistics run ``lag``
     batches ahead, and every statistics ticket an apply batch needs comes before it once ``lag``
-    exceeds the batches a group spans (see _launch_lagged)."""
+    exceeds the batches a group spans (see _lag_batches)."""
     v = u - lag
     first = u < lag
     stats = first | ((u < 2 * n_batches - lag) & (v % 2 == 0))
@@ -1025,13 +1025,12 @@ def _lagged_plan(views, t: int, s: int, cpg: int, element_size: int):
     return tile, length, strides
 
 
-def _lag_batches(n_batches: int, group_tiles: int, batch: int, programs: int) -> int:
+def _lag_batches(n_batches: int, reach: int, programs: int) -> int:
     """Batches the lagged kernel's statistics run ahead. Apply batch b waits for groups whose tiles
-    reach cdiv(group_tiles - 1, batch) batches past it, and _lagged_ticket puts statistics batch s
-    (>= lag) before apply batch b when s - b <= lag: the lag must cover that reach (one more for
-    margin). Beyond it, LAGGED_DEPTH batches per program keep a group's statistics done, not just
-    started, by the time its apply batches come."""
-    reach = cdiv(group_tiles - 1, batch)
+    reach ``reach`` batches past it, and _lagged_ticket puts statistics batch s (>= lag) before apply
+    batch b when s - b <= lag: the lag must cover that reach (one more for margin). Beyond it,
+    LAGGED_DEPTH batches per program keep a group's statistics done, not just started, by the time its
+    apply batches come."""
     return min(n_batches, max(reach + 1, int(LAGGED_DEPTH * programs)))
 
 
@@ -1047,9 +1046,10 @@ def _launch_lagged(tensors, c: int, num_groups: int, plan, scalars, eps: float, 
     batch = min(LAGGED_BATCH, cpg * n_chunks)  # within a group's tiles: a batch spans two groups at most
     n_batches = cdiv(n_tiles, batch)
     programs = min(n_batches, _INTERP_PERSISTENT if INTERPRETED else LAGGED_PROGRAMS_PER_SM * sm_count(dev))
-    lag = _lag_batches(n_batches, cpg * n_chunks, batch, programs)
-    # own batches: a queue longer than a group's reach in batches (a full queue's front qualifies)
-    queue = next_pow2(cdiv(cpg * n_chunks - 1, batch) + 2) if LAGGED_OWN else 0
+    reach = cdiv(cpg * n_chunks - 1, batch)  # batches past its own that a batch's groups extend
+    lag = _lag_batches(n_batches, reach, programs)
+    # own batches: a queue longer than that reach (a full queue's front qualifies)
+    queue = next_pow2(reach + 2) if LAGGED_OWN else 0
     # ticket, arrivals per group, and (interpreter) the order-error flag
     sync = torch.zeros(2 + n * num_groups, dtype=torch.int32, device=dev)
     _gn_lagged_kernel[(programs,)](
@@ -1059,7 +1059,7 @@ def _launch_lagged(tensors, c: int, num_groups: int, plan, scalars, eps: float, 
         SPIN=not INTERPRETED, QUEUE=queue, num_warps=warps_for(tile), **meta,
     )
     if INTERPRETED and sync[-1]:
-        raise RuntimeError("lagged GroupNorm: an apply ticket came before its group's statistics")
+        raise RuntimeError("lagged GroupNorm: an apply batch ran before its group's statistics")
 
 
 def _one_pass_plan(views, t: int, s: int, cpg: int, device: torch.device):
