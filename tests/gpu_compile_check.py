@@ -51,7 +51,7 @@ def record_launches(pdl: bool) -> list:
     JITFunction.run = run
     group_norm.sm_count = lambda device: 132  # an H100's SMs: launch planning asks the (absent) GPU
     group_norm._pdl = lambda device: pdl
-    attention_cases(), group_norm_cases(), elementwise_cases(), unit_size_cases()
+    attention_cases(), group_norm_cases(), elementwise_cases(), unit_size_cases(), bench_cases()
     return launches
 
 
@@ -174,6 +174,15 @@ def unit_size_cases():
     src = rand(1, 1, 1, 1, dtype=torch.float16)
     kernels.copy_add(src, src.clone(), torch.randn(1), torch.empty_like(src))
     kernels.geglu_fwd(rand(1, 2, dtype=torch.float16), torch.empty(1, 1, dtype=torch.float16))
+
+
+def bench_cases():
+    from bench import memory_floor
+
+    x = rand(3 * memory_floor.TILE, dtype=torch.float16)
+    y, sums = torch.empty_like(x), torch.empty(3)
+    memory_floor.reread(x, y, sums, 2)
+    memory_floor.two_kernels(x, y, sums, reverse=True)
 
 
 def specialize(fn, args, options, target):

@@ -1,0 +1,110 @@
+"""What the memory system allows GroupNorm's forward at the U-Net's level-0 shapes (fp16): synthetic
+kernels with GroupNorm's traffic, timed like bench.sweep's rows (CUDA-graph replays, DRAM-cold) and
+reported against the same bytes (x read once, y written once), so each forward schedule has a floor:
+
+- copy: x read once, y written once (torch's copy_, and the Triton tiles below with no re-read): the
+  floor of any forward, and what 2.5 TB/s (21 us at T16) is held against.
+- re-read D MB behind: every tile of x read, then read again about D MB of x later (in launch order)
+  while y is written: the floor of the lagged forward, whose second read trails its first by
+  about LAGGED_DEPTH rounds of tickets. Where the second read hits L2 this is the copy; where it
+  misses, DRAM sees x twice.
+- two kernels: a read-only pass over x (tile sums, like the statistics) then a copy pass, forward or
+  in reverse (APPLY_REVERSED): the floor of the two-pass forward without its finalize.
+
+    python -m bench.memory_floor [--quick] [--out bench/results]
+"""
+import argparse
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from bench import common
+from hbkernels.triton.layout import cdiv
+
+SHAPES = [(f"vc2 L0 B1 T{t}", (1, 320, t, 40, 64)) for t in (16, 26)]
+REREAD_MB = (1, 2, 4, 8, 16, 32)  # distances within x's size are timed
+TILE = 4096  # elements per program: 8 KiB of fp16, the lagged forward's default tile
+
+
+@triton.jit
+def _reread_kernel(x_ptr, y_ptr, sums_ptr, numel, lag, READ: tl.constexpr, WRITE: tl.constexpr,
+                   REVERSE: tl.constexpr, TILE: tl.constexpr):
+    """Program i: READ sums tile i of x into sums[i]; WRITE copies tile i - lag (the last tile first
+    where REVERSE) of x to y. One launch doing both reads every tile twice, ``lag`` tiles apart."""
+    i = tl.program_id(0)
+    offs = tl.arange(0, TILE)
+    n_tiles = tl.cdiv(numel, TILE)
+    if READ:
+        if i < n_tiles:
+            at = i.to(tl.int64) * TILE + offs
+            tl.store(sums_ptr + i, tl.sum(tl.load(x_ptr + at, mask=at < numel, other=0.0).to(tl.float32), axis=0))
+    if WRITE:
+        j = n_tiles - 1 - i if REVERSE else i - lag
+        if j >= 0:
+            at = j.to(tl.int64) * TILE + offs
+            tl.store(y_ptr + at, tl.load(x_ptr + at, mask=at < numel), mask=at < numel)
+
+
+def reread(x, y, sums, lag: int, tile: int = TILE) -> None:
+    """One launch: every tile of flat x summed into ``sums``, and copied to y ``lag`` tiles later."""
+    n_tiles = cdiv(x.numel(), tile)
+    _reread_kernel[(n_tiles + lag,)](x, y, sums, x.numel(), lag, READ=True, WRITE=True, REVERSE=False, TILE=tile)
+
+
+def two_kernels(x, y, sums, reverse: bool, tile: int = TILE) -> None:
+    """The tile sums of flat x, then (a second launch) the copy of x to y, the last tile first where
+    ``reverse``."""
+    n_tiles = cdiv(x.numel(), tile)
+    _reread_kernel[(n_tiles,)](x, y, sums, x.numel(), 0, READ=True, WRITE=False, REVERSE=False, TILE=tile)
+    _reread_kernel[(n_tiles,)](x, y, sums, x.numel(), 0, READ=False, WRITE=True, REVERSE=reverse, TILE=tile)
+
+
+def cases(x):
+    """(label, fn(x, y, sums)) of every floor timed on flat fp16 ``x``."""
+    nbytes = x.numel() * x.element_size()
+    tile_bytes = TILE * x.element_size()
+    yield "torch copy_", lambda x, y, sums: y.copy_(x)
+    yield "copy (one read)", lambda x, y, sums: reread(x, y, sums, 0)
+    for mb in REREAD_MB:
+        if mb * 2**20 < nbytes:
+            lag = mb * 2**20 // tile_bytes
+            yield f"re-read {mb} MB behind", lambda x, y, sums, lag=lag: reread(x, y, sums, lag)
+    for reverse in (False, True):
+        yield f"two kernels{', copy reversed' if reverse else ''}", \
+            lambda x, y, sums, reverse=reverse: two_kernels(x, y, sums, reverse)
+
+
+def run(report, dev, min_time):
+    for label, shape in SHAPES:
+        x = torch.randn(shape, device=dev, dtype=torch.float16).flatten()
+        y = torch.empty_like(x)
+        sums = torch.empty(cdiv(x.numel(), TILE), device=dev)
+        bytes_moved = 2 * x.numel() * x.element_size()  # GroupNorm's own: x once, y once
+        for impl, fn in cases(x):
+            seconds = common.median_seconds_graphed(fn, min_time, (x, y, sums))
+            report.add("memory_floor", label, impl, seconds, bytes_moved)
+            row = report.rows[-1]
+            print(f"{label} | {impl} | {seconds * 1e6:.1f} us | {row.gbps:.0f} GB/s ({row.pct_copy_bw:.0f}% of copy)",
+                  flush=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench.memory_floor", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="short timing")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = parser.parse_args(argv)
+    dev = common.device()
+    if dev.type != "cuda":
+        parser.error("the floors are GPU memory-system timings: they need a CUDA GPU")
+    report = common.Report(device=common.device_name(dev), timing=common.GRAPH_TIMING)
+    report.copy_gbps = common.copy_bandwidth(dev) / 1e9
+    print(f"{report.device}: copy bandwidth {report.copy_gbps:.1f} GB/s, commit {report.commit}")
+    run(report, dev, 0.05 if args.quick else 0.2)
+    report.save(args.out, "memory_floor", "float16")
+
+
+if __name__ == "__main__":
+    main()

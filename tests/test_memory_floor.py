@@ -1,0 +1,51 @@
+"""bench.memory_floor's synthetic kernels move the bytes they claim to: every element of y written from
+x, every tile sum right (under the interpreter on CPU; the timings themselves need a GPU)."""
+import pytest
+import torch
+
+from bench import memory_floor
+
+TILE = 64
+
+
+def _inputs(n_tiles=5, tail=17):
+    x = torch.randn(n_tiles * TILE + tail, dtype=torch.float16)
+    y = torch.full_like(x, float("nan"))
+    sums = torch.full((n_tiles + 1,), float("nan"))
+    return x, y, sums
+
+
+def _check(x, y, sums):
+    assert torch.equal(y, x)
+    expected = torch.nn.functional.pad(x.float(), (0, sums.numel() * TILE - x.numel())).view(-1, TILE).sum(1)
+    torch.testing.assert_close(sums, expected)
+
+
+@pytest.mark.parametrize("lag", [0, 1, 4, 9])
+def test_reread_copies_every_tile_and_sums_it(lag):
+    x, y, sums = _inputs()
+    memory_floor.reread(x, y, sums, lag, tile=TILE)
+    _check(x, y, sums)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_two_kernels_copy_every_tile_and_sum_it(reverse):
+    x, y, sums = _inputs()
+    memory_floor.two_kernels(x, y, sums, reverse, tile=TILE)
+    _check(x, y, sums)
+
+
+def test_rereads_stay_within_x():
+    """A re-read distance past x's size would time the two-kernel floor under another label."""
+    x = torch.empty(5 * 2**20 // 2, dtype=torch.float16)  # 5 MB
+    labels = [label for label, _ in memory_floor.cases(x)]
+    assert [label for label in labels if label.startswith("re-read")] == \
+        ["re-read 1 MB behind", "re-read 2 MB behind", "re-read 4 MB behind"]
+    assert labels[:2] == ["torch copy_", "copy (one read)"] and len(labels) == 7
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without a GPU")
+def test_needs_a_gpu(capsys):
+    with pytest.raises(SystemExit):
+        memory_floor.main([])
+    assert "need a CUDA GPU" in capsys.readouterr().err
