@@ -8,6 +8,8 @@ reported against the same bytes (x read once, y written once), so each forward s
   while y is written: the floor of the lagged forward, whose second read trails its first by
   about LAGGED_DEPTH rounds of tickets. Where the second read hits L2 this is the copy; where it
   misses, DRAM sees x twice.
+- the same on persistent programs in rounds (like the lagged forward's tickets), each re-reading
+  tiles it read itself some rounds before: whether a second read from the first read's SM does better.
 - two kernels: a read-only pass over x (tile sums, like the statistics) then a copy pass, forward or
   in reverse (APPLY_REVERSED): the floor of the two-pass forward without its finalize.
 
@@ -21,48 +23,57 @@ import triton
 import triton.language as tl
 
 from bench import common
-from hbkernels.triton.layout import cdiv
+from hbkernels.triton.layout import cdiv, sm_count
 
 SHAPES = [(f"vc2 L0 B1 T{t}", (1, 320, t, 40, 64)) for t in (16, 26)]
 REREAD_MB = (1, 2, 4, 8, 16, 32)  # distances within x's size are timed
+PERSISTENT_PER_SM = 4  # the lagged forward's programs per SM
+REREAD_ROUNDS = (1, 2, 4)  # same-program re-reads: rounds of every persistent program's tiles behind
 TILE = 4096  # elements per program: 8 KiB of fp16, the lagged forward's default tile
 
 
 @triton.jit
-def _reread_kernel(x_ptr, y_ptr, sums_ptr, numel, lag, READ: tl.constexpr, WRITE: tl.constexpr,
+def _reread_kernel(x_ptr, y_ptr, sums_ptr, numel, lag, programs, READ: tl.constexpr, WRITE: tl.constexpr,
                    REVERSE: tl.constexpr, TILE: tl.constexpr):
-    """Program i: READ sums tile i of x into sums[i]; WRITE copies tile i - lag (the last tile first
-    where REVERSE) of x to y. One launch doing both reads every tile twice, ``lag`` tiles apart."""
-    i = tl.program_id(0)
+    """Steps i = program id + k * programs (one step each where the grid covers them all): READ sums
+    tile i of x into sums[i]; WRITE copies tile i - lag (the last tile first where REVERSE) of x to y.
+    One launch doing both reads every tile twice, ``lag`` tiles apart; with ``lag`` a multiple of
+    ``programs``, both reads of a tile come from the same program."""
     offs = tl.arange(0, TILE)
     n_tiles = tl.cdiv(numel, TILE)
-    if READ:
-        if i < n_tiles:
-            at = i.to(tl.int64) * TILE + offs
-            tl.store(sums_ptr + i, tl.sum(tl.load(x_ptr + at, mask=at < numel, other=0.0).to(tl.float32), axis=0))
-    if WRITE:
-        j = n_tiles - 1 - i if REVERSE else i - lag
-        if j >= 0:
-            at = j.to(tl.int64) * TILE + offs
-            tl.store(y_ptr + at, tl.load(x_ptr + at, mask=at < numel), mask=at < numel)
+    for i in range(tl.program_id(0), n_tiles + lag, programs):
+        if READ:
+            if i < n_tiles:
+                at = tl.cast(i, tl.int64) * TILE + offs  # tl.cast: the interpreter's loop index is an int
+                tl.store(sums_ptr + i, tl.sum(tl.load(x_ptr + at, mask=at < numel, other=0.0).to(tl.float32), axis=0))
+        if WRITE:
+            j = n_tiles - 1 - i if REVERSE else i - lag
+            if j >= 0:
+                at = tl.cast(j, tl.int64) * TILE + offs
+                tl.store(y_ptr + at, tl.load(x_ptr + at, mask=at < numel), mask=at < numel)
 
 
-def reread(x, y, sums, lag: int, tile: int = TILE) -> None:
-    """One launch: every tile of flat x summed into ``sums``, and copied to y ``lag`` tiles later."""
-    n_tiles = cdiv(x.numel(), tile)
-    _reread_kernel[(n_tiles + lag,)](x, y, sums, x.numel(), lag, READ=True, WRITE=True, REVERSE=False, TILE=tile)
+def reread(x, y, sums, lag: int, programs: int = 0, tile: int = TILE) -> None:
+    """One launch: every tile of flat x summed into ``sums``, and copied to y ``lag`` tiles later; on
+    ``programs`` persistent programs (0: one per step)."""
+    steps = cdiv(x.numel(), tile) + lag
+    programs = min(programs or steps, steps)
+    _reread_kernel[(programs,)](x, y, sums, x.numel(), lag, programs, READ=True, WRITE=True, REVERSE=False,
+                                TILE=tile)
 
 
 def two_kernels(x, y, sums, reverse: bool, tile: int = TILE) -> None:
     """The tile sums of flat x, then (a second launch) the copy of x to y, the last tile first where
     ``reverse``."""
     n_tiles = cdiv(x.numel(), tile)
-    _reread_kernel[(n_tiles,)](x, y, sums, x.numel(), 0, READ=True, WRITE=False, REVERSE=False, TILE=tile)
-    _reread_kernel[(n_tiles,)](x, y, sums, x.numel(), 0, READ=False, WRITE=True, REVERSE=reverse, TILE=tile)
+    for read in (True, False):
+        _reread_kernel[(n_tiles,)](x, y, sums, x.numel(), 0, n_tiles, READ=read, WRITE=not read, REVERSE=reverse and not read,
+                                   TILE=tile)
 
 
-def cases(x):
-    """(label, fn(x, y, sums)) of every floor timed on flat fp16 ``x``."""
+def cases(x, programs: int):
+    """(label, fn(x, y, sums)) of every floor timed on flat fp16 ``x``; ``programs``: the persistent
+    schedule's grid."""
     nbytes = x.numel() * x.element_size()
     tile_bytes = TILE * x.element_size()
     yield "torch copy_", lambda x, y, sums: y.copy_(x)
@@ -71,6 +82,13 @@ def cases(x):
         if mb * 2**20 < nbytes:
             lag = mb * 2**20 // tile_bytes
             yield f"re-read {mb} MB behind", lambda x, y, sums, lag=lag: reread(x, y, sums, lag)
+    # persistent programs (tiles in rounds, as the lagged forward's tickets), the second read from
+    # the program, so the SM, that made the first
+    yield f"copy, {programs} persistent programs", lambda x, y, sums: reread(x, y, sums, 0, programs)
+    for rounds in REREAD_ROUNDS:
+        if rounds * programs * tile_bytes < nbytes:
+            yield (f"re-read {rounds * programs * tile_bytes / 2**20:.1f} MB behind, same program",
+                   lambda x, y, sums, lag=rounds * programs: reread(x, y, sums, lag, programs))
     for reverse in (False, True):
         yield f"two kernels{', copy reversed' if reverse else ''}", \
             lambda x, y, sums, reverse=reverse: two_kernels(x, y, sums, reverse)
@@ -82,7 +100,7 @@ def run(report, dev, min_time):
         y = torch.empty_like(x)
         sums = torch.empty(cdiv(x.numel(), TILE), device=dev)
         bytes_moved = 2 * x.numel() * x.element_size()  # GroupNorm's own: x once, y once
-        for impl, fn in cases(x):
+        for impl, fn in cases(x, PERSISTENT_PER_SM * sm_count(dev)):
             seconds = common.median_seconds_graphed(fn, min_time, (x, y, sums))
             report.add("memory_floor", label, impl, seconds, bytes_moved)
             row = report.rows[-1]

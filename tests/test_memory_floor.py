@@ -21,10 +21,10 @@ def _check(x, y, sums):
     torch.testing.assert_close(sums, expected)
 
 
-@pytest.mark.parametrize("lag", [0, 1, 4, 9])
-def test_reread_copies_every_tile_and_sums_it(lag):
+@pytest.mark.parametrize("lag, programs", [(0, 0), (1, 0), (4, 0), (9, 0), (0, 2), (2, 2), (4, 2), (3, 3)])
+def test_reread_copies_every_tile_and_sums_it(lag, programs):
     x, y, sums = _inputs()
-    memory_floor.reread(x, y, sums, lag, tile=TILE)
+    memory_floor.reread(x, y, sums, lag, programs, tile=TILE)
     _check(x, y, sums)
 
 
@@ -38,10 +38,11 @@ def test_two_kernels_copy_every_tile_and_sum_it(reverse):
 def test_rereads_stay_within_x():
     """A re-read distance past x's size would time the two-kernel floor under another label."""
     x = torch.empty(5 * 2**20 // 2, dtype=torch.float16)  # 5 MB
-    labels = [label for label, _ in memory_floor.cases(x)]
+    labels = [label for label, _ in memory_floor.cases(x, programs=128)]  # 1 MB per round
     assert [label for label in labels if label.startswith("re-read")] == \
-        ["re-read 1 MB behind", "re-read 2 MB behind", "re-read 4 MB behind"]
-    assert labels[:2] == ["torch copy_", "copy (one read)"] and len(labels) == 7
+        ["re-read 1 MB behind", "re-read 2 MB behind", "re-read 4 MB behind", "re-read 1.0 MB behind, same program",
+         "re-read 2.0 MB behind, same program", "re-read 4.0 MB behind, same program"]
+    assert labels[:2] == ["torch copy_", "copy (one read)"] and len(labels) == 11
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without a GPU")
