@@ -67,8 +67,8 @@ def two_kernels(x, y, sums, reverse: bool, tile: int = TILE) -> None:
     ``reverse``."""
     n_tiles = cdiv(x.numel(), tile)
     for read in (True, False):
-        _reread_kernel[(n_tiles,)](x, y, sums, x.numel(), 0, n_tiles, READ=read, WRITE=not read, REVERSE=reverse and not read,
-                                   TILE=tile)
+        _reread_kernel[(n_tiles,)](x, y, sums, x.numel(), 0, n_tiles, READ=read, WRITE=not read,
+                                   REVERSE=reverse and not read, TILE=tile)
 
 
 def cases(x, programs: int):
