@@ -9,7 +9,8 @@ reported against the same bytes (x read once, y written once), so each forward s
   about LAGGED_DEPTH rounds of tickets. Where the second read hits L2 this is the copy; where it
   misses, DRAM sees x twice.
 - the same on persistent programs in rounds (like the lagged forward's tickets), each re-reading
-  tiles it read itself some rounds before: whether a second read from the first read's SM does better.
+  tiles it read itself some rounds before: whether a second read from the first read's SM does better;
+  and with L2 eviction hints (x's first read kept, its second read and y evicted first).
 - two kernels: a read-only pass over x (tile sums, like the statistics) then a copy pass, forward or
   in reverse (APPLY_REVERSED): the floor of the two-pass forward without its finalize.
 
@@ -27,6 +28,7 @@ from hbkernels.triton.layout import cdiv, sm_count
 
 SHAPES = [(f"vc2 L0 B1 T{t}", (1, 320, t, 40, 64)) for t in (16, 26)]
 REREAD_MB = (1, 2, 4, 8, 16, 32)  # distances within x's size are timed
+HINTED_MB = (4, 16)  # also timed with eviction hints
 PERSISTENT_PER_SM = 4  # the lagged forward's programs per SM
 REREAD_ROUNDS = (1, 2, 4)  # same-program re-reads: rounds of every persistent program's tiles behind
 TILE = 4096  # elements per program: 8 KiB of fp16, the lagged forward's default tile
@@ -34,32 +36,36 @@ TILE = 4096  # elements per program: 8 KiB of fp16, the lagged forward's default
 
 @triton.jit
 def _reread_kernel(x_ptr, y_ptr, sums_ptr, numel, lag, programs, READ: tl.constexpr, WRITE: tl.constexpr,
-                   REVERSE: tl.constexpr, TILE: tl.constexpr):
+                   REVERSE: tl.constexpr, HINTS: tl.constexpr, TILE: tl.constexpr):
     """Steps i = program id + k * programs (one step each where the grid covers them all): READ sums
     tile i of x into sums[i]; WRITE copies tile i - lag (the last tile first where REVERSE) of x to y.
     One launch doing both reads every tile twice, ``lag`` tiles apart; with ``lag`` a multiple of
-    ``programs``, both reads of a tile come from the same program."""
+    ``programs``, both reads of a tile come from the same program. HINTS: L2 eviction hints that keep x
+    between its reads (evict-last on the first, evict-first on the second and on y)."""
     offs = tl.arange(0, TILE)
     n_tiles = tl.cdiv(numel, TILE)
     for i in range(tl.program_id(0), n_tiles + lag, programs):
         if READ:
             if i < n_tiles:
                 at = tl.cast(i, tl.int64) * TILE + offs  # tl.cast: the interpreter's loop index is an int
-                tl.store(sums_ptr + i, tl.sum(tl.load(x_ptr + at, mask=at < numel, other=0.0).to(tl.float32), axis=0))
+                x = tl.load(x_ptr + at, mask=at < numel, other=0.0, eviction_policy="evict_last" if HINTS else "")
+                tl.store(sums_ptr + i, tl.sum(x.to(tl.float32), axis=0))
         if WRITE:
             j = n_tiles - 1 - i if REVERSE else i - lag
             if j >= 0:
                 at = tl.cast(j, tl.int64) * TILE + offs
-                tl.store(y_ptr + at, tl.load(x_ptr + at, mask=at < numel), mask=at < numel)
+                policy: tl.constexpr = "evict_first" if HINTS else ""
+                tl.store(y_ptr + at, tl.load(x_ptr + at, mask=at < numel, eviction_policy=policy), mask=at < numel,
+                         eviction_policy=policy)
 
 
-def reread(x, y, sums, lag: int, programs: int = 0, tile: int = TILE) -> None:
+def reread(x, y, sums, lag: int, programs: int = 0, hints: bool = False, tile: int = TILE) -> None:
     """One launch: every tile of flat x summed into ``sums``, and copied to y ``lag`` tiles later; on
-    ``programs`` persistent programs (0: one per step)."""
+    ``programs`` persistent programs (0: one per step); ``hints``: L2 eviction hints."""
     steps = cdiv(x.numel(), tile) + lag
     programs = min(programs or steps, steps)
     _reread_kernel[(programs,)](x, y, sums, x.numel(), lag, programs, READ=True, WRITE=True, REVERSE=False,
-                                TILE=tile)
+                                HINTS=hints, TILE=tile)
 
 
 def two_kernels(x, y, sums, reverse: bool, tile: int = TILE) -> None:
@@ -68,7 +74,7 @@ def two_kernels(x, y, sums, reverse: bool, tile: int = TILE) -> None:
     n_tiles = cdiv(x.numel(), tile)
     for read in (True, False):
         _reread_kernel[(n_tiles,)](x, y, sums, x.numel(), 0, n_tiles, READ=read, WRITE=not read,
-                                   REVERSE=reverse and not read, TILE=tile)
+                                   REVERSE=reverse and not read, HINTS=False, TILE=tile)
 
 
 def cases(x, programs: int):
@@ -82,6 +88,9 @@ def cases(x, programs: int):
         if mb * 2**20 < nbytes:
             lag = mb * 2**20 // tile_bytes
             yield f"re-read {mb} MB behind", lambda x, y, sums, lag=lag: reread(x, y, sums, lag)
+            if mb in HINTED_MB:
+                yield f"re-read {mb} MB behind, eviction hints", \
+                    lambda x, y, sums, lag=lag: reread(x, y, sums, lag, hints=True)
     # persistent programs (tiles in rounds, as the lagged forward's tickets), the second read from
     # the program, so the SM, that made the first
     yield f"copy, {programs} persistent programs", lambda x, y, sums: reread(x, y, sums, 0, programs)

@@ -182,6 +182,7 @@ def bench_cases():
     x = rand(3 * memory_floor.TILE, dtype=torch.float16)
     y, sums = torch.empty_like(x), torch.empty(3)
     memory_floor.reread(x, y, sums, 2)
+    memory_floor.reread(x, y, sums, 2, programs=2, hints=True)
     memory_floor.two_kernels(x, y, sums, reverse=True)
 
 

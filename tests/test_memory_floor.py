@@ -28,6 +28,12 @@ def test_reread_copies_every_tile_and_sums_it(lag, programs):
     _check(x, y, sums)
 
 
+def test_hinted_reread_copies_every_tile_and_sums_it():
+    x, y, sums = _inputs()
+    memory_floor.reread(x, y, sums, 2, hints=True, tile=TILE)
+    _check(x, y, sums)
+
+
 @pytest.mark.parametrize("reverse", [False, True])
 def test_two_kernels_copy_every_tile_and_sum_it(reverse):
     x, y, sums = _inputs()
@@ -40,9 +46,10 @@ def test_rereads_stay_within_x():
     x = torch.empty(5 * 2**20 // 2, dtype=torch.float16)  # 5 MB
     labels = [label for label, _ in memory_floor.cases(x, programs=128)]  # 1 MB per round
     assert [label for label in labels if label.startswith("re-read")] == \
-        ["re-read 1 MB behind", "re-read 2 MB behind", "re-read 4 MB behind", "re-read 1.0 MB behind, same program",
+        ["re-read 1 MB behind", "re-read 2 MB behind", "re-read 4 MB behind", "re-read 4 MB behind, eviction hints",
+         "re-read 1.0 MB behind, same program",
          "re-read 2.0 MB behind, same program", "re-read 4.0 MB behind, same program"]
-    assert labels[:2] == ["torch copy_", "copy (one read)"] and len(labels) == 11
+    assert labels[:2] == ["torch copy_", "copy (one read)"] and len(labels) == 12
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without a GPU")
