@@ -18,14 +18,14 @@ BACKEND_OF = {"sm90": "nvidia", "gfx942": "amd"}
 
 
 def _all_kernels() -> set:
-    """The @triton.jit kernels of every module in hbkernels/triton (a new module is found too)."""
+    """The @triton.jit kernels of every module in hbkernels/triton (a new module is found too) and of
+    the benchmarks."""
     import hbkernels.triton
+    from bench import memory_floor
 
-    names = set()
-    for info in pkgutil.iter_modules(hbkernels.triton.__path__):
-        mod = importlib.import_module(f"hbkernels.triton.{info.name}")
-        names |= {n for n in vars(mod) if n.startswith("_") and n.endswith("_kernel")}
-    return names
+    mods = [importlib.import_module(f"hbkernels.triton.{info.name}")
+            for info in pkgutil.iter_modules(hbkernels.triton.__path__)]
+    return {n for mod in [*mods, memory_floor] for n in vars(mod) if n.startswith("_") and n.endswith("_kernel")}
 
 
 @pytest.fixture(scope="module")
