@@ -114,13 +114,18 @@ _ONE_PASS_MAX_TILE = {2: 8192, 4: 4096}  # by element size: the tile is held in 
 # Lagged forward (_gn_lagged_kernel; NCHW): the two passes in one persistent kernel whose statistics
 # batches run LAGGED_DEPTH batches per program ahead of its apply batches, so the apply pass reads x
 # from L2 and DRAM sees x once and y once, like the one pass, without holding tiles in registers.
-# Off: on an H100 at level 0 its first version (one tile per ticket, unpipelined) took 35.5 / 57.3 us
-# at T16 / T26 at best (4 programs per SM, 16 KiB tiles, depth 1) against 33.4 / 50.7 for the two
-# passes. This one takes LAGGED_BATCH tiles of _LAGGED_TILE_BYTES per ticket, walked with LAGGED_STAGES
-# pipeline stages (sm_90, fp16 4096-element tiles: 64 registers, 4 programs per SM); not yet timed.
+# Off: on an H100 at level 0 its first version (one tile per ticket, each apply ticket merging its
+# group's partials after the wait and loading x after that) took 35.5 / 57.3 us at T16 / T26 at best
+# (4 programs per SM, 16 KiB tiles, depth 1) against 33.4 / 50.7 for the two passes, flat from 2 to 4
+# programs per SM and from 16 to 32 KiB tiles: about 64 KiB of x in flight per SM, all a register-held
+# tile allows. This one walks LAGGED_BATCH tiles of _LAGGED_TILE_BYTES per ticket with LAGGED_STAGES
+# pipeline stages (tiles in flight in shared memory, not registers); a group's last statistics batch
+# merges its partials and publishes mean and rstd in one 64-bit word, so an apply batch waits for that
+# word alone (one acquire load, where there were the counter's and then the partials' round trips).
+# Not yet timed; bench/memory_floor.py times what re-reading x a few MB behind costs.
 # The x between a tile's two reads is about LAGGED_DEPTH rounds of tickets, a round being programs x
-# batch x tile bytes: 4 per SM x 2 x 8 KiB = 8.6 MB on an H100 (50 MB of L2), with every tile of
-# each batch in flight at once (batch = stages - 1). Rounds past the L2 lose the reuse.
+# batch x tile bytes: 4 per SM x 2 x 8 KiB = 8.6 MB on an H100 (50 MB of L2). Rounds past the L2 lose
+# the reuse.
 LAGGED = False
 LAGGED_PROGRAMS_PER_SM = 4
 LAGGED_DEPTH = 1
@@ -130,7 +135,7 @@ LAGGED_STAGES = 3
 # the re-read stays on the SM that read the tile. Not yet timed.
 LAGGED_OWN = False
 _LAGGED_TILE_BYTES = 8192
-_LAGGED_MAX_PARTIALS = 1024  # tiles per group: each apply batch merges them all in registers
+_LAGGED_MAX_PARTIALS = 1024  # tiles per group: the batch completing a group merges them all in registers
 _INTERP_GROUP_PROGRAMS = 32  # the interpreter runs programs one by one: no residency limit, only cost
 _INTERP_PERSISTENT = 2  # persistent programs under the interpreter (the first takes every ticket)
 _INTERP_CHUNKS = 3  # a few programs per (n, channel block) under TRITON_INTERPRET (still exercises merging)
@@ -527,8 +532,8 @@ def _merge_group(grp, store, sh_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr,
     P = cpg * n_chunks
     n = grp // G
     g = grp - n * G
-    n = n.to(tl.int64)
-    part = grp.to(tl.int64) * P
+    n = tl.cast(n, tl.int64)  # tl.cast: grp may be the interpreter's loop index, an int
+    part = tl.cast(grp, tl.int64) * P
     # x's means are merged as offsets from partial 0's: summed, P products of count and mean would lose
     # ulps of the mean itself, the offsets only ulps of their spread. The shift's mean is merged apart.
     total = tl.cast(cpg * L, tl.float32)  # tl.cast: ints equal to 1 are constexprs, without .to()
@@ -634,43 +639,72 @@ def _batch_groups(b, n_tiles, P, batch):
 
 
 @triton.jit
-def _stats_batch(b, x_ptr, pmean_ptr, pm2_ptr, sync_ptr, G, cpg, n_chunks, L, n_tiles, batch, sxn, sxc,
-                 TILE: tl.constexpr, STAGES: tl.constexpr):
-    """Loads batch b's tiles (pipelined), stores their (mean, M2) and publishes them to their groups."""
+def _publish_group(ready_ptr, mean, rstd):
+    """Publishes a group's (mean, rstd) in one 64-bit word, so an apply batch reads both with the
+    acquire that finds them. rstd's sign bit is set: no published word is 0, the unpublished value."""
+    lo = mean.to(tl.uint32, bitcast=True).to(tl.int64)
+    hi = (rstd.to(tl.uint32, bitcast=True) | 0x80000000).to(tl.int64)
+    tl.debug_barrier()  # every thread's stores precede the release
+    tl.atomic_xchg(ready_ptr, (hi << 32) | lo, sem="release")
+
+
+@triton.jit
+def _group_stats(ready_ptr, error_ptr, SPIN: tl.constexpr):
+    """(mean, rstd) of a group, once published. SPIN=False (the interpreter) flags an unpublished group
+    in ``error_ptr`` instead of waiting."""
+    word = tl.atomic_add(ready_ptr, 0, sem="acquire")
+    if SPIN:
+        while word == 0:
+            word = tl.atomic_add(ready_ptr, 0, sem="acquire")
+    elif word == 0:
+        tl.store(error_ptr, 1)
+    mean = (word & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
+    rstd = ((word >> 32) & 0x7FFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
+    return mean, rstd
+
+
+@triton.jit
+def _stats_batch(
+    b, x_ptr, sh_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr, sync_ptr,
+    C, L, G, cpg, n_chunks, n_tiles, batch, smn, smg, srn, srg, sxn, sxc, eps,
+    HAS_SHIFT: tl.constexpr, TILE: tl.constexpr, BLOCK_P: tl.constexpr, STAGES: tl.constexpr,
+):
+    """Loads batch b's tiles (pipelined), stores their (mean, M2) and publishes them to their groups.
+    The batch that completes a group merges its partials and publishes the group's mean and rstd (and
+    stores them to the (N, G) outputs): once per group, not once per apply batch."""
     P = cpg * n_chunks
     first, last, g0, g1 = _batch_groups(b, n_tiles, P, batch)
     for i in tl.range(first, last, num_stages=STAGES):
         x = _one_pass_load(x_ptr, i, n_tiles, G, cpg, n_chunks, L, sxn, sxc, TILE)
         _store_partials(x, i, pmean_ptr, pm2_ptr, G, cpg, n_chunks, L, TILE)
     tl.debug_barrier()  # every thread's stores precede the releases
-    for grp in range(g0, g1):  # one arrival per group: the batch's tiles in it
-        tl.atomic_add(sync_ptr + 1 + grp, tl.minimum(last, grp * P + P) - tl.maximum(first, grp * P), sem="release")
+    groups = n_tiles // P
+    for g in range(g0, g1):  # one arrival per group: the batch's tiles in it
+        tiles = tl.minimum(last, g * P + P) - tl.maximum(first, g * P)
+        if tl.atomic_add(sync_ptr + 1 + g, tiles, sem="acq_rel") + tiles == P:
+            tl.debug_barrier()  # the acquire precedes every thread's loads of the other partials
+            mean, rstd = _merge_group(g, True, sh_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr,
+                                      C, L, G, cpg, n_chunks, smn, smg, srn, srg, eps, HAS_SHIFT, TILE, BLOCK_P)
+            _publish_group(sync_ptr + 1 + groups + g, mean, rstd)
 
 
 @triton.jit
 def _apply_batch(
-    b, x_ptr, w_ptr, b_ptr, sh_ptr, y_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr, sync_ptr,
-    C, L, G, cpg, n_chunks, n_tiles, batch, sw, sb_, smn, smg, srn, srg, sxn, sxc, syn, syc, eps,
+    b, x_ptr, w_ptr, b_ptr, sh_ptr, y_ptr, sync_ptr,
+    C, L, G, cpg, n_chunks, n_tiles, batch, sw, sb_, sxn, sxc, syn, syc,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, PRECISE: tl.constexpr,
-    TILE: tl.constexpr, BLOCK_P: tl.constexpr, STAGES: tl.constexpr, SPIN: tl.constexpr,
+    TILE: tl.constexpr, STAGES: tl.constexpr, SPIN: tl.constexpr,
 ):
-    """Waits for batch b's (one or two: batch <= P) groups, merges their partials once (each group's
-    mean and rstd stored by the batch holding its first tile), then re-reads x and writes y, pipelined.
-    SPIN=False (the interpreter) flags an unfinished group in the last sync slot instead of waiting."""
+    """Waits for the (mean, rstd) words of batch b's (one or two: batch <= P) groups, then re-reads x
+    (from L2: it was read a lag before) and writes y, pipelined."""
     P = cpg * n_chunks
     first, last, g0, g1 = _batch_groups(b, n_tiles, P, batch)
-    for grp in range(g0, g1):
-        if SPIN:
-            _wait_for_group(sync_ptr + 1 + grp, P)
-        elif tl.atomic_add(sync_ptr + 1 + grp, 0, sem="acquire") != P:
-            tl.store(sync_ptr + 1 + n_tiles // P, 1)  # the slot after the groups' arrivals
-    mean0, rstd0 = _merge_group(g0, first == g0 * P, sh_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr,
-                                C, L, G, cpg, n_chunks, smn, smg, srn, srg, eps, HAS_SHIFT, TILE, BLOCK_P)
+    ready = sync_ptr + 1 + n_tiles // P
+    error = ready + n_tiles // P
+    mean0, rstd0 = _group_stats(ready + g0, error, SPIN)
     mean1, rstd1 = mean0, rstd0
     if g1 - g0 > 1:
-        mean1, rstd1 = _merge_group(g0 + 1, True, sh_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr,
-                                    C, L, G, cpg, n_chunks, smn, smg, srn, srg, eps, HAS_SHIFT, TILE, BLOCK_P)
-    # the partials were read above with volatile loads: the pipeliner would make them cp.async.ca (L1)
+        mean1, rstd1 = _group_stats(ready + g0 + 1, error, SPIN)
     for i in tl.range(first, last, num_stages=STAGES):
         x = _one_pass_load(x_ptr, i, n_tiles, G, cpg, n_chunks, L, sxn, sxc, TILE)
         second = i >= (g0 + 1) * P
@@ -694,10 +728,14 @@ def _gn_lagged_kernel(
     TILE: tl.constexpr, BLOCK_P: tl.constexpr, STAGES: tl.constexpr, SPIN: tl.constexpr, QUEUE: tl.constexpr,
 ):
     """The forward's two passes in one persistent kernel over the one-pass tiles (TILE elements of one
-    channel's contiguous (t, s) row), ``batch`` (<= P) consecutive tiles per batch: _stats_batch
-    publishes a batch's partials, _apply_batch waits for its groups and writes its y, re-reading x
-    while it is still in L2. DRAM moves x + y, where the three-kernel forward moves up to 2x + y, with
-    no kernel boundary or finalize to wait on.
+    channel's contiguous (t, s) row), ``batch`` (<= P) consecutive tiles per batch, each walked with
+    STAGES pipeline stages: _stats_batch publishes a batch's partials (and, completing a group, the
+    group's mean and rstd), _apply_batch waits for its groups' mean and rstd, then re-reads x while
+    it is still in L2 to write y. DRAM moves x + y, where the three-kernel forward moves up to 2x + y, with no kernel
+    boundary or finalize to wait on.
+
+    sync (int64): the ticket, the arrivals per group, the published (mean, rstd) word per group, and
+    (the interpreter) the order-error flag.
 
     QUEUE == 0: tickets name statistics and apply batches alike, apply batches ``lag`` batches behind
     (_lagged_ticket); any program may re-read a tile, on any SM. QUEUE > 0: tickets name statistics
@@ -713,17 +751,17 @@ def _gn_lagged_kernel(
     a broken order fails (see _launch_lagged) rather than hangs."""
     P = cpg * n_chunks
     if QUEUE == 0:
-        u = tl.atomic_add(sync_ptr, 1, sem="relaxed")  # a ticket orders nothing: only its count matters
+        u = tl.atomic_add(sync_ptr, 1, sem="relaxed").to(tl.int32)  # a ticket orders nothing: only its count matters
         while u < 2 * n_batches:
-            u_next = tl.atomic_add(sync_ptr, 1, sem="relaxed")  # in flight during this ticket
+            u_next = tl.atomic_add(sync_ptr, 1, sem="relaxed").to(tl.int32)  # in flight during this ticket
             stats, b = _lagged_ticket(u, n_batches, lag)
             if stats:
-                _stats_batch(b, x_ptr, pmean_ptr, pm2_ptr, sync_ptr, G, cpg, n_chunks, L, n_tiles, batch, sxn, sxc,
-                             TILE, STAGES)
+                _stats_batch(b, x_ptr, sh_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr, sync_ptr,
+                             C, L, G, cpg, n_chunks, n_tiles, batch, smn, smg, srn, srg, sxn, sxc, eps,
+                             HAS_SHIFT, TILE, BLOCK_P, STAGES)
             else:
-                _apply_batch(b, x_ptr, w_ptr, b_ptr, sh_ptr, y_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr, sync_ptr,
-                             C, L, G, cpg, n_chunks, n_tiles, batch, sw, sb_, smn, smg, srn, srg, sxn, sxc, syn, syc,
-                             eps, HAS_W, HAS_B, HAS_SHIFT, SILU, PRECISE, TILE, BLOCK_P, STAGES, SPIN)
+                _apply_batch(b, x_ptr, w_ptr, b_ptr, sh_ptr, y_ptr, sync_ptr, C, L, G, cpg, n_chunks, n_tiles, batch,
+                             sw, sb_, sxn, sxc, syn, syc, HAS_W, HAS_B, HAS_SHIFT, SILU, PRECISE, TILE, STAGES, SPIN)
             u = u_next
     else:
         slots = tl.arange(0, QUEUE)
@@ -735,16 +773,17 @@ def _gn_lagged_kernel(
         while (count > 0) | (more != 0):
             front = tl.sum(tl.where(slots == head % QUEUE, queue, 0), axis=0)
             if (count > 0) & ((more == 0) | (_groups_end_batch(front, n_tiles, P, batch) <= latest)):
-                _apply_batch(front, x_ptr, w_ptr, b_ptr, sh_ptr, y_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr,
-                             sync_ptr, C, L, G, cpg, n_chunks, n_tiles, batch, sw, sb_, smn, smg, srn, srg, sxn, sxc,
-                             syn, syc, eps, HAS_W, HAS_B, HAS_SHIFT, SILU, PRECISE, TILE, BLOCK_P, STAGES, SPIN)
+                _apply_batch(front, x_ptr, w_ptr, b_ptr, sh_ptr, y_ptr, sync_ptr, C, L, G, cpg, n_chunks, n_tiles,
+                             batch, sw, sb_, sxn, sxc, syn, syc, HAS_W, HAS_B, HAS_SHIFT, SILU, PRECISE, TILE, STAGES,
+                             SPIN)
                 head += 1
                 count -= 1
             else:
-                u = tl.atomic_add(sync_ptr, 1, sem="relaxed")
+                u = tl.atomic_add(sync_ptr, 1, sem="relaxed").to(tl.int32)
                 if u < n_batches:
-                    _stats_batch(u, x_ptr, pmean_ptr, pm2_ptr, sync_ptr, G, cpg, n_chunks, L, n_tiles, batch,
-                                 sxn, sxc, TILE, STAGES)
+                    _stats_batch(u, x_ptr, sh_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr, sync_ptr,
+                                 C, L, G, cpg, n_chunks, n_tiles, batch, smn, smg, srn, srg, sxn, sxc, eps,
+                                 HAS_SHIFT, TILE, BLOCK_P, STAGES)
                     queue = tl.where(slots == (head + count) % QUEUE, u, queue)
                     count += 1
                     latest = u
@@ -1050,13 +1089,13 @@ def _launch_lagged(tensors, c: int, num_groups: int, plan, scalars, eps: float, 
     lag = _lag_batches(n_batches, reach, programs)
     # own batches: a queue longer than that reach (a full queue's front qualifies)
     queue = next_pow2(reach + 2) if LAGGED_OWN else 0
-    # ticket, arrivals per group, and (interpreter) the order-error flag
-    sync = torch.zeros(2 + n * num_groups, dtype=torch.int32, device=dev)
+    # ticket, arrivals and (mean, rstd) words per group, the order-error flag (interpreter)
+    sync = torch.zeros(2 + 2 * n * num_groups, dtype=torch.int64, device=dev)
     _gn_lagged_kernel[(programs,)](
         *tensors, *partials, sync, c, length, num_groups, cpg, n_chunks, n_tiles, batch, n_batches, lag, *scalars,
         xs[0], xs[1], ys[0], ys[1], eps,
-        TILE=tile, BLOCK_P=next_pow2(cpg * n_chunks), STAGES=LAGGED_STAGES,
-        SPIN=not INTERPRETED, QUEUE=queue, num_warps=warps_for(tile), **meta,
+        TILE=tile, BLOCK_P=next_pow2(cpg * n_chunks), STAGES=LAGGED_STAGES, SPIN=not INTERPRETED, QUEUE=queue,
+        num_warps=warps_for(tile), **meta,
     )
     if INTERPRETED and sync[-1]:
         raise RuntimeError("lagged GroupNorm: an apply batch ran before its group's statistics")
