@@ -243,16 +243,16 @@ ONE_PASS_SYNC = {
             (r"global_atomic_or |global_load_dword v\d+, v\d+, s\[\d+:\d+\](?: offset:\d+)? sc1\n",
              r"(?:global_atomic_or [^\n]* sc0|global_load_dword [^\n]* sc1)\s+s_waitcnt vmcnt\(0\)\s+buffer_inv sc1")],
 }
-# The lagged kernel: each arrival a returning acq_rel add after a CTA barrier (the batch that completes a
-# group reads the other partials after it), each group's (mean, rstd) word published by a release
-# exchange after a barrier, every poll of a word an acquire (AMD: an atomic or-0 or an acquire load, by
-# Triton version, each followed by the cache invalidate), the partials read past L1.
+# The lagged kernel: each arrival a release add right after a CTA barrier, each group's (mean, rstd)
+# word published by a release exchange after a barrier, every poll of a counter or word an acquire
+# (AMD: an atomic or-0 or an acquire load, by Triton version, each followed by the cache invalidate),
+# the partials read past L1.
 LAGGED_SYNC = {
-    "cuda": [r"bar\.sync\s+0;[\s\S]{0,800}?atom\.global\.gpu\.acq_rel\.add",
+    "cuda": [r"bar\.sync\s+0;[\s\S]{0,1500}?(?:atom|red)\.global\.gpu\.release\.add",
              r"bar\.sync\s+0;[\s\S]{0,800}?atom\.global\.gpu\.release\.exch",
              (r"ld\.global\.gpu\.\w+\.b64", r"ld\.global\.gpu\.acquire"),
              r"ld\.volatile\.global"],
-    "hip": [r"buffer_wbl2 sc1\s+s_waitcnt vmcnt\(0\)\s+global_atomic_add_x2 [^\n]* sc0\s+s_waitcnt vmcnt\(0\)\s+buffer_inv sc1",
+    "hip": [r"buffer_wbl2 sc1\s+s_waitcnt vmcnt\(0\)\s+global_atomic_add_x2 v\d+, v\[\d+:\d+\], s\[\d+:\d+\]",
             r"buffer_wbl2 sc1\s+s_waitcnt vmcnt\(0\)\s+global_atomic_swap_x2 ",
             (r"global_atomic_or_x2 |global_load_dwordx2 v\[\d+:\d+\], v\d+, s\[\d+:\d+\](?: offset:\d+)? sc1\n",
              r"(?:global_atomic_or_x2 [^\n]* sc0|global_load_dwordx2 [^\n]* sc1)\s+s_waitcnt vmcnt\(0\)\s+buffer_inv sc1")],

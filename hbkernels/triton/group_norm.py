@@ -119,9 +119,10 @@ _ONE_PASS_MAX_TILE = {2: 8192, 4: 4096}  # by element size: the tile is held in 
 # (4 programs per SM, 16 KiB tiles, depth 1) against 33.4 / 50.7 for the two passes, flat from 2 to 4
 # programs per SM and from 16 to 32 KiB tiles: about 64 KiB of x in flight per SM, all a register-held
 # tile allows. This one walks LAGGED_BATCH tiles of _LAGGED_TILE_BYTES per ticket with LAGGED_STAGES
-# pipeline stages (tiles in flight in shared memory, not registers); a group's last statistics batch
-# merges its partials and publishes mean and rstd in one 64-bit word, so an apply batch waits for that
-# word alone (one acquire load, where there were the counter's and then the partials' round trips).
+# pipeline stages (tiles in flight in shared memory, not registers); the statistics batch holding a
+# group's last tile waits for the group's other batches, merges its partials and publishes mean and
+# rstd in one 64-bit word, so an apply batch waits for that word alone (one acquire load, where there
+# were the counter's and then the partials' round trips), and other statistics batches never wait.
 # Not yet timed; bench/memory_floor.py times what re-reading x a few MB behind costs.
 # The x between a tile's two reads is about LAGGED_DEPTH rounds of tickets, a round being programs x
 # batch x tile bytes: 4 per SM x 2 x 8 KiB = 8.6 MB on an H100 (50 MB of L2). Rounds past the L2 lose
@@ -667,11 +668,13 @@ def _group_stats(ready_ptr, error_ptr, SPIN: tl.constexpr):
 def _stats_batch(
     b, x_ptr, sh_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr, sync_ptr,
     C, L, G, cpg, n_chunks, n_tiles, batch, smn, smg, srn, srg, sxn, sxc, eps,
-    HAS_SHIFT: tl.constexpr, TILE: tl.constexpr, BLOCK_P: tl.constexpr, STAGES: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, TILE: tl.constexpr, BLOCK_P: tl.constexpr, STAGES: tl.constexpr, SPIN: tl.constexpr,
 ):
     """Loads batch b's tiles (pipelined), stores their (mean, M2) and publishes them to their groups.
-    The batch that completes a group merges its partials and publishes the group's mean and rstd (and
-    stores them to the (N, G) outputs): once per group, not once per apply batch."""
+    The batch holding a group's last tile then waits for the group's other batches (all of earlier
+    tickets), merges its partials and publishes its mean and rstd (and stores them to the (N, G)
+    outputs): once per group, not once per apply batch, and the other batches publish without waiting
+    for a reply."""
     P = cpg * n_chunks
     first, last, g0, g1 = _batch_groups(b, n_tiles, P, batch)
     for i in tl.range(first, last, num_stages=STAGES):
@@ -680,12 +683,16 @@ def _stats_batch(
     tl.debug_barrier()  # every thread's stores precede the releases
     groups = n_tiles // P
     for g in range(g0, g1):  # one arrival per group: the batch's tiles in it
-        tiles = tl.minimum(last, g * P + P) - tl.maximum(first, g * P)
-        if tl.atomic_add(sync_ptr + 1 + g, tiles, sem="acq_rel") + tiles == P:
-            tl.debug_barrier()  # the acquire precedes every thread's loads of the other partials
-            mean, rstd = _merge_group(g, True, sh_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr,
-                                      C, L, G, cpg, n_chunks, smn, smg, srn, srg, eps, HAS_SHIFT, TILE, BLOCK_P)
-            _publish_group(sync_ptr + 1 + groups + g, mean, rstd)
+        tl.atomic_add(sync_ptr + 1 + g, tl.minimum(last, g * P + P) - tl.maximum(first, g * P), sem="release")
+    done = last // P - 1  # the group whose last tile the batch holds, if any (batch <= P: one at most)
+    if (done + 1) * P > first:
+        if SPIN:
+            _wait_for_group(sync_ptr + 1 + done, P)
+        elif tl.atomic_add(sync_ptr + 1 + done, 0, sem="acquire") != P:
+            tl.store(sync_ptr + 1 + 2 * groups, 1)  # the order-error flag
+        mean, rstd = _merge_group(done, True, sh_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr,
+                                  C, L, G, cpg, n_chunks, smn, smg, srn, srg, eps, HAS_SHIFT, TILE, BLOCK_P)
+        _publish_group(sync_ptr + 1 + groups + done, mean, rstd)
 
 
 @triton.jit
@@ -729,9 +736,9 @@ def _gn_lagged_kernel(
 ):
     """The forward's two passes in one persistent kernel over the one-pass tiles (TILE elements of one
     channel's contiguous (t, s) row), ``batch`` (<= P) consecutive tiles per batch, each walked with
-    STAGES pipeline stages: _stats_batch publishes a batch's partials (and, completing a group, the
-    group's mean and rstd), _apply_batch waits for its groups' mean and rstd, then re-reads x while
-    it is still in L2 to write y. DRAM moves x + y, where the three-kernel forward moves up to 2x + y, with no kernel
+    STAGES pipeline stages: _stats_batch publishes a batch's partials (and, holding a group's last
+    tile, the group's mean and rstd), _apply_batch waits for its groups' mean and rstd, then re-reads
+    x while it is still in L2 to write y. DRAM moves x + y, where the three-kernel forward moves up to 2x + y, with no kernel
     boundary or finalize to wait on.
 
     sync (int64): the ticket, the arrivals per group, the published (mean, rstd) word per group, and
@@ -743,12 +750,14 @@ def _gn_lagged_kernel(
     the re-read comes from the SM that read the tile, a round of tickets later (at the L2 slice its
     first read filled, wherever the L2 keeps a copy per side).
 
-    Why it cannot deadlock, however few programs run: tickets are taken in order, statistics never
-    wait, and a program waits only for statistics batches already taken (QUEUE == 0: tickets before
-    its own, since statistics tickets are processed as soon as taken; QUEUE > 0: it applies a batch
-    only once its own latest ticket, or the end of the tickets, is past the batch's groups, and a
-    queue of QUEUE > that reach always has a front that qualifies). Under the interpreter (SPIN=False)
-    a broken order fails (see _launch_lagged) rather than hangs."""
+    Why it cannot deadlock, however few programs run: tickets are taken in order, and a program waits
+    only for statistics batches already taken: a statistics batch for its group's earlier batches, of
+    earlier tickets; an apply batch for its groups' batches (QUEUE == 0: tickets before its own;
+    QUEUE > 0: it applies a batch only once its own latest ticket, or the end of the tickets, is past
+    the batch's groups, and a queue of QUEUE > that reach always has a front that qualifies). A
+    program processes its tickets in order, so the earliest ticket that never finished would be
+    processed, and would wait only for earlier ones, which finished. Under the interpreter
+    (SPIN=False) a broken order fails (see _launch_lagged) rather than hangs."""
     P = cpg * n_chunks
     if QUEUE == 0:
         u = tl.atomic_add(sync_ptr, 1, sem="relaxed").to(tl.int32)  # a ticket orders nothing: only its count matters
@@ -758,7 +767,7 @@ def _gn_lagged_kernel(
             if stats:
                 _stats_batch(b, x_ptr, sh_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr, sync_ptr,
                              C, L, G, cpg, n_chunks, n_tiles, batch, smn, smg, srn, srg, sxn, sxc, eps,
-                             HAS_SHIFT, TILE, BLOCK_P, STAGES)
+                             HAS_SHIFT, TILE, BLOCK_P, STAGES, SPIN)
             else:
                 _apply_batch(b, x_ptr, w_ptr, b_ptr, sh_ptr, y_ptr, sync_ptr, C, L, G, cpg, n_chunks, n_tiles, batch,
                              sw, sb_, sxn, sxc, syn, syc, HAS_W, HAS_B, HAS_SHIFT, SILU, PRECISE, TILE, STAGES, SPIN)
@@ -783,7 +792,7 @@ def _gn_lagged_kernel(
                 if u < n_batches:
                     _stats_batch(u, x_ptr, sh_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr, sync_ptr,
                                  C, L, G, cpg, n_chunks, n_tiles, batch, smn, smg, srn, srg, sxn, sxc, eps,
-                                 HAS_SHIFT, TILE, BLOCK_P, STAGES)
+                                 HAS_SHIFT, TILE, BLOCK_P, STAGES, SPIN)
                     queue = tl.where(slots == (head + count) % QUEUE, u, queue)
                     count += 1
                     latest = u
