@@ -4,14 +4,13 @@ to keep.
 
 - group_norm (+SiLU): the forward's statistics programs per SM, statistics tile, pipeline stages of
   the statistics loop, and (at the default) the apply order, apply tile, apply register cap,
-  programmatic dependent launch, the one-pass forward (NCHW only: its tile and its persistent
-  programs per SM) and the lagged forward (NCHW only: programs per SM, tile, tiles per batch, stages,
+  programmatic dependent launch, and the lagged forward (NCHW only: programs per SM, tile, tiles per batch, stages,
   lag depth, own batches; see hbkernels/triton/group_norm.py); channels-last shapes set their own tile knobs
   (*_CHANNELS_LAST). The default setting is also
   profiled: microseconds per call of each of its kernels (statistics, finalize, apply), which says
   which pass to work on next. The backward's partial-sums pass shares the statistics loop's stages:
-  the whole backward is timed per stage count, without PDL, and one-pass. Rows name the knobs they
-  change.
+  the whole backward is timed per stage count, without PDL, and one-pass (NCHW only: its tile).
+  Rows name the knobs they change.
 - temporal_attention: warps per program of the forward and of the backward kernel (FWD_WARPS /
   BWD_WARPS in hbkernels/triton/temporal_attention.py: the default rule, or a fixed 1, 2, 4, 8).
 
@@ -42,7 +41,6 @@ GN_STAGES = (3, 4, 5)
 GN_APPLY_TILES = (4096, 8192, 16384)  # each layout's default is timed once, in the grid
 GN_APPLY_MAXNREG = (32,)  # besides the default (none)
 GN_ONE_PASS_TILES = (8192,)  # besides the default; level 0 T16: 50 programs per group instead of 100
-GN_ONE_PASS_PROGRAMS_PER_SM = (3, 4)  # besides the default: the persistent forward's grid
 # The lagged forward: switched on at its defaults, then a grid of programs per SM x tile bytes x tiles
 # per ticket, and pipeline stages and lag depths at its defaults
 GN_LAGGED_PROGRAMS_PER_SM = (2, 4)
@@ -61,8 +59,7 @@ def _gn_forward_settings():
     the default with one other knob changed."""
     grid = [dict(STATS_PROGRAMS_PER_SM=p, _STATS_TILE=t, STATS_STAGES=s)
             for p, t, s in itertools.product(GN_PROGRAMS_PER_SM, GN_TILES, GN_STAGES)]
-    return grid + [dict(APPLY_REVERSED=not gn.APPLY_REVERSED), dict(PDL=not gn.PDL), *_one_pass_settings()] + \
-        [dict(ONE_PASS=True, ONE_PASS_PROGRAMS_PER_SM=p) for p in GN_ONE_PASS_PROGRAMS_PER_SM] + \
+    return grid + [dict(APPLY_REVERSED=not gn.APPLY_REVERSED), dict(PDL=not gn.PDL)] + \
         [dict(_APPLY_TILE=t) for t in GN_APPLY_TILES] + [dict(_APPLY_MAXNREG=c) for c in GN_APPLY_MAXNREG] + \
         _lagged_settings()
 
@@ -79,8 +76,8 @@ def _lagged_settings():
 
 
 def _one_pass_settings():
-    """One pass switched (at its default tile), and on at each larger tile: fewer programs per group,
-    more bytes each."""
+    """The one-pass backward switched (at its default tile), and on at each larger tile: fewer programs
+    per group, more bytes each."""
     return [dict(ONE_PASS=not gn.ONE_PASS)] + [dict(ONE_PASS=True, _ONE_PASS_MIN_TILE=t) for t in GN_ONE_PASS_TILES]
 
 

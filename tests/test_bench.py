@@ -177,8 +177,10 @@ def test_sweep_times_each_layout_its_own_knobs():
     settings = sweep._gn_forward_settings()
     nchw = sweep._gn_settings_for(settings, torch.contiguous_format)
     cl = sweep._gn_settings_for(settings, torch.channels_last_3d)
-    assert any(k.get("ONE_PASS") for k in nchw) and any(k.get("LAGGED") for k in nchw)
-    assert not any(k.get("ONE_PASS") or k.get("LAGGED") for k in cl)
+    assert any(k.get("LAGGED") for k in nchw) and not any(k.get("LAGGED") for k in cl)
+    backward = sweep._one_pass_settings()  # the one-pass backward's settings
+    assert sweep._gn_settings_for(backward, torch.contiguous_format) == backward
+    assert not sweep._gn_settings_for(backward, torch.channels_last_3d)
     assert {"_STATS_TILE", "_APPLY_TILE"} <= {n for k in nchw for n in k}
     assert not {"_STATS_TILE", "_APPLY_TILE"} & {n for k in cl for n in k}
     assert {"_STATS_TILE_CHANNELS_LAST", "_APPLY_TILE_CHANNELS_LAST"} <= {n for k in cl for n in k}

@@ -55,9 +55,9 @@ def test_every_kernel_compiles_for_gpu_target(target, compile_runs):
 
 @pytest.mark.skipif(not backend.triton_available(), reason="no triton")
 def test_one_pass_residency_is_checked():
-    """The one-pass kernels' programs wait for their group: each must fit ONE_PASS_MIN_RESIDENT (>= 2:
-    two launches on other streams) per sm_90 SM. The largest tiles fit 3 forward / 2 backward, so
-    asking for 3 must fail the check, and only for the one-pass kernels."""
+    """The one-pass backward's programs wait for their group: each must fit ONE_PASS_MIN_RESIDENT (>= 2:
+    two launches on other streams) per sm_90 SM. Its largest tiles fit 2, so asking for 3 must fail
+    the check, and only for the one-pass backward."""
     from triton.backends import backends
 
     from hbkernels.triton import group_norm

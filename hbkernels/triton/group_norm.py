@@ -21,24 +21,24 @@ a tile can be 64 channels wide: with channels-last or token-layout tensors (unit
 access is a full 128-byte line, while a group alone is only C/G (e.g. 10) channels = 20 bytes.
 
 One pass (opt-in, ONE_PASS; NCHW, where each channel's (t, s) row is contiguous):
-forward  _gn_one_pass_kernel: persistent grid (ONE_PASS_PROGRAMS_PER_SM per SM). Each program takes
-                          tiles of channels' rows in ticket order: loads one into registers and
-                          publishes its (mean, M2), then waits until the previous tile's group has
-                          published all its partials, merges them and writes that tile's y.
-                          x is read once, so the bound is copy bandwidth over the op's own bytes,
-                          where the two passes move 1.5x them. The exchange needs enough programs
-                          running per group, which bounds the tile from below (see _one_pass_plan).
-backward _gn_one_pass_bwd_kernel: the same with dy and x held, exchanging sum dz * xhat and sum dz.
+backward _gn_one_pass_bwd_kernel: each program holds one tile of dy and x in registers and publishes
+                          its partial sums (sum dz * xhat, sum dz) to its group, waits until the
+                          group's programs have all published, merges them and writes its tile of dx.
+                          dy and x are read once, where the three kernels read them twice. The
+                          exchange needs a group's programs resident at once, which bounds the tile
+                          from below (see _one_pass_plan).
 
 Lagged (opt-in, LAGGED; NCHW): the forward's two passes in one persistent kernel (_gn_lagged_kernel).
                           Tickets alternate between statistics batches (pipelined loads, partials
-                          published per group) and apply batches a few MB behind them (wait for
-                          the batch's groups, merge their partials once, re-read x from L2, write y);
-                          or (LAGGED_OWN) each program applies its own statistics batches, queued.
+                          published per group; the batch holding a group's last tile merges them
+                          and publishes the group's mean and rstd) and apply batches a few MB
+                          behind them (wait for their groups' mean and rstd, re-read x from L2,
+                          write y); or (LAGGED_OWN) each program applies its own statistics
+                          batches, queued.
 
-Memory traffic: forward reads x twice (one pass: once; lagged: the second time from L2) and writes y once; the fused SiLU saves the
-separate activation pass (one read + one write), and writing y straight into the token layout saves
-the permute copy (one more read + write). Backward reads dy and x twice (one pass: once) and writes
+Memory traffic: forward reads x twice (lagged: the second time from L2) and writes y once; the fused
+SiLU saves the separate activation pass (one read + one write), and writing y straight into the token
+layout saves the permute copy (one more read + write). Backward reads dy and x twice (one pass: once) and writes
 dx once.
 """
 import functools
@@ -90,25 +90,21 @@ _APPLY_MAXNREG = None
 # tile (not written by the kernels before it) before it waits for the finalize's mean and rstd. Hides
 # the launch gaps and part of the finalize's latency: 2.1-3.5 us of 33-65 at level 0 on an H100.
 PDL = True
-# One pass (_gn_one_pass_kernel, _gn_one_pass_bwd_kernel): x (and dy) read once, held in registers while
-# each group's programs exchange partial sums; applies where every channel's (t, s) row is contiguous in
-# every tensor (NCHW). Off by default: on an H100 at level 0 its forward loses to the two passes (T16:
-# 40.7-59.7 us against 33.4, one tile per program or persistent; T26: 67 against 51), its backward
-# wins at T16 (58.6-59.7 against 63.9) and loses at T26 (107 against 92).
+# One-pass backward (_gn_one_pass_bwd_kernel): dy and x read once, held in registers while each group's
+# programs exchange partial sums; applies where every channel's (t, s) row is contiguous in every
+# tensor (NCHW). Off by default: on an H100 at level 0 it wins at T16 (58.6-59.7 us against 63.9) and
+# loses at T26 (107 against 92). (A one-pass forward, x held the same way, lost at every setting timed,
+# T16: 40.7-59.7 us against 33.4 for the two passes, one tile per program or persistent; the lagged
+# forward took its place.)
 # Tile per program: the smallest power of two from _ONE_PASS_MIN_TILE that keeps a group's programs
 # within one per SM (the condition for the group to be resident at once), at most _ONE_PASS_MAX_TILE
 # for the element size (else the two-pass kernels). Level 0 at 320x512: 4096 (T16: 100 programs per
 # group) and 8192 (T26: 90). The largest tiles still fit ONE_PASS_MIN_RESIDENT programs per sm_90 SM
-# (fp16 8192 and fp32 4096: 2 forward / 2 backward; checked by tests/gpu_compile_check.py), so even
-# that many launches running at once on other streams, each with a group waiting to be resident, cannot
-# fill the GPU with waiting programs.
+# (fp16 8192 and fp32 4096: 2; checked by tests/gpu_compile_check.py), so even that many launches
+# running at once on other streams, each with a group waiting to be resident, cannot fill the GPU with
+# waiting programs.
 ONE_PASS = False
 ONE_PASS_MIN_RESIDENT = 2
-# Programs per SM of the persistent one-pass forward, which hold two tiles each (sm_90, fp16, 8 warps,
-# triton 3.6: 72 / 111 registers at 4096 / 8192-element tiles, 3 / 2 programs resident per SM); more
-# programs than fit start only as others finish, on the tickets left. H100, level 0, T16: 2 / 3 / 4 per
-# SM took 59.7 / 46.0 / 45.9 us.
-ONE_PASS_PROGRAMS_PER_SM = 2
 _ONE_PASS_MIN_TILE = 4096
 _ONE_PASS_MAX_TILE = {2: 8192, 4: 4096}  # by element size: the tile is held in registers
 # Lagged forward (_gn_lagged_kernel; NCHW): the two passes in one persistent kernel whose statistics
@@ -456,8 +452,8 @@ def _group_partials(ptr, part, P, n_chunks, L, TILE: tl.constexpr, BLOCK_P: tl.c
 
 @triton.jit
 def _ticket_tile(t, G, cpg, n_chunks, L, TILE: tl.constexpr):
-    """(group, index in the group, then _row_tile's values) of the tile with ticket t: the persistent
-    kernel's tickets number the tiles group after group."""
+    """(group, index in the group, then _row_tile's values) of tile t: the lagged kernel numbers the
+    tiles group after group."""
     grp = t // (cpg * n_chunks)
     k = t - grp * (cpg * n_chunks)
     n, c, ch, offs, mask, count = _row_tile(grp, k, G, cpg, n_chunks, L, TILE)
@@ -465,9 +461,8 @@ def _ticket_tile(t, G, cpg, n_chunks, L, TILE: tl.constexpr):
 
 
 @triton.jit
-def _one_pass_load(x_ptr, t, n_tiles, G, cpg, n_chunks, L, sxn, sxc, TILE: tl.constexpr):
-    """Tile t's x in its own dtype, which halves the registers an fp16 / bf16 tile holds while it waits
-    (0 past the row, and everywhere for a ticket past the last tile)."""
+def _load_tile(x_ptr, t, n_tiles, G, cpg, n_chunks, L, sxn, sxc, TILE: tl.constexpr):
+    """Tile t's x in its own dtype (0 past the row, and everywhere for a tile past the last)."""
     grp, k, n, c, ch, offs, mask, count = _ticket_tile(t, G, cpg, n_chunks, L, TILE)
     mask = offs < tl.where(t < n_tiles, L, 0)
     return tl.load(x_ptr + n * sxn + c.to(tl.int64) * sxc + offs, mask=mask, other=0.0)
@@ -484,44 +479,6 @@ def _store_partials(x, t, pmean_ptr, pm2_ptr, G, cpg, n_chunks, L, TILE: tl.cons
     tl.store(pmean_ptr + part + k, tile_mean)
     tl.store(pm2_ptr + part + k, tl.sum(dev * dev, axis=0))
     return grp
-
-
-@triton.jit
-def _one_pass_publish(x, t, pmean_ptr, pm2_ptr, sync_ptr, G, cpg, n_chunks, L, TILE: tl.constexpr):
-    """Stores tile t's (mean, M2) and publishes them to its group."""
-    grp = _store_partials(x, t, pmean_ptr, pm2_ptr, G, cpg, n_chunks, L, TILE)
-    _arrive(sync_ptr + 1 + grp)
-
-
-@triton.jit
-def _one_pass_normalize(
-    x, t, w_ptr, b_ptr, sh_ptr, y_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr, sync_ptr,
-    C, L, G, cpg, n_chunks, sw, sb_, smn, smg, srn, srg, syn, syc, eps,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, PRECISE: tl.constexpr,
-    TILE: tl.constexpr, BLOCK_P: tl.constexpr,
-):
-    """Waits for tile t's group, then _normalize_tile."""
-    _wait_for_group(sync_ptr + 1 + t // (cpg * n_chunks), cpg * n_chunks)
-    _normalize_tile(x, t, w_ptr, b_ptr, sh_ptr, y_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr,
-                    C, L, G, cpg, n_chunks, sw, sb_, smn, smg, srn, srg, syn, syc, eps,
-                    HAS_W, HAS_B, HAS_SHIFT, SILU, PRECISE, TILE, BLOCK_P)
-
-
-@triton.jit
-def _normalize_tile(
-    x, t, w_ptr, b_ptr, sh_ptr, y_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr,
-    C, L, G, cpg, n_chunks, sw, sb_, smn, smg, srn, srg, syn, syc, eps,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, PRECISE: tl.constexpr,
-    TILE: tl.constexpr, BLOCK_P: tl.constexpr,
-):
-    """Merges the published partials of tile t's group (its first tile stores the group's mean and
-    rstd) and writes y of the tile x."""
-    P = cpg * n_chunks
-    grp = t // P
-    mean, rstd = _merge_group(grp, t == grp * P, sh_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr,
-                              C, L, G, cpg, n_chunks, smn, smg, srn, srg, eps, HAS_SHIFT, TILE, BLOCK_P)
-    _write_tile(x, t, mean, rstd, w_ptr, b_ptr, sh_ptr, y_ptr, C, L, G, cpg, n_chunks, sw, sb_, syn, syc,
-                HAS_W, HAS_B, HAS_SHIFT, SILU, PRECISE, TILE)
 
 
 @triton.jit
@@ -575,46 +532,6 @@ def _write_tile(x, t, mean, rstd, w_ptr, b_ptr, sh_ptr, y_ptr, C, L, G, cpg, n_c
     if SILU:
         y = y * _sigmoid_parts(y, PRECISE)[0]
     tl.store(y_ptr + n * syn + c.to(tl.int64) * syc + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _gn_one_pass_kernel(
-    x_ptr, w_ptr, b_ptr, sh_ptr, y_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr, sync_ptr,
-    C, L, G, cpg, n_chunks, n_tiles, sw, sb_, smn, smg, srn, srg, sxn, sxc, syn, syc, eps,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, PRECISE: tl.constexpr,
-    TILE: tl.constexpr, BLOCK_P: tl.constexpr, WAIT: tl.constexpr,
-):
-    """The forward in one pass over memory, persistent: each program takes tiles (TILE elements of one
-    channel's contiguous (t, s) row) by ticket until none are left. It holds a tile in registers while
-    the P = cpg * n_chunks tiles of its group publish their (mean, M2) through global memory, then
-    merges them and writes the tile's y. x is read once instead of twice. A program loads and
-    publishes its next tile before it waits for the current tile's group and writes its y, so one
-    tile's stores overlap the next one's loads (a grid of one tile per program ran in waves: every
-    resident program loading, then every one waiting, then storing: 40-46 us at level 0, T16, on an
-    H100 against 33 for the two passes).
-
-    Why it cannot deadlock: tickets are taken in order, and every tile is published as soon as it is
-    loaded, before its program waits for anything. So the earliest unfinished group g lacks only
-    untaken tickets, and all running programs can be blocked waiting for g only if each holds two of
-    g's P tickets: fewer than P / 2 programs running. The launcher keeps P within the SM count, and at
-    least ONE_PASS_MIN_RESIDENT programs fit each SM. WAIT=False only publishes (see _launch_one_pass)."""
-    t = tl.atomic_add(sync_ptr, 1, sem="relaxed")  # a ticket orders nothing: only its count matters
-    x = _one_pass_load(x_ptr, t, n_tiles, G, cpg, n_chunks, L, sxn, sxc, TILE)
-    if t < n_tiles:
-        _one_pass_publish(x, t, pmean_ptr, pm2_ptr, sync_ptr, G, cpg, n_chunks, L, TILE)
-    while t < n_tiles:
-        t_next = tl.atomic_add(sync_ptr, 1, sem="relaxed")
-        x_next = _one_pass_load(x_ptr, t_next, n_tiles, G, cpg, n_chunks, L, sxn, sxc, TILE)
-        if t_next < n_tiles:
-            _one_pass_publish(x_next, t_next, pmean_ptr, pm2_ptr, sync_ptr, G, cpg, n_chunks, L, TILE)
-        if WAIT:
-            _one_pass_normalize(
-                x, t, w_ptr, b_ptr, sh_ptr, y_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr, sync_ptr,
-                C, L, G, cpg, n_chunks, sw, sb_, smn, smg, srn, srg, syn, syc, eps,
-                HAS_W, HAS_B, HAS_SHIFT, SILU, PRECISE, TILE, BLOCK_P,
-            )
-        t = t_next
-        x = x_next
 
 
 @triton.jit
@@ -678,7 +595,7 @@ def _stats_batch(
     P = cpg * n_chunks
     first, last, g0, g1 = _batch_groups(b, n_tiles, P, batch)
     for i in tl.range(first, last, num_stages=STAGES):
-        x = _one_pass_load(x_ptr, i, n_tiles, G, cpg, n_chunks, L, sxn, sxc, TILE)
+        x = _load_tile(x_ptr, i, n_tiles, G, cpg, n_chunks, L, sxn, sxc, TILE)
         _store_partials(x, i, pmean_ptr, pm2_ptr, G, cpg, n_chunks, L, TILE)
     tl.debug_barrier()  # every thread's stores precede the releases
     groups = n_tiles // P
@@ -713,7 +630,7 @@ def _apply_batch(
     if g1 - g0 > 1:
         mean1, rstd1 = _group_stats(ready + g0 + 1, error, SPIN)
     for i in tl.range(first, last, num_stages=STAGES):
-        x = _one_pass_load(x_ptr, i, n_tiles, G, cpg, n_chunks, L, sxn, sxc, TILE)
+        x = _load_tile(x_ptr, i, n_tiles, G, cpg, n_chunks, L, sxn, sxc, TILE)
         second = i >= (g0 + 1) * P
         _write_tile(x, i, tl.where(second, mean1, mean0), tl.where(second, rstd1, rstd0),
                     w_ptr, b_ptr, sh_ptr, y_ptr, C, L, G, cpg, n_chunks, sw, sb_, syn, syc,
@@ -996,16 +913,7 @@ def gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: float, s
     sh = shift if shift is not None else mean
     ms = (mean.stride(0), mean.stride(1), rstd.stride(0), rstd.stride(1))
     dev = x.device
-    if ONE_PASS:
-        plan = _one_pass_plan([x, y], t, s, cpg, dev)
-        if plan is not None:
-            xs, ys = plan[2]
-            _launch_one_pass(_gn_one_pass_kernel, (x, w, b, sh, y, mean, rstd), c, num_groups, plan,
-                             (sw, sb_, *ms, xs[0], xs[1], ys[0], ys[1], float(eps)),
-                             HAS_W=weight is not None, HAS_B=bias is not None, HAS_SHIFT=shift is not None,
-                             SILU=bool(silu), PRECISE=x.dtype == torch.float32, persistent=True)
-            return
-    if LAGGED:  # after ONE_PASS, which switches both directions
+    if LAGGED:
         plan = _lagged_plan([x, y], t, s, cpg, x.element_size())
         if plan is not None:
             _launch_lagged((x, w, b, sh, y, mean, rstd), c, num_groups, plan, (sw, sb_, *ms), float(eps),
@@ -1111,8 +1019,8 @@ def _launch_lagged(tensors, c: int, num_groups: int, plan, scalars, eps: float, 
 
 
 def _one_pass_plan(views, t: int, s: int, cpg: int, device: torch.device):
-    """(tile, row length, each view's merged strides) of the one-pass kernels for these (N, C, T, S)
-    views, or None where they do not apply."""
+    """(tile, row length, each view's merged strides) of the one-pass backward for these (N, C, T, S)
+    views, or None where it does not apply."""
     rows = _rows(views, t, s)
     if rows is None:
         return None
@@ -1126,21 +1034,15 @@ def _one_pass_plan(views, t: int, s: int, cpg: int, device: torch.device):
     return tile, length, strides
 
 
-def _launch_one_pass(kernel, tensors, c: int, num_groups: int, plan, strides, persistent=False, **meta):
-    """Runs a one-pass kernel over (N, C, T, S) ``tensors`` (its leading pointer arguments) and returns
-    its two partial-sum buffers as (N, C, chunks): one value per tile, in channel order. ``strides``:
-    the kernel's scalar arguments after (C, L, G, cpg, n_chunks). ``persistent``: the kernel loops
-    over tiles (and takes their count), on ONE_PASS_PROGRAMS_PER_SM programs per SM at most."""
+def _launch_one_pass(tensors, c: int, num_groups: int, plan, strides, **meta):
+    """Runs _gn_one_pass_bwd_kernel over (N, C, T, S) ``tensors`` (its leading pointer arguments) and
+    returns its two partial-sum buffers as (N, C, chunks): one value per tile, in channel order.
+    ``strides``: the kernel's scalar arguments after (C, L, G, cpg, n_chunks)."""
     tile, length, _ = plan
     n, cpg = tensors[0].shape[0], c // num_groups
     n_chunks = cdiv(length, tile)
     dev = tensors[0].device
     partials = [empty((n, c, n_chunks), dtype=torch.float32, device=dev) for _ in range(2)]
-    n_tiles = partials[0].numel()
-    programs = n_tiles
-    if persistent:
-        programs = min(n_tiles, _INTERP_PERSISTENT if INTERPRETED else ONE_PASS_PROGRAMS_PER_SM * sm_count(dev))
-        strides = (n_tiles, *strides)
     sync = torch.zeros(1 + n * num_groups, dtype=torch.int32, device=dev)  # ticket, arrivals
     # The interpreter runs programs one after another, so a waiting program would wait forever: there
     # the grid runs twice, first only publishing the partials (WAIT=False), then, with the tickets
@@ -1148,7 +1050,7 @@ def _launch_one_pass(kernel, tensors, c: int, num_groups: int, plan, strides, pe
     for wait in (False, True) if INTERPRETED else (True,):
         if INTERPRETED:
             sync[0] = 0
-        kernel[(programs,)](
+        _gn_one_pass_bwd_kernel[(partials[0].numel(),)](
             *tensors, *partials, sync, c, length, num_groups, cpg, n_chunks, *strides,
             TILE=tile, BLOCK_P=next_pow2(cpg * n_chunks), WAIT=wait, num_warps=warps_for(tile), **meta,
         )
@@ -1179,7 +1081,7 @@ def gn_bwd(dy, x, weight, bias, shift, mean, rstd, dx, dweight, dbias, num_group
         plan = _one_pass_plan([dy, x, dx], t, s, cpg, dev)
         if plan is not None:
             ds, xs, os_ = plan[2]
-            pa, pb = _launch_one_pass(_gn_one_pass_bwd_kernel, (dy, x, w, b, sh, mean, rstd, dx), c, num_groups,
+            pa, pb = _launch_one_pass((dy, x, w, b, sh, mean, rstd, dx), c, num_groups,
                                       plan, (sw, sb_, *ms, ds[0], ds[1], xs[0], xs[1], os_[0], os_[1]),
                                       HAS_W=has_w, HAS_B=has_b, HAS_SHIFT=has_sh, SILU=silu, PRECISE=precise)
             _channel_sums(pa, pb, dweight, dbias)  # the one-pass partials are per (n, channel, chunk) too
