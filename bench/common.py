@@ -242,6 +242,18 @@ class Report:
         return True
 
 
+def graph_report(parser, what: str):
+    """(device, Report) of a GPU-only run timed as CUDA-graph replays, its copy bandwidth measured and
+    printed; without a CUDA GPU, the parser's error saying that ``what`` needs one."""
+    dev = device()
+    if dev.type != "cuda":
+        parser.error(f"{what}: they need a CUDA GPU")
+    report = Report(device=device_name(dev), timing=GRAPH_TIMING)
+    report.copy_gbps = copy_bandwidth(dev) / 1e9
+    print(f"{report.device}: copy bandwidth {report.copy_gbps:.1f} GB/s, commit {report.commit}")
+    return dev, report
+
+
 def slug(text: str) -> str:
     """``text`` as a file-name part: alphanumerics kept, the rest dashes, lower case."""
     return "".join(ch if ch.isalnum() else "-" for ch in text).strip("-").lower()

@@ -123,12 +123,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="short timing")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args(argv)
-    dev = common.device()
-    if dev.type != "cuda":
-        parser.error("the floors are GPU memory-system timings: they need a CUDA GPU")
-    report = common.Report(device=common.device_name(dev), timing=common.GRAPH_TIMING)
-    report.copy_gbps = common.copy_bandwidth(dev) / 1e9
-    print(f"{report.device}: copy bandwidth {report.copy_gbps:.1f} GB/s, commit {report.commit}")
+    dev, report = common.graph_report(parser, "the floors are GPU memory-system timings")
     run(report, dev, 0.05 if args.quick else 0.2)
     report.save(args.out, "memory_floor", "float16")
 

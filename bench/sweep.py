@@ -204,12 +204,7 @@ def main(argv=None):
     parser.add_argument("--knob", help="group_norm: time only the settings that set this knob (e.g. LAGGED)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args(argv)
-    dev = common.device()
-    if dev.type != "cuda":
-        parser.error("the sweeps time GPU kernels: they need a CUDA GPU")
-    report = common.Report(device=common.device_name(dev), timing=common.GRAPH_TIMING)
-    report.copy_gbps = common.copy_bandwidth(dev) / 1e9
-    print(f"{report.device}: copy bandwidth {report.copy_gbps:.1f} GB/s, commit {report.commit}")
+    dev, report = common.graph_report(parser, "the sweeps time GPU kernels")
     min_time = 0.05 if args.quick else 0.2
     for op in args.op or list(SWEEPS):
         SWEEPS[op](report, dev, min_time, args.knob)
