@@ -12,7 +12,9 @@ reported against the same bytes (x read once, y written once), so each forward s
   tiles it read itself some rounds before: whether a second read from the first read's SM does better;
   and with L2 eviction hints (x's first read kept, its second read and y evicted first).
 - two kernels: a read-only pass over x (tile sums, like the statistics) then a copy pass, forward or
-  in reverse (APPLY_REVERSED): the floor of the two-pass forward without its finalize.
+  in reverse (APPLY_REVERSED), and reversed with the copy's accesses evict-first (APPLY_EVICT_FIRST:
+  y's stores displace less of the x still to be read): the floor of the two-pass forward without its
+  finalize.
 
     python -m bench.memory_floor [--quick] [--out bench/results]
 """
@@ -68,13 +70,13 @@ def reread(x, y, sums, lag: int, programs: int = 0, hints: bool = False, tile: i
                                 HINTS=hints, TILE=tile)
 
 
-def two_kernels(x, y, sums, reverse: bool, tile: int = TILE) -> None:
+def two_kernels(x, y, sums, reverse: bool, hints: bool = False, tile: int = TILE) -> None:
     """The tile sums of flat x, then (a second launch) the copy of x to y, the last tile first where
-    ``reverse``."""
+    ``reverse``; ``hints``: the copy's accesses evict-first (as APPLY_EVICT_FIRST)."""
     n_tiles = cdiv(x.numel(), tile)
     for read in (True, False):
         _reread_kernel[(n_tiles,)](x, y, sums, x.numel(), 0, n_tiles, READ=read, WRITE=not read,
-                                   REVERSE=reverse and not read, HINTS=False, TILE=tile)
+                                   REVERSE=reverse and not read, HINTS=hints and not read, TILE=tile)
 
 
 def cases(x, programs: int):
@@ -86,7 +88,7 @@ def cases(x, programs: int):
     yield "copy (one read)", lambda x, y, sums: reread(x, y, sums, 0)
     for mb in REREAD_MB:
         if mb * 2**20 < nbytes:
-            lag = mb * 2**20 // tile_bytes
+            lag = int(mb * 2**20) // tile_bytes
             yield f"re-read {mb} MB behind", lambda x, y, sums, lag=lag: reread(x, y, sums, lag)
             if mb in HINTED_MB:
                 yield f"re-read {mb} MB behind, eviction hints", \
@@ -98,9 +100,9 @@ def cases(x, programs: int):
         if rounds * programs * tile_bytes < nbytes:
             yield (f"re-read {rounds * programs * tile_bytes / 2**20:.1f} MB behind, same program",
                    lambda x, y, sums, lag=rounds * programs: reread(x, y, sums, lag, programs))
-    for reverse in (False, True):
-        yield f"two kernels{', copy reversed' if reverse else ''}", \
-            lambda x, y, sums, reverse=reverse: two_kernels(x, y, sums, reverse)
+    for reverse, hints in ((False, False), (True, False), (True, True)):
+        yield f"two kernels{', copy reversed' if reverse else ''}{', copy evict-first' if hints else ''}", \
+            lambda x, y, sums, reverse=reverse, hints=hints: two_kernels(x, y, sums, reverse, hints)
 
 
 def run(report, dev, min_time):

@@ -3,18 +3,19 @@
 to keep.
 
 - group_norm (+SiLU): the forward's statistics programs per SM, statistics tile, pipeline stages of
-  the statistics loop, and (at the default) the apply order, apply tile, apply register cap,
-  programmatic dependent launch, and the lagged forward (NCHW only: programs per SM, tile, tiles per batch, stages,
-  lag depth, own batches; see hbkernels/triton/group_norm.py); channels-last shapes set their own tile knobs
-  (*_CHANNELS_LAST). The default setting is also
-  profiled: microseconds per call of each of its kernels (statistics, finalize, apply), which says
-  which pass to work on next. The backward's partial-sums pass shares the statistics loop's stages:
-  the whole backward is timed per stage count, without PDL, and one-pass (NCHW only: its tile).
-  Rows name the knobs they change.
+  the statistics loop, and (at the default) the apply order, the apply pass's evict-first hints,
+  apply tile, apply register cap, programmatic dependent launch, and the lagged forward (NCHW only:
+  programs per SM, tile, tiles per batch, stages, lag depth, own batches; see
+  hbkernels/triton/group_norm.py); channels-last shapes set their own tile knobs (*_CHANNELS_LAST).
+  The default setting is also profiled: microseconds per call of each of its kernels (statistics,
+  finalize, apply), which says which pass to work on next. The backward's partial-sums pass shares
+  the statistics loop's stages: the whole backward is timed per stage count, without PDL, and
+  one-pass (NCHW only: its tile). Rows name the knobs they change.
 - temporal_attention: warps per program of the forward and of the backward kernel (FWD_WARPS /
   BWD_WARPS in hbkernels/triton/temporal_attention.py: the default rule, or a fixed 1, 2, 4, 8).
 
-    python -m bench.sweep [--quick] [--op group_norm|temporal_attention] [--knob LAGGED] [--out bench/results]
+    python -m bench.sweep [--quick] [--op group_norm|temporal_attention] [--knob LAGGED,APPLY_EVICT_FIRST]
+                          [--out bench/results]
 """
 import argparse
 import itertools
@@ -59,7 +60,8 @@ def _gn_forward_settings():
     the default with one other knob changed."""
     grid = [dict(STATS_PROGRAMS_PER_SM=p, _STATS_TILE=t, STATS_STAGES=s)
             for p, t, s in itertools.product(GN_PROGRAMS_PER_SM, GN_TILES, GN_STAGES)]
-    return grid + [dict(APPLY_REVERSED=not gn.APPLY_REVERSED), dict(PDL=not gn.PDL)] + \
+    return grid + [dict(APPLY_REVERSED=not gn.APPLY_REVERSED), dict(APPLY_EVICT_FIRST=not gn.APPLY_EVICT_FIRST),
+                   dict(PDL=not gn.PDL)] + \
         [dict(_APPLY_TILE=t) for t in GN_APPLY_TILES] + [dict(_APPLY_MAXNREG=c) for c in GN_APPLY_MAXNREG] + \
         _lagged_settings()
 
@@ -81,12 +83,12 @@ def _one_pass_settings():
     return [dict(ONE_PASS=not gn.ONE_PASS)] + [dict(ONE_PASS=True, _ONE_PASS_MIN_TILE=t) for t in GN_ONE_PASS_TILES]
 
 
-def _gn_settings_for(settings, fmt, knob=None):
+def _gn_settings_for(settings, fmt, knobs=None):
     """The settings that change what runs on tensors of memory format ``fmt``, under that layout's knob
     names (_for_layout): the one-pass and lagged kernels take only NCHW tensors (channels-last ones
     would time the two passes under their label), and a one-knob setting equal to the layout's default
-    is left to the statistics grid's default point. With ``knob``, only the settings that set it, and
-    that default point to compare with."""
+    is left to the statistics grid's default point. With ``knobs`` (names), only the settings that set
+    one of them, and that default point to compare with."""
     chosen = []
     for k in settings:
         if any(k.get(name) for name in ("ONE_PASS", "LAGGED")) and fmt != torch.contiguous_format:
@@ -95,7 +97,7 @@ def _gn_settings_for(settings, fmt, knob=None):
         grid_point = "STATS_STAGES" in k
         if _is_default(gn, k) and not grid_point:
             continue
-        if knob is None or knob in k or (grid_point and _is_default(gn, k)):
+        if knobs is None or any(name in k for name in knobs) or (grid_point and _is_default(gn, k)):
             chosen.append(k)
     return chosen
 
@@ -121,13 +123,13 @@ def _is_default(module, knobs):
     return all(getattr(module, name) == value for name, value in knobs.items())
 
 
-def sweep_group_norm(report, dev, min_time, knob=None):
+def sweep_group_norm(report, dev, min_time, only=None):
     from hbkernels import triton as kernels
 
     for label, shape, fmt in GN_SHAPES:
-        forward = _gn_settings_for(_gn_forward_settings(), fmt, knob)
-        if knob is not None and not any(knob in k for k in forward):
-            continue  # the knob does nothing on this memory format
+        forward = _gn_settings_for(_gn_forward_settings(), fmt, only)
+        if only is not None and not any(name in k for k in forward for name in only):
+            continue  # the knobs do nothing on this memory format
         x = (torch.randn(shape, device=dev, dtype=torch.float16) + 1).contiguous(memory_format=fmt)
         w, b = (torch.randn(shape[1], device=dev, dtype=torch.float16) for _ in range(2))
         bytes_moved = 2 * x.numel() * 2
@@ -152,7 +154,7 @@ def sweep_group_norm(report, dev, min_time, knob=None):
         mean, rstd = torch.randn(1, 32, device=dev), torch.rand(1, 32, device=dev) + 0.5
         dw, db = (torch.empty(shape[1], device=dev) for _ in range(2))
         backward = [dict(STATS_STAGES=s) for s in GN_STAGES] + [dict(PDL=not gn.PDL), *_one_pass_settings()]
-        for knobs in _gn_settings_for(backward, fmt, knob):
+        for knobs in _gn_settings_for(backward, fmt, only):
             impl = _knobs_label(gn, knobs)
             with mock.patch.multiple(gn, **knobs):
                 seconds = common.median_seconds_graphed(
@@ -160,7 +162,7 @@ def sweep_group_norm(report, dev, min_time, knob=None):
             _add(report, "group_norm_silu_backward", label, impl, seconds, 3 * x.numel() * 2)
 
 
-def sweep_temporal_attention(report, dev, min_time, knob=None):
+def sweep_temporal_attention(report, dev, min_time, only=None):
     from hbkernels import triton as kernels
 
     for label, n, t, heads, d in ATTN_SHAPES:
@@ -201,13 +203,14 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short timing")
     parser.add_argument("--op", choices=sorted(SWEEPS), action="append", help="sweep only this op (repeatable)")
-    parser.add_argument("--knob", help="group_norm: time only the settings that set this knob (e.g. LAGGED)")
+    parser.add_argument("--knob", help="group_norm: time only the settings that set one of these knobs "
+                                       "(comma-separated, e.g. LAGGED,APPLY_EVICT_FIRST)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args(argv)
     dev, report = common.graph_report(parser, "the sweeps time GPU kernels")
     min_time = 0.05 if args.quick else 0.2
     for op in args.op or list(SWEEPS):
-        SWEEPS[op](report, dev, min_time, args.knob)
+        SWEEPS[op](report, dev, min_time, args.knob.split(",") if args.knob else None)
     report.save(args.out, "sweep", "float16")
 
 

@@ -192,15 +192,21 @@ def test_sweep_times_each_layout_its_own_knobs():
 
 def test_sweep_knob_filter():
     """--knob LAGGED keeps the lagged settings and the default point to compare them with; nothing
-    but that point on channels-last tensors, where no lagged setting runs."""
+    but that point on channels-last tensors, where no lagged setting runs. --knob takes several."""
     from bench import sweep
     from hbkernels.triton import group_norm as gn
 
     settings = sweep._gn_forward_settings()
-    chosen = sweep._gn_settings_for(settings, torch.contiguous_format, "LAGGED")
+    chosen = sweep._gn_settings_for(settings, torch.contiguous_format, ["LAGGED"])
     assert len(chosen) == 1 + len(sweep._lagged_settings()) > 2
     assert [k for k in chosen if "LAGGED" not in k] == [k for k in chosen if sweep._is_default(gn, k)]
-    assert [sweep._is_default(gn, k) for k in sweep._gn_settings_for(settings, torch.channels_last_3d, "LAGGED")] == [True]
+    assert [sweep._is_default(gn, k) for k in sweep._gn_settings_for(settings, torch.channels_last_3d, ["LAGGED"])] \
+        == [True]
+    # several knobs: the settings of either; on channels-last, the one that runs there
+    both = sweep._gn_settings_for(settings, torch.contiguous_format, ["LAGGED", "APPLY_EVICT_FIRST"])
+    assert both == chosen[:1] + [dict(APPLY_EVICT_FIRST=True)] + chosen[1:]
+    assert sweep._gn_settings_for(settings, torch.channels_last_3d, ["LAGGED", "APPLY_EVICT_FIRST"])[1:] == \
+        [dict(APPLY_EVICT_FIRST=True)]
 
 
 def test_unet_step_suite_runs(single_thread):
@@ -244,3 +250,41 @@ def test_copy_bandwidth_is_timed_like_the_ops(monkeypatch):
     dst, src = args
     assert torch.is_tensor(dst) and torch.is_tensor(src) and torch.equal(dst, src)
     assert bandwidth == 2 * src.numel() * src.element_size()
+
+
+@pytest.mark.parametrize("only", [None, ["LAGGED", "APPLY_EVICT_FIRST"]])
+def test_sweep_group_norm_runs(monkeypatch, only):
+    """The GroupNorm sweep's own code (settings patched in, rows labelled and added, the default point
+    profiled, the backward swept) on a tiny shape, with the GPU timers replaced: it runs only on a
+    lent GPU otherwise, where an error costs the lease."""
+    from bench import sweep
+
+    timed = []
+    monkeypatch.setattr(sweep, "GN_SHAPES", [(label, (1, 32, 2, 4, 4), fmt) for label, _, fmt in sweep.GN_SHAPES[:2]])
+    monkeypatch.setattr(common, "median_seconds_graphed",
+                        lambda fn, min_time, args: timed.append(fn(*args)) or 1e-6 * len(timed))
+    monkeypatch.setattr(sweep, "kernel_breakdown",
+                        lambda fn, calls: {"families": {"hbkernels group_norm": {"top": [("stats", fn() is None)]}}})
+    report = common.Report(device="cpu")
+    sweep.sweep_group_norm(report, torch.device("cpu"), 0.0, only)
+    rows = [r for r in report.rows if r.suite == "group_norm_silu"]
+    labels = {r.impl for r in rows}
+    assert len(report.rows) == len(timed) and "eager" in labels
+    assert sum(r.impl.endswith("(default)") for r in rows) == 2  # one default point per shape, profiled
+    assert all("kernel_us" in r.extra for r in rows if r.impl.endswith("(default)"))
+    assert any(r.impl.startswith("lagged=True") for r in rows)
+    assert any(r.impl == "apply_evict_first=True" for r in rows)
+    backward = [r.impl for r in report.rows if r.suite == "group_norm_silu_backward"]
+    assert backward and all(impl.endswith("(default)") for impl in backward) == (only is not None)
+
+
+def test_sweep_temporal_attention_runs(monkeypatch):
+    """The attention sweep's own code on a tiny shape, the GPU timer replaced."""
+    from bench import sweep
+
+    monkeypatch.setattr(sweep, "ATTN_SHAPES", [("tiny", 3, 5, 2, 16)])
+    monkeypatch.setattr(common, "median_seconds_graphed", lambda fn, min_time, args: (fn(*args), 1e-6)[1])
+    report = common.Report(device="cpu")
+    sweep.sweep_temporal_attention(report, torch.device("cpu"), 0.0)
+    assert [r.suite for r in report.rows] == ["temporal_attention"] * 5 + ["temporal_attention_backward"] * 5
+    assert [r.impl for r in report.rows[:5]] == ["warps: default rule", "warps=1", "warps=2", "warps=4", "warps=8"]

@@ -113,14 +113,16 @@ def test_group_norm_keeps_memory_format(backend_name):
 
 @pytest.mark.parametrize("backend_name", [p for p in KERNEL_BACKENDS if p.values[0] == "triton"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("reversed_apply, stats_tile, stages, pdl, apply_tile, maxnreg", [
-    (True, 4096, 2, False, 4096, None), (False, 2048, 5, True, 8192, 32), (True, 1024, 3, True, 64, None)])
-def test_group_norm_launch_tuning(monkeypatch, backend_name, layout, reversed_apply, stats_tile, stages, pdl,
-                                  apply_tile, maxnreg):
+@pytest.mark.parametrize("reversed_apply, evict_first, stats_tile, stages, pdl, apply_tile, maxnreg", [
+    (True, False, 4096, 2, False, 4096, None), (False, True, 2048, 5, True, 8192, 32),
+    (True, True, 1024, 3, True, 64, None)])
+def test_group_norm_launch_tuning(monkeypatch, backend_name, layout, reversed_apply, evict_first, stats_tile, stages,
+                                  pdl, apply_tile, maxnreg):
     """The tuning knobs (bench/sweep.py) change the schedule, never the result."""
     from hbkernels.triton import group_norm as gn
 
     monkeypatch.setattr(gn, "APPLY_REVERSED", reversed_apply)
+    monkeypatch.setattr(gn, "APPLY_EVICT_FIRST", evict_first)  # like stages, PDL, register cap: a GPU's concern
     for suffix in ("", "_CHANNELS_LAST"):  # the layouts' own tiles
         monkeypatch.setattr(gn, "_STATS_TILE" + suffix, stats_tile)
         monkeypatch.setattr(gn, "_APPLY_TILE" + suffix, apply_tile)

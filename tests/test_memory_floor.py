@@ -34,10 +34,10 @@ def test_hinted_reread_copies_every_tile_and_sums_it():
     _check(x, y, sums)
 
 
-@pytest.mark.parametrize("reverse", [False, True])
-def test_two_kernels_copy_every_tile_and_sum_it(reverse):
+@pytest.mark.parametrize("reverse, hints", [(False, False), (True, False), (True, True)])
+def test_two_kernels_copy_every_tile_and_sum_it(reverse, hints):
     x, y, sums = _inputs()
-    memory_floor.two_kernels(x, y, sums, reverse, tile=TILE)
+    memory_floor.two_kernels(x, y, sums, reverse, hints, tile=TILE)
     _check(x, y, sums)
 
 
@@ -49,7 +49,7 @@ def test_rereads_stay_within_x():
         ["re-read 1 MB behind", "re-read 2 MB behind", "re-read 4 MB behind", "re-read 4 MB behind, eviction hints",
          "re-read 1.0 MB behind, same program",
          "re-read 2.0 MB behind, same program", "re-read 4.0 MB behind, same program"]
-    assert labels[:2] == ["torch copy_", "copy (one read)"] and len(labels) == 12
+    assert labels[:2] == ["torch copy_", "copy (one read)"] and len(labels) == 13
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without a GPU")
@@ -57,3 +57,26 @@ def test_needs_a_gpu(capsys):
     with pytest.raises(SystemExit):
         memory_floor.main([])
     assert "need a CUDA GPU" in capsys.readouterr().err
+
+
+def test_run_times_every_case(monkeypatch):
+    """run()'s own code on a small shape, the GPU timer replaced by one that checks each case's y: it
+    runs only on a lent GPU otherwise."""
+    from bench import common
+
+    def timer(fn, min_time, args):
+        x, y, sums = args
+        y.fill_(float("nan"))
+        fn(x, y, sums)
+        assert torch.equal(y, x)
+        return 1e-6
+
+    monkeypatch.setattr(memory_floor, "SHAPES", [("small", (1, 32, 2, 32, 32))])  # 128 KiB: 16 tiles
+    monkeypatch.setattr(memory_floor, "REREAD_MB", (1 / 16,))  # 8 tiles behind
+    monkeypatch.setattr(memory_floor, "sm_count", lambda dev: 2)  # 8 persistent programs
+    monkeypatch.setattr(common, "median_seconds_graphed", timer)
+    report = common.Report(device="cpu")
+    memory_floor.run(report, torch.device("cpu"), 0.0)
+    want = [label for label, _ in memory_floor.cases(torch.empty(65536, dtype=torch.float16), 8)]
+    assert [r.impl for r in report.rows] == want and len(want) == 8
+    assert all(r.bytes_moved == 2 * 65536 * 2 for r in report.rows)

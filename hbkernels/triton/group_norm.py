@@ -63,6 +63,8 @@ from hbkernels.triton.layout import (INTERPRETED, cdiv, merge_ts, next_pow2, sm_
 # 101 registers, 6 / 4 programs resident per SM). The apply pass walks the tiles in the reverse of the
 # statistics pass's order, so it starts on the tiles read last, which are still in L2: 1-6% faster.
 # L2 eviction hints (evict-last on the first read, evict-first on the last) lost 5-15% at every setting.
+# APPLY_EVICT_FIRST marks only the apply pass's accesses evict-first, y's stores included: y's 26 MB
+# (level 0, T16) then displace less of the x the apply pass has still to read from L2. Not yet timed.
 # Channels-last x (unit channel stride; the U-Net's layout): statistics tiles of 1024 beat 2048 at every
 # program and stage count of 3 or more, at T16 (H100: 38.4-39.4 us against 40.5-42.2, two sessions) and
 # T26 (58.5-61.0 against 60.8-65.0).
@@ -70,6 +72,7 @@ STATS_PROGRAMS_PER_SM = 8
 _STATS_TILE = 2048
 _STATS_TILE_CHANNELS_LAST = 1024
 APPLY_REVERSED = True
+APPLY_EVICT_FIRST = False
 # Pipeline stages of the statistics loop (and the backward's partial sums): tiles in flight per program
 # = STATS_STAGES - 1, in shared memory (4 KiB each at the fp16 2048-element tile). 4 keeps 3 tiles
 # ahead at 70-72 sm_90 registers (7 programs per SM, 84 KiB in flight per SM). H100, level 0: 3, 4 and
@@ -368,10 +371,12 @@ def _gn_apply_kernel(
     C, T, S, n_sb, cpg, sw, sb_, smn, smg, srn, srg,
     sxn, sxc, sxt, sxs, syn, syc, syt, sys,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, PRECISE: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, REVERSE: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, REVERSE: tl.constexpr, EVICT_FIRST: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cb = tl.program_id(1)
+    policy: tl.constexpr = "evict_first" if EVICT_FIRST else ""  # x's last read and y: see APPLY_EVICT_FIRST
     if REVERSE:  # blocks start in grid order: the last tiles first
         pid = tl.num_programs(0) - 1 - pid
         cb = tl.num_programs(1) - 1 - cb
@@ -383,7 +388,8 @@ def _gn_apply_kernel(
     cmask = cc < C
     n64 = n.to(tl.int64)
     mask = cmask[:, None] & (ss < S)[None, :]
-    x = tl.load(x_ptr + tile_offsets(n, t, cc, ss, sxn, sxt, sxc, sxs), mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + tile_offsets(n, t, cc, ss, sxn, sxt, sxc, sxs), mask=mask, other=0.0,
+                eviction_policy=policy).to(tl.float32)
     _wait_for_previous(PDL)  # for mean and rstd
     g = cc // cpg
     # (x + shift - mean) = (x - (mean - shift))
@@ -398,7 +404,8 @@ def _gn_apply_kernel(
         y += b[:, None]
     if SILU:
         y = y * _sigmoid_parts(y, PRECISE)[0]
-    tl.store(y_ptr + tile_offsets(n, t, cc, ss, syn, syt, syc, sys), y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + tile_offsets(n, t, cc, ss, syn, syt, syc, sys), y.to(y_ptr.dtype.element_ty), mask=mask,
+             eviction_policy=policy)
 
 
 @triton.jit
@@ -954,7 +961,7 @@ def gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: float, s
         c, t2, s2, n_sb, cpg, sw, sb_, *ms, *xs, *ys,
         HAS_W=weight is not None, HAS_B=bias is not None, HAS_SHIFT=shift is not None, SILU=bool(silu),
         PRECISE=x.dtype == torch.float32,
-        BLOCK_C=block_c, BLOCK_S=block_s, REVERSE=APPLY_REVERSED, PDL=pdl,
+        BLOCK_C=block_c, BLOCK_S=block_s, REVERSE=APPLY_REVERSED, EVICT_FIRST=APPLY_EVICT_FIRST, PDL=pdl,
         num_warps=warps_for(block_c * block_s), **_launch_after(pdl), **_register_cap(_APPLY_MAXNREG, dev),
     )
 
