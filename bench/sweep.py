@@ -42,13 +42,13 @@ GN_STAGES = (3, 4, 5)
 GN_APPLY_TILES = (4096, 8192, 16384)  # each layout's default is timed once, in the grid
 GN_APPLY_MAXNREG = (32,)  # besides the default (none)
 GN_ONE_PASS_TILES = (8192,)  # besides the default; level 0 T16: 50 programs per group instead of 100
-# The lagged forward: switched on at its defaults, then a grid of programs per SM x tile bytes x tiles
-# per ticket, and pipeline stages and lag depths at its defaults
-GN_LAGGED_PROGRAMS_PER_SM = (2, 4)
-GN_LAGGED_TILE_BYTES = (8192, 16384)
-GN_LAGGED_BATCHES = (2, 4, 8)
+# The lagged forward: switched on at its defaults, then (programs per SM, tile bytes, tiles per batch)
+# points, and pipeline stages and lag depths at its defaults. sm_90: 8 KiB tiles hold 64 registers
+# (4 programs fit an SM), 16 KiB ones 103 (2 fit: more per SM would only queue)
+GN_LAGGED_POINTS = [(p, 8192, b) for p in (3, 4) for b in (2, 4, 8)] + [(2, 16384, b) for b in (1, 2, 4)]
 GN_LAGGED_STAGES = (2, 4)
 GN_LAGGED_DEPTHS = (0.5, 2)
+GN_LAGGED_OWN_PROGRAMS_PER_SM = (3, 4)
 GN_LAGGED_OWN_BATCHES = (1, 2, 4)  # programs applying their own batches: programs per SM x tiles per batch
 # (label, tokens N, frames T, heads, head dim): VideoCrafter2 / Hummingbird level 0 at 320x512, batch 1
 ATTN_SHAPES = [(f"vc2 L0 B1 T{t}", 40 * 64, t, 5, 64) for t in (16, 26)]
@@ -67,14 +67,14 @@ def _gn_forward_settings():
 
 
 def _lagged_settings():
-    grid = itertools.product(GN_LAGGED_PROGRAMS_PER_SM, GN_LAGGED_TILE_BYTES, GN_LAGGED_BATCHES)
     return [dict(LAGGED=True)] + \
-        [dict(LAGGED=True, LAGGED_PROGRAMS_PER_SM=p, _LAGGED_TILE_BYTES=t, LAGGED_BATCH=b) for p, t, b in grid
+        [dict(LAGGED=True, LAGGED_PROGRAMS_PER_SM=p, _LAGGED_TILE_BYTES=t, LAGGED_BATCH=b)
+         for p, t, b in GN_LAGGED_POINTS
          if (p, t, b) != (gn.LAGGED_PROGRAMS_PER_SM, gn._LAGGED_TILE_BYTES, gn.LAGGED_BATCH)] + \
         [dict(LAGGED=True, LAGGED_STAGES=st) for st in GN_LAGGED_STAGES] + \
         [dict(LAGGED=True, LAGGED_DEPTH=d) for d in GN_LAGGED_DEPTHS] + \
         [dict(LAGGED=True, LAGGED_OWN=True, LAGGED_PROGRAMS_PER_SM=p, LAGGED_BATCH=b)
-         for p, b in itertools.product(GN_LAGGED_PROGRAMS_PER_SM, GN_LAGGED_OWN_BATCHES)]
+         for p, b in itertools.product(GN_LAGGED_OWN_PROGRAMS_PER_SM, GN_LAGGED_OWN_BATCHES)]
 
 
 def _one_pass_settings():
