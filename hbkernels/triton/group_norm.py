@@ -489,16 +489,16 @@ def _store_partials(x, t, pmean_ptr, pm2_ptr, G, cpg, n_chunks, L, TILE: tl.cons
 
 
 @triton.jit
-def _merge_group(grp, store, sh_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr,
+def _merge_group(grp, sh_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr,
                  C, L, G, cpg, n_chunks, smn, smg, srn, srg, eps,
                  HAS_SHIFT: tl.constexpr, TILE: tl.constexpr, BLOCK_P: tl.constexpr):
-    """(mean, rstd) of group grp (n * G + g), Chan-merged from its P published partials; stored to the
-    (N, G) outputs where ``store``."""
+    """(mean, rstd) of group grp (n * G + g), Chan-merged from its P published partials, also stored
+    to the (N, G) outputs."""
     P = cpg * n_chunks
     n = grp // G
     g = grp - n * G
-    n = tl.cast(n, tl.int64)  # tl.cast: grp may be the interpreter's loop index, an int
-    part = tl.cast(grp, tl.int64) * P
+    n = n.to(tl.int64)
+    part = grp.to(tl.int64) * P
     # x's means are merged as offsets from partial 0's: summed, P products of count and mean would lose
     # ulps of the mean itself, the offsets only ulps of their spread. The shift's mean is merged apart.
     total = tl.cast(cpg * L, tl.float32)  # tl.cast: ints equal to 1 are constexprs, without .to()
@@ -516,9 +516,8 @@ def _merge_group(grp, store, sh_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr,
         mean += mean_sh
     p_m2 = _group_partials(pm2_ptr, part, P, n_chunks, L, TILE, BLOCK_P)[0]
     rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(tl.sum(p_m2 + p_cnt * d * d, axis=0), total) + eps))
-    if store:
-        tl.store(mean_ptr + n * smn + g * smg, mean)
-        tl.store(rstd_ptr + n * srn + g * srg, rstd)
+    tl.store(mean_ptr + n * smn + g * smg, mean)
+    tl.store(rstd_ptr + n * srn + g * srg, rstd)
     return mean, rstd
 
 
@@ -614,7 +613,7 @@ def _stats_batch(
             _wait_for_group(sync_ptr + 1 + done, P)
         elif tl.atomic_add(sync_ptr + 1 + done, 0, sem="acquire") != P:
             tl.store(sync_ptr + 1 + 2 * groups, 1)  # the order-error flag
-        mean, rstd = _merge_group(done, True, sh_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr,
+        mean, rstd = _merge_group(done, sh_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr,
                                   C, L, G, cpg, n_chunks, smn, smg, srn, srg, eps, HAS_SHIFT, TILE, BLOCK_P)
         _publish_group(sync_ptr + 1 + groups + done, mean, rstd)
 
