@@ -129,7 +129,8 @@ def group_norm_cases():
         affine = rand(320, dtype=dtype), rand(320, dtype=dtype)
         kernels.gn_fwd(x.flatten(3), *affine, shift, torch.empty_like(x).flatten(3), torch.empty(1, 32),
                        torch.empty(1, 32), 32, 1e-5, True)
-    group_norm.LAGGED, group_norm.LAGGED_OWN, group_norm._LAGGED_TILE_BYTES, group_norm.LAGGED_BATCH = False, False, 8192, 2
+    group_norm.LAGGED, group_norm.LAGGED_OWN = False, False
+    group_norm._LAGGED_TILE_BYTES, group_norm.LAGGED_BATCH = 8192, 2
 
 
 def elementwise_cases():

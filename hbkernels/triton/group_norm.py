@@ -38,8 +38,8 @@ Lagged (opt-in, LAGGED; NCHW): the forward's two passes in one persistent kernel
 
 Memory traffic: forward reads x twice (lagged: the second time from L2) and writes y once; the fused
 SiLU saves the separate activation pass (one read + one write), and writing y straight into the token
-layout saves the permute copy (one more read + write). Backward reads dy and x twice (one pass: once) and writes
-dx once.
+layout saves the permute copy (one more read + write). Backward reads dy and x twice (one pass: once)
+and writes dx once.
 """
 import functools
 
@@ -135,7 +135,7 @@ LAGGED_STAGES = 3
 # the re-read stays on the SM that read the tile. Not yet timed.
 LAGGED_OWN = False
 _LAGGED_TILE_BYTES = 8192
-_LAGGED_MAX_PARTIALS = 1024  # tiles per group: the batch completing a group merges them all in registers
+_LAGGED_MAX_PARTIALS = 1024  # tiles per group: the batch holding its last tile merges them all in registers
 _INTERP_GROUP_PROGRAMS = 32  # the interpreter runs programs one by one: no residency limit, only cost
 _INTERP_PERSISTENT = 2  # persistent programs under the interpreter (the first takes every ticket)
 _INTERP_CHUNKS = 3  # a few programs per (n, channel block) under TRITON_INTERPRET (still exercises merging)
@@ -657,12 +657,12 @@ def _gn_lagged_kernel(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, PRECISE: tl.constexpr,
     TILE: tl.constexpr, BLOCK_P: tl.constexpr, STAGES: tl.constexpr, SPIN: tl.constexpr, QUEUE: tl.constexpr,
 ):
-    """The forward's two passes in one persistent kernel over the one-pass tiles (TILE elements of one
-    channel's contiguous (t, s) row), ``batch`` (<= P) consecutive tiles per batch, each walked with
-    STAGES pipeline stages: _stats_batch publishes a batch's partials (and, holding a group's last
-    tile, the group's mean and rstd), _apply_batch waits for its groups' mean and rstd, then re-reads
-    x while it is still in L2 to write y. DRAM moves x + y, where the three-kernel forward moves up to 2x + y, with no kernel
-    boundary or finalize to wait on.
+    """The forward's two passes in one persistent kernel over tiles of TILE elements of one channel's
+    contiguous (t, s) row, ``batch`` (<= P) consecutive tiles per batch, each walked with STAGES
+    pipeline stages: _stats_batch publishes a batch's partials (and, holding a group's last tile, the
+    group's mean and rstd), _apply_batch waits for its groups' mean and rstd, then re-reads x while it
+    is still in L2 to write y. DRAM moves x + y, where the three-kernel forward moves up to 2x + y,
+    with no kernel boundary or finalize to wait on.
 
     sync (int64): the ticket, the arrivals per group, the published (mean, rstd) word per group, and
     (the interpreter) the order-error flag.
@@ -683,7 +683,8 @@ def _gn_lagged_kernel(
     (SPIN=False) a broken order fails (see _launch_lagged) rather than hangs."""
     P = cpg * n_chunks
     if QUEUE == 0:
-        u = tl.atomic_add(sync_ptr, 1, sem="relaxed").to(tl.int32)  # a ticket orders nothing: only its count matters
+        # a ticket orders nothing: only its count matters
+        u = tl.atomic_add(sync_ptr, 1, sem="relaxed").to(tl.int32)
         while u < 2 * n_batches:
             u_next = tl.atomic_add(sync_ptr, 1, sem="relaxed").to(tl.int32)  # in flight during this ticket
             stats, b = _lagged_ticket(u, n_batches, lag)
