@@ -477,7 +477,7 @@ def _load_tile(x_ptr, t, n_tiles, G, cpg, n_chunks, L, sxn, sxc, TILE: tl.conste
 
 @triton.jit
 def _store_partials(x, t, pmean_ptr, pm2_ptr, G, cpg, n_chunks, L, TILE: tl.constexpr):
-    """Stores tile t's (mean, M2), from two passes over the registers; returns its group."""
+    """Stores tile t's (mean, M2), from two passes over the registers."""
     x = x.to(tl.float32)
     grp, k, n, c, ch, offs, mask, count = _ticket_tile(t, G, cpg, n_chunks, L, TILE)
     tile_mean = tl.div_rn(tl.sum(x, axis=0), count)
@@ -485,7 +485,6 @@ def _store_partials(x, t, pmean_ptr, pm2_ptr, G, cpg, n_chunks, L, TILE: tl.cons
     part = grp.to(tl.int64) * (cpg * n_chunks)
     tl.store(pmean_ptr + part + k, tile_mean)
     tl.store(pm2_ptr + part + k, tl.sum(dev * dev, axis=0))
-    return grp
 
 
 @triton.jit
@@ -563,6 +562,14 @@ def _batch_groups(b, n_tiles, P, batch):
 
 
 @triton.jit
+def _sync_slots(sync_ptr, n_tiles, P):
+    """(arrivals, (mean, rstd) words, order-error flag) of the lagged kernel's sync buffer, after its
+    ticket: one slot per group in each of the first two."""
+    groups = n_tiles // P
+    return sync_ptr + 1, sync_ptr + 1 + groups, sync_ptr + 1 + 2 * groups
+
+
+@triton.jit
 def _publish_group(ready_ptr, mean, rstd):
     """Publishes a group's (mean, rstd) in one 64-bit word, so an apply batch reads both with the
     acquire that finds them. rstd's sign bit is set: no published word is 0, the unpublished value."""
@@ -604,18 +611,18 @@ def _stats_batch(
         x = _load_tile(x_ptr, i, n_tiles, G, cpg, n_chunks, L, sxn, sxc, TILE)
         _store_partials(x, i, pmean_ptr, pm2_ptr, G, cpg, n_chunks, L, TILE)
     tl.debug_barrier()  # every thread's stores precede the releases
-    groups = n_tiles // P
+    arrivals, ready, error = _sync_slots(sync_ptr, n_tiles, P)
     for g in range(g0, g1):  # one arrival per group: the batch's tiles in it
-        tl.atomic_add(sync_ptr + 1 + g, tl.minimum(last, g * P + P) - tl.maximum(first, g * P), sem="release")
+        tl.atomic_add(arrivals + g, tl.minimum(last, g * P + P) - tl.maximum(first, g * P), sem="release")
     done = last // P - 1  # the group whose last tile the batch holds, if any (batch <= P: one at most)
     if (done + 1) * P > first:
         if SPIN:
-            _wait_for_group(sync_ptr + 1 + done, P)
-        elif tl.atomic_add(sync_ptr + 1 + done, 0, sem="acquire") != P:
-            tl.store(sync_ptr + 1 + 2 * groups, 1)  # the order-error flag
+            _wait_for_group(arrivals + done, P)
+        elif tl.atomic_add(arrivals + done, 0, sem="acquire") != P:
+            tl.store(error, 1)
         mean, rstd = _merge_group(done, sh_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr,
                                   C, L, G, cpg, n_chunks, smn, smg, srn, srg, eps, HAS_SHIFT, TILE, BLOCK_P)
-        _publish_group(sync_ptr + 1 + groups + done, mean, rstd)
+        _publish_group(ready + done, mean, rstd)
 
 
 @triton.jit
@@ -629,8 +636,7 @@ def _apply_batch(
     (from L2: it was read a lag before) and writes y, pipelined."""
     P = cpg * n_chunks
     first, last, g0, g1 = _batch_groups(b, n_tiles, P, batch)
-    ready = sync_ptr + 1 + n_tiles // P
-    error = ready + n_tiles // P
+    _, ready, error = _sync_slots(sync_ptr, n_tiles, P)
     mean0, rstd0 = _group_stats(ready + g0, error, SPIN)
     mean1, rstd1 = mean0, rstd0
     if g1 - g0 > 1:
@@ -1013,7 +1019,7 @@ def _launch_lagged(tensors, c: int, num_groups: int, plan, scalars, eps: float, 
     lag = _lag_batches(n_batches, reach, programs)
     # own batches: a queue longer than that reach (a full queue's front qualifies)
     queue = next_pow2(reach + 2) if LAGGED_OWN else 0
-    # ticket, arrivals and (mean, rstd) words per group, the order-error flag (interpreter)
+    # ticket, arrivals and (mean, rstd) words per group, the order-error flag (interpreter): _sync_slots
     sync = torch.zeros(2 + 2 * n * num_groups, dtype=torch.int64, device=dev)
     _gn_lagged_kernel[(programs,)](
         *tensors, *partials, sync, c, length, num_groups, cpg, n_chunks, n_tiles, batch, n_batches, lag, *scalars,
