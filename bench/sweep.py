@@ -83,11 +83,11 @@ def _one_pass_settings():
     return [dict(ONE_PASS=not gn.ONE_PASS)] + [dict(ONE_PASS=True, _ONE_PASS_MIN_TILE=t) for t in GN_ONE_PASS_TILES]
 
 
-def _gn_settings_for(settings, fmt, knobs=None):
+def _gn_settings_for(settings, fmt, only=None):
     """The settings that change what runs on tensors of memory format ``fmt``, under that layout's knob
     names (_for_layout): the one-pass and lagged kernels take only NCHW tensors (channels-last ones
     would time the two passes under their label), and a one-knob setting equal to the layout's default
-    is left to the statistics grid's default point. With ``knobs`` (names), only the settings that set
+    is left to the statistics grid's default point. With ``only`` (knob names), just the settings that set
     one of them, and that default point to compare with."""
     chosen = []
     for k in settings:
@@ -97,7 +97,7 @@ def _gn_settings_for(settings, fmt, knobs=None):
         grid_point = "STATS_STAGES" in k
         if _is_default(gn, k) and not grid_point:
             continue
-        if knobs is None or any(name in k for name in knobs) or (grid_point and _is_default(gn, k)):
+        if only is None or any(name in k for name in only) or (grid_point and _is_default(gn, k)):
             chosen.append(k)
     return chosen
 

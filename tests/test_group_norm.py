@@ -122,11 +122,12 @@ def test_group_norm_launch_tuning(monkeypatch, backend_name, layout, reversed_ap
     from hbkernels.triton import group_norm as gn
 
     monkeypatch.setattr(gn, "APPLY_REVERSED", reversed_apply)
-    monkeypatch.setattr(gn, "APPLY_EVICT_FIRST", evict_first)  # like stages, PDL, register cap: a GPU's concern
     for suffix in ("", "_CHANNELS_LAST"):  # the layouts' own tiles
         monkeypatch.setattr(gn, "_STATS_TILE" + suffix, stats_tile)
         monkeypatch.setattr(gn, "_APPLY_TILE" + suffix, apply_tile)
-    monkeypatch.setattr(gn, "STATS_STAGES", stages)  # stages, PDL, register cap: only a GPU runs them differently
+    # stages, eviction hints, PDL, register cap: only a GPU runs them differently
+    monkeypatch.setattr(gn, "STATS_STAGES", stages)
+    monkeypatch.setattr(gn, "APPLY_EVICT_FIRST", evict_first)
     monkeypatch.setattr(gn, "PDL", pdl)
     monkeypatch.setattr(gn, "_APPLY_MAXNREG", maxnreg)
     x = rand(2, 30, 3, 4, 5, dtype=torch.float64, mean=3.0, requires_grad=True)
