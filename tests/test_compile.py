@@ -71,7 +71,8 @@ def _layer_norm_args(residual):
 
 def _group_norm_args():
     x = rand(2, 8, 3, 5)
-    return (x, rand(8), rand(8), None, torch.empty_like(x), torch.empty(2, 4, device=DEVICE), torch.empty(2, 4, device=DEVICE), 4, 1e-5, True)
+    mean, rstd = torch.empty(2, 4, device=DEVICE), torch.empty(2, 4, device=DEVICE)
+    return (x, rand(8), rand(8), None, torch.empty_like(x), mean, rstd, 4, 1e-5, True)
 
 
 @pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
