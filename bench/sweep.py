@@ -88,8 +88,8 @@ def _gn_settings_for(settings, fmt, only=None):
     names (_for_layout): the one-pass and lagged kernels take only NCHW tensors (channels-last ones
     would time the two passes under their label), and a one-knob setting equal to the layout's default
     is left to the statistics grid's default point. With ``only`` (knob names), just the settings that set
-    one of them, and that default point to compare with."""
-    chosen = []
+    one of them, and that default point to compare with; none where no setting sets one."""
+    chosen, matched = [], only is None
     for k in settings:
         if any(k.get(name) for name in ("ONE_PASS", "LAGGED")) and fmt != torch.contiguous_format:
             continue
@@ -97,9 +97,11 @@ def _gn_settings_for(settings, fmt, only=None):
         grid_point = "STATS_STAGES" in k
         if _is_default(gn, k) and not grid_point:
             continue
-        if only is None or any(name in k for name in only) or (grid_point and _is_default(gn, k)):
+        hit = only is None or any(name in k for name in only)
+        matched |= hit
+        if hit or (grid_point and _is_default(gn, k)):
             chosen.append(k)
-    return chosen
+    return chosen if matched else []
 
 
 # Knobs with a value of their own for channels-last x: the sweep sets those on channels-last shapes
@@ -128,7 +130,9 @@ def sweep_group_norm(report, dev, min_time, only=None):
 
     for label, shape, fmt in GN_SHAPES:
         forward = _gn_settings_for(_gn_forward_settings(), fmt, only)
-        if only is not None and not any(name in k for k in forward for name in only):
+        backward = _gn_settings_for([dict(STATS_STAGES=s) for s in GN_STAGES] + [dict(PDL=not gn.PDL),
+                                                                                 *_one_pass_settings()], fmt, only)
+        if not forward and not backward:
             continue  # the knobs do nothing on this memory format
         x = (torch.randn(shape, device=dev, dtype=torch.float16) + 1).contiguous(memory_format=fmt)
         w, b = (torch.randn(shape[1], device=dev, dtype=torch.float16) for _ in range(2))
@@ -153,8 +157,7 @@ def sweep_group_norm(report, dev, min_time, only=None):
         x4, dy4, dx4 = x.flatten(3), torch.randn_like(x).flatten(3), torch.empty_like(x).flatten(3)
         mean, rstd = torch.randn(1, 32, device=dev), torch.rand(1, 32, device=dev) + 0.5
         dw, db = (torch.empty(shape[1], device=dev) for _ in range(2))
-        backward = [dict(STATS_STAGES=s) for s in GN_STAGES] + [dict(PDL=not gn.PDL), *_one_pass_settings()]
-        for knobs in _gn_settings_for(backward, fmt, only):
+        for knobs in backward:
             impl = _knobs_label(gn, knobs)
             with mock.patch.multiple(gn, **knobs):
                 seconds = common.median_seconds_graphed(
@@ -162,7 +165,7 @@ def sweep_group_norm(report, dev, min_time, only=None):
             _add(report, "group_norm_silu_backward", label, impl, seconds, 3 * x.numel() * 2)
 
 
-def sweep_temporal_attention(report, dev, min_time, only=None):
+def sweep_temporal_attention(report, dev, min_time):
     from hbkernels import triton as kernels
 
     for label, n, t, heads, d in ATTN_SHAPES:
@@ -207,10 +210,13 @@ def main(argv=None):
                                        "(comma-separated, e.g. LAGGED,APPLY_EVICT_FIRST)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args(argv)
+    if args.knob and set(args.op or ["group_norm"]) != {"group_norm"}:
+        parser.error("--knob filters group_norm's settings: use it with --op group_norm alone")
     dev, report = common.graph_report(parser, "the sweeps time GPU kernels")
     min_time = 0.05 if args.quick else 0.2
-    for op in args.op or list(SWEEPS):
-        SWEEPS[op](report, dev, min_time, args.knob.split(",") if args.knob else None)
+    for op in args.op or (["group_norm"] if args.knob else list(SWEEPS)):
+        knobs = {"only": args.knob.split(",")} if args.knob else {}
+        SWEEPS[op](report, dev, min_time, **knobs)
     report.save(args.out, "sweep", "float16")
 
 

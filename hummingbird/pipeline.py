@@ -186,7 +186,7 @@ class HummingbirdPipeline(DiffusionPipeline):
         seed: int | None = None,
         latents: torch.Tensor | None = None,
         eta: float = DDIM_ETA,
-        output_type: str = "pt",
+        output_type: str = "np",
         decode_chunk_size: int = 8,
         return_dict: bool = True,
         num_videos_per_prompt: int = 1,
@@ -204,7 +204,9 @@ class HummingbirdPipeline(DiffusionPipeline):
         height, width: default :data:`DEFAULT_SIZE` (320 x 512).
         latents: (B, 4, F, H/8, W/8) initial noise instead of sampling it. eta: DDIM's noise weight.
         num_videos_per_prompt: videos per prompt, each from its own noise (B = prompts x this).
-        output_type: "pt", "np", "pil", or "latent" (the (B, 4, F, H/8, W/8) latents, not decoded).
+        output_type: "np" ((B, F, H, W, 3) float32 in [0, 1], as diffusers' TextToVideoSDPipeline returns,
+        ready for ``diffusers.utils.export_to_video(frames[0])``), "pt" ((B, F, 3, H, W) on the pipeline's
+        device), "pil", or "latent" (the (B, 4, F, H/8, W/8) latents, not decoded).
         callback_on_step_end: ``fn(pipe, step_index, timestep, {"latents": latents})`` after each step,
         as in diffusers; a returned dict's "latents" replaces the latents.
         Returns :class:`HummingbirdPipelineOutput` (or ``(frames,)`` when ``return_dict=False``).

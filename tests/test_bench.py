@@ -191,8 +191,8 @@ def test_sweep_times_each_layout_its_own_knobs():
 
 
 def test_sweep_knob_filter():
-    """--knob LAGGED keeps the lagged settings and the default point to compare them with; nothing
-    but that point on channels-last tensors, where no lagged setting runs. --knob takes several."""
+    """--knob LAGGED keeps the lagged settings and the default point to compare them with; nothing on
+    channels-last tensors, where no lagged setting runs. --knob takes several."""
     from bench import sweep
     from hbkernels.triton import group_norm as gn
 
@@ -200,13 +200,33 @@ def test_sweep_knob_filter():
     chosen = sweep._gn_settings_for(settings, torch.contiguous_format, ["LAGGED"])
     assert len(chosen) == 1 + len(sweep._lagged_settings()) > 2
     assert [k for k in chosen if "LAGGED" not in k] == [k for k in chosen if sweep._is_default(gn, k)]
-    assert [sweep._is_default(gn, k) for k in sweep._gn_settings_for(settings, torch.channels_last_3d, ["LAGGED"])] \
-        == [True]
+    assert sweep._gn_settings_for(settings, torch.channels_last_3d, ["LAGGED"]) == []
     # several knobs: the settings of either; on channels-last, the one that runs there
     both = sweep._gn_settings_for(settings, torch.contiguous_format, ["LAGGED", "APPLY_EVICT_FIRST"])
     assert both == chosen[:1] + [dict(APPLY_EVICT_FIRST=True)] + chosen[1:]
-    assert sweep._gn_settings_for(settings, torch.channels_last_3d, ["LAGGED", "APPLY_EVICT_FIRST"])[1:] == \
-        [dict(APPLY_EVICT_FIRST=True)]
+    cl = sweep._gn_settings_for(settings, torch.channels_last_3d, ["LAGGED", "APPLY_EVICT_FIRST"])
+    assert [sweep._is_default(gn, k) for k in cl] == [True, False] and cl[1] == dict(APPLY_EVICT_FIRST=True)
+    # the backward has no setting of these knobs: not even its default point is timed
+    backward = [dict(STATS_STAGES=4), dict(PDL=not gn.PDL), *sweep._one_pass_settings()]
+    assert sweep._gn_settings_for(backward, torch.contiguous_format, ["LAGGED"]) == []
+    assert sweep._gn_settings_for(backward, torch.contiguous_format, ["ONE_PASS"])[0] == dict(STATS_STAGES=4)
+
+
+def test_sweep_knob_needs_group_norm(monkeypatch, tmp_path):
+    """--knob filters GroupNorm's settings alone: with another op it is an error, without --op it
+    sweeps GroupNorm only."""
+    from bench import sweep
+
+    with pytest.raises(SystemExit):
+        sweep.main(["--op", "temporal_attention", "--knob", "LAGGED"])
+    calls = []
+    monkeypatch.setattr(common, "graph_report", lambda parser, what: (torch.device("cpu"), common.Report(device="cpu")))
+    monkeypatch.setattr(sweep, "SWEEPS", {op: lambda *args, op=op, **kw: calls.append((op, kw)) for op in sweep.SWEEPS})
+    sweep.main(["--knob", "LAGGED,APPLY_EVICT_FIRST", "--out", str(tmp_path)])
+    assert calls == [("group_norm", {"only": ["LAGGED", "APPLY_EVICT_FIRST"]})]
+    calls.clear()
+    sweep.main(["--out", str(tmp_path)])
+    assert calls == [(op, {}) for op in sweep.SWEEPS]
 
 
 def test_unet_step_suite_runs(single_thread):
@@ -275,7 +295,7 @@ def test_sweep_group_norm_runs(monkeypatch, only):
     assert any(r.impl.startswith("lagged=True") for r in rows)
     assert any(r.impl == "apply_evict_first=True" for r in rows)
     backward = [r.impl for r in report.rows if r.suite == "group_norm_silu_backward"]
-    assert backward and all(impl.endswith("(default)") for impl in backward) == (only is not None)
+    assert bool(backward) == (only is None)
 
 
 def test_sweep_temporal_attention_runs(monkeypatch):

@@ -92,7 +92,7 @@ def test_defaults_follow_the_sampling_mode(lcm, ddim, monkeypatch):
 
 def test_cfg_guidance_and_negative_prompt_matter(ddim):
     def run(**kw):
-        return ddim("a cat", num_frames=2, num_inference_steps=2, seed=0, **SIZE, **kw).frames
+        return ddim("a cat", num_frames=2, num_inference_steps=2, seed=0, output_type="pt", **SIZE, **kw).frames
 
     base = run(guidance_scale=12.0)
     assert not torch.equal(base, run(guidance_scale=3.0))
@@ -114,8 +114,11 @@ def test_seed_determinism_and_output_types(lcm):
     np.testing.assert_array_equal(run(0, "np"), a.permute(0, 1, 3, 4, 2).numpy())  # float [0, 1], as diffusers
     # An explicit generator with the same seed gives the same video.
     gen = torch.Generator().manual_seed(0)
-    b = lcm("a cat", num_frames=16, num_inference_steps=2, generator=gen, **SIZE).frames
+    b = lcm("a cat", num_frames=16, num_inference_steps=2, generator=gen, output_type="pt", **SIZE).frames
     assert torch.equal(a, b)
+    # the default is diffusers' T2V output: (B, F, H, W, 3) float32 numpy frames
+    np.testing.assert_array_equal(lcm("a cat", num_frames=16, num_inference_steps=2, seed=0, **SIZE).frames,
+                                  a.permute(0, 1, 3, 4, 2).numpy())
 
 
 def test_channels_last_pipeline_gives_the_same_video():
@@ -143,7 +146,7 @@ def test_save_load_round_trip(lcm, tmp_path):
         assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine), name
     for name in ("unet", "scheduler"):
         assert _public(getattr(loaded, name).config) == _public(getattr(lcm, name).config), name
-    kw = dict(num_frames=4, num_inference_steps=2, seed=0, **SIZE)
+    kw = dict(num_frames=4, num_inference_steps=2, seed=0, output_type="pt", **SIZE)
     # Same weights; CPU BLAS picks kernels by memory alignment (mmap-loaded tensors are not 64-byte
     # aligned), so equality is to float32 rounding rather than bitwise.
     torch.testing.assert_close(loaded("a cat", **kw).frames, lcm("a cat", **kw).frames, rtol=0, atol=1e-5)
@@ -261,12 +264,12 @@ def test_load_converted_folder(ddim, tmp_path):
 
 def test_size_defaults_to_the_training_resolution(lcm):
     frames = lcm("a cat", num_frames=1, num_inference_steps=1, height=None, width=None).frames
-    assert frames.shape == (1, 1, 3, 320, 512)
+    assert frames.shape == (1, 1, 320, 512, 3)
 
 
 def test_videos_per_prompt_are_a_batch_of_repeated_prompts(ddim, monkeypatch):
     batches = _record_unet_batches(ddim, monkeypatch)
-    kw = dict(num_frames=2, num_inference_steps=2, seed=0, negative_prompt=["blurry", "dark"], **SIZE)
+    kw = dict(num_frames=2, num_inference_steps=2, seed=0, negative_prompt=["blurry", "dark"], output_type="pt", **SIZE)
     videos = ddim(["a cat", "a dog"], num_videos_per_prompt=2, **kw).frames
     assert batches == [8] * 2  # [uncond, cond] x 2 prompts x 2 videos in one call per step
     assert videos.shape[0] == 4 and not torch.equal(videos[0], videos[1])  # each its own noise
@@ -288,7 +291,7 @@ def test_latent_output_and_step_callback(lcm):
     assert set(out.timings) == {"text_encode", "denoise"}  # nothing decoded
     assert torch.equal(out.frames, torch.zeros(1, 4, 2, 4, 4))  # the callback's latents are the result
     latents = lcm("a cat", output_type="latent", **kw).frames
-    torch.testing.assert_close(lcm.decode_latents(latents, 8), lcm("a cat", **kw).frames, rtol=0, atol=0)
+    torch.testing.assert_close(lcm.decode_latents(latents, 8), lcm("a cat", output_type="pt", **kw).frames, rtol=0, atol=0)
     with pytest.raises(TypeError, match="callback_on_step_end must be callable"):
         lcm("a cat", callback_on_step_end="print", **kw)
 
@@ -360,13 +363,16 @@ def test_export_keeps_fps_and_frame_orientation(tmp_path):
 
 
 def test_np_frames_follow_diffusers_convention(lcm, tmp_path):
-    """output_type="np" is float32 in [0, 1] as in diffusers' video pipelines, so diffusers'
-    export_to_video (which multiplies by 255) writes the video, not uint8 overflow noise."""
+    """The default output ("np") is float32 in [0, 1] as in diffusers' video pipelines, so diffusers'
+    export_to_video (which multiplies by 255) writes a video's frames as they come, not uint8
+    overflow noise; so does export_video."""
     from diffusers.utils import export_to_video
 
     kwargs = dict(num_frames=4, num_inference_steps=2, seed=0, **SIZE)
-    frames = lcm("a cat", output_type="np", **kwargs).frames
-    assert frames.dtype == np.float32 and 0 <= frames.min() and frames.max() <= 1
+    frames = lcm("a cat", **kwargs).frames
+    assert frames.dtype == np.float32 and frames.shape == (1, 4, 32, 32, 3)
+    assert 0 <= frames.min() and frames.max() <= 1
     want = lcm("a cat", output_type="pt", **kwargs).frames[0].permute(0, 2, 3, 1).numpy() * 255
-    path = export_to_video(list(frames[0]), str(tmp_path / "d.mp4"), macro_block_size=1)
-    assert np.abs(iio.imread(path).astype(float) - want).mean() < 20  # lossy H.264, same pictures
+    for path in (export_to_video(frames[0], str(tmp_path / "d.mp4"), macro_block_size=1),
+                 export_video(frames[0], str(tmp_path / "h.mp4"))):
+        assert np.abs(iio.imread(path).astype(float) - want).mean() < 20  # lossy H.264, same pictures
