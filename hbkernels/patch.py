@@ -18,6 +18,9 @@ with it (read from diffusers' source), so subclasses that may override a forward
   embedding itself (``group_norm(..., shift=temb)``), saving the broadcast-add pass.
 
 Patch before adding accelerate offload hooks: replaced modules do not carry hooks over.
+``model.set_attn_processor(AttnProcessor2_0())`` puts diffusers' attention back everywhere (the
+patched forwards work with any processor); ``set_default_attn_processor`` refuses, as diffusers does
+for every model holding a processor class of its own lists.
 """
 import functools
 import importlib

@@ -155,6 +155,27 @@ def test_apply_to_outputs(which, backend_name, monkeypatch):
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-4 * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("which", list(MODELS))
+def test_diffusers_attention_restored_after_patching(which, monkeypatch):
+    """set_attn_processor(AttnProcessor2_0()) takes the temporal processors out again: the patched
+    forwards (token layout, fused norms) run with diffusers' attention, to the same outputs."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    torch.manual_seed(0)
+    model, inputs = MODELS[which][0]()
+    model.eval().to(DEVICE)
+    inputs = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    with torch.no_grad(), exact_fp32():
+        ref = model(**inputs).sample
+        hbkernels.apply_to(model)
+        model.set_attn_processor(AttnProcessor2_0())
+        with counting(monkeypatch) as calls:
+            out = model(**inputs).sample
+    assert {type(p) for p in model.attn_processors.values()} == {AttnProcessor2_0}
+    assert calls["temporal_attention"] == 0 and calls["group_norm+silu"] >= MODELS[which][1]["group_norm_silu"]
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-4 * ref.abs().max().item())
+
+
 @pytest.mark.parametrize("kind", ["shortcut", "skip_time_act", "down", "one_temb_for_the_batch"])
 def test_resnet_time_embedding_fused(kind, monkeypatch):
     """ResnetBlock2D's temb add inside norm2: same outputs and gradients (temb's included), in
