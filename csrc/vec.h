@@ -287,12 +287,13 @@ inline void prefetch_w(const void* p) { __builtin_prefetch(p, 1, 3); }
 
 // ---------------------------------------------------------------- transcendental functions
 // exp(x): x = n ln2 + r, |r| <= ln2/2; e^r = 1 + r + r^2 P(r). Below -87.33 returns 0, above 88
-// saturates at e^88 (never reached by our callers with meaningful values).
+// saturates at e^88 (never reached by our callers with meaningful values); NaN stays NaN, so a
+// diverging activation shows in softmax, SiLU and GELU outputs as it does in PyTorch's.
 #if HB_AVX2
 inline F8 vexp(F8 x) {
   const F8 lo = set1(-87.33654f);
   F8 under = cmp_lt(x, lo);
-  x = vmin(vmax(x, lo), set1(88.0f));
+  x = vmin(set1(88.0f), vmax(lo, x));  // maxps/minps return their second operand for a NaN: x passes
   F8 n = vround(x * set1(1.44269504088896341f));
   F8 r = fnmadd(n, set1(0.693359375f), x);  // ln2 split: hi part exact in 9 bits
   r = fnmadd(n, set1(-2.12194440e-4f), r);

@@ -155,6 +155,52 @@ def test_expanded_output_gradient(backend_name, op):
     assert_gradients_close(got[backend_name], got["torch"], op, rtol=1e-4, atol=1e-5)
 
 
+# each op's own outputs (OP_CASES sums the fused LayerNorm's two into a new tensor)
+RAW_OUTPUTS = {**OP_CASES, "layer_norm_residual": (lambda x, w, b, r: hbkernels.layer_norm(x, w, b, residual=r),
+                                                   OP_CASES["layer_norm_residual"][1])}
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+@pytest.mark.parametrize("op", sorted(set(RAW_OUTPUTS) - {"temporal_attention"}))
+def test_outputs_modified_in_place(backend_name, op):
+    """``h = op(x); h += 1`` (or an in-place dropout) in training code: the output is a tensor of its
+    own, which autograd lets callers modify in place, as torch's ops and the reference backend's are
+    (a returned view of a buffer made inside the Function is refused), with the same gradients. Not
+    temporal attention: its backward reads its output (as flash attention's does), so autograd's
+    version check refuses that, as for torch's ops that save their output."""
+    fn, make = RAW_OUTPUTS[op]
+    inputs = make()
+    got = {}
+    for name in (backend_name, "torch"):
+        with hbkernels.use_backend(name):
+            outs = fn(*inputs)
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            outs[0].mul_(2)
+            got[name] = torch.autograd.grad(sum(o.square().sum() for o in outs), inputs)
+    assert_gradients_close(got[backend_name], got["torch"], op, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy on NaN
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+@pytest.mark.parametrize("op", sorted(RAW_OUTPUTS))
+def test_nan_inputs_give_nan_where_the_reference_does(backend_name, op):
+    """A NaN in an input (a diverging run) shows in exactly the outputs the float64 reference makes NaN,
+    not hidden by a clamp in an exp, a max or a softmax that drops it. (Not against the reference
+    backend in fp32: torch 2.13's CPU SDPA keeps a NaN query's row finite but for one element.)"""
+    fn, make = RAW_OUTPUTS[op]
+    with torch.no_grad():
+        inputs = make()
+        inputs[0].view(-1)[inputs[0].numel() // 3] = float("nan")
+        nans = {}
+        for name, args in ((backend_name, inputs), ("torch", [t.double() for t in inputs])):
+            with hbkernels.use_backend(name):
+                outs = fn(*args)
+                nans[name] = [o.isnan() for o in (outs if isinstance(outs, tuple) else (outs,))]
+    assert any(m.any() for m in nans["torch"])
+    for got, want in zip(nans[backend_name], nans["torch"]):
+        assert torch.equal(got, want), f"{op}: NaN at {got.sum()} outputs, the reference at {want.sum()}"
+
+
 def test_poisoning_stays_out_of_compiled_graphs(monkeypatch):
     """HBKERNELS_POISON fills kernel outputs with NaN in eager code only: traced into a graph, the fill
     made torch 2.11's compiled video ops return zero gradients."""

@@ -14,11 +14,13 @@ class GEGLUFunction(torch.autograd.Function):
     def forward(ctx, x, backend_name):
         x2 = x.reshape(-1, x.shape[-1])
         x2 = x2 if x2.stride(-1) == 1 and x2.stride(0) == x2.shape[1] else x2.contiguous()
-        out = backend.empty((x2.shape[0], x2.shape[1] // 2), dtype=x.dtype, device=x.device)
-        backend.primitives(backend_name).geglu_fwd(x2, out)
+        # allocated in the output's shape and returned whole: a returned view of a buffer made here
+        # could not be modified in place (autograd refuses in-place ops on a Function's view outputs)
+        out = backend.empty((*x.shape[:-1], x.shape[-1] // 2), dtype=x.dtype, device=x.device)
+        backend.primitives(backend_name).geglu_fwd(x2, out.view(x2.shape[0], -1))
         ctx.save_for_backward(x2)
         ctx.shape, ctx.backend_name = x.shape, backend_name
-        return out.view(*x.shape[:-1], x.shape[-1] // 2)
+        return out
 
     @staticmethod
     @once_differentiable  # kernel gradients: a double backward must raise, not silently drop terms

@@ -23,24 +23,28 @@ class LayerNormFunction(torch.autograd.Function):
         c = x.shape[-1]
         x2 = _rows(x, c)
         m = x2.shape[0]
-        y = backend.empty((m, c), dtype=x.dtype, device=x.device)
-        s = None if residual is None else backend.empty((m, c), dtype=x.dtype, device=x.device)
+        # outputs allocated in x's shape and returned whole, so callers may modify them in place (see
+        # GEGLUFunction); the kernels get (m, C) views
+        y = backend.empty(x.shape, dtype=x.dtype, device=x.device)
+        s = None if residual is None else backend.empty(x.shape, dtype=x.dtype, device=x.device)
         mean = backend.empty((m,), dtype=torch.float32, device=x.device)
         rstd = backend.empty((m,), dtype=torch.float32, device=x.device)
         r2 = None if residual is None else _rows(residual, c)
-        backend.primitives(backend_name).ln_fwd(x2, r2, weight, bias, y, s, mean, rstd, eps)
+        s2 = None if s is None else s.view(m, c)
+        backend.primitives(backend_name).ln_fwd(x2, r2, weight, bias, y.view(m, c), s2, mean, rstd, eps)
         ctx.save_for_backward(x2 if s is None else s, weight, mean, rstd)
         ctx.shape, ctx.backend_name = x.shape, backend_name
         ctx.bias_dtype = None if bias is None else bias.dtype
         if s is None:
-            return y.view(x.shape)
-        return y.view(x.shape), s.view(x.shape)
+            return y
+        return y, s
 
     @staticmethod
     @once_differentiable  # kernel gradients: a double backward must raise, not silently drop terms
     def backward(ctx, grad_y, grad_s=None):
         x2, weight, mean, rstd = ctx.saved_tensors  # x2: the normalised input (x + residual when fused)
-        c = x2.shape[1]
+        c = x2.shape[-1]
+        x2 = x2.view(-1, c)  # s is saved whole: its in-place use downstream then meets autograd's version check
         dy = _rows(grad_y, c)
         dx = backend.empty(x2.shape, dtype=x2.dtype, device=x2.device)
         need_w, need_b = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
