@@ -91,20 +91,28 @@ class FusedLinear(nn.Module):
     """Linear layers that read the same input, as one: their weights (and biases) concatenated along
     the outputs, so one GEMM reads the input once instead of once per layer.
 
-    A snapshot in non-persistent buffers: ``state_dict`` keeps only the separate layers' keys, and
-    the fusion must be redone after their weights change (an inference optimisation)."""
+    Without gradients (inference), a snapshot in non-persistent buffers: ``state_dict`` keeps only the
+    separate layers' keys, and the fusion must be redone after their weights change. Where a gradient
+    is wanted for a layer's parameters, the weights are concatenated afresh on each call, so the
+    layers themselves are trained."""
 
     def __init__(self, *linears: nn.Linear):
         super().__init__()
-        weight = torch.cat([lin.weight.detach() for lin in linears])
-        bias = None
-        if any(lin.bias is not None for lin in linears):
-            bias = torch.cat([lin.bias.detach() if lin.bias is not None else weight.new_zeros(lin.out_features)
-                              for lin in linears])
+        self._linears = linears  # a tuple: not submodules, whose keys would duplicate the layers' own
+        weight, bias = self._concatenated(torch.Tensor.detach)
         self.register_buffer("weight", weight, persistent=False)
         self.register_buffer("bias", bias, persistent=False)
 
+    def _concatenated(self, take):
+        weight = torch.cat([take(lin.weight) for lin in self._linears])
+        if all(lin.bias is None for lin in self._linears):
+            return weight, None
+        return weight, torch.cat([take(lin.bias) if lin.bias is not None else weight.new_zeros(lin.out_features)
+                                  for lin in self._linears])
+
     def forward(self, x):
+        if torch.is_grad_enabled() and any(p.requires_grad for lin in self._linears for p in lin.parameters()):
+            return F.linear(x, *self._concatenated(lambda p: p))
         return F.linear(x, self.weight, self.bias)
 
 

@@ -71,6 +71,28 @@ def test_temporal_attention_fused_projections(backend_name):
     assert set(ours.state_dict()) == keys
 
 
+def test_fused_projections_train_the_layers():
+    """With gradients wanted, the fused GEMM is built from the live weights: to_q, to_k and to_v get the
+    gradients the separate layers would (a snapshot would leave them None), and a later inference call
+    still takes the snapshot."""
+    torch.manual_seed(0)
+    ours = hbkernels.nn.TemporalAttention(32, heads=4, dim_head=8, bias=True).to(DEVICE)
+    x = rand(3, 5, 32)
+    grads = {}
+    for fused in (False, True):
+        ours.fuse_projections() if fused else ours.unfuse_projections()
+        ours.zero_grad()
+        ours(x).square().sum().backward()
+        grads[fused] = {name: p.grad.clone() for name, p in ours.named_parameters()}
+    assert grads[True].keys() == grads[False].keys() and "to_q.weight" in grads[True]
+    for name, g in grads[False].items():
+        torch.testing.assert_close(grads[True][name], g, atol=1e-5, rtol=1e-5, msg=name)
+    with torch.no_grad():
+        snapshot = ours(x)
+        torch.nn.init.zeros_(ours.to_q.weight)
+        assert torch.equal(ours(x), snapshot)  # inference: the fused snapshot, as before
+
+
 def test_fused_linear_fills_missing_biases():
     a, b = torch.nn.Linear(4, 3, bias=False), torch.nn.Linear(4, 2)
     x = torch.randn(5, 4)
