@@ -332,10 +332,11 @@ def _swap_layout(model, d) -> None:
 
 def _swap_time_embedding(model, d) -> None:
     for module in model.modules():
-        # the fused forward needs a time embedding and norm2 to be hbkernels' GroupNorm (which takes the
-        # shift); otherwise it would only ever take its unfused path, yet count as fused
+        # the fused forward needs a time embedding, no resampling and norm2 to be hbkernels' GroupNorm
+        # (which takes the shift); otherwise it would only ever take its unfused path, yet count as fused
         if type(module) is d["ResnetBlock2D"] and module.time_embedding_norm == "default" \
-                and module.time_emb_proj is not None and isinstance(module.norm2, hbnn.GroupNorm):
+                and module.time_emb_proj is not None and module.upsample is None and module.downsample is None \
+                and isinstance(module.norm2, hbnn.GroupNorm):
             module.__class__ = _fused_class("ResnetBlock2D")
 
 
