@@ -475,10 +475,15 @@ def test_group_norm_parameters_in_another_dtype(backend_name, param_dtype):
     with hbkernels.use_backend(backend_name):
         y = hbkernels.group_norm(x, 4, w, b, activation="silu")
         gw, gb = torch.autograd.grad(y.square().sum(), [w, b])
+    # float64 reference through x's dtype, as the parameters are used: w.to(x.dtype).double()
+    w64, b64 = (p.detach().clone().requires_grad_() for p in (w, b))
     want = torch.nn.functional.silu(torch.nn.functional.group_norm(
-        x.double(), 4, w.detach().to(x.dtype).double(), b.detach().to(x.dtype).double()))
+        x.double(), 4, w64.to(x.dtype).double(), b64.to(x.dtype).double()))
+    want_gw, want_gb = torch.autograd.grad(want.square().sum(), [w64, b64])
     assert y.dtype == x.dtype and gw.dtype == param_dtype and gb.dtype == param_dtype
     torch.testing.assert_close(y.double(), want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(gw.double(), want_gw.double(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gb.double(), want_gb.double(), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)

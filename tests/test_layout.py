@@ -63,6 +63,12 @@ def test_tokens_to_video_bad_input():
         hbkernels.tokens_to_video(tokens, rand(2, 6, 3, 4, 3).half())
     with pytest.raises(ValueError, match="disagrees with residual"):
         hbkernels.tokens_to_video(tokens, rand(2, 6, 3, 4, 3), shape=(2, 6, 3, 3, 4))
+    # not truncated to ints, nor negative sizes whose product happens to match
+    for shape in [(2, 6, 3, 4, 3.0), (2, 6, 3, 4, 3.5), (-2, 6, 3, -4, 3), (2, 6, 3, 4), (True, 6, 3, 4, 6)]:
+        with pytest.raises(ValueError, match="shape must be \\(N, C, T, H, W\\) of ints >= 0"):
+            hbkernels.tokens_to_video(tokens, shape=shape)
+    import numpy as np  # numpy and torch integers are ints
+    assert hbkernels.tokens_to_video(tokens, shape=(np.int64(2), 6, 3, torch.tensor(4), 3)).shape == (2, 6, 3, 4, 3)
 
 
 def _layout(t, layout):

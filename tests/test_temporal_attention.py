@@ -4,7 +4,7 @@ import torch
 
 import hbkernels
 from hbkernels import backend, use_backend
-from helpers import KERNEL_BACKENDS, DEVICE, DTYPES, ON_GPU, check_against_float64, rand, shapes
+from helpers import KERNEL_BACKENDS, DEVICE, DTYPES, ON_GPU, assert_gradients_close, check_against_float64, rand, shapes
 
 # (N, T, H, D): T = 1/16/25/26, D = 40/64/80, N = 1; tiny N*H keeps the interpreter fast.
 QUICK = [(1, 16, 2, 64), (2, 25, 1, 40), (1, 26, 2, 80), (3, 1, 1, 32), (1, 5, 1, 96), (1, 77, 1, 40)]  # 77: several key blocks
@@ -140,6 +140,18 @@ def test_temporal_attention_bad_input():
             hbkernels.temporal_attention(q, q, torch.empty_like(q, device="meta"))
 
 
+def test_temporal_attention_numpy_scalars_and_empty_heads():
+    """numpy scalars work as scale and causal, as eps and num_groups do in the norms; a head dim of 0
+    gives an empty output rather than a division by zero in the default scale."""
+    import numpy as np
+
+    q, k, v = rand(3, 2, 5, 2, 8).unbind(0)
+    torch.testing.assert_close(hbkernels.temporal_attention(q, k, v, scale=np.float32(0.5), causal=np.bool_(True)),
+                               hbkernels.temporal_attention(q, k, v, scale=0.5, causal=True))
+    empty = rand(2, 5, 2, 0)
+    assert hbkernels.temporal_attention(empty, empty, empty).shape == (2, 5, 2, 0)
+
+
 @pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
 def test_temporal_attention_head_dim_one_with_an_odd_stride(backend_name):
     """D = 1 may carry any stride (here 7); the kernels take it as unit-stride without a copy."""
@@ -211,7 +223,20 @@ def test_temporal_attention_backward_strided_grad(backend_name):
 @pytest.mark.parametrize("backend_name", [*KERNEL_BACKENDS, "torch"])
 @pytest.mark.parametrize("scale", [0.0, -0.5])
 def test_temporal_attention_causal_nonpositive_scale(backend_name, scale):
-    """Causal with scale <= 0: SDPA's CPU kernel gives NaN there (the reference must not inherit it)."""
+    """Causal with scale <= 0: SDPA's CPU kernel gives NaN there (the reference must not inherit it).
+    The kernels are held to the reference's own error; the reference itself (whose error that bound
+    is) to fp32 rounding of the float64 result."""
     base = rand(3, 1, 5, 2, 16, dtype=torch.float64, requires_grad=True)
-    check_against_float64(lambda b: hbkernels.temporal_attention(*b.unbind(0), scale=scale, causal=True), [base],
-                          backend_name, torch.float32)
+
+    def fn(b):
+        return hbkernels.temporal_attention(*b.unbind(0), scale=scale, causal=True)
+
+    if backend_name != "torch":
+        check_against_float64(fn, [base], backend_name, torch.float32)
+        return
+    b32 = base.detach().float().requires_grad_()
+    grad_out = torch.randn(1, 5, 2, 16, dtype=torch.float64)
+    with hbkernels.use_backend("torch"):
+        want, got = fn(base), fn(b32)
+        (want_grad,), (got_grad,) = torch.autograd.grad(want, base, grad_out), torch.autograd.grad(got, b32, grad_out.float())
+    assert_gradients_close([got.double(), got_grad.double()], [want, want_grad], "fp32 reference", rtol=0, atol=1e-5)

@@ -6,6 +6,8 @@ reads that copy and the residual and writes the sum; the fused op reads each inp
 once (4 -> 3 passes over the activation, and no temporary). Likewise ``conv(x) + residual`` on cuDNN
 adds the bias in a pass of its own before the residual add; ``residual_add`` takes both in one.
 """
+import operator
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -57,9 +59,11 @@ def tokens_to_video(tokens, residual=None, *, shape=None):
         shape = tuple(residual.shape)
     elif shape is None:
         raise ValueError("shape=(N, C, T, H, W) is required when no residual is given")
-    shape = tuple(int(s) for s in shape)
-    if len(shape) != 5:
-        raise ValueError(f"shape must be (N, C, T, H, W), got {shape}")
+    shape = tuple(shape)
+    if len(shape) != 5 or any(isinstance(s, bool) or not hasattr(type(s), "__index__") or operator.index(s) < 0
+                              for s in shape):
+        raise ValueError(f"shape must be (N, C, T, H, W) of ints >= 0, got {shape}")
+    shape = tuple(operator.index(s) for s in shape)
     n, c, f, h, w = shape
     if tuple(tokens.shape) != (n * h * w, f, c):
         raise ValueError(f"tokens must have shape (N*H*W, T, C) = {(n * h * w, f, c)} for video {shape}, got {tuple(tokens.shape)}")
