@@ -363,10 +363,23 @@ def detect_config(unet_sd: dict) -> str:
     raise ValueError(f"the U-Net weights match none of the named configs ({', '.join(CONFIGS)}); pass a config")
 
 
+def resolve_dtype(dtype, name="dtype"):
+    """None, a name in :data:`DTYPES` or a floating-point torch dtype -> a torch dtype or None; ``name``
+    is the argument named in the error."""
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    raise ValueError(f"{name} must be one of {', '.join(map(repr, DTYPES))} or a floating-point torch dtype, "
+                     f"got {dtype!r}")
+
+
 def unet_from_checkpoint(checkpoint: dict, config=None, *, strict=True, torch_dtype=None):
-    """HummingbirdUNet3DModel from a loaded original checkpoint; ``config=None`` detects it."""
+    """HummingbirdUNet3DModel from a loaded original checkpoint; ``config=None`` detects it.
+    ``torch_dtype``: as ``dtype`` of :func:`convert`."""
     from hummingbird.models import HummingbirdUNet3DModel
 
+    torch_dtype = resolve_dtype(torch_dtype, "torch_dtype")
     unet_sd = unet_state_dict(checkpoint)
     config = resolve_config(config if config is not None else detect_config(unet_sd))
     # Strict loads assign every parameter, so build on the meta device (no 1.4B random init).
@@ -504,7 +517,7 @@ def _move_into_place(tmp: Path, dst: Path, overwrite: bool):
 def convert(src, dst, config=None, *, dtype=None, overwrite=False, strict=True) -> list:
     """Write the diffusers folder ``dst`` (unet/, and text_encoder/ and vae/ where the checkpoint has
     them) from the original checkpoint ``src``. ``config``: as for :func:`resolve_config`, None
-    detects a named config. ``dtype``: "fp32"/"fp16"/"bf16" or a torch dtype to cast to.
+    detects a named config. ``dtype``: "fp32"/"fp16"/"bf16" or a floating-point torch dtype to cast to.
 
     Everything is written to a temporary folder next to ``dst`` and moved into place at the end, so
     an interrupted conversion never leaves a half-written model. Returns the components written.
@@ -512,7 +525,8 @@ def convert(src, dst, config=None, *, dtype=None, overwrite=False, strict=True) 
     dst = Path(dst)
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} exists; choose another destination or overwrite it")
-    dtype = DTYPES.get(dtype, dtype)
+    dtype = resolve_dtype(dtype)
+    config = None if config is None else resolve_config(config)  # a bad name fails before reading the checkpoint
     checkpoint = load_checkpoint(src)
     components = {
         "unet": unet_from_checkpoint(checkpoint, config, strict=strict),

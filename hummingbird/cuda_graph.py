@@ -40,24 +40,33 @@ def capture(fn, warmup: int = 2):
 class CUDAGraphCall:
     """``CUDAGraphCall(fn)(*args, **kwargs)`` returns ``fn(*args, **kwargs)`` (a tensor), run as a CUDA
     graph captured on the first call with each signature (tensor shapes, strides, dtypes, devices
-    and the values of non-tensor arguments); ``extra_key()`` adds to the signature (e.g. parameter
-    addresses, so moving a model recaptures instead of replaying onto freed memory).
+    and the values of non-tensor arguments). A graph also reads tensors that are not arguments (a
+    model's weights) at the addresses they had at capture: :meth:`set_weights_key` tells it when those
+    change.
 
     ``fn`` must do the same GPU work for every input of one signature: no host synchronisation, no
     data-dependent Python branches. The result is a copy, safe to keep across calls.
     """
 
-    def __init__(self, fn, warmup: int = 2, extra_key=None):
+    def __init__(self, fn, warmup: int = 2):
         self.fn = fn
         self.warmup = warmup
-        self.extra_key = extra_key
         self._graphs = {}
+        self._weights_key = None
+
+    def set_weights_key(self, key):
+        """``key`` identifies the non-argument tensors ``fn`` reads (e.g. every parameter's address and
+        dtype). When it differs from the last one, every graph captured so far is dropped, with its
+        memory pool: replaying one would read moved or freed weights, and none is valid again."""
+        if key != self._weights_key:
+            self._graphs.clear()
+            self._weights_key = key
 
     def __call__(self, *args, **kwargs):
         tensors = _tensors(args, kwargs)
         if not torch.cuda.is_available() or not all(t.is_cuda for t in tensors):
             raise ValueError("CUDAGraphCall needs CUDA and CUDA tensor arguments (CUDA graphs run on GPUs only)")
-        key = (_signature(args, kwargs), self.extra_key() if self.extra_key else None)
+        key = _signature(args, kwargs)
         if key not in self._graphs:
             device = tensors[0].device if tensors else torch.device("cuda", torch.cuda.current_device())
             self._graphs[key] = self._capture(args, kwargs, device)

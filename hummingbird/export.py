@@ -1,7 +1,8 @@
 """Write generated frames to .mp4 (H.264 through imageio-ffmpeg's bundled ffmpeg) or .gif (PIL).
 
 Files are written to a temporary name in the destination folder and renamed into place, so a
-reader never sees a half-written video and a failed export leaves no partial file behind.
+reader never sees a half-written video and a failed export leaves no partial file behind. With
+``overwrite=False`` an existing file is never replaced, not even one that appeared during the export.
 """
 import contextlib
 import os
@@ -29,7 +30,7 @@ def to_uint8_frames(frames) -> np.ndarray:
     return frames
 
 
-def _atomic(path: str, write) -> str:
+def _atomic(path: str, write, overwrite: bool = True) -> str:
     """Run ``write(tmp_path)`` on a temporary file beside ``path`` (same suffix, so ffmpeg/PIL pick the
     format from it), then rename it to ``path``."""
     path = os.path.abspath(path)
@@ -42,7 +43,10 @@ def _atomic(path: str, write) -> str:
         raise OSError(f"cannot write {path}: {err.strerror} ({folder})") from err
     try:
         write(tmp)
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _rename_new(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):  # a writer that removed it must not hide its own error
             os.unlink(tmp)
@@ -50,7 +54,19 @@ def _atomic(path: str, write) -> str:
     return path
 
 
-def export_to_mp4(frames, path: str, fps: float = 8, quality: float = 8) -> str:
+def _rename_new(tmp: str, path: str):
+    """Rename ``tmp`` to ``path``, which must not exist: a hard link fails where a rename would replace."""
+    try:
+        os.link(tmp, path)
+    except OSError as err:
+        if isinstance(err, FileExistsError) or os.path.lexists(path):
+            raise FileExistsError(f"{path} appeared during the export; not replaced (use --overwrite)") from None
+        os.replace(tmp, path)  # no hard links on this file system (FAT, some network shares): checked instead
+    else:
+        os.unlink(tmp)
+
+
+def export_to_mp4(frames, path: str, fps: float = 8, quality: float = 8, overwrite: bool = True) -> str:
     """H.264 / yuv420p (plays everywhere); ``quality`` 0-10 as imageio-ffmpeg defines it. Returns the path."""
     import imageio_ffmpeg
 
@@ -66,7 +82,7 @@ def export_to_mp4(frames, path: str, fps: float = 8, quality: float = 8) -> str:
             writer.send(np.ascontiguousarray(frame))
         writer.close()
 
-    return _atomic(path, write)
+    return _atomic(path, write, overwrite)
 
 
 GIF_MAX_FPS = 50  # browsers play frames shorter than 20 ms at 100 ms
@@ -84,20 +100,20 @@ def gif_durations(count: int, fps: float) -> list:
     return [10 * (b - a) for a, b in zip(starts, starts[1:])]
 
 
-def export_to_gif(frames, path: str, fps: float = 8) -> str:
+def export_to_gif(frames, path: str, fps: float = 8, overwrite: bool = True) -> str:
     """Looping GIF (palette per frame). Returns the path."""
     images = [Image.fromarray(f) for f in to_uint8_frames(frames)]
     durations = gif_durations(len(images), fps)
     return _atomic(path, lambda tmp: images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:],
-                                                    duration=durations, loop=0))
+                                                    duration=durations, loop=0), overwrite)
 
 
 EXPORTERS = {".mp4": export_to_mp4, ".gif": export_to_gif}
 
 
-def export_video(frames, path: str, fps: float = 8) -> str:
+def export_video(frames, path: str, fps: float = 8, overwrite: bool = True) -> str:
     """Pick the writer from the file extension (.mp4 or .gif)."""
     ext = os.path.splitext(path)[1].lower()
     if ext not in EXPORTERS:
         raise ValueError(f"unsupported video format {ext!r} for {path}; use one of {sorted(EXPORTERS)}")
-    return EXPORTERS[ext](frames, path, fps)
+    return EXPORTERS[ext](frames, path, fps, overwrite=overwrite)

@@ -1,12 +1,13 @@
 """``hummingbird generate``: text -> video file, with per-stage timings.
 
-Cheap checks (output path, model folder, height/width against the model's config.json files,
+Cheap checks (output path, model folder, height/width and --steps against the model's config files,
 device) run before the model loads, so a typo costs no loading time; they exit with a one-line
 message, no traceback. torch/diffusers are imported inside :func:`run` to keep ``--help`` instant.
 """
 import argparse
 import importlib.util
 import json
+import math
 import os
 import random
 import time
@@ -37,6 +38,23 @@ def _positive_int(text):
     return value
 
 
+def _finite_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
+    return value
+
+
+def _seed(text):
+    value = _int(text)
+    if not 0 <= value < 2**64:  # what torch.Generator.manual_seed takes (negative seeds wrap around to these)
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**64 - 1], got {value}")
+    return value
+
+
 def _multiple_of_8(text):
     value = _int(text)
     if value < 8 or value % 8:
@@ -56,18 +74,19 @@ def add_parser(subparsers):
                    help=f"pipeline folder (save_pretrained, or `hummingbird convert` output + tokenizer/), "
                    f"or '{TINY_RANDOM}' for a built-in tiny random model")
     p.add_argument("--out", default="video.mp4", help="output .mp4 or .gif (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--frames", type=_positive_int, help="number of frames (default: the model's)")
     p.add_argument("--steps", type=_positive_int, help="denoising steps (default: the model's)")
     size_help = ("a multiple of the model's VAE factor x U-Net downsampling: 64 for the released models, "
                  f"{TINY_MULTIPLE} for {TINY_RANDOM}")
     p.add_argument("--height", type=_multiple_of_8, help=f"default: {DEFAULT_SIZE[0]} ({TINY_SIZE} for {TINY_RANDOM}); {size_help}")
     p.add_argument("--width", type=_multiple_of_8, help=f"default: {DEFAULT_SIZE[1]} ({TINY_SIZE} for {TINY_RANDOM}); {size_help}")
-    p.add_argument("--guidance-scale", type=float, help="guidance scale w (default: the model's)")
+    p.add_argument("--guidance-scale", type=_finite_float, help="guidance scale w (default: the model's)")
     p.add_argument("--negative-prompt", help="unconditional prompt for classifier-free guidance (VideoCrafter2 only)")
     p.add_argument("--fps", type=_positive_int, help="fps conditioning (default: the model's: 8 Hummingbird, 28 VideoCrafter2)")
     p.add_argument("--save-fps", type=_positive_int,
                    help="playback rate of the written video (default: 8 Hummingbird, 10 VideoCrafter2)")
-    p.add_argument("--seed", type=int, help="random seed (default: random, printed)")
+    p.add_argument("--seed", type=_seed, help="random seed (default: random, printed)")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
     p.add_argument("--dtype", choices=DTYPES, help="default: fp16 on CUDA, fp32 on CPU")
     p.add_argument("--decode-chunk-size", type=_positive_int, default=8,
@@ -79,12 +98,14 @@ def _fail(message):
     raise SystemExit(f"hummingbird generate: error: {message}")
 
 
-def _check_output(path: str, save_fps):
+def _check_output(path: str, save_fps, overwrite: bool):
     from hummingbird.export import EXPORTERS, GIF_MAX_FPS
 
     ext = os.path.splitext(path)[1].lower()
     if ext not in EXPORTERS:
         _fail(f"--out must end in {' or '.join(EXPORTERS)}, got {path!r}")
+    if os.path.lexists(path) and not overwrite:
+        _fail(f"{path} exists; choose another --out or overwrite it (--overwrite)")
     if ext == ".mp4" and importlib.util.find_spec("imageio_ffmpeg") is None:  # else found out after generating
         _fail("writing .mp4 needs imageio-ffmpeg: pip install 'hbkernels[video]' (or write a .gif)")
     if ext == ".gif" and save_fps and save_fps > GIF_MAX_FPS:
@@ -100,23 +121,47 @@ def _check_output(path: str, save_fps):
         _fail(f"cannot write {path}: {err.strerror}")
 
 
+def _read_config(model: str, name: str) -> dict:
+    """One of the model folder's small config files (e.g. unet/config.json), read before any weights
+    load; {} when it cannot be read."""
+    try:
+        with open(os.path.join(model, name)) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
 def _spatial_multiple(model: str, tiny: bool):
     """What height/width must be multiples of: the VAE's factor x the U-Net's downsampling (8 x 8 = 64
-    for the released models), read from the folder's small unet/ and vae/ config.json files, before any
-    weights load. None when the U-Net's config cannot be read: the pipeline checks once loaded."""
+    for the released models), from the folder's unet/ and vae/ config.json files. None when the U-Net's
+    config cannot be read: the pipeline checks once loaded."""
     if tiny:
         return TINY_MULTIPLE
-    try:
-        with open(os.path.join(model, "unet", "config.json")) as f:
-            unet_factor = 2 ** (len(json.load(f)["channel_mult"]) - 1)
-    except (OSError, ValueError, KeyError, TypeError):
+    channel_mult = _read_config(model, "unet/config.json").get("channel_mult")
+    if not isinstance(channel_mult, list):
         return None
-    try:
-        with open(os.path.join(model, "vae", "config.json")) as f:
-            vae_factor = 2 ** (len(json.load(f)["block_out_channels"]) - 1)
-    except (OSError, ValueError, KeyError, TypeError):
-        vae_factor = 8  # Stable Diffusion's KL-f8, which every VideoCrafter2/Hummingbird model uses
-    return vae_factor * unet_factor
+    vae_levels = _read_config(model, "vae/config.json").get("block_out_channels")
+    # without it 8: Stable Diffusion's KL-f8, which every VideoCrafter2/Hummingbird model uses
+    vae_factor = 2 ** (len(vae_levels) - 1) if isinstance(vae_levels, list) else 8
+    return vae_factor * 2 ** (len(channel_mult) - 1)
+
+
+def _max_steps(model: str, tiny: bool):
+    """The most denoising steps the model's scheduler takes: an LCM scheduler's original_inference_steps
+    (its distillation grid), otherwise the training timesteps. None when the configs cannot be read."""
+    from hummingbird.schedulers import ddim_scheduler, lcm_scheduler
+
+    config = {} if tiny else _read_config(model, "scheduler/scheduler_config.json")
+    if config:  # a saved pipeline
+        lcm = config.get("_class_name") == "LCMScheduler"
+    else:  # tiny-random (LCM) or a `hummingbird convert` folder, whose scheduler load_pipeline picks by the U-Net
+        unet = {} if tiny else _read_config(model, "unet/config.json")
+        if not (tiny or unet):
+            return None
+        lcm = tiny or unet.get("time_cond_proj_dim") is not None
+        config = (lcm_scheduler() if lcm else ddim_scheduler()).config
+    return config.get("original_inference_steps" if lcm else "num_train_timesteps")
 
 
 def _resolve_device(name):
@@ -134,7 +179,7 @@ def _resolve_device(name):
 
 
 def run(args) -> int:
-    _check_output(args.out, args.save_fps)
+    _check_output(args.out, args.save_fps, args.overwrite)
     tiny = args.model == TINY_RANDOM and not os.path.isdir(args.model)
     if not tiny and not os.path.isdir(args.model):
         _fail(f"model folder {args.model} does not exist")
@@ -149,6 +194,9 @@ def run(args) -> int:
     from hummingbird.export import export_video
     from hummingbird.pipeline import CFG_DEFAULTS, DISTILLED_DEFAULTS, load_pipeline
 
+    max_steps = _max_steps(args.model, tiny)
+    if args.steps and max_steps and args.steps > max_steps:
+        _fail(f"--steps {args.steps}: this model's scheduler takes at most {max_steps}")
     device = _resolve_device(args.device)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[
         args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
@@ -176,7 +224,7 @@ def run(args) -> int:
                width=width, num_inference_steps=args.steps, guidance_scale=args.guidance_scale, fps=fps,
                seed=seed, decode_chunk_size=args.decode_chunk_size, output_type="np")
     start = time.perf_counter()
-    path = export_video(out.frames[0], args.out, fps=save_fps)
+    path = export_video(out.frames[0], args.out, fps=save_fps, overwrite=args.overwrite)
     export_s = time.perf_counter() - start
 
     stages = {"load": load_s, **out.timings, "export": export_s}

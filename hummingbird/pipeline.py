@@ -18,11 +18,14 @@ conditional and unconditional batches together in one call and combines them (cl
 guidance). With an ``LCMScheduler`` the timesteps are Hummingbird's (:func:`~hummingbird.schedulers.lcm_timesteps`).
 """
 import inspect
+import math
+import numbers
 import os
 import resource
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -71,15 +74,28 @@ class HummingbirdPipeline(DiffusionPipeline):
         """Run each denoising step as a replayed CUDA graph (captured at the first step of each shape),
         removing the per-kernel launch cost: a hummingbird-0.7b step at 320x512 x 26 frames on an H200
         goes from 61.5 to 44.6 ms. Costs two warm-up U-Net calls and a capture per new shape, and the
-        graph's activation memory. Pipelines on the CPU keep running plain steps."""
+        graph's activation memory. Pipelines on the CPU keep running plain steps. Not with accelerate's
+        CPU offload (it moves the weights during each call)."""
+        self._check_no_offload_hooks()
+
         def step(sample, timestep, context, timestep_cond, fps):
             return self.unet(sample, timestep, context, fps=fps, timestep_cond=timestep_cond, return_dict=False)[0]
 
-        def weights():  # recapture after .to()/loading/a layout or fusion switch moves the weights the graph reads
-            first = next(self.unet.parameters())
-            return id(self.unet), first.data_ptr(), first.dtype, self.unet.weights_version
+        self._graphed_unet = CUDAGraphCall(step)
 
-        self._graphed_unet = CUDAGraphCall(step, extra_key=weights)
+    def _check_no_offload_hooks(self):
+        if any(hasattr(m, "_hf_hook") for m in self.unet.modules()):
+            raise ValueError("CUDA graphs cannot run a U-Net under accelerate hooks (enable_model_cpu_offload, "
+                             "enable_sequential_cpu_offload): they move its weights during each call, and a graph "
+                             "replays the addresses it captured. Call remove_all_hooks() or disable_cuda_graph()")
+
+    def _cuda_graph_weights_key(self):
+        """Everything the graphs read besides their inputs, so that a change recaptures instead of replaying
+        stale or freed weights: every parameter's and buffer's address, dtype and device (.to(), loading,
+        LoRA merges that swap .data, added adapters) and the U-Net's weights_version (layout or fusion
+        switches, whose new tensors may reuse freed addresses). Once per call: a few thousand tensors."""
+        tensors = [*self.unet.parameters(), *self.unet.buffers()]
+        return id(self.unet), self.unet.weights_version, tuple((t.data_ptr(), t.dtype, t.device) for t in tensors)
 
     def disable_cuda_graph(self):
         self._graphed_unet = None
@@ -136,14 +152,24 @@ class HummingbirdPipeline(DiffusionPipeline):
         images = torch.cat([self.vae.decode(chunk).sample for chunk in frames.split(decode_chunk_size)])
         return (images.float() / 2 + 0.5).clamp(0, 1).reshape(b, f, *images.shape[1:])
 
-    def check_inputs(self, prompt, negative_prompt, num_frames, height, width, num_inference_steps,
-                     output_type, decode_chunk_size):
-        if not prompt or not all(isinstance(p, str) for p in prompt):
-            raise ValueError("prompt must be a string or a non-empty list of strings")
-        if negative_prompt is not None and not all(isinstance(p, str) for p in negative_prompt):
-            raise ValueError("negative_prompt must be a string or a list of strings")
-        if negative_prompt is not None and len(negative_prompt) != len(prompt):
-            raise ValueError(f"{len(negative_prompt)} negative prompts for {len(prompt)} prompts")
+    def check_inputs(self, prompt, negative_prompt, num_frames, height, width, num_inference_steps, guidance_scale,
+                     fps, output_type, decode_chunk_size):
+        """Checks the arguments as __call__ was given them, its defaults filled in."""
+        if not _is_prompt(prompt):
+            raise TypeError(f"prompt must be a string or a sequence of strings, got {type(prompt).__name__}")
+        if not isinstance(prompt, str) and not prompt:
+            raise ValueError("prompt must be a string or a non-empty sequence of strings, got an empty one")
+        if negative_prompt is not None and not _is_prompt(negative_prompt):
+            raise TypeError("negative_prompt must be None, a string or a sequence of strings, "
+                            f"got {type(negative_prompt).__name__}")
+        num_prompts = 1 if isinstance(prompt, str) else len(prompt)
+        if negative_prompt is not None and not isinstance(negative_prompt, str) and len(negative_prompt) != num_prompts:
+            raise ValueError(f"{len(negative_prompt)} negative prompts for {num_prompts} prompts")
+        for name, value in (("num_frames", num_frames), ("height", height), ("width", width),
+                            ("num_inference_steps", num_inference_steps), ("fps", fps),
+                            ("decode_chunk_size", decode_chunk_size)):
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
         m = self.spatial_multiple
         if height % m or width % m or height <= 0 or width <= 0:
             raise ValueError(f"height and width must be positive multiples of {m} (the VAE's {self.vae_scale_factor} "
@@ -152,6 +178,12 @@ class HummingbirdPipeline(DiffusionPipeline):
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        if not isinstance(guidance_scale, numbers.Real) or isinstance(guidance_scale, bool):
+            raise TypeError(f"guidance_scale must be a real number, got {type(guidance_scale).__name__}")
+        if not math.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
+        if fps < 1:
+            raise ValueError(f"fps must be >= 1, got {fps}")
         if output_type not in ("pt", "np", "pil", "latent"):
             raise ValueError(f"output_type must be 'pt', 'np', 'pil' or 'latent', got {output_type!r}")
         if decode_chunk_size < 1:
@@ -211,11 +243,6 @@ class HummingbirdPipeline(DiffusionPipeline):
         as in diffusers; a returned dict's "latents" replaces the latents.
         Returns :class:`HummingbirdPipelineOutput` (or ``(frames,)`` when ``return_dict=False``).
         """
-        prompt = [prompt] if isinstance(prompt, str) else list(prompt)
-        if isinstance(negative_prompt, str):
-            negative_prompt = [negative_prompt] * len(prompt)
-        elif negative_prompt is not None:
-            negative_prompt = list(negative_prompt)
         defaults = DISTILLED_DEFAULTS if self.guidance_distilled else CFG_DEFAULTS
         num_inference_steps = defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
         num_frames = defaults["num_frames"] if num_frames is None else num_frames
@@ -223,8 +250,13 @@ class HummingbirdPipeline(DiffusionPipeline):
         fps = defaults["fps"] if fps is None else fps
         height = DEFAULT_SIZE[0] if height is None else height
         width = DEFAULT_SIZE[1] if width is None else width
-        self.check_inputs(prompt, negative_prompt, num_frames, height, width, num_inference_steps, output_type,
-                          decode_chunk_size)
+        self.check_inputs(prompt, negative_prompt, num_frames, height, width, num_inference_steps, guidance_scale,
+                          fps, output_type, decode_chunk_size)
+        prompt = [prompt] if isinstance(prompt, str) else list(prompt)
+        if isinstance(negative_prompt, str):
+            negative_prompt = [negative_prompt] * len(prompt)
+        elif negative_prompt is not None:
+            negative_prompt = list(negative_prompt)
         if generator is not None and seed is not None:
             raise ValueError("pass either seed or generator, not both")
         if not isinstance(num_videos_per_prompt, int) or num_videos_per_prompt < 1:
@@ -238,6 +270,9 @@ class HummingbirdPipeline(DiffusionPipeline):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         timings, clock = {}, _Clock(device)
+        if self._graphed_unet is not None and device.type == "cuda":
+            self._check_no_offload_hooks()
+            self._graphed_unet.set_weights_key(self._cuda_graph_weights_key())
 
         # Text: one U-Net call per step either way; CFG doubles its batch to [uncond, cond].
         do_cfg = not self.guidance_distilled and guidance_scale > 1
@@ -296,6 +331,11 @@ class HummingbirdPipeline(DiffusionPipeline):
         return HummingbirdPipelineOutput(frames=frames, timings=timings, peak_memory_mb=peak_mb)
 
 
+def _is_prompt(value) -> bool:
+    """A string or a sequence of strings."""
+    return isinstance(value, str) or isinstance(value, Sequence) and all(isinstance(p, str) for p in value)
+
+
 def _diffusers_dtype(dtype) -> dict:
     """from_pretrained's dtype argument: diffusers renamed ``torch_dtype`` to ``dtype`` in 2026 (the old
     name warns there; older releases know only it)."""
@@ -307,9 +347,14 @@ def _diffusers_dtype(dtype) -> dict:
 def load_pipeline(path, dtype=None) -> HummingbirdPipeline:
     """A pipeline from a folder: one ``save_pretrained`` wrote (model_index.json), or one that
     ``hummingbird convert`` wrote (unet/, text_encoder/, vae/) plus a CLIP BPE ``tokenizer/`` folder. In
-    the latter the scheduler follows the U-Net: LCM when it has time_cond_proj, else DDIM."""
+    the latter the scheduler follows the U-Net: LCM when it has time_cond_proj, else DDIM.
+
+    ``dtype=None`` loads every component in the U-Net's stored dtype (diffusers would load the U-Net and
+    VAE in fp32 and transformers the text encoder in its stored dtype)."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model folder {path} does not exist")
+    if dtype is None:
+        dtype = _stored_dtype(os.path.join(path, "unet"))
     if os.path.isfile(os.path.join(path, "model_index.json")):
         return HummingbirdPipeline.from_pretrained(path, **_diffusers_dtype(dtype))
     missing = [c for c in ("unet", "text_encoder", "vae", "tokenizer") if not os.path.isdir(os.path.join(path, c))]
@@ -326,6 +371,24 @@ def load_pipeline(path, dtype=None) -> HummingbirdPipeline:
         unet=unet,
         scheduler=lcm_scheduler() if unet.config.time_cond_proj_dim is not None else ddim_scheduler(),
     )
+
+
+_SAFETENSORS_FLOATS = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+
+
+def _stored_dtype(folder) -> torch.dtype:
+    """The dtype of a diffusers model folder's weights, read from their safetensors header (no weights
+    load); float32, diffusers' default, without a readable (unsharded) safetensors file: loading then
+    reports a damaged one."""
+    from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(os.path.join(folder, SAFETENSORS_WEIGHTS_NAME), framework="pt") as f:
+            dtypes = [_SAFETENSORS_FLOATS.get(f.get_slice(name).get_dtype()) for name in f.keys()]
+    except (OSError, SafetensorError):
+        return torch.float32
+    return next((d for d in dtypes if d is not None), torch.float32)
 
 
 class _Clock:

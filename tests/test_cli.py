@@ -35,12 +35,25 @@ def test_generate_gif_from_saved_pipeline(tmp_path, capsys):
     # a non-distilled model: VideoCrafter2's fps conditioning, played at its scripts' 10 fps
     assert "10 fps (conditioned on 28)" in capsys.readouterr().out
     assert iio.imread(out).shape == (3, 32, 32, 3)
-    assert main([*args, "--save-fps", "5"]) == 0
+    assert main([*args, "--save-fps", "5", "--overwrite"]) == 0
     assert "5 fps (conditioned on 28)" in capsys.readouterr().out
+
+
+def _refuse_loading(monkeypatch):
+    import hummingbird.pipeline
+    import hummingbird.testing
+
+    def load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the cheap checks")
+
+    monkeypatch.setattr(hummingbird.pipeline, "load_pipeline", load)
+    monkeypatch.setattr(hummingbird.testing, "tiny_random_pipeline", load)
 
 
 @pytest.mark.parametrize("args, message", [
     (["--model", "/no/such/model"], "model folder /no/such/model does not exist"),
+    ([*TINY, "--out", "old.gif"], "old.gif exists; choose another --out or overwrite it"),
+    ([*TINY, "--steps", "60", "--out", "v.gif"], "--steps 60: this model's scheduler takes at most 50"),
     ([*TINY, "--out", "/no/such/dir/v.mp4"], "folder /no/such/dir does not exist"),
     ([*TINY, "--out", "v.avi"], "--out must end in .mp4 or .gif"),
     ([*TINY, "--out", "v.gif", "--save-fps", "60"], "GIFs play at most 50 fps"),
@@ -52,7 +65,9 @@ def test_generate_gif_from_saved_pipeline(tmp_path, capsys):
 def test_generate_errors_before_loading(args, message, tmp_path, monkeypatch):
     if "imageio" in message:
         monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # as if not installed
+    _refuse_loading(monkeypatch)
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "old.gif").write_bytes(b"old")
     with pytest.raises(SystemExit, match=message):
         main(["generate", "a cat", *args])
 
@@ -62,11 +77,45 @@ def test_generate_errors_before_loading(args, message, tmp_path, monkeypatch):
     (["--height", "36"], "argument --height: must be a positive multiple of 8"),
     (["--width", "0"], "argument --width: must be a positive multiple of 8"),
     (["--dtype", "fp8"], "argument --dtype: invalid choice"),
+    (["--guidance-scale", "nan"], "argument --guidance-scale: must be finite, got 'nan'"),
+    (["--guidance-scale", "high"], "argument --guidance-scale: must be a number, got 'high'"),
+    (["--seed", "99999999999999999999"], "argument --seed: must be in [0, 2**64 - 1]"),
+    (["--seed", "-1"], "argument --seed: must be in [0, 2**64 - 1]"),
 ])
 def test_generate_argument_errors(args, message, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["generate", "a cat", "--model", "tiny-random", *args])
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_generate_checks_steps_against_the_scheduler_before_loading(tmp_path, monkeypatch):
+    """The most steps: LCM's original_inference_steps, DDIM's training timesteps; from a saved pipeline's
+    scheduler config, or for a `hummingbird convert` folder from the scheduler its U-Net implies."""
+    from hummingbird.models import HummingbirdUNet3DModel
+    from hummingbird.schedulers import lcm_scheduler
+
+    _refuse_loading(monkeypatch)
+    for name, steps, most in (("hummingbird-0.7b", 51, 50), ("videocrafter2", 1001, 1000)):
+        with torch.device("meta"):
+            HummingbirdUNet3DModel.from_named_config(name).save_config(tmp_path / name / "unet")
+        with pytest.raises(SystemExit, match=f"--steps {steps}: this model's scheduler takes at most {most}$"):
+            main(["generate", "a cat", "--model", str(tmp_path / name), "--steps", str(steps),
+                  "--out", str(tmp_path / "v.gif")])
+    lcm_scheduler(original_inference_steps=8).save_config(tmp_path / "videocrafter2" / "scheduler")
+    with pytest.raises(SystemExit, match="takes at most 8$"):
+        main(["generate", "a cat", "--model", str(tmp_path / "videocrafter2"), "--steps", "9",
+              "--out", str(tmp_path / "v.gif")])
+
+
+def test_generate_overwrites_out_only_with_overwrite(tmp_path):
+    out = str(tmp_path / "v.gif")
+    args = ["generate", "a cat", *TINY, "--steps", "1", "--out", out]
+    assert main([*args, "--frames", "2"]) == 0
+    with pytest.raises(SystemExit, match="exists; choose another --out or overwrite it"):
+        main([*args, "--frames", "3"])
+    assert iio.imread(out).shape[0] == 2
+    assert main([*args, "--frames", "3", "--overwrite"]) == 0
+    assert iio.imread(out).shape[0] == 3
 
 
 def test_generate_checks_size_against_model_config_before_loading(tmp_path, capsys):

@@ -522,6 +522,25 @@ def test_vae_scaling_factor_and_torch_dtype(parts, tmp_path):
     assert {p.dtype for p in model.parameters()} == {torch.float16}
 
 
+@pytest.mark.parametrize("dtype, config, match", [
+    ("float16", None, "dtype must be one of 'fp32', 'fp16', 'bf16' or a floating-point torch dtype, got 'float16'"),
+    (torch.int8, None, "dtype must be one of .* got torch.int8"),
+    (None, "no-such-config", "config 'no-such-config' is neither a named config"),
+])
+def test_bad_dtype_or_config_fails_before_reading_the_checkpoint(dtype, config, match, tmp_path, monkeypatch):
+    import hummingbird.convert
+
+    def read(path):
+        raise AssertionError("the checkpoint was read before the arguments were checked")
+
+    monkeypatch.setattr(hummingbird.convert, "load_checkpoint", read)
+    with pytest.raises(ValueError, match=match):
+        convert(tmp_path / "model.ckpt", tmp_path / "out", config, dtype=dtype)
+    with pytest.raises(ValueError, match=match.replace("dtype must", "torch_dtype must")):
+        HummingbirdUNet3DModel.from_single_file(tmp_path / "model.ckpt", config, torch_dtype=dtype)
+    assert not (tmp_path / "out").exists()
+
+
 def test_non_strict_text_and_vae_warn_about_the_keys_they_drop(parts):
     """--no-strict promises warnings: the VAE's and text tower's unknown keys are named, not dropped silently."""
     from hummingbird.convert import vae_from_checkpoint

@@ -23,6 +23,38 @@ def test_pipeline_on_cpu_ignores_cuda_graph():
     torch.testing.assert_close(pipe("a cat", **kwargs).frames, plain, atol=0, rtol=0)
 
 
+def test_new_weights_key_drops_every_graph():
+    graphed = CUDAGraphCall(torch.sin)
+    graphed.set_weights_key("v1")
+    graphed._graphs.update(a="graph a", b="graph b")  # stand-ins: capturing needs a GPU
+    graphed.set_weights_key("v1")
+    assert set(graphed._graphs) == {"a", "b"}
+    graphed.set_weights_key("v2")
+    assert graphed._graphs == {}
+
+
+def test_weights_key_sees_every_tensor_the_unet_reads():
+    pipe = tiny_random_pipeline("lcm")
+    key = pipe._cuda_graph_weights_key()
+    assert pipe._cuda_graph_weights_key() == key
+    last = list(pipe.unet.parameters())[-1]
+    last.data = last.data.clone()  # as a LoRA merge that swaps .data does
+    assert pipe._cuda_graph_weights_key() != key
+    key = pipe._cuda_graph_weights_key()
+    pipe.unet.out[2].register_buffer("adapter_scale", torch.ones(1))  # an adapter added later
+    assert pipe._cuda_graph_weights_key() != key
+    key = pipe._cuda_graph_weights_key()
+    pipe.unet.weights_version += 1  # a layout switch whose new tensors may reuse the old addresses
+    assert pipe._cuda_graph_weights_key() != key
+
+
+def test_cuda_graph_refuses_accelerate_offload_hooks():
+    pipe = tiny_random_pipeline("lcm")
+    pipe.unet.out[2]._hf_hook = object()  # what enable_sequential_cpu_offload leaves on each module
+    with pytest.raises(ValueError, match="accelerate hooks"):
+        pipe.enable_cuda_graph()
+
+
 @gpu_only
 def test_replay_tracks_inputs_and_recaptures_per_shape():
     w = torch.randn(16, 16, device="cuda")
@@ -65,11 +97,39 @@ def test_channels_last_switch_recaptures():
     kwargs = dict(height=32, width=32, num_frames=5, num_inference_steps=2, seed=0, output_type="pt")
     pipe.enable_cuda_graph()
     graphed = pipe("a cat", **kwargs).frames
+    old = list(pipe._graphed_unet._graphs.values())
     pipe.enable_channels_last()  # moves the conv weights: replaying the old graph would read freed memory
     again = pipe("a cat", **kwargs).frames
-    assert len(pipe._graphed_unet._graphs) == 2  # recaptured for the new weights
+    new = list(pipe._graphed_unet._graphs.values())
+    assert len(old) == len(new) == 1 and new[0] is not old[0]  # the old weights' graph dropped, one recaptured
     # other cuDNN algorithms (TF32 by default) for the NHWC convolutions: not bitwise
     torch.testing.assert_close(again, graphed, atol=1e-3, rtol=0)
+
+
+@gpu_only
+def test_swapped_weights_recapture():
+    """A LoRA-style merge that replaces .data of a parameter other than the first: the graphs must read it."""
+    pipe = tiny_random_pipeline("lcm").to("cuda")
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(height=32, width=32, num_frames=5, num_inference_steps=2, seed=0, output_type="pt")
+    pipe.enable_cuda_graph()
+    before = pipe("a cat", **kwargs).frames
+    conv = pipe.unet.out[2]
+    conv.weight.data = conv.weight.data * 2
+    graphed = pipe("a cat", **kwargs).frames
+    pipe.disable_cuda_graph()
+    plain = pipe("a cat", **kwargs).frames
+    assert not torch.equal(graphed, before)
+    torch.testing.assert_close(graphed, plain, atol=2e-5, rtol=0)
+
+
+@gpu_only
+def test_offload_hooks_added_after_enabling_are_refused():
+    pipe = tiny_random_pipeline("lcm").to("cuda")
+    pipe.enable_cuda_graph()
+    pipe.unet._hf_hook = object()  # as enable_model_cpu_offload() leaves on the U-Net
+    with pytest.raises(ValueError, match="accelerate hooks"):
+        pipe("a cat", height=32, width=32, num_frames=2, num_inference_steps=1)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")

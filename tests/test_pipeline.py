@@ -152,23 +152,42 @@ def test_save_load_round_trip(lcm, tmp_path):
     torch.testing.assert_close(loaded("a cat", **kw).frames, lcm("a cat", **kw).frames, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(height=36), "multiples of 16"),
-    (dict(width=0), "multiples of 16"),
-    (dict(num_frames=0), "num_frames"),
-    (dict(num_inference_steps=0), "num_inference_steps"),
-    (dict(output_type="gif"), "output_type"),
-    (dict(decode_chunk_size=0), "decode_chunk_size"),
-    (dict(negative_prompt=["a", "b"]), "negative prompts"),
-    (dict(negative_prompt=[None]), "negative_prompt must be a string"),
-    (dict(seed=0, generator=torch.Generator().manual_seed(0)), "either seed or generator"),
-    (dict(latents=torch.zeros(1, 4, 2, 2, 2)), "latents must have shape"),
-    (dict(num_videos_per_prompt=0), "num_videos_per_prompt"),
-    (dict(num_videos_per_prompt=1.5), "num_videos_per_prompt"),
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(height=36), ValueError, "multiples of 16"),
+    (dict(width=0), ValueError, "multiples of 16"),
+    (dict(height=32.0), TypeError, "height must be an int"),
+    (dict(width=True), TypeError, "width must be an int"),
+    (dict(num_frames=0), ValueError, "num_frames"),
+    (dict(num_frames=2.5), TypeError, "num_frames must be an int"),
+    (dict(num_frames="2"), TypeError, "num_frames must be an int"),
+    (dict(num_inference_steps=0), ValueError, "num_inference_steps"),
+    (dict(num_inference_steps=2.0), TypeError, "num_inference_steps must be an int"),
+    (dict(guidance_scale=float("nan")), ValueError, "guidance_scale must be finite"),
+    (dict(guidance_scale="7.5"), TypeError, "guidance_scale must be a real number"),
+    (dict(fps=-3), ValueError, "fps must be >= 1"),
+    (dict(fps=8.0), TypeError, "fps must be an int"),
+    (dict(output_type="gif"), ValueError, "output_type"),
+    (dict(decode_chunk_size=0), ValueError, "decode_chunk_size"),
+    (dict(decode_chunk_size=2.5), TypeError, "decode_chunk_size must be an int"),
+    (dict(prompt=None), TypeError, "prompt must be a string or a sequence of strings, got NoneType"),
+    (dict(prompt=[]), ValueError, "prompt must be a string or a non-empty sequence"),
+    (dict(prompt=["a cat", 3]), TypeError, "prompt must be a string or a sequence of strings"),
+    (dict(negative_prompt=3), TypeError, "negative_prompt must be None, a string or a sequence of strings"),
+    (dict(negative_prompt=["a", "b"]), ValueError, "2 negative prompts for 1 prompts"),
+    (dict(negative_prompt=[None]), TypeError, "negative_prompt must be None, a string or a sequence of strings"),
+    (dict(seed=0, generator=torch.Generator().manual_seed(0)), ValueError, "either seed or generator"),
+    (dict(latents=torch.zeros(1, 4, 2, 2, 2)), ValueError, "latents must have shape"),
+    (dict(num_videos_per_prompt=0), ValueError, "num_videos_per_prompt"),
+    (dict(num_videos_per_prompt=1.5), ValueError, "num_videos_per_prompt"),
 ])
-def test_bad_arguments(lcm, kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        lcm("a cat", **{"num_frames": 2, "num_inference_steps": 1, **SIZE, **kwargs})
+def test_bad_arguments(lcm, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        lcm(**{"prompt": "a cat", "num_frames": 2, "num_inference_steps": 1, **SIZE, **kwargs})
+
+
+def test_empty_string_prompt_is_a_prompt(lcm):
+    frames = lcm("", num_frames=2, num_inference_steps=1, output_type="latent", **SIZE).frames
+    assert frames.shape[0] == 1
 
 
 def test_long_prompt_truncated_with_warning(lcm):
@@ -240,6 +259,31 @@ def test_export_writers_of_one_path_do_not_share_a_temporary_file(tmp_path, monk
         export._atomic(str(tmp_path / "w.gif"), vanishing_write)
 
 
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_export_without_overwrite_keeps_a_file_that_appeared(tmp_path, monkeypatch, hard_links):
+    """overwrite=False: a file created while the video was written is kept, not replaced; the same on a
+    file system without hard links (FAT), where a check stands in for the link."""
+    from hummingbird import export
+
+    def no_link(src, dst):
+        raise PermissionError(1, "Operation not permitted")
+
+    if not hard_links:
+        monkeypatch.setattr(os, "link", no_link)
+    path = tmp_path / "v.gif"
+    frames = np.stack([np.full((16, 16, 3), v, np.uint8) for v in (40, 200)])
+    export_video(frames, str(tmp_path / "new.gif"), overwrite=False)
+
+    def write_while_another_appears(tmp):
+        path.write_bytes(b"theirs")
+        Image.new("RGB", (16, 16)).save(tmp, format="GIF")
+
+    with pytest.raises(FileExistsError, match="appeared during the export; not replaced"):
+        export._atomic(str(path), write_while_another_appears, overwrite=False)
+    assert path.read_bytes() == b"theirs" and sorted(p.name for p in tmp_path.iterdir()) == ["new.gif", "v.gif"]
+    assert iio.imread(tmp_path / "new.gif").shape == (2, 16, 16, 3)
+
+
 def _raised(fn, *args, **kwargs):
     try:
         fn(*args, **kwargs)
@@ -260,6 +304,17 @@ def test_load_converted_folder(ddim, tmp_path):
     shutil.rmtree(tmp_path / "tokenizer")
     with pytest.raises(FileNotFoundError, match="lacks tokenizer/"):
         load_pipeline(str(tmp_path))
+
+
+def test_load_without_dtype_keeps_the_stored_one_for_every_component(tmp_path):
+    """Left alone, diffusers would load the U-Net and VAE in fp32 and transformers the text encoder in fp16."""
+    tiny_random_pipeline("lcm").to(dtype=torch.float16).save_pretrained(tmp_path)
+    saved = load_pipeline(str(tmp_path))
+    (tmp_path / "model_index.json").unlink()  # now as `hummingbird convert` writes it (plus tokenizer/)
+    shutil.rmtree(tmp_path / "scheduler")
+    converted = load_pipeline(str(tmp_path))
+    for pipe in (saved, converted):
+        assert pipe.unet.dtype == pipe.vae.dtype == pipe.text_encoder.dtype == torch.float16
 
 
 def test_size_defaults_to_the_training_resolution(lcm):

@@ -409,9 +409,13 @@ class HummingbirdUNet3DModel(ModelMixin, AttentionMixin, ConfigMixin):
         """Load an original VideoCrafter2 / Hummingbird checkpoint (.ckpt/.pt/.pth/.safetensors, or a
         released whole-model pickle, read without running its code). ``config``: a named config, a
         dict, or a path to a config.json (or a folder holding one); None (the default) detects the named
-        config the weights fit, as ``hummingbird convert`` does. See :mod:`hummingbird.convert`."""
-        from hummingbird.convert import load_checkpoint, unet_from_checkpoint
+        config the weights fit, as ``hummingbird convert`` does. ``torch_dtype``: a floating-point torch
+        dtype or "fp32"/"fp16"/"bf16" to cast to. See :mod:`hummingbird.convert`."""
+        from hummingbird.convert import load_checkpoint, resolve_config, resolve_dtype, unet_from_checkpoint
 
+        # checked before reading what may be gigabytes of checkpoint
+        torch_dtype = resolve_dtype(torch_dtype, "torch_dtype")
+        config = None if config is None else resolve_config(config)
         return unet_from_checkpoint(load_checkpoint(path), config, strict=strict, torch_dtype=torch_dtype)
 
     @staticmethod
@@ -520,8 +524,9 @@ class HummingbirdUNet3DModel(ModelMixin, AttentionMixin, ConfigMixin):
         fp16) once instead of three times in each self-attention.
 
         The fused weights are :class:`hbkernels.nn.FusedLinear` snapshots outside the state_dict
-        (saving is unaffected): fuse again after changing weights. Replaces custom attention
-        processors until :meth:`unfuse_qkv_projections`."""
+        (saving is unaffected): fuse again after changing weights for inference (calls that need
+        gradients concatenate the live weights). Replaces custom attention processors until
+        :meth:`unfuse_qkv_projections`."""
         if not self.fused_qkv:
             self._unfused_processors = self.attn_processors
         for module in self.modules():
