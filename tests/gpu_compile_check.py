@@ -63,9 +63,11 @@ def rand(*shape, dtype):
 def attention_cases():
     # T picks the query/key block (16/32/64) and D the head block (64/128/256) for fp16/bf16; fp32 has
     # its own single config per head block. Every block pair in fp16, the corners in bf16/fp32.
-    cases = {torch.float16: [(16, 40, False), (26, 64, True), (77, 80, False), (16, 128, False), (64, 160, False), (8, 256, False)],
+    cases = {torch.float16: [(16, 40, False), (26, 64, True), (77, 80, False), (16, 128, False), (64, 160, False),
+                             (8, 256, False), (48, 64, False), (100, 64, True), (32, 80, False), (24, 32, False),
+                             (48, 16, False), (48, 32, True)],
              torch.bfloat16: [(26, 64, False), (64, 160, False)],
-             torch.float32: [(26, 64, False), (77, 80, True), (8, 256, False)]}
+             torch.float32: [(16, 64, False), (26, 64, False), (77, 80, True), (8, 256, False)]}
     for dtype, shapes in cases.items():
         for t, d, causal in shapes:
             q, k, v, do = (rand(2, t, 3, d, dtype=dtype) for _ in range(4))

@@ -202,9 +202,12 @@ def _config(t: int, d: int, elem_size: int, bwd: bool):
     memory, no register spills in fp16/bf16, a few hundred bytes at worst in fp32).
 
     fp16/bf16: BLOCK_M = BLOCK_N = min(64, next_pow2(T)) (>= 16 for tl.dot), halved while a tile has
-    more than 8192 (fwd) / 4096 (bwd: five dots, two accumulators) elements. Warps: one per 2048
-    accumulator elements in the forward (64 fp32 per thread), one per 1024 in the backward (two
-    accumulators and five dots' operands; per 512 for heads wider than 64, which spill otherwise).
+    more than 8192 (fwd) / 4096 (bwd: five dots, two accumulators) elements. Warps (a power of two):
+    forward, one per 3072 elements of its fp32 accumulator and score tiles together (96 per thread);
+    backward, one per 1024 accumulator elements (two accumulators and five dots' operands; per 512 for
+    heads wider than 64, which spill otherwise), and at least one per 1024 score-tile elements.
+    Counting the accumulators alone left 64-row tiles of heads up to 64 wide at 1-2 warps, 255
+    registers and 16-152 bytes of spills (sm_90); those tiles' warp counts are not timed yet.
     Timed on an H100 at D = 64 (bench/results/sweep-*.md), where this is 1 / 1 warps at T = 16 and
     1 / 2 at T = 26: 62 us against 67 (2 warps) forward, 128 us against 193 (4 warps) backward at
     T = 26; no other count was faster at T = 16. Fewer warps keep a softmax row's max and sum within a
@@ -218,9 +221,10 @@ def _config(t: int, d: int, elem_size: int, bwd: bool):
     while block > 16 and block * block_d > (4096 if bwd else 8192):
         block //= 2
     if bwd:
-        num_warps = BWD_WARPS or min(8, max(1, block * block_d // (1024 if block_d <= 64 else 512)))
+        per_d = block * block_d // (1024 if block_d <= 64 else 512)
+        num_warps = BWD_WARPS or min(8, max(1, per_d, next_pow2(cdiv(block * block, 1024))))
     else:
-        num_warps = FWD_WARPS or min(8, max(1, block * block_d // 2048))
+        num_warps = FWD_WARPS or min(8, next_pow2(cdiv(block * (block + block_d), 3072)))
     return block, block_d, dict(num_warps=num_warps, num_stages=2)
 
 
