@@ -71,18 +71,44 @@ COLD_CACHE_FACTOR = 3
 _MAX_INPUT_SETS = 64
 
 
+# AMD Instinct GPUs whose last-level cache is the Infinity Cache (MALL) behind the L2 the driver reports
+# (MI300 / MI325: gfx940-942, MI350: gfx950): 256 MB
+_AMD_INFINITY_CACHE = {arch: 256 * 2**20 for arch in ("gfx940", "gfx941", "gfx942", "gfx950")}
+
+
 def cache_bytes(dev: torch.device) -> int:
-    """The device's last-level cache: a GPU's L2 (on AMD Instinct its size is also what the driver
-    reports), a CPU's largest cache level per sysfs (0 where unknown: no rotation)."""
+    """The device's last-level cache: a GPU's L2 (AMD Instinct: its Infinity Cache where it has one),
+    a CPU's highest cache level, all its instances together (0 where unknown: no rotation)."""
     if dev.type == "cuda":
-        return torch.cuda.get_device_properties(dev).L2_cache_size
-    sizes = [0]
-    for size_file in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
-        with open(size_file) as f:
-            text = f.read().strip()
-        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
-        sizes.append(int(text.rstrip("KMG")) * scale)
-    return max(sizes)
+        props = torch.cuda.get_device_properties(dev)
+        arch = getattr(props, "gcnArchName", "").split(":")[0] if torch.version.hip else ""
+        return max(props.L2_cache_size, _AMD_INFINITY_CACHE.get(arch, 0))
+    return cpu_cache_bytes()
+
+
+def _size(text: str) -> int:
+    """A sysfs cache size in bytes: binary units ("48K", "2048K", "32M")."""
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+    return int(text.rstrip("KMG")) * scale
+
+
+def cpu_cache_bytes(root: str = "/sys/devices/system/cpu") -> int:
+    """The highest cache level's instances summed (one per chiplet or socket on many-core CPUs, each
+    named by the CPUs that share it): the timed threads may run on all of them."""
+    caches = {}
+    for index in glob.glob(os.path.join(root, "cpu[0-9]*", "cache", "index[0-9]*")):
+        try:
+            fields = {}
+            for name in ("level", "type", "size", "shared_cpu_list"):
+                with open(os.path.join(index, name)) as f:
+                    fields[name] = f.read().strip()
+            caches[(int(fields["level"]), fields["type"], fields["shared_cpu_list"])] = _size(fields["size"])
+        except (OSError, ValueError):
+            continue
+    if not caches:
+        return 0
+    top = max(level for level, _, _ in caches)
+    return sum(size for (level, _, _), size in caches.items() if level == top)
 
 
 def input_sets(args: tuple, cache: int) -> list:

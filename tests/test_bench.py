@@ -242,16 +242,34 @@ def test_unet_step_suite_runs(single_thread):
     assert len(calls) == len(report.rows) and all(c.shape == (1, 4, 2, 8, 8) for c in calls)
 
 
-def test_cpu_cache_size_parses_sysfs_units(tmp_path, monkeypatch):
-    """sysfs sizes are binary units ("48K", "2048K", "32M"); the largest level is the last-level cache."""
-    files = []
-    for i, text in enumerate(["48K", "2048K", "32M", "12"]):
-        files.append(tmp_path / f"index{i}_size")
-        files[-1].write_text(text + "\n")
-    monkeypatch.setattr(common.glob, "glob", lambda pattern: [str(f) for f in files])
-    assert common.cache_bytes(torch.device("cpu")) == 32 * 2**20
-    monkeypatch.setattr(common.glob, "glob", lambda pattern: [])
-    assert common.cache_bytes(torch.device("cpu")) == 0
+def test_cpu_cache_size_sums_the_last_level_instances(tmp_path):
+    """sysfs sizes are binary units ("48K", "2048K", "32M"); the highest level is the last-level cache,
+    and a CPU with one per chiplet (here two L3s of 32 MB, each shared by 2 CPUs) has all of them."""
+    def cache(cpu, index, level, kind, size, shared):
+        folder = tmp_path / f"cpu{cpu}" / "cache" / f"index{index}"
+        folder.mkdir(parents=True)
+        for name, value in (("level", level), ("type", kind), ("size", size), ("shared_cpu_list", shared)):
+            (folder / name).write_text(f"{value}\n")
+
+    for cpu in range(4):
+        cache(cpu, 0, 1, "Data", "48K", cpu)
+        cache(cpu, 1, 1, "Instruction", "32K", cpu)
+        cache(cpu, 2, 2, "Unified", "2048K", cpu)
+        cache(cpu, 3, 3, "Unified", "32M", "0-1" if cpu < 2 else "2-3")
+    assert common.cpu_cache_bytes(str(tmp_path)) == 64 * 2**20
+    assert common.cpu_cache_bytes(str(tmp_path / "absent")) == 0
+
+
+def test_amd_instinct_cache_is_its_infinity_cache(monkeypatch):
+    """MI300's driver reports its 4 MB L2; its last-level cache is the 256 MB Infinity Cache. GPUs without
+    one keep the L2 they report."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(common.torch.version, "hip", "6.4")
+    for arch, want in (("gfx942:sramecc+:xnack-", 256 * 2**20), ("gfx90a:sramecc+:xnack-", 8 * 2**20)):
+        props = SimpleNamespace(L2_cache_size=(4 if arch.startswith("gfx942") else 8) * 2**20, gcnArchName=arch)
+        monkeypatch.setattr(common.torch.cuda, "get_device_properties", lambda dev, props=props: props)
+        assert common.cache_bytes(torch.device("cuda", 0)) == want
 
 
 def test_copy_bandwidth_is_timed_like_the_ops(monkeypatch):
