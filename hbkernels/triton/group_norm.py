@@ -75,8 +75,8 @@ APPLY_REVERSED = True
 APPLY_EVICT_FIRST = False
 # Pipeline stages of the statistics loop (and the backward's partial sums): tiles in flight per program
 # = STATS_STAGES - 1, in shared memory (4 KiB each at the fp16 2048-element tile). 4 keeps 3 tiles
-# ahead at 70-72 sm_90 registers (7 programs per SM, 84 KiB in flight per SM). H100, level 0: 3, 4 and
-# 5 stages within 0.6-1.3 us of each other at every statistics setting that wins.
+# ahead at 64 sm_90 registers in fp16 (8 programs per SM, 96 KiB in flight per SM; fp32: 70, 7).
+# H100, level 0: 3, 4 and 5 stages within 0.6-1.3 us of each other at every statistics setting that wins.
 STATS_STAGES = 4
 # Elements per apply tile (8 warps). sm_90, level 0: 4096 -> 35-40 registers, 6 programs (48 KiB of x in
 # flight per SM); 8192 -> 57-62, 4 (64 KiB); 16384 -> 88-91, 2 (64 KiB). H100, level 0: 4096 and 8192

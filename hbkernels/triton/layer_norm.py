@@ -20,8 +20,8 @@ from hbkernels.triton.layout import INTERPRETED, cdiv, next_pow2, warps_for
 
 _TILE = 4096  # elements per forward tile
 # Backward tiles are half that at 4 warps: its loop holds the next tile's dy and x besides this one's
-# arithmetic, and at 142 registers 3 such programs fit an sm_90 SM (48 KiB of loads in flight) where
-# 2 of the 8-warp, one-tile-at-a-time version did (32 KiB).
+# arithmetic, and at 122-150 registers 3-4 such programs fit an sm_90 SM (48-64 KiB of loads in
+# flight; bench/results/compile-sm90.txt) where 2 of the 8-warp, one-tile-at-a-time version did (32 KiB).
 _BWD_TILE = 2048
 _BWD_PROGRAMS = 1024  # enough programs for an H100, few enough that the partials stay small
 _INTERP_PROGRAMS = 3  # under TRITON_INTERPRET: each program is a batch of numpy ops

@@ -6,7 +6,8 @@ channels-last and token layouts. A [BLOCK_C, BLOCK_S] tile is loaded in a layout
 whichever of its axes has stride 1 in the source, and stored coalesced along the stride-1 axis of the
 destination; Triton converts between the two register layouts through shared memory, which is what
 makes the tokens -> video transpose run at copy bandwidth. Fusing the residual add reads each input
-once and writes once (3 passes over the activation instead of 4 for permute-copy + add).
+once and writes once: 3 passes over the activation where a permute-copy (read, write) and then the
+add (two reads, a write) make 5.
 """
 import functools
 
