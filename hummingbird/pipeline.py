@@ -259,8 +259,13 @@ class HummingbirdPipeline(DiffusionPipeline):
             negative_prompt = list(negative_prompt)
         if generator is not None and seed is not None:
             raise ValueError("pass either seed or generator, not both")
-        if not isinstance(num_videos_per_prompt, int) or num_videos_per_prompt < 1:
-            raise ValueError(f"num_videos_per_prompt must be an int >= 1, got {num_videos_per_prompt!r}")
+        if not isinstance(num_videos_per_prompt, numbers.Integral) or isinstance(num_videos_per_prompt, bool):
+            raise TypeError(f"num_videos_per_prompt must be an int, got {type(num_videos_per_prompt).__name__}")
+        if num_videos_per_prompt < 1:
+            raise ValueError(f"num_videos_per_prompt must be >= 1, got {num_videos_per_prompt}")
+        if seed is not None and (not isinstance(seed, numbers.Integral) or isinstance(seed, bool)
+                                 or not 0 <= seed < 2**64):  # what torch.Generator.manual_seed takes
+            raise ValueError(f"seed must be an int in [0, 2**64 - 1], got {seed!r}")
         if callback_on_step_end is not None and not callable(callback_on_step_end):
             raise TypeError(f"callback_on_step_end must be callable, got {type(callback_on_step_end).__name__}")
         if seed is not None:

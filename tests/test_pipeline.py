@@ -178,7 +178,10 @@ def test_save_load_round_trip(lcm, tmp_path):
     (dict(seed=0, generator=torch.Generator().manual_seed(0)), ValueError, "either seed or generator"),
     (dict(latents=torch.zeros(1, 4, 2, 2, 2)), ValueError, "latents must have shape"),
     (dict(num_videos_per_prompt=0), ValueError, "num_videos_per_prompt"),
-    (dict(num_videos_per_prompt=1.5), ValueError, "num_videos_per_prompt"),
+    (dict(num_videos_per_prompt=1.5), TypeError, "num_videos_per_prompt"),
+    (dict(seed=-1), ValueError, "seed must be an int"),
+    (dict(seed=2**64), ValueError, "seed must be an int"),
+    (dict(seed=0.5), ValueError, "seed must be an int"),
 ])
 def test_bad_arguments(lcm, kwargs, error, match):
     with pytest.raises(error, match=match):
