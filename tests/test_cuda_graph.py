@@ -90,12 +90,17 @@ def test_pipeline_with_cuda_graph_matches_plain(scheduler):
     assert not torch.equal(again, graphed)
 
 
-@gpu_only
-def test_channels_last_switch_recaptures():
+def _graphed_lcm_pipeline():
+    """(a tiny LCM pipeline on the GPU with CUDA graphs on, the call's keyword arguments)."""
     pipe = tiny_random_pipeline("lcm").to("cuda")
     pipe.set_progress_bar_config(disable=True)
-    kwargs = dict(height=32, width=32, num_frames=5, num_inference_steps=2, seed=0, output_type="pt")
     pipe.enable_cuda_graph()
+    return pipe, dict(height=32, width=32, num_frames=5, num_inference_steps=2, seed=0, output_type="pt")
+
+
+@gpu_only
+def test_channels_last_switch_recaptures():
+    pipe, kwargs = _graphed_lcm_pipeline()
     graphed = pipe("a cat", **kwargs).frames
     old = list(pipe._graphed_unet._graphs.values())
     pipe.enable_channels_last()  # moves the conv weights: replaying the old graph would read freed memory
@@ -109,10 +114,7 @@ def test_channels_last_switch_recaptures():
 @gpu_only
 def test_swapped_weights_recapture():
     """A LoRA-style merge that replaces .data of a parameter other than the first: the graphs must read it."""
-    pipe = tiny_random_pipeline("lcm").to("cuda")
-    pipe.set_progress_bar_config(disable=True)
-    kwargs = dict(height=32, width=32, num_frames=5, num_inference_steps=2, seed=0, output_type="pt")
-    pipe.enable_cuda_graph()
+    pipe, kwargs = _graphed_lcm_pipeline()
     before = pipe("a cat", **kwargs).frames
     conv = pipe.unet.out[2]
     conv.weight.data = conv.weight.data * 2
@@ -125,11 +127,10 @@ def test_swapped_weights_recapture():
 
 @gpu_only
 def test_offload_hooks_added_after_enabling_are_refused():
-    pipe = tiny_random_pipeline("lcm").to("cuda")
-    pipe.enable_cuda_graph()
+    pipe, kwargs = _graphed_lcm_pipeline()
     pipe.unet._hf_hook = object()  # as enable_model_cpu_offload() leaves on the U-Net
     with pytest.raises(ValueError, match="accelerate hooks"):
-        pipe("a cat", height=32, width=32, num_frames=2, num_inference_steps=1)
+        pipe("a cat", **kwargs)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
