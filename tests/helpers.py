@@ -1,5 +1,7 @@
 """Shared test machinery: which backends run here, and the float64-reference error bound."""
+import contextlib
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -74,9 +76,39 @@ def assert_within_torch_error(name, out, ref64, torch_out, factor=2.0):
     )
 
 
-def grads(fn, inputs, grad_out):
-    """Output and gradients of fn(*inputs) (inputs needing grad) for a given output gradient."""
+class _Recorder:
+    """A backend's primitives module that records the name of each primitive called."""
+
+    def __init__(self, module, calls: list):
+        self._module, self._calls = module, calls
+
+    def __getattr__(self, name):
+        fn = getattr(self._module, name)
+        if not callable(fn):  # constants such as ATTN_ROW_STATS
+            return fn
+
+        def recorded(*args, **kwargs):
+            self._calls.append(name)
+            return fn(*args, **kwargs)
+
+        return recorded
+
+
+@contextlib.contextmanager
+def kernel_calls(backend_name: str):
+    """The names of ``backend_name``'s primitives (attn_fwd, gn_bwd, ...) the ops call in the block:
+    whether its kernels ran, not a fallback to the reference."""
+    calls, real = [], backend.primitives
+    with mock.patch.object(backend, "primitives", lambda name: _Recorder(real(name), calls) if name == backend_name
+                           else real(name)):
+        yield calls
+
+
+def grads(fn, inputs, grad_out, forward_calls=None):
+    """Output and gradients of fn(*inputs) (inputs needing grad) for a given output gradient;
+    ``forward_calls`` (a :func:`kernel_calls` list): the forward must have called a kernel."""
     out = fn(*inputs)
+    assert forward_calls is None or forward_calls, "the forward ran no kernel of the backend under test"
     wrt = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
     return (out, *torch.autograd.grad(out, wrt, grad_out))
 
@@ -111,8 +143,8 @@ def check_against_float64(fn, inputs, backend_name, dtype, factor=2.0):
         ref = grads(fn, clone_inputs(inputs), grad_out)
     runs = {}
     for name in (backend_name, "torch"):
-        with use_backend(name):
-            runs[name] = grads(fn, clone_inputs(inputs, dtype), grad_out.to(dtype))
+        with use_backend(name), kernel_calls(name) as calls:
+            runs[name] = grads(fn, clone_inputs(inputs, dtype), grad_out.to(dtype), calls if name != "torch" else None)
     labels = ["output"] + [f"grad[{i}]" for i, t in enumerate(inputs) if isinstance(t, torch.Tensor) and t.requires_grad]
     for label, got, want, own in zip(labels, runs[backend_name], ref, runs["torch"]):
         assert got.dtype == dtype, f"{label}: dtype {got.dtype}, expected {dtype}"
