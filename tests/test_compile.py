@@ -61,36 +61,58 @@ def test_op_gradients_compiled_match_eager(backend_name, op, grad_kind):
     assert_gradients_close(got_grads, want_grads, op)
 
 
-def _layer_norm_args(residual):
-    x, r = rand(6, 40), rand(6, 40)
-    w, b = rand(40), rand(40)
-    y, s = torch.empty(6, 40, device=DEVICE), torch.empty(6, 40, device=DEVICE)
-    mean, rstd = torch.empty(6, device=DEVICE), torch.empty(6, device=DEVICE)
-    return (x, r if residual else None, w, b, y, s if residual else None, mean, rstd, 1e-5)
+def _empty(*shape):
+    return torch.empty(*shape, device=DEVICE)
 
 
-def _group_norm_args():
-    x = rand(2, 8, 3, 5)
-    mean, rstd = torch.empty(2, 4, device=DEVICE), torch.empty(2, 4, device=DEVICE)
-    return (x, rand(8), rand(8), None, torch.empty_like(x), mean, rstd, 4, 1e-5, True)
+def _primitive_args(which: str, triton: bool) -> tuple:
+    """Arguments of primitive ``which`` (the Triton and C++ schemas differ only in attention's row
+    statistics, which the C++ kernels recompute): small real inputs, fresh output buffers."""
+    from hbkernels.triton import ATTN_ROW_STATS
+
+    if which.startswith("attn"):
+        q, k, v, do = (rand(2, 5, 3, 8) for _ in range(4))
+        out, stats = torch.empty_like(q), _empty(2, 3, 5, ATTN_ROW_STATS)
+        if which == "attn_fwd":
+            return (q, k, v, out, stats, 0.3, False) if triton else (q, k, v, out, 0.3, False)
+        grads = [torch.empty_like(q) for _ in range(3)]
+        if not triton:
+            return (do, q, k, v, *grads, 0.3, False)
+        torch.ops.hbkernels_triton.attn_fwd.default(q, k, v, out, stats, 0.3, False)  # the backward's inputs
+        return (do, q, k, v, out, stats, *grads, 0.3, False)
+    if which.startswith("gn"):
+        x, w, b = rand(2, 8, 3, 5), rand(8), rand(8)
+        mean, rstd = rand(2, 4), rand(2, 4).abs() + 0.5
+        if which == "gn_fwd":
+            return (x, w, b, None, torch.empty_like(x), _empty(2, 4), _empty(2, 4), 4, 1e-5, True)
+        return (torch.randn_like(x), x, w, b, None, mean, rstd, torch.empty_like(x), _empty(8), _empty(8), 4, True)
+    if which.startswith("ln"):
+        x, r, w, b = rand(6, 40), rand(6, 40), rand(40), rand(40)
+        if which == "ln_bwd":
+            return (torch.randn_like(x), x, w, rand(6), rand(6).abs() + 0.5, torch.empty_like(x), _empty(40), _empty(40))
+        residual = which == "ln_fwd_residual"
+        return (x, r if residual else None, w, b, torch.empty_like(x), torch.empty_like(x) if residual else None,
+                _empty(6), _empty(6), 1e-5)
+    if which == "copy_add":
+        src = rand(2, 8, 3, 5)
+        return (src, rand(2, 8, 3, 5), rand(8), torch.empty_like(src))
+    x = rand(6, 16)
+    return (x, _empty(6, 8)) if which == "geglu_fwd" else (rand(6, 8), x, torch.empty_like(x))
 
 
 @pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
-@pytest.mark.parametrize("which", ["ln_fwd", "ln_fwd_residual", "gn_fwd"])
+@pytest.mark.parametrize("which", ["attn_fwd", "attn_bwd", "gn_fwd", "gn_bwd", "copy_add", "geglu_fwd", "geglu_bwd",
+                                   "ln_fwd", "ln_fwd_residual", "ln_bwd"])
 def test_custom_op_schemas_declare_their_writes(backend_name, which):
     """Every output buffer an op writes is declared mutated: compiled graphs may otherwise reorder or
-    drop reads of it (invisible under aot_eager, which keeps the real buffers)."""
+    drop reads of it (invisible under aot_eager, which keeps the real buffers). All nine primitives of
+    both backends."""
     import hbkernels.triton  # noqa: F401  (registers hbkernels_triton::*)
 
-    if which == "gn_fwd":
-        args = _group_norm_args()
-    else:
-        args = _layer_norm_args(which == "ln_fwd_residual")
-    if backend_name == "triton":
-        op = getattr(torch.ops.hbkernels_triton, which.replace("_residual", "")).default
-    else:
-        op = getattr(torch.ops.hbkernels, which.replace("_residual", "")).default
-    torch.library.opcheck(op, args, test_utils=("test_schema",))
+    triton = backend_name == "triton"
+    library = torch.ops.hbkernels_triton if triton else torch.ops.hbkernels
+    op = getattr(library, which.replace("_residual", "")).default
+    torch.library.opcheck(op, _primitive_args(which, triton), test_utils=("test_schema",))
 
 
 @pytest.mark.parametrize("backend_name", TRITON)
