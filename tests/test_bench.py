@@ -117,7 +117,8 @@ def test_report_says_how_it_timed(tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float32])
 def test_every_op_suite_runs(dtype, monkeypatch):
     """The quick CPU suites, each implementation called once for real (the timer only counts), so a
-    suite that breaks shows here and not first on a lent GPU."""
+    suite that breaks shows here and not first on a lent GPU; every implementation of a case computes
+    what its eager row does (else the benchmark would time different work against each other)."""
     monkeypatch.setattr(ops, "GN_CPU", [("small", 1, 64, 3, 4, 8), ("4D", 1, 64, 0, 8, 8)])
     monkeypatch.setattr(ops, "ATTN_CPU", [("small", 1, 5, 2, 40, 6)])
     monkeypatch.setattr(ops, "GEGLU_CPU", [("small", 6, 40)])
@@ -138,6 +139,10 @@ def test_every_op_suite_runs(dtype, monkeypatch):
     assert all(r.median_ms == 1.0 and "error" not in r.extra for r in report.rows)
     assert {r.impl for r in report.rows} >= {"eager", "hbkernels", "sdpa"}
     assert len(calls) == len(report.rows)
+    outputs = {(r.suite, r.case, r.impl): out for r, out in zip(report.rows, calls)}
+    for (suite, case, impl), out in outputs.items():
+        torch.testing.assert_close(out, outputs[suite, case, "eager"], rtol=1e-4, atol=1e-4,
+                                   msg=lambda m: f"{suite} {case}: {impl} differs from eager: {m}")
 
 
 def test_git_commit_override(monkeypatch):
