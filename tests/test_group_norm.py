@@ -114,12 +114,29 @@ def test_group_norm_keeps_memory_format(backend_name):
 @pytest.mark.parametrize("backend_name", [p for p in KERNEL_BACKENDS if p.values[0] == "triton"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("reversed_apply, evict_first, stats_tile, stages, pdl, apply_tile, maxnreg", [
-    (True, False, 4096, 2, False, 4096, None), (False, True, 2048, 5, True, 8192, 32),
-    (True, True, 1024, 3, True, 64, None)])
+    (True, False, 4096, 2, False, 8192, None), (False, True, 2048, 5, True, 4096, 32),
+    (True, True, 1024, 3, True, 1024, None)])
 def test_group_norm_launch_tuning(monkeypatch, backend_name, layout, reversed_apply, evict_first, stats_tile, stages,
                                   pdl, apply_tile, maxnreg):
-    """The tuning knobs (bench/sweep.py) change the schedule, never the result."""
+    """The tuning knobs (bench/sweep.py) change the schedule, never the result; the tiles launched are
+    the ones set (the shape holds each whole, in both layouts; 12-channel groups straddle the tiles'
+    16- or 64-channel blocks)."""
     from hbkernels.triton import group_norm as gn
+
+    tiles = []
+
+    class Recorded:  # a kernel whose launches record their tile's size
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                tiles.append((self.kernel, meta["BLOCK_C"] * meta["BLOCK_S"]))
+                return self.kernel[grid](*args, **meta)
+            return launch
+
+    for name in ("_gn_stats_kernel", "_gn_apply_kernel"):
+        monkeypatch.setattr(gn, name, Recorded(getattr(gn, name)))
 
     monkeypatch.setattr(gn, "APPLY_REVERSED", reversed_apply)
     for suffix in ("", "_CHANNELS_LAST"):  # the layouts' own tiles
@@ -130,13 +147,16 @@ def test_group_norm_launch_tuning(monkeypatch, backend_name, layout, reversed_ap
     monkeypatch.setattr(gn, "APPLY_EVICT_FIRST", evict_first)
     monkeypatch.setattr(gn, "PDL", pdl)
     monkeypatch.setattr(gn, "_APPLY_MAXNREG", maxnreg)
-    x = rand(2, 30, 3, 4, 5, dtype=torch.float64, mean=3.0, requires_grad=True)
-    w = rand(30, dtype=torch.float64, mean=1.0, requires_grad=True)
+    x = rand(2, 48, 4, 8, 16, dtype=torch.float64, mean=3.0, requires_grad=True)
+    w = rand(48, dtype=torch.float64, mean=1.0, requires_grad=True)
 
     def fn(x, w):
-        return hbkernels.group_norm(to_layout(x, layout), 3, w, None, activation="silu")
+        return hbkernels.group_norm(to_layout(x, layout), 4, w, None, activation="silu")
 
     check_against_float64(fn, [x, w], backend_name, torch.float32)
+    stats, apply = (gn._gn_stats_kernel.kernel, gn._gn_apply_kernel.kernel)
+    assert {size for kernel, size in tiles if kernel is stats} == {stats_tile}
+    assert {size for kernel, size in tiles if kernel is apply} == {apply_tile}
 
 
 @pytest.mark.parametrize("backend_name", [p for p in KERNEL_BACKENDS if p.values[0] == "triton"])
