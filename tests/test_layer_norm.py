@@ -144,10 +144,13 @@ def test_layer_norm_parameters_strided_or_in_another_dtype(backend_name, param_d
 
 @pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
 def test_layer_norm_one_channel_with_an_odd_stride(backend_name):
-    """A last dim of size 1 may carry any stride (here a transposed (1, 4)); the kernels still run."""
+    """A last dim of size 1 may carry any stride (here a transposed (1, 4)); the kernels still run.
+    One channel normalises to 0 whatever x holds, so only the bias (and its gradient, the row sum of
+    dy) tells a right answer from a wrong one here."""
     x = rand(1, 4, dtype=torch.float64, requires_grad=True)
     w = rand(1, dtype=torch.float64, mean=1.0, requires_grad=True)
-    check_against_float64(lambda x, w: hbkernels.layer_norm(x.t(), w, None), [x, w], backend_name, torch.float32)
+    b = rand(1, dtype=torch.float64, requires_grad=True)
+    check_against_float64(lambda x, w, b: hbkernels.layer_norm(x.t(), w, b), [x, w, b], backend_name, torch.float32)
 
 
 @pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
