@@ -1,3 +1,4 @@
+import os
 import sys
 import threading
 import warnings
@@ -16,6 +17,24 @@ def test_required_backends_are_built():
         assert backend.cpp_available(), "C++ extension hbkernels._C did not build"
     if require("triton"):
         assert backend.triton_available() and (backend.interpreting() or torch.cuda.is_available())
+
+
+def test_sdist_ships_every_cpp_source(tmp_path):
+    """A source distribution carries all of csrc/ (headers too): one built from it without them would
+    fail to compile the C++ backend and fall back to the reference, only saying so."""
+    import glob
+    import subprocess
+    import tarfile
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # egg_info in tmp_path: setuptools adds what an existing SOURCES.txt lists (an editable install's)
+    subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "-e", str(tmp_path), "sdist", "-d", str(tmp_path)],
+                   cwd=root, check=True, capture_output=True, env={**os.environ, "HBKERNELS_NO_CPP": "0"})
+    (archive,) = tmp_path.glob("*.tar.gz")
+    with tarfile.open(archive) as tar:
+        shipped = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    wanted = {os.path.relpath(p, root) for p in glob.glob(os.path.join(root, "csrc", "*"))}
+    assert wanted and wanted <= shipped, sorted(wanted - shipped)
 
 
 def test_automatic_choice():
