@@ -91,10 +91,13 @@ class FusedLinear(nn.Module):
     """Linear layers that read the same input, as one: their weights (and biases) concatenated along
     the outputs, so one GEMM reads the input once instead of once per layer.
 
-    Without gradients (inference), a snapshot in non-persistent buffers: ``state_dict`` keeps only the
-    separate layers' keys, and the fusion must be redone after their weights change. Where a gradient
-    is wanted for a layer's parameters, the weights are concatenated afresh on each call, so the
-    layers themselves are trained."""
+    Without gradients (inference), a copy in non-persistent buffers (``state_dict`` keeps only the
+    separate layers' keys), brought up to date in place when a layer's weights have changed since (an
+    optimizer step, a load, ``.data`` replaced): its addresses stay, so captured CUDA graphs read the
+    new values. Inside torch.compile the copy is used as it stands (the check reads tensor versions,
+    which dynamo cannot trace): fuse again after changing weights there. Where a gradient is wanted
+    for a layer's parameters, the weights are concatenated afresh on each call, so the layers
+    themselves are trained."""
 
     def __init__(self, *linears: nn.Linear):
         super().__init__()
@@ -102,6 +105,14 @@ class FusedLinear(nn.Module):
         weight, bias = self._concatenated(torch.Tensor.detach)
         self.register_buffer("weight", weight, persistent=False)
         self.register_buffer("bias", bias, persistent=False)
+        self._copied = self._versions()
+
+    def _parameters_of_layers(self):
+        return [p for lin in self._linears for p in (lin.weight, lin.bias) if p is not None]
+
+    def _versions(self):
+        """What identifies the layers' current weights: each parameter's storage and in-place version."""
+        return tuple((p.data_ptr(), p._version) for p in self._parameters_of_layers())
 
     def _concatenated(self, take):
         weight = torch.cat([take(lin.weight) for lin in self._linears])
@@ -111,8 +122,14 @@ class FusedLinear(nn.Module):
                                   for lin in self._linears])
 
     def forward(self, x):
-        if torch.is_grad_enabled() and any(p.requires_grad for lin in self._linears for p in lin.parameters()):
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self._parameters_of_layers()):
             return F.linear(x, *self._concatenated(lambda p: p))
+        if not torch.compiler.is_compiling() and self._versions() != self._copied:
+            with torch.no_grad():
+                for buffer, fresh in zip((self.weight, self.bias), self._concatenated(torch.Tensor.detach)):
+                    if buffer is not None:
+                        buffer.copy_(fresh)
+            self._copied = self._versions()
         return F.linear(x, self.weight, self.bias)
 
 
@@ -134,7 +151,7 @@ class TemporalAttention(nn.Module):
         self.to_qkv = None
 
     def fuse_projections(self) -> None:
-        """Compute q, k, v with one :class:`FusedLinear` (a snapshot of to_q, to_k, to_v)."""
+        """Compute q, k, v with one :class:`FusedLinear` over to_q, to_k, to_v."""
         self.to_qkv = FusedLinear(self.to_q, self.to_k, self.to_v)
 
     def unfuse_projections(self) -> None:

@@ -60,7 +60,7 @@ def _rename_new(tmp: str, path: str):
         os.link(tmp, path)
     except OSError as err:
         if isinstance(err, FileExistsError) or os.path.lexists(path):
-            raise FileExistsError(f"{path} appeared during the export; not replaced (use --overwrite)") from None
+            raise FileExistsError(f"{path} appeared during the export; not replaced (overwrite=True replaces it)") from None
         os.replace(tmp, path)  # no hard links on this file system (FAT, some network shares): checked instead
     else:
         os.unlink(tmp)

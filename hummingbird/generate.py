@@ -148,20 +148,21 @@ def _spatial_multiple(model: str, tiny: bool):
 
 
 def _max_steps(model: str, tiny: bool):
-    """The most denoising steps the model's scheduler takes: an LCM scheduler's original_inference_steps
-    (its distillation grid), otherwise the training timesteps. None when the configs cannot be read."""
-    from hummingbird.schedulers import ddim_scheduler, lcm_scheduler
+    """The most denoising steps the model's scheduler takes (:func:`~hummingbird.schedulers.max_inference_steps`).
+    None when the configs cannot be read."""
+    from hummingbird.schedulers import ddim_scheduler, lcm_scheduler, max_inference_steps
 
     config = {} if tiny else _read_config(model, "scheduler/scheduler_config.json")
-    if config:  # a saved pipeline
-        lcm = config.get("_class_name") == "LCMScheduler"
-    else:  # tiny-random (LCM) or a `hummingbird convert` folder, whose scheduler load_pipeline picks by the U-Net
+    if not config:  # tiny-random (LCM) or a `hummingbird convert` folder, whose scheduler load_pipeline picks by the U-Net
         unet = {} if tiny else _read_config(model, "unet/config.json")
         if not (tiny or unet):
             return None
         lcm = tiny or unet.get("time_cond_proj_dim") is not None
         config = (lcm_scheduler() if lcm else ddim_scheduler()).config
-    return config.get("original_inference_steps" if lcm else "num_train_timesteps")
+    try:
+        return max_inference_steps(config)
+    except (KeyError, TypeError):  # a hand-edited config: the pipeline checks once loaded
+        return None
 
 
 def _resolve_device(name):

@@ -20,6 +20,7 @@ guidance). With an ``LCMScheduler`` the timesteps are Hummingbird's (:func:`~hum
 import inspect
 import math
 import numbers
+import operator
 import os
 import resource
 import sys
@@ -38,7 +39,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from hummingbird import DEFAULT_SIZE
 from hummingbird.cuda_graph import CUDAGraphCall
 from hummingbird.models import HummingbirdUNet3DModel, guidance_scale_embedding
-from hummingbird.schedulers import DDIM_ETA, ddim_scheduler, lcm_scheduler, lcm_timesteps
+from hummingbird.schedulers import DDIM_ETA, ddim_scheduler, lcm_scheduler, lcm_timesteps, max_inference_steps
 
 # Defaults per sampling mode. Hummingbird (guidance-distilled, LCM) as shipped: 8 steps, 26 frames, fps 8,
 # w 7.5 (4 steps, timesteps [999, 759, 519, 279], is its fastest published setting). VideoCrafter2 (DDIM +
@@ -84,18 +85,24 @@ class HummingbirdPipeline(DiffusionPipeline):
         self._graphed_unet = CUDAGraphCall(step)
 
     def _check_no_offload_hooks(self):
-        if any(hasattr(m, "_hf_hook") for m in self.unet.modules()):
-            raise ValueError("CUDA graphs cannot run a U-Net under accelerate hooks (enable_model_cpu_offload, "
-                             "enable_sequential_cpu_offload): they move its weights during each call, and a graph "
-                             "replays the addresses it captured. Call remove_all_hooks() or disable_cuda_graph()")
+        # accelerate's hooks (_hf_hook) and diffusers' own group offloading (_diffusers_hook)
+        if any(hasattr(m, "_hf_hook") or hasattr(m, "_diffusers_hook") for m in self.unet.modules()):
+            raise ValueError("CUDA graphs cannot run a U-Net under offload hooks (enable_model_cpu_offload, "
+                             "enable_sequential_cpu_offload, enable_group_offload): they move its weights during "
+                             "each call, and a graph replays the addresses it captured. Remove the hooks or call "
+                             "disable_cuda_graph()")
 
     def _cuda_graph_weights_key(self):
-        """Everything the graphs read besides their inputs, so that a change recaptures instead of replaying
-        stale or freed weights: every parameter's and buffer's address, dtype and device (.to(), loading,
-        LoRA merges that swap .data, added adapters) and the U-Net's weights_version (layout or fusion
-        switches, whose new tensors may reuse freed addresses). Once per call: a few thousand tensors."""
-        tensors = [*self.unet.parameters(), *self.unet.buffers()]
-        return id(self.unet), self.unet.weights_version, tuple((t.data_ptr(), t.dtype, t.device) for t in tensors)
+        """The tensors the graphs read besides their inputs, so that a change recaptures instead of
+        replaying stale or freed weights: every parameter's and buffer's address, dtype and device (.to(),
+        loading, LoRA merges that swap .data, added adapters), the parameters' in-place versions (a
+        load_state_dict: fused projections copy the new weights in at the next capture) and the U-Net's
+        weights_version (layout or fusion switches, whose new tensors may reuse freed addresses). Python
+        state read while capturing (an adapter's scale, disabled adapter layers) is not in it: call
+        disable_cuda_graph() around such changes. Once per call: a few thousand tensors."""
+        parameters = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.unet.parameters())
+        buffers = tuple((b.data_ptr(), b.dtype, b.device) for b in self.unet.buffers())
+        return id(self.unet), self.unet.weights_version, parameters, buffers
 
     def disable_cuda_graph(self):
         self._graphed_unet = None
@@ -195,6 +202,9 @@ class HummingbirdPipeline(DiffusionPipeline):
                                   self.scheduler.config.num_train_timesteps)
             self.scheduler.set_timesteps(timesteps=steps, device=device)
         else:
+            most = max_inference_steps(self.scheduler.config)
+            if num_inference_steps > most:  # past it the last timestep indexes beyond the training schedule
+                raise ValueError(f"num_inference_steps must be in [1, {most}] for this scheduler, got {num_inference_steps}")
             self.scheduler.set_timesteps(num_inference_steps, device=device)
         return self.scheduler.timesteps
 
@@ -263,9 +273,12 @@ class HummingbirdPipeline(DiffusionPipeline):
             raise TypeError(f"num_videos_per_prompt must be an int, got {type(num_videos_per_prompt).__name__}")
         if num_videos_per_prompt < 1:
             raise ValueError(f"num_videos_per_prompt must be >= 1, got {num_videos_per_prompt}")
-        if seed is not None and (not isinstance(seed, numbers.Integral) or isinstance(seed, bool)
-                                 or not 0 <= seed < 2**64):  # what torch.Generator.manual_seed takes
-            raise ValueError(f"seed must be an int in [0, 2**64 - 1], got {seed!r}")
+        if seed is not None:
+            if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+                raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+            seed = operator.index(seed)  # numpy integers too: torch.Generator.manual_seed takes Python ints
+            if not 0 <= seed < 2**64:
+                raise ValueError(f"seed must be in [0, 2**64 - 1], got {seed}")
         if callback_on_step_end is not None and not callable(callback_on_step_end):
             raise TypeError(f"callback_on_step_end must be callable, got {type(callback_on_step_end).__name__}")
         if seed is not None:

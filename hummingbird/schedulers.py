@@ -33,6 +33,16 @@ def ddim_scheduler() -> DDIMScheduler:
     return DDIMScheduler(**TRAIN_SCHEDULE, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
 
 
+def max_inference_steps(config) -> int:
+    """The most steps a scheduler with this config samples: an LCM scheduler's distillation grid
+    (original_inference_steps); otherwise every training timestep once, less the steps_offset of
+    "leading" spacing, whose timesteps ``range(0, T, T // n) + offset`` would reach T itself."""
+    if "original_inference_steps" in config:
+        return config["original_inference_steps"]
+    leading = config.get("timestep_spacing", "leading") == "leading"
+    return config["num_train_timesteps"] - (config.get("steps_offset", 0) if leading else 0)
+
+
 def lcm_timesteps(num_inference_steps: int, original_inference_steps: int = 50,
                   num_train_timesteps: int = 1000) -> list:
     """Hummingbird's (and T2V-Turbo's / the original LCM code's) multistep schedule: every

@@ -46,12 +46,19 @@ def test_weights_key_sees_every_tensor_the_unet_reads():
     key = pipe._cuda_graph_weights_key()
     pipe.unet.weights_version += 1  # a layout switch whose new tensors may reuse the old addresses
     assert pipe._cuda_graph_weights_key() != key
+    key = pipe._cuda_graph_weights_key()
+    with torch.no_grad():
+        last.mul_(2)  # in place (load_state_dict): fused projections' copies must be refreshed
+    assert pipe._cuda_graph_weights_key() != key
 
 
-def test_cuda_graph_refuses_accelerate_offload_hooks():
+@pytest.mark.parametrize("hook", ["_hf_hook", "_diffusers_hook"])
+def test_cuda_graph_refuses_offload_hooks(hook):
+    """accelerate's (enable_sequential_cpu_offload) and diffusers' own (enable_group_offload) hooks
+    move the weights during each call."""
     pipe = tiny_random_pipeline("lcm")
-    pipe.unet.out[2]._hf_hook = object()  # what enable_sequential_cpu_offload leaves on each module
-    with pytest.raises(ValueError, match="accelerate hooks"):
+    setattr(pipe.unet.out[2], hook, object())
+    with pytest.raises(ValueError, match="offload hooks"):
         pipe.enable_cuda_graph()
 
 
@@ -129,7 +136,7 @@ def test_swapped_weights_recapture():
 def test_offload_hooks_added_after_enabling_are_refused():
     pipe, kwargs = _graphed_lcm_pipeline()
     pipe.unet._hf_hook = object()  # as enable_model_cpu_offload() leaves on the U-Net
-    with pytest.raises(ValueError, match="accelerate hooks"):
+    with pytest.raises(ValueError, match="offload hooks"):
         pipe("a cat", **kwargs)
 
 

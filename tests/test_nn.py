@@ -63,18 +63,21 @@ def test_temporal_attention_fused_projections(backend_name):
         want = ours(x)
         ours.fuse_projections()
         got = ours(x)
-        torch.nn.init.zeros_(ours.to_v.weight)  # the fused weights are a snapshot: unaffected
-        assert torch.equal(ours(x), got)
+        weight = ours.to_qkv.weight
+        torch.nn.init.zeros_(ours.to_v.weight)  # the fused copy follows, in place
+        changed = ours(x)
+        assert ours.to_qkv.weight is weight and not ours.to_qkv.weight[-32:].any()
         ours.unfuse_projections()
-        assert not torch.allclose(ours(x), want)  # the separate layers run again
+        torch.testing.assert_close(ours(x), changed, atol=1e-5, rtol=1e-5)  # the separate layers agree
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(changed, want)
     assert set(ours.state_dict()) == keys
 
 
 def test_fused_projections_train_the_layers():
     """With gradients wanted, the fused GEMM is built from the live weights: to_q, to_k and to_v get the
-    gradients the separate layers would (a snapshot would leave them None), and a later inference call
-    still takes the snapshot."""
+    gradients the separate layers would (a snapshot would leave them None); after an optimizer step,
+    inference uses the trained weights too."""
     torch.manual_seed(0)
     ours = hbkernels.nn.TemporalAttention(32, heads=4, dim_head=8, bias=True).to(DEVICE)
     x = rand(3, 5, 32)
@@ -87,10 +90,11 @@ def test_fused_projections_train_the_layers():
     assert grads[True].keys() == grads[False].keys() and "to_q.weight" in grads[True]
     for name, g in grads[False].items():
         torch.testing.assert_close(grads[True][name], g, atol=1e-5, rtol=1e-5, msg=name)
+    torch.optim.SGD(ours.parameters(), lr=0.1).step()
     with torch.no_grad():
-        snapshot = ours(x)
-        torch.nn.init.zeros_(ours.to_q.weight)
-        assert torch.equal(ours(x), snapshot)  # inference: the fused snapshot, as before
+        fused = ours(x)
+        ours.unfuse_projections()
+        torch.testing.assert_close(fused, ours(x), atol=1e-5, rtol=1e-5)
 
 
 def test_fused_linear_fills_missing_biases():

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from hummingbird.schedulers import ddim_scheduler, lcm_scheduler, lcm_timesteps
+from hummingbird.schedulers import ddim_scheduler, lcm_scheduler, lcm_timesteps, max_inference_steps
 
 
 def test_lcm_timesteps_match_hummingbird():
@@ -60,3 +60,15 @@ def test_ddim_betas_are_scaled_linear():
     want = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
     for sched in (ddim_scheduler(), lcm_scheduler()):
         torch.testing.assert_close(sched.betas.double(), want, rtol=1e-5, atol=0)
+
+
+def test_max_inference_steps_stay_on_the_training_schedule():
+    """At the most steps each scheduler allows, every timestep indexes the training schedule; DDIM with
+    "leading" spacing and steps_offset 1 would reach timestep 1000 at 1000 steps."""
+    ddim = ddim_scheduler()
+    most = max_inference_steps(ddim.config)
+    ddim.set_timesteps(most)
+    assert most == 999 and ddim.timesteps.max() == 999
+    ddim.set_timesteps(most + 1)
+    assert ddim.timesteps.max() == 1000  # what the pipeline refuses
+    assert max_inference_steps(lcm_scheduler(original_inference_steps=8).config) == 8

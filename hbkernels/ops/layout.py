@@ -3,7 +3,7 @@ and the residual add of a convolution whose bias was left out (:func:`residual_a
 
 The eager path ``rearrange(tokens) + residual`` reads the tokens and writes a permuted copy, then
 reads that copy and the residual and writes the sum; the fused op reads each input once and writes
-once (4 -> 3 passes over the activation, and no temporary). Likewise ``conv(x) + residual`` on cuDNN
+once (5 -> 3 passes over the activation, and no temporary). Likewise ``conv(x) + residual`` on cuDNN
 adds the bias in a pass of its own before the residual add; ``residual_add`` takes both in one.
 """
 import operator

@@ -523,10 +523,10 @@ class HummingbirdUNet3DModel(ModelMixin, AttentionMixin, ConfigMixin):
         get ``FusedAttnProcessor2_0``). At 0.7B x 26 frames this reads the level-0 tokens (43 MB in
         fp16) once instead of three times in each self-attention.
 
-        The fused weights are :class:`hbkernels.nn.FusedLinear` snapshots outside the state_dict
-        (saving is unaffected): fuse again after changing weights for inference (calls that need
-        gradients concatenate the live weights). Replaces custom attention processors until
-        :meth:`unfuse_qkv_projections`."""
+        The fused weights are :class:`hbkernels.nn.FusedLinear` copies outside the state_dict
+        (saving is unaffected), refreshed when the layers' weights change (inside torch.compile: fuse
+        again after changing them; calls that need gradients concatenate the live weights). Replaces
+        custom attention processors until :meth:`unfuse_qkv_projections`."""
         if not self.fused_qkv:
             self._unfused_processors = self.attn_processors
         for module in self.modules():
