@@ -92,9 +92,20 @@ def _size(text: str) -> int:
     return int(text.rstrip("KMG")) * scale
 
 
-def cpu_cache_bytes(root: str = "/sys/devices/system/cpu") -> int:
+def _cpu_list(text: str) -> set:
+    """A sysfs CPU list ("0-3,8,10-11") as a set of CPU numbers."""
+    cpus = set()
+    for part in filter(None, text.split(",")):
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+def cpu_cache_bytes(root: str = "/sys/devices/system/cpu", cpus=None) -> int:
     """The highest cache level's instances summed (one per chiplet or socket on many-core CPUs, each
-    named by the CPUs that share it): the timed threads may run on all of them."""
+    named by the CPUs that share it), those shared with ``cpus`` (default: the CPUs this process may
+    run on; a container's few CPUs on a many-chiplet host reach only their own caches)."""
+    cpus = os.sched_getaffinity(0) if cpus is None and hasattr(os, "sched_getaffinity") else cpus
     caches = {}
     for index in glob.glob(os.path.join(root, "cpu[0-9]*", "cache", "index[0-9]*")):
         try:
@@ -102,6 +113,8 @@ def cpu_cache_bytes(root: str = "/sys/devices/system/cpu") -> int:
             for name in ("level", "type", "size", "shared_cpu_list"):
                 with open(os.path.join(index, name)) as f:
                     fields[name] = f.read().strip()
+            if cpus is not None and not _cpu_list(fields["shared_cpu_list"]) & set(cpus):
+                continue
             caches[(int(fields["level"]), fields["type"], fields["shared_cpu_list"])] = _size(fields["size"])
         except (OSError, ValueError):
             continue

@@ -249,7 +249,8 @@ def test_unet_step_suite_runs(single_thread):
 
 def test_cpu_cache_size_sums_the_last_level_instances(tmp_path):
     """sysfs sizes are binary units ("48K", "2048K", "32M"); the highest level is the last-level cache,
-    and a CPU with one per chiplet (here two L3s of 32 MB, each shared by 2 CPUs) has all of them."""
+    and a CPU with one per chiplet (here two L3s of 32 MB, each shared by 2 CPUs) has all of them that
+    the process's CPUs share."""
     def cache(cpu, index, level, kind, size, shared):
         folder = tmp_path / f"cpu{cpu}" / "cache" / f"index{index}"
         folder.mkdir(parents=True)
@@ -261,8 +262,10 @@ def test_cpu_cache_size_sums_the_last_level_instances(tmp_path):
         cache(cpu, 1, 1, "Instruction", "32K", cpu)
         cache(cpu, 2, 2, "Unified", "2048K", cpu)
         cache(cpu, 3, 3, "Unified", "32M", "0-1" if cpu < 2 else "2-3")
-    assert common.cpu_cache_bytes(str(tmp_path)) == 64 * 2**20
+    assert common.cpu_cache_bytes(str(tmp_path), cpus={0, 1, 2, 3}) == 64 * 2**20
+    assert common.cpu_cache_bytes(str(tmp_path), cpus={2}) == 32 * 2**20  # a process pinned to one chiplet
     assert common.cpu_cache_bytes(str(tmp_path / "absent")) == 0
+    assert common._cpu_list("0-3,8,10-11") == {0, 1, 2, 3, 8, 10, 11}
 
 
 def test_amd_instinct_cache_is_its_infinity_cache(monkeypatch):
