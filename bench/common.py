@@ -105,7 +105,9 @@ def cpu_cache_bytes(root: str = "/sys/devices/system/cpu", cpus=None) -> int:
     """The highest cache level's instances summed (one per chiplet or socket on many-core CPUs, each
     named by the CPUs that share it), those shared with ``cpus`` (default: the CPUs this process may
     run on; a container's few CPUs on a many-chiplet host reach only their own caches)."""
-    cpus = os.sched_getaffinity(0) if cpus is None and hasattr(os, "sched_getaffinity") else cpus
+    if cpus is None and hasattr(os, "sched_getaffinity"):
+        cpus = os.sched_getaffinity(0)
+    cpus = None if cpus is None else set(cpus)
     caches = {}
     for index in glob.glob(os.path.join(root, "cpu[0-9]*", "cache", "index[0-9]*")):
         try:
@@ -113,7 +115,7 @@ def cpu_cache_bytes(root: str = "/sys/devices/system/cpu", cpus=None) -> int:
             for name in ("level", "type", "size", "shared_cpu_list"):
                 with open(os.path.join(index, name)) as f:
                     fields[name] = f.read().strip()
-            if cpus is not None and not _cpu_list(fields["shared_cpu_list"]) & set(cpus):
+            if cpus is not None and not _cpu_list(fields["shared_cpu_list"]) & cpus:
                 continue
             caches[(int(fields["level"]), fields["type"], fields["shared_cpu_list"])] = _size(fields["size"])
         except (OSError, ValueError):

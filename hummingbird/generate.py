@@ -150,15 +150,17 @@ def _spatial_multiple(model: str, tiny: bool):
 def _max_steps(model: str, tiny: bool):
     """The most denoising steps the model's scheduler takes (:func:`~hummingbird.schedulers.max_inference_steps`).
     None when the configs cannot be read."""
-    from hummingbird.schedulers import ddim_scheduler, lcm_scheduler, max_inference_steps
+    from hummingbird.schedulers import lcm_scheduler, max_inference_steps, scheduler_for
 
-    config = {} if tiny else _read_config(model, "scheduler/scheduler_config.json")
-    if not config:  # tiny-random (LCM) or a `hummingbird convert` folder, whose scheduler load_pipeline picks by the U-Net
-        unet = {} if tiny else _read_config(model, "unet/config.json")
-        if not (tiny or unet):
-            return None
-        lcm = tiny or unet.get("time_cond_proj_dim") is not None
-        config = (lcm_scheduler() if lcm else ddim_scheduler()).config
+    if tiny:
+        config = lcm_scheduler().config
+    else:  # a saved pipeline's scheduler, or for a `hummingbird convert` folder the one load_pipeline picks
+        config = _read_config(model, "scheduler/scheduler_config.json")
+        if not config:
+            unet = _read_config(model, "unet/config.json")
+            if not unet:
+                return None
+            config = scheduler_for(unet.get("time_cond_proj_dim")).config
     try:
         return max_inference_steps(config)
     except (KeyError, TypeError):  # a hand-edited config: the pipeline checks once loaded

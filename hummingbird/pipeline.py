@@ -39,7 +39,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from hummingbird import DEFAULT_SIZE
 from hummingbird.cuda_graph import CUDAGraphCall
 from hummingbird.models import HummingbirdUNet3DModel, guidance_scale_embedding
-from hummingbird.schedulers import DDIM_ETA, ddim_scheduler, lcm_scheduler, lcm_timesteps, max_inference_steps
+from hummingbird.schedulers import DDIM_ETA, lcm_timesteps, max_inference_steps, scheduler_for
 
 # Defaults per sampling mode. Hummingbird (guidance-distilled, LCM) as shipped: 8 steps, 26 frames, fps 8,
 # w 7.5 (4 steps, timesteps [999, 759, 519, 279], is its fastest published setting). VideoCrafter2 (DDIM +
@@ -387,7 +387,7 @@ def load_pipeline(path, dtype=None) -> HummingbirdPipeline:
         text_encoder=CLIPTextModel.from_pretrained(os.path.join(path, "text_encoder"), dtype=dtype),
         tokenizer=CLIPTokenizer.from_pretrained(os.path.join(path, "tokenizer")),
         unet=unet,
-        scheduler=lcm_scheduler() if unet.config.time_cond_proj_dim is not None else ddim_scheduler(),
+        scheduler=scheduler_for(unet.config.time_cond_proj_dim),
     )
 
 
@@ -403,10 +403,11 @@ def _stored_dtype(folder) -> torch.dtype:
 
     try:
         with safe_open(os.path.join(folder, SAFETENSORS_WEIGHTS_NAME), framework="pt") as f:
-            dtypes = [_SAFETENSORS_FLOATS.get(f.get_slice(name).get_dtype()) for name in f.keys()]
+            # the first floating-point tensor's: headers only, and no further than that one
+            dtypes = (_SAFETENSORS_FLOATS.get(f.get_slice(name).get_dtype()) for name in f.keys())
+            return next((d for d in dtypes if d is not None), torch.float32)
     except (OSError, SafetensorError):
         return torch.float32
-    return next((d for d in dtypes if d is not None), torch.float32)
 
 
 class _Clock:

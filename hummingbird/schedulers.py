@@ -33,6 +33,12 @@ def ddim_scheduler() -> DDIMScheduler:
     return DDIMScheduler(**TRAIN_SCHEDULE, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
 
 
+def scheduler_for(time_cond_proj_dim):
+    """The sampler a U-Net implies: LCM for one with a guidance embedding (time_cond_proj_dim, Hummingbird),
+    DDIM otherwise (VideoCrafter2)."""
+    return lcm_scheduler() if time_cond_proj_dim is not None else ddim_scheduler()
+
+
 def max_inference_steps(config) -> int:
     """The most steps a scheduler with this config samples: an LCM scheduler's distillation grid
     (original_inference_steps); otherwise every training timestep once, less the steps_offset of
