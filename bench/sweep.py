@@ -77,6 +77,12 @@ def _lagged_settings():
          for p, b in itertools.product(GN_LAGGED_OWN_PROGRAMS_PER_SM, GN_LAGGED_OWN_BATCHES)]
 
 
+def _gn_backward_settings():
+    """Knob values per timed backward setting: each stage count of the partial-sums loop, PDL switched,
+    and the one-pass backward's settings."""
+    return [dict(STATS_STAGES=s) for s in GN_STAGES] + [dict(PDL=not gn.PDL), *_one_pass_settings()]
+
+
 def _one_pass_settings():
     """The one-pass backward switched (at its default tile), and on at each larger tile: fewer programs
     per group, more bytes each."""
@@ -130,8 +136,7 @@ def sweep_group_norm(report, dev, min_time, only=None):
 
     for label, shape, fmt in GN_SHAPES:
         forward = _gn_settings_for(_gn_forward_settings(), fmt, only)
-        backward = _gn_settings_for([dict(STATS_STAGES=s) for s in GN_STAGES] + [dict(PDL=not gn.PDL),
-                                                                                 *_one_pass_settings()], fmt, only)
+        backward = _gn_settings_for(_gn_backward_settings(), fmt, only)
         if not forward and not backward:
             continue  # the knobs do nothing on this memory format
         x = (torch.randn(shape, device=dev, dtype=torch.float16) + 1).contiguous(memory_format=fmt)
@@ -214,8 +219,8 @@ def main(argv=None):
         parser.error("--knob filters group_norm's settings: use it with --op group_norm alone")
     dev, report = common.graph_report(parser, "the sweeps time GPU kernels")
     min_time = 0.05 if args.quick else 0.2
+    knobs = {"only": args.knob.split(",")} if args.knob else {}
     for op in args.op or (["group_norm"] if args.knob else list(SWEEPS)):
-        knobs = {"only": args.knob.split(",")} if args.knob else {}
         SWEEPS[op](report, dev, min_time, **knobs)
     report.save(args.out, "sweep", "float16")
 

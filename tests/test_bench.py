@@ -212,7 +212,7 @@ def test_sweep_knob_filter():
     cl = sweep._gn_settings_for(settings, torch.channels_last_3d, ["LAGGED", "APPLY_EVICT_FIRST"])
     assert [sweep._is_default(gn, k) for k in cl] == [True, False] and cl[1] == dict(APPLY_EVICT_FIRST=True)
     # the backward has no setting of these knobs: not even its default point is timed
-    backward = [dict(STATS_STAGES=4), dict(PDL=not gn.PDL), *sweep._one_pass_settings()]
+    backward = sweep._gn_backward_settings()
     assert sweep._gn_settings_for(backward, torch.contiguous_format, ["LAGGED"]) == []
     assert sweep._gn_settings_for(backward, torch.contiguous_format, ["ONE_PASS"])[0] == dict(STATS_STAGES=4)
 
