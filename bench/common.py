@@ -151,7 +151,8 @@ def median_seconds_graphed(fn, min_run_time: float = 0.3, args: tuple = (), call
     round copies of ``args`` (input_sets) and keep their outputs, so neither inputs nor outputs are
     still in L2 from the call before."""
     sets = input_sets(args, cache_bytes(torch.device("cuda", torch.cuda.current_device())))
-    calls = max(calls, len(sets))
+    # whole rounds of the sets: a partial round would end on a set the next replay starts with
+    calls = math.ceil(max(calls, len(sets)) / len(sets)) * len(sets)
 
     def repeated():
         return [fn(*sets[i % len(sets)]) for i in range(calls)]
@@ -170,6 +171,7 @@ def copy_bandwidth(dev: torch.device) -> float:
 
 WALL_TIMING = (f"wall time per call (launch overhead included), inputs rotating through >= {COLD_CACHE_FACTOR}x "
                "the last-level cache")
+MODEL_TIMING = "wall time per call (launch overhead included), the same inputs each call (the weights exceed any cache)"
 GRAPH_TIMING = f"CUDA-graph replays, inputs rotating through >= {COLD_CACHE_FACTOR}x L2 (kernel time, DRAM-cold)"
 
 
@@ -205,15 +207,16 @@ class Report:
     def finish(self):
         """Fill each row's speedup against the eager row of the same case (``eager``, else the first
         ``eager, <model state>`` row: a run filtered to one state)."""
-        eager = {(r.suite, r.case): r.median_ms for r in self.rows if r.impl == "eager"}
-        for r in self.rows:
+        timed = [r for r in self.rows if not math.isnan(r.median_ms)]  # failed rows are NaN: no speedups
+        eager = {(r.suite, r.case): r.median_ms for r in timed if r.impl == "eager"}
+        for r in timed:
             if r.impl.startswith("eager, "):
                 eager.setdefault((r.suite, r.case), r.median_ms)
         best = {}  # the fastest of what users run instead (eager, SDPA, xformers, torch.compile, ...)
-        for r in self.rows:
-            if not r.impl.startswith("hbkernels") and r.median_ms == r.median_ms:  # failed rows are NaN
+        for r in timed:
+            if not r.impl.startswith("hbkernels"):
                 best[(r.suite, r.case)] = min(best.get((r.suite, r.case), math.inf), r.median_ms)
-        for r in self.rows:
+        for r in timed:
             if (r.suite, r.case) in eager:
                 r.speedup_vs_eager = eager[(r.suite, r.case)] / r.median_ms
             if r.impl.startswith("hbkernels") and (r.suite, r.case) in best:
@@ -223,7 +226,8 @@ class Report:
         self.finish()
         os.makedirs(out_dir, exist_ok=True)
         base = os.path.join(out_dir, stem)
-        atomic_write(base + ".json", json.dumps(asdict(self), indent=1))
+        # strict JSON: a failed row's NaN time is written as null
+        atomic_write(base + ".json", json.dumps(_nan_to_none(asdict(self)), indent=1, allow_nan=False))
         atomic_write(base + ".md", self.markdown())
         paths = [base + ".json", base + ".md"]
         if self.plot(base + ".png"):
@@ -278,9 +282,21 @@ class Report:
         ax.set_title(f"{self.device} — {self.commit}")
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        tmp = f"{path}.tmp{os.getpid()}.png"  # the extension tells savefig the format
+        fig.savefig(tmp, dpi=110)
         plt.close(fig)
+        os.replace(tmp, path)
         return True
+
+
+def _nan_to_none(value):
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nan_to_none(v) for v in value]
+    return value
 
 
 def graph_report(parser, what: str):

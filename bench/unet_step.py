@@ -242,7 +242,7 @@ def main(argv=None):
     diffusers_logging.set_verbosity_error()  # .to(dtype) on a fresh model warns about nothing worth seeing
     dev = common.device()
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
-    report = common.Report(device=common.device_name(dev), timing=common.WALL_TIMING)
+    report = common.Report(device=common.device_name(dev), timing=common.MODEL_TIMING)
     print(f"{report.device}: dtype {dtype}, commit {report.commit}")
     if args.profile and dev.type != "cuda":
         parser.error("--profile needs a GPU (it reports CUDA kernel time)")

@@ -1,4 +1,5 @@
 """The benchmark plumbing: input rotation for DRAM-cold graph timing, and every op suite running."""
+import json
 import os
 import time
 
@@ -105,6 +106,33 @@ def test_unet_step_compiles_every_case_with_static_shapes(monkeypatch):
     assert dynamic == [False, False]
 
 
+def test_failed_rows_get_no_speedups_and_strict_json(tmp_path):
+    """A failed row's time is NaN: it gave every row of its case a NaN speedup ("nanx") when it was the
+    eager one, and json.dumps wrote a bare NaN, which strict JSON parsers refuse."""
+    report = common.Report(device="test")
+    report.rows.append(ops._failed("suite", "case", "eager", RuntimeError("grid too large")))
+    report.add("suite", "case", "hbkernels", 1e-3, 10**6)
+    report.add("suite", "other", "eager", 2e-3, 10**6)
+    report.rows.append(ops._failed("suite", "other", "hbkernels", RuntimeError("out of memory")))
+    report.write(str(tmp_path), "r")
+    assert "nan" not in (tmp_path / "r.md").read_text().replace("| nan |", "")
+    rows = json.loads((tmp_path / "r.json").read_text(), parse_constant=lambda c: pytest.fail(f"bare {c}"))["rows"]
+    assert [r["median_ms"] for r in rows] == [None, 1.0, 2.0, None]
+    assert [r["speedup_vs_eager"] for r in rows] == [0.0, 0.0, 1.0, 0.0]
+
+
+def test_graph_timing_replays_whole_rounds_of_input_sets(monkeypatch):
+    """10 calls over 3 sets ended a replay on set 0, which the next replay read again at once (from L2)."""
+    captured = []
+    monkeypatch.setattr(common, "input_sets", lambda args, cache: [(i,) for i in range(3)])
+    monkeypatch.setattr(common, "cache_bytes", lambda dev: 0)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(common, "capture", lambda fn: (captured.append(fn()) or type("G", (), {"replay": id}), None))
+    monkeypatch.setattr(common, "median_seconds", lambda fn, min_time: 12.0)
+    assert common.median_seconds_graphed(lambda i: i, 0.0, (None,), calls=10) == 1.0
+    assert captured == [[0, 1, 2] * 4]
+
+
 def test_report_says_how_it_timed(tmp_path):
     report = common.Report(device="test", timing=common.GRAPH_TIMING)
     report.add("suite", "case", "eager", 2e-3, 10**6)
@@ -118,7 +146,8 @@ def test_report_says_how_it_timed(tmp_path):
 def test_every_op_suite_runs(dtype, monkeypatch):
     """The quick CPU suites, each implementation called once for real (the timer only counts), so a
     suite that breaks shows here and not first on a lent GPU; every implementation of a case computes
-    what its eager row does (else the benchmark would time different work against each other)."""
+    what its eager row does (else the benchmark would time different work against each other); each
+    row's bytes are the op's minimum traffic: its activations read once, its outputs written once."""
     monkeypatch.setattr(ops, "GN_CPU", [("small", 1, 64, 3, 4, 8), ("4D", 1, 64, 0, 8, 8)])
     monkeypatch.setattr(ops, "ATTN_CPU", [("small", 1, 5, 2, 40, 6)])
     monkeypatch.setattr(ops, "GEGLU_CPU", [("small", 6, 40)])
@@ -128,7 +157,7 @@ def test_every_op_suite_runs(dtype, monkeypatch):
 
     def timer(fn, args):
         out = fn(*args)
-        calls.append(out)
+        calls.append((args, out))
         return 1e-3
 
     ops.run(report, torch.device("cpu"), dtype, quick=True, timer=timer, compile_too=False)
@@ -139,7 +168,12 @@ def test_every_op_suite_runs(dtype, monkeypatch):
     assert all(r.median_ms == 1.0 and "error" not in r.extra for r in report.rows)
     assert {r.impl for r in report.rows} >= {"eager", "hbkernels", "sdpa"}
     assert len(calls) == len(report.rows)
-    outputs = {(r.suite, r.case, r.impl): out for r, out in zip(report.rows, calls)}
+    for r, (args, out) in zip(report.rows, calls):
+        activations = [a for a in args if torch.is_tensor(a) and a.dim() > 1]  # not the (C,) weights
+        read = sum(a.numel() * a.element_size() for a in activations)
+        written = sum(o.numel() * o.element_size() for o in (out if isinstance(out, tuple) else (out,)))
+        assert r.bytes_moved == read + written, (r.suite, r.case, r.impl)
+    outputs = {(r.suite, r.case, r.impl): out for r, (_, out) in zip(report.rows, calls)}
     for (suite, case, impl), out in outputs.items():
         torch.testing.assert_close(out, outputs[suite, case, "eager"], rtol=1e-4, atol=1e-4,
                                    msg=lambda m: f"{suite} {case}: {impl} differs from eager: {m}")
@@ -309,15 +343,16 @@ def test_sweep_group_norm_runs(monkeypatch, only):
     monkeypatch.setattr(sweep, "GN_SHAPES", [(label, (1, 32, 2, 4, 4), fmt) for label, _, fmt in sweep.GN_SHAPES[:2]])
     monkeypatch.setattr(common, "median_seconds_graphed",
                         lambda fn, min_time, args: timed.append(fn(*args)) or 1e-6 * len(timed))
+    # profiled over the timing's rotated input sets, reported per call: 1 ms per set -> 1000 us
     monkeypatch.setattr(sweep, "kernel_breakdown",
-                        lambda fn, calls: {"families": {"hbkernels group_norm": {"top": [("stats", fn() is None)]}}})
+                        lambda fn, calls: {"families": {"hbkernels group_norm": {"top": [("stats", len(fn()))]}}})
     report = common.Report(device="cpu")
     sweep.sweep_group_norm(report, torch.device("cpu"), 0.0, only)
     rows = [r for r in report.rows if r.suite == "group_norm_silu"]
     labels = {r.impl for r in rows}
     assert len(report.rows) == len(timed) and "eager" in labels
     assert sum(r.impl.endswith("(default)") for r in rows) == 2  # one default point per shape, profiled
-    assert all("kernel_us" in r.extra for r in rows if r.impl.endswith("(default)"))
+    assert all(r.extra["kernel_us"] == {"stats": 1000.0} for r in rows if r.impl.endswith("(default)"))
     assert any(r.impl.startswith("lagged=True") for r in rows)
     assert any(r.impl == "apply_evict_first=True" for r in rows)
     backward = [r.impl for r in report.rows if r.suite == "group_norm_silu_backward"]

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import hbkernels
-from helpers import KERNEL_BACKENDS, DTYPES, check_against_float64, rand, shapes
+from helpers import DEVICE, KERNEL_BACKENDS, DTYPES, check_against_float64, rand, shapes
 
 QUICK = [(7, 10), (2, 3, 40), (1, 160), (3, 80), (2, 4200)]  # F = 40: ragged last column block; 2100: past a C++ chunk
 # Level-0 spatial and level-2 temporal widths, fewer rows than the model's (40960 / 16640): a float64
@@ -35,3 +35,19 @@ def test_geglu_one_feature_with_an_odd_gradient_stride(backend_name):
     """F = 1 with a transposed incoming gradient: the (M, 1) gradient's column stride is not 1."""
     x = rand(4, 2, dtype=torch.float64, requires_grad=True)
     check_against_float64(lambda x: hbkernels.geglu(x).t().contiguous().t(), [x], backend_name, torch.float32)
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+def test_geglu_gradient_rows_past_int32(backend_name):
+    """An incoming gradient whose row stride fits int32 but whose third row lies past 2^31 elements
+    (a narrowed view of a wide tensor): int64 row offsets in the backward."""
+    big = 2**30 + 2**26
+    dy = torch.empty(2 * big + 64, dtype=torch.float16, device=DEVICE).as_strided((3, 16), (big, 1))  # pages untouched
+    dy.copy_(rand(3, 16))
+    x = rand(3, 32, dtype=torch.float16, requires_grad=True)
+    with hbkernels.use_backend(backend_name):
+        (dx,) = torch.autograd.grad(hbkernels.geglu(x), [x], dy)
+    x64 = x.detach().double().requires_grad_()
+    h, g = x64.chunk(2, -1)
+    (want,) = torch.autograd.grad(h * torch.nn.functional.gelu(g), [x64], dy.double())
+    torch.testing.assert_close(dx.double(), want, rtol=0, atol=4e-3)

@@ -16,7 +16,7 @@ _TILE = 4096  # output elements per program
 @triton.jit
 def _geglu_fwd_kernel(x_ptr, out_ptr, M, F, sxm, som, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr):
     row0 = tl.program_id(0).to(tl.int64) * BLOCK_M
-    rr = tl.arange(0, BLOCK_M)
+    rr = tl.arange(0, BLOCK_M).to(tl.int64)  # times a row stride: past 2^31 for a strided dy
     ff = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     mask = (rr < M - row0)[:, None] & (ff < F)[None, :]
     xp = x_ptr + row0 * sxm + rr[:, None] * sxm + ff[None, :]
@@ -30,7 +30,7 @@ def _geglu_fwd_kernel(x_ptr, out_ptr, M, F, sxm, som, BLOCK_M: tl.constexpr, BLO
 def _geglu_bwd_kernel(dy_ptr, x_ptr, dx_ptr, M, F, sdm, sxm, sdxm,
                       BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr):
     row0 = tl.program_id(0).to(tl.int64) * BLOCK_M
-    rr = tl.arange(0, BLOCK_M)
+    rr = tl.arange(0, BLOCK_M).to(tl.int64)  # times a row stride: past 2^31 for a strided dy
     ff = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     mask = (rr < M - row0)[:, None] & (ff < F)[None, :]
     dy = tl.load(dy_ptr + row0 * sdm + rr[:, None] * sdm + ff[None, :], mask=mask, other=0.0).to(tl.float32)
