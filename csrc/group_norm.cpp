@@ -328,8 +328,9 @@ inline void bwd_reduce_row(const float* x, const float* dy, int64_t L, Coef<VEC>
   }
   if (i < L) {
     int n = static_cast<int>(L - i);
-    F8 xh = (load_n(x + i, n) - m.vn(i, n)) * r.vn(i, n);
-    F8 dz = dz_of<SILU>(load_n(dy + i, n), xh, w.vn(i, n), b.vn(i, n));  // dy lanes past n are 0
+    // lanes past n: dy loads 0 and xhat is masked to 0 (-mean * rstd may be inf: 0 * inf would be NaN)
+    F8 xh = and_mask(lane_mask(n), (load_n(x + i, n) - m.vn(i, n)) * r.vn(i, n));
+    F8 dz = dz_of<SILU>(load_n(dy + i, n), xh, w.vn(i, n), b.vn(i, n));
     sdz = sdz + dz;
     sdzx = fmadd(dz, xh, sdzx);
   }
@@ -448,10 +449,13 @@ void gn_bwd(const Tensor& dy, const Tensor& x, const std::optional<Tensor>& weig
   check_stats(rstd, N, G, "rstd");
   const bool want_w = dweight.has_value() && dweight->defined();
   const bool want_b = dbias.has_value() && dbias->defined();
+  // written at c * stride(0): a (1, C) tensor would be written past its end
   if (want_w)
-    TORCH_CHECK(dweight->scalar_type() == at::kFloat && dweight->numel() == C, "hbkernels: dweight must be float32 (C,)");
+    TORCH_CHECK(dweight->scalar_type() == at::kFloat && dweight->dim() == 1 && dweight->size(0) == C,
+                "hbkernels: dweight must be float32 of shape (C,) = (", C, ",), got ", dweight->sizes());
   if (want_b)
-    TORCH_CHECK(dbias->scalar_type() == at::kFloat && dbias->numel() == C, "hbkernels: dbias must be float32 (C,)");
+    TORCH_CHECK(dbias->scalar_type() == at::kFloat && dbias->dim() == 1 && dbias->size(0) == C,
+                "hbkernels: dbias must be float32 of shape (C,) = (", C, ",), got ", dbias->sizes());
   const int64_t Cg = C / G;
   const double cnt = static_cast<double>(Cg) * x.size(2) * x.size(3);
   std::vector<float> W = channel_vector(weight, C, 1.f), Bi = channel_vector(bias, C, 0.f);

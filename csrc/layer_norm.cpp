@@ -171,10 +171,10 @@ void bwd_rows(const Rows& DY, const Rows& X, const Rows& DX, int64_t begin, int6
         store8(pb + i + 8, load8(pb + i + 8) + d1);
       }
     }
-    for (; i < C; i += 8) {  // masked lanes: dy loads 0, so g, dy * xhat and dy are 0 there
+    for (; i < C; i += 8) {  // masked lanes: dy loads 0 and xhat is masked to 0 (-mean * rstd may be inf)
       const int n = static_cast<int>(std::min<int64_t>(8, C - i));
       F8 d = load_n(dy + i, n);
-      F8 h = (load_n(x + i, n) - m) * r;
+      F8 h = and_mask(lane_mask(n), (load_n(x + i, n) - m) * r);
       F8 g = d;
       if constexpr (HAS_W) g = rounded(d * load_n(w + i, n));
       sg0 = sg0 + g;

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import hbkernels
-from helpers import (BACKENDS, KERNEL_BACKENDS, DEVICE, DTYPES, ON_GPU, check_against_float64, huge_strided_views, rand,
+from helpers import (BACKENDS, CPP, KERNEL_BACKENDS, DEVICE, DTYPES, ON_GPU, check_against_float64, huge_strided_views, rand,
                      shapes)
 
 # (shape, num_groups): C not a multiple of 8, T = 1/16/25, N = 1 and 2.
@@ -538,3 +538,35 @@ def test_group_norm_cpp_mean_rounds_once():
         y = hbkernels.group_norm(x, groups, eps=1e-30)
     err_in_mean_ulps = ((y.double().reshape(xg.shape) - want).abs() * std / ulp).max().item()
     assert err_in_mean_ulps < 0.6
+
+
+@pytest.mark.parametrize("backend_name", CPP)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("plane", [(4, 4), (4, 5)], ids=["no-tail", "tail"])
+def test_group_norm_backward_of_huge_constant_groups(backend_name, dtype, plane):
+    """Constant groups of magnitude 3e36: xhat is 0 everywhere, but in a vector's empty tail lanes
+    (0 - mean) * rstd overflows to -inf, and dy's 0 there times it was NaN in the group's sums: the
+    result depended on where the plane's length left a tail."""
+    x = torch.full((1, 4, 1, *plane), 3e36, dtype=dtype, requires_grad=True)
+    dy = rand(*x.shape).to(dtype)
+    with hbkernels.use_backend(backend_name):
+        (dx,) = torch.autograd.grad(hbkernels.group_norm(x, 2), [x], dy)
+    # exact: xhat = 0 and rstd = eps^-1/2 (float64 group_norm itself finds a rounding-error variance here)
+    groups = dy.double().view(1, 2, -1)
+    want = ((groups - groups.mean(-1, keepdim=True)) / 1e-5 ** 0.5).view(x.shape)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(dx.double(), want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+@pytest.mark.parametrize("backend_name", CPP)
+@pytest.mark.parametrize("which", ["dweight", "dbias"])
+def test_group_norm_cpp_backward_checks_the_affine_gradient_shapes(backend_name, which):
+    """A (1, C) dweight or dbias holds C elements, but the kernel writes channel c at c * stride(0) =
+    c * C: past its end. The C++ primitive refuses it."""
+    from hbkernels import cpp
+
+    x, dy, dx = rand(1, 8, 1, 6), rand(1, 8, 1, 6), torch.empty(1, 8, 1, 6)
+    mean, rstd = torch.zeros(1, 2), torch.ones(1, 2)
+    grads = {"dweight": torch.empty(8), "dbias": torch.empty(8), which: torch.empty(1, 8)}
+    with pytest.raises(RuntimeError, match=rf"{which} must be float32 of shape \(C,\) = \(8,\), got \[1, 8\]"):
+        cpp.gn_bwd(dy, x, None, None, None, mean, rstd, dx, grads["dweight"], grads["dbias"], 2, False)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import hbkernels
-from helpers import BACKENDS, DEVICE, DTYPES, KERNEL_BACKENDS, check_against_float64, rand, shapes
+from helpers import BACKENDS, CPP, DEVICE, DTYPES, KERNEL_BACKENDS, check_against_float64, rand, shapes
 
 # (leading shape..., C): C = 1, not a multiple of 8, wider than a tile; one and many rows.
 QUICK = [(7, 40), (2, 3, 320), (1, 1283), (5, 1)]
@@ -183,3 +183,20 @@ def test_layer_norm_cpp_mean_rounds_once():
         y = hbkernels.layer_norm(x, None, None, eps=1e-30)
     err_in_mean_ulps = ((y.double() - want).abs() * std / ulp).max().item()
     assert err_in_mean_ulps < 0.6
+
+
+@pytest.mark.parametrize("backend_name", CPP)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("width", [16, 20], ids=["no-tail", "tail"])
+def test_layer_norm_backward_of_huge_constant_rows(backend_name, dtype, width):
+    """Constant rows of magnitude 3e36: xhat is 0 everywhere, but in a vector's empty tail lanes
+    (0 - mean) * rstd overflows to -inf, and dy's 0 there times it was NaN in the row's sums: the result
+    depended on where the row's length left a tail."""
+    x = torch.full((2, width), 3e36, dtype=dtype, requires_grad=True)
+    dy = rand(*x.shape).to(dtype)
+    with hbkernels.use_backend(backend_name):
+        (dx,) = torch.autograd.grad(hbkernels.layer_norm(x), [x], dy)
+    # exact: xhat = 0 and rstd = eps^-1/2 (float64 layer_norm itself finds a rounding-error variance here)
+    want = (dy.double() - dy.double().mean(-1, keepdim=True)) / 1e-5 ** 0.5
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(dx.double(), want, rtol=tol, atol=tol * want.abs().max().item())
