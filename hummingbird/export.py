@@ -14,13 +14,17 @@ from PIL import Image
 
 
 def to_uint8_frames(frames) -> np.ndarray:
-    """One video as (F, H, W, 3) uint8: from a list of PIL images, a (F, H, W, 3) uint8 array, or a
-    (F, 3, H, W) float tensor/array in [0, 1] (the pipeline's "pt" frames of one video)."""
+    """One video as (F, H, W, 3) uint8: from a list of PIL images, uint8 frames in [0, 255], or float
+    frames in [0, 1] (the pipeline's "np" and "pt" frames of one video), each as a (F, H, W, 3) or
+    (F, 3, H, W) array or tensor."""
     if isinstance(frames, (list, tuple)) and frames and isinstance(frames[0], Image.Image):
         return np.stack([np.asarray(f.convert("RGB")) for f in frames])
-    if isinstance(frames, torch.Tensor):
-        frames = frames.detach().float().cpu().numpy()
+    if isinstance(frames, torch.Tensor):  # integers stay integers (uint8: torchvision.io.read_video's frames)
+        frames = frames.detach().cpu()
+        frames = (frames.float() if frames.is_floating_point() else frames).numpy()
     frames = np.asarray(frames)
+    if frames.dtype != np.uint8 and not np.issubdtype(frames.dtype, np.floating):
+        raise TypeError(f"frames must be uint8 (0-255) or floating point (0-1), got {frames.dtype}")
     if frames.ndim == 4 and frames.shape[1] == 3 and frames.shape[-1] != 3:  # (F, 3, H, W)
         frames = frames.transpose(0, 2, 3, 1)
     if frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:

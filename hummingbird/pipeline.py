@@ -63,6 +63,7 @@ class HummingbirdPipelineOutput(BaseOutput):
 
 class HummingbirdPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->unet->vae"
+    _callback_tensor_inputs = ["latents", "prompt_embeds"]  # what callback_on_step_end may read and replace
 
     def __init__(self, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
                  unet: HummingbirdUNet3DModel, scheduler):
@@ -160,18 +161,37 @@ class HummingbirdPipeline(DiffusionPipeline):
         return (images.float() / 2 + 0.5).clamp(0, 1).reshape(b, f, *images.shape[1:])
 
     def check_inputs(self, prompt, negative_prompt, num_frames, height, width, num_inference_steps, guidance_scale,
-                     fps, output_type, decode_chunk_size):
+                     fps, output_type, decode_chunk_size, prompt_embeds=None, negative_prompt_embeds=None,
+                     callback_on_step_end_tensor_inputs=("latents",)):
         """Checks the arguments as __call__ was given them, its defaults filled in."""
-        if not _is_prompt(prompt):
-            raise TypeError(f"prompt must be a string or a sequence of strings, got {type(prompt).__name__}")
-        if not isinstance(prompt, str) and not prompt:
-            raise ValueError("prompt must be a string or a non-empty sequence of strings, got an empty one")
+        if prompt_embeds is None:
+            if not _is_prompt(prompt):
+                raise TypeError(f"prompt must be a string or a sequence of strings (or pass prompt_embeds), "
+                                f"got {type(prompt).__name__}")
+            if not isinstance(prompt, str) and not prompt:
+                raise ValueError("prompt must be a string or a non-empty sequence of strings, got an empty one")
+            num_prompts = 1 if isinstance(prompt, str) else len(prompt)
+        else:
+            if prompt is not None:
+                raise ValueError("pass either prompt or prompt_embeds, not both")
+            self._check_embeds("prompt_embeds", prompt_embeds)
+            num_prompts = len(prompt_embeds)
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("pass either negative_prompt or negative_prompt_embeds, not both")
         if negative_prompt is not None and not _is_prompt(negative_prompt):
             raise TypeError("negative_prompt must be None, a string or a sequence of strings, "
                             f"got {type(negative_prompt).__name__}")
-        num_prompts = 1 if isinstance(prompt, str) else len(prompt)
         if negative_prompt is not None and not isinstance(negative_prompt, str) and len(negative_prompt) != num_prompts:
             raise ValueError(f"{len(negative_prompt)} negative prompts for {num_prompts} prompts")
+        if negative_prompt_embeds is not None:
+            self._check_embeds("negative_prompt_embeds", negative_prompt_embeds)
+            if len(negative_prompt_embeds) != num_prompts:
+                raise ValueError(f"negative_prompt_embeds holds {len(negative_prompt_embeds)} prompts, for "
+                                 f"{num_prompts} prompts")
+        if isinstance(callback_on_step_end_tensor_inputs, str) or not all(
+                k in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs):
+            raise ValueError(f"callback_on_step_end_tensor_inputs must be a list of names from "
+                             f"{self._callback_tensor_inputs}, got {callback_on_step_end_tensor_inputs!r}")
         for name, value in (("num_frames", num_frames), ("height", height), ("width", width),
                             ("num_inference_steps", num_inference_steps), ("fps", fps),
                             ("decode_chunk_size", decode_chunk_size)):
@@ -196,13 +216,34 @@ class HummingbirdPipeline(DiffusionPipeline):
         if decode_chunk_size < 1:
             raise ValueError(f"decode_chunk_size must be >= 1, got {decode_chunk_size}")
 
+    def _check_embeds(self, name, embeds):
+        """Text embeddings as encode_prompt returns them: (prompts, tokens, the U-Net's context width)."""
+        if not torch.is_tensor(embeds) or not embeds.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {type(embeds).__name__}")
+        width = self.unet.config.context_dim
+        if embeds.dim() != 3 or len(embeds) == 0 or embeds.shape[-1] != width:
+            raise ValueError(f"{name} must have shape (prompts >= 1, tokens, {width}), got {tuple(embeds.shape)}")
+
+    def _text_context(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, do_cfg, device):
+        """The U-Net's context, [uncond, cond] with CFG: given embeddings as they are, prompts encoded
+        (those of both halves in one text-encoder call)."""
+        n = len(prompt) if prompt_embeds is None else len(prompt_embeds)
+        parts = [prompt if prompt_embeds is None else prompt_embeds]
+        if do_cfg:
+            parts.insert(0, negative_prompt_embeds if negative_prompt_embeds is not None else
+                         negative_prompt or [""] * n)
+        texts = [t for part in parts if isinstance(part, list) for t in part]
+        encoded = iter(self.encode_prompt(texts, device).split([len(p) for p in parts if isinstance(p, list)])
+                       if texts else ())
+        return torch.cat([next(encoded) if isinstance(part, list) else part.to(device) for part in parts])
+
     def _set_timesteps(self, num_inference_steps, device):
         if isinstance(self.scheduler, LCMScheduler):
             steps = lcm_timesteps(num_inference_steps, self.scheduler.config.original_inference_steps,
                                   self.scheduler.config.num_train_timesteps)
             self.scheduler.set_timesteps(timesteps=steps, device=device)
         else:
-            most = max_inference_steps(self.scheduler.config)
+            most = max_inference_steps(self.scheduler.config, type(self.scheduler))
             if num_inference_steps > most:  # past it the last timestep indexes beyond the training schedule
                 raise ValueError(f"num_inference_steps must be in [1, {most}] for this scheduler, got {num_inference_steps}")
             self.scheduler.set_timesteps(num_inference_steps, device=device)
@@ -216,7 +257,7 @@ class HummingbirdPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        prompt,
+        prompt=None,
         negative_prompt=None,
         num_frames: int | None = None,
         height: int | None = None,
@@ -233,6 +274,9 @@ class HummingbirdPipeline(DiffusionPipeline):
         return_dict: bool = True,
         num_videos_per_prompt: int = 1,
         callback_on_step_end=None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        callback_on_step_end_tensor_inputs=("latents",),
     ):
         """Generate videos. ``num_inference_steps`` / ``num_frames`` / ``guidance_scale`` / ``fps`` default
         to 8 / 26 / 7.5 / 8 for a guidance-distilled U-Net (Hummingbird) and 50 / 16 / 12 / 28 otherwise
@@ -249,8 +293,12 @@ class HummingbirdPipeline(DiffusionPipeline):
         output_type: "np" ((B, F, H, W, 3) float32 in [0, 1], as diffusers' TextToVideoSDPipeline returns,
         ready for ``diffusers.utils.export_to_video(frames[0])``), "pt" ((B, F, 3, H, W) on the pipeline's
         device), "pil", or "latent" (the (B, 4, F, H/8, W/8) latents, not decoded).
-        callback_on_step_end: ``fn(pipe, step_index, timestep, {"latents": latents})`` after each step,
-        as in diffusers; a returned dict's "latents" replaces the latents.
+        prompt_embeds, negative_prompt_embeds: (prompts, tokens, context width) text embeddings instead
+        of prompt / negative_prompt (e.g. from :meth:`encode_prompt`, or weighted); the negative ones are
+        encoded from "" where CFG needs them and they are not given.
+        callback_on_step_end: ``fn(pipe, step_index, timestep, tensors)`` after each step, as in diffusers:
+        ``tensors`` holds the names in ``callback_on_step_end_tensor_inputs`` ("latents", and
+        "prompt_embeds": the U-Net's context, [uncond, cond] with CFG); a returned dict's entries replace them.
         Returns :class:`HummingbirdPipelineOutput` (or ``(frames,)`` when ``return_dict=False``).
         """
         defaults = DISTILLED_DEFAULTS if self.guidance_distilled else CFG_DEFAULTS
@@ -261,10 +309,13 @@ class HummingbirdPipeline(DiffusionPipeline):
         height = DEFAULT_SIZE[0] if height is None else height
         width = DEFAULT_SIZE[1] if width is None else width
         self.check_inputs(prompt, negative_prompt, num_frames, height, width, num_inference_steps, guidance_scale,
-                          fps, output_type, decode_chunk_size)
-        prompt = [prompt] if isinstance(prompt, str) else list(prompt)
+                          fps, output_type, decode_chunk_size, prompt_embeds, negative_prompt_embeds,
+                          callback_on_step_end_tensor_inputs)
+        if prompt_embeds is None:
+            prompt = [prompt] if isinstance(prompt, str) else list(prompt)
+        num_prompts = len(prompt) if prompt_embeds is None else len(prompt_embeds)
         if isinstance(negative_prompt, str):
-            negative_prompt = [negative_prompt] * len(prompt)
+            negative_prompt = [negative_prompt] * num_prompts
         elif negative_prompt is not None:
             negative_prompt = list(negative_prompt)
         if generator is not None and seed is not None:
@@ -284,7 +335,7 @@ class HummingbirdPipeline(DiffusionPipeline):
         if seed is not None:
             generator = torch.Generator("cpu").manual_seed(seed)
         device, dtype = self._execution_device, self.unet.dtype
-        batch = len(prompt) * num_videos_per_prompt
+        batch = num_prompts * num_videos_per_prompt
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         timings, clock = {}, _Clock(device)
@@ -294,14 +345,15 @@ class HummingbirdPipeline(DiffusionPipeline):
 
         # Text: one U-Net call per step either way; CFG doubles its batch to [uncond, cond].
         do_cfg = not self.guidance_distilled and guidance_scale > 1
-        if self.guidance_distilled and negative_prompt is not None:
-            warnings.warn("negative_prompt is ignored: this U-Net has classifier-free guidance distilled in "
+        negative = "negative_prompt" if negative_prompt_embeds is None else "negative_prompt_embeds"
+        if self.guidance_distilled and (negative_prompt is not None or negative_prompt_embeds is not None):
+            warnings.warn(f"{negative} is ignored: this U-Net has classifier-free guidance distilled in "
                           "(no unconditional branch)", stacklevel=2)
-        elif not do_cfg and negative_prompt is not None:
-            warnings.warn(f"negative_prompt is ignored: guidance_scale {guidance_scale} <= 1 turns classifier-free "
+        elif not do_cfg and (negative_prompt is not None or negative_prompt_embeds is not None):
+            warnings.warn(f"{negative} is ignored: guidance_scale {guidance_scale} <= 1 turns classifier-free "
                           "guidance off", stacklevel=2)
-        texts = (negative_prompt or [""] * len(prompt)) + prompt if do_cfg else prompt
-        context = self.encode_prompt(texts, device).to(dtype).repeat_interleave(num_videos_per_prompt, dim=0)
+        context = self._text_context(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, do_cfg, device)
+        context = context.to(dtype).repeat_interleave(num_videos_per_prompt, dim=0)
         timings["text_encode"] = clock.lap()
 
         timesteps = self._set_timesteps(num_inference_steps, device)
@@ -328,7 +380,10 @@ class HummingbirdPipeline(DiffusionPipeline):
                 # The last LCM step returns its denoised estimate, so prev_sample is the result either way.
                 latents = self.scheduler.step(noise, t, latents, **step_kwargs).prev_sample
                 if callback_on_step_end is not None:
-                    latents = (callback_on_step_end(self, i, t, {"latents": latents}) or {}).get("latents", latents)
+                    named = {"latents": latents, "prompt_embeds": context}
+                    out = callback_on_step_end(self, i, t, {k: named[k] for k in callback_on_step_end_tensor_inputs})
+                    latents = (out or {}).get("latents", latents)
+                    context = (out or {}).get("prompt_embeds", context)
                 progress.update()
         timings["denoise"] = clock.lap()
 

@@ -10,6 +10,9 @@ noise (epsilon).
   ``range(0, 1000, 1000 // n) + 1`` and its last step goes to alpha_cumprod[0]; in diffusers terms
   that is ``timestep_spacing="leading"``, ``steps_offset=1``, ``set_alpha_to_one=False``.
 """
+import inspect
+
+import diffusers
 import numpy as np
 from diffusers import DDIMScheduler, LCMScheduler
 
@@ -39,11 +42,18 @@ def scheduler_for(time_cond_proj_dim):
     return lcm_scheduler() if time_cond_proj_dim is not None else ddim_scheduler()
 
 
-def max_inference_steps(config) -> int:
-    """The most steps a scheduler with this config samples: an LCM scheduler's distillation grid
-    (original_inference_steps); otherwise every training timestep once, less the steps_offset of
-    "leading" spacing, whose timesteps ``range(0, T, T // n) + offset`` would reach T itself."""
-    if "original_inference_steps" in config:
+def max_inference_steps(config, scheduler_class=None) -> int:
+    """The most steps a scheduler with this config samples: a consistency scheduler's distillation grid
+    (original_inference_steps: LCM, TCD); otherwise every training timestep once, less the steps_offset
+    of "leading" spacing, whose timesteps ``range(0, T, T // n) + offset`` would reach T itself.
+
+    scheduler_class: the class the config belongs to (default: the config's ``_class_name``, as a saved
+    scheduler_config.json has it). ``DDIMScheduler.from_config(lcm.config)`` keeps the LCM's
+    original_inference_steps in its config, unused: only a class that takes it samples on that grid."""
+    if scheduler_class is None and config.get("_class_name"):
+        scheduler_class = getattr(diffusers, config["_class_name"], None)
+    takes_grid = scheduler_class is None or "original_inference_steps" in inspect.signature(scheduler_class).parameters
+    if "original_inference_steps" in config and takes_grid:
         return config["original_inference_steps"]
     leading = config.get("timestep_spacing", "leading") == "leading"
     return config["num_train_timesteps"] - (config.get("steps_offset", 0) if leading else 0)

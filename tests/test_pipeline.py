@@ -170,7 +170,18 @@ def test_save_load_round_trip(lcm, tmp_path):
     (dict(output_type="gif"), ValueError, "output_type"),
     (dict(decode_chunk_size=0), ValueError, "decode_chunk_size"),
     (dict(decode_chunk_size=2.5), TypeError, "decode_chunk_size must be an int"),
-    (dict(prompt=None), TypeError, "prompt must be a string or a sequence of strings, got NoneType"),
+    (dict(prompt=None), TypeError, r"prompt must be a string or a sequence of strings \(or pass prompt_embeds\), got "
+                                   "NoneType"),
+    (dict(prompt_embeds=torch.zeros(1, 77, 32)), ValueError, "either prompt or prompt_embeds"),
+    (dict(prompt=None, prompt_embeds=torch.zeros(1, 77, 8)), ValueError, r"prompt_embeds must have shape \(prompts >= 1, "
+                                                                       r"tokens, 32\), got \(1, 77, 8\)"),
+    (dict(prompt=None, prompt_embeds=torch.zeros(77, 32)), ValueError, "prompt_embeds must have shape"),
+    (dict(prompt=None, prompt_embeds=[[0.0]]), TypeError, "prompt_embeds must be a floating-point tensor"),
+    (dict(negative_prompt="a", negative_prompt_embeds=torch.zeros(1, 77, 32)), ValueError,
+     "either negative_prompt or negative_prompt_embeds"),
+    (dict(negative_prompt_embeds=torch.zeros(2, 77, 32)), ValueError, "negative_prompt_embeds holds 2 prompts, for 1"),
+    (dict(callback_on_step_end_tensor_inputs=["noise"]), ValueError, "callback_on_step_end_tensor_inputs must be"),
+    (dict(callback_on_step_end_tensor_inputs="latents"), ValueError, "callback_on_step_end_tensor_inputs must be"),
     (dict(prompt=[]), ValueError, "prompt must be a string or a non-empty sequence"),
     (dict(prompt=["a cat", 3]), TypeError, "prompt must be a string or a sequence of strings"),
     (dict(negative_prompt=3), TypeError, "negative_prompt must be None, a string or a sequence of strings"),
@@ -355,6 +366,57 @@ def test_latent_output_and_step_callback(lcm):
         lcm("a cat", callback_on_step_end="print", **kw)
 
 
+def test_prompt_embeds_instead_of_prompts(ddim):
+    """prompt_embeds / negative_prompt_embeds (as diffusers' video pipelines take them) give the video
+    their prompts give; missing negative embeddings are those of ""."""
+    kw = dict(guidance_scale=12.0, num_frames=2, num_inference_steps=2, seed=0, output_type="latent", **SIZE)
+    want = ddim(["a cat", "a dog"], negative_prompt=["blurry", "dark"], **kw).frames
+    cond, uncond = ddim.encode_prompt(["a cat", "a dog"], "cpu"), ddim.encode_prompt(["blurry", "dark"], "cpu")
+    torch.testing.assert_close(ddim(prompt_embeds=cond, negative_prompt_embeds=uncond, **kw).frames, want, rtol=1e-5,
+                               atol=1e-5)
+    torch.testing.assert_close(ddim(prompt_embeds=cond, negative_prompt=["blurry", "dark"], **kw).frames, want,
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ddim(prompt_embeds=cond, **kw).frames, ddim(["a cat", "a dog"], **kw).frames, rtol=1e-5,
+                               atol=1e-5)
+    assert not torch.allclose(ddim(prompt_embeds=uncond, negative_prompt_embeds=cond, **kw).frames, want)
+
+
+def test_step_callback_reads_and_replaces_the_text_context(ddim):
+    """callback_on_step_end_tensor_inputs picks what the callback sees; a returned "prompt_embeds" (the
+    U-Net's [uncond, cond] context under CFG) is used from the next step on."""
+    kw = dict(guidance_scale=12.0, num_frames=2, num_inference_steps=2, seed=0, output_type="latent", **SIZE)
+    seen = []
+
+    def swap(pipe, i, t, tensors):
+        seen.append(sorted(tensors))
+        uncond, cond = tensors["prompt_embeds"].chunk(2)
+        return {"prompt_embeds": torch.cat([cond, uncond])} if i == 0 else None
+
+    swapped = ddim("a cat", negative_prompt="blurry", callback_on_step_end=swap,
+                   callback_on_step_end_tensor_inputs=["prompt_embeds", "latents"], **kw).frames
+    assert seen == [["latents", "prompt_embeds"]] * 2
+    assert not torch.allclose(swapped, ddim("a cat", negative_prompt="blurry", **kw).frames)
+    ddim("a cat", callback_on_step_end=lambda pipe, i, t, tensors: seen.append(sorted(tensors)), **kw)
+    assert seen[2:] == [["latents"]] * 2  # the default
+
+
+def test_ddim_swapped_in_from_an_lcm_config_samples_the_training_schedule(lcm):
+    """DDIMScheduler.from_config(lcm.scheduler.config), diffusers' way to swap samplers, keeps the LCM's
+    original_inference_steps in its config: DDIM was capped at those 50 steps."""
+    from diffusers import DDIMScheduler, TCDScheduler
+
+    from hummingbird.schedulers import max_inference_steps
+
+    ddim = DDIMScheduler.from_config(lcm.scheduler.config)
+    assert "original_inference_steps" in ddim.config
+    assert max_inference_steps(ddim.config, DDIMScheduler) == 1000  # "trailing" spacing: no steps_offset
+    assert max_inference_steps({**ddim.config, "_class_name": "DDIMScheduler"}) == 1000  # a saved config
+    assert max_inference_steps(TCDScheduler.from_config(lcm.scheduler.config).config, TCDScheduler) == 50
+    lcm.scheduler = ddim
+    out = lcm("a cat", num_frames=1, num_inference_steps=60, seed=0, output_type="latent", **SIZE)
+    assert out.frames.shape == (1, 4, 1, 4, 4)
+
+
 def test_ddim_steps_stay_on_the_training_schedule(ddim):
     """1000 DDIM steps would start at timestep 1000 ("leading" spacing, steps_offset 1): refused by name
     before any sampling, where it would fail with an index error."""
@@ -426,6 +488,16 @@ def test_export_keeps_fps_and_frame_orientation(tmp_path):
     gif = export_video(frames, str(tmp_path / "v.gif"), fps=5)
     with Image.open(gif) as im:
         assert [im.seek(i) or im.info["duration"] for i in range(im.n_frames)] == [200] * 4
+
+
+def test_integer_frames_are_read_as_0_to_255():
+    """uint8 tensors (torchvision.io.read_video's frames) were cast to float and clipped to [0, 1]: a
+    white video. Other integer types are refused rather than guessed."""
+    u8 = torch.randint(0, 256, (3, 8, 8, 3), dtype=torch.uint8)
+    np.testing.assert_array_equal(to_uint8_frames(u8), u8.numpy())
+    np.testing.assert_array_equal(to_uint8_frames(u8.permute(0, 3, 1, 2)), u8.numpy())
+    with pytest.raises(TypeError, match="frames must be uint8 .* or floating point .*, got int64"):
+        to_uint8_frames(u8.long())
 
 
 def test_np_frames_follow_diffusers_convention(lcm, tmp_path):
