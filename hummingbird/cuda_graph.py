@@ -77,9 +77,10 @@ class CUDAGraphCall:
         return out.clone()
 
     def _capture(self, args, kwargs, device):
-        copies = {id(t): t.clone() for t in _tensors(args, kwargs)}
-        s_args = [copies.get(id(a), a) if isinstance(a, torch.Tensor) else a for a in args]
-        s_kwargs = {k: copies.get(id(v), v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        # a static input per argument position, even where the first call passes one tensor twice:
+        # later calls of the signature may pass two, and each must land in its own buffer
+        s_args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+        s_kwargs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         with torch.cuda.device(device):
             graph, out = capture(lambda: self.fn(*s_args, **s_kwargs), self.warmup)
         if not isinstance(out, torch.Tensor):

@@ -1,4 +1,6 @@
 """CUDA-graph replay of denoising steps: same results as plain calls, recapture on new shapes."""
+import contextlib
+
 import pytest
 import torch
 
@@ -50,6 +52,28 @@ def test_weights_key_sees_every_tensor_the_unet_reads():
     with torch.no_grad():
         last.mul_(2)  # in place (load_state_dict): fused projections' copies must be refreshed
     assert pipe._cuda_graph_weights_key() != key
+
+
+def test_each_argument_position_gets_its_own_static_input(monkeypatch):
+    """A first call f(x, x) gave both positions one static buffer: a later call of the same signature
+    with two different tensors copied both into it, and the replay computed on the second alone."""
+    from hummingbird import cuda_graph
+
+    monkeypatch.setattr(cuda_graph, "capture", lambda fn, warmup: (None, fn()))  # capturing needs a GPU
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    x = torch.randn(3)
+    static, _, out = CUDAGraphCall(lambda a, b, c: a + b - 2 * c)._capture((x, x), {"c": x}, "cpu")
+    assert len({t.data_ptr() for t in static}) == 3
+    torch.testing.assert_close(out, torch.zeros(3))
+
+
+@gpu_only
+def test_replay_of_a_signature_first_called_with_one_tensor_twice():
+    graphed = CUDAGraphCall(torch.sub, warmup=1)
+    x = torch.randn(3, device="cuda")
+    torch.testing.assert_close(graphed(x, x), torch.zeros_like(x))
+    a, b = torch.full((3,), 5.0, device="cuda"), torch.full((3,), 2.0, device="cuda")
+    torch.testing.assert_close(graphed(a, b), torch.full((3,), 3.0, device="cuda"))
 
 
 @pytest.mark.parametrize("hook", ["_hf_hook", "_diffusers_hook"])
