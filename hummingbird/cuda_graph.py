@@ -14,7 +14,9 @@ def _signature(args, kwargs):
             return ("tensor", tuple(a.shape), a.stride(), a.dtype, a.device)
         return ("value", a)
 
-    return tuple(key(a) for a in args), tuple((k, key(v)) for k, v in sorted(kwargs.items()))
+    # grad mode and autocast change what the captured kernels compute: part of the signature
+    modes = (torch.is_grad_enabled(), torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+    return tuple(key(a) for a in args), tuple((k, key(v)) for k, v in sorted(kwargs.items())), modes
 
 
 def _tensors(args, kwargs):
@@ -39,8 +41,8 @@ def capture(fn, warmup: int = 2):
 
 class CUDAGraphCall:
     """``CUDAGraphCall(fn)(*args, **kwargs)`` returns ``fn(*args, **kwargs)`` (a tensor), run as a CUDA
-    graph captured on the first call with each signature (tensor shapes, strides, dtypes, devices
-    and the values of non-tensor arguments). A graph also reads tensors that are not arguments (a
+    graph captured on the first call with each signature (tensor shapes, strides, dtypes, devices,
+    the values of non-tensor arguments, grad mode and CUDA autocast). A graph also reads tensors that are not arguments (a
     model's weights) at the addresses they had at capture: :meth:`set_weights_key` tells it when those
     change.
 

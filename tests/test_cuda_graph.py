@@ -67,6 +67,20 @@ def test_each_argument_position_gets_its_own_static_input(monkeypatch):
     torch.testing.assert_close(out, torch.zeros(3))
 
 
+def test_signature_holds_grad_mode_and_autocast():
+    """A graph captured under one mode replayed silently under another (fp16 kernels under autocast)."""
+    from hummingbird.cuda_graph import _signature
+
+    args = (torch.randn(2), 3)
+    plain = _signature(args, {})
+    with torch.no_grad():
+        assert _signature(args, {}) != plain
+    if ON_GPU:  # CUDA autocast is disabled (with a warning) on a machine without CUDA
+        with torch.autocast("cuda", dtype=torch.float16):
+            assert _signature(args, {}) != plain
+    assert _signature(args, {}) == plain
+
+
 @gpu_only
 def test_replay_of_a_signature_first_called_with_one_tensor_twice():
     graphed = CUDAGraphCall(torch.sub, warmup=1)
