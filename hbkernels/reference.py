@@ -66,9 +66,11 @@ def tokens_to_video(tokens, shape, residual) -> torch.Tensor:
 
 def residual_add(x, residual, bias) -> torch.Tensor:
     """x + residual (+ bias per channel), in the residual's memory layout like the kernels' output."""
-    out = x + residual
-    if bias is not None:
-        out = out + bias.view(-1, *[1] * (x.dim() - 2)).to(out.dtype)
+    if bias is None:
+        out = x + residual
+    else:  # in fp32, rounded once, as the kernels do; bias's gradient (a sum over N, T, H, W) then
+        # accumulates in fp32 too, where an fp16 one overflows past 65504
+        out = (x.float() + residual.float() + bias.float().view(-1, *[1] * (x.dim() - 2))).to(x.dtype)
     if out.stride() != residual.stride():  # mixed layouts: torch's add may pick x's
         out = torch.empty_like(residual).copy_(out)
     return out

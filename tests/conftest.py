@@ -22,6 +22,17 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def many_threads():
+    """4 threads whatever the machine has: the C++ kernels' cross-thread merges (per-thread partial
+    sums, Welford accumulators) run only with more than one thread, and a 1-core machine or
+    OMP_NUM_THREADS=1 would never run them. Oversubscribing is correct, only slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed(request):
     """Random inputs differ from test to test but are reproducible run to run, so a failure seen

@@ -570,3 +570,18 @@ def test_group_norm_cpp_backward_checks_the_affine_gradient_shapes(backend_name,
     grads = {"dweight": torch.empty(8), "dbias": torch.empty(8), which: torch.empty(1, 8)}
     with pytest.raises(RuntimeError, match=rf"{which} must be float32 of shape \(C,\) = \(8,\), got \[1, 8\]"):
         cpp.gn_bwd(dy, x, None, None, None, mean, rstd, dx, grads["dweight"], grads["dbias"], 2, False)
+
+
+@pytest.mark.parametrize("backend_name", CPP)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_group_norm_merges_every_threads_partials(backend_name, layout, activation, many_threads):
+    """Each thread's Welford accumulators (forward) and partial sums (backward, dweight, dbias) are
+    merged across threads."""
+    x = rand(2, 16, 6, 6, dtype=torch.float64, mean=1.0, requires_grad=True)
+    w = rand(16, dtype=torch.float64, mean=1.0, requires_grad=True)
+    b = rand(16, dtype=torch.float64, requires_grad=True)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    check_against_float64(lambda x, w, b: hbkernels.group_norm(x.contiguous(memory_format=fmt), 4, w, b,
+                                                               activation=activation),
+                          [x, w, b], backend_name, torch.float32)

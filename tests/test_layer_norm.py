@@ -200,3 +200,26 @@ def test_layer_norm_backward_of_huge_constant_rows(backend_name, dtype, width):
     want = (dy.double() - dy.double().mean(-1, keepdim=True)) / 1e-5 ** 0.5
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(dx.double(), want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+@pytest.mark.parametrize("backend_name", CPP)
+@pytest.mark.parametrize("residual", [False, True])
+def test_layer_norm_merges_every_threads_partial_sums(backend_name, residual, many_threads):
+    """dweight / dbias are summed per thread, then across threads."""
+    x, r = rand(64, 40, dtype=torch.float64, requires_grad=True), rand(64, 40, dtype=torch.float64, requires_grad=residual)
+    w, b = rand(40, dtype=torch.float64, mean=1.0, requires_grad=True), rand(40, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, r, w, b):
+        return hbkernels.layer_norm(x, w, b, residual=r)[0] if residual else hbkernels.layer_norm(x, w, b)
+
+    check_against_float64(fn, [x, r, w, b], backend_name, torch.float32)
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+def test_layer_norm_at_the_widest_kernel_row(backend_name):
+    """TRITON_MAX_C wide rows still run the kernels (wider ones take the reference on GPUs)."""
+    from hbkernels.ops.layer_norm import TRITON_MAX_C
+
+    x = rand(1, TRITON_MAX_C, dtype=torch.float64, requires_grad=True)
+    w, b = rand(TRITON_MAX_C, dtype=torch.float64, mean=1.0, requires_grad=True), rand(TRITON_MAX_C, dtype=torch.float64)
+    check_against_float64(lambda x, w: hbkernels.layer_norm(x, w, b), [x, w], backend_name, torch.float32)

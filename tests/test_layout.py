@@ -108,6 +108,19 @@ def test_residual_add_keeps_the_residual_layout(backend_name):
     torch.testing.assert_close(out, x + res + 1)
 
 
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_residual_add_fp32_bias_gradient_of_fp16_activations(backend_name):
+    """The bias gradient sums dy over N, T, H, W: in fp16 a channel's sum of 4096 values of 16 (65536)
+    overflows, so it accumulates in fp32 and is returned in the bias's fp32."""
+    x, res = rand(1, 4, 1, 64, 64, dtype=torch.float16), rand(1, 4, 1, 64, 64, dtype=torch.float16)
+    bias = rand(4, requires_grad=True)
+    with hbkernels.use_backend(backend_name):
+        out = hbkernels.residual_add(x, res, bias)
+    (db,) = torch.autograd.grad(out, [bias], torch.full_like(out, 16.0))
+    assert db.dtype == torch.float32
+    torch.testing.assert_close(db, torch.full((4,), 65536.0, device=db.device))
+
+
 def test_residual_add_bad_input():
     x = rand(2, 4, 3, 3)
     with pytest.raises(ValueError, match="residual must have x's shape"):
