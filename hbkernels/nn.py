@@ -65,12 +65,20 @@ class LayerNorm(nn.LayerNorm):
         return new
 
 
+def runs_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs more than its class's forward: torch forward (pre-)hooks, or a
+    forward replaced on the instance, as accelerate's offload hooks and diffusers' hooks (layerwise
+    casting, group offload) do. Code that reads such a module's weights itself must call it instead:
+    the hooks move or cast the weights only around the call."""
+    return bool(module._forward_hooks or module._forward_pre_hooks) or "forward" in vars(module)
+
+
 def conv_deferring_bias(conv: nn.Module, x: torch.Tensor):
     """``(conv(x) without its bias, the bias)`` for a plain biased ``nn.Conv2d`` / ``nn.Conv3d``, so
     that the caller adds the bias where it costs no pass of its own, e.g. as the next
     :class:`GroupNorm`'s ``shift`` (cuDNN adds a convolution's bias in a separate broadcast pass over
     the whole output). ``(conv(x), None)`` for anything else (a LoRA-wrapped or hooked conv, no bias)."""
-    plain = type(conv) in (nn.Conv2d, nn.Conv3d) and not (conv._forward_hooks or conv._forward_pre_hooks)
+    plain = type(conv) in (nn.Conv2d, nn.Conv3d) and not runs_hooks(conv)
     if plain and conv.bias is not None:
         return conv._conv_forward(x, conv.weight, None), conv.bias
     return conv(x), None
@@ -97,7 +105,7 @@ class FusedLinear(nn.Module):
     new values. Inside torch.compile the copy is used as it stands (the check reads tensor versions,
     which dynamo cannot trace): fuse again after changing weights there. Where a gradient is wanted
     for a layer's parameters, the weights are concatenated afresh on each call, so the layers
-    themselves are trained."""
+    themselves are trained. Layers with hooks (offload, layerwise casting) are called one by one."""
 
     def __init__(self, *linears: nn.Linear):
         super().__init__()
@@ -122,6 +130,8 @@ class FusedLinear(nn.Module):
                                   for lin in self._linears])
 
     def forward(self, x):
+        if any(runs_hooks(lin) for lin in self._linears):  # offloaded / cast around each call: call them
+            return torch.cat([lin(x) for lin in self._linears], dim=-1)
         if torch.is_grad_enabled() and any(p.requires_grad for p in self._parameters_of_layers()):
             return F.linear(x, *self._concatenated(lambda p: p))
         if not torch.compiler.is_compiling() and self._versions() != self._copied:

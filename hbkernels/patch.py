@@ -17,7 +17,9 @@ with it (read from diffusers' source), so subclasses that may override a forward
 * ``ResnetBlock2D`` ("default" time-embedding mode) gets a forward whose ``norm2`` adds the time
   embedding itself (``group_norm(..., shift=temb)``), saving the broadcast-add pass.
 
-Patch before adding accelerate offload hooks: replaced modules do not carry hooks over.
+Patch before adding hooks (accelerate's offload, diffusers' layerwise casting or group offload):
+replaced modules do not carry hooks over. Hooked convolutions and norms are called as modules, so
+their hooks run (their biases are then not fused into the next op).
 ``model.set_attn_processor(AttnProcessor2_0())`` puts diffusers' attention back everywhere (the
 patched forwards work with any processor); ``set_default_attn_processor`` refuses, as diffusers does
 for every model holding a processor class of its own lists.
@@ -226,8 +228,11 @@ def _temporal_tokens_forward(self, hidden_states, encoder_hidden_states, timeste
     video = hidden_states.reshape(batch_frames // num_frames, num_frames, channels, height, width)
     video = video.permute(0, 2, 1, 3, 4)
     norm = self.norm
-    activation = getattr(norm, "activation", None)
-    tokens = group_norm_to_tokens(video, norm.num_groups, norm.weight, norm.bias, norm.eps, activation)
+    if hbnn.runs_hooks(norm):  # offload / casting hooks: the weights are ready only inside the call
+        tokens = norm(video).permute(0, 3, 4, 2, 1).reshape(-1, num_frames, channels)
+    else:
+        activation = getattr(norm, "activation", None)
+        tokens = group_norm_to_tokens(video, norm.num_groups, norm.weight, norm.bias, norm.eps, activation)
     tokens = self.proj_in(tokens)
     for block in self.transformer_blocks:
         tokens = block(

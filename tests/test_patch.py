@@ -2,6 +2,7 @@
 the patched paths really run (counted through the ops patch.py and nn.py call)."""
 import collections
 import contextlib
+import copy
 import functools
 import io
 import warnings
@@ -382,3 +383,27 @@ def test_autocast_with_float32_activations(block):
         ref, out = ref[0], out[0]
     assert out.dtype == ref.dtype == torch.float32
     torch.testing.assert_close(out, ref, rtol=0, atol=0.02 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("which", list(MODELS))
+def test_layerwise_casting_after_patching(which):
+    """diffusers' layerwise casting (and accelerate's offload) wrap each layer's forward to cast or move
+    its weights around the call: the fused paths read conv and norm weights themselves, and met fp8
+    (or meta) weights. Hooked layers are now called as modules."""
+    torch.manual_seed(0)
+    model, inputs = MODELS[which][0]()
+    model.eval().to(DEVICE)
+    inputs = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    plain = hbkernels.apply_to(copy.deepcopy(model))
+    hooks_seen = []
+    for m in (model, plain):
+        m.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+        norms = [mod.norm for mod in m.modules() if hasattr(mod, "transformer_blocks") and hasattr(mod, "proj_in")
+                 and isinstance(getattr(mod, "norm", None), torch.nn.GroupNorm)]
+        for norm in norms:
+            norm.register_forward_hook(lambda *args, patched=m is plain: hooks_seen.append(patched))
+    with torch.no_grad(), exact_fp32():
+        ref = model(**inputs).sample
+        out = plain(**inputs).sample
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-4 * ref.abs().max().item())
+    assert hooks_seen.count(True) == hooks_seen.count(False)  # the temporal norms' hooks ran when patched too

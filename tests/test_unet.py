@@ -580,3 +580,28 @@ def test_videocrafter2_middle_block_layout():
         sd = HummingbirdUNet3DModel.from_named_config("videocrafter2").state_dict()
     assert tuple(sd["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape) == (1280, 1024)
     assert tuple(sd["middle_block.2.transformer_blocks.0.attn2.to_k.weight"].shape) == (1280, 1280)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused-qkv"])
+def test_layerwise_casting(tiny, fused):
+    """diffusers' enable_layerwise_casting stores weights in fp8 and casts each layer's around its call:
+    the model's own reads of weights (the time embedding's dtype, the temporal norm written as tokens,
+    conv biases folded into the next op, fused q/k/v) met fp8 storage. Hooked layers are called as
+    modules, and the result is that of the same fp8-rounded weights in fp32."""
+    import copy
+
+    cast = copy.deepcopy(tiny)
+    cast.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    stored = dict(cast.named_parameters())
+    assert torch.float8_e4m3fn in {p.dtype for p in stored.values()}
+    ref = copy.deepcopy(tiny)
+    for name, p in ref.named_parameters():
+        p.data = stored[name].data.float()
+    if fused:
+        cast.fuse_qkv_projections()
+        ref.fuse_qkv_projections()
+    x, context = torch.randn(1, 4, 3, 16, 16), torch.randn(1, 7, 32)
+    with torch.no_grad():
+        want = ref(x, 10, context).sample
+        got = cast(x, 10, context).sample
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())

@@ -31,7 +31,7 @@ from torch import nn
 
 import hbkernels
 from hbkernels import residual_add
-from hbkernels.nn import GEGLU, FusedLinear, GroupNorm, LayerNorm, TemporalAttention, conv_deferring_bias
+from hbkernels.nn import GEGLU, FusedLinear, GroupNorm, LayerNorm, TemporalAttention, conv_deferring_bias, runs_hooks
 
 
 def _zero(module: nn.Module) -> nn.Module:
@@ -173,7 +173,10 @@ class TemporalTransformer(nn.Module):
     def forward(self, x, num_frames):
         video = frames_as_video(x, num_frames)
         norm = self.norm
-        tokens = hbkernels.group_norm_to_tokens(video, norm.num_groups, norm.weight, norm.bias, norm.eps)
+        if runs_hooks(norm):  # offload / casting hooks: the weights are ready only inside the call
+            tokens = norm(video).permute(0, 3, 4, 2, 1).reshape(-1, num_frames, video.shape[1])
+        else:
+            tokens = hbkernels.group_norm_to_tokens(video, norm.num_groups, norm.weight, norm.bias, norm.eps)
         tokens = self.proj_in(tokens)
         for block in self.transformer_blocks:
             tokens = block(tokens)
@@ -457,7 +460,10 @@ class HummingbirdUNet3DModel(ModelMixin, AttentionMixin, ConfigMixin):
                 and tuple(timestep_cond.shape) != (b, cfg.time_cond_proj_dim):
             raise ValueError(f"timestep_cond must be (B={b}, time_cond_proj_dim={cfg.time_cond_proj_dim}), "
                              f"got shape {tuple(timestep_cond.shape)}")
-        dtype, mc = self.time_embed[0].weight.dtype, self.config.model_channels
+        # compute in the weights' dtype, unless hooks cast them around each call (diffusers' layerwise
+        # casting stores fp8): then in the sample's, as diffusers' U-Nets do
+        dtype = sample.dtype if runs_hooks(self.time_embed[0]) else self.time_embed[0].weight.dtype
+        mc = self.config.model_channels
 
         def sinusoidal(values):  # as VideoCrafter2 embeds timesteps and fps: cos first, freqs 10000^(-i/half)
             v = self._per_sample(values, b, sample.device)
