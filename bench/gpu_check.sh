@@ -44,11 +44,16 @@ unet_impls=()
 IFS=, read -ra names <<<"${UNET_IMPLS:-}"
 for name in "${names[@]}"; do unet_impls+=(--impl "$name"); done
 
+# Where installed: 8 test workers (pytest-xdist), and --timeout (pytest-timeout): a test that hangs (a
+# one-pass GroupNorm group that never completes) is ended and named, and the worker's replacement runs
+# the rest. Neither is a test dependency of the package: without them the tests run serially, untimed.
+test_args=()
+python3 -c "import xdist" 2>/dev/null && test_args+=(-n 8)
+python3 -c "import pytest_timeout" 2>/dev/null && test_args+=(--timeout "${TEST_TIMEOUT:-90}")
+
 run_step() {
     case $1 in
-    # --timeout (pytest-timeout): a test that hangs (a one-pass GroupNorm group that never completes) is
-    # ended and named, and the worker's replacement runs the rest
-    tests) step tests "${TESTS_LIMIT:-110}" python3 -m pytest -q -p no:cacheprovider -n 8 --timeout "${TEST_TIMEOUT:-90}" ${TEST_FILES:-tests/test_temporal_attention.py \
+    tests) step tests "${TESTS_LIMIT:-110}" python3 -m pytest -q -p no:cacheprovider "${test_args[@]}" ${TEST_FILES:-tests/test_temporal_attention.py \
         tests/test_group_norm.py tests/test_layer_norm.py tests/test_layout.py tests/test_geglu.py tests/test_nn.py tests/test_backend.py \
         tests/test_compile.py tests/test_patch.py tests/test_unet.py tests/test_cuda_graph.py} ;;
     unet_step) step unet_step "${UNET_LIMIT:-120}" python3 -m bench.unet_step --quick --profile ${UNET_COMPILE---no-compile} \
