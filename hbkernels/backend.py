@@ -17,8 +17,15 @@ BACKENDS = ("triton", "cpp", "torch")
 _local = threading.local()
 
 
+def _env_flag(name: str) -> bool:
+    """A boolean environment variable read as Triton reads its own (TRITON_INTERPRET): on for 1, true,
+    on, yes, y (any case), off otherwise. Read alike, "TRITON_INTERPRET=false" cannot make hbkernels
+    run Triton kernels on CPU tensors that Triton itself would not interpret."""
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "on", "yes", "y")
+
+
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return _env_flag("TRITON_INTERPRET")
 
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -60,8 +67,9 @@ def select(device: torch.device, dtype: torch.dtype, empty: bool = False) -> str
     """The backend that runs an op on ``dtype`` tensors living on ``device`` (``empty``: of zero size)."""
     name = _requested()
     # kernels cover fp32/fp16/bf16; float64 is the reference's job, and so are zero-size tensors (an
-    # empty batch), which torch's ops take as they come
-    if dtype == torch.float64 or empty:
+    # empty batch), which torch's ops take as they come, and meta tensors (shape inference), whatever
+    # backend is forced
+    if dtype == torch.float64 or empty or device.type == "meta":
         return "torch"
     if name == "triton":
         if not triton_available():
@@ -86,21 +94,33 @@ def select(device: torch.device, dtype: torch.dtype, empty: bool = False) -> str
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Force ``name`` for ops called inside the block (overrides ``HBKERNELS_BACKEND``)."""
+    """Force ``name`` for ops called inside the block (overrides ``HBKERNELS_BACKEND``), in this thread.
+
+    Blocks nest per thread, not per asyncio task or generator (torch.compile traces a thread-local
+    read, not a context variable's): blocks that interleave on one thread (tasks awaiting inside them,
+    a generator suspended inside one) see each other's setting. Leaving a block that is not the
+    innermost warns, and removes only its own setting."""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     if not hasattr(_local, "forced"):
-        _local.forced = []
+        _local.forced, _local.blocks = [], []  # the names (what select reads), and who set each
+    block = object()
     _local.forced.append(name)
+    _local.blocks.append(block)
     try:
         yield
     finally:
-        _local.forced.pop()
+        i = next(i for i, b in enumerate(_local.blocks) if b is block)
+        if i != len(_local.blocks) - 1:
+            warnings.warn("hbkernels.use_backend: blocks left out of order on one thread (interleaved by "
+                          "asyncio tasks or generators); each removes only its own setting", RuntimeWarning,
+                          stacklevel=3)
+        del _local.forced[i], _local.blocks[i]
 
 
 # ``HBKERNELS_POISON=1`` (read at import) fills every output buffer with NaN before a kernel runs, so
 # tests see any element a kernel forgot to write.
-POISON = os.environ.get("HBKERNELS_POISON", "0") not in ("", "0")
+POISON = _env_flag("HBKERNELS_POISON")
 
 
 def _poisoning() -> bool:

@@ -94,6 +94,43 @@ def test_use_backend_is_per_thread(monkeypatch):
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="CPU-only rules")
+def test_use_backend_blocks_left_out_of_order(monkeypatch):
+    """A generator suspended inside a block, closed inside another: the other block's setting was the
+    one removed (the stack popped its top), and the caller went on with the generator's."""
+    monkeypatch.delenv("HBKERNELS_BACKEND", raising=False)
+
+    def gen():
+        with hbkernels.use_backend("torch"):
+            yield
+
+    g = gen()
+    next(g)
+    with hbkernels.use_backend("cpp"):
+        with pytest.warns(RuntimeWarning, match="out of order"):
+            g.close()
+        assert backend._requested() == "cpp"
+    assert backend._requested() is None
+
+
+@pytest.mark.parametrize("value,on", [("1", True), ("true", True), ("On", True), ("yes", True), ("0", False),
+                                      ("false", False), ("off", False), ("no", False), ("", False), ("2", False)])
+def test_boolean_environment_variables_read_as_triton_reads_them(monkeypatch, value, on):
+    """TRITON_INTERPRET=false made hbkernels count on an interpreter Triton did not run."""
+    knobs = pytest.importorskip("triton.knobs")
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert backend.interpreting() is on is knobs.runtime.interpret
+
+
+def test_meta_tensors_take_the_reference_whatever_is_forced():
+    """Shape inference on meta tensors: forcing a kernel backend gave a copy-out-of-meta error (Triton)
+    or a refusal (C++)."""
+    x = torch.empty(2, 8, 3, 4, 4, device="meta")
+    for name in ("triton", "cpp"):
+        with hbkernels.use_backend(name):
+            assert backend.select(x.device, x.dtype) == "torch"
+            assert hbkernels.group_norm(x, 4, activation="silu").shape == x.shape
+
+
 def test_forcing_unusable_backend_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with hbkernels.use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):

@@ -61,6 +61,28 @@ def test_op_gradients_compiled_match_eager(backend_name, op, grad_kind):
     assert_gradients_close(got_grads, want_grads, op)
 
 
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+@pytest.mark.parametrize("layout", ["cropped", "hw_transposed"])
+def test_video_layouts_that_need_a_copy_compile(backend_name, layout):
+    """Videos whose H and W cannot merge into one axis without a copy: eager code tried the view and
+    caught the RuntimeError, which under torch.compile is dynamo's own error and aborted the build."""
+    base = rand(2, 8, 3, 5, 6, requires_grad=True)
+
+    def fn(base, w):
+        x = base[..., :5] if layout == "cropped" else base.transpose(-1, -2)
+        return hbkernels.residual_add(hbkernels.group_norm(x, 4, w, activation="silu"), x)
+
+    w = rand(8, requires_grad=True)
+    torch._dynamo.reset()
+    with hbkernels.use_backend(backend_name):
+        want = fn(base, w)
+        want_grads = torch.autograd.grad(want.sum(), (base, w))
+        got = torch.compile(fn, fullgraph=True, backend="aot_eager")(base, w)
+        got_grads = torch.autograd.grad(got.sum(), (base, w))
+    torch.testing.assert_close(got, want)
+    assert_gradients_close(got_grads, want_grads, layout)
+
+
 def _empty(*shape):
     return torch.empty(*shape, device=DEVICE)
 

@@ -21,23 +21,26 @@ def video_view(t: torch.Tensor) -> torch.Tensor:
     return t.view(n, c, f, h * w)
 
 
+def _hw_merge(t: torch.Tensor) -> bool:
+    """Whether :func:`video_view` can merge ``t``'s H and W without a copy. Decided from the strides,
+    not by trying the view: under torch.compile a failed view on fake tensors raises dynamo's own
+    error, which aborts the compilation instead of reaching an ``except RuntimeError``."""
+    h, w = t.shape[-2:]
+    return h == 1 or w == 1 or t.stride(-2) == t.stride(-1) * w
+
+
 def _as_video(t: torch.Tensor) -> torch.Tensor:
     """Like :func:`video_view`, copying first when H and W cannot be merged without one."""
-    try:
-        return video_view(t)
-    except RuntimeError:
-        return video_view(t.contiguous())
+    return video_view(t if _hw_merge(t) else t.contiguous())
 
 
 def empty_video_like(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """An output shaped like ``t`` (its layout where H and W merge, else contiguous) and its
     (N, C, T, H*W) view."""
     out = backend.empty_like(t)
-    try:
-        return out, video_view(out)
-    except RuntimeError:
+    if not _hw_merge(out):
         out = backend.empty_like(t, memory_format=torch.contiguous_format)
-        return out, video_view(out)
+    return out, video_view(out)
 
 
 def _tokens_as_video(tokens: torch.Tensor, n: int, c: int, f: int, hw: int) -> torch.Tensor:
