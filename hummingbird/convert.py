@@ -27,20 +27,18 @@ and anything of torch's or numpy's not allowed above): those are refused with an
 Setting state on a class or function (which would change code for the rest of the process) is refused.
 """
 import _compat_pickle
-import errno
 import json
 import os
 import pickle
 import re
-import shutil
-import tempfile
-import uuid
 import warnings
 import zipfile
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+
+from hummingbird.files import check_destination, write_folder
 
 UNET_PREFIX = "model.diffusion_model."
 TEXT_PREFIX = "cond_stage_model.model."  # FrozenOpenCLIPEmbedder keeps the open_clip model as .model
@@ -344,7 +342,13 @@ def resolve_config(config) -> dict:
         path = path / "config.json"
     if not path.is_file():
         raise ValueError(f"config {config!r} is neither a named config ({', '.join(CONFIGS)}) nor a config.json")
-    return json.loads(path.read_text())
+    try:
+        loaded = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"config {path} is not valid JSON: {err}") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"config {path} must hold a JSON object of model settings, got {type(loaded).__name__}")
+    return loaded
 
 
 def detect_config(unet_sd: dict) -> str:
@@ -411,8 +415,10 @@ def text_encoder_from_checkpoint(checkpoint: dict, *, strict=True):
     if not tower:
         return None
     block_of = {k: int(m[1]) for k in tower if (m := re.match(r"transformer\.resblocks\.(\d+)\.", k))}
-    if "token_embedding.weight" not in tower or not block_of:
-        raise CheckpointMismatchError("text encoder", missing=["token_embedding.weight / transformer.resblocks.*"])
+    needed = ["token_embedding.weight", "transformer.resblocks.0.mlp.c_fc.weight"]  # what the config is read from
+    if not block_of or any(k not in tower for k in needed):
+        raise CheckpointMismatchError("text encoder", missing=[TEXT_PREFIX + k for k in needed if k not in tower]
+                                      or [TEXT_PREFIX + "transformer.resblocks.*"])
     last = max(block_of.values())
     unexpected = sorted(k for k in tower if k not in block_of and k not in _OPEN_CLIP_TOP_KEYS | _OPEN_CLIP_UNUSED)
     if unexpected:
@@ -481,50 +487,19 @@ def vae_from_checkpoint(checkpoint: dict, *, strict=True):
     return load_state_dict_checked(vae, convert_ldm_vae_checkpoint(known, vae.config), "VAE", strict).eval()
 
 
-# ----------------------------------------------------------------------------- writing a folder
-
-
-def _rename_into(tmp: Path, dst: Path):
-    """os.rename, which never replaces a file or a non-empty folder: one there is reported as existing."""
-    try:
-        os.rename(tmp, dst)
-    except OSError as err:
-        if err.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
-            raise FileExistsError(f"{dst} appeared during the conversion; not replaced (use --overwrite)") from err
-        raise
-
-
-def _move_into_place(tmp: Path, dst: Path, overwrite: bool):
-    """Move the finished ``tmp`` folder to ``dst``. ``dst`` is checked again right here, because
-    it may have appeared since :func:`convert` started: then it is an error unless ``overwrite``, in
-    which case it is renamed aside, ``tmp`` renamed in, and only then the old folder deleted."""
-    if not (dst.exists() or dst.is_symlink()):
-        _rename_into(tmp, dst)
-        return
-    if not overwrite:
-        raise FileExistsError(f"{dst} appeared during the conversion; not replaced (use --overwrite)")
-    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-    os.rename(dst, old / dst.name)
-    try:
-        _rename_into(tmp, dst)
-    except BaseException:
-        os.rename(old / dst.name, dst)  # put the old folder back (if this fails, it is kept in `old`)
-        old.rmdir()
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def convert(src, dst, config=None, *, dtype=None, overwrite=False, strict=True) -> list:
     """Write the diffusers folder ``dst`` (unet/, and text_encoder/ and vae/ where the checkpoint has
     them) from the original checkpoint ``src``. ``config``: as for :func:`resolve_config`, None
     detects a named config. ``dtype``: "fp32"/"fp16"/"bf16" or a floating-point torch dtype to cast to.
 
-    Everything is written to a temporary folder next to ``dst`` and moved into place at the end, so
-    an interrupted conversion never leaves a half-written model. Returns the components written.
+    Everything is written to a temporary folder next to ``dst`` and moved into place at the end
+    (:func:`hummingbird.files.write_folder`), so an interrupted conversion never leaves a half-written
+    model. Returns the components written.
     """
-    dst = Path(dst)
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} exists; choose another destination or overwrite it")
+    dst, source = Path(os.path.abspath(dst)), Path(os.path.abspath(src))
+    if dst == source or dst in source.parents:  # --overwrite would delete the checkpoint being read
+        raise ValueError(f"dst {dst} is or contains the checkpoint {source}; choose another destination")
+    check_destination(dst, overwrite)  # before the slow part; write_folder checks again at the end
     dtype = resolve_dtype(dtype)
     config = None if config is None else resolve_config(config)  # a bad name fails before reading the checkpoint
     checkpoint = load_checkpoint(src)
@@ -534,15 +509,11 @@ def convert(src, dst, config=None, *, dtype=None, overwrite=False, strict=True) 
         "vae": vae_from_checkpoint(checkpoint, strict=strict),
     }
     components = {name: model for name, model in components.items() if model is not None}
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex}"
-    tmp.mkdir()  # not mkdtemp: its mode 0700 would become the model folder's, whatever the user's umask
-    try:
+    def fill(tmp):
         for name, model in components.items():
             if dtype is not None:
                 torch.nn.Module.to(model, dtype)  # diffusers' .to() warns about keep-in-fp32 modules we don't have
             model.save_pretrained(tmp / name, safe_serialization=True)
-        _move_into_place(tmp, dst, overwrite)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    write_folder(dst, fill, overwrite)
     return list(components)

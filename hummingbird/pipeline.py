@@ -38,6 +38,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from hummingbird import DEFAULT_SIZE
 from hummingbird.cuda_graph import CUDAGraphCall
+from hummingbird.files import AtomicSaveMixin
 from hummingbird.models import HummingbirdUNet3DModel, guidance_scale_embedding
 from hummingbird.schedulers import DDIM_ETA, lcm_timesteps, max_inference_steps, scheduler_for
 
@@ -61,7 +62,7 @@ class HummingbirdPipelineOutput(BaseOutput):
     peak_memory_mb: float = 0.0
 
 
-class HummingbirdPipeline(DiffusionPipeline):
+class HummingbirdPipeline(AtomicSaveMixin, DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->unet->vae"
     _callback_tensor_inputs = ["latents", "prompt_embeds"]  # what callback_on_step_end may read and replace
 

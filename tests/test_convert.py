@@ -23,14 +23,13 @@ from hummingbird.convert import (
     UNET_PREFIX,
     CheckpointMismatchError,
     UnsafeCheckpointError,
-    _move_into_place,
-    _rename_into,
     _RestrictedPickleModule,
     convert,
     load_checkpoint,
     text_encoder_from_checkpoint,
     unet_key_from_original,
 )
+from hummingbird.files import _rename_into, move_into_place
 from hummingbird.models import HummingbirdUNet3DModel
 
 
@@ -418,6 +417,8 @@ def test_convert_writes_diffusers_folder(parts, tmp_path):
     finally:
         os.umask(umask)
     assert stat.S_IMODE(dst.stat().st_mode) == 0o755  # the user's umask, not a temporary folder's 0700
+    # every file too: safetensors writes its own through a 0600 temporary file
+    assert {stat.S_IMODE(p.stat().st_mode) for p in dst.rglob("*") if p.is_file()} == {0o644}
     assert sorted(p.name for p in dst.iterdir()) == ["text_encoder", "unet", "vae"]
     assert (dst / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     unet = HummingbirdUNet3DModel.from_pretrained(dst / "unet").eval()
@@ -461,13 +462,54 @@ def test_destination_created_during_conversion_is_not_replaced(parts, tmp_path, 
         (dst / "theirs.txt").write_text("keep me")
 
     monkeypatch.setattr(AutoencoderKL, "save_pretrained", save_while_someone_creates_dst)
-    with pytest.raises(FileExistsError, match="appeared during the conversion"):
+    with pytest.raises(FileExistsError, match="appeared while it was written"):
         convert(src, dst, "tiny")
     assert [p.name for p in dst.iterdir()] == ["theirs.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "out"]  # no temporary folders left
     assert convert(src, dst, "tiny", overwrite=True) == ["unet", "text_encoder", "vae"]
     assert sorted(p.name for p in dst.iterdir()) == ["text_encoder", "unet", "vae"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "out"]
+
+
+@pytest.mark.parametrize("where", ["dst is src", "dst holds src"])
+def test_convert_refuses_a_destination_holding_its_source(parts, tmp_path, where):
+    """`convert models/vc2/model.ckpt models/vc2 --overwrite` deleted the checkpoint it had just read."""
+    folder = tmp_path / "vc2"
+    folder.mkdir()
+    src = folder / "model.safetensors"
+    save_file(parts["checkpoint"], src)
+    dst = src if where == "dst is src" else folder
+    with pytest.raises(ValueError, match="is or contains the checkpoint"):
+        convert(src, dst, "tiny", overwrite=True)
+    assert src.is_file()
+
+
+def test_convert_refuses_a_dangling_symlink_before_converting(parts, tmp_path, monkeypatch):
+    src, dst = tmp_path / "model.safetensors", tmp_path / "out"
+    save_file(parts["checkpoint"], src)
+    dst.symlink_to(tmp_path / "gone")
+    monkeypatch.setattr("hummingbird.convert.load_checkpoint", lambda path: pytest.fail("read before the check"))
+    with pytest.raises(FileExistsError, match="dangling symbolic link"):
+        convert(src, dst, "tiny", overwrite=True)
+
+
+def test_text_tower_without_its_mlp_is_a_mismatch(parts):
+    """The tower's MLP width is read from its first block: a checkpoint without it raised a bare KeyError."""
+    key = "cond_stage_model.model.transformer.resblocks.0.mlp.c_fc.weight"
+    broken = {k: v for k, v in parts["checkpoint"].items() if k != key}
+    for strict in (True, False):
+        with pytest.raises(CheckpointMismatchError, match="resblocks.0.mlp.c_fc.weight"):
+            text_encoder_from_checkpoint(broken, strict=strict)
+
+
+@pytest.mark.parametrize("text,match", [("[1, 2]", "must hold a JSON object"), ("{", "not valid JSON")])
+def test_config_file_must_be_a_json_object(tmp_path, text, match):
+    from hummingbird.convert import resolve_config
+
+    path = tmp_path / "config.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=match):
+        resolve_config(str(path))
 
 
 @pytest.mark.parametrize("intruder", ["empty folder", "folder", "file"])
@@ -484,9 +526,9 @@ def test_move_into_place_replaces_only_with_overwrite(tmp_path, intruder):
             with pytest.raises(FileExistsError):  # the rename itself refuses, even without the check before it
                 _rename_into(new, dst)
     with pytest.raises(FileExistsError, match="not replaced"):
-        _move_into_place(new, dst, overwrite=False)
+        move_into_place(new, dst, overwrite=False)
     assert (new / "model").is_file() and dst.exists() and not (dst.is_dir() and (dst / "model").exists())
-    _move_into_place(new, dst, overwrite=True)
+    move_into_place(new, dst, overwrite=True)
     assert (dst / "model").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]
 
