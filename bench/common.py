@@ -1,4 +1,5 @@
 """Benchmark plumbing shared by the suites: timing, device facts, and result files."""
+import contextlib
 import datetime
 import glob
 import itertools
@@ -283,9 +284,15 @@ class Report:
         ax.legend(fontsize=7)
         fig.tight_layout()
         tmp = f"{path}.tmp{os.getpid()}.png"  # the extension tells savefig the format
-        fig.savefig(tmp, dpi=110)
-        plt.close(fig)
-        os.replace(tmp, path)
+        try:
+            fig.savefig(tmp, dpi=110)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        finally:
+            plt.close(fig)
         return True
 
 
@@ -318,6 +325,13 @@ def slug(text: str) -> str:
 
 def atomic_write(path: str, text: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk or an interrupt: the old file stays, no temporary one is left
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

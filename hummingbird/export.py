@@ -85,6 +85,14 @@ def export_to_mp4(frames, path: str, fps: float = 8, quality: float = 8, overwri
         for frame in video:
             writer.send(np.ascontiguousarray(frame))
         writer.close()
+        # imageio-ffmpeg does not check ffmpeg's exit status: a full disk left a truncated file that
+        # would have replaced the old video. Decoding it back checks the file before the rename.
+        try:
+            frames_written = imageio_ffmpeg.count_frames_and_secs(tmp)[0]
+        except (RuntimeError, OSError) as err:
+            raise OSError(f"ffmpeg did not write a readable video to {path}: {err}") from None
+        if frames_written != len(video):
+            raise OSError(f"ffmpeg wrote {frames_written} of {len(video)} frames to {path}")
 
     return _atomic(path, write, overwrite)
 

@@ -121,6 +121,15 @@ def test_failed_rows_get_no_speedups_and_strict_json(tmp_path):
     assert [r["speedup_vs_eager"] for r in rows] == [0.0, 0.0, 1.0, 0.0]
 
 
+def test_atomic_write_failure_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "r.json"
+    path.write_text("old")
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(OSError, match="No space left"):
+        common.atomic_write(str(path), "new")
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
 def test_graph_timing_replays_whole_rounds_of_input_sets(monkeypatch):
     """10 calls over 3 sets ended a replay on set 0, which the next replay read again at once (from L2)."""
     captured = []

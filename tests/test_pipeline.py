@@ -491,6 +491,28 @@ def test_export_keeps_fps_and_frame_orientation(tmp_path):
         assert [im.seek(i) or im.info["duration"] for i in range(im.n_frames)] == [200] * 4
 
 
+def test_mp4_export_that_ffmpeg_fails_keeps_the_old_video(tmp_path, monkeypatch):
+    """imageio-ffmpeg ignores ffmpeg's exit status: on a full disk a truncated file replaced the old
+    video and the export reported success. The file is decoded back before it is renamed into place."""
+    import imageio_ffmpeg
+
+    frames = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    path = export_to_mp4(frames, tmp_path / "v.mp4")
+    good = (tmp_path / "v.mp4").read_bytes()
+
+    def truncated(tmp, *args, **kwargs):  # what ffmpeg leaves when the disk fills: no moov atom
+        with open(tmp, "wb") as f:
+            f.write(good[:len(good) // 3])
+        while True:
+            yield
+
+    monkeypatch.setattr(imageio_ffmpeg, "write_frames", truncated)
+    with pytest.raises(OSError, match="did not write a readable video|wrote .* of 4 frames"):
+        export_to_mp4(frames, path, overwrite=True)
+    assert (tmp_path / "v.mp4").read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == ["v.mp4"]
+
+
 def test_integer_frames_are_read_as_0_to_255():
     """uint8 tensors (torchvision.io.read_video's frames) were cast to float and clipped to [0, 1]: a
     white video. Other integer types are refused rather than guessed."""
