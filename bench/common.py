@@ -206,8 +206,11 @@ class Report:
                              100 * gbps / self.copy_gbps if self.copy_gbps and gbps else 0.0, extra=extra))
 
     def finish(self):
-        """Fill each row's speedup against the eager row of the same case (``eager``, else the first
-        ``eager, <model state>`` row: a run filtered to one state)."""
+        """Fill each row's % of copy bandwidth (against the final ``copy_gbps``: a run may measure it
+        again at its end) and its speedup against the eager row of the same case (``eager``, else the
+        first ``eager, <model state>`` row: a run filtered to one state)."""
+        for r in self.rows:
+            r.pct_copy_bw = 100 * r.gbps / self.copy_gbps if self.copy_gbps and r.gbps else 0.0
         timed = [r for r in self.rows if not math.isnan(r.median_ms)]  # failed rows are NaN: no speedups
         eager = {(r.suite, r.case): r.median_ms for r in timed if r.impl == "eager"}
         for r in timed:

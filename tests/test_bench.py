@@ -121,6 +121,14 @@ def test_failed_rows_get_no_speedups_and_strict_json(tmp_path):
     assert [r["speedup_vs_eager"] for r in rows] == [0.0, 0.0, 1.0, 0.0]
 
 
+def test_percent_of_copy_bandwidth_follows_the_final_copy_figure(tmp_path):
+    report = common.Report(device="test", copy_gbps=10.0)
+    report.add("suite", "case", "eager", 1e-3, 20 * 10**6)  # 20 GB/s: 200% of a low first copy figure
+    report.copy_gbps = 40.0  # measured again at the end of the run
+    report.write(str(tmp_path), "r")
+    assert report.rows[0].pct_copy_bw == 50.0
+
+
 def test_atomic_write_failure_keeps_the_old_file(tmp_path, monkeypatch):
     path = tmp_path / "r.json"
     path.write_text("old")
