@@ -243,3 +243,26 @@ def test_temporal_attention_causal_nonpositive_scale(backend_name, scale):
         want, got = fn(base), fn(b32)
         (want_grad,), (got_grad,) = torch.autograd.grad(want, base, grad_out), torch.autograd.grad(got, b32, grad_out.float())
     assert_gradients_close([got.double(), got_grad.double()], [want, want_grad], "fp32 reference", rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+def test_temporal_attention_first_key_block_all_minus_inf(backend_name):
+    """Keys 0-63 score -inf for every query (a -inf component against positive queries): the online
+    softmax's running max stayed -inf over the first key block, and exp2(-inf - -inf) made every row
+    NaN, though the later keys are finite. The float64 reference attends to those."""
+    q, k, v = (rand(1, 70, 1, 16) for _ in range(3))
+    q[..., 0] = q[..., 0].abs() + 0.1
+    k[:, :64] = 0.0
+    k[:, :64, :, 0] = float("-inf")
+    inputs = [t.requires_grad_() for t in (q, k, v)]
+    grad_out = rand(1, 70, 1, 16)
+    with hbkernels.use_backend(backend_name):
+        out = hbkernels.temporal_attention(*inputs)
+        grads = torch.autograd.grad(out, inputs, grad_out)
+    ref = [t.detach().double().requires_grad_() for t in inputs]
+    want = hbkernels.reference.temporal_attention(*ref, 0.25, False)  # D = 16: the default scale
+    want_grads = torch.autograd.grad(want, ref, grad_out.double())
+    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-5)
+    for name, got, expected in zip("kv", grads[1:], want_grads[1:]):  # dq is NaN in both (0 * -inf)
+        torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5, msg=lambda m: f"d{name}: {m}")
+    assert torch.equal(grads[0].isnan(), want_grads[0].isnan())

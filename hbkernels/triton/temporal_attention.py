@@ -87,7 +87,8 @@ def _attn_fwd_kernel(Q, K, V, O, STATS, H, T, D, qk_scale,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     hi = tl.minimum(T, start_m + BLOCK_M) if CAUSAL else T
-    # Key 0 is valid for every row (padded ones too), so m_i is finite after the first block.
+    # m_i stays -inf while every score a row has seen is -inf (a -inf key, or masked): the exponents
+    # then subtract 0, not m_i, since -inf - -inf would be NaN for the rest of the row.
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _rows(K, offs_n, sk_t, offs_d, T, D, UPCAST)
@@ -97,8 +98,9 @@ def _attn_fwd_kernel(Q, K, V, O, STATS, H, T, D, qk_scale,
             valid = valid & (offs_n[None, :] <= offs_m[:, None])
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _rows(V, offs_n, sv_t, offs_d, T, D, UPCAST)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
