@@ -223,3 +223,21 @@ def test_layer_norm_at_the_widest_kernel_row(backend_name):
     x = rand(1, TRITON_MAX_C, dtype=torch.float64, requires_grad=True)
     w, b = rand(TRITON_MAX_C, dtype=torch.float64, mean=1.0, requires_grad=True), rand(TRITON_MAX_C, dtype=torch.float64)
     check_against_float64(lambda x, w: hbkernels.layer_norm(x, w, b), [x, w], backend_name, torch.float32)
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+def test_layer_norm_fp32_parameters_of_fp16_activations(backend_name):
+    """As for GroupNorm: fp32 parameters of fp16 activations are used as they are, not rounded to fp16."""
+    ratios = []
+    for _ in range(8):
+        x = rand(64, 40, dtype=torch.float16)
+        w, b = rand(40, requires_grad=True), (rand(40) * 30).requires_grad_()
+        with hbkernels.use_backend(backend_name):
+            y = hbkernels.layer_norm(x, w, b)
+        want = torch.nn.functional.layer_norm(x.double(), (40,), w.detach().double(), b.detach().double())
+        torch_err = (torch.nn.functional.layer_norm(x.float(), (40,), w, b).half().double() - want).abs().max()
+        ratios.append(((y.double() - want).abs().max() / torch_err).item())
+    assert sorted(ratios)[len(ratios) // 2] <= 1.2, ratios
+    with hbkernels.use_backend(backend_name):
+        gw, gb = torch.autograd.grad(hbkernels.layer_norm(x, w, b).float().square().sum(), [w, b])
+    assert gw.dtype == gb.dtype == torch.float32

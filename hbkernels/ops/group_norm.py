@@ -128,11 +128,12 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None,
     in fp32 with a Welford/Chan merge, so low-precision inputs with a large mean stay accurate.
     """
     num_groups = _check(x, num_groups, weight, bias, eps, activation, (4, 5), shift)
-    weight, bias = checks.affine_like(weight, x), checks.affine_like(bias, x)
     silu = activation == "silu"
     name = backend.select(x.device, x.dtype, empty=x.numel() == 0)
     if name == "torch":
+        weight, bias = checks.affine_like(weight, x), checks.affine_like(bias, x)
         return reference.group_norm(x, num_groups, weight, bias, float(eps), silu, shift)
+    weight, bias = checks.affine_for_kernels(weight, x), checks.affine_for_kernels(bias, x)
     return backend.run_function(GroupNormFunction, x, weight, bias, shift, num_groups, float(eps), silu, False, name)
 
 
@@ -142,9 +143,10 @@ def group_norm_to_tokens(x, num_groups, weight=None, bias=None, eps=1e-5, activa
     Equals ``rearrange(group_norm(x), "n c t h w -> (n h w) t c")`` without the permute copy.
     """
     num_groups = _check(x, num_groups, weight, bias, eps, activation, 5)
-    weight, bias = checks.affine_like(weight, x), checks.affine_like(bias, x)
     silu = activation == "silu"
     name = backend.select(x.device, x.dtype, empty=x.numel() == 0)
     if name == "torch":
+        weight, bias = checks.affine_like(weight, x), checks.affine_like(bias, x)
         return reference.group_norm_to_tokens(x, num_groups, weight, bias, float(eps), silu)
+    weight, bias = checks.affine_for_kernels(weight, x), checks.affine_for_kernels(bias, x)
     return backend.run_function(GroupNormFunction, x, weight, bias, None, num_groups, float(eps), silu, True, name)

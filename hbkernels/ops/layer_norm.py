@@ -79,8 +79,9 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5, residual=None):
     With ``residual`` (x's shape and dtype) returns ``(layer_norm(s), s)`` for ``s = x + residual``,
     the pre-norm transformer block's ``x = f(x) + x; h = norm(x)`` in one pass."""
     _check(x, weight, bias, eps, residual)
-    weight, bias = checks.affine_like(weight, x), checks.affine_like(bias, x)
     name = backend.select(x.device, x.dtype, empty=x.numel() == 0)
     if name == "torch" or (name == "triton" and x.shape[-1] > TRITON_MAX_C):
+        weight, bias = checks.affine_like(weight, x), checks.affine_like(bias, x)
         return reference.layer_norm(x, weight, bias, float(eps), residual)
+    weight, bias = checks.affine_for_kernels(weight, x), checks.affine_for_kernels(bias, x)
     return backend.run_function(LayerNormFunction, x, residual, weight, bias, float(eps), name)
