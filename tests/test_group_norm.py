@@ -606,3 +606,17 @@ def test_group_norm_fp32_parameters_of_fp16_activations(backend_name):
     with hbkernels.use_backend(backend_name):
         gw, gb = torch.autograd.grad(hbkernels.group_norm(x, 4, w, b).float().square().sum(), [w, b])
     assert gw.dtype == gb.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend_name", CPP)
+def test_group_norm_channels_last_large_mean_as_accurate_as_contiguous(backend_name):
+    """fp32, mean 1000 and spread 1: the C++ channels-last statistics took the rounded first-pass mean
+    as final (no deviation-sum correction), 40x the contiguous path's output error."""
+    x = (1000 + torch.randn(1, 8, 64, 64, dtype=torch.float64)).float()
+    want = torch.nn.functional.group_norm(x.double(), 2)
+    errors = {}
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        with hbkernels.use_backend(backend_name):
+            y = hbkernels.group_norm(x.contiguous(memory_format=fmt), 2)
+        errors[str(fmt)] = (y.double() - want).abs().max().item()
+    assert errors["torch.channels_last"] <= 4 * errors["torch.contiguous_format"], errors

@@ -67,6 +67,8 @@ def test_tokens_to_video_bad_input():
     for shape in [(2, 6, 3, 4, 3.0), (2, 6, 3, 4, 3.5), (-2, 6, 3, -4, 3), (2, 6, 3, 4), (True, 6, 3, 4, 6)]:
         with pytest.raises(ValueError, match="shape must be \\(N, C, T, H, W\\) of ints >= 0"):
             hbkernels.tokens_to_video(tokens, shape=shape)
+    with pytest.raises(TypeError, match="shape must be a tuple \\(N, C, T, H, W\\) of ints, got int"):
+        hbkernels.tokens_to_video(tokens, shape=5)
     import numpy as np  # numpy and torch integers are ints
     assert hbkernels.tokens_to_video(tokens, shape=(np.int64(2), 6, 3, torch.tensor(4), 3)).shape == (2, 6, 3, 4, 3)
 

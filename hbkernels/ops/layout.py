@@ -59,6 +59,8 @@ def tokens_to_video(tokens, residual=None, *, shape=None):
         shape = tuple(residual.shape)
     elif shape is None:
         raise ValueError("shape=(N, C, T, H, W) is required when no residual is given")
+    if not isinstance(shape, (tuple, list, torch.Size)):
+        raise TypeError(f"shape must be a tuple (N, C, T, H, W) of ints, got {type(shape).__name__}")
     shape = tuple(shape)
     if len(shape) != 5 or any(isinstance(s, bool) or not hasattr(type(s), "__index__") or operator.index(s) < 0
                               for s in shape):
