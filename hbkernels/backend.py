@@ -21,7 +21,7 @@ def _env_flag(name: str) -> bool:
     """A boolean environment variable read as Triton reads its own (TRITON_INTERPRET): on for 1, true,
     on, yes, y (any case), off otherwise. Read alike, "TRITON_INTERPRET=false" cannot make hbkernels
     run Triton kernels on CPU tensors that Triton itself would not interpret."""
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "on", "yes", "y")
+    return os.environ.get(name, "").lower() in ("1", "true", "on", "yes", "y")
 
 
 def interpreting() -> bool:
@@ -104,7 +104,7 @@ def use_backend(name: str):
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     if not hasattr(_local, "forced"):
         _local.forced, _local.blocks = [], []  # the names (what select reads), and who set each
-    block = object()
+    block = [name]  # identifies this block; a list, which dynamo can build (object() it cannot trace)
     _local.forced.append(name)
     _local.blocks.append(block)
     try:

@@ -70,7 +70,10 @@ def runs_hooks(module: nn.Module) -> bool:
     forward replaced on the instance, as accelerate's offload hooks and diffusers' hooks (layerwise
     casting, group offload) do. Code that reads such a module's weights itself must call it instead:
     the hooks move or cast the weights only around the call."""
-    return bool(module._forward_hooks or module._forward_pre_hooks) or "forward" in vars(module)
+    forward = vars(module).get("forward")
+    # removing such a hook (accelerate, diffusers) leaves the class's own forward bound on the instance
+    restored = getattr(forward, "__self__", None) is module and getattr(forward, "__func__", None) is type(module).forward
+    return bool(module._forward_hooks or module._forward_pre_hooks) or (forward is not None and not restored)
 
 
 def conv_deferring_bias(conv: nn.Module, x: torch.Tensor):

@@ -68,9 +68,10 @@ def residual_add(x, residual, bias) -> torch.Tensor:
     """x + residual (+ bias per channel), in the residual's memory layout like the kernels' output."""
     if bias is None:
         out = x + residual
-    else:  # in fp32, rounded once, as the kernels do; bias's gradient (a sum over N, T, H, W) then
-        # accumulates in fp32 too, where an fp16 one overflows past 65504
-        out = (x.float() + residual.float() + bias.float().view(-1, *[1] * (x.dim() - 2))).to(x.dtype)
+    else:  # in fp32 at least (float64 stays float64), rounded once, as the kernels do; bias's gradient
+        # (a sum over N, T, H, W) then accumulates in fp32 too, where an fp16 one overflows past 65504
+        acc = torch.promote_types(x.dtype, torch.float32)
+        out = (x.to(acc) + residual.to(acc) + bias.to(acc).view(-1, *[1] * (x.dim() - 2))).to(x.dtype)
     if out.stride() != residual.stride():  # mixed layouts: torch's add may pick x's
         out = torch.empty_like(residual).copy_(out)
     return out

@@ -28,7 +28,6 @@ Setting state on a class or function (which would change code for the rest of th
 """
 import _compat_pickle
 import json
-import os
 import pickle
 import re
 import warnings
@@ -496,8 +495,10 @@ def convert(src, dst, config=None, *, dtype=None, overwrite=False, strict=True) 
     (:func:`hummingbird.files.write_folder`), so an interrupted conversion never leaves a half-written
     model. Returns the components written.
     """
-    dst, source = Path(os.path.abspath(dst)), Path(os.path.abspath(src))
-    if dst == source or dst in source.parents:  # --overwrite would delete the checkpoint being read
+    # compared with links resolved (a linked folder is the same folder): --overwrite would delete the
+    # checkpoint being read
+    real_dst, source = Path(dst).resolve(), Path(src).resolve()
+    if real_dst == source or real_dst in source.parents:
         raise ValueError(f"dst {dst} is or contains the checkpoint {source}; choose another destination")
     check_destination(dst, overwrite)  # before the slow part; write_folder checks again at the end
     dtype = resolve_dtype(dtype)

@@ -1,10 +1,15 @@
-"""Writing model folders so that a reader finds the previous version or the new one, never a mix.
+"""Writing a folder the writer owns whole (``hummingbird convert``'s output) so that a reader finds the
+previous version or the new one, never a mix.
 
 A folder is written under a temporary name beside its destination, made durable (each file and
 folder fsync'ed, so a power cut after the swap cannot leave unwritten data under the final name),
 given the modes the user's umask asks for (safetensors writes its files 0600 through a temporary
 file), and only then renamed into place; an existing destination is renamed aside first and
 deleted last.
+
+``save_pretrained`` keeps diffusers' own in-place writer: a diffusers folder is shared (variants saved
+one after another, a README, saving into ".", a mount point or a linked folder), which a swapped-in
+folder would lose or could not replace.
 """
 import errno
 import os
@@ -87,11 +92,9 @@ def check_destination(dst, overwrite: bool) -> Path:
     return dst
 
 
-def write_folder(dst, fill, overwrite: bool = False, keep_extra: bool = False) -> Path:
+def write_folder(dst, fill, overwrite: bool = False) -> Path:
     """Run ``fill(tmp)`` on a new temporary folder beside ``dst`` and move it into place (see the module
-    docstring). ``keep_extra``: top-level entries of an existing ``dst`` that ``fill`` did not write
-    (a README, sample videos) are copied into the new folder, as saving into a folder keeps them.
-    Returns the destination's absolute path."""
+    docstring). Returns the destination's absolute path."""
     dst = check_destination(dst, overwrite)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex}"
@@ -99,32 +102,9 @@ def write_folder(dst, fill, overwrite: bool = False, keep_extra: bool = False) -
     try:
         fill(tmp)
         _set_modes(tmp)
-        if keep_extra and dst.is_dir():
-            for entry in dst.iterdir():
-                if (tmp / entry.name).exists() or (tmp / entry.name).is_symlink():
-                    continue
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.copytree(entry, tmp / entry.name, symlinks=True)
-                else:
-                    shutil.copy2(entry, tmp / entry.name, follow_symlinks=False)
         _sync(tmp)
         move_into_place(tmp, dst, overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dst
 
-
-class AtomicSaveMixin:
-    """For diffusers' ``ModelMixin`` / ``DiffusionPipeline`` subclasses (listed before them):
-    ``save_pretrained`` writes through :func:`write_folder`, so saving over an earlier save and being
-    interrupted leaves the earlier one whole instead of a mix of both (diffusers writes into the folder
-    file by file). Top-level files the save does not write are kept. Saves that push to the Hub, and
-    those of processes other than the main one, go through diffusers' own."""
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        if kwargs.get("push_to_hub") or not kwargs.get("is_main_process", True):
-            return super().save_pretrained(save_directory, *args, **kwargs)
-        if os.path.isfile(save_directory):
-            raise ValueError(f"save_directory {save_directory} is a file, not a folder")
-        write_folder(save_directory, lambda tmp: super(AtomicSaveMixin, self).save_pretrained(tmp, *args, **kwargs),
-                     overwrite=True, keep_extra=True)

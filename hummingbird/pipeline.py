@@ -38,7 +38,6 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from hummingbird import DEFAULT_SIZE
 from hummingbird.cuda_graph import CUDAGraphCall
-from hummingbird.files import AtomicSaveMixin
 from hummingbird.models import HummingbirdUNet3DModel, guidance_scale_embedding
 from hummingbird.schedulers import DDIM_ETA, lcm_timesteps, max_inference_steps, scheduler_for
 
@@ -62,7 +61,7 @@ class HummingbirdPipelineOutput(BaseOutput):
     peak_memory_mb: float = 0.0
 
 
-class HummingbirdPipeline(AtomicSaveMixin, DiffusionPipeline):
+class HummingbirdPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->unet->vae"
     _callback_tensor_inputs = ["latents", "prompt_embeds"]  # what callback_on_step_end may read and replace
 
@@ -236,7 +235,13 @@ class HummingbirdPipeline(AtomicSaveMixin, DiffusionPipeline):
         texts = [t for part in parts if isinstance(part, list) for t in part]
         encoded = iter(self.encode_prompt(texts, device).split([len(p) for p in parts if isinstance(p, list)])
                        if texts else ())
-        return torch.cat([next(encoded) if isinstance(part, list) else part.to(device) for part in parts])
+        halves = [next(encoded) if isinstance(part, list) else part.to(device) for part in parts]
+        if len({h.shape[1] for h in halves}) > 1:  # CFG runs both halves as one batch
+            names = ["negative_prompt_embeds" if negative_prompt_embeds is not None else "negative_prompt",
+                     "prompt_embeds" if prompt_embeds is not None else "prompt"]
+            raise ValueError(f"{names[0]} and {names[1]} must have as many tokens for classifier-free guidance, "
+                             f"got {halves[0].shape[1]} and {halves[1].shape[1]}")
+        return torch.cat(halves)
 
     def _set_timesteps(self, num_inference_steps, device):
         if isinstance(self.scheduler, LCMScheduler):

@@ -83,6 +83,20 @@ def test_video_layouts_that_need_a_copy_compile(backend_name, layout):
     assert_gradients_close(got_grads, want_grads, layout)
 
 
+def test_use_backend_inside_compiled_code():
+    """A use_backend block traced by dynamo (fullgraph): its entry must be something dynamo can build."""
+    x = rand(1, 8, 2, 3, 3)
+
+    def fn(x):
+        with hbkernels.use_backend("torch"):
+            return hbkernels.group_norm(x, 4, activation="silu")
+
+    torch._dynamo.reset()
+    before = list(getattr(hbkernels.backend._local, "forced", []))
+    torch.testing.assert_close(torch.compile(fn, fullgraph=True, backend="eager")(x), fn(x))
+    assert list(getattr(hbkernels.backend._local, "forced", [])) == before  # the block left no setting behind
+
+
 def _empty(*shape):
     return torch.empty(*shape, device=DEVICE)
 

@@ -471,7 +471,7 @@ def test_destination_created_during_conversion_is_not_replaced(parts, tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "out"]
 
 
-@pytest.mark.parametrize("where", ["dst is src", "dst holds src"])
+@pytest.mark.parametrize("where", ["dst is src", "dst holds src", "src through a linked folder"])
 def test_convert_refuses_a_destination_holding_its_source(parts, tmp_path, where):
     """`convert models/vc2/model.ckpt models/vc2 --overwrite` deleted the checkpoint it had just read."""
     folder = tmp_path / "vc2"
@@ -479,6 +479,9 @@ def test_convert_refuses_a_destination_holding_its_source(parts, tmp_path, where
     src = folder / "model.safetensors"
     save_file(parts["checkpoint"], src)
     dst = src if where == "dst is src" else folder
+    if where == "src through a linked folder":
+        (tmp_path / "link").symlink_to(folder)
+        src = tmp_path / "link" / "model.safetensors"
     with pytest.raises(ValueError, match="is or contains the checkpoint"):
         convert(src, dst, "tiny", overwrite=True)
     assert src.is_file()

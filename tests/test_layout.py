@@ -123,6 +123,12 @@ def test_residual_add_fp32_bias_gradient_of_fp16_activations(backend_name):
     torch.testing.assert_close(db, torch.full((4,), 65536.0, device=db.device))
 
 
+def test_reference_residual_add_stays_float64():
+    """The reference adds in fp32 at least: float64, the tests' ground truth, must stay float64."""
+    x, res, bias = rand(2, 3, 4, 5, dtype=torch.float64), rand(2, 3, 4, 5, dtype=torch.float64), rand(3, dtype=torch.float64)
+    assert torch.equal(hbkernels.reference.residual_add(x, res, bias), x + res + bias.view(-1, 1, 1))
+
+
 def test_residual_add_bad_input():
     x = rand(2, 4, 3, 3)
     with pytest.raises(ValueError, match="residual must have x's shape"):

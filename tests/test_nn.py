@@ -209,3 +209,22 @@ def test_temporal_attention_module_causal(backend_name):
         att = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(3, 6, 16)
         want = mod.to_out[0](att)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_runs_hooks_sees_hooks_and_their_removal():
+    """Hooked layers are called as modules (their weights may be on meta or in fp8 until the call); once
+    a hook is removed (accelerate and diffusers leave the class's forward bound on the instance) the
+    fused paths are taken again."""
+    conv = torch.nn.Conv2d(2, 2, 1)
+    assert not hbkernels.nn.runs_hooks(conv)
+    handle = conv.register_forward_pre_hook(lambda module, args: None)
+    assert hbkernels.nn.runs_hooks(conv)
+    handle.remove()
+    original = conv.forward
+    conv.forward = lambda x: original(x)  # how accelerate's and diffusers' hooks wrap a layer
+    assert hbkernels.nn.runs_hooks(conv)
+    conv.forward = type(conv).forward.__get__(conv)  # what their removal leaves
+    assert not hbkernels.nn.runs_hooks(conv)
+    x = torch.randn(1, 2, 3, 3)
+    out, bias = hbkernels.nn.conv_deferring_bias(conv, x)
+    assert bias is conv.bias

@@ -32,7 +32,6 @@ from torch import nn
 import hbkernels
 from hbkernels import residual_add
 from hbkernels.nn import GEGLU, FusedLinear, GroupNorm, LayerNorm, TemporalAttention, conv_deferring_bias, runs_hooks
-from hummingbird.files import AtomicSaveMixin
 
 
 def _zero(module: nn.Module) -> nn.Module:
@@ -303,7 +302,7 @@ class HummingbirdUNet3DOutput(BaseOutput):
     sample: torch.Tensor
 
 
-class HummingbirdUNet3DModel(AtomicSaveMixin, ModelMixin, AttentionMixin, ConfigMixin):
+class HummingbirdUNet3DModel(ModelMixin, AttentionMixin, ConfigMixin):
     """VideoCrafter2's text-to-video U-Net; with ``num_res_blocks=1`` (and optionally no middle block)
     Hummingbird's pruned students. Named configurations: :meth:`from_named_config`.
 
