@@ -80,7 +80,7 @@ KERNEL_FAMILIES = [
     ("attention (flash/SDPA)", r"flash|fmha|attention|softmax"),
     ("convolution", r"conv|fprop|dgrad|wgrad|implicit|winograd|cudnn"),
     ("matmul", r"gemm|cutlass|cublas|sm\d+_xmma|nvjet|matmul"),
-    ("norm", r"norm"),
+    ("norm", r"norm|RowwiseMoments"),  # RowwiseMoments: PyTorch's GroupNorm statistics kernel
     ("inductor fused (triton_)", r"^triton_"),
     ("copy/layout", r"copy|transpose|permute|cat"),
     ("pointwise/reduce (aten)", r"elementwise|vectorized|reduce|unrolled"),
@@ -124,7 +124,9 @@ def kernel_breakdown(fn, calls: int = 3) -> dict:
             fn()
         end.record()
         torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    # GPU user annotations (inductor's "## Call CompiledFxGraph ##") span kernels listed on their own
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and not getattr(e, "is_user_annotation", False)]
     families: dict = {}
     for e in kernels:
         family = next((f for f, pat in KERNEL_FAMILIES if re.search(pat, e.name, re.I)), "other")

@@ -26,6 +26,7 @@ import resource
 import sys
 import time
 import warnings
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -79,9 +80,11 @@ class HummingbirdPipeline(DiffusionPipeline):
         graph's activation memory. Pipelines on the CPU keep running plain steps. Not with accelerate's
         CPU offload (it moves the weights during each call)."""
         self._check_no_offload_hooks()
+        pipe = weakref.ref(self)  # not self: the pipeline holding a closure over itself is a cycle, which
+        # `del pipe` does not free (its weights and graph pools stay until the garbage collector runs)
 
         def step(sample, timestep, context, timestep_cond, fps):
-            return self.unet(sample, timestep, context, fps=fps, timestep_cond=timestep_cond, return_dict=False)[0]
+            return pipe().unet(sample, timestep, context, fps=fps, timestep_cond=timestep_cond, return_dict=False)[0]
 
         self._graphed_unet = CUDAGraphCall(step)
 

@@ -25,6 +25,23 @@ def test_pipeline_on_cpu_ignores_cuda_graph():
     torch.testing.assert_close(pipe("a cat", **kwargs).frames, plain, atol=0, rtol=0)
 
 
+def test_pipeline_with_cuda_graph_is_freed_when_deleted():
+    """The graphed step closed over the pipeline that holds it: a cycle, so `del pipe` freed nothing
+    until the garbage collector ran (the pipeline benchmark's next model was measured beside it)."""
+    import gc
+    import weakref
+
+    pipe = tiny_random_pipeline("lcm")
+    pipe.enable_cuda_graph()
+    unet = weakref.ref(pipe.unet)
+    gc.disable()
+    try:
+        del pipe
+        assert unet() is None
+    finally:
+        gc.enable()
+
+
 def test_new_weights_key_drops_every_graph():
     graphed = CUDAGraphCall(torch.sin)
     graphed.set_weights_key("v1")
