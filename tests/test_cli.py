@@ -5,6 +5,7 @@ import types
 import imageio.v3 as iio
 import pytest
 import torch
+from PIL import Image
 
 from hummingbird.cli import main
 
@@ -196,3 +197,39 @@ def test_generate_model_folder_defaults_to_the_training_resolution(tmp_path, mon
                  "--out", str(out)]) == 0
     assert DEFAULT_SIZE == (320, 512) and [(c["height"], c["width"]) for c in calls] == [DEFAULT_SIZE]
     assert iio.imread(out).shape[-3:-1] == DEFAULT_SIZE
+
+
+def test_generate_passes_every_sampling_flag_to_the_pipeline(tmp_path, monkeypatch):
+    """--seed, --guidance-scale, --negative-prompt and --fps reach the pipeline call, and --save-fps the
+    file: a flag dropped on the way would still print and exit 0."""
+    import numpy as np
+
+    import hummingbird.pipeline
+    from hummingbird.models import HummingbirdUNet3DModel
+
+    with torch.device("meta"):
+        HummingbirdUNet3DModel.from_named_config("videocrafter2").save_config(tmp_path / "unet")
+    calls = []
+
+    class Pipe:
+        guidance_distilled = False
+
+        def to(self, *args, **kwargs):
+            return self
+
+        def __call__(self, prompt, **kwargs):
+            calls.append({"prompt": prompt, **kwargs})
+            # distinct frames: a GIF merges identical ones
+            frames = np.random.default_rng(0).random((1, 3, kwargs["height"], kwargs["width"], 3), np.float32)
+            return types.SimpleNamespace(frames=frames, timings={}, peak_memory_mb=0.0)
+
+    monkeypatch.setattr(hummingbird.pipeline, "load_pipeline", lambda *args, **kwargs: Pipe())
+    out = tmp_path / "v.gif"
+    assert main(["generate", "a cat", "--model", str(tmp_path), "--frames", "3", "--steps", "2", "--device", "cpu",
+                 "--height", "64", "--width", "64", "--seed", "3", "--guidance-scale", "2.5",
+                 "--negative-prompt", "blurry", "--fps", "12", "--save-fps", "10", "--out", str(out)]) == 0
+    (call,) = calls
+    assert (call["prompt"], call["seed"], call["guidance_scale"], call["negative_prompt"], call["fps"],
+            call["num_inference_steps"], call["num_frames"]) == ("a cat", 3, 2.5, "blurry", 12, 2, 3)
+    with Image.open(out) as im:  # 10 fps: 100 ms a frame (the conditioning fps, 12, would be 80-90)
+        assert [im.seek(i) or im.info["duration"] for i in range(im.n_frames)] == [100] * 3

@@ -92,6 +92,9 @@ def test_signature_holds_grad_mode_and_autocast():
     plain = _signature(args, {})
     with torch.no_grad():
         assert _signature(args, {}) != plain
+    assert _signature((args[0].half(), 3), {}) != plain  # an fp32 graph must not replay fp16 inputs
+    square = torch.randn(2, 2)
+    assert _signature((square, 3), {}) != _signature((square.t(), 3), {})  # the output takes the layout
     if ON_GPU:  # CUDA autocast is disabled (with a warning) on a machine without CUDA
         with torch.autocast("cuda", dtype=torch.float16):
             assert _signature(args, {}) != plain

@@ -542,3 +542,30 @@ def test_np_frames_follow_diffusers_convention(lcm, tmp_path):
                  export_video(frames[0], str(tmp_path / "h.mp4"))):
         assert np.abs(iio.imread(path).astype(float) - want).mean() < 20  # lossy H.264, same pictures
 
+
+
+def test_pil_frames_are_the_pt_frames_rounded(lcm):
+    kw = dict(num_frames=2, num_inference_steps=1, seed=0, **SIZE)
+    pt = lcm("a cat", output_type="pt", **kw).frames[0]
+    pil = lcm("a cat", output_type="pil", **kw).frames[0]
+    want = (pt.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+    np.testing.assert_array_equal(np.stack([np.asarray(im) for im in pil]), want)
+
+
+def test_initial_latents_scaled_by_the_schedulers_init_noise_sigma(ddim, monkeypatch):
+    """LCM and DDIM start at sigma 1, so only a swapped-in sigma scheduler (Euler's init_noise_sigma is
+    1.9 here) shows whether the given noise is scaled before the first step."""
+    from diffusers import EulerDiscreteScheduler
+
+    euler = EulerDiscreteScheduler.from_config(ddim.scheduler.config)
+    monkeypatch.setattr(ddim, "scheduler", euler)
+    seen = []
+    unet = ddim._unet
+    monkeypatch.setattr(ddim, "_unet", lambda model_in, *args: seen.append(model_in) or unet(model_in, *args))
+    latents = torch.randn(1, 4, 2, 4, 4)
+    ddim("a cat", latents=latents, num_frames=2, num_inference_steps=2, guidance_scale=1.0, output_type="latent",
+         **SIZE)
+    euler.set_timesteps(2)
+    assert euler.init_noise_sigma > 1.5
+    want = euler.scale_model_input(latents * euler.init_noise_sigma, euler.timesteps[0])
+    torch.testing.assert_close(seen[0], want)
