@@ -168,30 +168,40 @@ def test_generate_incomplete_saved_pipeline_is_an_error_not_a_traceback(tmp_path
     assert "hummingbird generate: error:" in capsys.readouterr().err and not out.exists()
 
 
-def test_generate_model_folder_defaults_to_the_training_resolution(tmp_path, monkeypatch):
-    """Without --height / --width a model folder runs at hummingbird.DEFAULT_SIZE, 320 x 512 (H x W)."""
+def stub_model_folder(folder, config, monkeypatch):
+    """A model folder holding only the U-Net's config, and load_pipeline replaced by a stand-in pipeline
+    that records its calls and returns distinct random frames (a GIF merges identical ones)."""
     import numpy as np
 
     import hummingbird.pipeline
-    from hummingbird import DEFAULT_SIZE
     from hummingbird.models import HummingbirdUNet3DModel
 
     with torch.device("meta"):
-        HummingbirdUNet3DModel.from_named_config("hummingbird-0.7b").save_config(tmp_path / "unet")
+        model = HummingbirdUNet3DModel.from_named_config(config)
+    model.save_config(folder / "unet")
     calls = []
 
     class Pipe:
-        guidance_distilled = True
+        guidance_distilled = model.config.time_cond_proj_dim is not None
 
         def to(self, *args, **kwargs):
             return self
 
         def __call__(self, prompt, **kwargs):
-            calls.append(kwargs)
-            frames = np.zeros((1, 1, kwargs["height"], kwargs["width"], 3), np.float32)
+            calls.append({"prompt": prompt, **kwargs})
+            shape = (1, kwargs["num_frames"], kwargs["height"], kwargs["width"], 3)
+            frames = np.random.default_rng(0).random(shape, np.float32)
             return types.SimpleNamespace(frames=frames, timings={}, peak_memory_mb=0.0)
 
     monkeypatch.setattr(hummingbird.pipeline, "load_pipeline", lambda *args, **kwargs: Pipe())
+    return calls
+
+
+def test_generate_model_folder_defaults_to_the_training_resolution(tmp_path, monkeypatch):
+    """Without --height / --width a model folder runs at hummingbird.DEFAULT_SIZE, 320 x 512 (H x W)."""
+    from hummingbird import DEFAULT_SIZE
+
+    calls = stub_model_folder(tmp_path, "hummingbird-0.7b", monkeypatch)
     out = tmp_path / "v.gif"
     assert main(["generate", "a cat", "--model", str(tmp_path), "--frames", "1", "--steps", "1", "--device", "cpu",
                  "--out", str(out)]) == 0
@@ -202,28 +212,7 @@ def test_generate_model_folder_defaults_to_the_training_resolution(tmp_path, mon
 def test_generate_passes_every_sampling_flag_to_the_pipeline(tmp_path, monkeypatch):
     """--seed, --guidance-scale, --negative-prompt and --fps reach the pipeline call, and --save-fps the
     file: a flag dropped on the way would still print and exit 0."""
-    import numpy as np
-
-    import hummingbird.pipeline
-    from hummingbird.models import HummingbirdUNet3DModel
-
-    with torch.device("meta"):
-        HummingbirdUNet3DModel.from_named_config("videocrafter2").save_config(tmp_path / "unet")
-    calls = []
-
-    class Pipe:
-        guidance_distilled = False
-
-        def to(self, *args, **kwargs):
-            return self
-
-        def __call__(self, prompt, **kwargs):
-            calls.append({"prompt": prompt, **kwargs})
-            # distinct frames: a GIF merges identical ones
-            frames = np.random.default_rng(0).random((1, 3, kwargs["height"], kwargs["width"], 3), np.float32)
-            return types.SimpleNamespace(frames=frames, timings={}, peak_memory_mb=0.0)
-
-    monkeypatch.setattr(hummingbird.pipeline, "load_pipeline", lambda *args, **kwargs: Pipe())
+    calls = stub_model_folder(tmp_path, "videocrafter2", monkeypatch)
     out = tmp_path / "v.gif"
     assert main(["generate", "a cat", "--model", str(tmp_path), "--frames", "3", "--steps", "2", "--device", "cpu",
                  "--height", "64", "--width", "64", "--seed", "3", "--guidance-scale", "2.5",
