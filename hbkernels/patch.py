@@ -139,14 +139,19 @@ class TemporalAttnProcessor:
     def __init__(self, fallback=None):
         from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
+        while isinstance(fallback, TemporalAttnProcessor):  # wrapping one again wraps what it wraps
+            fallback = fallback.fallback
         self.fallback = AttnProcessor2_0() if fallback is None else fallback
+        # the fast path reproduces diffusers' default processors only; any other runs every call
+        self._fast = type(self.fallback) in (AttnProcessor, AttnProcessor2_0)
         # AttnProcessor2_0 leaves the scale to SDPA (1/sqrt(head_dim)); AttnProcessor uses attn.scale
         self._use_attn_scale = type(self.fallback) is AttnProcessor
 
     def _fast_path_ok(self, attn, hidden_states, encoder_hidden_states, attention_mask) -> bool:
         q_dim = getattr(attn.to_q, "out_features", None)
         return (
-            encoder_hidden_states is None
+            self._fast
+            and encoder_hidden_states is None
             and attention_mask is None
             and hidden_states.dim() == 3
             and hidden_states.numel() > 0
@@ -184,7 +189,10 @@ class TemporalAttnProcessor:
 def _install_attention(model, d) -> None:
     default_procs = tuple(c for c in (d["AttnProcessor"], d["AttnProcessor2_0"]) if c is not None)
     for container in list(model.modules()):
-        if type(container) not in d["temporal"]:
+        cls = type(container)
+        if getattr(cls, "_hbkernels_fused", False):  # the layout patch's subclass of the diffusers class
+            cls = cls.__base__
+        if cls not in d["temporal"]:
             continue
         for attn in container.modules():
             # self-attention only (cross-attention runs over text/image tokens, not frames), and

@@ -175,6 +175,9 @@ def test_diffusers_attention_restored_after_patching(which, monkeypatch):
     assert {type(p) for p in model.attn_processors.values()} == {AttnProcessor2_0}
     assert calls["temporal_attention"] == 0 and calls["group_norm+silu"] >= MODELS[which][1]["group_norm_silu"]
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-4 * ref.abs().max().item())
+    # and apply_to puts them back, inside temporal transformers the layout patch has re-classed too
+    hbkernels.apply_to(model)
+    assert model._hbkernels_patched["temporal_attention"] >= MODELS[which][1]["temporal_attention"]
 
 
 @pytest.mark.parametrize("kind", ["shortcut", "skip_time_act", "down", "one_temb_for_the_batch"])
@@ -339,6 +342,27 @@ def test_temporal_layout_keeps_the_norms_activation():
         assert model._hbkernels_patched["temporal_layout"] == 1
         out = model(x, num_frames=frames).sample
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_temporal_processor_runs_a_fallback_it_cannot_reproduce():
+    """TemporalAttnProcessor(fallback) took its fast path whatever the fallback did: a custom processor
+    was skipped, and wrapping one TemporalAttnProcessor in another lost AttnProcessor's attn.scale."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+
+    class Doubling(AttnProcessor2_0):
+        def __call__(self, *args, **kwargs):
+            return 2 * super().__call__(*args, **kwargs)
+
+    torch.manual_seed(0)
+    attn = Attention(16, heads=2, dim_head=8, scale_qk=False).eval()  # scale_qk=False: attn.scale is 1
+    x = torch.randn(3, 5, 16)
+    for fallback in (Doubling(), hbkernels.patch.TemporalAttnProcessor(AttnProcessor())):
+        plain = fallback.fallback if isinstance(fallback, hbkernels.patch.TemporalAttnProcessor) else fallback
+        with torch.no_grad():
+            attn.set_processor(plain)
+            want = attn(x)
+            attn.set_processor(hbkernels.patch.TemporalAttnProcessor(fallback))
+            torch.testing.assert_close(attn(x), want, rtol=1e-5, atol=1e-5)
 
 
 def test_custom_attention_processor_kept():
