@@ -2,6 +2,7 @@
 import contextlib
 import datetime
 import glob
+import importlib.util
 import itertools
 import json
 import math
@@ -236,6 +237,8 @@ class Report:
         paths = [base + ".json", base + ".md"]
         if self.plot(base + ".png"):
             paths.append(base + ".png")
+        elif importlib.util.find_spec("matplotlib") is None:
+            print("no speedup plot: pip install matplotlib")
         return paths
 
     def save(self, out_dir: str, *name_parts: str) -> list:

@@ -45,9 +45,12 @@ def cpp_available() -> bool:
 
             _cpp_state.append(True)
         except (ImportError, OSError) as err:
+            here = os.path.dirname(os.path.abspath(__file__))
             warnings.warn(
                 f"hbkernels: C++ CPU backend unavailable ({err}); falling back to the PyTorch reference backend. "
-                "Reinstall with a C++ compiler present (pip install --no-build-isolation -e .) to build it.",
+                f"hbkernels was imported from {here}: if that is a source checkout next to a non-editable "
+                "install, run from another directory; otherwise reinstall with a C++ compiler present "
+                "(pip install --no-build-isolation -e .) to build it.",
                 RuntimeWarning,
                 stacklevel=3,
             )

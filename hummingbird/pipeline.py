@@ -22,7 +22,6 @@ import math
 import numbers
 import operator
 import os
-import resource
 import sys
 import time
 import warnings
@@ -406,6 +405,8 @@ class HummingbirdPipeline(DiffusionPipeline):
         if device.type == "cuda":
             peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
         else:  # ru_maxrss is KiB on Linux, bytes on macOS
+            import resource  # POSIX only: imported where used, so the pipeline imports on Windows
+
             peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform == "darwin" else 1)
             peak_mb = peak_kib / 1024
         if not return_dict:
