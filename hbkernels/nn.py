@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hbkernels.ops.geglu import geglu
-from hbkernels.ops.group_norm import group_norm
+from hbkernels.ops.group_norm import group_norm, group_norm_to_tokens
 from hbkernels.ops.layer_norm import layer_norm
 from hbkernels.ops.temporal_attention import temporal_attention
 
@@ -74,6 +74,18 @@ def runs_hooks(module: nn.Module) -> bool:
     # removing such a hook (accelerate, diffusers) leaves the class's own forward bound on the instance
     restored = getattr(forward, "__self__", None) is module and getattr(forward, "__func__", None) is type(module).forward
     return bool(module._forward_hooks or module._forward_pre_hooks) or (forward is not None and not restored)
+
+
+def norm_to_tokens(norm: nn.GroupNorm, video: torch.Tensor) -> torch.Tensor:
+    """``norm`` (a GroupNorm, with its fused SiLU if it has one) of a video (N, C, T, H, W) as tokens
+    (N*H*W, T, C), as temporal transformers take them: written straight in that layout by
+    :func:`group_norm_to_tokens`, or, where ``norm`` runs hooks (its weights are ready only inside its
+    call), by calling it and copying the permuted result."""
+    c, t = video.shape[1:3]
+    if runs_hooks(norm):
+        return norm(video).permute(0, 3, 4, 2, 1).reshape(-1, t, c)
+    return group_norm_to_tokens(video, norm.num_groups, norm.weight, norm.bias, norm.eps,
+                                getattr(norm, "activation", None))
 
 
 def conv_deferring_bias(conv: nn.Module, x: torch.Tensor):

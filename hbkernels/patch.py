@@ -34,7 +34,6 @@ from torch import nn
 
 from hbkernels import checks
 from hbkernels import nn as hbnn
-from hbkernels.ops.group_norm import group_norm_to_tokens
 from hbkernels.ops.layout import residual_add, tokens_to_video
 from hbkernels.ops.temporal_attention import MAX_HEAD_DIM, temporal_attention
 
@@ -235,13 +234,7 @@ def _temporal_tokens_forward(self, hidden_states, encoder_hidden_states, timeste
     # (B, C, T, H, W) view of the (B*T, C, H, W) input: the norm's input and the residual
     video = hidden_states.reshape(batch_frames // num_frames, num_frames, channels, height, width)
     video = video.permute(0, 2, 1, 3, 4)
-    norm = self.norm
-    if hbnn.runs_hooks(norm):  # offload / casting hooks: the weights are ready only inside the call
-        tokens = norm(video).permute(0, 3, 4, 2, 1).reshape(-1, num_frames, channels)
-    else:
-        activation = getattr(norm, "activation", None)
-        tokens = group_norm_to_tokens(video, norm.num_groups, norm.weight, norm.bias, norm.eps, activation)
-    tokens = self.proj_in(tokens)
+    tokens = self.proj_in(hbnn.norm_to_tokens(self.norm, video))
     for block in self.transformer_blocks:
         tokens = block(
             tokens,

@@ -31,7 +31,8 @@ from torch import nn
 
 import hbkernels
 from hbkernels import residual_add
-from hbkernels.nn import GEGLU, FusedLinear, GroupNorm, LayerNorm, TemporalAttention, conv_deferring_bias, runs_hooks
+from hbkernels.nn import (GEGLU, FusedLinear, GroupNorm, LayerNorm, TemporalAttention, conv_deferring_bias,
+                          norm_to_tokens, runs_hooks)
 
 
 def _zero(module: nn.Module) -> nn.Module:
@@ -172,12 +173,7 @@ class TemporalTransformer(nn.Module):
 
     def forward(self, x, num_frames):
         video = frames_as_video(x, num_frames)
-        norm = self.norm
-        if runs_hooks(norm):  # offload / casting hooks: the weights are ready only inside the call
-            tokens = norm(video).permute(0, 3, 4, 2, 1).reshape(-1, num_frames, video.shape[1])
-        else:
-            tokens = hbkernels.group_norm_to_tokens(video, norm.num_groups, norm.weight, norm.bias, norm.eps)
-        tokens = self.proj_in(tokens)
+        tokens = self.proj_in(norm_to_tokens(self.norm, video))
         for block in self.transformer_blocks:
             tokens = block(tokens)
         tokens = self.proj_out(tokens)
