@@ -60,7 +60,7 @@ def cpp_available() -> bool:
 
 def _requested() -> str | None:
     forced = getattr(_local, "forced", None)
-    name = forced[-1] if forced else os.environ.get("HBKERNELS_BACKEND") or None
+    name = forced[-1][0] if forced else os.environ.get("HBKERNELS_BACKEND") or None
     if name is not None and name not in BACKENDS:
         raise ValueError(f"HBKERNELS_BACKEND must be one of {BACKENDS}, got {name!r}")
     return name
@@ -106,19 +106,20 @@ def use_backend(name: str):
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     if not hasattr(_local, "forced"):
-        _local.forced, _local.blocks = [], []  # the names (what select reads), and who set each
-    block = [name]  # identifies this block; a list, which dynamo can build (object() it cannot trace)
-    _local.forced.append(name)
-    _local.blocks.append(block)
+        _local.forced = []
+    # this block's entry: a one-element list, found again by identity (a list, which dynamo can build;
+    # an object() it cannot trace)
+    entry = [name]
+    _local.forced.append(entry)
     try:
         yield
     finally:
-        i = next(i for i, b in enumerate(_local.blocks) if b is block)
-        if i != len(_local.blocks) - 1:
+        i = next(i for i, e in enumerate(_local.forced) if e is entry)
+        if i != len(_local.forced) - 1:
             warnings.warn("hbkernels.use_backend: blocks left out of order on one thread (interleaved by "
                           "asyncio tasks or generators); each removes only its own setting", RuntimeWarning,
                           stacklevel=3)
-        del _local.forced[i], _local.blocks[i]
+        del _local.forced[i]
 
 
 # ``HBKERNELS_POISON=1`` (read at import) fills every output buffer with NaN before a kernel runs, so
