@@ -130,10 +130,9 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None,
     num_groups = _check(x, num_groups, weight, bias, eps, activation, (4, 5), shift)
     silu = activation == "silu"
     name = backend.select(x.device, x.dtype, empty=x.numel() == 0)
+    weight, bias = (checks.norm_affine(p, x, name == "torch") for p in (weight, bias))
     if name == "torch":
-        weight, bias = checks.affine_like(weight, x), checks.affine_like(bias, x)
         return reference.group_norm(x, num_groups, weight, bias, float(eps), silu, shift)
-    weight, bias = checks.affine_for_kernels(weight, x), checks.affine_for_kernels(bias, x)
     return backend.run_function(GroupNormFunction, x, weight, bias, shift, num_groups, float(eps), silu, False, name)
 
 
@@ -145,8 +144,7 @@ def group_norm_to_tokens(x, num_groups, weight=None, bias=None, eps=1e-5, activa
     num_groups = _check(x, num_groups, weight, bias, eps, activation, 5)
     silu = activation == "silu"
     name = backend.select(x.device, x.dtype, empty=x.numel() == 0)
+    weight, bias = (checks.norm_affine(p, x, name == "torch") for p in (weight, bias))
     if name == "torch":
-        weight, bias = checks.affine_like(weight, x), checks.affine_like(bias, x)
         return reference.group_norm_to_tokens(x, num_groups, weight, bias, float(eps), silu)
-    weight, bias = checks.affine_for_kernels(weight, x), checks.affine_for_kernels(bias, x)
     return backend.run_function(GroupNormFunction, x, weight, bias, None, num_groups, float(eps), silu, True, name)

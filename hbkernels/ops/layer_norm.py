@@ -80,8 +80,8 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5, residual=None):
     the pre-norm transformer block's ``x = f(x) + x; h = norm(x)`` in one pass."""
     _check(x, weight, bias, eps, residual)
     name = backend.select(x.device, x.dtype, empty=x.numel() == 0)
-    if name == "torch" or (name == "triton" and x.shape[-1] > TRITON_MAX_C):
-        weight, bias = checks.affine_like(weight, x), checks.affine_like(bias, x)
+    use_reference = name == "torch" or (name == "triton" and x.shape[-1] > TRITON_MAX_C)
+    weight, bias = (checks.norm_affine(p, x, use_reference) for p in (weight, bias))
+    if use_reference:
         return reference.layer_norm(x, weight, bias, float(eps), residual)
-    weight, bias = checks.affine_for_kernels(weight, x), checks.affine_for_kernels(bias, x)
     return backend.run_function(LayerNormFunction, x, residual, weight, bias, float(eps), name)
