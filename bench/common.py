@@ -289,14 +289,8 @@ class Report:
         ax.set_title(f"{self.device} — {self.commit}")
         ax.legend(fontsize=7)
         fig.tight_layout()
-        tmp = f"{path}.tmp{os.getpid()}.png"  # the extension tells savefig the format
         try:
-            fig.savefig(tmp, dpi=110)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+            _replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110), suffix=".png")  # savefig reads it
         finally:
             plt.close(fig)
         return True
@@ -329,15 +323,24 @@ def slug(text: str) -> str:
     return "".join(ch if ch.isalnum() else "-" for ch in text).strip("-").lower()
 
 
-def atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
+def _replace_atomically(path: str, write, suffix: str = "") -> None:
+    """``write(tmp)`` to a temporary file beside ``path``, then renamed over it. If that fails (a full
+    disk, an interrupt), the old file stays and no temporary one is left."""
+    tmp = f"{path}.tmp{os.getpid()}{suffix}"
     try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write(path: str, text: str) -> None:
+    def write(tmp):
         with open(tmp, "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # a full disk or an interrupt: the old file stays, no temporary one is left
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+
+    _replace_atomically(path, write)
