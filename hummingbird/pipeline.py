@@ -354,10 +354,11 @@ class HummingbirdPipeline(DiffusionPipeline):
         # Text: one U-Net call per step either way; CFG doubles its batch to [uncond, cond].
         do_cfg = not self.guidance_distilled and guidance_scale > 1
         negative = "negative_prompt" if negative_prompt_embeds is None else "negative_prompt_embeds"
-        if self.guidance_distilled and (negative_prompt is not None or negative_prompt_embeds is not None):
+        given_negative = negative_prompt is not None or negative_prompt_embeds is not None
+        if self.guidance_distilled and given_negative:
             warnings.warn(f"{negative} is ignored: this U-Net has classifier-free guidance distilled in "
                           "(no unconditional branch)", stacklevel=2)
-        elif not do_cfg and (negative_prompt is not None or negative_prompt_embeds is not None):
+        elif not do_cfg and given_negative:
             warnings.warn(f"{negative} is ignored: guidance_scale {guidance_scale} <= 1 turns classifier-free "
                           "guidance off", stacklevel=2)
         context = self._text_context(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, do_cfg, device)
