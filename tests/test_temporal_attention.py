@@ -132,8 +132,9 @@ def test_temporal_attention_bad_input():
     with pytest.raises(ValueError, match="head dim"):
         big = rand(1, 4, 1, 512)
         hbkernels.temporal_attention(big, big, big)
-    with pytest.raises(TypeError, match="scale"):
-        hbkernels.temporal_attention(q, q, q, scale=float("nan"))
+    for bad in (float("nan"), float("inf"), -math.inf):
+        with pytest.raises(ValueError, match="scale must be a finite float"):
+            hbkernels.temporal_attention(q, q, q, scale=bad)
     with pytest.raises(TypeError, match="scale"):
         hbkernels.temporal_attention(q, q, q, scale=True)
     with pytest.raises(TypeError, match="causal must be a bool"):
