@@ -110,6 +110,14 @@ class GEGLU(nn.Module):
         return geglu(self.proj(x))
 
 
+def fusable(layer: nn.Module) -> bool:
+    """Whether ``layer`` computes ``F.linear(x, weight, bias)`` and nothing else, so its weights can join
+    one GEMM with others: an ``nn.Linear`` with nn.Linear's forward. A peft LoRA layer (not an
+    nn.Linear) or a quantised linear (its own forward) is not: fused, its adapter or scales would be
+    dropped without a word."""
+    return isinstance(layer, nn.Linear) and type(layer).forward is nn.Linear.forward
+
+
 class FusedLinear(nn.Module):
     """Linear layers that read the same input, as one: their weights (and biases) concatenated along
     the outputs, so one GEMM reads the input once instead of once per layer.
@@ -120,15 +128,27 @@ class FusedLinear(nn.Module):
     new values. Inside torch.compile the copy is used as it stands (the check reads tensor versions,
     which dynamo cannot trace): fuse again after changing weights there. Where a gradient is wanted
     for a layer's parameters, the weights are concatenated afresh on each call, so the layers
-    themselves are trained. Layers with hooks (offload, layerwise casting) are called one by one."""
+    themselves are trained. Layers with hooks (offload, layerwise casting) are called one by one.
+
+    The layers must be :func:`fusable`. Code that owns them checks :meth:`fuses` before each use: a
+    layer replaced since (e.g. wrapped in a peft LoRA layer) is then called instead."""
 
     def __init__(self, *linears: nn.Linear):
         super().__init__()
+        for i, lin in enumerate(linears):
+            if not fusable(lin):
+                raise TypeError(f"linears[{i}] must be a plain nn.Linear (see hbkernels.nn.fusable), got "
+                                f"{type(lin).__name__}: merge an adapter into its weights before fusing")
         self._linears = linears  # a tuple: not submodules, whose keys would duplicate the layers' own
         weight, bias = self._concatenated(torch.Tensor.detach)
         self.register_buffer("weight", weight, persistent=False)
         self.register_buffer("bias", bias, persistent=False)
         self._copied = self._versions()
+
+    def fuses(self, *linears: nn.Module) -> bool:
+        """Whether ``linears`` are the layers fused here, in order (an owner's current attributes: one
+        an adapter has wrapped since is another module)."""
+        return len(linears) == len(self._linears) and all(a is b for a, b in zip(linears, self._linears))
 
     def _parameters_of_layers(self):
         return [p for lin in self._linears for p in (lin.weight, lin.bias) if p is not None]
@@ -176,7 +196,8 @@ class TemporalAttention(nn.Module):
         self.to_qkv = None
 
     def fuse_projections(self) -> None:
-        """Compute q, k, v with one :class:`FusedLinear` over to_q, to_k, to_v."""
+        """Compute q, k, v with one :class:`FusedLinear` over to_q, to_k, to_v (TypeError where one is not
+        :func:`fusable`). Where one is replaced later (a LoRA layer wrapping it), forward calls them."""
         self.to_qkv = FusedLinear(self.to_q, self.to_k, self.to_v)
 
     def unfuse_projections(self) -> None:
@@ -186,7 +207,8 @@ class TemporalAttention(nn.Module):
         if x.dim() != 3:
             raise ValueError(f"x must be tokens (B, T, C), got shape {tuple(x.shape)}")
         b, t, _ = x.shape
-        if self.to_qkv is not None:  # strided per-head views of one (B, T, 3, H, D) output: no copies
+        if self.to_qkv is not None and self.to_qkv.fuses(self.to_q, self.to_k, self.to_v):
+            # strided per-head views of one (B, T, 3, H, D) output: no copies
             q, k, v = self.to_qkv(x).view(b, t, 3, self.heads, self.dim_head).unbind(2)
         else:
             q, k, v = (proj(x).view(b, t, self.heads, self.dim_head) for proj in (self.to_q, self.to_k, self.to_v))

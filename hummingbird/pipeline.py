@@ -61,6 +61,18 @@ class HummingbirdPipelineOutput(BaseOutput):
     peak_memory_mb: float = 0.0
 
 
+def _is_adapter_layer(module) -> bool:
+    """A peft tuner layer (LoRA and kin), told by what it holds, since peft is not a dependency."""
+    return isinstance(getattr(module, "scaling", None), dict) and hasattr(module, "active_adapters")
+
+
+def _adapter_state(layer):
+    """The Python state an adapter layer's forward reads: each adapter's scale, the active, disabled
+    and merged adapters."""
+    return (tuple(sorted(layer.scaling.items())), tuple(layer.active_adapters),
+            bool(getattr(layer, "disable_adapters", False)), tuple(getattr(layer, "merged_adapters", ())))
+
+
 class HummingbirdPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->unet->vae"
     _callback_tensor_inputs = ["latents", "prompt_embeds"]  # what callback_on_step_end may read and replace
@@ -96,16 +108,19 @@ class HummingbirdPipeline(DiffusionPipeline):
                              "disable_cuda_graph()")
 
     def _cuda_graph_weights_key(self):
-        """The tensors the graphs read besides their inputs, so that a change recaptures instead of
-        replaying stale or freed weights: every parameter's and buffer's address, dtype and device (.to(),
+        """What the graphs read besides their inputs, so that a change recaptures instead of replaying
+        stale or freed weights: every parameter's and buffer's address, dtype and device (.to(),
         loading, LoRA merges that swap .data, added adapters), the parameters' in-place versions (a
-        load_state_dict: fused projections copy the new weights in at the next capture) and the U-Net's
-        weights_version (layout or fusion switches, whose new tensors may reuse freed addresses). Python
-        state read while capturing (an adapter's scale, disabled adapter layers) is not in it: call
-        disable_cuda_graph() around such changes. Once per call: a few thousand tensors."""
+        load_state_dict: fused projections copy the new weights in at the next capture), the U-Net's
+        weights_version (layout or fusion switches, whose new tensors may reuse freed addresses) and
+        the Python state of adapter layers, which a capture bakes in as constants (peft LoRA layers:
+        each adapter's scale, the active, disabled and merged ones). Other Python state read while
+        capturing is not in it: call disable_cuda_graph() around such changes. Once per call: a few
+        thousand tensors and modules."""
         parameters = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.unet.parameters())
         buffers = tuple((b.data_ptr(), b.dtype, b.device) for b in self.unet.buffers())
-        return id(self.unet), self.unet.weights_version, parameters, buffers
+        adapters = tuple(_adapter_state(m) for m in self.unet.modules() if _is_adapter_layer(m))
+        return id(self.unet), self.unet.weights_version, parameters, buffers, adapters
 
     def disable_cuda_graph(self):
         self._graphed_unet = None

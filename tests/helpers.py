@@ -183,3 +183,16 @@ OP_CASES = {
     "tokens_to_video": (lambda t, x: hbkernels.tokens_to_video(t, residual=x), _leaves(_TOKENS, _VIDEO)),
     "residual_add": (lambda x, r, b: hbkernels.residual_add(x, r, b), _leaves(_VIDEO, _VIDEO, (16,))),
 }
+
+
+class LowRankAdapter(torch.nn.Module):
+    """A LoRA-style wrapper (what peft puts in a layer's place): base(x) + up(down(x))."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int = 2):
+        super().__init__()
+        self.base_layer = base
+        self.down = torch.nn.Linear(base.in_features, rank, bias=False)
+        self.up = torch.nn.Linear(rank, base.out_features, bias=False)
+
+    def forward(self, x):
+        return self.base_layer(x) + self.up(self.down(x))

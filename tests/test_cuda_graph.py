@@ -71,6 +71,24 @@ def test_weights_key_sees_every_tensor_the_unet_reads():
     assert pipe._cuda_graph_weights_key() != key
 
 
+def test_weights_key_sees_adapter_state():
+    """A peft LoRA layer's scale and on/off switch are Python values a capture bakes in: changing them
+    must recapture, not replay the old ones."""
+    peft = pytest.importorskip("peft")
+    from peft.tuners.lora import LoraLayer
+
+    pipe = tiny_random_pipeline("lcm")
+    key = pipe._cuda_graph_weights_key()
+    peft.inject_adapter_in_model(peft.LoraConfig(r=2, target_modules=["to_q"]), pipe.unet)
+    assert pipe._cuda_graph_weights_key() != key
+    layer = next(m for m in pipe.unet.modules() if isinstance(m, LoraLayer))
+    for change in (lambda: layer.set_scale("default", 0.5), lambda: layer.enable_adapters(False)):
+        key = pipe._cuda_graph_weights_key()
+        assert pipe._cuda_graph_weights_key() == key
+        change()
+        assert pipe._cuda_graph_weights_key() != key
+
+
 def test_each_argument_position_gets_its_own_static_input(monkeypatch):
     """A first call f(x, x) gave both positions one static buffer: a later call of the same signature
     with two different tensors copied both into it, and the replay computed on the second alone."""

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 import hbkernels
-from helpers import BACKENDS, DEVICE, rand
+from helpers import BACKENDS, DEVICE, LowRankAdapter, rand
 
 
 @pytest.mark.parametrize("backend_name", BACKENDS)
@@ -95,6 +95,44 @@ def test_fused_projections_train_the_layers():
         fused = ours(x)
         ours.unfuse_projections()
         torch.testing.assert_close(fused, ours(x), atol=1e-5, rtol=1e-5)
+
+
+class ScaledLinear(torch.nn.Linear):
+    """An nn.Linear whose forward is its own (as a quantised linear's): its weights alone are not its output."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def test_fusable_layers():
+    assert hbkernels.nn.fusable(torch.nn.Linear(4, 4))
+    assert not hbkernels.nn.fusable(ScaledLinear(4, 4))
+    assert not hbkernels.nn.fusable(LowRankAdapter(torch.nn.Linear(4, 4)))
+    with pytest.raises(TypeError, match=r"linears\[1\] must be a plain nn.Linear.*ScaledLinear"):
+        hbkernels.nn.FusedLinear(torch.nn.Linear(4, 4), ScaledLinear(4, 4))
+
+
+@pytest.mark.parametrize("adapted", ["before", "after"])
+def test_temporal_attention_with_an_adapter_and_fused_projections(adapted):
+    """An adapter wrapping to_k: before fusing, fusing is refused (its weights are not its output);
+    after fusing, forward calls the projections instead of the fused copy, which would drop it."""
+    torch.manual_seed(0)
+    ours = hbkernels.nn.TemporalAttention(32, heads=4, dim_head=8).to(DEVICE)
+    x = rand(3, 5, 32)
+    if adapted == "before":
+        ours.to_k = LowRankAdapter(ours.to_k).to(DEVICE)
+        with pytest.raises(TypeError, match="merge an adapter"):
+            ours.fuse_projections()
+        return
+    ours.fuse_projections()
+    with torch.no_grad():
+        plain = ours(x)
+        ours.to_k = LowRankAdapter(ours.to_k).to(DEVICE)
+        got = ours(x)
+        ours.unfuse_projections()
+        want = ours(x)
+    assert not torch.allclose(want, plain)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
 
 
 def test_fused_linear_fills_missing_biases():

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import hbkernels
 from hummingbird.models import CONFIGS, HummingbirdUNet3DModel, guidance_scale_embedding
 from hummingbird.models.unet_3d import ResBlock, SpatialTransformer, TemporalTransformer
+from helpers import LowRankAdapter
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -363,29 +364,101 @@ def test_named_configs():
 def test_fused_qkv_projections_keep_outputs_keys_and_processors(tiny):
     import copy
 
-    from diffusers.models.attention_processor import AttnProcessor
+    from diffusers.models.attention_processor import AttnProcessor, FusedAttnProcessor2_0
 
     model = copy.deepcopy(tiny)
-    model.set_attn_processor(AttnProcessor())  # a user's choice, restored by unfusing
+    model.set_attn_processor(AttnProcessor())  # a user's choice, restored by unfusing (and the fallback meanwhile)
     x, ctx = tiny_inputs()
     keys, version = set(model.state_dict()), model.weights_version
     with torch.no_grad():
         want = model(x, 10, ctx).sample
         model.fuse_qkv_projections()
         got = model(x, 10, ctx).sample
-        fused = {type(p).__name__ for p in model.attn_processors.values()}
+        fused = list(model.attn_processors.values())
         for attn in (m for m in model.modules() if isinstance(m, hbkernels.nn.TemporalAttention)):
             torch.nn.init.zeros_(attn.to_q.weight)  # the fused copies follow, without re-fusing
         changed = model(x, 10, ctx).sample
         model.unfuse_qkv_projections()
         unfused = model(x, 10, ctx).sample
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
-    assert fused == {"FusedAttnProcessor2_0"}
+    assert all(isinstance(p, FusedAttnProcessor2_0) and isinstance(p.unfused, AttnProcessor) for p in fused)
     assert not torch.allclose(changed, got)
     torch.testing.assert_close(unfused, changed, atol=1e-5, rtol=1e-4)
     assert {type(p).__name__ for p in model.attn_processors.values()} == {"AttnProcessor"}
     assert set(model.state_dict()) == keys and model.weights_version == version + 2
     assert not any(hasattr(m, "to_qkv") and m.to_qkv is not None for m in model.modules())
+
+
+def _adapt_projections(model):
+    """LoRA-style adapters on one projection of each kind: a spatial self-attention's to_q, a text
+    cross-attention's to_k and a temporal attention's to_v (random, so each changes the output)."""
+    from diffusers.models.attention_processor import Attention
+
+    attns = [m for m in model.modules() if isinstance(m, Attention)]
+    self_attn = next(m for m in attns if not m.is_cross_attention)
+    cross_attn = next(m for m in attns if m.is_cross_attention)
+    temporal = next(m for m in model.modules() if isinstance(m, hbkernels.nn.TemporalAttention))
+    torch.manual_seed(0)
+    for module, name in ((self_attn, "to_q"), (cross_attn, "to_k"), (temporal, "to_v")):
+        setattr(module, name, LowRankAdapter(getattr(module, name)))
+
+
+@pytest.mark.parametrize("adapted", ["before", "after"])
+def test_fused_qkv_projections_keep_adapters(tiny, adapted):
+    """Adapters (what peft's LoRA puts in a projection's place) are never dropped by fusion: the
+    attentions holding one before fusing stay unfused, with a warning; one added after fusing is
+    called instead of the fused copy."""
+    import copy
+
+    model = copy.deepcopy(tiny)
+    x, ctx = tiny_inputs()
+    with torch.no_grad():
+        if adapted == "before":
+            _adapt_projections(model)
+            with pytest.warns(UserWarning, match="3 attention layers stay unfused"):
+                model.fuse_qkv_projections()
+        else:
+            model.fuse_qkv_projections()
+            _adapt_projections(model)
+        got = model(x, 10, ctx).sample
+        model.unfuse_qkv_projections()
+        want = model(x, 10, ctx).sample
+        plain = tiny(x, 10, ctx).sample
+    assert not torch.allclose(want, plain, atol=1e-3)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("adapted", ["before", "after"])
+def test_fused_qkv_projections_with_peft_lora(tiny, adapted):
+    """The same with peft's own LoRA layers (whose .weight is the base layer's: fused, they would
+    drop the adapter silently), against the adapters merged into the weights of an unfused copy."""
+    import copy
+
+    peft = pytest.importorskip("peft")
+    from peft.tuners.lora import LoraLayer
+
+    config = peft.LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                             init_lora_weights=False)  # random up-projections: the adapters change the output
+    model = copy.deepcopy(tiny)
+    x, ctx = tiny_inputs()
+    with torch.no_grad():
+        torch.manual_seed(0)
+        if adapted == "before":
+            peft.inject_adapter_in_model(config, model)
+            with pytest.warns(UserWarning, match="stay unfused"):
+                model.fuse_qkv_projections()
+        else:
+            model.fuse_qkv_projections()
+            peft.inject_adapter_in_model(config, model)
+        got = model(x, 10, ctx).sample
+        merged = copy.deepcopy(model)
+        merged.unfuse_qkv_projections()
+        for layer in (m for m in merged.modules() if isinstance(m, LoraLayer)):
+            layer.merge()
+        want = merged(x, 10, ctx).sample
+        plain = tiny(x, 10, ctx).sample
+    assert not torch.allclose(want, plain, atol=1e-3)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -422,9 +495,12 @@ def test_channels_last_keeps_outputs_and_every_conv_input_channels_last(tiny, ba
 
 
 @pytest.mark.skipif(not hbkernels.backend.cpp_available() or torch.cuda.is_available(), reason="C++ backend on CPU")
-def test_whole_unet_compiles_without_graph_breaks():
+@pytest.mark.parametrize("fused", [False, True])
+def test_whole_unet_compiles_without_graph_breaks(fused):
     model = randomize(HummingbirdUNet3DModel.from_named_config(
         "tiny", channel_mult=(1, 2), attention_levels=(1,), num_res_blocks=1, use_middle_block=False), std=0.2).eval()
+    if fused:  # the fused processors' check that the fused layers are still the attention's own traces too
+        model.fuse_qkv_projections()
     x, ctx = tiny_inputs(b=1)
     cond = guidance_scale_embedding(torch.tensor([7.5]), 16)
     torch._dynamo.reset()

@@ -17,6 +17,7 @@ swappable through ``attn_processors`` / ``set_attn_processor``. Temporal attenti
 ``hbkernels.use_backend``.
 """
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -31,8 +32,27 @@ from torch import nn
 
 import hbkernels
 from hbkernels import residual_add
-from hbkernels.nn import (GEGLU, FusedLinear, GroupNorm, LayerNorm, TemporalAttention, conv_deferring_bias,
+from hbkernels.nn import (GEGLU, FusedLinear, GroupNorm, LayerNorm, TemporalAttention, conv_deferring_bias, fusable,
                           norm_to_tokens, runs_hooks)
+
+
+class _FusedAttnProcessor(FusedAttnProcessor2_0):
+    """diffusers' fused processor while the attention's projections are still the layers it fused; once
+    one has been replaced (a peft LoRA layer wrapping it), the processor the attention had before
+    fusion, which calls them: the fused weights would leave the adapter out."""
+
+    def __init__(self, unfused):
+        super().__init__()
+        self.unfused = unfused
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
+                 **kwargs):
+        if attn.is_cross_attention:
+            fused = attn.to_kv.fuses(attn.to_k, attn.to_v)
+        else:
+            fused = attn.to_qkv.fuses(attn.to_q, attn.to_k, attn.to_v)
+        call = super().__call__ if fused else self.unfused
+        return call(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
 
 
 def _zero(module: nn.Module) -> nn.Module:
@@ -528,19 +548,30 @@ class HummingbirdUNet3DModel(ModelMixin, AttentionMixin, ConfigMixin):
         The fused weights are :class:`hbkernels.nn.FusedLinear` copies outside the state_dict
         (saving is unaffected), refreshed when the layers' weights change (inside torch.compile: fuse
         again after changing them; calls that need gradients concatenate the live weights). Replaces
-        custom attention processors until :meth:`unfuse_qkv_projections`."""
+        custom attention processors until :meth:`unfuse_qkv_projections`.
+
+        Attentions whose projections are not plain linear layers (peft LoRA layers, quantised linears)
+        stay unfused, with a warning; a projection replaced after fusion is called as it is, unfused."""
         if not self.fused_qkv:
             self._unfused_processors = self.attn_processors
-        for module in self.modules():
-            if isinstance(module, TemporalAttention):
+        left = 0
+        for name, module in self.named_modules():
+            if not isinstance(module, (TemporalAttention, Attention)):
+                continue
+            cross = isinstance(module, Attention) and module.is_cross_attention
+            layers = (module.to_k, module.to_v) if cross else (module.to_q, module.to_k, module.to_v)
+            if not all(fusable(layer) for layer in layers):
+                left += 1
+            elif isinstance(module, TemporalAttention):
                 module.fuse_projections()
-            elif isinstance(module, Attention):
-                if module.is_cross_attention:
-                    module.to_kv = FusedLinear(module.to_k, module.to_v)
-                else:
-                    module.to_qkv = FusedLinear(module.to_q, module.to_k, module.to_v)
+            else:
+                setattr(module, "to_kv" if cross else "to_qkv", FusedLinear(*layers))
                 module.fused_projections = True
-                module.set_processor(FusedAttnProcessor2_0())
+                module.set_processor(_FusedAttnProcessor(self._unfused_processors[f"{name}.processor"]))
+        if left:
+            warnings.warn(f"fuse_qkv_projections: {left} attention layers stay unfused: their projections are not "
+                          "plain nn.Linear layers (adapters such as peft LoRA layers: merge them first to fuse)",
+                          stacklevel=2)
         self.fused_qkv = True
         self.weights_version += 1
 
