@@ -126,7 +126,7 @@ class FusedLinear(nn.Module):
     separate layers' keys), brought up to date in place when a layer's weights have changed since (an
     optimizer step, a load, ``.data`` replaced): its addresses stay, so captured CUDA graphs read the
     new values. Inside torch.compile the copy is used as it stands (the check reads tensor versions,
-    which dynamo cannot trace): fuse again after changing weights there. Where a gradient is wanted
+    which dynamo cannot trace): call :meth:`refresh` outside it after changing weights. Where a gradient is wanted
     for a layer's parameters, the weights are concatenated afresh on each call, so the layers
     themselves are trained. Layers with hooks (offload, layerwise casting) are called one by one.
 
@@ -169,13 +169,18 @@ class FusedLinear(nn.Module):
             return torch.cat([lin(x) for lin in self._linears], dim=-1)
         if torch.is_grad_enabled() and any(p.requires_grad for p in self._parameters_of_layers()):
             return F.linear(x, *self._concatenated(lambda p: p))
-        if not torch.compiler.is_compiling() and self._versions() != self._copied:
+        if not torch.compiler.is_compiling():
+            self.refresh()
+        return F.linear(x, self.weight, self.bias)
+
+    def refresh(self) -> None:
+        """Copies the layers' weights into the fused copy, in place, where they changed since."""
+        if self._versions() != self._copied:
             with torch.no_grad():
                 for buffer, fresh in zip((self.weight, self.bias), self._concatenated(torch.Tensor.detach)):
                     if buffer is not None:
                         buffer.copy_(fresh)
             self._copied = self._versions()
-        return F.linear(x, self.weight, self.bias)
 
 
 class TemporalAttention(nn.Module):

@@ -362,6 +362,8 @@ class HummingbirdPipeline(DiffusionPipeline):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         timings, clock = {}, _Clock(device)
+        if self.unet.fused_qkv:  # a compiled U-Net cannot see changed weights itself
+            self.unet.refresh_fused_projections()
         if self._graphed_unet is not None and device.type == "cuda":
             self._check_no_offload_hooks()
             self._graphed_unet.set_weights_key(self._cuda_graph_weights_key())

@@ -133,6 +133,22 @@ def test_channels_last_pipeline_gives_the_same_video():
     assert not pipe.unet.channels_last
 
 
+def test_fused_pipeline_refreshes_fused_weights_before_the_unet_runs(monkeypatch):
+    """A compiled U-Net cannot check its fused projections against weights changed in place: the
+    pipeline refreshes them once per call, before the first U-Net step (an eager U-Net checks itself)."""
+    pipe = _pipe("lcm")
+    events = []
+    pipe.unet.register_forward_pre_hook(lambda *_: events.append("unet"))
+    monkeypatch.setattr(pipe.unet, "refresh_fused_projections", lambda: events.append("refresh"))
+    kwargs = dict(num_frames=3, num_inference_steps=2, seed=0, output_type="pt", **SIZE)
+    pipe("a cat", **kwargs)
+    assert events == ["unet", "unet"]  # unfused: nothing to refresh
+    events.clear()
+    pipe.fuse_qkv_projections()
+    pipe("a cat", **kwargs)
+    assert events == ["refresh", "unet", "unet"]
+
+
 def _public(config):
     """A config without diffusers' bookkeeping keys, tuples as JSON gives them back (lists)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items() if not k.startswith("_")}

@@ -506,8 +506,17 @@ def test_whole_unet_compiles_without_graph_breaks(fused):
     torch._dynamo.reset()
     with torch.no_grad(), hbkernels.use_backend("cpp"):
         want = model(x, 10, ctx, timestep_cond=cond).sample
-        got = torch.compile(model, fullgraph=True, backend="aot_eager")(x, 10, ctx, timestep_cond=cond).sample
-    torch.testing.assert_close(got, want)
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        got = compiled(x, 10, ctx, timestep_cond=cond).sample
+        torch.testing.assert_close(got, want)
+        if fused:  # weights changed in place (a load, a merged LoRA): the compiled forward sees them once refreshed
+            for attn in (m for m in model.modules() if isinstance(m, hbkernels.nn.TemporalAttention)):
+                attn.to_v.weight.mul_(-1)
+            model.refresh_fused_projections()
+            changed = compiled(x, 10, ctx, timestep_cond=cond).sample
+            model.unfuse_qkv_projections()
+            torch.testing.assert_close(changed, model(x, 10, ctx, timestep_cond=cond).sample)
+            assert not torch.allclose(changed, got)
 
 
 # ------------------------------------------------------------------- whole forward against VideoCrafter2

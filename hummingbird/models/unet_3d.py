@@ -546,8 +546,9 @@ class HummingbirdUNet3DModel(ModelMixin, AttentionMixin, ConfigMixin):
         fp16) once instead of three times in each self-attention.
 
         The fused weights are :class:`hbkernels.nn.FusedLinear` copies outside the state_dict
-        (saving is unaffected), refreshed when the layers' weights change (inside torch.compile: fuse
-        again after changing them; calls that need gradients concatenate the live weights). Replaces
+        (saving is unaffected), refreshed when the layers' weights change (calls that need gradients
+        concatenate the live weights). A compiled forward cannot check: call
+        :meth:`refresh_fused_projections` after changing weights (the pipeline does, each call). Replaces
         custom attention processors until :meth:`unfuse_qkv_projections`.
 
         Attentions whose projections are not plain linear layers (peft LoRA layers, quantised linears)
@@ -574,6 +575,14 @@ class HummingbirdUNet3DModel(ModelMixin, AttentionMixin, ConfigMixin):
                           stacklevel=2)
         self.fused_qkv = True
         self.weights_version += 1
+
+    def refresh_fused_projections(self) -> None:
+        """Brings the fused projections' weight copies up to date where the layers' weights changed
+        in place (a load_state_dict, a merged LoRA): what an eager forward checks on each call and a
+        torch.compile'd one cannot."""
+        for module in self.modules():
+            if isinstance(module, FusedLinear):
+                module.refresh()
 
     def unfuse_qkv_projections(self) -> None:
         if not self.fused_qkv:
