@@ -110,6 +110,17 @@ class GEGLU(nn.Module):
         return geglu(self.proj(x))
 
 
+def inplace_version(t: torch.Tensor):
+    """``t``'s in-place version counter, or None where it keeps none: an inference tensor (made under
+    torch.inference_mode, e.g. weights loaded there), or a parameter made as one whose ``.data`` was
+    replaced since (``is_inference()`` is then False, and the counter still raises). Their in-place
+    changes go unseen."""
+    try:
+        return t._version
+    except RuntimeError:  # "Inference tensors do not track version counter"
+        return None
+
+
 def fusable(layer: nn.Module) -> bool:
     """Whether ``layer`` computes ``F.linear(x, weight, bias)`` and nothing else, so its weights can join
     one GEMM with others: an ``nn.Linear`` with nn.Linear's forward. A peft LoRA layer (not an
@@ -155,7 +166,7 @@ class FusedLinear(nn.Module):
 
     def _versions(self):
         """What identifies the layers' current weights: each parameter's storage and in-place version."""
-        return tuple((p.data_ptr(), p._version) for p in self._parameters_of_layers())
+        return tuple((p.data_ptr(), inplace_version(p)) for p in self._parameters_of_layers())
 
     def _concatenated(self, take):
         weight = torch.cat([take(lin.weight) for lin in self._linears])

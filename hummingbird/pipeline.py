@@ -36,6 +36,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from hbkernels.nn import inplace_version
 from hummingbird import DEFAULT_SIZE
 from hummingbird.cuda_graph import CUDAGraphCall
 from hummingbird.models import HummingbirdUNet3DModel, guidance_scale_embedding
@@ -117,7 +118,7 @@ class HummingbirdPipeline(DiffusionPipeline):
         each adapter's scale, the active, disabled and merged ones). Other Python state read while
         capturing is not in it: call disable_cuda_graph() around such changes. Once per call: a few
         thousand tensors and modules."""
-        parameters = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.unet.parameters())
+        parameters = tuple((p.data_ptr(), inplace_version(p), p.dtype, p.device) for p in self.unet.parameters())
         buffers = tuple((b.data_ptr(), b.dtype, b.device) for b in self.unet.buffers())
         adapters = tuple(_adapter_state(m) for m in self.unet.modules() if _is_adapter_layer(m))
         return id(self.unet), self.unet.weights_version, parameters, buffers, adapters

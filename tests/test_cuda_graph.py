@@ -71,6 +71,15 @@ def test_weights_key_sees_every_tensor_the_unet_reads():
     assert pipe._cuda_graph_weights_key() != key
 
 
+def test_weights_key_of_weights_made_in_inference_mode():
+    with torch.inference_mode():
+        pipe = tiny_random_pipeline("lcm")
+    key = pipe._cuda_graph_weights_key()  # raised: inference tensors keep no version counter
+    last = list(pipe.unet.parameters())[-1]
+    last.data = last.data.clone()
+    assert pipe._cuda_graph_weights_key() != key
+
+
 def test_weights_key_sees_adapter_state():
     """A peft LoRA layer's scale and on/off switch are Python values a capture bakes in: changing them
     must recapture, not replay the old ones."""

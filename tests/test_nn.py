@@ -135,6 +135,20 @@ def test_temporal_attention_with_an_adapter_and_fused_projections(adapted):
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
 
 
+def test_fused_linear_over_weights_made_in_inference_mode():
+    """Weights created under torch.inference_mode (a model loaded there) keep no version counter:
+    reading it raised, so fusing such a model failed."""
+    with torch.inference_mode():
+        a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 2)
+    x = torch.randn(5, 4)
+    fused = hbkernels.nn.FusedLinear(a, b)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(x), torch.cat([a(x), b(x)], dim=-1))
+    with torch.no_grad():
+        a.weight = torch.nn.Parameter(torch.zeros(3, 4))  # replaced, not changed in place: seen
+        torch.testing.assert_close(fused(x), torch.cat([a(x), b(x)], dim=-1))
+
+
 def test_fused_linear_fills_missing_biases():
     a, b = torch.nn.Linear(4, 3, bias=False), torch.nn.Linear(4, 2)
     x = torch.randn(5, 4)
