@@ -90,7 +90,10 @@ inline void nn_block(int64_t K, const float* A, int64_t sai, int64_t sak, const 
     }
     const bool add = acc_in || k0 > 0;
     for (int r = 0; r < MR; ++r)
-      for (int v = 0; v < NV; ++v) store8(C + r * ldc + 8 * v, add ? load8(C + r * ldc + 8 * v) + acc[r][v] : acc[r][v]);
+      for (int v = 0; v < NV; ++v) {
+        float* c = C + r * ldc + 8 * v;
+        store8(c, add ? load8(c) + acc[r][v] : acc[r][v]);
+      }
   }
 }
 
