@@ -461,6 +461,41 @@ def test_fused_qkv_projections_with_peft_lora(tiny, adapted):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
+def test_lora_through_diffusers_adapter_api(tiny, tmp_path):
+    """diffusers' PeftAdapterMixin on the U-Net: add, scale, switch off, fuse around, save and load."""
+    import copy
+
+    peft = pytest.importorskip("peft")
+    model = copy.deepcopy(tiny)
+    x, ctx = tiny_inputs()
+    config = peft.LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                             init_lora_weights=False)
+    with torch.no_grad():
+        plain = model(x, 10, ctx).sample
+        torch.manual_seed(0)
+        model.add_adapter(config, adapter_name="style")
+        full = model(x, 10, ctx).sample
+        model.set_adapters(["style"], weights=[0.5])
+        half = model(x, 10, ctx).sample
+        model.disable_adapters()
+        off = model(x, 10, ctx).sample
+        model.enable_adapters()
+        with pytest.warns(UserWarning, match="stay unfused"):
+            model.fuse_qkv_projections()
+        fused = model(x, 10, ctx).sample
+        model.unfuse_qkv_projections()
+        model.save_lora_adapter(tmp_path, adapter_name="style")
+        loaded = copy.deepcopy(tiny)
+        loaded.load_lora_adapter(tmp_path, weight_name="pytorch_lora_weights.safetensors", adapter_name="style",
+                                 prefix=None)
+        loaded.set_adapters(["style"], weights=[0.5])
+        reloaded = loaded(x, 10, ctx).sample
+    assert not torch.allclose(full, plain, atol=1e-3) and not torch.allclose(half, full, atol=1e-3)
+    torch.testing.assert_close(off, plain, atol=1e-6, rtol=0)
+    torch.testing.assert_close(fused, half, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(reloaded, half, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_channels_last_keeps_outputs_and_every_conv_input_channels_last(tiny, backend):
     import copy

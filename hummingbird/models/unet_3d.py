@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention import AttentionMixin, _chunked_feed_forward
 from diffusers.models.attention_processor import Attention, FusedAttnProcessor2_0
 from diffusers.models.embeddings import get_timestep_embedding
@@ -318,7 +319,7 @@ class HummingbirdUNet3DOutput(BaseOutput):
     sample: torch.Tensor
 
 
-class HummingbirdUNet3DModel(ModelMixin, AttentionMixin, ConfigMixin):
+class HummingbirdUNet3DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
     """VideoCrafter2's text-to-video U-Net; with ``num_res_blocks=1`` (and optionally no middle block)
     Hummingbird's pruned students. Named configurations: :meth:`from_named_config`.
 
@@ -326,6 +327,8 @@ class HummingbirdUNet3DModel(ModelMixin, AttentionMixin, ConfigMixin):
     runs the transformer feed-forwards in slices to cap their activation memory;
     ``enable_channels_last()`` keeps activations channels-last (faster convolutions on GPUs);
     ``fuse_qkv_projections()`` computes each attention's projections of one input with one GEMM.
+    LoRA through diffusers' ``PeftAdapterMixin`` (peft installed): ``add_adapter``, ``set_adapters``,
+    ``disable_adapters``, ``save_lora_adapter`` / ``load_lora_adapter``.
 
     ``weights_version`` counts the switches that replace tensors the forward reads (layouts, fused
     projections), so that holders of captured CUDA graphs know to recapture.
