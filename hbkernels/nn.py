@@ -137,9 +137,10 @@ class FusedLinear(nn.Module):
     separate layers' keys), brought up to date in place when a layer's weights have changed since (an
     optimizer step, a load, ``.data`` replaced): its addresses stay, so captured CUDA graphs read the
     new values. Inside torch.compile the copy is used as it stands (the check reads tensor versions,
-    which dynamo cannot trace): call :meth:`refresh` outside it after changing weights. Where a gradient is wanted
-    for a layer's parameters, the weights are concatenated afresh on each call, so the layers
-    themselves are trained. Layers with hooks (offload, layerwise casting) are called one by one.
+    which dynamo cannot trace): call :meth:`refresh` outside it after changing weights. Where a
+    gradient is wanted for a layer's parameters, the weights are concatenated afresh on each call, so
+    the layers themselves are trained. Layers with hooks (offload, layerwise casting) are called one by
+    one.
 
     The layers must be :func:`fusable`. Code that owns them checks :meth:`fuses` before each use: a
     layer replaced since (e.g. wrapped in a peft LoRA layer) is then called instead."""

@@ -408,9 +408,10 @@ class HummingbirdPipeline(DiffusionPipeline):
                 latents = self.scheduler.step(noise, t, latents, **step_kwargs).prev_sample
                 if callback_on_step_end is not None:
                     named = {"latents": latents, "prompt_embeds": context}
-                    out = callback_on_step_end(self, i, t, {k: named[k] for k in callback_on_step_end_tensor_inputs})
-                    latents = (out or {}).get("latents", latents)
-                    context = (out or {}).get("prompt_embeds", context)
+                    given = {k: named[k] for k in callback_on_step_end_tensor_inputs}
+                    out = callback_on_step_end(self, i, t, given) or {}
+                    latents = out.get("latents", latents)
+                    context = out.get("prompt_embeds", context)
                 progress.update()
         timings["denoise"] = clock.lap()
 
