@@ -41,6 +41,9 @@ GN_TILES = (1024, 2048)
 GN_STAGES = (3, 4, 5)
 GN_APPLY_TILES = (4096, 8192, 16384)  # each layout's default is timed once, in the grid
 GN_APPLY_MAXNREG = (32,)  # besides the default (none)
+# Channels per NCHW tile (statistics, apply, then pairs of both): the default 16 and narrower
+GN_NCHW_CHANNELS = (1, 2, 4, 8)
+GN_NCHW_CHANNEL_PAIRS = [(s, a) for s in (1, 2) for a in (1, 2, 4)]
 GN_ONE_PASS_TILES = (8192,)  # besides the default; level 0 T16: 50 programs per group instead of 100
 # The lagged forward: switched on at its defaults, then (programs per SM, tile bytes, tiles per batch)
 # points, and pipeline stages and lag depths at its defaults. sm_90: 8 KiB tiles hold 64 registers
@@ -63,6 +66,10 @@ def _gn_forward_settings():
     return grid + [dict(APPLY_REVERSED=not gn.APPLY_REVERSED), dict(APPLY_EVICT_FIRST=not gn.APPLY_EVICT_FIRST),
                    dict(PDL=not gn.PDL)] + \
         [dict(_APPLY_TILE=t) for t in GN_APPLY_TILES] + [dict(_APPLY_MAXNREG=c) for c in GN_APPLY_MAXNREG] + \
+        [dict(_STATS_CHANNELS_NCHW=c) for c in GN_NCHW_CHANNELS] + \
+        [dict(_APPLY_CHANNELS_NCHW=c) for c in GN_NCHW_CHANNELS] + \
+        [dict(_STATS_CHANNELS_NCHW=s, _APPLY_CHANNELS_NCHW=a) for s, a in GN_NCHW_CHANNEL_PAIRS] + \
+        [dict(_STATS_CHANNELS_NCHW=1, _STATS_TILE=t) for t in GN_TILES + (4096,) if t != gn._STATS_TILE] + \
         _lagged_settings()
 
 
@@ -80,7 +87,8 @@ def _lagged_settings():
 def _gn_backward_settings():
     """Knob values per timed backward setting: each stage count of the partial-sums loop, PDL switched,
     and the one-pass backward's settings."""
-    return [dict(STATS_STAGES=s) for s in GN_STAGES] + [dict(PDL=not gn.PDL), *_one_pass_settings()]
+    return [dict(STATS_STAGES=s) for s in GN_STAGES] + [dict(PDL=not gn.PDL), *_one_pass_settings()] + \
+        [dict(_STATS_CHANNELS_NCHW=c) for c in GN_NCHW_CHANNELS]
 
 
 def _one_pass_settings():
@@ -89,15 +97,19 @@ def _one_pass_settings():
     return [dict(ONE_PASS=not gn.ONE_PASS)] + [dict(ONE_PASS=True, _ONE_PASS_MIN_TILE=t) for t in GN_ONE_PASS_TILES]
 
 
+# Knobs that change nothing on channels-last tensors where set (true)
+NCHW_ONLY = ("ONE_PASS", "LAGGED", "_STATS_CHANNELS_NCHW", "_APPLY_CHANNELS_NCHW")
+
+
 def _gn_settings_for(settings, fmt, only=None):
     """The settings that change what runs on tensors of memory format ``fmt``, under that layout's knob
-    names (_for_layout): the one-pass and lagged kernels take only NCHW tensors (channels-last ones
-    would time the two passes under their label), and a one-knob setting equal to the layout's default
+    names (_for_layout): the one-pass and lagged kernels and the NCHW tile widths (NCHW_ONLY) change
+    nothing on channels-last tensors (which would time the default under their label), and a one-knob setting equal to the layout's default
     is left to the statistics grid's default point. With ``only`` (knob names), just the settings that set
     one of them, and that default point to compare with; none where no setting sets one."""
     chosen, matched = [], only is None
     for k in settings:
-        if any(k.get(name) for name in ("ONE_PASS", "LAGGED")) and fmt != torch.contiguous_format:
+        if any(k.get(name) for name in NCHW_ONLY) and fmt != torch.contiguous_format:
             continue
         k = _for_layout(k, fmt)
         grid_point = "STATS_STAGES" in k

@@ -113,14 +113,14 @@ def test_group_norm_keeps_memory_format(backend_name):
 
 @pytest.mark.parametrize("backend_name", [p for p in KERNEL_BACKENDS if p.values[0] == "triton"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("reversed_apply, evict_first, stats_tile, stages, pdl, apply_tile, maxnreg", [
-    (True, False, 4096, 2, False, 8192, None), (False, True, 2048, 5, True, 4096, 32),
-    (True, True, 1024, 3, True, 1024, None)])
+@pytest.mark.parametrize("reversed_apply, evict_first, stats_tile, stages, pdl, apply_tile, maxnreg, channels", [
+    (True, False, 4096, 2, False, 8192, None, (8, 16)), (False, True, 2048, 5, True, 4096, 32, (4, 8)),
+    (True, True, 1024, 3, True, 1024, None, (2, 2))])
 def test_group_norm_launch_tuning(monkeypatch, backend_name, layout, reversed_apply, evict_first, stats_tile, stages,
-                                  pdl, apply_tile, maxnreg):
+                                  pdl, apply_tile, maxnreg, channels):
     """The tuning knobs (bench/sweep.py) change the schedule, never the result; the tiles launched are
     the ones set (the shape holds each whole, in both layouts; 12-channel groups straddle the tiles'
-    16- or 64-channel blocks)."""
+    blocks of 64 channels (channels-last) or of ``channels`` (statistics, apply; NCHW))."""
     from hbkernels.triton import group_norm as gn
 
     tiles = []
@@ -131,7 +131,7 @@ def test_group_norm_launch_tuning(monkeypatch, backend_name, layout, reversed_ap
 
         def __getitem__(self, grid):
             def launch(*args, **meta):
-                tiles.append((self.kernel, meta["BLOCK_C"] * meta["BLOCK_S"]))
+                tiles.append((self.kernel, meta["BLOCK_C"] * meta["BLOCK_S"], meta["BLOCK_C"]))
                 return self.kernel[grid](*args, **meta)
             return launch
 
@@ -147,6 +147,8 @@ def test_group_norm_launch_tuning(monkeypatch, backend_name, layout, reversed_ap
     monkeypatch.setattr(gn, "APPLY_EVICT_FIRST", evict_first)
     monkeypatch.setattr(gn, "PDL", pdl)
     monkeypatch.setattr(gn, "_APPLY_MAXNREG", maxnreg)
+    monkeypatch.setattr(gn, "_STATS_CHANNELS_NCHW", channels[0])
+    monkeypatch.setattr(gn, "_APPLY_CHANNELS_NCHW", channels[1])
     x = rand(2, 48, 4, 8, 16, dtype=torch.float64, mean=3.0, requires_grad=True)
     w = rand(48, dtype=torch.float64, mean=1.0, requires_grad=True)
 
@@ -155,18 +157,25 @@ def test_group_norm_launch_tuning(monkeypatch, backend_name, layout, reversed_ap
 
     check_against_float64(fn, [x, w], backend_name, torch.float32)
     stats, apply = (gn._gn_stats_kernel.kernel, gn._gn_apply_kernel.kernel)
-    assert {size for kernel, size in tiles if kernel is stats} == {stats_tile}
-    assert {size for kernel, size in tiles if kernel is apply} == {apply_tile}
+    assert {size for kernel, size, _ in tiles if kernel is stats} == {stats_tile}
+    assert {size for kernel, size, _ in tiles if kernel is apply} == {apply_tile}
+    widths = (64, 64) if layout == "channels_last" else channels
+    assert {width for kernel, _, width in tiles if kernel is stats} == {widths[0]}
+    assert {width for kernel, _, width in tiles if kernel is apply} == {widths[1]}
 
 
 @pytest.mark.parametrize("backend_name", [p for p in KERNEL_BACKENDS if p.values[0] == "triton"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("shape", [(1, 16, 8, 4, 8), (2, 16, 7, 5, 7)], ids=["even_s", "ragged_s"])
-def test_group_norm_statistics_walk_many_tiles(monkeypatch, backend_name, layout, shape):
+@pytest.mark.parametrize("channels", [16, 1])
+def test_group_norm_statistics_walk_many_tiles(monkeypatch, backend_name, layout, shape, channels):
     """Small statistics tiles: each program walks several (pipelined) tiles, with every lane counting
-    the same tiles (S a multiple of the tile) or ragged ends (some lanes fewer)."""
+    the same tiles (S a multiple of the tile) or ragged ends (some lanes fewer); on NCHW also tiles one
+    channel wide (statistics, backward partial sums and apply)."""
     from hbkernels.triton import group_norm as gn
 
+    monkeypatch.setattr(gn, "_STATS_CHANNELS_NCHW", channels)
+    monkeypatch.setattr(gn, "_APPLY_CHANNELS_NCHW", channels)
     monkeypatch.setattr(gn, "_STATS_TILE", 256)
     monkeypatch.setattr(gn, "_STATS_TILE_CHANNELS_LAST", 256)
     x = rand(*shape, dtype=torch.float64, mean=3.0, requires_grad=True)

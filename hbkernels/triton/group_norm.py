@@ -64,7 +64,8 @@ from hbkernels.triton.layout import (INTERPRETED, cdiv, merge_ts, next_pow2, sm_
 # statistics pass's order, so it starts on the tiles read last, which are still in L2: 1-6% faster.
 # L2 eviction hints (evict-last on the first read, evict-first on the last) lost 5-15% at every setting.
 # APPLY_EVICT_FIRST marks only the apply pass's accesses evict-first, y's stores included: y's 26 MB
-# (level 0, T16) then displace less of the x the apply pass has still to read from L2. Not yet timed.
+# (level 0, T16) then displace less of the x the apply pass has still to read from L2. H100, level 0:
+# 32.1 / 49.1 us against 33.4 / 50.9 at T16 / T26 (NCHW), 33.8 / 52.8 against 34.6 / 55.5 (channels-last).
 # Channels-last x (unit channel stride; the U-Net's layout): statistics tiles of 1024 beat 2048 at every
 # program and stage count of 3 or more, at T16 (H100: 38.4-39.4 us against 40.5-42.2, two sessions) and
 # T26 (58.5-61.0 against 60.8-65.0).
@@ -72,7 +73,14 @@ STATS_PROGRAMS_PER_SM = 8
 _STATS_TILE = 2048
 _STATS_TILE_CHANNELS_LAST = 1024
 APPLY_REVERSED = True
-APPLY_EVICT_FIRST = False
+APPLY_EVICT_FIRST = True
+# Channels per statistics / apply tile where no tensor has unit channel stride (NCHW: each channel's
+# (t, s) plane one contiguous row). 16 makes a 2048-element statistics tile 16 rows of 256 bytes, 80 KB
+# apart at level 0; fewer channels make each row a longer contiguous run of DRAM. Powers of two.
+# The statistics pass (15.1 us at T16 on an H100, profiled DRAM-cold) reads x at half the rate of a
+# plain read pass over 8 KiB contiguous tiles (about 8 us: bench/memory_floor.py's two kernels). Not yet timed.
+_STATS_CHANNELS_NCHW = 16
+_APPLY_CHANNELS_NCHW = 16
 # Pipeline stages of the statistics loop (and the backward's partial sums): tiles in flight per program
 # = STATS_STAGES - 1, in shared memory (4 KiB each at the fp16 2048-element tile). 4 keeps 3 tiles
 # ahead at 64 sm_90 registers in fp16 (8 programs per SM, 96 KiB in flight per SM; fp32: 70, 7).
@@ -937,7 +945,8 @@ def gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: float, s
 
     # 1. per-channel partial (mean, M2) over chunks of the (t, s) plane: only x's strides to merge
     t3, s3, (xs3,) = merge_ts([strides4(x)], t, s)
-    bc3, bs3 = tile_shape(c, s3, (xs3,), _STATS_TILE_CHANNELS_LAST if xs3[1] == 1 else _STATS_TILE)
+    bc3, bs3 = tile_shape(c, s3, (xs3,), _STATS_TILE_CHANNELS_LAST if xs3[1] == 1 else _STATS_TILE,
+                          _STATS_CHANNELS_NCHW)
     n_sb3 = cdiv(s3, bs3)
     n_cb3 = cdiv(c, bc3)
     per, n_chunks = _chunking(n, n_cb3, t3 * n_sb3, dev)
@@ -960,7 +969,8 @@ def gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: float, s
 
     # 3. y (reads x, writes y)
     t2, s2, (xs, ys) = merge_ts([strides4(x), strides4(y)], t, s)
-    block_c, block_s = tile_shape(c, s2, (xs, ys), _APPLY_TILE_CHANNELS_LAST if xs[1] == 1 else _APPLY_TILE)
+    block_c, block_s = tile_shape(c, s2, (xs, ys), _APPLY_TILE_CHANNELS_LAST if xs[1] == 1 else _APPLY_TILE,
+                                  _APPLY_CHANNELS_NCHW)
     n_sb = cdiv(s2, block_s)
     _gn_apply_kernel[(n * t2 * n_sb, cdiv(c, block_c))](
         x, w, b, sh, y, mean, rstd,
@@ -1103,7 +1113,7 @@ def gn_bwd(dy, x, weight, bias, shift, mean, rstd, dx, dweight, dbias, num_group
 
     # 1. per-channel partial sums over chunks of the (t, s) plane (reads dy and x)
     t2, s2, (ds2, xs2) = merge_ts([strides4(dy), strides4(x)], t, s)
-    bc2, bs2 = tile_shape(c, s2, (ds2, xs2), _STATS_TILE)
+    bc2, bs2 = tile_shape(c, s2, (ds2, xs2), _STATS_TILE, _STATS_CHANNELS_NCHW)
     n_sb2 = cdiv(s2, bs2)
     n_cb2 = cdiv(c, bc2)
     per, n_chunks = _chunking(n, n_cb2, t2 * n_sb2, dev)

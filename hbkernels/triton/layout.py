@@ -77,13 +77,13 @@ def pick_block(n: int, hi: int, lo: int = 16) -> int:
 
 
 @functools.lru_cache(maxsize=4096)
-def tile_shape(c: int, s: int, strides: tuple, tile: int | None = None):
+def tile_shape(c: int, s: int, strides: tuple, tile: int | None = None, narrow: int = 16):
     """[BLOCK_C, BLOCK_S] for (C, S) tensors with the given (sn, sc, st, ss) strides: wide in C
     (64 channels = 128 bytes of fp16) when some tensor has unit channel stride, so that its accesses
-    are full cache lines; otherwise narrow in C and long in S."""
+    are full cache lines; otherwise ``narrow`` channels (a power of two) and long in S."""
     tile = tile or _TILE
     c_unit = c > 1 and any(sc == 1 for _, sc, _, _ in strides)
-    block_c = min(next_pow2(c), 64 if c_unit else 16)
+    block_c = min(next_pow2(c), 64 if c_unit else narrow)
     block_s = pick_block(s, max(16, tile // block_c))
     return block_c, block_s
 
