@@ -41,9 +41,9 @@ GN_TILES = (1024, 2048)
 GN_STAGES = (3, 4, 5)
 GN_APPLY_TILES = (4096, 8192, 16384)  # each layout's default is timed once, in the grid
 GN_APPLY_MAXNREG = (32,)  # besides the default (none)
-# Channels per NCHW tile (statistics, apply, then pairs of both): the default 16 and narrower
-GN_NCHW_CHANNELS = (1, 2, 4, 8)
-GN_NCHW_CHANNEL_PAIRS = [(s, a) for s in (1, 2) for a in (1, 2, 4)]
+# Channels per NCHW tile (statistics, apply, pairs of both; the backward's partial sums)
+GN_NCHW_CHANNELS = (1, 2, 4, 8, 16)
+GN_NCHW_CHANNEL_PAIRS = [(s, a) for s in (1, 2, 16) for a in (1, 2, 16)]
 GN_ONE_PASS_TILES = (8192,)  # besides the default; level 0 T16: 50 programs per group instead of 100
 # The lagged forward: switched on at its defaults, then (programs per SM, tile bytes, tiles per batch)
 # points, and pipeline stages and lag depths at its defaults. sm_90: 8 KiB tiles hold 64 registers
@@ -69,7 +69,6 @@ def _gn_forward_settings():
         [dict(_STATS_CHANNELS_NCHW=c) for c in GN_NCHW_CHANNELS] + \
         [dict(_APPLY_CHANNELS_NCHW=c) for c in GN_NCHW_CHANNELS] + \
         [dict(_STATS_CHANNELS_NCHW=s, _APPLY_CHANNELS_NCHW=a) for s, a in GN_NCHW_CHANNEL_PAIRS] + \
-        [dict(_STATS_CHANNELS_NCHW=1, _STATS_TILE=t) for t in GN_TILES + (4096,) if t != gn._STATS_TILE] + \
         _lagged_settings()
 
 
@@ -88,7 +87,7 @@ def _gn_backward_settings():
     """Knob values per timed backward setting: each stage count of the partial-sums loop, PDL switched,
     and the one-pass backward's settings."""
     return [dict(STATS_STAGES=s) for s in GN_STAGES] + [dict(PDL=not gn.PDL), *_one_pass_settings()] + \
-        [dict(_STATS_CHANNELS_NCHW=c) for c in GN_NCHW_CHANNELS]
+        [dict(_BWD_CHANNELS_NCHW=c) for c in GN_NCHW_CHANNELS]
 
 
 def _one_pass_settings():
@@ -98,7 +97,7 @@ def _one_pass_settings():
 
 
 # Knobs that change nothing on channels-last tensors where set (true)
-NCHW_ONLY = ("ONE_PASS", "LAGGED", "_STATS_CHANNELS_NCHW", "_APPLY_CHANNELS_NCHW")
+NCHW_ONLY = ("ONE_PASS", "LAGGED", "_STATS_CHANNELS_NCHW", "_APPLY_CHANNELS_NCHW", "_BWD_CHANNELS_NCHW")
 
 
 def _gn_settings_for(settings, fmt, only=None):

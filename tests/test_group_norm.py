@@ -176,6 +176,7 @@ def test_group_norm_statistics_walk_many_tiles(monkeypatch, backend_name, layout
 
     monkeypatch.setattr(gn, "_STATS_CHANNELS_NCHW", channels)
     monkeypatch.setattr(gn, "_APPLY_CHANNELS_NCHW", channels)
+    monkeypatch.setattr(gn, "_BWD_CHANNELS_NCHW", channels)
     monkeypatch.setattr(gn, "_STATS_TILE", 256)
     monkeypatch.setattr(gn, "_STATS_TILE_CHANNELS_LAST", 256)
     x = rand(*shape, dtype=torch.float64, mean=3.0, requires_grad=True)

@@ -74,13 +74,16 @@ _STATS_TILE = 2048
 _STATS_TILE_CHANNELS_LAST = 1024
 APPLY_REVERSED = True
 APPLY_EVICT_FIRST = True
-# Channels per statistics / apply tile where no tensor has unit channel stride (NCHW: each channel's
-# (t, s) plane one contiguous row). 16 makes a 2048-element statistics tile 16 rows of 256 bytes, 80 KB
-# apart at level 0; fewer channels make each row a longer contiguous run of DRAM. Powers of two.
-# The statistics pass (15.1 us at T16 on an H100, profiled DRAM-cold) reads x at half the rate of a
-# plain read pass over 8 KiB contiguous tiles (about 8 us: bench/memory_floor.py's two kernels). Not yet timed.
-_STATS_CHANNELS_NCHW = 16
-_APPLY_CHANNELS_NCHW = 16
+# Channels per tile where no tensor has unit channel stride (NCHW: each channel's (t, s) plane one
+# contiguous row), for the statistics, apply and backward partial sums. 16 (tile_shape's default) makes a
+# 2048-element statistics tile 16 rows of 256 bytes, 80 KB apart at level 0; fewer channels make each
+# row a longer contiguous run. H100, level 0 fp16, against 16 / 16 / 16 (32.4 / 49.2 us forward, 63.9 /
+# 92.1 backward at T16 / T26): statistics 1 channel 30.9 / 47.6 (T26 at 1024-element tiles: 66560
+# positions take no 2048 evenly, and a ragged tile costs a division per lane), apply 1 channel 31.5 /
+# 48.6, both 30.0 at T16; backward partial sums 4 channels 58.0 / 86.0 (1: 61.8 / 91.5).
+_STATS_CHANNELS_NCHW = 1
+_APPLY_CHANNELS_NCHW = 1
+_BWD_CHANNELS_NCHW = 4
 # Pipeline stages of the statistics loop (and the backward's partial sums): tiles in flight per program
 # = STATS_STAGES - 1, in shared memory (4 KiB each at the fp16 2048-element tile). 4 keeps 3 tiles
 # ahead at 64 sm_90 registers in fp16 (8 programs per SM, 96 KiB in flight per SM; fp32: 70, 7).
@@ -159,6 +162,15 @@ def _chunking(n: int, n_cb: int, n_tiles: int, device: torch.device):
     want = max(1, min(want, n_tiles))
     per = cdiv(n_tiles, want)
     return per, cdiv(n_tiles, per)
+
+
+def _even_block(s: int, block: int) -> int:
+    """``block``, or the largest power of two down to block / 4 that divides ``s``: a statistics tile
+    with no ragged end runs the loop without per-lane counts (a ragged one divides per lane and tile)."""
+    b = block
+    while s % b and b > max(1, block // 4):
+        b //= 2
+    return b if s % b == 0 else block
 
 
 def _vec_or_dummy(v, like):
@@ -947,6 +959,7 @@ def gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: float, s
     t3, s3, (xs3,) = merge_ts([strides4(x)], t, s)
     bc3, bs3 = tile_shape(c, s3, (xs3,), _STATS_TILE_CHANNELS_LAST if xs3[1] == 1 else _STATS_TILE,
                           _STATS_CHANNELS_NCHW)
+    bs3 = _even_block(s3, bs3)
     n_sb3 = cdiv(s3, bs3)
     n_cb3 = cdiv(c, bc3)
     per, n_chunks = _chunking(n, n_cb3, t3 * n_sb3, dev)
@@ -1113,7 +1126,8 @@ def gn_bwd(dy, x, weight, bias, shift, mean, rstd, dx, dweight, dbias, num_group
 
     # 1. per-channel partial sums over chunks of the (t, s) plane (reads dy and x)
     t2, s2, (ds2, xs2) = merge_ts([strides4(dy), strides4(x)], t, s)
-    bc2, bs2 = tile_shape(c, s2, (ds2, xs2), _STATS_TILE, _STATS_CHANNELS_NCHW)
+    bc2, bs2 = tile_shape(c, s2, (ds2, xs2), _STATS_TILE, _BWD_CHANNELS_NCHW)
+    bs2 = _even_block(s2, bs2)
     n_sb2 = cdiv(s2, bs2)
     n_cb2 = cdiv(c, bc2)
     per, n_chunks = _chunking(n, n_cb2, t2 * n_sb2, dev)
