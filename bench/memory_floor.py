@@ -5,10 +5,10 @@ reported against the same bytes (x read once, y written once), so each forward s
 - copy: x read once, y written once (torch's copy_, and the Triton tiles below with no re-read): the
   floor of any forward, and what 2.5 TB/s (21 us at T16) is held against.
 - re-read D MB behind: every tile of x read, then read again about D MB of x later (in launch order)
-  while y is written: the floor of the lagged forward, whose second read trails its first by
-  about LAGGED_DEPTH rounds of tickets. Where the second read hits L2 this is the copy; where it
-  misses, DRAM sees x twice.
-- the same on persistent programs in rounds (like the lagged forward's tickets), each re-reading
+  while y is written: the floor of a forward whose second read trails its first (a lagged forward,
+  one persistent kernel, was timed against these and removed: see group_norm.py). Where the second
+  read hits L2 this is the copy; where it misses, DRAM sees x twice.
+- the same on persistent programs in rounds (like such a forward's tickets), each re-reading
   tiles it read itself some rounds before: whether a second read from the first read's SM does better;
   and with L2 eviction hints (x's first read kept, its second read and y evicted first).
 - two kernels: a read-only pass over x (tile sums, like the statistics) then a copy pass, forward or
@@ -31,9 +31,9 @@ from hbkernels.triton.layout import cdiv, sm_count
 SHAPES = [(f"vc2 L0 B1 T{t}", (1, 320, t, 40, 64)) for t in (16, 26)]
 REREAD_MB = (1, 2, 4, 8, 16, 32)  # distances within x's size are timed
 HINTED_MB = (4, 16)  # also timed with eviction hints
-PERSISTENT_PER_SM = 4  # the lagged forward's programs per SM
+PERSISTENT_PER_SM = 4  # programs per SM of the persistent schedule
 REREAD_ROUNDS = (1, 2, 4)  # same-program re-reads: rounds of every persistent program's tiles behind
-TILE = 4096  # elements per program: 8 KiB of fp16, the lagged forward's default tile
+TILE = 4096  # elements per program: 8 KiB of fp16
 
 
 @triton.jit
@@ -93,8 +93,7 @@ def cases(x, programs: int):
             if mb in HINTED_MB:
                 yield f"re-read {mb} MB behind, eviction hints", \
                     lambda x, y, sums, lag=lag: reread(x, y, sums, lag, hints=True)
-    # persistent programs (tiles in rounds, as the lagged forward's tickets), the second read from
-    # the program, so the SM, that made the first
+    # persistent programs (tiles in rounds), the second read from the program, so the SM, that made the first
     yield f"copy, {programs} persistent programs", lambda x, y, sums: reread(x, y, sums, 0, programs)
     for rounds in REREAD_ROUNDS:
         if rounds * programs * tile_bytes < nbytes:

@@ -4,17 +4,17 @@ to keep.
 
 - group_norm (+SiLU): the forward's statistics programs per SM, statistics tile, pipeline stages of
   the statistics loop, and (at the default) the apply order, the apply pass's evict-first hints,
-  apply tile, apply register cap, programmatic dependent launch, and the lagged forward (NCHW only:
-  programs per SM, tile, tiles per batch, stages, lag depth, own batches; see
-  hbkernels/triton/group_norm.py); channels-last shapes set their own tile knobs (*_CHANNELS_LAST).
-  The default setting is also profiled: microseconds per call of each of its kernels (statistics,
-  finalize, apply), which says which pass to work on next. The backward's partial-sums pass shares
-  the statistics loop's stages: the whole backward is timed per stage count, without PDL, and
-  one-pass (NCHW only: its tile). Rows name the knobs they change.
+  apply tile, apply register cap, programmatic dependent launch, and channels per statistics / apply
+  tile (NCHW only; see hbkernels/triton/group_norm.py); channels-last shapes set their own tile knobs
+  (*_CHANNELS_LAST). The default setting is also profiled: microseconds per call of each of its
+  kernels (statistics, finalize, apply), which says which pass to work on next. The backward's
+  partial-sums pass shares the statistics loop's stages: the whole backward is timed per stage count,
+  without PDL, one-pass (NCHW only: its tile), and per channels in its partial-sums tile (NCHW only).
+  Rows name the knobs they change.
 - temporal_attention: warps per program of the forward and of the backward kernel (FWD_WARPS /
   BWD_WARPS in hbkernels/triton/temporal_attention.py: the default rule, or a fixed 1, 2, 4, 8).
 
-    python -m bench.sweep [--quick] [--op group_norm|temporal_attention] [--knob LAGGED,APPLY_EVICT_FIRST]
+    python -m bench.sweep [--quick] [--op group_norm|temporal_attention] [--knob ONE_PASS,APPLY_EVICT_FIRST]
                           [--out bench/results]
 """
 import argparse
@@ -45,14 +45,6 @@ GN_APPLY_MAXNREG = (32,)  # besides the default (none)
 GN_NCHW_CHANNELS = (1, 2, 4, 8, 16)
 GN_NCHW_CHANNEL_PAIRS = [(s, a) for s in (1, 2, 16) for a in (1, 2, 16)]
 GN_ONE_PASS_TILES = (8192,)  # besides the default; level 0 T16: 50 programs per group instead of 100
-# The lagged forward: switched on at its defaults, then (programs per SM, tile bytes, tiles per batch)
-# points, and pipeline stages and lag depths at its defaults. sm_90: 8 KiB tiles hold 64 registers
-# (4 programs fit an SM), 16 KiB ones 103 (2 fit: more per SM would only queue)
-GN_LAGGED_POINTS = [(p, 8192, b) for p in (3, 4) for b in (2, 4, 8)] + [(2, 16384, b) for b in (1, 2, 4)]
-GN_LAGGED_STAGES = (2, 4)
-GN_LAGGED_DEPTHS = (0.5, 2)
-GN_LAGGED_OWN_PROGRAMS_PER_SM = (3, 4)
-GN_LAGGED_OWN_BATCHES = (1, 2, 4)  # programs applying their own batches: programs per SM x tiles per batch
 # (label, tokens N, frames T, heads, head dim): VideoCrafter2 / Hummingbird level 0 at 320x512, batch 1
 ATTN_SHAPES = [(f"vc2 L0 B1 T{t}", 40 * 64, t, 5, 64) for t in (16, 26)]
 ATTN_WARPS = (None, 1, 2, 4, 8)
@@ -68,19 +60,7 @@ def _gn_forward_settings():
         [dict(_APPLY_TILE=t) for t in GN_APPLY_TILES] + [dict(_APPLY_MAXNREG=c) for c in GN_APPLY_MAXNREG] + \
         [dict(_STATS_CHANNELS_NCHW=c) for c in GN_NCHW_CHANNELS] + \
         [dict(_APPLY_CHANNELS_NCHW=c) for c in GN_NCHW_CHANNELS] + \
-        [dict(_STATS_CHANNELS_NCHW=s, _APPLY_CHANNELS_NCHW=a) for s, a in GN_NCHW_CHANNEL_PAIRS] + \
-        _lagged_settings()
-
-
-def _lagged_settings():
-    return [dict(LAGGED=True)] + \
-        [dict(LAGGED=True, LAGGED_PROGRAMS_PER_SM=p, _LAGGED_TILE_BYTES=t, LAGGED_BATCH=b)
-         for p, t, b in GN_LAGGED_POINTS
-         if (p, t, b) != (gn.LAGGED_PROGRAMS_PER_SM, gn._LAGGED_TILE_BYTES, gn.LAGGED_BATCH)] + \
-        [dict(LAGGED=True, LAGGED_STAGES=st) for st in GN_LAGGED_STAGES] + \
-        [dict(LAGGED=True, LAGGED_DEPTH=d) for d in GN_LAGGED_DEPTHS] + \
-        [dict(LAGGED=True, LAGGED_OWN=True, LAGGED_PROGRAMS_PER_SM=p, LAGGED_BATCH=b)
-         for p, b in itertools.product(GN_LAGGED_OWN_PROGRAMS_PER_SM, GN_LAGGED_OWN_BATCHES)]
+        [dict(_STATS_CHANNELS_NCHW=s, _APPLY_CHANNELS_NCHW=a) for s, a in GN_NCHW_CHANNEL_PAIRS]
 
 
 def _gn_backward_settings():
@@ -97,15 +77,16 @@ def _one_pass_settings():
 
 
 # Knobs that change nothing on channels-last tensors where set (true)
-NCHW_ONLY = ("ONE_PASS", "LAGGED", "_STATS_CHANNELS_NCHW", "_APPLY_CHANNELS_NCHW", "_BWD_CHANNELS_NCHW")
+NCHW_ONLY = ("ONE_PASS", "_STATS_CHANNELS_NCHW", "_APPLY_CHANNELS_NCHW", "_BWD_CHANNELS_NCHW")
 
 
 def _gn_settings_for(settings, fmt, only=None):
     """The settings that change what runs on tensors of memory format ``fmt``, under that layout's knob
-    names (_for_layout): the one-pass and lagged kernels and the NCHW tile widths (NCHW_ONLY) change
-    nothing on channels-last tensors (which would time the default under their label), and a one-knob setting equal to the layout's default
-    is left to the statistics grid's default point. With ``only`` (knob names), just the settings that set
-    one of them, and that default point to compare with; none where no setting sets one."""
+    names (_for_layout): the one-pass backward and the NCHW tile widths (NCHW_ONLY) change nothing on
+    channels-last tensors (which would time the default under their label), and a one-knob setting
+    equal to the layout's default is left to the statistics grid's default point. With ``only`` (knob
+    names), just the settings that set one of them, and that default point to compare with; none where
+    no setting sets one."""
     chosen, matched = [], only is None
     for k in settings:
         if any(k.get(name) for name in NCHW_ONLY) and fmt != torch.contiguous_format:
@@ -225,7 +206,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="short timing")
     parser.add_argument("--op", choices=sorted(SWEEPS), action="append", help="sweep only this op (repeatable)")
     parser.add_argument("--knob", help="group_norm: time only the settings that set one of these knobs "
-                                       "(comma-separated, e.g. LAGGED,APPLY_EVICT_FIRST)")
+                                       "(comma-separated, e.g. ONE_PASS,APPLY_EVICT_FIRST)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args(argv)
     if args.knob and set(args.op or ["group_norm"]) != {"group_norm"}:

@@ -117,22 +117,6 @@ def group_norm_cases():
         kernels.gn_bwd(torch.randn_like(x).flatten(3), x.flatten(3), *affine, shift, mean, rstd,
                        torch.empty_like(x).flatten(3), torch.empty(320), torch.empty(320), 32, True)
     group_norm.ONE_PASS = False
-    # the lagged forward (NCHW only) at the same shapes, at the swept tiles and tiles per batch, and
-    # applying own batches (T16 and T26 queues)
-    group_norm.LAGGED = True
-    for t, dtype, shift, tile_bytes, batch, own in [
-            (16, torch.float16, None, 8192, 2, False), (26, torch.float16, torch.randn(1, 320), 8192, 2, False),
-            (16, torch.float32, None, 8192, 2, False), (16, torch.float16, None, 16384, 2, False),
-            (16, torch.float16, None, 8192, 4, False), (16, torch.float16, None, 16384, 1, False),
-            (16, torch.float16, None, 8192, 1, False),
-            (16, torch.float16, None, 8192, 2, True), (26, torch.float16, None, 8192, 2, True)]:
-        group_norm._LAGGED_TILE_BYTES, group_norm.LAGGED_BATCH, group_norm.LAGGED_OWN = tile_bytes, batch, own
-        x = rand(1, 320, t, 40, 64, dtype=dtype)
-        affine = rand(320, dtype=dtype), rand(320, dtype=dtype)
-        kernels.gn_fwd(x.flatten(3), *affine, shift, torch.empty_like(x).flatten(3), torch.empty(1, 32),
-                       torch.empty(1, 32), 32, 1e-5, True)
-    group_norm.LAGGED, group_norm.LAGGED_OWN = False, False
-    group_norm._LAGGED_TILE_BYTES, group_norm.LAGGED_BATCH = 8192, 2
 
 
 def elementwise_cases():
@@ -249,24 +233,8 @@ ONE_PASS_SYNC = {
             (r"global_atomic_or |global_load_dword v\d+, v\d+, s\[\d+:\d+\](?: offset:\d+)? sc1\n",
              r"(?:global_atomic_or [^\n]* sc0|global_load_dword [^\n]* sc1)\s+s_waitcnt vmcnt\(0\)\s+buffer_inv sc1")],
 }
-# The lagged kernel: each arrival a release add right after a CTA barrier, each group's (mean, rstd)
-# word published by a release exchange after a barrier, every poll of a counter or word an acquire
-# (AMD: an atomic or-0 or an acquire load, by Triton version, each followed by the cache invalidate),
-# the partials read past L1.
-LAGGED_SYNC = {
-    "cuda": [r"bar\.sync\s+0;[\s\S]{0,1500}?(?:atom|red)\.global\.gpu\.release\.add",
-             r"bar\.sync\s+0;[\s\S]{0,800}?atom\.global\.gpu\.release\.exch",
-             (r"ld\.global\.gpu\.\w+\.b64", r"ld\.global\.gpu\.acquire"),
-             r"ld\.volatile\.global"],
-    "hip": [r"buffer_wbl2 sc1\s+s_waitcnt vmcnt\(0\)\s+global_atomic_add_x2 v\d+, v\[\d+:\d+\], s\[\d+:\d+\]",
-            r"buffer_wbl2 sc1\s+s_waitcnt vmcnt\(0\)\s+global_atomic_swap_x2 ",
-            (r"global_atomic_or_x2 |global_load_dwordx2 v\[\d+:\d+\], v\d+, s\[\d+:\d+\](?: offset:\d+)? sc1\n",
-             r"(?:global_atomic_or_x2 [^\n]* sc0|global_load_dwordx2 [^\n]* sc1)\s+s_waitcnt vmcnt\(0\)\s+buffer_inv sc1")],
-}
-SYNC_PATTERNS = {"_gn_one_pass_bwd_kernel": ONE_PASS_SYNC,
-                 "_gn_lagged_kernel": LAGGED_SYNC}
-# Kernels whose programs wait for others that must be resident at the same time (the lagged kernel's
-# waits are only on tickets already taken: it needs no residency)
+SYNC_PATTERNS = {"_gn_one_pass_bwd_kernel": ONE_PASS_SYNC}
+# Kernels whose programs wait for others that must be resident at the same time
 RESIDENT_GROUPS = {"_gn_one_pass_bwd_kernel"}
 
 

@@ -224,16 +224,18 @@ def test_sweep_knobs_exist():
 
 
 def test_sweep_times_each_layout_its_own_knobs():
-    """Channels-last shapes take the two passes whatever ONE_PASS or LAGGED say, and their own tile
-    knobs: the sweep times no one-pass or lagged setting on them, sets *_CHANNELS_LAST tiles there,
-    and drops one-knob settings equal to the layout's default (timed once, in the grid)."""
+    """Channels-last shapes take the two passes whatever ONE_PASS says, 64-channel tiles whatever the
+    NCHW widths say, and their own tile knobs: the sweep times no one-pass or NCHW-width setting on
+    them, sets *_CHANNELS_LAST tiles there, and drops one-knob settings equal to the layout's default
+    (timed once, in the grid)."""
     from bench import sweep
     from hbkernels.triton import group_norm as gn
 
     settings = sweep._gn_forward_settings()
     nchw = sweep._gn_settings_for(settings, torch.contiguous_format)
     cl = sweep._gn_settings_for(settings, torch.channels_last_3d)
-    assert any(k.get("LAGGED") for k in nchw) and not any(k.get("LAGGED") for k in cl)
+    widths = {"_STATS_CHANNELS_NCHW", "_APPLY_CHANNELS_NCHW"}
+    assert any(widths & set(k) for k in nchw) and not any(widths & set(k) for k in cl)
     backward = sweep._one_pass_settings()  # the one-pass backward's settings
     assert sweep._gn_settings_for(backward, torch.contiguous_format) == backward
     assert not sweep._gn_settings_for(backward, torch.channels_last_3d)
@@ -247,24 +249,27 @@ def test_sweep_times_each_layout_its_own_knobs():
 
 
 def test_sweep_knob_filter():
-    """--knob LAGGED keeps the lagged settings and the default point to compare them with; nothing on
-    channels-last tensors, where no lagged setting runs. --knob takes several."""
+    """--knob _APPLY_CHANNELS_NCHW keeps the settings that set it and the default point to compare them
+    with; nothing on channels-last tensors, where no NCHW width applies. --knob takes several."""
     from bench import sweep
     from hbkernels.triton import group_norm as gn
 
+    knob = "_APPLY_CHANNELS_NCHW"
     settings = sweep._gn_forward_settings()
-    chosen = sweep._gn_settings_for(settings, torch.contiguous_format, ["LAGGED"])
-    assert len(chosen) == 1 + len(sweep._lagged_settings()) > 2
-    assert [k for k in chosen if "LAGGED" not in k] == [k for k in chosen if sweep._is_default(gn, k)]
-    assert sweep._gn_settings_for(settings, torch.channels_last_3d, ["LAGGED"]) == []
+    chosen = sweep._gn_settings_for(settings, torch.contiguous_format, [knob])
+    setting_it = [k for k in settings if knob in k and not sweep._is_default(gn, k)]
+    assert len(setting_it) > 2 and chosen[1:] == setting_it
+    assert sweep._is_default(gn, chosen[0]) and "STATS_STAGES" in chosen[0]
+    assert sweep._gn_settings_for(settings, torch.channels_last_3d, [knob]) == []
     # several knobs: the settings of either; on channels-last, the one that runs there
-    both = sweep._gn_settings_for(settings, torch.contiguous_format, ["LAGGED", "APPLY_EVICT_FIRST"])
-    assert both == chosen[:1] + [dict(APPLY_EVICT_FIRST=True)] + chosen[1:]
-    cl = sweep._gn_settings_for(settings, torch.channels_last_3d, ["LAGGED", "APPLY_EVICT_FIRST"])
-    assert [sweep._is_default(gn, k) for k in cl] == [True, False] and cl[1] == dict(APPLY_EVICT_FIRST=True)
+    evict = dict(APPLY_EVICT_FIRST=not gn.APPLY_EVICT_FIRST)
+    both = sweep._gn_settings_for(settings, torch.contiguous_format, [knob, "APPLY_EVICT_FIRST"])
+    assert both == chosen[:1] + [evict] + chosen[1:]
+    cl = sweep._gn_settings_for(settings, torch.channels_last_3d, [knob, "APPLY_EVICT_FIRST"])
+    assert [sweep._is_default(gn, k) for k in cl] == [True, False] and cl[1] == evict
     # the backward has no setting of these knobs: not even its default point is timed
     backward = sweep._gn_backward_settings()
-    assert sweep._gn_settings_for(backward, torch.contiguous_format, ["LAGGED"]) == []
+    assert sweep._gn_settings_for(backward, torch.contiguous_format, [knob]) == []
     assert sweep._gn_settings_for(backward, torch.contiguous_format, ["ONE_PASS"])[0] == dict(STATS_STAGES=4)
 
 
@@ -274,12 +279,12 @@ def test_sweep_knob_needs_group_norm(monkeypatch, tmp_path):
     from bench import sweep
 
     with pytest.raises(SystemExit):
-        sweep.main(["--op", "temporal_attention", "--knob", "LAGGED"])
+        sweep.main(["--op", "temporal_attention", "--knob", "ONE_PASS"])
     calls = []
     monkeypatch.setattr(common, "graph_report", lambda parser, what: (torch.device("cpu"), common.Report(device="cpu")))
     monkeypatch.setattr(sweep, "SWEEPS", {op: lambda *args, op=op, **kw: calls.append((op, kw)) for op in sweep.SWEEPS})
-    sweep.main(["--knob", "LAGGED,APPLY_EVICT_FIRST", "--out", str(tmp_path)])
-    assert calls == [("group_norm", {"only": ["LAGGED", "APPLY_EVICT_FIRST"]})]
+    sweep.main(["--knob", "ONE_PASS,APPLY_EVICT_FIRST", "--out", str(tmp_path)])
+    assert calls == [("group_norm", {"only": ["ONE_PASS", "APPLY_EVICT_FIRST"]})]
     calls.clear()
     sweep.main(["--out", str(tmp_path)])
     assert calls == [(op, {}) for op in sweep.SWEEPS]
@@ -349,12 +354,13 @@ def test_copy_bandwidth_is_timed_like_the_ops(monkeypatch):
     assert bandwidth == 2 * src.numel() * src.element_size()
 
 
-@pytest.mark.parametrize("only", [None, ["LAGGED", "APPLY_EVICT_FIRST"]])
+@pytest.mark.parametrize("only", [None, ["_APPLY_CHANNELS_NCHW", "APPLY_EVICT_FIRST"]])
 def test_sweep_group_norm_runs(monkeypatch, only):
     """The GroupNorm sweep's own code (settings patched in, rows labelled and added, the default point
     profiled, the backward swept) on a tiny shape, with the GPU timers replaced: it runs only on a
     lent GPU otherwise, where an error costs the lease."""
     from bench import sweep
+    from hbkernels.triton import group_norm as gn
 
     timed = []
     monkeypatch.setattr(sweep, "GN_SHAPES", [(label, (1, 32, 2, 4, 4), fmt) for label, _, fmt in sweep.GN_SHAPES[:2]])
@@ -370,8 +376,8 @@ def test_sweep_group_norm_runs(monkeypatch, only):
     assert len(report.rows) == len(timed) and "eager" in labels
     assert sum(r.impl.endswith("(default)") for r in rows) == 2  # one default point per shape, profiled
     assert all(r.extra["kernel_us"] == {"stats": 1000.0} for r in rows if r.impl.endswith("(default)"))
-    assert any(r.impl.startswith("lagged=True") for r in rows)
-    assert any(r.impl == "apply_evict_first=True" for r in rows)
+    assert any(r.impl.startswith("apply_channels_nchw=") for r in rows)
+    assert any(r.impl == f"apply_evict_first={not gn.APPLY_EVICT_FIRST}" for r in rows)
     backward = [r.impl for r in report.rows if r.suite == "group_norm_silu_backward"]
     assert bool(backward) == (only is None)
 

@@ -18,7 +18,8 @@ backward 1. _gn_bwd_partials: same grid as stats; per channel and chunk, sum dz 
 
 Channel blocks are not aligned to groups (statistics are per channel, merged per group afterwards), so
 a tile can be 64 channels wide: with channels-last or token-layout tensors (unit channel stride) every
-access is a full 128-byte line, while a group alone is only C/G (e.g. 10) channels = 20 bytes.
+access is a full 128-byte line, while a group alone is only C/G (e.g. 10) channels = 20 bytes. On NCHW
+tensors the statistics and apply tiles are one channel wide: one contiguous run of its (t, s) row.
 
 One pass (opt-in, ONE_PASS; NCHW, where each channel's (t, s) row is contiguous):
 backward _gn_one_pass_bwd_kernel: each program holds one tile of dy and x in registers and publishes
@@ -28,18 +29,9 @@ backward _gn_one_pass_bwd_kernel: each program holds one tile of dy and x in reg
                           exchange needs a group's programs resident at once, which bounds the tile
                           from below (see _one_pass_plan).
 
-Lagged (opt-in, LAGGED; NCHW): the forward's two passes in one persistent kernel (_gn_lagged_kernel).
-                          Tickets alternate between statistics batches (pipelined loads, partials
-                          published per group; the batch holding a group's last tile merges them
-                          and publishes the group's mean and rstd) and apply batches a few MB
-                          behind them (wait for their groups' mean and rstd, re-read x from L2,
-                          write y); or (LAGGED_OWN) each program applies its own statistics
-                          batches, queued.
-
-Memory traffic: forward reads x twice (lagged: the second time from L2) and writes y once; the fused
-SiLU saves the separate activation pass (one read + one write), and writing y straight into the token
-layout saves the permute copy (one more read + write). Backward reads dy and x twice (one pass: once)
-and writes dx once.
+Memory traffic: forward reads x twice and writes y once; the fused SiLU saves the separate activation
+pass (one read + one write), and writing y straight into the token layout saves the permute copy (one
+more read + write). Backward reads dy and x twice (one pass: once) and writes dx once.
 """
 import functools
 
@@ -108,8 +100,9 @@ PDL = True
 # programs exchange partial sums; applies where every channel's (t, s) row is contiguous in every
 # tensor (NCHW). Off by default: on an H100 at level 0 it wins at T16 (58.6-59.7 us against 63.9) and
 # loses at T26 (107 against 92). (A one-pass forward, x held the same way, lost at every setting timed,
-# T16: 40.7-59.7 us against 33.4 for the two passes, one tile per program or persistent; the lagged
-# forward took its place.)
+# T16: 40.7-59.7 us against 33.4 for the two passes, one tile per program or persistent; so did a
+# lagged forward, one persistent kernel re-reading x from L2 a few MB behind its statistics (42.9-113
+# us against 32.1, 2026-11-27): waiting on its groups' statistics, not memory, bound it.)
 # Tile per program: the smallest power of two from _ONE_PASS_MIN_TILE that keeps a group's programs
 # within one per SM (the condition for the group to be resident at once), at most _ONE_PASS_MAX_TILE
 # for the element size (else the two-pass kernels). Level 0 at 320x512: 4096 (T16: 100 programs per
@@ -121,34 +114,7 @@ ONE_PASS = False
 ONE_PASS_MIN_RESIDENT = 2
 _ONE_PASS_MIN_TILE = 4096
 _ONE_PASS_MAX_TILE = {2: 8192, 4: 4096}  # by element size: the tile is held in registers
-# Lagged forward (_gn_lagged_kernel; NCHW): the two passes in one persistent kernel whose statistics
-# batches run LAGGED_DEPTH batches per program ahead of its apply batches, so the apply pass reads x
-# from L2 and DRAM sees x once and y once, like the one pass, without holding tiles in registers.
-# Off: on an H100 at level 0 its first version (one tile per ticket, each apply ticket merging its
-# group's partials after the wait and loading x after that) took 35.5 / 57.3 us at T16 / T26 at best
-# (4 programs per SM, 16 KiB tiles, depth 1) against 33.4 / 50.7 for the two passes, flat from 2 to 4
-# programs per SM and from 16 to 32 KiB tiles: about 64 KiB of x in flight per SM, all a register-held
-# tile allows. This one walks LAGGED_BATCH tiles of _LAGGED_TILE_BYTES per ticket with LAGGED_STAGES
-# pipeline stages (tiles in flight in shared memory, not registers); the statistics batch holding a
-# group's last tile waits for the group's other batches, merges its partials and publishes mean and
-# rstd in one 64-bit word, so an apply batch waits for that word alone (one acquire load, where there
-# were the counter's and then the partials' round trips), and other statistics batches never wait.
-# Not yet timed; bench/memory_floor.py times what re-reading x a few MB behind costs.
-# The x between a tile's two reads is about LAGGED_DEPTH rounds of tickets, a round being programs x
-# batch x tile bytes: 4 per SM x 2 x 8 KiB = 8.6 MB on an H100 (50 MB of L2). Rounds past the L2 lose
-# the reuse.
-LAGGED = False
-LAGGED_PROGRAMS_PER_SM = 4
-LAGGED_DEPTH = 1
-LAGGED_BATCH = 2
-LAGGED_STAGES = 3
-# Each program applies the batches it read itself (queued), instead of any program taking apply tickets:
-# the re-read stays on the SM that read the tile. Not yet timed.
-LAGGED_OWN = False
-_LAGGED_TILE_BYTES = 8192
-_LAGGED_MAX_PARTIALS = 1024  # tiles per group: the batch holding its last tile merges them all in registers
 _INTERP_GROUP_PROGRAMS = 32  # the interpreter runs programs one by one: no residency limit, only cost
-_INTERP_PERSISTENT = 2  # persistent programs under the interpreter (the first takes every ticket)
 _INTERP_CHUNKS = 3  # a few programs per (n, channel block) under TRITON_INTERPRET (still exercises merging)
 _FINAL_BLOCK = 4096  # partials per finalize block: the U-Net's groups need one (up to 3200 of them)
 
@@ -478,279 +444,6 @@ def _group_partials(ptr, part, P, n_chunks, L, TILE: tl.constexpr, BLOCK_P: tl.c
 
 
 @triton.jit
-def _ticket_tile(t, G, cpg, n_chunks, L, TILE: tl.constexpr):
-    """(group, index in the group, then _row_tile's values) of tile t: the lagged kernel numbers the
-    tiles group after group."""
-    grp = t // (cpg * n_chunks)
-    k = t - grp * (cpg * n_chunks)
-    n, c, ch, offs, mask, count = _row_tile(grp, k, G, cpg, n_chunks, L, TILE)
-    return grp, k, n, c, ch, offs, mask, count
-
-
-@triton.jit
-def _load_tile(x_ptr, t, n_tiles, G, cpg, n_chunks, L, sxn, sxc, TILE: tl.constexpr):
-    """Tile t's x in its own dtype (0 past the row, and everywhere for a tile past the last)."""
-    grp, k, n, c, ch, offs, mask, count = _ticket_tile(t, G, cpg, n_chunks, L, TILE)
-    mask = offs < tl.where(t < n_tiles, L, 0)
-    return tl.load(x_ptr + n * sxn + c.to(tl.int64) * sxc + offs, mask=mask, other=0.0)
-
-
-@triton.jit
-def _store_partials(x, t, pmean_ptr, pm2_ptr, G, cpg, n_chunks, L, TILE: tl.constexpr):
-    """Stores tile t's (mean, M2), from two passes over the registers."""
-    x = x.to(tl.float32)
-    grp, k, n, c, ch, offs, mask, count = _ticket_tile(t, G, cpg, n_chunks, L, TILE)
-    tile_mean = tl.div_rn(tl.sum(x, axis=0), count)
-    dev = tl.where(mask, x - tile_mean, 0.0)
-    part = grp.to(tl.int64) * (cpg * n_chunks)
-    tl.store(pmean_ptr + part + k, tile_mean)
-    tl.store(pm2_ptr + part + k, tl.sum(dev * dev, axis=0))
-
-
-@triton.jit
-def _merge_group(grp, sh_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr,
-                 C, L, G, cpg, n_chunks, smn, smg, srn, srg, eps,
-                 HAS_SHIFT: tl.constexpr, TILE: tl.constexpr, BLOCK_P: tl.constexpr):
-    """(mean, rstd) of group grp (n * G + g), Chan-merged from its P published partials, also stored
-    to the (N, G) outputs."""
-    P = cpg * n_chunks
-    n = grp // G
-    g = grp - n * G
-    n = n.to(tl.int64)
-    part = grp.to(tl.int64) * P
-    # x's means are merged as offsets from partial 0's: summed, P products of count and mean would lose
-    # ulps of the mean itself, the offsets only ulps of their spread. The shift's mean is merged apart.
-    total = tl.cast(cpg * L, tl.float32)  # tl.cast: ints equal to 1 are constexprs, without .to()
-    ref = tl.load(pmean_ptr + part, volatile=True)
-    d, p_cnt = _group_partials(pmean_ptr, part, P, n_chunks, L, TILE, BLOCK_P)
-    d -= ref
-    offset = tl.div_rn(tl.sum(p_cnt * d, axis=0), total)
-    d -= offset
-    mean = ref + offset
-    if HAS_SHIFT:
-        pi = tl.arange(0, BLOCK_P)
-        p_sh = _channel_vec(sh_ptr + n * C + g * cpg, pi // n_chunks, pi < P, 1, HAS_SHIFT, BLOCK_P)
-        mean_sh = tl.div_rn(tl.sum(p_cnt * p_sh, axis=0), total)
-        d += p_sh - mean_sh
-        mean += mean_sh
-    p_m2 = _group_partials(pm2_ptr, part, P, n_chunks, L, TILE, BLOCK_P)[0]
-    rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(tl.sum(p_m2 + p_cnt * d * d, axis=0), total) + eps))
-    tl.store(mean_ptr + n * smn + g * smg, mean)
-    tl.store(rstd_ptr + n * srn + g * srg, rstd)
-    return mean, rstd
-
-
-@triton.jit
-def _write_tile(x, t, mean, rstd, w_ptr, b_ptr, sh_ptr, y_ptr, C, L, G, cpg, n_chunks, sw, sb_, syn, syc,
-                HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
-                PRECISE: tl.constexpr, TILE: tl.constexpr):
-    """y of tile t (x) from its group's mean and rstd."""
-    grp, k, n, c, ch, offs, mask, count = _ticket_tile(t, G, cpg, n_chunks, L, TILE)
-    if HAS_SHIFT:
-        mean -= tl.load(sh_ptr + n * C + c)  # (x + shift - mean) = (x - (mean - shift))
-    a = rstd
-    if HAS_W:
-        a *= tl.load(w_ptr + c * sw).to(tl.float32)
-    y = (x.to(tl.float32) - mean) * a
-    if HAS_B:
-        y += tl.load(b_ptr + c * sb_).to(tl.float32)
-    if SILU:
-        y = y * _sigmoid_parts(y, PRECISE)[0]
-    tl.store(y_ptr + n * syn + c.to(tl.int64) * syc + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _lagged_ticket(u, n_batches, lag):
-    """(whether ticket u takes a batch's statistics, else writes its y; the batch). The first ``lag``
-    tickets take statistics batches 0..lag-1; then statistics batch lag + j and apply batch j
-    alternate; the last ``lag`` tickets are the remaining apply batches. So statistics run ``lag``
-    batches ahead, and every statistics ticket an apply batch needs comes before it once ``lag``
-    exceeds the batches a group spans (see _lag_batches)."""
-    v = u - lag
-    first = u < lag
-    stats = first | ((u < 2 * n_batches - lag) & (v % 2 == 0))
-    batch = tl.where(first, u, tl.where(u >= 2 * n_batches - lag, u - n_batches, tl.where(stats, lag + v // 2, v // 2)))
-    return stats, batch
-
-
-@triton.jit
-def _batch_groups(b, n_tiles, P, batch):
-    """(first tile, end tile, first group, end group) of batch b: ``batch`` consecutive tiles."""
-    first = b * batch
-    last = tl.minimum(first + batch, n_tiles)
-    return first, last, first // P, (last - 1) // P + 1
-
-
-@triton.jit
-def _sync_slots(sync_ptr, n_tiles, P):
-    """(arrivals, (mean, rstd) words, order-error flag) of the lagged kernel's sync buffer, after its
-    ticket: one slot per group in each of the first two."""
-    groups = n_tiles // P
-    return sync_ptr + 1, sync_ptr + 1 + groups, sync_ptr + 1 + 2 * groups
-
-
-@triton.jit
-def _publish_group(ready_ptr, mean, rstd):
-    """Publishes a group's (mean, rstd) in one 64-bit word, so an apply batch reads both with the
-    acquire that finds them. rstd's sign bit is set: no published word is 0, the unpublished value."""
-    lo = mean.to(tl.uint32, bitcast=True).to(tl.int64)
-    hi = (rstd.to(tl.uint32, bitcast=True) | 0x80000000).to(tl.int64)
-    tl.debug_barrier()  # every thread's stores precede the release
-    tl.atomic_xchg(ready_ptr, (hi << 32) | lo, sem="release")
-
-
-@triton.jit
-def _group_stats(ready_ptr, error_ptr, SPIN: tl.constexpr):
-    """(mean, rstd) of a group, once published. SPIN=False (the interpreter) flags an unpublished group
-    in ``error_ptr`` instead of waiting."""
-    word = tl.atomic_add(ready_ptr, 0, sem="acquire")
-    if SPIN:
-        while word == 0:
-            word = tl.atomic_add(ready_ptr, 0, sem="acquire")
-    elif word == 0:
-        tl.store(error_ptr, 1)
-    mean = (word & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
-    rstd = ((word >> 32) & 0x7FFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
-    return mean, rstd
-
-
-@triton.jit
-def _stats_batch(
-    b, x_ptr, sh_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr, sync_ptr,
-    C, L, G, cpg, n_chunks, n_tiles, batch, smn, smg, srn, srg, sxn, sxc, eps,
-    HAS_SHIFT: tl.constexpr, TILE: tl.constexpr, BLOCK_P: tl.constexpr, STAGES: tl.constexpr, SPIN: tl.constexpr,
-):
-    """Loads batch b's tiles (pipelined), stores their (mean, M2) and publishes them to their groups.
-    The batch holding a group's last tile then waits for the group's other batches (all of earlier
-    tickets), merges its partials and publishes its mean and rstd (and stores them to the (N, G)
-    outputs): once per group, not once per apply batch, and the other batches publish without waiting
-    for a reply."""
-    P = cpg * n_chunks
-    first, last, g0, g1 = _batch_groups(b, n_tiles, P, batch)
-    for i in tl.range(first, last, num_stages=STAGES):
-        x = _load_tile(x_ptr, i, n_tiles, G, cpg, n_chunks, L, sxn, sxc, TILE)
-        _store_partials(x, i, pmean_ptr, pm2_ptr, G, cpg, n_chunks, L, TILE)
-    tl.debug_barrier()  # every thread's stores precede the releases
-    arrivals, ready, error = _sync_slots(sync_ptr, n_tiles, P)
-    for g in range(g0, g1):  # one arrival per group: the batch's tiles in it
-        tl.atomic_add(arrivals + g, tl.minimum(last, g * P + P) - tl.maximum(first, g * P), sem="release")
-    done = last // P - 1  # the group whose last tile the batch holds, if any (batch <= P: one at most)
-    if (done + 1) * P > first:
-        if SPIN:
-            _wait_for_group(arrivals + done, P)
-        elif tl.atomic_add(arrivals + done, 0, sem="acquire") != P:
-            tl.store(error, 1)
-        mean, rstd = _merge_group(done, sh_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr,
-                                  C, L, G, cpg, n_chunks, smn, smg, srn, srg, eps, HAS_SHIFT, TILE, BLOCK_P)
-        _publish_group(ready + done, mean, rstd)
-
-
-@triton.jit
-def _apply_batch(
-    b, x_ptr, w_ptr, b_ptr, sh_ptr, y_ptr, sync_ptr,
-    C, L, G, cpg, n_chunks, n_tiles, batch, sw, sb_, sxn, sxc, syn, syc,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, PRECISE: tl.constexpr,
-    TILE: tl.constexpr, STAGES: tl.constexpr, SPIN: tl.constexpr,
-):
-    """Waits for the (mean, rstd) words of batch b's (one or two: batch <= P) groups, then re-reads x
-    (from L2: it was read a lag before) and writes y, pipelined."""
-    P = cpg * n_chunks
-    first, last, g0, g1 = _batch_groups(b, n_tiles, P, batch)
-    _, ready, error = _sync_slots(sync_ptr, n_tiles, P)
-    mean0, rstd0 = _group_stats(ready + g0, error, SPIN)
-    mean1, rstd1 = mean0, rstd0
-    if g1 - g0 > 1:
-        mean1, rstd1 = _group_stats(ready + g0 + 1, error, SPIN)
-    for i in tl.range(first, last, num_stages=STAGES):
-        x = _load_tile(x_ptr, i, n_tiles, G, cpg, n_chunks, L, sxn, sxc, TILE)
-        second = i >= (g0 + 1) * P
-        _write_tile(x, i, tl.where(second, mean1, mean0), tl.where(second, rstd1, rstd0),
-                    w_ptr, b_ptr, sh_ptr, y_ptr, C, L, G, cpg, n_chunks, sw, sb_, syn, syc,
-                    HAS_W, HAS_B, HAS_SHIFT, SILU, PRECISE, TILE)
-
-
-@triton.jit
-def _groups_end_batch(b, n_tiles, P, batch):
-    """The last batch holding a tile of batch b's groups."""
-    last_tile = tl.minimum(b * batch + batch, n_tiles) - 1
-    return (tl.minimum((last_tile // P + 1) * P, n_tiles) - 1) // batch
-
-
-@triton.jit
-def _gn_lagged_kernel(
-    x_ptr, w_ptr, b_ptr, sh_ptr, y_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr, sync_ptr,
-    C, L, G, cpg, n_chunks, n_tiles, batch, n_batches, lag, sw, sb_, smn, smg, srn, srg, sxn, sxc, syn, syc, eps,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, PRECISE: tl.constexpr,
-    TILE: tl.constexpr, BLOCK_P: tl.constexpr, STAGES: tl.constexpr, SPIN: tl.constexpr, QUEUE: tl.constexpr,
-):
-    """The forward's two passes in one persistent kernel over tiles of TILE elements of one channel's
-    contiguous (t, s) row, ``batch`` (<= P) consecutive tiles per batch, each walked with STAGES
-    pipeline stages: _stats_batch publishes a batch's partials (and, holding a group's last tile, the
-    group's mean and rstd), _apply_batch waits for its groups' mean and rstd, then re-reads x while it
-    is still in L2 to write y. DRAM moves x + y, where the three-kernel forward moves up to 2x + y,
-    with no kernel boundary or finalize to wait on.
-
-    sync (int64): the ticket, the arrivals per group, the published (mean, rstd) word per group, and
-    (the interpreter) the order-error flag.
-
-    QUEUE == 0: tickets name statistics and apply batches alike, apply batches ``lag`` batches behind
-    (_lagged_ticket); any program may re-read a tile, on any SM. QUEUE > 0: tickets name statistics
-    batches only, and each program applies its own, oldest first, from a queue of up to QUEUE batches:
-    the re-read comes from the SM that read the tile, a round of tickets later (at the L2 slice its
-    first read filled, wherever the L2 keeps a copy per side).
-
-    Why it cannot deadlock, however few programs run: tickets are taken in order, and a program waits
-    only for statistics batches already taken: a statistics batch for its group's earlier batches, of
-    earlier tickets; an apply batch for its groups' batches (QUEUE == 0: tickets before its own;
-    QUEUE > 0: it applies a batch only once its own latest ticket, or the end of the tickets, is past
-    the batch's groups, and a queue of QUEUE > that reach always has a front that qualifies). A
-    program processes its tickets in order, so the earliest ticket that never finished would be
-    processed, and would wait only for earlier ones, which finished. Under the interpreter
-    (SPIN=False) a broken order fails (see _launch_lagged) rather than hangs."""
-    P = cpg * n_chunks
-    if QUEUE == 0:
-        # a ticket orders nothing: only its count matters
-        u = tl.atomic_add(sync_ptr, 1, sem="relaxed").to(tl.int32)
-        while u < 2 * n_batches:
-            u_next = tl.atomic_add(sync_ptr, 1, sem="relaxed").to(tl.int32)  # in flight during this ticket
-            stats, b = _lagged_ticket(u, n_batches, lag)
-            if stats:
-                _stats_batch(b, x_ptr, sh_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr, sync_ptr,
-                             C, L, G, cpg, n_chunks, n_tiles, batch, smn, smg, srn, srg, sxn, sxc, eps,
-                             HAS_SHIFT, TILE, BLOCK_P, STAGES, SPIN)
-            else:
-                _apply_batch(b, x_ptr, w_ptr, b_ptr, sh_ptr, y_ptr, sync_ptr, C, L, G, cpg, n_chunks, n_tiles, batch,
-                             sw, sb_, sxn, sxc, syn, syc, HAS_W, HAS_B, HAS_SHIFT, SILU, PRECISE, TILE, STAGES, SPIN)
-            u = u_next
-    else:
-        slots = tl.arange(0, QUEUE)
-        queue = tl.zeros([QUEUE], dtype=tl.int32)  # a ring of this program's batches awaiting their apply
-        head = 0
-        count = 0
-        latest = -1  # this program's latest statistics ticket: every ticket up to it is taken
-        more = 1  # tickets left
-        while (count > 0) | (more != 0):
-            front = tl.sum(tl.where(slots == head % QUEUE, queue, 0), axis=0)
-            if (count > 0) & ((more == 0) | (_groups_end_batch(front, n_tiles, P, batch) <= latest)):
-                _apply_batch(front, x_ptr, w_ptr, b_ptr, sh_ptr, y_ptr, sync_ptr, C, L, G, cpg, n_chunks, n_tiles,
-                             batch, sw, sb_, sxn, sxc, syn, syc, HAS_W, HAS_B, HAS_SHIFT, SILU, PRECISE, TILE, STAGES,
-                             SPIN)
-                head += 1
-                count -= 1
-            else:
-                u = tl.atomic_add(sync_ptr, 1, sem="relaxed").to(tl.int32)
-                if u < n_batches:
-                    _stats_batch(u, x_ptr, sh_ptr, mean_ptr, rstd_ptr, pmean_ptr, pm2_ptr, sync_ptr,
-                                 C, L, G, cpg, n_chunks, n_tiles, batch, smn, smg, srn, srg, sxn, sxc, eps,
-                                 HAS_SHIFT, TILE, BLOCK_P, STAGES, SPIN)
-                    queue = tl.where(slots == (head + count) % QUEUE, u, queue)
-                    count += 1
-                    latest = u
-                else:
-                    more = 0
-
-
-@triton.jit
 def _gn_one_pass_bwd_kernel(
     dy_ptr, x_ptr, w_ptr, b_ptr, sh_ptr, mean_ptr, rstd_ptr, dx_ptr, pa_ptr, pb_ptr, sync_ptr,
     C, L, G, cpg, n_chunks, sw, sb_, smn, smg, srn, srg, sdn, sdc, sxn, sxc, son, soc,
@@ -946,13 +639,6 @@ def gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: float, s
     sh = shift if shift is not None else mean
     ms = (mean.stride(0), mean.stride(1), rstd.stride(0), rstd.stride(1))
     dev = x.device
-    if LAGGED:
-        plan = _lagged_plan([x, y], t, s, cpg, x.element_size())
-        if plan is not None:
-            _launch_lagged((x, w, b, sh, y, mean, rstd), c, num_groups, plan, (sw, sb_, *ms), float(eps),
-                           HAS_W=weight is not None, HAS_B=bias is not None, HAS_SHIFT=shift is not None,
-                           SILU=bool(silu), PRECISE=x.dtype == torch.float32)
-            return
     pdl = _pdl(dev)
 
     # 1. per-channel partial (mean, M2) over chunks of the (t, s) plane: only x's strides to merge
@@ -1002,56 +688,6 @@ def _rows(views, t: int, s: int):
     if t1 != 1 or any(st[3] != 1 for st in strides):
         return None
     return length, strides
-
-
-def _lagged_plan(views, t: int, s: int, cpg: int, element_size: int):
-    """(tile, row length, each view's merged strides) of the lagged forward, or None where it does not
-    apply: _LAGGED_TILE_BYTES tiles, larger where a group would have over _LAGGED_MAX_PARTIALS."""
-    rows = _rows(views, t, s)
-    if rows is None:
-        return None
-    length, strides = rows
-    tile = min(_LAGGED_TILE_BYTES // element_size, next_pow2(length))
-    while cpg * cdiv(length, tile) > _LAGGED_MAX_PARTIALS:
-        tile *= 2
-    return tile, length, strides
-
-
-def _lag_batches(n_batches: int, reach: int, programs: int) -> int:
-    """Batches the lagged kernel's statistics run ahead. Apply batch b waits for groups whose tiles
-    reach ``reach`` batches past it, and _lagged_ticket puts statistics batch s (>= lag) before apply
-    batch b when s - b <= lag: the lag must cover that reach (one more for margin). Beyond it,
-    LAGGED_DEPTH batches per program keep a group's statistics done, not just started, by the time its
-    apply batches come."""
-    return min(n_batches, max(reach + 1, int(LAGGED_DEPTH * programs)))
-
-
-def _launch_lagged(tensors, c: int, num_groups: int, plan, scalars, eps: float, **meta):
-    """Runs _gn_lagged_kernel on LAGGED_PROGRAMS_PER_SM programs per SM (under the interpreter the
-    first program takes every ticket, in order)."""
-    tile, length, (xs, ys) = plan
-    x = tensors[0]
-    n, cpg, dev = x.shape[0], c // num_groups, x.device
-    n_chunks = cdiv(length, tile)
-    partials = [empty((n, c, n_chunks), dtype=torch.float32, device=dev) for _ in range(2)]
-    n_tiles = partials[0].numel()
-    batch = min(LAGGED_BATCH, cpg * n_chunks)  # within a group's tiles: a batch spans two groups at most
-    n_batches = cdiv(n_tiles, batch)
-    programs = min(n_batches, _INTERP_PERSISTENT if INTERPRETED else LAGGED_PROGRAMS_PER_SM * sm_count(dev))
-    reach = cdiv(cpg * n_chunks - 1, batch)  # batches past its own that a batch's groups extend
-    lag = _lag_batches(n_batches, reach, programs)
-    # own batches: a queue longer than that reach (a full queue's front qualifies)
-    queue = next_pow2(reach + 2) if LAGGED_OWN else 0
-    # ticket, arrivals and (mean, rstd) words per group, the order-error flag (interpreter): _sync_slots
-    sync = torch.zeros(2 + 2 * n * num_groups, dtype=torch.int64, device=dev)
-    _gn_lagged_kernel[(programs,)](
-        *tensors, *partials, sync, c, length, num_groups, cpg, n_chunks, n_tiles, batch, n_batches, lag, *scalars,
-        xs[0], xs[1], ys[0], ys[1], eps,
-        TILE=tile, BLOCK_P=next_pow2(cpg * n_chunks), STAGES=LAGGED_STAGES, SPIN=not INTERPRETED, QUEUE=queue,
-        num_warps=warps_for(tile), **meta,
-    )
-    if INTERPRETED and sync[-1]:
-        raise RuntimeError("lagged GroupNorm: an apply batch ran before its group's statistics")
 
 
 def _one_pass_plan(views, t: int, s: int, cpg: int, device: torch.device):
