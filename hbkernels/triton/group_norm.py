@@ -98,8 +98,9 @@ _APPLY_MAXNREG = None
 PDL = True
 # One-pass backward (_gn_one_pass_bwd_kernel): dy and x read once, held in registers while each group's
 # programs exchange partial sums; applies where every channel's (t, s) row is contiguous in every
-# tensor (NCHW). Off by default: on an H100 at level 0 it wins at T16 (58.6-59.7 us against 63.9) and
-# loses at T26 (107 against 92). (A one-pass forward, x held the same way, lost at every setting timed,
+# tensor (NCHW). Off by default: on an H100 at level 0 it won at T16 (58.6-59.7 us against 63.9) and
+# lost at T26 (107 against 92); the two passes' 4-channel partial-sum tiles have since brought them to
+# 58.0 / 86.0 (_BWD_CHANNELS_NCHW). (A one-pass forward, x held the same way, lost at every setting timed,
 # T16: 40.7-59.7 us against 33.4 for the two passes, one tile per program or persistent; so did a
 # lagged forward, one persistent kernel re-reading x from L2 a few MB behind its statistics (42.9-113
 # us against 32.1, 2026-11-27): waiting on its groups' statistics, not memory, bound it.)
