@@ -4,10 +4,11 @@ to keep.
 
 - group_norm (+SiLU): the forward's statistics programs per SM, statistics tile, pipeline stages of
   the statistics loop, and (at the default) the apply order, the apply pass's evict-first hints,
-  apply tile, apply register cap, programmatic dependent launch, and channels per statistics / apply
-  tile (NCHW only; see hbkernels/triton/group_norm.py); channels-last shapes set their own tile knobs
-  (*_CHANNELS_LAST). The default setting is also profiled: microseconds per call of each of its
-  kernels (statistics, finalize, apply), which says which pass to work on next. The backward's
+  apply tile, apply register cap, programmatic dependent launch, channels per statistics / apply tile
+  and statistics reduced per tile (NCHW only; see hbkernels/triton/group_norm.py); channels-last
+  shapes set their own tile knobs (*_CHANNELS_LAST). The default setting is also profiled:
+  microseconds per call of each of its kernels (statistics, finalize, apply), which says which pass
+  to work on next. The backward's
   partial-sums pass shares the statistics loop's stages: the whole backward is timed per stage count,
   without PDL, one-pass (NCHW only: its tile), and per channels in its partial-sums tile (NCHW only).
   Rows name the knobs they change.
@@ -35,10 +36,17 @@ from hbkernels.triton import temporal_attention as ta
 GN_SHAPES = [(f"vc2 L0 B1 T{t}{' CL' if cl else ''}", (1, 320, t, 40, 64),
               torch.channels_last_3d if cl else torch.contiguous_format) for t in (16, 26) for cl in (False, True)]
 # The statistics grid. Dropped after the tenth session's H100 run (level 0, T16, NCHW and channels-last):
-# 12 programs per SM and 2 stages never won (0.8-6.8 us behind the best, forward and backward).
-GN_PROGRAMS_PER_SM = (6, 8)
+# 12 programs per SM and 2 stages never won (0.8-6.8 us behind the best, forward and backward), at
+# 16-channel NCHW tiles. Since the one-channel tiles (9cf4c6b) the statistics pass still profiles 14.75
+# us at T16, where a read pass of one 8 KiB tile per program takes about 8 (bench/memory_floor.py): a
+# channel's row now splits into few chunks (4 at 8 per SM), so the grid adds 16 per SM, and one tile
+# per program (64 per SM asks for more chunks than a row has tiles), the read floor's shape.
+GN_PROGRAMS_PER_SM = (6, 8, 16)
 GN_TILES = (1024, 2048)
 GN_STAGES = (3, 4, 5)
+GN_ONE_TILE_POINTS = [(64, 4096, 1), (64, 4096, 3), (64, 2048, 1)]  # (programs per SM, tile, stages)
+# Statistics reduced per tile (STATS_PER_TILE, NCHW only) at these (programs per SM, tile, stages)
+GN_PER_TILE_POINTS = [(8, 2048, 4), (8, 4096, 3), (16, 2048, 3), (16, 1024, 4), (64, 4096, 1), (64, 2048, 1)]
 GN_APPLY_TILES = (4096, 8192, 16384)  # each layout's default is timed once, in the grid
 GN_APPLY_MAXNREG = (32,)  # besides the default (none)
 # Channels per NCHW tile (statistics, apply, pairs of both; the backward's partial sums)
@@ -54,13 +62,15 @@ def _gn_forward_settings():
     """Knob values per timed forward setting: the statistics grid (other knobs at their defaults), then
     the default with one other knob changed."""
     grid = [dict(STATS_PROGRAMS_PER_SM=p, _STATS_TILE=t, STATS_STAGES=s)
-            for p, t, s in itertools.product(GN_PROGRAMS_PER_SM, GN_TILES, GN_STAGES)]
+            for p, t, s in [*itertools.product(GN_PROGRAMS_PER_SM, GN_TILES, GN_STAGES), *GN_ONE_TILE_POINTS]]
     return grid + [dict(APPLY_REVERSED=not gn.APPLY_REVERSED), dict(APPLY_EVICT_FIRST=not gn.APPLY_EVICT_FIRST),
                    dict(PDL=not gn.PDL)] + \
         [dict(_APPLY_TILE=t) for t in GN_APPLY_TILES] + [dict(_APPLY_MAXNREG=c) for c in GN_APPLY_MAXNREG] + \
         [dict(_STATS_CHANNELS_NCHW=c) for c in GN_NCHW_CHANNELS] + \
         [dict(_APPLY_CHANNELS_NCHW=c) for c in GN_NCHW_CHANNELS] + \
-        [dict(_STATS_CHANNELS_NCHW=s, _APPLY_CHANNELS_NCHW=a) for s, a in GN_NCHW_CHANNEL_PAIRS]
+        [dict(_STATS_CHANNELS_NCHW=s, _APPLY_CHANNELS_NCHW=a) for s, a in GN_NCHW_CHANNEL_PAIRS] + \
+        [dict(STATS_PER_TILE=True, STATS_PROGRAMS_PER_SM=p, _STATS_TILE=t, STATS_STAGES=st)
+         for p, t, st in GN_PER_TILE_POINTS]
 
 
 def _gn_backward_settings():
@@ -77,7 +87,7 @@ def _one_pass_settings():
 
 
 # Knobs that change nothing on channels-last tensors where set (true)
-NCHW_ONLY = ("ONE_PASS", "_STATS_CHANNELS_NCHW", "_APPLY_CHANNELS_NCHW", "_BWD_CHANNELS_NCHW")
+NCHW_ONLY = ("ONE_PASS", "STATS_PER_TILE", "_STATS_CHANNELS_NCHW", "_APPLY_CHANNELS_NCHW", "_BWD_CHANNELS_NCHW")
 
 
 def _gn_settings_for(settings, fmt, only=None):

@@ -94,18 +94,30 @@ def group_norm_cases():
         grads = [torch.empty(320) if p is not None else None for p in affine]
         kernels.gn_bwd(torch.randn_like(x).flatten(3).to(dtype), x4, *affine, shift, mean, rstd, dx4, *grads, 32, silu)
     # the U-Net's level-0 activation (320x512, 16 frames): its real tiling, so the printed registers are
-    # the ones that decide how many programs an SM holds there; the apply pass also with its
-    # evict-first hints
-    for fmt, evict_first in [(torch.contiguous_format, False), (torch.channels_last_3d, False),
-                             (torch.contiguous_format, True)]:
-        group_norm.APPLY_EVICT_FIRST = evict_first
-        x = rand(1, 320, 16, 40, 64, dtype=torch.float16).contiguous(memory_format=fmt)
-        affine = rand(320, dtype=torch.float16), rand(320, dtype=torch.float16)
-        mean, rstd = torch.randn(1, 32), torch.rand(1, 32)
-        kernels.gn_fwd(x.flatten(3), *affine, None, torch.empty_like(x).flatten(3), mean, rstd, 32, 1e-5, True)
-        kernels.gn_bwd(torch.randn_like(x).flatten(3), x.flatten(3), *affine, None, mean, rstd,
-                       torch.empty_like(x).flatten(3), torch.empty(320), torch.empty(320), 32, True)
-    group_norm.APPLY_EVICT_FIRST = False
+    # the ones that decide how many programs an SM holds there; the apply pass also with its eviction
+    # hints switched, and the statistics pass at the sweep's one-tile-per-program and per-tile points
+    from bench import sweep
+
+    default_knobs = {name: getattr(group_norm, name) for name in
+                     ("APPLY_EVICT_FIRST", "STATS_PROGRAMS_PER_SM", "_STATS_TILE", "_STATS_TILE_CHANNELS_LAST",
+                      "STATS_STAGES", "STATS_PER_TILE")}
+    settings = [{}, {"APPLY_EVICT_FIRST": not group_norm.APPLY_EVICT_FIRST}] + [
+        {"STATS_PROGRAMS_PER_SM": p, "_STATS_TILE": t, "_STATS_TILE_CHANNELS_LAST": t, "STATS_STAGES": st}
+        for p, t, st in sweep.GN_ONE_TILE_POINTS] + [
+        {"STATS_PER_TILE": True, "STATS_PROGRAMS_PER_SM": p, "_STATS_TILE": t, "STATS_STAGES": st}
+        for p, t, st in sweep.GN_PER_TILE_POINTS]
+    for knobs in settings:
+        for fmt in (torch.contiguous_format, torch.channels_last_3d):
+            for name, value in {**default_knobs, **knobs}.items():
+                setattr(group_norm, name, value)
+            x = rand(1, 320, 16, 40, 64, dtype=torch.float16).contiguous(memory_format=fmt)
+            affine = rand(320, dtype=torch.float16), rand(320, dtype=torch.float16)
+            mean, rstd = torch.randn(1, 32), torch.rand(1, 32)
+            kernels.gn_fwd(x.flatten(3), *affine, None, torch.empty_like(x).flatten(3), mean, rstd, 32, 1e-5, True)
+            kernels.gn_bwd(torch.randn_like(x).flatten(3), x.flatten(3), *affine, None, mean, rstd,
+                           torch.empty_like(x).flatten(3), torch.empty(320), torch.empty(320), 32, True)
+    for name, value in default_knobs.items():
+        setattr(group_norm, name, value)
     # the one-pass backward (NCHW only) at level 0, T16 and T26 (4096- and 8192-element tiles), with
     # the time-embedding shift and fp32's precise sigmoid
     group_norm.ONE_PASS = True

@@ -168,12 +168,15 @@ def test_group_norm_launch_tuning(monkeypatch, backend_name, layout, reversed_ap
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("shape", [(1, 16, 8, 4, 8), (2, 16, 7, 5, 7)], ids=["even_s", "ragged_s"])
 @pytest.mark.parametrize("channels", [16, 1])
-def test_group_norm_statistics_walk_many_tiles(monkeypatch, backend_name, layout, shape, channels):
+@pytest.mark.parametrize("per_tile", [False, True], ids=["per_lane", "per_tile"])
+def test_group_norm_statistics_walk_many_tiles(monkeypatch, backend_name, layout, shape, channels, per_tile):
     """Small statistics tiles: each program walks several (pipelined) tiles, with every lane counting
     the same tiles (S a multiple of the tile) or ragged ends (some lanes fewer); on NCHW also tiles one
-    channel wide (statistics, backward partial sums and apply)."""
+    channel wide (statistics, backward partial sums and apply), and statistics reduced per tile
+    (STATS_PER_TILE; channels-last tensors keep the per-lane states)."""
     from hbkernels.triton import group_norm as gn
 
+    monkeypatch.setattr(gn, "STATS_PER_TILE", per_tile)
     monkeypatch.setattr(gn, "_STATS_CHANNELS_NCHW", channels)
     monkeypatch.setattr(gn, "_APPLY_CHANNELS_NCHW", channels)
     monkeypatch.setattr(gn, "_BWD_CHANNELS_NCHW", channels)
@@ -189,6 +192,21 @@ def test_group_norm_statistics_walk_many_tiles(monkeypatch, backend_name, layout
 
 
 TRITON_BACKENDS = [p for p in KERNEL_BACKENDS if p.values[0] == "triton"]
+
+
+@pytest.mark.parametrize("backend_name", TRITON_BACKENDS)
+def test_group_norm_per_tile_statistics_are_stable_at_large_means(monkeypatch, backend_name):
+    """STATS_PER_TILE: each tile's M2 about its own mean, merged by Chan's formula, keeps the variance
+    at mean 1000 (fp32; tiles of 64 on a ragged row of 210, so merges and a ragged tile both occur)."""
+    from hbkernels.triton import group_norm as gn
+
+    monkeypatch.setattr(gn, "STATS_PER_TILE", True)
+    monkeypatch.setattr(gn, "_STATS_TILE", 64)
+    x = rand(2, 16, 5, 6, 7, mean=1000.0)
+    with hbkernels.use_backend(backend_name):
+        y = hbkernels.group_norm(x, 4, eps=1e-6)
+    want = torch.nn.functional.group_norm(x.double(), 4, eps=1e-6)
+    torch.testing.assert_close(y.double(), want, atol=2e-3, rtol=0)
 
 
 @pytest.mark.parametrize("backend_name", TRITON_BACKENDS)

@@ -4,7 +4,8 @@ Design (a group holds C/G channels x T*S elements, far too much work for one pro
 
 forward  1. _gn_stats:    grid (N * chunks, C blocks). Each program walks the [BLOCK_C, BLOCK_S] tiles
                           of one chunk of the (t, s) plane with a Welford (mean, M2) per tile lane,
-                          Chan-merges the lanes into the chunk's per-channel (mean, M2) at the end.
+                          Chan-merges the lanes into the chunk's per-channel (mean, M2) at the end
+                          (or, STATS_PER_TILE, reduces each tile and Chan-merges the tiles).
                           Writes them to small fp32 buffers (N, C, chunks); chunk counts follow from
                           the tiling (_chunk_count).
          2. _gn_finalize: grid (N * G). Merges the C/G * chunks partials of one group
@@ -81,6 +82,12 @@ _BWD_CHANNELS_NCHW = 4
 # ahead at 64 sm_90 registers in fp16 (8 programs per SM, 96 KiB in flight per SM; fp32: 70, 7).
 # H100, level 0: 3, 4 and 5 stages within 0.6-1.3 us of each other at every statistics setting that wins.
 STATS_STAGES = 4
+# Statistics reduced per tile (NCHW only): each tile's (mean, M2) from two reductions along its rows,
+# Chan-merged into one state per channel, instead of a Welford state per lane. sm_90, one-channel 2048
+# tiles: 47 registers and 10 programs per SM, against 72 and 7 per lane; the memory floor's read pass
+# (29 registers, 16 per SM) reads x in about 8 us at T16, where the statistics pass profiles 14.75.
+# The cost: two tile-wide reductions per tile. Not yet timed (bench/sweep.py's per-tile points).
+STATS_PER_TILE = False
 # Elements per apply tile (8 warps). sm_90, level 0: 4096 -> 35-40 registers, 6 programs (48 KiB of x in
 # flight per SM); 8192 -> 57-62, 4 (64 KiB); 16384 -> 88-91, 2 (64 KiB). H100, level 0: 4096 and 8192
 # tie on NCHW x (33.4 / 33.5 us at T16, 51.2 / 51.2 at T26); on channels-last x 8192 wins (37.8 against
@@ -253,22 +260,13 @@ def _chunk_tile(base, i, cc, cmask, ar, S, n_sb, sc, st, ss, EVEN_S: tl.constexp
 
 
 @triton.jit
-def _gn_stats_kernel(
-    x_ptr, pmean_ptr, pm2_ptr,
-    C, T, S, n_sb, n_tiles, tiles_per_chunk, n_chunks,
-    sxn, sxc, sxt, sxs,
-    EVEN_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
-):
-    _let_next_launch(PDL)
-    n, chunk, cc, cmask = _chunk_program(C, n_chunks, BLOCK_C)
-    first = chunk * tiles_per_chunk
-    last = tl.minimum(first + tiles_per_chunk, n_tiles)
-    x_n = x_ptr + n.to(tl.int64) * sxn
-    ar = tl.arange(0, BLOCK_S)
-    # Welford per lane: each element of the tile updates its own lane's (mean, M2) in registers, so
-    # the loop needs no cross-thread reduction. A per-tile reduction over S goes through shared memory
-    # when the tile's threads run along C (channels-last); the per-tile two-pass version ran 3.6x
-    # longer on channels-last than on NCHW tensors in an H200 U-Net step.
+def _per_lane_stats(x_n, first, last, cc, cmask, ar, S, n_sb, sxc, sxt, sxs,
+                    EVEN_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, STAGES: tl.constexpr):
+    """(mean, M2) per channel of tiles first..last-1, from a Welford state per lane."""
+    # Each element of the tile updates its own lane's (mean, M2) in registers, so the loop needs no
+    # cross-thread reduction. A per-tile reduction over S goes through shared memory when the tile's
+    # threads run along C (channels-last); the per-tile two-pass version ran 3.6x longer on
+    # channels-last than on NCHW tensors in an H200 U-Net step.
     # Loads in flight bound this pass: the loop is software-pipelined (STAGES - 1 tiles ahead, copied
     # asynchronously into shared memory: cp.async on sm_80+), which keeps the registers down to the
     # (mean, M2) state (see STATS_STAGES).
@@ -294,10 +292,60 @@ def _gn_stats_kernel(
     total = tl.sum(cnt, axis=0)
     chunk_mean = tl.sum(mean * (cnt * tl.div_rn(1.0, total))[None, :], axis=1)
     d = mean - chunk_mean[:, None]
-    chunk_m2 = tl.sum(m2 + d * d * cnt[None, :], axis=1)
+    return chunk_mean, tl.sum(m2 + d * d * cnt[None, :], axis=1)
+
+
+@triton.jit
+def _per_tile_stats(x_n, first, last, cc, cmask, ar, S, n_sb, sxc, sxt, sxs,
+                    EVEN_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, STAGES: tl.constexpr):
+    """(mean, M2) per channel of tiles first..last-1: each tile reduced along S in registers (its mean,
+    then M2 about it) and Chan-merged into one state per channel, so the loop holds little beyond the
+    tile (see STATS_PER_TILE). The reductions run along a row's threads: for NCHW tiles."""
+    total = 0.0
+    chunk_mean = tl.zeros([BLOCK_C], dtype=tl.float32)
+    chunk_m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for i in tl.range(first, last, num_stages=STAGES):
+        x = _chunk_tile(x_n, i, cc, cmask, ar, S, n_sb, sxc, sxt, sxs, EVEN_S, BLOCK_S)
+        if EVEN_S:
+            k = tl.cast(BLOCK_S, tl.float32)
+            tile_mean = tl.sum(x, axis=1) * (1.0 / BLOCK_S)  # a power of two: exact
+            d = x - tile_mean[:, None]
+        else:
+            smask = (_tile_origin(i, n_sb, BLOCK_S)[1] + ar) < S
+            k = tl.sum(smask.to(tl.float32), axis=0)
+            tile_mean = tl.div_rn(tl.sum(x, axis=1), k)  # x is 0 past S
+            d = tl.where(smask[None, :], x - tile_mean[:, None], 0.0)
+        merged = total + k
+        delta = tile_mean - chunk_mean
+        chunk_mean += delta * tl.div_rn(k, merged)
+        chunk_m2 += tl.sum(d * d, axis=1) + delta * delta * tl.div_rn(total * k, merged)
+        total = merged
+    return chunk_mean, chunk_m2
+
+
+@triton.jit
+def _gn_stats_kernel(
+    x_ptr, pmean_ptr, pm2_ptr,
+    C, T, S, n_sb, n_tiles, tiles_per_chunk, n_chunks,
+    sxn, sxc, sxt, sxs,
+    EVEN_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
+    PER_TILE: tl.constexpr,
+):
+    _let_next_launch(PDL)
+    n, chunk, cc, cmask = _chunk_program(C, n_chunks, BLOCK_C)
+    first = chunk * tiles_per_chunk
+    last = tl.minimum(first + tiles_per_chunk, n_tiles)
+    x_n = x_ptr + n.to(tl.int64) * sxn
+    ar = tl.arange(0, BLOCK_S)
+    if PER_TILE:
+        mean, m2 = _per_tile_stats(x_n, first, last, cc, cmask, ar, S, n_sb, sxc, sxt, sxs,
+                                   EVEN_S, BLOCK_C, BLOCK_S, STAGES)
+    else:
+        mean, m2 = _per_lane_stats(x_n, first, last, cc, cmask, ar, S, n_sb, sxc, sxt, sxs,
+                                   EVEN_S, BLOCK_C, BLOCK_S, STAGES)
     out = (n.to(tl.int64) * C + cc) * n_chunks + chunk
-    tl.store(pmean_ptr + out, chunk_mean, mask=cmask)
-    tl.store(pm2_ptr + out, chunk_m2, mask=cmask)
+    tl.store(pmean_ptr + out, mean, mask=cmask)
+    tl.store(pm2_ptr + out, m2, mask=cmask)
 
 
 @triton.jit
@@ -656,6 +704,7 @@ def gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: float, s
         x, pmean, pm2,
         c, t3, s3, n_sb3, t3 * n_sb3, per, n_chunks, *xs3,
         EVEN_S=s3 % bs3 == 0, BLOCK_C=bc3, BLOCK_S=bs3, STAGES=STATS_STAGES, PDL=pdl, num_warps=warps_for(bc3 * bs3),
+        PER_TILE=STATS_PER_TILE and xs3[1] != 1,
     )
 
     # 2. per-group mean and rstd
