@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, LCMScheduler
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
@@ -74,7 +75,11 @@ def _adapter_state(layer):
             bool(getattr(layer, "disable_adapters", False)), tuple(getattr(layer, "merged_adapters", ())))
 
 
-class HummingbirdPipeline(DiffusionPipeline):
+class HummingbirdPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
+    """Text to video with a Hummingbird (or VideoCrafter2) U-Net. LoRA as in diffusers' Stable Diffusion
+    pipelines: ``load_lora_weights`` / ``save_lora_weights`` (U-Net and CLIP text encoder layers),
+    ``set_adapters``, ``fuse_lora`` / ``unfuse_lora``, ``unload_lora_weights``."""
+
     model_cpu_offload_seq = "text_encoder->unet->vae"
     _callback_tensor_inputs = ["latents", "prompt_embeds"]  # what callback_on_step_end may read and replace
 

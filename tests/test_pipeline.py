@@ -585,3 +585,37 @@ def test_initial_latents_scaled_by_the_schedulers_init_noise_sigma(ddim, monkeyp
     assert euler.init_noise_sigma > 1.5
     want = euler.scale_model_input(latents * euler.init_noise_sigma, euler.timesteps[0])
     torch.testing.assert_close(seen[0], want)
+
+
+def test_lora_weights_load_scale_fuse_and_unload(tmp_path):
+    """diffusers' LoRA API on the pipeline: a U-Net LoRA saved with save_lora_weights and loaded into a
+    fresh pipeline reproduces the adapted one; weight 0 is the base model; fused into the weights it
+    gives the adapted output, and unloaded the base one again."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    def run(pipe):
+        return pipe("a cat", num_frames=2, num_inference_steps=2, seed=0, output_type="latent", **SIZE).frames
+
+    pipe = _pipe("lcm")
+    base = run(pipe)
+    torch.manual_seed(0)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                     init_lora_weights=False))
+    adapted = run(pipe)
+    HummingbirdPipeline.save_lora_weights(tmp_path, unet_lora_layers=get_peft_model_state_dict(pipe.unet))
+    fresh = _pipe("lcm")
+    torch.testing.assert_close(run(fresh), base, atol=0, rtol=0)  # the same random weights as pipe's
+    fresh.load_lora_weights(tmp_path, adapter_name="style")
+    assert (adapted - base).abs().max() > 0.1
+    torch.testing.assert_close(run(fresh), adapted, atol=1e-6, rtol=0)
+    fresh.set_adapters(["style"], adapter_weights=[0.0])
+    torch.testing.assert_close(run(fresh), base, atol=1e-6, rtol=0)
+    fresh.set_adapters(["style"], adapter_weights=[1.0])
+    fresh.fuse_lora(adapter_names=["style"])
+    fresh.unload_lora_weights()  # the fused weights stay; the adapter layers go
+    torch.testing.assert_close(run(fresh), adapted, atol=1e-5, rtol=1e-5)
+    fresh = _pipe("lcm")
+    fresh.load_lora_weights(tmp_path, adapter_name="style")
+    fresh.unload_lora_weights()
+    torch.testing.assert_close(run(fresh), base, atol=0, rtol=0)
