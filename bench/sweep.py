@@ -4,7 +4,7 @@ to keep.
 
 - group_norm (+SiLU): the forward's statistics programs per SM, statistics tile, pipeline stages of
   the statistics loop, and (at the default) the apply order, the apply pass's evict-first hints,
-  apply tile, apply register cap, programmatic dependent launch, channels per statistics / apply tile
+  apply tile, programmatic dependent launch, channels per statistics / apply tile
   and statistics reduced per tile (NCHW only; see hbkernels/triton/group_norm.py); channels-last
   shapes set their own tile knobs (*_CHANNELS_LAST). The default setting is also profiled:
   microseconds per call of each of its kernels (statistics, finalize, apply), which says which pass
@@ -48,7 +48,6 @@ GN_ONE_TILE_POINTS = [(64, 4096, 1), (64, 4096, 3), (64, 2048, 1)]  # (programs 
 # Statistics reduced per tile (STATS_PER_TILE, NCHW only) at these (programs per SM, tile, stages)
 GN_PER_TILE_POINTS = [(8, 2048, 4), (8, 4096, 3), (16, 2048, 3), (16, 1024, 4), (64, 4096, 1), (64, 2048, 1)]
 GN_APPLY_TILES = (4096, 8192, 16384)  # each layout's default is timed once, in the grid
-GN_APPLY_MAXNREG = (32,)  # besides the default (none)
 # Channels per NCHW tile (statistics, apply, pairs of both; the backward's partial sums)
 GN_NCHW_CHANNELS = (1, 2, 4, 8, 16)
 GN_NCHW_CHANNEL_PAIRS = [(s, a) for s in (1, 2, 16) for a in (1, 2, 16)]
@@ -65,7 +64,7 @@ def _gn_forward_settings():
             for p, t, s in [*itertools.product(GN_PROGRAMS_PER_SM, GN_TILES, GN_STAGES), *GN_ONE_TILE_POINTS]]
     return grid + [dict(APPLY_REVERSED=not gn.APPLY_REVERSED), dict(APPLY_EVICT_FIRST=not gn.APPLY_EVICT_FIRST),
                    dict(PDL=not gn.PDL)] + \
-        [dict(_APPLY_TILE=t) for t in GN_APPLY_TILES] + [dict(_APPLY_MAXNREG=c) for c in GN_APPLY_MAXNREG] + \
+        [dict(_APPLY_TILE=t) for t in GN_APPLY_TILES] + \
         [dict(_STATS_CHANNELS_NCHW=c) for c in GN_NCHW_CHANNELS] + \
         [dict(_APPLY_CHANNELS_NCHW=c) for c in GN_NCHW_CHANNELS] + \
         [dict(_STATS_CHANNELS_NCHW=s, _APPLY_CHANNELS_NCHW=a) for s, a in GN_NCHW_CHANNEL_PAIRS] + \

@@ -113,11 +113,11 @@ def test_group_norm_keeps_memory_format(backend_name):
 
 @pytest.mark.parametrize("backend_name", [p for p in KERNEL_BACKENDS if p.values[0] == "triton"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("reversed_apply, evict_first, stats_tile, stages, pdl, apply_tile, maxnreg, channels", [
-    (True, False, 4096, 2, False, 8192, None, (8, 16)), (False, True, 2048, 5, True, 4096, 32, (4, 8)),
-    (True, True, 1024, 3, True, 1024, None, (2, 2))])
+@pytest.mark.parametrize("reversed_apply, evict_first, stats_tile, stages, pdl, apply_tile, channels", [
+    (True, False, 4096, 2, False, 8192, (8, 16)), (False, True, 2048, 5, True, 4096, (4, 8)),
+    (True, True, 1024, 3, True, 1024, (2, 2))])
 def test_group_norm_launch_tuning(monkeypatch, backend_name, layout, reversed_apply, evict_first, stats_tile, stages,
-                                  pdl, apply_tile, maxnreg, channels):
+                                  pdl, apply_tile, channels):
     """The tuning knobs (bench/sweep.py) change the schedule, never the result; the tiles launched are
     the ones set (the shape holds each whole, in both layouts; 12-channel groups straddle the tiles'
     blocks of 64 channels (channels-last) or of ``channels`` (statistics, apply; NCHW))."""
@@ -142,11 +142,10 @@ def test_group_norm_launch_tuning(monkeypatch, backend_name, layout, reversed_ap
     for suffix in ("", "_CHANNELS_LAST"):  # the layouts' own tiles
         monkeypatch.setattr(gn, "_STATS_TILE" + suffix, stats_tile)
         monkeypatch.setattr(gn, "_APPLY_TILE" + suffix, apply_tile)
-    # stages, eviction hints, PDL, register cap: only a GPU runs them differently
+    # stages, eviction hints, PDL: only a GPU runs them differently
     monkeypatch.setattr(gn, "STATS_STAGES", stages)
     monkeypatch.setattr(gn, "APPLY_EVICT_FIRST", evict_first)
     monkeypatch.setattr(gn, "PDL", pdl)
-    monkeypatch.setattr(gn, "_APPLY_MAXNREG", maxnreg)
     monkeypatch.setattr(gn, "_STATS_CHANNELS_NCHW", channels[0])
     monkeypatch.setattr(gn, "_APPLY_CHANNELS_NCHW", channels[1])
     x = rand(2, 48, 4, 8, 16, dtype=torch.float64, mean=3.0, requires_grad=True)

@@ -94,10 +94,8 @@ STATS_PER_TILE = False
 # 42.2 us at T16, 60.2 against 65.0 at T26), 16384 loses on both.
 _APPLY_TILE = 4096
 _APPLY_TILE_CHANNELS_LAST = 8192
-# Register cap of the apply kernel (CUDA only; None: the compiler's choice). 32 fits 8 programs of 8 warps
-# per sm_90 SM instead of 6, spilling 8 (NCHW) / 48 (channels-last) bytes per thread. H100, level 0: a
-# tie on NCHW x, 4.5-8.7 us slower on channels-last x.
-_APPLY_MAXNREG = None
+# (A register cap of 32 on the apply kernel, for 8 programs of 8 warps per SM, tied on NCHW x and lost
+# 4.5-8.7 us on channels-last x at level 0 on an H100; one-channel NCHW tiles take 32 registers uncapped.)
 # Programmatic dependent launch (sm_90+ CUDA): the statistics and finalize kernels let the next one
 # launch early; the finalize's programs wait for the statistics on their SMs, and the apply pass loads its x
 # tile (not written by the kernels before it) before it waits for the finalize's mean and rstd. Hides
@@ -169,11 +167,6 @@ def _pdl(device: torch.device) -> bool:
 def _launch_after(pdl: bool) -> dict:
     """Launch options of a kernel that waits for the previous one in _wait_for_previous."""
     return {"launch_pdl": True} if pdl else {}
-
-
-def _register_cap(maxnreg, device: torch.device) -> dict:
-    """Launch options capping registers per thread: a CUDA compile option (ROCm has none)."""
-    return {"maxnreg": maxnreg} if maxnreg and _nvidia(device) else {}
 
 
 @triton.jit
@@ -727,7 +720,7 @@ def gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: float, s
         HAS_W=weight is not None, HAS_B=bias is not None, HAS_SHIFT=shift is not None, SILU=bool(silu),
         PRECISE=x.dtype == torch.float32,
         BLOCK_C=block_c, BLOCK_S=block_s, REVERSE=APPLY_REVERSED, EVICT_FIRST=APPLY_EVICT_FIRST, PDL=pdl,
-        num_warps=warps_for(block_c * block_s), **_launch_after(pdl), **_register_cap(_APPLY_MAXNREG, dev),
+        num_warps=warps_for(block_c * block_s), **_launch_after(pdl),
     )
 
 
