@@ -193,6 +193,22 @@ def test_group_norm_statistics_walk_many_tiles(monkeypatch, backend_name, layout
 TRITON_BACKENDS = [p for p in KERNEL_BACKENDS if p.values[0] == "triton"]
 
 
+def test_group_norm_nchw_tiles_keep_their_size():
+    """Narrow NCHW tiles (one channel at level 0) stack channels where a channel's row is shorter than
+    the tile (up to 16), so small planes do not get tiny tiles; channels-last tiles stay 64 wide."""
+    from hbkernels.triton.layout import tile_shape
+
+    def nchw(c, s, narrow, tile=2048):
+        return tile_shape(c, s, ((c * s, s, s, 1),), tile, narrow)
+
+    assert nchw(320, 40960, 1) == (1, 2048)  # level 0, T16: a row holds 20 tiles
+    assert nchw(320, 40960, 16) == (16, 128)
+    assert nchw(1280, 1280, 1) == (8, 256)  # level 3 (16 x 80): 256 divides the row, 8 rows fill the tile
+    assert nchw(320, 64, 1) == (16, 64)  # an 8 x 8 plane: at most 16 channels
+    assert nchw(3, 64, 1) == (4, 64)  # no wider than the channels
+    assert tile_shape(320, 40960, ((320 * 40960, 1, 0, 320),), 2048, 1) == (64, 32)  # channels-last
+
+
 @pytest.mark.parametrize("backend_name", TRITON_BACKENDS)
 def test_group_norm_per_tile_statistics_are_stable_at_large_means(monkeypatch, backend_name):
     """STATS_PER_TILE: each tile's M2 about its own mean, merged by Chan's formula, keeps the variance

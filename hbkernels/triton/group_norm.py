@@ -70,7 +70,8 @@ APPLY_EVICT_FIRST = True
 # Channels per tile where no tensor has unit channel stride (NCHW: each channel's (t, s) plane one
 # contiguous row), for the statistics, apply and backward partial sums. 16 (tile_shape's default) makes a
 # 2048-element statistics tile 16 rows of 256 bytes, 80 KB apart at level 0; fewer channels make each
-# row a longer contiguous run. H100, level 0 fp16, against 16 / 16 / 16 (32.4 / 49.2 us forward, 63.9 /
+# row a longer contiguous run (where a channel's row is shorter than the tile, tile_shape stacks rows
+# up to 16, so small planes keep full-size tiles). H100, level 0 fp16, against 16 / 16 / 16 (32.4 / 49.2 us forward, 63.9 /
 # 92.1 backward at T16 / T26): statistics 1 channel 30.9 / 47.6 (T26 at 1024-element tiles: 66560
 # positions take no 2048 evenly, and a ragged tile costs a division per lane), apply 1 channel 31.5 /
 # 48.6, both 30.0 at T16; backward partial sums 4 channels 58.0 / 86.0 (1: 61.8 / 91.5).
@@ -91,7 +92,8 @@ STATS_PER_TILE = False
 # Elements per apply tile (8 warps). sm_90, level 0: 4096 -> 35-40 registers, 6 programs (48 KiB of x in
 # flight per SM); 8192 -> 57-62, 4 (64 KiB); 16384 -> 88-91, 2 (64 KiB). H100, level 0: 4096 and 8192
 # tie on NCHW x (33.4 / 33.5 us at T16, 51.2 / 51.2 at T26); on channels-last x 8192 wins (37.8 against
-# 42.2 us at T16, 60.2 against 65.0 at T26), 16384 loses on both.
+# 42.2 us at T16, 60.2 against 65.0 at T26), 16384 loses on both (all at 16-channel NCHW tiles; the
+# one-channel 4096 tile takes 32 registers, 8 programs per SM).
 _APPLY_TILE = 4096
 _APPLY_TILE_CHANNELS_LAST = 8192
 # (A register cap of 32 on the apply kernel, for 8 programs of 8 warps per SM, tied on NCHW x and lost

@@ -80,10 +80,11 @@ def pick_block(n: int, hi: int, lo: int = 16) -> int:
 def tile_shape(c: int, s: int, strides: tuple, tile: int | None = None, narrow: int = 16):
     """[BLOCK_C, BLOCK_S] for (C, S) tensors with the given (sn, sc, st, ss) strides: wide in C
     (64 channels = 128 bytes of fp16) when some tensor has unit channel stride, so that its accesses
-    are full cache lines; otherwise ``narrow`` channels (a power of two) and long in S."""
+    are full cache lines; otherwise long in S, ``narrow`` channels (a power of two <= 16) where a row
+    fills the tile, more (up to 16) where rows are shorter, so the tile keeps its size."""
     tile = tile or _TILE
     c_unit = c > 1 and any(sc == 1 for _, sc, _, _ in strides)
-    block_c = min(next_pow2(c), 64 if c_unit else narrow)
+    block_c = min(next_pow2(c), 64 if c_unit else max(narrow, min(16, tile // pick_block(s, tile))))
     block_s = pick_block(s, max(16, tile // block_c))
     return block_c, block_s
 
