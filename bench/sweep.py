@@ -8,10 +8,9 @@ to keep.
   and statistics reduced per tile (NCHW only; see hbkernels/triton/group_norm.py); channels-last
   shapes set their own tile knobs (*_CHANNELS_LAST). The default setting is also profiled:
   microseconds per call of each of its kernels (statistics, finalize, apply), which says which pass
-  to work on next. The backward's
-  partial-sums pass shares the statistics loop's stages: the whole backward is timed per stage count,
-  without PDL, one-pass (NCHW only: its tile), and per channels in its partial-sums tile (NCHW only).
-  Rows name the knobs they change.
+  to work on next. The backward's partial-sums pass shares the statistics loop's stages: the whole
+  backward is timed per stage count, without PDL, one-pass (NCHW only: its tile), and per channels in
+  its partial-sums and dx tiles (NCHW only). Rows name the knobs they change.
 - temporal_attention: warps per program of the forward and of the backward kernel (FWD_WARPS /
   BWD_WARPS in hbkernels/triton/temporal_attention.py: the default rule, or a fixed 1, 2, 4, 8).
 
@@ -76,7 +75,8 @@ def _gn_backward_settings():
     """Knob values per timed backward setting: each stage count of the partial-sums loop, PDL switched,
     and the one-pass backward's settings."""
     return [dict(STATS_STAGES=s) for s in GN_STAGES] + [dict(PDL=not gn.PDL), *_one_pass_settings()] + \
-        [dict(_BWD_CHANNELS_NCHW=c) for c in GN_NCHW_CHANNELS]
+        [dict(_BWD_CHANNELS_NCHW=c) for c in GN_NCHW_CHANNELS] + \
+        [dict(_BWD_APPLY_CHANNELS_NCHW=c) for c in GN_NCHW_CHANNELS]
 
 
 def _one_pass_settings():
@@ -86,7 +86,8 @@ def _one_pass_settings():
 
 
 # Knobs that change nothing on channels-last tensors where set (true)
-NCHW_ONLY = ("ONE_PASS", "STATS_PER_TILE", "_STATS_CHANNELS_NCHW", "_APPLY_CHANNELS_NCHW", "_BWD_CHANNELS_NCHW")
+NCHW_ONLY = ("ONE_PASS", "STATS_PER_TILE", "_STATS_CHANNELS_NCHW", "_APPLY_CHANNELS_NCHW", "_BWD_CHANNELS_NCHW",
+             "_BWD_APPLY_CHANNELS_NCHW")
 
 
 def _gn_settings_for(settings, fmt, only=None):

@@ -171,7 +171,7 @@ def test_group_norm_launch_tuning(monkeypatch, backend_name, layout, reversed_ap
 def test_group_norm_statistics_walk_many_tiles(monkeypatch, backend_name, layout, shape, channels, per_tile):
     """Small statistics tiles: each program walks several (pipelined) tiles, with every lane counting
     the same tiles (S a multiple of the tile) or ragged ends (some lanes fewer); on NCHW also tiles one
-    channel wide (statistics, backward partial sums and apply), and statistics reduced per tile
+    channel wide (statistics, apply, the backward's partial sums and dx), and statistics reduced per tile
     (STATS_PER_TILE; channels-last tensors keep the per-lane states)."""
     from hbkernels.triton import group_norm as gn
 
@@ -179,6 +179,7 @@ def test_group_norm_statistics_walk_many_tiles(monkeypatch, backend_name, layout
     monkeypatch.setattr(gn, "_STATS_CHANNELS_NCHW", channels)
     monkeypatch.setattr(gn, "_APPLY_CHANNELS_NCHW", channels)
     monkeypatch.setattr(gn, "_BWD_CHANNELS_NCHW", channels)
+    monkeypatch.setattr(gn, "_BWD_APPLY_CHANNELS_NCHW", channels)
     monkeypatch.setattr(gn, "_STATS_TILE", 256)
     monkeypatch.setattr(gn, "_STATS_TILE_CHANNELS_LAST", 256)
     x = rand(*shape, dtype=torch.float64, mean=3.0, requires_grad=True)

@@ -78,6 +78,7 @@ APPLY_EVICT_FIRST = True
 _STATS_CHANNELS_NCHW = 1
 _APPLY_CHANNELS_NCHW = 1
 _BWD_CHANNELS_NCHW = 4
+_BWD_APPLY_CHANNELS_NCHW = 16  # the backward's dx pass (reads dy and x, writes dx); not yet swept
 # Pipeline stages of the statistics loop (and the backward's partial sums): tiles in flight per program
 # = STATS_STAGES - 1, in shared memory (4 KiB each at the fp16 2048-element tile). 4 keeps 3 tiles
 # ahead at 64 sm_90 registers in fp16 (8 programs per SM, 96 KiB in flight per SM; fp32: 70, 7).
@@ -831,7 +832,7 @@ def gn_bwd(dy, x, weight, bias, shift, mean, rstd, dx, dweight, dbias, num_group
 
     # 3. dx (reads dy and x, writes dx)
     t3, s3, (ds3, xs3, os3) = merge_ts([strides4(dy), strides4(x), strides4(dx)], t, s)
-    bc3, bs3 = tile_shape(c, s3, (ds3, xs3, os3))
+    bc3, bs3 = tile_shape(c, s3, (ds3, xs3, os3), None, _BWD_APPLY_CHANNELS_NCHW)
     n_sb3 = cdiv(s3, bs3)
     _gn_bwd_apply_kernel[(n * t3 * n_sb3, cdiv(c, bc3))](
         dy, x, w, b, sh, mean, rstd, coef, dx,
