@@ -4,9 +4,9 @@ to keep.
 
 - group_norm (+SiLU): the forward's statistics programs per SM, statistics tile, pipeline stages of
   the statistics loop, and (at the default) the apply order, the apply pass's evict-first hints,
-  apply tile, programmatic dependent launch, channels per statistics / apply tile
-  and statistics reduced per tile (NCHW only; see hbkernels/triton/group_norm.py); channels-last
-  shapes set their own tile knobs (*_CHANNELS_LAST). The default setting is also profiled:
+  apply tile, programmatic dependent launch, channel blocks launched first (channels-last only),
+  channels per statistics / apply tile and statistics reduced per tile (NCHW only; see
+  hbkernels/triton/group_norm.py); channels-last shapes set their own tile knobs (*_CHANNELS_LAST). The default setting is also profiled:
   microseconds per call of each of its kernels (statistics, finalize, apply), which says which pass
   to work on next. The backward's partial-sums pass shares the statistics loop's stages: the whole
   backward is timed per stage count, without PDL, one-pass (NCHW only: its tile), and per channels in
@@ -62,7 +62,7 @@ def _gn_forward_settings():
     grid = [dict(STATS_PROGRAMS_PER_SM=p, _STATS_TILE=t, STATS_STAGES=s)
             for p, t, s in [*itertools.product(GN_PROGRAMS_PER_SM, GN_TILES, GN_STAGES), *GN_ONE_TILE_POINTS]]
     return grid + [dict(APPLY_REVERSED=not gn.APPLY_REVERSED), dict(APPLY_EVICT_FIRST=not gn.APPLY_EVICT_FIRST),
-                   dict(PDL=not gn.PDL)] + \
+                   dict(PDL=not gn.PDL), dict(CHANNEL_BLOCKS_FIRST=not gn.CHANNEL_BLOCKS_FIRST)] + \
         [dict(_APPLY_TILE=t) for t in GN_APPLY_TILES] + \
         [dict(_STATS_CHANNELS_NCHW=c) for c in GN_NCHW_CHANNELS] + \
         [dict(_APPLY_CHANNELS_NCHW=c) for c in GN_NCHW_CHANNELS] + \
@@ -88,18 +88,23 @@ def _one_pass_settings():
 # Knobs that change nothing on channels-last tensors where set (true)
 NCHW_ONLY = ("ONE_PASS", "STATS_PER_TILE", "_STATS_CHANNELS_NCHW", "_APPLY_CHANNELS_NCHW", "_BWD_CHANNELS_NCHW",
              "_BWD_APPLY_CHANNELS_NCHW")
+# Knobs that change nothing on NCHW tensors where set (true)
+CHANNELS_LAST_ONLY = ("CHANNEL_BLOCKS_FIRST",)
 
 
 def _gn_settings_for(settings, fmt, only=None):
     """The settings that change what runs on tensors of memory format ``fmt``, under that layout's knob
     names (_for_layout): the one-pass backward and the NCHW tile widths (NCHW_ONLY) change nothing on
-    channels-last tensors (which would time the default under their label), and a one-knob setting
+    channels-last tensors, the launch order (CHANNELS_LAST_ONLY) nothing on NCHW ones (either would
+    time the default under its label), and a one-knob setting
     equal to the layout's default is left to the statistics grid's default point. With ``only`` (knob
     names), just the settings that set one of them, and that default point to compare with; none where
     no setting sets one."""
     chosen, matched = [], only is None
     for k in settings:
         if any(k.get(name) for name in NCHW_ONLY) and fmt != torch.contiguous_format:
+            continue
+        if any(k.get(name) for name in CHANNELS_LAST_ONLY) and fmt == torch.contiguous_format:
             continue
         k = _for_layout(k, fmt)
         grid_point = "STATS_STAGES" in k

@@ -194,6 +194,40 @@ def test_group_norm_statistics_walk_many_tiles(monkeypatch, backend_name, layout
 TRITON_BACKENDS = [p for p in KERNEL_BACKENDS if p.values[0] == "triton"]
 
 
+@pytest.mark.parametrize("backend_name", TRITON_BACKENDS)
+@pytest.mark.parametrize("reversed_apply", [True, False])
+def test_group_norm_channel_blocks_first(monkeypatch, backend_name, reversed_apply):
+    """CHANNEL_BLOCKS_FIRST: channels-last grids launched channel blocks first (axis 0) give the same
+    result; NCHW grids keep positions first."""
+    from hbkernels.triton import group_norm as gn
+
+    grids = []
+
+    class Recorded:  # a kernel whose launches record their grid
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            grids.append((self.kernel, grid))
+            return self.kernel[grid]
+
+    for name in ("_gn_stats_kernel", "_gn_apply_kernel"):
+        monkeypatch.setattr(gn, name, Recorded(getattr(gn, name)))
+    monkeypatch.setattr(gn, "CHANNEL_BLOCKS_FIRST", True)
+    monkeypatch.setattr(gn, "APPLY_REVERSED", reversed_apply)
+    x = rand(2, 160, 3, 4, 5, dtype=torch.float64, mean=3.0, requires_grad=True)  # 3 blocks of 64 channels
+    w = rand(160, dtype=torch.float64, mean=1.0, requires_grad=True)
+    # channels-last: 3 blocks of 64 channels, first; NCHW (60 positions a channel): 10 blocks of 16, second
+    for layout, axis, blocks in (("channels_last", 0, 3), ("contiguous", 1, 10)):
+        grids.clear()
+
+        def fn(x, w):
+            return hbkernels.group_norm(to_layout(x, layout), 8, w, None, activation="silu")
+
+        check_against_float64(fn, [x, w], backend_name, torch.float32)
+        assert len(grids) >= 2 and all(grid[axis] == blocks for _, grid in grids), grids
+
+
 def test_group_norm_nchw_tiles_keep_their_size():
     """Narrow NCHW tiles (one channel at level 0) stack channels where a channel's row is shorter than
     the tile (up to 16), so small planes do not get tiny tiles; channels-last tiles stay 64 wide."""

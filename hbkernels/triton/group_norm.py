@@ -97,6 +97,13 @@ STATS_PER_TILE = False
 # one-channel 4096 tile takes 32 registers, 8 programs per SM).
 _APPLY_TILE = 4096
 _APPLY_TILE_CHANNELS_LAST = 8192
+# Launch order of the statistics and apply grids on channels-last x (unit channel stride): a 64-channel
+# tile reads 128 bytes per position, and a position's other channel blocks (the rest of its row of C,
+# e.g. 640 bytes at 320 channels) are other programs. Positions first (the default) launches one channel
+# block's programs together; channel blocks first launches a position's row together, so programs
+# running at once read adjacent bytes. Not yet timed.
+CHANNEL_BLOCKS_FIRST = False
+_MAX_GRID_1 = 65535  # CUDA's limit on grid axes 1 and 2
 # (A register cap of 32 on the apply kernel, for 8 programs of 8 warps per SM, tied on NCHW x and lost
 # 4.5-8.7 us on channels-last x at level 0 on an H100; one-channel NCHW tiles take 32 registers uncapped.)
 # Programmatic dependent launch (sm_90+ CUDA): the statistics and finalize kernels let the next one
@@ -146,6 +153,13 @@ def _even_block(s: int, block: int) -> int:
     while s % b and b > max(1, block // 4):
         b //= 2
     return b if s % b == 0 else block
+
+
+def _grid2(programs: int, n_cb: int, channel_unit: bool):
+    """(grid, CB_FIRST) of a (positions, channel blocks) launch: channel blocks first under
+    CHANNEL_BLOCKS_FIRST where x's channels are contiguous, if the positions fit grid axis 1."""
+    cb_first = CHANNEL_BLOCKS_FIRST and channel_unit and n_cb > 1 and programs <= _MAX_GRID_1
+    return ((n_cb, programs) if cb_first else (programs, n_cb)), cb_first
 
 
 def _vec_or_dummy(v, like):
@@ -234,11 +248,23 @@ def _channel_vec(ptr, cc, cmask, stride, HAS: tl.constexpr, BLOCK_C: tl.constexp
 
 
 @triton.jit
-def _chunk_program(C, n_chunks, BLOCK_C: tl.constexpr):
+def _grid_ids(CB_FIRST: tl.constexpr):
+    """(program along the positions, channel block, and the counts of both) of a 2D grid: (positions,
+    channel blocks), or with CB_FIRST (channel blocks, positions), launching a position's channel blocks
+    together (see CHANNEL_BLOCKS_FIRST)."""
+    if CB_FIRST:
+        ids = tl.program_id(1), tl.program_id(0), tl.num_programs(1), tl.num_programs(0)
+    else:
+        ids = tl.program_id(0), tl.program_id(1), tl.num_programs(0), tl.num_programs(1)
+    return ids
+
+
+@triton.jit
+def _chunk_program(C, n_chunks, BLOCK_C: tl.constexpr, CB_FIRST: tl.constexpr):
     """(n, chunk, channels, channel mask) of a program of a (N * chunks, channel blocks) grid."""
-    pid = tl.program_id(0)
+    pid, cb, _, _ = _grid_ids(CB_FIRST)
     n = pid // n_chunks
-    cc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cc = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     return n.to(tl.int64), pid - n * n_chunks, cc, cc < C  # int64 n: n * C passes 2^31 for large N
 
 
@@ -325,10 +351,10 @@ def _gn_stats_kernel(
     C, T, S, n_sb, n_tiles, tiles_per_chunk, n_chunks,
     sxn, sxc, sxt, sxs,
     EVEN_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
-    PER_TILE: tl.constexpr,
+    PER_TILE: tl.constexpr, CB_FIRST: tl.constexpr,
 ):
     _let_next_launch(PDL)
-    n, chunk, cc, cmask = _chunk_program(C, n_chunks, BLOCK_C)
+    n, chunk, cc, cmask = _chunk_program(C, n_chunks, BLOCK_C, CB_FIRST)
     first = chunk * tiles_per_chunk
     last = tl.minimum(first + tiles_per_chunk, n_tiles)
     x_n = x_ptr + n.to(tl.int64) * sxn
@@ -403,14 +429,13 @@ def _gn_apply_kernel(
     sxn, sxc, sxt, sxs, syn, syc, syt, sys,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, PRECISE: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, REVERSE: tl.constexpr, EVICT_FIRST: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, CB_FIRST: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    cb = tl.program_id(1)
+    pid, cb, n_pid, n_cb = _grid_ids(CB_FIRST)
     policy: tl.constexpr = "evict_first" if EVICT_FIRST else ""  # x's last read and y: see APPLY_EVICT_FIRST
     if REVERSE:  # blocks start in grid order: the last tiles first
-        pid = tl.num_programs(0) - 1 - pid
-        cb = tl.num_programs(1) - 1 - cb
+        pid = n_pid - 1 - pid
+        cb = n_cb - 1 - cb
     tiles_per_n = T * n_sb
     n = pid // tiles_per_n
     t, s0 = _tile_origin(pid - n * tiles_per_n, n_sb, BLOCK_S)
@@ -555,7 +580,7 @@ def _gn_bwd_partials_kernel(
     PDL: tl.constexpr,
 ):
     _let_next_launch(PDL)
-    n, chunk, cc, cmask = _chunk_program(C, n_chunks, BLOCK_C)
+    n, chunk, cc, cmask = _chunk_program(C, n_chunks, BLOCK_C, False)
     g = cc // cpg
     mu = (tl.load(mean_ptr + n * smn + g * smg, mask=cmask, other=0.0)
           - _channel_vec(sh_ptr + n * C, cc, cmask, 1, HAS_SHIFT, BLOCK_C))[:, None]  # x + shift - mean
@@ -696,11 +721,12 @@ def gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: float, s
     per, n_chunks = _chunking(n, n_cb3, t3 * n_sb3, dev)
     pmean = empty((n, c, n_chunks), dtype=torch.float32, device=dev)  # NaN when poisoning, like outputs
     pm2 = empty((n, c, n_chunks), dtype=torch.float32, device=dev)
-    _gn_stats_kernel[(n * n_chunks, n_cb3)](
+    grid, cb_first = _grid2(n * n_chunks, n_cb3, xs3[1] == 1)
+    _gn_stats_kernel[grid](
         x, pmean, pm2,
         c, t3, s3, n_sb3, t3 * n_sb3, per, n_chunks, *xs3,
         EVEN_S=s3 % bs3 == 0, BLOCK_C=bc3, BLOCK_S=bs3, STAGES=STATS_STAGES, PDL=pdl, num_warps=warps_for(bc3 * bs3),
-        PER_TILE=STATS_PER_TILE and xs3[1] != 1,
+        PER_TILE=STATS_PER_TILE and xs3[1] != 1, CB_FIRST=cb_first,
     )
 
     # 2. per-group mean and rstd
@@ -717,12 +743,14 @@ def gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: float, s
     block_c, block_s = tile_shape(c, s2, (xs, ys), _APPLY_TILE_CHANNELS_LAST if xs[1] == 1 else _APPLY_TILE,
                                   _APPLY_CHANNELS_NCHW)
     n_sb = cdiv(s2, block_s)
-    _gn_apply_kernel[(n * t2 * n_sb, cdiv(c, block_c))](
+    grid, cb_first = _grid2(n * t2 * n_sb, cdiv(c, block_c), xs[1] == 1)
+    _gn_apply_kernel[grid](
         x, w, b, sh, y, mean, rstd,
         c, t2, s2, n_sb, cpg, sw, sb_, *ms, *xs, *ys,
         HAS_W=weight is not None, HAS_B=bias is not None, HAS_SHIFT=shift is not None, SILU=bool(silu),
         PRECISE=x.dtype == torch.float32,
         BLOCK_C=block_c, BLOCK_S=block_s, REVERSE=APPLY_REVERSED, EVICT_FIRST=APPLY_EVICT_FIRST, PDL=pdl,
+        CB_FIRST=cb_first,
         num_warps=warps_for(block_c * block_s), **_launch_after(pdl),
     )
 
