@@ -5,12 +5,13 @@ to keep.
 - group_norm (+SiLU): the forward's statistics programs per SM, statistics tile, pipeline stages of
   the statistics loop, and (at the default) the apply order, the apply pass's evict-first hints,
   apply tile, programmatic dependent launch, channel blocks launched first (channels-last only),
-  channels per statistics / apply tile and statistics reduced per tile (NCHW only; see
-  hbkernels/triton/group_norm.py); channels-last shapes set their own tile knobs (*_CHANNELS_LAST). The default setting is also profiled:
-  microseconds per call of each of its kernels (statistics, finalize, apply), which says which pass
-  to work on next. The backward's partial-sums pass shares the statistics loop's stages: the whole
-  backward is timed per stage count, without PDL, one-pass (NCHW only: its tile), and per channels in
-  its partial-sums and dx tiles (NCHW only). Rows name the knobs they change.
+  channels per statistics / apply tile, statistics reduced per tile and merged in the apply pass
+  (NCHW only; see hbkernels/triton/group_norm.py); channels-last shapes set their own tile knobs
+  (*_CHANNELS_LAST). The default setting is also profiled: microseconds per call of each of its
+  kernels (statistics, finalize, apply), which says which pass to work on next. The backward's
+  partial-sums pass shares the statistics loop's stages: the whole backward is timed per stage count,
+  without PDL, one-pass (NCHW only: its tile), and per channels in its partial-sums and dx tiles
+  (NCHW only). Rows name the knobs they change.
 - temporal_attention: warps per program of the forward and of the backward kernel (FWD_WARPS /
   BWD_WARPS in hbkernels/triton/temporal_attention.py: the default rule, or a fixed 1, 2, 4, 8).
 
@@ -46,6 +47,8 @@ GN_STAGES = (3, 4, 5)
 GN_ONE_TILE_POINTS = [(64, 4096, 1), (64, 4096, 3), (64, 2048, 1)]  # (programs per SM, tile, stages)
 # Statistics reduced per tile (STATS_PER_TILE, NCHW only) at these (programs per SM, tile, stages)
 GN_PER_TILE_POINTS = [(8, 2048, 4), (8, 4096, 3), (16, 2048, 3), (16, 1024, 4), (64, 4096, 1), (64, 2048, 1)]
+# The apply pass merging the statistics itself (APPLY_MERGES, NCHW only) with either statistics loop
+GN_MERGED_POINTS = [(8, 2048, 4), (16, 2048, 3)]
 GN_APPLY_TILES = (4096, 8192, 16384)  # each layout's default is timed once, in the grid
 # Channels per NCHW tile (statistics, apply, pairs of both; the backward's partial sums)
 GN_NCHW_CHANNELS = (1, 2, 4, 8, 16)
@@ -62,13 +65,16 @@ def _gn_forward_settings():
     grid = [dict(STATS_PROGRAMS_PER_SM=p, _STATS_TILE=t, STATS_STAGES=s)
             for p, t, s in [*itertools.product(GN_PROGRAMS_PER_SM, GN_TILES, GN_STAGES), *GN_ONE_TILE_POINTS]]
     return grid + [dict(APPLY_REVERSED=not gn.APPLY_REVERSED), dict(APPLY_EVICT_FIRST=not gn.APPLY_EVICT_FIRST),
-                   dict(PDL=not gn.PDL), dict(CHANNEL_BLOCKS_FIRST=not gn.CHANNEL_BLOCKS_FIRST)] + \
+                   dict(PDL=not gn.PDL), dict(CHANNEL_BLOCKS_FIRST=not gn.CHANNEL_BLOCKS_FIRST),
+                   dict(APPLY_MERGES=not gn.APPLY_MERGES)] + \
         [dict(_APPLY_TILE=t) for t in GN_APPLY_TILES] + \
         [dict(_STATS_CHANNELS_NCHW=c) for c in GN_NCHW_CHANNELS] + \
         [dict(_APPLY_CHANNELS_NCHW=c) for c in GN_NCHW_CHANNELS] + \
         [dict(_STATS_CHANNELS_NCHW=s, _APPLY_CHANNELS_NCHW=a) for s, a in GN_NCHW_CHANNEL_PAIRS] + \
         [dict(STATS_PER_TILE=True, STATS_PROGRAMS_PER_SM=p, _STATS_TILE=t, STATS_STAGES=st)
-         for p, t, st in GN_PER_TILE_POINTS]
+         for p, t, st in GN_PER_TILE_POINTS] + \
+        [dict(APPLY_MERGES=True, STATS_PER_TILE=per_tile, STATS_PROGRAMS_PER_SM=p, _STATS_TILE=t, STATS_STAGES=st)
+         for per_tile, (p, t, st) in itertools.product((False, True), GN_MERGED_POINTS)]
 
 
 def _gn_backward_settings():
@@ -86,7 +92,7 @@ def _one_pass_settings():
 
 
 # Knobs that change nothing on channels-last tensors where set (true)
-NCHW_ONLY = ("ONE_PASS", "STATS_PER_TILE", "_STATS_CHANNELS_NCHW", "_APPLY_CHANNELS_NCHW", "_BWD_CHANNELS_NCHW",
+NCHW_ONLY = ("ONE_PASS", "STATS_PER_TILE", "APPLY_MERGES", "_STATS_CHANNELS_NCHW", "_APPLY_CHANNELS_NCHW", "_BWD_CHANNELS_NCHW",
              "_BWD_APPLY_CHANNELS_NCHW")
 # Knobs that change nothing on NCHW tensors where set (true)
 CHANNELS_LAST_ONLY = ("CHANNEL_BLOCKS_FIRST",)

@@ -95,15 +95,17 @@ def group_norm_cases():
         kernels.gn_bwd(torch.randn_like(x).flatten(3).to(dtype), x4, *affine, shift, mean, rstd, dx4, *grads, 32, silu)
     # the U-Net's level-0 activation (320x512, 16 frames): its real tiling, so the printed registers are
     # the ones that decide how many programs an SM holds there; the apply pass also with its eviction
-    # hints switched, the dx pass one channel wide, the launch order switched, and the statistics pass
-    # at the sweep's one-tile-per-program and per-tile points
+    # hints switched, the dx pass one channel wide, the launch order switched, the statistics merged in
+    # the apply pass, and the statistics pass at the sweep's one-tile-per-program and per-tile points
     from bench import sweep
 
     default_knobs = {name: getattr(group_norm, name) for name in
                      ("APPLY_EVICT_FIRST", "STATS_PROGRAMS_PER_SM", "_STATS_TILE", "_STATS_TILE_CHANNELS_LAST",
-                      "STATS_STAGES", "STATS_PER_TILE", "_BWD_APPLY_CHANNELS_NCHW", "CHANNEL_BLOCKS_FIRST")}
+                      "STATS_STAGES", "STATS_PER_TILE", "_BWD_APPLY_CHANNELS_NCHW", "CHANNEL_BLOCKS_FIRST",
+                      "APPLY_MERGES")}
     settings = [{}, {"APPLY_EVICT_FIRST": not group_norm.APPLY_EVICT_FIRST}, {"_BWD_APPLY_CHANNELS_NCHW": 1},
-                {"CHANNEL_BLOCKS_FIRST": not group_norm.CHANNEL_BLOCKS_FIRST}] + [
+                {"CHANNEL_BLOCKS_FIRST": not group_norm.CHANNEL_BLOCKS_FIRST},
+                {"APPLY_MERGES": not group_norm.APPLY_MERGES}] + [
         {"STATS_PROGRAMS_PER_SM": p, "_STATS_TILE": t, "_STATS_TILE_CHANNELS_LAST": t, "STATS_STAGES": st}
         for p, t, st in sweep.GN_ONE_TILE_POINTS] + [
         {"STATS_PER_TILE": True, "STATS_PROGRAMS_PER_SM": p, "_STATS_TILE": t, "STATS_STAGES": st}

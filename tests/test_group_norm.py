@@ -228,6 +228,35 @@ def test_group_norm_channel_blocks_first(monkeypatch, backend_name, reversed_app
         assert len(grids) >= 2 and all(grid[axis] == blocks for _, grid in grids), grids
 
 
+@pytest.mark.parametrize("backend_name", TRITON_BACKENDS)
+@pytest.mark.parametrize("shape", [(2, 24, 3, 8, 16), (2, 24, 3, 8, 45)], ids=["even_s", "ragged_s"])
+@pytest.mark.parametrize("with_shift", [False, True])
+def test_group_norm_apply_merges(monkeypatch, backend_name, shape, with_shift):
+    """APPLY_MERGES: on one-channel NCHW tiles the apply pass merges each group's statistics partials
+    itself (no finalize launch) and stores mean and rstd, which the backward reads; on channels-last
+    tiles the finalize kernel still runs."""
+    from hbkernels.triton import group_norm as gn
+
+    finalized = []
+    finalize = gn._gn_finalize_kernel
+    monkeypatch.setattr(gn, "_gn_finalize_kernel", type("Recorded", (), {
+        "__getitem__": lambda self, grid: finalized.append(grid) or finalize[grid]})())
+    monkeypatch.setattr(gn, "APPLY_MERGES", True)
+    monkeypatch.setattr(gn, "_STATS_TILE", 64)  # several statistics tiles per chunk, several chunks per row
+    monkeypatch.setattr(gn, "_APPLY_TILE", 128)  # long rows: one-channel tiles
+    x = rand(*shape, dtype=torch.float64, mean=3.0, requires_grad=True)
+    w = rand(24, dtype=torch.float64, mean=1.0, requires_grad=True)
+    shift = rand(shape[0], 24, dtype=torch.float64) if with_shift else None
+    for layout, launches in (("contiguous", 0), ("channels_last", 1)):
+        finalized.clear()
+
+        def fn(x, w):
+            return hbkernels.group_norm(to_layout(x, layout), 4, w, None, activation="silu", shift=shift)
+
+        check_against_float64(fn, [x, w], backend_name, torch.float32)
+        assert len(finalized) == launches
+
+
 def test_group_norm_nchw_tiles_keep_their_size():
     """Narrow NCHW tiles (one channel at level 0) stack channels where a channel's row is shorter than
     the tile (up to 16), so small planes do not get tiny tiles; channels-last tiles stay 64 wide."""

@@ -9,7 +9,8 @@ forward  1. _gn_stats:    grid (N * chunks, C blocks). Each program walks the [B
                           Writes them to small fp32 buffers (N, C, chunks); chunk counts follow from
                           the tiling (_chunk_count).
          2. _gn_finalize: grid (N * G). Merges the C/G * chunks partials of one group
-                          (mean = sum n_i mu_i / n, M2 = sum M2_i + n_i (mu_i - mu)^2), writes mean, rstd.
+                          (mean = sum n_i mu_i / n, M2 = sum M2_i + n_i (mu_i - mu)^2), writes mean, rstd
+                          (or, APPLY_MERGES on one-channel tiles, each apply program merges its own).
          3. _gn_apply:    grid (N * T * S blocks, C blocks). y = (x - mean) * rstd * w + b (+ SiLU).
 backward 1. _gn_bwd_partials: same grid as stats; per channel and chunk, sum dz * xhat and sum dz, with
                           dz = dy or dy * silu'(z), z recomputed from x.
@@ -103,6 +104,11 @@ _APPLY_TILE_CHANNELS_LAST = 8192
 # block's programs together; channel blocks first launches a position's row together, so programs
 # running at once read adjacent bytes. Not yet timed.
 CHANNEL_BLOCKS_FIRST = False
+# The apply pass merges its group's statistics partials itself (one-channel NCHW tiles), instead of a
+# finalize kernel between the two passes: one launch and its grid-completion handoff less on the
+# critical path (the finalize profiles 1.77 us at level 0, T16), for each apply program's load of its
+# group's 40 partials (L2). Not yet timed.
+APPLY_MERGES = False
 _MAX_GRID_1 = 65535  # CUDA's limit on grid axes 1 and 2
 # (A register cap of 32 on the apply kernel, for 8 programs of 8 warps per SM, tied on NCHW x and lost
 # 4.5-8.7 us on channels-last x at level 0 on an H100; one-channel NCHW tiles take 32 registers uncapped.)
@@ -381,22 +387,14 @@ def _partial_means(pmean_ptr, sh_ptr, idx, m, n_chunks, tiles_per_chunk, n_tiles
 
 
 @triton.jit
-def _gn_finalize_kernel(
-    pmean_ptr, pm2_ptr, sh_ptr, mean_ptr, rstd_ptr,
-    G, cpg, n_chunks, tiles_per_chunk, n_tiles, n_sb, S, group_numel, eps, smn, smg, srn, srg,
-    HAS_SHIFT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
-):
-    _let_next_launch(PDL)
-    _wait_for_previous(PDL)
-    pid = tl.program_id(0)
-    n = pid // G
-    g = pid - n * G
-    n = n.to(tl.int64)  # n * G and n * C pass 2^31 for large N
-    base = pid.to(tl.int64) * cpg * n_chunks  # (n, g*cpg, 0) of the (N, C, chunks) buffers
-    sh_ptr += pid.to(tl.int64) * cpg  # the group's channels of the (N, C) shift
-    # Chan-merge the group's cpg * n_chunks partials (the shift moves each channel's partial means, not
-    # their M2), BLOCK at a time: each block's (count, mean, M2) from registers, merged into the running
-    # one, so every partial is loaded once (this kernel is a chain of dependent loads: latency-bound).
+def _group_mean_rstd(pmean_ptr, pm2_ptr, sh_ptr, grp, cpg, n_chunks, tiles_per_chunk, n_tiles, n_sb, S, group_numel,
+                     eps, HAS_SHIFT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK: tl.constexpr):
+    """(mean, rstd) of group grp (n * G + g) from its cpg * n_chunks statistics partials."""
+    base = grp.to(tl.int64) * cpg * n_chunks  # (n, g*cpg, 0) of the (N, C, chunks) buffers
+    sh_ptr += grp.to(tl.int64) * cpg  # the group's channels of the (N, C) shift
+    # Chan-merge the partials (the shift moves each channel's partial means, not their M2), BLOCK at a
+    # time: each block's (count, mean, M2) from registers, merged into the running one, so every partial
+    # is loaded once (a chain of dependent loads: latency-bound).
     length = cpg * n_chunks
     ar = tl.arange(0, BLOCK)
     count = 0.0
@@ -417,7 +415,23 @@ def _gn_finalize_kernel(
         mean += delta * tl.div_rn(b_count, total)
         m2 += b_m2 + delta * delta * tl.div_rn(count * b_count, total)
         count = total
-    rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(m2, group_numel) + eps))
+    return mean, tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(m2, group_numel) + eps))
+
+
+@triton.jit
+def _gn_finalize_kernel(
+    pmean_ptr, pm2_ptr, sh_ptr, mean_ptr, rstd_ptr,
+    G, cpg, n_chunks, tiles_per_chunk, n_tiles, n_sb, S, group_numel, eps, smn, smg, srn, srg,
+    HAS_SHIFT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
+):
+    _let_next_launch(PDL)
+    _wait_for_previous(PDL)
+    pid = tl.program_id(0)
+    n = pid // G
+    g = pid - n * G
+    n = n.to(tl.int64)  # n * G and n * C pass 2^31 for large N
+    mean, rstd = _group_mean_rstd(pmean_ptr, pm2_ptr, sh_ptr, pid, cpg, n_chunks, tiles_per_chunk, n_tiles, n_sb, S,
+                                  group_numel, eps, HAS_SHIFT, BLOCK_S, BLOCK)
     tl.store(mean_ptr + n * smn + g * smg, mean)
     tl.store(rstd_ptr + n * srn + g * srg, rstd)
 
@@ -427,10 +441,15 @@ def _gn_apply_kernel(
     x_ptr, w_ptr, b_ptr, sh_ptr, y_ptr, mean_ptr, rstd_ptr,
     C, T, S, n_sb, cpg, sw, sb_, smn, smg, srn, srg,
     sxn, sxc, sxt, sxs, syn, syc, syt, sys,
+    pmean_ptr, pm2_ptr, G, n_chunks, tiles_per_chunk, stats_n_tiles, stats_n_sb, stats_S, group_numel, eps,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, PRECISE: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, REVERSE: tl.constexpr, EVICT_FIRST: tl.constexpr,
     PDL: tl.constexpr, CB_FIRST: tl.constexpr,
+    MERGE: tl.constexpr, STATS_BLOCK_S: tl.constexpr, FINAL_BLOCK: tl.constexpr,
 ):
+    """y = (x - mean) * rstd * w + b (+ SiLU) of one tile. MERGE (one-channel tiles, APPLY_MERGES): the
+    program merges its group's statistics partials itself (the finalize kernel's work; the stats_*
+    arguments are the statistics pass's tiling) and the group's first tile stores its mean and rstd."""
     pid, cb, n_pid, n_cb = _grid_ids(CB_FIRST)
     policy: tl.constexpr = "evict_first" if EVICT_FIRST else ""  # x's last read and y: see APPLY_EVICT_FIRST
     if REVERSE:  # blocks start in grid order: the last tiles first
@@ -446,12 +465,23 @@ def _gn_apply_kernel(
     mask = cmask[:, None] & (ss < S)[None, :]
     x = tl.load(x_ptr + tile_offsets(n, t, cc, ss, sxn, sxt, sxc, sxs), mask=mask, other=0.0,
                 eviction_policy=policy).to(tl.float32)
-    _wait_for_previous(PDL)  # for mean and rstd
+    _wait_for_previous(PDL)  # for mean and rstd (MERGE: the statistics partials)
     g = cc // cpg
+    if MERGE:
+        gs = cb // cpg  # BLOCK_C == 1: this tile's group
+        mean_g, rstd_g = _group_mean_rstd(pmean_ptr, pm2_ptr, sh_ptr, n * G + gs, cpg, n_chunks, tiles_per_chunk,
+                                          stats_n_tiles, stats_n_sb, stats_S, group_numel, eps, HAS_SHIFT,
+                                          STATS_BLOCK_S, FINAL_BLOCK)
+        if (cb % cpg == 0) & (t == 0) & (s0 == 0):  # the group's first tile
+            tl.store(mean_ptr + n64 * smn + gs * smg, mean_g)
+            tl.store(rstd_ptr + n64 * srn + gs * srg, rstd_g)
+        mean = tl.zeros([BLOCK_C], dtype=tl.float32) + mean_g
+        a = tl.zeros([BLOCK_C], dtype=tl.float32) + rstd_g
+    else:
+        mean = tl.load(mean_ptr + n64 * smn + g * smg, mask=cmask, other=0.0)
+        a = tl.load(rstd_ptr + n64 * srn + g * srg, mask=cmask, other=0.0)
     # (x + shift - mean) = (x - (mean - shift))
-    mu = tl.load(mean_ptr + n64 * smn + g * smg, mask=cmask, other=0.0) - _channel_vec(sh_ptr + n64 * C, cc, cmask,
-                                                                                         1, HAS_SHIFT, BLOCK_C)
-    a = tl.load(rstd_ptr + n64 * srn + g * srg, mask=cmask, other=0.0)
+    mu = mean - _channel_vec(sh_ptr + n64 * C, cc, cmask, 1, HAS_SHIFT, BLOCK_C)
     if HAS_W:
         a *= tl.load(w_ptr + cc * sw, mask=cmask, other=0.0).to(tl.float32)
     b = _channel_vec(b_ptr, cc, cmask, sb_, HAS_B, BLOCK_C)
@@ -729,28 +759,31 @@ def gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: float, s
         PER_TILE=STATS_PER_TILE and xs3[1] != 1, CB_FIRST=cb_first,
     )
 
-    # 2. per-group mean and rstd
+    # 2. per-group mean and rstd (or, merging in the apply pass, nothing here)
+    stats_tiling = (pmean, pm2, num_groups, n_chunks, per, t3 * n_sb3, n_sb3, s3, float(cpg * t * s), float(eps))
     final_block = min(next_pow2(cpg * n_chunks), _FINAL_BLOCK)
-    _gn_finalize_kernel[(n * num_groups,)](
-        pmean, pm2, sh, mean, rstd,
-        num_groups, cpg, n_chunks, per, t3 * n_sb3, n_sb3, s3, float(cpg * t * s), float(eps), *ms,
-        HAS_SHIFT=shift is not None, BLOCK_S=bs3, BLOCK=final_block, PDL=pdl, num_warps=warps_for(final_block),
-        **_launch_after(pdl),
-    )
-
-    # 3. y (reads x, writes y)
     t2, s2, (xs, ys) = merge_ts([strides4(x), strides4(y)], t, s)
     block_c, block_s = tile_shape(c, s2, (xs, ys), _APPLY_TILE_CHANNELS_LAST if xs[1] == 1 else _APPLY_TILE,
                                   _APPLY_CHANNELS_NCHW)
+    merge = APPLY_MERGES and block_c == 1
+    if not merge:
+        _gn_finalize_kernel[(n * num_groups,)](
+            pmean, pm2, sh, mean, rstd,
+            num_groups, cpg, n_chunks, per, t3 * n_sb3, n_sb3, s3, float(cpg * t * s), float(eps), *ms,
+            HAS_SHIFT=shift is not None, BLOCK_S=bs3, BLOCK=final_block, PDL=pdl, num_warps=warps_for(final_block),
+            **_launch_after(pdl),
+        )
+
+    # 3. y (reads x, writes y)
     n_sb = cdiv(s2, block_s)
     grid, cb_first = _grid2(n * t2 * n_sb, cdiv(c, block_c), xs[1] == 1)
     _gn_apply_kernel[grid](
         x, w, b, sh, y, mean, rstd,
-        c, t2, s2, n_sb, cpg, sw, sb_, *ms, *xs, *ys,
+        c, t2, s2, n_sb, cpg, sw, sb_, *ms, *xs, *ys, *stats_tiling,
         HAS_W=weight is not None, HAS_B=bias is not None, HAS_SHIFT=shift is not None, SILU=bool(silu),
         PRECISE=x.dtype == torch.float32,
         BLOCK_C=block_c, BLOCK_S=block_s, REVERSE=APPLY_REVERSED, EVICT_FIRST=APPLY_EVICT_FIRST, PDL=pdl,
-        CB_FIRST=cb_first,
+        CB_FIRST=cb_first, MERGE=merge, STATS_BLOCK_S=bs3, FINAL_BLOCK=final_block,
         num_warps=warps_for(block_c * block_s), **_launch_after(pdl),
     )
 
