@@ -92,8 +92,8 @@ def _one_pass_settings():
 
 
 # Knobs that change nothing on channels-last tensors where set (true)
-NCHW_ONLY = ("ONE_PASS", "STATS_PER_TILE", "APPLY_MERGES", "_STATS_CHANNELS_NCHW", "_APPLY_CHANNELS_NCHW", "_BWD_CHANNELS_NCHW",
-             "_BWD_APPLY_CHANNELS_NCHW")
+NCHW_ONLY = ("ONE_PASS", "STATS_PER_TILE", "APPLY_MERGES", "_STATS_CHANNELS_NCHW", "_APPLY_CHANNELS_NCHW",
+             "_BWD_CHANNELS_NCHW", "_BWD_APPLY_CHANNELS_NCHW")
 # Knobs that change nothing on NCHW tensors where set (true)
 CHANNELS_LAST_ONLY = ("CHANNEL_BLOCKS_FIRST",)
 

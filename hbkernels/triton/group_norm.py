@@ -69,13 +69,14 @@ _STATS_TILE_CHANNELS_LAST = 1024
 APPLY_REVERSED = True
 APPLY_EVICT_FIRST = True
 # Channels per tile where no tensor has unit channel stride (NCHW: each channel's (t, s) plane one
-# contiguous row), for the statistics, apply and backward partial sums. 16 (tile_shape's default) makes a
-# 2048-element statistics tile 16 rows of 256 bytes, 80 KB apart at level 0; fewer channels make each
-# row a longer contiguous run (where a channel's row is shorter than the tile, tile_shape stacks rows
-# up to 16, so small planes keep full-size tiles). H100, level 0 fp16, against 16 / 16 / 16 (32.4 / 49.2 us forward, 63.9 /
-# 92.1 backward at T16 / T26): statistics 1 channel 30.9 / 47.6 (T26 at 1024-element tiles: 66560
-# positions take no 2048 evenly, and a ragged tile costs a division per lane), apply 1 channel 31.5 /
-# 48.6, both 30.0 at T16; backward partial sums 4 channels 58.0 / 86.0 (1: 61.8 / 91.5).
+# contiguous row), for the statistics, apply, backward partial sums and dx. 16 (tile_shape's default)
+# makes a 2048-element statistics tile 16 rows of 256 bytes, 80 KB apart at level 0; fewer channels make
+# each row a longer contiguous run (where a channel's row is shorter than the tile, tile_shape stacks
+# rows up to 16, so small planes keep full-size tiles). H100, level 0 fp16, against 16 everywhere
+# (32.4 / 49.2 us forward, 63.9 / 92.1 backward at T16 / T26): statistics 1 channel 30.9 / 47.6 (T26 at
+# 1024-element tiles: 66560 positions take no 2048 evenly, and a ragged tile costs a division per lane),
+# apply 1 channel 31.5 / 48.6, both 30.0 at T16; backward partial sums 4 channels 58.0 / 86.0 (1: 61.8
+# / 91.5).
 _STATS_CHANNELS_NCHW = 1
 _APPLY_CHANNELS_NCHW = 1
 _BWD_CHANNELS_NCHW = 4
