@@ -15,6 +15,8 @@ reported against the same bytes (x read once, y written once), so each forward s
   in reverse (APPLY_REVERSED), and reversed with the copy's accesses evict-first (APPLY_EVICT_FIRST:
   y's stores displace less of the x still to be read): the floor of the two-pass forward without its
   finalize.
+- read x alone: the read-only pass by itself, the floor of the statistics pass (its row's GB/s count x
+  only).
 
     python -m bench.memory_floor [--quick] [--out bench/results]
 """
@@ -70,6 +72,13 @@ def reread(x, y, sums, lag: int, programs: int = 0, hints: bool = False, tile: i
                                 HINTS=hints, TILE=tile)
 
 
+def read_only(x, y, sums, tile: int = TILE) -> None:
+    """The tile sums of flat x alone, one tile per program: the floor of a statistics pass."""
+    n_tiles = cdiv(x.numel(), tile)
+    _reread_kernel[(n_tiles,)](x, y, sums, x.numel(), 0, n_tiles, READ=True, WRITE=False, REVERSE=False,
+                               HINTS=False, TILE=tile)
+
+
 def two_kernels(x, y, sums, reverse: bool, hints: bool = False, tile: int = TILE) -> None:
     """The tile sums of flat x, then (a second launch) the copy of x to y, the last tile first where
     ``reverse``; ``hints``: the copy's accesses evict-first (as APPLY_EVICT_FIRST)."""
@@ -81,7 +90,7 @@ def two_kernels(x, y, sums, reverse: bool, hints: bool = False, tile: int = TILE
 
 def cases(x, programs: int):
     """(label, fn(x, y, sums)) of every floor timed on flat fp16 ``x``; ``programs``: the persistent
-    schedule's grid."""
+    schedule's grid. All but READ_ONLY are held against GroupNorm's bytes (x read, y written)."""
     nbytes = x.numel() * x.element_size()
     tile_bytes = TILE * x.element_size()
     yield "torch copy_", lambda x, y, sums: y.copy_(x)
@@ -102,6 +111,10 @@ def cases(x, programs: int):
     for reverse, hints in ((False, False), (True, False), (True, True)):
         yield f"two kernels{', copy reversed' if reverse else ''}{', copy evict-first' if hints else ''}", \
             lambda x, y, sums, reverse=reverse, hints=hints: two_kernels(x, y, sums, reverse, hints)
+    yield READ_ONLY, read_only
+
+
+READ_ONLY = "read x alone (GB/s of x)"
 
 
 def run(report, dev, min_time):
@@ -112,7 +125,7 @@ def run(report, dev, min_time):
         bytes_moved = 2 * x.numel() * x.element_size()  # GroupNorm's own: x once, y once
         for impl, fn in cases(x, PERSISTENT_PER_SM * sm_count(dev)):
             seconds = common.median_seconds_graphed(fn, min_time, (x, y, sums))
-            report.add("memory_floor", label, impl, seconds, bytes_moved)
+            report.add("memory_floor", label, impl, seconds, bytes_moved // 2 if impl == READ_ONLY else bytes_moved)
             row = report.rows[-1]
             print(f"{label} | {impl} | {seconds * 1e6:.1f} us | {row.gbps:.0f} GB/s ({row.pct_copy_bw:.0f}% of copy)",
                   flush=True)

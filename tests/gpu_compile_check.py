@@ -194,6 +194,7 @@ def bench_cases():
     memory_floor.reread(x, y, sums, 2, programs=2, hints=True)
     memory_floor.two_kernels(x, y, sums, reverse=True)
     memory_floor.two_kernels(x, y, sums, reverse=True, hints=True)
+    memory_floor.read_only(x, y, sums)
 
 
 def specialize(fn, args, options, target):

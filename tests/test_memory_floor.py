@@ -41,6 +41,14 @@ def test_two_kernels_copy_every_tile_and_sum_it(reverse, hints):
     _check(x, y, sums)
 
 
+def test_read_only_sums_every_tile_and_writes_nothing():
+    x, y, sums = _inputs()
+    memory_floor.read_only(x, y, sums, tile=TILE)
+    assert y.isnan().all()
+    expected = torch.nn.functional.pad(x.float(), (0, sums.numel() * TILE - x.numel())).view(-1, TILE).sum(1)
+    torch.testing.assert_close(sums, expected)
+
+
 def test_rereads_stay_within_x():
     """A re-read distance past x's size would time the two-kernel floor under another label."""
     x = torch.empty(5 * 2**20 // 2, dtype=torch.float16)  # 5 MB
@@ -49,7 +57,8 @@ def test_rereads_stay_within_x():
         ["re-read 1 MB behind", "re-read 2 MB behind", "re-read 4 MB behind", "re-read 4 MB behind, eviction hints",
          "re-read 1.0 MB behind, same program",
          "re-read 2.0 MB behind, same program", "re-read 4.0 MB behind, same program"]
-    assert labels[:2] == ["torch copy_", "copy (one read)"] and len(labels) == 13
+    assert labels[:2] == ["torch copy_", "copy (one read)"] and labels[-1] == memory_floor.READ_ONLY
+    assert len(labels) == 14
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without a GPU")
@@ -67,8 +76,12 @@ def test_run_times_every_case(monkeypatch):
     def timer(fn, min_time, args):
         x, y, sums = args
         y.fill_(float("nan"))
+        sums.fill_(float("nan"))
         fn(x, y, sums)
-        assert torch.equal(y, x)
+        if fn is memory_floor.read_only:
+            assert y.isnan().all() and not sums.isnan().any()
+        else:
+            assert torch.equal(y, x)
         return 1e-6
 
     monkeypatch.setattr(memory_floor, "SHAPES", [("small", (1, 32, 2, 32, 32))])  # 128 KiB: 16 tiles
@@ -78,5 +91,6 @@ def test_run_times_every_case(monkeypatch):
     report = common.Report(device="cpu")
     memory_floor.run(report, torch.device("cpu"), 0.0)
     want = [label for label, _ in memory_floor.cases(torch.empty(65536, dtype=torch.float16), 8)]
-    assert [r.impl for r in report.rows] == want and len(want) == 8
-    assert all(r.bytes_moved == 2 * 65536 * 2 for r in report.rows)
+    assert [r.impl for r in report.rows] == want and len(want) == 9
+    # GroupNorm's bytes (x read, y written), x alone for the read pass
+    assert [r.bytes_moved for r in report.rows] == [2 * 65536 * 2] * 8 + [65536 * 2]
