@@ -102,10 +102,9 @@ def _gn_settings_for(settings, fmt, only=None):
     """The settings that change what runs on tensors of memory format ``fmt``, under that layout's knob
     names (_for_layout): the one-pass backward and the NCHW tile widths (NCHW_ONLY) change nothing on
     channels-last tensors, the launch order (CHANNELS_LAST_ONLY) nothing on NCHW ones (either would
-    time the default under its label), and a one-knob setting
-    equal to the layout's default is left to the statistics grid's default point. With ``only`` (knob
-    names), just the settings that set one of them, and that default point to compare with; none where
-    no setting sets one."""
+    time the default under its label), and a one-knob setting equal to the layout's default is left to
+    the statistics grid's default point. With ``only`` (knob names), just the settings that set one of
+    them, and that default point to compare with; none where no setting sets one."""
     chosen, matched = [], only is None
     for k in settings:
         if any(k.get(name) for name in NCHW_ONLY) and fmt != torch.contiguous_format:

@@ -14,11 +14,13 @@ divisibility hints), so what is compiled -- vectorised or scalar loads, register
 would run. Prints one line per compiled variant, with registers per thread, spill stack and programs
 resident per SM (NVIDIA) or VGPRs and spills (AMD); exits 1 if any fails.
 """
+import itertools
 import os
 import re
 import subprocess
 import sys
 import tempfile
+from unittest import mock
 
 os.environ["TRITON_INTERPRET"] = "0"  # real JITFunctions, before anything imports triton
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench/, not installed
@@ -99,29 +101,22 @@ def group_norm_cases():
     # the apply pass, and the statistics pass at the sweep's one-tile-per-program and per-tile points
     from bench import sweep
 
-    default_knobs = {name: getattr(group_norm, name) for name in
-                     ("APPLY_EVICT_FIRST", "STATS_PROGRAMS_PER_SM", "_STATS_TILE", "_STATS_TILE_CHANNELS_LAST",
-                      "STATS_STAGES", "STATS_PER_TILE", "_BWD_APPLY_CHANNELS_NCHW", "CHANNEL_BLOCKS_FIRST",
-                      "APPLY_MERGES")}
-    settings = [{}, {"APPLY_EVICT_FIRST": not group_norm.APPLY_EVICT_FIRST}, {"_BWD_APPLY_CHANNELS_NCHW": 1},
-                {"CHANNEL_BLOCKS_FIRST": not group_norm.CHANNEL_BLOCKS_FIRST},
-                {"APPLY_MERGES": not group_norm.APPLY_MERGES}] + [
-        {"STATS_PROGRAMS_PER_SM": p, "_STATS_TILE": t, "_STATS_TILE_CHANNELS_LAST": t, "STATS_STAGES": st}
-        for p, t, st in sweep.GN_ONE_TILE_POINTS] + [
-        {"STATS_PER_TILE": True, "STATS_PROGRAMS_PER_SM": p, "_STATS_TILE": t, "STATS_STAGES": st}
-        for p, t, st in sweep.GN_PER_TILE_POINTS]
-    for knobs in settings:
-        for fmt in (torch.contiguous_format, torch.channels_last_3d):
-            for name, value in {**default_knobs, **knobs}.items():
-                setattr(group_norm, name, value)
+    evict_first = group_norm.APPLY_EVICT_FIRST
+    settings = [{"APPLY_EVICT_FIRST": evict_first}, {"APPLY_EVICT_FIRST": not evict_first},  # the first: defaults
+                {"_BWD_APPLY_CHANNELS_NCHW": 1}, {"CHANNEL_BLOCKS_FIRST": not group_norm.CHANNEL_BLOCKS_FIRST},
+                {"APPLY_MERGES": not group_norm.APPLY_MERGES}]
+    settings += [{"STATS_PROGRAMS_PER_SM": p, "_STATS_TILE": t, "_STATS_TILE_CHANNELS_LAST": t, "STATS_STAGES": st}
+                 for p, t, st in sweep.GN_ONE_TILE_POINTS]
+    settings += [{"STATS_PER_TILE": True, "STATS_PROGRAMS_PER_SM": p, "_STATS_TILE": t, "STATS_STAGES": st}
+                 for p, t, st in sweep.GN_PER_TILE_POINTS]
+    for knobs, fmt in itertools.product(settings, (torch.contiguous_format, torch.channels_last_3d)):
+        with mock.patch.multiple(group_norm, **knobs):
             x = rand(1, 320, 16, 40, 64, dtype=torch.float16).contiguous(memory_format=fmt)
             affine = rand(320, dtype=torch.float16), rand(320, dtype=torch.float16)
             mean, rstd = torch.randn(1, 32), torch.rand(1, 32)
             kernels.gn_fwd(x.flatten(3), *affine, None, torch.empty_like(x).flatten(3), mean, rstd, 32, 1e-5, True)
             kernels.gn_bwd(torch.randn_like(x).flatten(3), x.flatten(3), *affine, None, mean, rstd,
                            torch.empty_like(x).flatten(3), torch.empty(320), torch.empty(320), 32, True)
-    for name, value in default_knobs.items():
-        setattr(group_norm, name, value)
     # the one-pass backward (NCHW only) at level 0, T16 and T26 (4096- and 8192-element tiles), with
     # the time-embedding shift and fp32's precise sigmoid
     group_norm.ONE_PASS = True

@@ -111,6 +111,28 @@ def test_group_norm_keeps_memory_format(backend_name):
     assert y.is_contiguous(memory_format=torch.channels_last)
 
 
+def record_launches(monkeypatch, *names):
+    """Wraps the GroupNorm kernels ``names`` so that each launch appends (name, grid, launch keywords)
+    to the returned list, then runs."""
+    from hbkernels.triton import group_norm as gn
+
+    launches = []
+
+    class Recorded:
+        def __init__(self, name):
+            self.name, self.kernel = name, getattr(gn, name)
+
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                launches.append((self.name, grid, meta))
+                return self.kernel[grid](*args, **meta)
+            return launch
+
+    for name in names:
+        monkeypatch.setattr(gn, name, Recorded(name))
+    return launches
+
+
 @pytest.mark.parametrize("backend_name", [p for p in KERNEL_BACKENDS if p.values[0] == "triton"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("reversed_apply, evict_first, stats_tile, stages, pdl, apply_tile, channels", [
@@ -123,21 +145,7 @@ def test_group_norm_launch_tuning(monkeypatch, backend_name, layout, reversed_ap
     blocks of 64 channels (channels-last) or of ``channels`` (statistics, apply; NCHW))."""
     from hbkernels.triton import group_norm as gn
 
-    tiles = []
-
-    class Recorded:  # a kernel whose launches record their tile's size
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            def launch(*args, **meta):
-                tiles.append((self.kernel, meta["BLOCK_C"] * meta["BLOCK_S"], meta["BLOCK_C"]))
-                return self.kernel[grid](*args, **meta)
-            return launch
-
-    for name in ("_gn_stats_kernel", "_gn_apply_kernel"):
-        monkeypatch.setattr(gn, name, Recorded(getattr(gn, name)))
-
+    launches = record_launches(monkeypatch, "_gn_stats_kernel", "_gn_apply_kernel")
     monkeypatch.setattr(gn, "APPLY_REVERSED", reversed_apply)
     for suffix in ("", "_CHANNELS_LAST"):  # the layouts' own tiles
         monkeypatch.setattr(gn, "_STATS_TILE" + suffix, stats_tile)
@@ -155,12 +163,12 @@ def test_group_norm_launch_tuning(monkeypatch, backend_name, layout, reversed_ap
         return hbkernels.group_norm(to_layout(x, layout), 4, w, None, activation="silu")
 
     check_against_float64(fn, [x, w], backend_name, torch.float32)
-    stats, apply = (gn._gn_stats_kernel.kernel, gn._gn_apply_kernel.kernel)
-    assert {size for kernel, size, _ in tiles if kernel is stats} == {stats_tile}
-    assert {size for kernel, size, _ in tiles if kernel is apply} == {apply_tile}
     widths = (64, 64) if layout == "channels_last" else channels
-    assert {width for kernel, _, width in tiles if kernel is stats} == {widths[0]}
-    assert {width for kernel, _, width in tiles if kernel is apply} == {widths[1]}
+    for kernel, tile, width in (("_gn_stats_kernel", stats_tile, widths[0]),
+                                ("_gn_apply_kernel", apply_tile, widths[1])):
+        metas = [meta for name, _, meta in launches if name == kernel]
+        assert {meta["BLOCK_C"] * meta["BLOCK_S"] for meta in metas} == {tile}
+        assert {meta["BLOCK_C"] for meta in metas} == {width}
 
 
 @pytest.mark.parametrize("backend_name", [p for p in KERNEL_BACKENDS if p.values[0] == "triton"])
@@ -201,31 +209,20 @@ def test_group_norm_channel_blocks_first(monkeypatch, backend_name, reversed_app
     result; NCHW grids keep positions first."""
     from hbkernels.triton import group_norm as gn
 
-    grids = []
-
-    class Recorded:  # a kernel whose launches record their grid
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            grids.append((self.kernel, grid))
-            return self.kernel[grid]
-
-    for name in ("_gn_stats_kernel", "_gn_apply_kernel"):
-        monkeypatch.setattr(gn, name, Recorded(getattr(gn, name)))
+    launches = record_launches(monkeypatch, "_gn_stats_kernel", "_gn_apply_kernel")
     monkeypatch.setattr(gn, "CHANNEL_BLOCKS_FIRST", True)
     monkeypatch.setattr(gn, "APPLY_REVERSED", reversed_apply)
     x = rand(2, 160, 3, 4, 5, dtype=torch.float64, mean=3.0, requires_grad=True)  # 3 blocks of 64 channels
     w = rand(160, dtype=torch.float64, mean=1.0, requires_grad=True)
     # channels-last: 3 blocks of 64 channels, first; NCHW (60 positions a channel): 10 blocks of 16, second
     for layout, axis, blocks in (("channels_last", 0, 3), ("contiguous", 1, 10)):
-        grids.clear()
+        launches.clear()
 
         def fn(x, w):
             return hbkernels.group_norm(to_layout(x, layout), 8, w, None, activation="silu")
 
         check_against_float64(fn, [x, w], backend_name, torch.float32)
-        assert len(grids) >= 2 and all(grid[axis] == blocks for _, grid in grids), grids
+        assert len(launches) >= 2 and all(grid[axis] == blocks for _, grid, _ in launches), launches
 
 
 @pytest.mark.parametrize("backend_name", TRITON_BACKENDS)
@@ -237,10 +234,7 @@ def test_group_norm_apply_merges(monkeypatch, backend_name, shape, with_shift):
     tiles the finalize kernel still runs."""
     from hbkernels.triton import group_norm as gn
 
-    finalized = []
-    finalize = gn._gn_finalize_kernel
-    monkeypatch.setattr(gn, "_gn_finalize_kernel", type("Recorded", (), {
-        "__getitem__": lambda self, grid: finalized.append(grid) or finalize[grid]})())
+    finalized = record_launches(monkeypatch, "_gn_finalize_kernel")
     monkeypatch.setattr(gn, "APPLY_MERGES", True)
     monkeypatch.setattr(gn, "_STATS_TILE", 64)  # several statistics tiles per chunk, several chunks per row
     monkeypatch.setattr(gn, "_APPLY_TILE", 128)  # long rows: one-channel tiles

@@ -760,8 +760,10 @@ def gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: float, s
         PER_TILE=STATS_PER_TILE and xs3[1] != 1, CB_FIRST=cb_first,
     )
 
-    # 2. per-group mean and rstd (or, merging in the apply pass, nothing here)
-    stats_tiling = (pmean, pm2, num_groups, n_chunks, per, t3 * n_sb3, n_sb3, s3, float(cpg * t * s), float(eps))
+    # 2. per-group mean and rstd (or, merging in the apply pass, nothing here); what a merge needs to
+    # know of the partials: their chunks, the statistics tiling that counts each one's elements, the
+    # group's element count and eps
+    merging = (n_chunks, per, t3 * n_sb3, n_sb3, s3, float(cpg * t * s), float(eps))
     final_block = min(next_pow2(cpg * n_chunks), _FINAL_BLOCK)
     t2, s2, (xs, ys) = merge_ts([strides4(x), strides4(y)], t, s)
     block_c, block_s = tile_shape(c, s2, (xs, ys), _APPLY_TILE_CHANNELS_LAST if xs[1] == 1 else _APPLY_TILE,
@@ -769,8 +771,7 @@ def gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: float, s
     merge = APPLY_MERGES and block_c == 1
     if not merge:
         _gn_finalize_kernel[(n * num_groups,)](
-            pmean, pm2, sh, mean, rstd,
-            num_groups, cpg, n_chunks, per, t3 * n_sb3, n_sb3, s3, float(cpg * t * s), float(eps), *ms,
+            pmean, pm2, sh, mean, rstd, num_groups, cpg, *merging, *ms,
             HAS_SHIFT=shift is not None, BLOCK_S=bs3, BLOCK=final_block, PDL=pdl, num_warps=warps_for(final_block),
             **_launch_after(pdl),
         )
@@ -780,7 +781,7 @@ def gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: float, s
     grid, cb_first = _grid2(n * t2 * n_sb, cdiv(c, block_c), xs[1] == 1)
     _gn_apply_kernel[grid](
         x, w, b, sh, y, mean, rstd,
-        c, t2, s2, n_sb, cpg, sw, sb_, *ms, *xs, *ys, *stats_tiling,
+        c, t2, s2, n_sb, cpg, sw, sb_, *ms, *xs, *ys, pmean, pm2, num_groups, *merging,
         HAS_W=weight is not None, HAS_B=bias is not None, HAS_SHIFT=shift is not None, SILU=bool(silu),
         PRECISE=x.dtype == torch.float32,
         BLOCK_C=block_c, BLOCK_S=block_s, REVERSE=APPLY_REVERSED, EVICT_FIRST=APPLY_EVICT_FIRST, PDL=pdl,
