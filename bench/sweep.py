@@ -5,8 +5,8 @@ to keep.
 - group_norm (+SiLU): the forward's statistics programs per SM, statistics tile, pipeline stages of
   the statistics loop, and (at the default) the apply order, the apply pass's evict-first hints,
   apply tile, programmatic dependent launch, channel blocks launched first (channels-last only),
-  channels per statistics / apply tile, statistics reduced per tile and merged in the apply pass
-  (NCHW only; see hbkernels/triton/group_norm.py); channels-last shapes set their own tile knobs
+  channels per statistics / apply tile, statistics reduced per tile and merged in the apply pass,
+  the Hopper cluster forward per share of shared memory (NCHW only; see hbkernels/triton/group_norm.py); channels-last shapes set their own tile knobs
   (*_CHANNELS_LAST). The default setting is also profiled: microseconds per call of each of its
   kernels (statistics, finalize, apply), which says which pass to work on next. The backward's
   partial-sums pass shares the statistics loop's stages: the whole backward is timed per stage count,
@@ -53,6 +53,9 @@ GN_APPLY_TILES = (4096, 8192, 16384)  # each layout's default is timed once, in 
 # Channels per NCHW tile (statistics, apply, pairs of both; the backward's partial sums)
 GN_NCHW_CHANNELS = (1, 2, 4, 8, 16)
 GN_NCHW_CHANNEL_PAIRS = [(s, a) for s in (1, 2, 16) for a in (1, 2, 16)]
+# The cluster forward (CLUSTER_FORWARD, NCHW only: one kernel, x held in shared memory) at these shares
+# of a block's shared-memory limit: level 0 fp16 takes 4 / 5 / 8 blocks per group at T16, 6 / 8 / 12 at T26
+GN_CLUSTER_FRACTIONS = (1.0, 0.75, 0.5)
 GN_ONE_PASS_TILES = (8192,)  # besides the default; level 0 T16: 50 programs per group instead of 100
 # (label, tokens N, frames T, heads, head dim): VideoCrafter2 / Hummingbird level 0 at 320x512, batch 1
 ATTN_SHAPES = [(f"vc2 L0 B1 T{t}", 40 * 64, t, 5, 64) for t in (16, 26)]
@@ -74,7 +77,8 @@ def _gn_forward_settings():
         [dict(STATS_PER_TILE=True, STATS_PROGRAMS_PER_SM=p, _STATS_TILE=t, STATS_STAGES=st)
          for p, t, st in GN_PER_TILE_POINTS] + \
         [dict(APPLY_MERGES=True, STATS_PER_TILE=per_tile, STATS_PROGRAMS_PER_SM=p, _STATS_TILE=t, STATS_STAGES=st)
-         for per_tile, (p, t, st) in itertools.product((False, True), GN_MERGED_POINTS)]
+         for per_tile, (p, t, st) in itertools.product((False, True), GN_MERGED_POINTS)] + \
+        [dict(CLUSTER_FORWARD=True, CLUSTER_SMEM_FRACTION=f) for f in GN_CLUSTER_FRACTIONS]
 
 
 def _gn_backward_settings():
@@ -93,7 +97,7 @@ def _one_pass_settings():
 
 # Knobs that change nothing on channels-last tensors where set (true)
 NCHW_ONLY = ("ONE_PASS", "STATS_PER_TILE", "APPLY_MERGES", "_STATS_CHANNELS_NCHW", "_APPLY_CHANNELS_NCHW",
-             "_BWD_CHANNELS_NCHW", "_BWD_APPLY_CHANNELS_NCHW")
+             "_BWD_CHANNELS_NCHW", "_BWD_APPLY_CHANNELS_NCHW", "CLUSTER_FORWARD")
 # Knobs that change nothing on NCHW tensors where set (true)
 CHANNELS_LAST_ONLY = ("CHANNEL_BLOCKS_FIRST",)
 

@@ -31,6 +31,9 @@ backward _gn_one_pass_bwd_kernel: each program holds one tile of dy and x in reg
                           exchange needs a group's programs resident at once, which bounds the tile
                           from below (see _one_pass_plan).
 
+Cluster forward (opt-in, CLUSTER_FORWARD; CUDA sm_90+, NCHW): hbkernels/cuda/group_norm_cluster.cu does
+the whole forward in one kernel, each (sample, group) held in one thread-block cluster's shared memory.
+
 Memory traffic: forward reads x twice and writes y once; the fused SiLU saves the separate activation
 pass (one read + one write), and writing y straight into the token layout saves the permute copy (one
 more read + write). Backward reads dy and x twice (one pass: once) and writes dx once.
@@ -46,7 +49,7 @@ try:  # grid dependency control (Triton >= 3.3, which also has the launch_pdl op
 except ImportError:
     gdc_launch_dependents = gdc_wait = None
 
-from hbkernels.backend import empty
+from hbkernels.backend import _env_flag, empty
 from hbkernels.triton.layout import (INTERPRETED, cdiv, merge_ts, next_pow2, sm_count, strides4, tile_offsets, tile_shape,
                                     warps_for)
 
@@ -111,6 +114,15 @@ CHANNEL_BLOCKS_FIRST = False
 # group's 40 partials (L2). Not yet timed.
 APPLY_MERGES = False
 _MAX_GRID_1 = 65535  # CUDA's limit on grid axes 1 and 2
+# Hopper and newer (CUDA): the whole forward as one kernel of thread-block clusters, each holding one
+# (sample, group) in shared memory while its blocks exchange partial statistics
+# (hbkernels/cuda/group_norm_cluster.cu): x read from DRAM once, where the passes here read it twice,
+# whose floor (25.2 us at level 0, T16, on an H100) is above a 2.5 TB/s GroupNorm's 21 us. Applies where
+# x and y are NCHW with 16-byte-aligned groups (else these kernels run). Opt-in (HBKERNELS_CLUSTER_GN=1)
+# until timed on a GPU. CLUSTER_SMEM_FRACTION: the share of a block's shared-memory limit each block
+# fills (1: the fewest blocks per group, one per SM; 0.5: twice the blocks, two per SM).
+CLUSTER_FORWARD = _env_flag("HBKERNELS_CLUSTER_GN")
+CLUSTER_SMEM_FRACTION = 1.0
 # (A register cap of 32 on the apply kernel, for 8 programs of 8 warps per SM, tied on NCHW x and lost
 # 4.5-8.7 us on channels-last x at level 0 on an H100; one-channel NCHW tiles take 32 registers uncapped.)
 # Programmatic dependent launch (sm_90+ CUDA): the statistics and finalize kernels let the next one
@@ -733,6 +745,11 @@ def gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: float, s
     """y = GroupNorm(x + shift) (then SiLU); x, y: (N, C, T, S) views with any strides; shift: None or
     contiguous fp32 (N, C); mean/rstd: (N, G) fp32."""
     _check_views(x, y)
+    if CLUSTER_FORWARD and x.is_cuda and not INTERPRETED:
+        from hbkernels.cuda.group_norm import try_gn_fwd
+
+        if try_gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups, eps, silu, CLUSTER_SMEM_FRACTION):
+            return
     n, c, t, s = x.shape
     cpg = c // num_groups
     w, sw = _vec_or_dummy(weight, mean)
