@@ -6,7 +6,7 @@ to keep.
   the statistics loop, and (at the default) the apply order, the apply pass's evict-first hints,
   apply tile, programmatic dependent launch, channel blocks launched first (channels-last only),
   channels per statistics / apply tile, statistics reduced per tile and merged in the apply pass,
-  the Hopper cluster forward per share of shared memory (NCHW only; see hbkernels/triton/group_norm.py); channels-last shapes set their own tile knobs
+  the Hopper cluster forward per blocks per cluster (NCHW only; see hbkernels/triton/group_norm.py); channels-last shapes set their own tile knobs
   (*_CHANNELS_LAST). The default setting is also profiled: microseconds per call of each of its
   kernels (statistics, finalize, apply), which says which pass to work on next. The backward's
   partial-sums pass shares the statistics loop's stages: the whole backward is timed per stage count,
@@ -53,9 +53,10 @@ GN_APPLY_TILES = (4096, 8192, 16384)  # each layout's default is timed once, in 
 # Channels per NCHW tile (statistics, apply, pairs of both; the backward's partial sums)
 GN_NCHW_CHANNELS = (1, 2, 4, 8, 16)
 GN_NCHW_CHANNEL_PAIRS = [(s, a) for s in (1, 2, 16) for a in (1, 2, 16)]
-# The cluster forward (CLUSTER_FORWARD, NCHW only: one kernel, x held in shared memory) at these shares
-# of a block's shared-memory limit: level 0 fp16 takes 4 / 5 / 8 blocks per group at T16, 6 / 8 / 12 at T26
-GN_CLUSTER_FRACTIONS = (1.0, 0.75, 0.5)
+# The cluster forward (CLUSTER_FORWARD, NCHW only: one kernel, x held in shared memory) with its own
+# choice of blocks per cluster (None), then forced: level 0 fp16 needs at least 4 at T16, 6 at T26 (a
+# forced count that cannot hold a group leaves the Triton passes to run: the row's "cluster" says)
+GN_CLUSTER_BLOCKS = (None, 4, 6, 8, 12, 16)
 GN_ONE_PASS_TILES = (8192,)  # besides the default; level 0 T16: 50 programs per group instead of 100
 # (label, tokens N, frames T, heads, head dim): VideoCrafter2 / Hummingbird level 0 at 320x512, batch 1
 ATTN_SHAPES = [(f"vc2 L0 B1 T{t}", 40 * 64, t, 5, 64) for t in (16, 26)]
@@ -78,7 +79,7 @@ def _gn_forward_settings():
          for p, t, st in GN_PER_TILE_POINTS] + \
         [dict(APPLY_MERGES=True, STATS_PER_TILE=per_tile, STATS_PROGRAMS_PER_SM=p, _STATS_TILE=t, STATS_STAGES=st)
          for per_tile, (p, t, st) in itertools.product((False, True), GN_MERGED_POINTS)] + \
-        [dict(CLUSTER_FORWARD=True, CLUSTER_SMEM_FRACTION=f) for f in GN_CLUSTER_FRACTIONS]
+        [dict(CLUSTER_FORWARD=True, CLUSTER_BLOCKS=b) for b in GN_CLUSTER_BLOCKS]
 
 
 def _gn_backward_settings():
@@ -167,6 +168,8 @@ def sweep_group_norm(report, dev, min_time, only=None):
         for knobs in forward:
             impl, extra = _knobs_label(gn, knobs), {}
             profile = _is_default(gn, knobs) and "STATS_STAGES" in knobs  # the grid's default point
+            if knobs.get("CLUSTER_FORWARD"):
+                extra["cluster"] = _cluster_plan(x, knobs["CLUSTER_BLOCKS"])
             with mock.patch.multiple(gn, **knobs):
                 if profile:  # over the timing's rotated inputs: x alone would stay in L2 between calls
                     sets = common.input_sets((x,), common.cache_bytes(dev))
@@ -186,6 +189,18 @@ def sweep_group_norm(report, dev, min_time, only=None):
                 seconds = common.median_seconds_graphed(
                     kernels.gn_bwd, min_time, (dy4, x4, w, b, None, mean, rstd, dx4, dw, db, 32, True))
             _add(report, "group_norm_silu_backward", label, impl, seconds, 3 * x.numel() * 2)
+
+
+def _cluster_plan(x, blocks):
+    """What the cluster forward runs for x (32 groups) with ``blocks`` per cluster (None: its choice)."""
+    from hbkernels.cuda import group_norm as cluster
+
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    n, c = x.shape[:2]
+    p = cluster.device_plan(index, n * 32, x.numel() // (n * 32), c // 32, x.element_size(), blocks)
+    if p is None:
+        return "none: the Triton passes ran"
+    return f"{p.blocks} blocks of {p.smem} B, {cluster.resident(index, p.blocks, p.smem)} clusters resident"
 
 
 def sweep_temporal_attention(report, dev, min_time):

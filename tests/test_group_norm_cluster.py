@@ -19,47 +19,73 @@ def video4(n, c, t, s, dtype=torch.float16, **kwargs):
     return torch.empty((n, c, t, s), dtype=dtype, **kwargs)
 
 
-@pytest.mark.parametrize("t,fraction,blocks", [(16, 1.0, 4), (26, 1.0, 6), (16, 0.5, 8), (26, 0.5, 12)])
-def test_plan_takes_the_fewest_blocks_that_hold_a_group(t, fraction, blocks):
-    # level 0 at 320x512 (S = 40 * 64), fp16: a group is 10 channels = 819,200 bytes at T16
-    x = video4(1, 320, t, 2560)
-    p = cluster.plan(x, torch.empty_like(x), 32, H100_LIMIT, fraction)
-    group_bytes = 10 * t * 2560 * 2
+def h100_resident(blocks, smem):
+    """A model of an H100's cluster residency: 132 SMs, one block per SM over half the shared memory,
+    two under (the real count also depends on how the SMs split into GPCs: a cluster's blocks share one)."""
+    return 132 * (1 if smem > H100_LIMIT // 2 else 2) // blocks
+
+
+def level_plan(t, c=320, n=1, dtype_size=2, blocks=None, resident=h100_resident):
+    """plan() for VideoCrafter2's level with C channels at 320x512 (level 0: 40 x 64 positions)."""
+    hw = {320: 2560, 640: 640, 1280: 160}[c]
+    return cluster.plan(n * 32, c // 32 * t * hw, c // 32, dtype_size, H100_LIMIT, 132, resident, blocks)
+
+
+@pytest.mark.parametrize("t,c,n,blocks", [(16, 320, 1, 4), (26, 320, 1, 8), (16, 1280, 1, 4), (16, 640, 2, 2)])
+def test_plan_spreads_groups_over_the_sms_in_fewest_waves(t, c, n, blocks):
+    p = level_plan(t, c, n)
+    group_vecs = c // 32 * t * {320: 2560, 640: 640, 1280: 160}[c] * 2 // 16
     assert p.blocks == blocks
-    assert p.blocks * p.vecs_per_block * 16 >= group_bytes > (p.blocks - 1) * p.vecs_per_block * 16
-    assert p.smem == p.vecs_per_block * 16 + 2 * 10 * 4 <= H100_LIMIT * fraction
-    assert (p.blocks - 1) * (H100_LIMIT * fraction - 80) < group_bytes  # one block fewer would not hold it
+    assert p.blocks * p.vecs_per_block >= group_vecs > (p.blocks - 1) * p.vecs_per_block  # covered, none idle
+    assert p.smem == p.vecs_per_block * 16 + 2 * c // 32 * 4 <= H100_LIMIT
+
+
+def test_plan_estimate():
+    # level 0, T26, fp16 (1.33 MB groups): 6 blocks (222 KB each, one per SM) is the fewest that hold a
+    # group, but 22 such clusters fit at once: 32 groups take a wave of 22 and one of 10, 2 x 222 KB
+    # per SM. 8 blocks (166 KB) run 16 + 16: 2 x 166 KB
+    assert level_plan(26, blocks=6).blocks == 6
+    assert h100_resident(6, level_plan(26, blocks=6).smem) == 22
+    assert level_plan(26).blocks == 8
+    # level 0, T16: were one 4-block cluster too many for the GPCs (31 at once), 32 groups would take
+    # two waves: 8 blocks of 100 KiB, two per SM, run them in one
+    assert level_plan(16, resident=lambda r, smem: 31 if r == 4 else h100_resident(r, smem)).blocks == 8
+    # where the device holds no such cluster at all, the next plan that runs
+    assert level_plan(16, resident=lambda r, smem: 0 if r == 4 else h100_resident(r, smem)).blocks == 8
+    # forced counts: taken where they hold a group, None where they do not
+    assert level_plan(16, blocks=16).blocks == 16
+    assert level_plan(16, blocks=3) is None
+    # no cluster of 16 holds a group of 16 x 227 KiB + 1 vector
+    assert cluster.plan(1, 16 * H100_LIMIT // 2 + 8, 1, 2, H100_LIMIT, 132, h100_resident) is None
 
 
 @pytest.mark.parametrize("dtype,vector", [(torch.float32, 4), (torch.float16, 8), (torch.bfloat16, 8)])
-def test_plan_needs_whole_vectors_per_channel(dtype, vector):
+def test_applies_to_whole_vectors_per_channel(dtype, vector):
     x = video4(2, 8, 1, vector, dtype)
-    assert cluster.plan(x, torch.empty_like(x), 4, H100_LIMIT).blocks == 1
+    assert cluster.applies(x, torch.empty_like(x), 4)
     x = video4(2, 8, 1, vector + 2, dtype)  # a 16-byte vector would straddle two channels
-    assert cluster.plan(x, torch.empty_like(x), 4, H100_LIMIT) is None
+    assert not cluster.applies(x, torch.empty_like(x), 4)
 
 
-def test_plan_rejects_what_the_kernel_cannot_address():
+def test_applies_only_where_the_kernel_can_address_the_tensors():
     x = video4(2, 16, 4, 64)
     y = torch.empty_like(x)
-    assert cluster.plan(x, y, 4, H100_LIMIT) is not None
+    assert cluster.applies(x, y, 4)
     # channels-last: a group is not one run
     cl = torch.empty(2, 4, 64, 16, dtype=torch.float16).permute(0, 3, 1, 2)
-    assert cluster.plan(cl, y, 4, H100_LIMIT) is None and cluster.plan(x, cl, 4, H100_LIMIT) is None
+    assert not cluster.applies(cl, y, 4) and not cluster.applies(x, cl, 4)
     # a view starting one element (2 bytes) past a 16-byte boundary
     shifted = torch.empty(2 * 16 * 4 * 64 + 1, dtype=torch.float16)[1:].view(2, 16, 4, 64)
-    assert cluster.plan(shifted, y, 4, H100_LIMIT) is None
+    assert not cluster.applies(shifted, y, 4)
     # samples a non-whole number of vectors apart
     gapped = torch.empty(2, 16 * 4 * 64 + 3, dtype=torch.float16)[:, :16 * 4 * 64].view(2, 16, 4, 64)
-    assert cluster.plan(gapped, y, 4, H100_LIMIT) is None
-    # float64 (the reference's), mismatched output dtype
-    assert cluster.plan(x.double(), y.double(), 4, H100_LIMIT) is None
-    assert cluster.plan(x, y.float(), 4, H100_LIMIT) is None
-    # a group larger than 16 blocks' shared memory
-    assert cluster.plan(x, y, 4, 128) is None  # a 2 KiB group, 96 bytes per block
+    assert not cluster.applies(gapped, y, 4)
+    # float64 (the reference's), a mismatched output dtype
+    assert not cluster.applies(x.double(), y.double(), 4)
+    assert not cluster.applies(x, y.float(), 4)
     # more (sample, group) clusters than grid axis 1 takes
     many = video4(1, 65536, 1, 8)
-    assert cluster.plan(many, torch.empty_like(many), 65536, H100_LIMIT) is None
+    assert not cluster.applies(many, torch.empty_like(many), 65536)
 
 
 @pytest.mark.skipif(not HAS_NVCC, reason="no nvcc")
@@ -112,19 +138,19 @@ def cluster_only(monkeypatch):
     return gn
 
 
-# (shape, groups, shared-memory fraction): level 0-2's sizes; clusters not a power of two, and over 8
-# blocks (non-portable), some forced by a small fraction; batch 2; 4D
-# (fp16 / fp32 blocks: 1 / 2, 2 / 4, 4 / 8, 6 / 12, 8 / 15, 3 / 5)
-GPU_CASES = [((1, 1280, 16, 10, 16), 32, 1.0), ((2, 640, 16, 20, 32), 32, 1.0), ((1, 320, 16, 40, 64), 32, 1.0),
-             ((1, 320, 26, 40, 64), 32, 1.0), ((1, 64, 8, 16, 32), 4, 0.08), ((2, 96, 64, 64), 32, 0.05)]
+# (shape, groups, blocks per cluster): level 0-2's sizes at the plan's choice; forced clusters of 1, of
+# a count not a power of two (one block holding a ragged end), and of over 8 (non-portable); batch 2; 4D
+GPU_CASES = [((1, 1280, 16, 10, 16), 32, None), ((2, 640, 16, 20, 32), 32, None), ((1, 320, 16, 40, 64), 32, None),
+             ((1, 320, 26, 40, 64), 32, None), ((1, 64, 8, 16, 32), 4, 1), ((1, 64, 8, 16, 32), 4, 7),
+             ((1, 64, 8, 16, 32), 4, 16), ((2, 96, 64, 64), 32, 3)]
 
 
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("shape,groups,fraction", GPU_CASES)
+@pytest.mark.parametrize("shape,groups,blocks", GPU_CASES)
 @pytest.mark.parametrize("activation", [None, "silu"])
-def test_cluster_forward_against_float64(cluster_only, monkeypatch, dtype, shape, groups, fraction, activation):
-    monkeypatch.setattr(cluster_only, "CLUSTER_SMEM_FRACTION", fraction)
+def test_cluster_forward_against_float64(cluster_only, monkeypatch, dtype, shape, groups, blocks, activation):
+    monkeypatch.setattr(cluster_only, "CLUSTER_BLOCKS", blocks)
     c = shape[1]
     x = rand(*shape, dtype=torch.float64, mean=3.0, requires_grad=True)
     w = rand(c, dtype=torch.float64, mean=1.0, requires_grad=True)
@@ -134,12 +160,12 @@ def test_cluster_forward_against_float64(cluster_only, monkeypatch, dtype, shape
 
 
 @gpu
-@pytest.mark.parametrize("blocks_fraction", [1.0, 0.05])
-def test_cluster_forward_statistics_and_shift(cluster_only, monkeypatch, blocks_fraction):
+@pytest.mark.parametrize("blocks", [None, 6])
+def test_cluster_forward_statistics_and_shift(cluster_only, monkeypatch, blocks):
     """mean and rstd (what the backward reads) of x + shift, written once per group; no affine."""
     from hbkernels import triton as kernels
 
-    monkeypatch.setattr(cluster_only, "CLUSTER_SMEM_FRACTION", blocks_fraction)
+    monkeypatch.setattr(cluster_only, "CLUSTER_BLOCKS", blocks)
     n, c, t, s, g = 2, 64, 8, 512, 8
     x = rand(n, c, t, s, dtype=torch.float16, mean=-2.0)
     shift = 10 * rand(n, c)

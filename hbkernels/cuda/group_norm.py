@@ -1,8 +1,8 @@
 """The cluster GroupNorm forward (``group_norm_cluster.cu``: one thread-block cluster per (sample,
 group) holding the group in shared memory, x read from DRAM once): where it applies, and its launch.
 
-:func:`plan` is plain arithmetic on shapes, strides and the device's shared-memory limit (tested on
-CPU); :func:`try_gn_fwd` launches when the device and the tensors allow it and otherwise returns False,
+:func:`applies` and :func:`plan` are plain arithmetic on strides, shapes and the device's limits (tested
+on CPU); :func:`try_gn_fwd` launches when the device and the tensors allow it and otherwise returns False,
 so that the Triton kernels run instead.
 """
 import ctypes
@@ -38,33 +38,48 @@ def _dense_groups(v: torch.Tensor) -> bool:
             and (n == 1 or sn % vec == 0) and v.data_ptr() % VECTOR_BYTES == 0)
 
 
-def plan(x: torch.Tensor, y: torch.Tensor, num_groups: int, smem_limit: int, smem_fraction: float = 1.0) -> Plan | None:
-    """Blocks per cluster and each block's share of the group, or None where the kernel does not
-    apply (layout, dtype, a group too large for MAX_CLUSTER blocks' shared memory).
-
-    x, y: (N, C, T, S) views. ``smem_limit``: the dynamic shared memory one block may use (bytes);
-    blocks take at most ``smem_fraction`` of it. The fewest blocks that hold the group are used: at
-    fraction 1 an H100 block holds up to 227 KiB, one block per SM (level 0, T16, fp16: 4 blocks of
-    200 KiB per group); at 0.5, two blocks fit an SM, so clusters of twice the blocks."""
+def applies(x: torch.Tensor, y: torch.Tensor, num_groups: int) -> bool:
+    """Whether the kernel can address x and y, (N, C, T, S) views: NCHW groups on whole 16-byte
+    vectors (a vector never straddles two channels), fp32 / fp16 / bf16, N * G clusters on one grid axis."""
     if x.dtype not in _DTYPES or y.dtype != x.dtype or tuple(y.shape) != tuple(x.shape):
-        return None
+        return False
     n, c, t, s = x.shape
-    vec = VECTOR_BYTES // x.element_size()
-    if (t * s) % vec or n * num_groups > _MAX_GRID_1 or not (_dense_groups(x) and _dense_groups(y)):
-        return None
-    cpg = c // num_groups
-    group_vecs = cpg * t * s // vec
+    return ((t * s) % (VECTOR_BYTES // x.element_size()) == 0 and n * num_groups <= _MAX_GRID_1
+            and _dense_groups(x) and _dense_groups(y))
+
+
+def plan(clusters: int, group_numel: int, cpg: int, element_size: int, smem_limit: int, sms: int, resident,
+         blocks: int | None = None) -> Plan | None:
+    """Blocks per cluster for ``clusters`` (N * G) groups of ``group_numel`` elements (``cpg`` channels), or None where
+    no cluster of at most MAX_CLUSTER blocks holds a group.
+
+    ``smem_limit``: dynamic shared memory one block may use (bytes); ``sms``: the device's SMs;
+    ``resident(blocks, smem)``: how many such clusters the device holds at once (0: none), which is
+    where its GPCs' sizes show (a cluster's blocks share one GPC). The clusters run in waves of that many;
+    in each wave an SM moves the bytes of the blocks it holds, so the estimated time is the sum over waves
+    of (blocks per SM) x (bytes per block). Fewer blocks win ties (fewer partials, smaller barriers).
+    Level 0 fp16 on an H100 (one 200+ KiB block per SM): T16 4 blocks of 200 KiB, one wave; level 2
+    (200 KiB groups) 4 blocks, not 1 (32 blocks would leave 100 SMs idle). ``blocks``: force that many
+    (None where they cannot hold a group)."""
+    vecs = group_numel * element_size // VECTOR_BYTES
     coef_bytes = 2 * cpg * 4
-    budget = int(smem_limit * smem_fraction) - coef_bytes
-    if budget < VECTOR_BYTES:
-        return None
-    blocks = -(-group_vecs * VECTOR_BYTES // budget)
-    if blocks > MAX_CLUSTER:
-        return None
-    per_block = -(-group_vecs // blocks)
-    return Plan(blocks, per_block, per_block * VECTOR_BYTES + coef_bytes)
+    best, best_cost = None, None
+    for r in ([blocks] if blocks else range(1, MAX_CLUSTER + 1)):
+        per_block = -(-vecs // r)
+        smem = per_block * VECTOR_BYTES + coef_bytes
+        if r > MAX_CLUSTER or smem > smem_limit:
+            continue
+        k = resident(r, smem)
+        if k <= 0:
+            continue
+        full, rest = divmod(clusters, k)
+        cost = (full * -(-k * r // sms) + -(-rest * r // sms)) * per_block
+        if best_cost is None or cost < best_cost:
+            best, best_cost = Plan(r, per_block, smem), cost
+    return best
 
 
+@functools.lru_cache(maxsize=None)
 def _library() -> ctypes.CDLL:
     lib = build.load(SOURCE)
     p, i, ll, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_float
@@ -105,12 +120,23 @@ def smem_limit(device_index: int) -> int | None:
 
 
 @functools.lru_cache(maxsize=None)
-def _fits(device_index: int, blocks: int, smem: int) -> bool:
-    """Whether a cluster of ``blocks`` blocks with ``smem`` bytes each can be resident on the device."""
+def resident(device_index: int, blocks: int, smem: int) -> int:
+    """Clusters of ``blocks`` blocks with ``smem`` bytes each that the device holds at once (0: none)."""
     lib = _library()
     clusters = ctypes.c_int()
     err = lib.hb_gn_cluster_capacity(device_index, blocks, smem, ctypes.byref(clusters))
-    return err == 0 and clusters.value > 0
+    return clusters.value if err == 0 else 0
+
+
+@functools.lru_cache(maxsize=4096)
+def device_plan(device_index: int, clusters: int, group_numel: int, cpg: int, element_size: int,
+                blocks: int | None) -> Plan | None:
+    """:func:`plan` on this device (cached per shape: it queries the device up to MAX_CLUSTER times)."""
+    limit = smem_limit(device_index)
+    if limit is None:
+        return None
+    sms = torch.cuda.get_device_properties(device_index).multi_processor_count
+    return plan(clusters, group_numel, cpg, element_size, limit, sms, functools.partial(resident, device_index), blocks)
 
 
 def _ptr(t: torch.Tensor | None):
@@ -118,17 +144,17 @@ def _ptr(t: torch.Tensor | None):
 
 
 def try_gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: float, silu: bool,
-               smem_fraction: float = 1.0) -> bool:
+               blocks: int | None = None) -> bool:
     """Runs the cluster forward (same contract as hbkernels.triton.group_norm.gn_fwd) and returns True,
-    or returns False without touching anything where it does not apply."""
+    or returns False without touching anything where it does not apply. ``blocks``: per cluster
+    (None: :func:`plan`'s choice)."""
+    if not applies(x, y, num_groups):
+        return False
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    limit = smem_limit(index)
-    if limit is None:
-        return False
-    p = plan(x, y, num_groups, limit, smem_fraction)
-    if p is None or not _fits(index, p.blocks, p.smem):
-        return False
     n, c, t, s = x.shape
+    p = device_plan(index, n * num_groups, c // num_groups * t * s, c // num_groups, x.element_size(), blocks)
+    if p is None:
+        return False
     weight, bias = (None if v is None else v.to(torch.float32).contiguous() for v in (weight, bias))
     stat_strides = (ctypes.c_longlong * 4)(*mean.stride(), *rstd.stride())
     lib = _library()

@@ -119,10 +119,10 @@ _MAX_GRID_1 = 65535  # CUDA's limit on grid axes 1 and 2
 # (hbkernels/cuda/group_norm_cluster.cu): x read from DRAM once, where the passes here read it twice,
 # whose floor (25.2 us at level 0, T16, on an H100) is above a 2.5 TB/s GroupNorm's 21 us. Applies where
 # x and y are NCHW with 16-byte-aligned groups (else these kernels run). Opt-in (HBKERNELS_CLUSTER_GN=1)
-# until timed on a GPU. CLUSTER_SMEM_FRACTION: the share of a block's shared-memory limit each block
-# fills (1: the fewest blocks per group, one per SM; 0.5: twice the blocks, two per SM).
+# until timed on a GPU. CLUSTER_BLOCKS: blocks per cluster (None: hbkernels.cuda.group_norm.plan's
+# choice from the device's SMs and the clusters it holds at once).
 CLUSTER_FORWARD = _env_flag("HBKERNELS_CLUSTER_GN")
-CLUSTER_SMEM_FRACTION = 1.0
+CLUSTER_BLOCKS = None
 # (A register cap of 32 on the apply kernel, for 8 programs of 8 warps per SM, tied on NCHW x and lost
 # 4.5-8.7 us on channels-last x at level 0 on an H100; one-channel NCHW tiles take 32 registers uncapped.)
 # Programmatic dependent launch (sm_90+ CUDA): the statistics and finalize kernels let the next one
@@ -748,7 +748,7 @@ def gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: float, s
     if CLUSTER_FORWARD and x.is_cuda and not INTERPRETED:
         from hbkernels.cuda.group_norm import try_gn_fwd
 
-        if try_gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups, eps, silu, CLUSTER_SMEM_FRACTION):
+        if try_gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups, eps, silu, CLUSTER_BLOCKS):
             return
     n, c, t, s = x.shape
     cpg = c // num_groups
