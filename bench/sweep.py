@@ -195,7 +195,7 @@ def _cluster_plan(x, blocks):
     """What the cluster forward runs for x (32 groups) with ``blocks`` per cluster (None: its choice)."""
     from hbkernels.cuda import group_norm as cluster
 
-    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    index = x.device.index or 0  # a tensor on a GPU has its device's index
     n, c = x.shape[:2]
     p = cluster.device_plan(index, n * 32, x.numel() // (n * 32), c // 32, x.element_size(), blocks)
     if p is None:

@@ -369,9 +369,23 @@ def test_sweep_group_norm_runs(monkeypatch, only):
     # profiled over the timing's rotated input sets, reported per call: 1 ms per set -> 1000 us
     monkeypatch.setattr(sweep, "kernel_breakdown",
                         lambda fn, calls: {"families": {"hbkernels group_norm": {"top": [("stats", len(fn()))]}}})
+    # the cluster forward's rows say what ran: its plan (the device queries replaced), or that none did
+    from hbkernels.cuda import group_norm as cluster
+
+    monkeypatch.setattr(cluster, "device_plan", lambda index, clusters, numel, cpg, size, blocks:
+                        None if blocks == 6 else cluster.Plan(blocks or 4, 32, 528))
+    monkeypatch.setattr(cluster, "resident", lambda index, blocks, smem: 132 // blocks)
     report = common.Report(device="cpu")
     sweep.sweep_group_norm(report, torch.device("cpu"), 0.0, only)
     rows = [r for r in report.rows if r.suite == "group_norm_silu"]
+    plans = {r.impl: r.extra["cluster"] for r in rows if "cluster" in r.extra}
+    assert plans == ({} if only else {
+        "cluster_forward=True cluster_blocks=None": "4 blocks of 528 B, 33 clusters resident",
+        "cluster_forward=True cluster_blocks=4": "4 blocks of 528 B, 33 clusters resident",
+        "cluster_forward=True cluster_blocks=6": "none: the Triton passes ran",
+        "cluster_forward=True cluster_blocks=8": "8 blocks of 528 B, 16 clusters resident",
+        "cluster_forward=True cluster_blocks=12": "12 blocks of 528 B, 11 clusters resident",
+        "cluster_forward=True cluster_blocks=16": "16 blocks of 528 B, 8 clusters resident"})
     labels = {r.impl for r in rows}
     assert len(report.rows) == len(timed) and "eager" in labels
     assert sum(r.impl.endswith("(default)") for r in rows) == 2  # one default point per shape, profiled
