@@ -6,12 +6,12 @@ to keep.
   the statistics loop, and (at the default) the apply order, the apply pass's evict-first hints,
   apply tile, programmatic dependent launch, channel blocks launched first (channels-last only),
   channels per statistics / apply tile, statistics reduced per tile and merged in the apply pass,
-  the Hopper cluster forward per blocks per cluster (NCHW only; see hbkernels/triton/group_norm.py); channels-last shapes set their own tile knobs
-  (*_CHANNELS_LAST). The default setting is also profiled: microseconds per call of each of its
-  kernels (statistics, finalize, apply), which says which pass to work on next. The backward's
-  partial-sums pass shares the statistics loop's stages: the whole backward is timed per stage count,
-  without PDL, one-pass (NCHW only: its tile), and per channels in its partial-sums and dx tiles
-  (NCHW only). Rows name the knobs they change.
+  the Hopper cluster forward per blocks per cluster (NCHW only; see hbkernels/triton/group_norm.py);
+  channels-last shapes set their own tile knobs (*_CHANNELS_LAST). The default setting is also
+  profiled: microseconds per call of each of its kernels (statistics, finalize, apply), which says
+  which pass to work on next. The backward's partial-sums pass shares the statistics loop's stages:
+  the whole backward is timed per stage count, without PDL, one-pass (NCHW only: its tile), and per
+  channels in its partial-sums and dx tiles (NCHW only). Rows name the knobs they change.
 - temporal_attention: warps per program of the forward and of the backward kernel (FWD_WARPS /
   BWD_WARPS in hbkernels/triton/temporal_attention.py: the default rule, or a fixed 1, 2, 4, 8).
 

@@ -113,6 +113,21 @@ def test_build_is_cached_and_leaves_no_partial_files(tmp_path, monkeypatch):
         assert err != 0 and lib.hb_error_string(err) and limit.value == 0
 
 
+@pytest.mark.skipif(not HAS_NVCC or torch.cuda.is_available(), reason="no nvcc, or a GPU (where launches succeed)")
+def test_launch_passes_its_arguments_and_reports_cuda_errors(tmp_path, monkeypatch):
+    """Every argument crosses ctypes (a wrong count or type raises ctypes.ArgumentError before the
+    call), and a failed launch (here: no CUDA driver) raises with CUDA's own message."""
+    monkeypatch.setenv("HBKERNELS_CACHE_DIR", str(tmp_path))
+    cluster._library.cache_clear()
+    x = video4(1, 8, 2, 16)
+    mean, rstd = torch.empty(1, 2), torch.empty(1, 2)
+    w = torch.ones(8, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match=r"cluster GroupNorm launch failed \(CUDA driver|no CUDA-capable"):
+        cluster.launch(cluster.Plan(1, 32, 576), 0, 0, x, w, None, torch.zeros(1, 8), torch.empty_like(x), mean, rstd,
+                       2, 1e-5, True)
+    cluster._library.cache_clear()
+
+
 def test_build_names_a_missing_nvcc(tmp_path, monkeypatch):
     monkeypatch.setattr(build, "nvcc", lambda: None)
     with pytest.raises(build.BuildError, match="nvcc not found"):

@@ -50,17 +50,17 @@ def applies(x: torch.Tensor, y: torch.Tensor, num_groups: int) -> bool:
 
 def plan(clusters: int, group_numel: int, cpg: int, element_size: int, smem_limit: int, sms: int, resident,
          blocks: int | None = None) -> Plan | None:
-    """Blocks per cluster for ``clusters`` (N * G) groups of ``group_numel`` elements (``cpg`` channels), or None where
-    no cluster of at most MAX_CLUSTER blocks holds a group.
+    """Blocks per cluster for ``clusters`` (N * G) groups of ``group_numel`` elements (``cpg`` channels),
+    or None where no cluster of at most MAX_CLUSTER blocks holds a group.
 
     ``smem_limit``: dynamic shared memory one block may use (bytes); ``sms``: the device's SMs;
     ``resident(blocks, smem)``: how many such clusters the device holds at once (0: none), which is
-    where its GPCs' sizes show (a cluster's blocks share one GPC). The clusters run in waves of that many;
-    in each wave an SM moves the bytes of the blocks it holds, so the estimated time is the sum over waves
-    of (blocks per SM) x (bytes per block). Fewer blocks win ties (fewer partials, smaller barriers).
-    Level 0 fp16 on an H100 (one 200+ KiB block per SM): T16 4 blocks of 200 KiB, one wave; level 2
-    (200 KiB groups) 4 blocks, not 1 (32 blocks would leave 100 SMs idle). ``blocks``: force that many
-    (None where they cannot hold a group)."""
+    where its GPCs' sizes show (a cluster's blocks share one GPC). The clusters run in waves of that
+    many; in each wave an SM moves the bytes of the blocks it holds, so the estimated time is the sum over
+    waves of (blocks per SM) x (bytes per block). Fewer blocks win ties (fewer partials, smaller
+    barriers). Level 0 fp16, T16, on a device holding 32 four-block clusters of 200 KiB blocks: 4 blocks,
+    one wave; level 2 (200 KiB groups): 4 blocks, not 1 (32 blocks would leave 100 SMs idle).
+    ``blocks``: force that many (None where they cannot hold a group)."""
     vecs = group_numel * element_size // VECTOR_BYTES
     coef_bytes = 2 * cpg * 4
     best, best_cost = None, None
@@ -155,14 +155,23 @@ def try_gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: floa
     p = device_plan(index, n * num_groups, c // num_groups * t * s, c // num_groups, x.element_size(), blocks)
     if p is None:
         return False
+    launch(p, index, torch.cuda.current_stream(x.device).cuda_stream, x, weight, bias, shift, y, mean, rstd,
+           num_groups, eps, silu)
+    return True
+
+
+def launch(p: Plan, device_index: int, stream: int, x, weight, bias, shift, y, mean, rstd, num_groups: int,
+           eps: float, silu: bool) -> None:
+    """Launches the kernel on ``stream`` (a cudaStream_t as an int) as planned; raises RuntimeError with
+    CUDA's message where the launch fails."""
+    n, c, t, s = x.shape
     weight, bias = (None if v is None else v.to(torch.float32).contiguous() for v in (weight, bias))
     stat_strides = (ctypes.c_longlong * 4)(*mean.stride(), *rstd.stride())
     lib = _library()
     err = lib.hb_gn_cluster_fwd(
-        index, _DTYPES[x.dtype], int(silu), _ptr(x), _ptr(y), _ptr(weight), _ptr(bias), _ptr(shift), _ptr(mean),
-        _ptr(rstd), n, c, num_groups, t * s, p.blocks, p.vecs_per_block, x.stride(0), y.stride(0), stat_strides,
-        float(eps), torch.cuda.current_stream(x.device).cuda_stream,
+        device_index, _DTYPES[x.dtype], int(silu), _ptr(x), _ptr(y), _ptr(weight), _ptr(bias), _ptr(shift),
+        _ptr(mean), _ptr(rstd), n, c, num_groups, t * s, p.blocks, p.vecs_per_block, x.stride(0), y.stride(0),
+        stat_strides, float(eps), stream,
     )
     if err:
-        raise RuntimeError(f"hbkernels: cluster GroupNorm launch failed ({_error(lib, err)}; plan {p})")
-    return True
+        raise RuntimeError(f"hbkernels: cluster GroupNorm launch failed ({_error(lib, err)}; {p})")

@@ -187,6 +187,36 @@ gn_cluster_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const float* _
   asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
 }
 
+// Opts `kernel` into `smem` bytes of dynamic shared memory per block and, past 8 blocks, into
+// non-portable cluster sizes (up to 16 on Hopper).
+template <typename Kernel>
+cudaError_t configure(Kernel kernel, int blocks, int smem) {
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err == cudaSuccess && blocks > 8) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+  }
+  return err;
+}
+
+// Launch configuration of `rows` clusters of `blocks` blocks (grid (blocks, rows), cluster (blocks, 1, 1)).
+// Used in place: `config.attrs` points into the object.
+struct ClusterLaunch {
+  cudaLaunchConfig_t config = {};
+  cudaLaunchAttribute attribute[1];
+  ClusterLaunch(int blocks, int rows, int smem, cudaStream_t stream) {
+    config.gridDim = dim3(blocks, rows, 1);
+    config.blockDim = dim3(kThreads, 1, 1);
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    attribute[0].id = cudaLaunchAttributeClusterDimension;
+    attribute[0].val.clusterDim.x = blocks;
+    attribute[0].val.clusterDim.y = 1;
+    attribute[0].val.clusterDim.z = 1;
+    config.attrs = attribute;
+    config.numAttrs = 1;
+  }
+};
+
 template <typename T, bool kSilu>
 int launch(const void* x, void* y, const float* weight, const float* bias, const float* shift, float* mean,
            float* rstd, int batch, int channels, int groups, int S, int blocks, int vecs_per_block,
@@ -194,23 +224,11 @@ int launch(const void* x, void* y, const float* weight, const float* bias, const
            cudaStream_t stream) {
   auto kernel = gn_cluster_fwd_kernel<T, kSilu>;
   const int smem = vecs_per_block * 16 + 2 * (channels / groups) * static_cast<int>(sizeof(float));
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err == cudaSuccess && blocks > 8) err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+  cudaError_t err = configure(kernel, blocks, smem);
   if (err != cudaSuccess) return static_cast<int>(err);
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(blocks, batch * groups, 1);
-  config.blockDim = dim3(kThreads, 1, 1);
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeClusterDimension;
-  attribute[0].val.clusterDim.x = blocks;
-  attribute[0].val.clusterDim.y = 1;
-  attribute[0].val.clusterDim.z = 1;
-  config.attrs = attribute;
-  config.numAttrs = 1;
-  err = cudaLaunchKernelEx(&config, kernel, static_cast<const T*>(x), static_cast<T*>(y), weight, bias, shift, mean,
-                           rstd, channels, groups, S, vecs_per_block, x_sample_stride, y_sample_stride,
+  ClusterLaunch grid(blocks, batch * groups, smem, stream);
+  err = cudaLaunchKernelEx(&grid.config, kernel, static_cast<const T*>(x), static_cast<T*>(y), weight, bias, shift,
+                           mean, rstd, channels, groups, S, vecs_per_block, x_sample_stride, y_sample_stride,
                            stat_strides[0], stat_strides[1], stat_strides[2], stat_strides[3], eps);
   return static_cast<int>(err);
 }
@@ -276,21 +294,10 @@ int hb_gn_cluster_capacity(int device, int blocks, int smem, int* clusters) {
   DeviceGuard guard(device);
   if (guard.err != cudaSuccess) return static_cast<int>(guard.err);
   auto kernel = gn_cluster_fwd_kernel<__half, true>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err == cudaSuccess && blocks > 8) err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+  const cudaError_t err = configure(kernel, blocks, smem);
   if (err != cudaSuccess) return static_cast<int>(err);
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(blocks, 1, 1);
-  config.blockDim = dim3(kThreads, 1, 1);
-  config.dynamicSmemBytes = smem;
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeClusterDimension;
-  attribute[0].val.clusterDim.x = blocks;
-  attribute[0].val.clusterDim.y = 1;
-  attribute[0].val.clusterDim.z = 1;
-  config.attrs = attribute;
-  config.numAttrs = 1;
-  return static_cast<int>(cudaOccupancyMaxActiveClusters(clusters, kernel, &config));
+  ClusterLaunch grid(blocks, 1, smem, nullptr);
+  return static_cast<int>(cudaOccupancyMaxActiveClusters(clusters, kernel, &grid.config));
 }
 
 // The dynamic shared memory one block of the kernel may opt into (the device's per-block limit less
@@ -304,7 +311,8 @@ int hb_device_limits(int device, int* dynamic_smem, int* major, int* minor) {
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(minor, cudaDevAttrComputeCapabilityMinor, device);
   if (err == cudaSuccess && *major >= 9) {
     DeviceGuard guard(device);
-    err = guard.err != cudaSuccess ? guard.err : cudaFuncGetAttributes(&attributes, gn_cluster_fwd_kernel<__half, true>);
+    err = guard.err != cudaSuccess ? guard.err
+                                   : cudaFuncGetAttributes(&attributes, gn_cluster_fwd_kernel<__half, true>);
     *dynamic_smem = optin - static_cast<int>(attributes.sharedSizeBytes);
   }
   return static_cast<int>(err);
