@@ -155,9 +155,10 @@ gn_cluster_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const float* _
       rstd_out[n * rstd_stride_n + g * rstd_stride_g] = group_rstd;
     }
   }
-  // done reading the other blocks' shared memory; each block waits for this before it exits (below),
-  // so no block leaves while another may still read its block_stats
-  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
+  // Done reading the other blocks' shared memory; each block waits for this before it exits (below), so
+  // no block leaves while another may still read its block_stats. Relaxed (no fence): thread 0 used the
+  // values it read before arriving, so its reads are complete.
+  __cluster_barrier_arrive_relaxed();
   __syncthreads();
 
   // 3. per-channel y = x * a + b: a = rstd * w, b = bias + (shift - mean) * a
@@ -184,7 +185,7 @@ gn_cluster_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const float* _
     }
     __stcs(dst + i, out.raw);
   }
-  asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+  __cluster_barrier_wait();
 }
 
 // Opts `kernel` into `smem` bytes of dynamic shared memory per block and, past 8 blocks, into
