@@ -6,12 +6,12 @@ to keep.
   the statistics loop, and (at the default) the apply order, the apply pass's evict-first hints,
   apply tile, programmatic dependent launch, channel blocks launched first (channels-last only),
   channels per statistics / apply tile, statistics reduced per tile and merged in the apply pass,
-  the Hopper cluster forward per blocks per cluster (NCHW only; see hbkernels/triton/group_norm.py);
+  the Hopper cluster kernels per blocks per cluster (NCHW only; see hbkernels/triton/group_norm.py);
   channels-last shapes set their own tile knobs (*_CHANNELS_LAST). The default setting is also
   profiled: microseconds per call of each of its kernels (statistics, finalize, apply), which says
   which pass to work on next. The backward's partial-sums pass shares the statistics loop's stages:
-  the whole backward is timed per stage count, without PDL, one-pass (NCHW only: its tile), and per
-  channels in its partial-sums and dx tiles (NCHW only). Rows name the knobs they change.
+  the whole backward is timed per stage count, without PDL, one-pass (NCHW only: its tile), per
+  channels in its partial-sums and dx tiles, and as the cluster kernel (NCHW only). Rows name the knobs they change.
 - temporal_attention: warps per program of the forward and of the backward kernel (FWD_WARPS /
   BWD_WARPS in hbkernels/triton/temporal_attention.py: the default rule, or a fixed 1, 2, 4, 8).
 
@@ -57,6 +57,7 @@ GN_NCHW_CHANNEL_PAIRS = [(s, a) for s in (1, 2, 16) for a in (1, 2, 16)]
 # choice of blocks per cluster (None), then forced: level 0 fp16 needs at least 4 at T16, 6 at T26 (a
 # forced count that cannot hold a group leaves the Triton passes to run: the row's "cluster" says)
 GN_CLUSTER_BLOCKS = (None, 4, 6, 8, 12, 16)
+GN_CLUSTER_BACKWARD_BLOCKS = (None, 8, 12, 16)  # dy and x held: level 0 fp16 needs 8 at T16, 12 at T26
 GN_ONE_PASS_TILES = (8192,)  # besides the default; level 0 T16: 50 programs per group instead of 100
 # (label, tokens N, frames T, heads, head dim): VideoCrafter2 / Hummingbird level 0 at 320x512, batch 1
 ATTN_SHAPES = [(f"vc2 L0 B1 T{t}", 40 * 64, t, 5, 64) for t in (16, 26)]
@@ -87,7 +88,8 @@ def _gn_backward_settings():
     and the one-pass backward's settings."""
     return [dict(STATS_STAGES=s) for s in GN_STAGES] + [dict(PDL=not gn.PDL), *_one_pass_settings()] + \
         [dict(_BWD_CHANNELS_NCHW=c) for c in GN_NCHW_CHANNELS] + \
-        [dict(_BWD_APPLY_CHANNELS_NCHW=c) for c in GN_NCHW_CHANNELS]
+        [dict(_BWD_APPLY_CHANNELS_NCHW=c) for c in GN_NCHW_CHANNELS] + \
+        [dict(CLUSTER_BACKWARD=True, CLUSTER_BLOCKS=b) for b in GN_CLUSTER_BACKWARD_BLOCKS]
 
 
 def _one_pass_settings():
@@ -98,7 +100,7 @@ def _one_pass_settings():
 
 # Knobs that change nothing on channels-last tensors where set (true)
 NCHW_ONLY = ("ONE_PASS", "STATS_PER_TILE", "APPLY_MERGES", "_STATS_CHANNELS_NCHW", "_APPLY_CHANNELS_NCHW",
-             "_BWD_CHANNELS_NCHW", "_BWD_APPLY_CHANNELS_NCHW", "CLUSTER_FORWARD")
+             "_BWD_CHANNELS_NCHW", "_BWD_APPLY_CHANNELS_NCHW", "CLUSTER_FORWARD", "CLUSTER_BACKWARD")
 # Knobs that change nothing on NCHW tensors where set (true)
 CHANNELS_LAST_ONLY = ("CHANNEL_BLOCKS_FIRST",)
 
@@ -185,19 +187,23 @@ def sweep_group_norm(report, dev, min_time, only=None):
         dw, db = (torch.empty(shape[1], device=dev) for _ in range(2))
         for knobs in backward:
             impl = _knobs_label(gn, knobs)
+            extra = {}
+            if knobs.get("CLUSTER_BACKWARD"):
+                extra["cluster"] = _cluster_plan(x, knobs["CLUSTER_BLOCKS"], backward=True)
             with mock.patch.multiple(gn, **knobs):
                 seconds = common.median_seconds_graphed(
                     kernels.gn_bwd, min_time, (dy4, x4, w, b, None, mean, rstd, dx4, dw, db, 32, True))
-            _add(report, "group_norm_silu_backward", label, impl, seconds, 3 * x.numel() * 2)
+            _add(report, "group_norm_silu_backward", label, impl, seconds, 3 * x.numel() * 2, **extra)
 
 
-def _cluster_plan(x, blocks):
-    """What the cluster forward runs for x (32 groups) with ``blocks`` per cluster (None: its choice)."""
+def _cluster_plan(x, blocks, backward=False):
+    """What the cluster forward (backward) runs for x (32 groups) with ``blocks`` per cluster (None: its
+    choice)."""
     from hbkernels.cuda import group_norm as cluster
 
     index = x.device.index or 0  # a tensor on a GPU has its device's index
     n, c = x.shape[:2]
-    p = cluster.device_plan(index, n * 32, x.numel() // (n * 32), c // 32, x.element_size(), blocks)
+    p = cluster.device_plan(index, n * 32, x.numel() // (n * 32), c // 32, x.element_size(), blocks, backward)
     if p is None:
         return "none: the Triton passes ran"
     return f"{p.blocks} blocks of {p.smem} B, {cluster.resident(index, p.blocks, p.smem)} clusters resident"

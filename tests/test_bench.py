@@ -372,8 +372,8 @@ def test_sweep_group_norm_runs(monkeypatch, only):
     # the cluster forward's rows say what ran: its plan (the device queries replaced), or that none did
     from hbkernels.cuda import group_norm as cluster
 
-    monkeypatch.setattr(cluster, "device_plan", lambda index, clusters, numel, cpg, size, blocks:
-                        None if blocks == 6 else cluster.Plan(blocks or 4, 32, 528))
+    monkeypatch.setattr(cluster, "device_plan", lambda index, clusters, numel, cpg, size, blocks, backward=False:
+                        None if blocks == 6 else cluster.Plan(blocks or (8 if backward else 4), 32, 528))
     monkeypatch.setattr(cluster, "resident", lambda index, blocks, smem: 132 // blocks)
     report = common.Report(device="cpu")
     sweep.sweep_group_norm(report, torch.device("cpu"), 0.0, only)
@@ -392,8 +392,13 @@ def test_sweep_group_norm_runs(monkeypatch, only):
     assert all(r.extra["kernel_us"] == {"stats": 1000.0} for r in rows if r.impl.endswith("(default)"))
     assert any(r.impl.startswith("apply_channels_nchw=") for r in rows)
     assert any(r.impl == f"apply_evict_first={not gn.APPLY_EVICT_FIRST}" for r in rows)
-    backward = [r.impl for r in report.rows if r.suite == "group_norm_silu_backward"]
+    backward = [r for r in report.rows if r.suite == "group_norm_silu_backward"]
     assert bool(backward) == (only is None)
+    assert {r.impl: r.extra["cluster"] for r in backward if "cluster" in r.extra} == ({} if only else {
+        "cluster_backward=True cluster_blocks=None": "8 blocks of 528 B, 16 clusters resident",
+        "cluster_backward=True cluster_blocks=8": "8 blocks of 528 B, 16 clusters resident",
+        "cluster_backward=True cluster_blocks=12": "12 blocks of 528 B, 11 clusters resident",
+        "cluster_backward=True cluster_blocks=16": "16 blocks of 528 B, 8 clusters resident"})
 
 
 def test_sweep_temporal_attention_runs(monkeypatch):

@@ -1,5 +1,6 @@
-"""The Hopper cluster GroupNorm forward (hbkernels/cuda/group_norm_cluster.cu): its launch plan (CPU),
-its build (wherever nvcc is), and its results against float64 (on a GPU with compute capability 9+)."""
+"""The Hopper cluster GroupNorm kernels (hbkernels/cuda/group_norm_cluster.cu): their launch plans (CPU),
+their build and argument passing (wherever nvcc is), and their results against float64, forward and
+backward (on a GPU with compute capability 9+)."""
 import ctypes
 
 import pytest
@@ -59,40 +60,53 @@ def test_plan_estimate():
     assert cluster.plan(1, 16 * H100_LIMIT // 2 + 8, 1, 2, H100_LIMIT, 132, h100_resident) is None
 
 
+def test_backward_plan_holds_dy_and_x():
+    # level 0, T16, fp16: 1.6 MB of dy and x per group; 8 blocks of 200 KiB run 16 clusters at once (two
+    # waves), 16 blocks of 100 KiB, two per SM, also two waves of 16 with twice the blocks per SM: a tie
+    p = cluster.plan(32, 10 * 16 * 2560, 10, 2, H100_LIMIT, 132, h100_resident, tensors=2,
+                     coefficients=cluster.BACKWARD_COEFFICIENTS)
+    assert (p.blocks, p.vecs_per_block, p.smem) == (8, 6400, 2 * 6400 * 16 + 7 * 10 * 4)
+    # T26 needs 12 blocks (2.66 MB); fp32 T26 (5.3 MB) more than 16
+    assert cluster.plan(32, 10 * 26 * 2560, 10, 2, H100_LIMIT, 132, h100_resident, tensors=2,
+                        coefficients=cluster.BACKWARD_COEFFICIENTS).blocks >= 12
+    assert cluster.plan(32, 10 * 26 * 2560, 10, 4, H100_LIMIT, 132, h100_resident, tensors=2,
+                        coefficients=cluster.BACKWARD_COEFFICIENTS) is None
+
+
 @pytest.mark.parametrize("dtype,vector", [(torch.float32, 4), (torch.float16, 8), (torch.bfloat16, 8)])
 def test_applies_to_whole_vectors_per_channel(dtype, vector):
     x = video4(2, 8, 1, vector, dtype)
-    assert cluster.applies(x, torch.empty_like(x), 4)
+    assert cluster.applies(4, x, torch.empty_like(x))
     x = video4(2, 8, 1, vector + 2, dtype)  # a 16-byte vector would straddle two channels
-    assert not cluster.applies(x, torch.empty_like(x), 4)
+    assert not cluster.applies(4, x, torch.empty_like(x))
 
 
 def test_applies_only_where_the_kernel_can_address_the_tensors():
     x = video4(2, 16, 4, 64)
     y = torch.empty_like(x)
-    assert cluster.applies(x, y, 4)
+    assert cluster.applies(4, x, y)
     # channels-last: a group is not one run
     cl = torch.empty(2, 4, 64, 16, dtype=torch.float16).permute(0, 3, 1, 2)
-    assert not cluster.applies(cl, y, 4) and not cluster.applies(x, cl, 4)
+    assert not cluster.applies(4, cl, y) and not cluster.applies(4, x, cl)
     # a view starting one element (2 bytes) past a 16-byte boundary
     shifted = torch.empty(2 * 16 * 4 * 64 + 1, dtype=torch.float16)[1:].view(2, 16, 4, 64)
-    assert not cluster.applies(shifted, y, 4)
+    assert not cluster.applies(4, shifted, y)
     # samples a non-whole number of vectors apart
     gapped = torch.empty(2, 16 * 4 * 64 + 3, dtype=torch.float16)[:, :16 * 4 * 64].view(2, 16, 4, 64)
-    assert not cluster.applies(gapped, y, 4)
+    assert not cluster.applies(4, gapped, y)
     # float64 (the reference's), a mismatched output dtype
-    assert not cluster.applies(x.double(), y.double(), 4)
-    assert not cluster.applies(x, y.float(), 4)
+    assert not cluster.applies(4, x.double(), y.double())
+    assert not cluster.applies(4, x, y.float())
     # more (sample, group) clusters than grid axis 1 takes
     many = video4(1, 65536, 1, 8)
-    assert not cluster.applies(many, torch.empty_like(many), 65536)
+    assert not cluster.applies(65536, many, torch.empty_like(many))
 
 
 @pytest.mark.skipif(not HAS_NVCC, reason="no nvcc")
 def test_kernels_fit_one_1024_thread_block_per_sm_without_spilling():
     report = build.resource_usage(cluster.SOURCE)
     kernels = report.count("Compiling entry function")
-    assert kernels == 6  # fp32 / fp16 / bf16, with and without SiLU
+    assert kernels == 12  # forward and backward; fp32 / fp16 / bf16; with and without SiLU
     assert report.count("0 bytes spill stores, 0 bytes spill loads") == kernels, report
     registers = [int(line.split("Used ")[1].split()[0]) for line in report.splitlines() if "registers" in line]
     assert len(registers) == kernels and max(registers) <= 64, registers  # 65,536 registers / 1024 threads
@@ -123,8 +137,22 @@ def test_launch_passes_its_arguments_and_reports_cuda_errors(tmp_path, monkeypat
     mean, rstd = torch.empty(1, 2), torch.empty(1, 2)
     w = torch.ones(8, dtype=torch.float16)
     with pytest.raises(RuntimeError, match=r"cluster GroupNorm launch failed \(CUDA driver|no CUDA-capable"):
-        cluster.launch(cluster.Plan(1, 32, 576), 0, 0, x, w, None, torch.zeros(1, 8), torch.empty_like(x), mean, rstd,
-                       2, 1e-5, True)
+        cluster.launch_fwd(cluster.Plan(1, 32, 576), 0, 0, x, w, None, torch.zeros(1, 8), torch.empty_like(x), mean,
+                           rstd, 2, 1e-5, True)
+    cluster._library.cache_clear()
+
+
+@pytest.mark.skipif(not HAS_NVCC or torch.cuda.is_available(), reason="no nvcc, or a GPU (where launches succeed)")
+@pytest.mark.parametrize("batch", [1, 2])
+def test_backward_launch_passes_its_arguments_and_reports_cuda_errors(tmp_path, monkeypatch, batch):
+    monkeypatch.setenv("HBKERNELS_CACHE_DIR", str(tmp_path))
+    cluster._library.cache_clear()
+    x = video4(batch, 8, 2, 16)
+    mean, rstd = torch.empty(batch, 2), torch.empty(batch, 2)
+    dw, db = torch.empty(8), torch.empty(8)
+    with pytest.raises(RuntimeError, match=r"cluster GroupNorm launch failed \(CUDA driver|no CUDA-capable"):
+        cluster.launch_bwd(cluster.Plan(1, 32, 1248), 0, 0, torch.empty_like(x), x, None, torch.ones(8), None, mean,
+                           rstd, torch.empty_like(x), dw, db, 2, True)
     cluster._library.cache_clear()
 
 
@@ -138,25 +166,35 @@ def test_build_names_a_missing_nvcc(tmp_path, monkeypatch):
 gpu = pytest.mark.skipif(not CLUSTER_GPU, reason="needs a CUDA GPU of compute capability 9+ and nvcc")
 
 
-@pytest.fixture
-def cluster_only(monkeypatch):
-    """The cluster forward switched on, and the Triton forward's statistics kernel made to fail: a
-    test passes only if the cluster kernel produced its results."""
+def cluster_only(monkeypatch, blocks=None, backward=True):
+    """The cluster kernels switched on, and the Triton passes they replace made to fail: a test passes
+    only if the cluster kernels produced its results (``backward``: the backward's too)."""
     from hbkernels.triton import group_norm as gn
 
     class Unlaunchable:
         def __getitem__(self, grid):
-            raise AssertionError("the Triton statistics pass ran instead of the cluster kernel")
+            raise AssertionError("a Triton pass ran instead of the cluster kernel")
 
     monkeypatch.setattr(gn, "CLUSTER_FORWARD", True)
+    monkeypatch.setattr(gn, "CLUSTER_BACKWARD", True)
+    monkeypatch.setattr(gn, "CLUSTER_BLOCKS", blocks)
     monkeypatch.setattr(gn, "_gn_stats_kernel", Unlaunchable())
-    return gn
+    if backward:
+        monkeypatch.setattr(gn, "_gn_bwd_partials_kernel", Unlaunchable())
 
 
-# (shape, groups, blocks per cluster): level 0-2's sizes at the plan's choice; forced clusters of 1, of
+def backward_runs(shape, groups, dtype, blocks) -> bool:
+    """Whether the cluster backward holds these groups (fp32 level 0 at T26 does not: 5.3 MB)."""
+    n, c = shape[:2]
+    numel = torch.Size(shape[2:]).numel() * c // groups
+    size = torch.empty((), dtype=dtype).element_size()
+    return cluster.device_plan(0, n * groups, numel, c // groups, size, blocks, True) is not None
+
+
+# (shape, groups, blocks per cluster): level 0-2's sizes at the plan's choice; forced clusters of 2, of
 # a count not a power of two (one block holding a ragged end), and of over 8 (non-portable); batch 2; 4D
 GPU_CASES = [((1, 1280, 16, 10, 16), 32, None), ((2, 640, 16, 20, 32), 32, None), ((1, 320, 16, 40, 64), 32, None),
-             ((1, 320, 26, 40, 64), 32, None), ((1, 64, 8, 16, 32), 4, 1), ((1, 64, 8, 16, 32), 4, 7),
+             ((1, 320, 26, 40, 64), 32, None), ((1, 64, 8, 16, 32), 4, 2), ((1, 64, 8, 16, 32), 4, 7),
              ((1, 64, 8, 16, 32), 4, 16), ((2, 96, 64, 64), 32, 3)]
 
 
@@ -164,8 +202,8 @@ GPU_CASES = [((1, 1280, 16, 10, 16), 32, None), ((2, 640, 16, 20, 32), 32, None)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape,groups,blocks", GPU_CASES)
 @pytest.mark.parametrize("activation", [None, "silu"])
-def test_cluster_forward_against_float64(cluster_only, monkeypatch, dtype, shape, groups, blocks, activation):
-    monkeypatch.setattr(cluster_only, "CLUSTER_BLOCKS", blocks)
+def test_cluster_kernels_against_float64(monkeypatch, dtype, shape, groups, blocks, activation):
+    cluster_only(monkeypatch, blocks, backward_runs(shape, groups, dtype, blocks))
     c = shape[1]
     x = rand(*shape, dtype=torch.float64, mean=3.0, requires_grad=True)
     w = rand(c, dtype=torch.float64, mean=1.0, requires_grad=True)
@@ -175,12 +213,31 @@ def test_cluster_forward_against_float64(cluster_only, monkeypatch, dtype, shape
 
 
 @gpu
+def test_cluster_backward_holds_level_0_in_half_precision():
+    assert backward_runs((1, 320, 16, 40, 64), 32, torch.float16, None)
+    assert backward_runs((1, 320, 26, 40, 64), 32, torch.bfloat16, None)
+
+
+@gpu
+@pytest.mark.parametrize("shape,groups", [((2, 64, 8, 16, 32), 8), ((1, 320, 16, 40, 64), 32)])
+def test_cluster_kernels_with_shift_against_float64(monkeypatch, shape, groups):
+    """GroupNorm(x + shift) + SiLU: the shift's gradient is dx summed per (sample, channel)."""
+    cluster_only(monkeypatch)
+    n, c = shape[:2]
+    x = rand(*shape, dtype=torch.float64, requires_grad=True)
+    w, b = rand(c, dtype=torch.float64, requires_grad=True), rand(c, dtype=torch.float64, requires_grad=True)
+    shift = (10 * rand(n, c, dtype=torch.float64)).requires_grad_()
+    check_against_float64(lambda x, w, b, shift: hbkernels.group_norm(x, groups, w, b, activation="silu", shift=shift),
+                          [x, w, b, shift], "triton", torch.float16)
+
+
+@gpu
 @pytest.mark.parametrize("blocks", [None, 6])
-def test_cluster_forward_statistics_and_shift(cluster_only, monkeypatch, blocks):
+def test_cluster_forward_statistics(monkeypatch, blocks):
     """mean and rstd (what the backward reads) of x + shift, written once per group; no affine."""
     from hbkernels import triton as kernels
 
-    monkeypatch.setattr(cluster_only, "CLUSTER_BLOCKS", blocks)
+    cluster_only(monkeypatch, blocks)
     n, c, t, s, g = 2, 64, 8, 512, 8
     x = rand(n, c, t, s, dtype=torch.float16, mean=-2.0)
     shift = 10 * rand(n, c)
@@ -196,9 +253,10 @@ def test_cluster_forward_statistics_and_shift(cluster_only, monkeypatch, blocks)
 
 
 @gpu
-def test_cluster_forward_replays_from_a_cuda_graph(cluster_only):
+def test_cluster_forward_replays_from_a_cuda_graph(monkeypatch):
     from hummingbird.cuda_graph import CUDAGraphCall
 
+    cluster_only(monkeypatch)
     w, b = rand(320, dtype=torch.float16, mean=1.0), rand(320, dtype=torch.float16)
     graphed = CUDAGraphCall(lambda x: hbkernels.group_norm(x, 32, w, b, activation="silu"))
     for _ in range(3):
@@ -213,6 +271,7 @@ def test_cluster_forward_leaves_other_layouts_to_triton(monkeypatch):
     from hbkernels.triton import group_norm as gn
 
     monkeypatch.setattr(gn, "CLUSTER_FORWARD", True)
+    monkeypatch.setattr(gn, "CLUSTER_BACKWARD", True)
     x = rand(1, 64, 4, 8, 8, dtype=torch.float16).contiguous(memory_format=torch.channels_last_3d)
     launched = []
 

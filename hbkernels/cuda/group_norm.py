@@ -1,9 +1,10 @@
-"""The cluster GroupNorm forward (``group_norm_cluster.cu``: one thread-block cluster per (sample,
-group) holding the group in shared memory, x read from DRAM once): where it applies, and its launch.
+"""The cluster GroupNorm forward and backward (``group_norm_cluster.cu``: one thread-block cluster per
+(sample, group) holding the group in shared memory, each input read from DRAM once): where they apply,
+and their launches.
 
 :func:`applies` and :func:`plan` are plain arithmetic on strides, shapes and the device's limits (tested
-on CPU); :func:`try_gn_fwd` launches when the device and the tensors allow it and otherwise returns False,
-so that the Triton kernels run instead.
+on CPU); :func:`try_gn_fwd` / :func:`try_gn_bwd` launch when the device and the tensors allow it and
+otherwise return False, so that the Triton kernels run instead.
 """
 import ctypes
 import functools
@@ -24,8 +25,8 @@ _MAX_GRID_1 = 65535  # N * G clusters on grid axis 1
 @dataclass(frozen=True)
 class Plan:
     blocks: int  # blocks per cluster, i.e. per (sample, group)
-    vecs_per_block: int  # 16-byte vectors of the group each block holds in shared memory
-    smem: int  # dynamic shared memory per block, bytes (the vectors, then 2 coefficients per channel)
+    vecs_per_block: int  # 16-byte vectors of the group (of each tensor) each block holds in shared memory
+    smem: int  # dynamic shared memory per block, bytes (the vectors, then fp32 coefficients per channel)
 
 
 def _dense_groups(v: torch.Tensor) -> bool:
@@ -38,18 +39,24 @@ def _dense_groups(v: torch.Tensor) -> bool:
             and (n == 1 or sn % vec == 0) and v.data_ptr() % VECTOR_BYTES == 0)
 
 
-def applies(x: torch.Tensor, y: torch.Tensor, num_groups: int) -> bool:
-    """Whether the kernel can address x and y, (N, C, T, S) views: NCHW groups on whole 16-byte
-    vectors (a vector never straddles two channels), fp32 / fp16 / bf16, N * G clusters on one grid axis."""
-    if x.dtype not in _DTYPES or y.dtype != x.dtype or tuple(y.shape) != tuple(x.shape):
+def applies(num_groups: int, x: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Whether the kernels can address x and ``others`` (y; or dy and dx), (N, C, T, S) views: NCHW groups
+    on whole 16-byte vectors (a vector never straddles two channels), fp32 / fp16 / bf16 alike, N * G
+    clusters on one grid axis."""
+    if x.dtype not in _DTYPES or any(t.dtype != x.dtype or t.shape != x.shape for t in others):
         return False
     n, c, t, s = x.shape
     return ((t * s) % (VECTOR_BYTES // x.element_size()) == 0 and n * num_groups <= _MAX_GRID_1
-            and _dense_groups(x) and _dense_groups(y))
+            and all(_dense_groups(v) for v in (x, *others)))
+
+
+# Per-channel fp32 values each kernel keeps in shared memory beside its slices (group_norm_cluster.cu)
+FORWARD_COEFFICIENTS = 2
+BACKWARD_COEFFICIENTS = 7
 
 
 def plan(clusters: int, group_numel: int, cpg: int, element_size: int, smem_limit: int, sms: int, resident,
-         blocks: int | None = None) -> Plan | None:
+         blocks: int | None = None, tensors: int = 1, coefficients: int = FORWARD_COEFFICIENTS) -> Plan | None:
     """Blocks per cluster for ``clusters`` (N * G) groups of ``group_numel`` elements (``cpg`` channels),
     or None where no cluster of at most MAX_CLUSTER blocks holds a group.
 
@@ -60,20 +67,21 @@ def plan(clusters: int, group_numel: int, cpg: int, element_size: int, smem_limi
     waves of (blocks per SM) x (bytes per block). Fewer blocks win ties (fewer partials, smaller
     barriers). Level 0 fp16, T16, on a device holding 32 four-block clusters of 200 KiB blocks: 4 blocks,
     one wave; level 2 (200 KiB groups): 4 blocks, not 1 (32 blocks would leave 100 SMs idle).
-    ``blocks``: force that many (None where they cannot hold a group)."""
+    ``blocks``: force that many (None where they cannot hold a group). ``tensors``: slices held per
+    block (the backward's dy and x: 2), ``coefficients``: fp32 values kept per channel."""
     vecs = group_numel * element_size // VECTOR_BYTES
-    coef_bytes = 2 * cpg * 4
+    coef_bytes = coefficients * cpg * 4
     best, best_cost = None, None
     for r in ([blocks] if blocks else range(1, MAX_CLUSTER + 1)):
         per_block = -(-vecs // r)
-        smem = per_block * VECTOR_BYTES + coef_bytes
+        smem = tensors * per_block * VECTOR_BYTES + coef_bytes
         if r > MAX_CLUSTER or smem > smem_limit:
             continue
         k = resident(r, smem)
         if k <= 0:
             continue
         full, rest = divmod(clusters, k)
-        cost = (full * -(-k * r // sms) + -(-rest * r // sms)) * per_block
+        cost = (full * -(-k * r // sms) + -(-rest * r // sms)) * tensors * per_block
         if best_cost is None or cost < best_cost:
             best, best_cost = Plan(r, per_block, smem), cost
     return best
@@ -84,6 +92,7 @@ def _library() -> ctypes.CDLL:
     lib = build.load(SOURCE)
     p, i, ll, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_float
     lib.hb_gn_cluster_fwd.argtypes = [i, i, i, p, p, p, p, p, p, p, i, i, i, i, i, i, ll, ll, p, f, p]
+    lib.hb_gn_cluster_bwd.argtypes = [i, i, i, p, p, p, p, p, p, p, p, p, p, i, i, i, i, i, i, p, p, p]
     lib.hb_gn_cluster_capacity.argtypes = [i, i, i, ctypes.POINTER(i)]
     lib.hb_device_limits.argtypes = [i, ctypes.POINTER(i), ctypes.POINTER(i), ctypes.POINTER(i)]
     lib.hb_error_string.restype = ctypes.c_char_p
@@ -130,17 +139,38 @@ def resident(device_index: int, blocks: int, smem: int) -> int:
 
 @functools.lru_cache(maxsize=4096)
 def device_plan(device_index: int, clusters: int, group_numel: int, cpg: int, element_size: int,
-                blocks: int | None) -> Plan | None:
-    """:func:`plan` on this device (cached per shape: it queries the device up to MAX_CLUSTER times)."""
+                blocks: int | None, backward: bool = False) -> Plan | None:
+    """:func:`plan` on this device for the forward or the backward (cached per shape: it queries the
+    device up to MAX_CLUSTER times)."""
     limit = smem_limit(device_index)
     if limit is None:
         return None
     sms = torch.cuda.get_device_properties(device_index).multi_processor_count
-    return plan(clusters, group_numel, cpg, element_size, limit, sms, functools.partial(resident, device_index), blocks)
+    held = dict(tensors=2, coefficients=BACKWARD_COEFFICIENTS) if backward else {}
+    return plan(clusters, group_numel, cpg, element_size, limit, sms, functools.partial(resident, device_index),
+                blocks, **held)
 
 
 def _ptr(t: torch.Tensor | None):
     return None if t is None else t.data_ptr()
+
+
+def _device_plan(num_groups, blocks, backward, x, *others) -> Plan | None:
+    """The plan for these tensors (x's device, a CUDA one), or None where the kernels do not apply."""
+    if not applies(num_groups, x, *others):
+        return None
+    n, c, t, s = x.shape
+    return device_plan(x.device.index, n * num_groups, c // num_groups * t * s, c // num_groups, x.element_size(),
+                       blocks, backward)
+
+
+def _stream(x) -> int:
+    return torch.cuda.current_stream(x.device).cuda_stream
+
+
+def _fp32(v):
+    """A per-channel parameter as the kernels read it: contiguous fp32 (a copy of C values at most)."""
+    return None if v is None else v.to(torch.float32).contiguous()
 
 
 def try_gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: float, silu: bool,
@@ -148,24 +178,19 @@ def try_gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: floa
     """Runs the cluster forward (same contract as hbkernels.triton.group_norm.gn_fwd) and returns True,
     or returns False without touching anything where it does not apply. ``blocks``: per cluster
     (None: :func:`plan`'s choice)."""
-    if not applies(x, y, num_groups):
-        return False
-    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    n, c, t, s = x.shape
-    p = device_plan(index, n * num_groups, c // num_groups * t * s, c // num_groups, x.element_size(), blocks)
+    p = _device_plan(num_groups, blocks, False, x, y)
     if p is None:
         return False
-    launch(p, index, torch.cuda.current_stream(x.device).cuda_stream, x, weight, bias, shift, y, mean, rstd,
-           num_groups, eps, silu)
+    launch_fwd(p, x.device.index, _stream(x), x, weight, bias, shift, y, mean, rstd, num_groups, eps, silu)
     return True
 
 
-def launch(p: Plan, device_index: int, stream: int, x, weight, bias, shift, y, mean, rstd, num_groups: int,
-           eps: float, silu: bool) -> None:
-    """Launches the kernel on ``stream`` (a cudaStream_t as an int) as planned; raises RuntimeError with
+def launch_fwd(p: Plan, device_index: int, stream: int, x, weight, bias, shift, y, mean, rstd, num_groups: int,
+               eps: float, silu: bool) -> None:
+    """Launches the forward on ``stream`` (a cudaStream_t as an int) as planned; raises RuntimeError with
     CUDA's message where the launch fails."""
     n, c, t, s = x.shape
-    weight, bias = (None if v is None else v.to(torch.float32).contiguous() for v in (weight, bias))
+    weight, bias = _fp32(weight), _fp32(bias)
     stat_strides = (ctypes.c_longlong * 4)(*mean.stride(), *rstd.stride())
     lib = _library()
     err = lib.hb_gn_cluster_fwd(
@@ -173,5 +198,44 @@ def launch(p: Plan, device_index: int, stream: int, x, weight, bias, shift, y, m
         _ptr(mean), _ptr(rstd), n, c, num_groups, t * s, p.blocks, p.vecs_per_block, x.stride(0), y.stride(0),
         stat_strides, float(eps), stream,
     )
+    _raise_on(lib, err, p)
+
+
+def try_gn_bwd(dy, x, weight, bias, shift, mean, rstd, dx, dweight, dbias, num_groups: int, silu: bool,
+               blocks: int | None = None) -> bool:
+    """Runs the cluster backward (same contract as hbkernels.triton.group_norm.gn_bwd) and returns True,
+    or returns False without touching anything where it does not apply."""
+    p = _device_plan(num_groups, blocks, True, x, dy, dx)
+    if p is None:
+        return False
+    launch_bwd(p, x.device.index, _stream(x), dy, x, weight, bias, shift, mean, rstd, dx, dweight, dbias, num_groups,
+               silu)
+    return True
+
+
+def launch_bwd(p: Plan, device_index: int, stream: int, dy, x, weight, bias, shift, mean, rstd, dx, dweight, dbias,
+               num_groups: int, silu: bool) -> None:
+    """Launches the backward as planned. The kernel writes per-sample channel sums (N, C): with one
+    sample straight into dweight / dbias (contiguous fp32), else into buffers summed over N here."""
+    n, c, t, s = x.shape
+    weight, bias = _fp32(weight), _fp32(bias)
+    direct = [v is not None and n == 1 and v.is_contiguous() and v.dtype == torch.float32 for v in (dweight, dbias)]
+    per_sample = [v if d or v is None else torch.empty(n, c, dtype=torch.float32, device=v.device)
+                  for v, d in zip((dweight, dbias), direct)]
+    sample_strides = (ctypes.c_longlong * 3)(dy.stride(0), x.stride(0), dx.stride(0))
+    stat_strides = (ctypes.c_longlong * 4)(*mean.stride(), *rstd.stride())
+    lib = _library()
+    err = lib.hb_gn_cluster_bwd(
+        device_index, _DTYPES[x.dtype], int(silu), _ptr(dy), _ptr(x), _ptr(dx), _ptr(weight), _ptr(bias),
+        _ptr(shift), _ptr(mean), _ptr(rstd), _ptr(per_sample[0]), _ptr(per_sample[1]), n, c, num_groups, t * s,
+        p.blocks, p.vecs_per_block, sample_strides, stat_strides, stream,
+    )
+    _raise_on(lib, err, p)
+    for total, parts, d in zip((dweight, dbias), per_sample, direct):
+        if total is not None and not d:
+            torch.sum(parts, dim=0, out=total)
+
+
+def _raise_on(lib, err: int, p: Plan) -> None:
     if err:
         raise RuntimeError(f"hbkernels: cluster GroupNorm launch failed ({_error(lib, err)}; {p})")

@@ -1,4 +1,4 @@
-// GroupNorm (+ SiLU) forward for Hopper (sm_90+) that reads x from DRAM once.
+// GroupNorm (+ SiLU) forward and backward for Hopper (sm_90+) that read each input from DRAM once.
 //
 // The Triton forward reads x twice (statistics pass, then apply pass): on an H100 its floor is two
 // launches' worth of reads (25.2 us at (1, 320, 16, 40, 64) fp16, bench/results), above the 21 us a
@@ -7,7 +7,9 @@
 // level 0, T16, 4 blocks of 200 KiB), accumulates (mean, M2) while loading, the blocks exchange their
 // partials through distributed shared memory (one cluster barrier), and each writes its slice of y
 // from shared memory. DRAM traffic: x read once, y written once (a copy's), against x twice for the
-// two-pass kernels. Triton's language cannot hold a tile in shared memory across a cluster barrier,
+// two-pass kernels. The backward does the same with dy and x (both held: twice the blocks), exchanging
+// per-channel sums of dz and dz * xhat: dy and x read once, dx written once, where the Triton backward
+// reads both twice. Triton's language cannot hold a tile in shared memory across a cluster barrier,
 // hence CUDA C++; ROCm and pre-Hopper GPUs keep the Triton kernels.
 //
 // Layout: every (n, group) is one contiguous run of cpg * S elements in x and in y (NCHW with the
@@ -19,6 +21,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace cg = cooperative_groups;
 
@@ -74,6 +77,54 @@ union Vec {
   T e[kSize];
 };
 
+// Where one block's slice of its (sample, group) lies: grid (blocks, N * G), cluster (blocks, 1, 1).
+struct Slice {
+  int rank, n, g, cpg, c0;  // c0: the group's first channel
+  int v0, nv;               // the slice: nv 16-byte vectors from vector v0 of the group
+  long long offset;         // the group's first element within its sample
+
+  __device__ Slice(const cg::cluster_group& cluster, int channels, int groups, int S, int vecs_per_block, int vec) {
+    rank = static_cast<int>(cluster.block_rank());
+    n = blockIdx.y / groups;
+    g = blockIdx.y % groups;
+    cpg = channels / groups;
+    c0 = g * cpg;
+    v0 = rank * vecs_per_block;
+    nv = max(0, min(vecs_per_block, cpg * S / vec - v0));
+    offset = static_cast<long long>(c0) * S;
+  }
+};
+
+template <typename T>
+__device__ __forceinline__ const uint4* vectors(const T* t, long long sample_stride, const Slice& s) {
+  return reinterpret_cast<const uint4*>(t + s.n * sample_stride + s.offset) + s.v0;
+}
+
+template <typename T>
+__device__ __forceinline__ uint4* vectors(T* t, long long sample_stride, const Slice& s) {
+  return reinterpret_cast<uint4*>(t + s.n * sample_stride + s.offset) + s.v0;
+}
+
+template <bool kPrecise>
+__device__ __forceinline__ float sigmoid(float z) {
+  return kPrecise ? 1.f / (1.f + expf(-z)) : __fdividef(1.f, 1.f + __expf(-z));
+}
+
+// Sum of a value over the block; the result in thread 0. `scratch`: kThreads / 32 floats.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+#pragma unroll
+  for (int m = 16; m > 0; m >>= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
+  if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
+  __syncthreads();
+  v = threadIdx.x < 32 ? scratch[threadIdx.x] : 0.f;
+  if (threadIdx.x < 32) {
+#pragma unroll
+    for (int m = 16; m > 0; m >>= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
+  }
+  __syncthreads();  // scratch free for the next call
+  return v;
+}
+
 template <typename T, bool kSilu>
 __global__ void __launch_bounds__(kThreads, 1)
 gn_cluster_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ weight,
@@ -89,38 +140,29 @@ gn_cluster_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const float* _
   __shared__ float group_mean, group_rstd;
 
   cg::cluster_group cluster = cg::this_cluster();
-  const int rank = static_cast<int>(cluster.block_rank());
-  const int blocks = static_cast<int>(cluster.num_blocks());
-  const int n = blockIdx.y / groups;
-  const int g = blockIdx.y % groups;
-  const int cpg = channels / groups;
+  const Slice sl(cluster, channels, groups, S, vecs_per_block, kV);
   const int tid = threadIdx.x;
-  const int group_vecs = cpg * S / kV;
-  const int v0 = rank * vecs_per_block;
-  const int nv = max(0, min(vecs_per_block, group_vecs - v0));
-  const long long group_offset = static_cast<long long>(g) * cpg * S;
-  const uint4* src = reinterpret_cast<const uint4*>(x + n * x_sample_stride + group_offset) + v0;
-  uint4* dst = reinterpret_cast<uint4*>(y + n * y_sample_stride + group_offset) + v0;
-  const int c0 = g * cpg;
-  const float* shift_n = shift != nullptr ? shift + static_cast<long long>(n) * channels + c0 : nullptr;
+  const uint4* src = vectors(x, x_sample_stride, sl);
+  uint4* dst = vectors(y, y_sample_stride, sl);
+  const float* shift_n = shift != nullptr ? shift + static_cast<long long>(sl.n) * channels + sl.c0 : nullptr;
   float* coef = reinterpret_cast<float*>(smem + vecs_per_block);
 
   // 1. x -> shared memory, (count, mean, M2) of x + shift per thread: each vector's own mean and M2
   // (exact two-pass over 4-8 registers), Chan-merged into the thread's running state
   Stats st{0.f, 0.f, 0.f};
-  for (int base = 0; base < nv; base += kThreads * kUnroll) {
+  for (int base = 0; base < sl.nv; base += kThreads * kUnroll) {
     V r[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int i = base + u * kThreads + tid;
-      if (i < nv) r[u].raw = __ldcs(src + i);  // streamed: x is not read again from DRAM
+      if (i < sl.nv) r[u].raw = __ldcs(src + i);  // streamed: x is not read again from DRAM
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int i = base + u * kThreads + tid;
-      if (i < nv) {
+      if (i < sl.nv) {
         smem[i] = r[u].raw;
-        const float sh = shift_n != nullptr ? shift_n[(v0 + i) * kV / S] : 0.f;
+        const float sh = shift_n != nullptr ? shift_n[(sl.v0 + i) * kV / S] : 0.f;
         float f[kV], sum = 0.f;
 #pragma unroll
         for (int j = 0; j < kV; ++j) {
@@ -147,12 +189,14 @@ gn_cluster_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const float* _
   cluster.sync();  // every block's block_stats written and visible cluster-wide
   if (tid == 0) {
     Stats total{0.f, 0.f, 0.f};
-    for (int r = 0; r < blocks; ++r) total = merge(total, *cluster.map_shared_rank(&block_stats, r));
+    for (int r = 0; r < static_cast<int>(cluster.num_blocks()); ++r) {
+      total = merge(total, *cluster.map_shared_rank(&block_stats, r));
+    }
     group_mean = total.mean;
     group_rstd = rsqrtf(total.m2 / total.n + eps);
-    if (rank == 0) {
-      mean_out[n * mean_stride_n + g * mean_stride_g] = group_mean;
-      rstd_out[n * rstd_stride_n + g * rstd_stride_g] = group_rstd;
+    if (sl.rank == 0) {
+      mean_out[sl.n * mean_stride_n + sl.g * mean_stride_g] = group_mean;
+      rstd_out[sl.n * rstd_stride_n + sl.g * rstd_stride_g] = group_rstd;
     }
   }
   // Done reading the other blocks' shared memory; each block waits for this before it exits (below), so
@@ -162,27 +206,179 @@ gn_cluster_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const float* _
   __syncthreads();
 
   // 3. per-channel y = x * a + b: a = rstd * w, b = bias + (shift - mean) * a
-  for (int c = tid; c < cpg; c += kThreads) {
-    const float a = group_rstd * (weight != nullptr ? weight[c0 + c] : 1.f);
+  for (int c = tid; c < sl.cpg; c += kThreads) {
+    const float a = group_rstd * (weight != nullptr ? weight[sl.c0 + c] : 1.f);
     const float sh = shift_n != nullptr ? shift_n[c] : 0.f;
     coef[c] = a;
-    coef[cpg + c] = (bias != nullptr ? bias[c0 + c] : 0.f) + (sh - group_mean) * a;
+    coef[sl.cpg + c] = (bias != nullptr ? bias[sl.c0 + c] : 0.f) + (sh - group_mean) * a;
   }
   __syncthreads();
 
   // 4. y from shared memory, streamed out (evict-first: y is not read again by this kernel)
-  for (int i = tid; i < nv; i += kThreads) {
+  for (int i = tid; i < sl.nv; i += kThreads) {
     V v;
     v.raw = smem[i];
-    const int c = (v0 + i) * kV / S;
-    const float a = coef[c], b = coef[cpg + c];
+    const int c = (sl.v0 + i) * kV / S;
+    const float a = coef[c], b = coef[sl.cpg + c];
     V out;
 #pragma unroll
     for (int j = 0; j < kV; ++j) {
       float z = to_float(v.e[j]) * a + b;
-      if constexpr (kSilu) z = sizeof(T) == 4 ? z / (1.f + expf(-z)) : z / (1.f + __expf(-z));
+      if constexpr (kSilu) z *= sigmoid<sizeof(T) == 4>(z);
       out.e[j] = from_float<T>(z);
     }
+    __stcs(dst + i, out.raw);
+  }
+  __cluster_barrier_wait();
+}
+
+// Backward of y = GroupNorm(x + shift) (then SiLU), per (sample, group), with xhat = (x + shift - mean) *
+// rstd, z = xhat * w + b, dz = dy (or dy * silu'(z)): per channel S1 = sum dz, S2 = sum dz * xhat; per
+// group c1 = sum_c w_c S1_c / E, c2 = sum_c w_c S2_c / E (E elements); dx = rstd * (w dz - c1 - xhat c2),
+// dweight[n, c] = S2_c, dbias[n, c] = S1_c (per sample: the caller sums over N where N > 1).
+template <typename T, bool kSilu>
+__global__ void __launch_bounds__(kThreads, 1)
+gn_cluster_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
+                      const float* __restrict__ weight, const float* __restrict__ bias,
+                      const float* __restrict__ shift, const float* __restrict__ mean, const float* __restrict__ rstd,
+                      float* __restrict__ dweight, float* __restrict__ dbias, int channels, int groups, int S,
+                      int vecs_per_block, long long dy_sample_stride, long long x_sample_stride,
+                      long long dx_sample_stride, long long mean_stride_n, long long mean_stride_g,
+                      long long rstd_stride_n, long long rstd_stride_g) {
+  using V = Vec<T>;
+  constexpr int kV = V::kSize;
+  constexpr bool kPrecise = sizeof(T) == 4;
+  // x's slice, dy's slice, then per channel: w, o = (shift - mean) * rstd, b, this block's S1 and S2 (read
+  // by the cluster's other blocks), the group's S1 and S2
+  extern __shared__ uint4 smem[];
+  __shared__ float scratch[kThreads / 32];
+  __shared__ float c1, c2;
+
+  cg::cluster_group cluster = cg::this_cluster();
+  const Slice sl(cluster, channels, groups, S, vecs_per_block, kV);
+  const int tid = threadIdx.x, cpg = sl.cpg;
+  uint4* xs = smem;
+  uint4* dys = smem + vecs_per_block;
+  float* w = reinterpret_cast<float*>(smem + 2 * vecs_per_block);
+  float* o = w + cpg;
+  float* b = o + cpg;
+  float* sums = b + cpg;  // [2 * cpg]: S1 then S2 of this block's slice
+  float* totals = sums + 2 * cpg;
+  const float r = rstd[sl.n * rstd_stride_n + sl.g * rstd_stride_g];
+  const float m = mean[sl.n * mean_stride_n + sl.g * mean_stride_g];
+  for (int c = tid; c < cpg; c += kThreads) {
+    w[c] = weight != nullptr ? weight[sl.c0 + c] : 1.f;
+    o[c] = ((shift != nullptr ? shift[static_cast<long long>(sl.n) * channels + sl.c0 + c] : 0.f) - m) * r;
+    b[c] = bias != nullptr ? bias[sl.c0 + c] : 0.f;
+    sums[c] = sums[cpg + c] = 0.f;
+  }
+
+  // 1. dy and x -> shared memory (streamed: neither is read again from DRAM)
+  const uint4* x_src = vectors(x, x_sample_stride, sl);
+  const uint4* dy_src = vectors(dy, dy_sample_stride, sl);
+  for (int base = 0; base < sl.nv; base += kThreads * kUnroll) {
+    uint4 rx[kUnroll], rdy[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int i = base + u * kThreads + tid;
+      if (i < sl.nv) {
+        rx[u] = __ldcs(x_src + i);
+        rdy[u] = __ldcs(dy_src + i);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int i = base + u * kThreads + tid;
+      if (i < sl.nv) {
+        xs[i] = rx[u];
+        dys[i] = rdy[u];
+      }
+    }
+  }
+  __syncthreads();
+
+  // dz and xhat of one vector (all of channel c)
+  auto dz_xhat = [&](int i, int c, float* dz, float* xh) {
+    V xv, dv;
+    xv.raw = xs[i];
+    dv.raw = dys[i];
+#pragma unroll
+    for (int j = 0; j < kV; ++j) {
+      xh[j] = to_float(xv.e[j]) * r + o[c];
+      dz[j] = to_float(dv.e[j]);
+      if constexpr (kSilu) {
+        const float z = xh[j] * w[c] + b[c];
+        const float sg = sigmoid<kPrecise>(z);
+        dz[j] *= sg * (1.f + z * (1.f - sg));
+      }
+    }
+  };
+
+  // 2. this block's S1, S2 per channel: one block-wide sum per channel its slice touches (a slice is
+  // whole vectors, each within one channel)
+  if (sl.nv > 0) {
+    const int vecs_per_channel = S / kV;
+    const int first = sl.v0 / vecs_per_channel, last = (sl.v0 + sl.nv - 1) / vecs_per_channel;
+    for (int c = first; c <= last; ++c) {
+      const int lo = max(0, c * vecs_per_channel - sl.v0), hi = min(sl.nv, (c + 1) * vecs_per_channel - sl.v0);
+      float s1 = 0.f, s2 = 0.f;
+      for (int i = lo + tid; i < hi; i += kThreads) {
+        float dz[kV], xh[kV];
+        dz_xhat(i, c, dz, xh);
+#pragma unroll
+        for (int j = 0; j < kV; ++j) {
+          s1 += dz[j];
+          s2 += dz[j] * xh[j];
+        }
+      }
+      s1 = block_sum(s1, scratch);
+      s2 = block_sum(s2, scratch);
+      if (tid == 0) {
+        sums[c] = s1;
+        sums[cpg + c] = s2;
+      }
+    }
+  }
+  cluster.sync();  // every block's sums written and visible cluster-wide
+
+  // 3. the group's S1, S2 per channel, summed over the cluster's blocks in rank order (deterministic)
+  for (int c = tid; c < cpg; c += kThreads) {
+    float s1 = 0.f, s2 = 0.f;
+    for (int k = 0; k < static_cast<int>(cluster.num_blocks()); ++k) {
+      const float* remote = cluster.map_shared_rank(sums, k);
+      s1 += remote[c];
+      s2 += remote[cpg + c];
+    }
+    totals[c] = s1;
+    totals[cpg + c] = s2;
+    if (sl.rank == 0) {
+      if (dbias != nullptr) dbias[static_cast<long long>(sl.n) * channels + sl.c0 + c] = s1;
+      if (dweight != nullptr) dweight[static_cast<long long>(sl.n) * channels + sl.c0 + c] = s2;
+    }
+  }
+  __cluster_barrier_arrive_relaxed();  // as in the forward: reads done (values used), exit guarded below
+  __syncthreads();
+  if (tid == 0) {
+    float a1 = 0.f, a2 = 0.f;
+    for (int c = 0; c < cpg; ++c) {
+      a1 += w[c] * totals[c];
+      a2 += w[c] * totals[cpg + c];
+    }
+    const float inv = 1.f / (static_cast<float>(cpg) * static_cast<float>(S));
+    c1 = a1 * inv;
+    c2 = a2 * inv;
+  }
+  __syncthreads();
+
+  // 4. dx from shared memory, streamed out
+  uint4* dst = vectors(dx, dx_sample_stride, sl);
+  for (int i = tid; i < sl.nv; i += kThreads) {
+    const int c = (sl.v0 + i) * kV / S;
+    float dz[kV], xh[kV];
+    dz_xhat(i, c, dz, xh);
+    V out;
+#pragma unroll
+    for (int j = 0; j < kV; ++j) out.e[j] = from_float<T>(r * (w[c] * dz[j] - c1 - xh[j] * c2));
     __stcs(dst + i, out.raw);
   }
   __cluster_barrier_wait();
@@ -218,31 +414,29 @@ struct ClusterLaunch {
   }
 };
 
-template <typename T, bool kSilu>
-int launch(const void* x, void* y, const float* weight, const float* bias, const float* shift, float* mean,
-           float* rstd, int batch, int channels, int groups, int S, int blocks, int vecs_per_block,
-           long long x_sample_stride, long long y_sample_stride, const long long* stat_strides, float eps,
-           cudaStream_t stream) {
-  auto kernel = gn_cluster_fwd_kernel<T, kSilu>;
-  const int smem = vecs_per_block * 16 + 2 * (channels / groups) * static_cast<int>(sizeof(float));
+template <typename... Params, typename... Args>
+int launch(void (*kernel)(Params...), int blocks, int rows, int smem, cudaStream_t stream, Args... args) {
   cudaError_t err = configure(kernel, blocks, smem);
   if (err != cudaSuccess) return static_cast<int>(err);
-  ClusterLaunch grid(blocks, batch * groups, smem, stream);
-  err = cudaLaunchKernelEx(&grid.config, kernel, static_cast<const T*>(x), static_cast<T*>(y), weight, bias, shift,
-                           mean, rstd, channels, groups, S, vecs_per_block, x_sample_stride, y_sample_stride,
-                           stat_strides[0], stat_strides[1], stat_strides[2], stat_strides[3], eps);
-  return static_cast<int>(err);
+  ClusterLaunch grid(blocks, rows, smem, stream);
+  return static_cast<int>(cudaLaunchKernelEx(&grid.config, kernel, args...));
 }
 
-template <typename T>
-int launch_dtype(bool silu, const void* x, void* y, const float* weight, const float* bias, const float* shift,
-                 float* mean, float* rstd, int batch, int channels, int groups, int S, int blocks,
-                 int vecs_per_block, long long xs, long long ys, const long long* stat_strides, float eps,
-                 cudaStream_t stream) {
-  return silu ? launch<T, true>(x, y, weight, bias, shift, mean, rstd, batch, channels, groups, S, blocks,
-                                vecs_per_block, xs, ys, stat_strides, eps, stream)
-              : launch<T, false>(x, y, weight, bias, shift, mean, rstd, batch, channels, groups, S, blocks,
-                                 vecs_per_block, xs, ys, stat_strides, eps, stream);
+// f(T{}, std::integral_constant<bool, silu>{}) for the run-time dtype (0 float32, 1 float16, 2 bfloat16).
+template <typename F>
+int dispatch(int dtype, int silu, F f) {
+  using On = std::true_type;
+  using Off = std::false_type;
+  switch (dtype) {
+    case 0:
+      return silu ? f(float{}, On{}) : f(float{}, Off{});
+    case 1:
+      return silu ? f(__half{}, On{}) : f(__half{}, Off{});
+    case 2:
+      return silu ? f(__nv_bfloat16{}, On{}) : f(__nv_bfloat16{}, Off{});
+    default:
+      return static_cast<int>(cudaErrorInvalidValue);
+  }
 }
 
 // Makes `device` current for one call, restoring the caller's afterwards.
@@ -271,26 +465,37 @@ int hb_gn_cluster_fwd(int device, int dtype, int silu, const void* x, void* y, c
                       const long long* stat_strides, float eps, void* stream) {
   DeviceGuard guard(device);
   if (guard.err != cudaSuccess) return static_cast<int>(guard.err);
-  auto s = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case 0:
-      return launch_dtype<float>(silu, x, y, weight, bias, shift, mean, rstd, batch, channels, groups, S, blocks,
-                                 vecs_per_block, x_sample_stride, y_sample_stride, stat_strides, eps, s);
-    case 1:
-      return launch_dtype<__half>(silu, x, y, weight, bias, shift, mean, rstd, batch, channels, groups, S, blocks,
-                                  vecs_per_block, x_sample_stride, y_sample_stride, stat_strides, eps, s);
-    case 2:
-      return launch_dtype<__nv_bfloat16>(silu, x, y, weight, bias, shift, mean, rstd, batch, channels, groups, S,
-                                         blocks, vecs_per_block, x_sample_stride, y_sample_stride, stat_strides, eps,
-                                         s);
-    default:
-      return static_cast<int>(cudaErrorInvalidValue);
-  }
+  const int smem = vecs_per_block * 16 + 2 * (channels / groups) * static_cast<int>(sizeof(float));
+  return dispatch(dtype, silu, [&](auto t, auto s) {
+    using T = decltype(t);
+    return launch(gn_cluster_fwd_kernel<T, decltype(s)::value>, blocks, batch * groups, smem,
+                  static_cast<cudaStream_t>(stream), static_cast<const T*>(x), static_cast<T*>(y), weight, bias,
+                  shift, mean, rstd, channels, groups, S, vecs_per_block, x_sample_stride, y_sample_stride,
+                  stat_strides[0], stat_strides[1], stat_strides[2], stat_strides[3], eps);
+  });
+}
+
+// dweight / dbias: (N, C) float32 per-sample sums, or null. sample_strides: dy's, x's, dx's.
+int hb_gn_cluster_bwd(int device, int dtype, int silu, const void* dy, const void* x, void* dx, const float* weight,
+                      const float* bias, const float* shift, const float* mean, const float* rstd, float* dweight,
+                      float* dbias, int batch, int channels, int groups, int S, int blocks, int vecs_per_block,
+                      const long long* sample_strides, const long long* stat_strides, void* stream) {
+  DeviceGuard guard(device);
+  if (guard.err != cudaSuccess) return static_cast<int>(guard.err);
+  const int smem = 2 * vecs_per_block * 16 + 7 * (channels / groups) * static_cast<int>(sizeof(float));
+  return dispatch(dtype, silu, [&](auto t, auto s) {
+    using T = decltype(t);
+    return launch(gn_cluster_bwd_kernel<T, decltype(s)::value>, blocks, batch * groups, smem,
+                  static_cast<cudaStream_t>(stream), static_cast<const T*>(dy), static_cast<const T*>(x),
+                  static_cast<T*>(dx), weight, bias, shift, mean, rstd, dweight, dbias, channels, groups, S,
+                  vecs_per_block, sample_strides[0], sample_strides[1], sample_strides[2], stat_strides[0],
+                  stat_strides[1], stat_strides[2], stat_strides[3]);
+  });
 }
 
 // Clusters of `blocks` blocks with `smem` bytes of dynamic shared memory each that the device can hold
-// at once (0: such a cluster cannot run there), for the fp16 SiLU kernel (all variants use the same
-// resources: one block of kThreads per SM, shared memory decides).
+// at once (0: such a cluster cannot run there). Every kernel here takes one block of kThreads per SM at
+// most; shared memory decides the rest.
 int hb_gn_cluster_capacity(int device, int blocks, int smem, int* clusters) {
   DeviceGuard guard(device);
   if (guard.err != cudaSuccess) return static_cast<int>(guard.err);
@@ -301,8 +506,8 @@ int hb_gn_cluster_capacity(int device, int blocks, int smem, int* clusters) {
   return static_cast<int>(cudaOccupancyMaxActiveClusters(clusters, kernel, &grid.config));
 }
 
-// The dynamic shared memory one block of the kernel may opt into (the device's per-block limit less
-// the kernel's static shared memory, in bytes), and the device's compute capability.
+// The dynamic shared memory one block may opt into (the device's per-block limit less the larger static
+// shared memory of the two kernels, in bytes), and the device's compute capability.
 int hb_device_limits(int device, int* dynamic_smem, int* major, int* minor) {
   int optin = 0;
   *dynamic_smem = 0;
@@ -312,9 +517,14 @@ int hb_device_limits(int device, int* dynamic_smem, int* major, int* minor) {
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(minor, cudaDevAttrComputeCapabilityMinor, device);
   if (err == cudaSuccess && *major >= 9) {
     DeviceGuard guard(device);
-    err = guard.err != cudaSuccess ? guard.err
-                                   : cudaFuncGetAttributes(&attributes, gn_cluster_fwd_kernel<__half, true>);
-    *dynamic_smem = optin - static_cast<int>(attributes.sharedSizeBytes);
+    err = guard.err;
+    int largest_static = 0;
+    for (const void* kernel : {reinterpret_cast<const void*>(gn_cluster_fwd_kernel<__half, true>),
+                               reinterpret_cast<const void*>(gn_cluster_bwd_kernel<__half, true>)}) {
+      if (err == cudaSuccess) err = cudaFuncGetAttributes(&attributes, kernel);
+      if (err == cudaSuccess) largest_static = max(largest_static, static_cast<int>(attributes.sharedSizeBytes));
+    }
+    if (err == cudaSuccess) *dynamic_smem = optin - largest_static;
   }
   return static_cast<int>(err);
 }

@@ -31,8 +31,9 @@ backward _gn_one_pass_bwd_kernel: each program holds one tile of dy and x in reg
                           exchange needs a group's programs resident at once, which bounds the tile
                           from below (see _one_pass_plan).
 
-Cluster forward (opt-in, CLUSTER_FORWARD; CUDA sm_90+, NCHW): hbkernels/cuda/group_norm_cluster.cu does
-the whole forward in one kernel, each (sample, group) held in one thread-block cluster's shared memory.
+Cluster kernels (opt-in, CLUSTER_FORWARD / CLUSTER_BACKWARD; CUDA sm_90+, NCHW):
+hbkernels/cuda/group_norm_cluster.cu does the whole forward, or backward, in one kernel, each (sample,
+group) held in one thread-block cluster's shared memory.
 
 Memory traffic: forward reads x twice and writes y once; the fused SiLU saves the separate activation
 pass (one read + one write), and writing y straight into the token layout saves the permute copy (one
@@ -118,10 +119,12 @@ _MAX_GRID_1 = 65535  # CUDA's limit on grid axes 1 and 2
 # (sample, group) in shared memory while its blocks exchange partial statistics
 # (hbkernels/cuda/group_norm_cluster.cu): x read from DRAM once, where the passes here read it twice,
 # whose floor (25.2 us at level 0, T16, on an H100) is above a 2.5 TB/s GroupNorm's 21 us. Applies where
-# x and y are NCHW with 16-byte-aligned groups (else these kernels run). Opt-in (HBKERNELS_CLUSTER_GN=1)
-# until timed on a GPU. CLUSTER_BLOCKS: blocks per cluster (None: hbkernels.cuda.group_norm.plan's
-# choice from the device's SMs and the clusters it holds at once).
+# x and y are NCHW with 16-byte-aligned groups (else these kernels run). CLUSTER_BACKWARD: the backward
+# the same way, dy and x held together (read once each, where the passes here read both twice). Opt-in
+# (HBKERNELS_CLUSTER_GN=1 sets both) until timed on a GPU. CLUSTER_BLOCKS: blocks per cluster (None:
+# hbkernels.cuda.group_norm.plan's choice from the device's SMs and the clusters it holds at once).
 CLUSTER_FORWARD = _env_flag("HBKERNELS_CLUSTER_GN")
+CLUSTER_BACKWARD = CLUSTER_FORWARD
 CLUSTER_BLOCKS = None
 # (A register cap of 32 on the apply kernel, for 8 programs of 8 warps per SM, tied on NCHW x and lost
 # 4.5-8.7 us on channels-last x at level 0 on an H100; one-channel NCHW tiles take 32 registers uncapped.)
@@ -866,6 +869,11 @@ def _channel_sums(pa, pb, dweight, dbias) -> None:
 def gn_bwd(dy, x, weight, bias, shift, mean, rstd, dx, dweight, dbias, num_groups: int, silu: bool) -> None:
     """dx (and dweight/dbias when given, fp32 (C,)) of y = GroupNorm(x + shift) (then SiLU)."""
     _check_views(dy, x, dx)
+    if CLUSTER_BACKWARD and x.is_cuda and not INTERPRETED:
+        from hbkernels.cuda.group_norm import try_gn_bwd
+
+        if try_gn_bwd(dy, x, weight, bias, shift, mean, rstd, dx, dweight, dbias, num_groups, silu, CLUSTER_BLOCKS):
+            return
     n, c, t, s = x.shape
     cpg = c // num_groups
     w, sw = _vec_or_dummy(weight, mean)
