@@ -21,9 +21,10 @@ def video4(n, c, t, s, dtype=torch.float16, **kwargs):
 
 
 def h100_resident(blocks, smem):
-    """A model of an H100's cluster residency: 132 SMs, one block per SM over half the shared memory,
-    two under (the real count also depends on how the SMs split into GPCs: a cluster's blocks share one)."""
-    return 132 * (1 if smem > H100_LIMIT // 2 else 2) // blocks
+    """A model of an H100's cluster residency: 132 SMs, one block per SM (1024 threads at 56-64
+    registers fill its register file). The device's own count also depends on how its SMs split into
+    GPCs: a cluster's blocks share one."""
+    return 132 // blocks
 
 
 def level_plan(t, c=320, n=1, dtype_size=2, blocks=None, resident=h100_resident):
@@ -49,7 +50,7 @@ def test_plan_estimate():
     assert h100_resident(6, level_plan(26, blocks=6).smem) == 22
     assert level_plan(26).blocks == 8
     # level 0, T16: were one 4-block cluster too many for the GPCs (31 at once), 32 groups would take
-    # two waves: 8 blocks of 100 KiB, two per SM, run them in one
+    # two waves of 200 KiB per SM: 8 blocks of 100 KiB take two waves of 100 KiB
     assert level_plan(16, resident=lambda r, smem: 31 if r == 4 else h100_resident(r, smem)).blocks == 8
     # where the device holds no such cluster at all, the next plan that runs
     assert level_plan(16, resident=lambda r, smem: 0 if r == 4 else h100_resident(r, smem)).blocks == 8
@@ -62,7 +63,7 @@ def test_plan_estimate():
 
 def test_backward_plan_holds_dy_and_x():
     # level 0, T16, fp16: 1.6 MB of dy and x per group; 8 blocks of 200 KiB run 16 clusters at once (two
-    # waves), 16 blocks of 100 KiB, two per SM, also two waves of 16 with twice the blocks per SM: a tie
+    # waves); 16 blocks of 100 KiB run 8 at once (four waves of half the bytes): a tie, fewer blocks win
     p = cluster.plan(32, 10 * 16 * 2560, 10, 2, H100_LIMIT, 132, h100_resident, tensors=2,
                      coefficients=cluster.BACKWARD_COEFFICIENTS)
     assert (p.blocks, p.vecs_per_block, p.smem) == (8, 6400, 2 * 6400 * 16 + 7 * 10 * 4)

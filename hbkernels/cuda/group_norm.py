@@ -64,7 +64,8 @@ def plan(clusters: int, group_numel: int, cpg: int, element_size: int, smem_limi
     ``resident(blocks, smem)``: how many such clusters the device holds at once (0: none), which is
     where its GPCs' sizes show (a cluster's blocks share one GPC). The clusters run in waves of that
     many; in each wave an SM moves the bytes of the blocks it holds, so the estimated time is the sum over
-    waves of (blocks per SM) x (bytes per block). Fewer blocks win ties (fewer partials, smaller
+    waves of (blocks per SM) x (bytes per block) (the kernels' 1024-thread blocks fill an SM's registers:
+    one per SM). Fewer blocks win ties (fewer partials, smaller
     barriers). Level 0 fp16, T16, on a device holding 32 four-block clusters of 200 KiB blocks: 4 blocks,
     one wave; level 2 (200 KiB groups): 4 blocks, not 1 (32 blocks would leave 100 SMs idle).
     ``blocks``: force that many (None where they cannot hold a group). ``tensors``: slices held per
