@@ -6,7 +6,8 @@ to keep.
   the statistics loop, and (at the default) the apply order, the apply pass's evict-first hints,
   apply tile, programmatic dependent launch, channel blocks launched first (channels-last only),
   channels per statistics / apply tile, statistics reduced per tile and merged in the apply pass,
-  the Hopper cluster kernels per blocks per cluster (NCHW only; see hbkernels/triton/group_norm.py);
+  the Hopper cluster kernels per blocks per cluster (NCHW only, but the cluster forward; see
+  hbkernels/triton/group_norm.py);
   channels-last shapes set their own tile knobs (*_CHANNELS_LAST). The default setting is also
   profiled: microseconds per call of each of its kernels (statistics, finalize, apply), which says
   which pass to work on next. The backward's partial-sums pass shares the statistics loop's stages:
@@ -53,7 +54,7 @@ GN_APPLY_TILES = (4096, 8192, 16384)  # each layout's default is timed once, in 
 # Channels per NCHW tile (statistics, apply, pairs of both; the backward's partial sums)
 GN_NCHW_CHANNELS = (1, 2, 4, 8, 16)
 GN_NCHW_CHANNEL_PAIRS = [(s, a) for s in (1, 2, 16) for a in (1, 2, 16)]
-# The cluster forward (CLUSTER_FORWARD, NCHW only: one kernel, x held in shared memory) with its own
+# The cluster forward (CLUSTER_FORWARD: one kernel, x held in shared memory) with its own
 # choice of blocks per cluster (None), then forced: level 0 fp16 needs at least 4 at T16, 6 at T26 (a
 # forced count that cannot hold a group leaves the Triton passes to run: the row's "cluster" says)
 GN_CLUSTER_BLOCKS = (None, 4, 6, 8, 12, 16)
@@ -100,7 +101,7 @@ def _one_pass_settings():
 
 # Knobs that change nothing on channels-last tensors where set (true)
 NCHW_ONLY = ("ONE_PASS", "STATS_PER_TILE", "APPLY_MERGES", "_STATS_CHANNELS_NCHW", "_APPLY_CHANNELS_NCHW",
-             "_BWD_CHANNELS_NCHW", "_BWD_APPLY_CHANNELS_NCHW", "CLUSTER_FORWARD", "CLUSTER_BACKWARD")
+             "_BWD_CHANNELS_NCHW", "_BWD_APPLY_CHANNELS_NCHW", "CLUSTER_BACKWARD")
 # Knobs that change nothing on NCHW tensors where set (true)
 CHANNELS_LAST_ONLY = ("CHANNEL_BLOCKS_FIRST",)
 
@@ -200,13 +201,16 @@ def _cluster_plan(x, blocks, backward=False):
     """What the cluster forward (backward) runs for x (32 groups) with ``blocks`` per cluster (None: its
     choice)."""
     from hbkernels.cuda import group_norm as cluster
+    from hbkernels.ops.group_norm import video_view
 
     index = x.device.index or 0  # a tensor on a GPU has its device's index
     n, c = x.shape[:2]
-    p = cluster.device_plan(index, n * 32, x.numel() // (n * 32), c // 32, x.element_size(), blocks, backward)
+    layout = cluster.layout(32, video_view(x))
+    p = None if layout is None else cluster.device_plan(index, n * 32, x.numel() // (n * 32), c // 32,
+                                                        x.element_size(), blocks, backward, layout)
     if p is None:
         return "none: the Triton passes ran"
-    return f"{p.blocks} blocks of {p.smem} B, {cluster.resident(index, p.blocks, p.smem)} clusters resident"
+    return f"{layout}, {p.blocks} blocks of {p.smem} B, {cluster.resident(index, p.blocks, p.smem)} clusters resident"
 
 
 def sweep_temporal_attention(report, dev, min_time):

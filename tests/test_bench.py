@@ -363,7 +363,7 @@ def test_sweep_group_norm_runs(monkeypatch, only):
     from hbkernels.triton import group_norm as gn
 
     timed = []
-    monkeypatch.setattr(sweep, "GN_SHAPES", [(label, (1, 32, 2, 4, 4), fmt) for label, _, fmt in sweep.GN_SHAPES[:2]])
+    monkeypatch.setattr(sweep, "GN_SHAPES", [(label, (1, 64, 2, 4, 4), fmt) for label, _, fmt in sweep.GN_SHAPES[:2]])
     monkeypatch.setattr(common, "median_seconds_graphed",
                         lambda fn, min_time, args: timed.append(fn(*args)) or 1e-6 * len(timed))
     # profiled over the timing's rotated input sets, reported per call: 1 ms per set -> 1000 us
@@ -372,20 +372,20 @@ def test_sweep_group_norm_runs(monkeypatch, only):
     # the cluster forward's rows say what ran: its plan (the device queries replaced), or that none did
     from hbkernels.cuda import group_norm as cluster
 
-    monkeypatch.setattr(cluster, "device_plan", lambda index, clusters, numel, cpg, size, blocks, backward=False:
+    monkeypatch.setattr(cluster, "device_plan", lambda index, clusters, numel, cpg, size, blocks, backward, layout:
                         None if blocks == 6 else cluster.Plan(blocks or (8 if backward else 4), 32, 528))
     monkeypatch.setattr(cluster, "resident", lambda index, blocks, smem: 132 // blocks)
     report = common.Report(device="cpu")
     sweep.sweep_group_norm(report, torch.device("cpu"), 0.0, only)
     rows = [r for r in report.rows if r.suite == "group_norm_silu"]
-    plans = {r.impl: r.extra["cluster"] for r in rows if "cluster" in r.extra}
-    assert plans == ({} if only else {
-        "cluster_forward=True cluster_blocks=None": "4 blocks of 528 B, 33 clusters resident",
-        "cluster_forward=True cluster_blocks=4": "4 blocks of 528 B, 33 clusters resident",
-        "cluster_forward=True cluster_blocks=6": "none: the Triton passes ran",
-        "cluster_forward=True cluster_blocks=8": "8 blocks of 528 B, 16 clusters resident",
-        "cluster_forward=True cluster_blocks=12": "12 blocks of 528 B, 11 clusters resident",
-        "cluster_forward=True cluster_blocks=16": "16 blocks of 528 B, 8 clusters resident"})
+    plans = {(r.case, r.impl): r.extra["cluster"] for r in rows if "cluster" in r.extra}
+    forward = {"None": "4 blocks of 528 B, 33 clusters resident", "4": "4 blocks of 528 B, 33 clusters resident",
+               "6": None, "8": "8 blocks of 528 B, 16 clusters resident",
+               "12": "12 blocks of 528 B, 11 clusters resident", "16": "16 blocks of 528 B, 8 clusters resident"}
+    assert plans == ({} if only else {  # both layouts: the forward's cluster kernel takes channels-last x too
+        (case, f"cluster_forward=True cluster_blocks={b}"): f"{layout}, {plan}" if plan else "none: the Triton passes ran"
+        for case, layout in (("vc2 L0 B1 T16", "nchw"), ("vc2 L0 B1 T16 CL", "channels_last"))
+        for b, plan in forward.items()})
     labels = {r.impl for r in rows}
     assert len(report.rows) == len(timed) and "eager" in labels
     assert sum(r.impl.endswith("(default)") for r in rows) == 2  # one default point per shape, profiled
@@ -395,10 +395,10 @@ def test_sweep_group_norm_runs(monkeypatch, only):
     backward = [r for r in report.rows if r.suite == "group_norm_silu_backward"]
     assert bool(backward) == (only is None)
     assert {r.impl: r.extra["cluster"] for r in backward if "cluster" in r.extra} == ({} if only else {
-        "cluster_backward=True cluster_blocks=None": "8 blocks of 528 B, 16 clusters resident",
-        "cluster_backward=True cluster_blocks=8": "8 blocks of 528 B, 16 clusters resident",
-        "cluster_backward=True cluster_blocks=12": "12 blocks of 528 B, 11 clusters resident",
-        "cluster_backward=True cluster_blocks=16": "16 blocks of 528 B, 8 clusters resident"})
+        "cluster_backward=True cluster_blocks=None": "nchw, 8 blocks of 528 B, 16 clusters resident",
+        "cluster_backward=True cluster_blocks=8": "nchw, 8 blocks of 528 B, 16 clusters resident",
+        "cluster_backward=True cluster_blocks=12": "nchw, 12 blocks of 528 B, 11 clusters resident",
+        "cluster_backward=True cluster_blocks=16": "nchw, 16 blocks of 528 B, 8 clusters resident"})
 
 
 def test_sweep_temporal_attention_runs(monkeypatch):

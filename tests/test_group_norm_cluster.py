@@ -21,9 +21,9 @@ def video4(n, c, t, s, dtype=torch.float16, **kwargs):
 
 
 def h100_resident(blocks, smem):
-    """A model of an H100's cluster residency: 132 SMs, one block per SM (1024 threads at 56-64
-    registers fill its register file). The device's own count also depends on how its SMs split into
-    GPCs: a cluster's blocks share one."""
+    """A model of an H100's cluster residency: 132 SMs, one block per SM (a 512-thread block at 72-128
+    registers takes more than half the register file). The device's own count also depends on how its
+    SMs split into GPCs: a cluster's blocks share one."""
     return 132 // blocks
 
 
@@ -36,10 +36,10 @@ def level_plan(t, c=320, n=1, dtype_size=2, blocks=None, resident=h100_resident)
 @pytest.mark.parametrize("t,c,n,blocks", [(16, 320, 1, 4), (26, 320, 1, 8), (16, 1280, 1, 4), (16, 640, 2, 2)])
 def test_plan_spreads_groups_over_the_sms_in_fewest_waves(t, c, n, blocks):
     p = level_plan(t, c, n)
-    group_vecs = c // 32 * t * {320: 2560, 640: 640, 1280: 160}[c] * 2 // 16
+    group_units = c // 32 * t * {320: 2560, 640: 640, 1280: 160}[c] * 2 // 16
     assert p.blocks == blocks
-    assert p.blocks * p.vecs_per_block >= group_vecs > (p.blocks - 1) * p.vecs_per_block  # covered, none idle
-    assert p.smem == p.vecs_per_block * 16 + 2 * c // 32 * 4 <= H100_LIMIT
+    assert p.blocks * p.units_per_block >= group_units > (p.blocks - 1) * p.units_per_block  # covered, none idle
+    assert p.smem == p.units_per_block * 16 + 2 * c // 32 * 4 <= H100_LIMIT
 
 
 def test_plan_estimate():
@@ -66,7 +66,7 @@ def test_backward_plan_holds_dy_and_x():
     # waves); 16 blocks of 100 KiB run 8 at once (four waves of half the bytes): a tie, fewer blocks win
     p = cluster.plan(32, 10 * 16 * 2560, 10, 2, H100_LIMIT, 132, h100_resident, tensors=2,
                      coefficients=cluster.BACKWARD_COEFFICIENTS)
-    assert (p.blocks, p.vecs_per_block, p.smem) == (8, 6400, 2 * 6400 * 16 + 7 * 10 * 4)
+    assert (p.blocks, p.units_per_block, p.smem) == (8, 6400, 2 * 6400 * 16 + 7 * 10 * 4)
     # T26 needs 12 blocks (2.66 MB); fp32 T26 (5.3 MB) more than 16
     assert cluster.plan(32, 10 * 26 * 2560, 10, 2, H100_LIMIT, 132, h100_resident, tensors=2,
                         coefficients=cluster.BACKWARD_COEFFICIENTS).blocks >= 12
@@ -74,43 +74,65 @@ def test_backward_plan_holds_dy_and_x():
                         coefficients=cluster.BACKWARD_COEFFICIENTS) is None
 
 
+def test_channels_last_plan_counts_4_byte_units():
+    p = cluster.plan(32, 10 * 16 * 2560, 10, 2, H100_LIMIT, 132, h100_resident, unit_bytes=4)
+    assert (p.blocks, p.units_per_block, p.smem) == (4, 51200, 51200 * 4 + 2 * 10 * 4)
+
+
 @pytest.mark.parametrize("dtype,vector", [(torch.float32, 4), (torch.float16, 8), (torch.bfloat16, 8)])
-def test_applies_to_whole_vectors_per_channel(dtype, vector):
+def test_nchw_needs_whole_vectors_per_channel(dtype, vector):
     x = video4(2, 8, 1, vector, dtype)
-    assert cluster.applies(4, x, torch.empty_like(x))
+    assert cluster.layout(4, x, torch.empty_like(x)) == "nchw"
     x = video4(2, 8, 1, vector + 2, dtype)  # a 16-byte vector would straddle two channels
-    assert not cluster.applies(4, x, torch.empty_like(x))
+    assert cluster.layout(4, x, torch.empty_like(x)) is None
 
 
-def test_applies_only_where_the_kernel_can_address_the_tensors():
+def channels_last(n, c, t, s, dtype=torch.float16):
+    """An (N, C, T, S) view of channels-last memory (as video_view gives of channels_last_3d tensors)."""
+    return torch.empty(n, t, s, c, dtype=dtype).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("dtype,cpg,ok", [(torch.float16, 10, True), (torch.float16, 5, False),
+                                          (torch.bfloat16, 2, True), (torch.float32, 5, True)])
+def test_channels_last_needs_whole_4_byte_units_per_group(dtype, cpg, ok):
+    x = channels_last(2, 4 * cpg, 3, 6, dtype)
+    assert cluster.layout(4, x, channels_last(2, 4 * cpg, 3, 6, dtype)) == ("channels_last" if ok else None)
+
+
+def test_layout_only_where_the_kernel_can_address_the_tensors():
     x = video4(2, 16, 4, 64)
     y = torch.empty_like(x)
-    assert cluster.applies(4, x, y)
-    # channels-last: a group is not one run
-    cl = torch.empty(2, 4, 64, 16, dtype=torch.float16).permute(0, 3, 1, 2)
-    assert not cluster.applies(4, cl, y) and not cluster.applies(4, x, cl)
-    # a view starting one element (2 bytes) past a 16-byte boundary
+    assert cluster.layout(4, x, y) == "nchw"
+    cl = channels_last(2, 16, 4, 64)
+    assert cluster.layout(4, cl, channels_last(2, 16, 4, 64)) == "channels_last"
+    # one layout each: the kernel addresses x and y alike
+    assert cluster.layout(4, cl, y) is None and cluster.layout(4, x, cl) is None
+    # the token layout GroupNorm writes for temporal attention, (N*H*W, T, C) seen as (N, C, T, H*W)
+    tokens = torch.empty(2 * 64, 4, 16, dtype=torch.float16).reshape(2, 64, 4, 16).permute(0, 3, 2, 1)
+    assert cluster.layout(4, x, tokens) is None
+    # a view starting one element (2 bytes) past a 16-byte boundary (4-byte units: still aligned for those)
     shifted = torch.empty(2 * 16 * 4 * 64 + 1, dtype=torch.float16)[1:].view(2, 16, 4, 64)
-    assert not cluster.applies(4, shifted, y)
+    assert cluster.layout(4, shifted, y) is None
     # samples a non-whole number of vectors apart
     gapped = torch.empty(2, 16 * 4 * 64 + 3, dtype=torch.float16)[:, :16 * 4 * 64].view(2, 16, 4, 64)
-    assert not cluster.applies(4, gapped, y)
+    assert cluster.layout(4, gapped, y) is None
     # float64 (the reference's), a mismatched output dtype
-    assert not cluster.applies(4, x.double(), y.double())
-    assert not cluster.applies(4, x, y.float())
+    assert cluster.layout(4, x.double(), y.double()) is None
+    assert cluster.layout(4, x, y.float()) is None
     # more (sample, group) clusters than grid axis 1 takes
     many = video4(1, 65536, 1, 8)
-    assert not cluster.applies(65536, many, torch.empty_like(many))
+    assert cluster.layout(65536, many, torch.empty_like(many)) is None
 
 
 @pytest.mark.skipif(not HAS_NVCC, reason="no nvcc")
-def test_kernels_fit_one_1024_thread_block_per_sm_without_spilling():
+def test_kernels_fit_one_512_thread_block_per_sm_without_spilling():
     report = build.resource_usage(cluster.SOURCE)
     kernels = report.count("Compiling entry function")
-    assert kernels == 12  # forward and backward; fp32 / fp16 / bf16; with and without SiLU
+    # forward: fp32 / fp16 / bf16 x SiLU or not x NCHW or channels-last; backward: dtypes x SiLU
+    assert kernels == 18
     assert report.count("0 bytes spill stores, 0 bytes spill loads") == kernels, report
     registers = [int(line.split("Used ")[1].split()[0]) for line in report.splitlines() if "registers" in line]
-    assert len(registers) == kernels and max(registers) <= 64, registers  # 65,536 registers / 1024 threads
+    assert len(registers) == kernels and max(registers) <= 128, registers  # 65,536 registers / 512 threads
 
 
 @pytest.mark.skipif(not HAS_NVCC, reason="no nvcc")
@@ -138,7 +160,7 @@ def test_launch_passes_its_arguments_and_reports_cuda_errors(tmp_path, monkeypat
     mean, rstd = torch.empty(1, 2), torch.empty(1, 2)
     w = torch.ones(8, dtype=torch.float16)
     with pytest.raises(RuntimeError, match=r"cluster GroupNorm launch failed \(CUDA driver|no CUDA-capable"):
-        cluster.launch_fwd(cluster.Plan(1, 32, 576), 0, 0, x, w, None, torch.zeros(1, 8), torch.empty_like(x), mean,
+        cluster.launch_fwd(cluster.Plan(1, 32, 576), "nchw", 0, 0, x, w, None, torch.zeros(1, 8), torch.empty_like(x), mean,
                            rstd, 2, 1e-5, True)
     cluster._library.cache_clear()
 
@@ -203,14 +225,21 @@ GPU_CASES = [((1, 1280, 16, 10, 16), 32, None), ((2, 640, 16, 20, 32), 32, None)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape,groups,blocks", GPU_CASES)
 @pytest.mark.parametrize("activation", [None, "silu"])
-def test_cluster_kernels_against_float64(monkeypatch, dtype, shape, groups, blocks, activation):
-    cluster_only(monkeypatch, blocks, backward_runs(shape, groups, dtype, blocks))
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cluster_kernels_against_float64(monkeypatch, dtype, shape, groups, blocks, activation, layout):
     c = shape[1]
+    cl = layout == "channels_last"
+    if cl and (c // groups) % (4 // torch.empty((), dtype=dtype).element_size()):
+        pytest.skip("channels-last groups of whole 4-byte units only")
+    # the backward: NCHW only
+    cluster_only(monkeypatch, blocks, backward=not cl and backward_runs(shape, groups, dtype, blocks))
+    fmt = (torch.channels_last if len(shape) == 4 else torch.channels_last_3d) if cl else torch.contiguous_format
     x = rand(*shape, dtype=torch.float64, mean=3.0, requires_grad=True)
     w = rand(c, dtype=torch.float64, mean=1.0, requires_grad=True)
     b = rand(c, dtype=torch.float64, requires_grad=True)
-    check_against_float64(lambda x, w, b: hbkernels.group_norm(x, groups, w, b, activation=activation),
-                          [x, w, b], "triton", dtype)
+    check_against_float64(
+        lambda x, w, b: hbkernels.group_norm(x.contiguous(memory_format=fmt), groups, w, b, activation=activation),
+        [x, w, b], "triton", dtype)
 
 
 @gpu

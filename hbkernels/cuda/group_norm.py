@@ -17,7 +17,9 @@ from hbkernels.cuda import build
 
 SOURCE = "group_norm_cluster.cu"
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-VECTOR_BYTES = 16  # each thread moves 16-byte vectors; a vector never straddles two channels
+# Bytes a thread moves at once: 16 where a group is one contiguous run (NCHW), 4 where it is pieces of
+# channels-last rows (a unit never straddles a position, nor two channels of NCHW)
+UNIT_BYTES = {"nchw": 16, "channels_last": 4}
 MAX_CLUSTER = 16  # Hopper's largest cluster (non-portable; 8 is the portable limit)
 _MAX_GRID_1 = 65535  # N * G clusters on grid axis 1
 
@@ -25,29 +27,38 @@ _MAX_GRID_1 = 65535  # N * G clusters on grid axis 1
 @dataclass(frozen=True)
 class Plan:
     blocks: int  # blocks per cluster, i.e. per (sample, group)
-    vecs_per_block: int  # 16-byte vectors of the group (of each tensor) each block holds in shared memory
+    units_per_block: int  # units of the group (of each tensor) each block holds in shared memory
     smem: int  # dynamic shared memory per block, bytes (the vectors, then fp32 coefficients per channel)
 
 
-def _dense_groups(v: torch.Tensor) -> bool:
-    """Whether each sample's (C, T, S) block of the (N, C, T, S) view ``v`` is dense in C, T, S order
-    (so every group is one contiguous run), with the view and its samples starting on 16-byte vectors."""
+def _layout(v: torch.Tensor, cpg: int) -> str | None:
+    """How each (sample, group) of the (N, C, T, S) view ``v`` lies, in whole units: "nchw" (one dense
+    run of C/G * T * S elements), "channels_last" (T * S positions C apart, each holding the group's
+    C/G channels), or None."""
     n, c, t, s = v.shape
     sn, sc, st, ss = v.stride()
-    vec = VECTOR_BYTES // v.element_size()
-    return ((s == 1 or ss == 1) and (t == 1 or st == s) and (c == 1 or sc == t * s)
-            and (n == 1 or sn % vec == 0) and v.data_ptr() % VECTOR_BYTES == 0)
+    for name, unit in UNIT_BYTES.items():
+        per = unit // v.element_size()  # elements per unit
+        if name == "nchw":
+            dense = (s == 1 or ss == 1) and (t == 1 or st == s) and (c == 1 or sc == t * s) and (t * s) % per == 0
+        else:
+            dense = sc == 1 and (s == 1 or ss == c) and (t == 1 or st == s * c) and cpg % per == 0
+        if dense and (n == 1 or sn % per == 0) and v.data_ptr() % unit == 0:
+            return name
+    return None
 
 
-def applies(num_groups: int, x: torch.Tensor, *others: torch.Tensor) -> bool:
-    """Whether the kernels can address x and ``others`` (y; or dy and dx), (N, C, T, S) views: NCHW groups
-    on whole 16-byte vectors (a vector never straddles two channels), fp32 / fp16 / bf16 alike, N * G
-    clusters on one grid axis."""
+def layout(num_groups: int, x: torch.Tensor, *others: torch.Tensor) -> str | None:
+    """The layout (:data:`UNIT_BYTES`' names) that x and ``others`` (y; or dy and dx), (N, C, T, S) views,
+    share where the kernels can address them, else None: fp32 / fp16 / bf16 alike, N * G clusters on
+    one grid axis."""
     if x.dtype not in _DTYPES or any(t.dtype != x.dtype or t.shape != x.shape for t in others):
-        return False
-    n, c, t, s = x.shape
-    return ((t * s) % (VECTOR_BYTES // x.element_size()) == 0 and n * num_groups <= _MAX_GRID_1
-            and all(_dense_groups(v) for v in (x, *others)))
+        return None
+    n, c = x.shape[:2]
+    if n * num_groups > _MAX_GRID_1:
+        return None
+    found = {_layout(v, c // num_groups) for v in (x, *others)}
+    return found.pop() if len(found) == 1 else None
 
 
 # Per-channel fp32 values each kernel keeps in shared memory beside its slices (group_norm_cluster.cu)
@@ -56,7 +67,8 @@ BACKWARD_COEFFICIENTS = 7
 
 
 def plan(clusters: int, group_numel: int, cpg: int, element_size: int, smem_limit: int, sms: int, resident,
-         blocks: int | None = None, tensors: int = 1, coefficients: int = FORWARD_COEFFICIENTS) -> Plan | None:
+         blocks: int | None = None, tensors: int = 1, coefficients: int = FORWARD_COEFFICIENTS,
+         unit_bytes: int = 16) -> Plan | None:
     """Blocks per cluster for ``clusters`` (N * G) groups of ``group_numel`` elements (``cpg`` channels),
     or None where no cluster of at most MAX_CLUSTER blocks holds a group.
 
@@ -69,13 +81,14 @@ def plan(clusters: int, group_numel: int, cpg: int, element_size: int, smem_limi
     barriers). Level 0 fp16, T16, on a device holding 32 four-block clusters of 200 KiB blocks: 4 blocks,
     one wave; level 2 (200 KiB groups): 4 blocks, not 1 (32 blocks would leave 100 SMs idle).
     ``blocks``: force that many (None where they cannot hold a group). ``tensors``: slices held per
-    block (the backward's dy and x: 2), ``coefficients``: fp32 values kept per channel."""
-    vecs = group_numel * element_size // VECTOR_BYTES
+    block (the backward's dy and x: 2), ``coefficients``: fp32 values kept per channel, ``unit_bytes``:
+    bytes per unit (:data:`UNIT_BYTES`)."""
+    units = group_numel * element_size // unit_bytes
     coef_bytes = coefficients * cpg * 4
     best, best_cost = None, None
     for r in ([blocks] if blocks else range(1, MAX_CLUSTER + 1)):
-        per_block = -(-vecs // r)
-        smem = tensors * per_block * VECTOR_BYTES + coef_bytes
+        per_block = -(-units // r)
+        smem = tensors * per_block * unit_bytes + coef_bytes
         if r > MAX_CLUSTER or smem > smem_limit:
             continue
         k = resident(r, smem)
@@ -92,7 +105,7 @@ def plan(clusters: int, group_numel: int, cpg: int, element_size: int, smem_limi
 def _library() -> ctypes.CDLL:
     lib = build.load(SOURCE)
     p, i, ll, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_float
-    lib.hb_gn_cluster_fwd.argtypes = [i, i, i, p, p, p, p, p, p, p, i, i, i, i, i, i, ll, ll, p, f, p]
+    lib.hb_gn_cluster_fwd.argtypes = [i, i, i, i, p, p, p, p, p, p, p, i, i, i, i, i, i, ll, ll, p, f, p]
     lib.hb_gn_cluster_bwd.argtypes = [i, i, i, p, p, p, p, p, p, p, p, p, p, i, i, i, i, i, i, p, p, p]
     lib.hb_gn_cluster_capacity.argtypes = [i, i, i, ctypes.POINTER(i)]
     lib.hb_device_limits.argtypes = [i, ctypes.POINTER(i), ctypes.POINTER(i), ctypes.POINTER(i)]
@@ -140,7 +153,7 @@ def resident(device_index: int, blocks: int, smem: int) -> int:
 
 @functools.lru_cache(maxsize=4096)
 def device_plan(device_index: int, clusters: int, group_numel: int, cpg: int, element_size: int,
-                blocks: int | None, backward: bool = False) -> Plan | None:
+                blocks: int | None, backward: bool = False, layout_name: str = "nchw") -> Plan | None:
     """:func:`plan` on this device for the forward or the backward (cached per shape: it queries the
     device up to MAX_CLUSTER times)."""
     limit = smem_limit(device_index)
@@ -149,20 +162,23 @@ def device_plan(device_index: int, clusters: int, group_numel: int, cpg: int, el
     sms = torch.cuda.get_device_properties(device_index).multi_processor_count
     held = dict(tensors=2, coefficients=BACKWARD_COEFFICIENTS) if backward else {}
     return plan(clusters, group_numel, cpg, element_size, limit, sms, functools.partial(resident, device_index),
-                blocks, **held)
+                blocks, unit_bytes=UNIT_BYTES[layout_name], **held)
 
 
 def _ptr(t: torch.Tensor | None):
     return None if t is None else t.data_ptr()
 
 
-def _device_plan(num_groups, blocks, backward, x, *others) -> Plan | None:
-    """The plan for these tensors (x's device, a CUDA one), or None where the kernels do not apply."""
-    if not applies(num_groups, x, *others):
+def _device_plan(num_groups, blocks, backward, x, *others) -> tuple[Plan, str] | None:
+    """The plan and layout for these tensors (x's device, a CUDA one), or None where the kernels do not
+    apply (the backward: NCHW only)."""
+    name = layout(num_groups, x, *others)
+    if name is None or (backward and name != "nchw"):
         return None
     n, c, t, s = x.shape
-    return device_plan(x.device.index, n * num_groups, c // num_groups * t * s, c // num_groups, x.element_size(),
-                       blocks, backward)
+    p = device_plan(x.device.index, n * num_groups, c // num_groups * t * s, c // num_groups, x.element_size(),
+                    blocks, backward, name)
+    return None if p is None else (p, name)
 
 
 def _stream(x) -> int:
@@ -179,14 +195,14 @@ def try_gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: floa
     """Runs the cluster forward (same contract as hbkernels.triton.group_norm.gn_fwd) and returns True,
     or returns False without touching anything where it does not apply. ``blocks``: per cluster
     (None: :func:`plan`'s choice)."""
-    p = _device_plan(num_groups, blocks, False, x, y)
-    if p is None:
+    planned = _device_plan(num_groups, blocks, False, x, y)
+    if planned is None:
         return False
-    launch_fwd(p, x.device.index, _stream(x), x, weight, bias, shift, y, mean, rstd, num_groups, eps, silu)
+    launch_fwd(*planned, x.device.index, _stream(x), x, weight, bias, shift, y, mean, rstd, num_groups, eps, silu)
     return True
 
 
-def launch_fwd(p: Plan, device_index: int, stream: int, x, weight, bias, shift, y, mean, rstd, num_groups: int,
+def launch_fwd(p: Plan, layout_name: str, device_index: int, stream: int, x, weight, bias, shift, y, mean, rstd, num_groups: int,
                eps: float, silu: bool) -> None:
     """Launches the forward on ``stream`` (a cudaStream_t as an int) as planned; raises RuntimeError with
     CUDA's message where the launch fails."""
@@ -195,9 +211,9 @@ def launch_fwd(p: Plan, device_index: int, stream: int, x, weight, bias, shift, 
     stat_strides = (ctypes.c_longlong * 4)(*mean.stride(), *rstd.stride())
     lib = _library()
     err = lib.hb_gn_cluster_fwd(
-        device_index, _DTYPES[x.dtype], int(silu), _ptr(x), _ptr(y), _ptr(weight), _ptr(bias), _ptr(shift),
-        _ptr(mean), _ptr(rstd), n, c, num_groups, t * s, p.blocks, p.vecs_per_block, x.stride(0), y.stride(0),
-        stat_strides, float(eps), stream,
+        device_index, _DTYPES[x.dtype], int(silu), int(layout_name == "channels_last"), _ptr(x), _ptr(y), _ptr(weight),
+        _ptr(bias), _ptr(shift), _ptr(mean), _ptr(rstd), n, c, num_groups, t * s, p.blocks, p.units_per_block,
+        x.stride(0), y.stride(0), stat_strides, float(eps), stream,
     )
     _raise_on(lib, err, p)
 
@@ -206,10 +222,10 @@ def try_gn_bwd(dy, x, weight, bias, shift, mean, rstd, dx, dweight, dbias, num_g
                blocks: int | None = None) -> bool:
     """Runs the cluster backward (same contract as hbkernels.triton.group_norm.gn_bwd) and returns True,
     or returns False without touching anything where it does not apply."""
-    p = _device_plan(num_groups, blocks, True, x, dy, dx)
-    if p is None:
+    planned = _device_plan(num_groups, blocks, True, x, dy, dx)
+    if planned is None:
         return False
-    launch_bwd(p, x.device.index, _stream(x), dy, x, weight, bias, shift, mean, rstd, dx, dweight, dbias, num_groups,
+    launch_bwd(planned[0], x.device.index, _stream(x), dy, x, weight, bias, shift, mean, rstd, dx, dweight, dbias, num_groups,
                silu)
     return True
 
@@ -229,7 +245,7 @@ def launch_bwd(p: Plan, device_index: int, stream: int, dy, x, weight, bias, shi
     err = lib.hb_gn_cluster_bwd(
         device_index, _DTYPES[x.dtype], int(silu), _ptr(dy), _ptr(x), _ptr(dx), _ptr(weight), _ptr(bias),
         _ptr(shift), _ptr(mean), _ptr(rstd), _ptr(per_sample[0]), _ptr(per_sample[1]), n, c, num_groups, t * s,
-        p.blocks, p.vecs_per_block, sample_strides, stat_strides, stream,
+        p.blocks, p.units_per_block, sample_strides, stat_strides, stream,
     )
     _raise_on(lib, err, p)
     for total, parts, d in zip((dweight, dbias), per_sample, direct):

@@ -12,9 +12,10 @@
 // reads both twice. Triton's language cannot hold a tile in shared memory across a cluster barrier,
 // hence CUDA C++; ROCm and pre-Hopper GPUs keep the Triton kernels.
 //
-// Layout: every (n, group) is one contiguous run of cpg * S elements in x and in y (NCHW with the
-// (C, T, H, W) of each sample dense; S = T * H * W), S a multiple of the 16-byte vector, so no vector
-// straddles two channels. hbkernels/cuda/group_norm.py checks all of that before launching.
+// Layouts (see Layout below): NCHW, where every (sample, group) is one contiguous run of cpg * S
+// elements (S = T * H * W, a multiple of the 16-byte unit), and, for the forward, channels-last, where it
+// is S pieces of cpg channels C apart (cpg a multiple of the 4-byte unit). hbkernels/cuda/group_norm.py
+// checks all of that before launching.
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -27,8 +28,10 @@ namespace cg = cooperative_groups;
 
 namespace {
 
-constexpr int kThreads = 1024;
-constexpr int kUnroll = 4;  // 16-byte loads in flight per thread: 64 KiB per SM, enough to cover DRAM latency
+constexpr int kThreads = 512;  // one block per SM (shared memory decides); 128 registers each
+// Bytes of loads in flight per thread: 128, 64 KiB per SM, enough to cover DRAM latency (eight 16-byte
+// units, thirty-two 4-byte ones)
+constexpr int kBytesInFlight = 128;
 
 struct Stats {
   float n, mean, m2;
@@ -70,11 +73,58 @@ __device__ __forceinline__ __half from_float<__half>(float v) { return __float2h
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
-template <typename T>
-union Vec {
-  static constexpr int kSize = 16 / sizeof(T);
-  uint4 raw;
+// `Unit` (the bytes one thread moves at once) seen as elements of T
+template <typename T, typename Unit = uint4>
+union Packed {
+  static constexpr int kSize = sizeof(Unit) / sizeof(T);
+  Unit raw;
   T e[kSize];
+};
+
+// Where a (sample, group)'s elements lie, numbered e = 0 .. cpg * S - 1 in the order blocks hold them.
+// NCHW: one contiguous run (channel e / S), moved in 16-byte units. Channels-last: S positions of cpg
+// channels, C apart (channel e % cpg), moved in 4-byte units, which never straddle a position (cpg is a
+// multiple of a unit's elements): pieces of rows that the clusters of neighbouring groups read at about
+// the same time, so a 32-byte sector comes from DRAM once and from L2 for the others.
+template <typename T, bool kChannelsLast>
+struct Layout {
+  using Unit = std::conditional_t<kChannelsLast, unsigned int, uint4>;
+  static constexpr int kU = sizeof(Unit) / sizeof(T);
+  int S, C, cpg;
+
+  // A thread's walk over its units e0, e0 + step, e0 + 2 step, ... (in elements): the current unit's
+  // offset in the group's memory and its first element's channel. Channels-last advances by additions:
+  // a division per 4-byte unit would cost more than the load it addresses.
+  struct Walk {
+    long long off;
+    int ch;
+  };
+
+  __device__ long long group_start(int c0) const { return kChannelsLast ? c0 : static_cast<long long>(c0) * S; }
+  __device__ Walk start(int e) const {
+    if constexpr (kChannelsLast) return {static_cast<long long>(e / cpg) * C + e % cpg, e % cpg};
+    else return {e, e / S};
+  }
+  __device__ Walk step(int elements) const { return start(elements); }  // what one advance adds
+  __device__ void advance(Walk& w, const Walk& by) const {
+    w.off += by.off;
+    if constexpr (kChannelsLast) {
+      w.ch += by.ch;
+      if (w.ch >= cpg) {  // into the next position
+        w.ch -= cpg;
+        w.off += C - cpg;
+      }
+    } else {
+      w.ch = static_cast<int>(w.off / S);
+    }
+  }
+  // channel of element j of a unit whose first element is in channel c
+  __device__ static int channel_of(int c, int j) { return kChannelsLast ? c + j : c; }
+  __device__ static Unit load(const Unit* p) { return kChannelsLast ? __ldg(p) : __ldcs(p); }
+  __device__ static void store(Unit* p, Unit v) {
+    if constexpr (kChannelsLast) *p = v;  // kept in L2 until the neighbouring groups fill the rest of the sector
+    else __stcs(p, v);                    // streamed: y is not read again by this kernel
+  }
 };
 
 // Where one block's slice of its (sample, group) lies: grid (blocks, N * G), cluster (blocks, 1, 1).
@@ -116,7 +166,7 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
   for (int m = 16; m > 0; m >>= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
   if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
   __syncthreads();
-  v = threadIdx.x < 32 ? scratch[threadIdx.x] : 0.f;
+  v = threadIdx.x < kThreads / 32 ? scratch[threadIdx.x] : 0.f;
   if (threadIdx.x < 32) {
 #pragma unroll
     for (int m = 16; m > 0; m >>= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
@@ -125,56 +175,77 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
   return v;
 }
 
-template <typename T, bool kSilu>
+template <typename T, bool kSilu, bool kChannelsLast>
 __global__ void __launch_bounds__(kThreads, 1)
 gn_cluster_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ weight,
                       const float* __restrict__ bias, const float* __restrict__ shift, float* __restrict__ mean_out,
-                      float* __restrict__ rstd_out, int channels, int groups, int S, int vecs_per_block,
+                      float* __restrict__ rstd_out, int channels, int groups, int S, int units_per_block,
                       long long x_sample_stride, long long y_sample_stride, long long mean_stride_n,
                       long long mean_stride_g, long long rstd_stride_n, long long rstd_stride_g, float eps) {
-  using V = Vec<T>;
-  constexpr int kV = V::kSize;
-  extern __shared__ uint4 smem[];  // this block's slice of the group, then 2 * cpg per-channel coefficients
+  using L = Layout<T, kChannelsLast>;
+  using Unit = typename L::Unit;
+  using P = Packed<T, Unit>;
+  constexpr int kU = L::kU;
+  // (channels-last: half that; thirty-two 4-byte units and their walk spill at 128 registers)
+  constexpr int kUnroll = kBytesInFlight / sizeof(Unit) / (kChannelsLast ? 2 : 1);
+  extern __shared__ uint4 smem_raw[];  // this block's units of the group, then 2 * cpg per-channel coefficients
+  Unit* held = reinterpret_cast<Unit*>(smem_raw);
   __shared__ Stats warp_stats[kThreads / 32];
   __shared__ Stats block_stats;  // read by the cluster's other blocks
   __shared__ float group_mean, group_rstd;
 
   cg::cluster_group cluster = cg::this_cluster();
-  const Slice sl(cluster, channels, groups, S, vecs_per_block, kV);
   const int tid = threadIdx.x;
-  const uint4* src = vectors(x, x_sample_stride, sl);
-  uint4* dst = vectors(y, y_sample_stride, sl);
-  const float* shift_n = shift != nullptr ? shift + static_cast<long long>(sl.n) * channels + sl.c0 : nullptr;
-  float* coef = reinterpret_cast<float*>(smem + vecs_per_block);
+  const int n = blockIdx.y / groups, g = blockIdx.y % groups, cpg = channels / groups, c0 = g * cpg;
+  const int u0 = static_cast<int>(cluster.block_rank()) * units_per_block;  // this block's first unit
+  const int nu = max(0, min(units_per_block, cpg * S / kU - u0));
+  const L layout{S, channels, cpg};
+  const T* x_group = x + n * x_sample_stride + layout.group_start(c0);
+  T* y_group = y + n * y_sample_stride + layout.group_start(c0);
+  const float* shift_n = shift != nullptr ? shift + static_cast<long long>(n) * channels + c0 : nullptr;
+  float* coef = reinterpret_cast<float*>(held + units_per_block);
 
-  // 1. x -> shared memory, (count, mean, M2) of x + shift per thread: each vector's own mean and M2
-  // (exact two-pass over 4-8 registers), Chan-merged into the thread's running state
+  // 1. x -> shared memory, (count, mean, M2) of x + shift per thread: each batch of units' own mean and
+  // M2 (exact two-pass over its up to 32 elements in registers), Chan-merged into the thread's state
+  const typename L::Walk stride = layout.step(kThreads * kU);
+  typename L::Walk walk = layout.start((u0 + tid) * kU);
+  auto shifted = [&](const P& p, int c, int j) {
+    return to_float(p.e[j]) + (shift_n != nullptr ? shift_n[L::channel_of(c, j)] : 0.f);
+  };
   Stats st{0.f, 0.f, 0.f};
-  for (int base = 0; base < sl.nv; base += kThreads * kUnroll) {
-    V r[kUnroll];
+  for (int base = 0; base < nu; base += kThreads * kUnroll) {
+    P r[kUnroll];
+    const typename L::Walk batch = walk;
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int i = base + u * kThreads + tid;
-      if (i < sl.nv) r[u].raw = __ldcs(src + i);  // streamed: x is not read again from DRAM
+      if (base + u * kThreads + tid < nu) r[u].raw = L::load(reinterpret_cast<const Unit*>(x_group + walk.off));
+      layout.advance(walk, stride);
     }
+    float sum = 0.f;
+    int count = 0;
+    typename L::Walk at = batch;
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kUnroll; ++u, layout.advance(at, stride)) {
       const int i = base + u * kThreads + tid;
-      if (i < sl.nv) {
-        smem[i] = r[u].raw;
-        const float sh = shift_n != nullptr ? shift_n[(sl.v0 + i) * kV / S] : 0.f;
-        float f[kV], sum = 0.f;
+      if (i < nu) {
+        held[i] = r[u].raw;
+        count += kU;
 #pragma unroll
-        for (int j = 0; j < kV; ++j) {
-          f[j] = to_float(r[u].e[j]) + sh;
-          sum += f[j];
-        }
-        const float m = sum * (1.f / kV);
-        float m2 = 0.f;
-#pragma unroll
-        for (int j = 0; j < kV; ++j) m2 += (f[j] - m) * (f[j] - m);
-        st = merge(st, Stats{static_cast<float>(kV), m, m2});
+        for (int j = 0; j < kU; ++j) sum += shifted(r[u], at.ch, j);
       }
+    }
+    if (count > 0) {
+      const float m = sum / count;
+      float m2 = 0.f;
+      at = batch;
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u, layout.advance(at, stride)) {
+        if (base + u * kThreads + tid < nu) {
+#pragma unroll
+          for (int j = 0; j < kU; ++j) m2 += (shifted(r[u], at.ch, j) - m) * (shifted(r[u], at.ch, j) - m);
+        }
+      }
+      st = merge(st, Stats{static_cast<float>(count), m, m2});
     }
   }
 
@@ -183,7 +254,7 @@ gn_cluster_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const float* _
   if ((tid & 31) == 0) warp_stats[tid >> 5] = st;
   __syncthreads();
   if (tid < 32) {
-    st = warp_merge(warp_stats[tid]);
+    st = warp_merge(tid < kThreads / 32 ? warp_stats[tid] : Stats{0.f, 0.f, 0.f});
     if (tid == 0) block_stats = st;
   }
   cluster.sync();  // every block's block_stats written and visible cluster-wide
@@ -194,9 +265,9 @@ gn_cluster_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const float* _
     }
     group_mean = total.mean;
     group_rstd = rsqrtf(total.m2 / total.n + eps);
-    if (sl.rank == 0) {
-      mean_out[sl.n * mean_stride_n + sl.g * mean_stride_g] = group_mean;
-      rstd_out[sl.n * rstd_stride_n + sl.g * rstd_stride_g] = group_rstd;
+    if (cluster.block_rank() == 0) {
+      mean_out[n * mean_stride_n + g * mean_stride_g] = group_mean;
+      rstd_out[n * rstd_stride_n + g * rstd_stride_g] = group_rstd;
     }
   }
   // Done reading the other blocks' shared memory; each block waits for this before it exits (below), so
@@ -206,28 +277,27 @@ gn_cluster_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const float* _
   __syncthreads();
 
   // 3. per-channel y = x * a + b: a = rstd * w, b = bias + (shift - mean) * a
-  for (int c = tid; c < sl.cpg; c += kThreads) {
-    const float a = group_rstd * (weight != nullptr ? weight[sl.c0 + c] : 1.f);
+  for (int c = tid; c < cpg; c += kThreads) {
+    const float a = group_rstd * (weight != nullptr ? weight[c0 + c] : 1.f);
     const float sh = shift_n != nullptr ? shift_n[c] : 0.f;
     coef[c] = a;
-    coef[sl.cpg + c] = (bias != nullptr ? bias[sl.c0 + c] : 0.f) + (sh - group_mean) * a;
+    coef[cpg + c] = (bias != nullptr ? bias[c0 + c] : 0.f) + (sh - group_mean) * a;
   }
   __syncthreads();
 
-  // 4. y from shared memory, streamed out (evict-first: y is not read again by this kernel)
-  for (int i = tid; i < sl.nv; i += kThreads) {
-    V v;
-    v.raw = smem[i];
-    const int c = (sl.v0 + i) * kV / S;
-    const float a = coef[c], b = coef[sl.cpg + c];
-    V out;
+  // 4. y from shared memory
+  walk = layout.start((u0 + tid) * kU);
+  for (int i = tid; i < nu; i += kThreads, layout.advance(walk, stride)) {
+    P v, out;
+    v.raw = held[i];
 #pragma unroll
-    for (int j = 0; j < kV; ++j) {
-      float z = to_float(v.e[j]) * a + b;
+    for (int j = 0; j < kU; ++j) {
+      const int c = L::channel_of(walk.ch, j);
+      float z = to_float(v.e[j]) * coef[c] + coef[cpg + c];
       if constexpr (kSilu) z *= sigmoid<sizeof(T) == 4>(z);
       out.e[j] = from_float<T>(z);
     }
-    __stcs(dst + i, out.raw);
+    L::store(reinterpret_cast<Unit*>(y_group + walk.off), out.raw);
   }
   __cluster_barrier_wait();
 }
@@ -245,8 +315,9 @@ gn_cluster_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, T* __re
                       int vecs_per_block, long long dy_sample_stride, long long x_sample_stride,
                       long long dx_sample_stride, long long mean_stride_n, long long mean_stride_g,
                       long long rstd_stride_n, long long rstd_stride_g) {
-  using V = Vec<T>;
+  using V = Packed<T>;
   constexpr int kV = V::kSize;
+  constexpr int kUnroll = kBytesInFlight / sizeof(uint4) / 2;  // of dy and of x: 128 bytes per thread in all
   constexpr bool kPrecise = sizeof(T) == 4;
   // x's slice, dy's slice, then per channel: w, o = (shift - mean) * rstd, b, this block's S1 and S2 (read
   // by the cluster's other blocks), the group's S1 and S2
@@ -458,20 +529,26 @@ struct DeviceGuard {
 // C entry points (loaded with ctypes by hbkernels/cuda/group_norm.py). Each returns a cudaError_t.
 extern "C" {
 
-// dtype: 0 float32, 1 float16, 2 bfloat16. stat_strides: mean's (n, g) strides, then rstd's.
-int hb_gn_cluster_fwd(int device, int dtype, int silu, const void* x, void* y, const float* weight, const float* bias,
-                      const float* shift, float* mean, float* rstd, int batch, int channels, int groups, int S,
-                      int blocks, int vecs_per_block, long long x_sample_stride, long long y_sample_stride,
-                      const long long* stat_strides, float eps, void* stream) {
+// dtype: 0 float32, 1 float16, 2 bfloat16. channels_last: x and y channels-last (4-byte units), else NCHW
+// (16-byte units). stat_strides: mean's (n, g) strides, then rstd's.
+int hb_gn_cluster_fwd(int device, int dtype, int silu, int channels_last, const void* x, void* y, const float* weight,
+                      const float* bias, const float* shift, float* mean, float* rstd, int batch, int channels,
+                      int groups, int S, int blocks, int units_per_block, long long x_sample_stride,
+                      long long y_sample_stride, const long long* stat_strides, float eps, void* stream) {
   DeviceGuard guard(device);
   if (guard.err != cudaSuccess) return static_cast<int>(guard.err);
-  const int smem = vecs_per_block * 16 + 2 * (channels / groups) * static_cast<int>(sizeof(float));
+  const int unit_bytes = channels_last ? 4 : 16;
+  const int smem = units_per_block * unit_bytes + 2 * (channels / groups) * static_cast<int>(sizeof(float));
   return dispatch(dtype, silu, [&](auto t, auto s) {
     using T = decltype(t);
-    return launch(gn_cluster_fwd_kernel<T, decltype(s)::value>, blocks, batch * groups, smem,
-                  static_cast<cudaStream_t>(stream), static_cast<const T*>(x), static_cast<T*>(y), weight, bias,
-                  shift, mean, rstd, channels, groups, S, vecs_per_block, x_sample_stride, y_sample_stride,
-                  stat_strides[0], stat_strides[1], stat_strides[2], stat_strides[3], eps);
+    constexpr bool kSilu = decltype(s)::value;
+    auto run = [&](auto kernel) {
+      return launch(kernel, blocks, batch * groups, smem, static_cast<cudaStream_t>(stream), static_cast<const T*>(x),
+                    static_cast<T*>(y), weight, bias, shift, mean, rstd, channels, groups, S, units_per_block,
+                    x_sample_stride, y_sample_stride, stat_strides[0], stat_strides[1], stat_strides[2],
+                    stat_strides[3], eps);
+    };
+    return channels_last ? run(gn_cluster_fwd_kernel<T, kSilu, true>) : run(gn_cluster_fwd_kernel<T, kSilu, false>);
   });
 }
 
@@ -499,7 +576,7 @@ int hb_gn_cluster_bwd(int device, int dtype, int silu, const void* dy, const voi
 int hb_gn_cluster_capacity(int device, int blocks, int smem, int* clusters) {
   DeviceGuard guard(device);
   if (guard.err != cudaSuccess) return static_cast<int>(guard.err);
-  auto kernel = gn_cluster_fwd_kernel<__half, true>;
+  auto kernel = gn_cluster_fwd_kernel<__half, true, false>;
   const cudaError_t err = configure(kernel, blocks, smem);
   if (err != cudaSuccess) return static_cast<int>(err);
   ClusterLaunch grid(blocks, 1, smem, nullptr);
@@ -519,7 +596,8 @@ int hb_device_limits(int device, int* dynamic_smem, int* major, int* minor) {
     DeviceGuard guard(device);
     err = guard.err;
     int largest_static = 0;
-    for (const void* kernel : {reinterpret_cast<const void*>(gn_cluster_fwd_kernel<__half, true>),
+    for (const void* kernel : {reinterpret_cast<const void*>(gn_cluster_fwd_kernel<__half, true, false>),
+                               reinterpret_cast<const void*>(gn_cluster_fwd_kernel<__half, true, true>),
                                reinterpret_cast<const void*>(gn_cluster_bwd_kernel<__half, true>)}) {
       if (err == cudaSuccess) err = cudaFuncGetAttributes(&attributes, kernel);
       if (err == cudaSuccess) largest_static = max(largest_static, static_cast<int>(attributes.sharedSizeBytes));
