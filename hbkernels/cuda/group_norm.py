@@ -61,8 +61,9 @@ def layout(num_groups: int, x: torch.Tensor, *others: torch.Tensor) -> str | Non
     return found.pop() if len(found) == 1 else None
 
 
-# Per-channel fp32 values each kernel keeps in shared memory beside its slices (group_norm_cluster.cu)
-FORWARD_COEFFICIENTS = 2
+# Per-channel fp32 values each kernel keeps in shared memory beside its slices (group_norm_cluster.cu):
+# the forward's scale, offset and shift; the backward's weight, offset, bias and two sums of each
+FORWARD_COEFFICIENTS = 3
 BACKWARD_COEFFICIENTS = 7
 
 

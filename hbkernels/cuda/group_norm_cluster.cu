@@ -29,8 +29,8 @@ namespace cg = cooperative_groups;
 namespace {
 
 constexpr int kThreads = 512;  // one block per SM (shared memory decides); 128 registers each
-// Bytes of loads in flight per thread: 128, 64 KiB per SM, enough to cover DRAM latency (eight 16-byte
-// units, thirty-two 4-byte ones)
+// Bytes of loads in flight per thread (the backward, dy and x together): 128, 64 KiB per SM, enough to
+// cover DRAM latency
 constexpr int kBytesInFlight = 128;
 
 struct Stats {
@@ -93,29 +93,33 @@ struct Layout {
   int S, C, cpg;
 
   // A thread's walk over its units e0, e0 + step, e0 + 2 step, ... (in elements): the current unit's
-  // offset in the group's memory and its first element's channel. Channels-last advances by additions:
-  // a division per 4-byte unit would cost more than the load it addresses.
+  // offset in the group's memory, its first element's channel, and (NCHW) its place in that channel's
+  // plane. It advances by additions: a division per unit would cost more than the load it addresses.
   struct Walk {
     long long off;
-    int ch;
+    int ch, rem;
   };
 
   __device__ long long group_start(int c0) const { return kChannelsLast ? c0 : static_cast<long long>(c0) * S; }
   __device__ Walk start(int e) const {
-    if constexpr (kChannelsLast) return {static_cast<long long>(e / cpg) * C + e % cpg, e % cpg};
-    else return {e, e / S};
+    if constexpr (kChannelsLast) return {static_cast<long long>(e / cpg) * C + e % cpg, e % cpg, 0};
+    else return {e, e / S, e % S};
   }
   __device__ Walk step(int elements) const { return start(elements); }  // what one advance adds
   __device__ void advance(Walk& w, const Walk& by) const {
     w.off += by.off;
+    w.ch += by.ch;
     if constexpr (kChannelsLast) {
-      w.ch += by.ch;
       if (w.ch >= cpg) {  // into the next position
         w.ch -= cpg;
         w.off += C - cpg;
       }
     } else {
-      w.ch = static_cast<int>(w.off / S);
+      w.rem += by.rem;
+      if (w.rem >= S) {  // into the next channel's plane
+        w.rem -= S;
+        ++w.ch;
+      }
     }
   }
   // channel of element j of a unit whose first element is in channel c
@@ -186,9 +190,9 @@ gn_cluster_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const float* _
   using Unit = typename L::Unit;
   using P = Packed<T, Unit>;
   constexpr int kU = L::kU;
-  // (channels-last: half that; thirty-two 4-byte units and their walk spill at 128 registers)
-  constexpr int kUnroll = kBytesInFlight / sizeof(Unit) / (kChannelsLast ? 2 : 1);
-  extern __shared__ uint4 smem_raw[];  // this block's units of the group, then 2 * cpg per-channel coefficients
+  // Units in flight per thread: 96 bytes (NCHW) or 64 (channels-last): more spill at 128 registers
+  constexpr int kUnroll = kChannelsLast ? 16 : 6;
+  extern __shared__ uint4 smem_raw[];  // this block's units of the group, then 3 * cpg per-channel coefficients
   Unit* held = reinterpret_cast<Unit*>(smem_raw);
   __shared__ Stats warp_stats[kThreads / 32];
   __shared__ Stats block_stats;  // read by the cluster's other blocks
@@ -206,48 +210,63 @@ gn_cluster_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const float* _
   float* coef = reinterpret_cast<float*>(held + units_per_block);
 
   // 1. x -> shared memory, (count, mean, M2) of x + shift per thread: each batch of units' own mean and
-  // M2 (exact two-pass over its up to 32 elements in registers), Chan-merged into the thread's state
+  // M2 (exact two-pass over its up to 32 elements in registers), Chan-merged into the thread's state.
+  // Instantiated per (whole batch or the ragged last one) x (shift or not): the hot loop carries neither
+  // per-unit bounds checks nor a channel walk it does not need.
+  float* shift_c = coef + 2 * cpg;  // the group's shift per channel, staged once
+  for (int c = tid; c < cpg; c += kThreads) shift_c[c] = shift_n != nullptr ? shift_n[c] : 0.f;
+  __syncthreads();
   const typename L::Walk stride = layout.step(kThreads * kU);
   typename L::Walk walk = layout.start((u0 + tid) * kU);
-  auto shifted = [&](const P& p, int c, int j) {
-    return to_float(p.e[j]) + (shift_n != nullptr ? shift_n[L::channel_of(c, j)] : 0.f);
-  };
   Stats st{0.f, 0.f, 0.f};
-  for (int base = 0; base < nu; base += kThreads * kUnroll) {
+  auto batch = [&](int base, auto whole, auto shifted) {
+    constexpr bool kWhole = decltype(whole)::value, kShift = decltype(shifted)::value;
     P r[kUnroll];
-    const typename L::Walk batch = walk;
+    const typename L::Walk first = walk;
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      if (base + u * kThreads + tid < nu) r[u].raw = L::load(reinterpret_cast<const Unit*>(x_group + walk.off));
+      if (kWhole || base + u * kThreads + tid < nu) r[u].raw = L::load(reinterpret_cast<const Unit*>(x_group + walk.off));
       layout.advance(walk, stride);
     }
+    // element j of unit u, shift added (the channel walked again where there is a shift)
+    auto value = [&](int u, int j, const typename L::Walk& at) {
+      return to_float(r[u].e[j]) + (kShift ? shift_c[L::channel_of(at.ch, j)] : 0.f);
+    };
     float sum = 0.f;
     int count = 0;
-    typename L::Walk at = batch;
+    typename L::Walk at = first;
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u, layout.advance(at, stride)) {
+    for (int u = 0; u < kUnroll; ++u) {
       const int i = base + u * kThreads + tid;
-      if (i < nu) {
+      if (kWhole || i < nu) {
         held[i] = r[u].raw;
         count += kU;
 #pragma unroll
-        for (int j = 0; j < kU; ++j) sum += shifted(r[u], at.ch, j);
+        for (int j = 0; j < kU; ++j) sum += value(u, j, at);
       }
+      if (kShift) layout.advance(at, stride);
     }
-    if (count > 0) {
-      const float m = sum / count;
-      float m2 = 0.f;
-      at = batch;
+    if (count == 0) return;
+    const float m = sum / count;
+    float m2 = 0.f;
+    at = first;
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u, layout.advance(at, stride)) {
-        if (base + u * kThreads + tid < nu) {
+    for (int u = 0; u < kUnroll; ++u) {
+      if (kWhole || base + u * kThreads + tid < nu) {
 #pragma unroll
-          for (int j = 0; j < kU; ++j) m2 += (shifted(r[u], at.ch, j) - m) * (shifted(r[u], at.ch, j) - m);
-        }
+        for (int j = 0; j < kU; ++j) m2 += (value(u, j, at) - m) * (value(u, j, at) - m);
       }
-      st = merge(st, Stats{static_cast<float>(count), m, m2});
+      if (kShift) layout.advance(at, stride);
     }
+    st = merge(st, Stats{static_cast<float>(count), m, m2});
+  };
+  using Yes = std::true_type;
+  using No = std::false_type;
+  int base = 0;
+  for (; base + kThreads * kUnroll <= nu; base += kThreads * kUnroll) {
+    shift_n != nullptr ? batch(base, Yes{}, Yes{}) : batch(base, Yes{}, No{});
   }
+  if (base < nu) shift_n != nullptr ? batch(base, No{}, Yes{}) : batch(base, No{}, No{});
 
   // 2. the block's state, then the group's: the cluster's blocks read each other's block_stats
   st = warp_merge(st);
@@ -538,7 +557,7 @@ int hb_gn_cluster_fwd(int device, int dtype, int silu, int channels_last, const 
   DeviceGuard guard(device);
   if (guard.err != cudaSuccess) return static_cast<int>(guard.err);
   const int unit_bytes = channels_last ? 4 : 16;
-  const int smem = units_per_block * unit_bytes + 2 * (channels / groups) * static_cast<int>(sizeof(float));
+  const int smem = units_per_block * unit_bytes + 3 * (channels / groups) * static_cast<int>(sizeof(float));
   return dispatch(dtype, silu, [&](auto t, auto s) {
     using T = decltype(t);
     constexpr bool kSilu = decltype(s)::value;
