@@ -28,7 +28,7 @@ namespace cg = cooperative_groups;
 
 namespace {
 
-constexpr int kThreads = 512;  // one block per SM (shared memory decides); 128 registers each
+constexpr int kThreads = 512;  // one block per SM (shared memory decides); up to 128 registers per thread
 // Bytes of loads in flight per thread (the backward, dy and x together): 128, 64 KiB per SM, enough to
 // cover DRAM latency
 constexpr int kBytesInFlight = 128;
@@ -131,33 +131,20 @@ struct Layout {
   }
 };
 
-// Where one block's slice of its (sample, group) lies: grid (blocks, N * G), cluster (blocks, 1, 1).
-struct Slice {
-  int rank, n, g, cpg, c0;  // c0: the group's first channel
-  int v0, nv;               // the slice: nv 16-byte vectors from vector v0 of the group
-  long long offset;         // the group's first element within its sample
+// One block's part of its (sample, group): grid (blocks, N * G), cluster (blocks, 1, 1); the block holds
+// units u0 .. u0 + nu - 1 of the group's cpg * S / kU (the last blocks may hold fewer, or none).
+struct Part {
+  int n, g, cpg, c0, u0, nu;
 
-  __device__ Slice(const cg::cluster_group& cluster, int channels, int groups, int S, int vecs_per_block, int vec) {
-    rank = static_cast<int>(cluster.block_rank());
+  __device__ Part(const cg::cluster_group& cluster, int channels, int groups, int S, int units_per_block, int kU) {
     n = blockIdx.y / groups;
     g = blockIdx.y % groups;
     cpg = channels / groups;
     c0 = g * cpg;
-    v0 = rank * vecs_per_block;
-    nv = max(0, min(vecs_per_block, cpg * S / vec - v0));
-    offset = static_cast<long long>(c0) * S;
+    u0 = static_cast<int>(cluster.block_rank()) * units_per_block;
+    nu = max(0, min(units_per_block, cpg * S / kU - u0));
   }
 };
-
-template <typename T>
-__device__ __forceinline__ const uint4* vectors(const T* t, long long sample_stride, const Slice& s) {
-  return reinterpret_cast<const uint4*>(t + s.n * sample_stride + s.offset) + s.v0;
-}
-
-template <typename T>
-__device__ __forceinline__ uint4* vectors(T* t, long long sample_stride, const Slice& s) {
-  return reinterpret_cast<uint4*>(t + s.n * sample_stride + s.offset) + s.v0;
-}
 
 template <bool kPrecise>
 __device__ __forceinline__ float sigmoid(float z) {
@@ -199,10 +186,8 @@ gn_cluster_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const float* _
   __shared__ float group_mean, group_rstd;
 
   cg::cluster_group cluster = cg::this_cluster();
-  const int tid = threadIdx.x;
-  const int n = blockIdx.y / groups, g = blockIdx.y % groups, cpg = channels / groups, c0 = g * cpg;
-  const int u0 = static_cast<int>(cluster.block_rank()) * units_per_block;  // this block's first unit
-  const int nu = max(0, min(units_per_block, cpg * S / kU - u0));
+  const Part part(cluster, channels, groups, S, units_per_block, kU);
+  const int tid = threadIdx.x, n = part.n, g = part.g, cpg = part.cpg, c0 = part.c0, u0 = part.u0, nu = part.nu;
   const L layout{S, channels, cpg};
   const T* x_group = x + n * x_sample_stride + layout.group_start(c0);
   T* y_group = y + n * y_sample_stride + layout.group_start(c0);
@@ -345,8 +330,9 @@ gn_cluster_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, T* __re
   __shared__ float c1, c2;
 
   cg::cluster_group cluster = cg::this_cluster();
-  const Slice sl(cluster, channels, groups, S, vecs_per_block, kV);
+  const Part sl(cluster, channels, groups, S, vecs_per_block, kV);  // its units: 16-byte vectors
   const int tid = threadIdx.x, cpg = sl.cpg;
+  const long long group_start = static_cast<long long>(sl.c0) * S;  // NCHW: the group is one run
   uint4* xs = smem;
   uint4* dys = smem + vecs_per_block;
   float* w = reinterpret_cast<float*>(smem + 2 * vecs_per_block);
@@ -364,14 +350,14 @@ gn_cluster_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, T* __re
   }
 
   // 1. dy and x -> shared memory (streamed: neither is read again from DRAM)
-  const uint4* x_src = vectors(x, x_sample_stride, sl);
-  const uint4* dy_src = vectors(dy, dy_sample_stride, sl);
-  for (int base = 0; base < sl.nv; base += kThreads * kUnroll) {
+  const uint4* x_src = reinterpret_cast<const uint4*>(x + sl.n * x_sample_stride + group_start) + sl.u0;
+  const uint4* dy_src = reinterpret_cast<const uint4*>(dy + sl.n * dy_sample_stride + group_start) + sl.u0;
+  for (int base = 0; base < sl.nu; base += kThreads * kUnroll) {
     uint4 rx[kUnroll], rdy[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int i = base + u * kThreads + tid;
-      if (i < sl.nv) {
+      if (i < sl.nu) {
         rx[u] = __ldcs(x_src + i);
         rdy[u] = __ldcs(dy_src + i);
       }
@@ -379,7 +365,7 @@ gn_cluster_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, T* __re
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int i = base + u * kThreads + tid;
-      if (i < sl.nv) {
+      if (i < sl.nu) {
         xs[i] = rx[u];
         dys[i] = rdy[u];
       }
@@ -406,11 +392,11 @@ gn_cluster_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, T* __re
 
   // 2. this block's S1, S2 per channel: one block-wide sum per channel its slice touches (a slice is
   // whole vectors, each within one channel)
-  if (sl.nv > 0) {
+  if (sl.nu > 0) {
     const int vecs_per_channel = S / kV;
-    const int first = sl.v0 / vecs_per_channel, last = (sl.v0 + sl.nv - 1) / vecs_per_channel;
+    const int first = sl.u0 / vecs_per_channel, last = (sl.u0 + sl.nu - 1) / vecs_per_channel;
     for (int c = first; c <= last; ++c) {
-      const int lo = max(0, c * vecs_per_channel - sl.v0), hi = min(sl.nv, (c + 1) * vecs_per_channel - sl.v0);
+      const int lo = max(0, c * vecs_per_channel - sl.u0), hi = min(sl.nu, (c + 1) * vecs_per_channel - sl.u0);
       float s1 = 0.f, s2 = 0.f;
       for (int i = lo + tid; i < hi; i += kThreads) {
         float dz[kV], xh[kV];
@@ -441,7 +427,7 @@ gn_cluster_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, T* __re
     }
     totals[c] = s1;
     totals[cpg + c] = s2;
-    if (sl.rank == 0) {
+    if (cluster.block_rank() == 0) {
       if (dbias != nullptr) dbias[static_cast<long long>(sl.n) * channels + sl.c0 + c] = s1;
       if (dweight != nullptr) dweight[static_cast<long long>(sl.n) * channels + sl.c0 + c] = s2;
     }
@@ -461,9 +447,9 @@ gn_cluster_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, T* __re
   __syncthreads();
 
   // 4. dx from shared memory, streamed out
-  uint4* dst = vectors(dx, dx_sample_stride, sl);
-  for (int i = tid; i < sl.nv; i += kThreads) {
-    const int c = (sl.v0 + i) * kV / S;
+  uint4* dst = reinterpret_cast<uint4*>(dx + sl.n * dx_sample_stride + group_start) + sl.u0;
+  for (int i = tid; i < sl.nu; i += kThreads) {
+    const int c = (sl.u0 + i) * kV / S;
     float dz[kV], xh[kV];
     dz_xhat(i, c, dz, xh);
     V out;
