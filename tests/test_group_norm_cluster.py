@@ -16,6 +16,18 @@ HAS_NVCC = build.nvcc() is not None
 CLUSTER_GPU = ON_GPU and torch.version.hip is None and torch.cuda.get_device_capability()[0] >= 9 and HAS_NVCC
 
 
+@pytest.fixture(scope="module")
+def library(tmp_path_factory):
+    """The kernels' library, built once for this module into a temporary cache (not the user's)."""
+    if not HAS_NVCC:
+        pytest.skip("no nvcc")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HBKERNELS_CACHE_DIR", str(tmp_path_factory.mktemp("hbkernels-cache")))
+        cluster._library.cache_clear()
+        yield cluster._library()
+    cluster._library.cache_clear()
+
+
 def video4(n, c, t, s, dtype=torch.float16, **kwargs):
     return torch.empty((n, c, t, s), dtype=dtype, **kwargs)
 
@@ -150,33 +162,45 @@ def test_build_is_cached_and_leaves_no_partial_files(tmp_path, monkeypatch):
         assert err != 0 and lib.hb_error_string(err) and limit.value == 0
 
 
-@pytest.mark.skipif(not HAS_NVCC or torch.cuda.is_available(), reason="no nvcc, or a GPU (where launches succeed)")
-def test_launch_passes_its_arguments_and_reports_cuda_errors(tmp_path, monkeypatch):
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU, where launches succeed")
+def test_launch_passes_its_arguments_and_reports_cuda_errors(library):
     """Every argument crosses ctypes (a wrong count or type raises ctypes.ArgumentError before the
     call), and a failed launch (here: no CUDA driver) raises with CUDA's own message."""
-    monkeypatch.setenv("HBKERNELS_CACHE_DIR", str(tmp_path))
-    cluster._library.cache_clear()
     x = video4(1, 8, 2, 16)
     mean, rstd = torch.empty(1, 2), torch.empty(1, 2)
     w = torch.ones(8, dtype=torch.float16)
     with pytest.raises(RuntimeError, match=r"cluster GroupNorm launch failed \(CUDA driver|no CUDA-capable"):
         cluster.launch_fwd(cluster.Plan(1, 32, 576), "nchw", 0, 0, x, w, None, torch.zeros(1, 8), torch.empty_like(x), mean,
                            rstd, 2, 1e-5, True)
-    cluster._library.cache_clear()
 
 
-@pytest.mark.skipif(not HAS_NVCC or torch.cuda.is_available(), reason="no nvcc, or a GPU (where launches succeed)")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU, where launches succeed")
 @pytest.mark.parametrize("batch", [1, 2])
-def test_backward_launch_passes_its_arguments_and_reports_cuda_errors(tmp_path, monkeypatch, batch):
-    monkeypatch.setenv("HBKERNELS_CACHE_DIR", str(tmp_path))
-    cluster._library.cache_clear()
+def test_backward_launch_passes_its_arguments_and_reports_cuda_errors(library, batch):
     x = video4(batch, 8, 2, 16)
     mean, rstd = torch.empty(batch, 2), torch.empty(batch, 2)
     dw, db = torch.empty(8), torch.empty(8)
     with pytest.raises(RuntimeError, match=r"cluster GroupNorm launch failed \(CUDA driver|no CUDA-capable"):
         cluster.launch_bwd(cluster.Plan(1, 32, 1248), 0, 0, torch.empty_like(x), x, None, torch.ones(8), None, mean,
                            rstd, torch.empty_like(x), dw, db, 2, True)
-    cluster._library.cache_clear()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("S,C,cpg,e0,step", [(2560, 320, 10, 6, 1024), (2560, 320, 10, 0, 4096), (64, 96, 3, 5, 1024),
+                                            (7, 40, 40, 3, 20), (40960, 1280, 40, 1022, 1024)])
+def test_walks_reach_the_units_a_division_would(library, channels_last, S, C, cpg, e0, step):
+    """The kernels' address walk (Layout, run on the host from the built library) against each unit's
+    offset and channel computed by division: NCHW (offset e, channel e // S) and channels-last (offset
+    (e // cpg) * C + e % cpg, channel e % cpg), across plane and position boundaries."""
+    count = 300
+    offsets, channels = (ctypes.c_longlong * count)(), (ctypes.c_int * count)()
+    assert library.hb_layout_walk(int(channels_last), S, C, cpg, e0, step, count, offsets, channels) == 0
+    e = [e0 + k * step for k in range(count)]
+    if channels_last:
+        want = ([i // cpg * C + i % cpg for i in e], [i % cpg for i in e])
+    else:
+        want = (e, [i // S for i in e])
+    assert (list(offsets), list(channels)) == want
 
 
 def test_build_names_a_missing_nvcc(tmp_path, monkeypatch):

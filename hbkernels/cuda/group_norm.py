@@ -110,6 +110,7 @@ def _library() -> ctypes.CDLL:
     lib.hb_gn_cluster_bwd.argtypes = [i, i, i, p, p, p, p, p, p, p, p, p, p, i, i, i, i, i, i, p, p, p]
     lib.hb_gn_cluster_capacity.argtypes = [i, i, i, ctypes.POINTER(i)]
     lib.hb_device_limits.argtypes = [i, ctypes.POINTER(i), ctypes.POINTER(i), ctypes.POINTER(i)]
+    lib.hb_layout_walk.argtypes = [i, i, i, i, i, i, i, ctypes.POINTER(ll), ctypes.POINTER(i)]
     lib.hb_error_string.restype = ctypes.c_char_p
     return lib
 

@@ -100,13 +100,13 @@ struct Layout {
     int ch, rem;
   };
 
-  __device__ long long group_start(int c0) const { return kChannelsLast ? c0 : static_cast<long long>(c0) * S; }
-  __device__ Walk start(int e) const {
+  __host__ __device__ long long group_start(int c0) const { return kChannelsLast ? c0 : static_cast<long long>(c0) * S; }
+  __host__ __device__ Walk start(int e) const {
     if constexpr (kChannelsLast) return {static_cast<long long>(e / cpg) * C + e % cpg, e % cpg, 0};
     else return {e, e / S, e % S};
   }
-  __device__ Walk step(int elements) const { return start(elements); }  // what one advance adds
-  __device__ void advance(Walk& w, const Walk& by) const {
+  __host__ __device__ Walk step(int elements) const { return start(elements); }  // what one advance adds
+  __host__ __device__ void advance(Walk& w, const Walk& by) const {
     w.off += by.off;
     w.ch += by.ch;
     if constexpr (kChannelsLast) {
@@ -123,7 +123,7 @@ struct Layout {
     }
   }
   // channel of element j of a unit whose first element is in channel c
-  __device__ static int channel_of(int c, int j) { return kChannelsLast ? c + j : c; }
+  __host__ __device__ static int channel_of(int c, int j) { return kChannelsLast ? c + j : c; }
   __device__ static Unit load(const Unit* p) { return kChannelsLast ? __ldg(p) : __ldcs(p); }
   __device__ static void store(Unit* p, Unit v) {
     if constexpr (kChannelsLast) *p = v;  // kept in L2 until the neighbouring groups fill the rest of the sector
@@ -610,6 +610,22 @@ int hb_device_limits(int device, int* dynamic_smem, int* major, int* minor) {
     if (err == cudaSuccess) *dynamic_smem = optin - largest_static;
   }
   return static_cast<int>(err);
+}
+
+// The walk a thread takes over a group's units (run on the host: the same Layout code the kernels
+// run), for tests: offsets and channels of elements e0, e0 + step, ..., `count` of them.
+int hb_layout_walk(int channels_last, int S, int C, int cpg, int e0, int step, int count, long long* offsets,
+                   int* channels) {
+  auto walk = [&](auto layout) {
+    auto w = layout.start(e0);
+    const auto by = layout.step(step);
+    for (int k = 0; k < count; ++k, layout.advance(w, by)) {
+      offsets[k] = w.off;
+      channels[k] = w.ch;
+    }
+    return 0;
+  };
+  return channels_last ? walk(Layout<__half, true>{S, C, cpg}) : walk(Layout<__half, false>{S, C, cpg});
 }
 
 const char* hb_error_string(int err) { return cudaGetErrorString(static_cast<cudaError_t>(err)); }
