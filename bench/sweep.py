@@ -6,13 +6,12 @@ to keep.
   the statistics loop, and (at the default) the apply order, the apply pass's evict-first hints,
   apply tile, programmatic dependent launch, channel blocks launched first (channels-last only),
   channels per statistics / apply tile, statistics reduced per tile and merged in the apply pass,
-  the Hopper cluster kernels per blocks per cluster (NCHW only, but the cluster forward; see
-  hbkernels/triton/group_norm.py);
+  (NCHW only), the Hopper cluster kernels per blocks per cluster (see hbkernels/triton/group_norm.py);
   channels-last shapes set their own tile knobs (*_CHANNELS_LAST). The default setting is also
   profiled: microseconds per call of each of its kernels (statistics, finalize, apply), which says
   which pass to work on next. The backward's partial-sums pass shares the statistics loop's stages:
   the whole backward is timed per stage count, without PDL, one-pass (NCHW only: its tile), per
-  channels in its partial-sums and dx tiles, and as the cluster kernel (NCHW only). Rows name the knobs they change.
+  channels in its partial-sums and dx tiles (NCHW only), and as the cluster kernel. Rows name the knobs they change.
 - temporal_attention: warps per program of the forward and of the backward kernel (FWD_WARPS /
   BWD_WARPS in hbkernels/triton/temporal_attention.py: the default rule, or a fixed 1, 2, 4, 8).
 
@@ -101,7 +100,7 @@ def _one_pass_settings():
 
 # Knobs that change nothing on channels-last tensors where set (true)
 NCHW_ONLY = ("ONE_PASS", "STATS_PER_TILE", "APPLY_MERGES", "_STATS_CHANNELS_NCHW", "_APPLY_CHANNELS_NCHW",
-             "_BWD_CHANNELS_NCHW", "_BWD_APPLY_CHANNELS_NCHW", "CLUSTER_BACKWARD")
+             "_BWD_CHANNELS_NCHW", "_BWD_APPLY_CHANNELS_NCHW")
 # Knobs that change nothing on NCHW tensors where set (true)
 CHANNELS_LAST_ONLY = ("CHANNEL_BLOCKS_FIRST",)
 

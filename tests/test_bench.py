@@ -394,11 +394,12 @@ def test_sweep_group_norm_runs(monkeypatch, only):
     assert any(r.impl == f"apply_evict_first={not gn.APPLY_EVICT_FIRST}" for r in rows)
     backward = [r for r in report.rows if r.suite == "group_norm_silu_backward"]
     assert bool(backward) == (only is None)
-    assert {r.impl: r.extra["cluster"] for r in backward if "cluster" in r.extra} == ({} if only else {
-        "cluster_backward=True cluster_blocks=None": "nchw, 8 blocks of 528 B, 16 clusters resident",
-        "cluster_backward=True cluster_blocks=8": "nchw, 8 blocks of 528 B, 16 clusters resident",
-        "cluster_backward=True cluster_blocks=12": "nchw, 12 blocks of 528 B, 11 clusters resident",
-        "cluster_backward=True cluster_blocks=16": "nchw, 16 blocks of 528 B, 8 clusters resident"})
+    backward_plans = {"None": "8 blocks of 528 B, 16 clusters resident", "8": "8 blocks of 528 B, 16 clusters resident",
+                      "12": "12 blocks of 528 B, 11 clusters resident", "16": "16 blocks of 528 B, 8 clusters resident"}
+    assert {(r.case, r.impl): r.extra["cluster"] for r in backward if "cluster" in r.extra} == ({} if only else {
+        (case, f"cluster_backward=True cluster_blocks={b}"): f"{layout}, {plan}"
+        for case, layout in (("vc2 L0 B1 T16", "nchw"), ("vc2 L0 B1 T16 CL", "channels_last"))
+        for b, plan in backward_plans.items()})
 
 
 def test_sweep_temporal_attention_runs(monkeypatch):

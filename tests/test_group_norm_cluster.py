@@ -77,13 +77,27 @@ def test_backward_plan_holds_dy_and_x():
     # level 0, T16, fp16: 1.6 MB of dy and x per group; 8 blocks of 200 KiB run 16 clusters at once (two
     # waves); 16 blocks of 100 KiB run 8 at once (four waves of half the bytes): a tie, fewer blocks win
     p = cluster.plan(32, 10 * 16 * 2560, 10, 2, H100_LIMIT, 132, h100_resident, tensors=2,
-                     coefficients=cluster.BACKWARD_COEFFICIENTS)
+                     coefficients=cluster.BACKWARD_COEFFICIENTS["nchw"])
     assert (p.blocks, p.units_per_block, p.smem) == (8, 6400, 2 * 6400 * 16 + 7 * 10 * 4)
     # T26 needs 12 blocks (2.66 MB); fp32 T26 (5.3 MB) more than 16
     assert cluster.plan(32, 10 * 26 * 2560, 10, 2, H100_LIMIT, 132, h100_resident, tensors=2,
-                        coefficients=cluster.BACKWARD_COEFFICIENTS).blocks >= 12
+                        coefficients=cluster.BACKWARD_COEFFICIENTS["nchw"]).blocks >= 12
     assert cluster.plan(32, 10 * 26 * 2560, 10, 4, H100_LIMIT, 132, h100_resident, tensors=2,
-                        coefficients=cluster.BACKWARD_COEFFICIENTS) is None
+                        coefficients=cluster.BACKWARD_COEFFICIENTS["nchw"]) is None
+
+
+def test_channels_last_backward_blocks_start_on_positions():
+    # level 0, T16, fp16: 5 units per position; dy and x of 51,200 positions in 8 blocks of 6400 positions
+    p = cluster.plan(32, 10 * 16 * 2560, 10, 2, H100_LIMIT, 132, h100_resident, tensors=2,
+                     coefficients=cluster.BACKWARD_COEFFICIENTS["channels_last"], unit_bytes=4, align=5)
+    assert p.units_per_block % 5 == 0 and p.blocks * p.units_per_block >= 10 * 16 * 2560 // 2
+    # forced 7 blocks: 204,800 units / 7 = 29,257.1, rounded up to whole positions (29,260): 2 x 117 KB
+    # of dy and x is more than a block's shared memory
+    assert cluster.plan(32, 10 * 16 * 2560, 10, 2, H100_LIMIT, 132, h100_resident, blocks=7, tensors=2,
+                        coefficients=cluster.BACKWARD_COEFFICIENTS["channels_last"], unit_bytes=4, align=5) is None
+    p = cluster.plan(32, 10 * 4 * 2560, 10, 2, H100_LIMIT, 132, h100_resident, blocks=7, tensors=2,
+                     coefficients=cluster.BACKWARD_COEFFICIENTS["channels_last"], unit_bytes=4, align=5)
+    assert p.units_per_block == 7315  # 51,200 / 7 = 7314.3 -> 1463 positions of 5
 
 
 def test_channels_last_plan_counts_4_byte_units():
@@ -140,8 +154,8 @@ def test_layout_only_where_the_kernel_can_address_the_tensors():
 def test_kernels_fit_one_512_thread_block_per_sm_without_spilling():
     report = build.resource_usage(cluster.SOURCE)
     kernels = report.count("Compiling entry function")
-    # forward: fp32 / fp16 / bf16 x SiLU or not x NCHW or channels-last; backward: dtypes x SiLU
-    assert kernels == 18
+    # forward and backward: fp32 / fp16 / bf16 x SiLU or not x NCHW or channels-last
+    assert kernels == 24
     assert report.count("0 bytes spill stores, 0 bytes spill loads") == kernels, report
     registers = [int(line.split("Used ")[1].split()[0]) for line in report.splitlines() if "registers" in line]
     assert len(registers) == kernels and max(registers) <= 128, registers  # 65,536 registers / 512 threads
@@ -181,7 +195,7 @@ def test_backward_launch_passes_its_arguments_and_reports_cuda_errors(library, b
     mean, rstd = torch.empty(batch, 2), torch.empty(batch, 2)
     dw, db = torch.empty(8), torch.empty(8)
     with pytest.raises(RuntimeError, match=r"cluster GroupNorm launch failed \(CUDA driver|no CUDA-capable"):
-        cluster.launch_bwd(cluster.Plan(1, 32, 1248), 0, 0, torch.empty_like(x), x, None, torch.ones(8), None, mean,
+        cluster.launch_bwd(cluster.Plan(1, 32, 1248), "nchw", 0, 0, torch.empty_like(x), x, None, torch.ones(8), None, mean,
                            rstd, torch.empty_like(x), dw, db, 2, True)
 
 
@@ -230,12 +244,12 @@ def cluster_only(monkeypatch, blocks=None, backward=True):
         monkeypatch.setattr(gn, "_gn_bwd_partials_kernel", Unlaunchable())
 
 
-def backward_runs(shape, groups, dtype, blocks) -> bool:
+def backward_runs(shape, groups, dtype, blocks, layout="nchw") -> bool:
     """Whether the cluster backward holds these groups (fp32 level 0 at T26 does not: 5.3 MB)."""
     n, c = shape[:2]
     numel = torch.Size(shape[2:]).numel() * c // groups
     size = torch.empty((), dtype=dtype).element_size()
-    return cluster.device_plan(0, n * groups, numel, c // groups, size, blocks, True) is not None
+    return cluster.device_plan(0, n * groups, numel, c // groups, size, blocks, True, layout) is not None
 
 
 # (shape, groups, blocks per cluster): level 0-2's sizes at the plan's choice; forced clusters of 2, of
@@ -255,8 +269,7 @@ def test_cluster_kernels_against_float64(monkeypatch, dtype, shape, groups, bloc
     cl = layout == "channels_last"
     if cl and (c // groups) % (4 // torch.empty((), dtype=dtype).element_size()):
         pytest.skip("channels-last groups of whole 4-byte units only")
-    # the backward: NCHW only
-    cluster_only(monkeypatch, blocks, backward=not cl and backward_runs(shape, groups, dtype, blocks))
+    cluster_only(monkeypatch, blocks, backward=backward_runs(shape, groups, dtype, blocks, "channels_last" if cl else "nchw"))
     fmt = (torch.channels_last if len(shape) == 4 else torch.channels_last_3d) if cl else torch.contiguous_format
     x = rand(*shape, dtype=torch.float64, mean=3.0, requires_grad=True)
     w = rand(c, dtype=torch.float64, mean=1.0, requires_grad=True)
@@ -270,6 +283,7 @@ def test_cluster_kernels_against_float64(monkeypatch, dtype, shape, groups, bloc
 def test_cluster_backward_holds_level_0_in_half_precision():
     assert backward_runs((1, 320, 16, 40, 64), 32, torch.float16, None)
     assert backward_runs((1, 320, 26, 40, 64), 32, torch.bfloat16, None)
+    assert backward_runs((1, 320, 16, 40, 64), 32, torch.float16, None, "channels_last")
 
 
 @gpu

@@ -63,13 +63,14 @@ def layout(num_groups: int, x: torch.Tensor, *others: torch.Tensor) -> str | Non
 
 # Per-channel fp32 values each kernel keeps in shared memory beside its slices (group_norm_cluster.cu):
 # the forward's scale, offset and shift; the backward's weight, offset, bias and two sums of each
+# (channels-last: also 32 per channel of per-warp column sums)
 FORWARD_COEFFICIENTS = 3
-BACKWARD_COEFFICIENTS = 7
+BACKWARD_COEFFICIENTS = {"nchw": 7, "channels_last": 7 + 32}
 
 
 def plan(clusters: int, group_numel: int, cpg: int, element_size: int, smem_limit: int, sms: int, resident,
          blocks: int | None = None, tensors: int = 1, coefficients: int = FORWARD_COEFFICIENTS,
-         unit_bytes: int = 16) -> Plan | None:
+         unit_bytes: int = 16, align: int = 1) -> Plan | None:
     """Blocks per cluster for ``clusters`` (N * G) groups of ``group_numel`` elements (``cpg`` channels),
     or None where no cluster of at most MAX_CLUSTER blocks holds a group.
 
@@ -83,12 +84,13 @@ def plan(clusters: int, group_numel: int, cpg: int, element_size: int, smem_limi
     one wave; level 2 (200 KiB groups): 4 blocks, not 1 (32 blocks would leave 100 SMs idle).
     ``blocks``: force that many (None where they cannot hold a group). ``tensors``: slices held per
     block (the backward's dy and x: 2), ``coefficients``: fp32 values kept per channel, ``unit_bytes``:
-    bytes per unit (:data:`UNIT_BYTES`)."""
+    bytes per unit (:data:`UNIT_BYTES`), ``align``: units per block a multiple of this (the channels-last
+    backward's blocks start on a position)."""
     units = group_numel * element_size // unit_bytes
     coef_bytes = coefficients * cpg * 4
     best, best_cost = None, None
     for r in ([blocks] if blocks else range(1, MAX_CLUSTER + 1)):
-        per_block = -(-units // r)
+        per_block = -(-units // r // align) * align
         smem = tensors * per_block * unit_bytes + coef_bytes
         if r > MAX_CLUSTER or smem > smem_limit:
             continue
@@ -107,7 +109,7 @@ def _library() -> ctypes.CDLL:
     lib = build.load(SOURCE)
     p, i, ll, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_float
     lib.hb_gn_cluster_fwd.argtypes = [i, i, i, i, p, p, p, p, p, p, p, i, i, i, i, i, i, ll, ll, p, f, p]
-    lib.hb_gn_cluster_bwd.argtypes = [i, i, i, p, p, p, p, p, p, p, p, p, p, i, i, i, i, i, i, p, p, p]
+    lib.hb_gn_cluster_bwd.argtypes = [i, i, i, i, p, p, p, p, p, p, p, p, p, p, i, i, i, i, i, i, p, p, p]
     lib.hb_gn_cluster_capacity.argtypes = [i, i, i, ctypes.POINTER(i)]
     lib.hb_device_limits.argtypes = [i, ctypes.POINTER(i), ctypes.POINTER(i), ctypes.POINTER(i)]
     lib.hb_layout_walk.argtypes = [i, i, i, i, i, i, i, ctypes.POINTER(ll), ctypes.POINTER(i)]
@@ -162,9 +164,14 @@ def device_plan(device_index: int, clusters: int, group_numel: int, cpg: int, el
     if limit is None:
         return None
     sms = torch.cuda.get_device_properties(device_index).multi_processor_count
-    held = dict(tensors=2, coefficients=BACKWARD_COEFFICIENTS) if backward else {}
+    unit_bytes = UNIT_BYTES[layout_name]
+    held = {}
+    if backward:
+        held = dict(tensors=2, coefficients=BACKWARD_COEFFICIENTS[layout_name])
+        if layout_name == "channels_last":
+            held["align"] = cpg * element_size // unit_bytes  # units per position
     return plan(clusters, group_numel, cpg, element_size, limit, sms, functools.partial(resident, device_index),
-                blocks, unit_bytes=UNIT_BYTES[layout_name], **held)
+                blocks, unit_bytes=unit_bytes, **held)
 
 
 def _ptr(t: torch.Tensor | None):
@@ -173,9 +180,9 @@ def _ptr(t: torch.Tensor | None):
 
 def _device_plan(num_groups, blocks, backward, x, *others) -> tuple[Plan, str] | None:
     """The plan and layout for these tensors (x's device, a CUDA one), or None where the kernels do not
-    apply (the backward: NCHW only)."""
+    apply."""
     name = layout(num_groups, x, *others)
-    if name is None or (backward and name != "nchw"):
+    if name is None:
         return None
     n, c, t, s = x.shape
     p = device_plan(x.device.index, n * num_groups, c // num_groups * t * s, c // num_groups, x.element_size(),
@@ -227,12 +234,12 @@ def try_gn_bwd(dy, x, weight, bias, shift, mean, rstd, dx, dweight, dbias, num_g
     planned = _device_plan(num_groups, blocks, True, x, dy, dx)
     if planned is None:
         return False
-    launch_bwd(planned[0], x.device.index, _stream(x), dy, x, weight, bias, shift, mean, rstd, dx, dweight, dbias, num_groups,
+    launch_bwd(*planned, x.device.index, _stream(x), dy, x, weight, bias, shift, mean, rstd, dx, dweight, dbias, num_groups,
                silu)
     return True
 
 
-def launch_bwd(p: Plan, device_index: int, stream: int, dy, x, weight, bias, shift, mean, rstd, dx, dweight, dbias,
+def launch_bwd(p: Plan, layout_name: str, device_index: int, stream: int, dy, x, weight, bias, shift, mean, rstd, dx, dweight, dbias,
                num_groups: int, silu: bool) -> None:
     """Launches the backward as planned. The kernel writes per-sample channel sums (N, C): with one
     sample straight into dweight / dbias (contiguous fp32), else into buffers summed over N here."""
@@ -245,7 +252,7 @@ def launch_bwd(p: Plan, device_index: int, stream: int, dy, x, weight, bias, shi
     stat_strides = (ctypes.c_longlong * 4)(*mean.stride(), *rstd.stride())
     lib = _library()
     err = lib.hb_gn_cluster_bwd(
-        device_index, _DTYPES[x.dtype], int(silu), _ptr(dy), _ptr(x), _ptr(dx), _ptr(weight), _ptr(bias),
+        device_index, _DTYPES[x.dtype], int(silu), int(layout_name == "channels_last"), _ptr(dy), _ptr(x), _ptr(dx), _ptr(weight), _ptr(bias),
         _ptr(shift), _ptr(mean), _ptr(rstd), _ptr(per_sample[0]), _ptr(per_sample[1]), n, c, num_groups, t * s,
         p.blocks, p.units_per_block, sample_strides, stat_strides, stream,
     )

@@ -13,8 +13,8 @@
 // hence CUDA C++; ROCm and pre-Hopper GPUs keep the Triton kernels.
 //
 // Layouts (see Layout below): NCHW, where every (sample, group) is one contiguous run of cpg * S
-// elements (S = T * H * W, a multiple of the 16-byte unit), and, for the forward, channels-last, where it
-// is S pieces of cpg channels C apart (cpg a multiple of the 4-byte unit). hbkernels/cuda/group_norm.py
+// elements (S = T * H * W, a multiple of the 16-byte unit), and channels-last, where it is S pieces of
+// cpg channels C apart (cpg a multiple of the 4-byte unit). hbkernels/cuda/group_norm.py
 // checks all of that before launching.
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
@@ -310,62 +310,72 @@ gn_cluster_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const float* _
 // rstd, z = xhat * w + b, dz = dy (or dy * silu'(z)): per channel S1 = sum dz, S2 = sum dz * xhat; per
 // group c1 = sum_c w_c S1_c / E, c2 = sum_c w_c S2_c / E (E elements); dx = rstd * (w dz - c1 - xhat c2),
 // dweight[n, c] = S2_c, dbias[n, c] = S1_c (per sample: the caller sums over N where N > 1).
-template <typename T, bool kSilu>
+template <typename T, bool kSilu, bool kChannelsLast>
 __global__ void __launch_bounds__(kThreads, 1)
 gn_cluster_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
                       const float* __restrict__ weight, const float* __restrict__ bias,
                       const float* __restrict__ shift, const float* __restrict__ mean, const float* __restrict__ rstd,
                       float* __restrict__ dweight, float* __restrict__ dbias, int channels, int groups, int S,
-                      int vecs_per_block, long long dy_sample_stride, long long x_sample_stride,
+                      int units_per_block, long long dy_sample_stride, long long x_sample_stride,
                       long long dx_sample_stride, long long mean_stride_n, long long mean_stride_g,
                       long long rstd_stride_n, long long rstd_stride_g) {
-  using V = Packed<T>;
-  constexpr int kV = V::kSize;
-  constexpr int kUnroll = kBytesInFlight / sizeof(uint4) / 2;  // of dy and of x: 128 bytes per thread in all
+  using L = Layout<T, kChannelsLast>;
+  using Unit = typename L::Unit;
+  using P = Packed<T, Unit>;
+  constexpr int kU = L::kU;
+  // units of dy and of x in flight per thread: 128 bytes in all (NCHW), 64 (channels-last: more spill)
+  constexpr int kUnroll = kChannelsLast ? 8 : kBytesInFlight / 2 / sizeof(Unit);
   constexpr bool kPrecise = sizeof(T) == 4;
-  // x's slice, dy's slice, then per channel: w, o = (shift - mean) * rstd, b, this block's S1 and S2 (read
-  // by the cluster's other blocks), the group's S1 and S2
-  extern __shared__ uint4 smem[];
+  // x's units, dy's units, then per channel: w, o = (shift - mean) * rstd, b, this block's S1 and S2 (read
+  // by the cluster's other blocks), the group's S1 and S2; channels-last: then 32 per channel of
+  // per-warp partial sums
+  extern __shared__ uint4 smem_raw[];
   __shared__ float scratch[kThreads / 32];
   __shared__ float c1, c2;
 
   cg::cluster_group cluster = cg::this_cluster();
-  const Part sl(cluster, channels, groups, S, vecs_per_block, kV);  // its units: 16-byte vectors
-  const int tid = threadIdx.x, cpg = sl.cpg;
-  const long long group_start = static_cast<long long>(sl.c0) * S;  // NCHW: the group is one run
-  uint4* xs = smem;
-  uint4* dys = smem + vecs_per_block;
-  float* w = reinterpret_cast<float*>(smem + 2 * vecs_per_block);
+  const Part part(cluster, channels, groups, S, units_per_block, kU);
+  const int tid = threadIdx.x, n = part.n, g = part.g, cpg = part.cpg, c0 = part.c0, u0 = part.u0, nu = part.nu;
+  const L layout{S, channels, cpg};
+  Unit* xs = reinterpret_cast<Unit*>(smem_raw);
+  Unit* dys = xs + units_per_block;
+  float* w = reinterpret_cast<float*>(dys + units_per_block);
   float* o = w + cpg;
   float* b = o + cpg;
-  float* sums = b + cpg;  // [2 * cpg]: S1 then S2 of this block's slice
+  float* sums = b + cpg;  // [2 * cpg]: S1 then S2 of this block's units
   float* totals = sums + 2 * cpg;
-  const float r = rstd[sl.n * rstd_stride_n + sl.g * rstd_stride_g];
-  const float m = mean[sl.n * mean_stride_n + sl.g * mean_stride_g];
+  float* warp_sums = totals + 2 * cpg;  // channels-last: [warps][cpg / kU columns][2 * kU]
+  const float r = rstd[n * rstd_stride_n + g * rstd_stride_g];
+  const float m = mean[n * mean_stride_n + g * mean_stride_g];
   for (int c = tid; c < cpg; c += kThreads) {
-    w[c] = weight != nullptr ? weight[sl.c0 + c] : 1.f;
-    o[c] = ((shift != nullptr ? shift[static_cast<long long>(sl.n) * channels + sl.c0 + c] : 0.f) - m) * r;
-    b[c] = bias != nullptr ? bias[sl.c0 + c] : 0.f;
+    w[c] = weight != nullptr ? weight[c0 + c] : 1.f;
+    o[c] = ((shift != nullptr ? shift[static_cast<long long>(n) * channels + c0 + c] : 0.f) - m) * r;
+    b[c] = bias != nullptr ? bias[c0 + c] : 0.f;
     sums[c] = sums[cpg + c] = 0.f;
   }
+  if constexpr (kChannelsLast) {
+    for (int k = tid; k < 32 * cpg; k += kThreads) warp_sums[k] = 0.f;  // (warp, column) slots no lane fills
+  }
 
-  // 1. dy and x -> shared memory (streamed: neither is read again from DRAM)
-  const uint4* x_src = reinterpret_cast<const uint4*>(x + sl.n * x_sample_stride + group_start) + sl.u0;
-  const uint4* dy_src = reinterpret_cast<const uint4*>(dy + sl.n * dy_sample_stride + group_start) + sl.u0;
-  for (int base = 0; base < sl.nu; base += kThreads * kUnroll) {
-    uint4 rx[kUnroll], rdy[kUnroll];
+  // 1. dy and x -> shared memory (NCHW streamed: neither is read again from DRAM)
+  const T* x_group = x + n * x_sample_stride + layout.group_start(c0);
+  const T* dy_group = dy + n * dy_sample_stride + layout.group_start(c0);
+  const typename L::Walk stride = layout.step(kThreads * kU);
+  typename L::Walk walk = layout.start((u0 + tid) * kU);
+  for (int base = 0; base < nu; base += kThreads * kUnroll) {
+    Unit rx[kUnroll], rdy[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int i = base + u * kThreads + tid;
-      if (i < sl.nu) {
-        rx[u] = __ldcs(x_src + i);
-        rdy[u] = __ldcs(dy_src + i);
+      if (base + u * kThreads + tid < nu) {
+        rx[u] = L::load(reinterpret_cast<const Unit*>(x_group + walk.off));
+        rdy[u] = L::load(reinterpret_cast<const Unit*>(dy_group + walk.off));
       }
+      layout.advance(walk, stride);
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int i = base + u * kThreads + tid;
-      if (i < sl.nu) {
+      if (i < nu) {
         xs[i] = rx[u];
         dys[i] = rdy[u];
       }
@@ -373,46 +383,97 @@ gn_cluster_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, T* __re
   }
   __syncthreads();
 
-  // dz and xhat of one vector (all of channel c)
+  // dz and xhat of unit i, whose first element is in channel c
   auto dz_xhat = [&](int i, int c, float* dz, float* xh) {
-    V xv, dv;
+    P xv, dv;
     xv.raw = xs[i];
     dv.raw = dys[i];
 #pragma unroll
-    for (int j = 0; j < kV; ++j) {
-      xh[j] = to_float(xv.e[j]) * r + o[c];
+    for (int j = 0; j < kU; ++j) {
+      const int cj = L::channel_of(c, j);
+      xh[j] = to_float(xv.e[j]) * r + o[cj];
       dz[j] = to_float(dv.e[j]);
       if constexpr (kSilu) {
-        const float z = xh[j] * w[c] + b[c];
+        const float z = xh[j] * w[cj] + b[cj];
         const float sg = sigmoid<kPrecise>(z);
         dz[j] *= sg * (1.f + z * (1.f - sg));
       }
     }
   };
 
-  // 2. this block's S1, S2 per channel: one block-wide sum per channel its slice touches (a slice is
-  // whole vectors, each within one channel)
-  if (sl.nu > 0) {
-    const int vecs_per_channel = S / kV;
-    const int first = sl.u0 / vecs_per_channel, last = (sl.u0 + sl.nu - 1) / vecs_per_channel;
-    for (int c = first; c <= last; ++c) {
-      const int lo = max(0, c * vecs_per_channel - sl.u0), hi = min(sl.nu, (c + 1) * vecs_per_channel - sl.u0);
-      float s1 = 0.f, s2 = 0.f;
-      for (int i = lo + tid; i < hi; i += kThreads) {
-        float dz[kV], xh[kV];
-        dz_xhat(i, c, dz, xh);
+  // 2. this block's S1, S2 per channel
+  if constexpr (!kChannelsLast) {
+    // one block-wide sum per channel the block's units touch (a unit lies within one channel)
+    if (nu > 0) {
+      const int units_per_channel = S / kU;
+      const int first = u0 / units_per_channel, last = (u0 + nu - 1) / units_per_channel;
+      for (int c = first; c <= last; ++c) {
+        const int lo = max(0, c * units_per_channel - u0), hi = min(nu, (c + 1) * units_per_channel - u0);
+        float s1 = 0.f, s2 = 0.f;
+        for (int i = lo + tid; i < hi; i += kThreads) {
+          float dz[kU], xh[kU];
+          dz_xhat(i, c, dz, xh);
 #pragma unroll
-        for (int j = 0; j < kV; ++j) {
-          s1 += dz[j];
-          s2 += dz[j] * xh[j];
+          for (int j = 0; j < kU; ++j) {
+            s1 += dz[j];
+            s2 += dz[j] * xh[j];
+          }
+        }
+        s1 = block_sum(s1, scratch);
+        s2 = block_sum(s2, scratch);
+        if (tid == 0) {
+          sums[c] = s1;
+          sums[cpg + c] = s2;
         }
       }
-      s1 = block_sum(s1, scratch);
-      s2 = block_sum(s2, scratch);
-      if (tid == 0) {
-        sums[c] = s1;
-        sums[cpg + c] = s2;
+    }
+  } else {
+    // Every position holds the group's cpg / kU units (columns); the block starts on a position (the
+    // plan aligns it) and its `active` threads step over whole positions, so each thread keeps to one
+    // column and sums its kU channels. Within a warp, lanes of one column are `columns` apart: a
+    // shuffle tree leaves each column's warp sum in one of the lanes 0 .. columns - 1; thread per
+    // channel then adds the warps' sums in warp order (deterministic).
+    const int columns = cpg / kU, active = kThreads / columns * columns, lane = tid & 31, warp = tid >> 5;
+    float s1[kU] = {}, s2[kU] = {};
+    if (tid < active) {
+      for (int i = tid; i < nu; i += active) {
+        float dz[kU], xh[kU];
+        dz_xhat(i, tid % columns * kU, dz, xh);
+#pragma unroll
+        for (int j = 0; j < kU; ++j) {
+          s1[j] += dz[j];
+          s2[j] += dz[j] * xh[j];
+        }
       }
+    }
+    for (int off = columns; off < 32; off *= 2) {
+#pragma unroll
+      for (int j = 0; j < kU; ++j) {
+        const float a = __shfl_down_sync(0xffffffffu, s1[j], off), c = __shfl_down_sync(0xffffffffu, s2[j], off);
+        if (lane + off < 32) {
+          s1[j] += a;
+          s2[j] += c;
+        }
+      }
+    }
+    if (lane < columns) {
+      float* mine = warp_sums + (warp * columns + tid % columns) * 2 * kU;
+#pragma unroll
+      for (int j = 0; j < kU; ++j) {
+        mine[2 * j] = s1[j];
+        mine[2 * j + 1] = s2[j];
+      }
+    }
+    __syncthreads();
+    for (int c = tid; c < cpg; c += kThreads) {
+      float a = 0.f, d = 0.f;
+      for (int k = 0; k < kThreads / 32; ++k) {
+        const float* theirs = warp_sums + (k * columns + c / kU) * 2 * kU + 2 * (c % kU);
+        a += theirs[0];
+        d += theirs[1];
+      }
+      sums[c] = a;
+      sums[cpg + c] = d;
     }
   }
   cluster.sync();  // every block's sums written and visible cluster-wide
@@ -428,8 +489,8 @@ gn_cluster_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, T* __re
     totals[c] = s1;
     totals[cpg + c] = s2;
     if (cluster.block_rank() == 0) {
-      if (dbias != nullptr) dbias[static_cast<long long>(sl.n) * channels + sl.c0 + c] = s1;
-      if (dweight != nullptr) dweight[static_cast<long long>(sl.n) * channels + sl.c0 + c] = s2;
+      if (dbias != nullptr) dbias[static_cast<long long>(n) * channels + c0 + c] = s1;
+      if (dweight != nullptr) dweight[static_cast<long long>(n) * channels + c0 + c] = s2;
     }
   }
   __cluster_barrier_arrive_relaxed();  // as in the forward: reads done (values used), exit guarded below
@@ -446,16 +507,18 @@ gn_cluster_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, T* __re
   }
   __syncthreads();
 
-  // 4. dx from shared memory, streamed out
-  uint4* dst = reinterpret_cast<uint4*>(dx + sl.n * dx_sample_stride + group_start) + sl.u0;
-  for (int i = tid; i < sl.nu; i += kThreads) {
-    const int c = (sl.u0 + i) * kV / S;
-    float dz[kV], xh[kV];
-    dz_xhat(i, c, dz, xh);
-    V out;
+  // 4. dx from shared memory
+  T* dx_group = dx + n * dx_sample_stride + layout.group_start(c0);
+  walk = layout.start((u0 + tid) * kU);
+  for (int i = tid; i < nu; i += kThreads, layout.advance(walk, stride)) {
+    float dz[kU], xh[kU];
+    dz_xhat(i, walk.ch, dz, xh);
+    P out;
 #pragma unroll
-    for (int j = 0; j < kV; ++j) out.e[j] = from_float<T>(r * (w[c] * dz[j] - c1 - xh[j] * c2));
-    __stcs(dst + i, out.raw);
+    for (int j = 0; j < kU; ++j) {
+      out.e[j] = from_float<T>(r * (w[L::channel_of(walk.ch, j)] * dz[j] - c1 - xh[j] * c2));
+    }
+    L::store(reinterpret_cast<Unit*>(dx_group + walk.off), out.raw);
   }
   __cluster_barrier_wait();
 }
@@ -557,21 +620,29 @@ int hb_gn_cluster_fwd(int device, int dtype, int silu, int channels_last, const 
   });
 }
 
-// dweight / dbias: (N, C) float32 per-sample sums, or null. sample_strides: dy's, x's, dx's.
-int hb_gn_cluster_bwd(int device, int dtype, int silu, const void* dy, const void* x, void* dx, const float* weight,
-                      const float* bias, const float* shift, const float* mean, const float* rstd, float* dweight,
-                      float* dbias, int batch, int channels, int groups, int S, int blocks, int vecs_per_block,
-                      const long long* sample_strides, const long long* stat_strides, void* stream) {
+// dweight / dbias: (N, C) float32 per-sample sums, or null. channels_last: as for the forward (each
+// block's units must then start on a position). sample_strides: dy's, x's, dx's.
+int hb_gn_cluster_bwd(int device, int dtype, int silu, int channels_last, const void* dy, const void* x, void* dx,
+                      const float* weight, const float* bias, const float* shift, const float* mean, const float* rstd,
+                      float* dweight, float* dbias, int batch, int channels, int groups, int S, int blocks,
+                      int units_per_block, const long long* sample_strides, const long long* stat_strides,
+                      void* stream) {
   DeviceGuard guard(device);
   if (guard.err != cudaSuccess) return static_cast<int>(guard.err);
-  const int smem = 2 * vecs_per_block * 16 + 7 * (channels / groups) * static_cast<int>(sizeof(float));
+  const int cpg = channels / groups;
+  const int unit_bytes = channels_last ? 4 : 16;
+  const int coefficients = channels_last ? 7 + 32 : 7;  // channels-last: the per-warp column sums too
+  const int smem = 2 * units_per_block * unit_bytes + coefficients * cpg * static_cast<int>(sizeof(float));
   return dispatch(dtype, silu, [&](auto t, auto s) {
     using T = decltype(t);
-    return launch(gn_cluster_bwd_kernel<T, decltype(s)::value>, blocks, batch * groups, smem,
-                  static_cast<cudaStream_t>(stream), static_cast<const T*>(dy), static_cast<const T*>(x),
-                  static_cast<T*>(dx), weight, bias, shift, mean, rstd, dweight, dbias, channels, groups, S,
-                  vecs_per_block, sample_strides[0], sample_strides[1], sample_strides[2], stat_strides[0],
-                  stat_strides[1], stat_strides[2], stat_strides[3]);
+    constexpr bool kSilu = decltype(s)::value;
+    auto run = [&](auto kernel) {
+      return launch(kernel, blocks, batch * groups, smem, static_cast<cudaStream_t>(stream), static_cast<const T*>(dy),
+                    static_cast<const T*>(x), static_cast<T*>(dx), weight, bias, shift, mean, rstd, dweight, dbias,
+                    channels, groups, S, units_per_block, sample_strides[0], sample_strides[1], sample_strides[2],
+                    stat_strides[0], stat_strides[1], stat_strides[2], stat_strides[3]);
+    };
+    return channels_last ? run(gn_cluster_bwd_kernel<T, kSilu, true>) : run(gn_cluster_bwd_kernel<T, kSilu, false>);
   });
 }
 
@@ -603,7 +674,8 @@ int hb_device_limits(int device, int* dynamic_smem, int* major, int* minor) {
     int largest_static = 0;
     for (const void* kernel : {reinterpret_cast<const void*>(gn_cluster_fwd_kernel<__half, true, false>),
                                reinterpret_cast<const void*>(gn_cluster_fwd_kernel<__half, true, true>),
-                               reinterpret_cast<const void*>(gn_cluster_bwd_kernel<__half, true>)}) {
+                               reinterpret_cast<const void*>(gn_cluster_bwd_kernel<__half, true, false>),
+                               reinterpret_cast<const void*>(gn_cluster_bwd_kernel<__half, true, true>)}) {
       if (err == cudaSuccess) err = cudaFuncGetAttributes(&attributes, kernel);
       if (err == cudaSuccess) largest_static = max(largest_static, static_cast<int>(attributes.sharedSizeBytes));
     }

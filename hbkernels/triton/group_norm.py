@@ -31,7 +31,7 @@ backward _gn_one_pass_bwd_kernel: each program holds one tile of dy and x in reg
                           exchange needs a group's programs resident at once, which bounds the tile
                           from below (see _one_pass_plan).
 
-Cluster kernels (opt-in, CLUSTER_FORWARD / CLUSTER_BACKWARD; CUDA sm_90+; NCHW, and channels-last forward):
+Cluster kernels (opt-in, CLUSTER_FORWARD / CLUSTER_BACKWARD; CUDA sm_90+; NCHW and channels-last):
 hbkernels/cuda/group_norm_cluster.cu does the whole forward, or backward, in one kernel, each (sample,
 group) held in one thread-block cluster's shared memory.
 
@@ -121,7 +121,7 @@ _MAX_GRID_1 = 65535  # CUDA's limit on grid axes 1 and 2
 # whose floor (25.2 us at level 0, T16, on an H100) is above a 2.5 TB/s GroupNorm's 21 us. Applies where
 # x and y are both NCHW or both channels-last, in whole units (else these kernels run). CLUSTER_BACKWARD:
 # the backward the same way, dy and x held together (read once each, where the passes here read both
-# twice), NCHW only. Opt-in (HBKERNELS_CLUSTER_GN=1 sets both) until timed on a GPU. CLUSTER_BLOCKS:
+# twice). Opt-in (HBKERNELS_CLUSTER_GN=1 sets both) until timed on a GPU. CLUSTER_BLOCKS:
 # blocks per cluster (None: hbkernels.cuda.group_norm.plan's choice from the device's SMs and the
 # clusters it holds at once).
 CLUSTER_FORWARD = _env_flag("HBKERNELS_CLUSTER_GN")
