@@ -383,7 +383,8 @@ def test_sweep_group_norm_runs(monkeypatch, only):
                "6": None, "8": "8 blocks of 528 B, 16 clusters resident",
                "12": "12 blocks of 528 B, 11 clusters resident", "16": "16 blocks of 528 B, 8 clusters resident"}
     assert plans == ({} if only else {  # both layouts: the forward's cluster kernel takes channels-last x too
-        (case, f"cluster_forward=True cluster_blocks={b}"): f"{layout}, {plan}" if plan else "none: the Triton passes ran"
+        (case, f"cluster_forward=True cluster_blocks={b}"):
+            f"{layout}, {plan}" if plan else "none: the Triton passes ran"
         for case, layout in (("vc2 L0 B1 T16", "nchw"), ("vc2 L0 B1 T16 CL", "channels_last"))
         for b, plan in forward.items()})
     labels = {r.impl for r in rows}

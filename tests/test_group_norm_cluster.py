@@ -184,8 +184,8 @@ def test_launch_passes_its_arguments_and_reports_cuda_errors(library):
     mean, rstd = torch.empty(1, 2), torch.empty(1, 2)
     w = torch.ones(8, dtype=torch.float16)
     with pytest.raises(RuntimeError, match=r"cluster GroupNorm launch failed \(CUDA driver|no CUDA-capable"):
-        cluster.launch_fwd(cluster.Plan(1, 32, 576), "nchw", 0, 0, x, w, None, torch.zeros(1, 8), torch.empty_like(x), mean,
-                           rstd, 2, 1e-5, True)
+        cluster.launch_fwd(cluster.Plan(1, 32, 576), "nchw", 0, 0, x, w, None, torch.zeros(1, 8), torch.empty_like(x),
+                           mean, rstd, 2, 1e-5, True)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU, where launches succeed")
@@ -195,8 +195,8 @@ def test_backward_launch_passes_its_arguments_and_reports_cuda_errors(library, b
     mean, rstd = torch.empty(batch, 2), torch.empty(batch, 2)
     dw, db = torch.empty(8), torch.empty(8)
     with pytest.raises(RuntimeError, match=r"cluster GroupNorm launch failed \(CUDA driver|no CUDA-capable"):
-        cluster.launch_bwd(cluster.Plan(1, 32, 1248), "nchw", 0, 0, torch.empty_like(x), x, None, torch.ones(8), None, mean,
-                           rstd, torch.empty_like(x), dw, db, 2, True)
+        cluster.launch_bwd(cluster.Plan(1, 32, 1248), "nchw", 0, 0, torch.empty_like(x), x, None, torch.ones(8), None,
+                           mean, rstd, torch.empty_like(x), dw, db, 2, True)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -269,7 +269,7 @@ def test_cluster_kernels_against_float64(monkeypatch, dtype, shape, groups, bloc
     cl = layout == "channels_last"
     if cl and (c // groups) % (4 // torch.empty((), dtype=dtype).element_size()):
         pytest.skip("channels-last groups of whole 4-byte units only")
-    cluster_only(monkeypatch, blocks, backward=backward_runs(shape, groups, dtype, blocks, "channels_last" if cl else "nchw"))
+    cluster_only(monkeypatch, blocks, backward_runs(shape, groups, dtype, blocks, "channels_last" if cl else "nchw"))
     fmt = (torch.channels_last if len(shape) == 4 else torch.channels_last_3d) if cl else torch.contiguous_format
     x = rand(*shape, dtype=torch.float64, mean=3.0, requires_grad=True)
     w = rand(c, dtype=torch.float64, mean=1.0, requires_grad=True)

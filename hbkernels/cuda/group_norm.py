@@ -211,8 +211,8 @@ def try_gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: floa
     return True
 
 
-def launch_fwd(p: Plan, layout_name: str, device_index: int, stream: int, x, weight, bias, shift, y, mean, rstd, num_groups: int,
-               eps: float, silu: bool) -> None:
+def launch_fwd(p: Plan, layout_name: str, device_index: int, stream: int, x, weight, bias, shift, y, mean, rstd,
+               num_groups: int, eps: float, silu: bool) -> None:
     """Launches the forward on ``stream`` (a cudaStream_t as an int) as planned; raises RuntimeError with
     CUDA's message where the launch fails."""
     n, c, t, s = x.shape
@@ -234,13 +234,13 @@ def try_gn_bwd(dy, x, weight, bias, shift, mean, rstd, dx, dweight, dbias, num_g
     planned = _device_plan(num_groups, blocks, True, x, dy, dx)
     if planned is None:
         return False
-    launch_bwd(*planned, x.device.index, _stream(x), dy, x, weight, bias, shift, mean, rstd, dx, dweight, dbias, num_groups,
-               silu)
+    launch_bwd(*planned, x.device.index, _stream(x), dy, x, weight, bias, shift, mean, rstd, dx, dweight, dbias,
+               num_groups, silu)
     return True
 
 
-def launch_bwd(p: Plan, layout_name: str, device_index: int, stream: int, dy, x, weight, bias, shift, mean, rstd, dx, dweight, dbias,
-               num_groups: int, silu: bool) -> None:
+def launch_bwd(p: Plan, layout_name: str, device_index: int, stream: int, dy, x, weight, bias, shift, mean, rstd, dx,
+               dweight, dbias, num_groups: int, silu: bool) -> None:
     """Launches the backward as planned. The kernel writes per-sample channel sums (N, C): with one
     sample straight into dweight / dbias (contiguous fp32), else into buffers summed over N here."""
     n, c, t, s = x.shape
@@ -252,9 +252,9 @@ def launch_bwd(p: Plan, layout_name: str, device_index: int, stream: int, dy, x,
     stat_strides = (ctypes.c_longlong * 4)(*mean.stride(), *rstd.stride())
     lib = _library()
     err = lib.hb_gn_cluster_bwd(
-        device_index, _DTYPES[x.dtype], int(silu), int(layout_name == "channels_last"), _ptr(dy), _ptr(x), _ptr(dx), _ptr(weight), _ptr(bias),
-        _ptr(shift), _ptr(mean), _ptr(rstd), _ptr(per_sample[0]), _ptr(per_sample[1]), n, c, num_groups, t * s,
-        p.blocks, p.units_per_block, sample_strides, stat_strides, stream,
+        device_index, _DTYPES[x.dtype], int(silu), int(layout_name == "channels_last"), _ptr(dy), _ptr(x), _ptr(dx),
+        _ptr(weight), _ptr(bias), _ptr(shift), _ptr(mean), _ptr(rstd), _ptr(per_sample[0]), _ptr(per_sample[1]), n, c,
+        num_groups, t * s, p.blocks, p.units_per_block, sample_strides, stat_strides, stream,
     )
     _raise_on(lib, err, p)
     for total, parts, d in zip((dweight, dbias), per_sample, direct):

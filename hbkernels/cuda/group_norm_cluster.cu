@@ -100,7 +100,9 @@ struct Layout {
     int ch, rem;
   };
 
-  __host__ __device__ long long group_start(int c0) const { return kChannelsLast ? c0 : static_cast<long long>(c0) * S; }
+  __host__ __device__ long long group_start(int c0) const {
+    return kChannelsLast ? c0 : static_cast<long long>(c0) * S;
+  }
   __host__ __device__ Walk start(int e) const {
     if constexpr (kChannelsLast) return {static_cast<long long>(e / cpg) * C + e % cpg, e % cpg, 0};
     else return {e, e / S, e % S};
@@ -210,7 +212,9 @@ gn_cluster_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const float* _
     const typename L::Walk first = walk;
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      if (kWhole || base + u * kThreads + tid < nu) r[u].raw = L::load(reinterpret_cast<const Unit*>(x_group + walk.off));
+      if (kWhole || base + u * kThreads + tid < nu) {
+        r[u].raw = L::load(reinterpret_cast<const Unit*>(x_group + walk.off));
+      }
       layout.advance(walk, stride);
     }
     // element j of unit u, shift added (the channel walked again where there is a shift)
