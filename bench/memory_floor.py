@@ -89,29 +89,30 @@ def two_kernels(x, y, sums, reverse: bool, hints: bool = False, tile: int = TILE
 
 
 def cases(x, programs: int):
-    """(label, fn(x, y, sums)) of every floor timed on flat fp16 ``x``; ``programs``: the persistent
-    schedule's grid. All but READ_ONLY are held against GroupNorm's bytes (x read, y written)."""
+    """(label, fn(x, y, sums), passes) of every floor timed on flat fp16 ``x``; ``programs``: the
+    persistent schedule's grid. ``passes``: the passes over x's bytes its GB/s counts: GroupNorm's own
+    two (x read, y written), or one for the read pass alone."""
     nbytes = x.numel() * x.element_size()
     tile_bytes = TILE * x.element_size()
-    yield "torch copy_", lambda x, y, sums: y.copy_(x)
-    yield "copy (one read)", lambda x, y, sums: reread(x, y, sums, 0)
+    yield "torch copy_", lambda x, y, sums: y.copy_(x), 2
+    yield "copy (one read)", lambda x, y, sums: reread(x, y, sums, 0), 2
     for mb in REREAD_MB:
         if mb * 2**20 < nbytes:
             lag = int(mb * 2**20) // tile_bytes
-            yield f"re-read {mb} MB behind", lambda x, y, sums, lag=lag: reread(x, y, sums, lag)
+            yield f"re-read {mb} MB behind", lambda x, y, sums, lag=lag: reread(x, y, sums, lag), 2
             if mb in HINTED_MB:
                 yield f"re-read {mb} MB behind, eviction hints", \
-                    lambda x, y, sums, lag=lag: reread(x, y, sums, lag, hints=True)
+                    lambda x, y, sums, lag=lag: reread(x, y, sums, lag, hints=True), 2
     # persistent programs (tiles in rounds), the second read from the program, so the SM, that made the first
-    yield f"copy, {programs} persistent programs", lambda x, y, sums: reread(x, y, sums, 0, programs)
+    yield f"copy, {programs} persistent programs", lambda x, y, sums: reread(x, y, sums, 0, programs), 2
     for rounds in REREAD_ROUNDS:
         if rounds * programs * tile_bytes < nbytes:
             yield (f"re-read {rounds * programs * tile_bytes / 2**20:.1f} MB behind, same program",
-                   lambda x, y, sums, lag=rounds * programs: reread(x, y, sums, lag, programs))
+                   lambda x, y, sums, lag=rounds * programs: reread(x, y, sums, lag, programs), 2)
     for reverse, hints in ((False, False), (True, False), (True, True)):
         yield f"two kernels{', copy reversed' if reverse else ''}{', copy evict-first' if hints else ''}", \
-            lambda x, y, sums, reverse=reverse, hints=hints: two_kernels(x, y, sums, reverse, hints)
-    yield READ_ONLY, read_only
+            lambda x, y, sums, reverse=reverse, hints=hints: two_kernels(x, y, sums, reverse, hints), 2
+    yield READ_ONLY, read_only, 1
 
 
 READ_ONLY = "read x alone (GB/s of x)"
@@ -122,10 +123,9 @@ def run(report, dev, min_time):
         x = torch.randn(shape, device=dev, dtype=torch.float16).flatten()
         y = torch.empty_like(x)
         sums = torch.empty(cdiv(x.numel(), TILE), device=dev)
-        bytes_moved = 2 * x.numel() * x.element_size()  # GroupNorm's own: x once, y once
-        for impl, fn in cases(x, PERSISTENT_PER_SM * sm_count(dev)):
+        for impl, fn, passes in cases(x, PERSISTENT_PER_SM * sm_count(dev)):
             seconds = common.median_seconds_graphed(fn, min_time, (x, y, sums))
-            report.add("memory_floor", label, impl, seconds, bytes_moved // 2 if impl == READ_ONLY else bytes_moved)
+            report.add("memory_floor", label, impl, seconds, passes * x.numel() * x.element_size())
             row = report.rows[-1]
             print(f"{label} | {impl} | {seconds * 1e6:.1f} us | {row.gbps:.0f} GB/s ({row.pct_copy_bw:.0f}% of copy)",
                   flush=True)

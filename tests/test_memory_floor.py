@@ -52,7 +52,7 @@ def test_read_only_sums_every_tile_and_writes_nothing():
 def test_rereads_stay_within_x():
     """A re-read distance past x's size would time the two-kernel floor under another label."""
     x = torch.empty(5 * 2**20 // 2, dtype=torch.float16)  # 5 MB
-    labels = [label for label, _ in memory_floor.cases(x, programs=128)]  # 1 MB per round
+    labels = [label for label, *_ in memory_floor.cases(x, programs=128)]  # 1 MB per round
     assert [label for label in labels if label.startswith("re-read")] == \
         ["re-read 1 MB behind", "re-read 2 MB behind", "re-read 4 MB behind", "re-read 4 MB behind, eviction hints",
          "re-read 1.0 MB behind, same program",
@@ -90,7 +90,7 @@ def test_run_times_every_case(monkeypatch):
     monkeypatch.setattr(common, "median_seconds_graphed", timer)
     report = common.Report(device="cpu")
     memory_floor.run(report, torch.device("cpu"), 0.0)
-    want = [label for label, _ in memory_floor.cases(torch.empty(65536, dtype=torch.float16), 8)]
+    want = [label for label, *_ in memory_floor.cases(torch.empty(65536, dtype=torch.float16), 8)]
     assert [r.impl for r in report.rows] == want and len(want) == 9
     # GroupNorm's bytes (x read, y written), x alone for the read pass
     assert [r.bytes_moved for r in report.rows] == [2 * 65536 * 2] * 8 + [65536 * 2]
