@@ -2,7 +2,7 @@
 (sample, group) holding the group in shared memory, each input read from DRAM once): where they apply,
 and their launches.
 
-:func:`applies` and :func:`plan` are plain arithmetic on strides, shapes and the device's limits (tested
+:func:`layout` and :func:`plan` are plain arithmetic on strides, shapes and the device's limits (tested
 on CPU); :func:`try_gn_fwd` / :func:`try_gn_bwd` launch when the device and the tensors allow it and
 otherwise return False, so that the Triton kernels run instead.
 """
@@ -28,7 +28,7 @@ _MAX_GRID_1 = 65535  # N * G clusters on grid axis 1
 class Plan:
     blocks: int  # blocks per cluster, i.e. per (sample, group)
     units_per_block: int  # units of the group (of each tensor) each block holds in shared memory
-    smem: int  # dynamic shared memory per block, bytes (the vectors, then fp32 coefficients per channel)
+    smem: int  # dynamic shared memory per block, bytes (the units, then fp32 coefficients per channel)
 
 
 def _layout(v: torch.Tensor, cpg: int) -> str | None:
@@ -77,15 +77,16 @@ def plan(clusters: int, group_numel: int, cpg: int, element_size: int, smem_limi
     ``smem_limit``: dynamic shared memory one block may use (bytes); ``sms``: the device's SMs;
     ``resident(blocks, smem)``: how many such clusters the device holds at once (0: none), which is
     where its GPCs' sizes show (a cluster's blocks share one GPC). The clusters run in waves of that
-    many; in each wave an SM moves the bytes of the blocks it holds, so the estimated time is the sum over
-    waves of (blocks per SM) x (bytes per block) (the kernels' 1024-thread blocks fill an SM's registers:
-    one per SM). Fewer blocks win ties (fewer partials, smaller
-    barriers). Level 0 fp16, T16, on a device holding 32 four-block clusters of 200 KiB blocks: 4 blocks,
-    one wave; level 2 (200 KiB groups): 4 blocks, not 1 (32 blocks would leave 100 SMs idle).
+    many; in each wave an SM moves the bytes of the blocks it holds (one, in practice: a 512-thread
+    block at 59-128 registers takes more than half an SM's registers), so the estimated time is the sum
+    over waves of (blocks per SM) x (bytes per block). Fewer blocks win ties (fewer partials, smaller
+    barriers). Level 0 fp16, T16, on a device holding 32 four-block clusters of 200 KiB blocks: 4
+    blocks, one wave; level 2 (200 KiB groups): 4 blocks, not 1 (32 blocks would leave 100 SMs idle).
+
     ``blocks``: force that many (None where they cannot hold a group). ``tensors``: slices held per
-    block (the backward's dy and x: 2), ``coefficients``: fp32 values kept per channel, ``unit_bytes``:
-    bytes per unit (:data:`UNIT_BYTES`), ``align``: units per block a multiple of this (the channels-last
-    backward's blocks start on a position)."""
+    block (the backward's dy and x: 2); ``coefficients``: fp32 values kept per channel; ``unit_bytes``:
+    bytes per unit (:data:`UNIT_BYTES`); ``align``: units per block a multiple of this (the
+    channels-last backward's blocks start on a position)."""
     units = group_numel * element_size // unit_bytes
     coef_bytes = coefficients * cpg * 4
     best, best_cost = None, None
