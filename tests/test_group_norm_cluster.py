@@ -2,6 +2,9 @@
 their build and argument passing (wherever nvcc is), and their results against float64, forward and
 backward (on a GPU with compute capability 9+)."""
 import ctypes
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -362,3 +365,38 @@ def test_cluster_forward_leaves_other_layouts_to_triton(monkeypatch):
     torch.testing.assert_close(y.double(), torch.nn.functional.silu(torch.nn.functional.group_norm(x.double(), 8)),
                                rtol=0, atol=4e-3)
 
+
+# Forward and backward of both layouts, at the plan's blocks and at forced 3 and 16, on small groups
+SANITIZED = """
+import torch, hbkernels
+from hbkernels.triton import group_norm as gn
+gn.CLUSTER_FORWARD = gn.CLUSTER_BACKWARD = True
+for blocks in (None, 3, 16):
+    gn.CLUSTER_BLOCKS = blocks
+    for fmt in (torch.contiguous_format, torch.channels_last_3d):
+        x = torch.randn(2, 64, 4, 8, 16, device="cuda", dtype=torch.float16).contiguous(memory_format=fmt)
+        w = torch.randn(64, device="cuda", dtype=torch.float16, requires_grad=True)
+        shift = torch.randn(2, 64, device="cuda")
+        y = hbkernels.group_norm(x.requires_grad_(), 8, w, w, activation="silu", shift=shift)
+        y.backward(torch.randn_like(y))
+torch.cuda.synchronize()
+print("ran")
+"""
+
+
+def sanitizer():
+    found = build.nvcc() and Path(build.nvcc()).with_name("compute-sanitizer")
+    return str(found) if found and found.is_file() else None
+
+
+@gpu
+@pytest.mark.skipif(CLUSTER_GPU and sanitizer() is None, reason="no compute-sanitizer beside nvcc")
+@pytest.mark.parametrize("tool,clean", [("memcheck", "ERROR SUMMARY: 0 errors"),
+                                        ("racecheck", "RACECHECK SUMMARY: 0 hazards")])
+def test_cluster_kernels_under_compute_sanitizer(tool, clean):
+    """No out-of-bounds or misaligned access (memcheck) and no shared-memory race (racecheck), the
+    distributed shared memory exchange included, in every kernel the ops launch with the cluster
+    kernels on."""
+    proc = subprocess.run([sanitizer(), "--tool", tool, sys.executable, "-c", SANITIZED], capture_output=True,
+                          text=True, timeout=300)
+    assert "ran" in proc.stdout and clean in proc.stdout, proc.stdout[-4000:] + proc.stderr[-2000:]
