@@ -179,6 +179,19 @@ def test_build_is_cached_and_leaves_no_partial_files(tmp_path, monkeypatch):
         assert err != 0 and lib.hb_error_string(err) and limit.value == 0
 
 
+def test_weights_are_read_as_given():
+    """fp32 or x's dtype reach the kernels uncast (a cast is a launch of its own on every call), marked
+    per bit; another dtype is cast to fp32 once; strided ones are made contiguous."""
+    x = video4(1, 8, 2, 16)
+    w16, b32 = torch.randn(8, dtype=torch.float16), torch.randn(8)
+    w, b, fp32 = cluster._params(x, w16, b32)
+    assert w is w16 and b is b32 and fp32 == 2
+    w, b, fp32 = cluster._params(x, torch.randn(8, dtype=torch.bfloat16), None)
+    assert w.dtype == torch.float32 and b is None and fp32 == 1
+    w, _, fp32 = cluster._params(x, torch.randn(16, dtype=torch.float16)[::2], None)
+    assert w.is_contiguous() and fp32 == 0
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU, where launches succeed")
 def test_launch_passes_its_arguments_and_reports_cuda_errors(library):
     """Every argument crosses ctypes (a wrong count or type raises ctypes.ArgumentError before the

@@ -109,8 +109,8 @@ def plan(clusters: int, group_numel: int, cpg: int, element_size: int, smem_limi
 def _library() -> ctypes.CDLL:
     lib = build.load(SOURCE)
     p, i, ll, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_float
-    lib.hb_gn_cluster_fwd.argtypes = [i, i, i, i, p, p, p, p, p, p, p, i, i, i, i, i, i, ll, ll, p, f, p]
-    lib.hb_gn_cluster_bwd.argtypes = [i, i, i, i, p, p, p, p, p, p, p, p, p, p, i, i, i, i, i, i, p, p, p]
+    lib.hb_gn_cluster_fwd.argtypes = [i, i, i, i, p, p, p, p, i, p, p, p, i, i, i, i, i, i, ll, ll, p, f, p]
+    lib.hb_gn_cluster_bwd.argtypes = [i, i, i, i, p, p, p, p, p, i, p, p, p, p, p, i, i, i, i, i, i, p, p, p]
     lib.hb_gn_cluster_capacity.argtypes = [i, i, i, ctypes.POINTER(i)]
     lib.hb_device_limits.argtypes = [i, ctypes.POINTER(i), ctypes.POINTER(i), ctypes.POINTER(i)]
     lib.hb_layout_walk.argtypes = [i, i, i, i, i, i, i, ctypes.POINTER(ll), ctypes.POINTER(i)]
@@ -195,9 +195,17 @@ def _stream(x) -> int:
     return torch.cuda.current_stream(x.device).cuda_stream
 
 
-def _fp32(v):
-    """A per-channel parameter as the kernels read it: contiguous fp32 (a copy of C values at most)."""
-    return None if v is None else v.to(torch.float32).contiguous()
+def _params(x, weight, bias):
+    """weight and bias as the kernels read them (contiguous; fp32 or x's dtype, as the ops hand them
+    over: read as given, no cast launched per call), and the bitmask of the fp32 ones."""
+    out, fp32 = [], 0
+    for bit, v in ((1, weight), (2, bias)):
+        if v is not None and v.dtype not in (torch.float32, x.dtype):
+            v = v.to(torch.float32)
+        if v is not None and v.dtype == torch.float32:
+            fp32 |= bit
+        out.append(None if v is None else v.contiguous())
+    return *out, fp32
 
 
 def try_gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: float, silu: bool,
@@ -217,13 +225,13 @@ def launch_fwd(p: Plan, layout_name: str, device_index: int, stream: int, x, wei
     """Launches the forward on ``stream`` (a cudaStream_t as an int) as planned; raises RuntimeError with
     CUDA's message where the launch fails."""
     n, c, t, s = x.shape
-    weight, bias = _fp32(weight), _fp32(bias)
+    weight, bias, params_fp32 = _params(x, weight, bias)
     stat_strides = (ctypes.c_longlong * 4)(*mean.stride(), *rstd.stride())
     lib = _library()
     err = lib.hb_gn_cluster_fwd(
         device_index, _DTYPES[x.dtype], int(silu), int(layout_name == "channels_last"), _ptr(x), _ptr(y), _ptr(weight),
-        _ptr(bias), _ptr(shift), _ptr(mean), _ptr(rstd), n, c, num_groups, t * s, p.blocks, p.units_per_block,
-        x.stride(0), y.stride(0), stat_strides, float(eps), stream,
+        _ptr(bias), params_fp32, _ptr(shift), _ptr(mean), _ptr(rstd), n, c, num_groups, t * s, p.blocks,
+        p.units_per_block, x.stride(0), y.stride(0), stat_strides, float(eps), stream,
     )
     _raise_on(lib, err, p)
 
@@ -245,7 +253,7 @@ def launch_bwd(p: Plan, layout_name: str, device_index: int, stream: int, dy, x,
     """Launches the backward as planned. The kernel writes per-sample channel sums (N, C): with one
     sample straight into dweight / dbias (contiguous fp32), else into buffers summed over N here."""
     n, c, t, s = x.shape
-    weight, bias = _fp32(weight), _fp32(bias)
+    weight, bias, params_fp32 = _params(x, weight, bias)
     direct = [v is not None and n == 1 and v.is_contiguous() and v.dtype == torch.float32 for v in (dweight, dbias)]
     per_sample = [v if d or v is None else torch.empty(n, c, dtype=torch.float32, device=v.device)
                   for v, d in zip((dweight, dbias), direct)]
@@ -254,8 +262,8 @@ def launch_bwd(p: Plan, layout_name: str, device_index: int, stream: int, dy, x,
     lib = _library()
     err = lib.hb_gn_cluster_bwd(
         device_index, _DTYPES[x.dtype], int(silu), int(layout_name == "channels_last"), _ptr(dy), _ptr(x), _ptr(dx),
-        _ptr(weight), _ptr(bias), _ptr(shift), _ptr(mean), _ptr(rstd), _ptr(per_sample[0]), _ptr(per_sample[1]), n, c,
-        num_groups, t * s, p.blocks, p.units_per_block, sample_strides, stat_strides, stream,
+        _ptr(weight), _ptr(bias), params_fp32, _ptr(shift), _ptr(mean), _ptr(rstd), _ptr(per_sample[0]),
+        _ptr(per_sample[1]), n, c, num_groups, t * s, p.blocks, p.units_per_block, sample_strides, stat_strides, stream,
     )
     _raise_on(lib, err, p)
     for total, parts, d in zip((dweight, dbias), per_sample, direct):

@@ -148,6 +148,14 @@ struct Part {
   }
 };
 
+// A per-channel weight or bias as the ops hand it over: fp32 (master weights) or x's dtype, read as
+// given (a cast would be a kernel launch of its own on every call); `fallback` where there is none.
+template <typename T>
+__device__ __forceinline__ float param(const void* p, bool fp32, int c, float fallback) {
+  if (p == nullptr) return fallback;
+  return fp32 ? static_cast<const float*>(p)[c] : to_float(static_cast<const T*>(p)[c]);
+}
+
 template <bool kPrecise>
 __device__ __forceinline__ float sigmoid(float z) {
   return kPrecise ? 1.f / (1.f + expf(-z)) : __fdividef(1.f, 1.f + __expf(-z));
@@ -170,8 +178,9 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 
 template <typename T, bool kSilu, bool kChannelsLast>
 __global__ void __launch_bounds__(kThreads, 1)
-gn_cluster_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ weight,
-                      const float* __restrict__ bias, const float* __restrict__ shift, float* __restrict__ mean_out,
+gn_cluster_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const void* __restrict__ weight,
+                      const void* __restrict__ bias, int params_fp32, const float* __restrict__ shift,
+                      float* __restrict__ mean_out,
                       float* __restrict__ rstd_out, int channels, int groups, int S, int units_per_block,
                       long long x_sample_stride, long long y_sample_stride, long long mean_stride_n,
                       long long mean_stride_g, long long rstd_stride_n, long long rstd_stride_g, float eps) {
@@ -286,10 +295,10 @@ gn_cluster_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const float* _
 
   // 3. per-channel y = x * a + b: a = rstd * w, b = bias + (shift - mean) * a
   for (int c = tid; c < cpg; c += kThreads) {
-    const float a = group_rstd * (weight != nullptr ? weight[c0 + c] : 1.f);
+    const float a = group_rstd * param<T>(weight, params_fp32 & 1, c0 + c, 1.f);
     const float sh = shift_n != nullptr ? shift_n[c] : 0.f;
     coef[c] = a;
-    coef[cpg + c] = (bias != nullptr ? bias[c0 + c] : 0.f) + (sh - group_mean) * a;
+    coef[cpg + c] = param<T>(bias, params_fp32 & 2, c0 + c, 0.f) + (sh - group_mean) * a;
   }
   __syncthreads();
 
@@ -317,7 +326,7 @@ gn_cluster_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const float* _
 template <typename T, bool kSilu, bool kChannelsLast>
 __global__ void __launch_bounds__(kThreads, 1)
 gn_cluster_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
-                      const float* __restrict__ weight, const float* __restrict__ bias,
+                      const void* __restrict__ weight, const void* __restrict__ bias, int params_fp32,
                       const float* __restrict__ shift, const float* __restrict__ mean, const float* __restrict__ rstd,
                       float* __restrict__ dweight, float* __restrict__ dbias, int channels, int groups, int S,
                       int units_per_block, long long dy_sample_stride, long long x_sample_stride,
@@ -352,9 +361,9 @@ gn_cluster_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, T* __re
   const float r = rstd[n * rstd_stride_n + g * rstd_stride_g];
   const float m = mean[n * mean_stride_n + g * mean_stride_g];
   for (int c = tid; c < cpg; c += kThreads) {
-    w[c] = weight != nullptr ? weight[c0 + c] : 1.f;
+    w[c] = param<T>(weight, params_fp32 & 1, c0 + c, 1.f);
     o[c] = ((shift != nullptr ? shift[static_cast<long long>(n) * channels + c0 + c] : 0.f) - m) * r;
-    b[c] = bias != nullptr ? bias[c0 + c] : 0.f;
+    b[c] = param<T>(bias, params_fp32 & 2, c0 + c, 0.f);
     sums[c] = sums[cpg + c] = 0.f;
   }
   if constexpr (kChannelsLast) {
@@ -602,10 +611,11 @@ struct DeviceGuard {
 extern "C" {
 
 // dtype: 0 float32, 1 float16, 2 bfloat16. channels_last: x and y channels-last (4-byte units), else NCHW
-// (16-byte units). stat_strides: mean's (n, g) strides, then rstd's.
-int hb_gn_cluster_fwd(int device, int dtype, int silu, int channels_last, const void* x, void* y, const float* weight,
-                      const float* bias, const float* shift, float* mean, float* rstd, int batch, int channels,
-                      int groups, int S, int blocks, int units_per_block, long long x_sample_stride,
+// (16-byte units). weight / bias: contiguous, fp32 where params_fp32 has bit 0 / bit 1 set, else x's
+// dtype, or null. stat_strides: mean's (n, g) strides, then rstd's.
+int hb_gn_cluster_fwd(int device, int dtype, int silu, int channels_last, const void* x, void* y, const void* weight,
+                      const void* bias, int params_fp32, const float* shift, float* mean, float* rstd, int batch,
+                      int channels, int groups, int S, int blocks, int units_per_block, long long x_sample_stride,
                       long long y_sample_stride, const long long* stat_strides, float eps, void* stream) {
   DeviceGuard guard(device);
   if (guard.err != cudaSuccess) return static_cast<int>(guard.err);
@@ -616,9 +626,9 @@ int hb_gn_cluster_fwd(int device, int dtype, int silu, int channels_last, const 
     constexpr bool kSilu = decltype(s)::value;
     auto run = [&](auto kernel) {
       return launch(kernel, blocks, batch * groups, smem, static_cast<cudaStream_t>(stream), static_cast<const T*>(x),
-                    static_cast<T*>(y), weight, bias, shift, mean, rstd, channels, groups, S, units_per_block,
-                    x_sample_stride, y_sample_stride, stat_strides[0], stat_strides[1], stat_strides[2],
-                    stat_strides[3], eps);
+                    static_cast<T*>(y), weight, bias, params_fp32, shift, mean, rstd, channels, groups, S,
+                    units_per_block, x_sample_stride, y_sample_stride, stat_strides[0], stat_strides[1],
+                    stat_strides[2], stat_strides[3], eps);
     };
     return channels_last ? run(gn_cluster_fwd_kernel<T, kSilu, true>) : run(gn_cluster_fwd_kernel<T, kSilu, false>);
   });
@@ -627,10 +637,10 @@ int hb_gn_cluster_fwd(int device, int dtype, int silu, int channels_last, const 
 // dweight / dbias: (N, C) float32 per-sample sums, or null. channels_last: as for the forward (each
 // block's units must then start on a position). sample_strides: dy's, x's, dx's.
 int hb_gn_cluster_bwd(int device, int dtype, int silu, int channels_last, const void* dy, const void* x, void* dx,
-                      const float* weight, const float* bias, const float* shift, const float* mean, const float* rstd,
-                      float* dweight, float* dbias, int batch, int channels, int groups, int S, int blocks,
-                      int units_per_block, const long long* sample_strides, const long long* stat_strides,
-                      void* stream) {
+                      const void* weight, const void* bias, int params_fp32, const float* shift, const float* mean,
+                      const float* rstd, float* dweight, float* dbias, int batch, int channels, int groups, int S,
+                      int blocks, int units_per_block, const long long* sample_strides,
+                      const long long* stat_strides, void* stream) {
   DeviceGuard guard(device);
   if (guard.err != cudaSuccess) return static_cast<int>(guard.err);
   const int cpg = channels / groups;
@@ -642,9 +652,9 @@ int hb_gn_cluster_bwd(int device, int dtype, int silu, int channels_last, const 
     constexpr bool kSilu = decltype(s)::value;
     auto run = [&](auto kernel) {
       return launch(kernel, blocks, batch * groups, smem, static_cast<cudaStream_t>(stream), static_cast<const T*>(dy),
-                    static_cast<const T*>(x), static_cast<T*>(dx), weight, bias, shift, mean, rstd, dweight, dbias,
-                    channels, groups, S, units_per_block, sample_strides[0], sample_strides[1], sample_strides[2],
-                    stat_strides[0], stat_strides[1], stat_strides[2], stat_strides[3]);
+                    static_cast<const T*>(x), static_cast<T*>(dx), weight, bias, params_fp32, shift, mean, rstd,
+                    dweight, dbias, channels, groups, S, units_per_block, sample_strides[0], sample_strides[1],
+                    sample_strides[2], stat_strides[0], stat_strides[1], stat_strides[2], stat_strides[3]);
     };
     return channels_last ? run(gn_cluster_bwd_kernel<T, kSilu, true>) : run(gn_cluster_bwd_kernel<T, kSilu, false>);
   });
