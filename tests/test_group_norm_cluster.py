@@ -2,6 +2,7 @@
 their build and argument passing (wherever nvcc is), and their results against float64, forward and
 backward (on a GPU with compute capability 9+)."""
 import ctypes
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -398,12 +399,13 @@ print("ran")
 
 
 def sanitizer():
-    found = build.nvcc() and Path(build.nvcc()).with_name("compute-sanitizer")
-    return str(found) if found and found.is_file() else None
+    """compute-sanitizer on PATH, else beside nvcc (the CUDA toolkit's bin)."""
+    beside = build.nvcc() and Path(build.nvcc()).with_name("compute-sanitizer")
+    return shutil.which("compute-sanitizer") or (str(beside) if beside and beside.is_file() else None)
 
 
 @gpu
-@pytest.mark.skipif(CLUSTER_GPU and sanitizer() is None, reason="no compute-sanitizer beside nvcc")
+@pytest.mark.skipif(CLUSTER_GPU and sanitizer() is None, reason="no compute-sanitizer")
 @pytest.mark.parametrize("tool,clean", [("memcheck", "ERROR SUMMARY: 0 errors"),
                                         ("racecheck", "RACECHECK SUMMARY: 0 hazards")])
 def test_cluster_kernels_under_compute_sanitizer(tool, clean):
