@@ -5,13 +5,14 @@ to keep.
 - group_norm (+SiLU): the forward's statistics programs per SM, statistics tile, pipeline stages of
   the statistics loop, and (at the default) the apply order, the apply pass's evict-first hints,
   apply tile, programmatic dependent launch, channel blocks launched first (channels-last only),
-  channels per statistics / apply tile, statistics reduced per tile and merged in the apply pass,
+  channels per statistics / apply tile, statistics reduced per tile and merged in the apply pass
   (NCHW only), the Hopper cluster kernels per blocks per cluster (see hbkernels/triton/group_norm.py);
   channels-last shapes set their own tile knobs (*_CHANNELS_LAST). The default setting is also
   profiled: microseconds per call of each of its kernels (statistics, finalize, apply), which says
   which pass to work on next. The backward's partial-sums pass shares the statistics loop's stages:
   the whole backward is timed per stage count, without PDL, one-pass (NCHW only: its tile), per
-  channels in its partial-sums and dx tiles (NCHW only), and as the cluster kernel. Rows name the knobs they change.
+  channels in its partial-sums and dx tiles (NCHW only), and as the cluster kernel. Rows name the
+  knobs they change.
 - temporal_attention: warps per program of the forward and of the backward kernel (FWD_WARPS /
   BWD_WARPS in hbkernels/triton/temporal_attention.py: the default rule, or a fixed 1, 2, 4, 8).
 
@@ -202,14 +203,13 @@ def _cluster_plan(x, blocks, backward=False):
     from hbkernels.cuda import group_norm as cluster
     from hbkernels.ops.group_norm import video_view
 
-    index = x.device.index or 0  # a tensor on a GPU has its device's index
-    n, c = x.shape[:2]
-    layout = cluster.layout(32, video_view(x))
-    p = None if layout is None else cluster.device_plan(index, n * 32, x.numel() // (n * 32), c // 32,
-                                                        x.element_size(), blocks, backward, layout)
-    if p is None:
+    xv = video_view(x)
+    planned = cluster.plan_for(32, blocks, backward, xv, xv)
+    if planned is None:
         return "none: the Triton passes ran"
-    return f"{layout}, {p.blocks} blocks of {p.smem} B, {cluster.resident(index, p.blocks, p.smem)} clusters resident"
+    p, layout = planned
+    return f"{layout}, {p.blocks} blocks of {p.smem} B, {cluster.resident(x.device.index, p.blocks, p.smem)} " \
+        "clusters resident"
 
 
 def sweep_temporal_attention(report, dev, min_time):

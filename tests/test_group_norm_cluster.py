@@ -200,9 +200,10 @@ def test_launch_passes_its_arguments_and_reports_cuda_errors(library):
     x = video4(1, 8, 2, 16)
     mean, rstd = torch.empty(1, 2), torch.empty(1, 2)
     w = torch.ones(8, dtype=torch.float16)
+    p = cluster.Plan(1, 32, 32 * 16 + 3 * 4 * 4)  # one block: 32 units and 3 coefficients for each of 4 channels
     with pytest.raises(RuntimeError, match=r"cluster GroupNorm launch failed \(CUDA driver|no CUDA-capable"):
-        cluster.launch_fwd(cluster.Plan(1, 32, 576), "nchw", 0, 0, x, w, None, torch.zeros(1, 8), torch.empty_like(x),
-                           mean, rstd, 2, 1e-5, True)
+        cluster.launch_fwd(p, "nchw", 0, 0, x, w, None, torch.zeros(1, 8), torch.empty_like(x), mean, rstd, 2, 1e-5,
+                           True)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU, where launches succeed")
@@ -211,9 +212,10 @@ def test_backward_launch_passes_its_arguments_and_reports_cuda_errors(library, b
     x = video4(batch, 8, 2, 16)
     mean, rstd = torch.empty(batch, 2), torch.empty(batch, 2)
     dw, db = torch.empty(8), torch.empty(8)
+    p = cluster.Plan(1, 32, 2 * 32 * 16 + 7 * 4 * 4)  # dy's and x's 32 units, 7 coefficients per channel
     with pytest.raises(RuntimeError, match=r"cluster GroupNorm launch failed \(CUDA driver|no CUDA-capable"):
-        cluster.launch_bwd(cluster.Plan(1, 32, 1248), "nchw", 0, 0, torch.empty_like(x), x, None, torch.ones(8), None,
-                           mean, rstd, torch.empty_like(x), dw, db, 2, True)
+        cluster.launch_bwd(p, "nchw", 0, 0, torch.empty_like(x), x, None, torch.ones(8), None, mean, rstd,
+                           torch.empty_like(x), dw, db, 2, True)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

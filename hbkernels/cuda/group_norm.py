@@ -109,8 +109,8 @@ def plan(clusters: int, group_numel: int, cpg: int, element_size: int, smem_limi
 def _library() -> ctypes.CDLL:
     lib = build.load(SOURCE)
     p, i, ll, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_float
-    lib.hb_gn_cluster_fwd.argtypes = [i, i, i, i, p, p, p, p, i, p, p, p, i, i, i, i, i, i, ll, ll, p, f, p]
-    lib.hb_gn_cluster_bwd.argtypes = [i, i, i, i, p, p, p, p, p, i, p, p, p, p, p, i, i, i, i, i, i, p, p, p]
+    lib.hb_gn_cluster_fwd.argtypes = [i, i, i, i, p, p, p, p, i, p, p, p, i, i, i, i, i, i, i, ll, ll, p, f, p]
+    lib.hb_gn_cluster_bwd.argtypes = [i, i, i, i, p, p, p, p, p, i, p, p, p, p, p, i, i, i, i, i, i, i, p, p, p]
     lib.hb_gn_cluster_capacity.argtypes = [i, i, i, ctypes.POINTER(i)]
     lib.hb_device_limits.argtypes = [i, ctypes.POINTER(i), ctypes.POINTER(i), ctypes.POINTER(i)]
     lib.hb_layout_walk.argtypes = [i, i, i, i, i, i, i, ctypes.POINTER(ll), ctypes.POINTER(i)]
@@ -142,7 +142,7 @@ def smem_limit(device_index: int) -> int | None:
                 return limit.value
         except (build.BuildError, OSError) as err:
             reason = str(err)
-    warnings.warn(f"hbkernels: cluster GroupNorm forward unavailable on cuda:{device_index} ({reason}); "
+    warnings.warn(f"hbkernels: cluster GroupNorm kernels unavailable on cuda:{device_index} ({reason}); "
                   "using the Triton kernels", RuntimeWarning, stacklevel=2)
     return None
 
@@ -179,7 +179,7 @@ def _ptr(t: torch.Tensor | None):
     return None if t is None else t.data_ptr()
 
 
-def _device_plan(num_groups, blocks, backward, x, *others) -> tuple[Plan, str] | None:
+def plan_for(num_groups, blocks, backward, x, *others) -> tuple[Plan, str] | None:
     """The plan and layout for these tensors (x's device, a CUDA one), or None where the kernels do not
     apply."""
     name = layout(num_groups, x, *others)
@@ -213,7 +213,7 @@ def try_gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: floa
     """Runs the cluster forward (same contract as hbkernels.triton.group_norm.gn_fwd) and returns True,
     or returns False without touching anything where it does not apply. ``blocks``: per cluster
     (None: :func:`plan`'s choice)."""
-    planned = _device_plan(num_groups, blocks, False, x, y)
+    planned = plan_for(num_groups, blocks, False, x, y)
     if planned is None:
         return False
     launch_fwd(*planned, x.device.index, _stream(x), x, weight, bias, shift, y, mean, rstd, num_groups, eps, silu)
@@ -231,7 +231,7 @@ def launch_fwd(p: Plan, layout_name: str, device_index: int, stream: int, x, wei
     err = lib.hb_gn_cluster_fwd(
         device_index, _DTYPES[x.dtype], int(silu), int(layout_name == "channels_last"), _ptr(x), _ptr(y), _ptr(weight),
         _ptr(bias), params_fp32, _ptr(shift), _ptr(mean), _ptr(rstd), n, c, num_groups, t * s, p.blocks,
-        p.units_per_block, x.stride(0), y.stride(0), stat_strides, float(eps), stream,
+        p.units_per_block, p.smem, x.stride(0), y.stride(0), stat_strides, float(eps), stream,
     )
     _raise_on(lib, err, p)
 
@@ -240,7 +240,7 @@ def try_gn_bwd(dy, x, weight, bias, shift, mean, rstd, dx, dweight, dbias, num_g
                blocks: int | None = None) -> bool:
     """Runs the cluster backward (same contract as hbkernels.triton.group_norm.gn_bwd) and returns True,
     or returns False without touching anything where it does not apply."""
-    planned = _device_plan(num_groups, blocks, True, x, dy, dx)
+    planned = plan_for(num_groups, blocks, True, x, dy, dx)
     if planned is None:
         return False
     launch_bwd(*planned, x.device.index, _stream(x), dy, x, weight, bias, shift, mean, rstd, dx, dweight, dbias,
@@ -263,7 +263,8 @@ def launch_bwd(p: Plan, layout_name: str, device_index: int, stream: int, dy, x,
     err = lib.hb_gn_cluster_bwd(
         device_index, _DTYPES[x.dtype], int(silu), int(layout_name == "channels_last"), _ptr(dy), _ptr(x), _ptr(dx),
         _ptr(weight), _ptr(bias), params_fp32, _ptr(shift), _ptr(mean), _ptr(rstd), _ptr(per_sample[0]),
-        _ptr(per_sample[1]), n, c, num_groups, t * s, p.blocks, p.units_per_block, sample_strides, stat_strides, stream,
+        _ptr(per_sample[1]), n, c, num_groups, t * s, p.blocks, p.units_per_block, p.smem, sample_strides, stat_strides,
+        stream,
     )
     _raise_on(lib, err, p)
     for total, parts, d in zip((dweight, dbias), per_sample, direct):

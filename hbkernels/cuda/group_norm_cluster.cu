@@ -612,15 +612,15 @@ extern "C" {
 
 // dtype: 0 float32, 1 float16, 2 bfloat16. channels_last: x and y channels-last (4-byte units), else NCHW
 // (16-byte units). weight / bias: contiguous, fp32 where params_fp32 has bit 0 / bit 1 set, else x's
-// dtype, or null. stat_strides: mean's (n, g) strides, then rstd's.
+// dtype, or null. smem: dynamic shared memory per block, as the planner sized it (the units, then 3 fp32
+// per channel). stat_strides: mean's (n, g) strides, then rstd's.
 int hb_gn_cluster_fwd(int device, int dtype, int silu, int channels_last, const void* x, void* y, const void* weight,
                       const void* bias, int params_fp32, const float* shift, float* mean, float* rstd, int batch,
-                      int channels, int groups, int S, int blocks, int units_per_block, long long x_sample_stride,
-                      long long y_sample_stride, const long long* stat_strides, float eps, void* stream) {
+                      int channels, int groups, int S, int blocks, int units_per_block, int smem,
+                      long long x_sample_stride, long long y_sample_stride, const long long* stat_strides, float eps,
+                      void* stream) {
   DeviceGuard guard(device);
   if (guard.err != cudaSuccess) return static_cast<int>(guard.err);
-  const int unit_bytes = channels_last ? 4 : 16;
-  const int smem = units_per_block * unit_bytes + 3 * (channels / groups) * static_cast<int>(sizeof(float));
   return dispatch(dtype, silu, [&](auto t, auto s) {
     using T = decltype(t);
     constexpr bool kSilu = decltype(s)::value;
@@ -635,18 +635,15 @@ int hb_gn_cluster_fwd(int device, int dtype, int silu, int channels_last, const 
 }
 
 // dweight / dbias: (N, C) float32 per-sample sums, or null. channels_last: as for the forward (each
-// block's units must then start on a position). sample_strides: dy's, x's, dx's.
+// block's units must then start on a position). smem: as planned (dy's and x's units, then 7 fp32 per
+// channel, channels-last 7 + 32). sample_strides: dy's, x's, dx's.
 int hb_gn_cluster_bwd(int device, int dtype, int silu, int channels_last, const void* dy, const void* x, void* dx,
                       const void* weight, const void* bias, int params_fp32, const float* shift, const float* mean,
                       const float* rstd, float* dweight, float* dbias, int batch, int channels, int groups, int S,
-                      int blocks, int units_per_block, const long long* sample_strides,
+                      int blocks, int units_per_block, int smem, const long long* sample_strides,
                       const long long* stat_strides, void* stream) {
   DeviceGuard guard(device);
   if (guard.err != cudaSuccess) return static_cast<int>(guard.err);
-  const int cpg = channels / groups;
-  const int unit_bytes = channels_last ? 4 : 16;
-  const int coefficients = channels_last ? 7 + 32 : 7;  // channels-last: the per-warp column sums too
-  const int smem = 2 * units_per_block * unit_bytes + coefficients * cpg * static_cast<int>(sizeof(float));
   return dispatch(dtype, silu, [&](auto t, auto s) {
     using T = decltype(t);
     constexpr bool kSilu = decltype(s)::value;
