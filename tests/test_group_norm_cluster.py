@@ -176,7 +176,7 @@ def test_build_is_cached_and_leaves_no_partial_files(tmp_path, monkeypatch):
     lib.hb_error_string.restype = ctypes.c_char_p
     if not torch.cuda.is_available():  # without a GPU the library loads and reports why it cannot run
         limit = ctypes.c_int(-1)
-        err = lib.hb_device_limits(0, ctypes.byref(limit), ctypes.byref(ctypes.c_int()), ctypes.byref(ctypes.c_int()))
+        err = lib.hb_device_limits(0, ctypes.byref(limit))
         assert err != 0 and lib.hb_error_string(err) and limit.value == 0
 
 

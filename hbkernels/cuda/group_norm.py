@@ -112,7 +112,7 @@ def _library() -> ctypes.CDLL:
     lib.hb_gn_cluster_fwd.argtypes = [i, i, i, i, p, p, p, p, i, p, p, p, i, i, i, i, i, i, i, ll, ll, p, f, p]
     lib.hb_gn_cluster_bwd.argtypes = [i, i, i, i, p, p, p, p, p, i, p, p, p, p, p, i, i, i, i, i, i, i, p, p, p]
     lib.hb_gn_cluster_capacity.argtypes = [i, i, i, ctypes.POINTER(i)]
-    lib.hb_device_limits.argtypes = [i, ctypes.POINTER(i), ctypes.POINTER(i), ctypes.POINTER(i)]
+    lib.hb_device_limits.argtypes = [i, ctypes.POINTER(i)]
     lib.hb_layout_walk.argtypes = [i, i, i, i, i, i, i, ctypes.POINTER(ll), ctypes.POINTER(i)]
     lib.hb_error_string.restype = ctypes.c_char_p
     return lib
@@ -134,8 +134,8 @@ def smem_limit(device_index: int) -> int | None:
     else:
         try:
             lib = _library()
-            limit, major, minor = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
-            err = lib.hb_device_limits(device_index, ctypes.byref(limit), ctypes.byref(major), ctypes.byref(minor))
+            limit = ctypes.c_int()
+            err = lib.hb_device_limits(device_index, ctypes.byref(limit))
             if err:
                 reason = f"CUDA: {_error(lib, err)}"
             else:

@@ -670,16 +670,16 @@ int hb_gn_cluster_capacity(int device, int blocks, int smem, int* clusters) {
   return static_cast<int>(cudaOccupancyMaxActiveClusters(clusters, kernel, &grid.config));
 }
 
-// The dynamic shared memory one block may opt into (the device's per-block limit less the larger static
-// shared memory of the two kernels, in bytes), and the device's compute capability.
-int hb_device_limits(int device, int* dynamic_smem, int* major, int* minor) {
-  int optin = 0;
+// The dynamic shared memory one block may opt into on `device` (its per-block limit less the largest
+// static shared memory of the kernels, in bytes); 0 below compute capability 9.0, which has no clusters
+// (and no code in this library).
+int hb_device_limits(int device, int* dynamic_smem) {
+  int optin = 0, major = 0;
   *dynamic_smem = 0;
   cudaFuncAttributes attributes;
   cudaError_t err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(major, cudaDevAttrComputeCapabilityMajor, device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(minor, cudaDevAttrComputeCapabilityMinor, device);
-  if (err == cudaSuccess && *major >= 9) {
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err == cudaSuccess && major >= 9) {
     DeviceGuard guard(device);
     err = guard.err;
     int largest_static = 0;
