@@ -574,18 +574,23 @@ int launch(void (*kernel)(Params...), int blocks, int rows, int smem, cudaStream
   return static_cast<int>(cudaLaunchKernelEx(&grid.config, kernel, args...));
 }
 
-// f(T{}, std::integral_constant<bool, silu>{}) for the run-time dtype (0 float32, 1 float16, 2 bfloat16).
+// f(T{}, silu, channels_last), the flags as std::integral_constant<bool, ...>, for the run-time dtype (0
+// float32, 1 float16, 2 bfloat16) and flags: the kernel's template arguments.
 template <typename F>
-int dispatch(int dtype, int silu, F f) {
-  using On = std::true_type;
-  using Off = std::false_type;
+int dispatch(int dtype, int silu, int channels_last, F f) {
+  auto flags = [&](auto t) {
+    using On = std::true_type;
+    using Off = std::false_type;
+    if (silu) return channels_last ? f(t, On{}, On{}) : f(t, On{}, Off{});
+    return channels_last ? f(t, Off{}, On{}) : f(t, Off{}, Off{});
+  };
   switch (dtype) {
     case 0:
-      return silu ? f(float{}, On{}) : f(float{}, Off{});
+      return flags(float{});
     case 1:
-      return silu ? f(__half{}, On{}) : f(__half{}, Off{});
+      return flags(__half{});
     case 2:
-      return silu ? f(__nv_bfloat16{}, On{}) : f(__nv_bfloat16{}, Off{});
+      return flags(__nv_bfloat16{});
     default:
       return static_cast<int>(cudaErrorInvalidValue);
   }
@@ -621,16 +626,12 @@ int hb_gn_cluster_fwd(int device, int dtype, int silu, int channels_last, const 
                       void* stream) {
   DeviceGuard guard(device);
   if (guard.err != cudaSuccess) return static_cast<int>(guard.err);
-  return dispatch(dtype, silu, [&](auto t, auto s) {
+  return dispatch(dtype, silu, channels_last, [&](auto t, auto s, auto cl) {
     using T = decltype(t);
-    constexpr bool kSilu = decltype(s)::value;
-    auto run = [&](auto kernel) {
-      return launch(kernel, blocks, batch * groups, smem, static_cast<cudaStream_t>(stream), static_cast<const T*>(x),
-                    static_cast<T*>(y), weight, bias, params_fp32, shift, mean, rstd, channels, groups, S,
-                    units_per_block, x_sample_stride, y_sample_stride, stat_strides[0], stat_strides[1],
-                    stat_strides[2], stat_strides[3], eps);
-    };
-    return channels_last ? run(gn_cluster_fwd_kernel<T, kSilu, true>) : run(gn_cluster_fwd_kernel<T, kSilu, false>);
+    return launch(gn_cluster_fwd_kernel<T, decltype(s)::value, decltype(cl)::value>, blocks, batch * groups, smem,
+                  static_cast<cudaStream_t>(stream), static_cast<const T*>(x), static_cast<T*>(y), weight, bias,
+                  params_fp32, shift, mean, rstd, channels, groups, S, units_per_block, x_sample_stride,
+                  y_sample_stride, stat_strides[0], stat_strides[1], stat_strides[2], stat_strides[3], eps);
   });
 }
 
@@ -644,16 +645,13 @@ int hb_gn_cluster_bwd(int device, int dtype, int silu, int channels_last, const 
                       const long long* stat_strides, void* stream) {
   DeviceGuard guard(device);
   if (guard.err != cudaSuccess) return static_cast<int>(guard.err);
-  return dispatch(dtype, silu, [&](auto t, auto s) {
+  return dispatch(dtype, silu, channels_last, [&](auto t, auto s, auto cl) {
     using T = decltype(t);
-    constexpr bool kSilu = decltype(s)::value;
-    auto run = [&](auto kernel) {
-      return launch(kernel, blocks, batch * groups, smem, static_cast<cudaStream_t>(stream), static_cast<const T*>(dy),
-                    static_cast<const T*>(x), static_cast<T*>(dx), weight, bias, params_fp32, shift, mean, rstd,
-                    dweight, dbias, channels, groups, S, units_per_block, sample_strides[0], sample_strides[1],
-                    sample_strides[2], stat_strides[0], stat_strides[1], stat_strides[2], stat_strides[3]);
-    };
-    return channels_last ? run(gn_cluster_bwd_kernel<T, kSilu, true>) : run(gn_cluster_bwd_kernel<T, kSilu, false>);
+    return launch(gn_cluster_bwd_kernel<T, decltype(s)::value, decltype(cl)::value>, blocks, batch * groups, smem,
+                  static_cast<cudaStream_t>(stream), static_cast<const T*>(dy), static_cast<const T*>(x),
+                  static_cast<T*>(dx), weight, bias, params_fp32, shift, mean, rstd, dweight, dbias, channels, groups,
+                  S, units_per_block, sample_strides[0], sample_strides[1], sample_strides[2], stat_strides[0],
+                  stat_strides[1], stat_strides[2], stat_strides[3]);
   });
 }
 
