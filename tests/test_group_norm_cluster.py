@@ -1,6 +1,7 @@
 """The Hopper cluster GroupNorm kernels (hbkernels/cuda/group_norm_cluster.cu): their launch plans (CPU),
 their build and argument passing (wherever nvcc is), and their results against float64, forward and
-backward (on a GPU with compute capability 9+)."""
+backward: on the CPU emulator (tests/cuda_emulator, wherever g++ is) and on a GPU with compute
+capability 9+."""
 import ctypes
 import shutil
 import subprocess
@@ -10,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import cuda_emulator
 import hbkernels
 from hbkernels.cuda import build
 from hbkernels.cuda import group_norm as cluster
-from helpers import ON_GPU, check_against_float64, rand
+from helpers import ON_GPU, assert_within_torch_error, check_against_float64, rand
 
 H100_LIMIT = 232448 - 224  # an H100 block's opt-in shared memory, less the forward's static 224 bytes
 HAS_NVCC = build.nvcc() is not None
@@ -80,32 +82,32 @@ def test_plan_estimate():
 def test_backward_plan_holds_dy_and_x():
     # level 0, T16, fp16: 1.6 MB of dy and x per group; 8 blocks of 200 KiB run 16 clusters at once (two
     # waves); 16 blocks of 100 KiB run 8 at once (four waves of half the bytes): a tie, fewer blocks win
-    p = cluster.plan(32, 10 * 16 * 2560, 10, 2, H100_LIMIT, 132, h100_resident, tensors=2,
-                     coefficients=cluster.BACKWARD_COEFFICIENTS["nchw"])
+    p = cluster.plan(32, 10 * 16 * 2560, 10, 2, H100_LIMIT, 132, h100_resident, **cluster.holdings(True, "nchw", 10, 2))
     assert (p.blocks, p.units_per_block, p.smem) == (8, 6400, 2 * 6400 * 16 + 7 * 10 * 4)
     # T26 needs 12 blocks (2.66 MB); fp32 T26 (5.3 MB) more than 16
-    assert cluster.plan(32, 10 * 26 * 2560, 10, 2, H100_LIMIT, 132, h100_resident, tensors=2,
-                        coefficients=cluster.BACKWARD_COEFFICIENTS["nchw"]).blocks >= 12
-    assert cluster.plan(32, 10 * 26 * 2560, 10, 4, H100_LIMIT, 132, h100_resident, tensors=2,
-                        coefficients=cluster.BACKWARD_COEFFICIENTS["nchw"]) is None
+    assert cluster.plan(32, 10 * 26 * 2560, 10, 2, H100_LIMIT, 132, h100_resident,
+                        **cluster.holdings(True, "nchw", 10, 2)).blocks >= 12
+    assert cluster.plan(32, 10 * 26 * 2560, 10, 4, H100_LIMIT, 132, h100_resident,
+                        **cluster.holdings(True, "nchw", 10, 4)) is None
 
 
 def test_channels_last_backward_blocks_start_on_positions():
     # level 0, T16, fp16: 5 units per position; dy and x of 51,200 positions in 8 blocks of 6400 positions
-    p = cluster.plan(32, 10 * 16 * 2560, 10, 2, H100_LIMIT, 132, h100_resident, tensors=2,
-                     coefficients=cluster.BACKWARD_COEFFICIENTS["channels_last"], unit_bytes=4, align=5)
+    p = cluster.plan(32, 10 * 16 * 2560, 10, 2, H100_LIMIT, 132, h100_resident,
+                     **cluster.holdings(True, "channels_last", 10, 2))
     assert p.units_per_block % 5 == 0 and p.blocks * p.units_per_block >= 10 * 16 * 2560 // 2
     # forced 7 blocks: 204,800 units / 7 = 29,257.1, rounded up to whole positions (29,260): 2 x 117 KB
     # of dy and x is more than a block's shared memory
-    assert cluster.plan(32, 10 * 16 * 2560, 10, 2, H100_LIMIT, 132, h100_resident, blocks=7, tensors=2,
-                        coefficients=cluster.BACKWARD_COEFFICIENTS["channels_last"], unit_bytes=4, align=5) is None
-    p = cluster.plan(32, 10 * 4 * 2560, 10, 2, H100_LIMIT, 132, h100_resident, blocks=7, tensors=2,
-                     coefficients=cluster.BACKWARD_COEFFICIENTS["channels_last"], unit_bytes=4, align=5)
+    assert cluster.plan(32, 10 * 16 * 2560, 10, 2, H100_LIMIT, 132, h100_resident, blocks=7,
+                        **cluster.holdings(True, "channels_last", 10, 2)) is None
+    p = cluster.plan(32, 10 * 4 * 2560, 10, 2, H100_LIMIT, 132, h100_resident, blocks=7,
+                     **cluster.holdings(True, "channels_last", 10, 2))
     assert p.units_per_block == 7315  # 51,200 / 7 = 7314.3 -> 1463 positions of 5
 
 
 def test_channels_last_plan_counts_4_byte_units():
-    p = cluster.plan(32, 10 * 16 * 2560, 10, 2, H100_LIMIT, 132, h100_resident, unit_bytes=4)
+    p = cluster.plan(32, 10 * 16 * 2560, 10, 2, H100_LIMIT, 132, h100_resident,
+                     **cluster.holdings(False, "channels_last", 10, 2))
     assert (p.blocks, p.units_per_block, p.smem) == (4, 51200, 51200 * 4 + 3 * 10 * 4)
 
 
@@ -240,6 +242,127 @@ def test_build_names_a_missing_nvcc(tmp_path, monkeypatch):
     monkeypatch.setattr(build, "nvcc", lambda: None)
     with pytest.raises(build.BuildError, match="nvcc not found"):
         build.build(cluster.SOURCE)
+
+
+# ---------------------------------------------------------------- on the CPU emulator
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    """The kernels built for the CPU emulator (the same source, g++ and tests/cuda_emulator's headers)."""
+    if cuda_emulator.compiler() is None:
+        pytest.skip("no g++")
+    return cluster.declare(cuda_emulator.build(build.HERE / cluster.SOURCE, tmp_path_factory.mktemp("emulated")))
+
+
+def emulated_plan(lib, shape, groups, element_size, layout_name, blocks, backward):
+    """plan() on the emulated device (an H100's 132 SMs and shared memory), asked through the library's
+    own device queries."""
+    n, c, t, s = shape
+    limit = ctypes.c_int()
+    assert lib.hb_device_limits(0, ctypes.byref(limit)) == 0
+
+    def resident(r, smem):
+        clusters = ctypes.c_int()
+        assert lib.hb_gn_cluster_capacity(0, r, smem, ctypes.byref(clusters)) == 0
+        return clusters.value
+
+    cpg = c // groups
+    return cluster.plan(n * groups, cpg * t * s, cpg, element_size, limit.value, 132, resident, blocks,
+                        **cluster.holdings(backward, layout_name, cpg, element_size))
+
+
+PAD = 64  # NaN elements either side of every output, which the kernels must leave alone
+
+
+def guarded(shape, dtype, channels_last=False):
+    """A NaN (N, C, T, S) tensor (channels-last memory: (N, T, S, C)) inside a NaN buffer of PAD more
+    elements each side, and that buffer."""
+    n, c, t, s = shape
+    buffer = torch.full((n * c * t * s + 2 * PAD,), float("nan"), dtype=dtype)
+    inner = buffer[PAD:-PAD]
+    return (inner.view(n, t, s, c).permute(0, 3, 1, 2) if channels_last else inner.view(shape)), buffer
+
+
+def untouched(buffer):
+    return bool(buffer[:PAD].isnan().all() and buffer[-PAD:].isnan().all())
+
+
+# (N, C, T, S), groups, blocks per cluster (None: the plan's, 16 here for the small groups: a
+# non-portable cluster whose last blocks hold nothing), activation, shift, weight and bias ("fp32", "x":
+# x's dtype, None)
+EMULATED_CASES = [((2, 16, 3, 64), 4, None, "silu", False, "fp32"), ((1, 24, 5, 32), 3, 3, None, True, "x"),
+                  ((2, 8, 2, 16), 2, 1, "silu", False, None)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,groups,blocks,activation,shifted,params", EMULATED_CASES)
+@pytest.mark.parametrize("layout_name", ["nchw", "channels_last"])
+def test_emulated_kernels_against_float64(emulated, monkeypatch, dtype, shape, groups, blocks, activation, shifted,
+                                          params, layout_name):
+    """The kernels' own code, run by the CPU emulator through launch_fwd / launch_bwd, held to 2x
+    PyTorch's error in that dtype (forward, dx, dweight, dbias; mean and rstd to fp32 accuracy), with
+    every output poisoned and guarded. The backward reads the forward's mean and rstd, as in training."""
+    monkeypatch.setattr(cluster, "_library", lambda: emulated)
+    n, c, t, s = shape
+    cl = layout_name == "channels_last"
+    F = torch.nn.functional
+    x64 = rand(*shape, dtype=torch.float64, mean=3.0)
+    w64 = rand(c, dtype=torch.float64, mean=1.0) if params else None
+    b64 = rand(c, dtype=torch.float64) if params else None
+    shift64 = 10 * rand(n, c, dtype=torch.float64) if shifted else None
+    dy64 = rand(*shape, dtype=torch.float64)
+
+    def reference(x, w, b, shift):
+        z = F.group_norm(x if shift is None else x + shift[:, :, None, None], groups, w, b)
+        return F.silu(z) if activation else z
+
+    def outputs(dtype):
+        """y, dx, dweight, dbias of the reference in ``dtype``."""
+        leaves = [v if v is None else v.detach().to(dtype).requires_grad_() for v in (x64, w64, b64)]
+        y = reference(*leaves, None if shift64 is None else shift64.to(dtype))
+        y.backward(dy64.to(dtype))
+        return [y.detach()] + [v.grad for v in leaves if v is not None]
+
+    want, own = outputs(torch.float64), outputs(dtype)
+
+    def laid_out(v):
+        return v.to(dtype).contiguous(memory_format=torch.channels_last) if cl else v.to(dtype)
+
+    x, dy = laid_out(x64), laid_out(dy64)
+    param_dtype = torch.float32 if params == "fp32" else dtype
+    w, b = (None if v is None else v.to(param_dtype) for v in (w64, b64))
+    shift = None if shift64 is None else shift64.float()
+    y, y_buffer = guarded(shape, dtype, cl)
+    mean, mean_buffer = guarded((n, groups, 1, 1), torch.float32)
+    rstd, rstd_buffer = guarded((n, groups, 1, 1), torch.float32)
+    mean, rstd = mean.view(n, groups), rstd.view(n, groups)
+    p = emulated_plan(emulated, shape, groups, x.element_size(), layout_name, blocks, backward=False)
+    cluster.launch_fwd(p, layout_name, 0, 0, x, w, b, shift, y, mean, rstd, groups, 1e-5, activation == "silu")
+
+    z64 = (x.double() + (0 if shift is None else shift.double()[:, :, None, None])).reshape(n, groups, -1)
+    torch.testing.assert_close(mean.double(), z64.mean(-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rstd.double(), (z64.var(-1, unbiased=False) + 1e-5).rsqrt(), rtol=1e-5, atol=0)
+    dx, dx_buffer = guarded(shape, dtype, cl)
+    sums = [guarded((c, 1, 1, 1), torch.float32) if params else (None, None) for _ in range(2)]
+    dweight, dbias = (None if v is None else v.view(c) for v, _ in sums)
+    p = emulated_plan(emulated, shape, groups, x.element_size(), layout_name, blocks, backward=True)
+    cluster.launch_bwd(p, layout_name, 0, 0, dy, x, w, b, shift, mean, rstd, dx, dweight, dbias, groups,
+                       activation == "silu")
+
+    got = [y, dx] + ([dweight, dbias] if params else [])
+    for label, g, r, o in zip(["y", "dx", "dweight", "dbias"], got, want, own):
+        assert_within_torch_error(f"emulated/{layout_name}/{dtype}/{label}", g, r, o)
+    buffers = [y_buffer, mean_buffer, rstd_buffer, dx_buffer] + [v for _, v in sums if v is not None]
+    assert all(untouched(v) for v in buffers), "a kernel wrote outside its output"
+
+
+def test_emulated_launch_reports_what_the_device_refuses(emulated, monkeypatch):
+    """A plan asking for more shared memory than a block may opt into fails with the runtime's message."""
+    monkeypatch.setattr(cluster, "_library", lambda: emulated)
+    x = torch.randn(1, 8, 2, 16, dtype=torch.float16)
+    mean, rstd = torch.empty(1, 2), torch.empty(1, 2)
+    with pytest.raises(RuntimeError, match="cluster GroupNorm launch failed .invalid argument"):
+        cluster.launch_fwd(cluster.Plan(1, 32, 232449), "nchw", 0, 0, x, None, None, None, torch.empty_like(x), mean,
+                           rstd, 2, 1e-5, True)
 
 
 # ---------------------------------------------------------------- on a Hopper GPU

@@ -107,7 +107,13 @@ def plan(clusters: int, group_numel: int, cpg: int, element_size: int, smem_limi
 
 @functools.lru_cache(maxsize=None)
 def _library() -> ctypes.CDLL:
-    lib = build.load(SOURCE)
+    return declare(build.load(SOURCE))
+
+
+def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Gives ``lib``'s C entry points their argument types (a wrong count or type then raises
+    ctypes.ArgumentError instead of reaching the kernel): the nvcc-built library, or the tests' CPU
+    emulation of it."""
     p, i, ll, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_float
     lib.hb_gn_cluster_fwd.argtypes = [i, i, i, i, p, p, p, p, i, p, p, p, i, i, i, i, i, i, i, ll, ll, p, f, p]
     lib.hb_gn_cluster_bwd.argtypes = [i, i, i, i, p, p, p, p, p, i, p, p, p, p, p, i, i, i, i, i, i, i, p, p, p]
@@ -165,14 +171,19 @@ def device_plan(device_index: int, clusters: int, group_numel: int, cpg: int, el
     if limit is None:
         return None
     sms = torch.cuda.get_device_properties(device_index).multi_processor_count
-    unit_bytes = UNIT_BYTES[layout_name]
-    held = {}
-    if backward:
-        held = dict(tensors=2, coefficients=BACKWARD_COEFFICIENTS[layout_name])
-        if layout_name == "channels_last":
-            held["align"] = cpg * element_size // unit_bytes  # units per position
     return plan(clusters, group_numel, cpg, element_size, limit, sms, functools.partial(resident, device_index),
-                blocks, unit_bytes=unit_bytes, **held)
+                blocks, **holdings(backward, layout_name, cpg, element_size))
+
+
+def holdings(backward: bool, layout_name: str, cpg: int, element_size: int) -> dict:
+    """:func:`plan`'s keyword arguments for the forward or the backward kernel in this layout."""
+    unit_bytes = UNIT_BYTES[layout_name]
+    if not backward:
+        return dict(unit_bytes=unit_bytes)
+    held = dict(unit_bytes=unit_bytes, tensors=2, coefficients=BACKWARD_COEFFICIENTS[layout_name])
+    if layout_name == "channels_last":
+        held["align"] = cpg * element_size // unit_bytes  # units per position
+    return held
 
 
 def _ptr(t: torch.Tensor | None):

@@ -1,0 +1,26 @@
+"""Builds this project's CUDA sources for the CPU emulator in this folder (emulator.h: each block an
+OS thread, each CUDA thread a fiber), so the kernels' logic runs where there is no GPU. The source is
+compiled unchanged by g++, with these headers in place of CUDA's."""
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def compiler() -> str | None:
+    return shutil.which("g++")
+
+
+def build(source: Path, out_dir: Path) -> ctypes.CDLL:
+    """``source`` (a .cu file) built against the emulator into ``out_dir`` and loaded."""
+    out = Path(out_dir) / f"{Path(source).stem}-emulated.so"
+    # -fno-extern-tls-init: `extern __shared__` arrays become `extern thread_local` ones, which g++ would
+    # otherwise reach through an initialisation hook that no translation unit defines
+    cmd = [compiler(), "-std=c++20", "-O2", "-fPIC", "-shared", "-pthread", "-fno-extern-tls-init", "-I", str(HERE),
+           "-x", "c++", "-o", str(out), str(source)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"emulator build failed: {' '.join(cmd)}\n{proc.stderr[-4000:]}")
+    return ctypes.CDLL(str(out))

@@ -1,0 +1,344 @@
+// A CPU emulator for this project's CUDA kernels, so their logic runs in CI, which has no GPU (as the
+// Triton kernels do under TRITON_INTERPRET=1). The .cu file is compiled unchanged by g++ with this folder
+// first on the include path: these headers stand in for cuda_runtime.h, cuda_fp16.h, cuda_bf16.h and
+// cooperative_groups.h.
+//
+// Model: each block of a cluster runs on its own OS thread, and each of the block's CUDA threads is a
+// fiber (ucontext) on it. `__shared__` becomes `thread_local`, which makes shared memory per block and
+// lets the blocks of one cluster address each other's (map_shared_rank offsets an address from one
+// thread's TLS block into another's). Fibers switch only at __syncthreads, shuffles and cluster
+// barriers. The order the fibers run in between barriers is shuffled per launch (a seed), so a missing
+// __syncthreads gives different results from run to run.
+//
+// What it checks, each reported by the launch's error string:
+// - deadlock: a barrier that not every thread reaches (divergent __syncthreads, partial-warp shuffles,
+//   a cluster barrier some block skips), found by a watchdog;
+// - a block reading another block's shared memory after that block exited (the cluster exit rule);
+// - writes to dynamic shared memory beyond the launch's size, and the launch's limits (block size,
+//   cluster size, shared memory opt-in, grid rows).
+// Dynamic shared memory starts as 0xff bytes (NaN as floats), so reading what no thread wrote shows. It
+// must be declared as CUDA's `extern __shared__ uint4 smem_raw[]` (cuda_runtime.h defines that array).
+// What it cannot see: races within a warp-synchronous step, memory-model subtleties, performance.
+#pragma once
+
+#include <sys/mman.h>
+#include <ucontext.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <barrier>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <mutex>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+struct uint3 {
+  unsigned x, y, z;
+};
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned vx = 1, unsigned vy = 1, unsigned vz = 1) : x(vx), y(vy), z(vz) {}
+};
+struct uint4 {
+  unsigned x, y, z, w;
+};
+
+using std::max;
+using std::min;
+
+namespace hbemu {
+
+constexpr int kMaxThreads = 1024;
+constexpr int kMaxCluster = 16;
+constexpr size_t kStackBytes = 128 * 1024;
+// An emulated H100: 132 SMs, 227 KiB of opt-in shared memory per block, compute capability 9.0
+constexpr int kSms = 132;
+constexpr int kSmemOptin = 232448;
+constexpr int kGuardBytes = 4096;  // poisoned bytes past the launch's dynamic shared memory, checked after
+
+struct Fiber {
+  ucontext_t context;
+  uint3 thread;
+  bool done = false;
+  bool cluster_arrived = false;  // arrived at the cluster barrier, not yet waited
+  int cluster_phase = 0;         // the cluster barrier's phase it arrived in
+  const char* waiting_at = nullptr;
+  unsigned shuffles = 0;  // shuffles done: their parity picks the exchange slots
+};
+
+struct Cluster;
+
+// A generation barrier among fibers of one block (one OS thread: no atomics needed)
+struct LocalBarrier {
+  int arrived = 0, phase = 0;
+};
+
+// One block: its fibers and its barriers, on the OS thread that runs it
+struct Block {
+  ucontext_t scheduler;
+  std::vector<Fiber> fibers;
+  std::vector<int> order;  // the order fibers run in between barriers
+  Fiber* current = nullptr;
+  uint3 index;
+  unsigned rank = 0;
+  Cluster* cluster = nullptr;
+  std::function<void()> body;
+  LocalBarrier block_barrier;
+  LocalBarrier warp_barriers[kMaxThreads / 32];
+  unsigned long long exchange[kMaxThreads / 32][2][32];
+  int threads = 0;
+};
+
+// State the blocks of one cluster share (each on its own OS thread)
+struct Cluster {
+  int blocks = 0, threads = 0;
+  std::atomic<int> arrived{0}, phase{0};
+  std::atomic<char*> anchors[kMaxCluster];  // each block's address of `anchor` (below)
+  std::atomic<bool> exited[kMaxCluster];
+  std::atomic<unsigned long long>* progress = nullptr;
+  std::atomic<bool>* abort = nullptr;
+};
+
+inline thread_local Block* tl_block = nullptr;
+// An address in every block's TLS at the same offset from each block's shared memory
+inline thread_local char anchor = 0;
+
+// The launch's first error (emulator findings carry their own message)
+struct Errors {
+  std::mutex mutex;
+  std::string message;
+  void report(const std::string& what) {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (message.empty()) message = what;
+  }
+};
+inline Errors errors;
+
+inline Block& block() { return *tl_block; }
+
+inline void yield() { swapcontext(&block().current->context, &block().scheduler); }
+
+template <typename Ready>
+void wait_until(const char* where, Ready ready) {
+  block().current->waiting_at = where;
+  while (!ready()) yield();
+  block().current->waiting_at = nullptr;
+}
+
+inline void count_progress() {
+  if (Cluster* c = block().cluster) c->progress->fetch_add(1, std::memory_order_relaxed);
+}
+
+inline void arrive_and_wait(LocalBarrier& barrier, int expected, const char* where) {
+  count_progress();
+  const int phase = barrier.phase;
+  if (++barrier.arrived == expected) {
+    barrier.arrived = 0;
+    ++barrier.phase;
+    return;
+  }
+  wait_until(where, [&] { return barrier.phase != phase; });
+}
+
+inline void syncthreads() { arrive_and_wait(block().block_barrier, block().threads, "__syncthreads"); }
+
+// A full-warp shuffle: every lane publishes its value, then reads its source lane's. Two slot sets
+// alternate, so one barrier per shuffle suffices: a lane can only overwrite a set after every lane
+// passed the next shuffle's barrier, i.e. finished reading it.
+template <typename T, typename Source>
+T shuffle(unsigned mask, T value, Source source, const char* name) {
+  static_assert(sizeof(T) <= sizeof(unsigned long long), "shuffles move up to 8 bytes");
+  Block& b = block();
+  if (mask != 0xffffffffu) {
+    errors.report(std::string(name) + " with a partial mask: not emulated");
+  }
+  Fiber& f = *b.current;
+  const int lane = f.thread.x % 32, warp = f.thread.x / 32, set = f.shuffles++ % 2;
+  std::memcpy(&b.exchange[warp][set][lane], &value, sizeof(T));
+  arrive_and_wait(b.warp_barriers[warp], 32, name);
+  const int from = source(lane);
+  T out = value;
+  if (from >= 0 && from < 32) std::memcpy(&out, &b.exchange[warp][set][from], sizeof(T));
+  return out;
+}
+
+inline void cluster_arrive() {
+  Fiber& f = *block().current;
+  Cluster& c = *block().cluster;
+  if (f.cluster_arrived) errors.report("a thread arrived at the cluster barrier twice without waiting");
+  f.cluster_arrived = true;
+  f.cluster_phase = c.phase.load();
+  count_progress();
+  if (c.arrived.fetch_add(1) + 1 == c.threads) {
+    c.arrived.store(0);
+    c.phase.fetch_add(1);
+  }
+}
+
+inline void cluster_wait() {
+  Fiber& f = *block().current;
+  Cluster& c = *block().cluster;
+  if (!f.cluster_arrived) errors.report("a thread waited at the cluster barrier without arriving");
+  f.cluster_arrived = false;
+  const int phase = f.cluster_phase;
+  wait_until("the cluster barrier", [&] { return c.phase.load() != phase; });
+}
+
+template <typename T>
+T* map_shared_rank(T* address, unsigned rank) {
+  Block& b = block();
+  Cluster& c = *b.cluster;
+  if (rank >= static_cast<unsigned>(c.blocks)) {
+    errors.report("map_shared_rank: rank " + std::to_string(rank) + " outside the cluster");
+    return address;
+  }
+  if (c.exited[rank].load()) {
+    errors.report("block " + std::to_string(b.rank) + " read the shared memory of block " + std::to_string(rank) +
+                  " of its cluster after that block exited");
+  }
+  const auto offset = reinterpret_cast<char*>(address) - &anchor;
+  return reinterpret_cast<T*>(c.anchors[rank].load() + offset);
+}
+
+// The fibers' entry: runs the kernel body as the current fiber's thread
+inline void fiber_entry() {
+  Block& b = block();
+  b.body();
+  count_progress();
+  b.current->done = true;
+}  // returns to the scheduler (uc_link)
+
+// Fiber stacks, kept across launches: one set per block of the largest cluster
+inline std::vector<char*>& stacks(int block_rank) {
+  static std::vector<char*> pool[kMaxCluster];
+  return pool[block_rank];
+}
+
+inline char* stack_for(int block_rank, int thread) {
+  auto& pool = stacks(block_rank);
+  while (static_cast<int>(pool.size()) <= thread) {
+    void* p = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) std::abort();
+    mprotect(p, static_cast<size_t>(getpagesize()), PROT_NONE);  // an overflow faults instead of corrupting
+    pool.push_back(static_cast<char*>(p));
+  }
+  return pool[thread];
+}
+
+inline std::string describe_waits(const Block& b) {
+  std::map<std::string, int> waiting;
+  int done = 0;
+  for (const Fiber& f : b.fibers) {
+    if (f.done) ++done;
+    else waiting[f.waiting_at ? f.waiting_at : "running"]++;
+  }
+  std::string out = "block (" + std::to_string(b.index.x) + ", " + std::to_string(b.index.y) + "): " +
+                    std::to_string(done) + " threads exited";
+  for (const auto& [where, count] : waiting) out += ", " + std::to_string(count) + " waiting at " + where;
+  return out;
+}
+
+// Runs one block to completion (all its fibers exited) or until the launch aborts. Shared memory:
+// `smem` / `smem_bytes` is this OS thread's dynamic shared memory, poisoned before and after.
+inline void run_block(Block& b, unsigned char* smem, size_t smem_bytes, double timeout_s) {
+  tl_block = &b;
+  std::memset(smem, 0xff, smem_bytes + kGuardBytes);
+  b.cluster->anchors[b.rank].store(&anchor);
+  for (int t = 0; t < b.threads; ++t) {
+    Fiber& f = b.fibers[t];
+    f = Fiber{};
+    f.thread = uint3{static_cast<unsigned>(t), 0, 0};
+    getcontext(&f.context);
+    f.context.uc_stack.ss_sp = stack_for(b.rank, t);
+    f.context.uc_stack.ss_size = kStackBytes;
+    f.context.uc_link = &b.scheduler;
+    makecontext(&f.context, fiber_entry, 0);
+  }
+  b.block_barrier = LocalBarrier{};
+  for (auto& w : b.warp_barriers) w = LocalBarrier{};
+  int alive = b.threads;
+  auto last = b.cluster->progress->load();
+  auto since = std::chrono::steady_clock::now();
+  while (alive > 0 && !b.cluster->abort->load()) {
+    for (int t : b.order) {
+      Fiber& f = b.fibers[t];
+      if (f.done) continue;
+      b.current = &f;
+      swapcontext(&b.scheduler, &f.context);
+      if (f.done) --alive;
+    }
+    const auto now_progress = b.cluster->progress->load();
+    const auto now = std::chrono::steady_clock::now();
+    if (now_progress != last) {
+      last = now_progress;
+      since = now;
+    } else if (std::chrono::duration<double>(now - since).count() > timeout_s) {
+      char seconds[32];
+      std::snprintf(seconds, sizeof seconds, "%g", timeout_s);
+      errors.report(std::string("deadlock: no thread of the cluster moved for ") + seconds + " s; " + describe_waits(b));
+      b.cluster->abort->store(true);
+    } else {
+      std::this_thread::yield();  // every fiber here waits on another block
+    }
+  }
+  b.cluster->exited[b.rank].store(true);
+  for (size_t k = smem_bytes; k < smem_bytes + kGuardBytes; ++k) {
+    if (smem[k] != 0xff) {
+      errors.report("block (" + std::to_string(b.index.x) + ", " + std::to_string(b.index.y) +
+                    ") wrote dynamic shared memory past the launch's " + std::to_string(smem_bytes) + " bytes");
+      break;
+    }
+  }
+  std::memset(smem, 0xff, smem_bytes);  // what another block reads after this one exited is NaN
+  tl_block = nullptr;
+}
+
+}  // namespace hbemu
+
+// CUDA's built-in variables, per fiber and per block (blockDim and gridDim: unused by the kernels)
+#define threadIdx (::hbemu::block().current->thread)
+#define blockIdx (::hbemu::block().index)
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ thread_local
+
+inline void __syncthreads() { hbemu::syncthreads(); }
+
+template <typename T>
+T __shfl_xor_sync(unsigned mask, T value, int lane_mask) {
+  return hbemu::shuffle(mask, value, [&](int lane) { return lane ^ lane_mask; }, "__shfl_xor_sync");
+}
+template <typename T>
+T __shfl_down_sync(unsigned mask, T value, unsigned delta) {
+  return hbemu::shuffle(mask, value, [&](int lane) { return lane + static_cast<int>(delta); }, "__shfl_down_sync");
+}
+
+inline void __cluster_barrier_arrive() { hbemu::cluster_arrive(); }
+inline void __cluster_barrier_arrive_relaxed() { hbemu::cluster_arrive(); }
+inline void __cluster_barrier_wait() { hbemu::cluster_wait(); }
+
+// Cache-hinted loads and stores: plain ones here
+template <typename T>
+T __ldg(const T* p) { return *p; }
+template <typename T>
+T __ldcs(const T* p) { return *p; }
+template <typename T>
+void __stcs(T* p, T v) { *p = v; }
+
+inline float __expf(float x) { return std::exp(x); }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }

@@ -1,0 +1,90 @@
+// Kernels with the mistakes the emulator must catch (tests/test_cuda_emulator.py), and their correct
+// twins. Emulator-only: block 1's pause in read_after_exit is a host sleep.
+#include <cooperative_groups.h>
+#include <cuda_runtime.h>
+
+#include <chrono>
+#include <cstring>
+#include <thread>
+
+namespace cg = cooperative_groups;
+
+namespace {
+
+// Each thread stores its index, then reads its neighbour's: wrong without the barrier between
+template <bool kSynced>
+__global__ void neighbours(float* out) {
+  extern __shared__ uint4 smem_raw[];
+  float* s = reinterpret_cast<float*>(smem_raw);
+  const int t = threadIdx.x, n = 64;
+  s[t] = static_cast<float>(t);
+  if (kSynced) __syncthreads();
+  out[t] = s[(t + 1) % n];
+}
+
+__global__ void divergent_sync(float* out) {
+  if (threadIdx.x < 32) __syncthreads();
+  out[threadIdx.x] = 1.f;
+}
+
+__global__ void partial_shuffle(float* out) { out[threadIdx.x] = __shfl_xor_sync(0xffffu, 1.f, 1); }
+
+__global__ void shared_overrun(float* out) {
+  extern __shared__ uint4 smem_raw[];
+  reinterpret_cast<float*>(smem_raw)[threadIdx.x + 64] = out[threadIdx.x];  // 64 floats were asked for
+}
+
+// Block 1 reads block 0's value after the cluster barrier; with kGuarded, block 0 may not exit before
+template <bool kGuarded>
+__global__ void read_after_exit(float* out) {
+  __shared__ float value;
+  cg::cluster_group cluster = cg::this_cluster();
+  if (threadIdx.x == 0) value = 10.f + cluster.block_rank();
+  cluster.sync();
+  if (cluster.block_rank() == 1 && threadIdx.x == 0) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));  // block 0 exits meanwhile, unless guarded
+    out[0] = *cluster.map_shared_rank(&value, 0);
+  }
+  if (kGuarded) {
+    __cluster_barrier_arrive();
+    __cluster_barrier_wait();
+  }
+}
+
+template <typename... Params>
+int launch(void (*kernel)(Params...), int blocks, int smem, float* out) {
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  cudaLaunchAttribute cluster[1];
+  cluster[0].id = cudaLaunchAttributeClusterDimension;
+  cluster[0].val.clusterDim.x = blocks;
+  cluster[0].val.clusterDim.y = cluster[0].val.clusterDim.z = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(blocks, 1, 1);
+  config.blockDim = dim3(64, 1, 1);
+  config.dynamicSmemBytes = smem;
+  config.attrs = cluster;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, out);
+}
+
+}  // namespace
+
+extern "C" {
+
+// Launches the named kernel on one cluster of `blocks` blocks of 64 threads, `smem` bytes each
+int hb_selftest(const char* name, int blocks, int smem, float* out) {
+  const std::string k = name;
+  if (k == "neighbours") return launch(neighbours<false>, blocks, smem, out);
+  if (k == "neighbours_synced") return launch(neighbours<true>, blocks, smem, out);
+  if (k == "divergent_sync") return launch(divergent_sync, blocks, smem, out);
+  if (k == "partial_shuffle") return launch(partial_shuffle, blocks, smem, out);
+  if (k == "shared_overrun") return launch(shared_overrun, blocks, smem, out);
+  if (k == "read_after_exit") return launch(read_after_exit<false>, blocks, smem, out);
+  if (k == "read_after_exit_guarded") return launch(read_after_exit<true>, blocks, smem, out);
+  return cudaErrorInvalidValue;
+}
+
+const char* hb_error_string(int err) { return cudaGetErrorString(static_cast<cudaError_t>(err)); }
+
+}  // extern "C"

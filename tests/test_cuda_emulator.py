@@ -1,0 +1,67 @@
+"""The CPU emulator that runs the project's CUDA kernels in CI (tests/cuda_emulator): each mistake it
+claims to catch, caught, and the correct twin of each passing (tests/cuda_emulator/selftest.cu)."""
+import ctypes
+
+import pytest
+import torch
+
+import cuda_emulator
+
+pytestmark = pytest.mark.skipif(cuda_emulator.compiler() is None, reason="no g++")
+
+
+@pytest.fixture(scope="module")
+def selftest(tmp_path_factory):
+    lib = cuda_emulator.build(cuda_emulator.HERE / "selftest.cu", tmp_path_factory.mktemp("emulator"))
+    lib.hb_error_string.restype = ctypes.c_char_p
+    return lib
+
+
+def run(lib, name, blocks=1, smem=0, seed=0):
+    """Launches the self-test kernel ``name``: (its 64 outputs, the launch's error string)."""
+    out = torch.full((64,), float("nan"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HBEMU_SEED", str(seed))
+        patch.setenv("HBEMU_TIMEOUT", "1")
+        err = lib.hb_selftest(name.encode(), blocks, smem, ctypes.c_void_p(out.data_ptr()))
+    return out, lib.hb_error_string(err).decode()
+
+
+def test_a_missing_syncthreads_shows_in_the_results(selftest):
+    """Fibers run in a shuffled order between barriers and shared memory starts as NaN, so reading a
+    neighbour's store without a barrier between gives NaN for some threads, different ones per seed."""
+    want = (torch.arange(64) + 1) % 64
+    runs = [run(selftest, "neighbours", smem=256, seed=seed)[0] for seed in (1, 2)]
+    assert all(out.isnan().any() for out in runs)
+    assert not torch.equal(runs[0].isnan(), runs[1].isnan())
+    for seed in (1, 2):
+        out, error = run(selftest, "neighbours_synced", smem=256, seed=seed)
+        assert error == "no error" and torch.equal(out, want.float())
+
+
+def test_a_divergent_syncthreads_is_reported_as_a_deadlock(selftest):
+    _, error = run(selftest, "divergent_sync")
+    assert "deadlock" in error and "32 waiting at __syncthreads" in error and "32 threads exited" in error
+
+
+def test_partial_warp_shuffles_are_refused(selftest):
+    assert "partial mask" in run(selftest, "partial_shuffle")[1]
+
+
+def test_writes_past_the_dynamic_shared_memory_are_reported(selftest):
+    assert "wrote dynamic shared memory past the launch's 256 bytes" in run(selftest, "shared_overrun", smem=256)[1]
+
+
+def test_reading_an_exited_blocks_shared_memory_is_reported(selftest):
+    """The cluster rule the kernels' final arrive/wait keeps: a block may not exit while another block
+    of its cluster may still read its shared memory."""
+    out, error = run(selftest, "read_after_exit", blocks=2)
+    assert "block 1 read the shared memory of block 0 of its cluster after that block exited" in error
+    out, error = run(selftest, "read_after_exit_guarded", blocks=2)
+    assert error == "no error" and out[0] == 10.0
+
+
+def test_launch_limits(selftest):
+    assert "launch refused: cluster of 9 blocks" in run(selftest, "neighbours_synced", blocks=9, smem=256)[1]
+    assert run(selftest, "neighbours_synced", smem=232448)[1] == "no error"
+    assert run(selftest, "neighbours_synced", smem=232449)[1] == "invalid argument"  # past the opt-in limit
