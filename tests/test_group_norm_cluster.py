@@ -220,13 +220,16 @@ def test_backward_launch_passes_its_arguments_and_reports_cuda_errors(library, b
                            torch.empty_like(x), dw, db, 2, True)
 
 
+@pytest.mark.parametrize("built", ["library", "emulated"])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("S,C,cpg,e0,step", [(2560, 320, 10, 6, 1024), (2560, 320, 10, 0, 4096), (64, 96, 3, 5, 1024),
                                             (7, 40, 40, 3, 20), (40960, 1280, 40, 1022, 1024)])
-def test_walks_reach_the_units_a_division_would(library, channels_last, S, C, cpg, e0, step):
-    """The kernels' address walk (Layout, run on the host from the built library) against each unit's
-    offset and channel computed by division: NCHW (offset e, channel e // S) and channels-last (offset
-    (e // cpg) * C + e % cpg, channel e % cpg), across plane and position boundaries."""
+def test_walks_reach_the_units_a_division_would(request, built, channels_last, S, C, cpg, e0, step):
+    """The kernels' address walk (Layout, run on the host from the nvcc-built library and from the
+    emulator's) against each unit's offset and channel computed by division: NCHW (offset e, channel
+    e // S) and channels-last (offset (e // cpg) * C + e % cpg, channel e % cpg), across plane and
+    position boundaries."""
+    library = request.getfixturevalue(built)
     count = 300
     offsets, channels = (ctypes.c_longlong * count)(), (ctypes.c_int * count)()
     assert library.hb_layout_walk(int(channels_last), S, C, cpg, e0, step, count, offsets, channels) == 0
@@ -288,9 +291,10 @@ def untouched(buffer):
 
 # (N, C, T, S), groups, blocks per cluster (None: the plan's, 16 here for the small groups: a
 # non-portable cluster whose last blocks hold nothing), activation, shift, weight and bias ("fp32", "x":
-# x's dtype, None)
+# x's dtype, None). The last case's blocks hold 16,384 elements: threads walk several units, across
+# channel planes (NCHW) and positions (channels-last), in whole batches and ragged ones.
 EMULATED_CASES = [((2, 16, 3, 64), 4, None, "silu", False, "fp32"), ((1, 24, 5, 32), 3, 3, None, True, "x"),
-                  ((2, 8, 2, 16), 2, 1, "silu", False, None)]
+                  ((2, 8, 2, 16), 2, 1, "silu", False, None), ((1, 4, 8, 4096), 2, 4, "silu", True, "fp32")]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -302,6 +306,7 @@ def test_emulated_kernels_against_float64(emulated, monkeypatch, dtype, shape, g
     PyTorch's error in that dtype (forward, dx, dweight, dbias; mean and rstd to fp32 accuracy), with
     every output poisoned and guarded. The backward reads the forward's mean and rstd, as in training."""
     monkeypatch.setattr(cluster, "_library", lambda: emulated)
+    monkeypatch.setenv("HBEMU_SEED", str(torch.initial_seed()))  # the schedule, reproducible as the inputs are
     n, c, t, s = shape
     cl = layout_name == "channels_last"
     F = torch.nn.functional

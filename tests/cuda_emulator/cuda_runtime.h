@@ -2,6 +2,8 @@
 // (device 0), launches run to completion before they return.
 #pragma once
 
+#include <barrier>
+
 #include "emulator.h"
 
 enum cudaError_t {
@@ -55,6 +57,7 @@ alignas(16) thread_local uint4 smem_raw[(hbemu::kSmemOptin + hbemu::kGuardBytes)
 }  // namespace
 
 namespace hbemu {
+namespace {
 
 // What cudaFuncSetAttribute opted each kernel into
 struct KernelAttributes {
@@ -114,6 +117,8 @@ inline cudaError_t launch(const cudaLaunchConfig_t& config, const void* kernel, 
   std::vector<int> order(threads);
   for (int t = 0; t < threads; ++t) order[t] = t;
   std::shuffle(order.begin(), order.end(), random);
+  std::vector<unsigned> seeds(cluster);
+  for (auto& seed : seeds) seed = random();
   Cluster state;
   state.blocks = cluster;
   state.threads = cluster * threads;
@@ -130,6 +135,7 @@ inline cudaError_t launch(const cudaLaunchConfig_t& config, const void* kernel, 
       Block& b = blocks[r];
       b.fibers.resize(threads);
       b.order = order;
+      b.random.seed(seeds[r]);
       b.threads = threads;
       b.rank = r;
       b.cluster = &state;
@@ -148,6 +154,7 @@ inline cudaError_t launch(const cudaLaunchConfig_t& config, const void* kernel, 
   return errors.message.empty() ? cudaSuccess : cudaErrorLaunchFailure;
 }
 
+}  // namespace
 }  // namespace hbemu
 
 inline cudaError_t cudaGetDevice(int* device) {
@@ -210,7 +217,7 @@ cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* config, void (*kernel)(
 }
 
 // The emulator's own findings come with their message (the last launch's)
-inline const char* cudaGetErrorString(cudaError_t err) {
+static const char* cudaGetErrorString(cudaError_t err) {
   static thread_local std::string text;
   switch (err) {
     case cudaSuccess:

@@ -7,8 +7,11 @@
 // fiber (ucontext) on it. `__shared__` becomes `thread_local`, which makes shared memory per block and
 // lets the blocks of one cluster address each other's (map_shared_rank offsets an address from one
 // thread's TLS block into another's). Fibers switch only at __syncthreads, shuffles and cluster
-// barriers. The order the fibers run in between barriers is shuffled per launch (a seed), so a missing
-// __syncthreads gives different results from run to run.
+// barriers. The scheduler runs the fibers in a shuffled order, holds back a random quarter of them each
+// round, and runs a random eighth of them ("slow") one at a time and only when no other can run, so
+// those fall as far behind the rest as the barriers allow: a missing __syncthreads (a read before the
+// write it needs, or a write over data another thread has yet to read) gives wrong results, different
+// per seed (HBEMU_SEED; by default a fresh one per launch).
 //
 // What it checks, each reported by the launch's error string:
 // - deadlock: a barrier that not every thread reaches (divergent __syncthreads, partial-warp shuffles,
@@ -27,7 +30,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <barrier>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -56,7 +58,10 @@ struct uint4 {
 using std::max;
 using std::min;
 
+// Internal linkage throughout: two emulated libraries in one process (the kernels and the self-tests)
+// must not share the emulator's state, as g++'s unique symbols for inline variables would make them.
 namespace hbemu {
+namespace {
 
 constexpr int kMaxThreads = 1024;
 constexpr int kMaxCluster = 16;
@@ -70,9 +75,15 @@ struct Fiber {
   ucontext_t context;
   uint3 thread;
   bool done = false;
+  bool slow = false;  // run only when no other fiber of the block can
   bool cluster_arrived = false;  // arrived at the cluster barrier, not yet waited
   int cluster_phase = 0;         // the cluster barrier's phase it arrived in
+  // what it waits for: the phase of a barrier (local: its block's; shared: its cluster's) to move on
+  // from wait_phase; the scheduler resumes it only then
   const char* waiting_at = nullptr;
+  const int* wait_local = nullptr;
+  const std::atomic<int>* wait_shared = nullptr;
+  int wait_phase = 0;
   unsigned shuffles = 0;  // shuffles done: their parity picks the exchange slots
 };
 
@@ -88,6 +99,7 @@ struct Block {
   ucontext_t scheduler;
   std::vector<Fiber> fibers;
   std::vector<int> order;  // the order fibers run in between barriers
+  std::mt19937 random;      // which fibers sit out a round
   Fiber* current = nullptr;
   uint3 index;
   unsigned rank = 0;
@@ -128,11 +140,23 @@ inline Block& block() { return *tl_block; }
 
 inline void yield() { swapcontext(&block().current->context, &block().scheduler); }
 
-template <typename Ready>
-void wait_until(const char* where, Ready ready) {
-  block().current->waiting_at = where;
-  while (!ready()) yield();
-  block().current->waiting_at = nullptr;
+inline bool ready(const Fiber& f) {
+  if (f.wait_local != nullptr) return *f.wait_local != f.wait_phase;
+  if (f.wait_shared != nullptr) return f.wait_shared->load() != f.wait_phase;
+  return true;
+}
+
+inline void wait_for_phase(const char* where, const int* local, const std::atomic<int>* shared, int phase) {
+  Fiber& f = *block().current;
+  f.waiting_at = where;
+  f.wait_local = local;
+  f.wait_shared = shared;
+  f.wait_phase = phase;
+  do yield();  // even past a barrier it released: the scheduler picks who goes on
+  while (!ready(f));
+  f.waiting_at = nullptr;
+  f.wait_local = nullptr;
+  f.wait_shared = nullptr;
 }
 
 inline void count_progress() {
@@ -145,9 +169,8 @@ inline void arrive_and_wait(LocalBarrier& barrier, int expected, const char* whe
   if (++barrier.arrived == expected) {
     barrier.arrived = 0;
     ++barrier.phase;
-    return;
   }
-  wait_until(where, [&] { return barrier.phase != phase; });
+  wait_for_phase(where, &barrier.phase, nullptr, phase);
 }
 
 inline void syncthreads() { arrive_and_wait(block().block_barrier, block().threads, "__syncthreads"); }
@@ -191,7 +214,7 @@ inline void cluster_wait() {
   if (!f.cluster_arrived) errors.report("a thread waited at the cluster barrier without arriving");
   f.cluster_arrived = false;
   const int phase = f.cluster_phase;
-  wait_until("the cluster barrier", [&] { return c.phase.load() != phase; });
+  wait_for_phase("the cluster barrier", nullptr, &c.phase, phase);
 }
 
 template <typename T>
@@ -258,6 +281,7 @@ inline void run_block(Block& b, unsigned char* smem, size_t smem_bytes, double t
     Fiber& f = b.fibers[t];
     f = Fiber{};
     f.thread = uint3{static_cast<unsigned>(t), 0, 0};
+    f.slow = b.random() % 8 == 0;
     getcontext(&f.context);
     f.context.uc_stack.ss_sp = stack_for(b.rank, t);
     f.context.uc_stack.ss_size = kStackBytes;
@@ -270,12 +294,18 @@ inline void run_block(Block& b, unsigned char* smem, size_t smem_bytes, double t
   auto last = b.cluster->progress->load();
   auto since = std::chrono::steady_clock::now();
   while (alive > 0 && !b.cluster->abort->load()) {
-    for (int t : b.order) {
-      Fiber& f = b.fibers[t];
-      if (f.done) continue;
-      b.current = &f;
-      swapcontext(&b.scheduler, &f.context);
-      if (f.done) --alive;
+    bool ran = false;
+    for (bool slow : {false, true}) {
+      for (int t : b.order) {
+        Fiber& f = b.fibers[t];
+        if (f.done || f.slow != slow || !ready(f) || (!slow && b.random() % 4 == 0)) continue;
+        b.current = &f;
+        swapcontext(&b.scheduler, &f.context);
+        ran = true;
+        if (f.done) --alive;
+        if (slow) break;  // one slow fiber at a time: the others go as far as they can in between
+      }
+      if (ran) break;
     }
     const auto now_progress = b.cluster->progress->load();
     const auto now = std::chrono::steady_clock::now();
@@ -285,7 +315,8 @@ inline void run_block(Block& b, unsigned char* smem, size_t smem_bytes, double t
     } else if (std::chrono::duration<double>(now - since).count() > timeout_s) {
       char seconds[32];
       std::snprintf(seconds, sizeof seconds, "%g", timeout_s);
-      errors.report(std::string("deadlock: no thread of the cluster moved for ") + seconds + " s; " + describe_waits(b));
+      errors.report(std::string("deadlock: no thread of the cluster moved for ") + seconds + " s; " +
+                    describe_waits(b));
       b.cluster->abort->store(true);
     } else {
       std::this_thread::yield();  // every fiber here waits on another block
@@ -303,6 +334,7 @@ inline void run_block(Block& b, unsigned char* smem, size_t smem_bytes, double t
   tl_block = nullptr;
 }
 
+}  // namespace
 }  // namespace hbemu
 
 // CUDA's built-in variables, per fiber and per block (blockDim and gridDim: unused by the kernels)
