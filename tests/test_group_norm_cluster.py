@@ -305,6 +305,20 @@ def test_emulated_kernels_against_float64(emulated, monkeypatch, dtype, shape, g
     """The kernels' own code, run by the CPU emulator through launch_fwd / launch_bwd, held to 2x
     PyTorch's error in that dtype (forward, dx, dweight, dbias; mean and rstd to fp32 accuracy), with
     every output poisoned and guarded. The backward reads the forward's mean and rstd, as in training."""
+    check_emulated(emulated, monkeypatch, dtype, shape, groups, blocks, activation, shifted, params, layout_name)
+
+
+@pytest.mark.parametrize("layout_name", ["nchw", "channels_last"])
+def test_emulated_kernels_at_level_0(emulated, monkeypatch, layout_name):
+    """VideoCrafter2's level 0 at T16 in fp16, the shape the kernels are for, with the plans an H100
+    gets: forward 4 blocks of 200 KiB, backward 8 (threads loop over many whole batches)."""
+    shape = (1, 320, 16, 40 * 64)
+    for backward, blocks in ((False, 4), (True, 8)):
+        assert emulated_plan(emulated, shape, 32, 2, layout_name, None, backward).blocks == blocks
+    check_emulated(emulated, monkeypatch, torch.float16, shape, 32, None, "silu", False, "fp32", layout_name)
+
+
+def check_emulated(emulated, monkeypatch, dtype, shape, groups, blocks, activation, shifted, params, layout_name):
     monkeypatch.setattr(cluster, "_library", lambda: emulated)
     monkeypatch.setenv("HBEMU_SEED", str(torch.initial_seed()))  # the schedule, reproducible as the inputs are
     n, c, t, s = shape
