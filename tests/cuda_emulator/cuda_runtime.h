@@ -100,6 +100,12 @@ inline std::string refusal(const cudaLaunchConfig_t& config, const void* kernel)
 // Runs every cluster of the grid, one after the other; a cluster's blocks run at once on their own
 // threads (kept for the whole launch, so shared memory keeps the previous cluster's bytes, as on a GPU).
 inline cudaError_t launch(const cudaLaunchConfig_t& config, const void* kernel, std::function<void()> body) {
+  static std::mutex one_at_a_time;  // the fiber stacks and the error message are the emulator's, not a launch's
+  std::lock_guard<std::mutex> serialised(one_at_a_time);
+  {
+    std::lock_guard<std::mutex> lock(errors.mutex);
+    errors.message.clear();
+  }
   if (std::string why = refusal(config, kernel); !why.empty()) {
     errors.report("launch refused: " + why);
     return cudaErrorInvalidConfiguration;
@@ -209,10 +215,6 @@ cudaError_t cudaOccupancyMaxActiveClusters(int* clusters, Kernel kernel, const c
 
 template <typename... Params, typename... Args>
 cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* config, void (*kernel)(Params...), Args... args) {
-  {
-    std::lock_guard<std::mutex> lock(hbemu::errors.mutex);
-    hbemu::errors.message.clear();
-  }
   return hbemu::launch(*config, reinterpret_cast<const void*>(kernel), [=] { kernel(static_cast<Params>(args)...); });
 }
 

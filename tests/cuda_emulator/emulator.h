@@ -99,7 +99,7 @@ struct Block {
   ucontext_t scheduler;
   std::vector<Fiber> fibers;
   std::vector<int> order;  // the order fibers run in between barriers
-  std::mt19937 random;      // which fibers sit out a round
+  std::mt19937 random;      // which fibers are slow, and which sit out a round
   Fiber* current = nullptr;
   uint3 index;
   unsigned rank = 0;
