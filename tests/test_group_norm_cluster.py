@@ -291,10 +291,13 @@ def untouched(buffer):
 
 # (N, C, T, S), groups, blocks per cluster (None: the plan's, 16 here for the small groups: a
 # non-portable cluster whose last blocks hold nothing), activation, shift, weight and bias ("fp32", "x":
-# x's dtype, None). The last case's blocks hold 16,384 elements: threads walk several units, across
-# channel planes (NCHW) and positions (channels-last), in whole batches and ragged ones.
+# x's dtype, None). The fourth case's blocks hold 16,384 elements: threads walk several units, across
+# channel planes (NCHW) and positions (channels-last), in whole batches and ragged ones. The last has 96
+# channels per group: channels-last positions of more than 32 units (48 fp16, 96 fp32), past what the
+# backward's per-warp shuffle tree folds, and not dividing the block's 512 threads.
 EMULATED_CASES = [((2, 16, 3, 64), 4, None, "silu", False, "fp32"), ((1, 24, 5, 32), 3, 3, None, True, "x"),
-                  ((2, 8, 2, 16), 2, 1, "silu", False, None), ((1, 4, 8, 4096), 2, 4, "silu", True, "fp32")]
+                  ((2, 8, 2, 16), 2, 1, "silu", False, None), ((1, 4, 8, 4096), 2, 4, "silu", True, "fp32"),
+                  ((1, 192, 2, 32), 2, 2, "silu", False, "x")]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -4,7 +4,7 @@
 #include <cuda_runtime.h>
 
 #include <chrono>
-#include <cstring>
+#include <string>
 #include <thread>
 
 namespace cg = cooperative_groups;
