@@ -65,3 +65,25 @@ def test_launch_limits(selftest):
     assert "launch refused: cluster of 9 blocks" in run(selftest, "neighbours_synced", blocks=9, smem=256)[1]
     assert run(selftest, "neighbours_synced", smem=232448)[1] == "no error"
     assert run(selftest, "neighbours_synced", smem=232449)[1] == "invalid argument"  # past the opt-in limit
+
+
+@pytest.mark.parametrize("dtype,kind", [(torch.float16, 0), (torch.bfloat16, 1)])
+def test_half_precision_conversions_match_torch(selftest, dtype, kind):
+    """The stand-ins for cuda_fp16.h / cuda_bf16.h round as the GPU (and torch) do: every 16-bit pattern
+    to float, and floats to 16 bits at random magnitudes, at subnormals, halfway ties, overflow, inf and
+    NaN."""
+    every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    back = torch.empty(every.numel(), dtype=torch.float32)
+    selftest.hb_convert(kind + 2, ctypes.c_void_p(every.data_ptr()), ctypes.c_void_p(back.data_ptr()), every.numel())
+    want = every.view(dtype).float()
+    assert torch.equal(back.isnan(), want.isnan()) and torch.equal(back[~want.isnan()], want[~want.isnan()])
+    floats = torch.cat([torch.randn(20000) * 10.0 ** torch.randint(-9, 7, (20000,)).float(),
+                        want[~want.isnan()], (want[1:] + want[:-1]) / 2,  # every value and every halfway point
+                        torch.tensor([65519.0, 65520.0, 1e6, float("inf"), -float("inf"), 3e-8, 1e-45])])
+    floats = floats[floats.isfinite() | floats.isinf()]
+    bits = torch.empty(floats.numel(), dtype=torch.int16)
+    selftest.hb_convert(kind, ctypes.c_void_p(floats.data_ptr()), ctypes.c_void_p(bits.data_ptr()), floats.numel())
+    assert torch.equal(bits, floats.to(dtype).view(torch.int16))
+    nan = torch.tensor([float("nan")])
+    selftest.hb_convert(kind, ctypes.c_void_p(nan.data_ptr()), ctypes.c_void_p(bits.data_ptr()), 1)
+    assert bits[:1].view(dtype).isnan().all()

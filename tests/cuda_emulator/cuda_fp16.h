@@ -1,9 +1,9 @@
 // __half on the emulator (emulator.h): the bits, converted with round-to-nearest-even as the GPU does
 #pragma once
 
+#include <bit>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 
 struct __half {
   uint16_t bits;
@@ -18,14 +18,11 @@ inline float __half2float(__half h) {
   }
   const uint32_t bits = sign | (exponent == 31 ? 0x7f800000u | (mantissa << 13)
                                                : ((exponent + 112) << 23) | (mantissa << 13));
-  float out;
-  std::memcpy(&out, &bits, 4);
-  return out;
+  return std::bit_cast<float>(bits);
 }
 
 inline __half __float2half_rn(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
+  const uint32_t bits = std::bit_cast<uint32_t>(f);
   const uint16_t sign = static_cast<uint16_t>((bits >> 16) & 0x8000u);
   const uint32_t magnitude = bits & 0x7fffffffu;
   if (magnitude > 0x7f800000u) return {static_cast<uint16_t>(sign | 0x7e00u)};  // NaN

@@ -1,6 +1,8 @@
 // Kernels with the mistakes the emulator must catch (tests/test_cuda_emulator.py), and their correct
 // twins. Emulator-only: block 1's pause in read_after_exit is a host sleep.
 #include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <chrono>
@@ -86,5 +88,18 @@ int hb_selftest(const char* name, int blocks, int smem, float* out) {
 }
 
 const char* hb_error_string(int err) { return cudaGetErrorString(static_cast<cudaError_t>(err)); }
+
+// The stand-in conversions, element by element: float -> fp16 / bf16 bits (kind 0 / 1), fp16 / bf16
+// bits -> float (kind 2 / 3)
+void hb_convert(int kind, const void* in, void* out, int n) {
+  for (int i = 0; i < n; ++i) {
+    const float* f = static_cast<const float*>(in);
+    const uint16_t* h = static_cast<const uint16_t*>(in);
+    if (kind == 0) static_cast<uint16_t*>(out)[i] = __float2half_rn(f[i]).bits;
+    if (kind == 1) static_cast<uint16_t*>(out)[i] = __float2bfloat16_rn(f[i]).bits;
+    if (kind == 2) static_cast<float*>(out)[i] = __half2float(__half{h[i]});
+    if (kind == 3) static_cast<float*>(out)[i] = __bfloat162float(__nv_bfloat16{h[i]});
+  }
+}
 
 }  // extern "C"
