@@ -338,7 +338,6 @@ gn_cluster_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, T* __re
   constexpr int kU = L::kU;
   // units of dy and of x in flight per thread: 128 bytes in all (NCHW), 64 (channels-last: more spill)
   constexpr int kUnroll = kChannelsLast ? 8 : kBytesInFlight / 2 / sizeof(Unit);
-  constexpr bool kPrecise = sizeof(T) == 4;
   // x's units, dy's units, then per channel: w, o = (shift - mean) * rstd, b, this block's S1 and S2 (read
   // by the cluster's other blocks), the group's S1 and S2; channels-last: then 32 per channel of
   // per-warp partial sums
@@ -408,7 +407,7 @@ gn_cluster_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, T* __re
       dz[j] = to_float(dv.e[j]);
       if constexpr (kSilu) {
         const float z = xh[j] * w[cj] + b[cj];
-        const float sg = sigmoid<kPrecise>(z);
+        const float sg = sigmoid<sizeof(T) == 4>(z);
         dz[j] *= sg * (1.f + z * (1.f - sg));
       }
     }
