@@ -327,11 +327,12 @@ def check_emulated(emulated, monkeypatch, dtype, shape, groups, blocks, activati
     n, c, t, s = shape
     cl = layout_name == "channels_last"
     F = torch.nn.functional
-    x64 = rand(*shape, dtype=torch.float64, mean=3.0)
-    w64 = rand(c, dtype=torch.float64, mean=1.0) if params else None
-    b64 = rand(c, dtype=torch.float64) if params else None
-    shift64 = 10 * rand(n, c, dtype=torch.float64) if shifted else None
-    dy64 = rand(*shape, dtype=torch.float64)
+    cpu = dict(dtype=torch.float64, device="cpu")  # the emulator's threads read host memory, also beside a GPU
+    x64 = rand(*shape, mean=3.0, **cpu)
+    w64 = rand(c, mean=1.0, **cpu) if params else None
+    b64 = rand(c, **cpu) if params else None
+    shift64 = 10 * rand(n, c, **cpu) if shifted else None
+    dy64 = rand(*shape, **cpu)
 
     def reference(x, w, b, shift):
         z = F.group_norm(x if shift is None else x + shift[:, :, None, None], groups, w, b)
