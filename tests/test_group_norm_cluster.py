@@ -289,6 +289,13 @@ def untouched(buffer):
     return bool(buffer[:PAD].isnan().all() and buffer[-PAD:].isnan().all())
 
 
+def among_nan(v, channels_last=False):
+    """``v`` copied into a guarded tensor: an input with NaN either side, so that a read past its ends
+    poisons what the kernel computes from it."""
+    inner, _ = guarded(tuple(v.shape) + (1,) * (4 - v.dim()), v.dtype, channels_last)
+    return inner.view(v.shape).copy_(v) if v.dim() < 4 else inner.copy_(v)
+
+
 # (N, C, T, S), groups, blocks per cluster (None: the plan's, 16 here for the small groups: a
 # non-portable cluster whose last blocks hold nothing), activation, shift, weight and bias ("fp32", "x":
 # x's dtype, None). The fourth case's blocks hold 16,384 elements: threads walk several units, across
@@ -307,7 +314,8 @@ def test_emulated_kernels_against_float64(emulated, monkeypatch, dtype, shape, g
                                           params, layout_name):
     """The kernels' own code, run by the CPU emulator through launch_fwd / launch_bwd, held to 2x
     PyTorch's error in that dtype (forward, dx, dweight, dbias; mean and rstd to fp32 accuracy), with
-    every output poisoned and guarded. The backward reads the forward's mean and rstd, as in training."""
+    every output poisoned and guarded and every input between NaNs. The backward reads the forward's
+    mean and rstd, as in training."""
     check_emulated(emulated, monkeypatch, dtype, shape, groups, blocks, activation, shifted, params, layout_name)
 
 
@@ -350,10 +358,10 @@ def check_emulated(emulated, monkeypatch, dtype, shape, groups, blocks, activati
     def laid_out(v):
         return v.to(dtype).contiguous(memory_format=torch.channels_last) if cl else v.to(dtype)
 
-    x, dy = laid_out(x64), laid_out(dy64)
+    x, dy = among_nan(laid_out(x64), cl), among_nan(laid_out(dy64), cl)
     param_dtype = torch.float32 if params == "fp32" else dtype
-    w, b = (None if v is None else v.to(param_dtype) for v in (w64, b64))
-    shift = None if shift64 is None else shift64.float()
+    w, b = (None if v is None else among_nan(v.to(param_dtype)) for v in (w64, b64))
+    shift = None if shift64 is None else among_nan(shift64.float())
     y, y_buffer = guarded(shape, dtype, cl)
     mean, mean_buffer = guarded((n, groups, 1, 1), torch.float32)
     rstd, rstd_buffer = guarded((n, groups, 1, 1), torch.float32)
