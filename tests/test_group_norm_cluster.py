@@ -329,6 +329,30 @@ def test_emulated_kernels_at_level_0(emulated, monkeypatch, layout_name):
     check_emulated(emulated, monkeypatch, torch.float16, shape, 32, None, "silu", False, "fp32", layout_name)
 
 
+@pytest.mark.parametrize("layout_name", ["nchw", "channels_last"])
+def test_emulated_kernels_do_not_depend_on_the_schedule(emulated, monkeypatch, layout_name):
+    """Bit-identical outputs under three thread schedules: nothing the kernels compute depends on the
+    order threads run between barriers (a race would), and their cross-block sums go in rank order."""
+    monkeypatch.setattr(cluster, "_library", lambda: emulated)
+    shape, groups, cl = (2, 32, 8, 512), 4, layout_name == "channels_last"  # every thread holds units
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    x, dy = (torch.randn(shape, dtype=torch.float16).contiguous(memory_format=fmt) + 3 for _ in range(2))
+    w, b, shift = torch.randn(32), torch.randn(32), torch.randn(2, 32)
+    runs = []
+    for seed in (1, 2, 3):
+        monkeypatch.setenv("HBEMU_SEED", str(seed))
+        y, dx = torch.empty_like(x), torch.empty_like(x)
+        mean, rstd, dweight, dbias = torch.empty(2, groups), torch.empty(2, groups), torch.empty(32), torch.empty(32)
+        p = emulated_plan(emulated, shape, groups, 2, layout_name, 5, backward=False)
+        cluster.launch_fwd(p, layout_name, 0, 0, x, w, b, shift, y, mean, rstd, groups, 1e-5, True)
+        p = emulated_plan(emulated, shape, groups, 2, layout_name, 5, backward=True)
+        cluster.launch_bwd(p, layout_name, 0, 0, dy, x, w, b, shift, mean, rstd, dx, dweight, dbias, groups, True)
+        runs.append([y, mean, rstd, dx, dweight, dbias])
+    assert all(torch.isfinite(v).all() for v in runs[0])
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+
+
 def check_emulated(emulated, monkeypatch, dtype, shape, groups, blocks, activation, shifted, params, layout_name):
     monkeypatch.setattr(cluster, "_library", lambda: emulated)
     monkeypatch.setenv("HBEMU_SEED", str(torch.initial_seed()))  # the schedule, reproducible as the inputs are
