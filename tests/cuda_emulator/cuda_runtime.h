@@ -98,7 +98,8 @@ inline std::string refusal(const cudaLaunchConfig_t& config, const void* kernel)
 }
 
 // Runs every cluster of the grid, one after the other; a cluster's blocks run at once on their own
-// threads (kept for the whole launch, so shared memory keeps the previous cluster's bytes, as on a GPU).
+// threads, kept for the whole launch (so static __shared__ variables start with the previous cluster's
+// values, as they may on a GPU; dynamic shared memory starts poisoned).
 inline cudaError_t launch(const cudaLaunchConfig_t& config, const void* kernel, std::function<void()> body) {
   static std::mutex one_at_a_time;  // the fiber stacks and the error message are the emulator's, not a launch's
   std::lock_guard<std::mutex> serialised(one_at_a_time);
