@@ -21,7 +21,8 @@ def build(source: Path, out_dir: Path) -> ctypes.CDLL:
     # errors (a lint of the kernels' source that CI runs), but for nvcc's `#pragma unroll` and the
     # scheduler's loop around swapcontext, whose variables are not live across it.
     cmd = [compiler(), "-std=c++20", "-O2", "-fPIC", "-shared", "-pthread", "-fno-extern-tls-init", "-Wall", "-Wextra",
-           "-Werror", "-Wno-unknown-pragmas", "-Wno-clobbered", "-I", str(HERE), "-x", "c++", "-o", str(out), str(source)]
+           "-Werror", "-Wno-unknown-pragmas", "-Wno-clobbered", "-I", str(HERE), "-x", "c++", "-o", str(out),
+           str(source)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"emulator build failed: {' '.join(cmd)}\n{proc.stderr[-4000:]}")

@@ -143,7 +143,6 @@ inline cudaError_t launch(const cudaLaunchConfig_t& config, const void* kernel, 
       b.fibers.resize(threads);
       b.order = order;
       b.random.seed(seeds[r]);
-      b.threads = threads;
       b.rank = r;
       b.cluster = &state;
       b.body = body;

@@ -108,7 +108,8 @@ struct Block {
   LocalBarrier block_barrier;
   LocalBarrier warp_barriers[kMaxThreads / 32];
   unsigned long long exchange[kMaxThreads / 32][2][32];
-  int threads = 0;
+
+  int threads() const { return static_cast<int>(fibers.size()); }
 };
 
 // State the blocks of one cluster share (each on its own OS thread)
@@ -159,9 +160,7 @@ inline void wait_for_phase(const char* where, const int* local, const std::atomi
   f.wait_shared = nullptr;
 }
 
-inline void count_progress() {
-  if (Cluster* c = block().cluster) c->progress->fetch_add(1, std::memory_order_relaxed);
-}
+inline void count_progress() { block().cluster->progress->fetch_add(1, std::memory_order_relaxed); }
 
 inline void arrive_and_wait(LocalBarrier& barrier, int expected, const char* where) {
   count_progress();
@@ -173,7 +172,7 @@ inline void arrive_and_wait(LocalBarrier& barrier, int expected, const char* whe
   wait_for_phase(where, &barrier.phase, nullptr, phase);
 }
 
-inline void syncthreads() { arrive_and_wait(block().block_barrier, block().threads, "__syncthreads"); }
+inline void syncthreads() { arrive_and_wait(block().block_barrier, block().threads(), "__syncthreads"); }
 
 // A full-warp shuffle: every lane publishes its value, then reads its source lane's. Two slot sets
 // alternate, so one barrier per shuffle suffices: a lane can only overwrite a set after every lane
@@ -241,14 +240,10 @@ inline void fiber_entry() {
   b.current->done = true;
 }  // returns to the scheduler (uc_link)
 
-// Fiber stacks, kept across launches: one set per block of the largest cluster
-inline std::vector<char*>& stacks(int block_rank) {
-  static std::vector<char*> pool[kMaxCluster];
-  return pool[block_rank];
-}
-
+// A fiber's stack, kept across launches: one set per block rank of the largest cluster
 inline char* stack_for(int block_rank, int thread) {
-  auto& pool = stacks(block_rank);
+  static std::vector<char*> pools[kMaxCluster];
+  auto& pool = pools[block_rank];
   while (static_cast<int>(pool.size()) <= thread) {
     void* p = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (p == MAP_FAILED) std::abort();
@@ -277,7 +272,7 @@ inline void run_block(Block& b, unsigned char* smem, size_t smem_bytes, double t
   tl_block = &b;
   std::memset(smem, 0xff, smem_bytes + kGuardBytes);
   b.cluster->anchors[b.rank].store(&anchor);
-  for (int t = 0; t < b.threads; ++t) {
+  for (int t = 0; t < b.threads(); ++t) {
     Fiber& f = b.fibers[t];
     f = Fiber{};
     f.thread = uint3{static_cast<unsigned>(t), 0, 0};
@@ -290,7 +285,7 @@ inline void run_block(Block& b, unsigned char* smem, size_t smem_bytes, double t
   }
   b.block_barrier = LocalBarrier{};
   for (auto& w : b.warp_barriers) w = LocalBarrier{};
-  int alive = b.threads;
+  int alive = b.threads();
   auto last = b.cluster->progress->load();
   auto since = std::chrono::steady_clock::now();
   while (alive > 0 && !b.cluster->abort->load()) {
