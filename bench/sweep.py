@@ -81,7 +81,8 @@ def _gn_forward_settings():
          for p, t, st in GN_PER_TILE_POINTS] + \
         [dict(APPLY_MERGES=True, STATS_PER_TILE=per_tile, STATS_PROGRAMS_PER_SM=p, _STATS_TILE=t, STATS_STAGES=st)
          for per_tile, (p, t, st) in itertools.product((False, True), GN_MERGED_POINTS)] + \
-        [dict(CLUSTER_FORWARD=True, CLUSTER_BLOCKS=b) for b in GN_CLUSTER_BLOCKS]
+        [dict(CLUSTER_FORWARD=True, CLUSTER_BLOCKS=b) for b in GN_CLUSTER_BLOCKS] + \
+        [dict(CLUSTER_FORWARD=True, CLUSTER_COOPERATIVE=True, CLUSTER_BLOCKS=None)]  # one grid: its plan's blocks
 
 
 def _gn_backward_settings():
@@ -172,7 +173,7 @@ def sweep_group_norm(report, dev, min_time, only=None):
             impl, extra = _knobs_label(gn, knobs), {}
             profile = _is_default(gn, knobs) and "STATS_STAGES" in knobs  # the grid's default point
             if knobs.get("CLUSTER_FORWARD"):
-                extra["cluster"] = _cluster_plan(x, knobs["CLUSTER_BLOCKS"])
+                extra["cluster"] = _cluster_plan(x, knobs["CLUSTER_BLOCKS"], knobs.get("CLUSTER_COOPERATIVE"))
             with mock.patch.multiple(gn, **knobs):
                 if profile:  # over the timing's rotated inputs: x alone would stay in L2 between calls
                     sets = common.input_sets((x,), common.cache_bytes(dev))
@@ -197,17 +198,20 @@ def sweep_group_norm(report, dev, min_time, only=None):
             _add(report, "group_norm_silu_backward", label, impl, seconds, 3 * x.numel() * 2, **extra)
 
 
-def _cluster_plan(x, blocks, backward=False):
+def _cluster_plan(x, blocks, cooperative=False, backward=False):
     """What the cluster forward (backward) runs for x (32 groups) with ``blocks`` per cluster (None: its
-    choice)."""
+    choice), or as one ``cooperative`` grid."""
     from hbkernels.cuda import group_norm as cluster
     from hbkernels.ops.group_norm import video_view
 
     xv = video_view(x)
-    planned = cluster.plan_for(32, blocks, backward, xv, xv)
+    planned = cluster.plan_for(32, blocks, backward, xv, xv, cooperative=bool(cooperative))
     if planned is None:
         return "none: the Triton passes ran"
     p, layout = planned
+    if cooperative:
+        return f"{layout}, cooperative, {p.blocks} blocks per group of {p.smem} B, " \
+            f"{cluster.resident_blocks(x.device.index, p.smem)} blocks resident"
     return f"{layout}, {p.blocks} blocks of {p.smem} B, {cluster.resident(x.device.index, p.blocks, p.smem)} " \
         "clusters resident"
 

@@ -17,9 +17,10 @@ def selftest(tmp_path_factory):
     return lib
 
 
-def run(lib, name, blocks=1, smem=0, seed=0):
-    """Launches the self-test kernel ``name``: (its 64 outputs, the launch's error string)."""
-    out = torch.full((64,), float("nan"))
+def run(lib, name, blocks=1, smem=0, seed=0, out=None):
+    """Launches the self-test kernel ``name`` on ``out`` (64 floats, by default NaN): (its 64 outputs, the
+    launch's error string)."""
+    out = torch.full((64,), float("nan")) if out is None else out
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HBEMU_SEED", str(seed))
         patch.setenv("HBEMU_TIMEOUT", "1")
@@ -59,6 +60,19 @@ def test_reading_an_exited_blocks_shared_memory_is_reported(selftest):
     assert "block 1 read the shared memory of block 0 of its cluster after that block exited" in error
     out, error = run(selftest, "read_after_exit_guarded", blocks=2)
     assert error == "no error" and out[0] == 10.0
+
+
+def test_asynchronous_copies_land_at_their_wait(selftest):
+    """cp.async (__pipeline_memcpy_async): what a thread reads before the wait that covers its copy is
+    shared memory's old content; copies never waited for, and misaligned ones, are reported."""
+    data = torch.randn(64)
+    out, error = run(selftest, "copy_async", smem=256, out=data.clone())
+    assert error == "no error" and torch.equal(out, data)
+    out, error = run(selftest, "copy_async_unwaited_read", smem=256, out=data.clone())
+    assert error == "no error" and out.isnan().all()
+    assert "asynchronous copies it never waited for" in run(selftest, "copy_async_unwaited_exit", smem=256)[1]
+    error = run(selftest, "copy_async_misaligned", smem=256, out=data.clone())[1]
+    assert "__pipeline_memcpy_async of 8 bytes from or to a misaligned address" in error
 
 
 def test_launch_limits(selftest):

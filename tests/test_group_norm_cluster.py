@@ -45,10 +45,11 @@ def h100_resident(blocks, smem):
     return 132 // blocks
 
 
-def level_plan(t, c=320, n=1, dtype_size=2, blocks=None, resident=h100_resident):
+def level_plan(t, c=320, n=1, dtype_size=2, blocks=None, resident=h100_resident, cooperative=False):
     """plan() for VideoCrafter2's level with C channels at 320x512 (level 0: 40 x 64 positions)."""
     hw = {320: 2560, 640: 640, 1280: 160}[c]
-    return cluster.plan(n * 32, c // 32 * t * hw, c // 32, dtype_size, H100_LIMIT, 132, resident, blocks)
+    return cluster.plan(n * 32, c // 32 * t * hw, c // 32, dtype_size, H100_LIMIT, 132, resident, blocks,
+                        cooperative=cooperative)
 
 
 @pytest.mark.parametrize("t,c,n,blocks", [(16, 320, 1, 4), (26, 320, 1, 8), (16, 1280, 1, 4), (16, 640, 2, 2)])
@@ -103,6 +104,25 @@ def test_channels_last_backward_blocks_start_on_positions():
     p = cluster.plan(32, 10 * 4 * 2560, 10, 2, H100_LIMIT, 132, h100_resident, blocks=7,
                      **cluster.holdings(True, "channels_last", 10, 2))
     assert p.units_per_block == 7315  # 51,200 / 7 = 7314.3 -> 1463 positions of 5
+
+
+def test_cooperative_plan_takes_one_wave():
+    """A cooperative grid must be resident at once: level 0 fp16 at T16 is 4 blocks per group (128 of 200
+    KiB on 132 SMs); at T26 the fewest blocks that hold a group (6) make 192, more than the device holds,
+    so no plan (the Triton passes run). Level 2 (1280 channels, 10 x 16 positions) spreads each group
+    over 4 blocks rather than leave SMs idle."""
+    def blocks_resident(r, smem):
+        return 132 // r
+
+    def cooperative(t, c=320, blocks=None):
+        return level_plan(t, c, blocks=blocks, resident=blocks_resident, cooperative=True)
+
+    p = cooperative(16)
+    assert (p.blocks, p.cooperative) == (4, True)
+    assert cooperative(26) is None
+    assert cooperative(16, c=1280).blocks == 4
+    assert cooperative(16, blocks=5) is None  # 160 blocks
+    assert not level_plan(16).cooperative
 
 
 def test_channels_last_plan_counts_4_byte_units():
@@ -160,8 +180,8 @@ def test_layout_only_where_the_kernel_can_address_the_tensors():
 def test_kernels_fit_one_512_thread_block_per_sm_without_spilling():
     report = build.resource_usage(cluster.SOURCE)
     kernels = report.count("Compiling entry function")
-    # forward and backward: fp32 / fp16 / bf16 x SiLU or not x NCHW or channels-last
-    assert kernels == 24
+    # forward (clusters and cooperative) and backward: fp32 / fp16 / bf16 x SiLU or not x NCHW or channels-last
+    assert kernels == 36
     assert report.count("0 bytes spill stores, 0 bytes spill loads") == kernels, report
     registers = [int(line.split("Used ")[1].split()[0]) for line in report.splitlines() if "registers" in line]
     assert len(registers) == kernels and max(registers) <= 128, registers  # 65,536 registers / 512 threads
@@ -256,7 +276,7 @@ def emulated(tmp_path_factory):
     return cluster.declare(cuda_emulator.build(build.HERE / cluster.SOURCE, tmp_path_factory.mktemp("emulated")))
 
 
-def emulated_plan(lib, shape, groups, element_size, layout_name, blocks, backward):
+def emulated_plan(lib, shape, groups, element_size, layout_name, blocks, backward, cooperative=False):
     """plan() on the emulated device (an H100's 132 SMs and shared memory), asked through the library's
     own device queries."""
     n, c, t, s = shape
@@ -264,13 +284,16 @@ def emulated_plan(lib, shape, groups, element_size, layout_name, blocks, backwar
     assert lib.hb_device_limits(0, ctypes.byref(limit)) == 0
 
     def resident(r, smem):
-        clusters = ctypes.c_int()
-        assert lib.hb_gn_cluster_capacity(0, r, smem, ctypes.byref(clusters)) == 0
-        return clusters.value
+        count = ctypes.c_int()
+        if cooperative:  # groups of r blocks
+            assert lib.hb_gn_cooperative_capacity(0, smem, ctypes.byref(count)) == 0
+            return count.value // r
+        assert lib.hb_gn_cluster_capacity(0, r, smem, ctypes.byref(count)) == 0
+        return count.value
 
     cpg = c // groups
     return cluster.plan(n * groups, cpg * t * s, cpg, element_size, limit.value, 132, resident, blocks,
-                        **cluster.holdings(backward, layout_name, cpg, element_size))
+                        cooperative=cooperative, **cluster.holdings(backward, layout_name, cpg, element_size))
 
 
 PAD = 64  # NaN elements either side of every output, which the kernels must leave alone
@@ -319,14 +342,28 @@ def test_emulated_kernels_against_float64(emulated, monkeypatch, dtype, shape, g
     check_emulated(emulated, monkeypatch, dtype, shape, groups, blocks, activation, shifted, params, layout_name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,groups,blocks,activation,shifted,params", EMULATED_CASES)
+@pytest.mark.parametrize("layout_name", ["nchw", "channels_last"])
+def test_emulated_cooperative_forward_against_float64(emulated, monkeypatch, dtype, shape, groups, blocks,
+                                                      activation, shifted, params, layout_name):
+    """The forward as one cooperative grid (partials through global memory across grid.sync), as above."""
+    check_emulated(emulated, monkeypatch, dtype, shape, groups, blocks, activation, shifted, params, layout_name,
+                   cooperative=True)
+
+
 @pytest.mark.parametrize("layout_name", ["nchw", "channels_last"])
 def test_emulated_kernels_at_level_0(emulated, monkeypatch, layout_name):
     """VideoCrafter2's level 0 at T16 in fp16, the shape the kernels are for, with the plans an H100
-    gets: forward 4 blocks of 200 KiB, backward 8 (threads loop over many whole batches)."""
+    gets: forward 4 blocks of 200 KiB (as clusters, and as one cooperative grid of 128), backward 8
+    (threads loop over many whole batches)."""
     shape = (1, 320, 16, 40 * 64)
     for backward, blocks in ((False, 4), (True, 8)):
         assert emulated_plan(emulated, shape, 32, 2, layout_name, None, backward).blocks == blocks
-    check_emulated(emulated, monkeypatch, torch.float16, shape, 32, None, "silu", False, "fp32", layout_name)
+    assert emulated_plan(emulated, shape, 32, 2, layout_name, None, False, cooperative=True).blocks == 4
+    for cooperative in (False, True):
+        check_emulated(emulated, monkeypatch, torch.float16, shape, 32, None, "silu", False, "fp32", layout_name,
+                       cooperative)
 
 
 @pytest.mark.parametrize("layout_name", ["nchw", "channels_last"])
@@ -339,21 +376,27 @@ def test_emulated_kernels_do_not_depend_on_the_schedule(emulated, monkeypatch, l
     x, dy = (torch.randn(shape, dtype=torch.float16).contiguous(memory_format=fmt) + 3 for _ in range(2))
     w, b, shift = torch.randn(32), torch.randn(32), torch.randn(2, 32)
     forward, backward = (emulated_plan(emulated, shape, groups, 2, layout_name, 5, b) for b in (False, True))
+    cooperative = emulated_plan(emulated, shape, groups, 2, layout_name, 5, False, cooperative=True)
     runs = []
     for seed in (1, 2, 3):
         monkeypatch.setenv("HBEMU_SEED", str(seed))
-        y, dx = torch.empty_like(x), torch.empty_like(x)
+        y, y2, dx = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
         mean, rstd, dweight, dbias = torch.empty(2, groups), torch.empty(2, groups), torch.empty(32), torch.empty(32)
+        mean2, rstd2 = torch.empty(2, groups), torch.empty(2, groups)
         cluster.launch_fwd(forward, layout_name, 0, 0, x, w, b, shift, y, mean, rstd, groups, 1e-5, True)
+        cluster.launch_fwd(cooperative, layout_name, 0, 0, x, w, b, shift, y2, mean2, rstd2, groups, 1e-5, True)
         cluster.launch_bwd(backward, layout_name, 0, 0, dy, x, w, b, shift, mean, rstd, dx, dweight, dbias, groups,
                            True)
         runs.append([y, mean, rstd, dx, dweight, dbias])
+        # the same per-block states merged in the same order, whichever way they travel
+        assert torch.equal(y2, y) and torch.equal(mean2, mean) and torch.equal(rstd2, rstd)
     assert all(torch.isfinite(v).all() for v in runs[0])
     for other in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
 
 
-def check_emulated(emulated, monkeypatch, dtype, shape, groups, blocks, activation, shifted, params, layout_name):
+def check_emulated(emulated, monkeypatch, dtype, shape, groups, blocks, activation, shifted, params, layout_name,
+                   cooperative=False):
     monkeypatch.setattr(cluster, "_library", lambda: emulated)
     monkeypatch.setenv("HBEMU_SEED", str(torch.initial_seed()))  # the schedule, reproducible as the inputs are
     n, c, t, s = shape
@@ -370,27 +413,33 @@ def check_emulated(emulated, monkeypatch, dtype, shape, groups, blocks, activati
         z = F.group_norm(x if shift is None else x + shift[:, :, None, None], groups, w, b)
         return F.silu(z) if activation else z
 
-    def outputs(dtype):
-        """y, dx, dweight, dbias of the reference in ``dtype``."""
-        leaves = [v if v is None else v.detach().to(dtype).requires_grad_() for v in (x64, w64, b64)]
-        y = reference(*leaves, None if shift64 is None else shift64.to(dtype))
-        y.backward(dy64.to(dtype))
+    param_dtype = torch.float32 if params == "fp32" else dtype
+
+    def outputs(compute, given=(dtype, param_dtype, torch.float32)):
+        """y, dx, dweight, dbias of the reference computed in ``compute`` from the inputs as the kernels
+        get them (x and dy, weight and bias, shift rounded to ``given``'s dtypes): the error measured is
+        the computation's alone, not the inputs' rounding, which PyTorch's run and the kernels share."""
+        x_dtype, p_dtype, shift_dtype = given
+        leaves = [v if v is None else v.detach().to(d).to(compute).requires_grad_()
+                  for v, d in zip((x64, w64, b64), (x_dtype, p_dtype, p_dtype))]
+        y = reference(*leaves, None if shift64 is None else shift64.to(shift_dtype).to(compute))
+        y.backward(dy64.to(x_dtype).to(compute))
         return [y.detach()] + [v.grad for v in leaves if v is not None]
 
-    want, own = outputs(torch.float64), outputs(dtype)
+    want, own = outputs(torch.float64), outputs(dtype, (dtype, dtype, dtype))
 
     def laid_out(v):
         return v.to(dtype).contiguous(memory_format=torch.channels_last) if cl else v.to(dtype)
 
     x, dy = among_nan(laid_out(x64), cl), among_nan(laid_out(dy64), cl)
-    param_dtype = torch.float32 if params == "fp32" else dtype
     w, b = (None if v is None else among_nan(v.to(param_dtype)) for v in (w64, b64))
     shift = None if shift64 is None else among_nan(shift64.float())
     y, y_buffer = guarded(shape, dtype, cl)
     mean, mean_buffer = guarded((n, groups, 1, 1), torch.float32)
     rstd, rstd_buffer = guarded((n, groups, 1, 1), torch.float32)
     mean, rstd = mean.view(n, groups), rstd.view(n, groups)
-    p = emulated_plan(emulated, shape, groups, x.element_size(), layout_name, blocks, backward=False)
+    p = emulated_plan(emulated, shape, groups, x.element_size(), layout_name, blocks, False, cooperative)
+    assert p.cooperative == cooperative
     cluster.launch_fwd(p, layout_name, 0, 0, x, w, b, shift, y, mean, rstd, groups, 1e-5, activation == "silu")
 
     z64 = (x.double() + (0 if shift is None else shift.double()[:, :, None, None])).reshape(n, groups, -1)
@@ -418,6 +467,10 @@ def test_emulated_launch_reports_what_the_device_refuses(emulated, monkeypatch):
     with pytest.raises(RuntimeError, match="cluster GroupNorm launch failed .invalid argument"):
         cluster.launch_fwd(cluster.Plan(1, 32, 232449), "nchw", 0, 0, x, None, None, None, torch.empty_like(x), mean,
                            rstd, 2, 1e-5, True)
+    # a cooperative grid larger than the device holds at once (133 blocks per group, one per SM)
+    with pytest.raises(RuntimeError, match="too many blocks in cooperative launch: 266, 132 resident"):
+        cluster.launch_fwd(cluster.Plan(133, 1, 16, cooperative=True), "nchw", 0, 0, x, None, None, None,
+                           torch.empty_like(x), mean, rstd, 2, 1e-5, True)
 
 
 # ---------------------------------------------------------------- on a Hopper GPU
@@ -442,13 +495,14 @@ def cluster_only(monkeypatch, blocks=None, forward=True, backward=True):
         monkeypatch.setattr(gn, "_gn_bwd_partials_kernel", Unlaunchable())
 
 
-def runs(shape, groups, dtype, blocks, layout="nchw", backward=False) -> bool:
+def runs(shape, groups, dtype, blocks, layout="nchw", backward=False, cooperative=False) -> bool:
     """Whether this device has a cluster plan for these groups (the backward's: fp32 level 0 at T26 has
-    none, 5.3 MB of dy and x per group)."""
+    none, 5.3 MB of dy and x per group), or a ``cooperative`` one."""
     n, c = shape[:2]
     numel = torch.Size(shape[2:]).numel() * c // groups
     size = torch.empty((), dtype=dtype).element_size()
-    return cluster.device_plan(0, n * groups, numel, c // groups, size, blocks, backward, layout) is not None
+    return cluster.device_plan(0, n * groups, numel, c // groups, size, blocks, backward, layout,
+                               cooperative) is not None
 
 
 # (shape, groups, blocks per cluster): level 0-2's sizes at the plan's choice; forced clusters of 2, of
@@ -489,6 +543,7 @@ def test_cluster_kernels_hold_level_0_in_half_precision(layout):
     for frames in (16, 26):
         for backward in (False, True):
             assert runs((1, 320, frames, 40, 64), 32, torch.float16, None, layout, backward), (frames, backward)
+    assert runs((1, 320, 16, 40, 64), 32, torch.float16, None, layout, cooperative=True)  # 128 blocks at once
 
 
 @gpu
@@ -526,10 +581,38 @@ def test_cluster_forward_statistics(monkeypatch, blocks):
 
 
 @gpu
-def test_cluster_forward_replays_from_a_cuda_graph(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,groups", [((1, 320, 16, 40, 64), 32), ((2, 64, 8, 16, 32), 8),
+                                          ((1, 1280, 16, 10, 16), 32), ((2, 96, 64, 64), 32)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cooperative_forward_against_float64(monkeypatch, dtype, shape, groups, layout):
+    """The forward as one cooperative grid, wherever the device holds it at once (the backward: the
+    cluster kernels where they apply)."""
+    from hbkernels.triton import group_norm as gn
+
+    c = shape[1]
+    cl = layout == "channels_last"
+    if not runs(shape, groups, dtype, None, "channels_last" if cl else "nchw", cooperative=True):
+        pytest.skip("no cooperative plan for these groups on this device")
+    cluster_only(monkeypatch, backward=False)
+    monkeypatch.setattr(gn, "CLUSTER_COOPERATIVE", True)
+    fmt = (torch.channels_last if len(shape) == 4 else torch.channels_last_3d) if cl else torch.contiguous_format
+    x = rand(*shape, dtype=torch.float64, mean=3.0, requires_grad=True)
+    w = rand(c, dtype=torch.float64, mean=1.0, requires_grad=True)
+    b = rand(c, dtype=torch.float64, requires_grad=True)
+    check_against_float64(
+        lambda x, w, b: hbkernels.group_norm(x.contiguous(memory_format=fmt), groups, w, b, activation="silu"),
+        [x, w, b], "triton", dtype)
+
+
+@gpu
+@pytest.mark.parametrize("cooperative", [False, True])
+def test_cluster_forward_replays_from_a_cuda_graph(monkeypatch, cooperative):
+    from hbkernels.triton import group_norm as gn
     from hummingbird.cuda_graph import CUDAGraphCall
 
     cluster_only(monkeypatch)
+    monkeypatch.setattr(gn, "CLUSTER_COOPERATIVE", cooperative)
     w, b = rand(320, dtype=torch.float16, mean=1.0), rand(320, dtype=torch.float16)
     graphed = CUDAGraphCall(lambda x: hbkernels.group_norm(x, 32, w, b, activation="silu"))
     for _ in range(3):
@@ -540,12 +623,15 @@ def test_cluster_forward_replays_from_a_cuda_graph(monkeypatch):
 
 @gpu
 def test_cluster_forward_leaves_other_layouts_to_triton(monkeypatch):
-    """Channels-last x (the plan declines it) runs the Triton passes, with the cluster forward on."""
+    """A layout the kernels cannot address runs the Triton passes, with the cluster forward on:
+    channels-last fp16 with 3 channels per group (a group's piece of a position, 6 bytes, is not whole
+    4-byte units)."""
     from hbkernels.triton import group_norm as gn
 
     monkeypatch.setattr(gn, "CLUSTER_FORWARD", True)
     monkeypatch.setattr(gn, "CLUSTER_BACKWARD", True)
-    x = rand(1, 64, 4, 8, 8, dtype=torch.float16).contiguous(memory_format=torch.channels_last_3d)
+    x = rand(1, 24, 4, 8, 8, dtype=torch.float16).contiguous(memory_format=torch.channels_last_3d)
+    assert cluster.layout(8, x.flatten(3), x.flatten(3)) is None
     launched = []
 
     class Recorded:

@@ -1,6 +1,6 @@
 """The cluster GroupNorm forward and backward (``group_norm_cluster.cu``: one thread-block cluster per
-(sample, group) holding the group in shared memory, each input read from DRAM once): where they apply,
-and their launches.
+(sample, group) holding the group in shared memory, each input read from DRAM once; the forward also as
+one cooperative grid of such blocks): where they apply, and their launches.
 
 :func:`layout` and :func:`plan` are plain arithmetic on strides, shapes and the device's limits (tested
 on CPU); :func:`try_gn_fwd` / :func:`try_gn_bwd` launch when the device and the tensors allow it and
@@ -29,6 +29,7 @@ class Plan:
     blocks: int  # blocks per cluster, i.e. per (sample, group)
     units_per_block: int  # units of the group (of each tensor) each block holds in shared memory
     smem: int  # dynamic shared memory per block, bytes (the units, then fp32 coefficients per channel)
+    cooperative: bool = False  # one cooperative grid (every block resident, partials through global memory)
 
 
 def _layout(v: torch.Tensor, cpg: int) -> str | None:
@@ -70,7 +71,7 @@ BACKWARD_COEFFICIENTS = {"nchw": 7, "channels_last": 7 + 32}
 
 def plan(clusters: int, group_numel: int, cpg: int, element_size: int, smem_limit: int, sms: int, resident,
          blocks: int | None = None, tensors: int = 1, coefficients: int = FORWARD_COEFFICIENTS,
-         unit_bytes: int = 16, align: int = 1) -> Plan | None:
+         unit_bytes: int = 16, align: int = 1, cooperative: bool = False) -> Plan | None:
     """Blocks per cluster for ``clusters`` (N * G) groups of ``group_numel`` elements (``cpg`` channels),
     or None where no cluster of at most MAX_CLUSTER blocks holds a group.
 
@@ -86,7 +87,9 @@ def plan(clusters: int, group_numel: int, cpg: int, element_size: int, smem_limi
     ``blocks``: force that many (None where they cannot hold a group). ``tensors``: slices held per
     block (the backward's dy and x: 2); ``coefficients``: fp32 values kept per channel; ``unit_bytes``:
     bytes per unit (:data:`UNIT_BYTES`); ``align``: units per block a multiple of this (the
-    channels-last backward's blocks start on a position)."""
+    channels-last backward's blocks start on a position); ``cooperative``: the forward as one
+    cooperative grid, which must be resident at once (one wave): ``resident`` then counts groups of
+    ``blocks`` blocks, not clusters."""
     units = group_numel * element_size // unit_bytes
     coef_bytes = coefficients * cpg * 4
     best, best_cost = None, None
@@ -96,12 +99,12 @@ def plan(clusters: int, group_numel: int, cpg: int, element_size: int, smem_limi
         if r > MAX_CLUSTER or smem > smem_limit:
             continue
         k = resident(r, smem)
-        if k <= 0:
+        if k <= 0 or (cooperative and k < clusters):
             continue
         full, rest = divmod(clusters, k)
         cost = (full * -(-k * r // sms) + -(-rest * r // sms)) * tensors * per_block
         if best_cost is None or cost < best_cost:
-            best, best_cost = Plan(r, per_block, smem), cost
+            best, best_cost = Plan(r, per_block, smem, cooperative), cost
     return best
 
 
@@ -115,9 +118,10 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     ctypes.ArgumentError instead of reaching the kernel): the nvcc-built library, or the tests' CPU
     emulation of it."""
     p, i, ll, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_float
-    lib.hb_gn_cluster_fwd.argtypes = [i, i, i, i, p, p, p, p, i, p, p, p, i, i, i, i, i, i, i, ll, ll, p, f, p]
+    lib.hb_gn_cluster_fwd.argtypes = [i, i, i, i, p, p, p, p, i, p, p, p, p, i, i, i, i, i, i, i, ll, ll, p, f, p]
     lib.hb_gn_cluster_bwd.argtypes = [i, i, i, i, p, p, p, p, p, i, p, p, p, p, p, i, i, i, i, i, i, i, p, p, p]
     lib.hb_gn_cluster_capacity.argtypes = [i, i, i, ctypes.POINTER(i)]
+    lib.hb_gn_cooperative_capacity.argtypes = [i, i, ctypes.POINTER(i)]
     lib.hb_device_limits.argtypes = [i, ctypes.POINTER(i)]
     lib.hb_layout_walk.argtypes = [i, i, i, i, i, i, i, ctypes.POINTER(ll), ctypes.POINTER(i)]
     lib.hb_error_string.restype = ctypes.c_char_p
@@ -162,17 +166,32 @@ def resident(device_index: int, blocks: int, smem: int) -> int:
     return clusters.value if err == 0 else 0
 
 
+@functools.lru_cache(maxsize=None)
+def resident_blocks(device_index: int, smem: int) -> int:
+    """Forward blocks with ``smem`` bytes each that the device holds at once (a cooperative launch's most)."""
+    lib = _library()
+    blocks = ctypes.c_int()
+    err = lib.hb_gn_cooperative_capacity(device_index, smem, ctypes.byref(blocks))
+    return blocks.value if err == 0 else 0
+
+
 @functools.lru_cache(maxsize=4096)
 def device_plan(device_index: int, clusters: int, group_numel: int, cpg: int, element_size: int,
-                blocks: int | None, backward: bool = False, layout_name: str = "nchw") -> Plan | None:
-    """:func:`plan` on this device for the forward or the backward (cached per shape: it queries the
-    device up to MAX_CLUSTER times)."""
+                blocks: int | None, backward: bool = False, layout_name: str = "nchw",
+                cooperative: bool = False) -> Plan | None:
+    """:func:`plan` on this device for the forward (clusters, or ``cooperative``) or the backward
+    (cached per shape: it queries the device up to MAX_CLUSTER times)."""
     limit = smem_limit(device_index)
-    if limit is None:
+    if limit is None or (cooperative and backward):
         return None
     sms = torch.cuda.get_device_properties(device_index).multi_processor_count
-    return plan(clusters, group_numel, cpg, element_size, limit, sms, functools.partial(resident, device_index),
-                blocks, **holdings(backward, layout_name, cpg, element_size))
+    if cooperative:
+        def held(r, smem):  # groups of r blocks resident at once
+            return resident_blocks(device_index, smem) // r
+    else:
+        held = functools.partial(resident, device_index)
+    return plan(clusters, group_numel, cpg, element_size, limit, sms, held, blocks,
+                cooperative=cooperative, **holdings(backward, layout_name, cpg, element_size))
 
 
 def holdings(backward: bool, layout_name: str, cpg: int, element_size: int) -> dict:
@@ -190,7 +209,7 @@ def _ptr(t: torch.Tensor | None):
     return None if t is None else t.data_ptr()
 
 
-def plan_for(num_groups, blocks, backward, x, *others) -> tuple[Plan, str] | None:
+def plan_for(num_groups, blocks, backward, x, *others, cooperative=False) -> tuple[Plan, str] | None:
     """The plan and layout for these tensors (x's device, a CUDA one), or None where the kernels do not
     apply."""
     name = layout(num_groups, x, *others)
@@ -198,7 +217,7 @@ def plan_for(num_groups, blocks, backward, x, *others) -> tuple[Plan, str] | Non
         return None
     n, c, t, s = x.shape
     p = device_plan(x.device.index, n * num_groups, c // num_groups * t * s, c // num_groups, x.element_size(),
-                    blocks, backward, name)
+                    blocks, backward, name, cooperative)
     return None if p is None else (p, name)
 
 
@@ -220,11 +239,12 @@ def _params(x, weight, bias):
 
 
 def try_gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: float, silu: bool,
-               blocks: int | None = None) -> bool:
+               blocks: int | None = None, cooperative: bool = False) -> bool:
     """Runs the cluster forward (same contract as hbkernels.triton.group_norm.gn_fwd) and returns True,
     or returns False without touching anything where it does not apply. ``blocks``: per cluster
-    (None: :func:`plan`'s choice)."""
-    planned = plan_for(num_groups, blocks, False, x, y)
+    (None: :func:`plan`'s choice); ``cooperative``: as one cooperative grid, where all of it fits on the
+    device at once."""
+    planned = plan_for(num_groups, blocks, False, x, y, cooperative=cooperative)
     if planned is None:
         return False
     launch_fwd(*planned, x.device.index, _stream(x), x, weight, bias, shift, y, mean, rstd, num_groups, eps, silu)
@@ -238,10 +258,13 @@ def launch_fwd(p: Plan, layout_name: str, device_index: int, stream: int, x, wei
     n, c, t, s = x.shape
     weight, bias, params_fp32 = _params(x, weight, bias)
     stat_strides = (ctypes.c_longlong * 4)(*mean.stride(), *rstd.stride())
+    # the cooperative grid's (count, mean, M2) per block
+    partials = torch.empty(n * num_groups * p.blocks * 3, dtype=torch.float32, device=x.device) if p.cooperative \
+        else None
     lib = _library()
     err = lib.hb_gn_cluster_fwd(
         device_index, _DTYPES[x.dtype], int(silu), int(layout_name == "channels_last"), _ptr(x), _ptr(y), _ptr(weight),
-        _ptr(bias), params_fp32, _ptr(shift), _ptr(mean), _ptr(rstd), n, c, num_groups, t * s, p.blocks,
+        _ptr(bias), params_fp32, _ptr(shift), _ptr(mean), _ptr(rstd), _ptr(partials), n, c, num_groups, t * s, p.blocks,
         p.units_per_block, p.smem, x.stride(0), y.stride(0), stat_strides, float(eps), stream,
     )
     _raise_on(lib, err, p)

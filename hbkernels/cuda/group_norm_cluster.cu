@@ -12,6 +12,15 @@
 // reads both twice. Triton's language cannot hold a tile in shared memory across a cluster barrier,
 // hence CUDA C++; ROCm and pre-Hopper GPUs keep the Triton kernels.
 //
+// The forward also runs as one cooperative grid (kCooperative): the same blocks, partials exchanged
+// through global memory across a grid barrier, every block resident at once. Clusters must fit inside
+// GPCs: an H200 held 30 of level 0's 32 four-block clusters at once, so T16 took two waves (41 us,
+// run 6 in bench/results); the cooperative grid's 128 blocks take one.
+//
+// Inputs reach shared memory by cp.async: a copy in flight holds no register, so a thread keeps several
+// batches of units in flight. With loads through registers, one batch per thread, run 6 measured 7-20
+// GB/s per SM (x in and y out) against the 31.5 per SM of the H200's copy bandwidth.
+//
 // Layouts (see Layout below): NCHW, where every (sample, group) is one contiguous run of cpg * S
 // elements (S = T * H * W, a multiple of the 16-byte unit), and channels-last, where it is S pieces of
 // cpg channels C apart (cpg a multiple of the 4-byte unit). hbkernels/cuda/group_norm.py
@@ -19,6 +28,7 @@
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_pipeline.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -29,9 +39,6 @@ namespace cg = cooperative_groups;
 namespace {
 
 constexpr int kThreads = 512;  // one block per SM (shared memory decides); up to 128 registers per thread
-// Bytes of loads in flight per thread (the backward, dy and x together): 128, 64 KiB per SM, enough to
-// cover DRAM latency
-constexpr int kBytesInFlight = 128;
 
 struct Stats {
   float n, mean, m2;
@@ -126,24 +133,24 @@ struct Layout {
   }
   // channel of element j of a unit whose first element is in channel c
   __host__ __device__ static int channel_of(int c, int j) { return kChannelsLast ? c + j : c; }
-  __device__ static Unit load(const Unit* p) { return kChannelsLast ? __ldg(p) : __ldcs(p); }
   __device__ static void store(Unit* p, Unit v) {
     if constexpr (kChannelsLast) *p = v;  // kept in L2 until the neighbouring groups fill the rest of the sector
     else __stcs(p, v);                    // streamed: y is not read again by this kernel
   }
 };
 
-// One block's part of its (sample, group): grid (blocks, N * G), cluster (blocks, 1, 1); the block holds
-// units u0 .. u0 + nu - 1 of the group's cpg * S / kU (the last blocks may hold fewer, or none).
+// One block's part of its (sample, group): grid (blocks, N * G), a (sample, group) per grid row (a
+// cluster (blocks, 1, 1), or the forward's cooperative grid); the block holds units u0 .. u0 + nu - 1
+// of the group's cpg * S / kU (the last blocks may hold fewer, or none).
 struct Part {
   int n, g, cpg, c0, u0, nu;
 
-  __device__ Part(const cg::cluster_group& cluster, int channels, int groups, int S, int units_per_block, int kU) {
+  __device__ Part(int channels, int groups, int S, int units_per_block, int kU) {
     n = blockIdx.y / groups;
     g = blockIdx.y % groups;
     cpg = channels / groups;
     c0 = g * cpg;
-    u0 = static_cast<int>(cluster.block_rank()) * units_per_block;
+    u0 = static_cast<int>(blockIdx.x) * units_per_block;
     nu = max(0, min(units_per_block, cpg * S / kU - u0));
   }
 };
@@ -176,28 +183,35 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
   return v;
 }
 
-template <typename T, bool kSilu, bool kChannelsLast>
+// kCooperative: the blocks of a (sample, group) exchange their states through `partials` in global
+// memory ((N * G, blocks) states) across a grid barrier, the whole grid resident at once (a cooperative
+// launch), instead of through a cluster's distributed shared memory: no cluster shape to fit into the
+// GPCs (an H100 holds 30 four-block clusters of 200 KiB blocks, so level 0's 32 groups at T16 take two
+// waves; cooperatively its 128 blocks take one).
+template <typename T, bool kSilu, bool kChannelsLast, bool kCooperative>
 __global__ void __launch_bounds__(kThreads, 1)
 gn_cluster_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const void* __restrict__ weight,
                       const void* __restrict__ bias, int params_fp32, const float* __restrict__ shift,
-                      float* __restrict__ mean_out,
-                      float* __restrict__ rstd_out, int channels, int groups, int S, int units_per_block,
+                      float* __restrict__ mean_out, float* __restrict__ rstd_out, Stats* __restrict__ partials,
+                      int channels, int groups, int S, int units_per_block,
                       long long x_sample_stride, long long y_sample_stride, long long mean_stride_n,
                       long long mean_stride_g, long long rstd_stride_n, long long rstd_stride_g, float eps) {
   using L = Layout<T, kChannelsLast>;
   using Unit = typename L::Unit;
   using P = Packed<T, Unit>;
   constexpr int kU = L::kU;
-  // Units in flight per thread: 96 bytes (NCHW) or 64 (channels-last): more spill at 128 registers
+  // Units per batch (read into registers together for the statistics: 96 bytes NCHW, 64 channels-last,
+  // more spill at 128 registers) and batches in flight per thread: 384 or 256 bytes, 192 or 128 KiB per
+  // SM, most of a block's share at level 0
   constexpr int kUnroll = kChannelsLast ? 16 : 6;
+  constexpr int kDepth = 4;
   extern __shared__ uint4 smem_raw[];  // this block's units of the group, then 3 * cpg per-channel coefficients
   Unit* held = reinterpret_cast<Unit*>(smem_raw);
   __shared__ Stats warp_stats[kThreads / 32];
   __shared__ Stats block_stats;  // read by the cluster's other blocks
   __shared__ float group_mean, group_rstd;
 
-  cg::cluster_group cluster = cg::this_cluster();
-  const Part part(cluster, channels, groups, S, units_per_block, kU);
+  const Part part(channels, groups, S, units_per_block, kU);
   const int tid = threadIdx.x, n = part.n, g = part.g, cpg = part.cpg, c0 = part.c0, u0 = part.u0, nu = part.nu;
   const L layout{S, channels, cpg};
   const T* x_group = x + n * x_sample_stride + layout.group_start(c0);
@@ -205,39 +219,46 @@ gn_cluster_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const void* __
   const float* shift_n = shift != nullptr ? shift + static_cast<long long>(n) * channels + c0 : nullptr;
   float* coef = reinterpret_cast<float*>(held + units_per_block);
 
-  // 1. x -> shared memory, (count, mean, M2) of x + shift per thread: each batch of units' own mean and
-  // M2 (exact two-pass over its up to 32 elements in registers), Chan-merged into the thread's state.
-  // Instantiated per (whole batch or the ragged last one) x (shift or not): the hot loop carries neither
-  // per-unit bounds checks nor a channel walk it does not need.
+  // 1. x -> shared memory by asynchronous copies (cp.async: a copy in flight holds no register, so
+  // kDepth batches of a thread's units are in flight at once, where loads through registers allowed
+  // one), then (count, mean, M2) of x + shift per thread from shared memory, batch by batch as they
+  // land: each batch's own mean and M2 (exact two-pass over its elements in registers), Chan-merged into
+  // the thread's state. A thread reads only the units it copied, so no barrier is needed before the
+  // statistics. Instantiated per (whole batch or the ragged last one) x (shift or not): the hot loop
+  // carries neither per-unit bounds checks nor a channel walk it does not need.
   float* shift_c = coef + 2 * cpg;  // the group's shift per channel, staged once
   for (int c = tid; c < cpg; c += kThreads) shift_c[c] = shift_n != nullptr ? shift_n[c] : 0.f;
   __syncthreads();
   const typename L::Walk stride = layout.step(kThreads * kU);
-  typename L::Walk walk = layout.start((u0 + tid) * kU);
+  typename L::Walk copying = layout.start((u0 + tid) * kU), walk = copying;
+  constexpr int kBatch = kThreads * kUnroll;
+  auto issue = [&](int base) {  // one commit group per batch (empty past the last: the groups stay one per batch)
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int i = base + u * kThreads + tid;
+      if (i < nu) __pipeline_memcpy_async(held + i, x_group + copying.off, sizeof(Unit));
+      layout.advance(copying, stride);
+    }
+    __pipeline_commit();
+  };
   Stats st{0.f, 0.f, 0.f};
   auto batch = [&](int base, auto whole, auto shifted) {
     constexpr bool kWhole = decltype(whole)::value, kShift = decltype(shifted)::value;
     P r[kUnroll];
-    const typename L::Walk first = walk;
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      if (kWhole || base + u * kThreads + tid < nu) {
-        r[u].raw = L::load(reinterpret_cast<const Unit*>(x_group + walk.off));
-      }
-      layout.advance(walk, stride);
+      if (kWhole || base + u * kThreads + tid < nu) r[u].raw = held[base + u * kThreads + tid];
     }
-    // element j of unit u, shift added (the channel walked again where there is a shift)
+    // element j of unit u, shift added (the channel walked where there is a shift)
     auto value = [&](int u, int j, const typename L::Walk& at) {
       return to_float(r[u].e[j]) + (kShift ? shift_c[L::channel_of(at.ch, j)] : 0.f);
     };
     float sum = 0.f;
     int count = 0;
-    typename L::Walk at = first;
+    typename L::Walk at = walk;
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int i = base + u * kThreads + tid;
-      if (kWhole || i < nu) {
-        held[i] = r[u].raw;
+      if (kWhole || base + u * kThreads + tid < nu) {
         count += kU;
 #pragma unroll
         for (int j = 0; j < kU; ++j) sum += value(u, j, at);
@@ -247,7 +268,7 @@ gn_cluster_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const void* __
     if (count == 0) return;
     const float m = sum / count;
     float m2 = 0.f;
-    at = first;
+    at = walk;
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       if (kWhole || base + u * kThreads + tid < nu) {
@@ -256,17 +277,23 @@ gn_cluster_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const void* __
       }
       if (kShift) layout.advance(at, stride);
     }
+    if (kShift) walk = at;
     st = merge(st, Stats{static_cast<float>(count), m, m2});
   };
   using Yes = std::true_type;
   using No = std::false_type;
-  int base = 0;
-  for (; base + kThreads * kUnroll <= nu; base += kThreads * kUnroll) {
-    shift_n != nullptr ? batch(base, Yes{}, Yes{}) : batch(base, Yes{}, No{});
+#pragma unroll
+  for (int d = 0; d < kDepth; ++d) issue(d * kBatch);
+  for (int base = 0; base < nu; base += kBatch) {
+    __pipeline_wait_prior(kDepth - 1);  // this batch landed (the kDepth - 1 after it may not have)
+    if (base + kBatch <= nu) shift_n != nullptr ? batch(base, Yes{}, Yes{}) : batch(base, Yes{}, No{});
+    else shift_n != nullptr ? batch(base, No{}, Yes{}) : batch(base, No{}, No{});
+    issue(base + kDepth * kBatch);
   }
-  if (base < nu) shift_n != nullptr ? batch(base, No{}, Yes{}) : batch(base, No{}, No{});
+  __pipeline_wait_prior(0);  // the empty groups past the last batch
 
-  // 2. the block's state, then the group's: the cluster's blocks read each other's block_stats
+  // 2. the block's state, then the group's: the blocks read each other's (block_stats through the
+  // cluster, or partials)
   st = warp_merge(st);
   if ((tid & 31) == 0) warp_stats[tid >> 5] = st;
   __syncthreads();
@@ -274,23 +301,30 @@ gn_cluster_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const void* __
     st = warp_merge(tid < kThreads / 32 ? warp_stats[tid] : Stats{0.f, 0.f, 0.f});
     if (tid == 0) block_stats = st;
   }
-  cluster.sync();  // every block's block_stats written and visible cluster-wide
+  const int blocks = static_cast<int>(gridDim.x);
+  if constexpr (kCooperative) {
+    if (tid == 0) partials[static_cast<long long>(blockIdx.y) * blocks + blockIdx.x] = st;
+    cg::this_grid().sync();  // every block's state written and visible grid-wide
+  } else {
+    cg::this_cluster().sync();  // every block's block_stats written and visible cluster-wide
+  }
   if (tid == 0) {
     Stats total{0.f, 0.f, 0.f};
-    for (int r = 0; r < static_cast<int>(cluster.num_blocks()); ++r) {
-      total = merge(total, *cluster.map_shared_rank(&block_stats, r));
+    for (int r = 0; r < blocks; ++r) {
+      if constexpr (kCooperative) total = merge(total, partials[static_cast<long long>(blockIdx.y) * blocks + r]);
+      else total = merge(total, *cg::this_cluster().map_shared_rank(&block_stats, r));
     }
     group_mean = total.mean;
     group_rstd = rsqrtf(total.m2 / total.n + eps);
-    if (cluster.block_rank() == 0) {
+    if (blockIdx.x == 0) {
       mean_out[n * mean_stride_n + g * mean_stride_g] = group_mean;
       rstd_out[n * rstd_stride_n + g * rstd_stride_g] = group_rstd;
     }
   }
-  // Done reading the other blocks' shared memory; each block waits for this before it exits (below), so
-  // no block leaves while another may still read its block_stats. Relaxed (no fence): thread 0 used the
-  // values it read before arriving, so its reads are complete.
-  __cluster_barrier_arrive_relaxed();
+  // Cluster: done reading the other blocks' shared memory; each block waits for this before it exits
+  // (below), so no block leaves while another may still read its block_stats. Relaxed (no fence):
+  // thread 0 used the values it read before arriving, so its reads are complete.
+  if constexpr (!kCooperative) __cluster_barrier_arrive_relaxed();
   __syncthreads();
 
   // 3. per-channel y = x * a + b: a = rstd * w, b = bias + (shift - mean) * a
@@ -316,7 +350,7 @@ gn_cluster_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const void* __
     }
     L::store(reinterpret_cast<Unit*>(y_group + walk.off), out.raw);
   }
-  __cluster_barrier_wait();
+  if constexpr (!kCooperative) __cluster_barrier_wait();
 }
 
 // Backward of y = GroupNorm(x + shift) (then SiLU), per (sample, group), with xhat = (x + shift - mean) *
@@ -336,8 +370,6 @@ gn_cluster_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, T* __re
   using Unit = typename L::Unit;
   using P = Packed<T, Unit>;
   constexpr int kU = L::kU;
-  // units of dy and of x in flight per thread: 128 bytes in all (NCHW), 64 (channels-last: more spill)
-  constexpr int kUnroll = kChannelsLast ? 8 : kBytesInFlight / 2 / sizeof(Unit);
   // x's units, dy's units, then per channel: w, o = (shift - mean) * rstd, b, this block's S1 and S2 (read
   // by the cluster's other blocks), the group's S1 and S2; channels-last: then 32 per channel of
   // per-warp partial sums
@@ -346,7 +378,7 @@ gn_cluster_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, T* __re
   __shared__ float c1, c2;
 
   cg::cluster_group cluster = cg::this_cluster();
-  const Part part(cluster, channels, groups, S, units_per_block, kU);
+  const Part part(channels, groups, S, units_per_block, kU);
   const int tid = threadIdx.x, n = part.n, g = part.g, cpg = part.cpg, c0 = part.c0, u0 = part.u0, nu = part.nu;
   const L layout{S, channels, cpg};
   Unit* xs = reinterpret_cast<Unit*>(smem_raw);
@@ -369,30 +401,18 @@ gn_cluster_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, T* __re
     for (int k = tid; k < 32 * cpg; k += kThreads) warp_sums[k] = 0.f;  // (warp, column) slots no lane fills
   }
 
-  // 1. dy and x -> shared memory (NCHW streamed: neither is read again from DRAM)
+  // 1. dy and x -> shared memory, every unit's copy in flight at once (cp.async), then wait for all:
+  // the sums below read units other threads copied
   const T* x_group = x + n * x_sample_stride + layout.group_start(c0);
   const T* dy_group = dy + n * dy_sample_stride + layout.group_start(c0);
   const typename L::Walk stride = layout.step(kThreads * kU);
   typename L::Walk walk = layout.start((u0 + tid) * kU);
-  for (int base = 0; base < nu; base += kThreads * kUnroll) {
-    Unit rx[kUnroll], rdy[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (base + u * kThreads + tid < nu) {
-        rx[u] = L::load(reinterpret_cast<const Unit*>(x_group + walk.off));
-        rdy[u] = L::load(reinterpret_cast<const Unit*>(dy_group + walk.off));
-      }
-      layout.advance(walk, stride);
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int i = base + u * kThreads + tid;
-      if (i < nu) {
-        xs[i] = rx[u];
-        dys[i] = rdy[u];
-      }
-    }
+  for (int i = tid; i < nu; i += kThreads, layout.advance(walk, stride)) {
+    __pipeline_memcpy_async(xs + i, x_group + walk.off, sizeof(Unit));
+    __pipeline_memcpy_async(dys + i, dy_group + walk.off, sizeof(Unit));
   }
+  __pipeline_commit();
+  __pipeline_wait_prior(0);
   __syncthreads();
 
   // dz and xhat of unit i, whose first element is in channel c
@@ -546,30 +566,37 @@ cudaError_t configure(Kernel kernel, int blocks, int smem) {
   return err;
 }
 
-// Launch configuration of `rows` clusters of `blocks` blocks (grid (blocks, rows), cluster (blocks, 1, 1)).
-// Used in place: `config.attrs` points into the object.
+// Launch configuration of `rows` rows of `blocks` blocks (grid (blocks, rows)): clusters (blocks, 1, 1),
+// or one cooperative grid (every block resident at once). Used in place: `config.attrs` points into the
+// object.
 struct ClusterLaunch {
   cudaLaunchConfig_t config = {};
   cudaLaunchAttribute attribute[1];
-  ClusterLaunch(int blocks, int rows, int smem, cudaStream_t stream) {
+  ClusterLaunch(int blocks, int rows, int smem, cudaStream_t stream, bool cooperative = false) {
     config.gridDim = dim3(blocks, rows, 1);
     config.blockDim = dim3(kThreads, 1, 1);
     config.dynamicSmemBytes = smem;
     config.stream = stream;
-    attribute[0].id = cudaLaunchAttributeClusterDimension;
-    attribute[0].val.clusterDim.x = blocks;
-    attribute[0].val.clusterDim.y = 1;
-    attribute[0].val.clusterDim.z = 1;
+    if (cooperative) {
+      attribute[0].id = cudaLaunchAttributeCooperative;
+      attribute[0].val.cooperative = 1;
+    } else {
+      attribute[0].id = cudaLaunchAttributeClusterDimension;
+      attribute[0].val.clusterDim.x = blocks;
+      attribute[0].val.clusterDim.y = 1;
+      attribute[0].val.clusterDim.z = 1;
+    }
     config.attrs = attribute;
     config.numAttrs = 1;
   }
 };
 
 template <typename... Params, typename... Args>
-int launch(void (*kernel)(Params...), int blocks, int rows, int smem, cudaStream_t stream, Args... args) {
-  cudaError_t err = configure(kernel, blocks, smem);
+int launch(void (*kernel)(Params...), int blocks, int rows, int smem, cudaStream_t stream, bool cooperative,
+           Args... args) {
+  cudaError_t err = configure(kernel, cooperative ? 1 : blocks, smem);
   if (err != cudaSuccess) return static_cast<int>(err);
-  ClusterLaunch grid(blocks, rows, smem, stream);
+  ClusterLaunch grid(blocks, rows, smem, stream, cooperative);
   return static_cast<int>(cudaLaunchKernelEx(&grid.config, kernel, args...));
 }
 
@@ -616,21 +643,27 @@ extern "C" {
 
 // dtype: 0 float32, 1 float16, 2 bfloat16. channels_last: x and y channels-last (4-byte units), else NCHW
 // (16-byte units). weight / bias: contiguous, fp32 where params_fp32 has bit 0 / bit 1 set, else x's
-// dtype, or null. smem: dynamic shared memory per block, as the planner sized it (the units, then 3 fp32
-// per channel). stat_strides: mean's (n, g) strides, then rstd's.
+// dtype, or null. partials: null (clusters of `blocks`), or 3 fp32 per block (batch * groups * blocks
+// of them) for a cooperative launch. smem: dynamic shared memory per block, as the planner sized it (the
+// units, then 3 fp32 per channel). stat_strides: mean's (n, g) strides, then rstd's.
 int hb_gn_cluster_fwd(int device, int dtype, int silu, int channels_last, const void* x, void* y, const void* weight,
-                      const void* bias, int params_fp32, const float* shift, float* mean, float* rstd, int batch,
-                      int channels, int groups, int S, int blocks, int units_per_block, int smem,
+                      const void* bias, int params_fp32, const float* shift, float* mean, float* rstd, float* partials,
+                      int batch, int channels, int groups, int S, int blocks, int units_per_block, int smem,
                       long long x_sample_stride, long long y_sample_stride, const long long* stat_strides, float eps,
                       void* stream) {
   DeviceGuard guard(device);
   if (guard.err != cudaSuccess) return static_cast<int>(guard.err);
   return dispatch(dtype, silu, channels_last, [&](auto t, auto s, auto cl) {
     using T = decltype(t);
-    return launch(gn_cluster_fwd_kernel<T, decltype(s)::value, decltype(cl)::value>, blocks, batch * groups, smem,
-                  static_cast<cudaStream_t>(stream), static_cast<const T*>(x), static_cast<T*>(y), weight, bias,
-                  params_fp32, shift, mean, rstd, channels, groups, S, units_per_block, x_sample_stride,
-                  y_sample_stride, stat_strides[0], stat_strides[1], stat_strides[2], stat_strides[3], eps);
+    auto run = [&](auto kernel) {
+      return launch(kernel, blocks, batch * groups, smem, static_cast<cudaStream_t>(stream), partials != nullptr,
+                    static_cast<const T*>(x), static_cast<T*>(y), weight, bias, params_fp32, shift, mean, rstd,
+                    reinterpret_cast<Stats*>(partials), channels, groups, S, units_per_block, x_sample_stride,
+                    y_sample_stride, stat_strides[0], stat_strides[1], stat_strides[2], stat_strides[3], eps);
+    };
+    constexpr bool kSilu = decltype(s)::value, kChannelsLast = decltype(cl)::value;
+    return partials != nullptr ? run(gn_cluster_fwd_kernel<T, kSilu, kChannelsLast, true>)
+                               : run(gn_cluster_fwd_kernel<T, kSilu, kChannelsLast, false>);
   });
 }
 
@@ -647,7 +680,7 @@ int hb_gn_cluster_bwd(int device, int dtype, int silu, int channels_last, const 
   return dispatch(dtype, silu, channels_last, [&](auto t, auto s, auto cl) {
     using T = decltype(t);
     return launch(gn_cluster_bwd_kernel<T, decltype(s)::value, decltype(cl)::value>, blocks, batch * groups, smem,
-                  static_cast<cudaStream_t>(stream), static_cast<const T*>(dy), static_cast<const T*>(x),
+                  static_cast<cudaStream_t>(stream), false, static_cast<const T*>(dy), static_cast<const T*>(x),
                   static_cast<T*>(dx), weight, bias, params_fp32, shift, mean, rstd, dweight, dbias, channels, groups,
                   S, units_per_block, sample_strides[0], sample_strides[1], sample_strides[2], stat_strides[0],
                   stat_strides[1], stat_strides[2], stat_strides[3]);
@@ -660,11 +693,25 @@ int hb_gn_cluster_bwd(int device, int dtype, int silu, int channels_last, const 
 int hb_gn_cluster_capacity(int device, int blocks, int smem, int* clusters) {
   DeviceGuard guard(device);
   if (guard.err != cudaSuccess) return static_cast<int>(guard.err);
-  auto kernel = gn_cluster_fwd_kernel<__half, true, false>;
+  auto kernel = gn_cluster_fwd_kernel<__half, true, false, false>;
   const cudaError_t err = configure(kernel, blocks, smem);
   if (err != cudaSuccess) return static_cast<int>(err);
   ClusterLaunch grid(blocks, 1, smem, nullptr);
   return static_cast<int>(cudaOccupancyMaxActiveClusters(clusters, kernel, &grid.config));
+}
+
+// Blocks with `smem` bytes of dynamic shared memory each that the device holds at once: the most a
+// cooperative forward may launch.
+int hb_gn_cooperative_capacity(int device, int smem, int* blocks) {
+  DeviceGuard guard(device);
+  if (guard.err != cudaSuccess) return static_cast<int>(guard.err);
+  auto kernel = gn_cluster_fwd_kernel<__half, true, false, true>;
+  int per_sm = 0, sms = 0;
+  cudaError_t err = configure(kernel, 1, smem);
+  if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  *blocks = per_sm * sms;
+  return static_cast<int>(err);
 }
 
 // The dynamic shared memory one block may opt into on `device` (its per-block limit less the largest
@@ -680,8 +727,9 @@ int hb_device_limits(int device, int* dynamic_smem) {
     DeviceGuard guard(device);
     err = guard.err;
     int largest_static = 0;
-    for (const void* kernel : {reinterpret_cast<const void*>(gn_cluster_fwd_kernel<__half, true, false>),
-                               reinterpret_cast<const void*>(gn_cluster_fwd_kernel<__half, true, true>),
+    for (const void* kernel : {reinterpret_cast<const void*>(gn_cluster_fwd_kernel<__half, true, false, false>),
+                               reinterpret_cast<const void*>(gn_cluster_fwd_kernel<__half, true, true, false>),
+                               reinterpret_cast<const void*>(gn_cluster_fwd_kernel<__half, true, false, true>),
                                reinterpret_cast<const void*>(gn_cluster_bwd_kernel<__half, true, false>),
                                reinterpret_cast<const void*>(gn_cluster_bwd_kernel<__half, true, true>)}) {
       if (err == cudaSuccess) err = cudaFuncGetAttributes(&attributes, kernel);

@@ -123,10 +123,13 @@ _MAX_GRID_1 = 65535  # CUDA's limit on grid axes 1 and 2
 # the backward the same way, dy and x held together (read once each, where the passes here read both
 # twice). Opt-in (HBKERNELS_CLUSTER_GN=1 sets both) until timed on a GPU. CLUSTER_BLOCKS:
 # blocks per cluster (None: hbkernels.cuda.group_norm.plan's choice from the device's SMs and the
-# clusters it holds at once).
+# clusters it holds at once). CLUSTER_COOPERATIVE: the forward's blocks as one cooperative grid instead
+# of clusters, exchanging partials through global memory: all resident in one wave (level 0 at T16: 128
+# blocks, where 32 four-block clusters took two waves on an H200, 30 resident), else the Triton passes.
 CLUSTER_FORWARD = _env_flag("HBKERNELS_CLUSTER_GN")
 CLUSTER_BACKWARD = CLUSTER_FORWARD
 CLUSTER_BLOCKS = None
+CLUSTER_COOPERATIVE = False
 # (A register cap of 32 on the apply kernel, for 8 programs of 8 warps per SM, tied on NCHW x and lost
 # 4.5-8.7 us on channels-last x at level 0 on an H100; one-channel NCHW tiles take 32 registers uncapped.)
 # Programmatic dependent launch (sm_90+ CUDA): the statistics and finalize kernels let the next one
@@ -752,7 +755,8 @@ def gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: float, s
     if CLUSTER_FORWARD and x.is_cuda and not INTERPRETED:
         from hbkernels.cuda.group_norm import try_gn_fwd
 
-        if try_gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups, eps, silu, CLUSTER_BLOCKS):
+        if try_gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups, eps, silu, CLUSTER_BLOCKS,
+                      CLUSTER_COOPERATIVE):
             return
     n, c, t, s = x.shape
     cpg = c // num_groups

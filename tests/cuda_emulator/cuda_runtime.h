@@ -12,6 +12,7 @@ enum cudaError_t {
   cudaErrorInvalidConfiguration = 9,
   cudaErrorInvalidDevice = 101,
   cudaErrorLaunchFailure = 719,
+  cudaErrorCooperativeLaunchTooLarge = 720,
 };
 
 typedef struct CUstream_st* cudaStream_t;
@@ -22,11 +23,13 @@ enum cudaFuncAttribute {
 };
 
 enum cudaDeviceAttr {
+  cudaDevAttrMultiProcessorCount = 16,
   cudaDevAttrComputeCapabilityMajor = 75,
   cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
 };
 
 enum cudaLaunchAttributeID {
+  cudaLaunchAttributeCooperative = 2,
   cudaLaunchAttributeClusterDimension = 4,
 };
 
@@ -36,6 +39,7 @@ struct cudaLaunchAttribute {
     struct {
       unsigned x, y, z;
     } clusterDim;
+    int cooperative;
   } val;
 };
 
@@ -80,6 +84,13 @@ inline unsigned cluster_size(const cudaLaunchConfig_t& config) {
   return 1;
 }
 
+inline bool cooperative(const cudaLaunchConfig_t& config) {
+  for (unsigned k = 0; k < config.numAttrs; ++k) {
+    if (config.attrs[k].id == cudaLaunchAttributeCooperative) return config.attrs[k].val.cooperative != 0;
+  }
+  return false;
+}
+
 // Why this configuration cannot launch, or empty
 inline std::string refusal(const cudaLaunchConfig_t& config, const void* kernel) {
   const KernelAttributes a = attributes_of(kernel);
@@ -89,6 +100,7 @@ inline std::string refusal(const cudaLaunchConfig_t& config, const void* kernel)
   if (threads == 0 || threads > kMaxThreads || threads % 32) return "block of " + std::to_string(threads) + " threads";
   if (config.gridDim.y > 65535) return "grid rows " + std::to_string(config.gridDim.y) + " > 65535";
   if (cluster == 0 || config.gridDim.x % cluster) return "grid columns not a multiple of the cluster size";
+  if (cooperative(config) && cluster > 1) return "a cooperative launch of clusters: not emulated";
   if (cluster > (a.non_portable_clusters ? 16u : 8u)) return "cluster of " + std::to_string(cluster) + " blocks";
   if (config.dynamicSmemBytes > static_cast<size_t>(a.max_dynamic_smem)) {
     return std::to_string(config.dynamicSmemBytes) + " bytes of dynamic shared memory, opted into " +
@@ -99,7 +111,8 @@ inline std::string refusal(const cudaLaunchConfig_t& config, const void* kernel)
 
 // Runs every cluster of the grid, one after the other; a cluster's blocks run at once on their own
 // threads, kept for the whole launch (so static __shared__ variables start with the previous cluster's
-// values, as they may on a GPU; dynamic shared memory starts poisoned).
+// values, as they may on a GPU; dynamic shared memory starts poisoned). A cooperative launch runs as
+// one such group of all its blocks, at most one per SM.
 inline cudaError_t launch(const cudaLaunchConfig_t& config, const void* kernel, std::function<void()> body) {
   static std::mutex one_at_a_time;  // the fiber stacks and the error message are the emulator's, not a launch's
   std::lock_guard<std::mutex> serialised(one_at_a_time);
@@ -111,9 +124,18 @@ inline cudaError_t launch(const cudaLaunchConfig_t& config, const void* kernel, 
     errors.report("launch refused: " + why);
     return cudaErrorInvalidConfiguration;
   }
-  const int cluster = static_cast<int>(cluster_size(config));
+  const bool together = cooperative(config);
+  const int grid_blocks = static_cast<int>(config.gridDim.x * config.gridDim.y);
+  if (together && grid_blocks > kSms) {
+    errors.report("too many blocks in cooperative launch: " + std::to_string(grid_blocks) + ", " +
+                  std::to_string(kSms) + " resident");
+    return cudaErrorCooperativeLaunchTooLarge;
+  }
+  // blocks that run at once: a cluster, or the whole cooperative grid
+  const int cluster = together ? grid_blocks : static_cast<int>(cluster_size(config));
   const int threads = static_cast<int>(config.blockDim.x);
-  const int columns = static_cast<int>(config.gridDim.x) / cluster, rows = static_cast<int>(config.gridDim.y);
+  const int columns = together ? 1 : static_cast<int>(config.gridDim.x) / cluster;
+  const int rows = together ? 1 : static_cast<int>(config.gridDim.y);
   const char* seed_env = std::getenv("HBEMU_SEED");
   const char* timeout_env = std::getenv("HBEMU_TIMEOUT");
   const double timeout_s = timeout_env ? std::atof(timeout_env) : 30.0;
@@ -128,6 +150,7 @@ inline cudaError_t launch(const cudaLaunchConfig_t& config, const void* kernel, 
   for (auto& seed : seeds) seed = random();
   Cluster state;
   state.blocks = cluster;
+  state.cooperative = together;
   state.threads = cluster * threads;
   state.progress = &progress;
   state.abort = &abort;
@@ -146,9 +169,11 @@ inline cudaError_t launch(const cudaLaunchConfig_t& config, const void* kernel, 
       b.rank = r;
       b.cluster = &state;
       b.body = body;
+      gridDim = uint3{config.gridDim.x, config.gridDim.y, 1};
       for (int row = 0; row < rows && !abort.load(); ++row) {
         for (int col = 0; col < columns && !abort.load(); ++col) {
-          b.index = uint3{static_cast<unsigned>(col * cluster + r), static_cast<unsigned>(row), 0};
+          b.index = together ? uint3{r % config.gridDim.x, r / config.gridDim.x, 0}
+                             : uint3{static_cast<unsigned>(col * cluster + r), static_cast<unsigned>(row), 0};
           run_block(b, reinterpret_cast<unsigned char*>(smem_raw), config.dynamicSmemBytes, timeout_s);
           between_clusters.arrive_and_wait();
         }
@@ -172,6 +197,9 @@ inline cudaError_t cudaSetDevice(int device) { return device == 0 ? cudaSuccess 
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int device) {
   if (device != 0) return cudaErrorInvalidDevice;
   switch (attribute) {
+    case cudaDevAttrMultiProcessorCount:
+      *value = hbemu::kSms;
+      return cudaSuccess;
     case cudaDevAttrComputeCapabilityMajor:
       *value = 9;
       return cudaSuccess;
@@ -210,6 +238,12 @@ cudaError_t cudaOccupancyMaxActiveClusters(int* clusters, Kernel kernel, const c
   *clusters = hbemu::refusal(*config, reinterpret_cast<const void*>(kernel)).empty()
                   ? hbemu::kSms / static_cast<int>(hbemu::cluster_size(*config))
                   : 0;
+  return cudaSuccess;
+}
+
+template <typename Kernel>
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, Kernel, int block_size, size_t smem) {
+  *blocks = block_size > 0 && block_size <= hbemu::kMaxThreads && smem <= static_cast<size_t>(hbemu::kSmemOptin);
   return cudaSuccess;
 }
 

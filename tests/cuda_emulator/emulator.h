@@ -1,7 +1,7 @@
 // A CPU emulator for this project's CUDA kernels, so their logic runs in CI, which has no GPU (as the
 // Triton kernels do under TRITON_INTERPRET=1). The .cu file is compiled unchanged by g++ with this folder
-// first on the include path: these headers stand in for cuda_runtime.h, cuda_fp16.h, cuda_bf16.h and
-// cooperative_groups.h.
+// first on the include path: these headers stand in for cuda_runtime.h, cuda_fp16.h, cuda_bf16.h,
+// cuda_pipeline.h (cp.async) and cooperative_groups.h.
 //
 // Model: each block of a cluster runs on its own OS thread, and each of the block's CUDA threads is a
 // fiber (ucontext) on it. `__shared__` becomes `thread_local`, which makes shared memory per block and
@@ -13,12 +13,15 @@
 // write it needs, or a write over data another thread has yet to read) gives wrong results, different
 // per seed (HBEMU_SEED; by default a fresh one per launch).
 //
+// Asynchronous copies (cp.async) land in shared memory only at the wait that covers them.
+//
 // What it checks, each reported by the launch's error string:
 // - deadlock: a barrier that not every thread reaches (divergent __syncthreads, partial-warp shuffles,
 //   a cluster barrier some block skips), found by a watchdog;
 // - a block reading another block's shared memory after that block exited (the cluster exit rule);
 // - writes to dynamic shared memory beyond the launch's size, and the launch's limits (block size,
-//   cluster size, shared memory opt-in, grid rows).
+//   cluster size, shared memory opt-in, grid rows);
+// - asynchronous copies of a size other than 4, 8, 16 bytes, misaligned, or never waited for.
 // Dynamic shared memory starts as 0xff bytes (NaN as floats), so reading what no thread wrote shows. It
 // must be declared as CUDA's `extern __shared__ uint4 smem_raw[]` (cuda_runtime.h defines that array).
 // What it cannot see: races within a warp-synchronous step, memory-model subtleties, performance.
@@ -64,12 +67,12 @@ namespace hbemu {
 namespace {
 
 constexpr int kMaxThreads = 1024;
-constexpr int kMaxCluster = 16;
 constexpr size_t kStackBytes = 128 * 1024;
 // An emulated H100: 132 SMs, 227 KiB of opt-in shared memory per block, compute capability 9.0
 constexpr int kSms = 132;
 constexpr int kSmemOptin = 232448;
 constexpr int kGuardBytes = 4096;  // poisoned bytes past the launch's dynamic shared memory, checked after
+constexpr int kMaxTogether = kSms;  // blocks running at once: a cluster (up to 16), or a cooperative grid
 
 struct Fiber {
   ucontext_t context;
@@ -85,6 +88,15 @@ struct Fiber {
   const std::atomic<int>* wait_shared = nullptr;
   int wait_phase = 0;
   unsigned shuffles = 0;  // shuffles done: their parity picks the exchange slots
+  // asynchronous copies (cp.async) issued and not yet committed, then the committed groups, oldest
+  // first: each lands in shared memory only when a wait covers its group
+  struct Copy {
+    void* to;
+    const void* from;
+    size_t bytes;
+  };
+  std::vector<Copy> open;
+  std::vector<std::vector<Copy>> committed;
 };
 
 struct Cluster;
@@ -115,9 +127,10 @@ struct Block {
 // State the blocks of one cluster share (each on its own OS thread)
 struct Cluster {
   int blocks = 0, threads = 0;
+  bool cooperative = false;  // a cooperative launch's whole grid (no clusters)
   std::atomic<int> arrived{0}, phase{0};
-  std::atomic<char*> anchors[kMaxCluster];  // each block's address of `anchor` (below)
-  std::atomic<bool> exited[kMaxCluster];
+  std::atomic<char*> anchors[kMaxTogether];  // each block's address of `anchor` (below)
+  std::atomic<bool> exited[kMaxTogether];
   std::atomic<unsigned long long>* progress = nullptr;
   std::atomic<bool>* abort = nullptr;
 };
@@ -216,6 +229,21 @@ inline void cluster_wait() {
   wait_for_phase("the cluster barrier", nullptr, &c.phase, phase);
 }
 
+// The current block, where its launch has clusters (reported otherwise)
+inline Block& in_cluster() {
+  if (block().cluster->cooperative) errors.report("cluster_group in a cooperative launch: not emulated");
+  return block();
+}
+
+inline void grid_sync() {
+  if (!block().cluster->cooperative) {
+    errors.report("grid.sync() outside a cooperative launch");
+    return;
+  }
+  cluster_arrive();
+  cluster_wait();
+}
+
 template <typename T>
 T* map_shared_rank(T* address, unsigned rank) {
   Block& b = block();
@@ -232,25 +260,64 @@ T* map_shared_rank(T* address, unsigned rank) {
   return reinterpret_cast<T*>(c.anchors[rank].load() + offset);
 }
 
+// cp.async: copies queue per thread and land when __pipeline_wait_prior covers their group, so a read
+// of shared memory before that wait sees what was there (poison, at first)
+inline void copy_async(void* to, const void* from, size_t bytes) {
+  if (bytes != 4 && bytes != 8 && bytes != 16) {
+    errors.report("__pipeline_memcpy_async of " + std::to_string(bytes) + " bytes (4, 8 or 16 only)");
+  } else if (reinterpret_cast<uintptr_t>(to) % bytes != 0 || reinterpret_cast<uintptr_t>(from) % bytes != 0) {
+    errors.report("__pipeline_memcpy_async of " + std::to_string(bytes) + " bytes from or to a misaligned address");
+  } else {
+    block().current->open.push_back({to, from, bytes});
+  }
+}
+
+inline void commit_copies() {
+  Fiber& f = *block().current;
+  f.committed.push_back(std::move(f.open));
+  f.open.clear();
+}
+
+inline void wait_copies(size_t prior) {
+  Fiber& f = *block().current;
+  while (f.committed.size() > prior) {
+    for (const Fiber::Copy& c : f.committed.front()) std::memcpy(c.to, c.from, c.bytes);
+    f.committed.erase(f.committed.begin());
+  }
+  yield();  // the others may run meanwhile
+}
+
 // The fibers' entry: runs the kernel body as the current fiber's thread
 inline void fiber_entry() {
   Block& b = block();
   b.body();
+  if (!b.current->open.empty() || !b.current->committed.empty()) {
+    errors.report("a thread exited with asynchronous copies it never waited for");
+  }
   count_progress();
   b.current->done = true;
 }  // returns to the scheduler (uc_link)
 
-// A fiber's stack, kept across launches: one set per block rank of the largest cluster
-inline char* stack_for(int block_rank, int thread) {
-  static std::vector<char*> pools[kMaxCluster];
-  auto& pool = pools[block_rank];
-  while (static_cast<int>(pool.size()) <= thread) {
-    void* p = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+// A fiber's stack, kept across launches: one mapping per block slot, kMaxThreads stacks in it (a
+// guard page per stack would split it into a mapping per fiber, and a cooperative grid's 65,536 fibers
+// would pass Linux's default limit on a process's mappings). Overflow shows at exit: kCanaryBytes at
+// each stack's low end must keep their pattern.
+constexpr size_t kCanaryBytes = 256;
+constexpr unsigned char kCanary = 0xa5;
+
+inline char* stack_for(int block_slot, int thread) {
+  static char* pools[kMaxTogether] = {};
+  if (pools[block_slot] == nullptr) {
+    void* p = mmap(nullptr, kStackBytes * kMaxThreads, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (p == MAP_FAILED) std::abort();
-    mprotect(p, static_cast<size_t>(getpagesize()), PROT_NONE);  // an overflow faults instead of corrupting
-    pool.push_back(static_cast<char*>(p));
+    pools[block_slot] = static_cast<char*>(p);
   }
-  return pool[thread];
+  return pools[block_slot] + kStackBytes * thread;
+}
+
+inline bool overflowed(const char* stack) {
+  return std::any_of(stack, stack + kCanaryBytes, [](char c) { return static_cast<unsigned char>(c) != kCanary; });
 }
 
 inline std::string describe_waits(const Block& b) {
@@ -279,6 +346,7 @@ inline void run_block(Block& b, unsigned char* smem, size_t smem_bytes, double t
     f.slow = b.random() % 8 == 0;
     getcontext(&f.context);
     f.context.uc_stack.ss_sp = stack_for(b.rank, t);
+    std::memset(f.context.uc_stack.ss_sp, kCanary, kCanaryBytes);
     f.context.uc_stack.ss_size = kStackBytes;
     f.context.uc_link = &b.scheduler;
     makecontext(&f.context, fiber_entry, 0);
@@ -318,6 +386,13 @@ inline void run_block(Block& b, unsigned char* smem, size_t smem_bytes, double t
     }
   }
   b.cluster->exited[b.rank].store(true);
+  for (int t = 0; t < b.threads(); ++t) {
+    if (overflowed(stack_for(b.rank, t))) {
+      errors.report("a thread of block (" + std::to_string(b.index.x) + ", " + std::to_string(b.index.y) +
+                    ") overflowed its " + std::to_string(kStackBytes / 1024) + " KiB stack");
+      break;
+    }
+  }
   for (size_t k = smem_bytes; k < smem_bytes + kGuardBytes; ++k) {
     if (smem[k] != 0xff) {
       errors.report("block (" + std::to_string(b.index.x) + ", " + std::to_string(b.index.y) +
@@ -332,9 +407,12 @@ inline void run_block(Block& b, unsigned char* smem, size_t smem_bytes, double t
 }  // namespace
 }  // namespace hbemu
 
-// CUDA's built-in variables, per fiber and per block (blockDim and gridDim: unused by the kernels)
+// CUDA's built-in variables, per fiber and per block (blockDim: unused by the kernels)
 #define threadIdx (::hbemu::block().current->thread)
 #define blockIdx (::hbemu::block().index)
+namespace {
+thread_local uint3 gridDim;  // a variable, not a macro: launch configurations have members of that name
+}  // namespace
 
 #define __global__
 #define __device__
@@ -358,11 +436,7 @@ inline void __cluster_barrier_arrive() { hbemu::cluster_arrive(); }
 inline void __cluster_barrier_arrive_relaxed() { hbemu::cluster_arrive(); }
 inline void __cluster_barrier_wait() { hbemu::cluster_wait(); }
 
-// Cache-hinted loads and stores: plain ones here
-template <typename T>
-T __ldg(const T* p) { return *p; }
-template <typename T>
-T __ldcs(const T* p) { return *p; }
+// Cache-hinted store: a plain one here
 template <typename T>
 void __stcs(T* p, T v) { *p = v; }
 

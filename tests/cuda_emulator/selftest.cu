@@ -3,6 +3,7 @@
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_pipeline.h>
 #include <cuda_runtime.h>
 
 #include <chrono>
@@ -53,6 +54,23 @@ __global__ void read_after_exit(float* out) {
   }
 }
 
+// Each thread copies out[t] into shared memory asynchronously and writes back what it then reads there:
+// after the wait, out[t]; before it (kWaited false), what was there (NaN). kExits: exits without
+// waiting; kMisaligned: 8-byte copies, to odd threads' 4-byte-aligned addresses
+template <bool kWaited, bool kExits = false, bool kMisaligned = false>
+__global__ void copy_async(float* out) {
+  extern __shared__ uint4 smem_raw[];
+  float* s = reinterpret_cast<float*>(smem_raw);
+  const int t = threadIdx.x;
+  __pipeline_memcpy_async(s + t, out + t, kMisaligned ? 8 : 4);
+  __pipeline_commit();
+  if (kExits) return;
+  if (kWaited) __pipeline_wait_prior(0);
+  const float v = s[t];
+  if (!kWaited) __pipeline_wait_prior(0);
+  out[t] = v;
+}
+
 template <typename... Params>
 int launch(void (*kernel)(Params...), int blocks, int smem, float* out) {
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
@@ -84,6 +102,10 @@ int hb_selftest(const char* name, int blocks, int smem, float* out) {
   if (k == "shared_overrun") return launch(shared_overrun, blocks, smem, out);
   if (k == "read_after_exit") return launch(read_after_exit<false>, blocks, smem, out);
   if (k == "read_after_exit_guarded") return launch(read_after_exit<true>, blocks, smem, out);
+  if (k == "copy_async") return launch(copy_async<true>, blocks, smem, out);
+  if (k == "copy_async_unwaited_read") return launch(copy_async<false>, blocks, smem, out);
+  if (k == "copy_async_unwaited_exit") return launch(copy_async<true, true>, blocks, smem, out);
+  if (k == "copy_async_misaligned") return launch(copy_async<true, false, true>, blocks, smem, out);
   return cudaErrorInvalidValue;
 }
 
