@@ -9,14 +9,17 @@
 #
 #   bench/gpu_check.sh [LOG] [RESULTS] [TAR]     (defaults: gpu-check.log, bench/results, RESULTS.tar)
 #
-# STEPS picks and orders the steps (default: tests unet_step pipeline ops ops_graph host_overhead;
-# also sweep, the Triton launch tuning, memory_floor, GroupNorm's traffic in synthetic kernels (copy,
-# re-read at a distance, two passes: what each forward schedule could reach), and ops_graph_knobs, the CUDA-graph op table with GroupNorm knobs
-# set by GN_KNOBS (default "ONE_PASS=True"), into RESULTS/knobs); SWEEP_OP sweeps one op only, SWEEP_KNOB
-# only the GroupNorm settings of one knob; TEST_FILES replaces the test list; per-step limits: TESTS_LIMIT, UNET_LIMIT,
-# PIPELINE_LIMIT, OPS_LIMIT, OPS_GRAPH_LIMIT, SWEEP_LIMIT, FLOOR_LIMIT; UNET_CASE, UNET_STATE and UNET_IMPLS (comma-separated) filter U-Net rows,
-# OPS_ARGS="--quick --no-compile" shortens the op runs; HBKERNELS_COMMIT names the commit in every result
-# file where the checkout's .git is stale (a lent GPU's copy). E.g. after a U-Net change:
+# STEPS picks and orders the steps (default: tests unet_step pipeline ops ops_graph host_overhead).
+# Also: sweep, the Triton launch tuning; phases, where the one-read GroupNorm forward's time goes
+# (bench.gn_phases); memory_floor, GroupNorm's traffic in synthetic kernels (copy, re-read at a
+# distance, two passes: what each forward schedule could reach); ops_graph_knobs, the CUDA-graph op
+# table with GroupNorm knobs set by GN_KNOBS (default "ONE_PASS=True"), into RESULTS/knobs.
+# SWEEP_OP sweeps one op only, SWEEP_KNOB only the GroupNorm settings of the knobs named; TEST_FILES
+# replaces the test list. Per-step limits: TESTS_LIMIT, UNET_LIMIT, PIPELINE_LIMIT, OPS_LIMIT,
+# OPS_GRAPH_LIMIT, SWEEP_LIMIT, FLOOR_LIMIT, PHASES_LIMIT. UNET_CASE, UNET_STATE and UNET_IMPLS
+# (comma-separated) filter U-Net rows; OPS_ARGS="--quick --no-compile" shortens the op runs;
+# HBKERNELS_COMMIT names the commit in every result file where the checkout's .git is stale (a lent
+# GPU's copy). E.g. after a U-Net change:
 #   STEPS="unet_step ops_graph tests" UNET_COMPILE= UNET_CASE=0.7b UNET_LIMIT=480 OPS_ARGS="--quick --no-compile" OPS_GRAPH_LIMIT=90 TESTS_LIMIT=120 bench/gpu_check.sh
 set -u
 log=${1:-gpu-check.log}
@@ -73,6 +76,7 @@ sys.argv = ['bench', *sys.argv[2:]]
 runpy.run_module('bench', run_name='__main__')" "${GN_KNOBS:-ONE_PASS=True}" --graph ${OPS_ARGS:-} --out "$res/knobs" ;;
     sweep) step sweep "${SWEEP_LIMIT:-180}" python3 -m bench.sweep --quick ${SWEEP_OP:+--op "$SWEEP_OP"} ${SWEEP_KNOB:+--knob "$SWEEP_KNOB"} --out "$res" ;;
     memory_floor) step memory_floor "${FLOOR_LIMIT:-60}" python3 -m bench.memory_floor --quick --out "$res" ;;
+    phases) step phases "${PHASES_LIMIT:-90}" python3 -m bench.gn_phases --out "$res" ;;
     *) echo "unknown step $1" | tee -a "$log" ;;
     esac
 }

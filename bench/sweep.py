@@ -46,10 +46,6 @@ GN_PROGRAMS_PER_SM = (6, 8, 16)
 GN_TILES = (1024, 2048)
 GN_STAGES = (3, 4, 5)
 GN_ONE_TILE_POINTS = [(64, 4096, 1), (64, 4096, 3), (64, 2048, 1)]  # (programs per SM, tile, stages)
-# Statistics reduced per tile (STATS_PER_TILE, NCHW only) at these (programs per SM, tile, stages)
-GN_PER_TILE_POINTS = [(8, 2048, 4), (8, 4096, 3), (16, 2048, 3), (16, 1024, 4), (64, 4096, 1), (64, 2048, 1)]
-# The apply pass merging the statistics itself (APPLY_MERGES, NCHW only) with either statistics loop
-GN_MERGED_POINTS = [(8, 2048, 4), (16, 2048, 3)]
 GN_APPLY_TILES = (4096, 8192, 16384)  # each layout's default is timed once, in the grid
 # Channels per NCHW tile (statistics, apply, pairs of both; the backward's partial sums)
 GN_NCHW_CHANNELS = (1, 2, 4, 8, 16)
@@ -71,16 +67,11 @@ def _gn_forward_settings():
     grid = [dict(STATS_PROGRAMS_PER_SM=p, _STATS_TILE=t, STATS_STAGES=s)
             for p, t, s in [*itertools.product(GN_PROGRAMS_PER_SM, GN_TILES, GN_STAGES), *GN_ONE_TILE_POINTS]]
     return grid + [dict(APPLY_REVERSED=not gn.APPLY_REVERSED), dict(APPLY_EVICT_FIRST=not gn.APPLY_EVICT_FIRST),
-                   dict(PDL=not gn.PDL), dict(CHANNEL_BLOCKS_FIRST=not gn.CHANNEL_BLOCKS_FIRST),
-                   dict(APPLY_MERGES=not gn.APPLY_MERGES)] + \
+                   dict(PDL=not gn.PDL), dict(CHANNEL_BLOCKS_FIRST=not gn.CHANNEL_BLOCKS_FIRST)] + \
         [dict(_APPLY_TILE=t) for t in GN_APPLY_TILES] + \
         [dict(_STATS_CHANNELS_NCHW=c) for c in GN_NCHW_CHANNELS] + \
         [dict(_APPLY_CHANNELS_NCHW=c) for c in GN_NCHW_CHANNELS] + \
         [dict(_STATS_CHANNELS_NCHW=s, _APPLY_CHANNELS_NCHW=a) for s, a in GN_NCHW_CHANNEL_PAIRS] + \
-        [dict(STATS_PER_TILE=True, STATS_PROGRAMS_PER_SM=p, _STATS_TILE=t, STATS_STAGES=st)
-         for p, t, st in GN_PER_TILE_POINTS] + \
-        [dict(APPLY_MERGES=True, STATS_PER_TILE=per_tile, STATS_PROGRAMS_PER_SM=p, _STATS_TILE=t, STATS_STAGES=st)
-         for per_tile, (p, t, st) in itertools.product((False, True), GN_MERGED_POINTS)] + \
         [dict(CLUSTER_FORWARD=True, CLUSTER_BLOCKS=b) for b in GN_CLUSTER_BLOCKS] + \
         [dict(CLUSTER_FORWARD=True, CLUSTER_COOPERATIVE=True, CLUSTER_BLOCKS=None)]  # one grid: its plan's blocks
 
@@ -101,8 +92,8 @@ def _one_pass_settings():
 
 
 # Knobs that change nothing on channels-last tensors where set (true)
-NCHW_ONLY = ("ONE_PASS", "STATS_PER_TILE", "APPLY_MERGES", "_STATS_CHANNELS_NCHW", "_APPLY_CHANNELS_NCHW",
-             "_BWD_CHANNELS_NCHW", "_BWD_APPLY_CHANNELS_NCHW")
+NCHW_ONLY = ("ONE_PASS", "_STATS_CHANNELS_NCHW", "_APPLY_CHANNELS_NCHW", "_BWD_CHANNELS_NCHW",
+             "_BWD_APPLY_CHANNELS_NCHW")
 # Knobs that change nothing on NCHW tensors where set (true)
 CHANNELS_LAST_ONLY = ("CHANNEL_BLOCKS_FIRST",)
 

@@ -97,18 +97,15 @@ def group_norm_cases():
         kernels.gn_bwd(torch.randn_like(x).flatten(3).to(dtype), x4, *affine, shift, mean, rstd, dx4, *grads, 32, silu)
     # the U-Net's level-0 activation (320x512, 16 frames): its real tiling, so the printed registers are
     # the ones that decide how many programs an SM holds there; the apply pass also with its eviction
-    # hints switched, the dx pass one channel wide, the launch order switched, the statistics merged in
-    # the apply pass, and the statistics pass at the sweep's one-tile-per-program and per-tile points
+    # hints switched, the dx pass one channel wide, the launch order switched, and the statistics pass at
+    # the sweep's one-tile-per-program points
     from bench import sweep
 
     evict_first = group_norm.APPLY_EVICT_FIRST
     settings = [{"APPLY_EVICT_FIRST": evict_first}, {"APPLY_EVICT_FIRST": not evict_first},  # the first: defaults
-                {"_BWD_APPLY_CHANNELS_NCHW": 1}, {"CHANNEL_BLOCKS_FIRST": not group_norm.CHANNEL_BLOCKS_FIRST},
-                {"APPLY_MERGES": not group_norm.APPLY_MERGES}]
+                {"_BWD_APPLY_CHANNELS_NCHW": 1}, {"CHANNEL_BLOCKS_FIRST": not group_norm.CHANNEL_BLOCKS_FIRST}]
     settings += [{"STATS_PROGRAMS_PER_SM": p, "_STATS_TILE": t, "_STATS_TILE_CHANNELS_LAST": t, "STATS_STAGES": st}
                  for p, t, st in sweep.GN_ONE_TILE_POINTS]
-    settings += [{"STATS_PER_TILE": True, "STATS_PROGRAMS_PER_SM": p, "_STATS_TILE": t, "STATS_STAGES": st}
-                 for p, t, st in sweep.GN_PER_TILE_POINTS]
     for knobs, fmt in itertools.product(settings, (torch.contiguous_format, torch.channels_last_3d)):
         with mock.patch.multiple(group_norm, **knobs):
             x = rand(1, 320, 16, 40, 64, dtype=torch.float16).contiguous(memory_format=fmt)

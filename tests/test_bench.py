@@ -372,9 +372,11 @@ def test_sweep_group_norm_runs(monkeypatch, only):
     # the cluster forward's rows say what ran: its plan (the device queries replaced), or that none did
     from hbkernels.cuda import group_norm as cluster
 
-    monkeypatch.setattr(cluster, "device_plan", lambda index, clusters, numel, cpg, size, blocks, backward, layout:
-                        None if blocks == 6 else cluster.Plan(blocks or (8 if backward else 4), 32, 528))
+    monkeypatch.setattr(cluster, "device_plan",
+                        lambda index, clusters, numel, cpg, size, blocks, backward, layout, cooperative:
+                        None if blocks == 6 else cluster.Plan(blocks or (8 if backward else 4), 32, 528, cooperative))
     monkeypatch.setattr(cluster, "resident", lambda index, blocks, smem: 132 // blocks)
+    monkeypatch.setattr(cluster, "resident_blocks", lambda index, smem: 132)
     report = common.Report(device="cpu")
     sweep.sweep_group_norm(report, torch.device("cpu"), 0.0, only)
     rows = [r for r in report.rows if r.suite == "group_norm_silu"]
@@ -382,11 +384,12 @@ def test_sweep_group_norm_runs(monkeypatch, only):
     forward = {"None": "4 blocks of 528 B, 33 clusters resident", "4": "4 blocks of 528 B, 33 clusters resident",
                "6": None, "8": "8 blocks of 528 B, 16 clusters resident",
                "12": "12 blocks of 528 B, 11 clusters resident", "16": "16 blocks of 528 B, 8 clusters resident"}
+    cases = (("vc2 L0 B1 T16", "nchw"), ("vc2 L0 B1 T16 CL", "channels_last"))
     assert plans == ({} if only else {  # both layouts: the forward's cluster kernel takes channels-last x too
-        (case, f"cluster_forward=True cluster_blocks={b}"):
-            f"{layout}, {plan}" if plan else "none: the Triton passes ran"
-        for case, layout in (("vc2 L0 B1 T16", "nchw"), ("vc2 L0 B1 T16 CL", "channels_last"))
-        for b, plan in forward.items()})
+        **{(case, f"cluster_forward=True cluster_blocks={b}"): f"{layout}, {plan}" if plan else
+           "none: the Triton passes ran" for case, layout in cases for b, plan in forward.items()},
+        **{(case, "cluster_forward=True cluster_cooperative=True cluster_blocks=None"):
+           f"{layout}, cooperative, 4 blocks per group of 528 B, 132 blocks resident" for case, layout in cases}})
     labels = {r.impl for r in rows}
     assert len(report.rows) == len(timed) and "eager" in labels
     assert sum(r.impl.endswith("(default)") for r in rows) == 2  # one default point per shape, profiled
@@ -413,3 +416,29 @@ def test_sweep_temporal_attention_runs(monkeypatch):
     sweep.sweep_temporal_attention(report, torch.device("cpu"), 0.0)
     assert [r.suite for r in report.rows] == ["temporal_attention"] * 5 + ["temporal_attention_backward"] * 5
     assert [r.impl for r in report.rows[:5]] == ["warps: default rule", "warps=1", "warps=2", "warps=4", "warps=8"]
+
+
+def test_gn_phases_summarises_the_stamps():
+    """Two waves of two blocks (stamps in ns: start, loaded, statistics known, stored): medians per
+    block, the span from first start to last store, the starts' spread and the waves they make."""
+    from bench import gn_phases
+
+    clocks = torch.tensor([[[0, 4000, 5000, 9000], [500, 4000, 5500, 9500]],
+                           [[10000, 14000, 15000, 19000], [10500, 14500, 15000, 20000]]], dtype=torch.int64)
+    got = gn_phases.phases(clocks)
+    assert got == dict(span_us=20.0, start_spread_us=10.5, load_us=4.0, wait_us=1.0, apply_us=4.0, waves=2)
+    report = dict(device="GPU", date="d", commit="c", torch="t", runs=3,
+                  cases={"case": [dict(config="cooperative", plan="4 blocks per group, 1 B each", **got),
+                                  dict(config="clusters of 6", plan=None)]})
+    lines = gn_phases.markdown(report).splitlines()
+    assert "| case | cooperative | 4 blocks per group, 1 B each | 20.0 | 10.5 | 4.0 | 1.0 | 4.0 | 2 |" in lines
+    assert "| case | clusters of 6 | none | | | | | | |" in lines
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where no GPU is")
+def test_gn_phases_says_what_it_needs():
+    from bench import gn_phases
+
+    with pytest.raises(SystemExit) as exit_info:
+        gn_phases.main(["--runs", "1"])
+    assert exit_info.value.code == 1

@@ -67,11 +67,15 @@ def layout(num_groups: int, x: torch.Tensor, *others: torch.Tensor) -> str | Non
 # (channels-last: also 32 per channel of per-warp column sums)
 FORWARD_COEFFICIENTS = 3
 BACKWARD_COEFFICIENTS = {"nchw": 7, "channels_last": 7 + 32}
+# What a wave of forward clusters costs beyond its bytes, in bytes held per block: an H200 (run 6,
+# bench/results) took 12 us per wave plus 0.037 us per KB each block held, at 4 to 16 blocks per
+# cluster of level 0. The backward's waves fit bytes alone (21.7 us at 205 KB, 10.8 at 102).
+FORWARD_WAVE_BYTES = 320 * 1024
 
 
 def plan(clusters: int, group_numel: int, cpg: int, element_size: int, smem_limit: int, sms: int, resident,
          blocks: int | None = None, tensors: int = 1, coefficients: int = FORWARD_COEFFICIENTS,
-         unit_bytes: int = 16, align: int = 1, cooperative: bool = False) -> Plan | None:
+         unit_bytes: int = 16, align: int = 1, cooperative: bool = False, wave_bytes: int = 0) -> Plan | None:
     """Blocks per cluster for ``clusters`` (N * G) groups of ``group_numel`` elements (``cpg`` channels),
     or None where no cluster of at most MAX_CLUSTER blocks holds a group.
 
@@ -80,9 +84,10 @@ def plan(clusters: int, group_numel: int, cpg: int, element_size: int, smem_limi
     where its GPCs' sizes show (a cluster's blocks share one GPC). The clusters run in waves of that
     many; in each wave an SM moves the bytes of the blocks it holds (one, in practice: a 512-thread
     block at 59-128 registers takes more than half an SM's registers), so the estimated time is the sum
-    over waves of (blocks per SM) x (bytes per block). Fewer blocks win ties (fewer partials, smaller
-    barriers). Level 0 fp16, T16, on a device holding 32 four-block clusters of 200 KiB blocks: 4
-    blocks, one wave; level 2 (200 KiB groups): 4 blocks, not 1 (32 blocks would leave 100 SMs idle).
+    over waves of ``wave_bytes`` (a wave's fixed cost) + (blocks per SM) x (bytes per block). Fewer
+    blocks win ties (fewer partials, smaller barriers). Level 0 fp16, T16, on a device holding 32
+    four-block clusters of 200 KiB blocks: 4 blocks, one wave; level 2 (200 KiB groups): 4 blocks, not 1
+    (32 blocks would leave 100 SMs idle).
 
     ``blocks``: force that many (None where they cannot hold a group). ``tensors``: slices held per
     block (the backward's dy and x: 2); ``coefficients``: fp32 values kept per channel; ``unit_bytes``:
@@ -102,7 +107,8 @@ def plan(clusters: int, group_numel: int, cpg: int, element_size: int, smem_limi
         if k <= 0 or (cooperative and k < clusters):
             continue
         full, rest = divmod(clusters, k)
-        cost = (full * -(-k * r // sms) + -(-rest * r // sms)) * tensors * per_block
+        held = tensors * per_block * unit_bytes
+        cost = full * (wave_bytes + -(-k * r // sms) * held) + (rest > 0) * (wave_bytes + -(-rest * r // sms) * held)
         if best_cost is None or cost < best_cost:
             best, best_cost = Plan(r, per_block, smem, cooperative), cost
     return best
@@ -118,7 +124,7 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     ctypes.ArgumentError instead of reaching the kernel): the nvcc-built library, or the tests' CPU
     emulation of it."""
     p, i, ll, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_float
-    lib.hb_gn_cluster_fwd.argtypes = [i, i, i, i, p, p, p, p, i, p, p, p, p, i, i, i, i, i, i, i, ll, ll, p, f, p]
+    lib.hb_gn_cluster_fwd.argtypes = [i, i, i, i, p, p, p, p, i, p, p, p, p, p, i, i, i, i, i, i, i, ll, ll, p, f, p]
     lib.hb_gn_cluster_bwd.argtypes = [i, i, i, i, p, p, p, p, p, i, p, p, p, p, p, i, i, i, i, i, i, i, p, p, p]
     lib.hb_gn_cluster_capacity.argtypes = [i, i, i, ctypes.POINTER(i)]
     lib.hb_gn_cooperative_capacity.argtypes = [i, i, ctypes.POINTER(i)]
@@ -198,7 +204,7 @@ def holdings(backward: bool, layout_name: str, cpg: int, element_size: int) -> d
     """:func:`plan`'s keyword arguments for the forward or the backward kernel in this layout."""
     unit_bytes = UNIT_BYTES[layout_name]
     if not backward:
-        return dict(unit_bytes=unit_bytes)
+        return dict(unit_bytes=unit_bytes, wave_bytes=FORWARD_WAVE_BYTES)
     held = dict(unit_bytes=unit_bytes, tensors=2, coefficients=BACKWARD_COEFFICIENTS[layout_name])
     if layout_name == "channels_last":
         held["align"] = cpg * element_size // unit_bytes  # units per position
@@ -252,10 +258,16 @@ def try_gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: floa
 
 
 def launch_fwd(p: Plan, layout_name: str, device_index: int, stream: int, x, weight, bias, shift, y, mean, rstd,
-               num_groups: int, eps: float, silu: bool) -> None:
+               num_groups: int, eps: float, silu: bool, clocks: torch.Tensor | None = None) -> None:
     """Launches the forward on ``stream`` (a cudaStream_t as an int) as planned; raises RuntimeError with
-    CUDA's message where the launch fails."""
+    CUDA's message where the launch fails. ``clocks``: None, or a contiguous int64 (N * G, blocks, 4)
+    tensor that receives each block's phase record, global-timer nanoseconds at its start, its x loaded
+    with the statistics, the group's statistics known and its y stored (bench/gn_phases.py)."""
     n, c, t, s = x.shape
+    if clocks is not None and (clocks.dtype != torch.int64 or not clocks.is_contiguous()
+                               or tuple(clocks.shape) != (n * num_groups, p.blocks, 4)):
+        raise ValueError(f"clocks: a contiguous int64 tensor of shape {(n * num_groups, p.blocks, 4)} expected, "
+                         f"got {clocks.dtype} {tuple(clocks.shape)}")
     weight, bias, params_fp32 = _params(x, weight, bias)
     stat_strides = (ctypes.c_longlong * 4)(*mean.stride(), *rstd.stride())
     # the cooperative grid's (count, mean, M2) per block
@@ -264,8 +276,8 @@ def launch_fwd(p: Plan, layout_name: str, device_index: int, stream: int, x, wei
     lib = _library()
     err = lib.hb_gn_cluster_fwd(
         device_index, _DTYPES[x.dtype], int(silu), int(layout_name == "channels_last"), _ptr(x), _ptr(y), _ptr(weight),
-        _ptr(bias), params_fp32, _ptr(shift), _ptr(mean), _ptr(rstd), _ptr(partials), n, c, num_groups, t * s, p.blocks,
-        p.units_per_block, p.smem, x.stride(0), y.stride(0), stat_strides, float(eps), stream,
+        _ptr(bias), params_fp32, _ptr(shift), _ptr(mean), _ptr(rstd), _ptr(partials), _ptr(clocks), n, c, num_groups,
+        t * s, p.blocks, p.units_per_block, p.smem, x.stride(0), y.stride(0), stat_strides, float(eps), stream,
     )
     _raise_on(lib, err, p)
 

@@ -32,6 +32,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cuda/std/chrono>
 #include <type_traits>
 
 namespace cg = cooperative_groups;
@@ -168,6 +169,12 @@ __device__ __forceinline__ float sigmoid(float z) {
   return kPrecise ? 1.f / (1.f + expf(-z)) : __fdividef(1.f, 1.f + __expf(-z));
 }
 
+// The GPU's global timer in nanoseconds (comparable across SMs), for the forward's optional phase record
+__device__ __forceinline__ long long now_ns() {
+  namespace chrono = cuda::std::chrono;
+  return chrono::duration_cast<chrono::nanoseconds>(chrono::system_clock::now().time_since_epoch()).count();
+}
+
 // Sum of a value over the block; the result in thread 0. `scratch`: kThreads / 32 floats.
 __device__ __forceinline__ float block_sum(float v, float* scratch) {
 #pragma unroll
@@ -193,7 +200,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 gn_cluster_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const void* __restrict__ weight,
                       const void* __restrict__ bias, int params_fp32, const float* __restrict__ shift,
                       float* __restrict__ mean_out, float* __restrict__ rstd_out, Stats* __restrict__ partials,
-                      int channels, int groups, int S, int units_per_block,
+                      long long* __restrict__ clocks, int channels, int groups, int S, int units_per_block,
                       long long x_sample_stride, long long y_sample_stride, long long mean_stride_n,
                       long long mean_stride_g, long long rstd_stride_n, long long rstd_stride_g, float eps) {
   using L = Layout<T, kChannelsLast>;
@@ -218,6 +225,11 @@ gn_cluster_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const void* __
   T* y_group = y + n * y_sample_stride + layout.group_start(c0);
   const float* shift_n = shift != nullptr ? shift + static_cast<long long>(n) * channels + c0 : nullptr;
   float* coef = reinterpret_cast<float*>(held + units_per_block);
+  // Optional phase record (bench/gn_phases.py), 4 global-timer stamps per block: started, its x loaded
+  // with the statistics, the group's statistics known, its y stored
+  long long* stamps = clocks != nullptr ? clocks + 4 * (static_cast<long long>(blockIdx.y) * gridDim.x + blockIdx.x)
+                                        : nullptr;
+  if (stamps != nullptr && tid == 0) stamps[0] = now_ns();
 
   // 1. x -> shared memory by asynchronous copies (cp.async: a copy in flight holds no register, so
   // kDepth batches of a thread's units are in flight at once, where loads through registers allowed
@@ -297,6 +309,7 @@ gn_cluster_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const void* __
   st = warp_merge(st);
   if ((tid & 31) == 0) warp_stats[tid >> 5] = st;
   __syncthreads();
+  if (stamps != nullptr && tid == 0) stamps[1] = now_ns();
   if (tid < 32) {
     st = warp_merge(tid < kThreads / 32 ? warp_stats[tid] : Stats{0.f, 0.f, 0.f});
     if (tid == 0) block_stats = st;
@@ -316,6 +329,7 @@ gn_cluster_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const void* __
     }
     group_mean = total.mean;
     group_rstd = rsqrtf(total.m2 / total.n + eps);
+    if (stamps != nullptr) stamps[2] = now_ns();
     if (blockIdx.x == 0) {
       mean_out[n * mean_stride_n + g * mean_stride_g] = group_mean;
       rstd_out[n * rstd_stride_n + g * rstd_stride_g] = group_rstd;
@@ -349,6 +363,10 @@ gn_cluster_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const void* __
       out.e[j] = from_float<T>(z);
     }
     L::store(reinterpret_cast<Unit*>(y_group + walk.off), out.raw);
+  }
+  if (stamps != nullptr) {
+    __syncthreads();
+    if (tid == 0) stamps[3] = now_ns();
   }
   if constexpr (!kCooperative) __cluster_barrier_wait();
 }
@@ -644,12 +662,13 @@ extern "C" {
 // dtype: 0 float32, 1 float16, 2 bfloat16. channels_last: x and y channels-last (4-byte units), else NCHW
 // (16-byte units). weight / bias: contiguous, fp32 where params_fp32 has bit 0 / bit 1 set, else x's
 // dtype, or null. partials: null (clusters of `blocks`), or 3 fp32 per block (batch * groups * blocks
-// of them) for a cooperative launch. smem: dynamic shared memory per block, as the planner sized it (the
-// units, then 3 fp32 per channel). stat_strides: mean's (n, g) strides, then rstd's.
+// of them) for a cooperative launch. clocks: null, or 4 per block, the phase record. smem: dynamic
+// shared memory per block, as the planner sized it (the units, then 3 fp32 per channel). stat_strides:
+// mean's (n, g) strides, then rstd's.
 int hb_gn_cluster_fwd(int device, int dtype, int silu, int channels_last, const void* x, void* y, const void* weight,
                       const void* bias, int params_fp32, const float* shift, float* mean, float* rstd, float* partials,
-                      int batch, int channels, int groups, int S, int blocks, int units_per_block, int smem,
-                      long long x_sample_stride, long long y_sample_stride, const long long* stat_strides, float eps,
+                      long long* clocks, int batch, int channels, int groups, int S, int blocks, int units_per_block,
+                      int smem, long long x_sample_stride, long long y_sample_stride, const long long* stat_strides, float eps,
                       void* stream) {
   DeviceGuard guard(device);
   if (guard.err != cudaSuccess) return static_cast<int>(guard.err);
@@ -658,7 +677,7 @@ int hb_gn_cluster_fwd(int device, int dtype, int silu, int channels_last, const 
     auto run = [&](auto kernel) {
       return launch(kernel, blocks, batch * groups, smem, static_cast<cudaStream_t>(stream), partials != nullptr,
                     static_cast<const T*>(x), static_cast<T*>(y), weight, bias, params_fp32, shift, mean, rstd,
-                    reinterpret_cast<Stats*>(partials), channels, groups, S, units_per_block, x_sample_stride,
+                    reinterpret_cast<Stats*>(partials), clocks, channels, groups, S, units_per_block, x_sample_stride,
                     y_sample_stride, stat_strides[0], stat_strides[1], stat_strides[2], stat_strides[3], eps);
     };
     constexpr bool kSilu = decltype(s)::value, kChannelsLast = decltype(cl)::value;

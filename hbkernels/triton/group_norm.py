@@ -4,13 +4,11 @@ Design (a group holds C/G channels x T*S elements, far too much work for one pro
 
 forward  1. _gn_stats:    grid (N * chunks, C blocks). Each program walks the [BLOCK_C, BLOCK_S] tiles
                           of one chunk of the (t, s) plane with a Welford (mean, M2) per tile lane,
-                          Chan-merges the lanes into the chunk's per-channel (mean, M2) at the end
-                          (or, STATS_PER_TILE, reduces each tile and Chan-merges the tiles).
+                          Chan-merges the lanes into the chunk's per-channel (mean, M2) at the end.
                           Writes them to small fp32 buffers (N, C, chunks); chunk counts follow from
                           the tiling (_chunk_count).
          2. _gn_finalize: grid (N * G). Merges the C/G * chunks partials of one group
-                          (mean = sum n_i mu_i / n, M2 = sum M2_i + n_i (mu_i - mu)^2), writes mean, rstd
-                          (or, APPLY_MERGES on one-channel tiles, each apply program merges its own).
+                          (mean = sum n_i mu_i / n, M2 = sum M2_i + n_i (mu_i - mu)^2), writes mean, rstd.
          3. _gn_apply:    grid (N * T * S blocks, C blocks). y = (x - mean) * rstd * w + b (+ SiLU).
 backward 1. _gn_bwd_partials: same grid as stats; per channel and chunk, sum dz * xhat and sum dz, with
                           dz = dy or dy * silu'(z), z recomputed from x.
@@ -90,12 +88,9 @@ _BWD_APPLY_CHANNELS_NCHW = 16  # the backward's dx pass (reads dy and x, writes 
 # ahead at 64 sm_90 registers in fp16 (8 programs per SM, 96 KiB in flight per SM; fp32: 70, 7).
 # H100, level 0: 3, 4 and 5 stages within 0.6-1.3 us of each other at every statistics setting that wins.
 STATS_STAGES = 4
-# Statistics reduced per tile (NCHW only): each tile's (mean, M2) from two reductions along its rows,
-# Chan-merged into one state per channel, instead of a Welford state per lane. sm_90, one-channel 2048
-# tiles: 47 registers and 10 programs per SM, against 72 and 7 per lane; the memory floor's read pass
-# (29 registers, 16 per SM) reads x in about 8 us at T16, where the statistics pass profiles 14.75.
-# The cost: two tile-wide reductions per tile. Not yet timed (bench/sweep.py's per-tile points).
-STATS_PER_TILE = False
+# (Statistics reduced per tile and Chan-merged, one state per channel instead of a Welford state per
+# lane: 47 registers and 10 programs per sm_90 SM against 72 and 7, yet tied or lost at every timed
+# point, 27-30 / 41-43 us against 27 / 41 at level 0 T16 / T26 on an H200; removed.)
 # Elements per apply tile (8 warps). sm_90, level 0: 4096 -> 35-40 registers, 6 programs (48 KiB of x in
 # flight per SM); 8192 -> 57-62, 4 (64 KiB); 16384 -> 88-91, 2 (64 KiB). H100, level 0: 4096 and 8192
 # tie on NCHW x (33.4 / 33.5 us at T16, 51.2 / 51.2 at T26); on channels-last x 8192 wins (37.8 against
@@ -109,11 +104,9 @@ _APPLY_TILE_CHANNELS_LAST = 8192
 # block's programs together; channel blocks first launches a position's row together, so programs
 # running at once read adjacent bytes. Not yet timed.
 CHANNEL_BLOCKS_FIRST = False
-# The apply pass merges its group's statistics partials itself (one-channel NCHW tiles), instead of a
-# finalize kernel between the two passes: one launch and its grid-completion handoff less on the
-# critical path (the finalize profiles 1.77 us at level 0, T16), for each apply program's load of its
-# group's 40 partials (L2). Not yet timed.
-APPLY_MERGES = False
+# (The apply pass merging each group's statistics partials itself, in place of the finalize launch,
+# lost 7-14 us at level 0 on an H200: every apply program's chain of partial loads costs more than the
+# launch it saves; removed.)
 _MAX_GRID_1 = 65535  # CUDA's limit on grid axes 1 and 2
 # Hopper and newer (CUDA): the whole forward as one kernel of thread-block clusters, each holding one
 # (sample, group) in shared memory while its blocks exchange partial statistics
@@ -121,11 +114,14 @@ _MAX_GRID_1 = 65535  # CUDA's limit on grid axes 1 and 2
 # whose floor (25.2 us at level 0, T16, on an H100) is above a 2.5 TB/s GroupNorm's 21 us. Applies where
 # x and y are both NCHW or both channels-last, in whole units (else these kernels run). CLUSTER_BACKWARD:
 # the backward the same way, dy and x held together (read once each, where the passes here read both
-# twice). Opt-in (HBKERNELS_CLUSTER_GN=1 sets both) until timed on a GPU. CLUSTER_BLOCKS:
-# blocks per cluster (None: hbkernels.cuda.group_norm.plan's choice from the device's SMs and the
-# clusters it holds at once). CLUSTER_COOPERATIVE: the forward's blocks as one cooperative grid instead
-# of clusters, exchanging partials through global memory: all resident in one wave (level 0 at T16: 128
-# blocks, where 32 four-block clusters took two waves on an H200, 30 resident), else the Triton passes.
+# twice). Opt-in (HBKERNELS_CLUSTER_GN=1 sets both): on an H200 they lose to the passes here (level 0
+# fp16: forward 34-50 us NCHW and 86-172 channels-last against 27-46; backward 54 / 72 against 50 /
+# 72; bench/results, nineteenth session). CLUSTER_BLOCKS: blocks per cluster (None:
+# hbkernels.cuda.group_norm.plan's choice from the device's SMs and the clusters it holds at once).
+# CLUSTER_COOPERATIVE: the forward's blocks as one cooperative grid instead of clusters, exchanging
+# partials through global memory: all resident in one wave (level 0 at T16: 128 blocks, where 32
+# four-block clusters took two waves on an H200, 30 resident), else the Triton passes. It ties them at
+# T16 NCHW (27 us).
 CLUSTER_FORWARD = _env_flag("HBKERNELS_CLUSTER_GN")
 CLUSTER_BACKWARD = CLUSTER_FORWARD
 CLUSTER_BLOCKS = None
@@ -344,40 +340,12 @@ def _per_lane_stats(x_n, first, last, cc, cmask, ar, S, n_sb, sxc, sxt, sxs,
 
 
 @triton.jit
-def _per_tile_stats(x_n, first, last, cc, cmask, ar, S, n_sb, sxc, sxt, sxs,
-                    EVEN_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, STAGES: tl.constexpr):
-    """(mean, M2) per channel of tiles first..last-1: each tile reduced along S in registers (its mean,
-    then M2 about it) and Chan-merged into one state per channel, so the loop holds little beyond the
-    tile (see STATS_PER_TILE). The reductions run along a row's threads: for NCHW tiles."""
-    total = 0.0
-    chunk_mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-    chunk_m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for i in tl.range(first, last, num_stages=STAGES):
-        x = _chunk_tile(x_n, i, cc, cmask, ar, S, n_sb, sxc, sxt, sxs, EVEN_S, BLOCK_S)
-        if EVEN_S:
-            k = tl.cast(BLOCK_S, tl.float32)
-            tile_mean = tl.sum(x, axis=1) * (1.0 / BLOCK_S)  # a power of two: exact
-            d = x - tile_mean[:, None]
-        else:
-            smask = (_tile_origin(i, n_sb, BLOCK_S)[1] + ar) < S
-            k = tl.sum(smask.to(tl.float32), axis=0)
-            tile_mean = tl.div_rn(tl.sum(x, axis=1), k)  # x is 0 past S
-            d = tl.where(smask[None, :], x - tile_mean[:, None], 0.0)
-        merged = total + k
-        delta = tile_mean - chunk_mean
-        chunk_mean += delta * tl.div_rn(k, merged)
-        chunk_m2 += tl.sum(d * d, axis=1) + delta * delta * tl.div_rn(total * k, merged)
-        total = merged
-    return chunk_mean, chunk_m2
-
-
-@triton.jit
 def _gn_stats_kernel(
     x_ptr, pmean_ptr, pm2_ptr,
     C, T, S, n_sb, n_tiles, tiles_per_chunk, n_chunks,
     sxn, sxc, sxt, sxs,
     EVEN_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
-    PER_TILE: tl.constexpr, CB_FIRST: tl.constexpr,
+    CB_FIRST: tl.constexpr,
 ):
     _let_next_launch(PDL)
     n, chunk, cc, cmask = _chunk_program(C, n_chunks, BLOCK_C, CB_FIRST)
@@ -385,12 +353,8 @@ def _gn_stats_kernel(
     last = tl.minimum(first + tiles_per_chunk, n_tiles)
     x_n = x_ptr + n.to(tl.int64) * sxn
     ar = tl.arange(0, BLOCK_S)
-    if PER_TILE:
-        mean, m2 = _per_tile_stats(x_n, first, last, cc, cmask, ar, S, n_sb, sxc, sxt, sxs,
-                                   EVEN_S, BLOCK_C, BLOCK_S, STAGES)
-    else:
-        mean, m2 = _per_lane_stats(x_n, first, last, cc, cmask, ar, S, n_sb, sxc, sxt, sxs,
-                                   EVEN_S, BLOCK_C, BLOCK_S, STAGES)
+    mean, m2 = _per_lane_stats(x_n, first, last, cc, cmask, ar, S, n_sb, sxc, sxt, sxs,
+                               EVEN_S, BLOCK_C, BLOCK_S, STAGES)
     out = (n.to(tl.int64) * C + cc) * n_chunks + chunk
     tl.store(pmean_ptr + out, mean, mask=cmask)
     tl.store(pm2_ptr + out, m2, mask=cmask)
@@ -461,15 +425,11 @@ def _gn_apply_kernel(
     x_ptr, w_ptr, b_ptr, sh_ptr, y_ptr, mean_ptr, rstd_ptr,
     C, T, S, n_sb, cpg, sw, sb_, smn, smg, srn, srg,
     sxn, sxc, sxt, sxs, syn, syc, syt, sys,
-    pmean_ptr, pm2_ptr, G, n_chunks, tiles_per_chunk, stats_n_tiles, stats_n_sb, stats_S, group_numel, eps,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, PRECISE: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, REVERSE: tl.constexpr, EVICT_FIRST: tl.constexpr,
     PDL: tl.constexpr, CB_FIRST: tl.constexpr,
-    MERGE: tl.constexpr, STATS_BLOCK_S: tl.constexpr, FINAL_BLOCK: tl.constexpr,
 ):
-    """y = (x - mean) * rstd * w + b (+ SiLU) of one tile. MERGE (one-channel tiles, APPLY_MERGES): the
-    program merges its group's statistics partials itself (the finalize kernel's work; the stats_*
-    arguments are the statistics pass's tiling) and the group's first tile stores its mean and rstd."""
+    """y = (x - mean) * rstd * w + b (+ SiLU) of one tile."""
     pid, cb, n_pid, n_cb = _grid_ids(CB_FIRST)
     policy: tl.constexpr = "evict_first" if EVICT_FIRST else ""  # x's last read and y: see APPLY_EVICT_FIRST
     if REVERSE:  # blocks start in grid order: the last tiles first
@@ -485,21 +445,10 @@ def _gn_apply_kernel(
     mask = cmask[:, None] & (ss < S)[None, :]
     x = tl.load(x_ptr + tile_offsets(n, t, cc, ss, sxn, sxt, sxc, sxs), mask=mask, other=0.0,
                 eviction_policy=policy).to(tl.float32)
-    _wait_for_previous(PDL)  # for mean and rstd (MERGE: the statistics partials)
+    _wait_for_previous(PDL)  # for mean and rstd
     g = cc // cpg
-    if MERGE:
-        gs = cb // cpg  # BLOCK_C == 1: this tile's group
-        mean_g, rstd_g = _group_mean_rstd(pmean_ptr, pm2_ptr, sh_ptr, n * G + gs, cpg, n_chunks, tiles_per_chunk,
-                                          stats_n_tiles, stats_n_sb, stats_S, group_numel, eps, HAS_SHIFT,
-                                          STATS_BLOCK_S, FINAL_BLOCK)
-        if (cb % cpg == 0) & (t == 0) & (s0 == 0):  # the group's first tile
-            tl.store(mean_ptr + n64 * smn + gs * smg, mean_g)
-            tl.store(rstd_ptr + n64 * srn + gs * srg, rstd_g)
-        mean = tl.zeros([BLOCK_C], dtype=tl.float32) + mean_g
-        a = tl.zeros([BLOCK_C], dtype=tl.float32) + rstd_g
-    else:
-        mean = tl.load(mean_ptr + n64 * smn + g * smg, mask=cmask, other=0.0)
-        a = tl.load(rstd_ptr + n64 * srn + g * srg, mask=cmask, other=0.0)
+    mean = tl.load(mean_ptr + n64 * smn + g * smg, mask=cmask, other=0.0)
+    a = tl.load(rstd_ptr + n64 * srn + g * srg, mask=cmask, other=0.0)
     # (x + shift - mean) = (x - (mean - shift))
     mu = mean - _channel_vec(sh_ptr + n64 * C, cc, cmask, 1, HAS_SHIFT, BLOCK_C)
     if HAS_W:
@@ -782,36 +731,32 @@ def gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: float, s
         x, pmean, pm2,
         c, t3, s3, n_sb3, t3 * n_sb3, per, n_chunks, *xs3,
         EVEN_S=s3 % bs3 == 0, BLOCK_C=bc3, BLOCK_S=bs3, STAGES=STATS_STAGES, PDL=pdl, num_warps=warps_for(bc3 * bs3),
-        PER_TILE=STATS_PER_TILE and xs3[1] != 1, CB_FIRST=cb_first,
+        CB_FIRST=cb_first,
     )
 
-    # 2. per-group mean and rstd (or, merging in the apply pass, nothing here); what a merge needs to
-    # know of the partials: their chunks, the statistics tiling that counts each one's elements, the
-    # group's element count and eps
-    merging = (n_chunks, per, t3 * n_sb3, n_sb3, s3, float(cpg * t * s), float(eps))
+    # 2. per-group mean and rstd; the merge needs the partials' chunks, the statistics tiling that
+    # counts each one's elements, the group's element count and eps
     final_block = min(next_pow2(cpg * n_chunks), _FINAL_BLOCK)
+    _gn_finalize_kernel[(n * num_groups,)](
+        pmean, pm2, sh, mean, rstd, num_groups, cpg, n_chunks, per, t3 * n_sb3, n_sb3, s3, float(cpg * t * s),
+        float(eps), *ms,
+        HAS_SHIFT=shift is not None, BLOCK_S=bs3, BLOCK=final_block, PDL=pdl, num_warps=warps_for(final_block),
+        **_launch_after(pdl),
+    )
+
+    # 3. y (reads x, writes y)
     t2, s2, (xs, ys) = merge_ts([strides4(x), strides4(y)], t, s)
     block_c, block_s = tile_shape(c, s2, (xs, ys), _APPLY_TILE_CHANNELS_LAST if xs[1] == 1 else _APPLY_TILE,
                                   _APPLY_CHANNELS_NCHW)
-    merge = APPLY_MERGES and block_c == 1
-    if not merge:
-        _gn_finalize_kernel[(n * num_groups,)](
-            pmean, pm2, sh, mean, rstd, num_groups, cpg, *merging, *ms,
-            HAS_SHIFT=shift is not None, BLOCK_S=bs3, BLOCK=final_block, PDL=pdl, num_warps=warps_for(final_block),
-            **_launch_after(pdl),
-        )
-
-    # 3. y (reads x, writes y)
     n_sb = cdiv(s2, block_s)
     grid, cb_first = _grid2(n * t2 * n_sb, cdiv(c, block_c), xs[1] == 1)
     _gn_apply_kernel[grid](
         x, w, b, sh, y, mean, rstd,
-        c, t2, s2, n_sb, cpg, sw, sb_, *ms, *xs, *ys, pmean, pm2, num_groups, *merging,
+        c, t2, s2, n_sb, cpg, sw, sb_, *ms, *xs, *ys,
         HAS_W=weight is not None, HAS_B=bias is not None, HAS_SHIFT=shift is not None, SILU=bool(silu),
         PRECISE=x.dtype == torch.float32,
         BLOCK_C=block_c, BLOCK_S=block_s, REVERSE=APPLY_REVERSED, EVICT_FIRST=APPLY_EVICT_FIRST, PDL=pdl,
-        CB_FIRST=cb_first, MERGE=merge, STATS_BLOCK_S=bs3, FINAL_BLOCK=final_block,
-        num_warps=warps_for(block_c * block_s), **_launch_after(pdl),
+        CB_FIRST=cb_first, num_warps=warps_for(block_c * block_s), **_launch_after(pdl),
     )
 
 

@@ -1,0 +1,115 @@
+"""Where the one-read GroupNorm forward's time goes (hbkernels/cuda/group_norm_cluster.cu): every block
+stamps the GPU's global timer when it starts, when its x is loaded with its statistics, when its
+group's statistics are known and when its y is stored. Level 0 fp16 (1, 320, T, 40, 64), NCHW and
+channels-last, for the cooperative grid and for clusters of 4, 6 and 16 blocks.
+
+Per configuration, medians over runs (inputs rotating through 3x L2, as bench.sweep's rows) of: the
+span (first start to last store), the spread of the starts (waves start late), each block's load and
+statistics, its wait for the group (loaded -> statistics known: the exchange, and the group's slowest
+block), its apply (y from shared memory), and the waves (starts grouped where a gap exceeds half the
+median block's duration). The stamps cost a few global stores per block.
+
+    python -m bench.gn_phases [--runs 20] [--frames 16 26] [--out bench/results]
+"""
+import argparse
+import datetime
+import json
+import os
+import statistics
+
+import torch
+
+from bench import common
+
+CONFIGS = [("cooperative", None, True), ("clusters of 4", 4, False), ("clusters of 6", 6, False),
+           ("clusters of 16", 16, False)]
+PHASES = ("span_us", "start_spread_us", "load_us", "wait_us", "apply_us", "waves")
+
+
+def phases(clocks: torch.Tensor) -> dict:
+    """The phase summary of one run's (rows, blocks, 4) nanosecond stamps."""
+    c = clocks.flatten(0, 1).double().cpu() / 1e3  # (blocks, 4) in us
+    start, loaded, known, stored = c.unbind(-1)
+    starts = start.sort().values
+    gap = 0.5 * (stored - start).median()
+    return dict(span_us=float(stored.max() - start.min()), start_spread_us=float(starts[-1] - starts[0]),
+                load_us=float((loaded - start).median()), wait_us=float((known - loaded).median()),
+                apply_us=float((stored - known).median()), waves=1 + int((starts.diff() > gap).sum()))
+
+
+def measure(frames: int, channels_last: bool, runs: int, dev: torch.device) -> list:
+    from hbkernels.cuda import group_norm as cluster
+    from hbkernels.ops.group_norm import video_view
+
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    x = torch.randn(1, 320, frames, 40, 64, device=dev, dtype=torch.float16).contiguous(memory_format=fmt)
+    w, b = torch.randn(320, device=dev), torch.randn(320, device=dev)
+    sets = common.input_sets((x,), common.cache_bytes(dev))
+    rows = []
+    for label, blocks, cooperative in CONFIGS:
+        xv = video_view(x)
+        y = torch.empty_like(x)
+        planned = cluster.plan_for(32, blocks, False, xv, video_view(y), cooperative=cooperative)
+        if planned is None:
+            rows.append(dict(config=label, plan=None))
+            continue
+        p, layout = planned
+        mean, rstd = torch.empty(1, 32, device=dev), torch.empty(1, 32, device=dev)
+        clocks = torch.zeros(32, p.blocks, 4, dtype=torch.int64, device=dev)
+        stream = torch.cuda.current_stream(dev).cuda_stream
+        summaries = []
+        for run in range(runs + 2):  # the first two warm up (module load, opt-in attributes)
+            (xr,) = sets[run % len(sets)]
+            cluster.launch_fwd(p, layout, dev.index, stream, video_view(xr), w, b, None, video_view(y), mean, rstd,
+                               32, 1e-5, True, clocks)
+            torch.cuda.synchronize(dev)
+            if run >= 2:
+                summaries.append(phases(clocks))
+        rows.append(dict(config=label, plan=f"{p.blocks} blocks per group, {p.smem} B each",
+                         **{k: statistics.median(s[k] for s in summaries) for k in PHASES}))
+    return rows
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# GroupNorm one-read forward phases — {report['device']}", "",
+             f"date {report['date']}, commit {report['commit']}, torch {report['torch']}, "
+             f"medians of {report['runs']} runs (us)", "",
+             "| case | config | plan | span | start spread | load | wait | apply | waves |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for case, rows in report["cases"].items():
+        for r in rows:
+            if r["plan"] is None:
+                lines.append(f"| {case} | {r['config']} | none | | | | | | |")
+                continue
+            values = " | ".join(f"{r[k]:.1f}" if k != "waves" else str(r[k]) for k in PHASES)
+            lines.append(f"| {case} | {r['config']} | {r['plan']} | {values} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench.gn_phases", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--frames", type=int, nargs="+", default=[16, 26])
+    parser.add_argument("--out", default="bench/results")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available() or torch.version.hip is not None or torch.cuda.get_device_capability()[0] < 9:
+        parser.exit(1, "bench.gn_phases needs a CUDA GPU of compute capability 9.0+ (the cluster kernels)\n")
+    dev = common.device()
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    report = dict(device=common.device_name(dev), date=date, commit=common.git_commit(), torch=torch.__version__,
+                  runs=args.runs, cases={})
+    for frames in args.frames:
+        for channels_last in (False, True):
+            case = f"vc2 L0 B1 T{frames}" + (" CL" if channels_last else "")
+            report["cases"][case] = measure(frames, channels_last, args.runs, dev)
+    base = os.path.join(args.out, f"gn_phases-{common.slug(report['device'])}")
+    os.makedirs(args.out, exist_ok=True)
+    common.atomic_write(base + ".json", json.dumps(report, indent=1))
+    common.atomic_write(base + ".md", markdown(report))
+    print(markdown(report))
+    print(f"wrote {base}.json, {base}.md")
+
+
+if __name__ == "__main__":
+    main()
