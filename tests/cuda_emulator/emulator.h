@@ -3,11 +3,12 @@
 // first on the include path: these headers stand in for cuda_runtime.h, cuda_fp16.h, cuda_bf16.h,
 // cuda_pipeline.h (cp.async) and cooperative_groups.h.
 //
-// Model: each block of a cluster runs on its own OS thread, and each of the block's CUDA threads is a
-// fiber (ucontext) on it. `__shared__` becomes `thread_local`, which makes shared memory per block and
-// lets the blocks of one cluster address each other's (map_shared_rank offsets an address from one
-// thread's TLS block into another's). Fibers switch only at __syncthreads, shuffles and cluster
-// barriers. The scheduler runs the fibers in a shuffled order, holds back a random quarter of them each
+// Model: each block of a cluster (or of a cooperative launch: the whole grid, one block per SM) runs on
+// its own OS thread, and each of the block's CUDA threads is a fiber (ucontext) on it. `__shared__`
+// becomes `thread_local`, which makes shared memory per block and lets the blocks of one cluster
+// address each other's (map_shared_rank offsets an address from one thread's TLS block into
+// another's). Fibers switch only at __syncthreads, shuffles, cluster and grid barriers and cp.async
+// waits. The scheduler runs the fibers in a shuffled order, holds back a random quarter of them each
 // round, and runs a random eighth of them ("slow") one at a time and only when no other can run, so
 // those fall as far behind the rest as the barriers allow: a missing __syncthreads (a read before the
 // write it needs, or a write over data another thread has yet to read) gives wrong results, different
