@@ -312,7 +312,7 @@ gn_cluster_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const void* __
   if (stamps != nullptr && tid == 0) stamps[1] = now_ns();
   if (tid < 32) {
     st = warp_merge(tid < kThreads / 32 ? warp_stats[tid] : Stats{0.f, 0.f, 0.f});
-    if (tid == 0) block_stats = st;
+    if (tid == 0 && !kCooperative) block_stats = st;
   }
   const int blocks = static_cast<int>(gridDim.x);
   if constexpr (kCooperative) {
