@@ -37,16 +37,18 @@ def phases(clocks: torch.Tensor) -> dict:
                 apply_us=float((stored - known).median()), waves=1 + int((starts.diff() > gap).sum()))
 
 
-def measure(frames: int, channels_last: bool, runs: int, dev: torch.device) -> list:
+def measure(shape: tuple, channels_last: bool, runs: int, dev: torch.device) -> list:
+    """Each configuration's phases for an fp16 (N, C, T, H, W) x in 32 groups (a CPU device: the tests'
+    emulated kernels)."""
     from hbkernels.cuda import group_norm as cluster
     from hbkernels.ops.group_norm import video_view
 
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
-    x = torch.randn(1, 320, frames, 40, 64, device=dev, dtype=torch.float16).contiguous(memory_format=fmt)
-    w, b = torch.randn(320, device=dev), torch.randn(320, device=dev)
+    x = torch.randn(shape, device=dev, dtype=torch.float16).contiguous(memory_format=fmt)
+    w, b = torch.randn(shape[1], device=dev), torch.randn(shape[1], device=dev)
     y = torch.empty_like(x)
     sets = common.input_sets((x,), common.cache_bytes(dev))
-    stream = torch.cuda.current_stream(dev).cuda_stream
+    stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
     rows = []
     for label, blocks, cooperative in CONFIGS:
         planned = cluster.plan_for(32, blocks, False, video_view(x), video_view(y), cooperative=cooperative)
@@ -54,14 +56,15 @@ def measure(frames: int, channels_last: bool, runs: int, dev: torch.device) -> l
             rows.append(dict(config=label, plan=None))
             continue
         p, layout = planned
-        mean, rstd = torch.empty(1, 32, device=dev), torch.empty(1, 32, device=dev)
-        clocks = torch.zeros(32, p.blocks, 4, dtype=torch.int64, device=dev)
+        mean, rstd = torch.empty(shape[0], 32, device=dev), torch.empty(shape[0], 32, device=dev)
+        clocks = torch.zeros(shape[0] * 32, p.blocks, 4, dtype=torch.int64, device=dev)
         summaries = []
         for run in range(runs + 2):  # the first two warm up (module load, opt-in attributes)
             (xr,) = sets[run % len(sets)]
-            cluster.launch_fwd(p, layout, dev.index, stream, video_view(xr), w, b, None, video_view(y), mean, rstd,
-                               32, 1e-5, True, clocks)
-            torch.cuda.synchronize(dev)
+            cluster.launch_fwd(p, layout, dev.index or 0, stream, video_view(xr), w, b, None, video_view(y), mean,
+                               rstd, 32, 1e-5, True, clocks)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
             if run >= 2:
                 summaries.append(phases(clocks))
         rows.append(dict(config=label, plan=f"{p.blocks} blocks per group, {p.smem} B each",
@@ -101,7 +104,7 @@ def main(argv=None):
     for frames in args.frames:
         for channels_last in (False, True):
             case = f"vc2 L0 B1 T{frames}" + (" CL" if channels_last else "")
-            report["cases"][case] = measure(frames, channels_last, args.runs, dev)
+            report["cases"][case] = measure((1, 320, frames, 40, 64), channels_last, args.runs, dev)
     base = os.path.join(args.out, f"gn_phases-{common.slug(report['device'])}")
     os.makedirs(args.out, exist_ok=True)
     common.atomic_write(base + ".json", json.dumps(report, indent=1))

@@ -721,3 +721,23 @@ def test_cluster_kernels_under_compute_sanitizer(tool, clean):
     proc = subprocess.run([sanitizer(), "--tool", tool, sys.executable, "-c", SANITIZED], capture_output=True,
                           text=True, timeout=300)
     assert "ran" in proc.stdout and clean in proc.stdout, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
+def test_gn_phases_bench_runs_on_the_emulated_kernels(emulated, monkeypatch):
+    """bench/gn_phases.py end to end on the emulator (a lent GPU's minutes go to timing, not to the
+    bench's own bugs): each configuration plans, launches with the phase record and summarises it
+    (channels-last x: the layout the bench and the kernels handle the same way)."""
+    from bench import gn_phases
+
+    monkeypatch.setattr(cluster, "_library", lambda: emulated)
+
+    def plan_for(groups, blocks, backward, x, *others, cooperative=False):
+        name = cluster.layout(groups, x, *others)
+        return emulated_plan(emulated, tuple(x.shape), groups, 2, name, blocks, backward, cooperative), name
+
+    monkeypatch.setattr(cluster, "plan_for", plan_for)
+    rows = gn_phases.measure((1, 64, 2, 8, 16), True, 1, torch.device("cpu"))
+    assert [r["config"] for r in rows] == [label for label, _, _ in gn_phases.CONFIGS]
+    for r in rows:
+        assert r["plan"] and r["span_us"] > 0 and r["waves"] >= 1
+        assert all(r[k] >= 0 for k in gn_phases.PHASES)

@@ -193,7 +193,7 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 // kCooperative: the blocks of a (sample, group) exchange their states through `partials` in global
 // memory ((N * G, blocks) states) across a grid barrier, the whole grid resident at once (a cooperative
 // launch), instead of through a cluster's distributed shared memory: no cluster shape to fit into the
-// GPCs (an H100 holds 30 four-block clusters of 200 KiB blocks, so level 0's 32 groups at T16 take two
+// GPCs (an H200 holds 30 four-block clusters of 200 KiB blocks, so level 0's 32 groups at T16 take two
 // waves; cooperatively its 128 blocks take one).
 template <typename T, bool kSilu, bool kChannelsLast, bool kCooperative>
 __global__ void __launch_bounds__(kThreads, 1)
