@@ -238,9 +238,7 @@ gn_cluster_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const void* __
   // the thread's state. A thread reads only the units it copied, so no barrier is needed before the
   // statistics. Instantiated per (whole batch or the ragged last one) x (shift or not): the hot loop
   // carries neither per-unit bounds checks nor a channel walk it does not need.
-  float* shift_c = coef + 2 * cpg;  // the group's shift per channel, staged once
-  for (int c = tid; c < cpg; c += kThreads) shift_c[c] = shift_n != nullptr ? shift_n[c] : 0.f;
-  __syncthreads();
+  float* shift_c = coef + 2 * cpg;  // the group's shift per channel (staged below)
   const typename L::Walk stride = layout.step(kThreads * kU);
   typename L::Walk copying = layout.start((u0 + tid) * kU), walk = copying;
   constexpr int kBatch = kThreads * kUnroll;
@@ -296,6 +294,15 @@ gn_cluster_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const void* __
   using No = std::false_type;
 #pragma unroll
   for (int d = 0; d < kDepth; ++d) issue(d * kBatch);
+  // While the first copies fly: the group's weight, bias and shift per channel into shared memory, so
+  // that nothing after the exchange waits on a global load (each thread stages, and later finishes, its
+  // own channels c = tid, tid + kThreads, ...)
+  for (int c = tid; c < cpg; c += kThreads) {
+    coef[c] = param<T>(weight, params_fp32 & 1, c0 + c, 1.f);
+    coef[cpg + c] = param<T>(bias, params_fp32 & 2, c0 + c, 0.f);
+    shift_c[c] = shift_n != nullptr ? shift_n[c] : 0.f;
+  }
+  __syncthreads();  // the statistics read every channel's shift
   for (int base = 0; base < nu; base += kBatch) {
     __pipeline_wait_prior(kDepth - 1);  // this batch landed (the kDepth - 1 after it may not have)
     if (base + kBatch <= nu) shift_n != nullptr ? batch(base, Yes{}, Yes{}) : batch(base, Yes{}, No{});
@@ -321,32 +328,34 @@ gn_cluster_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const void* __
   } else {
     cg::this_cluster().sync();  // every block's block_stats written and visible cluster-wide
   }
-  if (tid == 0) {
-    Stats total{0.f, 0.f, 0.f};
-    for (int r = 0; r < blocks; ++r) {
-      if constexpr (kCooperative) total = merge(total, partials[static_cast<long long>(blockIdx.y) * blocks + r]);
-      else total = merge(total, *cg::this_cluster().map_shared_rank(&block_stats, r));
+  if (tid < 32) {  // lane r reads block r's state (one round trip, not one per block), then a warp merge
+    Stats mine{0.f, 0.f, 0.f};
+    for (int r = tid; r < blocks; r += 32) {
+      if constexpr (kCooperative) mine = merge(mine, partials[static_cast<long long>(blockIdx.y) * blocks + r]);
+      else mine = merge(mine, *cg::this_cluster().map_shared_rank(&block_stats, r));
     }
-    group_mean = total.mean;
-    group_rstd = rsqrtf(total.m2 / total.n + eps);
-    if (stamps != nullptr) stamps[2] = now_ns();
-    if (blockIdx.x == 0) {
-      mean_out[n * mean_stride_n + g * mean_stride_g] = group_mean;
-      rstd_out[n * rstd_stride_n + g * rstd_stride_g] = group_rstd;
+    const Stats total = warp_merge(mine);
+    if (tid == 0) {
+      group_mean = total.mean;
+      group_rstd = rsqrtf(total.m2 / total.n + eps);
+      if (stamps != nullptr) stamps[2] = now_ns();
+      if (blockIdx.x == 0) {
+        mean_out[n * mean_stride_n + g * mean_stride_g] = group_mean;
+        rstd_out[n * rstd_stride_n + g * rstd_stride_g] = group_rstd;
+      }
     }
   }
   // Cluster: done reading the other blocks' shared memory; each block waits for this before it exits
-  // (below), so no block leaves while another may still read its block_stats. Relaxed (no fence):
-  // thread 0 used the values it read before arriving, so its reads are complete.
+  // (below), so no block leaves while another may still read its block_stats. Relaxed (no fence): the
+  // lanes that read merged the values before arriving, so their reads are complete.
   if constexpr (!kCooperative) __cluster_barrier_arrive_relaxed();
   __syncthreads();
 
-  // 3. per-channel y = x * a + b: a = rstd * w, b = bias + (shift - mean) * a
+  // 3. per-channel y = x * a + b: a = rstd * w, b = bias + (shift - mean) * a (w and bias as staged)
   for (int c = tid; c < cpg; c += kThreads) {
-    const float a = group_rstd * param<T>(weight, params_fp32 & 1, c0 + c, 1.f);
-    const float sh = shift_n != nullptr ? shift_n[c] : 0.f;
+    const float a = group_rstd * coef[c];
     coef[c] = a;
-    coef[cpg + c] = param<T>(bias, params_fp32 & 2, c0 + c, 0.f) + (sh - group_mean) * a;
+    coef[cpg + c] += (shift_c[c] - group_mean) * a;
   }
   __syncthreads();
 
