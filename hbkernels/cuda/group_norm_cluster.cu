@@ -416,6 +416,17 @@ gn_cluster_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, T* __re
   float* sums = b + cpg;  // [2 * cpg]: S1 then S2 of this block's units
   float* totals = sums + 2 * cpg;
   float* warp_sums = totals + 2 * cpg;  // channels-last: [warps][cpg / kU columns][2 * kU]
+  // 1. dy and x -> shared memory, every unit's copy in flight at once (cp.async); the per-channel
+  // values are staged while they fly; then wait for all: the sums below read units other threads copied
+  const T* x_group = x + n * x_sample_stride + layout.group_start(c0);
+  const T* dy_group = dy + n * dy_sample_stride + layout.group_start(c0);
+  const typename L::Walk stride = layout.step(kThreads * kU);
+  typename L::Walk walk = layout.start((u0 + tid) * kU);
+  for (int i = tid; i < nu; i += kThreads, layout.advance(walk, stride)) {
+    __pipeline_memcpy_async(xs + i, x_group + walk.off, sizeof(Unit));
+    __pipeline_memcpy_async(dys + i, dy_group + walk.off, sizeof(Unit));
+  }
+  __pipeline_commit();
   const float r = rstd[n * rstd_stride_n + g * rstd_stride_g];
   const float m = mean[n * mean_stride_n + g * mean_stride_g];
   for (int c = tid; c < cpg; c += kThreads) {
@@ -427,18 +438,6 @@ gn_cluster_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, T* __re
   if constexpr (kChannelsLast) {
     for (int k = tid; k < 32 * cpg; k += kThreads) warp_sums[k] = 0.f;  // (warp, column) slots no lane fills
   }
-
-  // 1. dy and x -> shared memory, every unit's copy in flight at once (cp.async), then wait for all:
-  // the sums below read units other threads copied
-  const T* x_group = x + n * x_sample_stride + layout.group_start(c0);
-  const T* dy_group = dy + n * dy_sample_stride + layout.group_start(c0);
-  const typename L::Walk stride = layout.step(kThreads * kU);
-  typename L::Walk walk = layout.start((u0 + tid) * kU);
-  for (int i = tid; i < nu; i += kThreads, layout.advance(walk, stride)) {
-    __pipeline_memcpy_async(xs + i, x_group + walk.off, sizeof(Unit));
-    __pipeline_memcpy_async(dys + i, dy_group + walk.off, sizeof(Unit));
-  }
-  __pipeline_commit();
   __pipeline_wait_prior(0);
   __syncthreads();
 
