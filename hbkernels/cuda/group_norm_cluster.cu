@@ -235,8 +235,8 @@ gn_cluster_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const void* __
   // kDepth batches of a thread's units are in flight at once, where loads through registers allowed
   // one), then (count, mean, M2) of x + shift per thread from shared memory, batch by batch as they
   // land: each batch's own mean and M2 (exact two-pass over its elements in registers), Chan-merged into
-  // the thread's state. A thread reads only the units it copied, so no barrier is needed before the
-  // statistics. Instantiated per (whole batch or the ragged last one) x (shift or not): the hot loop
+  // the thread's state. A thread reads only the units it copied (the one barrier before the statistics
+  // is for the staged shift). Instantiated per (whole batch or the ragged last one) x (shift or not): the hot loop
   // carries neither per-unit bounds checks nor a channel walk it does not need.
   float* shift_c = coef + 2 * cpg;  // the group's shift per channel (staged below)
   const typename L::Walk stride = layout.step(kThreads * kU);
