@@ -128,7 +128,7 @@ def test_cooperative_plan_takes_one_wave():
     so no plan (the Triton passes run). Level 2 (1280 channels, 10 x 16 positions) spreads each group
     over 4 blocks rather than leave SMs idle."""
     def blocks_resident(r, smem):
-        return 132 // r
+        return 132
 
     def cooperative(t, c=320, blocks=None):
         return level_plan(t, c, blocks=blocks, resident=blocks_resident, cooperative=True)
@@ -301,9 +301,9 @@ def emulated_plan(lib, shape, groups, element_size, layout_name, blocks, backwar
 
     def resident(r, smem):
         count = ctypes.c_int()
-        if cooperative:  # groups of r blocks
+        if cooperative:  # blocks, whatever r
             assert lib.hb_gn_cooperative_capacity(0, smem, ctypes.byref(count)) == 0
-            return count.value // r
+            return count.value
         assert lib.hb_gn_cluster_capacity(0, r, smem, ctypes.byref(count)) == 0
         return count.value
 

@@ -93,8 +93,8 @@ def plan(clusters: int, group_numel: int, cpg: int, element_size: int, smem_limi
     block (the backward's dy and x: 2); ``coefficients``: fp32 values kept per channel; ``unit_bytes``:
     bytes per unit (:data:`UNIT_BYTES`); ``align``: units per block a multiple of this (the
     channels-last backward's blocks start on a position); ``cooperative``: the forward as one
-    cooperative grid, which must be resident at once (one wave): ``resident`` then counts groups of
-    ``blocks`` blocks, not clusters."""
+    cooperative grid, which must be resident at once (one wave): ``resident(blocks, smem)`` then counts
+    blocks the device holds, of which each group takes ``blocks``."""
     units = group_numel * element_size // unit_bytes
     coef_bytes = coefficients * cpg * 4
     best, best_cost = None, None
@@ -103,7 +103,7 @@ def plan(clusters: int, group_numel: int, cpg: int, element_size: int, smem_limi
         smem = tensors * per_block * unit_bytes + coef_bytes
         if r > MAX_CLUSTER or smem > smem_limit:
             continue
-        k = resident(r, smem)
+        k = resident(r, smem) // r if cooperative else resident(r, smem)  # groups (clusters) at once
         if k <= 0 or (cooperative and k < clusters):
             continue
         full, rest = divmod(clusters, k)
@@ -192,8 +192,8 @@ def device_plan(device_index: int, clusters: int, group_numel: int, cpg: int, el
         return None
     sms = torch.cuda.get_device_properties(device_index).multi_processor_count
     if cooperative:
-        def held(r, smem):  # groups of r blocks resident at once
-            return resident_blocks(device_index, smem) // r
+        def held(r, smem):
+            return resident_blocks(device_index, smem)
     else:
         held = functools.partial(resident, device_index)
     return plan(clusters, group_numel, cpg, element_size, limit, sms, held, blocks,
