@@ -1,13 +1,15 @@
 """Where the one-read GroupNorm forward's time goes (hbkernels/cuda/group_norm_cluster.cu): every block
 stamps the GPU's global timer when it starts, when its x is loaded with its statistics, when its
-group's statistics are known and when its y is stored. Level 0 fp16 (1, 320, T, 40, 64), NCHW and
-channels-last, for the cooperative grid and for clusters of 4, 6 and 16 blocks.
+group's statistics are known and when its y is stored (a block holding slices of several groups, one
+stage after another: per group, its stage's start first). Level 0 fp16 (1, 320, T, 40, 64), NCHW and
+channels-last, for the cooperative grid in 1, 2 and 4 stages and for clusters of 4, 6 and 16 blocks.
 
 Per configuration, medians over runs (inputs rotating through 3x L2, as bench.sweep's rows) of: the
 span (first start to last store), the spread of the starts (waves start late), each block's load and
 statistics, its wait for the group (loaded -> statistics known: the exchange, and the group's slowest
 block), its apply (y from shared memory), and the waves (starts grouped where a gap exceeds half the
-median block's duration). The stamps cost a few global stores per block.
+median block's duration; spread and waves from the first stage's starts). The stamps cost a few global
+stores per block.
 
     python -m bench.gn_phases [--runs 20] [--frames 16 26] [--out bench/results]
 """
@@ -21,16 +23,20 @@ import torch
 
 from bench import common
 
-CONFIGS = [("cooperative", None, True), ("clusters of 4", 4, False), ("clusters of 6", 6, False),
-           ("clusters of 16", 16, False)]
+# (label, blocks per group (None: the plan's), cooperative, stages)
+CONFIGS = [("cooperative", None, True, 1), ("cooperative, 2 stages", None, True, 2),
+           ("cooperative, 4 stages", None, True, 4), ("clusters of 4", 4, False, 1), ("clusters of 6", 6, False, 1),
+           ("clusters of 16", 16, False, 1)]
 PHASES = ("span_us", "start_spread_us", "load_us", "wait_us", "apply_us", "waves")
 
 
-def phases(clocks: torch.Tensor) -> dict:
-    """The phase summary of one run's (rows, blocks, 4) nanosecond stamps."""
-    c = clocks.flatten(0, 1).double().cpu() / 1e3  # (blocks, 4) in us
+def phases(clocks: torch.Tensor, stages: int = 1) -> dict:
+    """The phase summary of one run's (groups, blocks, 4) nanosecond stamps; with ``stages``, the first
+    ceil(groups / stages) groups are the grid's first stage."""
+    c = clocks.flatten(0, 1).double().cpu() / 1e3  # (groups * blocks, 4) in us
     start, loaded, known, stored = c.unbind(-1)
-    starts = start.sort().values
+    first = -(-clocks.shape[0] // stages) * clocks.shape[1]  # stamps of the first stage's groups
+    starts = start[:first].sort().values
     gap = 0.5 * (stored - start).median()
     return dict(span_us=float(stored.max() - start.min()), start_spread_us=float(starts[-1] - starts[0]),
                 load_us=float((loaded - start).median()), wait_us=float((known - loaded).median()),
@@ -50,8 +56,9 @@ def measure(shape: tuple, channels_last: bool, runs: int, dev: torch.device) -> 
     sets = common.input_sets((x,), common.cache_bytes(dev))
     stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
     rows = []
-    for label, blocks, cooperative in CONFIGS:
-        planned = cluster.plan_for(32, blocks, False, video_view(x), video_view(y), cooperative=cooperative)
+    for label, blocks, cooperative, stages in CONFIGS:
+        planned = cluster.plan_for(32, blocks, False, video_view(x), video_view(y), cooperative=cooperative,
+                                   stages=stages)
         if planned is None:
             rows.append(dict(config=label, plan=None))
             continue
@@ -66,7 +73,7 @@ def measure(shape: tuple, channels_last: bool, runs: int, dev: torch.device) -> 
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             if run >= 2:
-                summaries.append(phases(clocks))
+                summaries.append(phases(clocks, p.stages))
         rows.append(dict(config=label, plan=f"{p.blocks} blocks per group, {p.smem} B each",
                          **{k: statistics.median(s[k] for s in summaries) for k in PHASES}))
     return rows

@@ -54,6 +54,7 @@ GN_NCHW_CHANNEL_PAIRS = [(s, a) for s in (1, 2, 16) for a in (1, 2, 16)]
 # choice of blocks per cluster (None), then forced: level 0 fp16 needs at least 4 at T16, 6 at T26 (a
 # forced count that cannot hold a group leaves the Triton passes to run: the row's "cluster" says)
 GN_CLUSTER_BLOCKS = (None, 4, 6, 8, 12, 16)
+GN_COOPERATIVE_STAGES = (1, 2, 4)  # groups per block of the cooperative forward (level 0 T16: 4, 8, 16 blocks each)
 GN_CLUSTER_BACKWARD_BLOCKS = (None, 8, 12, 16)  # dy and x held: level 0 fp16 needs 8 at T16, 12 at T26
 GN_ONE_PASS_TILES = (8192,)  # besides the default; level 0 T16: 50 programs per group instead of 100
 # (label, tokens N, frames T, heads, head dim): VideoCrafter2 / Hummingbird level 0 at 320x512, batch 1
@@ -73,7 +74,8 @@ def _gn_forward_settings():
         [dict(_APPLY_CHANNELS_NCHW=c) for c in GN_NCHW_CHANNELS] + \
         [dict(_STATS_CHANNELS_NCHW=s, _APPLY_CHANNELS_NCHW=a) for s, a in GN_NCHW_CHANNEL_PAIRS] + \
         [dict(CLUSTER_FORWARD=True, CLUSTER_BLOCKS=b) for b in GN_CLUSTER_BLOCKS] + \
-        [dict(CLUSTER_FORWARD=True, CLUSTER_COOPERATIVE=True, CLUSTER_BLOCKS=None)]  # one grid: its plan's blocks
+        [dict(CLUSTER_FORWARD=True, CLUSTER_COOPERATIVE=True, CLUSTER_BLOCKS=None, CLUSTER_STAGES=s)
+         for s in GN_COOPERATIVE_STAGES]  # one grid: its plan's blocks
 
 
 def _gn_backward_settings():
@@ -164,7 +166,8 @@ def sweep_group_norm(report, dev, min_time, only=None):
             impl, extra = _knobs_label(gn, knobs), {}
             profile = _is_default(gn, knobs) and "STATS_STAGES" in knobs  # the grid's default point
             if knobs.get("CLUSTER_FORWARD"):
-                extra["cluster"] = _cluster_plan(x, knobs["CLUSTER_BLOCKS"], knobs.get("CLUSTER_COOPERATIVE"))
+                extra["cluster"] = _cluster_plan(x, knobs["CLUSTER_BLOCKS"], knobs.get("CLUSTER_COOPERATIVE"),
+                                                 stages=knobs.get("CLUSTER_STAGES", 1))
             with mock.patch.multiple(gn, **knobs):
                 if profile:  # over the timing's rotated inputs: x alone would stay in L2 between calls
                     sets = common.input_sets((x,), common.cache_bytes(dev))
@@ -189,19 +192,19 @@ def sweep_group_norm(report, dev, min_time, only=None):
             _add(report, "group_norm_silu_backward", label, impl, seconds, 3 * x.numel() * 2, **extra)
 
 
-def _cluster_plan(x, blocks, cooperative=False, backward=False):
+def _cluster_plan(x, blocks, cooperative=False, backward=False, stages=1):
     """What the cluster forward (backward) runs for x (32 groups) with ``blocks`` per cluster (None: its
-    choice), or as one ``cooperative`` grid."""
+    choice), or as one ``cooperative`` grid in ``stages``."""
     from hbkernels.cuda import group_norm as cluster
     from hbkernels.ops.group_norm import video_view
 
     xv = video_view(x)
-    planned = cluster.plan_for(32, blocks, backward, xv, xv, cooperative=bool(cooperative))
+    planned = cluster.plan_for(32, blocks, backward, xv, xv, cooperative=bool(cooperative), stages=stages)
     if planned is None:
         return "none: the Triton passes ran"
     p, layout = planned
     if cooperative:
-        return f"{layout}, cooperative, {p.blocks} blocks per group of {p.smem} B, " \
+        return f"{layout}, cooperative, {p.stages} stage(s), {p.blocks} blocks per group, {p.smem} B per block, " \
             f"{cluster.resident_blocks(x.device.index, p.smem)} blocks resident"
     return f"{layout}, {p.blocks} blocks of {p.smem} B, {cluster.resident(x.device.index, p.blocks, p.smem)} " \
         "clusters resident"

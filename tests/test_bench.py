@@ -373,8 +373,9 @@ def test_sweep_group_norm_runs(monkeypatch, only):
     from hbkernels.cuda import group_norm as cluster
 
     monkeypatch.setattr(cluster, "device_plan",
-                        lambda index, clusters, numel, cpg, size, blocks, backward, layout, cooperative:
-                        None if blocks == 6 else cluster.Plan(blocks or (8 if backward else 4), 32, 528, cooperative))
+                        lambda index, clusters, numel, cpg, size, blocks, backward, layout, cooperative, stages:
+                        None if blocks == 6 else
+                        cluster.Plan(blocks or (8 if backward else 4 * stages), 32, 528, cooperative, stages))
     monkeypatch.setattr(cluster, "resident", lambda index, blocks, smem: 132 // blocks)
     monkeypatch.setattr(cluster, "resident_blocks", lambda index, smem: 132)
     report = common.Report(device="cpu")
@@ -388,8 +389,9 @@ def test_sweep_group_norm_runs(monkeypatch, only):
     assert plans == ({} if only else {  # both layouts: the forward's cluster kernel takes channels-last x too
         **{(case, f"cluster_forward=True cluster_blocks={b}"): f"{layout}, {plan}" if plan else
            "none: the Triton passes ran" for case, layout in cases for b, plan in forward.items()},
-        **{(case, "cluster_forward=True cluster_cooperative=True cluster_blocks=None"):
-           f"{layout}, cooperative, 4 blocks per group of 528 B, 132 blocks resident" for case, layout in cases}})
+        **{(case, f"cluster_forward=True cluster_cooperative=True cluster_blocks=None cluster_stages={k}"):
+           f"{layout}, cooperative, {k} stage(s), {4 * k} blocks per group, 528 B per block, 132 blocks resident"
+           for case, layout in cases for k in sweep.GN_COOPERATIVE_STAGES}})
     labels = {r.impl for r in rows}
     assert len(report.rows) == len(timed) and "eager" in labels
     assert sum(r.impl.endswith("(default)") for r in rows) == 2  # one default point per shape, profiled
@@ -433,6 +435,8 @@ def test_gn_phases_summarises_the_stamps():
     lines = gn_phases.markdown(report).splitlines()
     assert "| case | cooperative | 4 blocks per group, 1 B each | 20.0 | 10.5 | 4.0 | 1.0 | 4.0 | 2 |" in lines
     assert "| case | clusters of 6 | none | | | | | | |" in lines
+    # in 2 stages the second group row is the blocks' second stage: its starts are neither spread nor waves
+    assert gn_phases.phases(clocks, stages=2) == dict(got, start_spread_us=0.5, waves=1)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where no GPU is")

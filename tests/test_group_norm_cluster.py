@@ -45,11 +45,11 @@ def h100_resident(blocks, smem):
     return 132 // blocks
 
 
-def level_plan(t, c=320, n=1, dtype_size=2, blocks=None, resident=h100_resident, cooperative=False):
+def level_plan(t, c=320, n=1, dtype_size=2, blocks=None, resident=h100_resident, cooperative=False, stages=1):
     """plan() for VideoCrafter2's level with C channels at 320x512 (level 0: 40 x 64 positions)."""
     hw = {320: 2560, 640: 640, 1280: 160}[c]
     return cluster.plan(n * 32, c // 32 * t * hw, c // 32, dtype_size, H100_LIMIT, 132, resident, blocks,
-                        cooperative=cooperative)
+                        cooperative=cooperative, stages=stages)
 
 
 @pytest.mark.parametrize("t,c,n,blocks", [(16, 320, 1, 4), (26, 320, 1, 8), (16, 1280, 1, 4), (16, 640, 2, 2)])
@@ -139,6 +139,20 @@ def test_cooperative_plan_takes_one_wave():
     assert cooperative(16, c=1280).blocks == 4
     assert cooperative(16, blocks=5) is None  # 160 blocks
     assert not level_plan(16).cooperative
+
+
+@pytest.mark.parametrize("stages,blocks", [(2, 8), (4, 16), (3, 12)])
+def test_cooperative_stages_split_each_block_between_groups(stages, blocks):
+    """In stages, each of level 0's 128-132 blocks holds slices of ``stages`` groups in the same 200 KiB,
+    so a group spreads over ``stages`` times the blocks (3 stages: 11 rows of 12 blocks, the last row's
+    third stage empty); T26 fits in no number of stages; stages need the cooperative grid."""
+    p = level_plan(16, resident=lambda r, smem: 132, cooperative=True, stages=stages)
+    assert (p.blocks, p.stages) == (blocks, stages)
+    assert p.smem <= H100_LIMIT and p.blocks * -(-32 // stages) <= 132
+    assert p.smem == stages * (p.units_per_block * 16 + 3 * 10 * 4)
+    assert level_plan(26, resident=lambda r, smem: 132, cooperative=True, stages=stages) is None
+    with pytest.raises(ValueError, match="stages: 1, or more with a cooperative grid; got 2"):
+        level_plan(16, stages=2)
 
 
 def test_channels_last_plan_counts_4_byte_units():
@@ -292,7 +306,7 @@ def emulated(tmp_path_factory):
     return cluster.declare(cuda_emulator.build(build.HERE / cluster.SOURCE, tmp_path_factory.mktemp("emulated")))
 
 
-def emulated_plan(lib, shape, groups, element_size, layout_name, blocks, backward, cooperative=False):
+def emulated_plan(lib, shape, groups, element_size, layout_name, blocks, backward, cooperative=False, stages=1):
     """plan() on the emulated device (an H100's 132 SMs and shared memory), asked through the library's
     own device queries."""
     n, c, t, s = shape
@@ -309,7 +323,8 @@ def emulated_plan(lib, shape, groups, element_size, layout_name, blocks, backwar
 
     cpg = c // groups
     return cluster.plan(n * groups, cpg * t * s, cpg, element_size, limit.value, 132, resident, blocks,
-                        cooperative=cooperative, **cluster.holdings(backward, layout_name, cpg, element_size))
+                        cooperative=cooperative, stages=stages,
+                        **cluster.holdings(backward, layout_name, cpg, element_size))
 
 
 PAD = 64  # NaN elements either side of every output, which the kernels must leave alone
@@ -368,6 +383,17 @@ def test_emulated_cooperative_forward_against_float64(emulated, monkeypatch, dty
                    cooperative=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", [0, 1, 3, 4])
+@pytest.mark.parametrize("stages", [2, 3])
+@pytest.mark.parametrize("layout_name", ["nchw", "channels_last"])
+def test_emulated_cooperative_stages_against_float64(emulated, monkeypatch, dtype, case, stages, layout_name):
+    """The cooperative forward with each block holding slices of 2 or 3 groups (8, 3, 2 and 2 groups
+    here: rows whose last stages hold nothing, and blocks holding whole and ragged batches per stage), as
+    above."""
+    check_emulated(emulated, monkeypatch, dtype, *EMULATED_CASES[case], layout_name, cooperative=True, stages=stages)
+
+
 @pytest.mark.parametrize("layout_name", ["nchw", "channels_last"])
 def test_emulated_kernels_at_level_0(emulated, monkeypatch, layout_name):
     """VideoCrafter2's level 0 at T16 in fp16, the shape the kernels are for, with the plans an H100
@@ -377,9 +403,10 @@ def test_emulated_kernels_at_level_0(emulated, monkeypatch, layout_name):
     for backward, blocks in ((False, 4), (True, 8)):
         assert emulated_plan(emulated, shape, 32, 2, layout_name, None, backward).blocks == blocks
     assert emulated_plan(emulated, shape, 32, 2, layout_name, None, False, cooperative=True).blocks == 4
-    for cooperative in (False, True):
+    assert emulated_plan(emulated, shape, 32, 2, layout_name, None, False, cooperative=True, stages=2).blocks == 8
+    for cooperative, stages in ((False, 1), (True, 1), (True, 2)):
         check_emulated(emulated, monkeypatch, torch.float16, shape, 32, None, "silu", False, "fp32", layout_name,
-                       cooperative)
+                       cooperative, stages)
 
 
 @pytest.mark.parametrize("layout_name", ["nchw", "channels_last"])
@@ -392,7 +419,8 @@ def test_emulated_kernels_do_not_depend_on_the_schedule(emulated, monkeypatch, l
     x, dy = (torch.randn(shape, dtype=torch.float16).contiguous(memory_format=fmt) + 3 for _ in range(2))
     w, b, shift = torch.randn(32), torch.randn(32), torch.randn(2, 32)
     forward, backward = (emulated_plan(emulated, shape, groups, 2, layout_name, 5, b) for b in (False, True))
-    cooperative = emulated_plan(emulated, shape, groups, 2, layout_name, 5, False, cooperative=True)
+    cooperative = [emulated_plan(emulated, shape, groups, 2, layout_name, 5, False, cooperative=True, stages=k)
+                   for k in (1, 2, 3)]
     runs = []
     for seed in (1, 2, 3):
         monkeypatch.setenv("HBEMU_SEED", str(seed))
@@ -400,26 +428,27 @@ def test_emulated_kernels_do_not_depend_on_the_schedule(emulated, monkeypatch, l
         mean, rstd, dweight, dbias = torch.empty(2, groups), torch.empty(2, groups), torch.empty(32), torch.empty(32)
         mean2, rstd2 = torch.empty(2, groups), torch.empty(2, groups)
         cluster.launch_fwd(forward, layout_name, 0, 0, x, w, b, shift, y, mean, rstd, groups, 1e-5, True)
-        cluster.launch_fwd(cooperative, layout_name, 0, 0, x, w, b, shift, y2, mean2, rstd2, groups, 1e-5, True)
         cluster.launch_bwd(backward, layout_name, 0, 0, dy, x, w, b, shift, mean, rstd, dx, dweight, dbias, groups,
                            True)
         runs.append([y, mean, rstd, dx, dweight, dbias])
-        # the same per-block states merged in the same order, whichever way they travel
-        assert torch.equal(y2, y) and torch.equal(mean2, mean) and torch.equal(rstd2, rstd)
+        for p in cooperative:  # the same per-block states merged in the same order, whichever way they travel
+            cluster.launch_fwd(p, layout_name, 0, 0, x, w, b, shift, y2, mean2, rstd2, groups, 1e-5, True)
+            assert torch.equal(y2, y) and torch.equal(mean2, mean) and torch.equal(rstd2, rstd)
     assert all(torch.isfinite(v).all() for v in runs[0])
     for other in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
 
 
-@pytest.mark.parametrize("cooperative", [False, True])
-def test_emulated_forward_phase_record(emulated, monkeypatch, cooperative):
-    """``clocks``: every block stamps its four phases in order, the exchange after every block of its
-    group loaded (a block cannot know the group's statistics before the last partial exists), and the
-    output is the one without the record; a misshapen record is refused."""
+@pytest.mark.parametrize("cooperative,stages", [(False, 1), (True, 1), (True, 3)])
+def test_emulated_forward_phase_record(emulated, monkeypatch, cooperative, stages):
+    """``clocks``: every block stamps its four phases in order for each group it holds, the exchange after
+    every block of the group loaded (a block cannot know the group's statistics before the last partial
+    exists), a block's later stages after its earlier ones, and the output is the one without the record;
+    a misshapen record is refused."""
     monkeypatch.setattr(cluster, "_library", lambda: emulated)
     shape, groups = (2, 16, 3, 64), 4
     x = torch.randn(shape)
-    p = emulated_plan(emulated, shape, groups, 4, "nchw", 3, False, cooperative)
+    p = emulated_plan(emulated, shape, groups, 4, "nchw", 3, False, cooperative, stages)
     outputs = []
     for clocks in (None, torch.zeros(2 * groups, 3, 4, dtype=torch.int64)):
         y, mean, rstd = torch.empty_like(x), torch.empty(2, groups), torch.empty(2, groups)
@@ -428,13 +457,15 @@ def test_emulated_forward_phase_record(emulated, monkeypatch, cooperative):
     assert torch.equal(*outputs)
     assert (clocks > 0).all() and (clocks.diff(dim=-1) >= 0).all()
     assert (clocks[:, :, 2].min(dim=1).values >= clocks[:, :, 1].max(dim=1).values).all()
+    rows = -(-2 * groups // stages)  # group row + k * rows is the block's stage k
+    assert (clocks[rows:, :, 0] >= clocks[:-rows, :, 3]).all()
     with pytest.raises(ValueError, match="clocks: a contiguous int64 tensor of shape .8, 3, 4."):
         cluster.launch_fwd(p, "nchw", 0, 0, x, None, None, None, y, mean, rstd, groups, 1e-5, True,
                            torch.zeros(8, 3, 4, dtype=torch.int32))
 
 
 def check_emulated(emulated, monkeypatch, dtype, shape, groups, blocks, activation, shifted, params, layout_name,
-                   cooperative=False):
+                   cooperative=False, stages=1):
     monkeypatch.setattr(cluster, "_library", lambda: emulated)
     monkeypatch.setenv("HBEMU_SEED", str(torch.initial_seed()))  # the schedule, reproducible as the inputs are
     n, c, t, s = shape
@@ -476,8 +507,8 @@ def check_emulated(emulated, monkeypatch, dtype, shape, groups, blocks, activati
     mean, mean_buffer = guarded((n, groups, 1, 1), torch.float32)
     rstd, rstd_buffer = guarded((n, groups, 1, 1), torch.float32)
     mean, rstd = mean.view(n, groups), rstd.view(n, groups)
-    p = emulated_plan(emulated, shape, groups, x.element_size(), layout_name, blocks, False, cooperative)
-    assert p.cooperative == cooperative
+    p = emulated_plan(emulated, shape, groups, x.element_size(), layout_name, blocks, False, cooperative, stages)
+    assert (p.cooperative, p.stages) == (cooperative, stages)
     cluster.launch_fwd(p, layout_name, 0, 0, x, w, b, shift, y, mean, rstd, groups, 1e-5, activation == "silu")
 
     z64 = (x.double() + (0 if shift is None else shift.double()[:, :, None, None])).reshape(n, groups, -1)
@@ -533,14 +564,14 @@ def cluster_only(monkeypatch, blocks=None, forward=True, backward=True):
         monkeypatch.setattr(gn, "_gn_bwd_partials_kernel", Unlaunchable())
 
 
-def runs(shape, groups, dtype, blocks, layout="nchw", backward=False, cooperative=False) -> bool:
+def runs(shape, groups, dtype, blocks, layout="nchw", backward=False, cooperative=False, stages=1) -> bool:
     """Whether this device has a cluster plan for these groups (the backward's: fp32 level 0 at T26 has
-    none, 5.3 MB of dy and x per group), or a ``cooperative`` one."""
+    none, 5.3 MB of dy and x per group), or a ``cooperative`` one in ``stages``."""
     n, c = shape[:2]
     numel = torch.Size(shape[2:]).numel() * c // groups
     size = torch.empty((), dtype=dtype).element_size()
     return cluster.device_plan(0, n * groups, numel, c // groups, size, blocks, backward, layout,
-                               cooperative) is not None
+                               cooperative, stages) is not None
 
 
 # (shape, groups, blocks per cluster): level 0-2's sizes at the plan's choice; forced clusters of 2, of
@@ -623,19 +654,21 @@ def test_cluster_forward_statistics(monkeypatch, blocks):
 @pytest.mark.parametrize("shape,groups", [((1, 320, 16, 40, 64), 32), ((2, 64, 8, 16, 32), 8),
                                           ((1, 1280, 16, 10, 16), 32), ((2, 96, 64, 64), 32)])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_cooperative_forward_against_float64(monkeypatch, dtype, shape, groups, layout):
-    """The forward as one cooperative grid, wherever the device holds it at once (the backward: the
-    cluster kernels where they apply)."""
+@pytest.mark.parametrize("stages", [1, 2, 3])
+def test_cooperative_forward_against_float64(monkeypatch, dtype, shape, groups, layout, stages):
+    """The forward as one cooperative grid, each block holding slices of ``stages`` groups, wherever the
+    device holds it at once (the backward: the cluster kernels where they apply)."""
     from hbkernels.triton import group_norm as gn
 
     c = shape[1]
     cl = layout == "channels_last"
     if cl and (c // groups) % (4 // torch.empty((), dtype=dtype).element_size()):
         pytest.skip("channels-last groups of whole 4-byte units only")
-    if not runs(shape, groups, dtype, None, "channels_last" if cl else "nchw", cooperative=True):
+    if not runs(shape, groups, dtype, None, "channels_last" if cl else "nchw", cooperative=True, stages=stages):
         pytest.skip("no cooperative plan for these groups on this device")
     cluster_only(monkeypatch, backward=False)
     monkeypatch.setattr(gn, "CLUSTER_COOPERATIVE", True)
+    monkeypatch.setattr(gn, "CLUSTER_STAGES", stages)
     fmt = (torch.channels_last if len(shape) == 4 else torch.channels_last_3d) if cl else torch.contiguous_format
     x = rand(*shape, dtype=torch.float64, mean=3.0, requires_grad=True)
     w = rand(c, dtype=torch.float64, mean=1.0, requires_grad=True)
@@ -646,13 +679,14 @@ def test_cooperative_forward_against_float64(monkeypatch, dtype, shape, groups, 
 
 
 @gpu
-@pytest.mark.parametrize("cooperative", [False, True])
-def test_cluster_forward_replays_from_a_cuda_graph(monkeypatch, cooperative):
+@pytest.mark.parametrize("cooperative,stages", [(False, 1), (True, 1), (True, 2)])
+def test_cluster_forward_replays_from_a_cuda_graph(monkeypatch, cooperative, stages):
     from hbkernels.triton import group_norm as gn
     from hummingbird.cuda_graph import CUDAGraphCall
 
     cluster_only(monkeypatch)
     monkeypatch.setattr(gn, "CLUSTER_COOPERATIVE", cooperative)
+    monkeypatch.setattr(gn, "CLUSTER_STAGES", stages)
     w, b = rand(320, dtype=torch.float16, mean=1.0), rand(320, dtype=torch.float16)
     graphed = CUDAGraphCall(lambda x: hbkernels.group_norm(x, 32, w, b, activation="silu"))
     for _ in range(3):
@@ -731,13 +765,16 @@ def test_gn_phases_bench_runs_on_the_emulated_kernels(emulated, monkeypatch):
 
     monkeypatch.setattr(cluster, "_library", lambda: emulated)
 
-    def plan_for(groups, blocks, backward, x, *others, cooperative=False):
+    def plan_for(groups, blocks, backward, x, *others, cooperative=False, stages=1):
         name = cluster.layout(groups, x, *others)
-        return emulated_plan(emulated, tuple(x.shape), groups, 2, name, blocks, backward, cooperative), name
+        return emulated_plan(emulated, tuple(x.shape), groups, 2, name, blocks, backward, cooperative, stages), name
 
     monkeypatch.setattr(cluster, "plan_for", plan_for)
+    # one configuration of each kind (each launch is seconds of emulation)
+    monkeypatch.setattr(gn_phases, "CONFIGS", [c for c in gn_phases.CONFIGS if c[0] in
+                                              ("cooperative", "cooperative, 2 stages", "clusters of 4")])
     rows = gn_phases.measure((1, 64, 2, 8, 16), True, 1, torch.device("cpu"))
-    assert [r["config"] for r in rows] == [label for label, _, _ in gn_phases.CONFIGS]
+    assert [r["config"] for r in rows] == [config[0] for config in gn_phases.CONFIGS]
     for r in rows:
         assert r["plan"] and r["span_us"] > 0 and r["waves"] >= 1
         assert all(r[k] >= 0 for k in gn_phases.PHASES)

@@ -30,6 +30,7 @@ class Plan:
     units_per_block: int  # units of the group (of each tensor) each block holds in shared memory
     smem: int  # dynamic shared memory per block, bytes (the units, then fp32 coefficients per channel)
     cooperative: bool = False  # one cooperative grid (every block resident, partials through global memory)
+    stages: int = 1  # groups each block holds a slice of, finished one after another (cooperative only)
 
 
 def _layout(v: torch.Tensor, cpg: int) -> str | None:
@@ -75,7 +76,8 @@ FORWARD_WAVE_BYTES = 320 * 1024
 
 def plan(clusters: int, group_numel: int, cpg: int, element_size: int, smem_limit: int, sms: int, resident,
          blocks: int | None = None, tensors: int = 1, coefficients: int = FORWARD_COEFFICIENTS,
-         unit_bytes: int = 16, align: int = 1, cooperative: bool = False, wave_bytes: int = 0) -> Plan | None:
+         unit_bytes: int = 16, align: int = 1, cooperative: bool = False, wave_bytes: int = 0,
+         stages: int = 1) -> Plan | None:
     """Blocks per cluster for ``clusters`` (N * G) groups of ``group_numel`` elements (``cpg`` channels),
     or None where no cluster of at most MAX_CLUSTER blocks holds a group.
 
@@ -94,23 +96,30 @@ def plan(clusters: int, group_numel: int, cpg: int, element_size: int, smem_limi
     bytes per unit (:data:`UNIT_BYTES`); ``align``: units per block a multiple of this (the
     channels-last backward's blocks start on a position); ``cooperative``: the forward as one
     cooperative grid, which must be resident at once (one wave): ``resident(blocks, smem)`` then counts
-    blocks the device holds, of which each group takes ``blocks``."""
+    blocks the device holds, of which each group takes ``blocks``. ``stages``: each block of the
+    cooperative grid holds a slice of that many groups, finishing one before the next (whose x is still
+    arriving meanwhile), so a group takes ``blocks`` smaller slices."""
+    if stages < 1 or (stages > 1 and not cooperative):
+        raise ValueError(f"stages: 1, or more with a cooperative grid; got {stages} (cooperative={cooperative})")
     units = group_numel * element_size // unit_bytes
     coef_bytes = coefficients * cpg * 4
     best, best_cost = None, None
     for r in ([blocks] if blocks else range(1, MAX_CLUSTER + 1)):
         per_block = -(-units // r // align) * align
-        smem = tensors * per_block * unit_bytes + coef_bytes
+        smem = stages * (tensors * per_block * unit_bytes + coef_bytes)
         if r > MAX_CLUSTER or smem > smem_limit:
             continue
-        k = resident(r, smem) // r if cooperative else resident(r, smem)  # groups (clusters) at once
+        k = resident(r, smem) // r * stages if cooperative else resident(r, smem)  # groups (clusters) at once
         if k <= 0 or (cooperative and k < clusters):
             continue
         full, rest = divmod(clusters, k)
-        held = tensors * per_block * unit_bytes
-        cost = full * (wave_bytes + -(-k * r // sms) * held) + (rest > 0) * (wave_bytes + -(-rest * r // sms) * held)
+        held = stages * tensors * per_block * unit_bytes
+        # a wave's cost: its fixed part, then as many blocks' bytes as an SM holds of its grid rows (r each)
+        rows, last_rows = -(-k // stages), -(-rest // stages)
+        cost = full * (wave_bytes + -(-rows * r // sms) * held) + \
+            (rest > 0) * (wave_bytes + -(-last_rows * r // sms) * held)
         if best_cost is None or cost < best_cost:
-            best, best_cost = Plan(r, per_block, smem, cooperative), cost
+            best, best_cost = Plan(r, per_block, smem, cooperative, stages), cost
     return best
 
 
@@ -124,7 +133,7 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     ctypes.ArgumentError instead of reaching the kernel): the nvcc-built library, or the tests' CPU
     emulation of it."""
     p, i, ll, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_float
-    lib.hb_gn_cluster_fwd.argtypes = [i, i, i, i, p, p, p, p, i, p, p, p, p, p, i, i, i, i, i, i, i, ll, ll, p, f, p]
+    lib.hb_gn_cluster_fwd.argtypes = [i, i, i, i, p, p, p, p, i, p, p, p, p, p, i, i, i, i, i, i, i, i, ll, ll, p, f, p]
     lib.hb_gn_cluster_bwd.argtypes = [i, i, i, i, p, p, p, p, p, i, p, p, p, p, p, i, i, i, i, i, i, i, p, p, p]
     lib.hb_gn_cluster_capacity.argtypes = [i, i, i, ctypes.POINTER(i)]
     lib.hb_gn_cooperative_capacity.argtypes = [i, i, ctypes.POINTER(i)]
@@ -184,9 +193,9 @@ def resident_blocks(device_index: int, smem: int) -> int:
 @functools.lru_cache(maxsize=4096)
 def device_plan(device_index: int, clusters: int, group_numel: int, cpg: int, element_size: int,
                 blocks: int | None, backward: bool = False, layout_name: str = "nchw",
-                cooperative: bool = False) -> Plan | None:
-    """:func:`plan` on this device for the forward (clusters, or ``cooperative``) or the backward
-    (cached per shape: it queries the device up to MAX_CLUSTER times)."""
+                cooperative: bool = False, stages: int = 1) -> Plan | None:
+    """:func:`plan` on this device for the forward (clusters, or ``cooperative`` in ``stages``) or the
+    backward (cached per shape: it queries the device up to MAX_CLUSTER times)."""
     limit = smem_limit(device_index)
     if limit is None or (cooperative and backward):
         return None
@@ -197,7 +206,7 @@ def device_plan(device_index: int, clusters: int, group_numel: int, cpg: int, el
     else:
         held = functools.partial(resident, device_index)
     return plan(clusters, group_numel, cpg, element_size, limit, sms, held, blocks,
-                cooperative=cooperative, **holdings(backward, layout_name, cpg, element_size))
+                cooperative=cooperative, stages=stages, **holdings(backward, layout_name, cpg, element_size))
 
 
 def holdings(backward: bool, layout_name: str, cpg: int, element_size: int) -> dict:
@@ -215,7 +224,7 @@ def _ptr(t: torch.Tensor | None):
     return None if t is None else t.data_ptr()
 
 
-def plan_for(num_groups, blocks, backward, x, *others, cooperative=False) -> tuple[Plan, str] | None:
+def plan_for(num_groups, blocks, backward, x, *others, cooperative=False, stages=1) -> tuple[Plan, str] | None:
     """The plan and layout for these tensors (x's device, a CUDA one), or None where the kernels do not
     apply."""
     name = layout(num_groups, x, *others)
@@ -223,7 +232,7 @@ def plan_for(num_groups, blocks, backward, x, *others, cooperative=False) -> tup
         return None
     n, c, t, s = x.shape
     p = device_plan(x.device.index, n * num_groups, c // num_groups * t * s, c // num_groups, x.element_size(),
-                    blocks, backward, name, cooperative)
+                    blocks, backward, name, cooperative, stages)
     return None if p is None else (p, name)
 
 
@@ -245,12 +254,12 @@ def _params(x, weight, bias):
 
 
 def try_gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: float, silu: bool,
-               blocks: int | None = None, cooperative: bool = False) -> bool:
+               blocks: int | None = None, cooperative: bool = False, stages: int = 1) -> bool:
     """Runs the cluster forward (same contract as hbkernels.triton.group_norm.gn_fwd) and returns True,
     or returns False without touching anything where it does not apply. ``blocks``: per cluster
     (None: :func:`plan`'s choice); ``cooperative``: as one cooperative grid, where all of it fits on the
-    device at once."""
-    planned = plan_for(num_groups, blocks, False, x, y, cooperative=cooperative)
+    device at once, each block holding slices of ``stages`` groups."""
+    planned = plan_for(num_groups, blocks, False, x, y, cooperative=cooperative, stages=stages)
     if planned is None:
         return False
     launch_fwd(*planned, x.device.index, _stream(x), x, weight, bias, shift, y, mean, rstd, num_groups, eps, silu)
@@ -261,8 +270,9 @@ def launch_fwd(p: Plan, layout_name: str, device_index: int, stream: int, x, wei
                num_groups: int, eps: float, silu: bool, clocks: torch.Tensor | None = None) -> None:
     """Launches the forward on ``stream`` (a cudaStream_t as an int) as planned; raises RuntimeError with
     CUDA's message where the launch fails. ``clocks``: None, or a contiguous int64 (N * G, blocks, 4)
-    tensor that receives each block's phase record, global-timer nanoseconds at its start, its x loaded
-    with the statistics, the group's statistics known and its y stored (bench/gn_phases.py)."""
+    tensor that receives each block's phase record per group it holds, global-timer nanoseconds at its
+    start (with ``stages``: that group's), its x loaded with the statistics, the group's statistics known
+    and its y stored (bench/gn_phases.py)."""
     n, c, t, s = x.shape
     if clocks is not None and (clocks.dtype != torch.int64 or not clocks.is_contiguous()
                                or tuple(clocks.shape) != (n * num_groups, p.blocks, 4)):
@@ -277,7 +287,8 @@ def launch_fwd(p: Plan, layout_name: str, device_index: int, stream: int, x, wei
     err = lib.hb_gn_cluster_fwd(
         device_index, _DTYPES[x.dtype], int(silu), int(layout_name == "channels_last"), _ptr(x), _ptr(y), _ptr(weight),
         _ptr(bias), params_fp32, _ptr(shift), _ptr(mean), _ptr(rstd), _ptr(partials), _ptr(clocks), n, c, num_groups,
-        t * s, p.blocks, p.units_per_block, p.smem, x.stride(0), y.stride(0), stat_strides, float(eps), stream,
+        t * s, p.blocks, p.units_per_block, p.stages, p.smem, x.stride(0), y.stride(0), stat_strides, float(eps),
+        stream,
     )
     _raise_on(lib, err, p)
 

@@ -140,19 +140,20 @@ struct Layout {
   }
 };
 
-// One block's part of its (sample, group): grid (blocks, N * G), a (sample, group) per grid row (a
-// cluster (blocks, 1, 1), or the forward's cooperative grid); the block holds units u0 .. u0 + nu - 1
-// of the group's cpg * S / kU (the last blocks may hold fewer, or none).
+// One block's part of (sample, group) `row` (n * groups + g; grid (blocks, rows), a cluster (blocks, 1,
+// 1) per row, or the forward's cooperative grid): the block holds units u0 .. u0 + nu - 1 of the group's
+// cpg * S / kU (the last blocks may hold fewer, or none; none of a row past the last group, `rows`).
 struct Part {
   int n, g, cpg, c0, u0, nu;
 
-  __device__ Part(int channels, int groups, int S, int units_per_block, int kU) {
-    n = blockIdx.y / groups;
-    g = blockIdx.y % groups;
+  __device__ Part(int channels, int groups, int S, int units_per_block, int kU, int row, int rows) {
+    const bool valid = row < rows;
+    n = valid ? row / groups : 0;
+    g = valid ? row % groups : 0;
     cpg = channels / groups;
     c0 = g * cpg;
     u0 = static_cast<int>(blockIdx.x) * units_per_block;
-    nu = max(0, min(units_per_block, cpg * S / kU - u0));
+    nu = valid ? max(0, min(units_per_block, cpg * S / kU - u0)) : 0;
   }
 };
 
@@ -195,13 +196,19 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 // launch), instead of through a cluster's distributed shared memory: no cluster shape to fit into the
 // GPCs (an H200 holds 30 four-block clusters of 200 KiB blocks, so level 0's 32 groups at T16 take two
 // waves; cooperatively its 128 blocks take one).
+//
+// `stages` (cooperative only; clusters: 1): each block holds a slice of `stages` groups, rows
+// blockIdx.y, blockIdx.y + gridDim.y, ..., and finishes them one after another, a grid barrier each. All
+// of its copies are issued up front, so while the GPU waits at one stage's barrier and writes that
+// stage's y, the next stages' x is still arriving: DRAM reads overlap the writes and the barrier, where
+// with one stage the whole GPU loads, waits, then stores.
 template <typename T, bool kSilu, bool kChannelsLast, bool kCooperative>
 __global__ void __launch_bounds__(kThreads, 1)
 gn_cluster_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const void* __restrict__ weight,
                       const void* __restrict__ bias, int params_fp32, const float* __restrict__ shift,
                       float* __restrict__ mean_out, float* __restrict__ rstd_out, Stats* __restrict__ partials,
-                      long long* __restrict__ clocks, int channels, int groups, int S, int units_per_block,
-                      long long x_sample_stride, long long y_sample_stride, long long mean_stride_n,
+                      long long* __restrict__ clocks, int channels, int groups, int S, int units_per_block, int rows,
+                      int stages, long long x_sample_stride, long long y_sample_stride, long long mean_stride_n,
                       long long mean_stride_g, long long rstd_stride_n, long long rstd_stride_g, float eps) {
   using L = Layout<T, kChannelsLast>;
   using Unit = typename L::Unit;
@@ -212,24 +219,31 @@ gn_cluster_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const void* __
   // SM, most of a block's share at level 0
   constexpr int kUnroll = kChannelsLast ? 16 : 6;
   constexpr int kDepth = 4;
-  extern __shared__ uint4 smem_raw[];  // this block's units of the group, then 3 * cpg per-channel coefficients
-  Unit* held = reinterpret_cast<Unit*>(smem_raw);
+  constexpr int kBatch = kThreads * kUnroll;
+  // per stage: this block's units of its group; then per stage 3 * cpg per-channel coefficients
+  extern __shared__ uint4 smem_raw[];
   __shared__ Stats warp_stats[kThreads / 32];
   __shared__ Stats block_stats;  // read by the cluster's other blocks
   __shared__ float group_mean, group_rstd;
 
-  const Part part(channels, groups, S, units_per_block, kU);
-  const int tid = threadIdx.x, n = part.n, g = part.g, cpg = part.cpg, c0 = part.c0, u0 = part.u0, nu = part.nu;
+  const int tid = threadIdx.x, cpg = channels / groups;
   const L layout{S, channels, cpg};
-  const T* x_group = x + n * x_sample_stride + layout.group_start(c0);
-  T* y_group = y + n * y_sample_stride + layout.group_start(c0);
-  const float* shift_n = shift != nullptr ? shift + static_cast<long long>(n) * channels + c0 : nullptr;
-  float* coef = reinterpret_cast<float*>(held + units_per_block);
-  // Optional phase record (bench/gn_phases.py), 4 global-timer stamps per block: started, its x loaded
-  // with the statistics, the group's statistics known, its y stored
-  long long* stamps = clocks != nullptr ? clocks + 4 * (static_cast<long long>(blockIdx.y) * gridDim.x + blockIdx.x)
-                                        : nullptr;
-  if (stamps != nullptr && tid == 0) stamps[0] = now_ns();
+  auto part = [&](int stage) {
+    return Part(channels, groups, S, units_per_block, kU, blockIdx.y + stage * gridDim.y, rows);
+  };
+  auto held_by = [&](int stage) { return reinterpret_cast<Unit*>(smem_raw) + stage * units_per_block; };
+  auto coef_by = [&](int stage) {
+    return reinterpret_cast<float*>(reinterpret_cast<Unit*>(smem_raw) + stages * units_per_block) + stage * 3 * cpg;
+  };
+  // Optional phase record (bench/gn_phases.py), 4 global-timer stamps per block and stage (its group's
+  // row): started (the stage's statistics begin), its x loaded with the statistics, the group's
+  // statistics known, its y stored
+  auto stamps_of = [&](int stage) -> long long* {
+    const int row = blockIdx.y + stage * gridDim.y;
+    return clocks != nullptr && row < rows ? clocks + 4 * (static_cast<long long>(row) * gridDim.x + blockIdx.x)
+                                           : nullptr;
+  };
+  if (stamps_of(0) != nullptr && tid == 0) stamps_of(0)[0] = now_ns();
 
   // 1. x -> shared memory by asynchronous copies (cp.async: a copy in flight holds no register, so
   // kDepth batches of a thread's units are in flight at once, where loads through registers allowed
@@ -238,19 +252,36 @@ gn_cluster_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const void* __
   // the thread's state. A thread reads only the units it copied (the one barrier before the statistics
   // is for the staged shift). Instantiated per (whole batch or the ragged last one) x (shift or not): the hot loop
   // carries neither per-unit bounds checks nor a channel walk it does not need.
-  float* shift_c = coef + 2 * cpg;  // the group's shift per channel (staged below)
+  // Batches k = 0, 1, ... run through the stages in order, batches_per_stage each (a stage's last ones
+  // may be empty).
+  const int batches_per_stage = (units_per_block + kBatch - 1) / kBatch, batches = stages * batches_per_stage;
   const typename L::Walk stride = layout.step(kThreads * kU);
-  typename L::Walk copying = layout.start((u0 + tid) * kU), walk = copying;
-  constexpr int kBatch = kThreads * kUnroll;
-  auto issue = [&](int base) {  // one commit group per batch (empty past the last: the groups stay one per batch)
+  typename L::Walk copying{};
+  const T* copy_from = nullptr;
+  int copy_nu = 0;
+  auto issue = [&](int k) {  // one commit group per batch (empty past the last: the groups stay one per batch)
+    if (k < batches) {
+      const int stage = k / batches_per_stage, base = (k - stage * batches_per_stage) * kBatch;
+      if (base == 0) {  // into the next stage's group
+        const Part p = part(stage);
+        copying = layout.start((p.u0 + tid) * kU);
+        copy_from = x + p.n * x_sample_stride + layout.group_start(p.c0);
+        copy_nu = p.nu;
+      }
+      Unit* to = held_by(stage);
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int i = base + u * kThreads + tid;
-      if (i < nu) __pipeline_memcpy_async(held + i, x_group + copying.off, sizeof(Unit));
-      layout.advance(copying, stride);
+      for (int u = 0; u < kUnroll; ++u) {
+        const int i = base + u * kThreads + tid;
+        if (i < copy_nu) __pipeline_memcpy_async(to + i, copy_from + copying.off, sizeof(Unit));
+        layout.advance(copying, stride);
+      }
     }
     __pipeline_commit();
   };
+  Unit* held = nullptr;
+  const float* shift_c = nullptr;  // the stage's group's shift per channel (staged below)
+  int nu = 0;
+  typename L::Walk walk{};
   Stats st{0.f, 0.f, 0.f};
   auto batch = [&](int base, auto whole, auto shifted) {
     constexpr bool kWhole = decltype(whole)::value, kShift = decltype(shifted)::value;
@@ -293,89 +324,108 @@ gn_cluster_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const void* __
   using Yes = std::true_type;
   using No = std::false_type;
 #pragma unroll
-  for (int d = 0; d < kDepth; ++d) issue(d * kBatch);
-  // While the first copies fly: the group's weight, bias and shift per channel into shared memory, so
+  for (int d = 0; d < kDepth; ++d) issue(d);
+  // While the first copies fly: each group's weight, bias and shift per channel into shared memory, so
   // that nothing after the exchange waits on a global load (each thread stages, and later finishes, its
   // own channels c = tid, tid + kThreads, ...)
-  for (int c = tid; c < cpg; c += kThreads) {
-    coef[c] = param<T>(weight, params_fp32 & 1, c0 + c, 1.f);
-    coef[cpg + c] = param<T>(bias, params_fp32 & 2, c0 + c, 0.f);
-    shift_c[c] = shift_n != nullptr ? shift_n[c] : 0.f;
+  for (int stage = 0; stage < stages; ++stage) {
+    const Part p = part(stage);
+    float* coef = coef_by(stage);
+    for (int c = tid; c < cpg; c += kThreads) {
+      coef[c] = param<T>(weight, params_fp32 & 1, p.c0 + c, 1.f);
+      coef[cpg + c] = param<T>(bias, params_fp32 & 2, p.c0 + c, 0.f);
+      coef[2 * cpg + c] = shift != nullptr ? shift[static_cast<long long>(p.n) * channels + p.c0 + c] : 0.f;
+    }
   }
   __syncthreads();  // the statistics read every channel's shift
-  for (int base = 0; base < nu; base += kBatch) {
-    __pipeline_wait_prior(kDepth - 1);  // this batch landed (the kDepth - 1 after it may not have)
-    if (base + kBatch <= nu) shift_n != nullptr ? batch(base, Yes{}, Yes{}) : batch(base, Yes{}, No{});
-    else shift_n != nullptr ? batch(base, No{}, Yes{}) : batch(base, No{}, No{});
-    issue(base + kDepth * kBatch);
-  }
-  __pipeline_wait_prior(0);  // the empty groups past the last batch
 
-  // 2. the block's state, then the group's: the blocks read each other's (block_stats through the
-  // cluster, or partials)
-  st = warp_merge(st);
-  if ((tid & 31) == 0) warp_stats[tid >> 5] = st;
-  __syncthreads();
-  if (stamps != nullptr && tid == 0) stamps[1] = now_ns();
-  if (tid < 32) {
-    st = warp_merge(tid < kThreads / 32 ? warp_stats[tid] : Stats{0.f, 0.f, 0.f});
-    if (tid == 0 && !kCooperative) block_stats = st;
-  }
-  const int blocks = static_cast<int>(gridDim.x);
-  if constexpr (kCooperative) {
-    if (tid == 0) partials[static_cast<long long>(blockIdx.y) * blocks + blockIdx.x] = st;
-    cg::this_grid().sync();  // every block's state written and visible grid-wide
-  } else {
-    cg::this_cluster().sync();  // every block's block_stats written and visible cluster-wide
-  }
-  if (tid < 32) {  // lane r reads block r's state (one round trip, not one per block), then a warp merge
-    Stats mine{0.f, 0.f, 0.f};
-    for (int r = tid; r < blocks; r += 32) {
-      if constexpr (kCooperative) mine = merge(mine, partials[static_cast<long long>(blockIdx.y) * blocks + r]);
-      else mine = merge(mine, *cg::this_cluster().map_shared_rank(&block_stats, r));
+  for (int stage = 0; stage < stages; ++stage) {
+    const Part p = part(stage);
+    const int n = p.n, g = p.g, row = blockIdx.y + stage * gridDim.y;
+    long long* stamps = stamps_of(stage);
+    if (stage > 0 && stamps != nullptr && tid == 0) stamps[0] = now_ns();
+    float* coef = coef_by(stage);
+    held = held_by(stage);
+    shift_c = coef + 2 * cpg;
+    nu = p.nu;
+    walk = layout.start((p.u0 + tid) * kU);
+    st = Stats{0.f, 0.f, 0.f};
+    for (int b = 0; b < batches_per_stage; ++b) {
+      const int base = b * kBatch;
+      __pipeline_wait_prior(kDepth - 1);  // this batch landed (the kDepth - 1 after it may not have)
+      if (base + kBatch <= nu) shift != nullptr ? batch(base, Yes{}, Yes{}) : batch(base, Yes{}, No{});
+      else if (base < nu) shift != nullptr ? batch(base, No{}, Yes{}) : batch(base, No{}, No{});
+      issue(stage * batches_per_stage + b + kDepth);
     }
-    const Stats total = warp_merge(mine);
-    if (tid == 0) {
-      group_mean = total.mean;
-      group_rstd = rsqrtf(total.m2 / total.n + eps);
-      if (stamps != nullptr) stamps[2] = now_ns();
-      if (blockIdx.x == 0) {
-        mean_out[n * mean_stride_n + g * mean_stride_g] = group_mean;
-        rstd_out[n * rstd_stride_n + g * rstd_stride_g] = group_rstd;
+    if (stage == stages - 1) __pipeline_wait_prior(0);  // the empty groups past the last batch
+
+    // 2. the block's state, then the group's: the blocks read each other's (block_stats through the
+    // cluster, or partials)
+    st = warp_merge(st);
+    if ((tid & 31) == 0) warp_stats[tid >> 5] = st;
+    __syncthreads();
+    if (stamps != nullptr && tid == 0) stamps[1] = now_ns();
+    if (tid < 32) {
+      st = warp_merge(tid < kThreads / 32 ? warp_stats[tid] : Stats{0.f, 0.f, 0.f});
+      if (tid == 0 && !kCooperative) block_stats = st;
+    }
+    const int blocks = static_cast<int>(gridDim.x);
+    if constexpr (kCooperative) {
+      if (tid == 0 && row < rows) partials[static_cast<long long>(row) * blocks + blockIdx.x] = st;
+      cg::this_grid().sync();  // every block's state written and visible grid-wide
+    } else {
+      cg::this_cluster().sync();  // every block's block_stats written and visible cluster-wide
+    }
+    if (tid < 32) {  // lane r reads block r's state (one round trip, not one per block), then a warp merge
+      Stats mine{0.f, 0.f, 0.f};
+      for (int r = tid; r < blocks && row < rows; r += 32) {
+        if constexpr (kCooperative) mine = merge(mine, partials[static_cast<long long>(row) * blocks + r]);
+        else mine = merge(mine, *cg::this_cluster().map_shared_rank(&block_stats, r));
+      }
+      const Stats total = warp_merge(mine);
+      if (tid == 0) {
+        group_mean = total.mean;
+        group_rstd = rsqrtf(total.m2 / total.n + eps);
+        if (stamps != nullptr) stamps[2] = now_ns();
+        if (blockIdx.x == 0 && row < rows) {
+          mean_out[n * mean_stride_n + g * mean_stride_g] = group_mean;
+          rstd_out[n * rstd_stride_n + g * rstd_stride_g] = group_rstd;
+        }
       }
     }
-  }
-  // Cluster: done reading the other blocks' shared memory; each block waits for this before it exits
-  // (below), so no block leaves while another may still read its block_stats. Relaxed (no fence): the
-  // lanes that read merged the values before arriving, so their reads are complete.
-  if constexpr (!kCooperative) __cluster_barrier_arrive_relaxed();
-  __syncthreads();
-
-  // 3. per-channel y = x * a + b: a = rstd * w, b = bias + (shift - mean) * a (w and bias as staged)
-  for (int c = tid; c < cpg; c += kThreads) {
-    const float a = group_rstd * coef[c];
-    coef[c] = a;
-    coef[cpg + c] += (shift_c[c] - group_mean) * a;
-  }
-  __syncthreads();
-
-  // 4. y from shared memory
-  walk = layout.start((u0 + tid) * kU);
-  for (int i = tid; i < nu; i += kThreads, layout.advance(walk, stride)) {
-    P v, out;
-    v.raw = held[i];
-#pragma unroll
-    for (int j = 0; j < kU; ++j) {
-      const int c = L::channel_of(walk.ch, j);
-      float z = to_float(v.e[j]) * coef[c] + coef[cpg + c];
-      if constexpr (kSilu) z *= sigmoid<sizeof(T) == 4>(z);
-      out.e[j] = from_float<T>(z);
-    }
-    L::store(reinterpret_cast<Unit*>(y_group + walk.off), out.raw);
-  }
-  if (stamps != nullptr) {
+    // Cluster: done reading the other blocks' shared memory; each block waits for this before it exits
+    // (below), so no block leaves while another may still read its block_stats. Relaxed (no fence): the
+    // lanes that read merged the values before arriving, so their reads are complete.
+    if constexpr (!kCooperative) __cluster_barrier_arrive_relaxed();
     __syncthreads();
-    if (tid == 0) stamps[3] = now_ns();
+
+    // 3. per-channel y = x * a + b: a = rstd * w, b = bias + (shift - mean) * a (w and bias as staged)
+    for (int c = tid; c < cpg; c += kThreads) {
+      const float a = group_rstd * coef[c];
+      coef[c] = a;
+      coef[cpg + c] += (shift_c[c] - group_mean) * a;
+    }
+    __syncthreads();
+
+    // 4. y from shared memory
+    T* y_group = y + n * y_sample_stride + layout.group_start(p.c0);
+    walk = layout.start((p.u0 + tid) * kU);
+    for (int i = tid; i < nu; i += kThreads, layout.advance(walk, stride)) {
+      P v, out;
+      v.raw = held[i];
+#pragma unroll
+      for (int j = 0; j < kU; ++j) {
+        const int c = L::channel_of(walk.ch, j);
+        float z = to_float(v.e[j]) * coef[c] + coef[cpg + c];
+        if constexpr (kSilu) z *= sigmoid<sizeof(T) == 4>(z);
+        out.e[j] = from_float<T>(z);
+      }
+      L::store(reinterpret_cast<Unit*>(y_group + walk.off), out.raw);
+    }
+    if (stamps != nullptr) {
+      __syncthreads();
+      if (tid == 0) stamps[3] = now_ns();
+    }
   }
   if constexpr (!kCooperative) __cluster_barrier_wait();
 }
@@ -405,7 +455,7 @@ gn_cluster_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, T* __re
   __shared__ float c1, c2;
 
   cg::cluster_group cluster = cg::this_cluster();
-  const Part part(channels, groups, S, units_per_block, kU);
+  const Part part(channels, groups, S, units_per_block, kU, blockIdx.y, gridDim.y);
   const int tid = threadIdx.x, n = part.n, g = part.g, cpg = part.cpg, c0 = part.c0, u0 = part.u0, nu = part.nu;
   const L layout{S, channels, cpg};
   Unit* xs = reinterpret_cast<Unit*>(smem_raw);
@@ -669,24 +719,28 @@ extern "C" {
 
 // dtype: 0 float32, 1 float16, 2 bfloat16. channels_last: x and y channels-last (4-byte units), else NCHW
 // (16-byte units). weight / bias: contiguous, fp32 where params_fp32 has bit 0 / bit 1 set, else x's
-// dtype, or null. partials: null (clusters of `blocks`), or 3 fp32 per block (batch * groups * blocks
-// of them) for a cooperative launch. clocks: null, or 4 per block, the phase record. smem: dynamic
-// shared memory per block, as the planner sized it (the units, then 3 fp32 per channel). stat_strides:
-// mean's (n, g) strides, then rstd's.
+// dtype, or null. partials: null (clusters of `blocks`), or 3 fp32 per block and group (batch * groups
+// * blocks of them) for a cooperative launch. stages: groups per block (cooperative only, else 1): the
+// grid has ceil(batch * groups / stages) rows. clocks: null, or 4 per block and group, the phase record.
+// smem: dynamic shared memory per block, as the planner sized it (per stage the units, then per stage 3
+// fp32 per channel). stat_strides: mean's (n, g) strides, then rstd's.
 int hb_gn_cluster_fwd(int device, int dtype, int silu, int channels_last, const void* x, void* y, const void* weight,
                       const void* bias, int params_fp32, const float* shift, float* mean, float* rstd, float* partials,
                       long long* clocks, int batch, int channels, int groups, int S, int blocks, int units_per_block,
-                      int smem, long long x_sample_stride, long long y_sample_stride, const long long* stat_strides, float eps,
-                      void* stream) {
+                      int stages, int smem, long long x_sample_stride, long long y_sample_stride,
+                      const long long* stat_strides, float eps, void* stream) {
+  if (stages < 1 || (stages > 1 && partials == nullptr)) return static_cast<int>(cudaErrorInvalidValue);
   DeviceGuard guard(device);
   if (guard.err != cudaSuccess) return static_cast<int>(guard.err);
+  const int rows = batch * groups;
   return dispatch(dtype, silu, channels_last, [&](auto t, auto s, auto cl) {
     using T = decltype(t);
     auto run = [&](auto kernel) {
-      return launch(kernel, blocks, batch * groups, smem, static_cast<cudaStream_t>(stream), partials != nullptr,
-                    static_cast<const T*>(x), static_cast<T*>(y), weight, bias, params_fp32, shift, mean, rstd,
-                    reinterpret_cast<Stats*>(partials), clocks, channels, groups, S, units_per_block, x_sample_stride,
-                    y_sample_stride, stat_strides[0], stat_strides[1], stat_strides[2], stat_strides[3], eps);
+      return launch(kernel, blocks, (rows + stages - 1) / stages, smem, static_cast<cudaStream_t>(stream),
+                    partials != nullptr, static_cast<const T*>(x), static_cast<T*>(y), weight, bias, params_fp32,
+                    shift, mean, rstd, reinterpret_cast<Stats*>(partials), clocks, channels, groups, S,
+                    units_per_block, rows, stages, x_sample_stride, y_sample_stride, stat_strides[0],
+                    stat_strides[1], stat_strides[2], stat_strides[3], eps);
     };
     constexpr bool kSilu = decltype(s)::value, kChannelsLast = decltype(cl)::value;
     return partials != nullptr ? run(gn_cluster_fwd_kernel<T, kSilu, kChannelsLast, true>)

@@ -121,11 +121,14 @@ _MAX_GRID_1 = 65535  # CUDA's limit on grid axes 1 and 2
 # CLUSTER_COOPERATIVE: the forward's blocks as one cooperative grid instead of clusters, exchanging
 # partials through global memory: all resident in one wave (level 0 at T16: 128 blocks, where 32
 # four-block clusters took two waves on an H200, 30 resident), else the Triton passes. It ties them at
-# T16 NCHW (27 us).
+# T16 NCHW (27 us). CLUSTER_STAGES: each cooperative block holds slices of that many groups and finishes
+# them one after another, so the later groups' x arrives while the GPU waits at the earlier ones'
+# barriers and writes their y (one stage: the whole GPU loads, waits, then stores). Not yet timed.
 CLUSTER_FORWARD = _env_flag("HBKERNELS_CLUSTER_GN")
 CLUSTER_BACKWARD = CLUSTER_FORWARD
 CLUSTER_BLOCKS = None
 CLUSTER_COOPERATIVE = False
+CLUSTER_STAGES = 1
 # (A register cap of 32 on the apply kernel, for 8 programs of 8 warps per SM, tied on NCHW x and lost
 # 4.5-8.7 us on channels-last x at level 0 on an H100; one-channel NCHW tiles take 32 registers uncapped.)
 # Programmatic dependent launch (sm_90+ CUDA): the statistics and finalize kernels let the next one
@@ -705,7 +708,7 @@ def gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups: int, eps: float, s
         from hbkernels.cuda.group_norm import try_gn_fwd
 
         if try_gn_fwd(x, weight, bias, shift, y, mean, rstd, num_groups, eps, silu, CLUSTER_BLOCKS,
-                      CLUSTER_COOPERATIVE):
+                      CLUSTER_COOPERATIVE, CLUSTER_STAGES if CLUSTER_COOPERATIVE else 1):
             return
     n, c, t, s = x.shape
     cpg = c // num_groups
