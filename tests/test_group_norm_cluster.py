@@ -153,6 +153,10 @@ def test_cooperative_stages_split_each_block_between_groups(stages, blocks):
     assert level_plan(26, resident=lambda r, smem: 132, cooperative=True, stages=stages) is None
     with pytest.raises(ValueError, match="stages: 1, or more with a cooperative grid; got 2"):
         level_plan(16, stages=2)
+    # more stages than groups would hold empty slices: one group takes one stage
+    one = [cluster.plan(1, 10 * 16 * 2560, 10, 2, H100_LIMIT, 132, lambda r, smem: 132, cooperative=True, stages=k)
+           for k in (4, 1)]
+    assert one[0].stages == 1 and one[0] == one[1]
 
 
 def test_channels_last_plan_counts_4_byte_units():

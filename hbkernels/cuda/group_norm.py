@@ -97,10 +97,11 @@ def plan(clusters: int, group_numel: int, cpg: int, element_size: int, smem_limi
     channels-last backward's blocks start on a position); ``cooperative``: the forward as one
     cooperative grid, which must be resident at once (one wave): ``resident(blocks, smem)`` then counts
     blocks the device holds, of which each group takes ``blocks``. ``stages``: each block of the
-    cooperative grid holds a slice of that many groups, finishing one before the next (whose x is still
-    arriving meanwhile), so a group takes ``blocks`` smaller slices."""
+    cooperative grid holds a slice of that many groups (at most ``clusters``), finishing one before the
+    next (whose x is still arriving meanwhile), so a group takes ``blocks`` smaller slices."""
     if stages < 1 or (stages > 1 and not cooperative):
         raise ValueError(f"stages: 1, or more with a cooperative grid; got {stages} (cooperative={cooperative})")
+    stages = min(stages, clusters)  # more would hold only empty slices
     units = group_numel * element_size // unit_bytes
     coef_bytes = coefficients * cpg * 4
     best, best_cost = None, None

@@ -15,7 +15,9 @@
 // The forward also runs as one cooperative grid (kCooperative): the same blocks, partials exchanged
 // through global memory across a grid barrier, every block resident at once. Clusters must fit inside
 // GPCs: an H200 held 30 of level 0's 32 four-block clusters at once, so T16 took two waves (41 us,
-// run 6 in bench/results); the cooperative grid's 128 blocks take one.
+// run 6 in bench/results); the cooperative grid's 128 blocks take one. In stages, each of its blocks
+// holds slices of several groups and finishes them in turn, so reads of the later ones overlap the
+// earlier ones' barrier and writes.
 //
 // Inputs reach shared memory by cp.async: a copy in flight holds no register, so a thread keeps several
 // batches of units in flight. With loads through registers, one batch per thread, run 6 measured 7-20
