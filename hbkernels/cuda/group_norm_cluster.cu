@@ -217,10 +217,11 @@ gn_cluster_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const void* __
   using P = Packed<T, Unit>;
   constexpr int kU = L::kU;
   // Units per batch (read into registers together for the statistics: 96 bytes NCHW, 64 channels-last,
-  // more spill at 128 registers) and batches in flight per thread: 384 or 256 bytes, 192 or 128 KiB per
-  // SM, most of a block's share at level 0
+  // more spill at 128 registers) and batches in flight per thread: 768 or 512 bytes, 384 or 256 KiB per
+  // SM, more than a block holds, so every copy of a block is issued up front at level 0 however the
+  // stages split it (a stage's last batch is mostly partial: 4 stages of 3200 units take 2 batches each)
   constexpr int kUnroll = kChannelsLast ? 16 : 6;
-  constexpr int kDepth = 4;
+  constexpr int kDepth = 8;
   constexpr int kBatch = kThreads * kUnroll;
   // per stage: this block's units of its group; then per stage 3 * cpg per-channel coefficients
   extern __shared__ uint4 smem_raw[];
