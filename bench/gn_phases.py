@@ -30,17 +30,28 @@ CONFIGS = [("cooperative", None, True, 1), ("cooperative, 2 stages", None, True,
 PHASES = ("span_us", "start_spread_us", "load_us", "wait_us", "apply_us", "waves")
 
 
-def phases(clocks: torch.Tensor, stages: int = 1) -> dict:
-    """The phase summary of one run's (groups, blocks, 4) nanosecond stamps; with ``stages``, the first
-    ceil(groups / stages) groups are the grid's first stage."""
-    c = clocks.flatten(0, 1).double().cpu() / 1e3  # (groups * blocks, 4) in us
+def _medians(c: torch.Tensor) -> dict:
+    """Median load, wait and apply of (blocks, 4) stamps in us."""
     start, loaded, known, stored = c.unbind(-1)
-    first = -(-clocks.shape[0] // stages) * clocks.shape[1]  # stamps of the first stage's groups
-    starts = start[:first].sort().values
+    return dict(load_us=float((loaded - start).median()), wait_us=float((known - loaded).median()),
+                apply_us=float((stored - known).median()))
+
+
+def phases(clocks: torch.Tensor, stages: int = 1) -> dict:
+    """The phase summary of one run's (groups, blocks, 4) nanosecond stamps; with ``stages``, groups
+    k * ceil(groups / stages) onwards are the blocks' stage k + 1, summarised apiece under "stages" (with
+    each one's median start after the first block's)."""
+    c = clocks.double().cpu() / 1e3  # (groups, blocks, 4) in us
+    start, stored = c[..., 0], c[..., 3]
+    per = -(-clocks.shape[0] // stages)  # groups per stage
+    starts = start[:per].flatten().sort().values  # the first stage's: the grid's starts
     gap = 0.5 * (stored - start).median()
-    return dict(span_us=float(stored.max() - start.min()), start_spread_us=float(starts[-1] - starts[0]),
-                load_us=float((loaded - start).median()), wait_us=float((known - loaded).median()),
-                apply_us=float((stored - known).median()), waves=1 + int((starts.diff() > gap).sum()))
+    summary = dict(span_us=float(stored.max() - start.min()), start_spread_us=float(starts[-1] - starts[0]),
+                   **_medians(c.flatten(0, 1)), waves=1 + int((starts.diff() > gap).sum()))
+    if stages > 1:
+        summary["stages"] = [dict(start_us=float((c[k:k + per, :, 0] - start.min()).median()),
+                                  **_medians(c[k:k + per].flatten(0, 1))) for k in range(0, clocks.shape[0], per)]
+    return summary
 
 
 def measure(shape: tuple, channels_last: bool, runs: int, dev: torch.device) -> list:
@@ -74,8 +85,12 @@ def measure(shape: tuple, channels_last: bool, runs: int, dev: torch.device) -> 
                 torch.cuda.synchronize(dev)
             if run >= 2:
                 summaries.append(phases(clocks, p.stages))
-        rows.append(dict(config=label, plan=f"{p.blocks} blocks per group, {p.smem} B each",
-                         **{k: statistics.median(s[k] for s in summaries) for k in PHASES}))
+        row = dict(config=label, plan=f"{p.blocks} blocks per group, {p.smem} B each",
+                   **{k: statistics.median(s[k] for s in summaries) for k in PHASES})
+        if "stages" in summaries[0]:
+            row["stages"] = [{k: statistics.median(s["stages"][i][k] for s in summaries) for k in stage}
+                             for i, stage in enumerate(summaries[0]["stages"])]
+        rows.append(row)
     return rows
 
 
@@ -92,6 +107,9 @@ def markdown(report: dict) -> str:
                 continue
             values = " | ".join(f"{r[k]:.1f}" if k != "waves" else str(r[k]) for k in PHASES)
             lines.append(f"| {case} | {r['config']} | {r['plan']} | {values} |")
+            for k, st in enumerate(r.get("stages", []), 1):
+                lines.append(f"| {case} | {r['config']}: stage {k} | starts at {st['start_us']:.1f} | | | "
+                             f"{st['load_us']:.1f} | {st['wait_us']:.1f} | {st['apply_us']:.1f} | |")
     return "\n".join(lines) + "\n"
 
 

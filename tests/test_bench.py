@@ -435,8 +435,15 @@ def test_gn_phases_summarises_the_stamps():
     lines = gn_phases.markdown(report).splitlines()
     assert "| case | cooperative | 4 blocks per group, 1 B each | 20.0 | 10.5 | 4.0 | 1.0 | 4.0 | 2 |" in lines
     assert "| case | clusters of 6 | none | | | | | | |" in lines
-    # in 2 stages the second group row is the blocks' second stage: its starts are neither spread nor waves
-    assert gn_phases.phases(clocks, stages=2) == dict(got, start_spread_us=0.5, waves=1)
+    # in 2 stages the second group row is the blocks' second stage: its starts are neither spread nor
+    # waves, and each stage is summarised apiece (start after the first block's, load, wait, apply)
+    staged = gn_phases.phases(clocks, stages=2)
+    assert staged == dict(got, start_spread_us=0.5, waves=1,
+                          stages=[dict(start_us=0.0, load_us=3.5, wait_us=1.0, apply_us=4.0),  # lower medians
+                                  dict(start_us=10.0, load_us=4.0, wait_us=0.5, apply_us=4.0)])
+    report["cases"]["case"][0].update(staged)
+    lines = gn_phases.markdown(report).splitlines()
+    assert "| case | cooperative: stage 2 | starts at 10.0 | | | 4.0 | 0.5 | 4.0 | |" in lines
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where no GPU is")

@@ -782,3 +782,5 @@ def test_gn_phases_bench_runs_on_the_emulated_kernels(emulated, monkeypatch):
     for r in rows:
         assert r["plan"] and r["span_us"] > 0 and r["waves"] >= 1
         assert all(r[k] >= 0 for k in gn_phases.PHASES)
+    assert [len(r.get("stages", [])) for r in rows] == [0, 2, 0]
+    assert rows[1]["stages"][1]["start_us"] >= rows[1]["stages"][0]["start_us"]
