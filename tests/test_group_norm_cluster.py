@@ -387,15 +387,16 @@ def test_emulated_cooperative_forward_against_float64(emulated, monkeypatch, dty
                    cooperative=True)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", [0, 1, 3, 4])
 @pytest.mark.parametrize("stages", [2, 3])
 @pytest.mark.parametrize("layout_name", ["nchw", "channels_last"])
-def test_emulated_cooperative_stages_against_float64(emulated, monkeypatch, dtype, case, stages, layout_name):
+def test_emulated_cooperative_stages_against_float64(emulated, monkeypatch, case, stages, layout_name):
     """The cooperative forward with each block holding slices of 2 or 3 groups (8, 3, 2 and 2 groups
     here, 2 groups taking 2 stages at most: rows whose last stage holds nothing, and blocks holding whole
-    and ragged batches per stage), as above."""
-    check_emulated(emulated, monkeypatch, dtype, *EMULATED_CASES[case], layout_name, cooperative=True, stages=stages)
+    and ragged batches per stage), as above, in fp16 (the stages' code is the same for every dtype, whose
+    own paths the one-stage cases cover)."""
+    check_emulated(emulated, monkeypatch, torch.float16, *EMULATED_CASES[case], layout_name, cooperative=True,
+                   stages=stages)
 
 
 @pytest.mark.parametrize("layout_name", ["nchw", "channels_last"])
