@@ -231,9 +231,8 @@ gn_cluster_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const void* __
 
   const int tid = threadIdx.x, cpg = channels / groups;
   const L layout{S, channels, cpg};
-  auto part = [&](int stage) {
-    return Part(channels, groups, S, units_per_block, kU, blockIdx.y + stage * gridDim.y, rows);
-  };
+  auto row_of = [&](int stage) { return static_cast<int>(blockIdx.y + stage * gridDim.y); };  // its group
+  auto part = [&](int stage) { return Part(channels, groups, S, units_per_block, kU, row_of(stage), rows); };
   auto held_by = [&](int stage) { return reinterpret_cast<Unit*>(smem_raw) + stage * units_per_block; };
   auto coef_by = [&](int stage) {
     return reinterpret_cast<float*>(reinterpret_cast<Unit*>(smem_raw) + stages * units_per_block) + stage * 3 * cpg;
@@ -242,11 +241,11 @@ gn_cluster_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const void* __
   // row): started (the stage's statistics begin), its x loaded with the statistics, the group's
   // statistics known, its y stored
   auto stamps_of = [&](int stage) -> long long* {
-    const int row = blockIdx.y + stage * gridDim.y;
+    const int row = row_of(stage);
     return clocks != nullptr && row < rows ? clocks + 4 * (static_cast<long long>(row) * gridDim.x + blockIdx.x)
                                            : nullptr;
   };
-  if (stamps_of(0) != nullptr && tid == 0) stamps_of(0)[0] = now_ns();
+  if (long long* first = stamps_of(0); first != nullptr && tid == 0) first[0] = now_ns();
 
   // 1. x -> shared memory by asynchronous copies (cp.async: a copy in flight holds no register, so
   // kDepth batches of a thread's units are in flight at once, where loads through registers allowed
@@ -344,7 +343,7 @@ gn_cluster_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const void* __
 
   for (int stage = 0; stage < stages; ++stage) {
     const Part p = part(stage);
-    const int n = p.n, g = p.g, row = blockIdx.y + stage * gridDim.y;
+    const int n = p.n, g = p.g, row = row_of(stage);
     long long* stamps = stamps_of(stage);
     if (stage > 0 && stamps != nullptr && tid == 0) stamps[0] = now_ns();
     float* coef = coef_by(stage);
