@@ -534,13 +534,19 @@ def check_emulated(emulated, monkeypatch, dtype, shape, groups, blocks, activati
 
 
 def test_emulated_launch_reports_what_the_device_refuses(emulated, monkeypatch):
-    """A plan asking for more shared memory than a block may opt into fails with the runtime's message."""
+    """A plan the device or the kernels refuse (more shared memory than a block may opt into, stages without
+    a cooperative grid) fails with the runtime's message."""
     monkeypatch.setattr(cluster, "_library", lambda: emulated)
     x = torch.randn(1, 8, 2, 16, dtype=torch.float16)
     mean, rstd = torch.empty(1, 2), torch.empty(1, 2)
     with pytest.raises(RuntimeError, match="cluster GroupNorm launch failed .invalid argument"):
         cluster.launch_fwd(cluster.Plan(1, 32, 232449), "nchw", 0, 0, x, None, None, None, torch.empty_like(x), mean,
                            rstd, 2, 1e-5, True)
+    # stages without a cooperative grid (its partials), or none: refused before any launch
+    for stages in (2, 0):
+        with pytest.raises(RuntimeError, match="cluster GroupNorm launch failed .invalid argument"):
+            cluster.launch_fwd(cluster.Plan(1, 32, 1024, stages=stages), "nchw", 0, 0, x, None, None, None,
+                               torch.empty_like(x), mean, rstd, 2, 1e-5, True)
     # a cooperative grid larger than the device holds at once (133 blocks per group, one per SM)
     with pytest.raises(RuntimeError, match="too many blocks in cooperative launch: 266, 132 resident"):
         cluster.launch_fwd(cluster.Plan(133, 1, 16, cooperative=True), "nchw", 0, 0, x, None, None, None,
