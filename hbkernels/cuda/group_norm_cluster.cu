@@ -167,9 +167,22 @@ __device__ __forceinline__ float param(const void* p, bool fp32, int c, float fa
   return fp32 ? static_cast<const float*>(p)[c] : to_float(static_cast<const T*>(p)[c]);
 }
 
+// 2^u, a result under 2^-126 flushed to zero: one MUFU.EX2. __expf / exp2f without -ftz (a flag that would
+// flush x's own subnormals too) add three instructions per element to rescale such results, which the
+// sigmoid's 1 + 2^u cannot tell from zero: its results are the same bits either way.
+__device__ __forceinline__ float exp2_ftz(float u) {
+#ifdef __CUDA_ARCH__
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(u));
+  return r;
+#else
+  return exp2f(u);
+#endif
+}
+
 template <bool kPrecise>
 __device__ __forceinline__ float sigmoid(float z) {
-  return kPrecise ? 1.f / (1.f + expf(-z)) : __fdividef(1.f, 1.f + __expf(-z));
+  return kPrecise ? 1.f / (1.f + expf(-z)) : __fdividef(1.f, 1.f + exp2_ftz(z * -1.44269504f));  // -log2(e)
 }
 
 // The GPU's global timer in nanoseconds (comparable across SMs), for the forward's optional phase record
