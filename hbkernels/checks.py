@@ -75,12 +75,11 @@ def positive_int(name: str, value) -> int:
     return value
 
 
-def norm_affine(t, x: torch.Tensor, reference: bool):
-    """A norm's optional weight/bias as the backend that runs takes it, contiguous (the Triton LayerNorm
-    indexes it without strides). The PyTorch reference: in x's dtype (PyTorch's CPU norms refuse
-    others). The kernels: fp32 as given (mixed precision's master weights: they compute in fp32, so
-    rounding to x's fp16/bf16 would only add error), any other dtype in x's. Differentiable: gradients
-    reach the caller's tensor in its own dtype."""
+def norm_affine(t, x: torch.Tensor):
+    """A norm's optional weight/bias as the backends take it, contiguous (the Triton LayerNorm indexes it
+    without strides): fp32 as given (mixed precision's master weights: every backend computes in fp32,
+    so rounding them to x's fp16/bf16 would only add error), any other dtype in x's. Differentiable:
+    gradients reach the caller's tensor in its own dtype."""
     if t is None:
         return None
-    return (t if t.dtype == torch.float32 and not reference else t.to(x.dtype)).contiguous()
+    return (t if t.dtype == torch.float32 else t.to(x.dtype)).contiguous()

@@ -1,4 +1,6 @@
 """Drop-in modules whose state_dict keys match torch.nn / diffusers, running on hbkernels ops."""
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,7 +27,7 @@ class GroupNorm(nn.GroupNorm):
             return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.activation, shift)
         if x.dim() < 2:
             raise ValueError(f"x must be (N, C, *spatial), got shape {tuple(x.shape)}")
-        flat = x.reshape(x.shape[0], x.shape[1], -1, 1)  # (N, C, L) and (N, C) as 4D
+        flat = x.reshape(*x.shape[:2], math.prod(x.shape[2:]), 1)  # (N, C, L) and (N, C) as 4D; N may be 0
         return group_norm(flat, self.num_groups, self.weight, self.bias, self.eps, self.activation, shift).view(x.shape)
 
     def extra_repr(self):
@@ -33,7 +35,7 @@ class GroupNorm(nn.GroupNorm):
 
     @classmethod
     def from_torch(cls, norm: nn.GroupNorm, activation=None) -> "GroupNorm":
-        """A copy of ``norm`` sharing its parameters."""
+        """A copy of ``norm`` to replace it: it shares ``norm``'s state (parameters, buffers, hooks)."""
         new = cls.__new__(cls)
         new.__dict__.update(norm.__dict__)
         new.activation = activation
@@ -59,7 +61,7 @@ class LayerNorm(nn.LayerNorm):
 
     @classmethod
     def from_torch(cls, norm: nn.LayerNorm) -> "LayerNorm":
-        """A copy of ``norm`` sharing its parameters."""
+        """A copy of ``norm`` to replace it: it shares ``norm``'s state (parameters, buffers, hooks)."""
         new = cls.__new__(cls)
         new.__dict__.update(norm.__dict__)
         return new

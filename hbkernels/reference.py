@@ -31,13 +31,19 @@ def temporal_attention(q, k, v, scale: float, causal: bool) -> torch.Tensor:
 
 
 def group_norm(x, num_groups: int, weight, bias, eps: float, silu: bool, shift=None) -> torch.Tensor:
+    """In fp32 at least (float64 stays float64), rounded once to x's dtype, as the kernels compute: fp32
+    master weights of fp16 activations keep fp32 gradients (an fp16 bias gradient, a sum over N*T*H*W,
+    overflows), and the shift is added unrounded."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    z = x.to(acc)
     if shift is not None:
-        x = _like_layout(x + shift.view(*shift.shape, *[1] * (x.dim() - 2)).to(x.dtype), x)
+        z = z + shift.to(acc).view(*shift.shape, *[1] * (x.dim() - 2))
+    weight, bias = (None if p is None else p.to(acc) for p in (weight, bias))
     if weight is None and bias is not None:  # torch's group_norm backward fails on bias without weight
-        y = F.group_norm(x, num_groups, None, None, eps) + bias.view(-1, *[1] * (x.dim() - 2))
+        y = F.group_norm(z, num_groups, None, None, eps) + bias.view(-1, *[1] * (x.dim() - 2))
     else:
-        y = F.group_norm(x, num_groups, weight, bias, eps)
-    return _like_layout(F.silu(y) if silu else y, x)
+        y = F.group_norm(z, num_groups, weight, bias, eps)
+    return _like_layout((F.silu(y) if silu else y).to(x.dtype), x)
 
 
 def _like_layout(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -83,8 +89,10 @@ def geglu(x) -> torch.Tensor:
 
 
 def layer_norm(x, weight, bias, eps: float, residual=None):
-    """LayerNorm over the last dim; with ``residual``, (LayerNorm(x + residual), x + residual)."""
-    if residual is None:
-        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
-    s = x + residual
-    return F.layer_norm(s, (s.shape[-1],), weight, bias, eps), s
+    """LayerNorm over the last dim; with ``residual``, (LayerNorm(x + residual), x + residual). In fp32 at
+    least, rounded once to x's dtype, as group_norm above."""
+    s = x if residual is None else x + residual
+    acc = torch.promote_types(x.dtype, torch.float32)
+    weight, bias = (None if p is None else p.to(acc) for p in (weight, bias))
+    y = F.layer_norm(s.to(acc), (s.shape[-1],), weight, bias, eps).to(x.dtype)
+    return y if residual is None else (y, s)

@@ -538,12 +538,13 @@ def test_group_norm_merges_every_threads_partials(backend_name, layout, activati
                           [x, w, b], backend_name, torch.float32)
 
 
-@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend_name", BACKENDS)
 def test_group_norm_fp32_parameters_of_fp16_activations(backend_name):
-    """Mixed precision (fp16 activations, fp32 master weights): the kernels compute in fp32 and take
+    """Mixed precision (fp16 activations, fp32 master weights): every backend computes in fp32 and takes
     the parameters as they are; rounding them to fp16 first made the error against float64 1.5x that
     of PyTorch's own mixed-dtype result (fp32 norm of the activations, rounded once) in the median
-    draw, up to 2.4x. Now the same error, draw by draw."""
+    draw, up to 2.4x (the kernels until they took them as given, the reference until it computed in
+    fp32). Now the same error, draw by draw."""
     ratios = []
     for _ in range(8):
         x = rand(2, 16, 3, 6, 6, dtype=torch.float16)
@@ -557,6 +558,19 @@ def test_group_norm_fp32_parameters_of_fp16_activations(backend_name):
     with hbkernels.use_backend(backend_name):
         gw, gb = torch.autograd.grad(hbkernels.group_norm(x, 4, w, b).float().square().sum(), [w, b])
     assert gw.dtype == gb.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_group_norm_fp32_bias_gradient_past_fp16_range(backend_name):
+    """fp32 bias of fp16 activations: its gradient, a sum over N*H*W, is 131072 here, past fp16's 65504;
+    the reference backend rounded the bias to fp16 and returned inf."""
+    x = rand(64, 16, 32, 4, dtype=torch.float16)
+    w, b = rand(16, mean=1.0, requires_grad=True), rand(16, requires_grad=True)
+    with hbkernels.use_backend(backend_name):
+        y = hbkernels.group_norm(x, 4, w, b)
+    (db,) = torch.autograd.grad(y, [b], torch.full_like(y, 16.0))
+    assert db.dtype == torch.float32
+    torch.testing.assert_close(db, torch.full_like(b, 64 * 32 * 4 * 16.0))
 
 
 @pytest.mark.parametrize("backend_name", CPP)

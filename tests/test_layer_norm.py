@@ -225,7 +225,7 @@ def test_layer_norm_at_the_widest_kernel_row(backend_name):
     check_against_float64(lambda x, w: hbkernels.layer_norm(x, w, b), [x, w], backend_name, torch.float32)
 
 
-@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend_name", BACKENDS)
 def test_layer_norm_fp32_parameters_of_fp16_activations(backend_name):
     """As for GroupNorm: fp32 parameters of fp16 activations are used as they are, not rounded to fp16."""
     ratios = []

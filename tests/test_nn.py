@@ -7,7 +7,7 @@ from helpers import BACKENDS, DEVICE, LowRankAdapter, rand
 
 
 @pytest.mark.parametrize("backend_name", BACKENDS)
-@pytest.mark.parametrize("shape", [(2, 12, 5), (2, 12), (1, 12, 4, 4), (1, 12, 3, 2, 2)])
+@pytest.mark.parametrize("shape", [(2, 12, 5), (2, 12), (1, 12, 4, 4), (1, 12, 3, 2, 2), (0, 12, 5), (0, 12)])
 def test_group_norm_module_matches_torch(backend_name, shape):
     ours = hbkernels.nn.GroupNorm(4, 12, eps=1e-6, activation="silu").to(DEVICE)
     torch_norm = torch.nn.GroupNorm(4, 12, eps=1e-6).to(DEVICE)

@@ -130,7 +130,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None,
     num_groups = _check(x, num_groups, weight, bias, eps, activation, (4, 5), shift)
     silu = activation == "silu"
     name = backend.select(x.device, x.dtype, empty=x.numel() == 0)
-    weight, bias = (checks.norm_affine(p, x, name == "torch") for p in (weight, bias))
+    weight, bias = (checks.norm_affine(p, x) for p in (weight, bias))
     if name == "torch":
         return reference.group_norm(x, num_groups, weight, bias, float(eps), silu, shift)
     return backend.run_function(GroupNormFunction, x, weight, bias, shift, num_groups, float(eps), silu, False, name)
@@ -144,7 +144,7 @@ def group_norm_to_tokens(x, num_groups, weight=None, bias=None, eps=1e-5, activa
     num_groups = _check(x, num_groups, weight, bias, eps, activation, 5)
     silu = activation == "silu"
     name = backend.select(x.device, x.dtype, empty=x.numel() == 0)
-    weight, bias = (checks.norm_affine(p, x, name == "torch") for p in (weight, bias))
+    weight, bias = (checks.norm_affine(p, x) for p in (weight, bias))
     if name == "torch":
         return reference.group_norm_to_tokens(x, num_groups, weight, bias, float(eps), silu)
     return backend.run_function(GroupNormFunction, x, weight, bias, None, num_groups, float(eps), silu, True, name)

@@ -81,7 +81,7 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5, residual=None):
     _check(x, weight, bias, eps, residual)
     name = backend.select(x.device, x.dtype, empty=x.numel() == 0)
     use_reference = name == "torch" or (name == "triton" and x.shape[-1] > TRITON_MAX_C)
-    weight, bias = (checks.norm_affine(p, x, use_reference) for p in (weight, bias))
+    weight, bias = (checks.norm_affine(p, x) for p in (weight, bias))
     if use_reference:
         return reference.layer_norm(x, weight, bias, float(eps), residual)
     return backend.run_function(LayerNormFunction, x, residual, weight, bias, float(eps), name)

@@ -47,7 +47,8 @@ def tokens_to_video(tokens, residual=None, *, shape=None):
 
     ``shape`` = (N, C, T, H, W) is needed only without ``residual``; with one, the output has the
     residual's shape and memory layout (so a permuted view of diffusers' (B*T, C, H, W) activations
-    gets its result in that same memory order).
+    gets its result in that same memory order) where its H and W merge into one dim, else the kernel
+    backends write it contiguous.
     """
     checks.tensor("tokens", tokens, ndim=3)
     if residual is not None:
@@ -95,7 +96,8 @@ class ResidualAddFunction(torch.autograd.Function):
 
 def residual_add(x, residual, bias=None):
     """``x + residual + bias[:, None, ...]`` for (N, C, H, W) or (N, C, T, H, W) tensors in one pass,
-    in the residual's memory layout: the residual add of a convolution run without its bias (see
+    in the residual's memory layout (the kernel backends: where its H and W merge into one dim, else
+    contiguous): the residual add of a convolution run without its bias (see
     :func:`hbkernels.nn.conv_deferring_bias`), which cuDNN would otherwise add in a pass of its own."""
     checks.tensor("x", x, ndim=(4, 5))
     checks.like("residual", residual, "x", x, ndim=(4, 5))
