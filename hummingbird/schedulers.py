@@ -8,7 +8,9 @@ noise (epsilon).
   timestep *spacing* differs (see :func:`lcm_timesteps`), so the pipeline passes the timesteps in.
 - VideoCrafter2: DDIM 50 steps, eta 1.0 (``DDIMScheduler``). VideoCrafter2's "uniform" DDIM grid is
   ``range(0, 1000, 1000 // n) + 1`` and its last step goes to alpha_cumprod[0]; in diffusers terms
-  that is ``timestep_spacing="leading"``, ``steps_offset=1``, ``set_alpha_to_one=False``.
+  that is ``timestep_spacing="leading"``, ``steps_offset=1``, ``set_alpha_to_one=False``, for step
+  counts n that divide 1000 (its 50 among them). For other n that range holds more than n steps
+  (n = 30: 31, the highest at t = 991), and diffusers samples exactly n (the highest at t = 958).
 """
 import inspect
 

@@ -53,6 +53,9 @@ def test_ddim_matches_videocrafter2_grid():
     sched.set_timesteps(50)
     assert sched.timesteps.tolist() == list(range(981, 0, -20))  # VideoCrafter2: range(0, 1000, 20) + 1
     assert sched.final_alpha_cumprod == sched.alphas_cumprod[0]  # its last step lands on alpha_cumprod[0]
+    for n in (4, 8, 25, 40, 125, 200):  # every step count dividing 1000 (see the module's docstring)
+        sched.set_timesteps(n)
+        assert sched.timesteps.tolist() == [t + 1 for t in reversed(range(0, 1000, 1000 // n))], n
 
 
 def test_ddim_betas_are_scaled_linear():

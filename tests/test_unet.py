@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import hbkernels
 from hummingbird.models import CONFIGS, HummingbirdUNet3DModel, guidance_scale_embedding
+from hummingbird.models import unet_3d
 from hummingbird.models.unet_3d import ResBlock, SpatialTransformer, TemporalTransformer
 from helpers import LowRankAdapter
 
@@ -494,6 +495,40 @@ def test_lora_through_diffusers_adapter_api(tiny, tmp_path):
     torch.testing.assert_close(off, plain, atol=1e-6, rtol=0)
     torch.testing.assert_close(fused, half, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(reloaded, half, atol=1e-6, rtol=0)
+
+
+def test_lora_on_every_linear_and_conv(tiny):
+    """LoRA on every Linear and Conv of the U-Net (the design's stage-2 recipe), the init attention's
+    pointwise Conv1d projections included: peft builds their A and B layers with Conv1d's signature,
+    which PointwiseConv1d refused. Adapted, the output moves; merged, it stays."""
+    import copy
+
+    peft = pytest.importorskip("peft")
+    from peft.tuners.lora import LoraLayer
+
+    model = copy.deepcopy(tiny)
+    targets = [name for name, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d,
+                                                                           torch.nn.Conv2d, torch.nn.Conv3d))]
+    assert any(isinstance(model.get_submodule(n), unet_3d.PointwiseConv1d) for n in targets)
+    x, ctx = tiny_inputs()
+    with torch.no_grad():
+        torch.manual_seed(0)
+        peft.inject_adapter_in_model(peft.LoraConfig(r=2, lora_alpha=2, target_modules=targets,
+                                                     init_lora_weights=False), model)
+        adapted = model(x, 10, ctx).sample
+        for layer in (m for m in model.modules() if isinstance(m, LoraLayer)):
+            layer.merge()
+        merged = model(x, 10, ctx).sample
+        plain = tiny(x, 10, ctx).sample
+    assert not torch.allclose(adapted, plain, atol=1e-3)
+    torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-4)
+
+
+def test_pointwise_conv1d_refuses_what_a_linear_cannot_do():
+    with pytest.raises(ValueError, match="kernel_size"):
+        unet_3d.PointwiseConv1d(4, 4, 3)
+    with pytest.raises(ValueError, match="padding"):
+        unet_3d.PointwiseConv1d(4, 4, 1, 1, 1)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

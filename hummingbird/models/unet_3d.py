@@ -91,8 +91,16 @@ class PointwiseConv1d(nn.Conv1d):
     """A kernel-size-1 ``nn.Conv1d`` (the init attention's projections in VideoCrafter2, so its
     checkpoints load unchanged) applied to channel-last tokens (..., C) as the Linear it is."""
 
-    def __init__(self, in_channels: int, out_channels: int):
-        super().__init__(in_channels, out_channels, kernel_size=1)
+    def __init__(self, in_channels: int, out_channels: int, kernel_size=1, stride=1, padding=0, dilation=1, groups=1,
+                 bias=True, **kwargs):
+        # nn.Conv1d's signature, as code that builds a layer like this one calls it (peft's LoRA A and B:
+        # type(layer)(in, rank, kernel_size, stride, padding, bias=False)); as a Linear only pointwise
+        for name, value in (("kernel_size", kernel_size), ("stride", stride), ("dilation", dilation), ("groups", groups)):
+            if value not in (1, (1,)):
+                raise ValueError(f"PointwiseConv1d: {name} must be 1, got {value!r}")
+        if padding not in (0, (0,)):
+            raise ValueError(f"PointwiseConv1d: padding must be 0, got {padding!r}")
+        super().__init__(in_channels, out_channels, 1, bias=bias, **kwargs)
 
     def forward(self, x):
         return F.linear(x, self.weight.squeeze(-1), self.bias)
