@@ -95,7 +95,7 @@ class PointwiseConv1d(nn.Conv1d):
                  bias=True, **kwargs):
         # nn.Conv1d's signature, as code that builds a layer like this one calls it (peft's LoRA A and B:
         # type(layer)(in, rank, kernel_size, stride, padding, bias=False)); as a Linear only pointwise
-        for name, value in (("kernel_size", kernel_size), ("stride", stride), ("dilation", dilation), ("groups", groups)):
+        for name, value in dict(kernel_size=kernel_size, stride=stride, dilation=dilation, groups=groups).items():
             if value not in (1, (1,)):
                 raise ValueError(f"PointwiseConv1d: {name} must be 1, got {value!r}")
         if padding not in (0, (0,)):
