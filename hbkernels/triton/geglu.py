@@ -7,7 +7,7 @@ Math is in fp32 whatever the storage dtype.
 import triton
 import triton.language as tl
 
-from hbkernels.triton.layout import cdiv, next_pow2, pick_block, warps_for
+from hbkernels.triton.layout import cdiv, next_pow2, pick_block, store_cast, warps_for
 
 _TILE = 4096  # output elements per program
 
@@ -23,7 +23,7 @@ def _geglu_fwd_kernel(x_ptr, out_ptr, M, F, sxm, som, BLOCK_M: tl.constexpr, BLO
     h = tl.load(xp, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(xp + F, mask=mask, other=0.0).to(tl.float32)
     out = h * (0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476)))
-    tl.store(out_ptr + row0 * som + rr[:, None] * som + ff[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + row0 * som + rr[:, None] * som + ff[None, :], store_cast(out, out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -43,8 +43,8 @@ def _geglu_bwd_kernel(dy_ptr, x_ptr, dx_ptr, M, F, sdm, sxm, sdxm,
     dg = dy * h * (cdf + g * pdf)
     dxp = dx_ptr + row0 * sdxm + rr[:, None] * sdxm + ff[None, :]
     ty = dx_ptr.dtype.element_ty
-    tl.store(dxp, dh.to(ty), mask=mask)
-    tl.store(dxp + F, dg.to(ty), mask=mask)
+    tl.store(dxp, store_cast(dh, ty), mask=mask)
+    tl.store(dxp + F, store_cast(dg, ty), mask=mask)
 
 
 def _tiles(m: int, f: int):

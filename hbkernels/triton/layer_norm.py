@@ -16,7 +16,7 @@ import triton.language as tl
 
 from hbkernels.backend import empty, empty_like
 from hbkernels.ops.layer_norm import TRITON_MAX_C
-from hbkernels.triton.layout import INTERPRETED, cdiv, next_pow2, warps_for
+from hbkernels.triton.layout import INTERPRETED, cdiv, next_pow2, store_cast, warps_for
 
 _TILE = 4096  # elements per forward tile
 # Backward tiles are half that at 4 warps: its loop holds the next tile's dy and x besides this one's
@@ -39,7 +39,7 @@ def _ln_fwd_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, s_ptr, mean_ptr, rstd_ptr,
     x = tl.load(x_ptr + rows[:, None] * sxm + cc[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:  # s = x + residual, rounded to the storage dtype as an unfused add would leave it
         r = tl.load(r_ptr + rows[:, None] * srm + cc[None, :], mask=mask, other=0.0).to(tl.float32)
-        s = (x + r).to(s_ptr.dtype.element_ty)
+        s = store_cast(x + r, s_ptr.dtype.element_ty)
         tl.store(s_ptr + rows[:, None] * ssm + cc[None, :], s, mask=mask)
         x = s.to(tl.float32)
     cf = tl.cast(C, tl.float32)  # C == 1 arrives as a constexpr int (JIT specialisation)
@@ -51,7 +51,7 @@ def _ln_fwd_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, s_ptr, mean_ptr, rstd_ptr,
         y *= tl.load(w_ptr + cc, mask=cmask, other=0.0).to(tl.float32)[None, :]
     if HAS_B:
         y += tl.load(b_ptr + cc, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rows[:, None] * sym + cc[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + rows[:, None] * sym + cc[None, :], store_cast(y, y_ptr.dtype.element_ty), mask=mask)
     tl.store(mean_ptr + rows, mean, mask=rmask)
     tl.store(rstd_ptr + rows, rstd, mask=rmask)
 
@@ -99,7 +99,7 @@ def _ln_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, pdw_ptr, pd
         c1 = tl.div_rn(tl.sum(g, axis=1), cf)
         c2 = tl.div_rn(tl.sum(g * xhat, axis=1), cf)
         dx = rstd[:, None] * (g - c1[:, None] - xhat * c2[:, None])
-        tl.store(dx_ptr + rows[:, None] * sdxm + cc[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_ptr + rows[:, None] * sdxm + cc[None, :], store_cast(dx, dx_ptr.dtype.element_ty), mask=mask)
         if PARTIALS:
             acc_dw += tl.sum(dy * xhat, axis=0)
             acc_db += tl.sum(dy, axis=0)

@@ -20,6 +20,19 @@ from hbkernels.backend import interpreting
 # Fixed at import, like triton.jit itself: whether kernels run in Triton's CPU interpreter (launch
 # plans and bf16 handling differ there), not on a GPU.
 INTERPRETED = interpreting()
+_ROUND_BF16_BY_HAND = tl.constexpr(INTERPRETED)
+
+
+@triton.jit
+def store_cast(x, dtype: tl.constexpr):
+    """fp32 ``x`` converted to ``dtype`` for a store, rounded to nearest even as GPUs convert. The
+    interpreter truncates fp32 -> bf16, which doubled bf16 outputs' rounding error on CPU; the bits are
+    rounded by hand there (a no-op on a GPU, where the branch is compiled out)."""
+    if _ROUND_BF16_BY_HAND and dtype == tl.bfloat16:
+        b = x.to(tl.uint32, bitcast=True)
+        b = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16
+        x = b.to(tl.float32, bitcast=True)
+    return x.to(dtype)
 
 
 # Elements per [BLOCK_C, BLOCK_S] tile. 4096 keeps 16 elements per thread at 8 warps on a GPU;
@@ -134,7 +147,7 @@ def _copy_add_kernel(
     if HAS_BIAS:  # a per-channel vector (a convolution's bias)
         val += tl.load(bias_ptr + cc, mask=cc < C, other=0.0)[:, None]
     out = out_ptr + tile_offsets(n, t, cc, ss, o_sn, o_st, o_sc, o_ss)
-    tl.store(out, val.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out, store_cast(val, out_ptr.dtype.element_ty), mask=mask)
 
 
 def copy_add(src, residual, bias, out) -> None:

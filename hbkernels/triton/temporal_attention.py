@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hbkernels.triton.layout import INTERPRETED, cdiv, next_pow2
+from hbkernels.triton.layout import INTERPRETED, cdiv, next_pow2, store_cast
 
 LOG2E = 1.4426950408889634
 ATTN_ROW_STATS = 2  # per query row: the max score m (log2 units) and the sum l of exp2(s - m)
@@ -39,15 +39,10 @@ def _rows(ptr, offs_t, stride_t, offs_d, T, D, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _store_rows(ptr, x, offs_t, stride_t, offs_d, T, D, UPCAST: tl.constexpr):
-    if UPCAST and ptr.dtype.element_ty == tl.bfloat16:
-        # The interpreter truncates fp32 -> bf16; round to nearest even by hand, as GPUs do.
-        b = x.to(tl.uint32, bitcast=True)
-        b = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16
-        x = b.to(tl.float32, bitcast=True)
+def _store_rows(ptr, x, offs_t, stride_t, offs_d, T, D):
     mask = (offs_t < T)[:, None] & (offs_d < D)[None, :]
     ptrs = ptr + offs_t.to(tl.int64)[:, None] * stride_t + offs_d[None, :]
-    tl.store(ptrs, x.to(ptr.dtype.element_ty), mask=mask)
+    tl.store(ptrs, store_cast(x, ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -106,7 +101,7 @@ def _attn_fwd_kernel(Q, K, V, O, STATS, H, T, D, qk_scale,
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         m_i = m_new
 
-    _store_rows(O + n * so_n + h * so_h, acc * tl.div_rn(1.0, l_i)[:, None], offs_m, so_t, offs_d, T, D, UPCAST)
+    _store_rows(O + n * so_n + h * so_h, acc * tl.div_rn(1.0, l_i)[:, None], offs_m, so_t, offs_d, T, D)
     if STORE_STATS:  # only a backward reads them (8 bytes per row: 1.5% of the traffic at fp16, D = 64)
         # (for T = 1 the backward's exp2(s - m) / l is 1 exactly, so dq = dk = 0 exactly, as in PyTorch)
         rows = STATS + (bh * T + offs_m) * 2
@@ -154,10 +149,10 @@ def _attn_bwd_dkdv_kernel(Q, K, V, O, DO, STATS, DQ, DK, DV, H, T, D, scale, qk_
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
         if FUSE_DQ:
             dq = tl.dot(ds.to(k.dtype), k, input_precision="ieee") * scale
-            _store_rows(DQ + g_off, dq, offs_m, sg_t, offs_d, T, D, UPCAST)
+            _store_rows(DQ + g_off, dq, offs_m, sg_t, offs_d, T, D)
 
-    _store_rows(DK + g_off, dk * scale, offs_n, sg_t, offs_d, T, D, UPCAST)
-    _store_rows(DV + g_off, dv, offs_n, sg_t, offs_d, T, D, UPCAST)
+    _store_rows(DK + g_off, dk * scale, offs_n, sg_t, offs_d, T, D)
+    _store_rows(DV + g_off, dv, offs_n, sg_t, offs_d, T, D)
 
 
 @triton.jit
@@ -190,7 +185,7 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, STATS, DQ, H, T, D, scale, qk_scale,
         dp = tl.dot(do, tl.trans(v), input_precision="ieee")
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
-    _store_rows(DQ + n * sg_n + h * sg_h, dq * scale, offs_m, sg_t, offs_d, T, D, UPCAST)
+    _store_rows(DQ + n * sg_n + h * sg_h, dq * scale, offs_m, sg_t, offs_d, T, D)
 
 
 # Warps per program of the forward / backward kernels; None: the rules in _config.
