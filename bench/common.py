@@ -254,13 +254,15 @@ class Report:
         lines = [f"# hbkernels benchmark — {self.device}", "",
                  f"date {self.date}, commit {self.commit}, torch {self.torch}{copy}", "",
                  *([f"timing: {self.timing}", ""] if self.timing else []),
-                 "| suite | case | impl | median ms | GB/s | % copy BW | speedup vs eager | vs best other |",
-                 "|---|---|---|---:|---:|---:|---:|---:|"]
+                 "| suite | case | impl | median ms | GB/s | % copy BW | speedup vs eager | vs best other |"
+                 + (" notes |" if any(_notes(r) for r in self.rows) else ""),
+                 "|---|---|---|---:|---:|---:|---:|---:|" + ("---|" if any(_notes(r) for r in self.rows) else "")]
         for r in self.rows:
             best = f"{r.speedup_vs_best_other:.2f}x" if r.speedup_vs_best_other else ""
             vs_eager = f"{r.speedup_vs_eager:.2f}x" if r.speedup_vs_eager else ""  # no eager row in the case
+            notes = f" {_notes(r)} |" if any(_notes(row) for row in self.rows) else ""
             lines.append(f"| {r.suite} | {r.case} | {r.impl} | {r.median_ms:.3f} | {r.gbps:.1f} | "
-                         f"{r.pct_copy_bw:.0f} | {vs_eager} | {best} |")
+                         f"{r.pct_copy_bw:.0f} | {vs_eager} | {best} |{notes}")
         return "\n".join(lines) + "\n"
 
     def plot(self, path: str) -> bool:
@@ -294,6 +296,12 @@ class Report:
         finally:
             plt.close(fig)
         return True
+
+
+def _notes(row: Row) -> str:
+    """A row's text notes for the table (an error, what a knob's setting actually ran): without them a
+    row whose setting fell back to the default reads as a tie with it."""
+    return "; ".join(f"{k}: {v}" for k, v in row.extra.items() if isinstance(v, str)).replace("|", "/")
 
 
 def _nan_to_none(value):

@@ -28,6 +28,7 @@ tarball=${3:-$res.tar}
 mkdir -p "$res"
 export PYTHONUNBUFFERED=1
 
+failed=()
 step() {
     local name=$1 limit=$2 t0=$SECONDS rc
     shift 2
@@ -35,7 +36,9 @@ step() {
     timeout "$limit" "$@" >>"$log" 2>&1
     rc=$?
     echo "=== $name: exit $rc after $((SECONDS - t0))s" | tee -a "$log"
-    tar -cf "$tarball" -C "$res" . 2>/dev/null
+    [ "$rc" -eq 0 ] || failed+=("$name")
+    # a new archive, then renamed over the last: a run killed while packing keeps the previous one
+    tar -cf "$tarball.tmp" -C "$res" . 2>/dev/null && mv -f "$tarball.tmp" "$tarball"
 }
 
 { date -u; echo "commit ${HBKERNELS_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}"
@@ -77,10 +80,15 @@ runpy.run_module('bench', run_name='__main__')" "${GN_KNOBS:-ONE_PASS=True}" --g
     sweep) step sweep "${SWEEP_LIMIT:-180}" python3 -m bench.sweep --quick ${SWEEP_OP:+--op "$SWEEP_OP"} ${SWEEP_KNOB:+--knob "$SWEEP_KNOB"} --out "$res" ;;
     memory_floor) step memory_floor "${FLOOR_LIMIT:-60}" python3 -m bench.memory_floor --quick --out "$res" ;;
     phases) step phases "${PHASES_LIMIT:-90}" python3 -m bench.gn_phases --out "$res" ;;
-    *) echo "unknown step $1" | tee -a "$log" ;;
+    *) echo "unknown step $1" | tee -a "$log"; failed+=("$1") ;;
     esac
 }
 
 for name in ${STEPS:-tests unet_step pipeline ops ops_graph host_overhead}; do
     run_step "$name"
 done
+# every step ran (a failed one does not stop the rest); the exit status says whether any failed
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "=== failed steps: ${failed[*]}" | tee -a "$log"
+    exit 1
+fi

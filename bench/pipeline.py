@@ -79,7 +79,8 @@ def measure(pipe, steps, height, width, frames, repeats):
 class PipelineReport(common.Report):
     def markdown(self) -> str:
         lines = [f"# Text-to-video pipeline latency — {self.device}", "",
-                 f"date {self.date}, commit {self.commit}, torch {self.torch}", "",
+                 f"date {self.date}, commit {self.commit}, torch {self.torch}; medians of "
+                 f"{self.rows[0].extra['repeats'] if self.rows else 0} timed run(s) per case", "",
                  "| case | model | total s | text encode s | denoise s | ms / U-Net call | decode s | peak MiB "
                  "| speedup vs videocrafter2 |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in self.rows:
@@ -114,7 +115,7 @@ def run(report, dev, dtype, sizes, repeats):
         report.add("pipeline", case, label, total, steps=steps,
                    text_encode_s=stages["text_encode"], denoise_s=stages["denoise"], decode_s=stages["decode"],
                    ms_per_unet_call=stages["denoise"] / steps * 1e3, peak_mib=peak,
-                   speedup_vs_videocrafter2=results[case, teacher][1] / total)
+                   speedup_vs_videocrafter2=results[case, teacher][1] / total, repeats=repeats)
 
 
 def main(argv=None):

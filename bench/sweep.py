@@ -262,7 +262,9 @@ def main(argv=None):
     knobs = {"only": args.knob.split(",")} if args.knob else {}
     for op in args.op or (["group_norm"] if args.knob else list(SWEEPS)):
         SWEEPS[op](report, dev, min_time, **knobs)
-    report.save(args.out, "sweep", "float16")
+    # a filtered run must not overwrite the full one
+    ops = [] if args.op is None or set(args.op) == set(SWEEPS) else sorted(set(args.op))
+    report.save(args.out, "sweep", "float16", *ops, *([f"knobs-{common.slug(args.knob)}"] if args.knob else []))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 """The benchmark plumbing: input rotation for DRAM-cold graph timing, and every op suite running."""
 import json
 import os
+import subprocess
+import tarfile
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -453,3 +456,71 @@ def test_gn_phases_says_what_it_needs():
     with pytest.raises(SystemExit) as exit_info:
         gn_phases.main(["--runs", "1"])
     assert exit_info.value.code == 1
+
+
+@pytest.mark.parametrize("fail_tests", [False, True])
+def test_gpu_check_exit_status_and_archive(tmp_path, fail_tests):
+    """bench/gpu_check.sh runs every step whatever the last one did, and its exit status says whether any
+    failed (it was the last archive's, 0 after failed tests). The archive holds the results after each
+    step, renamed into place, with no partial .tmp left beside it."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    (stubs / "nvidia-smi").write_text("#!/bin/sh\necho stub-gpu\n")
+    (stubs / "python3").write_text(  # the tests step exits 1 when asked to; every other command writes a result
+        "#!/bin/sh\ncase \"$*\" in\n"
+        "  *'import xdist'*|*'import pytest_timeout'*) exit 1;;\n"
+        f"  *'-m pytest'*) exit {int(fail_tests)};;\n"
+        "  *) echo result > \"$RES/phases.json\";;\nesac\n")
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    res, tarball = tmp_path / "res", tmp_path / "res.tar"
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "STEPS": "tests phases", "RES": str(res)}
+    script = Path(__file__).parent.parent / "bench" / "gpu_check.sh"
+    proc = subprocess.run(["bash", str(script), str(tmp_path / "log"), str(res), str(tarball)], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == int(fail_tests), proc.stdout + proc.stderr
+    assert ("failed steps: tests" in proc.stdout) == fail_tests
+    assert "=== phases: exit 0" in proc.stdout  # ran after the failed step
+    with tarfile.open(tarball) as tar:
+        assert "./phases.json" in tar.getnames()
+    assert not Path(f"{tarball}.tmp").exists()
+
+
+def test_markdown_notes_what_a_row_actually_ran(tmp_path):
+    """A sweep row whose knob setting fell back to the default kernels says so in the table: without it,
+    such a row read as a tie with the default (a cluster backward "tie" at T26 that never ran)."""
+    report = common.Report(device="test")
+    report.add("suite", "case", "default", 1e-3, 10**6)
+    report.add("suite", "case", "cluster_blocks=8", 1e-3, 10**6, cluster="none: the Triton passes ran",
+               kernel_us={"k": 1.0})
+    lines = report.markdown().splitlines()
+    header = next(line for line in lines if line.startswith("| suite"))
+    assert header.endswith("| notes |")
+    assert lines[-1].endswith("| cluster: none: the Triton passes ran |") and "kernel_us" not in lines[-1]
+    plain = common.Report(device="test")
+    plain.add("suite", "case", "default", 1e-3, 10**6)
+    assert "notes" not in plain.markdown()
+
+
+def test_filtered_sweep_keeps_the_full_sweeps_files(tmp_path, monkeypatch):
+    """A sweep of one op or some knobs writes files of its own name, not over the full sweep's."""
+    from bench import sweep
+
+    saved = []
+    monkeypatch.setattr(sweep.common, "graph_report", lambda parser, why: ("cuda", common.Report(device="H100")))
+    monkeypatch.setattr(sweep.common.Report, "save", lambda self, out, *parts: saved.append(parts))
+    monkeypatch.setattr(sweep, "SWEEPS", {"group_norm": lambda *a, **k: None, "temporal_attention": lambda *a, **k: None})
+    sweep.main(["--out", str(tmp_path)])
+    sweep.main(["--op", "temporal_attention", "--out", str(tmp_path)])
+    sweep.main(["--op", "group_norm", "--knob", "ONE_PASS,CLUSTER_FORWARD", "--out", str(tmp_path)])
+    assert saved[0] == ("sweep", "float16")
+    assert len(set(saved)) == 3
+
+
+def test_pipeline_table_says_how_many_runs_its_medians_take():
+    from bench import pipeline
+
+    report = pipeline.PipelineReport(device="test")
+    report.add("pipeline", "320x512 T16", "hummingbird", 2.0, steps=4, text_encode_s=0.01, denoise_s=1.5, decode_s=0.4,
+               ms_per_unet_call=375.0, peak_mib=1000.0, speedup_vs_videocrafter2=5.0, repeats=1)
+    assert "medians of 1 timed run(s) per case" in report.markdown()
