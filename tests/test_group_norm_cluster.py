@@ -387,6 +387,15 @@ def test_emulated_cooperative_forward_against_float64(emulated, monkeypatch, dty
                    cooperative=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_emulated_backward_of_a_group_wider_than_a_block(emulated, monkeypatch, dtype):
+    """A channels-last group with more 4-byte units per position than the block has threads (one group
+    of 640 fp32 / 1280 fp16 channels: 640 units against 512 threads): the backward's per-channel sums
+    had no thread active and left every sum 0 (dbias 0, dx without its two correction terms)."""
+    check_emulated(emulated, monkeypatch, dtype, (1, 640 * 4 // dtype.itemsize, 1, 4), 1, None, "silu", False, "fp32",
+                   "channels_last")
+
+
 @pytest.mark.parametrize("case", [0, 1, 3, 4])
 @pytest.mark.parametrize("stages", [2, 3])
 @pytest.mark.parametrize("layout_name", ["nchw", "channels_last"])

@@ -550,6 +550,28 @@ gn_cluster_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, T* __re
         }
       }
     }
+  } else if (cpg / kU > kThreads) {
+    // More columns (units per position) than threads, e.g. one group of 640 fp32 channels: the scheme
+    // below would leave no thread active. Each thread sums whole columns over the block's positions,
+    // alone, so its sums go straight to shared memory.
+    const int columns = cpg / kU;
+    for (int col = tid; col < columns; col += kThreads) {
+      float s1[kU] = {}, s2[kU] = {};
+      for (int i = col; i < nu; i += columns) {
+        float dz[kU], xh[kU];
+        dz_xhat(i, col * kU, dz, xh);
+#pragma unroll
+        for (int j = 0; j < kU; ++j) {
+          s1[j] += dz[j];
+          s2[j] += dz[j] * xh[j];
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kU; ++j) {
+        sums[col * kU + j] = s1[j];
+        sums[cpg + col * kU + j] = s2[j];
+      }
+    }
   } else {
     // Every position holds the group's cpg / kU units (columns); the block starts on a position (the
     // plan aligns it) and its `active` threads step over whole positions, so each thread keeps to one
