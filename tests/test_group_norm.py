@@ -573,6 +573,29 @@ def test_group_norm_fp32_bias_gradient_past_fp16_range(backend_name):
     torch.testing.assert_close(db, torch.full_like(b, 64 * 32 * 4 * 16.0))
 
 
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last_3d], ids=["contiguous", "channels_last"])
+def test_group_norm_of_constant_groups_is_the_bias(backend_name, fmt):
+    """fp32 groups of one repeated value: the variance is exactly 0 and y exactly the bias. The Triton
+    statistics merged equal lane means with rounded weights, an ulp or two off the value, and normalised
+    that error times 1/sqrt(eps) to outputs 0.06 off the bias (the cluster kernels alike)."""
+    values = torch.tensor([3333.3333, -7.77, 123.456, 0.1], device=DEVICE).repeat_interleave(8)  # 4 groups of 8
+    x = values.view(1, 32, 1, 1, 1).expand(2, 32, 3, 10, 13).contiguous(memory_format=fmt).requires_grad_()
+    w, b = rand(32, mean=1.0, requires_grad=True), rand(32, requires_grad=True)
+    with hbkernels.use_backend(backend_name):
+        y = hbkernels.group_norm(x, 4, w, b, activation="silu")
+    torch.testing.assert_close(y, torch.nn.functional.silu(b).view(1, 32, 1, 1, 1).expand_as(y), atol=1e-6, rtol=0)
+    dy = torch.randn_like(y)
+    with hbkernels.use_backend(backend_name):
+        got = torch.autograd.grad(y, [x, w, b], dy)
+    # contiguous: torch's float64 channels-last GroupNorm is itself off by the size of dx on such groups
+    x64, w64, b64 = (t.detach().double().contiguous().requires_grad_() for t in (x, w, b))
+    want = torch.autograd.grad(torch.nn.functional.silu(torch.nn.functional.group_norm(x64, 4, w64, b64)),
+                               [x64, w64, b64], dy.double())
+    for g, h in zip(got, want):  # dweight is 0 but for float64's own rounding (1e-8)
+        torch.testing.assert_close(g.double(), h, rtol=1e-4, atol=1e-4 * h.abs().max().item() + 1e-6)
+
+
 @pytest.mark.parametrize("backend_name", CPP)
 def test_group_norm_channels_last_large_mean_as_accurate_as_contiguous(backend_name):
     """fp32, mean 1000 and spread 1: the C++ channels-last statistics took the rounded first-pass mean

@@ -387,6 +387,43 @@ def test_emulated_cooperative_forward_against_float64(emulated, monkeypatch, dty
                    cooperative=True)
 
 
+@pytest.mark.parametrize("cooperative", [False, True])
+@pytest.mark.parametrize("layout_name", ["nchw", "channels_last"])
+def test_emulated_forward_of_constant_groups_is_the_bias(emulated, monkeypatch, cooperative, layout_name):
+    """fp32 groups of one repeated value, held by 2 blocks each: the mean is that value and the output
+    exactly the bias. Each thread's batch mean was a plain sum / count, an ulp or two off the value, and
+    the normalisation multiplied that by 1/sqrt(eps) (outputs 0.06 off the bias)."""
+    monkeypatch.setattr(cluster, "_library", lambda: emulated)
+    shape, groups = (1, 16, 4, 256), 4
+    values = torch.tensor([3333.3333, -7.77, 123.456, 0.1]).repeat_interleave(4)
+    x = values.view(1, 16, 1, 1).expand(shape).contiguous()
+    x = x.contiguous(memory_format=torch.channels_last) if layout_name == "channels_last" else x
+    w, b = rand(16, mean=1.0, device="cpu"), rand(16, device="cpu")
+    y = torch.full_like(x, float("nan"))
+    mean, rstd = torch.full((1, groups), float("nan")), torch.full((1, groups), float("nan"))
+    p = emulated_plan(emulated, shape, groups, 4, layout_name, None if cooperative else 2, False, cooperative)
+    assert p.blocks >= 2
+    cluster.launch_fwd(p, layout_name, 0, 0, x, w, b, None, y, mean, rstd, groups, 1e-5, False)
+    assert torch.equal(mean, values[::4].view(1, groups))
+    torch.testing.assert_close(rstd, torch.full_like(rstd, 1e-5 ** -0.5), rtol=1e-6, atol=0)  # variance 0
+    torch.testing.assert_close(y, b.view(1, 16, 1, 1).expand_as(y), atol=1e-6, rtol=0)
+    if cooperative:
+        return
+    # the backward's xhat on groups spread 0.01 about those values: x * rstd - mean * rstd rounded at their
+    # magnitude (3e5) was 0.03 off, 3% of xhat
+    noise = rand(*shape, device="cpu")
+    x = torch.empty_like(x).copy_(x + 0.01 * noise)  # x's layout
+    # dy along xhat, so that xhat's error reaches dx through c2 = mean(w dy xhat)
+    dy, dx = torch.empty_like(x).copy_(noise + rand(*shape, device="cpu")), torch.full_like(x, float("nan"))
+    x64, w64, b64 = (v.double().contiguous().requires_grad_() for v in (x, w, b))
+    z64 = x64.detach().reshape(1, groups, -1)
+    mean, rstd = z64.mean(-1).float(), (z64.var(-1, unbiased=False) + 1e-5).rsqrt().float()
+    p = emulated_plan(emulated, shape, groups, 4, layout_name, None, backward=True)
+    cluster.launch_bwd(p, layout_name, 0, 0, dy, x, w, b, None, mean, rstd, dx, None, None, groups, False)
+    (want,) = torch.autograd.grad(torch.nn.functional.group_norm(x64, groups, w64, b64), [x64], dy.double())
+    torch.testing.assert_close(dx.double(), want, rtol=1e-3, atol=1e-3 * want.abs().max().item())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_emulated_backward_of_a_group_wider_than_a_block(emulated, monkeypatch, dtype):
     """A channels-last group with more 4-byte units per position than the block has threads (one group

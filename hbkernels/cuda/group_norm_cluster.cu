@@ -323,18 +323,25 @@ gn_cluster_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const void* __
     }
     if (count == 0) return;
     const float m = sum / count;
-    float m2 = 0.f;
+    float dev = 0.f, m2 = 0.f;
     at = walk;
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       if (kWhole || base + u * kThreads + tid < nu) {
 #pragma unroll
-        for (int j = 0; j < kU; ++j) m2 += (value(u, j, at) - m) * (value(u, j, at) - m);
+        for (int j = 0; j < kU; ++j) {
+          const float d = value(u, j, at) - m;
+          dev += d;
+          m2 += d * d;
+        }
       }
       if (kShift) layout.advance(at, stride);
     }
     if (kShift) walk = at;
-    st = merge(st, Stats{static_cast<float>(count), m, m2});
+    // the mean's own rounding taken out (corrected two-pass): equal values give their value and M2 = 0
+    // exactly, so a constant group normalises to the bias, not to that rounding times 1/sqrt(eps)
+    const float corr = dev / count;
+    st = merge(st, Stats{static_cast<float>(count), m + corr, fmaxf(m2 - dev * corr, 0.f)});
   };
   using Yes = std::true_type;
   using No = std::false_type;
@@ -414,11 +421,12 @@ gn_cluster_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const void* __
     if constexpr (!kCooperative) __cluster_barrier_arrive_relaxed();
     __syncthreads();
 
-    // 3. per-channel y = x * a + b: a = rstd * w, b = bias + (shift - mean) * a (w and bias as staged)
+    // 3. per-channel y = (x - o) * a + b: o = mean - shift, a = rstd * w (w and bias as staged). Not
+    // x * a + (b - o * a), one instruction less: where |mean| * rstd is large that sum rounds at the
+    // magnitude of o * a (an output 0.04 off the bias for a group of 3333.33s)
     for (int c = tid; c < cpg; c += kThreads) {
-      const float a = group_rstd * coef[c];
-      coef[c] = a;
-      coef[cpg + c] += (shift_c[c] - group_mean) * a;
+      coef[c] *= group_rstd;
+      coef[2 * cpg + c] = group_mean - shift_c[c];
     }
     __syncthreads();
 
@@ -431,7 +439,7 @@ gn_cluster_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const void* __
 #pragma unroll
       for (int j = 0; j < kU; ++j) {
         const int c = L::channel_of(walk.ch, j);
-        float z = to_float(v.e[j]) * coef[c] + coef[cpg + c];
+        float z = (to_float(v.e[j]) - coef[2 * cpg + c]) * coef[c] + coef[cpg + c];
         if constexpr (kSilu) z *= sigmoid<sizeof(T) == 4>(z);
         out.e[j] = from_float<T>(z);
       }
@@ -462,7 +470,7 @@ gn_cluster_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, T* __re
   using Unit = typename L::Unit;
   using P = Packed<T, Unit>;
   constexpr int kU = L::kU;
-  // x's units, dy's units, then per channel: w, o = (shift - mean) * rstd, b, this block's S1 and S2 (read
+  // x's units, dy's units, then per channel: w, o = mean - shift, b, this block's S1 and S2 (read
   // by the cluster's other blocks), the group's S1 and S2; channels-last: then 32 per channel of
   // per-warp partial sums
   extern __shared__ uint4 smem_raw[];
@@ -496,7 +504,7 @@ gn_cluster_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, T* __re
   const float m = mean[n * mean_stride_n + g * mean_stride_g];
   for (int c = tid; c < cpg; c += kThreads) {
     w[c] = param<T>(weight, params_fp32 & 1, c0 + c, 1.f);
-    o[c] = ((shift != nullptr ? shift[static_cast<long long>(n) * channels + c0 + c] : 0.f) - m) * r;
+    o[c] = m - (shift != nullptr ? shift[static_cast<long long>(n) * channels + c0 + c] : 0.f);
     b[c] = param<T>(bias, params_fp32 & 2, c0 + c, 0.f);
     sums[c] = sums[cpg + c] = 0.f;
   }
@@ -514,7 +522,7 @@ gn_cluster_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, T* __re
 #pragma unroll
     for (int j = 0; j < kU; ++j) {
       const int cj = L::channel_of(c, j);
-      xh[j] = to_float(xv.e[j]) * r + o[cj];
+      xh[j] = (to_float(xv.e[j]) - o[cj]) * r;  // not x * r - o * r: see the forward's step 3
       dz[j] = to_float(dv.e[j]);
       if constexpr (kSilu) {
         const float z = xh[j] * w[cj] + b[cj];

@@ -45,6 +45,11 @@ def _ln_fwd_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, s_ptr, mean_ptr, rstd_ptr,
     cf = tl.cast(C, tl.float32)  # C == 1 arrives as a constexpr int (JIT specialisation)
     mean = tl.div_rn(tl.sum(x, axis=1), cf)
     d = tl.where(mask, x - mean[:, None], 0.0)
+    # the mean's own rounding, taken out (corrected two-pass): a constant row's deviations are then exactly
+    # 0, and it normalises to the bias, not to its mean's rounding error times 1/sqrt(eps)
+    corr = tl.div_rn(tl.sum(d, axis=1), cf)
+    mean += corr
+    d = tl.where(mask, d - corr[:, None], 0.0)
     rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(tl.sum(d * d, axis=1), cf) + eps))
     y = d * rstd[:, None]
     if HAS_W:
