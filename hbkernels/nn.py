@@ -23,12 +23,15 @@ class GroupNorm(nn.GroupNorm):
     def forward(self, x, shift=None):
         """``shift`` (N, C), optional: added to x per sample and channel before normalising (see
         :func:`hbkernels.group_norm`)."""
+        return self._norm(x, shift, self.activation)
+
+    def _norm(self, x, shift, activation):
         if x.dim() in (4, 5):
-            return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.activation, shift)
+            return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, activation, shift)
         if x.dim() < 2:
             raise ValueError(f"x must be (N, C, *spatial), got shape {tuple(x.shape)}")
         flat = x.reshape(*x.shape[:2], math.prod(x.shape[2:]), 1)  # (N, C, L) and (N, C) as 4D; N may be 0
-        return group_norm(flat, self.num_groups, self.weight, self.bias, self.eps, self.activation, shift).view(x.shape)
+        return group_norm(flat, self.num_groups, self.weight, self.bias, self.eps, activation, shift).view(x.shape)
 
     def extra_repr(self):
         return super().extra_repr() + (f", activation={self.activation!r}" if self.activation else "")

@@ -18,8 +18,11 @@ with it (read from diffusers' source), so subclasses that may override a forward
   embedding itself (``group_norm(..., shift=temb)``), saving the broadcast-add pass.
 
 Patch before adding hooks (accelerate's offload, diffusers' layerwise casting or group offload):
-replaced modules do not carry hooks over. Hooked convolutions and norms are called as modules, so
-their hooks run (their biases are then not fused into the next op).
+a module that already runs hooks when ``apply_to`` meets it is left as it is, with its SiLU (a
+warning counts them), since its hooks wrap the forward it has. Hooks added after patching run:
+hooked convolutions and norms are called as modules (their biases are then not fused into the next
+op), and a hooked fused GroupNorm leaves its SiLU to the module after it, so that its hooks see, and
+may replace, the norm's own output.
 ``model.set_attn_processor(AttnProcessor2_0())`` puts diffusers' attention back everywhere (the
 patched forwards work with any processor); ``set_default_attn_processor`` refuses, as diffusers does
 for every model holding a processor class of its own lists.
@@ -61,9 +64,17 @@ class _TaggedSiLUGroupNorm(hbnn.GroupNorm):
     become an identity."""
 
     def forward(self, x, shift=None):
-        out = super().forward(x, shift)
+        if _runs_forward_hooks(self):  # the hooks get the norm's output, as unpatched; the SiLU comes after
+            return self._norm(x, shift, None)
+        out = self._norm(x, shift, "silu")
         out._hbkernels_silu_applied = True
         return out
+
+
+def _runs_forward_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs forward hooks: its own, or global ones."""
+    return hbnn.runs_hooks(module) or bool(nn.modules.module._global_forward_hooks
+                                          or nn.modules.module._global_forward_pre_hooks)
 
 
 class _SiLUUnlessFused(nn.SiLU):
@@ -87,38 +98,49 @@ def _silu_after_norms(module, d):
     return None
 
 
-def _fuse_silu(model, d) -> None:
+def _unhooked(module, cls, hooked: list) -> bool:
+    """``module`` is exactly a ``cls`` and runs no hooks; a hooked one is noted in ``hooked``, not patched:
+    its hooks wrap the forward it has, which a copy would run instead of the patched one."""
+    if type(module) is not cls:
+        return False
+    if hbnn.runs_hooks(module):
+        hooked.append(module)
+        return False
+    return True
+
+
+def _fuse_silu(model, d, hooked: list) -> None:
     for owner in list(model.modules()):
         if type(owner) is nn.Sequential:
-            # the order is the data flow: GroupNorm then SiLU fuse, the SiLU becomes Identity
+            # the order is the data flow: a GroupNorm then a SiLU fuse, the SiLU passing the fused output on
             for i in range(len(owner) - 1):
-                if type(owner[i]) is nn.GroupNorm and type(owner[i + 1]) is nn.SiLU:
-                    owner[i] = hbnn.GroupNorm.from_torch(owner[i], activation="silu")
-                    owner[i + 1] = nn.Identity()
+                if _unhooked(owner[i], nn.GroupNorm, hooked) and _unhooked(owner[i + 1], nn.SiLU, hooked):
+                    owner[i] = _TaggedSiLUGroupNorm.from_torch(owner[i], activation="silu")
+                    owner[i + 1] = _SiLUUnlessFused(inplace=owner[i + 1].inplace)
             continue
         found = _silu_after_norms(owner, d)
-        if found is None or type(getattr(owner, found[0], None)) is not nn.SiLU:
+        if found is None or not _unhooked(getattr(owner, found[0], None), nn.SiLU, hooked):
             continue  # only SiLU (diffusers' "silu"/"swish") is fused
         act_name, norm_names = found
-        norm_names = [n for n in norm_names if type(getattr(owner, n, None)) is nn.GroupNorm]
+        norm_names = [n for n in norm_names if _unhooked(getattr(owner, n, None), nn.GroupNorm, hooked)]
         for name in norm_names:
             setattr(owner, name, _TaggedSiLUGroupNorm.from_torch(getattr(owner, name), activation="silu"))
         if norm_names:
             setattr(owner, act_name, _SiLUUnlessFused(inplace=getattr(owner, act_name).inplace))
 
 
-def _swap_group_norms(model) -> None:
+def _swap_group_norms(model, hooked: list) -> None:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is nn.GroupNorm:
+            if _unhooked(child, nn.GroupNorm, hooked):
                 setattr(parent, name, hbnn.GroupNorm.from_torch(child))
 
 
-def _swap_layer_norms(model) -> None:
+def _swap_layer_norms(model, hooked: list) -> None:
     # a drop-in whatever the owner does with the output; LayerNorms over several dims keep torch's path
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is nn.LayerNorm and len(child.normalized_shape) == 1:
+            if _unhooked(child, nn.LayerNorm, hooked) and len(child.normalized_shape) == 1:
                 setattr(parent, name, hbnn.LayerNorm.from_torch(child))
 
 
@@ -197,7 +219,7 @@ def _install_attention(model, d) -> None:
             # self-attention only (cross-attention runs over text/image tokens, not frames), and
             # only over diffusers' default processors, whose semantics the fast path reproduces
             if (
-                isinstance(attn, d["Attention"])
+                type(attn) is d["Attention"]  # a subclass may override what the fast path reimplements
                 and not attn.is_cross_attention
                 and not attn.only_cross_attention
                 and attn.added_kv_proj_dim is None
@@ -210,14 +232,14 @@ def _install_attention(model, d) -> None:
 # GEGLU
 
 
-def _swap_geglu(model, d) -> None:
+def _swap_geglu(model, d, hooked: list) -> None:
     # diffusers' GEGLU always uses exact (erf) GELU, like hbkernels.geglu; the tanh variant is a
     # different class (ApproximateGELU) and is left alone.
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is d["GEGLU"]:
+            if _unhooked(child, d["GEGLU"], hooked):
                 fused = hbnn.GEGLU.__new__(hbnn.GEGLU)
-                fused.__dict__.update(child.__dict__)  # the same proj, hooks and training flag
+                fused.__dict__.update(child.__dict__)  # the same proj and training flag
                 setattr(parent, name, fused)
 
 
@@ -331,7 +353,7 @@ def _swap_layout(model, d) -> None:
         if (
             name in _TEMPORAL_LAYOUTS
             and type(module) is d[name]
-            and isinstance(getattr(module, "norm", None), nn.GroupNorm)
+            and type(getattr(module, "norm", None)) in (nn.GroupNorm, hbnn.GroupNorm)  # not a subclass's forward
         ):
             module.__class__ = _fused_class(name)
 
@@ -417,21 +439,27 @@ def apply_to(model: nn.Module, *, group_norm: bool = True, layer_norm: bool = Tr
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     d = _diffusers_classes()
+    hooked = []
     if group_norm:
-        _fuse_silu(model, d)
-        _swap_group_norms(model)
+        _fuse_silu(model, d, hooked)
+        _swap_group_norms(model, hooked)
     if layer_norm:
-        _swap_layer_norms(model)
+        _swap_layer_norms(model, hooked)
     if attention and d["Attention"] is not None:
         _install_attention(model, d)
     if geglu and d["GEGLU"] is not None:
-        _swap_geglu(model, d)
+        _swap_geglu(model, d, hooked)
     if layout:
         _swap_layout(model, d)
     if time_embedding and d["ResnetBlock2D"] is not None:
         _swap_time_embedding(model, d)
     summary = _summary(model)
     model._hbkernels_patched = summary
+    hooked = list({id(m): m for m in hooked}.values())
+    if hooked:
+        warnings.warn(f"hbkernels.apply_to: left {len(hooked)} modules that already run hooks (accelerate's "
+                      "offload, diffusers' layerwise casting or group offload) unpatched; call apply_to before "
+                      "adding hooks", RuntimeWarning, stacklevel=2)
     if not any(summary.values()):
         warnings.warn(f"hbkernels.apply_to: found nothing to patch in {type(model).__name__}", RuntimeWarning,
                       stacklevel=2)

@@ -267,9 +267,11 @@ def test_unknown_model_warns():
         hbkernels.apply_to(torch.nn.Linear(2, 2))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        model = hbkernels.apply_to(torch.nn.Sequential(torch.nn.GroupNorm(2, 4), torch.nn.SiLU()))
+        reference = torch.nn.Sequential(torch.nn.GroupNorm(2, 4), torch.nn.SiLU())
+        model = hbkernels.apply_to(copy.deepcopy(reference))
     assert model._hbkernels_patched["group_norm_silu"] == 1
-    assert isinstance(model[1], torch.nn.Identity)
+    x = torch.randn(2, 4, 3, 3)
+    torch.testing.assert_close(model(x), reference(x))  # the SiLU once, in the norm
 
 
 def _attention_through_processor(**attn_kwargs):
@@ -432,3 +434,98 @@ def test_layerwise_casting_after_patching(which):
         out = plain(**inputs).sample
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-4 * ref.abs().max().item())
     assert hooks_seen.count(True) == hooks_seen.count(False)  # the temporal norms' hooks ran when patched too
+
+
+def _wrap_forward(module):
+    """A forward bound on the instance, around the class's, as accelerate's and diffusers' hooks install."""
+    inner = module.forward
+    module.forward = lambda *args, **kwargs: inner(*args, **kwargs)
+
+
+@pytest.mark.parametrize("which", list(MODELS))
+def test_modules_hooked_before_patching_are_left_alone(which):
+    """Norms whose forward was wrapped (accelerate's offload) before apply_to: each copy ran the old
+    bound forward, so the time-embedding shift met torch's GroupNorm (TypeError) and fused SiLUs were
+    lost. Hooked modules now stay as they are, with a warning, and the output is the unpatched one."""
+    torch.manual_seed(0)
+    model, inputs = MODELS[which][0]()
+    model.eval()
+    for m in model.modules():  # TemporalConvLayer's last conv starts at 0: a lost SiLU there would not show
+        if type(m).__name__ == "TemporalConvLayer":
+            torch.nn.init.normal_(m.conv4[-1].weight, 0, 0.1)
+        if type(m) is torch.nn.GroupNorm:
+            _wrap_forward(m)
+    patched_model = copy.deepcopy(model)
+    with pytest.warns(RuntimeWarning, match="already run hooks"):
+        hbkernels.apply_to(patched_model)
+    assert patched_model._hbkernels_patched["group_norm"] == 0
+    with torch.no_grad():
+        ref, out = model(**inputs).sample, patched_model(**inputs).sample
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+def test_accelerate_offload_before_patching():
+    accelerate = pytest.importorskip("accelerate")
+    torch.manual_seed(0)
+    model, inputs = unet3d()
+    model.eval()
+    with torch.no_grad():
+        ref = model(**inputs).sample
+    accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+    with pytest.warns(RuntimeWarning, match="already run hooks"):
+        hbkernels.apply_to(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).sample, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_forward_hook_on_a_fused_norm_sees_the_norms_output():
+    """A forward hook added after patching on a norm whose SiLU is fused gets the norm's output and its
+    return value goes through the SiLU, as unpatched: a hook returning a new tensor (a copy, a cast) lost
+    the fused output's mark and had SiLU applied twice."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    torch.manual_seed(0)
+    block = ResnetBlock2D(in_channels=16, temb_channels=8, groups=4).eval()
+    x, temb = torch.randn(2, 16, 5, 5), torch.randn(2, 8)
+    patched_block = hbkernels.apply_to(copy.deepcopy(block))
+    seen = {}
+    for name, b in (("torch", block), ("hbkernels", patched_block)):
+        b.norm1.register_forward_hook(lambda mod, args, out, name=name: seen.setdefault(name, out.clone()) * 1.5)
+    sequential = torch.nn.Sequential(torch.nn.GroupNorm(4, 16), torch.nn.SiLU())
+    patched_sequential = hbkernels.apply_to(copy.deepcopy(sequential))
+    for s in (sequential, patched_sequential):
+        s[0].register_forward_hook(lambda mod, args, out: out * 1.5)
+    with torch.no_grad():
+        torch.testing.assert_close(patched_block(x, temb), block(x, temb), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(patched_sequential(x), sequential(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(seen["hbkernels"], seen["torch"], rtol=1e-5, atol=1e-5)
+
+
+def test_subclasses_in_temporal_transformers_are_left_alone():
+    """A GroupNorm or Attention subclass (which may override forward or get_attention_scores) inside a
+    temporal transformer keeps its own code: the layout patch read the norm's weights itself and the
+    attention processor reimplemented diffusers' Attention, bypassing both."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+
+    class HalvedGroupNorm(torch.nn.GroupNorm):
+        def forward(self, x):
+            return super().forward(x) * 0.5
+
+    class SharperAttention(Attention):
+        def get_attention_scores(self, query, key, attention_mask=None):
+            return super().get_attention_scores(query * 3.0, key, attention_mask)
+
+    model, x, frames = _temporal_transformer()
+    norm = model.norm
+    model.norm = HalvedGroupNorm(norm.num_groups, norm.num_channels, norm.eps)
+    model.norm.load_state_dict(norm.state_dict())
+    block = model.transformer_blocks[0]
+    attn = SharperAttention(query_dim=16, heads=2, dim_head=8, processor=AttnProcessor())
+    attn.load_state_dict(block.attn1.state_dict())
+    block.attn1 = attn
+    with torch.no_grad():
+        ref = model(x, num_frames=frames).sample
+        hbkernels.apply_to(model)
+        out = model(x, num_frames=frames).sample
+    assert model._hbkernels_patched["temporal_layout"] == 0 and type(block.attn1.processor) is AttnProcessor
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
