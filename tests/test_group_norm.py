@@ -264,7 +264,11 @@ def check_silu_group_norm(shape, groups, backend_name, dtype, with_shift):
     def fn(x, w, b, shift=None):
         return hbkernels.group_norm(x, groups, w, b, activation="silu", shift=shift)
 
-    check_against_float64(fn, inputs, backend_name, dtype)
+    # the shift's gradient sums dx over each (n, c) plane, a sum that cancels: its rounding is at the
+    # scale of its terms. At its own scale, PyTorch's error over 12 sums was a yardstick whose draws put
+    # unchanged kernels from 0.3x to 2.3x of the bound (30 seeds, one-pass backward, fp32).
+    scales = {"grad[3]": lambda ref: ref[1].abs().sum(dim=tuple(range(2, ref[1].dim()))).max().item()}
+    check_against_float64(fn, inputs, backend_name, dtype, scales=scales if with_shift else None)
 
 
 def one_pass_calls(monkeypatch, min_tile):

@@ -341,7 +341,7 @@ def _per_lane_stats(x_n, first, last, cc, cmask, ar, S, n_sb, sxc, sxt, sxs,
     # output values up to 0.2 where the answer is the bias
     total = tl.sum(cnt, axis=0)
     ref = tl.sum(tl.where((ar == 0)[None, :], mean, 0.0), axis=1)
-    chunk_mean = ref + tl.sum((mean - ref[:, None]) * (cnt * tl.div_rn(1.0, total))[None, :], axis=1)
+    chunk_mean = ref + tl.div_rn(tl.sum((mean - ref[:, None]) * cnt[None, :], axis=1), total)
     d = mean - chunk_mean[:, None]
     return chunk_mean, tl.sum(m2 + d * d * cnt[None, :], axis=1)
 
