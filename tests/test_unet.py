@@ -429,6 +429,14 @@ def test_fused_qkv_projections_keep_adapters(tiny, adapted):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
+def merge_adapters(model):
+    """peft's LoRA layers in ``model`` merged into their base layers' weights."""
+    from peft.tuners.lora import LoraLayer
+
+    for layer in (m for m in model.modules() if isinstance(m, LoraLayer)):
+        layer.merge()
+
+
 @pytest.mark.parametrize("adapted", ["before", "after"])
 def test_fused_qkv_projections_with_peft_lora(tiny, adapted):
     """The same with peft's own LoRA layers (whose .weight is the base layer's: fused, they would
@@ -436,8 +444,6 @@ def test_fused_qkv_projections_with_peft_lora(tiny, adapted):
     import copy
 
     peft = pytest.importorskip("peft")
-    from peft.tuners.lora import LoraLayer
-
     config = peft.LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
                              init_lora_weights=False)  # random up-projections: the adapters change the output
     model = copy.deepcopy(tiny)
@@ -454,8 +460,7 @@ def test_fused_qkv_projections_with_peft_lora(tiny, adapted):
         got = model(x, 10, ctx).sample
         merged = copy.deepcopy(model)
         merged.unfuse_qkv_projections()
-        for layer in (m for m in merged.modules() if isinstance(m, LoraLayer)):
-            layer.merge()
+        merge_adapters(merged)
         want = merged(x, 10, ctx).sample
         plain = tiny(x, 10, ctx).sample
     assert not torch.allclose(want, plain, atol=1e-3)
@@ -504,8 +509,6 @@ def test_lora_on_every_linear_and_conv(tiny):
     import copy
 
     peft = pytest.importorskip("peft")
-    from peft.tuners.lora import LoraLayer
-
     model = copy.deepcopy(tiny)
     targets = [name for name, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d,
                                                                            torch.nn.Conv2d, torch.nn.Conv3d))]
@@ -516,8 +519,7 @@ def test_lora_on_every_linear_and_conv(tiny):
         peft.inject_adapter_in_model(peft.LoraConfig(r=2, lora_alpha=2, target_modules=targets,
                                                      init_lora_weights=False), model)
         adapted = model(x, 10, ctx).sample
-        for layer in (m for m in model.modules() if isinstance(m, LoraLayer)):
-            layer.merge()
+        merge_adapters(model)
         merged = model(x, 10, ctx).sample
         plain = tiny(x, 10, ctx).sample
     assert not torch.allclose(adapted, plain, atol=1e-3)
