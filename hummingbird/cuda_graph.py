@@ -80,9 +80,12 @@ class CUDAGraphCall:
 
     def _capture(self, args, kwargs, device):
         # a static input per argument position, even where the first call passes one tensor twice:
-        # later calls of the signature may pass two, and each must land in its own buffer
-        s_args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
-        s_kwargs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        # later calls of the signature may pass two, and each must land in its own buffer. Normal tensors
+        # even under inference_mode (which the signature does not hold): a later call of the signature
+        # under no_grad copies into them, which an inference tensor refuses
+        with torch.inference_mode(False):
+            s_args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+            s_kwargs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         with torch.cuda.device(device):
             graph, out = capture(lambda: self.fn(*s_args, **s_kwargs), self.warmup)
         if not isinstance(out, torch.Tensor):

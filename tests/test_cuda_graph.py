@@ -111,6 +111,22 @@ def test_each_argument_position_gets_its_own_static_input(monkeypatch):
     torch.testing.assert_close(out, torch.zeros(3))
 
 
+def test_static_inputs_captured_under_inference_mode_take_later_calls(monkeypatch):
+    """A graph first captured under torch.inference_mode had inference tensors as static inputs: the next
+    call of its signature under no_grad (the pipeline's own mode, the same signature) failed to copy
+    into them ("Inplace update to inference tensor outside InferenceMode")."""
+    from hummingbird import cuda_graph
+
+    monkeypatch.setattr(cuda_graph, "capture", lambda fn, warmup: (None, fn()))  # capturing needs a GPU
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    x = torch.randn(3)
+    with torch.inference_mode():
+        static, _, out = CUDAGraphCall(lambda a: a * 2)._capture((x,), {}, "cpu")
+    with torch.no_grad():
+        static[0].copy_(torch.ones(3))
+        torch.testing.assert_close(out.clone(), x * 2)
+
+
 def test_signature_holds_grad_mode_and_autocast():
     """A graph captured under one mode replayed silently under another (fp16 kernels under autocast)."""
     from hummingbird.cuda_graph import _signature
