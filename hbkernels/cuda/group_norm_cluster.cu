@@ -532,6 +532,17 @@ gn_cluster_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, T* __re
     }
   };
 
+  // channels-last: unit i (its first channel c) added to per-element sums s1 += dz, s2 += dz * xhat
+  auto add_unit = [&](int i, int c, float* s1, float* s2) {
+    float dz[kU], xh[kU];
+    dz_xhat(i, c, dz, xh);
+#pragma unroll
+    for (int j = 0; j < kU; ++j) {
+      s1[j] += dz[j];
+      s2[j] += dz[j] * xh[j];
+    }
+  };
+
   // 2. this block's S1, S2 per channel
   if constexpr (!kChannelsLast) {
     // one block-wide sum per channel the block's units touch (a unit lies within one channel)
@@ -565,15 +576,7 @@ gn_cluster_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, T* __re
     const int columns = cpg / kU;
     for (int col = tid; col < columns; col += kThreads) {
       float s1[kU] = {}, s2[kU] = {};
-      for (int i = col; i < nu; i += columns) {
-        float dz[kU], xh[kU];
-        dz_xhat(i, col * kU, dz, xh);
-#pragma unroll
-        for (int j = 0; j < kU; ++j) {
-          s1[j] += dz[j];
-          s2[j] += dz[j] * xh[j];
-        }
-      }
+      for (int i = col; i < nu; i += columns) add_unit(i, col * kU, s1, s2);
 #pragma unroll
       for (int j = 0; j < kU; ++j) {
         sums[col * kU + j] = s1[j];
@@ -589,15 +592,7 @@ gn_cluster_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, T* __re
     const int columns = cpg / kU, active = kThreads / columns * columns, lane = tid & 31, warp = tid >> 5;
     float s1[kU] = {}, s2[kU] = {};
     if (tid < active) {
-      for (int i = tid; i < nu; i += active) {
-        float dz[kU], xh[kU];
-        dz_xhat(i, tid % columns * kU, dz, xh);
-#pragma unroll
-        for (int j = 0; j < kU; ++j) {
-          s1[j] += dz[j];
-          s2[j] += dz[j] * xh[j];
-        }
-      }
+      for (int i = tid; i < nu; i += active) add_unit(i, tid % columns * kU, s1, s2);
     }
     for (int off = columns; off < 32; off *= 2) {
 #pragma unroll
