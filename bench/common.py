@@ -251,16 +251,17 @@ class Report:
 
     def markdown(self) -> str:
         copy = f", copy bandwidth {self.copy_gbps:.1f} GB/s" if self.copy_gbps else ""
+        has_notes = any(_notes(r) for r in self.rows)
         lines = [f"# hbkernels benchmark — {self.device}", "",
                  f"date {self.date}, commit {self.commit}, torch {self.torch}{copy}", "",
                  *([f"timing: {self.timing}", ""] if self.timing else []),
                  "| suite | case | impl | median ms | GB/s | % copy BW | speedup vs eager | vs best other |"
-                 + (" notes |" if any(_notes(r) for r in self.rows) else ""),
-                 "|---|---|---|---:|---:|---:|---:|---:|" + ("---|" if any(_notes(r) for r in self.rows) else "")]
+                 + (" notes |" if has_notes else ""),
+                 "|---|---|---|---:|---:|---:|---:|---:|" + ("---|" if has_notes else "")]
         for r in self.rows:
             best = f"{r.speedup_vs_best_other:.2f}x" if r.speedup_vs_best_other else ""
             vs_eager = f"{r.speedup_vs_eager:.2f}x" if r.speedup_vs_eager else ""  # no eager row in the case
-            notes = f" {_notes(r)} |" if any(_notes(row) for row in self.rows) else ""
+            notes = f" {_notes(r)} |" if has_notes else ""
             lines.append(f"| {r.suite} | {r.case} | {r.impl} | {r.median_ms:.3f} | {r.gbps:.1f} | "
                          f"{r.pct_copy_bw:.0f} | {vs_eager} | {best} |{notes}")
         return "\n".join(lines) + "\n"

@@ -455,9 +455,8 @@ def apply_to(model: nn.Module, *, group_norm: bool = True, layer_norm: bool = Tr
         _swap_time_embedding(model, d)
     summary = _summary(model)
     model._hbkernels_patched = summary
-    hooked = list({id(m): m for m in hooked}.values())
-    if hooked:
-        warnings.warn(f"hbkernels.apply_to: left {len(hooked)} modules that already run hooks (accelerate's "
+    if hooked:  # a module is met by several of the swaps above: counted once
+        warnings.warn(f"hbkernels.apply_to: left {len({id(m) for m in hooked})} modules that already run hooks (accelerate's "
                       "offload, diffusers' layerwise casting or group offload) unpatched; call apply_to before "
                       "adding hooks", RuntimeWarning, stacklevel=2)
     if not any(summary.values()):
