@@ -456,9 +456,9 @@ def apply_to(model: nn.Module, *, group_norm: bool = True, layer_norm: bool = Tr
     summary = _summary(model)
     model._hbkernels_patched = summary
     if hooked:  # a module is met by several of the swaps above: counted once
-        warnings.warn(f"hbkernels.apply_to: left {len({id(m) for m in hooked})} modules that already run hooks (accelerate's "
-                      "offload, diffusers' layerwise casting or group offload) unpatched; call apply_to before "
-                      "adding hooks", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"hbkernels.apply_to: left {len({id(m) for m in hooked})} modules that already run hooks "
+                      "(accelerate's offload, diffusers' layerwise casting or group offload) unpatched; call "
+                      "apply_to before adding hooks", RuntimeWarning, stacklevel=2)
     if not any(summary.values()):
         warnings.warn(f"hbkernels.apply_to: found nothing to patch in {type(model).__name__}", RuntimeWarning,
                       stacklevel=2)

@@ -509,7 +509,7 @@ def test_filtered_sweep_keeps_the_full_sweeps_files(tmp_path, monkeypatch):
     saved = []
     monkeypatch.setattr(sweep.common, "graph_report", lambda parser, why: ("cuda", common.Report(device="H100")))
     monkeypatch.setattr(sweep.common.Report, "save", lambda self, out, *parts: saved.append(parts))
-    monkeypatch.setattr(sweep, "SWEEPS", {"group_norm": lambda *a, **k: None, "temporal_attention": lambda *a, **k: None})
+    monkeypatch.setattr(sweep, "SWEEPS", {name: lambda *a, **k: None for name in ("group_norm", "temporal_attention")})
     sweep.main(["--out", str(tmp_path)])
     sweep.main(["--op", "temporal_attention", "--out", str(tmp_path)])
     sweep.main(["--op", "group_norm", "--knob", "ONE_PASS,CLUSTER_FORWARD", "--out", str(tmp_path)])

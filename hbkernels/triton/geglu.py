@@ -23,7 +23,8 @@ def _geglu_fwd_kernel(x_ptr, out_ptr, M, F, sxm, som, BLOCK_M: tl.constexpr, BLO
     h = tl.load(xp, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(xp + F, mask=mask, other=0.0).to(tl.float32)
     out = h * (0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476)))
-    tl.store(out_ptr + row0 * som + rr[:, None] * som + ff[None, :], store_cast(out, out_ptr.dtype.element_ty), mask=mask)
+    out_ptrs = out_ptr + row0 * som + rr[:, None] * som + ff[None, :]
+    tl.store(out_ptrs, store_cast(out, out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -49,8 +49,8 @@ except ImportError:
     gdc_launch_dependents = gdc_wait = None
 
 from hbkernels.backend import _env_flag, empty
-from hbkernels.triton.layout import (INTERPRETED, cdiv, merge_ts, next_pow2, sm_count, store_cast, strides4, tile_offsets,
-                                    tile_shape, warps_for)
+from hbkernels.triton.layout import (INTERPRETED, cdiv, merge_ts, next_pow2, sm_count, store_cast, strides4,
+                                    tile_offsets, tile_shape, warps_for)
 
 # Forward launch tuning, timed against each other on an H100 by `python -m bench.sweep`
 # (bench/results/sweep-*.md). Statistics programs per SM: the pass is bound by loads in flight, so it
@@ -467,8 +467,8 @@ def _gn_apply_kernel(
         y += b[:, None]
     if SILU:
         y = y * _sigmoid_parts(y, PRECISE)[0]
-    tl.store(y_ptr + tile_offsets(n, t, cc, ss, syn, syt, syc, sys), store_cast(y, y_ptr.dtype.element_ty), mask=mask,
-             eviction_policy=policy)
+    tl.store(y_ptr + tile_offsets(n, t, cc, ss, syn, syt, syc, sys), store_cast(y, y_ptr.dtype.element_ty),
+             mask=mask, eviction_policy=policy)
 
 
 @triton.jit
@@ -695,7 +695,8 @@ def _gn_bwd_apply_kernel(
     if HAS_W:
         dz = dz * w
     dx = r * (dz - c1 - xhat * c2)
-    tl.store(dx_ptr + tile_offsets(n, t, cc, ss, son, sot, soc, sos), store_cast(dx, dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dx_ptr + tile_offsets(n, t, cc, ss, son, sot, soc, sos), store_cast(dx, dx_ptr.dtype.element_ty),
+             mask=mask)
 
 
 def _check_views(*views):
