@@ -2,6 +2,7 @@
 PyTorch, and the diffusers model features (save/load, checkpointing, chunking, processors)."""
 import einops
 import math
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -258,6 +259,22 @@ def test_forward_shapes_and_timestep_forms(tiny):
         torch.testing.assert_close(tiny(x, 500, ctx).sample, tiny(x, 500, ctx, fps=16).sample)  # default fps
         x5, _ = tiny_inputs(t=5)
         assert tiny(x5, 500, ctx).sample.shape == x5.shape  # T is free
+
+
+def test_numbers_fill_on_device(monkeypatch):
+    # a host-to-device copy inside a CUDA-graph capture fails, so numbers (NumPy's too: a pipeline's
+    # fps may come from an array) must become a fill on the device, never torch.as_tensor of a number
+    as_tensor = torch.as_tensor
+
+    def tensors_only(value, *args, **kwargs):
+        assert isinstance(value, torch.Tensor), f"host-to-device copy of {type(value).__name__}"
+        return as_tensor(value, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "as_tensor", tensors_only)
+    for value in (8, 8.0, np.int64(8), np.float32(8.0), np.int32(8)):
+        out = HummingbirdUNet3DModel._per_sample(value, 2, "cpu")
+        assert out.shape == (2,) and out.tolist() == [8, 8], value
+    assert HummingbirdUNet3DModel._per_sample(torch.tensor([3, 4]), 2, "cpu").tolist() == [3, 4]
 
 
 def test_timestep_cond(tiny):

@@ -17,6 +17,7 @@ swappable through ``attn_processors`` / ``set_attn_processor``. Temporal attenti
 ``hbkernels.use_backend``.
 """
 import math
+import numbers
 import warnings
 from dataclasses import dataclass
 
@@ -450,9 +451,10 @@ class HummingbirdUNet3DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapte
 
     @staticmethod
     def _per_sample(value, batch: int, device) -> torch.Tensor:
-        """An int, float, 0-d, (1,) or (B,) tensor -> a (B,) tensor."""
-        # Python numbers become a fill on the device, not a host-to-device copy: CUDA-graph safe.
-        if isinstance(value, (int, float)):
+        """A number, a 0-d, (1,) or (B,) tensor -> a (B,) tensor."""
+        # Numbers (NumPy scalars too) become a fill on the device, not a host-to-device copy, which a
+        # CUDA-graph capture refuses
+        if isinstance(value, numbers.Number):
             v = torch.full((1,), value, device=device)
         else:
             v = torch.as_tensor(value, device=device)
