@@ -34,13 +34,30 @@ def to_uint8_frames(frames) -> np.ndarray:
     return frames
 
 
+def temporary_path(path: str, tag: str) -> str:
+    """A hidden file beside ``path`` whose name fits wherever ``path``'s does: ``path``'s stem is cut to
+    100 bytes (a name's limit is 255) and its suffix kept, so ffmpeg/PIL pick the format from it."""
+    folder, name = os.path.split(os.path.abspath(path))
+    stem, ext = os.path.splitext(name)
+    stem = stem.encode()[:100].decode(errors="ignore")
+    return os.path.join(folder, f".{stem}.{tag}{ext}")
+
+
+def check_writable_target(path: str, overwrite: bool):
+    """What can be known before encoding: ``path`` names no folder, and with ``overwrite=False`` no file."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a folder; give a file name")
+    if not overwrite and os.path.lexists(path):
+        raise FileExistsError(f"{path} exists; not replaced (overwrite=True replaces it)")
+
+
 def _atomic(path: str, write, overwrite: bool = True) -> str:
-    """Run ``write(tmp_path)`` on a temporary file beside ``path`` (same suffix, so ffmpeg/PIL pick the
-    format from it), then rename it to ``path``."""
+    """Run ``write(tmp_path)`` on a temporary file beside ``path``, then rename it to ``path``."""
     path = os.path.abspath(path)
-    folder, name = os.path.split(path)
+    check_writable_target(path, overwrite)
+    folder = os.path.dirname(path)
     # a unique name: two writers of one path (threads of one process too) must not share a temporary file
-    tmp = os.path.join(folder, f".{name}.tmp{uuid.uuid4().hex[:12]}{os.path.splitext(name)[1]}")
+    tmp = temporary_path(path, f"tmp{uuid.uuid4().hex[:12]}")
     try:
         open(tmp, "xb").close()  # fail early and clearly; created with the user's umask, unlike mkstemp
     except OSError as err:
@@ -74,6 +91,8 @@ def export_to_mp4(frames, path: str, fps: float = 8, quality: float = 8, overwri
     """H.264 / yuv420p (plays everywhere); ``quality`` 0-10 as imageio-ffmpeg defines it. Returns the path."""
     import imageio_ffmpeg
 
+    if not fps > 0:
+        raise ValueError(f"fps must be positive, got {fps}")
     video = to_uint8_frames(frames)
     height, width = video.shape[1:3]
 

@@ -99,11 +99,13 @@ def _fail(message):
 
 
 def _check_output(path: str, save_fps, overwrite: bool):
-    from hummingbird.export import EXPORTERS, GIF_MAX_FPS
+    from hummingbird.export import EXPORTERS, GIF_MAX_FPS, temporary_path
 
     ext = os.path.splitext(path)[1].lower()
     if ext not in EXPORTERS:
         _fail(f"--out must end in {' or '.join(EXPORTERS)}, got {path!r}")
+    if os.path.isdir(path):
+        _fail(f"--out {path} is a folder; give a file name ending in {' or '.join(EXPORTERS)}")
     if os.path.lexists(path) and not overwrite:
         _fail(f"{path} exists; choose another --out or overwrite it (--overwrite)")
     if ext == ".mp4" and importlib.util.find_spec("imageio_ffmpeg") is None:  # else found out after generating
@@ -113,9 +115,16 @@ def _check_output(path: str, save_fps, overwrite: bool):
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         _fail(f"cannot write {path}: folder {folder} does not exist")
-    probe = os.path.join(folder, f".{os.path.basename(path)}.probe{os.getpid()}")
-    try:  # os.access says yes to root even on read-only file systems; really try
-        open(probe, "wb").close()
+    try:
+        name_max = os.pathconf(folder, "PC_NAME_MAX")
+    except (AttributeError, OSError, ValueError):  # no pathconf (Windows) or no answer
+        name_max = 255
+    if len(os.path.basename(path).encode()) > name_max:
+        _fail(f"cannot write {path}: its name is longer than the {name_max} bytes a file name may have")
+    # a name like the export's temporary file: os.access says yes to root even on read-only file systems
+    probe = temporary_path(path, f"probe{os.getpid()}")
+    try:
+        open(probe, "xb").close()
         os.unlink(probe)
     except OSError as err:
         _fail(f"cannot write {path}: {err.strerror}")
@@ -178,6 +187,12 @@ def _resolve_device(name):
         _fail(f"bad --device {name!r}: {err}")
     if device.type == "cuda" and not torch.cuda.is_available():
         _fail(f"--device {name} requested but CUDA is not available (torch {torch.__version__})")
+    if device.type == "meta":
+        _fail("--device meta holds no data; use cpu or cuda")
+    try:  # before loading: a backend torch was not built with, or a GPU index past the last one
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as err:
+        _fail(f"--device {name} is not usable here: {str(err).splitlines()[0]}")
     return device
 
 

@@ -62,6 +62,11 @@ def _refuse_loading(monkeypatch):
     ([*TINY, "--height", "40"], "must be multiples of 16 for this model .*got 40x32"),
     pytest.param([*TINY, "--device", "cuda"], "CUDA is not available",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available")),
+    ([*TINY, "--device", "meta"], "--device meta holds no data"),
+    pytest.param([*TINY, "--device", "mps"], "--device mps is not usable here",
+                 marks=pytest.mark.skipif(torch.backends.mps.is_available(), reason="MPS is available")),
+    ([*TINY, "--out", "folder.gif"], "--out folder.gif is a folder"),
+    ([*TINY, "--out", "a" * 252 + ".gif"], "its name is longer than the 255 bytes"),
 ])
 def test_generate_errors_before_loading(args, message, tmp_path, monkeypatch):
     if "imageio" in message:
@@ -69,6 +74,7 @@ def test_generate_errors_before_loading(args, message, tmp_path, monkeypatch):
     _refuse_loading(monkeypatch)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "old.gif").write_bytes(b"old")
+    (tmp_path / "folder.gif").mkdir()
     with pytest.raises(SystemExit, match=message):
         main(["generate", "a cat", *args])
 

@@ -251,6 +251,36 @@ def test_export_gif_rejects_fps_it_cannot_play(fps, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("fps", [0, -8])
+def test_export_mp4_rejects_fps_that_are_not_positive(fps, tmp_path):
+    with pytest.raises(ValueError, match="fps must be positive"):
+        export_to_mp4(np.zeros((2, 16, 16, 3), np.uint8), tmp_path / "v.mp4", fps=fps)
+    assert not list(tmp_path.iterdir())
+
+
+def test_export_refuses_before_encoding(tmp_path, monkeypatch):
+    """An existing file without overwrite, or a folder, is refused before any frame is encoded."""
+    def encode(*args, **kwargs):
+        raise AssertionError("encoded first")
+
+    monkeypatch.setattr(Image.Image, "save", encode)
+    (tmp_path / "old.gif").write_bytes(b"old")
+    with pytest.raises(FileExistsError, match="old.gif exists; not replaced"):
+        export_to_gif(np.zeros((2, 16, 16, 3), np.uint8), tmp_path / "old.gif", overwrite=False)
+    (tmp_path / "folder.gif").mkdir()
+    with pytest.raises(IsADirectoryError, match="folder.gif is a folder"):
+        export_to_gif(np.zeros((2, 16, 16, 3), np.uint8), tmp_path / "folder.gif")
+    assert (tmp_path / "old.gif").read_bytes() == b"old"
+
+
+def test_export_to_the_longest_name(tmp_path):
+    """A file name of 255 bytes is legal; the temporary file beside it must fit too."""
+    name = "é" * 120 + "a" * 11 + ".gif"
+    assert len(name.encode()) == 255
+    export_to_gif(np.zeros((2, 16, 16, 3), np.uint8), tmp_path / name)
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
 def test_export_to_unwritable_path(tmp_path):
     with pytest.raises(OSError, match="cannot write"):
         export_to_mp4(np.zeros((2, 16, 16, 3), np.uint8), tmp_path / "missing" / "v.mp4")
