@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, LCMScheduler
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
@@ -151,6 +152,25 @@ class HummingbirdPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         if self._graphed_unet is not None and sample.is_cuda:
             return self._graphed_unet(sample, timestep, context, timestep_cond, fps)
         return self.unet(sample, timestep, context, fps=fps, timestep_cond=timestep_cond).sample
+
+    # what diffusers' step callbacks read and set (SDCFGCutoffCallback sets _guidance_scale to 0), as in
+    # its pipelines: the values of the running or last call
+    @property
+    def guidance_scale(self):
+        return getattr(self, "_guidance_scale", None)
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return not self.guidance_distilled and self.guidance_scale is not None and self.guidance_scale > 1
+
+    @property
+    def num_timesteps(self):
+        return getattr(self, "_num_timesteps", None)
+
+    @property
+    def interrupt(self) -> bool:
+        """Set ``pipe._interrupt = True`` (e.g. in a step callback) to stop denoising after this step."""
+        return getattr(self, "_interrupt", False)
 
     @property
     def guidance_distilled(self) -> bool:
@@ -325,9 +345,12 @@ class HummingbirdPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         prompt_embeds, negative_prompt_embeds: (prompts, tokens, context width) text embeddings instead
         of prompt / negative_prompt (e.g. from :meth:`encode_prompt`, or weighted); the negative ones are
         encoded from "" where CFG needs them and they are not given.
-        callback_on_step_end: ``fn(pipe, step_index, timestep, tensors)`` after each step, as in diffusers:
-        ``tensors`` holds the names in ``callback_on_step_end_tensor_inputs`` ("latents", and
-        "prompt_embeds": the U-Net's context, [uncond, cond] with CFG); a returned dict's entries replace them.
+        callback_on_step_end: ``fn(pipe, step_index, timestep, tensors)`` after each step, or a diffusers
+        ``PipelineCallback`` / ``MultiPipelineCallbacks`` (their ``tensor_inputs`` are used): ``tensors``
+        holds the names in ``callback_on_step_end_tensor_inputs`` ("latents", and "prompt_embeds": the
+        U-Net's context, [uncond, cond] with CFG); a returned dict's entries replace them. A callback may
+        set ``pipe._guidance_scale`` (e.g. diffusers' ``SDCFGCutoffCallback`` turning CFG off; the
+        context's conditional half is then used) or ``pipe._interrupt = True`` (stop after this step).
         Returns :class:`HummingbirdPipelineOutput` (or ``(frames,)`` when ``return_dict=False``).
         """
         defaults = DISTILLED_DEFAULTS if self.guidance_distilled else CFG_DEFAULTS
@@ -337,6 +360,8 @@ class HummingbirdPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         fps = defaults["fps"] if fps is None else fps
         height = DEFAULT_SIZE[0] if height is None else height
         width = DEFAULT_SIZE[1] if width is None else width
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         self.check_inputs(prompt, negative_prompt, num_frames, height, width, num_inference_steps, guidance_scale,
                           fps, output_type, decode_chunk_size, prompt_embeds, negative_prompt_embeds,
                           callback_on_step_end_tensor_inputs)
@@ -365,6 +390,9 @@ class HummingbirdPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             generator = torch.Generator("cpu").manual_seed(seed)
         device, dtype = self._execution_device, self.unet.dtype
         batch = num_prompts * num_videos_per_prompt
+        if isinstance(generator, list) and len(generator) != batch:
+            raise ValueError(f"generator is a list of {len(generator)} generators for {batch} videos (prompts x "
+                             "num_videos_per_prompt); pass one per video, or a single generator")
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         timings, clock = {}, _Clock(device)
@@ -380,10 +408,10 @@ class HummingbirdPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         given_negative = negative_prompt is not None or negative_prompt_embeds is not None
         if self.guidance_distilled and given_negative:
             warnings.warn(f"{negative} is ignored: this U-Net has classifier-free guidance distilled in "
-                          "(no unconditional branch)", stacklevel=2)
+                          "(no unconditional branch)", stacklevel=3)  # 2 is torch.no_grad's wrapper
         elif not do_cfg and given_negative:
             warnings.warn(f"{negative} is ignored: guidance_scale {guidance_scale} <= 1 turns classifier-free "
-                          "guidance off", stacklevel=2)
+                          "guidance off", stacklevel=3)
         context = self._text_context(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, do_cfg, device)
         context = context.to(dtype).repeat_interleave(num_videos_per_prompt, dim=0)
         timings["text_encode"] = clock.lap()
@@ -396,19 +424,26 @@ class HummingbirdPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         latents = latents.to(device, dtype) * self.scheduler.init_noise_sigma
-        timestep_cond = None
-        if self.guidance_distilled:
-            w = torch.full((batch,), float(guidance_scale), device=device)
-            timestep_cond = guidance_scale_embedding(w, self.unet.config.time_cond_proj_dim).to(dtype)
+        timestep_cond = cond_scale = None
         step_kwargs = self._step_kwargs(generator, eta)
+        self._guidance_scale, self._num_timesteps, self._interrupt = guidance_scale, len(timesteps), False
 
         with self.progress_bar(total=len(timesteps)) as progress:
             for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    break
+                if self.guidance_distilled and self.guidance_scale != cond_scale:  # at the start, or a callback's
+                    cond_scale = self.guidance_scale
+                    w = torch.full((batch,), float(cond_scale), device=device)
+                    timestep_cond = guidance_scale_embedding(w, self.unet.config.time_cond_proj_dim).to(dtype)
+                do_cfg = self.do_classifier_free_guidance
+                if not do_cfg and len(context) == 2 * batch:  # a callback turned CFG off: the conditional half
+                    context = context[batch:]
                 model_in = self.scheduler.scale_model_input(torch.cat([latents] * 2) if do_cfg else latents, t)
                 noise = self._unet(model_in, t, context, timestep_cond, fps)
                 if do_cfg:
                     uncond, cond = noise.chunk(2)
-                    noise = uncond + guidance_scale * (cond - uncond)
+                    noise = uncond + self.guidance_scale * (cond - uncond)
                 # The last LCM step returns its denoised estimate, so prev_sample is the result either way.
                 latents = self.scheduler.step(noise, t, latents, **step_kwargs).prev_sample
                 if callback_on_step_end is not None:

@@ -99,8 +99,9 @@ def test_cfg_guidance_and_negative_prompt_matter(ddim):
     assert not torch.equal(base, run(guidance_scale=12.0, negative_prompt="blurry"))
     assert torch.equal(run(guidance_scale=12.0, negative_prompt="blurry"),
                        run(guidance_scale=12.0, negative_prompt=("blurry",)))  # any sequence of strings
-    with pytest.warns(UserWarning, match="negative_prompt is ignored: guidance_scale 1.0 <= 1"):
+    with pytest.warns(UserWarning, match="negative_prompt is ignored: guidance_scale 1.0 <= 1") as record:
         run(guidance_scale=1.0, negative_prompt="blurry")
+    assert record[0].filename == __file__  # the caller's line, not torch.no_grad's wrapper
 
 
 def test_seed_determinism_and_output_types(lcm):
@@ -451,7 +452,78 @@ def test_step_callback_reads_and_replaces_the_text_context(ddim):
     assert seen[2:] == [["latents"]] * 2  # the default
 
 
-def test_ddim_swapped_in_from_an_lcm_config_samples_the_training_schedule(lcm):
+def test_generator_lists_hold_one_generator_per_video(ddim):
+    kw = dict(num_frames=1, num_inference_steps=1, output_type="latent", **SIZE)
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    pair = ddim("a cat", num_videos_per_prompt=2, generator=gens, **kw).frames
+    for video, seed in zip(pair, (1, 2)):
+        one = ddim("a cat", generator=torch.Generator().manual_seed(seed), **kw).frames[0]
+        torch.testing.assert_close(video, one, rtol=1e-4, atol=1e-5)
+    for count, prompts in ((1, "a cat"), (3, "a cat"), (2, ["a cat", "a dog", "a cow"])):
+        gens = [torch.Generator().manual_seed(s) for s in range(count)]
+        with pytest.raises(ValueError, match=f"generator is a list of {count} generators for"):
+            ddim(prompts, num_videos_per_prompt=2 if isinstance(prompts, str) else 1, generator=gens, **kw)
+
+
+def test_diffusers_callbacks_turn_guidance_off_and_interrupt(ddim, monkeypatch):
+    """diffusers' callback protocol: PipelineCallback objects bring their tensor_inputs;
+    SDCFGCutoffCallback reads num_timesteps, sets _guidance_scale to 0 and keeps the context's
+    conditional half, so the later steps run one batch; _interrupt = True stops after that step."""
+    from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback, SDCFGCutoffCallback
+
+    kw = dict(guidance_scale=12.0, num_frames=1, num_inference_steps=3, seed=0, output_type="latent", **SIZE)
+    batches = _record_unet_batches(ddim, monkeypatch)
+    cut = ddim("a cat", callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=0.34), **kw).frames
+    assert batches == [2, 2, 1] and ddim.num_timesteps == 3 and not ddim.do_classifier_free_guidance
+    full = ddim("a cat", **kw).frames
+    assert not torch.allclose(cut, full)
+
+    def guidance_off(pipe, i, t, tensors):  # the context left as it is: its conditional half is used
+        if i == 1:
+            pipe._guidance_scale = 0.0
+        return tensors
+
+    batches.clear()
+    torch.testing.assert_close(ddim("a cat", callback_on_step_end=guidance_off, **kw).frames, cut, rtol=0, atol=0)
+    assert batches == [2, 2, 1]
+
+    class Stop(PipelineCallback):
+        tensor_inputs = ["latents"]
+
+        def callback_fn(self, pipe, i, t, tensors):
+            pipe._interrupt = i == 0
+            return tensors
+
+    batches.clear()
+    ddim("a cat", callback_on_step_end=MultiPipelineCallbacks([Stop()]), **kw)
+    assert batches == [2] and ddim.interrupt
+    ddim("a cat", **kw)
+    assert not ddim.interrupt  # each call starts over
+
+
+def test_step_callback_may_change_a_distilled_guidance_scale(lcm, monkeypatch):
+    """In a guidance-distilled U-Net the scale is an input (timestep_cond): a callback's new scale is
+    what the next steps are conditioned on."""
+    conds, forward = [], lcm.unet.forward
+
+    def recording(*args, timestep_cond=None, **kwargs):
+        conds.append(timestep_cond)
+        return forward(*args, timestep_cond=timestep_cond, **kwargs)
+
+    monkeypatch.setattr(lcm.unet, "forward", recording)
+
+    def lower(pipe, i, t, tensors):
+        pipe._guidance_scale = 3.0
+        return tensors
+
+    lcm("a cat", num_frames=1, num_inference_steps=2, seed=0, guidance_scale=7.5, output_type="latent",
+        callback_on_step_end=lower, **SIZE)
+    want = [guidance_scale_embedding(torch.tensor([w]), lcm.unet.config.time_cond_proj_dim) for w in (7.5, 3.0)]
+    for got, expected in zip(conds, want, strict=True):
+        torch.testing.assert_close(got, expected)
+
+
+def test_ddim_swapped_in_from_an_lcm_config_samples_the_training_schedule(lcm, monkeypatch):
     """DDIMScheduler.from_config(lcm.scheduler.config), diffusers' way to swap samplers, keeps the LCM's
     original_inference_steps in its config: DDIM was capped at those 50 steps."""
     from diffusers import DDIMScheduler, TCDScheduler
@@ -463,7 +535,7 @@ def test_ddim_swapped_in_from_an_lcm_config_samples_the_training_schedule(lcm):
     assert max_inference_steps(ddim.config, DDIMScheduler) == 1000  # "trailing" spacing: no steps_offset
     assert max_inference_steps({**ddim.config, "_class_name": "DDIMScheduler"}) == 1000  # a saved config
     assert max_inference_steps(TCDScheduler.from_config(lcm.scheduler.config).config, TCDScheduler) == 50
-    lcm.scheduler = ddim
+    monkeypatch.setattr(lcm, "scheduler", ddim)  # restored after: later tests share the fixture
     out = lcm("a cat", num_frames=1, num_inference_steps=60, seed=0, output_type="latent", **SIZE)
     assert out.frames.shape == (1, 4, 1, 4, 4)
 
