@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from hummingbird.files import fsync
+
 
 def to_uint8_frames(frames) -> np.ndarray:
     """One video as (F, H, W, 3) uint8: from a list of PIL images, uint8 frames in [0, 255], or float
@@ -64,10 +66,12 @@ def _atomic(path: str, write, overwrite: bool = True) -> str:
         raise OSError(f"cannot write {path}: {err.strerror} ({folder})") from err
     try:
         write(tmp)
+        fsync(tmp)  # durable before it takes the name: a power cut after the rename leaves no empty video
         if overwrite:
             os.replace(tmp, path)
         else:
             _rename_new(tmp, path)
+        fsync(folder)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):  # a writer that removed it must not hide its own error
             os.unlink(tmp)

@@ -29,7 +29,7 @@ def _rename_into(tmp: Path, dst: Path):
         raise
 
 
-def _fsync(path: Path):
+def fsync(path: Path):
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -51,8 +51,8 @@ def _sync(tmp: Path):
     for root, _, files in os.walk(tmp):
         for name in files:
             if not os.path.islink(os.path.join(root, name)):
-                _fsync(Path(root, name))
-        _fsync(Path(root))
+                fsync(Path(root, name))
+        fsync(Path(root))
 
 
 def move_into_place(tmp: Path, dst: Path, overwrite: bool):
@@ -61,7 +61,7 @@ def move_into_place(tmp: Path, dst: Path, overwrite: bool):
     it is renamed aside, ``tmp`` renamed in, and only then the old one deleted."""
     if not (dst.exists() or dst.is_symlink()):
         _rename_into(tmp, dst)
-        _fsync(dst.parent)
+        fsync(dst.parent)
         return
     if not overwrite:
         raise FileExistsError(f"{dst} appeared while it was written; not replaced (use overwrite)")
@@ -77,7 +77,7 @@ def move_into_place(tmp: Path, dst: Path, overwrite: bool):
         os.rename(old / dst.name, dst)  # put the old one back (if this fails, it is kept in `old`)
         old.rmdir()
         raise
-    _fsync(dst.parent)
+    fsync(dst.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 

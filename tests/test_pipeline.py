@@ -274,6 +274,18 @@ def test_export_refuses_before_encoding(tmp_path, monkeypatch):
     assert (tmp_path / "old.gif").read_bytes() == b"old"
 
 
+def test_export_is_durable_before_it_is_renamed(tmp_path, monkeypatch):
+    from hummingbird import export
+
+    events, replace, fsync = [], os.replace, os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or fsync(fd))
+    monkeypatch.setattr(export.os, "replace", lambda src, dst: events.append(("rename", src)) or replace(src, dst))
+    export_to_gif(np.zeros((2, 16, 16, 3), np.uint8), tmp_path / "v.gif")
+    (_, tmp), rename, folder = events
+    assert rename == ("rename", tmp) and folder == ("fsync", str(tmp_path))
+
+
 def test_export_to_the_longest_name(tmp_path):
     """A file name of 255 bytes is legal; the temporary file beside it must fit too."""
     name = "é" * 120 + "a" * 11 + ".gif"
