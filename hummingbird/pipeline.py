@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, LCMScheduler
+from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, LCMScheduler
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.utils import BaseOutput
@@ -299,8 +299,13 @@ class HummingbirdPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         return self.scheduler.timesteps
 
     def _step_kwargs(self, generator, eta):
-        """Pass eta (DDIM) and the generator to the schedulers whose step() takes them."""
+        """Pass eta and the generator to the schedulers whose step() takes them. eta=None: DDIM's is
+        VideoCrafter2's; the others keep their own (TCD's eta is its gamma, 0.3)."""
+        if eta is None and isinstance(self.scheduler, DDIMScheduler):
+            eta = DDIM_ETA
         params = inspect.signature(self.scheduler.step).parameters
+        if eta is None:
+            params = {k: v for k, v in params.items() if k != "eta"}
         return {k: v for k, v in (("generator", generator), ("eta", eta)) if k in params}
 
     @torch.no_grad()
@@ -317,7 +322,7 @@ class HummingbirdPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         generator: torch.Generator | None = None,
         seed: int | None = None,
         latents: torch.Tensor | None = None,
-        eta: float = DDIM_ETA,
+        eta: float | None = None,
         output_type: str = "np",
         decode_chunk_size: int = 8,
         return_dict: bool = True,
@@ -337,7 +342,8 @@ class HummingbirdPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         seed: shorthand for a CPU ``generator`` (the same seed gives the same noise on any device); pass
         one of the two.
         height, width: default :data:`DEFAULT_SIZE` (320 x 512).
-        latents: (B, 4, F, H/8, W/8) initial noise instead of sampling it. eta: DDIM's noise weight.
+        latents: (B, 4, F, H/8, W/8) initial noise instead of sampling it. eta: DDIM's noise weight
+        (default 1.0 for DDIM, VideoCrafter2's; a swapped-in scheduler whose step takes eta keeps its own).
         num_videos_per_prompt: videos per prompt, each from its own noise (B = prompts x this).
         output_type: "np" ((B, F, H, W, 3) float32 in [0, 1], as diffusers' TextToVideoSDPipeline returns,
         ready for ``diffusers.utils.export_to_video(frames[0])``), "pt" ((B, F, 3, H, W) on the pipeline's

@@ -552,6 +552,32 @@ def test_ddim_swapped_in_from_an_lcm_config_samples_the_training_schedule(lcm, m
     assert out.frames.shape == (1, 4, 1, 4, 4)
 
 
+def test_eta_defaults_to_videocrafter2s_for_ddim_only(ddim, monkeypatch):
+    """VideoCrafter2 samples DDIM with eta 1; a swapped-in TCD scheduler's step also takes eta (its
+    gamma), which must keep its own default (0.3) unless given."""
+    from diffusers import TCDScheduler
+
+    etas = []
+
+    def recording(scheduler):
+        step = scheduler.step
+        def step_recording(*args, eta=None, **kwargs):
+            etas.append(eta)
+            return step(*args, **kwargs, **({} if eta is None else {"eta": eta}))
+
+        monkeypatch.setattr(scheduler, "step", step_recording)
+        return scheduler
+
+    kw = dict(num_frames=1, num_inference_steps=1, seed=0, output_type="latent", **SIZE)
+    recording(ddim.scheduler)
+    ddim("a cat", **kw)
+    ddim("a cat", eta=0.0, **kw)
+    monkeypatch.setattr(ddim, "scheduler", recording(TCDScheduler.from_config(ddim.scheduler.config)))
+    ddim("a cat", **kw)
+    ddim("a cat", eta=0.5, **kw)
+    assert etas == [1.0, 0.0, None, 0.5]
+
+
 def test_ddim_steps_stay_on_the_training_schedule(ddim):
     """1000 DDIM steps would start at timestep 1000 ("leading" spacing, steps_offset 1): refused by name
     before any sampling, where it would fail with an index error."""
