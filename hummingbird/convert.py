@@ -389,7 +389,8 @@ def unet_from_checkpoint(checkpoint: dict, config=None, *, strict=True, torch_dt
     with torch.device("meta") if strict else nullcontext():
         model = HummingbirdUNet3DModel.from_config(config)
     load_state_dict_checked(model, unet_sd, "U-Net", strict)
-    return model.to(torch_dtype).eval() if torch_dtype else model.eval()
+    # not model.to(): diffusers' warns to pass torch_dtype to from_pretrained, which is what was done
+    return (torch.nn.Module.to(model, torch_dtype) if torch_dtype else model).eval()
 
 
 def _component(checkpoint: dict, prefix: str) -> dict:

@@ -10,6 +10,7 @@ import re
 import stat
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -174,6 +175,10 @@ def test_from_single_file_round_trip(parts, tmp_path, layout):
     model = HummingbirdUNet3DModel.from_single_file(path, config="tiny")
     assert_same_state(model, parts["unet"])
     torch.testing.assert_close(unet_output(model), unet_output(parts["unet"]))
+    # the model holds its own memory: a checkpoint still mapped would kill the process (SIGBUS) once
+    # saved over, as a user re-exporting to the same path would
+    with open("/proc/self/maps") as maps:
+        assert str(path) not in maps.read()
 
 
 def test_config_forms_and_detection(parts, tmp_path):
@@ -563,7 +568,9 @@ def test_vae_scaling_factor_and_torch_dtype(parts, tmp_path):
     assert vae_from_checkpoint(parts["checkpoint"]).config.scaling_factor == 0.18215
     path = tmp_path / "m.pth"
     torch.save(parts["checkpoint"], path)
-    model = HummingbirdUNet3DModel.from_single_file(path, config="tiny", torch_dtype=torch.float16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # diffusers' .to() advises passing torch_dtype, which was done
+        model = HummingbirdUNet3DModel.from_single_file(path, config="tiny", torch_dtype=torch.float16)
     assert {p.dtype for p in model.parameters()} == {torch.float16}
 
 

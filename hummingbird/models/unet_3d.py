@@ -447,7 +447,11 @@ class HummingbirdUNet3DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapte
         # checked before reading what may be gigabytes of checkpoint
         torch_dtype = resolve_dtype(torch_dtype, "torch_dtype")
         config = None if config is None else resolve_config(config)
-        return unet_from_checkpoint(load_checkpoint(path), config, strict=strict, torch_dtype=torch_dtype)
+        model = unet_from_checkpoint(load_checkpoint(path), config, strict=strict)
+        # tensors of its own, cast on the way: those of a memory-mapped checkpoint would keep the file
+        # mapped, and rewriting it (saving back to the same path) would then kill the process (SIGBUS)
+        return model._apply(lambda t: t.to(torch_dtype, copy=True) if torch_dtype and t.is_floating_point()
+                            else t.clone())
 
     @staticmethod
     def _per_sample(value, batch: int, device) -> torch.Tensor:
