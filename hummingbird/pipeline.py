@@ -18,6 +18,7 @@ conditional and unconditional batches together in one call and combines them (cl
 guidance). With an ``LCMScheduler`` the timesteps are Hummingbird's (:func:`~hummingbird.schedulers.lcm_timesteps`).
 """
 import inspect
+import json
 import math
 import numbers
 import operator
@@ -499,23 +500,25 @@ def load_pipeline(path, dtype=None) -> HummingbirdPipeline:
     the latter the scheduler follows the U-Net: LCM when it has time_cond_proj, else DDIM.
 
     ``dtype=None`` loads every component in the U-Net's stored dtype (diffusers would load the U-Net and
-    VAE in fp32 and transformers the text encoder in its stored dtype)."""
+    VAE in fp32 and transformers the text encoder in its stored dtype). Weights saved with a
+    ``variant`` (e.g. "fp16") are found: the plain ones where both are there."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model folder {path} does not exist")
+    variant, weights = _unet_weights(os.path.join(path, "unet"))
     if dtype is None:
-        dtype = _stored_dtype(os.path.join(path, "unet"))
+        dtype = _stored_dtype(weights)
     if os.path.isfile(os.path.join(path, "model_index.json")):
-        return HummingbirdPipeline.from_pretrained(path, **_diffusers_dtype(dtype))
+        return HummingbirdPipeline.from_pretrained(path, variant=variant, **_diffusers_dtype(dtype))
     missing = [c for c in ("unet", "text_encoder", "vae", "tokenizer") if not os.path.isdir(os.path.join(path, c))]
     if missing:
         raise FileNotFoundError(
             f"{path} has no model_index.json and lacks {', '.join(m + '/' for m in missing)}. Expected a pipeline "
             "saved with save_pretrained, or a `hummingbird convert` output plus tokenizer/ (OpenCLIP's tokenizer is "
             "CLIP's BPE; Stable Diffusion 2.x's tokenizer/ folder matches it, including OpenCLIP's '!' padding)")
-    unet = HummingbirdUNet3DModel.from_pretrained(path, subfolder="unet", **_diffusers_dtype(dtype))
+    unet = HummingbirdUNet3DModel.from_pretrained(path, subfolder="unet", variant=variant, **_diffusers_dtype(dtype))
     return HummingbirdPipeline(
-        vae=AutoencoderKL.from_pretrained(path, subfolder="vae", **_diffusers_dtype(dtype)),
-        text_encoder=CLIPTextModel.from_pretrained(os.path.join(path, "text_encoder"), dtype=dtype),
+        vae=AutoencoderKL.from_pretrained(path, subfolder="vae", variant=variant, **_diffusers_dtype(dtype)),
+        text_encoder=CLIPTextModel.from_pretrained(os.path.join(path, "text_encoder"), variant=variant, dtype=dtype),
         tokenizer=CLIPTokenizer.from_pretrained(os.path.join(path, "tokenizer")),
         unet=unet,
         scheduler=scheduler_for(unet.config.time_cond_proj_dim),
@@ -525,15 +528,39 @@ def load_pipeline(path, dtype=None) -> HummingbirdPipeline:
 _SAFETENSORS_FLOATS = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
 
-def _stored_dtype(folder) -> torch.dtype:
-    """The dtype of a diffusers model folder's weights, read from their safetensors header (no weights
-    load); float32, diffusers' default, without a readable (unsharded) safetensors file: loading then
-    reports a damaged one."""
-    from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
+def _unet_weights(folder):
+    """(variant, safetensors file) of a diffusers model folder: its plain weights where they are there,
+    else those of its one variant (``diffusion_pytorch_model.<variant>.safetensors`` or a sharded
+    index); the file is the first shard of sharded weights. (None, None) for a folder without either."""
+    from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME, _add_variant
+
+    names = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+    stem, suffix = os.path.splitext(SAFETENSORS_WEIGHTS_NAME)
+    variants = {n[len(stem) + 1:-len(suffix)] for n in names if n.startswith(stem + ".") and n.endswith(suffix)}
+    index_stem, index_suffix = os.path.splitext(SAFE_WEIGHTS_INDEX_NAME)
+    variants |= {n[len(index_stem) + 1:-len(index_suffix)] for n in names
+                 if n.startswith(index_stem + ".") and n.endswith(index_suffix)}
+    variants = sorted(v for v in variants if v and "-of-" not in v)  # not shards
+    plain = SAFETENSORS_WEIGHTS_NAME in names or SAFE_WEIGHTS_INDEX_NAME in names
+    if not plain and len(variants) > 1:
+        raise ValueError(f"{folder} holds weights of several variants ({', '.join(variants)}) and no plain ones; "
+                         "load the one you want with HummingbirdPipeline.from_pretrained(path, variant=...)")
+    variant = None if plain or not variants else variants[0]
+    index = os.path.join(folder, _add_variant(SAFE_WEIGHTS_INDEX_NAME, variant))
+    try:
+        with open(index) as f:
+            return variant, os.path.join(folder, min(json.load(f)["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # unsharded, or an index loading reports
+        return variant, os.path.join(folder, _add_variant(SAFETENSORS_WEIGHTS_NAME, variant))
+
+
+def _stored_dtype(weights) -> torch.dtype:
+    """The dtype of a safetensors file's weights, read from its header (no weights load); float32,
+    diffusers' default, without a readable file: loading then reports a damaged one."""
     from safetensors import SafetensorError, safe_open
 
     try:
-        with safe_open(os.path.join(folder, SAFETENSORS_WEIGHTS_NAME), framework="pt") as f:
+        with safe_open(weights, framework="pt") as f:
             # the first floating-point tensor's: headers only, and no further than that one
             dtypes = (_SAFETENSORS_FLOATS.get(f.get_slice(name).get_dtype()) for name in f.keys())
             return next((d for d in dtypes if d is not None), torch.float32)

@@ -391,6 +391,31 @@ def test_load_without_dtype_keeps_the_stored_one_for_every_component(tmp_path):
         assert pipe.unet.dtype == pipe.vae.dtype == pipe.text_encoder.dtype == torch.float16
 
 
+@pytest.mark.parametrize("variant, shard", [("fp16", None), (None, "20KB"), ("fp16", "20KB")])
+def test_load_variant_and_sharded_weights_in_their_stored_dtype(tmp_path, variant, shard):
+    """A pipeline saved with variant="fp16" and/or in shards loads, in the shards' dtype, saved or as
+    `hummingbird convert` lays it out."""
+    pipe = tiny_random_pipeline("lcm").to(dtype=torch.float16)
+    pipe.save_pretrained(tmp_path, variant=variant, **({"max_shard_size": shard} if shard else {}))
+    assert not shard or any(p.name.endswith(".index.json") or ".index." in p.name for p in (tmp_path / "unet").iterdir())
+    saved = load_pipeline(str(tmp_path))
+    (tmp_path / "model_index.json").unlink()
+    shutil.rmtree(tmp_path / "scheduler")
+    converted = load_pipeline(str(tmp_path))
+    for loaded in (saved, converted):
+        assert loaded.unet.dtype == loaded.vae.dtype == loaded.text_encoder.dtype == torch.float16
+        for a, b in zip(loaded.unet.state_dict().values(), pipe.unet.state_dict().values(), strict=True):
+            assert torch.equal(a, b)
+
+
+def test_load_refuses_to_guess_between_variants(tmp_path):
+    pipe = tiny_random_pipeline("lcm")
+    pipe.save_pretrained(tmp_path, variant="fp16")
+    pipe.save_pretrained(tmp_path, variant="ema")
+    with pytest.raises(ValueError, match=r"several variants \(ema, fp16\) and no plain ones"):
+        load_pipeline(str(tmp_path))
+
+
 def test_size_defaults_to_the_training_resolution(lcm):
     frames = lcm("a cat", num_frames=1, num_inference_steps=1, height=None, width=None).frames
     assert frames.shape == (1, 1, 320, 512, 3)
