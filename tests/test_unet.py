@@ -318,6 +318,18 @@ def test_save_and_load_pretrained(tiny, tmp_path):
         torch.testing.assert_close(loaded(x, 10, ctx).sample, tiny(x, 10, ctx).sample)
 
 
+@pytest.mark.parametrize("variant", [None, "fp16"])
+def test_resaving_unsharded_over_a_sharded_save_loads_the_new_weights(tiny, tmp_path, variant):
+    """diffusers leaves an earlier sharded save's index behind; loading would follow it to the shards
+    the unsharded save removed (or, after a failed save, to a mix of old and new ones)."""
+    tiny.save_pretrained(tmp_path, max_shard_size="200KB", variant=variant)
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1
+    newer = randomize(HummingbirdUNet3DModel.from_named_config("tiny"), std=0.1)
+    newer.save_pretrained(tmp_path, variant=variant)
+    loaded = HummingbirdUNet3DModel.from_pretrained(tmp_path, variant=variant)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), newer.state_dict().values()))
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     model = randomize(HummingbirdUNet3DModel.from_named_config("tiny", num_res_blocks=1), std=0.2).eval()  # no dropout
     x, ctx = tiny_inputs(b=1)

@@ -16,8 +16,10 @@ swappable through ``attn_processors`` / ``set_attn_processor``. Temporal attenti
 ``hbkernels.temporal_attention``; choose its backend with ``HBKERNELS_BACKEND`` or
 ``hbkernels.use_backend``.
 """
+import contextlib
 import math
 import numbers
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -425,6 +427,17 @@ class HummingbirdUNet3DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapte
         self.fused_qkv = False
         self.weights_version = 0
         self._unfused_processors = None
+
+    def save_pretrained(self, save_directory, *args, variant=None, **kwargs):
+        """diffusers' ``save_pretrained``, first removing an index an earlier sharded save of this variant
+        left: diffusers keeps it, and loading follows it to shards an unsharded save removed, or (after
+        a failed sharded save) to a mix of old and new shards."""
+        from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME, _add_variant
+
+        for name in (SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME) if kwargs.get("is_main_process", True) else ():
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                os.remove(os.path.join(save_directory, _add_variant(name, variant)))
+        return super().save_pretrained(save_directory, *args, variant=variant, **kwargs)
 
     @classmethod
     def from_named_config(cls, name: str, **overrides) -> "HummingbirdUNet3DModel":
