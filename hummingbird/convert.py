@@ -280,14 +280,16 @@ def load_checkpoint(path) -> dict:
 # ----------------------------------------------------------------------------- loading components
 
 
-def load_state_dict_checked(model, state_dict, what, strict=True):
+def load_state_dict_checked(model, state_dict, what, strict=True, key_name=None):
     """Load ``state_dict`` into ``model`` (assigning tensors, so meta-device models work). Shape
-    mismatches always raise; missing/unexpected keys raise when strict, else warn."""
+    mismatches always raise; missing/unexpected keys raise when strict, else warn. ``key_name`` maps a
+    key to the name errors show (the checkpoint's own, where the converter renamed it)."""
+    key_name = key_name or (lambda key: key)
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    missing = sorted(expected.keys() - state_dict.keys())
-    unexpected = sorted(state_dict.keys() - expected.keys())
+    missing = sorted(map(key_name, expected.keys() - state_dict.keys()))
+    unexpected = sorted(map(key_name, state_dict.keys() - expected.keys()))
     mismatched = sorted(
-        f"{k} {tuple(state_dict[k].shape)} (model: {tuple(expected[k])})"
+        f"{key_name(k)} {tuple(state_dict[k].shape)} (model: {tuple(expected[k])})"
         for k in expected.keys() & state_dict.keys()
         if state_dict[k].shape != expected[k]
     )
@@ -320,12 +322,31 @@ def unet_key_from_original(key: str) -> str:
     return key
 
 
-def unet_state_dict(checkpoint: dict) -> dict:
-    """The U-Net's tensors under our names (a bare U-Net state dict, without prefix, works too)."""
+def _unet_prefix(checkpoint: dict) -> str:
+    """The U-Net's key prefix in a checkpoint: "" for a bare U-Net state dict."""
     prefix = UNET_PREFIX if any(k.startswith(UNET_PREFIX) for k in checkpoint) else ""
     if not prefix and "input_blocks.0.0.weight" not in checkpoint:
         raise ValueError(f"no U-Net weights in the checkpoint (no keys starting with {UNET_PREFIX!r})")
+    return prefix
+
+
+def unet_state_dict(checkpoint: dict) -> dict:
+    """The U-Net's tensors under our names (a bare U-Net state dict, without prefix, works too)."""
+    prefix = _unet_prefix(checkpoint)
     return {unet_key_from_original(k[len(prefix):]): v for k, v in checkpoint.items() if k.startswith(prefix)}
+
+
+def _unet_key_in(checkpoint: dict):
+    """Our U-Net key -> the name the checkpoint has (or would have) for it."""
+    prefix = _unet_prefix(checkpoint)
+    renames = {new: old for old, new in UNET_RENAMES.items() if any(old in k for k in checkpoint)}
+
+    def original(key):
+        for ours, theirs in renames.items():
+            key = key.replace(ours, theirs)
+        return prefix + key
+
+    return original
 
 
 def resolve_config(config) -> dict:
@@ -388,7 +409,7 @@ def unet_from_checkpoint(checkpoint: dict, config=None, *, strict=True, torch_dt
     # Strict loads assign every parameter, so build on the meta device (no 1.4B random init).
     with torch.device("meta") if strict else nullcontext():
         model = HummingbirdUNet3DModel.from_config(config)
-    load_state_dict_checked(model, unet_sd, "U-Net", strict)
+    load_state_dict_checked(model, unet_sd, "U-Net", strict, key_name=_unet_key_in(checkpoint))
     # not model.to(): diffusers' warns to pass torch_dtype to from_pretrained, which is what was done
     return (torch.nn.Module.to(model, torch_dtype) if torch_dtype else model).eval()
 
@@ -443,7 +464,7 @@ def text_encoder_from_checkpoint(checkpoint: dict, *, strict=True):
     converted = convert_open_clip_checkpoint(model, kept, prefix=TEXT_PREFIX)
     if not any(k.startswith("text_model.") for k in model.state_dict()):  # transformers 5 dropped that level
         converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
-    return load_state_dict_checked(model, converted, "text encoder", strict).eval()
+    return load_state_dict_checked(model, converted, "text encoder (keys as transformers names them)", strict).eval()
 
 
 # Every key an LDM KL autoencoder has (diffusers' converter silently skips anything else).
@@ -484,7 +505,8 @@ def vae_from_checkpoint(checkpoint: dict, *, strict=True):
         scaling_factor=0.18215,
     )
     known = {k: v for k, v in ldm.items() if _LDM_VAE_KEY.fullmatch(k)}
-    return load_state_dict_checked(vae, convert_ldm_vae_checkpoint(known, vae.config), "VAE", strict).eval()
+    return load_state_dict_checked(vae, convert_ldm_vae_checkpoint(known, vae.config), "VAE (keys as diffusers names them)",
+                                   strict).eval()
 
 
 def convert(src, dst, config=None, *, dtype=None, overwrite=False, strict=True) -> list:
