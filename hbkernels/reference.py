@@ -39,10 +39,15 @@ def group_norm(x, num_groups: int, weight, bias, eps: float, silu: bool, shift=N
     if shift is not None:
         z = z + shift.to(acc).view(*shift.shape, *[1] * (x.dim() - 2))
     weight, bias = (None if p is None else p.to(acc) for p in (weight, bias))
+    if not z.requires_grad and any(p is not None and p.requires_grad for p in (weight, bias)):
+        # torch's CPU group_norm backward segfaults on a channels-last input that needs no gradient
+        # while weight or bias does (torch 2.13); _like_layout restores the layout
+        z = z.contiguous()
+    # torch.group_norm, not F.group_norm: that refuses groups of one element, which the kernels normalise
     if weight is None and bias is not None:  # torch's group_norm backward fails on bias without weight
-        y = F.group_norm(z, num_groups, None, None, eps) + bias.view(-1, *[1] * (x.dim() - 2))
+        y = torch.group_norm(z, num_groups, None, None, eps) + bias.view(-1, *[1] * (x.dim() - 2))
     else:
-        y = F.group_norm(z, num_groups, weight, bias, eps)
+        y = torch.group_norm(z, num_groups, weight, bias, eps)
     return _like_layout((F.silu(y) if silu else y).to(x.dtype), x)
 
 
@@ -65,8 +70,8 @@ def tokens_to_video(tokens, shape, residual) -> torch.Tensor:
     """tokens (N*H*W, T, C) -> (N, C, T, H, W), plus ``residual`` when given."""
     n, c, t, h, w = shape
     video = tokens.reshape(n, h, w, t, c).permute(0, 4, 3, 1, 2)
-    if residual is None:
-        return video.contiguous()
+    if residual is None:  # a tensor of its own, as the kernels return (contiguous() may return tokens' memory)
+        return video.clone(memory_format=torch.contiguous_format)
     return torch.empty_like(residual).copy_(video).add_(residual)  # in the residual's memory layout
 
 

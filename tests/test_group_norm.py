@@ -600,6 +600,41 @@ def test_group_norm_of_constant_groups_is_the_bias(backend_name, fmt):
         torch.testing.assert_close(g.double(), h, rtol=1e-4, atol=1e-4 * h.abs().max().item() + 1e-6)
 
 
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("trained", ["weight", "bias", "both"])
+def test_group_norm_affine_gradients_of_a_frozen_channels_last_input(backend_name, dtype, trained):
+    """Only the norm's parameters train, on a channels-last input that needs no gradient: torch's own
+    CPU group_norm backward segfaults there (torch 2.13), and float64 always runs the reference."""
+    x = rand(2, 8, 3, 5, 4, dtype=dtype).contiguous(memory_format=torch.channels_last_3d)
+    w = rand(8, dtype=dtype, mean=1.0, requires_grad=trained in ("weight", "both"))
+    b = rand(8, dtype=dtype, requires_grad=trained in ("bias", "both"))
+    dy = rand(2, 8, 3, 5, 4, dtype=dtype)
+    params = [p for p in (w, b) if p.requires_grad]
+    with hbkernels.use_backend(backend_name):
+        y = hbkernels.group_norm(x, 4, w, b, activation="silu")
+        got = torch.autograd.grad(y, params, dy)
+    assert y.is_contiguous(memory_format=torch.channels_last_3d)
+    x64, w64, b64 = (t.detach().double().contiguous().requires_grad_(t.requires_grad) for t in (x, w, b))
+    y64 = torch.nn.functional.silu(torch.nn.functional.group_norm(x64, 4, w64, b64))
+    want = torch.autograd.grad(y64, [p for p in (w64, b64) if p.requires_grad], dy.double())
+    for g, h in zip(got, want, strict=True):
+        torch.testing.assert_close(g.double(), h, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_group_norm_of_one_element_groups_is_the_bias(backend_name, dtype):
+    """A group of one element has variance 0, so y is the bias, on every backend (F.group_norm refuses
+    such input outright; the kernels normalise it)."""
+    x, b = rand(1, 4, 1, 1, dtype=dtype), rand(4, dtype=dtype)
+    with hbkernels.use_backend(backend_name):
+        y = hbkernels.group_norm(x, 4, rand(4, dtype=dtype), b)
+        y1d = hbkernels.nn.GroupNorm(8, 8).to(dtype)(rand(1, 8, dtype=dtype))
+    torch.testing.assert_close(y, b.view(1, 4, 1, 1), rtol=0, atol=1e-5)  # torch folds mean into the bias
+    torch.testing.assert_close(y1d, torch.zeros(1, 8, dtype=dtype), rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("backend_name", CPP)
 def test_group_norm_channels_last_large_mean_as_accurate_as_contiguous(backend_name):
     """fp32, mean 1000 and spread 1: the C++ channels-last statistics took the rounded first-pass mean

@@ -49,6 +49,18 @@ def test_tokens_to_video_inverts_group_norm_to_tokens_layout(backend_name):
     assert summed.stride() == res.stride()  # the residual's memory order is kept
 
 
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tokens_to_video_returns_a_tensor_of_its_own(backend_name, dtype):
+    """Tokens that are a view of an already-contiguous video (N = 1): the result must not be the
+    tokens' memory, or writing into it changes the input (float64 always runs the reference)."""
+    video = torch.randn(1, 8, 3, 2, 4, dtype=dtype)
+    tokens = video.permute(0, 3, 4, 2, 1).reshape(8, 3, 8)  # (N*H*W, T, C), a view of video
+    with hbkernels.use_backend(backend_name):
+        out = hbkernels.tokens_to_video(tokens, shape=video.shape)
+    assert torch.equal(out, video) and out.data_ptr() != video.data_ptr()
+
+
 def test_tokens_to_video_bad_input():
     tokens = rand(24, 3, 6)
     with pytest.raises(ValueError, match="shape=\\(N, C, T, H, W\\) is required"):
