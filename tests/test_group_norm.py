@@ -631,8 +631,9 @@ def test_group_norm_of_one_element_groups_is_the_bias(backend_name, dtype):
     with hbkernels.use_backend(backend_name):
         y = hbkernels.group_norm(x, 4, rand(4, dtype=dtype), b)
         y1d = hbkernels.nn.GroupNorm(8, 8).to(dtype)(rand(1, 8, dtype=dtype))
-    torch.testing.assert_close(y, b.view(1, 4, 1, 1), rtol=0, atol=1e-5)  # torch folds mean into the bias
-    torch.testing.assert_close(y1d, torch.zeros(1, 8, dtype=dtype), rtol=0, atol=1e-6)
+    # torch's fp32 folds the mean into the bias: x's rounding times 1/sqrt(eps) (the kernels are exact)
+    torch.testing.assert_close(y, b.view(1, 4, 1, 1), rtol=0, atol=1e-4)
+    torch.testing.assert_close(y1d, torch.zeros(1, 8, dtype=dtype), rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("backend_name", CPP)
