@@ -28,11 +28,22 @@ def interpreting() -> bool:
     return _env_flag("TRITON_INTERPRET")
 
 
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
+_triton_state: list = [] if importlib.util.find_spec("triton") is not None else [False]  # as _cpp_state
 
 
 def triton_available() -> bool:
-    return _HAS_TRITON
+    """Triton is installed and hbkernels' Triton kernels import (a triton at odds with torch may not):
+    probed once, with one warning when they do not."""
+    if not _triton_state:
+        try:
+            from hbkernels import triton  # noqa: F401  (registers torch.ops.hbkernels_triton.*)
+
+            _triton_state.append(True)
+        except Exception as err:  # noqa: BLE001 - whatever a broken install raises means "no Triton backend"
+            warnings.warn(f"hbkernels: Triton backend unavailable ({type(err).__name__}: {err}); CUDA tensors "
+                          "run the PyTorch reference backend", RuntimeWarning, stacklevel=3)
+            _triton_state.append(False)
+    return _triton_state[0]
 
 
 _cpp_state: list = []  # [bool] once probed; a plain global so torch.compile can trace select()

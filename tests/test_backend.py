@@ -132,6 +132,7 @@ def test_meta_tensors_take_the_reference_whatever_is_forced():
 
 
 def test_forcing_unusable_backend_is_a_clear_error(monkeypatch):
+    pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with hbkernels.use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         hbkernels.geglu(torch.randn(2, 4))
@@ -151,6 +152,41 @@ def test_missing_extension_falls_back_with_one_warning(monkeypatch):
     assert sum("C++ CPU backend unavailable" in str(w.message) for w in caught) == 1
     for y in ys:
         torch.testing.assert_close(y, torch.nn.functional.silu(torch.nn.functional.group_norm(x, 2)))
+
+
+def test_broken_triton_falls_back_with_one_warning(monkeypatch):
+    """A triton that is installed but does not import (one at odds with torch) is not chosen for CUDA
+    tensors: they run the reference backend, and it is said once."""
+    pytest.importorskip("triton")
+    monkeypatch.setitem(sys.modules, "hbkernels.triton", None)  # makes `from hbkernels import triton` fail
+    monkeypatch.delattr(hbkernels, "triton", raising=False)
+    monkeypatch.setattr(backend, "_triton_state", [])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        chosen = [backend.select(torch.device("cuda"), torch.float16) for _ in range(3)]
+    assert chosen == ["torch"] * 3
+    assert sum("Triton backend unavailable" in str(w.message) for w in caught) == 1
+    with hbkernels.use_backend("triton"), pytest.raises(RuntimeError, match="triton is not installed"):
+        backend.select(torch.device("cuda"), torch.float16)
+
+
+def test_cuda_cache_folder_without_a_home(monkeypatch, tmp_path):
+    """Containers run as a user without a home: HBKERNELS_CACHE_DIR is then the way, and without it the
+    CUDA kernels' build says what to set (a BuildError, which leaves the Triton kernels running)."""
+    from pathlib import Path
+
+    from hbkernels.cuda import build
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    monkeypatch.setenv("HBKERNELS_CACHE_DIR", str(tmp_path))
+    assert build.cache_dir() == tmp_path
+    monkeypatch.delenv("HBKERNELS_CACHE_DIR")
+    with pytest.raises(build.BuildError, match="set HBKERNELS_CACHE_DIR"):
+        build.cache_dir()
 
 
 @pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)

@@ -104,16 +104,14 @@ def _empty(*shape):
 def _primitive_args(which: str, triton: bool) -> tuple:
     """Arguments of primitive ``which`` (the Triton and C++ schemas differ only in attention's row
     statistics, which the C++ kernels recompute): small real inputs, fresh output buffers."""
-    from hbkernels.triton import ATTN_ROW_STATS
-
     if which.startswith("attn"):
         q, k, v, do = (rand(2, 5, 3, 8) for _ in range(4))
-        out, stats = torch.empty_like(q), _empty(2, 3, 5, ATTN_ROW_STATS)
-        if which == "attn_fwd":
-            return (q, k, v, out, stats, 0.3, False) if triton else (q, k, v, out, 0.3, False)
-        grads = [torch.empty_like(q) for _ in range(3)]
+        out, grads = torch.empty_like(q), [torch.empty_like(q) for _ in range(3)]
         if not triton:
-            return (do, q, k, v, *grads, 0.3, False)
+            return (q, k, v, out, 0.3, False) if which == "attn_fwd" else (do, q, k, v, *grads, 0.3, False)
+        stats = _empty(2, 3, 5, hbkernels.backend.primitives("triton").ATTN_ROW_STATS)
+        if which == "attn_fwd":
+            return (q, k, v, out, stats, 0.3, False)
         torch.ops.hbkernels_triton.attn_fwd.default(q, k, v, out, stats, 0.3, False)  # the backward's inputs
         return (do, q, k, v, out, stats, *grads, 0.3, False)
     if which.startswith("gn"):
@@ -143,9 +141,8 @@ def test_custom_op_schemas_declare_their_writes(backend_name, which):
     """Every output buffer an op writes is declared mutated: compiled graphs may otherwise reorder or
     drop reads of it (invisible under aot_eager, which keeps the real buffers). All nine primitives of
     both backends."""
-    import hbkernels.triton  # noqa: F401  (registers hbkernels_triton::*)
-
     triton = backend_name == "triton"
+    hbkernels.backend.primitives(backend_name)  # registers the backend's library (hbkernels_triton::*)
     library = torch.ops.hbkernels_triton if triton else torch.ops.hbkernels
     op = getattr(library, which.replace("_residual", "")).default
     torch.library.opcheck(op, _primitive_args(which, triton), test_utils=("test_schema",))

@@ -92,6 +92,7 @@ def test_temporal_attention_warps(monkeypatch, backend_name, warps, t):
 
 
 def test_temporal_attention_warp_rules():
+    pytest.importorskip("triton")
     from hbkernels.triton import temporal_attention as ta
 
     # (T, D) -> warps: forward, one per 3072 elements of the (BLOCK_M, BLOCK_D) accumulator and the

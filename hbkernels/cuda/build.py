@@ -42,8 +42,13 @@ def nvcc() -> str | None:
 
 
 def cache_dir() -> Path:
-    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hbkernels"
-    return Path(os.environ.get("HBKERNELS_CACHE_DIR") or default)
+    if os.environ.get("HBKERNELS_CACHE_DIR"):
+        return Path(os.environ["HBKERNELS_CACHE_DIR"])
+    try:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    except RuntimeError as err:  # no HOME and no passwd entry (containers run as an arbitrary user)
+        raise BuildError(f"no cache folder for the CUDA kernels: set HBKERNELS_CACHE_DIR ({err})") from err
+    return base / "hbkernels"
 
 
 def _run(cmd) -> subprocess.CompletedProcess:
