@@ -185,18 +185,18 @@ inline void scale_row(float* row, int64_t n, float s) {
   for (; j < n; ++j) row[j] *= s;
 }
 
-// row[0, lim) <- exp(row * scale - sub), row[lim, kend) <- 0; returns the sum of the exps
-inline float exp_row(float* row, int64_t lim, int64_t kend, float scale, float sub) {
-  F8 sc = set1(scale), nsb = set1(-sub), acc = zero8();
+// row[0, lim) <- exp(row - sub), row[lim, kend) <- 0; returns the sum of the exps
+inline float exp_row(float* row, int64_t lim, int64_t kend, float sub) {
+  F8 nsb = set1(-sub), acc = zero8();
   int64_t j = 0;
   for (; j + 8 <= lim; j += 8) {
-    F8 e = vexp(fmadd(load8(row + j), sc, nsb));
+    F8 e = vexp(load8(row + j) + nsb);
     store8(row + j, e);
     acc = acc + e;
   }
   if (j < lim) {
     int m = static_cast<int>(lim - j);
-    F8 e = and_mask(lane_mask(m), vexp(fmadd(load_n(row + j, m), sc, nsb)));
+    F8 e = and_mask(lane_mask(m), vexp(load_n(row + j, m) + nsb));
     store_n(row + j, e, m);
     acc = acc + e;
   }
@@ -204,14 +204,21 @@ inline float exp_row(float* row, int64_t lim, int64_t kend, float scale, float s
   return hsum(acc);
 }
 
-inline float row_max_scaled(const float* row, int64_t lim, float scale) {
-  // max of row * scale (scale may be negative)
-  F8 m = set1(-INFINITY), sc = set1(scale);
+inline float row_max(const float* row, int64_t lim) {
+  F8 m = set1(-INFINITY);
   int64_t j = 0;
-  for (; j + 8 <= lim; j += 8) m = vmax(m, load8(row + j) * sc);
+  for (; j + 8 <= lim; j += 8) m = vmax(m, load8(row + j));
   float mm = hmax(m);
-  for (; j < lim; ++j) mm = std::max(mm, row[j] * scale);
+  for (; j < lim; ++j) mm = std::max(mm, row[j]);
   return mm;
+}
+
+// row <- softmax(row * scale) over [0, lim), 0 over [lim, kend). The scores are scaled (rounded) before
+// their max is taken: exp(fma(s, scale, -max)) of unrounded products put the max's own exponent below
+// -87 once scores pass ~1e9 with a scale that is not a power of two, and the row became 0 / 0.
+inline void softmax_row(float* row, int64_t lim, int64_t kend, float scale) {
+  scale_row(row, lim, scale);
+  scale_row(row, lim, 1.f / exp_row(row, lim, kend, row_max(row, lim)));
 }
 
 template <typename T>
@@ -243,10 +250,7 @@ void attn_fwd_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
         gemm_nt(bq, kend, Dp, qp, ldq, kp, ldk, sb.data(), Tp);
         for (int64_t r = 0; r < bq; ++r) {
           const int64_t i = q0 + r, lim = causal ? i + 1 : T_;
-          float* row = sb.data() + r * Tp;
-          float m = row_max_scaled(row, lim, scale);
-          float s = exp_row(row, lim, kend, scale, m);
-          scale_row(row, lim, 1.f / s);
+          softmax_row(sb.data() + r * Tp, lim, kend, scale);
         }
         float* op = rows_out<T>(O, n, h, q0, D, Dp, ob.data(), &ldo);
         gemm_nn(bq, Dp, kend, sb.data(), Tp, 1, vp, ldv, op, ldo, false);
@@ -295,8 +299,7 @@ void attn_bwd_impl(const Tensor& dout, const Tensor& q, const Tensor& k, const T
           float* drow = dsb.data() + r * Tp;
           // P = softmax recomputed exactly as in the forward (max-shifted, normalised by its sum):
           // exp(s - lse) with an fp32 lse kept from the forward would add its rounding to every entry.
-          float m = row_max_scaled(prow, lim, scale);
-          scale_row(prow, lim, 1.f / exp_row(prow, lim, kend, scale, m));
+          softmax_row(prow, lim, kend, scale);
           // delta_i = sum_j P_ij dP_ij (= sum_d dO_id O_id, but consistent with the recomputed P,
           // which keeps each row of dS summing to ~0 and roughly halves the gradient error)
           F8 acc = zero8();

@@ -7,6 +7,7 @@ import torch
 
 # float64 is accepted and always runs the PyTorch reference (it is what tests compare against).
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+FP32_TINY, FP32_MAX = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max  # scalars the kernels take
 
 
 def tensor(name: str, t, *, ndim=None, dtypes=FLOAT_DTYPES) -> None:
@@ -63,13 +64,18 @@ def positive_eps(eps) -> None:
         raise TypeError(f"eps must be a positive float, got {eps!r}")
     if not eps > 0:
         raise ValueError(f"eps must be a positive float, got {eps!r}")
+    if eps < FP32_TINY:  # the kernels add it in fp32, where it would be 0
+        raise ValueError(f"eps must be at least {FP32_TINY:.3g} (the smallest normal float32), got {eps!r}")
 
 
 def positive_int(name: str, value) -> int:
     """``value`` as an int: anything with ``__index__`` (numpy integers too) but a bool, at least 1."""
-    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
-        raise TypeError(f"{name} must be a positive int, got {value!r}")
-    value = operator.index(value)
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)  # a float tensor has __index__, and raises here
+    except TypeError:
+        raise TypeError(f"{name} must be a positive int, got {value!r}") from None
     if value < 1:
         raise ValueError(f"{name} must be a positive int, got {value}")
     return value

@@ -222,6 +222,23 @@ def test_group_norm_channel_blocks_first(monkeypatch, backend_name, reversed_app
         assert len(launches) >= 2 and all(grid[axis] == blocks for _, grid, _ in launches), launches
 
 
+@pytest.mark.parametrize("backend_name", TRITON_BACKENDS)
+def test_group_norm_channel_blocks_past_the_grids_second_axis(monkeypatch, backend_name):
+    """NCHW tiles one channel wide make C channel blocks: past CUDA's 65,535 on grid axis 1 (here a
+    limit of 8, the interpreter has none) they go first, on axis 0, and the result is unchanged."""
+    from hbkernels.triton import group_norm as gn
+
+    launches = record_launches(monkeypatch, "_gn_stats_kernel", "_gn_apply_kernel")
+    monkeypatch.setattr(gn, "_MAX_GRID_1", 8)
+    x = rand(1, 16, 2, 4, 4, dtype=torch.float64, mean=3.0, requires_grad=True)
+    w = rand(16, dtype=torch.float64, mean=1.0, requires_grad=True)
+    check_against_float64(lambda x, w: hbkernels.group_norm(x, 4, w, None, activation="silu"), [x, w], backend_name,
+                          torch.float32)
+    assert launches and all(grid[1] <= 8 for _, grid, _ in launches), launches
+    with pytest.raises(ValueError, match="exceed the grid's second axis"):
+        gn._grid2(9, 9, False)
+
+
 def test_group_norm_nchw_tiles_keep_their_size():
     """Narrow NCHW tiles (one channel at level 0) stack channels where a channel's row is shorter than
     the tile (up to 16), so small planes do not get tiny tiles; channels-last tiles stay 64 wide."""
@@ -399,6 +416,11 @@ def test_group_norm_bad_input():
         hbkernels.group_norm(x, 0)
     with pytest.raises(TypeError, match="eps"):
         hbkernels.group_norm(x, 4, eps=True)
+    with pytest.raises(ValueError, match="eps must be at least 1.18e-38"):  # 0 once in the kernels' fp32
+        hbkernels.group_norm(x, 4, eps=1e-50)
+    with pytest.raises(TypeError, match=r"num_groups must be a positive int, got tensor\(2.\)"):
+        hbkernels.group_norm(x, torch.tensor(2.0))
+    assert hbkernels.group_norm(x, torch.tensor(4)).shape == x.shape
     with pytest.raises(ValueError, match="x must be 4D or 5D"):
         hbkernels.group_norm(x[0], 4)
     with pytest.raises(ValueError, match="x must be 5D"):

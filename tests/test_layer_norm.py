@@ -90,6 +90,23 @@ def test_layer_norm_fp32_parameters_with_half_input(backend_name):
     torch.testing.assert_close(gb, wb, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_layer_norm_residual_sum_of_frozen_inputs_needs_no_graph(backend_name):
+    """Only the weight trains: s = x + residual depends on no trained tensor, so it carries no graph
+    (downstream ops would build one, and the backward compute a dx nobody reads), as with torch."""
+    x, r = rand(6, 16), rand(6, 16)
+    w = rand(16, mean=1.0, requires_grad=True)
+    with hbkernels.use_backend(backend_name):
+        y, s = hbkernels.layer_norm(x, w, None, residual=r)
+        (dw,) = torch.autograd.grad(y, [w], torch.ones_like(y))
+    assert not s.requires_grad and y.requires_grad
+    want = torch.nn.functional.layer_norm((x + r).double(), (16,)).sum(0)
+    torch.testing.assert_close(dw.double(), want, rtol=1e-5, atol=1e-5)
+    with hbkernels.use_backend(backend_name):
+        _, s = hbkernels.layer_norm(x, w, None, residual=r.requires_grad_())
+    assert s.requires_grad
+
+
 def test_layer_norm_module_matches_torch():
     torch.manual_seed(0)
     ref = torch.nn.LayerNorm(48, device=DEVICE)

@@ -133,7 +133,7 @@ def test_temporal_attention_bad_input():
     with pytest.raises(ValueError, match="head dim"):
         big = rand(1, 4, 1, 512)
         hbkernels.temporal_attention(big, big, big)
-    for bad in (float("nan"), float("inf"), -math.inf):
+    for bad in (float("nan"), float("inf"), -math.inf, 1e300, -1e39):  # the last two: inf in the kernels' fp32
         with pytest.raises(ValueError, match="scale must be a finite float"):
             hbkernels.temporal_attention(q, q, q, scale=bad)
     with pytest.raises(TypeError, match="scale"):
@@ -207,6 +207,30 @@ def test_temporal_attention_large_scores(backend_name):
     want = hbkernels.reference.temporal_attention(q.double(), k.double(), v.double(), 1 / math.sqrt(d), False)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.double(), want, rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")  # the interpreter, on masked lanes
+def test_temporal_attention_huge_scores_with_a_scale_not_a_power_of_two(backend_name, causal):
+    """Scaled scores ~1e10 at D = 40 (scale 1/sqrt(40) rounds in every product): the C++ kernels took
+    the row max of rounded products but exponentiated unrounded ones (one FMA), so the max's own exp
+    could underflow and the row come out 0 / 0 = NaN. The Triton backward's compiled code fused the
+    same FMA (sm_90 PTX; the interpreter does not fuse)."""
+    n, t, h, d = 2, 16, 2, 40
+    q, k = (1e5 * rand(n, t, h, d, dtype=torch.float64) for _ in range(2))
+    v, dout = rand(n, t, h, d, dtype=torch.float64), rand(n, t, h, d, dtype=torch.float64)
+    q64, k64, v64 = (x.clone().requires_grad_() for x in (q, k, v))
+    want = hbkernels.reference.temporal_attention(q64, k64, v64, 1 / math.sqrt(d), causal)
+    want_grads = torch.autograd.grad(want, [q64, k64, v64], dout)
+    q32, k32, v32 = (x.float().requires_grad_() for x in (q, k, v))
+    with hbkernels.use_backend(backend_name):
+        out = hbkernels.temporal_attention(q32, k32, v32, causal=causal)
+        grads = torch.autograd.grad(out, [q32, k32, v32], dout.float())
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=1e-5)
+    for g, w in zip(grads, want_grads):  # rows are one-hot: dq, dk vanish but for rounding
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g.double(), w, rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)

@@ -37,6 +37,8 @@ class LayerNormFunction(torch.autograd.Function):
         ctx.bias_dtype = None if bias is None else bias.dtype
         if s is None:
             return y
+        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            ctx.mark_non_differentiable(s)  # x + residual: a graph (and a dx) for weight's gradient alone
         return y, s
 
     @staticmethod

@@ -64,8 +64,8 @@ def temporal_attention(q, k, v, *, scale=None, causal=False):
         scale = 1.0 / math.sqrt(d) if d else 1.0  # D = 0: empty scores, any scale
     elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):  # numpy floats are Real
         raise TypeError(f"scale must be a finite float or None, got {scale!r}")
-    elif not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite float or None, got {scale!r}")
+    elif not math.isfinite(scale) or abs(scale) > checks.FP32_MAX:  # the kernels scale in fp32
+        raise ValueError(f"scale must be a finite float32 or None, got {scale!r}")
     if not isinstance(causal, (bool, np.bool_)):  # a string such as "no" would otherwise mean True
         raise TypeError(f"causal must be a bool, got {causal!r}")
     name = backend.select(q.device, q.dtype, empty=q.numel() == 0)

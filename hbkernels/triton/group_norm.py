@@ -182,8 +182,13 @@ def _even_block(s: int, block: int) -> int:
 
 def _grid2(programs: int, n_cb: int, channel_unit: bool):
     """(grid, CB_FIRST) of a (positions, channel blocks) launch: channel blocks first under
-    CHANNEL_BLOCKS_FIRST where x's channels are contiguous, if the positions fit grid axis 1."""
-    cb_first = CHANNEL_BLOCKS_FIRST and channel_unit and n_cb > 1 and programs <= _MAX_GRID_1
+    CHANNEL_BLOCKS_FIRST where x's channels are contiguous, or where they do not fit grid axis 1 (NCHW
+    tiles are one channel wide: C channel blocks), if the positions fit it."""
+    if min(programs, n_cb) > _MAX_GRID_1:
+        raise ValueError(f"group_norm: {n_cb} channel blocks x {programs} tiles exceed the grid's second axis "
+                         f"({_MAX_GRID_1}) either way round")
+    wanted = CHANNEL_BLOCKS_FIRST and channel_unit and n_cb > 1 or n_cb > _MAX_GRID_1
+    cb_first = wanted and programs <= _MAX_GRID_1
     return ((n_cb, programs) if cb_first else (programs, n_cb)), cb_first
 
 

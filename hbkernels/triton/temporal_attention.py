@@ -56,10 +56,12 @@ def _row_stats(STATS, offs_m, T):
 @triton.jit
 def _probs(q, k, m, inv_l, offs_m, offs_n, T, qk_scale, CAUSAL: tl.constexpr):
     """P = exp2(S - m) / l for a (query block, key block) tile; exactly 0 where masked or padded."""
-    s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
     valid = (offs_m < T)[:, None] & (offs_n < T)[None, :]
     if CAUSAL:
         valid = valid & (offs_n[None, :] <= offs_m[:, None])
+    # the select keeps S rounded as the forward rounded it: fused into an FMA with -m (the compiler's
+    # default), the row max's own exponent is that rounding, ~2^12 at scores ~1e11, and exp2 overflows
+    s = tl.where(valid, tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale, float("-inf"))
     return tl.where(valid, tl.exp2(s - m[:, None]) * inv_l[:, None], 0.0)
 
 
