@@ -171,7 +171,13 @@ def empty_like(t: torch.Tensor, **kwargs) -> torch.Tensor:
 class _NoGradCtx:
     """Autograd's ``ctx`` for a Function.forward called directly: takes what forward stores, keeps nothing."""
 
+    def __init__(self, inputs: int):
+        self.needs_input_grad = (False,) * inputs
+
     def save_for_backward(self, *tensors):
+        pass
+
+    def mark_non_differentiable(self, *tensors):
         pass
 
 
@@ -182,7 +188,7 @@ def run_function(function, *args):
     needs_grad = torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
     if needs_grad or torch.compiler.is_compiling() or _transformed():
         return function.apply(*args)
-    return function.forward(_NoGradCtx(), *args)
+    return function.forward(_NoGradCtx(len(args)), *args)
 
 
 def _transformed() -> bool:
