@@ -4,7 +4,8 @@ import torch
 import hbkernels
 from helpers import DEVICE, KERNEL_BACKENDS, DTYPES, check_against_float64, rand, shapes
 
-QUICK = [(7, 10), (2, 3, 40), (1, 160), (3, 80), (2, 4200)]  # F = 40: ragged last column block; 2100: past a C++ chunk
+# F = 40: ragged last column block; 2100: past a C++ chunk; 300 rows: two Triton row programs, the last ragged
+QUICK = [(7, 10), (2, 3, 40), (1, 160), (3, 80), (2, 4200), (2, 150, 32)]
 # Level-0 spatial and level-2 temporal widths, fewer rows than the model's (40960 / 16640): a float64
 # reference with gradients of those takes ~10 GB per test, and the GPU run has 8 test workers.
 FULL = QUICK + [(2560 * 4, 2560), (640 * 4, 10240), (77, 8192)]

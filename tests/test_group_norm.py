@@ -670,3 +670,32 @@ def test_group_norm_channels_last_large_mean_as_accurate_as_contiguous(backend_n
             y = hbkernels.group_norm(x.contiguous(memory_format=fmt), 2)
         errors[str(fmt)] = (y.double() - want).abs().max().item()
     assert errors["torch.channels_last"] <= 4 * errors["torch.contiguous_format"], errors
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+@pytest.mark.parametrize("sign", [-1.0, 1.0])
+def test_group_norm_silu_in_its_tails(backend_name, sign):
+    """SiLU inputs z ~ -/+10 only: the outputs (z < 0) or the derivative's 1 - sigmoid(z) (z > 0) are
+    small, so an error of an ulp of 1 (1 - sigmoid(z) formed by subtraction) is far above the bound."""
+    x = rand(2, 8, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    w = rand(8, dtype=torch.float64) * 0.1 + 1
+    b = torch.full((8,), 10.0 * sign, dtype=torch.float64)
+    check_against_float64(lambda x: hbkernels.group_norm(x, 4, w, b, activation="silu"), [x],
+                          backend_name, torch.float32)
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_group_norm_channels_last_wide_with_a_contiguous_gradient(backend_name, activation):
+    """Channels-last x of 160 channels whose output gradient is contiguous (a .contiguous() after the
+    norm): the C++ backward tiles the transpose 128 channels at a time, so its second channel block
+    starts at channel 128."""
+    x = rand(1, 160, 2, 3, 3, dtype=torch.float64, mean=1.0, requires_grad=True)
+    w = rand(160, dtype=torch.float64, mean=1.0, requires_grad=True)
+    b = rand(160, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, w, b):
+        cl = x.contiguous(memory_format=torch.channels_last_3d)
+        return hbkernels.group_norm(cl, 32, w, b, activation=activation).contiguous()
+
+    check_against_float64(fn, [x, w, b], backend_name, torch.float32)

@@ -5,7 +5,7 @@ import hbkernels
 from helpers import BACKENDS, CPP, DEVICE, DTYPES, KERNEL_BACKENDS, check_against_float64, rand, shapes
 
 # (leading shape..., C): C = 1, not a multiple of 8, wider than a tile; one and many rows.
-QUICK = [(7, 40), (2, 3, 320), (1, 1283), (5, 1)]
+QUICK = [(7, 40), (2, 3, 320), (1, 1283), (5, 1), (130, 40)]  # 130 rows: three Triton forward programs of 64
 FULL = QUICK + [(26, 2560, 320), (2560, 26, 320), (16640, 640), (4160, 1280), (3, 77, 16384), (2, 20000)]
 
 
@@ -275,3 +275,38 @@ def test_layer_norm_fp32_parameters_of_fp16_activations(backend_name):
     with hbkernels.use_backend(backend_name):
         gw, gb = torch.autograd.grad(hbkernels.layer_norm(x, w, b).float().square().sum(), [w, b])
     assert gw.dtype == gb.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+@pytest.mark.parametrize("residual", [False, True])
+def test_layer_norm_backward_of_constant_rows(backend_name, residual):
+    """Constant fp32 rows: xhat is exactly 0, so dx = rstd * (w dy - mean(w dy)) and dweight = 0; a mean
+    saved for the backward an ulp off the value makes xhat = ulp * 1/sqrt(eps) instead."""
+    values = torch.tensor([3333.3333, -7.77, 123.456, 0.1], device=DEVICE)
+    x = values.view(4, 1).expand(4, 40).contiguous().requires_grad_()
+    r = torch.zeros_like(x, requires_grad=True) if residual else None
+    w, b = rand(40, mean=1.0, requires_grad=True), rand(40, requires_grad=True)
+    dy = rand(4, 40)
+    with hbkernels.use_backend(backend_name):
+        y = hbkernels.layer_norm(x, w, b, 1e-5, residual=r)
+        y = y[0] if residual else y
+        gx, gw, gb = torch.autograd.grad(y, [x, w, b], dy)
+    g = dy.double() * w.detach().double()
+    want_dx = (g - g.mean(-1, keepdim=True)) / (1e-5) ** 0.5
+    torch.testing.assert_close(gx.double(), want_dx, rtol=1e-4, atol=1e-4 * want_dx.abs().max().item())
+    torch.testing.assert_close(gw.double(), torch.zeros(40, dtype=torch.float64), rtol=0, atol=1e-6)
+    torch.testing.assert_close(gb.double(), dy.double().sum(0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+def test_layer_norm_rows_past_int32(backend_name):
+    """x's third row lies past 2^31 elements (a narrowed view of a wide tensor): int64 row offsets."""
+    big = 2**30 + 2**26  # fits int32; twice it does not
+    store = torch.empty(2 * big + 64, dtype=torch.float16, device=DEVICE)
+    x = store.as_strided((3, 16), (big, 1))  # only the pages the rows hold are touched
+    x.copy_(rand(3, 16))
+    w, b = rand(16, mean=1.0, dtype=torch.float16), rand(16, dtype=torch.float16)
+    with hbkernels.use_backend(backend_name):
+        y = hbkernels.layer_norm(x, w, b)
+    want = torch.nn.functional.layer_norm(x.double(), (16,), w.double(), b.double())
+    torch.testing.assert_close(y.double(), want, rtol=0, atol=4e-3)

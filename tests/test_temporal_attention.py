@@ -304,3 +304,17 @@ def test_temporal_attention_first_key_block_all_minus_inf(backend_name):
     for name, got, expected in zip("kv", grads[1:], want_grads[1:]):  # dq is NaN in both (0 * -inf)
         torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5, msg=lambda m: f"d{name}: {m}")
     assert torch.equal(grads[0].isnan(), want_grads[0].isnan())
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+def test_temporal_attention_samples_past_int32(backend_name):
+    """q, k, v whose sample stride is 2^30 + 2^26: sample 2 starts past 2^31 elements (int64 n * stride)."""
+    big = 2**30 + 2**26  # fits int32; twice it does not
+    store = torch.empty(2 * big + 3 * 5 * 16 + 64, dtype=torch.float16, device=DEVICE)
+    q, k, v = (store.as_strided((3, 5, 1, 16), (big, 16, 16, 1), i * 5 * 16) for i in range(3))
+    for t in (q, k, v):
+        t.copy_(rand(3, 5, 1, 16))
+    with hbkernels.use_backend(backend_name):
+        out = hbkernels.temporal_attention(q, k, v)
+    want = hbkernels.reference.temporal_attention(q.double(), k.double(), v.double(), 0.25, False)
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=4e-3)
