@@ -779,7 +779,9 @@ def test_lora_weights_load_scale_fuse_and_unload(tmp_path):
     fresh.set_adapters(["style"], adapter_weights=[1.0])
     fresh.fuse_lora(adapter_names=["style"])
     fresh.unload_lora_weights()  # the fused weights stay; the adapter layers go
-    torch.testing.assert_close(run(fresh), adapted, atol=1e-5, rtol=1e-5)
+    # W + BA rounded once against x W + (x B) A: rounding apart, grown over two steps (the adapter moved
+    # the latents by > 0.1)
+    torch.testing.assert_close(run(fresh), adapted, atol=1e-4, rtol=1e-4)
     fresh = _pipe("lcm")
     fresh.load_lora_weights(tmp_path, adapter_name="style")
     fresh.unload_lora_weights()

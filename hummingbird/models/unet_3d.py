@@ -17,6 +17,7 @@ swappable through ``attn_processors`` / ``set_attn_processor``. Temporal attenti
 ``hbkernels.use_backend``.
 """
 import contextlib
+import inspect
 import math
 import numbers
 import os
@@ -438,6 +439,10 @@ class HummingbirdUNet3DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapte
             with contextlib.suppress(FileNotFoundError, NotADirectoryError):
                 os.remove(os.path.join(save_directory, _add_variant(name, variant)))
         return super().save_pretrained(save_directory, *args, variant=variant, **kwargs)
+
+    # diffusers' pipelines pass safe_serialization, variant and max_shard_size only to a save_pretrained
+    # whose signature names them
+    save_pretrained.__signature__ = inspect.signature(ModelMixin.save_pretrained)
 
     @classmethod
     def from_named_config(cls, name: str, **overrides) -> "HummingbirdUNet3DModel":
