@@ -658,6 +658,26 @@ def test_group_norm_of_one_element_groups_is_the_bias(backend_name, dtype):
     torch.testing.assert_close(y1d, torch.zeros(1, 8, dtype=dtype), rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_group_norm_backward_of_one_element_groups_is_zero(backend_name, activation):
+    """dx of a one-element group is exactly 0: w * dz minus its own mean c1. The Triton kernels are exact
+    if w * dz is rounded as c1 summed it; the GPU compilers fused w * dz - c1 into an FMA (sm_90 PTX /
+    SASS), making dx that product's rounding error times 1/sqrt(eps). The interpreter never fuses: on
+    CPU this guards the arithmetic; the GPU run of this file is what sees the fusion. The C++ backward
+    folds rstd into its coefficients, as torch's does: both leave dx a few ulps of rstd * w * dz."""
+    x = rand(2, 8, 1, 1, requires_grad=True)
+    w, b, dy = rand(8, mean=1.0, requires_grad=True), rand(8, requires_grad=True), rand(2, 8, 1, 1)
+    with hbkernels.use_backend(backend_name):
+        dx, dw, db = torch.autograd.grad(hbkernels.group_norm(x, 8, w, b, activation=activation), [x, w, b], dy)
+    assert torch.equal(dw, torch.zeros_like(dw))
+    if backend_name == "triton":
+        assert torch.equal(dx, torch.zeros_like(dx))
+    else:  # rstd * |w dz| (dz <= 1.1 dy), the scale of dx's terms
+        terms = (dy * w.detach().view(1, 8, 1, 1)).abs().max().item() / 1e-5 ** 0.5
+        assert dx.abs().max().item() <= 4 * 1.1 * terms * torch.finfo(torch.float32).eps
+
+
 @pytest.mark.parametrize("backend_name", CPP)
 def test_group_norm_channels_last_large_mean_as_accurate_as_contiguous(backend_name):
     """fp32, mean 1000 and spread 1: the C++ channels-last statistics took the rounded first-pass mean

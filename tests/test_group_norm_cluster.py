@@ -424,6 +424,22 @@ def test_emulated_forward_of_constant_groups_is_the_bias(emulated, monkeypatch, 
     torch.testing.assert_close(dx.double(), want, rtol=1e-3, atol=1e-3 * want.abs().max().item())
 
 
+@pytest.mark.parametrize("silu", [False, True])
+def test_emulated_backward_of_one_element_groups_is_zero(emulated, monkeypatch, silu):
+    """dx of a one-element group is w dz minus its own mean, exactly 0 if w dz is rounded as the mean
+    summed it. ptxas contracted w * dz - c1 into an FMA (sm_90 SASS): dx was the product's rounding error
+    times 1/sqrt(eps). The emulator is built with the same contraction where the host has FMA."""
+    monkeypatch.setattr(cluster, "_library", lambda: emulated)
+    shape, groups = (2, 8, 1, 1), 8
+    x, dy = (rand(*shape, device="cpu").contiguous(memory_format=torch.channels_last) for _ in range(2))
+    w, b = rand(8, mean=1.0, device="cpu"), rand(8, device="cpu")
+    mean, rstd = x.reshape(2, groups).clone(), torch.full((2, groups), 1e-5 ** -0.5)
+    dx = torch.full_like(x, float("nan"))
+    p = emulated_plan(emulated, shape, groups, 4, "channels_last", None, backward=True)
+    cluster.launch_bwd(p, "channels_last", 0, 0, dy, x, w, b, None, mean, rstd, dx, None, None, groups, silu)
+    assert torch.equal(dx, torch.zeros_like(dx))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_emulated_backward_of_a_group_wider_than_a_block(emulated, monkeypatch, dtype):
     """A channels-last group with more 4-byte units per position than the block has threads (one group

@@ -664,7 +664,9 @@ gn_cluster_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, T* __re
     P out;
 #pragma unroll
     for (int j = 0; j < kU; ++j) {
-      out.e[j] = from_float<T>(r * (w[L::channel_of(walk.ch, j)] * dz[j] - c1 - xh[j] * c2));
+      // __fmul_rn: w dz rounded as c1 summed it (ptxas contracts a plain w * dz - c1 into an FMA, whose
+      // dx of a one-element group is that product's rounding error times 1/sqrt(eps), not 0)
+      out.e[j] = from_float<T>(r * (__fmul_rn(w[L::channel_of(walk.ch, j)], dz[j]) - c1 - xh[j] * c2));
     }
     L::store(reinterpret_cast<Unit*>(dx_group + walk.off), out.raw);
   }

@@ -578,7 +578,9 @@ def _gn_one_pass_bwd_kernel(
             pb *= p_w
         c1 = tl.div_rn(tl.sum(pb, axis=0), total)
         c2 = tl.div_rn(tl.sum(pa, axis=0), total)
-        dx = r * (dz * w - c1 - xhat * c2)
+        # dz * w kept rounded, as in _gn_bwd_apply_kernel; not by `mask`, which is constant (folded, select
+        # and all) for one-element rows (L = TILE = 1), the very case it is for: r is NaN only where dx is
+        dx = r * (tl.where(r == r, dz * w, 0.0) - c1 - xhat * c2)
         tl.store(dx_ptr + n64 * son + c64 * soc + offs, store_cast(dx, dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -697,8 +699,9 @@ def _gn_bwd_apply_kernel(
             z = z + tl.load(b_ptr + cc * sb_, mask=cmask, other=0.0).to(tl.float32)[:, None]
         sig, one_minus_sig = _sigmoid_parts(z, PRECISE)
         dz = dz * (sig * (1.0 + z * one_minus_sig))
-    if HAS_W:
-        dz = dz * w
+    if HAS_W:  # the select keeps dz * w rounded, as c1 summed it: fused into an FMA with "- c1" below, a
+        # one-element group's dx would be the product's rounding error times 1/sqrt(eps), not 0
+        dz = tl.where(mask, dz * w, 0.0)
     dx = r * (dz - c1 - xhat * c2)
     tl.store(dx_ptr + tile_offsets(n, t, cc, ss, son, sot, soc, sos), store_cast(dx, dx_ptr.dtype.element_ty),
              mask=mask)

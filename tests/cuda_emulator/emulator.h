@@ -443,4 +443,5 @@ void __stcs(T* p, T v) { *p = v; }
 
 inline float __expf(float x) { return std::exp(x); }
 inline float __fdividef(float a, float b) { return a / b; }
+inline float __fmul_rn(float a, float b) { volatile float p = a * b; return p; }
 inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
