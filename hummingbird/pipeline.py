@@ -356,8 +356,8 @@ class HummingbirdPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         ``PipelineCallback`` / ``MultiPipelineCallbacks`` (their ``tensor_inputs`` are used): ``tensors``
         holds the names in ``callback_on_step_end_tensor_inputs`` ("latents", and "prompt_embeds": the
         U-Net's context, [uncond, cond] with CFG); a returned dict's entries replace them. A callback may
-        set ``pipe._guidance_scale`` (e.g. diffusers' ``SDCFGCutoffCallback`` turning CFG off; the
-        context's conditional half is then used) or ``pipe._interrupt = True`` (stop after this step).
+        set ``pipe._guidance_scale`` (e.g. diffusers' ``SDCFGCutoffCallback`` turning CFG off, for one
+        prompt: it keeps the context's last row; setting it alone uses the conditional half) or ``pipe._interrupt = True`` (stop after this step).
         Returns :class:`HummingbirdPipelineOutput` (or ``(frames,)`` when ``return_dict=False``).
         """
         defaults = DISTILLED_DEFAULTS if self.guidance_distilled else CFG_DEFAULTS
