@@ -62,7 +62,10 @@ def _probs(q, k, m, inv_l, offs_m, offs_n, T, qk_scale, CAUSAL: tl.constexpr):
     # the select keeps S rounded as the forward rounded it: fused into an FMA with -m (the compiler's
     # default), the row max's own exponent is that rounding, ~2^12 at scores ~1e11, and exp2 overflows
     s = tl.where(valid, tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale, float("-inf"))
-    return tl.where(valid, tl.exp2(s - m[:, None]) * inv_l[:, None], 0.0)
+    # S - m <= 0 but where this tile's dot rounds above the forward's (its tiles may take other MMA
+    # instructions): an ulp of S, past 128 at scores ~1e9, must not overflow exp2. NaN stays NaN
+    shifted = tl.minimum(s - m[:, None], 0.0, propagate_nan=tl.PropagateNan.ALL)
+    return tl.where(valid, tl.exp2(shifted) * inv_l[:, None], 0.0)
 
 
 @triton.jit
