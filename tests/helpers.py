@@ -39,16 +39,23 @@ def rand(*shape, dtype=torch.float32, mean=0.0, device=DEVICE, requires_grad=Fal
     return t.requires_grad_(requires_grad)
 
 
+BIG_STRIDE = 2**30 + 2**26  # fits int32; the third index along it (2 * BIG_STRIDE) does not
+
+
+def past_int32_storage(extra: int = 0) -> torch.Tensor:
+    """fp16 storage of 2 * BIG_STRIDE + 64 + ``extra`` elements (4.25 GiB of address space; only the pages
+    views of it hold are ever touched): small views with a stride of BIG_STRIDE reach past 2^31
+    elements, where int32 index arithmetic wraps, while each stride alone fits int32 (the kernels get
+    int32 stride arguments)."""
+    return torch.empty(2 * BIG_STRIDE + 64 + extra, dtype=torch.float16, device=DEVICE)
+
+
 def huge_strided_views(c, s):
-    """Two small (1, c, 1, s) fp16 views of one storage of 2^31 + 2^27 elements (4.25 GiB of address
-    space; only the pages the views hold are ever touched): x with channel stride 2^30 + 2^26,
-    dy with that position stride. Their channel (x) or position (dy) offsets pass 2^31 elements,
-    where int32 index arithmetic wraps; each stride alone fits int32, so the kernels get int32
-    stride arguments."""
-    big = 2**30 + 2**26
-    store = torch.empty(2 * big + 64, dtype=torch.float16, device=DEVICE)
-    x = store.as_strided((1, c, 1, s), (0, big, 0, 1))
-    dy = store.as_strided((1, c, 1, s), (0, 1, 0, big), 32)
+    """Two small (1, c, 1, s) fp16 views of one storage past int32 (:func:`past_int32_storage`): x with
+    channel stride BIG_STRIDE, dy with that position stride."""
+    store = past_int32_storage()
+    x = store.as_strided((1, c, 1, s), (0, BIG_STRIDE, 0, 1))
+    dy = store.as_strided((1, c, 1, s), (0, 1, 0, BIG_STRIDE), 32)
     x.copy_(rand(1, c, 1, s, mean=2.0))
     dy.copy_(rand(1, c, 1, s))
     return x, dy

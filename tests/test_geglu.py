@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import hbkernels
-from helpers import DEVICE, KERNEL_BACKENDS, DTYPES, check_against_float64, rand, shapes
+from helpers import BIG_STRIDE, KERNEL_BACKENDS, DTYPES, check_against_float64, past_int32_storage, rand, shapes
 
 # F = 40: ragged last column block; 2100: past a C++ chunk; 300 rows: two Triton row programs, the last ragged
 QUICK = [(7, 10), (2, 3, 40), (1, 160), (3, 80), (2, 4200), (2, 150, 32)]
@@ -42,8 +42,7 @@ def test_geglu_one_feature_with_an_odd_gradient_stride(backend_name):
 def test_geglu_gradient_rows_past_int32(backend_name):
     """An incoming gradient whose row stride fits int32 but whose third row lies past 2^31 elements
     (a narrowed view of a wide tensor): int64 row offsets in the backward."""
-    big = 2**30 + 2**26
-    dy = torch.empty(2 * big + 64, dtype=torch.float16, device=DEVICE).as_strided((3, 16), (big, 1))  # pages untouched
+    dy = past_int32_storage().as_strided((3, 16), (BIG_STRIDE, 1))
     dy.copy_(rand(3, 16))
     x = rand(3, 32, dtype=torch.float16, requires_grad=True)
     with hbkernels.use_backend(backend_name):

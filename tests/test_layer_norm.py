@@ -2,7 +2,8 @@ import pytest
 import torch
 
 import hbkernels
-from helpers import BACKENDS, CPP, DEVICE, DTYPES, KERNEL_BACKENDS, check_against_float64, rand, shapes
+from helpers import (BACKENDS, BIG_STRIDE, CPP, DEVICE, DTYPES, KERNEL_BACKENDS, check_against_float64, past_int32_storage,
+                     rand, shapes)
 
 # (leading shape..., C): C = 1, not a multiple of 8, wider than a tile; one and many rows.
 QUICK = [(7, 40), (2, 3, 320), (1, 1283), (5, 1), (130, 40)]  # 130 rows: three Triton forward programs of 64
@@ -301,9 +302,7 @@ def test_layer_norm_backward_of_constant_rows(backend_name, residual):
 @pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
 def test_layer_norm_rows_past_int32(backend_name):
     """x's third row lies past 2^31 elements (a narrowed view of a wide tensor): int64 row offsets."""
-    big = 2**30 + 2**26  # fits int32; twice it does not
-    store = torch.empty(2 * big + 64, dtype=torch.float16, device=DEVICE)
-    x = store.as_strided((3, 16), (big, 1))  # only the pages the rows hold are touched
+    x = past_int32_storage().as_strided((3, 16), (BIG_STRIDE, 1))
     x.copy_(rand(3, 16))
     w, b = rand(16, mean=1.0, dtype=torch.float16), rand(16, dtype=torch.float16)
     with hbkernels.use_backend(backend_name):

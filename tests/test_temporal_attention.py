@@ -4,7 +4,8 @@ import torch
 
 import hbkernels
 from hbkernels import backend, use_backend
-from helpers import KERNEL_BACKENDS, DEVICE, DTYPES, ON_GPU, assert_gradients_close, check_against_float64, rand, shapes
+from helpers import (BIG_STRIDE, KERNEL_BACKENDS, DEVICE, DTYPES, ON_GPU, assert_gradients_close, check_against_float64,
+                     past_int32_storage, rand, shapes)
 
 # (N, T, H, D): T = 1/16/25/26, D = 40/64/80, N = 1; tiny N*H keeps the interpreter fast.
 QUICK = [(1, 16, 2, 64), (2, 25, 1, 40), (1, 26, 2, 80), (3, 1, 1, 32), (1, 5, 1, 96), (1, 77, 1, 40)]  # 77: several key blocks
@@ -330,10 +331,9 @@ def test_temporal_attention_first_key_block_all_minus_inf(backend_name):
 
 @pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
 def test_temporal_attention_samples_past_int32(backend_name):
-    """q, k, v whose sample stride is 2^30 + 2^26: sample 2 starts past 2^31 elements (int64 n * stride)."""
-    big = 2**30 + 2**26  # fits int32; twice it does not
-    store = torch.empty(2 * big + 3 * 5 * 16 + 64, dtype=torch.float16, device=DEVICE)
-    q, k, v = (store.as_strided((3, 5, 1, 16), (big, 16, 16, 1), i * 5 * 16) for i in range(3))
+    """q, k, v whose sample stride is BIG_STRIDE: sample 2 starts past 2^31 elements (int64 n * stride)."""
+    store = past_int32_storage(extra=3 * 5 * 16)
+    q, k, v = (store.as_strided((3, 5, 1, 16), (BIG_STRIDE, 16, 16, 1), i * 5 * 16) for i in range(3))
     for t in (q, k, v):
         t.copy_(rand(3, 5, 1, 16))
     with hbkernels.use_backend(backend_name):
