@@ -304,10 +304,9 @@ class HummingbirdPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         VideoCrafter2's; the others keep their own (TCD's eta is its gamma, 0.3)."""
         if eta is None and isinstance(self.scheduler, DDIMScheduler):
             eta = DDIM_ETA
+        wanted = {"generator": generator} if eta is None else {"generator": generator, "eta": eta}
         params = inspect.signature(self.scheduler.step).parameters
-        if eta is None:
-            params = {k: v for k, v in params.items() if k != "eta"}
-        return {k: v for k, v in (("generator", generator), ("eta", eta)) if k in params}
+        return {k: v for k, v in wanted.items() if k in params}
 
     @torch.no_grad()
     def __call__(
@@ -357,7 +356,8 @@ class HummingbirdPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         holds the names in ``callback_on_step_end_tensor_inputs`` ("latents", and "prompt_embeds": the
         U-Net's context, [uncond, cond] with CFG); a returned dict's entries replace them. A callback may
         set ``pipe._guidance_scale`` (e.g. diffusers' ``SDCFGCutoffCallback`` turning CFG off, for one
-        prompt: it keeps the context's last row; setting it alone uses the conditional half) or ``pipe._interrupt = True`` (stop after this step).
+        prompt: it keeps the context's last row; setting it alone uses the conditional half) or
+        ``pipe._interrupt = True`` (stop after this step).
         Returns :class:`HummingbirdPipelineOutput` (or ``(frames,)`` when ``return_dict=False``).
         """
         defaults = DISTILLED_DEFAULTS if self.guidance_distilled else CFG_DEFAULTS
@@ -531,16 +531,18 @@ _SAFETENSORS_FLOATS = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torc
 def _unet_weights(folder):
     """(variant, safetensors file) of a diffusers model folder: its plain weights where they are there,
     else those of its one variant (``diffusion_pytorch_model.<variant>.safetensors`` or a sharded
-    index); the file is the first shard of sharded weights. (None, None) for a folder without either."""
+    index); the file is the first shard of sharded weights. Without either: (None, the plain file's
+    path), which loading then reports missing."""
     from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME, _add_variant
 
     names = set(os.listdir(folder)) if os.path.isdir(folder) else set()
-    stem, suffix = os.path.splitext(SAFETENSORS_WEIGHTS_NAME)
-    variants = {n[len(stem) + 1:-len(suffix)] for n in names if n.startswith(stem + ".") and n.endswith(suffix)}
-    index_stem, index_suffix = os.path.splitext(SAFE_WEIGHTS_INDEX_NAME)
-    variants |= {n[len(index_stem) + 1:-len(index_suffix)] for n in names
-                 if n.startswith(index_stem + ".") and n.endswith(index_suffix)}
-    variants = sorted(v for v in variants if v and "-of-" not in v)  # not shards
+
+    def variants_of(filename):  # the <variant> of the names "<stem>.<variant><suffix>"
+        stem, suffix = os.path.splitext(filename)
+        return {n[len(stem) + 1:-len(suffix)] for n in names if n.startswith(stem + ".") and n.endswith(suffix)}
+
+    found = variants_of(SAFETENSORS_WEIGHTS_NAME) | variants_of(SAFE_WEIGHTS_INDEX_NAME)
+    variants = sorted(v for v in found if v and "-of-" not in v)  # not shards
     plain = SAFETENSORS_WEIGHTS_NAME in names or SAFE_WEIGHTS_INDEX_NAME in names
     if not plain and len(variants) > 1:
         raise ValueError(f"{folder} holds weights of several variants ({', '.join(variants)}) and no plain ones; "
