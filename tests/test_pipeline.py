@@ -39,15 +39,20 @@ def ddim():
     return _pipe("ddim")
 
 
+def _record_unet_calls(pipe, monkeypatch, record):
+    """A list of ``record(*args, **kwargs)`` of each U-Net call, the calls themselves unchanged."""
+    seen, forward = [], pipe.unet.forward
+
+    def recording(*args, **kwargs):
+        seen.append(record(*args, **kwargs))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(pipe.unet, "forward", recording)
+    return seen
+
+
 def _record_unet_batches(pipe, monkeypatch):
-    batches, forward = [], pipe.unet.forward
-
-    def counting(sample, *args, **kwargs):
-        batches.append(sample.shape[0])
-        return forward(sample, *args, **kwargs)
-
-    monkeypatch.setattr(pipe.unet, "forward", counting)
-    return batches
+    return _record_unet_calls(pipe, monkeypatch, lambda sample, *args, **kwargs: sample.shape[0])
 
 
 def test_lcm_26_frames_one_unet_call_per_step(lcm, monkeypatch):
@@ -541,13 +546,7 @@ def test_diffusers_callbacks_turn_guidance_off_and_interrupt(ddim, monkeypatch):
 def test_step_callback_may_change_a_distilled_guidance_scale(lcm, monkeypatch):
     """In a guidance-distilled U-Net the scale is an input (timestep_cond): a callback's new scale is
     what the next steps are conditioned on."""
-    conds, forward = [], lcm.unet.forward
-
-    def recording(*args, timestep_cond=None, **kwargs):
-        conds.append(timestep_cond)
-        return forward(*args, timestep_cond=timestep_cond, **kwargs)
-
-    monkeypatch.setattr(lcm.unet, "forward", recording)
+    conds = _record_unet_calls(lcm, monkeypatch, lambda *args, timestep_cond=None, **kwargs: timestep_cond)
 
     def lower(pipe, i, t, tensors):
         pipe._guidance_scale = 3.0
