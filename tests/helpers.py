@@ -25,6 +25,7 @@ def _backend_params():
 BACKENDS = _backend_params()
 KERNEL_BACKENDS = BACKENDS[1:]
 CPP = BACKENDS[1:2]  # the C++ backend alone (skipped where it is not built)
+TRITON = BACKENDS[2:]  # the Triton backend alone (skipped where it cannot run)
 # bf16 runs under the Triton interpreter too: the kernels upcast to fp32 before any arithmetic.
 DTYPES = [pytest.param(d, id=str(d).split(".")[-1]) for d in (torch.float32, torch.float16, torch.bfloat16)]
 

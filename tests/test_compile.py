@@ -6,9 +6,8 @@ import pytest
 import torch
 
 import hbkernels
-from helpers import DEVICE, KERNEL_BACKENDS, OP_CASES, assert_gradients_close, output_gradient, rand
+from helpers import DEVICE, KERNEL_BACKENDS, OP_CASES, TRITON, assert_gradients_close, output_gradient, rand
 
-TRITON = [p for p in KERNEL_BACKENDS if p.values[0] == "triton"]
 
 
 def temporal_block(x, w, b, heads):

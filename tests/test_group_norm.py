@@ -2,8 +2,8 @@ import pytest
 import torch
 
 import hbkernels
-from helpers import (BACKENDS, CPP, KERNEL_BACKENDS, DEVICE, DTYPES, ON_GPU, check_against_float64, huge_strided_views, rand,
-                     shapes)
+from helpers import (BACKENDS, CPP, KERNEL_BACKENDS, DEVICE, DTYPES, ON_GPU, TRITON, check_against_float64,
+                     huge_strided_views, rand, shapes)
 
 # (shape, num_groups): C not a multiple of 8, T = 1/16/25, N = 1 and 2.
 QUICK = [((1, 12, 3, 5), 4), ((2, 30, 1, 4, 3), 3), ((1, 12, 16, 2, 3), 4), ((2, 8, 25, 2, 2), 2)]
@@ -133,7 +133,7 @@ def record_launches(monkeypatch, *names):
     return launches
 
 
-@pytest.mark.parametrize("backend_name", [p for p in KERNEL_BACKENDS if p.values[0] == "triton"])
+@pytest.mark.parametrize("backend_name", TRITON)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("reversed_apply, evict_first, stats_tile, stages, pdl, apply_tile, channels", [
     (True, False, 4096, 2, False, 8192, (8, 16)), (False, True, 2048, 5, True, 4096, (4, 8)),
@@ -171,7 +171,7 @@ def test_group_norm_launch_tuning(monkeypatch, backend_name, layout, reversed_ap
         assert {meta["BLOCK_C"] for meta in metas} == {width}
 
 
-@pytest.mark.parametrize("backend_name", [p for p in KERNEL_BACKENDS if p.values[0] == "triton"])
+@pytest.mark.parametrize("backend_name", TRITON)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("shape", [(1, 16, 8, 4, 8), (2, 16, 7, 5, 7)], ids=["even_s", "ragged_s"])
 @pytest.mark.parametrize("channels", [16, 1])
@@ -196,10 +196,9 @@ def test_group_norm_statistics_walk_many_tiles(monkeypatch, backend_name, layout
     check_against_float64(fn, [x, w], backend_name, torch.float32)
 
 
-TRITON_BACKENDS = [p for p in KERNEL_BACKENDS if p.values[0] == "triton"]
 
 
-@pytest.mark.parametrize("backend_name", TRITON_BACKENDS)
+@pytest.mark.parametrize("backend_name", TRITON)
 @pytest.mark.parametrize("reversed_apply", [True, False])
 def test_group_norm_channel_blocks_first(monkeypatch, backend_name, reversed_apply):
     """CHANNEL_BLOCKS_FIRST: channels-last grids launched channel blocks first (axis 0) give the same
@@ -222,7 +221,7 @@ def test_group_norm_channel_blocks_first(monkeypatch, backend_name, reversed_app
         assert len(launches) >= 2 and all(grid[axis] == blocks for _, grid, _ in launches), launches
 
 
-@pytest.mark.parametrize("backend_name", TRITON_BACKENDS)
+@pytest.mark.parametrize("backend_name", TRITON)
 def test_group_norm_channel_blocks_past_the_grids_second_axis(monkeypatch, backend_name):
     """NCHW tiles one channel wide make C channel blocks: past CUDA's 65,535 on grid axis 1 (here a
     limit of 8, the interpreter has none) they go first, on axis 0, and the result is unchanged."""
@@ -255,7 +254,7 @@ def test_group_norm_nchw_tiles_keep_their_size():
     assert tile_shape(320, 40960, ((320 * 40960, 1, 0, 320),), 2048, 1) == (64, 32)  # channels-last
 
 
-@pytest.mark.parametrize("backend_name", TRITON_BACKENDS)
+@pytest.mark.parametrize("backend_name", TRITON)
 def test_group_norm_finalize_merges_several_blocks(monkeypatch, backend_name):
     """The finalize kernel walks a group's partials in blocks; the U-Net's groups fit one block, so a
     tiny block makes the cross-block merge (and the shift's mean across blocks) run here."""
@@ -306,7 +305,7 @@ def one_pass_calls(monkeypatch, min_tile):
     return calls
 
 
-@pytest.mark.parametrize("backend_name", TRITON_BACKENDS)
+@pytest.mark.parametrize("backend_name", TRITON)
 @pytest.mark.parametrize("dtype", DTYPES if ON_GPU else DTYPES[:2])  # bf16 differs only in load/store casts
 @pytest.mark.parametrize("shape,groups", shapes(QUICK, FULL))
 @pytest.mark.parametrize("min_tile,with_shift", [(8, True), (4096, False)],  # (8, False): the next test's
@@ -323,7 +322,7 @@ def test_group_norm_one_pass(monkeypatch, backend_name, dtype, shape, groups, mi
         assert tile < dy4.shape[2] * dy4.shape[3]  # each channel's row split across programs
 
 
-@pytest.mark.parametrize("backend_name", TRITON_BACKENDS)
+@pytest.mark.parametrize("backend_name", TRITON)
 @pytest.mark.parametrize("affine", ["none", "weight"])
 def test_group_norm_one_pass_without_silu_or_affine(monkeypatch, backend_name, affine):
     """The one-pass backward's other variants: no activation, no bias, and no weight at all; several
@@ -339,7 +338,7 @@ def test_group_norm_one_pass_without_silu_or_affine(monkeypatch, backend_name, a
     assert calls
 
 
-@pytest.mark.parametrize("backend_name", TRITON_BACKENDS)
+@pytest.mark.parametrize("backend_name", TRITON)
 def test_group_norm_one_pass_one_program_per_group(monkeypatch, backend_name):
     """A group of one channel whose row fits one tile: P = 1, the program merges only its own partial
     sums."""

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 import hbkernels
-from helpers import (BACKENDS, BIG_STRIDE, CPP, DEVICE, DTYPES, KERNEL_BACKENDS, check_against_float64, past_int32_storage,
-                     rand, shapes)
+from helpers import (BACKENDS, BIG_STRIDE, CPP, DEVICE, DTYPES, KERNEL_BACKENDS, TRITON, check_against_float64,
+                     past_int32_storage, rand, shapes)
 
 # (leading shape..., C): C = 1, not a multiple of 8, wider than a tile; one and many rows.
 QUICK = [(7, 40), (2, 3, 320), (1, 1283), (5, 1), (130, 40)]  # 130 rows: three Triton forward programs of 64
@@ -45,7 +45,7 @@ def test_layer_norm_with_residual(backend_name, dtype, shape):
     check_against_float64(fn, [x, res, w, b], backend_name, dtype)
 
 
-@pytest.mark.parametrize("backend_name", [p for p in KERNEL_BACKENDS if p.values[0] == "triton"])
+@pytest.mark.parametrize("backend_name", TRITON)
 @pytest.mark.parametrize("bwd_tile, rows", [(64, 20), (128, 23)], ids=["one_row_tiles", "ragged_last_tile"])
 def test_layer_norm_backward_walks_many_tiles(monkeypatch, backend_name, bwd_tile, rows):
     """Small backward tiles: each program walks several (prefetched) row tiles, the last one partial."""

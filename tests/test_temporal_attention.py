@@ -4,8 +4,8 @@ import torch
 
 import hbkernels
 from hbkernels import backend, use_backend
-from helpers import (BIG_STRIDE, KERNEL_BACKENDS, DEVICE, DTYPES, ON_GPU, assert_gradients_close, check_against_float64,
-                     past_int32_storage, rand, shapes)
+from helpers import (BIG_STRIDE, KERNEL_BACKENDS, DEVICE, DTYPES, ON_GPU, TRITON, assert_gradients_close,
+                     check_against_float64, past_int32_storage, rand, shapes)
 
 # (N, T, H, D): T = 1/16/25/26, D = 40/64/80, N = 1; tiny N*H keeps the interpreter fast.
 QUICK = [(1, 16, 2, 64), (2, 25, 1, 40), (1, 26, 2, 80), (3, 1, 1, 32), (1, 5, 1, 96), (1, 77, 1, 40)]  # 77: several key blocks
@@ -78,7 +78,7 @@ def test_temporal_attention_inference_keeps_no_row_stats(backend_name, monkeypat
     torch.testing.assert_close(frozen, training.detach(), atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("backend_name", [p for p in KERNEL_BACKENDS if p.values[0] == "triton"])
+@pytest.mark.parametrize("backend_name", TRITON)
 @pytest.mark.parametrize("warps", [1, 2, 8])
 @pytest.mark.parametrize("t", [16, 26])
 def test_temporal_attention_warps(monkeypatch, backend_name, warps, t):
@@ -234,7 +234,7 @@ def test_temporal_attention_huge_scores_with_a_scale_not_a_power_of_two(backend_
         torch.testing.assert_close(g.double(), w, rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("backend_name", [p for p in KERNEL_BACKENDS if p.values[0] == "triton"])
+@pytest.mark.parametrize("backend_name", TRITON)
 @pytest.mark.filterwarnings("ignore:invalid value encountered in subtract:RuntimeWarning")  # the NaN score: numpy
 def test_temporal_attention_backward_scores_above_the_forward_max(backend_name):
     """The Triton backward recomputes S and subtracts the forward's row max m; its tiles may take other
