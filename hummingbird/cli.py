@@ -25,6 +25,8 @@ def add_convert_parser(subparsers):
     )
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="cast the weights (default: keep the checkpoint's)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--extract-ema", action="store_true",
+                   help="convert the U-Net's EMA weights (model_ema.* in training checkpoints) in place of its raw ones")
     p.add_argument(
         "--no-strict", dest="strict", action="store_false",
         help="load despite missing/unexpected keys (warns; missing weights stay randomly initialised)",
@@ -35,7 +37,8 @@ def add_convert_parser(subparsers):
 def cmd_convert(args) -> int:
     from hummingbird.convert import convert
 
-    written = convert(args.src, args.dst, args.config, dtype=args.dtype, overwrite=args.overwrite, strict=args.strict)
+    written = convert(args.src, args.dst, args.config, dtype=args.dtype, overwrite=args.overwrite, strict=args.strict,
+                      extract_ema=args.extract_ema)
     print(f"wrote {', '.join(written)} to {args.dst}")
     return 0
 

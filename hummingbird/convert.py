@@ -6,8 +6,10 @@ An original (LDM-style) checkpoint holds the whole latent diffusion model in one
     cond_stage_model.model.*  OpenCLIP ViT-H text tower  -> transformers CLIPTextModel (text_encoder/)
     first_stage_model.*       KL-f8 autoencoder          -> diffusers AutoencoderKL (vae/)
 
-Other keys (noise-schedule buffers such as ``betas``, EMA copies) are not model weights and are
-ignored. Loads are strict: missing, unexpected or misshapen keys raise
+Training checkpoints may also hold LDM's EMA copy of the U-Net (``model_ema.*``: each weight's key
+without its dots); ``extract_ema=True`` (``--extract-ema``) converts those in place of the raw weights,
+which otherwise are taken with a warning that the EMA ones exist. Other keys (noise-schedule buffers
+such as ``betas``) are not model weights and are ignored. Loads are strict: missing, unexpected or misshapen keys raise
 :class:`CheckpointMismatchError` listing them.
 
 U-Net key map: our parameter names are VideoCrafter2's, so the map strips the prefix and fixes the
@@ -42,6 +44,7 @@ from hummingbird.files import check_destination, write_folder
 UNET_PREFIX = "model.diffusion_model."
 TEXT_PREFIX = "cond_stage_model.model."  # FrozenOpenCLIPEmbedder keeps the open_clip model as .model
 VAE_PREFIX = "first_stage_model."
+EMA_PREFIX = "model_ema."  # LDM's LitEma: a buffer per trained U-Net weight, named without the dots
 UNET_RENAMES = {".temopral_conv.": ".temporal_conv."}  # VideoCrafter2's spelling -> ours
 
 TORCH_PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -330,10 +333,41 @@ def _unet_prefix(checkpoint: dict) -> str:
     return prefix
 
 
-def unet_state_dict(checkpoint: dict) -> dict:
-    """The U-Net's tensors under our names (a bare U-Net state dict, without prefix, works too)."""
+def ema_key(key: str) -> str:
+    """LitEma's name for the U-Net weight ``key``: "model.diffusion_model.out.2.bias" ->
+    "model_ema.diffusion_modelout2bias"."""
+    return EMA_PREFIX + key[len("model."):].replace(".", "")
+
+
+def _ema_weights(checkpoint: dict, keys: list, extract_ema: bool) -> dict:
+    """Original U-Net key -> its EMA copy, where the caller asked for them."""
+    has_ema = any(k.startswith(EMA_PREFIX) for k in checkpoint)
+    if not extract_ema:
+        if has_ema:
+            warnings.warn(f"the checkpoint also holds EMA weights of the U-Net ({EMA_PREFIX}*), usually better for "
+                          "inference; converting the raw ones (extract_ema=True / --extract-ema takes the EMA ones)",
+                          stacklevel=4)
+        return {}
+    if not has_ema or not keys:
+        raise ValueError(f"extract_ema=True, but the checkpoint holds no EMA weights of the U-Net "
+                         f"(no keys starting with {EMA_PREFIX!r} beside {UNET_PREFIX!r} ones)")
+    ema = {k: checkpoint[ema_key(k)] for k in keys if ema_key(k) in checkpoint}
+    if not ema:
+        raise ValueError(f"extract_ema=True, but none of the checkpoint's {EMA_PREFIX}* keys is a U-Net weight's")
+    if len(ema) < len(keys):  # LitEma tracks trained weights only: frozen ones keep their (unchanged) values
+        frozen = [k for k in keys if k not in ema]
+        warnings.warn(f"{len(frozen)} U-Net weights have no EMA copy (frozen in training?), their raw values are "
+                      f"used: {', '.join(frozen[:5])}{', ...' if len(frozen) > 5 else ''}", stacklevel=4)
+    return ema
+
+
+def unet_state_dict(checkpoint: dict, extract_ema: bool = False) -> dict:
+    """The U-Net's tensors under our names (a bare U-Net state dict, without prefix, works too);
+    ``extract_ema`` takes LitEma's copies (``model_ema.*``) in place of the raw weights."""
     prefix = _unet_prefix(checkpoint)
-    return {unet_key_from_original(k[len(prefix):]): v for k, v in checkpoint.items() if k.startswith(prefix)}
+    keys = [k for k in checkpoint if k.startswith(prefix)] if prefix else []
+    ema = _ema_weights(checkpoint, keys, extract_ema)
+    return {unet_key_from_original(k[len(prefix):]): ema.get(k, v) for k, v in checkpoint.items() if k.startswith(prefix)}
 
 
 def _unet_key_in(checkpoint: dict):
@@ -398,13 +432,13 @@ def resolve_dtype(dtype, name="dtype"):
                      f"got {dtype!r}")
 
 
-def unet_from_checkpoint(checkpoint: dict, config=None, *, strict=True, torch_dtype=None):
+def unet_from_checkpoint(checkpoint: dict, config=None, *, strict=True, torch_dtype=None, extract_ema=False):
     """HummingbirdUNet3DModel from a loaded original checkpoint; ``config=None`` detects it.
-    ``torch_dtype``: as ``dtype`` of :func:`convert`."""
+    ``torch_dtype``: as ``dtype`` of :func:`convert`; ``extract_ema``: as :func:`unet_state_dict`."""
     from hummingbird.models import HummingbirdUNet3DModel
 
     torch_dtype = resolve_dtype(torch_dtype, "torch_dtype")
-    unet_sd = unet_state_dict(checkpoint)
+    unet_sd = unet_state_dict(checkpoint, extract_ema)
     config = resolve_config(config if config is not None else detect_config(unet_sd))
     # Strict loads assign every parameter, so build on the meta device (no 1.4B random init).
     with torch.device("meta") if strict else nullcontext():
@@ -509,10 +543,11 @@ def vae_from_checkpoint(checkpoint: dict, *, strict=True):
                                    strict).eval()
 
 
-def convert(src, dst, config=None, *, dtype=None, overwrite=False, strict=True) -> list:
+def convert(src, dst, config=None, *, dtype=None, overwrite=False, strict=True, extract_ema=False) -> list:
     """Write the diffusers folder ``dst`` (unet/, and text_encoder/ and vae/ where the checkpoint has
     them) from the original checkpoint ``src``. ``config``: as for :func:`resolve_config`, None
     detects a named config. ``dtype``: "fp32"/"fp16"/"bf16" or a floating-point torch dtype to cast to.
+    ``extract_ema``: the U-Net's EMA weights in place of its raw ones (:func:`unet_state_dict`).
 
     Everything is written to a temporary folder next to ``dst`` and moved into place at the end
     (:func:`hummingbird.files.write_folder`), so an interrupted conversion never leaves a half-written
@@ -528,7 +563,7 @@ def convert(src, dst, config=None, *, dtype=None, overwrite=False, strict=True) 
     config = None if config is None else resolve_config(config)  # a bad name fails before reading the checkpoint
     checkpoint = load_checkpoint(src)
     components = {
-        "unet": unet_from_checkpoint(checkpoint, config, strict=strict),
+        "unet": unet_from_checkpoint(checkpoint, config, strict=strict, extract_ema=extract_ema),
         "text_encoder": text_encoder_from_checkpoint(checkpoint, strict=strict),
         "vae": vae_from_checkpoint(checkpoint, strict=strict),
     }

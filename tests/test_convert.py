@@ -226,6 +226,45 @@ def test_strict_loading_names_the_keys(parts, tmp_path):
         unet_from_checkpoint({"first_stage_model.x": torch.zeros(1)}, "tiny")
 
 
+def test_ema_weights_are_taken_when_asked_and_announced_when_not(parts, tmp_path):
+    """LDM training checkpoints hold LitEma's copy of each trained U-Net weight under its key without
+    dots ("model_ema.diffusion_modelout2bias"); the EMA weights are the ones to sample with."""
+    from hummingbird.convert import ema_key, unet_from_checkpoint
+
+    raw = parts["checkpoint"]
+    unet_keys = [k for k in raw if k.startswith(UNET_PREFIX)]
+    ema = {ema_key(k): raw[k] + 1 for k in unet_keys}
+    ckpt = {**raw, **ema, "model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(7)}
+    assert ema_key(UNET_PREFIX + "out.2.bias") == "model_ema.diffusion_modelout2bias"
+
+    with pytest.warns(UserWarning, match="EMA weights .*extract_ema=True"):
+        assert_same_state(unet_from_checkpoint(ckpt, "tiny"), parts["unet"])
+    model = unet_from_checkpoint(ckpt, "tiny", extract_ema=True)
+    for k, v in model.state_dict().items():
+        original = UNET_PREFIX + k.replace(".temporal_conv.", ".temopral_conv.")
+        assert torch.equal(v, raw[original] + 1), k
+
+    # trained weights only (LitEma skips frozen ones): the others keep their raw values, with a warning
+    frozen = UNET_PREFIX + "out.2.bias"
+    del ckpt[ema_key(frozen)]
+    with pytest.warns(UserWarning, match=r"1 U-Net weights have no EMA copy .*out\.2\.bias"):
+        model = unet_from_checkpoint(ckpt, "tiny", extract_ema=True)
+    assert torch.equal(model.out[2].bias, raw[frozen])
+    assert torch.equal(model.out[2].weight, raw[UNET_PREFIX + "out.2.weight"] + 1)
+
+    with pytest.raises(ValueError, match="extract_ema=True, but the checkpoint holds no EMA weights"):
+        unet_from_checkpoint(raw, "tiny", extract_ema=True)
+    with pytest.raises(ValueError, match="none of the checkpoint's model_ema"):
+        unet_from_checkpoint({**raw, "model_ema.decay": torch.tensor(0.9999)}, "tiny", extract_ema=True)
+
+    src, dst = tmp_path / "train.ckpt", tmp_path / "out"
+    torch.save({"state_dict": {**raw, **ema}}, src)
+    assert main(["convert", str(src), str(dst), "--extract-ema"]) == 0
+    converted = HummingbirdUNet3DModel.from_pretrained(dst / "unet")
+    assert torch.equal(converted.out[2].bias, raw[frozen] + 1)
+    assert torch.equal(HummingbirdUNet3DModel.from_single_file(src, extract_ema=True).out[2].bias, raw[frozen] + 1)
+
+
 # ------------------------------------------------------------------------------- text encoder, VAE
 
 

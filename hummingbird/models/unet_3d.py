@@ -454,18 +454,19 @@ class HummingbirdUNet3DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapte
         return cls.from_config({**CONFIGS[name], **overrides})
 
     @classmethod
-    def from_single_file(cls, path, config=None, *, strict=True, torch_dtype=None):
+    def from_single_file(cls, path, config=None, *, strict=True, torch_dtype=None, extract_ema=False):
         """Load an original VideoCrafter2 / Hummingbird checkpoint (.ckpt/.pt/.pth/.safetensors, or a
         released whole-model pickle, read without running its code). ``config``: a named config, a
         dict, or a path to a config.json (or a folder holding one); None (the default) detects the named
         config the weights fit, as ``hummingbird convert`` does. ``torch_dtype``: a floating-point torch
-        dtype or "fp32"/"fp16"/"bf16" to cast to. See :mod:`hummingbird.convert`."""
+        dtype or "fp32"/"fp16"/"bf16" to cast to. ``extract_ema``: the EMA weights of a training checkpoint
+        (``model_ema.*``) in place of the raw ones. See :mod:`hummingbird.convert`."""
         from hummingbird.convert import load_checkpoint, resolve_config, resolve_dtype, unet_from_checkpoint
 
         # checked before reading what may be gigabytes of checkpoint
         torch_dtype = resolve_dtype(torch_dtype, "torch_dtype")
         config = None if config is None else resolve_config(config)
-        model = unet_from_checkpoint(load_checkpoint(path), config, strict=strict)
+        model = unet_from_checkpoint(load_checkpoint(path), config, strict=strict, extract_ema=extract_ema)
         # tensors of its own, cast on the way: those of a memory-mapped checkpoint would keep the file
         # mapped, and rewriting it (saving back to the same path) would then kill the process (SIGBUS)
         return model._apply(lambda t: t.to(torch_dtype, copy=True) if torch_dtype and t.is_floating_point()
