@@ -12,10 +12,12 @@ one after another, a README, saving into ".", a mount point or a linked folder),
 folder would lose or could not replace.
 """
 import errno
+import glob
 import os
 import shutil
 import tempfile
 import uuid
+import warnings
 from pathlib import Path
 
 
@@ -92,11 +94,23 @@ def check_destination(dst, overwrite: bool) -> Path:
     return dst
 
 
+def _warn_about_leftovers(dst: Path):
+    """A writer killed outright (SIGKILL, power cut) leaves its temporary folder, or, between the two
+    renames of an overwrite, the previous version aside: named here, not deleted (another writer may
+    be at work on them)."""
+    left = sorted(dst.parent.glob(f".{glob.escape(dst.name)}.tmp-*")) + sorted(
+        dst.parent.glob(f".{glob.escape(dst.name)}.old-*"))
+    if left:
+        warnings.warn(f"left by an interrupted write of {dst.name} (delete what you do not need; an .old- folder "
+                      f"holds a previous {dst.name}): {', '.join(p.name for p in left)}", stacklevel=3)
+
+
 def write_folder(dst, fill, overwrite: bool = False) -> Path:
     """Run ``fill(tmp)`` on a new temporary folder beside ``dst`` and move it into place (see the module
     docstring). Returns the destination's absolute path."""
     dst = check_destination(dst, overwrite)
     dst.parent.mkdir(parents=True, exist_ok=True)
+    _warn_about_leftovers(dst)
     tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex}"
     tmp.mkdir()  # not mkdtemp: its mode 0700 would become the folder's, whatever the user's umask
     try:

@@ -581,6 +581,23 @@ def test_move_into_place_replaces_only_with_overwrite(tmp_path, intruder):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]
 
 
+def test_write_folder_names_what_a_killed_writer_left(tmp_path):
+    """A SIGKILL leaves the temporary folder, or between an overwrite's two renames the previous
+    version aside: the next write names them and deletes neither (another writer may own them)."""
+    from hummingbird.files import write_folder
+
+    dst = tmp_path / "model[1]"  # a glob pattern in the name matches only itself
+    leftovers = [tmp_path / ".model[1].tmp-0123", tmp_path / ".model[1].old-x7" / "model[1]", tmp_path / ".model1.tmp-9"]
+    for p in leftovers:
+        p.mkdir(parents=True)
+    with pytest.warns(UserWarning, match=r"interrupted write of model\[1\].*\.model\[1\]\.tmp-0123, \.model\[1\]\.old-x7$"):
+        write_folder(dst, lambda tmp: (tmp / "a").write_text("new"))
+    assert (dst / "a").read_text() == "new" and all(p.is_dir() for p in leftovers)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        write_folder(tmp_path / "clean", lambda tmp: (tmp / "a").write_text("new"))  # nothing left: no warning
+
+
 def test_python_dash_m_entry_point():
     result = subprocess.run([sys.executable, "-m", "hummingbird", "convert", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--config" in result.stdout
