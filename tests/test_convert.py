@@ -587,10 +587,12 @@ def test_write_folder_names_what_a_killed_writer_left(tmp_path):
     from hummingbird.files import write_folder
 
     dst = tmp_path / "model[1]"  # a glob pattern in the name matches only itself
-    leftovers = [tmp_path / ".model[1].tmp-0123", tmp_path / ".model[1].old-x7" / "model[1]", tmp_path / ".model1.tmp-9"]
+    leftovers = [tmp_path / ".model[1].tmp-0123", tmp_path / ".model[1].old-x7" / "model[1]",
+                 tmp_path / ".model1.tmp-9"]
     for p in leftovers:
         p.mkdir(parents=True)
-    with pytest.warns(UserWarning, match=r"interrupted write of model\[1\].*\.model\[1\]\.tmp-0123, \.model\[1\]\.old-x7$"):
+    named = r"interrupted write of model\[1\].*\.model\[1\]\.tmp-0123, \.model\[1\]\.old-x7$"
+    with pytest.warns(UserWarning, match=named):
         write_folder(dst, lambda tmp: (tmp / "a").write_text("new"))
     assert (dst / "a").read_text() == "new" and all(p.is_dir() for p in leftovers)
     with warnings.catch_warnings():
