@@ -262,8 +262,9 @@ class Report:
             best = f"{r.speedup_vs_best_other:.2f}x" if r.speedup_vs_best_other else ""
             vs_eager = f"{r.speedup_vs_eager:.2f}x" if r.speedup_vs_eager else ""  # no eager row in the case
             notes = f" {_notes(r)} |" if has_notes else ""
-            lines.append(f"| {r.suite} | {r.case} | {r.impl} | {r.median_ms:.3f} | {r.gbps:.1f} | "
-                         f"{r.pct_copy_bw:.0f} | {vs_eager} | {best} |{notes}")
+            gbps, pct = (f"{r.gbps:.1f}", f"{r.pct_copy_bw:.0f}") if r.bytes_moved else ("", "")  # no byte count
+            lines.append(f"| {r.suite} | {r.case} | {r.impl} | {r.median_ms:.3f} | {gbps} | {pct} | {vs_eager} | "
+                         f"{best} |{notes}")
         return "\n".join(lines) + "\n"
 
     def plot(self, path: str) -> bool:

@@ -118,7 +118,7 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--frames", type=int, nargs="+", default=[16, 26])
-    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args(argv)
     if not torch.cuda.is_available() or torch.version.hip is not None or torch.cuda.get_device_capability()[0] < 9:
         parser.exit(1, "bench.gn_phases needs a CUDA GPU of compute capability 9.0+ (the cluster kernels)\n")

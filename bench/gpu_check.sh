@@ -13,7 +13,7 @@
 # Also: sweep, the Triton launch tuning; phases, where the one-read GroupNorm forward's time goes
 # (bench.gn_phases); memory_floor, GroupNorm's traffic in synthetic kernels (copy, re-read at a
 # distance, two passes: what each forward schedule could reach); ops_graph_knobs, the CUDA-graph op
-# table with GroupNorm knobs set by GN_KNOBS (default "ONE_PASS=True"), into RESULTS/knobs.
+# table with GroupNorm knobs set by GN_KNOBS (default "ONE_PASS=True"), into RESULTS/knobs/<the settings>.
 # SWEEP_OP sweeps one op only, SWEEP_KNOB only the GroupNorm settings of the knobs named; TEST_FILES
 # replaces the test list. Per-step limits: TESTS_LIMIT, UNET_LIMIT, PIPELINE_LIMIT, OPS_LIMIT,
 # OPS_GRAPH_LIMIT, SWEEP_LIMIT, FLOOR_LIMIT, PHASES_LIMIT. UNET_CASE, UNET_STATE and UNET_IMPLS
@@ -68,7 +68,8 @@ run_step() {
     ops) step ops "${OPS_LIMIT:-200}" python3 -m bench ${OPS_ARGS:-} --out "$res" ;;
     ops_graph) step ops_graph "${OPS_GRAPH_LIMIT:-200}" python3 -m bench --graph ${OPS_ARGS:-} --out "$res" ;;
     host_overhead) step host_overhead 30 python3 -m bench.host_overhead --out "$res" ;;
-    ops_graph_knobs) mkdir -p "$res/knobs"
+    ops_graph_knobs) knobs_dir="$res/knobs/$(printf %s "${GN_KNOBS:-ONE_PASS=True}" | tr -cs 'A-Za-z0-9_' '-')"
+        mkdir -p "$knobs_dir"  # named by the settings: two runs with other GN_KNOBS keep both tables
         step ops_graph_knobs "${OPS_GRAPH_LIMIT:-200}" python3 -c "import ast, runpy, sys
 import hbkernels.triton.group_norm as gn
 for knob in sys.argv[1].split():
@@ -76,7 +77,7 @@ for knob in sys.argv[1].split():
     assert hasattr(gn, name), name
     setattr(gn, name, ast.literal_eval(value))
 sys.argv = ['bench', *sys.argv[2:]]
-runpy.run_module('bench', run_name='__main__')" "${GN_KNOBS:-ONE_PASS=True}" --graph ${OPS_ARGS:-} --out "$res/knobs" ;;
+runpy.run_module('bench', run_name='__main__')" "${GN_KNOBS:-ONE_PASS=True}" --graph ${OPS_ARGS:-} --out "$knobs_dir" ;;
     sweep) step sweep "${SWEEP_LIMIT:-180}" python3 -m bench.sweep --quick ${SWEEP_OP:+--op "$SWEEP_OP"} ${SWEEP_KNOB:+--knob "$SWEEP_KNOB"} --out "$res" ;;
     memory_floor) step memory_floor "${FLOOR_LIMIT:-60}" python3 -m bench.memory_floor --quick --out "$res" ;;
     phases) step phases "${PHASES_LIMIT:-90}" python3 -m bench.gn_phases --out "$res" ;;

@@ -65,11 +65,13 @@ def eager_group_norm_silu(x, w, b):
 
 
 def eager_temporal_path(x, w, b, res, heads):
-    """GN -> tokens (permute copy) -> attention over frames -> video (permute copy) + residual."""
+    """GN -> tokens -> attention over frames -> video + residual, as diffusers' TransformerTemporalModel
+    writes it: tokens by reshape (a copy where the permute allows no view: batch > 1), the video by
+    ``.permute(...).contiguous()`` before the residual add."""
     n, c, t, h, wd = x.shape
     tok = rearrange(F.group_norm(x, 32, w, b, 1e-6), "n c t h w -> (n h w) t c")
     att = sdpa_attention(tok, tok, tok, heads)
-    return rearrange(att, "(n h w) t c -> n c t h w", n=n, h=h) + res
+    return rearrange(att, "(n h w) t c -> n c t h w", n=n, h=h).contiguous() + res
 
 
 def hb_temporal_path(x, w, b, res, heads):
@@ -106,11 +108,16 @@ def run(report, dev, dtype, quick=False, timer=None, compile_too=True):
     elt = torch.empty((), dtype=dtype).element_size()
 
     def measure(suite, case, impls, args, bytes_moved):
+        expected = None
         for name, fn in impls.items():
-            try:
+            try:  # a wrong result must not become a fast row; nor one failure end the run
+                got = fn(*args)
+                expected = got if expected is None else expected  # eager's, the first row
+                _check_close(got, expected, name)
                 seconds = timer(fn, args)
-            except (RuntimeError, torch._dynamo.exc.BackendCompilerFailed) as err:  # e.g. SDPA past its grid limit
+            except Exception as err:  # e.g. SDPA past its grid limit, Triton's OutOfResources, a wrong result
                 report.rows.append(_failed(suite, case, name, err))
+                print(f"{suite} | {case} | {name} | failed: {report.rows[-1].extra['error']}", flush=True)
                 continue
             report.add(suite, case, name, seconds, bytes_moved)
             print(f"{suite} | {case} | {name} | {seconds * 1e3:.3f} ms", flush=True)  # survives a killed run
@@ -165,6 +172,20 @@ def run(report, dev, dtype, quick=False, timer=None, compile_too=True):
         # the transformer block's x = f(x) + x; h = norm(x): reads 2 tensors, writes 2
         impls = _impls(eager_add_layer_norm, lambda x, r, w, b: hbkernels.layer_norm(x, w, b, residual=r))
         measure("add_layer_norm", f"{label} ({rows}, {c})", impls, (x, x.flip(0), wt, bs), 4 * x.numel() * elt)
+
+
+TOLERANCE = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}  # of the eager result's largest |value|
+
+
+def _check_close(got, expected, name):
+    """``got`` (a tensor or tuple of them) matches eager's ``expected`` to the dtype's tolerance."""
+    for a, b in zip(*((t,) if isinstance(t, torch.Tensor) else t for t in (got, expected)), strict=True):
+        if a.shape != b.shape:
+            raise ValueError(f"wrong result: {name} returned shape {tuple(a.shape)}, eager {tuple(b.shape)}")
+        scale = b.float().abs().max().item()
+        err = (a.float() - b.float()).abs().max().item()
+        if not err <= TOLERANCE[b.dtype] * scale:  # NaN fails too
+            raise ValueError(f"wrong result: {name} differs from eager by {err:.3g} (|eager| up to {scale:.3g})")
 
 
 def _failed(suite, case, impl, err):

@@ -76,6 +76,10 @@ def measure(pipe, steps, height, width, frames, repeats):
     return stages, total, max(r.peak_memory_mb for r in (warm, *runs))
 
 
+# a CPU run has no per-case peak counter: ru_maxrss only grows, so a case shows the largest before it too
+CPU_PEAK = "the process's resident-memory high-water mark when the case ended (includes earlier cases)"
+
+
 class PipelineReport(common.Report):
     def markdown(self) -> str:
         lines = [f"# Text-to-video pipeline latency — {self.device}", "",
@@ -88,6 +92,8 @@ class PipelineReport(common.Report):
             lines.append(f"| {r.case} | {r.impl} | {r.median_ms / 1e3:.2f} | {e['text_encode_s']:.3f} | "
                          f"{e['denoise_s']:.2f} | {e['ms_per_unet_call']:.1f} | {e['decode_s']:.2f} | "
                          f"{e['peak_mib']:.0f} | {e['speedup_vs_videocrafter2']:.1f}x |")
+        if any(r.extra.get("peak") == CPU_PEAK for r in self.rows):
+            lines += ["", f"peak MiB: {CPU_PEAK}"]
         return "\n".join(lines) + "\n"
 
 
@@ -115,13 +121,21 @@ def run(report, dev, dtype, sizes, repeats):
         report.add("pipeline", case, label, total, steps=steps,
                    text_encode_s=stages["text_encode"], denoise_s=stages["denoise"], decode_s=stages["decode"],
                    ms_per_unet_call=stages["denoise"] / steps * 1e3, peak_mib=peak,
-                   speedup_vs_videocrafter2=results[case, teacher][1] / total, repeats=repeats)
+                   speedup_vs_videocrafter2=results[case, teacher][1] / total, repeats=repeats,
+                   **({} if dev.type == "cuda" else {"peak": CPU_PEAK}))
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, help="timed runs per case (default: 3 on GPU, 1 on CPU)")
+    parser.add_argument("--repeats", type=_positive, help="timed runs per case (default: 3 on GPU, 1 on CPU)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args(argv)
 
@@ -131,7 +145,8 @@ def main(argv=None):
     dtype = torch.float16 if on_gpu else torch.float32
     report = PipelineReport(device=common.device_name(dev))
     print(f"{report.device}: dtype {dtype}, commit {report.commit}")
-    run(report, dev, dtype, FULL if on_gpu else REDUCED, args.repeats or (3 if on_gpu else 1))
+    repeats = args.repeats if args.repeats is not None else (3 if on_gpu else 1)
+    run(report, dev, dtype, FULL if on_gpu else REDUCED, repeats)
     report.save(args.out, "pipeline", str(dtype).split(".")[-1])
 
 

@@ -135,6 +135,11 @@ def _for_layout(knobs, fmt):
     return {CHANNELS_LAST_KNOBS.get(name, name): value for name, value in knobs.items()}
 
 
+def _for_layout_names(knobs):
+    """The knob names a setting sets, under either layout's names."""
+    return {*knobs, *(CHANNELS_LAST_KNOBS[name] for name in knobs if name in CHANNELS_LAST_KNOBS)}
+
+
 def _knobs_label(module, knobs):
     """'name=value ...' of a setting, marked when it is the module's default."""
     label = " ".join(f"{name.strip('_').lower()}={value}" for name, value in knobs.items())
@@ -257,6 +262,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.knob and set(args.op or ["group_norm"]) != {"group_norm"}:
         parser.error("--knob filters group_norm's settings: use it with --op group_norm alone")
+    if args.knob:
+        known = {name for k in _gn_forward_settings() + _gn_backward_settings() for name in _for_layout_names(k)}
+        unknown = sorted(set(args.knob.split(",")) - known)
+        if unknown:
+            parser.error(f"--knob: no group_norm setting sets {', '.join(unknown)}; knobs: {', '.join(sorted(known))}")
     dev, report = common.graph_report(parser, "the sweeps time GPU kernels")
     min_time = 0.05 if args.quick else 0.2
     knobs = {"only": args.knob.split(",")} if args.knob else {}

@@ -1,8 +1,11 @@
 """U-Net step benchmark: median ms per HummingbirdUNet3DModel forward (one denoising step), and peak
 GPU memory, for several ways of running the same model:
 
-- ``eager``: ``hbkernels.use_backend("torch")``, i.e. the PyTorch ops stock diffusers runs (SDPA
-  attention, ``F.group_norm`` then SiLU, ...)
+- ``eager``: ``hbkernels.use_backend("torch")``, the reference backend's PyTorch ops: SDPA attention
+  as diffusers runs it, and the norms on fp32 copies of their inputs (GroupNorm with its time-embedding
+  add and SiLU, LayerNorm), rounded once, as VideoCrafter2's GroupNorm computes (``x.float()``). In
+  fp16 that moves about 3x (GroupNorm+SiLU) and 5x (LayerNorm) the bytes of stock diffusers' fp16
+  ``nn.GroupNorm`` / ``nn.LayerNorm``, so a speedup against this row is larger than against those.
 - ``hbkernels``: hbkernels' automatic backend (Triton on GPUs, the C++ extension on CPUs)
 - ``compile``: ``torch.compile`` of the eager model; ``hbkernels + compile``: of the hbkernels model
 - ``... + CUDA graph`` (GPU): the step replayed as one CUDA graph
@@ -213,8 +216,10 @@ def run(report, dev, dtype, cases, compile_too, timer, profiles=None, states=STA
                 impl += state
                 try:
                     seconds, peak = measure(fn, backend, dev, timer)
-                except RuntimeError as err:  # e.g. out of memory at the largest shape: keep the other rows
-                    print(f"{label} / {impl}: failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+                except Exception as err:  # e.g. out of memory at the largest shape: keep the other rows
+                    error = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+                    report.add("unet_step", label, impl, float("nan"), params_m=params_m, config=name, error=error)
+                    print(f"{label} / {impl}: failed: {error}")
                     continue
                 extra = {"params_m": params_m, "config": name, **({"peak_mem_mib": round(peak)} if peak else {})}
                 report.add("unet_step", label, impl, seconds, **extra)
@@ -256,10 +261,12 @@ def main(argv=None):
     states = [s for s in STATES if s[0] in (args.state or [s[0]])]
     run(report, dev, dtype, cases, args.compile, timer=lambda fn: common.median_seconds(fn, min_time),
         profiles=profiles, states=states, impls=args.impl or IMPLS)
-    # a filtered run must not overwrite the full one
+    if not report.rows:
+        parser.error("the --state / --impl filters leave no row to time on this device"
+                     + (" (--no-compile drops the compile rows)" if not args.compile else ""))
+    # a filtered run must not overwrite the full one, nor another filtered one
     filtered = [common.slug(args.case)] if args.case else []
-    if args.state or args.impl:
-        filtered.append("rows")
+    filtered += [common.slug(name) for name in (args.state or []) + (args.impl or [])]
     paths = report.save(args.out, "unet_step", str(dtype).split(".")[-1], *filtered)
     if profiles:
         path = paths[0].removesuffix(".json") + "-profile.md"  # beside the report, same stem

@@ -524,3 +524,93 @@ def test_pipeline_table_says_how_many_runs_its_medians_take():
     report.add("pipeline", "320x512 T16", "hummingbird", 2.0, steps=4, text_encode_s=0.01, denoise_s=1.5, decode_s=0.4,
                ms_per_unet_call=375.0, peak_mib=1000.0, speedup_vs_videocrafter2=5.0, repeats=1)
     assert "medians of 1 timed run(s) per case" in report.markdown()
+
+
+def test_a_wrong_or_failing_implementation_becomes_an_error_row_not_a_timing(monkeypatch):
+    """Each implementation's result is checked against eager's before it is timed, and any exception
+    (Triton's OutOfResources and CompilationError are not RuntimeErrors) fails its row alone."""
+    monkeypatch.setattr(ops, "GEGLU_CPU", [("small", 6, 40)])
+    monkeypatch.setattr(ops, "LN_CPU", [("small", 12, 40)])
+    for name in ("ATTN_CPU", "GN_CPU"):
+        monkeypatch.setattr(ops, name, [])
+
+    class OutOfResources(Exception):
+        pass
+
+    def half_written_geglu(x):
+        out = torch.randn(x.shape[0], x.shape[1] // 2)
+        out[:, :10] = ops.eager_geglu(x)[:, :10]
+        return out
+
+    def out_of_resources(*args, **kwargs):
+        raise OutOfResources("shared memory")
+
+    monkeypatch.setattr(ops.hbkernels, "geglu", half_written_geglu)
+    monkeypatch.setattr(ops.hbkernels, "layer_norm", out_of_resources)
+    report = common.Report(device="cpu")
+    ops.run(report, torch.device("cpu"), torch.float32, quick=True, timer=lambda fn, args: 1e-3, compile_too=False)
+    rows = {(r.suite, r.impl): r for r in report.rows}
+    assert set(rows) == {(s, i) for s in ("geglu", "layer_norm", "add_layer_norm") for i in ("eager", "hbkernels")}
+    assert rows["geglu", "hbkernels"].extra["error"].startswith("wrong result: hbkernels differs from eager")
+    assert rows["layer_norm", "hbkernels"].extra["error"] == "shared memory"
+    assert all(r.median_ms == 1.0 for (_, impl), r in rows.items() if impl == "eager")
+
+
+def test_unet_step_keeps_failed_rows_and_names_filtered_runs_apart(monkeypatch, tmp_path, single_thread):
+    from bench import unet_step
+
+    report = common.Report(device="cpu")
+
+    calls = []
+
+    def timer(fn):  # eager's row, then hbkernels', which fails
+        calls.append(fn)
+        if len(calls) == 2:
+            raise MemoryError("out of memory")
+        return 1e-3
+
+    unet_step.run(report, torch.device("cpu"), torch.float32, [("tiny", "tiny", {}, 1, 2, 8, 8)], False,
+                  timer=timer, states=unet_step.STATES[:1])
+    assert [(r.impl, r.extra.get("error")) for r in report.rows] == [
+        ("eager, channels-last", None), ("hbkernels, channels-last", "MemoryError: out of memory")]
+
+    saved = []
+    monkeypatch.setattr(unet_step, "CASES_CPU", [("tiny", "tiny", {}, 1, 2, 8, 8)])
+    monkeypatch.setattr(common.Report, "save", lambda self, out, *parts: saved.append(parts))
+    monkeypatch.setattr(common, "median_seconds", lambda fn, min_time: 1e-3)
+    for impl in ("eager", "hbkernels"):
+        unet_step.main(["--no-compile", "--state", "standard", "--impl", impl, "--out", str(tmp_path)])
+    assert len(set(saved)) == 2
+    with pytest.raises(SystemExit):  # nothing left to time: an error, not an empty report
+        unet_step.main(["--no-compile", "--impl", "compile", "--out", str(tmp_path)])
+
+
+def test_bench_arguments_are_checked_before_running(capsys):
+    from bench import pipeline, sweep
+
+    with pytest.raises(SystemExit):
+        sweep.main(["--knob", "ONE_PAS"])
+    assert "no group_norm setting sets ONE_PAS" in capsys.readouterr().err
+    for repeats in ("0", "-1"):
+        with pytest.raises(SystemExit):
+            pipeline.main(["--repeats", repeats])
+        assert "--repeats: must be at least 1" in capsys.readouterr().err
+
+
+def test_rows_without_a_byte_count_show_no_bandwidth(tmp_path):
+    report = common.Report(device="test", copy_gbps=100.0)
+    report.add("unet_step", "case", "eager", 2e-3)
+    report.add("op", "case", "eager", 1e-3, 10**6)
+    report.finish()
+    lines = [line for line in report.markdown().splitlines() if line.startswith(("| unet_step", "| op"))]
+    assert lines == ["| unet_step | case | eager | 2.000 |  |  | 1.00x |  |",
+                     "| op | case | eager | 1.000 | 1.0 | 1 | 1.00x |  |"]
+
+
+def test_cpu_pipeline_peak_is_said_to_be_the_process_high_water_mark():
+    from bench import pipeline
+
+    report = pipeline.PipelineReport(device="cpu")
+    report.add("pipeline", "64x64 T4", "hummingbird", 2.0, steps=4, text_encode_s=0.01, denoise_s=1.5, decode_s=0.4,
+               ms_per_unet_call=375.0, peak_mib=1000.0, speedup_vs_videocrafter2=5.0, repeats=1, peak=pipeline.CPU_PEAK)
+    assert "includes earlier cases" in report.markdown()
