@@ -21,8 +21,9 @@ Patch before adding hooks (accelerate's offload, diffusers' layerwise casting or
 a module that already runs hooks when ``apply_to`` meets it is left as it is, with its SiLU (a
 warning counts them), since its hooks wrap the forward it has. Hooks added after patching run:
 hooked convolutions and norms are called as modules (their biases are then not fused into the next
-op), and a hooked fused GroupNorm leaves its SiLU to the module after it, so that its hooks see, and
-may replace, the norm's own output.
+op), a fused GroupNorm whose hooks or whose SiLU's run leaves the SiLU to that module, so that they
+see, and may replace, the norm's own output, and a hooked ``norm2`` of ``ResnetBlock2D`` gets the time
+embedding already added, as unpatched.
 ``model.set_attn_processor(AttnProcessor2_0())`` puts diffusers' attention back everywhere (the
 patched forwards work with any processor); ``set_default_attn_processor`` refuses, as diffusers does
 for every model holding a processor class of its own lists.
@@ -64,7 +65,9 @@ class _TaggedSiLUGroupNorm(hbnn.GroupNorm):
     become an identity."""
 
     def forward(self, x, shift=None):
-        if _runs_forward_hooks(self):  # the hooks get the norm's output, as unpatched; the SiLU comes after
+        # hooks get the norm's output, as unpatched, the SiLU coming after: the norm's own (their output),
+        # and its SiLU's (their input; a pre-hook's new tensor would lose the mark and take SiLU twice)
+        if _runs_forward_hooks(self) or hbnn.runs_hooks(self._silu):
             return self._norm(x, shift, None)
         out = self._norm(x, shift, "silu")
         out._hbkernels_silu_applied = True
@@ -79,6 +82,11 @@ def _runs_forward_hooks(module: nn.Module) -> bool:
 
 class _SiLUUnlessFused(nn.SiLU):
     """SiLU, except on a tensor that a fused GroupNorm+SiLU just produced."""
+
+    def follows(self, norm: _TaggedSiLUGroupNorm) -> "_SiLUUnlessFused":
+        # a plain attribute, not a submodule: the model's module tree and state_dict stay diffusers'
+        object.__setattr__(norm, "_silu", self)
+        return self
 
     def forward(self, x):
         return x if getattr(x, "_hbkernels_silu_applied", False) else F.silu(x, inplace=self.inplace)
@@ -116,17 +124,19 @@ def _fuse_silu(model, d, hooked: list) -> None:
             for i in range(len(owner) - 1):
                 if _unhooked(owner[i], nn.GroupNorm, hooked) and _unhooked(owner[i + 1], nn.SiLU, hooked):
                     owner[i] = _TaggedSiLUGroupNorm.from_torch(owner[i], activation="silu")
-                    owner[i + 1] = _SiLUUnlessFused(inplace=owner[i + 1].inplace)
+                    owner[i + 1] = _SiLUUnlessFused(inplace=owner[i + 1].inplace).follows(owner[i])
             continue
         found = _silu_after_norms(owner, d)
         if found is None or not _unhooked(getattr(owner, found[0], None), nn.SiLU, hooked):
             continue  # only SiLU (diffusers' "silu"/"swish") is fused
         act_name, norm_names = found
         norm_names = [n for n in norm_names if _unhooked(getattr(owner, n, None), nn.GroupNorm, hooked)]
+        if norm_names:
+            silu = _SiLUUnlessFused(inplace=getattr(owner, act_name).inplace)
+            setattr(owner, act_name, silu)
         for name in norm_names:
             setattr(owner, name, _TaggedSiLUGroupNorm.from_torch(getattr(owner, name), activation="silu"))
-        if norm_names:
-            setattr(owner, act_name, _SiLUUnlessFused(inplace=getattr(owner, act_name).inplace))
+            silu.follows(getattr(owner, name))
 
 
 def _swap_group_norms(model, hooked: list) -> None:
@@ -298,7 +308,8 @@ def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
     Configurations outside that path (resampling, no embedding, a torch norm2, the deprecated
     ``scale`` argument) run diffusers' own forward."""
     if (args or kwargs or temb is None or self.time_emb_proj is None or self.upsample is not None
-            or self.downsample is not None or not isinstance(self.norm2, hbnn.GroupNorm)):
+            or self.downsample is not None or not isinstance(self.norm2, hbnn.GroupNorm)
+            or _runs_forward_hooks(self.norm2)):  # its hooks must see (and may replace) h + temb
         return super(type(self), self).forward(input_tensor, temb, *args, **kwargs)
     h, bias = hbnn.conv_deferring_bias(self.conv1, self.nonlinearity(self.norm1(input_tensor)))
     emb = self.time_emb_proj(temb if self.skip_time_act else self.nonlinearity(temb))
@@ -347,25 +358,32 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _swap_layout(model, d) -> None:
+def _use_fused_class(module, name: str) -> None:
+    # A removed hook (accelerate, diffusers) leaves the class's forward bound on the instance, which
+    # would shadow the fused class's: gone, since it is the forward the class itself gives
+    vars(module).pop("forward", None)
+    module.__class__ = _fused_class(name)
+
+
+def _swap_layout(model, d, hooked: list) -> None:
     for module in model.modules():
         name = type(module).__name__
         if (
             name in _TEMPORAL_LAYOUTS
-            and type(module) is d[name]
             and type(getattr(module, "norm", None)) in (nn.GroupNorm, hbnn.GroupNorm)  # not a subclass's forward
+            and _unhooked(module, d[name], hooked)
         ):
-            module.__class__ = _fused_class(name)
+            _use_fused_class(module, name)
 
 
-def _swap_time_embedding(model, d) -> None:
+def _swap_time_embedding(model, d, hooked: list) -> None:
     for module in model.modules():
         # the fused forward needs a time embedding, no resampling and norm2 to be hbkernels' GroupNorm
         # (which takes the shift); otherwise it would only ever take its unfused path, yet count as fused
         if type(module) is d["ResnetBlock2D"] and module.time_embedding_norm == "default" \
                 and module.time_emb_proj is not None and module.upsample is None and module.downsample is None \
-                and isinstance(module.norm2, hbnn.GroupNorm):
-            module.__class__ = _fused_class("ResnetBlock2D")
+                and isinstance(module.norm2, hbnn.GroupNorm) and _unhooked(module, d["ResnetBlock2D"], hooked):
+            _use_fused_class(module, "ResnetBlock2D")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -450,9 +468,9 @@ def apply_to(model: nn.Module, *, group_norm: bool = True, layer_norm: bool = Tr
     if geglu and d["GEGLU"] is not None:
         _swap_geglu(model, d, hooked)
     if layout:
-        _swap_layout(model, d)
+        _swap_layout(model, d, hooked)
     if time_embedding and d["ResnetBlock2D"] is not None:
-        _swap_time_embedding(model, d)
+        _swap_time_embedding(model, d, hooked)
     summary = _summary(model)
     model._hbkernels_patched = summary
     if hooked:  # a module is met by several of the swaps above: counted once

@@ -501,6 +501,64 @@ def test_forward_hook_on_a_fused_norm_sees_the_norms_output():
     torch.testing.assert_close(seen["hbkernels"], seen["torch"], rtol=1e-5, atol=1e-5)
 
 
+def test_hooks_on_a_fused_norms_silu_or_on_norm2_see_what_they_see_unpatched():
+    """Hooks added after patching on the SiLU after a fused norm got the already-activated tensor, and a
+    pre-hook returning a new tensor had SiLU applied twice; a pre-hook on ResnetBlock2D's norm2 got h
+    without the time embedding and conv1's bias (which rode in the fused shift)."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    torch.manual_seed(0)
+    block = ResnetBlock2D(in_channels=16, temb_channels=8, groups=4).eval()
+    for p in block.parameters():  # conv1's bias and the embedding must move norm2's input visibly
+        torch.nn.init.normal_(p, 0, 0.3)
+    sequential = torch.nn.Sequential(torch.nn.GroupNorm(4, 16), torch.nn.SiLU())
+    x, temb = torch.randn(2, 16, 5, 5), torch.randn(2, 8)
+    runs = {}
+    patched = (hbkernels.apply_to(copy.deepcopy(block)), hbkernels.apply_to(copy.deepcopy(sequential)))
+    for name, (b, s) in (("torch", (block, sequential)), ("hbkernels", patched)):
+        seen = runs.setdefault(name, {"silu in": [], "norm2 in": []})
+        b.nonlinearity.register_forward_hook(lambda mod, args, out, seen=seen: seen["silu in"].append(args[0].clone()))
+        b.nonlinearity.register_forward_pre_hook(lambda mod, args: (args[0] * 1.0,))  # a new tensor, same values
+        b.norm2.register_forward_pre_hook(lambda mod, args, seen=seen: seen["norm2 in"].append(args[0].clone())
+                                          or (args[0].clamp(-1, 1),))
+        s[1].register_forward_pre_hook(lambda mod, args: (args[0] * 1.0,))
+        with torch.no_grad():
+            seen["out"], seen["sequential"] = b(x, temb), s(x)
+    want, got = runs["torch"], runs["hbkernels"]
+    assert len(got["silu in"]) == len(want["silu in"]) == 3 and len(got["norm2 in"]) == 1
+    for key in ("silu in", "norm2 in", "out", "sequential"):
+        for g, w in zip(*((r[key] if isinstance(r[key], list) else [r[key]]) for r in (got, want)), strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5 * w.abs().max().item(), msg=key)
+
+
+def test_containers_whose_hook_was_removed_get_their_fused_forward():
+    """A hook added and removed before apply_to (accelerate, diffusers) leaves the class's forward bound on
+    the instance, which shadowed the fused class's: it never ran, yet was counted. A container still
+    hooked is left alone with a warning, and not counted."""
+    torch.manual_seed(0)
+    model, inputs = unet3d()
+    model.eval()
+    with torch.no_grad():
+        ref = model(**inputs).sample
+    hooked = copy.deepcopy(model)
+    containers = [m for m in model.modules() if type(m).__name__ in ("ResnetBlock2D", "TransformerTemporalModel")]
+    for m in containers:
+        m.forward = m.forward  # what removing accelerate's hook leaves: the class's own forward, bound
+    for m in hooked.modules():
+        if type(m).__name__ in ("ResnetBlock2D", "TransformerTemporalModel"):
+            _wrap_forward(m)
+    hbkernels.apply_to(model)
+    fused = [m for m in containers if getattr(type(m), "_hbkernels_fused", False)]
+    assert len(fused) == model._hbkernels_patched["time_embedding"] + model._hbkernels_patched["temporal_layout"]
+    assert model._hbkernels_patched["time_embedding"] > 0 and model._hbkernels_patched["temporal_layout"] > 0
+    assert all(m.forward.__func__ is type(m).forward for m in fused)  # the fused forward is what runs
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).sample, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    with pytest.warns(RuntimeWarning, match="already run hooks"):
+        hbkernels.apply_to(hooked)
+    assert hooked._hbkernels_patched["time_embedding"] == hooked._hbkernels_patched["temporal_layout"] == 0
+
+
 def test_subclasses_in_temporal_transformers_are_left_alone():
     """A GroupNorm or Attention subclass (which may override forward or get_attention_scores) inside a
     temporal transformer keeps its own code: the layout patch read the norm's weights itself and the
