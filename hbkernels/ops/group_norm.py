@@ -87,9 +87,18 @@ class GroupNormFunction(torch.autograd.Function):
         )
         dw = dw.to(weight.dtype) if dw is not None else None
         db = db.to(bias.dtype) if db is not None else None
-        # x + shift is what is normalised: d shift = dx summed over each (n, c) plane
-        dshift = dx4.sum(dim=(2, 3), dtype=torch.float32).to(shift_dtype) if ctx.needs_input_grad[3] else None
+        dshift = _shift_grad(dx4, num_groups).to(shift_dtype) if ctx.needs_input_grad[3] else None
         return dx, dw, db, dshift, None, None, None, None, None
+
+
+def _shift_grad(dx4, num_groups):
+    """d shift: x + shift is what is normalised, so dx summed over each (n, c) plane. Those sums are of
+    dx rounded to x's dtype; their part along what is exactly 0 (a group's sum: one constant added to a
+    whole group changes nothing) is removed, which leaves a one-channel group's exactly 0 (else fp16
+    rounding noise, 1000x torch's own error) and never moves the sums away from the true ones."""
+    n, c = dx4.shape[:2]
+    sums = dx4.sum(dim=(2, 3), dtype=torch.float32).view(n, num_groups, c // num_groups)
+    return (sums - sums.mean(dim=2, keepdim=True)).view(n, c)
 
 
 def fp32_vector(v):
