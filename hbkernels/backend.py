@@ -186,9 +186,27 @@ def run_function(function, *args):
     plain call. ``apply``'s autograd bookkeeping costs tens of microseconds of host time per call,
     which an inference step launching hundreds of ops pays for nothing. Traced code keeps ``apply``."""
     needs_grad = torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
-    if needs_grad or torch.compiler.is_compiling() or _transformed():
+    if torch.compiler.is_compiling():
+        return function.apply(*_distinct(args))
+    if needs_grad or _transformed():
         return function.apply(*args)
     return function.forward(_NoGradCtx(len(args)), *args)
+
+
+def _distinct(args) -> list:
+    """``args`` with each repeat of a tensor (``residual_add(x, x)``, ``q`` as ``k`` and ``v``) as a view
+    of it: the same tensor twice is a torch.compile graph break for autograd.Function, distinct views
+    are not, and gradients still sum into the tensor."""
+    seen = []
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if any(a is s for s in seen):
+                a = a.view(a.shape)
+            else:
+                seen.append(a)
+        out.append(a)
+    return out
 
 
 def _transformed() -> bool:

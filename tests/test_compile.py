@@ -158,3 +158,56 @@ def test_triton_primitives_on_fake_tensors(backend_name):
         tokens = hbkernels.group_norm_to_tokens(x, 4)
         z = hbkernels.layer_norm(tokens)
     assert y.shape == x.shape and tokens.shape == (40, 3, 8) and z.shape == tokens.shape
+
+
+class _TemporalOut(torch.nn.Module):
+    def forward(self, x):
+        return hbkernels.tokens_to_video(hbkernels.group_norm_to_tokens(x, 4) * 2, residual=x)
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+def test_frame_count_stays_symbolic(backend_name):
+    """tokens_to_video made every size a constant (operator.index on symbolic sizes): a model using it
+    recompiled for each frame count and failed under fullgraph after 8, and torch.export refused
+    dynamic dims. Now the frame counts below compile twice (static, then dynamic), as group_norm does."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    block = _TemporalOut()
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("eager")
+    compiled = torch.compile(block, fullgraph=True, backend=counter)
+    with hbkernels.use_backend(backend_name), torch.no_grad():
+        for t in range(2, 12):
+            x = rand(2, 8, t, 3, 2)
+            torch.testing.assert_close(compiled(x), block(x))
+        assert counter.frame_count == 2
+        dims = {0: torch.export.Dim("N", min=2), 2: torch.export.Dim("T", min=2)}
+        exported = torch.export.export(block, (rand(2, 8, 5, 3, 2),), dynamic_shapes={"x": dims}, strict=True)
+        x = rand(3, 8, 7, 3, 2)
+        torch.testing.assert_close(exported.module()(x), block(x))
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+def test_tensor_passed_twice_and_float_scales_compile(backend_name):
+    """The same tensor as two arguments (x + x, weight as bias) was a fullgraph error wherever a
+    gradient was wanted (autograd.Function's duplicate inputs); a Python float scale varying between
+    calls failed on math.isfinite of a symbolic float."""
+    x, w = rand(2, 8, 3, 4, requires_grad=True), rand(8, requires_grad=True)
+    tokens = rand(6, 5, 8, requires_grad=True)
+
+    def fn(x, w, tokens, scale):
+        q = tokens.view(6, 5, 2, 4)
+        return (hbkernels.residual_add(x, x).sum() + hbkernels.group_norm(x, 4, w, w).sum()
+                + hbkernels.layer_norm(tokens, w, w, residual=tokens)[0].sum()
+                + hbkernels.temporal_attention(q, q, q, scale=scale).sum())
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    with hbkernels.use_backend(backend_name):
+        for scale in (0.3, 0.2):
+            want = fn(x, w, tokens, scale)
+            want_grads = torch.autograd.grad(want, (x, w, tokens))
+            got = compiled(x, w, tokens, scale)
+            got_grads = torch.autograd.grad(got, (x, w, tokens))
+            torch.testing.assert_close(got, want)
+            assert_gradients_close(got_grads, want_grads, f"scale {scale}")

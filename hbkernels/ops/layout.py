@@ -18,6 +18,8 @@ from hbkernels.ops.group_norm import _as_video, _tokens_as_video, empty_video_li
 class TokensToVideoFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tokens, residual, shape, backend_name):
+        # with a residual, its shape (strict torch.export fails on a tuple of symbolic sizes passed in)
+        shape = tuple(residual.shape) if residual is not None else shape
         n, c, f, h, w = shape
         if residual is not None:
             out, out4 = empty_video_like(residual)
@@ -42,6 +44,10 @@ class TokensToVideoFunction(torch.autograd.Function):
         return grad_tokens, (grad_out if ctx.has_residual else None), None, None
 
 
+def _is_int(s) -> bool:
+    return isinstance(s, torch.SymInt) or (not isinstance(s, bool) and hasattr(type(s), "__index__"))
+
+
 def tokens_to_video(tokens, residual=None, *, shape=None):
     """Inverse of the temporal token layout: (N*H*W, T, C) -> (N, C, T, H, W) (+ ``residual``).
 
@@ -63,17 +69,17 @@ def tokens_to_video(tokens, residual=None, *, shape=None):
     if not isinstance(shape, (tuple, list, torch.Size)):
         raise TypeError(f"shape must be a tuple (N, C, T, H, W) of ints, got {type(shape).__name__}")
     shape = tuple(shape)
-    if len(shape) != 5 or any(isinstance(s, bool) or not hasattr(type(s), "__index__") or operator.index(s) < 0
-                              for s in shape):
+    if len(shape) != 5 or any(not _is_int(s) or s < 0 for s in shape):
         raise ValueError(f"shape must be (N, C, T, H, W) of ints >= 0, got {shape}")
-    shape = tuple(operator.index(s) for s in shape)
+    if not torch.compiler.is_compiling():  # symbolic sizes stay symbolic: operator.index would make each
+        shape = tuple(operator.index(s) for s in shape)  # a constant, recompiling for every frame count
     n, c, f, h, w = shape
     if tuple(tokens.shape) != (n * h * w, f, c):
         raise ValueError(f"tokens must have shape (N*H*W, T, C) = {(n * h * w, f, c)} for video {shape}, got {tuple(tokens.shape)}")
     name = backend.select(tokens.device, tokens.dtype, empty=tokens.numel() == 0)
     if name == "torch":
         return reference.tokens_to_video(tokens, shape, residual)
-    return backend.run_function(TokensToVideoFunction, tokens, residual, shape, name)
+    return backend.run_function(TokensToVideoFunction, tokens, residual, None if residual is not None else shape, name)
 
 
 class ResidualAddFunction(torch.autograd.Function):

@@ -64,7 +64,8 @@ def temporal_attention(q, k, v, *, scale=None, causal=False):
         scale = 1.0 / math.sqrt(d) if d else 1.0  # D = 0: empty scores, any scale
     elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):  # numpy floats are Real
         raise TypeError(f"scale must be a finite float or None, got {scale!r}")
-    elif not math.isfinite(scale) or abs(scale) > checks.FP32_MAX:  # the kernels scale in fp32
+    elif not abs(scale) <= checks.FP32_MAX:  # NaN, inf, or beyond fp32, where the kernels scale (and not
+        # math.isfinite: torch.compile cannot trace it on a symbolic float)
         raise ValueError(f"scale must be a finite float32 or None, got {scale!r}")
     if not isinstance(causal, (bool, np.bool_)):  # a string such as "no" would otherwise mean True
         raise TypeError(f"causal must be a bool, got {causal!r}")
@@ -72,10 +73,5 @@ def temporal_attention(q, k, v, *, scale=None, causal=False):
     if name == "torch":
         return reference.temporal_attention(q, k, v, float(scale), bool(causal))
     q, k, v = (backend.unit_last_stride(x) for x in (q, k, v))
-    if torch.compiler.is_compiling():
-        # The same tensor passed twice (self-attention on raw tokens) is a torch.compile graph break
-        # for autograd.Function; distinct views of it are not, and gradients still sum into it.
-        k = k.view(k.shape) if k is q else k
-        v = v.view(v.shape) if v is q or v is k else v
     keep_stats = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     return backend.run_function(TemporalAttentionFunction, q, k, v, float(scale), bool(causal), name, keep_stats)
