@@ -141,8 +141,9 @@ class FusedLinear(nn.Module):
     Without gradients (inference), a copy in non-persistent buffers (``state_dict`` keeps only the
     separate layers' keys), brought up to date in place when a layer's weights have changed since (an
     optimizer step, a load, ``.data`` replaced): its addresses stay, so captured CUDA graphs read the
-    new values. Inside torch.compile the copy is used as it stands (the check reads tensor versions,
-    which dynamo cannot trace): call :meth:`refresh` outside it after changing weights. Where a
+    new values. Writes into ``.data`` (diffusers' ``EMAModel.copy_to``, ``param.data.copy_``) leave
+    no trace in tensor versions, and inside torch.compile the copy is used as it stands (the check
+    reads tensor versions, which dynamo cannot trace): call :meth:`refresh` after either. Where a
     gradient is wanted for a layer's parameters, the weights are concatenated afresh on each call, so
     the layers themselves are trained. Layers with hooks (offload, layerwise casting) are called one by
     one.
@@ -186,18 +187,17 @@ class FusedLinear(nn.Module):
             return torch.cat([lin(x) for lin in self._linears], dim=-1)
         if torch.is_grad_enabled() and any(p.requires_grad for p in self._parameters_of_layers()):
             return F.linear(x, *self._concatenated(lambda p: p))
-        if not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and self._versions() != self._copied:
             self.refresh()
         return F.linear(x, self.weight, self.bias)
 
     def refresh(self) -> None:
-        """Copies the layers' weights into the fused copy, in place, where they changed since."""
-        if self._versions() != self._copied:
-            with torch.no_grad():
-                for buffer, fresh in zip((self.weight, self.bias), self._concatenated(torch.Tensor.detach)):
-                    if buffer is not None:
-                        buffer.copy_(fresh)
-            self._copied = self._versions()
+        """Copies the layers' weights into the fused copy, in place."""
+        with torch.no_grad():
+            for buffer, fresh in zip((self.weight, self.bias), self._concatenated(torch.Tensor.detach)):
+                if buffer is not None:
+                    buffer.copy_(fresh)
+        self._copied = self._versions()
 
 
 class TemporalAttention(nn.Module):

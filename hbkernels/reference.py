@@ -39,7 +39,8 @@ def group_norm(x, num_groups: int, weight, bias, eps: float, silu: bool, shift=N
     if shift is not None:
         z = z + shift.to(acc).view(*shift.shape, *[1] * (x.dim() - 2))
     weight, bias = (None if p is None else p.to(acc) for p in (weight, bias))
-    if not z.requires_grad and any(p is not None and p.requires_grad for p in (weight, bias)):
+    if torch.is_grad_enabled() and not z.requires_grad and any(p is not None and p.requires_grad
+                                                               for p in (weight, bias)):
         # torch's CPU group_norm backward segfaults on a channels-last input that needs no gradient
         # while weight or bias does (torch 2.13); _like_layout restores the layout
         z = z.contiguous()

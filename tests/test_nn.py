@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -72,6 +74,29 @@ def test_temporal_attention_fused_projections(backend_name):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(changed, want)
     assert set(ours.state_dict()) == keys
+
+
+def test_fused_projections_refresh_after_writes_into_data():
+    """Writes through ``.data`` (diffusers' EMAModel.copy_to) leave tensor versions as they were, so the
+    fused copy cannot see them: an explicit refresh() copies whatever changed (it compared versions,
+    and so kept the stale q, k, v while to_out had the new weights)."""
+    from diffusers.training_utils import EMAModel
+
+    torch.manual_seed(0)
+    ours = hbkernels.nn.TemporalAttention(32, heads=4, dim_head=8, bias=True)
+    ema = EMAModel(copy.deepcopy(ours).parameters())
+    with torch.no_grad():
+        for p in ema.shadow_params:
+            p.add_(torch.randn_like(p))
+    x = rand(6, 5, 32)
+    ours.fuse_projections()
+    with torch.no_grad():
+        ours(x)
+        ema.copy_to(ours.parameters())
+        ours.to_qkv.refresh()
+        got = ours(x)
+        ours.unfuse_projections()
+        torch.testing.assert_close(got, ours(x), atol=1e-5, rtol=1e-5)
 
 
 def test_fused_projections_train_the_layers():

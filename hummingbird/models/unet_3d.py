@@ -613,9 +613,9 @@ class HummingbirdUNet3DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapte
         self.weights_version += 1
 
     def refresh_fused_projections(self) -> None:
-        """Brings the fused projections' weight copies up to date where the layers' weights changed
-        in place (a load_state_dict, a merged LoRA): what an eager forward checks on each call and a
-        torch.compile'd one cannot."""
+        """Copies the layers' weights into the fused projections: after writes an eager forward
+        cannot see (into ``.data``, as diffusers' ``EMAModel.copy_to`` does) and any a compiled one
+        cannot (a load_state_dict, a merged LoRA)."""
         for module in self.modules():
             if isinstance(module, FusedLinear):
                 module.refresh()
