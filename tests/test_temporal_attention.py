@@ -340,3 +340,20 @@ def test_temporal_attention_samples_past_int32(backend_name):
         out = hbkernels.temporal_attention(q, k, v)
     want = hbkernels.reference.temporal_attention(q.double(), k.double(), v.double(), 0.25, False)
     torch.testing.assert_close(out.double(), want, rtol=0, atol=4e-3)
+
+
+@pytest.mark.parametrize("backend_name", ["torch", *KERNEL_BACKENDS])
+def test_temporal_attention_under_autocast_runs_in_its_dtype(backend_name):
+    """fp32 q, k, v under autocast: the kernels ran in fp32 and returned fp32 where SDPA (and so the
+    reference backend) runs in the autocast dtype, so results and their dtype depended on the backend."""
+    device_type = torch.device(DEVICE).type
+    q, k, v = (rand(3, 5, 2, 8, requires_grad=True) for _ in range(3))
+    with torch.autocast(device_type, dtype=torch.bfloat16):
+        want = torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)))
+        with hbkernels.use_backend(backend_name):
+            got = hbkernels.temporal_attention(q, k, v)
+            empty = hbkernels.temporal_attention(*(x[:0] for x in (q, k, v)))
+    assert got.dtype == empty.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want.transpose(1, 2), atol=2e-2, rtol=2e-2)
+    got.float().sum().backward()
+    assert q.grad.dtype == torch.float32 and q.grad.abs().sum() > 0

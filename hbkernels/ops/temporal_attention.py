@@ -57,6 +57,10 @@ def temporal_attention(q, k, v, *, scale=None, causal=False):
         raise ValueError(f"v must have the shape of q {tuple(q.shape)}, got {tuple(v.shape)}")
     checks.same_dtype(q=q, k=k, v=v)
     checks.same_device(q=q, k=k, v=v)
+    device_type = q.device.type
+    if torch.is_autocast_enabled(device_type) and q.dtype != torch.float64 and q.dtype.is_floating_point:
+        # in autocast's dtype, as F.scaled_dot_product_attention (which autocast lists as such) runs
+        q, k, v = (x.to(torch.get_autocast_dtype(device_type)) for x in (q, k, v))
     n, t, h, d = q.shape
     if d > MAX_HEAD_DIM:
         raise ValueError(f"q head dim (last dim) must be at most {MAX_HEAD_DIM}, got {d}")
