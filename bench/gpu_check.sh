@@ -19,7 +19,11 @@
 # OPS_GRAPH_LIMIT, SWEEP_LIMIT, FLOOR_LIMIT, PHASES_LIMIT. UNET_CASE, UNET_STATE and UNET_IMPLS
 # (comma-separated) filter U-Net rows; OPS_ARGS="--quick --no-compile" shortens the op runs;
 # HBKERNELS_COMMIT names the commit in every result file where the checkout's .git is stale (a lent
-# GPU's copy). E.g. after a U-Net change:
+# GPU's copy). The lent GPU's image lacks diffusers; its wheels travel in .whl/ (git-excluded, made in
+# a fresh checkout with: echo /.whl/ >> .git/info/exclude; python3 -m pip download --no-deps
+# --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1
+# importlib_metadata zipp pytest-timeout), installed first by the command the results README gives.
+# E.g. after a U-Net change:
 #   STEPS="unet_step ops_graph tests" UNET_COMPILE= UNET_CASE=0.7b UNET_LIMIT=480 OPS_ARGS="--quick --no-compile" OPS_GRAPH_LIMIT=90 TESTS_LIMIT=120 bench/gpu_check.sh
 set -u
 log=${1:-gpu-check.log}
