@@ -192,7 +192,10 @@ class FusedLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
     def refresh(self) -> None:
-        """Copies the layers' weights into the fused copy, in place."""
+        """Copies the layers' weights into the fused copy, in place. Not while a layer runs hooks: its
+        weights may be elsewhere (offloaded to the meta device) and the forward calls the layers."""
+        if any(runs_hooks(lin) for lin in self._linears):
+            return
         with torch.no_grad():
             for buffer, fresh in zip((self.weight, self.bias), self._concatenated(torch.Tensor.detach)):
                 if buffer is not None:

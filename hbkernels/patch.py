@@ -65,13 +65,20 @@ class _TaggedSiLUGroupNorm(hbnn.GroupNorm):
     become an identity."""
 
     def forward(self, x, shift=None):
-        # hooks get the norm's output, as unpatched, the SiLU coming after: the norm's own (their output),
-        # and its SiLU's (their input; a pre-hook's new tensor would lose the mark and take SiLU twice)
-        if _runs_forward_hooks(self) or hbnn.runs_hooks(self._silu):
+        # hooks get the norm's output, as unpatched, the SiLU coming after (the norm's own, and its SiLU's)
+        if _runs_forward_hooks(self) or not self._silu_follows():
             return self._norm(x, shift, None)
         out = self._norm(x, shift, "silu")
         out._hbkernels_silu_applied = True
         return out
+
+    def _silu_follows(self) -> bool:
+        """Whether the owner still applies this norm's SiLU, as it is: not replaced (say by another
+        activation, which would then run on a SiLU'd output), and running no hooks (their input is the
+        norm's output; a pre-hook's new tensor would lose the mark and take SiLU twice)."""
+        silu, owner, key = self._silu_at
+        current = owner[key] if isinstance(key, int) else getattr(owner, key, None)
+        return current is silu and not hbnn.runs_hooks(silu)
 
 
 def _runs_forward_hooks(module: nn.Module) -> bool:
@@ -83,9 +90,11 @@ def _runs_forward_hooks(module: nn.Module) -> bool:
 class _SiLUUnlessFused(nn.SiLU):
     """SiLU, except on a tensor that a fused GroupNorm+SiLU just produced."""
 
-    def follows(self, norm: _TaggedSiLUGroupNorm) -> "_SiLUUnlessFused":
-        # a plain attribute, not a submodule: the model's module tree and state_dict stay diffusers'
-        object.__setattr__(norm, "_silu", self)
+    def follows(self, norm: _TaggedSiLUGroupNorm, owner: nn.Module, key) -> "_SiLUUnlessFused":
+        """Tells ``norm`` that this SiLU, at ``owner``'s attribute (or index) ``key``, is applied to its
+        output."""
+        # plain attributes, not submodules: the model's module tree and state_dict stay diffusers'
+        object.__setattr__(norm, "_silu_at", (self, owner, key))
         return self
 
     def forward(self, x):
@@ -124,7 +133,7 @@ def _fuse_silu(model, d, hooked: list) -> None:
             for i in range(len(owner) - 1):
                 if _unhooked(owner[i], nn.GroupNorm, hooked) and _unhooked(owner[i + 1], nn.SiLU, hooked):
                     owner[i] = _TaggedSiLUGroupNorm.from_torch(owner[i], activation="silu")
-                    owner[i + 1] = _SiLUUnlessFused(inplace=owner[i + 1].inplace).follows(owner[i])
+                    owner[i + 1] = _SiLUUnlessFused(inplace=owner[i + 1].inplace).follows(owner[i], owner, i + 1)
             continue
         found = _silu_after_norms(owner, d)
         if found is None or not _unhooked(getattr(owner, found[0], None), nn.SiLU, hooked):
@@ -136,7 +145,7 @@ def _fuse_silu(model, d, hooked: list) -> None:
             setattr(owner, act_name, silu)
         for name in norm_names:
             setattr(owner, name, _TaggedSiLUGroupNorm.from_torch(getattr(owner, name), activation="silu"))
-            silu.follows(getattr(owner, name))
+            silu.follows(getattr(owner, name), owner, act_name)
 
 
 def _swap_group_norms(model, hooked: list) -> None:

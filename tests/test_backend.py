@@ -125,10 +125,13 @@ def test_meta_tensors_take_the_reference_whatever_is_forced():
     """Shape inference on meta tensors: forcing a kernel backend gave a copy-out-of-meta error (Triton)
     or a refusal (C++)."""
     x = torch.empty(2, 8, 3, 4, 4, device="meta")
-    for name in ("triton", "cpp"):
+    q = torch.empty(2, 3, 2, 4, device="meta")
+    for name in ("triton", "cpp", "torch"):
         with hbkernels.use_backend(name):
             assert backend.select(x.device, x.dtype) == "torch"
             assert hbkernels.group_norm(x, 4, activation="silu").shape == x.shape
+            assert hbkernels.temporal_attention(q, q, q).shape == q.shape  # autocast knows no meta device
+            assert hbkernels.tokens_to_video(hbkernels.group_norm_to_tokens(x, 4), residual=x).shape == x.shape
 
 
 def test_forcing_unusable_backend_is_a_clear_error(monkeypatch):

@@ -555,6 +555,16 @@ def test_a_wrong_or_failing_implementation_becomes_an_error_row_not_a_timing(mon
     assert rows["layer_norm", "hbkernels"].extra["error"] == "shared memory"
     assert all(r.median_ms == 1.0 for (_, impl), r in rows.items() if impl == "eager")
 
+    # without eager's result there is nothing to compare with: the row says it went unchecked
+    monkeypatch.setattr(ops, "LN_CPU", [])
+    monkeypatch.setattr(ops, "eager_geglu", out_of_resources)
+    monkeypatch.setattr(ops.hbkernels, "geglu", lambda x: torch.randn(x.shape[0], x.shape[1] // 2))
+    report = common.Report(device="cpu")
+    ops.run(report, torch.device("cpu"), torch.float32, quick=True, timer=lambda fn, args: 1e-3, compile_too=False)
+    assert [(r.impl, r.extra) for r in report.rows] == [
+        ("eager", {"error": "shared memory"}),
+        ("hbkernels", {"unchecked": "eager failed, so this result was not compared"})]
+
 
 def test_unet_step_keeps_failed_rows_and_names_filtered_runs_apart(monkeypatch, tmp_path, single_thread):
     from bench import unet_step

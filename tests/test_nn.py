@@ -99,6 +99,22 @@ def test_fused_projections_refresh_after_writes_into_data():
         torch.testing.assert_close(got, ours(x), atol=1e-5, rtol=1e-5)
 
 
+def test_fused_projections_refresh_leaves_offloaded_layers_alone():
+    """accelerate's offload keeps the layers' weights on the meta device between calls: a refresh (the
+    pipeline's, each call) failed copying out of meta; the forward calls those layers anyway."""
+    accelerate = pytest.importorskip("accelerate")
+    torch.manual_seed(0)
+    ours = hbkernels.nn.TemporalAttention(32, heads=4, dim_head=8, bias=True)
+    x = rand(6, 5, 32)
+    with torch.no_grad():
+        want = ours(x)
+    ours.fuse_projections()
+    accelerate.cpu_offload(ours, execution_device=torch.device("cpu"))
+    ours.to_qkv.refresh()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), want, atol=1e-5, rtol=1e-5)
+
+
 def test_fused_projections_train_the_layers():
     """With gradients wanted, the fused GEMM is built from the live weights: to_q, to_k and to_v get the
     gradients the separate layers would (a snapshot would leave them None); after an optimizer step,

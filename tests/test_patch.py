@@ -531,6 +531,24 @@ def test_hooks_on_a_fused_norms_silu_or_on_norm2_see_what_they_see_unpatched():
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5 * w.abs().max().item(), msg=key)
 
 
+def test_an_activation_replacing_a_fused_silu_after_patching_gets_the_norms_output():
+    """Replacing the SiLU that a fused norm stands in for (say by Mish) ran Mish on SiLU'd values."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    torch.manual_seed(0)
+    block = ResnetBlock2D(in_channels=16, temb_channels=8, groups=4).eval()
+    sequential = torch.nn.Sequential(torch.nn.GroupNorm(4, 16), torch.nn.SiLU())
+    x, temb = torch.randn(2, 16, 5, 5), torch.randn(2, 8)
+    patched_block, patched_sequential = (hbkernels.apply_to(copy.deepcopy(m)) for m in (block, sequential))
+    for b in (block, patched_block):
+        b.nonlinearity = torch.nn.Mish()
+    for s in (sequential, patched_sequential):
+        s[1] = torch.nn.Mish()
+    with torch.no_grad():
+        torch.testing.assert_close(patched_block(x, temb), block(x, temb), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(patched_sequential(x), sequential(x), rtol=1e-5, atol=1e-5)
+
+
 def test_containers_whose_hook_was_removed_get_their_fused_forward():
     """A hook added and removed before apply_to (accelerate, diffusers) leaves the class's forward bound on
     the instance, which shadowed the fused class's: it never ran, yet was counted. A container still

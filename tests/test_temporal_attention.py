@@ -357,3 +357,5 @@ def test_temporal_attention_under_autocast_runs_in_its_dtype(backend_name):
     torch.testing.assert_close(got, want.transpose(1, 2), atol=2e-2, rtol=2e-2)
     got.float().sum().backward()
     assert q.grad.dtype == torch.float32 and q.grad.abs().sum() > 0
+    with torch.autocast(device_type, dtype=torch.bfloat16):  # mixed dtypes, which autocast makes agree
+        assert hbkernels.temporal_attention(q, k.bfloat16(), v).dtype == torch.bfloat16

@@ -55,12 +55,13 @@ def temporal_attention(q, k, v, *, scale=None, causal=False):
         raise ValueError(f"k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
     if v.shape != q.shape:
         raise ValueError(f"v must have the shape of q {tuple(q.shape)}, got {tuple(v.shape)}")
-    checks.same_dtype(q=q, k=k, v=v)
     checks.same_device(q=q, k=k, v=v)
-    device_type = q.device.type
-    if torch.is_autocast_enabled(device_type) and q.dtype != torch.float64 and q.dtype.is_floating_point:
+    device_type = q.device.type  # autocast knows no "meta" (shape inference)
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         # in autocast's dtype, as F.scaled_dot_product_attention (which autocast lists as such) runs
-        q, k, v = (x.to(torch.get_autocast_dtype(device_type)) for x in (q, k, v))
+        q, k, v = (x.to(torch.get_autocast_dtype(device_type))
+                   if x.is_floating_point() and x.dtype != torch.float64 else x for x in (q, k, v))
+    checks.same_dtype(q=q, k=k, v=v)
     n, t, h, d = q.shape
     if d > MAX_HEAD_DIM:
         raise ValueError(f"q head dim (last dim) must be at most {MAX_HEAD_DIM}, got {d}")
