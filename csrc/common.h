@@ -7,6 +7,7 @@
 #include <c10/util/Optional.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 #include "vec.h"
@@ -82,16 +83,24 @@ inline float sum_row(const T* v, int64_t n) {
   return hsum((s0 + s1) + (s2 + s3));
 }
 
+// Scale of the deviations about a mean m: one ulp of an fp32 mean past 2^87, squared, overflows fp32 (a
+// constant row whose rounded first-pass mean missed its value then had an inf variance, and rstd 0), so
+// past |m| = 2^64 they are taken of v * 2^-64. Powers of two: scaling and unscaling are exact, and a
+// deviation from such a mean is either 0 or at least 2^40, never scaled below fp32's normal range.
+inline float deviation_scale(float m) { return std::fabs(m) >= 0x1p64f ? 0x1p-64f : 1.f; }
+
 // The second pass of a two-pass variance over n contiguous values: the sums of d = v - m and of d^2
-// in fp32 (the tail's unused lanes masked out). sum d, zero up to rounding, is the correction term of
-// the corrected two-pass formula.
+// (in fp32, unscaled in float64; the tail's unused lanes masked out). sum d, zero up to rounding, is the
+// correction term of the corrected two-pass formula.
 template <typename T>
-inline void deviation_sums(const T* v, int64_t n, float m, float& sum_d, float& sum_d2) {
-  const F8 mv = set1(m);
+inline void deviation_sums(const T* v, int64_t n, float m, double& sum_d, double& sum_d2) {
+  const float s = deviation_scale(m);
+  const F8 sv = set1(s), nm = set1(-m * s);  // d = v s - m s, one rounding (v s is exact)
   F8 d0 = zero8(), d1 = zero8(), q0 = zero8(), q1 = zero8(), q2 = zero8(), q3 = zero8();
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {
-    F8 a = load8(v + i) - mv, b = load8(v + i + 8) - mv, c = load8(v + i + 16) - mv, d = load8(v + i + 24) - mv;
+    F8 a = fmadd(load8(v + i), sv, nm), b = fmadd(load8(v + i + 8), sv, nm), c = fmadd(load8(v + i + 16), sv, nm),
+       d = fmadd(load8(v + i + 24), sv, nm);
     d0 = d0 + (a + b);
     d1 = d1 + (c + d);
     q0 = fmadd(a, a, q0);
@@ -100,18 +109,19 @@ inline void deviation_sums(const T* v, int64_t n, float m, float& sum_d, float& 
     q3 = fmadd(d, d, q3);
   }
   for (; i + 8 <= n; i += 8) {
-    F8 a = load8(v + i) - mv;
+    F8 a = fmadd(load8(v + i), sv, nm);
     d0 = d0 + a;
     q0 = fmadd(a, a, q0);
   }
   if (i < n) {  // masked lanes load 0 and would contribute -m: mask them out
     const int k = static_cast<int>(n - i);
-    F8 a = and_mask(lane_mask(k), load_n(v + i, k) - mv);
+    F8 a = and_mask(lane_mask(k), fmadd(load_n(v + i, k), sv, nm));
     d1 = d1 + a;
     q1 = fmadd(a, a, q1);
   }
-  sum_d = hsum(d0 + d1);
-  sum_d2 = hsum((q0 + q1) + (q2 + q3));
+  const double ds = s;
+  sum_d = hsum(d0 + d1) / ds;
+  sum_d2 = hsum((q0 + q1) + (q2 + q3)) / (ds * ds);
 }
 
 // Converting row load/store (contiguous), vectorised.

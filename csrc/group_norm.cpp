@@ -88,22 +88,47 @@ void stats_rows(const float* x, int64_t ld, int64_t R, int64_t L, const Plan& p,
     const float* v = x + r * ld;
     const double dL = static_cast<double>(L);
     float m = sum_row(v, L) / static_cast<float>(L);
-    float sum_d, sum_d2;  // deviations from m: their sum corrects m's rounding, in mean and M2 alike
-    deviation_sums(v, L, m, sum_d, sum_d2);
-    const double sd = sum_d;
+    double sd, sum_d2;  // deviations from m: their sum corrects m's rounding, in mean and M2 alike
+    deviation_sums(v, L, m, sd, sum_d2);
     int64_t c = per_row ? cbase + r : cbase;
     acc[t.n * G + c / Cg].merge(dL, m + sd / dL + En[c], std::max(0.0, sum_d2 - sd * sd / dL));
   }
 }
 
-// column-wise: the tile's columns are channels (channels-last); col scratch holds 3 * L floats.
+// The second pass of stats_cols: per column, the sums of the deviations about the (scaled) mean and of
+// their squares. SCALED only for tiles holding a column past deviation_scale's bound: the common case keeps
+// its loop free of the extra load and multiply.
+template <bool SCALED>
+void col_deviations(const float* x, int64_t ld, int64_t R, int64_t L, const float* mean, const float* scale,
+                    float* dev, float* m2) {
+  for (int64_t r = 0; r < R; ++r) {
+    const float* v = x + r * ld;
+    int64_t c = 0;
+    for (; c + 8 <= L; c += 8) {
+      F8 xs = load8(v + c);
+      if constexpr (SCALED) xs = xs * load8(scale + c);
+      F8 d = xs - load8(mean + c);
+      store8(dev + c, load8(dev + c) + d);
+      store8(m2 + c, fmadd(d, d, load8(m2 + c)));
+    }
+    for (; c < L; ++c) {
+      float d = (SCALED ? v[c] * scale[c] : v[c]) - mean[c];
+      dev[c] += d;
+      m2[c] += d * d;
+    }
+  }
+}
+
+// column-wise: the tile's columns are channels (channels-last); col scratch holds 4 * L floats.
 // As stats_rows: the second pass also sums the deviations, which corrects the rounded first-pass mean
-// (a large mean with a small spread otherwise lost ~1 ulp of the mean and 1e-5 of the variance).
+// (a large mean with a small spread otherwise lost ~1 ulp of the mean and 1e-5 of the variance), and
+// scales them by deviation_scale (a huge column's squared ulp overflowed fp32).
 void stats_cols(const float* x, int64_t ld, int64_t R, int64_t L, const Tile& t, int64_t Cg, int64_t G,
                 const float* En, Welford* acc, float* scratch) {
   float* sum = scratch;
   float* m2 = scratch + L;
   float* dev = scratch + 2 * L;
+  float* scale = scratch + 3 * L;
   for (int64_t c = 0; c < L; ++c) sum[c] = m2[c] = dev[c] = 0.f;
   for (int64_t r = 0; r < R; ++r) {
     const float* v = x + r * ld;
@@ -112,20 +137,16 @@ void stats_cols(const float* x, int64_t ld, int64_t R, int64_t L, const Tile& t,
     for (; c < L; ++c) sum[c] += v[c];
   }
   float inv = 1.f / static_cast<float>(R);
-  for (int64_t c = 0; c < L; ++c) sum[c] *= inv;  // now the column means
-  for (int64_t r = 0; r < R; ++r) {
-    const float* v = x + r * ld;
-    int64_t c = 0;
-    for (; c + 8 <= L; c += 8) {
-      F8 d = load8(v + c) - load8(sum + c);
-      store8(dev + c, load8(dev + c) + d);
-      store8(m2 + c, fmadd(d, d, load8(m2 + c)));
-    }
-    for (; c < L; ++c) {
-      float d = v[c] - sum[c];
-      dev[c] += d;
-      m2[c] += d * d;
-    }
+  bool scaled = false;
+  for (int64_t c = 0; c < L; ++c) {  // sum <- the column means, scaled
+    scale[c] = deviation_scale(sum[c] * inv);
+    sum[c] = sum[c] * inv * scale[c];
+    scaled |= scale[c] != 1.f;
+  }
+  if (scaled) {
+    col_deviations<true>(x, ld, R, L, sum, scale, dev, m2);
+  } else {
+    col_deviations<false>(x, ld, R, L, sum, scale, dev, m2);
   }
   // merge columns of one group in float64 first (cheap), then into the accumulator
   const double dR = static_cast<double>(R);
@@ -135,8 +156,8 @@ void stats_cols(const float* x, int64_t ld, int64_t R, int64_t L, const Tile& t,
     int64_t end = std::min(L, (g + 1) * Cg - t.c0);
     Welford w;
     for (; c < end; ++c) {
-      const double d = dev[c];
-      w.merge(dR, sum[c] + d / dR + En[t.c0 + c], std::max(0.0, m2[c] - d * d / dR));
+      const double s = scale[c], d = dev[c] / s;
+      w.merge(dR, sum[c] / s + d / dR + En[t.c0 + c], std::max(0.0, m2[c] / (s * s) - d * d / dR));
     }
     acc[t.n * G + g].merge(w);
   }
@@ -259,7 +280,7 @@ void gn_fwd(const Tensor& x, const std::optional<Tensor>& weight, const std::opt
 #pragma omp parallel num_threads(nt)
     {
       TileBuf xb(p), yb(p);
-      std::vector<float> scratch(3 * p.B0 + 8);  // stats_cols: 3 * L
+      std::vector<float> scratch(4 * p.B0 + 8);  // stats_cols: 4 * L
       std::vector<Welford> acc(static_cast<size_t>(tasks));  // only acc[task] is used per task
 #pragma omp for schedule(static)
       for (int64_t task = 0; task < tasks; ++task) {
@@ -286,7 +307,7 @@ void gn_fwd(const Tensor& x, const std::optional<Tensor>& weight, const std::opt
     int64_t b, e;
     {
       TileBuf sb(ps);
-      std::vector<float> scratch(3 * ps.B0 + 8);
+      std::vector<float> scratch(4 * ps.B0 + 8);
       thread_range(nstat, tid, team, b, e);
       stats_tiles(ps, xv, b, e, Cg, G, E.data(), acc.data() + tid * tasks, sb, scratch);
     }

@@ -79,9 +79,8 @@ template <typename T>
 inline void row_stats(const T* x, int64_t C, double eps, float& mean_out, float& rstd_out) {
   const float invC = 1.f / static_cast<float>(C);
   const float m = sum_row(x, C) * invC;
-  float sum_d, sum_d2;
-  deviation_sums(x, C, m, sum_d, sum_d2);
-  const double sd = sum_d, sq = sum_d2;
+  double sd, sq;
+  deviation_sums(x, C, m, sd, sq);
   const double dC = static_cast<double>(C);
   double var = (sq - sd * sd / dC) / dC;
   if (var < 0) var = 0;

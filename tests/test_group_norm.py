@@ -546,6 +546,30 @@ def test_group_norm_backward_of_huge_constant_groups(backend_name, dtype, plane)
     torch.testing.assert_close(dx.double(), want, rtol=tol, atol=tol * want.abs().max().item())
 
 
+# constant values past 2^87, where one ulp of a rounded fp32 mean, squared, overflows fp32
+HUGE_CONSTANTS = [1e30, 1.7e36, 2.9e36]
+
+
+@pytest.mark.parametrize("backend_name", CPP)
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last_3d], ids=["contiguous", "channels_last"])
+def test_group_norm_of_huge_constant_groups_of_any_length(backend_name, fmt):
+    """A constant group is normalised exactly (xhat = 0, rstd = eps^-1/2) whatever its length. Where the
+    first pass's fp32 mean of a constant row of 1e30-3e36 was off by an ulp (which lengths depends on
+    the summation order: AVX2 or the scalar build), the deviations squared overflowed fp32, the variance
+    came out inf and rstd 0: dx was 0 instead of (dy - mean(dy)) / sqrt(eps)."""
+    for value in HUGE_CONSTANTS:
+        for plane in [(1, 3), (3, 3), (2, 7), (3, 5), (1, 13), (4, 5)]:
+            x = torch.full((1, 2, 1, *plane), value).contiguous(memory_format=fmt).requires_grad_()
+            dy, b = rand(*x.shape), rand(2)
+            with hbkernels.use_backend(backend_name):
+                y = hbkernels.group_norm(x, 1, None, b)
+                (dx,) = torch.autograd.grad(y, [x], dy)
+            torch.testing.assert_close(y, b.view(1, 2, 1, 1, 1).expand_as(y), rtol=0, atol=0)
+            want = (dy.double() - dy.double().mean()) / 1e-5 ** 0.5
+            torch.testing.assert_close(dx.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item(),
+                                       msg=lambda m, v=value, p=plane: f"value {v}, plane {p}: {m}")
+
+
 @pytest.mark.parametrize("backend_name", CPP)
 @pytest.mark.parametrize("which", ["dweight", "dbias"])
 def test_group_norm_cpp_backward_checks_the_affine_gradient_shapes(backend_name, which):

@@ -220,6 +220,27 @@ def test_layer_norm_backward_of_huge_constant_rows(backend_name, dtype, width):
     torch.testing.assert_close(dx.double(), want, rtol=tol, atol=tol * want.abs().max().item())
 
 
+# constant values past 2^87, where one ulp of a rounded fp32 mean, squared, overflows fp32
+HUGE_CONSTANTS = [1e30, 1.7e36, 2.9e36]
+
+
+@pytest.mark.parametrize("backend_name", CPP)
+def test_layer_norm_of_huge_constant_rows_of_any_length(backend_name):
+    """As GroupNorm's: a constant row of 1e30-3e36 had rstd 0 (a zero dx) for the lengths whose fp32 mean
+    rounded off the row's value."""
+    for value in HUGE_CONSTANTS:
+        for c in range(2, 24):
+            x = torch.full((3, c), value, requires_grad=True)
+            dy, b = rand(3, c), rand(c)
+            with hbkernels.use_backend(backend_name):
+                y = hbkernels.layer_norm(x, None, b)
+                (dx,) = torch.autograd.grad(y, [x], dy)
+            torch.testing.assert_close(y, b.expand_as(y), rtol=0, atol=0)
+            want = (dy.double() - dy.double().mean(-1, keepdim=True)) / 1e-5 ** 0.5
+            torch.testing.assert_close(dx.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item(),
+                                       msg=lambda m, v=value, c=c: f"value {v}, C={c}: {m}")
+
+
 @pytest.mark.parametrize("backend_name", CPP)
 @pytest.mark.parametrize("residual", [False, True])
 def test_layer_norm_merges_every_threads_partial_sums(backend_name, residual, many_threads):
