@@ -359,3 +359,20 @@ def test_temporal_attention_under_autocast_runs_in_its_dtype(backend_name):
     assert q.grad.dtype == torch.float32 and q.grad.abs().sum() > 0
     with torch.autocast(device_type, dtype=torch.bfloat16):  # mixed dtypes, which autocast makes agree
         assert hbkernels.temporal_attention(q, k.bfloat16(), v).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+def test_attention_scale_whose_log2e_multiple_passes_fp32_is_refused(backend_name):
+    """The Triton kernels scale scores by scale * log2(e) in fp32: a scale within fp32 but past
+    FP32_MAX / log2(e) made that inf and the output NaN (torch's own output finite); every backend
+    refuses it by name, and the largest scale the kernels take still gives torch's answer."""
+    largest = torch.finfo(torch.float32).max / math.log2(math.e)
+    q = rand(1, 3, 1, 16) * 0.05
+    for bad in (3e38, -2.5e38):
+        with use_backend(backend_name), pytest.raises(ValueError, match="scale must be a finite float"):
+            hbkernels.temporal_attention(q, q, q, scale=bad)
+    with use_backend(backend_name):
+        out = hbkernels.temporal_attention(q, q, q, scale=largest)
+    with use_backend("torch"):
+        want = hbkernels.temporal_attention(q.double(), q.double(), q.double(), scale=largest)
+    torch.testing.assert_close(out.double(), want, atol=1e-6, rtol=1e-5)

@@ -15,6 +15,8 @@ from torch.autograd.function import once_differentiable
 from hbkernels import backend, checks, reference
 
 MAX_HEAD_DIM = 256
+# The Triton kernels take scale * log2(e) as an fp32 scalar (scores in the exp2 domain): inf past this
+MAX_SCALE = checks.FP32_MAX / math.log2(math.e)
 
 
 class TemporalAttentionFunction(torch.autograd.Function):
@@ -69,9 +71,9 @@ def temporal_attention(q, k, v, *, scale=None, causal=False):
         scale = 1.0 / math.sqrt(d) if d else 1.0  # D = 0: empty scores, any scale
     elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):  # numpy floats are Real
         raise TypeError(f"scale must be a finite float or None, got {scale!r}")
-    elif not abs(scale) <= checks.FP32_MAX:  # NaN, inf, or beyond fp32, where the kernels scale (and not
-        # math.isfinite: torch.compile cannot trace it on a symbolic float)
-        raise ValueError(f"scale must be a finite float32 or None, got {scale!r}")
+    elif not abs(scale) <= MAX_SCALE:  # NaN, inf, or inf once times log2(e) in fp32 (and not math.isfinite:
+        # torch.compile cannot trace it on a symbolic float)
+        raise ValueError(f"scale must be a finite float of magnitude at most {MAX_SCALE:.4g} or None, got {scale!r}")
     if not isinstance(causal, (bool, np.bool_)):  # a string such as "no" would otherwise mean True
         raise TypeError(f"causal must be a bool, got {causal!r}")
     name = backend.select(q.device, q.dtype, empty=q.numel() == 0)

@@ -591,10 +591,10 @@ def _gn_bwd_partials_kernel(
     sdn, sdc, sdt, sds, sxn, sxc, sxt, sxs,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, PRECISE: tl.constexpr,
     EVEN_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, STAGES: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, CB_FIRST: tl.constexpr,
 ):
     _let_next_launch(PDL)
-    n, chunk, cc, cmask = _chunk_program(C, n_chunks, BLOCK_C, False)
+    n, chunk, cc, cmask = _chunk_program(C, n_chunks, BLOCK_C, CB_FIRST)
     g = cc // cpg
     mu = (tl.load(mean_ptr + n * smn + g * smg, mask=cmask, other=0.0)
           - _channel_vec(sh_ptr + n * C, cc, cmask, 1, HAS_SHIFT, BLOCK_C))[:, None]  # x + shift - mean
@@ -667,13 +667,13 @@ def _gn_bwd_apply_kernel(
     C, T, S, n_sb, G, cpg, sw, sb_, smn, smg, srn, srg,
     sdn, sdc, sdt, sds, sxn, sxc, sxt, sxs, son, soc, sot, sos,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, PRECISE: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr, CB_FIRST: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    pid, cb, _, _ = _grid_ids(CB_FIRST)
     tiles_per_n = T * n_sb
     n = pid // tiles_per_n
     t, s0 = _tile_origin(pid - n * tiles_per_n, n_sb, BLOCK_S)
-    cc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cc = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     ss = s0 + tl.arange(0, BLOCK_S)
     cmask = cc < C
     mask = cmask[:, None] & (ss < S)[None, :]
@@ -870,11 +870,13 @@ def gn_bwd(dy, x, weight, bias, shift, mean, rstd, dx, dweight, dbias, num_group
     per, n_chunks = _chunking(n, n_cb2, t2 * n_sb2, dev)
     pa = empty((n, c, n_chunks), dtype=torch.float32, device=dev)
     pb = empty((n, c, n_chunks), dtype=torch.float32, device=dev)
-    _gn_bwd_partials_kernel[(n * n_chunks, n_cb2)](
+    grid, cb_first = _grid2(n * n_chunks, n_cb2, False)  # as the forward's: C / 4 can pass grid axis 1
+    _gn_bwd_partials_kernel[grid](
         dy, x, w, b, sh, mean, rstd, pa, pb,
         c, t2, s2, n_sb2, t2 * n_sb2, per, n_chunks, cpg, sw, sb_, *ms, *ds2, *xs2,
         HAS_W=has_w, HAS_B=has_b, HAS_SHIFT=has_sh, SILU=silu, PRECISE=precise,
         EVEN_S=s2 % bs2 == 0, BLOCK_C=bc2, BLOCK_S=bs2, STAGES=STATS_STAGES, PDL=pdl, num_warps=warps_for(bc2 * bs2),
+        CB_FIRST=cb_first,
     )
 
     # 2. per-group coefficients
@@ -889,11 +891,12 @@ def gn_bwd(dy, x, weight, bias, shift, mean, rstd, dx, dweight, dbias, num_group
     t3, s3, (ds3, xs3, os3) = merge_ts([strides4(dy), strides4(x), strides4(dx)], t, s)
     bc3, bs3 = tile_shape(c, s3, (ds3, xs3, os3), None, _BWD_APPLY_CHANNELS_NCHW)
     n_sb3 = cdiv(s3, bs3)
-    _gn_bwd_apply_kernel[(n * t3 * n_sb3, cdiv(c, bc3))](
+    grid, cb_first = _grid2(n * t3 * n_sb3, cdiv(c, bc3), False)
+    _gn_bwd_apply_kernel[grid](
         dy, x, w, b, sh, mean, rstd, coef, dx,
         c, t3, s3, n_sb3, num_groups, cpg, sw, sb_, *ms, *ds3, *xs3, *os3,
         HAS_W=has_w, HAS_B=has_b, HAS_SHIFT=has_sh, SILU=silu, PRECISE=precise,
-        BLOCK_C=bc3, BLOCK_S=bs3, PDL=pdl, num_warps=warps_for(bc3 * bs3), **_launch_after(pdl),
+        BLOCK_C=bc3, BLOCK_S=bs3, PDL=pdl, CB_FIRST=cb_first, num_warps=warps_for(bc3 * bs3), **_launch_after(pdl),
     )
 
     _channel_sums(pa, pb, dweight, dbias)  # tiny (N, C, chunks) reductions
