@@ -129,7 +129,7 @@ def gif_durations(count: int, fps: float) -> list:
     starts within 5 ms of i / fps."""
     if fps > GIF_MAX_FPS:
         raise ValueError(f"fps must be at most {GIF_MAX_FPS} for a GIF, got {fps}; write an .mp4 instead")
-    if fps <= 0:
+    if not fps > 0:  # NaN too
         raise ValueError(f"fps must be positive, got {fps}")
     starts = [round(100 * i / fps) for i in range(count + 1)]  # centiseconds
     return [10 * (b - a) for a, b in zip(starts, starts[1:])]

@@ -31,7 +31,12 @@ def _rename_into(tmp: Path, dst: Path):
         raise
 
 
+_WINDOWS = os.name == "nt"
+
+
 def fsync(path: Path):
+    if _WINDOWS and os.path.isdir(path):  # Windows cannot open a folder (PermissionError) nor sync one
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -248,6 +248,7 @@ def run(args) -> int:
     stages = {"load": load_s, **out.timings, "export": export_s}
     print(f"wrote {path} ({frames} frames, {height}x{width}, {save_fps} fps (conditioned on {fps}), seed {seed}, "
           f"{device} {str(dtype).removeprefix('torch.')})")
+    peak = f", peak memory {out.peak_memory_mb:.0f} MiB" if out.peak_memory_mb else ""  # 0: unknown (Windows)
     print("  ".join(f"{name} {seconds:.2f}s" for name, seconds in stages.items())
-          + f"  | total {sum(stages.values()):.2f}s, peak memory {out.peak_memory_mb:.0f} MiB")
+          + f"  | total {sum(stages.values()):.2f}s{peak}")
     return 0

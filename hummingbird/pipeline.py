@@ -58,7 +58,7 @@ class HummingbirdPipelineOutput(BaseOutput):
     video pipelines return it, so ``diffusers.utils.export_to_video(frames[0])`` works), B lists of F
     PIL images ("pil"), or (B, 4, F, H/8, W/8) latents ("latent"). timings: seconds per stage (text_encode, denoise, decode). peak_memory_mb:
     torch.cuda.max_memory_allocated during the call on CUDA; on CPU the process's peak resident set
-    size so far (ru_maxrss, not reset per call)."""
+    size so far (ru_maxrss, not reset per call), 0 where that is unknown (Windows)."""
 
     frames: object
     timings: dict = field(default_factory=dict)
@@ -183,8 +183,10 @@ class HummingbirdPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         """Height/width must be multiples of this: the VAE's factor times the U-Net's downsamplings."""
         return self.vae_scale_factor * 2 ** (len(self.unet.config.channel_mult) - 1)
 
-    def encode_prompt(self, prompt: list, device) -> torch.Tensor:
-        """(len(prompt), 77, hidden) text embeddings; prompts over 77 tokens are cut with a warning."""
+    def encode_prompt(self, prompt, device) -> torch.Tensor:
+        """(prompts, 77, hidden) text embeddings of a string or a list of strings; prompts over 77 tokens
+        are cut with a warning."""
+        prompt = [prompt] if isinstance(prompt, str) else prompt  # a string's characters are not its prompts
         tok = self.tokenizer
         for p in prompt:
             ids = tok(p).input_ids
@@ -472,10 +474,13 @@ class HummingbirdPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         if device.type == "cuda":
             peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
         else:  # ru_maxrss is KiB on Linux, bytes on macOS
-            import resource  # POSIX only: imported where used, so the pipeline imports on Windows
-
-            peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform == "darwin" else 1)
-            peak_mb = peak_kib / 1024
+            try:
+                import resource  # POSIX only: imported where used, so the pipeline imports on Windows
+            except ImportError:  # Windows: unknown, reported as 0 rather than failing the finished call
+                peak_mb = 0.0
+            else:
+                peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                peak_mb = peak_rss / (2**20 if sys.platform == "darwin" else 1024)
         if not return_dict:
             return (frames,)
         return HummingbirdPipelineOutput(frames=frames, timings=timings, peak_memory_mb=peak_mb)

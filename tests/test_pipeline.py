@@ -2,6 +2,8 @@
 import functools
 import os
 import shutil
+import sys
+import warnings
 from types import SimpleNamespace
 
 import imageio.v3 as iio
@@ -11,6 +13,7 @@ import torch
 from diffusers import DDIMScheduler
 from PIL import Image
 
+from hummingbird import files
 from hummingbird.export import export_to_gif, export_to_mp4, export_video, to_uint8_frames
 from hummingbird.models import guidance_scale_embedding
 from hummingbird.pipeline import CFG_DEFAULTS, DISTILLED_DEFAULTS, HummingbirdPipeline, load_pipeline
@@ -788,3 +791,46 @@ def test_lora_weights_load_scale_fuse_and_unload(tmp_path):
     fresh.load_lora_weights(tmp_path, adapter_name="style")
     fresh.unload_lora_weights()
     torch.testing.assert_close(run(fresh), base, atol=1e-4, rtol=1e-4)  # frozen weights, as above
+
+
+def test_encode_prompt_takes_a_string_as_one_prompt(lcm):
+    """A string was iterated as characters for the length check: a long one was cut without a warning."""
+    long = "word " * 100
+    with pytest.warns(UserWarning, match="prompt is longer than 77 tokens"):
+        embeds = lcm.encode_prompt(long, "cpu")
+    assert embeds.shape == (1, 77, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert embeds.equal(lcm.encode_prompt([long], "cpu"))
+
+
+def test_pipeline_on_cpu_without_the_resource_module(lcm, monkeypatch):
+    """Windows has no `resource`: the CPU peak-memory readout failed every call once it had finished."""
+    monkeypatch.setitem(sys.modules, "resource", None)
+    out = lcm("a cat", num_frames=1, num_inference_steps=1, height=16, width=16, output_type="latent")
+    assert out.frames.shape == (1, 4, 1, 2, 2) and out.peak_memory_mb == 0.0
+
+
+def test_gif_export_names_a_nan_fps(tmp_path):
+    with pytest.raises(ValueError, match="fps must be positive, got nan"):
+        export_to_gif(np.zeros((2, 8, 8, 3), np.uint8), tmp_path / "v.gif", fps=float("nan"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_exports_and_folders_where_folders_cannot_be_opened(tmp_path, monkeypatch):
+    """Windows: os.open refuses folders (PermissionError), so syncing the folder after the rename failed
+    an export whose file was already in place, and every write_folder before its move."""
+    real_open = os.open
+
+    def windows_open(path, flags, *args, **kwargs):
+        if os.path.isdir(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(files, "_WINDOWS", True)
+    monkeypatch.setattr(os, "open", windows_open)
+    export_to_gif(np.zeros((2, 8, 8, 3), np.uint8), tmp_path / "v.gif")
+    files.write_folder(tmp_path / "model", lambda tmp: (tmp / "config.json").write_text("{}"))
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "v.gif"]
+    assert (tmp_path / "model" / "config.json").read_text() == "{}"

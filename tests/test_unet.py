@@ -791,3 +791,12 @@ def test_layerwise_casting(tiny, fused):
         want = ref(x, 10, context).sample
         got = cast(x, 10, context).sample
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
+
+
+def test_named_config_refuses_an_unknown_override():
+    """from_config only logged a misspelt override (num_res_block) and built the model without it."""
+    with pytest.raises(TypeError, match="unknown config arguments num_res_block"):
+        HummingbirdUNet3DModel.from_named_config("tiny", num_res_block=1)
+    model = HummingbirdUNet3DModel.from_named_config("tiny", channel_mult=(1, 2), attention_levels=(0, 1),
+                                                      num_res_blocks=1, default_fps=8)
+    assert model.config.num_res_blocks == 1 and model.config.default_fps == 8

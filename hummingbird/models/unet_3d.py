@@ -451,6 +451,10 @@ class HummingbirdUNet3DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapte
 
         if name not in CONFIGS:
             raise ValueError(f"unknown config {name!r}; named configs: {sorted(CONFIGS)}")
+        # from_config would only log a misspelt override and build the model without it
+        unknown = sorted(set(overrides) - set(inspect.signature(cls.__init__).parameters) - {"self"})
+        if unknown:
+            raise TypeError(f"from_named_config: unknown config arguments {', '.join(unknown)}")
         return cls.from_config({**CONFIGS[name], **overrides})
 
     @classmethod
