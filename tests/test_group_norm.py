@@ -756,27 +756,6 @@ def test_group_norm_channels_last_wide_with_a_contiguous_gradient(backend_name, 
     check_against_float64(fn, [x, w, b], backend_name, torch.float32)
 
 
-def _record_launches(monkeypatch, *names):
-    """(name, grid) of each launch of the GroupNorm kernels ``names``, which still run."""
-    from hbkernels.triton import group_norm as gn
-
-    launches = []
-
-    class Recorded:
-        def __init__(self, name):
-            self.name, self.kernel = name, getattr(gn, name)
-
-        def __getitem__(self, grid):
-            def launch(*args, **meta):
-                launches.append((self.name, grid))
-                return self.kernel[grid](*args, **meta)
-            return launch
-
-    for name in names:
-        monkeypatch.setattr(gn, name, Recorded(name))
-    return launches
-
-
 @pytest.mark.parametrize("backend_name", TRITON)
 def test_group_norm_backward_channel_blocks_past_the_grids_second_axis(monkeypatch, backend_name):
     """The forward puts channel blocks first where they pass CUDA's 65,535 on grid axis 1; the backward
@@ -784,12 +763,12 @@ def test_group_norm_backward_channel_blocks_past_the_grids_second_axis(monkeypat
     failed to launch on a GPU). Here a limit of 2 (the interpreter has none) and 3 channel blocks."""
     from hbkernels.triton import group_norm as gn
 
-    launches = _record_launches(monkeypatch, "_gn_bwd_partials_kernel", "_gn_bwd_apply_kernel")
+    launches = record_launches(monkeypatch, "_gn_bwd_partials_kernel", "_gn_bwd_apply_kernel")
     monkeypatch.setattr(gn, "_MAX_GRID_1", 2)
     x = rand(1, 48, 2, 4, 4, dtype=torch.float64, mean=3.0, requires_grad=True)
     w = rand(48, dtype=torch.float64, mean=1.0, requires_grad=True)
     b = rand(48, dtype=torch.float64, requires_grad=True)
     check_against_float64(lambda x, w, b: hbkernels.group_norm(x, 4, w, b, activation="silu"), [x, w, b],
                           backend_name, torch.float32)
-    assert {name for name, _ in launches} == {"_gn_bwd_partials_kernel", "_gn_bwd_apply_kernel"}, launches
-    assert all(grid[1] <= 2 for _, grid in launches), launches
+    assert {name for name, *_ in launches} == {"_gn_bwd_partials_kernel", "_gn_bwd_apply_kernel"}, launches
+    assert all(grid[1] <= 2 for _, grid, _ in launches), launches
