@@ -16,8 +16,10 @@ class GroupNorm(nn.GroupNorm):
 
     Inputs of any rank >= 2 are accepted like torch's, as (N, C, *spatial)."""
 
-    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, activation=None, device=None, dtype=None):
-        super().__init__(num_groups, num_channels, eps=eps, affine=affine, device=device, dtype=dtype)
+    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, activation=None, device=None, dtype=None,
+                 **kwargs):
+        # kwargs: torch's own keyword-only options (``bias=False`` on the torch versions that have it)
+        super().__init__(num_groups, num_channels, eps=eps, affine=affine, device=device, dtype=dtype, **kwargs)
         self.activation = activation
 
     def forward(self, x, shift=None):
@@ -71,23 +73,29 @@ class LayerNorm(nn.LayerNorm):
 
 
 def runs_hooks(module: nn.Module) -> bool:
-    """Whether calling ``module`` runs more than its class's forward: torch forward (pre-)hooks, or a
-    forward replaced on the instance, as accelerate's offload hooks and diffusers' hooks (layerwise
-    casting, group offload) do. Code that reads such a module's weights itself must call it instead:
-    the hooks move or cast the weights only around the call."""
+    """Whether calling ``module`` runs more than its class's forward: torch hooks (forward or backward, its
+    own or global ones), or a forward replaced on the instance, as accelerate's offload hooks and diffusers'
+    hooks (layerwise casting, group offload) do. Code that reads such a module's weights itself, or fuses
+    its work into another op, must call it instead: the hooks move or cast the weights only around the
+    call, and see (and may replace) its inputs, outputs and their gradients."""
     forward = vars(module).get("forward")
     # removing such a hook (accelerate, diffusers) leaves the class's own forward bound on the instance
     restored = getattr(forward, "__self__", None) is module and getattr(forward, "__func__", None) is type(module).forward
-    return bool(module._forward_hooks or module._forward_pre_hooks) or (forward is not None and not restored)
+    g = nn.modules.module
+    hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks,
+             g._global_forward_hooks, g._global_forward_pre_hooks, g._global_backward_hooks,
+             g._global_backward_pre_hooks)
+    return any(hooks) or (forward is not None and not restored)
 
 
 def norm_to_tokens(norm: nn.GroupNorm, video: torch.Tensor) -> torch.Tensor:
     """``norm`` (a GroupNorm, with its fused SiLU if it has one) of a video (N, C, T, H, W) as tokens
     (N*H*W, T, C), as temporal transformers take them: written straight in that layout by
     :func:`group_norm_to_tokens`, or, where ``norm`` runs hooks (its weights are ready only inside its
-    call), by calling it and copying the permuted result."""
+    call) or is not exactly torch's or this GroupNorm (a subclass's forward, another module put in its
+    place), by calling it and copying the permuted result."""
     c, t = video.shape[1:3]
-    if runs_hooks(norm):
+    if runs_hooks(norm) or type(norm) not in (nn.GroupNorm, GroupNorm):
         return norm(video).permute(0, 3, 4, 2, 1).reshape(-1, t, c)
     return group_norm_to_tokens(video, norm.num_groups, norm.weight, norm.bias, norm.eps,
                                 getattr(norm, "activation", None))

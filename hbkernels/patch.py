@@ -66,7 +66,7 @@ class _TaggedSiLUGroupNorm(hbnn.GroupNorm):
 
     def forward(self, x, shift=None):
         # hooks get the norm's output, as unpatched, the SiLU coming after (the norm's own, and its SiLU's)
-        if _runs_forward_hooks(self) or not self._silu_follows():
+        if hbnn.runs_hooks(self) or not self._silu_follows():
             return self._norm(x, shift, None)
         out = self._norm(x, shift, "silu")
         out._hbkernels_silu_applied = True
@@ -79,12 +79,6 @@ class _TaggedSiLUGroupNorm(hbnn.GroupNorm):
         silu, owner, key = self._silu_at
         current = owner[key] if isinstance(key, int) else getattr(owner, key, None)
         return current is silu and not hbnn.runs_hooks(silu)
-
-
-def _runs_forward_hooks(module: nn.Module) -> bool:
-    """Whether calling ``module`` runs forward hooks: its own, or global ones."""
-    return hbnn.runs_hooks(module) or bool(nn.modules.module._global_forward_hooks
-                                          or nn.modules.module._global_forward_pre_hooks)
 
 
 class _SiLUUnlessFused(nn.SiLU):
@@ -318,7 +312,7 @@ def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
     ``scale`` argument) run diffusers' own forward."""
     if (args or kwargs or temb is None or self.time_emb_proj is None or self.upsample is not None
             or self.downsample is not None or not isinstance(self.norm2, hbnn.GroupNorm)
-            or _runs_forward_hooks(self.norm2)):  # its hooks must see (and may replace) h + temb
+            or hbnn.runs_hooks(self.norm2)):  # its hooks must see (and may replace) h + temb
         return super(type(self), self).forward(input_tensor, temb, *args, **kwargs)
     h, bias = hbnn.conv_deferring_bias(self.conv1, self.nonlinearity(self.norm1(input_tensor)))
     emb = self.time_emb_proj(temb if self.skip_time_act else self.nonlinearity(temb))

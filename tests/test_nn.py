@@ -321,3 +321,53 @@ def test_runs_hooks_sees_hooks_and_their_removal():
     x = torch.randn(1, 2, 3, 3)
     out, bias = hbkernels.nn.conv_deferring_bias(conv, x)
     assert bias is conv.bias
+
+
+def test_runs_hooks_sees_backward_and_global_hooks():
+    """Backward hooks (a layer's own or global ones) and global forward hooks are hooks too: a fused path that
+    reads a layer's weights itself skipped them, so they never ran (conv1/conv2 of a patched ResnetBlock2D) or
+    saw other tensors."""
+    from torch.nn.modules import module as torch_module
+
+    conv = torch.nn.Conv2d(2, 2, 1)
+    for register in (conv.register_full_backward_hook, conv.register_full_backward_pre_hook,
+                     torch_module.register_module_forward_hook, torch_module.register_module_forward_pre_hook,
+                     torch_module.register_module_full_backward_hook):
+        handle = register(lambda *args: None)
+        try:
+            assert hbkernels.nn.runs_hooks(conv), register
+            _, bias = hbkernels.nn.conv_deferring_bias(conv, torch.randn(1, 2, 3, 3))
+            assert bias is None, register
+        finally:
+            handle.remove()
+    assert not hbkernels.nn.runs_hooks(conv)
+
+
+def test_norm_to_tokens_calls_a_module_that_is_not_a_plain_group_norm():
+    """A GroupNorm subclass (its own forward) or another module in a norm's place had its weights read (or
+    an AttributeError) instead of being called."""
+    class Halved(torch.nn.GroupNorm):
+        def forward(self, x):
+            return super().forward(x) * 0.5
+
+    video = torch.randn(2, 8, 3, 4, 5)
+    for norm in (Halved(2, 8), torch.nn.Identity()):
+        want = norm(video).permute(0, 3, 4, 2, 1).reshape(-1, 3, 8)
+        torch.testing.assert_close(hbkernels.nn.norm_to_tokens(norm, video), want)
+
+
+def test_group_norm_module_takes_torchs_bias_option():
+    """hbkernels.nn.GroupNorm(..., bias=False) raised TypeError where torch.nn.GroupNorm takes it."""
+    import inspect
+
+    if "bias" not in inspect.signature(torch.nn.GroupNorm).parameters:
+        pytest.skip("this torch's GroupNorm has no bias option")
+    torch.manual_seed(0)
+    norm = hbkernels.nn.GroupNorm(2, 8, bias=False, activation="silu")
+    ref = torch.nn.GroupNorm(2, 8, bias=False)
+    assert norm.bias is None and list(norm.state_dict()) == list(ref.state_dict()) == ["weight"]
+    with torch.no_grad():
+        norm.weight.normal_()
+    ref.load_state_dict(norm.state_dict())
+    x = torch.randn(2, 8, 3, 3)
+    torch.testing.assert_close(norm(x), F.silu(ref(x)))

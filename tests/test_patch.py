@@ -605,3 +605,60 @@ def test_subclasses_in_temporal_transformers_are_left_alone():
         out = model(x, num_frames=frames).sample
     assert model._hbkernels_patched["temporal_layout"] == 0 and type(block.attn1.processor) is AttnProcessor
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_backward_and_global_hooks_after_patching_see_what_they_see_unpatched():
+    """Full backward hooks on a patched ResnetBlock2D's convolutions never ran (the fused forward read their
+    weights), those on a fused norm or its SiLU got the gradient of the SiLU'd output; a global forward hook
+    on a temporal transformer's norm was skipped by the token-layout norm."""
+    from diffusers.models.resnet import ResnetBlock2D
+    from torch.nn.modules.module import register_module_forward_hook
+
+    torch.manual_seed(0)
+    block = ResnetBlock2D(in_channels=16, temb_channels=8, groups=4).eval()
+    sequential = torch.nn.Sequential(torch.nn.GroupNorm(4, 16), torch.nn.SiLU())
+    x, temb = torch.randn(2, 16, 5, 5, requires_grad=True), torch.randn(2, 8)
+    runs = {}
+    patched = (hbkernels.apply_to(copy.deepcopy(block)), hbkernels.apply_to(copy.deepcopy(sequential)))
+    for name, (b, s) in (("torch", (block, sequential)), ("hbkernels", patched)):
+        seen = runs.setdefault(name, collections.defaultdict(list))
+        for key, mod in (("conv1", b.conv1), ("conv2", b.conv2), ("norm1", b.norm1), ("norm2", b.norm2),
+                         ("silu", b.nonlinearity), ("sequential norm", s[0]), ("sequential silu", s[1])):
+            mod.register_full_backward_hook(lambda m, grad_in, grad_out, key=key, seen=seen:
+                                            seen[key].append(grad_out[0].clone()))
+        (b(x, temb).square().sum() + s(x).square().sum()).backward()
+    want, got = runs["torch"], runs["hbkernels"]
+    assert set(got) == set(want) and len(want) == 7
+    for key in want:
+        for g, w in zip(got[key], want[key], strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5 * w.abs().max().item(), msg=key)
+
+    model, v, frames = _temporal_transformer()
+    patched_model = hbkernels.apply_to(copy.deepcopy(model))
+    handle = register_module_forward_hook(lambda m, args, out: out * 2 if isinstance(m, torch.nn.GroupNorm) else None)
+    try:
+        with torch.no_grad():
+            ref, out = model(v, num_frames=frames).sample, patched_model(v, num_frames=frames).sample
+    finally:
+        handle.remove()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_temporal_layout_calls_a_norm_replaced_after_patching():
+    """A norm put in a layout-patched temporal transformer after patching (a GroupNorm subclass, another
+    module) had its weights read by the token-layout norm (its forward skipped, or an AttributeError)."""
+    class Halved(torch.nn.GroupNorm):
+        def forward(self, x):
+            return super().forward(x) * 0.5
+
+    model, x, frames = _temporal_transformer()
+    patched_model = hbkernels.apply_to(copy.deepcopy(model))
+    assert patched_model._hbkernels_patched["temporal_layout"] == 1
+    for make in (lambda n: Halved(n.num_groups, n.num_channels, n.eps), lambda n: torch.nn.Identity()):
+        for m in (model, patched_model):
+            new = make(m.norm)
+            new.load_state_dict(m.norm.state_dict(), strict=False)
+            m.norm = new
+        with torch.no_grad():
+            torch.testing.assert_close(patched_model(x, num_frames=frames).sample, model(x, num_frames=frames).sample,
+                                       rtol=1e-5, atol=1e-5)
