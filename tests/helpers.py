@@ -41,6 +41,8 @@ def rand(*shape, dtype=torch.float32, mean=0.0, device=DEVICE, requires_grad=Fal
 
 
 BIG_STRIDE = 2**30 + 2**26  # fits int32; the third index along it (2 * BIG_STRIDE) does not
+# constant values past 2^87, where one ulp of a rounded fp32 mean, squared, overflows fp32
+HUGE_CONSTANTS = [1e30, 1.7e36, 2.9e36]
 
 
 def past_int32_storage(extra: int = 0) -> torch.Tensor:

@@ -3,7 +3,7 @@ import torch
 
 import hbkernels
 from helpers import (BACKENDS, CPP, KERNEL_BACKENDS, DEVICE, DTYPES, ON_GPU, TRITON, check_against_float64,
-                     huge_strided_views, rand, shapes)
+                     HUGE_CONSTANTS, huge_strided_views, rand, shapes)
 
 # (shape, num_groups): C not a multiple of 8, T = 1/16/25, N = 1 and 2.
 QUICK = [((1, 12, 3, 5), 4), ((2, 30, 1, 4, 3), 3), ((1, 12, 16, 2, 3), 4), ((2, 8, 25, 2, 2), 2)]
@@ -544,10 +544,6 @@ def test_group_norm_backward_of_huge_constant_groups(backend_name, dtype, plane)
     want = ((groups - groups.mean(-1, keepdim=True)) / 1e-5 ** 0.5).view(x.shape)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(dx.double(), want, rtol=tol, atol=tol * want.abs().max().item())
-
-
-# constant values past 2^87, where one ulp of a rounded fp32 mean, squared, overflows fp32
-HUGE_CONSTANTS = [1e30, 1.7e36, 2.9e36]
 
 
 @pytest.mark.parametrize("backend_name", CPP)

@@ -3,7 +3,7 @@ import torch
 
 import hbkernels
 from helpers import (BACKENDS, BIG_STRIDE, CPP, DEVICE, DTYPES, KERNEL_BACKENDS, TRITON, check_against_float64,
-                     past_int32_storage, rand, shapes)
+                     HUGE_CONSTANTS, past_int32_storage, rand, shapes)
 
 # (leading shape..., C): C = 1, not a multiple of 8, wider than a tile; one and many rows.
 QUICK = [(7, 40), (2, 3, 320), (1, 1283), (5, 1), (130, 40)]  # 130 rows: three Triton forward programs of 64
@@ -218,10 +218,6 @@ def test_layer_norm_backward_of_huge_constant_rows(backend_name, dtype, width):
     want = (dy.double() - dy.double().mean(-1, keepdim=True)) / 1e-5 ** 0.5
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(dx.double(), want, rtol=tol, atol=tol * want.abs().max().item())
-
-
-# constant values past 2^87, where one ulp of a rounded fp32 mean, squared, overflows fp32
-HUGE_CONSTANTS = [1e30, 1.7e36, 2.9e36]
 
 
 @pytest.mark.parametrize("backend_name", CPP)
